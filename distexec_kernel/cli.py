@@ -1,0 +1,222 @@
+"""The ``distexec`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import config, display, languages as L, protocol as P
+
+# Exit codes of `distexec submit` for jobs that have no exit code of their own,
+# following the shell's conventions (timeout(1) uses 124).
+EXIT_FOR_ERROR = {P.TIMEOUT: 124, P.CANCELLED_CODE: 130, P.SYNTAX_ERROR: 2, P.UNSUPPORTED_LANGUAGE: 2,
+                  P.COMPILE_ERROR: 1}
+
+
+def _cluster(args, events: bool = False):
+    from .cluster import Cluster
+    return Cluster(getattr(args, "url", None), getattr(args, "token", None), events=events)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def cmd_up(args) -> int:
+    from .local import run_local_cluster
+    return run_local_cluster(args)
+
+
+def cmd_master(args) -> int:
+    from master.server import run
+    return run(args)
+
+
+def cmd_slave(args) -> int:
+    from slave.server import run
+    return run(args)
+
+
+def cmd_submit(args) -> int:
+    try:
+        with open(args.file) as f:
+            source = f.read()
+    except OSError as exc:
+        raise SystemExit(f"distexec: cannot read {args.file}: {exc.strerror}")
+    language = args.lang or L.from_filename(args.file)
+    if not language:
+        raise SystemExit(f"distexec: cannot tell the language of {args.file}; give --lang")
+    stdin = None
+    if args.stdin_file:
+        with open(args.stdin_file) as f:
+            stdin = f.read()
+    with _cluster(args, events=not args.no_wait) as c:
+        job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
+                       name=args.name or os.path.basename(args.file), retries=args.retries)
+        if args.no_wait:
+            print(job.id)
+            return 0
+        try:
+            for stream, text in job.iter_output():
+                out = sys.stdout if stream == "stdout" else sys.stderr
+                out.write(text)
+                out.flush()
+        except KeyboardInterrupt:
+            job.cancel()
+            print(f"\ndistexec: cancelled job {job.id}", file=sys.stderr)
+            return 130
+        record = job.record
+    print(display.status_line(record), file=sys.stderr)
+    err = record.get("error")
+    if err and err.get("code") == P.SYNTAX_ERROR:
+        caret = display.syntax_caret(err)
+        if caret:
+            print(caret, file=sys.stderr)
+    if record["status"] == P.SUCCEEDED:
+        return 0
+    if record.get("exit_code") is not None and record["exit_code"] > 0:
+        return record["exit_code"]
+    if record.get("exit_code") is not None and record["exit_code"] < 0:
+        return 128 - record["exit_code"]
+    return EXIT_FOR_ERROR.get((err or {}).get("code"), 1)
+
+
+def cmd_jobs(args) -> int:
+    with _cluster(args) as c:
+        jobs, total = c.jobs_page(status=args.status, limit=args.limit)
+    if args.json:
+        _print_json({"jobs": jobs, "total": total})
+    else:
+        print(display.jobs_text(jobs))
+        if total > len(jobs):
+            print(f"({len(jobs)} of {total} shown; --limit for more)")
+    return 0
+
+
+def cmd_show(args) -> int:
+    with _cluster(args) as c:
+        job = c.job(args.job_id).record
+    if args.json:
+        _print_json(job)
+    else:
+        print(display.job_detail_text(job))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    with _cluster(args) as c:
+        job = c.cancel(args.job_id).record
+    print(display.status_line(job))
+    return 0
+
+
+def cmd_slaves(args) -> int:
+    with _cluster(args) as c:
+        slaves = c.slaves()
+    _print_json({"slaves": slaves}) if args.json else print(display.slaves_text(slaves))
+    return 0
+
+
+def cmd_clients(args) -> int:
+    with _cluster(args) as c:
+        clients = c.clients()
+    _print_json({"clients": clients}) if args.json else print(display.clients_text(clients))
+    return 0
+
+
+def cmd_languages(args) -> int:
+    with _cluster(args) as c:
+        langs = c.languages()
+    if args.json:
+        _print_json({"languages": langs})
+    else:
+        for lang in langs:
+            print(f"{lang['name']:<12} {lang.get('version') or '?':<12} on {lang['slaves']} slave(s)")
+        if not langs:
+            print("no slaves connected")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from master.server import add_arguments as master_args
+    from slave.server import add_arguments as slave_args
+
+    p = argparse.ArgumentParser(prog="distexec", description="Run programs on a pool of machines.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client_opts(sp):
+        sp.add_argument("--url", default=None, help="master URL (default: DISTEXEC_URL or the connection file)")
+        sp.add_argument("--token", default=None, help="client token (default: DISTEXEC_TOKEN or the connection file)")
+
+    sp = sub.add_parser("up", help="start a master and local slaves; Ctrl-C stops all")
+    sp.add_argument("--slaves", type=int, default=2)
+    sp.add_argument("--slots", type=int, default=None)
+    sp.add_argument("--max-jobs", type=int, default=None)
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--languages", default=None)
+    sp.add_argument("--db", default=None)
+    sp.set_defaults(func=cmd_up)
+
+    sp = sub.add_parser("master", help="run a master")
+    master_args(sp)
+    sp.set_defaults(func=cmd_master)
+
+    sp = sub.add_parser("slave", help="run a slave")
+    slave_args(sp)
+    sp.set_defaults(func=cmd_slave)
+
+    sp = sub.add_parser("submit", help="run a file on the cluster; prints its output, exits with its code")
+    sp.add_argument("file")
+    sp.add_argument("--lang", default=None, help="language (default: from the file extension)")
+    sp.add_argument("--timeout", type=float, default=None)
+    sp.add_argument("--arg", action="append", default=[], help="an argument for the program (repeat)")
+    sp.add_argument("--stdin-file", default=None)
+    sp.add_argument("--name", default=None)
+    sp.add_argument("--retries", type=int, default=0)
+    sp.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    client_opts(sp)
+    sp.set_defaults(func=cmd_submit)
+
+    sp = sub.add_parser("jobs", help="the job history, newest first")
+    sp.add_argument("--status", choices=P.STATES, default=None)
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    client_opts(sp)
+    sp.set_defaults(func=cmd_jobs)
+
+    sp = sub.add_parser("show", help="one job in full")
+    sp.add_argument("job_id", type=int)
+    sp.add_argument("--json", action="store_true")
+    client_opts(sp)
+    sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("cancel", help="cancel a job")
+    sp.add_argument("job_id", type=int)
+    client_opts(sp)
+    sp.set_defaults(func=cmd_cancel)
+
+    for name, func, text in (("slaves", cmd_slaves, "connected slaves"), ("clients", cmd_clients, "connected clients"),
+                             ("languages", cmd_languages, "languages the connected slaves run")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--json", action="store_true")
+        client_opts(sp)
+        sp.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .cluster import DistexecError
+    try:
+        return args.func(args)
+    except (DistexecError, config.ConnectionConfigError) as exc:
+        print(f"distexec: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The Python API: ``Cluster`` and ``Job``.
+
+Requests go over HTTP (requests); live status and output arrive over the
+``/ws/client`` event channel (``EventStream``), which also makes this
+``Cluster`` count as one connected client while it is open.  Everything
+here is blocking and thread-safe; the magic and the panel are thin shells
+over it.
+"""
+from __future__ import annotations
+
+import getpass
+import socket
+import threading
+import time
+import weakref
+from typing import Callable, Iterator
+
+import requests
+
+from . import config, protocol as P
+from .events import EventStream
+
+# Backstop: a waiter re-reads its job this often even if no event came, so a
+# lost event (reconnect, master restart) delays the answer, never loses it.
+REFRESH_EVERY = 2.0
+
+
+class DistexecError(Exception):
+    """A request the master refused, or a master that cannot be reached."""
+
+    def __init__(self, message: str, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class RemoteError(DistexecError):
+    """A job that did not succeed; ``.job`` has its record."""
+
+    def __init__(self, job: "Job"):
+        err = job.error or {}
+        super().__init__(f"job {job.id} {job.status}: [{err.get('code')}] {err.get('message')}",
+                         code=err.get("code"))
+        self.job = job
+
+
+class Job:
+    """A handle on one job, kept up to date by the cluster's event channel."""
+
+    def __init__(self, cluster: "Cluster", record: dict):
+        self._cluster = cluster
+        self._record = dict(record)
+        self._cond = threading.Condition()
+        self._output_listeners: list[Callable[[str, str], None]] = []
+        self._stale = False
+
+    # -- record ----------------------------------------------------------------
+
+    def __getattr__(self, name):
+        record = self.__dict__.get("_record")
+        if record is not None and name in P.JOB_FIELDS:
+            return record.get(name)
+        raise AttributeError(name)
+
+    @property
+    def record(self) -> dict:
+        with self._cond:
+            return dict(self._record)
+
+    @property
+    def done(self) -> bool:
+        return self._record.get("status") in P.TERMINAL
+
+    @property
+    def icon(self) -> str:
+        return P.ICONS.get(self.status, "?")
+
+    @property
+    def duration(self) -> float | None:
+        start, end = P.parse_time(self.started_at), P.parse_time(self.finished_at)
+        return (end - start).total_seconds() if start and end else None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.language} {self.icon} {self.status}>"
+
+    # -- updates (from the event thread) ---------------------------------------
+
+    def _apply_update(self, summary: dict) -> None:
+        with self._cond:
+            was_queued = self._record.get("status") == P.QUEUED
+            self._record.update(summary)
+            if summary.get("status") == P.QUEUED and not was_queued:
+                # Requeued for a retry: its output starts again.
+                self._record.update(stdout="", stderr="")
+            if summary.get("status") in P.TERMINAL:
+                self._stale = True  # the summary has no output: fetch the whole record
+            self._cond.notify_all()
+
+    def _apply_output(self, stream: str, offset: int, data: str) -> None:
+        with self._cond:
+            current = self._record.get(stream) or ""
+            if offset > len(current):
+                self._stale = True  # missed a chunk: re-read
+            elif offset + len(data) > len(current):
+                new = data[len(current) - offset:]
+                self._record[stream] = current + new
+                for listener in list(self._output_listeners):
+                    listener(stream, new)
+            self._cond.notify_all()
+
+    def _replace(self, record: dict) -> None:
+        with self._cond:
+            self._record = dict(record)
+            self._stale = False
+            self._cond.notify_all()
+
+    # -- actions -----------------------------------------------------------------
+
+    def refresh(self) -> "Job":
+        self._replace(self._cluster._get(f"/api/jobs/{self.id}"))
+        return self
+
+    def cancel(self) -> "Job":
+        self._replace(self._cluster._post(f"/api/jobs/{self.id}/cancel"))
+        return self
+
+    def wait(self, timeout: float | None = None, *, raise_on_error: bool = False) -> "Job":
+        """Block until the job ends; returns the job.  ``TimeoutError`` if ``timeout`` passes."""
+        for _ in self.iter_output(timeout=timeout):
+            pass
+        if raise_on_error and self.status != P.SUCCEEDED:
+            raise RemoteError(self)
+        return self
+
+    def iter_output(self, timeout: float | None = None) -> Iterator[tuple[str, str]]:
+        """Yield ``(stream, text)`` chunks as they arrive, in the calling thread, until the job ends.
+
+        This is how the magic streams output into the right cell: the chunks
+        arrive in the event thread, but are handed out here.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = {"stdout": 0, "stderr": 0}
+        last_refresh = time.monotonic()
+        self._cluster._watch(self)
+        try:
+            while True:
+                with self._cond:
+                    stale = self._stale
+                if stale or time.monotonic() - last_refresh > REFRESH_EVERY:
+                    try:
+                        self.refresh()
+                    except DistexecError:
+                        if not self._cluster._events_connected():
+                            pass  # the master is away; keep waiting for it
+                        else:
+                            raise
+                    last_refresh = time.monotonic()
+                with self._cond:
+                    chunks = []
+                    for stream in ("stdout", "stderr"):
+                        text = self._record.get(stream) or ""
+                        if len(text) > sent[stream]:
+                            chunks.append((stream, text[sent[stream]:]))
+                            sent[stream] = len(text)
+                        elif len(text) < sent[stream]:
+                            sent[stream] = len(text)  # restarted by a retry
+                    finished = self.done and not self._stale
+                    if not chunks and not finished:
+                        wait = REFRESH_EVERY
+                        if deadline is not None:
+                            wait = min(wait, deadline - time.monotonic())
+                            if wait <= 0:
+                                raise TimeoutError(f"job {self.id} still {self.status} after {timeout} s")
+                        self._cond.wait(wait)
+                yield from chunks
+                if finished and not chunks:
+                    return
+        finally:
+            self._cluster._unwatch(self)
+
+    def on_output(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(stream, text)`` from the event thread for each new chunk."""
+        self._output_listeners.append(listener)
+
+
+class Cluster:
+    """A connection to one distexec master.  Counts as one client while open."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, user: str | None = None,
+                 events: bool = True, connect_timeout: float = 10.0):
+        endpoint = config.resolve(url, token)
+        self.url = endpoint.url
+        self.token = endpoint.token
+        self.verify = endpoint.cafile if endpoint.cafile else True
+        self._http = requests.Session()
+        if self.token:
+            self._http.headers["Authorization"] = f"Bearer {self.token}"
+        self._watched: dict[int, "weakref.WeakSet[Job]"] = {}
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[dict], None]] = []
+        self._events: EventStream | None = None
+        self.user = user or getpass.getuser()
+        # Fail fast and clearly if the master is not there or the token is wrong.
+        self._get("/api/health")
+        self._get("/api/slaves")
+        if events:
+            self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
+                                       host=socket.gethostname(), cafile=endpoint.cafile,
+                                       on_connect=self._on_connect)
+            if not self._events.connected.wait(connect_timeout):
+                raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
+            if self._events.refused:
+                raise DistexecError(self._events.refused, status=401)
+            self._http.headers["X-Distexec-Client"] = self._events.client_id
+
+    @property
+    def client_id(self) -> str | None:
+        return self._events.client_id if self._events else None
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, **kwargs):
+        try:
+            resp = self._http.request(method, self.url + path, timeout=30, verify=self.verify, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise DistexecError(f"TLS verification failed for {self.url}: {exc}") from None
+        except requests.exceptions.ConnectionError:
+            raise DistexecError(f"cannot reach the distexec master at {self.url}") from None
+        except requests.exceptions.Timeout:
+            raise DistexecError(f"the master at {self.url} did not answer in time") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code >= 400:
+            err = (body or {}).get("error") if isinstance(body, dict) else None
+            err = err or {"code": "http_error", "message": resp.reason}
+            raise DistexecError(f"{err.get('message')} (HTTP {resp.status_code})", code=err.get("code"),
+                                status=resp.status_code)
+        return body
+
+    def _get(self, path: str, **params):
+        return self._call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def _post(self, path: str, body=None):
+        return self._call("POST", path, json=body)
+
+    # -- events -------------------------------------------------------------------
+
+    def _on_event(self, msg: dict) -> None:
+        if msg["type"] == "job_update":
+            for job in self._watchers(msg["job"].get("id")):
+                job._apply_update(msg["job"])
+        elif msg["type"] == "job_output":
+            for job in self._watchers(msg["job_id"]):
+                job._apply_output(msg["stream"], msg["offset"], msg["data"])
+        for listener in list(self._listeners):
+            listener(msg)
+
+    def _on_connect(self, connected: bool) -> None:
+        if connected:
+            # Events may have been missed while away: have every waiter re-read.
+            with self._lock:
+                jobs = [j for s in self._watched.values() for j in s]
+            for job in jobs:
+                with job._cond:
+                    job._stale = True
+                    job._cond.notify_all()
+        for listener in list(self._listeners):
+            listener({"type": "connection", "connected": connected})
+
+    def _watchers(self, job_id) -> list[Job]:
+        with self._lock:
+            return list(self._watched.get(job_id, ()))
+
+    def _watch(self, job: Job) -> None:
+        with self._lock:
+            self._watched.setdefault(job.id, weakref.WeakSet()).add(job)
+
+    def _unwatch(self, job: Job) -> None:
+        with self._lock:
+            s = self._watched.get(job.id)
+            if s is not None:
+                s.discard(job)
+                if not s:
+                    del self._watched[job.id]
+
+    def _events_connected(self) -> bool:
+        return self._events is not None and self._events.connected.is_set()
+
+    def subscribe(self, listener: Callable[[dict], None]) -> Callable[[], None]:
+        """Call ``listener(message)`` for every live event (from a background thread).
+
+        Returns a function that unsubscribes.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    # -- the API ------------------------------------------------------------------
+
+    def submit(self, source: str, language: str = "python", files: dict | None = None,
+               args: list | None = None, stdin: str | None = None, timeout: float | None = None,
+               name: str | None = None, retries: int = 0, session: str | None = None) -> Job:
+        body = {"source": source, "language": language, "files": files, "args": args,
+                "stdin": stdin, "timeout": timeout, "name": name, "retries": retries, "session": session}
+        job = Job(self, self._post("/api/jobs", {k: v for k, v in body.items() if v is not None}))
+        # Watch from the start, so output that comes before the first wait() is kept.
+        if not job.done:
+            self._watch(job)
+        return job
+
+    def job(self, job_id: int) -> Job:
+        job = Job(self, self._get(f"/api/jobs/{int(job_id)}"))
+        if not job.done:
+            self._watch(job)
+        return job
+
+    def jobs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        body = self._get("/api/jobs", status=status, limit=limit, offset=offset)
+        return [Job(self, j) for j in body["jobs"]]
+
+    def jobs_page(self, status: str | None = None, limit: int = 100, offset: int = 0) -> tuple[list[dict], int]:
+        body = self._get("/api/jobs", status=status, limit=limit, offset=offset)
+        return body["jobs"], body["total"]
+
+    def cancel(self, job_id: int) -> Job:
+        return Job(self, self._post(f"/api/jobs/{int(job_id)}/cancel"))
+
+    def slaves(self) -> list[dict]:
+        return self._get("/api/slaves")["slaves"]
+
+    def clients(self) -> list[dict]:
+        return self._get("/api/clients")["clients"]
+
+    def languages(self) -> list[dict]:
+        return self._get("/api/languages")["languages"]
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        self._http.close()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.url} client {self.client_id}>"

@@ -1,0 +1,97 @@
+"""Where a cluster is: $DISTEXEC_HOME, the connection file, the environment."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import secrets
+from dataclasses import dataclass
+
+
+def home() -> str:
+    return os.path.expanduser(os.environ.get("DISTEXEC_HOME") or "~/.distexec")
+
+
+def connection_path() -> str:
+    return os.path.join(home(), "connection.json")
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def write_connection(info: dict, path: str | None = None) -> str:
+    """Write the connection file with mode 0600 from the start (no window where others can read it)."""
+    path = path or connection_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def read_connection(path: str | None = None) -> dict:
+    path = path or connection_path()
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConnectionConfigError(f"cannot read the connection file {path}: {exc}") from None
+
+
+class ConnectionConfigError(Exception):
+    pass
+
+
+@dataclass
+class Endpoint:
+    url: str          # http(s)://host:port
+    token: str | None
+    slave_secret: str | None = None
+    cafile: str | None = None
+
+
+def http_url(url: str) -> str:
+    """Accept ws://, wss://, http://, https:// or host:port; return the HTTP base URL."""
+    url = url.strip().rstrip("/")
+    if url.startswith("ws://"):
+        url = "http://" + url[5:]
+    elif url.startswith("wss://"):
+        url = "https://" + url[6:]
+    elif "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def ws_url(url: str) -> str:
+    url = http_url(url)
+    return ("wss://" + url[8:]) if url.startswith("https://") else ("ws://" + url[7:])
+
+
+def resolve(url: str | None = None, token: str | None = None, secret: str | None = None) -> Endpoint:
+    """Explicit arguments, then DISTEXEC_URL/TOKEN/SLAVE_SECRET, then the connection file."""
+    info = read_connection()
+    url = url or os.environ.get("DISTEXEC_URL") or info.get("url")
+    if not url:
+        raise ConnectionConfigError(
+            f"no cluster found: start one with `distexec up`, or give a URL "
+            f"(DISTEXEC_URL, or the connection file {connection_path()})")
+    return Endpoint(
+        url=http_url(url),
+        token=token or os.environ.get("DISTEXEC_TOKEN") or info.get("token"),
+        slave_secret=secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or info.get("slave_secret"),
+        cafile=os.environ.get("DISTEXEC_CAFILE") or info.get("cafile"),
+    )
+
+
+def setup_logging() -> None:
+    """Log lines to stderr for the master and slaves; DISTEXEC_LOG sets the level."""
+    level = os.environ.get("DISTEXEC_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)

@@ -1,0 +1,159 @@
+"""How jobs, slaves and clients look to a person: text tables and one-line statuses.
+
+Shared by the CLI, the magic (which adds HTML) and the panel, so a job
+reads the same everywhere.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+
+from . import protocol as P
+
+
+def short_uid(uid: str | None, n: int = 8) -> str:
+    if not uid:
+        return "-"
+    return uid if len(uid) <= n else uid[:n] + "…"
+
+
+def duration(job: dict) -> float | None:
+    start, end = P.parse_time(job.get("started_at")), P.parse_time(job.get("finished_at"))
+    if start and end:
+        return (end - start).total_seconds()
+    if start and job.get("status") == P.RUNNING:
+        return (_dt.datetime.now(_dt.timezone.utc) - start).total_seconds()
+    return None
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 600:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def fmt_time(text: str | None) -> str:
+    t = P.parse_time(text)
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def status_line(job: dict) -> str:
+    """``✅ job 42 · python · slave 3f2a… · 0.08 s``, plus the error if any."""
+    parts = [f"{P.ICONS.get(job['status'], '?')} job {job['id']}", job["language"]]
+    if job.get("slave_uid"):
+        parts.append(f"slave {short_uid(job['slave_uid'])}")
+    d = duration(job)
+    if d is not None:
+        parts.append(fmt_seconds(d))
+    line = " · ".join(parts)
+    if job["status"] in (P.QUEUED, P.RUNNING):
+        line += f" · {job['status']}"
+    err = job.get("error")
+    if err:
+        line += f" · {err.get('code')}: {err.get('message')}"
+    return line
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _html_table(headers: list[str], rows: list[list[str]], empty: str) -> str:
+    if not rows:
+        return f"<p><i>{html.escape(empty)}</i></p>"
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+JOB_HEADERS = ["", "id", "name", "language", "status", "slave", "submitted", "duration", "error"]
+
+
+def job_rows(jobs: list[dict]) -> list[list[str]]:
+    return [[P.ICONS.get(j["status"], "?"), str(j["id"]), j.get("name") or "", j["language"], j["status"],
+             short_uid(j.get("slave_uid")), fmt_time(j.get("submitted_at")), fmt_seconds(duration(j)),
+             (j.get("error") or {}).get("code") or ""] for j in jobs]
+
+
+SLAVE_HEADERS = ["uid", "host", "languages", "running/slots", "completed", "connected", "last seen"]
+
+
+def slave_rows(slaves: list[dict]) -> list[list[str]]:
+    return [[s["uid"], s["host"], ", ".join(s["languages"]),
+             f"{s['running']}/{s['slots']}" + (" (draining)" if s.get("draining") else ""),
+             str(s["completed"]), fmt_time(s["connected_at"]), fmt_time(s["last_seen"])] for s in slaves]
+
+
+CLIENT_HEADERS = ["id", "user", "host", "connected", "jobs submitted"]
+
+
+def client_rows(clients: list[dict]) -> list[list[str]]:
+    return [[c["id"], c.get("user") or "-", c["host"], fmt_time(c["connected_at"]), str(c["jobs_submitted"])]
+            for c in clients]
+
+
+def jobs_text(jobs: list[dict]) -> str:
+    return _table(JOB_HEADERS, job_rows(jobs)) if jobs else "no jobs"
+
+
+def jobs_html(jobs: list[dict]) -> str:
+    return _html_table(JOB_HEADERS, job_rows(jobs), "no jobs")
+
+
+def slaves_text(slaves: list[dict]) -> str:
+    return _table(SLAVE_HEADERS, slave_rows(slaves)) if slaves else "no slaves connected"
+
+
+def slaves_html(slaves: list[dict]) -> str:
+    return _html_table(SLAVE_HEADERS, slave_rows(slaves), "no slaves connected")
+
+
+def clients_text(clients: list[dict]) -> str:
+    return _table(CLIENT_HEADERS, client_rows(clients)) if clients else "no clients connected"
+
+
+def clients_html(clients: list[dict]) -> str:
+    return _html_table(CLIENT_HEADERS, client_rows(clients), "no clients connected")
+
+
+def job_detail_text(job: dict) -> str:
+    err = job.get("error")
+    lines = [
+        status_line(job),
+        f"name:      {job.get('name')}",
+        f"status:    {job['status']}",
+        f"slave:     {job.get('slave_uid') or '-'}",
+        f"client:    {job.get('client_id') or '-'}",
+        f"submitted: {fmt_time(job.get('submitted_at'))}",
+        f"started:   {fmt_time(job.get('started_at'))}",
+        f"finished:  {fmt_time(job.get('finished_at'))}",
+        f"exit code: {job.get('exit_code') if job.get('exit_code') is not None else '-'}",
+    ]
+    if err:
+        where = f" (line {err['line']})" if err.get("line") else ""
+        lines.append(f"error:     {err.get('code')}: {err.get('message')}{where}")
+    for stream in ("stdout", "stderr"):
+        text = job.get(stream) or ""
+        if text:
+            lines.append(f"--- {stream} ---")
+            lines.append(text.rstrip("\n"))
+    return "\n".join(lines)
+
+
+def syntax_caret(err: dict) -> str | None:
+    """The offending line with a caret under the column, as Python shows it."""
+    text = err.get("text")
+    if not text or not err.get("line"):
+        return None
+    col = max(1, err.get("column") or 1)
+    stripped = text.lstrip()
+    col -= len(text) - len(stripped)
+    return f"  line {err['line']}: {stripped}\n  {' ' * (len(str(err['line'])) + 7)}{' ' * max(0, col - 1)}^"

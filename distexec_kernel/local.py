@@ -1,0 +1,229 @@
+"""A master and slaves on this machine, as child processes: ``distexec up`` and the tests.
+
+Master and slaves start at the same time: the slaves retry their connection
+with a short backoff until the master listens, so start-up costs one
+interpreter start, not three in a row.  Readiness is read from the lines the
+children print (``READY`` / ``REGISTERED``), never guessed with sleeps.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from . import config
+
+MASTER_READY = "distexec master ready at"
+SLAVE_REGISTERED = "distexec slave registered:"
+
+
+def _die_with_parent() -> None:
+    # If `distexec up` (or a test run) dies without cleaning up, its children
+    # get SIGTERM instead of running on as orphans.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    """A child process whose stdout lines are read in a thread, to wait on."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, stderr) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
+                                     bufsize=1, preexec_fn=_die_with_parent)
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True, name=f"read-{name}").start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_line(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name} did not print {prefix!r} within {timeout} s")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.wait()} before it was ready")
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        self.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+class LocalCluster:
+    """A master and ``slaves`` slaves on 127.0.0.1.  ``with LocalCluster() as lc: ...``"""
+
+    def __init__(self, slaves: int = 2, *, slots: int | None = None, max_jobs: int | None = None,
+                 port: int = 0, host: str = "127.0.0.1", home: str | None = None,
+                 languages: str | None = None, db: str | None = None, master_args: list[str] = (),
+                 slave_args: list[str] = (), log_dir: str | None = None, stderr=None,
+                 token: str | None = None, secret: str | None = None):
+        self.n_slaves = slaves
+        self.slots = slots
+        self.max_jobs = max_jobs
+        self.host = host
+        self.port = port or free_port(host)
+        self.home = home or config.home()
+        self.languages = languages
+        self.db = db
+        self.master_args = list(master_args)
+        self.slave_args = list(slave_args)
+        self.log_dir = log_dir
+        self.stderr = stderr
+        self.token = token or config.new_secret()
+        self.secret = secret or config.new_secret()
+        self.master: Child | None = None
+        self.slaves: list[Child] = []
+        self.url = f"http://{host}:{self.port}"
+        self._count = 0
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["DISTEXEC_HOME"] = self.home
+        env.pop("DISTEXEC_URL", None)
+        env.pop("DISTEXEC_TOKEN", None)
+        env.pop("DISTEXEC_SLAVE_SECRET", None)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _stderr(self, name: str):
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            return open(os.path.join(self.log_dir, f"{name}.log"), "a")
+        return self.stderr
+
+    def spawn_master(self, *extra: str) -> Child:
+        argv = [sys.executable, "-m", "master", "--host", self.host, "--port", str(self.port),
+                "--token", self.token, "--slave-secret", self.secret]
+        if self.max_jobs:
+            argv += ["--max-jobs", str(self.max_jobs)]
+        if self.db:
+            argv += ["--db", self.db]
+        self.master = Child("master", argv + self.master_args + list(extra), self._env(), self._stderr("master"))
+        return self.master
+
+    def start_master(self, *extra: str, timeout: float = 30.0) -> str:
+        self.spawn_master(*extra).wait_line(MASTER_READY, timeout)
+        return self.url
+
+    def spawn_slave(self, *extra: str) -> Child:
+        self._count += 1
+        argv = [sys.executable, "-m", "slave", "--master", self.url, "--secret", self.secret]
+        if self.slots:
+            argv += ["--slots", str(self.slots)]
+        if self.languages:
+            argv += ["--languages", self.languages]
+        child = Child(f"slave-{self._count}", argv + self.slave_args + list(extra), self._env(),
+                      self._stderr(f"slave-{self._count}"))
+        self.slaves.append(child)
+        return child
+
+    def start_slave(self, *extra: str, timeout: float = 30.0) -> Child:
+        child = self.spawn_slave(*extra)
+        child.uid = child.wait_line(SLAVE_REGISTERED, timeout).split()[0]
+        return child
+
+    def start(self, timeout: float = 30.0) -> "LocalCluster":
+        self.spawn_master()
+        pending = [self.spawn_slave() for _ in range(self.n_slaves)]
+        try:
+            self.master.wait_line(MASTER_READY, timeout)
+            for child in pending:
+                child.uid = child.wait_line(SLAVE_REGISTERED, timeout).split()[0]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart_master(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
+        self.master.stop(sig)
+        self.start_master(timeout=timeout)
+
+    def stop(self) -> None:
+        # Slaves first, so none of them sees the master vanish and reconnects.
+        for child in self.slaves:
+            child.send_signal(signal.SIGINT)
+        for child in self.slaves:
+            child.stop(signal.SIGINT)
+        if self.master is not None:
+            self.master.stop(signal.SIGTERM)
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_local_cluster(args) -> int:
+    """``distexec up``: start, report, wait for Ctrl-C, stop in order."""
+    t0 = time.monotonic()
+    master_args = ["--db", args.db] if args.db else []
+    lc = LocalCluster(args.slaves, slots=args.slots, max_jobs=args.max_jobs, port=args.port,
+                      host=args.host, languages=args.languages, master_args=master_args, stderr=None)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        lc.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"distexec up: {exc}", file=sys.stderr)
+        return 1
+    uids = ", ".join(getattr(s, "uid", "?") for s in lc.slaves)
+    print(f"distexec cluster ready in {time.monotonic() - t0:.2f} s: master {lc.url}, "
+          f"{len(lc.slaves)} slave(s) [{uids}]; connection file {config.connection_path()}", flush=True)
+    print("Ctrl-C stops the master and the slaves.", flush=True)
+    try:
+        while not stop.is_set():
+            if not lc.master.alive():
+                print("distexec up: the master exited", file=sys.stderr)
+                break
+            stop.wait(0.5)
+    finally:
+        print("stopping the slaves and the master…", file=sys.stderr, flush=True)
+        lc.stop()
+    return 0

@@ -1,0 +1,353 @@
+"""The distexec wire protocol, defined once.
+
+Master, slave and client all import this module, so it depends on the
+standard library only.  Every WebSocket frame is one JSON object with a
+``type`` field; ``MESSAGES`` below says, for each type, which fields it
+carries and of which JSON type.  ``decode`` checks a received frame against
+that table, so a handler only ever sees well-formed messages.  The message
+set is described in prose in ``docs/protocol.md``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+
+PROTOCOL_VERSION = 1
+
+# --- job states -----------------------------------------------------------
+
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+REJECTED = "rejected"
+
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, REJECTED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, REJECTED})
+ICONS = {
+    QUEUED: "🕓",
+    RUNNING: "⏳",
+    SUCCEEDED: "✅",
+    FAILED: "❌",
+    REJECTED: "❌",
+    CANCELLED: "🚫",
+}
+
+# --- error codes (error.code of a job that did not succeed) ---------------
+
+SYNTAX_ERROR = "syntax_error"
+UNSUPPORTED_LANGUAGE = "unsupported_language"
+COMPILE_ERROR = "compile_error"
+NONZERO_EXIT = "nonzero_exit"
+SIGNAL = "signal"
+TIMEOUT = "timeout"
+MEMORY_LIMIT = "memory_limit"
+OUTPUT_LIMIT = "output_limit"
+SLAVE_LOST = "slave_lost"
+CANCELLED_CODE = "cancelled"
+# Not in the contract's table, but a job whose files cannot even be laid out
+# (bad file name, disk full) must still end with a reason.
+INTERNAL_ERROR = "internal_error"
+
+# The status a job ends in for each error code.
+ERROR_STATUS = {
+    SYNTAX_ERROR: REJECTED,
+    UNSUPPORTED_LANGUAGE: REJECTED,
+    COMPILE_ERROR: FAILED,
+    NONZERO_EXIT: FAILED,
+    SIGNAL: FAILED,
+    TIMEOUT: FAILED,
+    MEMORY_LIMIT: FAILED,
+    OUTPUT_LIMIT: FAILED,
+    SLAVE_LOST: FAILED,
+    INTERNAL_ERROR: FAILED,
+    CANCELLED_CODE: CANCELLED,
+}
+
+# --- limits on what the master accepts ------------------------------------
+
+MAX_SOURCE_BYTES = 1 << 20
+MAX_FILES_BYTES = 8 << 20
+MAX_FILES = 64
+MAX_ARGS = 256
+MAX_STDIN_BYTES = 8 << 20
+MAX_NAME_CHARS = 200
+MAX_TIMEOUT = 24 * 3600.0
+DEFAULT_TIMEOUT = 300.0
+MAX_RETRIES = 10
+# A frame may carry a finished job's whole output (16 MiB by default) plus
+# its files, so the WebSocket limit sits above the sum of those.
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class ProtocolError(Exception):
+    """A message or request that breaks the protocol; carried as data."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+def error(code: str, message: str, **extra) -> dict:
+    """The one error shape used everywhere: ``{"code", "message", ...}``."""
+    out = {"code": code, "message": message}
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def now() -> str:
+    """RFC 3339 UTC with millisecond precision, as every job time is."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> _dt.datetime | None:
+    if not text:
+        return None
+    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# --- the message table ----------------------------------------------------
+#
+# type -> {field: (json type(s), required)}.  ``int`` accepts no bools and
+# ``float`` accepts ints, as JSON does not tell them apart.
+
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+_OPT_DICT = (dict, type(None))
+
+MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
+    # slave -> master
+    "register": {
+        "protocol": (int, True),
+        "uid": (str, True),
+        "host": (str, True),
+        "languages": (list, True),  # [{"name", "version"}]
+        "slots": (int, True),
+        "running": (list, False),  # job ids still running here (after a master restart)
+        "results": (list, False),  # job_finished messages not yet acknowledged
+        "draining": (bool, False),
+    },
+    # slave -> master, and master -> client with the chunk's offset in the stream
+    "job_output": {
+        "job_id": (int, True),
+        "stream": (str, True),
+        "data": (str, True),
+        "offset": (int, False),
+    },
+    "job_finished": {
+        "job_id": (int, True),
+        "exit_code": (_OPT_INT, True),
+        "error": (_OPT_DICT, True),
+        "stdout": (str, True),
+        "stderr": (str, True),
+    },
+    "draining": {},
+    # master -> slave
+    "register_reply": {"ok": (bool, True), "error": (_OPT_DICT, False), "slave_uid": (str, False)},
+    "job_run": {"job": (dict, True)},
+    "job_cancel": {"job_id": (int, True)},
+    "result_ack": {"job_id": (int, True)},
+    # client -> master
+    "submit": {"request": (dict, True), "ref": (_OPT_STR, False)},
+    "cancel": {"job_id": (int, True), "ref": (_OPT_STR, False)},
+    # master -> client
+    "welcome": {"client_id": (str, True), "version": (str, True)},
+    "submit_reply": {"job": (_OPT_DICT, True), "error": (_OPT_DICT, False), "ref": (_OPT_STR, False)},
+    "cancel_reply": {"job": (_OPT_DICT, True), "error": (_OPT_DICT, False), "ref": (_OPT_STR, False)},
+    "job_update": {"job": (dict, True)},
+    "slaves_changed": {"slaves": (list, True)},
+    "clients_changed": {"clients": (list, True)},
+    # both ways
+    "error": {"error": (dict, True)},
+}
+
+STREAMS = ("stdout", "stderr")
+
+
+def _type_ok(value, expected) -> bool:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if int in kinds and isinstance(value, int):
+        return True
+    if float in kinds and isinstance(value, (int, float)):
+        return True
+    return any(k not in (int, float, bool) and isinstance(value, k) for k in kinds)
+
+
+def _type_name(expected) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    names = {int: "integer", float: "number", str: "string", list: "array",
+             dict: "object", bool: "boolean", type(None): "null"}
+    return " or ".join(names[k] for k in kinds)
+
+
+def make(msg_type: str, **fields) -> dict:
+    """Build a message; raises if it does not match the table (a bug of ours)."""
+    msg = {"type": msg_type, **fields}
+    validate(msg)
+    return msg
+
+
+def validate(msg) -> dict:
+    if not isinstance(msg, dict):
+        raise ProtocolError("bad_message", "a message must be a JSON object")
+    msg_type = msg.get("type")
+    if not isinstance(msg_type, str):
+        raise ProtocolError("bad_message", "a message needs a string 'type'")
+    spec = MESSAGES.get(msg_type)
+    if spec is None:
+        raise ProtocolError("unknown_type", f"unknown message type {msg_type!r}")
+    for field, (expected, required) in spec.items():
+        if field not in msg:
+            if required:
+                raise ProtocolError("bad_message", f"{msg_type}: missing field {field!r}")
+            continue
+        if not _type_ok(msg[field], expected):
+            raise ProtocolError(
+                "bad_message", f"{msg_type}: field {field!r} must be {_type_name(expected)}")
+    if "stream" in spec and msg["stream"] not in STREAMS:
+        raise ProtocolError("bad_message", f"{msg_type}: stream must be stdout or stderr")
+    return msg
+
+
+def encode(msg: dict) -> str:
+    return json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> dict:
+    """Parse and validate one frame; raises ProtocolError on anything wrong."""
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message over {MAX_MESSAGE_BYTES} bytes")
+    try:
+        msg = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("bad_json", f"not JSON: {exc}") from None
+    return validate(msg)
+
+
+# --- the job record and submissions ---------------------------------------
+
+JOB_FIELDS = (
+    "id", "name", "language", "status", "error", "slave_uid", "client_id", "user",
+    "submitted_at", "started_at", "finished_at", "exit_code", "stdout", "stderr",
+    "timeout", "source", "files", "args", "stdin", "retries", "attempts", "session",
+)
+
+# submission field -> (json type, default)
+SUBMISSION = {
+    "source": (str, None),
+    "language": (str, None),
+    "name": (_OPT_STR, None),
+    "files": (_OPT_DICT, None),
+    "args": ((list, type(None)), None),
+    "stdin": (_OPT_STR, None),
+    "timeout": ((int, float, type(None)), None),
+    "retries": (_OPT_INT, None),
+    "session": (_OPT_STR, None),
+}
+
+
+def _bad(message: str):
+    raise ProtocolError("bad_request", message)
+
+
+def check_submission(body) -> dict:
+    """Validate a submission (HTTP body or ``submit`` request) and normalise it.
+
+    Raises ProtocolError("bad_request" | "too_large") with a message naming the
+    field.  A well-formed submission may still be rejected later (syntax,
+    language); that is a job outcome, not a bad request.
+    """
+    if not isinstance(body, dict):
+        _bad("the request body must be a JSON object")
+    unknown = sorted(set(body) - set(SUBMISSION))
+    if unknown:
+        _bad(f"unknown field(s): {', '.join(unknown)}")
+    for field in ("source", "language"):
+        if field not in body:
+            _bad(f"missing field {field!r}")
+    out = {}
+    for field, (expected, default) in SUBMISSION.items():
+        value = body.get(field, default)
+        if value is not None or field in ("source", "language"):
+            if not _type_ok(value, expected):
+                _bad(f"field {field!r} must be {_type_name(expected)}")
+        out[field] = value
+    if not out["language"].strip():
+        _bad("field 'language' must not be empty")
+    if len(out["source"].encode()) > MAX_SOURCE_BYTES:
+        raise ProtocolError("too_large", f"source is over {MAX_SOURCE_BYTES} bytes")
+    if out["name"] is not None and len(out["name"]) > MAX_NAME_CHARS:
+        _bad(f"field 'name' is over {MAX_NAME_CHARS} characters")
+    files = out["files"] or {}
+    if len(files) > MAX_FILES:
+        _bad(f"at most {MAX_FILES} files")
+    total = 0
+    for fname, text in files.items():
+        check_file_name(fname)
+        if not isinstance(text, str):
+            _bad(f"file {fname!r}: content must be a string")
+        total += len(text.encode())
+    if total > MAX_FILES_BYTES:
+        raise ProtocolError("too_large", f"files are over {MAX_FILES_BYTES} bytes in all")
+    out["files"] = files
+    args = out["args"] or []
+    if len(args) > MAX_ARGS or not all(isinstance(a, str) for a in args):
+        _bad(f"field 'args' must be a list of at most {MAX_ARGS} strings")
+    out["args"] = args
+    if out["stdin"] is not None and len(out["stdin"].encode()) > MAX_STDIN_BYTES:
+        raise ProtocolError("too_large", f"stdin is over {MAX_STDIN_BYTES} bytes")
+    timeout = out["timeout"]
+    if timeout is not None and not (0 < timeout <= MAX_TIMEOUT):
+        _bad(f"field 'timeout' must be between 0 and {MAX_TIMEOUT:g} seconds")
+    out["timeout"] = float(timeout) if timeout is not None else DEFAULT_TIMEOUT
+    retries = out["retries"] or 0
+    if not 0 <= retries <= MAX_RETRIES:
+        _bad(f"field 'retries' must be between 0 and {MAX_RETRIES}")
+    out["retries"] = retries
+    return out
+
+
+def check_file_name(name) -> None:
+    """A job file name is one plain path component: no escaping the job dir."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\0" in name or len(name) > 255):
+        _bad(f"bad file name {name!r}: use a plain file name, no directories")
+
+
+def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str | None) -> dict:
+    job = {field: None for field in JOB_FIELDS}
+    job.update(submission)
+    job.update(
+        id=job_id,
+        name=submission.get("name") or f"job {job_id}",
+        status=QUEUED,
+        client_id=client_id,
+        user=user,
+        submitted_at=now(),
+        stdout="",
+        stderr="",
+        attempts=0,
+    )
+    return job
+
+
+SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr")
+
+
+def summary(job: dict) -> dict:
+    """A job without its bulky fields, for live status events."""
+    return {k: v for k, v in job.items() if k not in SUMMARY_OMIT}
+
+
+def status_of(error_obj: dict | None) -> str:
+    if error_obj is None:
+        return SUCCEEDED
+    return ERROR_STATUS.get(error_obj.get("code"), FAILED)

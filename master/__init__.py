@@ -1,0 +1,1 @@
+"""The distexec master: queues jobs, dispatches them to slaves, keeps the history."""

@@ -1,0 +1,328 @@
+"""The master's Tornado application: HTTP API and the two WebSocket channels.
+
+Handlers stay thin: authenticate, parse, validate, call ``Master``, write.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+import tornado.web
+import tornado.websocket
+
+from distexec_kernel import __version__, protocol as P
+
+from .core import Master
+
+log = logging.getLogger("distexec.master.app")
+
+MAX_BODY_BYTES = 32 << 20
+PING_INTERVAL = 2.0  # seconds; a dead peer is noticed within PING_INTERVAL + PING_TIMEOUT
+PING_TIMEOUT = 2.0  # tornado caps it at the interval
+
+
+def _bearer(handler: tornado.web.RequestHandler) -> str | None:
+    header = handler.request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    # Browsers cannot set headers on a WebSocket: accept ?token= there.
+    return handler.get_query_argument("token", None)
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+class Auth:
+    """Who may use which channel.  A client token never opens /ws/slave and vice versa."""
+
+    def __init__(self, token: str, slave_secret: str):
+        self.token = token
+        self.slave_secret = slave_secret
+
+    def client_user(self, presented: str | None) -> str | None:
+        """The user a client token stands for, or None if it is not valid."""
+        return "admin" if _same(presented, self.token) else None
+
+    def slave_ok(self, presented: str | None) -> bool:
+        return _same(presented, self.slave_secret)
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    master: Master
+    auth: Auth
+    needs_auth = True
+
+    def initialize(self, master: Master, auth: Auth) -> None:
+        self.master = master
+        self.auth = auth
+        self.user: str | None = None
+
+    def prepare(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        if self.needs_auth:
+            self.user = self.auth.client_user(_bearer(self))
+            if self.user is None:
+                self.fail(401, "unauthorized", "a valid token is required (Authorization: Bearer TOKEN)")
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self.set_status(status)
+        self.finish({"error": {"code": code, "message": message}})
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        reason = self._reason or "error"
+        self.finish({"error": {"code": reason.lower().replace(" ", "_"), "message": reason}})
+
+    def json_body(self):
+        try:
+            return json.loads(self.request.body or b"null")
+        except ValueError as exc:
+            raise P.ProtocolError("bad_json", f"the request body is not JSON: {exc}") from None
+
+    def send_json(self, obj, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(obj, ensure_ascii=False))
+
+    def int_arg(self, name: str, default: int, lo: int, hi: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise P.ProtocolError("bad_request", f"{name} must be an integer") from None
+        if not lo <= value <= hi:
+            raise P.ProtocolError("bad_request", f"{name} must be between {lo} and {hi}")
+        return value
+
+
+def _protocol_errors(method):
+    """Turn a ProtocolError raised by a handler into a 4xx JSON answer."""
+    async def wrapper(self, *args):
+        try:
+            return await method(self, *args)
+        except P.ProtocolError as exc:
+            self.fail(413 if exc.code == "too_large" else 400, exc.code, exc.message)
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class HealthHandler(ApiHandler):
+    needs_auth = False
+
+    def get(self) -> None:
+        self.send_json({"status": "ok", "version": __version__})
+
+
+class JobsHandler(ApiHandler):
+    @_protocol_errors
+    async def get(self) -> None:
+        status = self.get_query_argument("status", None) or None
+        if status is not None and status not in P.STATES:
+            raise P.ProtocolError("bad_request", f"status must be one of {', '.join(P.STATES)}")
+        limit = self.int_arg("limit", 100, 1, 1000)
+        offset = self.int_arg("offset", 0, 0, 1 << 40)
+        jobs, total = await self.master.list_jobs(status, limit, offset)
+        self.send_json({"jobs": jobs, "total": total})
+
+    @_protocol_errors
+    async def post(self) -> None:
+        if len(self.request.body) > MAX_BODY_BYTES:
+            raise P.ProtocolError("too_large", f"the request body is over {MAX_BODY_BYTES} bytes")
+        body = self.json_body()
+        client_id = self.request.headers.get("X-Distexec-Client") or None
+        job = await self.master.submit(body, client_id=client_id, user=self.user)
+        self.send_json(job, 201)
+
+
+class JobHandler(ApiHandler):
+    async def get(self, job_id: str) -> None:
+        job = await self.master.get_job(int(job_id))
+        if job is None:
+            return self.fail(404, "not_found", f"no job {job_id}")
+        self.send_json(job)
+
+
+class CancelHandler(ApiHandler):
+    async def post(self, job_id: str) -> None:
+        job = await self.master.cancel(int(job_id), user=self.user)
+        if job is None:
+            return self.fail(404, "not_found", f"no job {job_id}")
+        self.send_json(job)
+
+
+class SlavesHandler(ApiHandler):
+    def get(self) -> None:
+        self.send_json({"slaves": self.master.slave_list()})
+
+
+class ClientsHandler(ApiHandler):
+    def get(self) -> None:
+        self.send_json({"clients": self.master.client_list()})
+
+
+class LanguagesHandler(ApiHandler):
+    def get(self) -> None:
+        self.send_json({"languages": self.master.language_list()})
+
+
+class NotFoundHandler(ApiHandler):
+    needs_auth = False
+
+    def prepare(self) -> None:
+        self.fail(404, "not_found", f"no such endpoint: {self.request.method} {self.request.path}")
+
+
+# --- WebSockets -------------------------------------------------------------
+
+class _Socket(tornado.websocket.WebSocketHandler):
+    """Common part of both channels: JSON frames checked against the protocol table."""
+
+    handlers: dict[str, str] = {}
+
+    def initialize(self, master: Master, auth: Auth) -> None:
+        self.master = master
+        self.auth = auth
+        self.closed = False
+
+    def check_origin(self, origin: str) -> bool:
+        # Auth is by token, never by cookie, so cross-origin pages gain nothing.
+        return True
+
+    def send(self, msg: dict) -> None:
+        if self.closed:
+            return
+        try:
+            self.write_message(P.encode(msg))
+        except tornado.websocket.WebSocketClosedError:
+            self.closed = True
+
+    def reply_error(self, code: str, message: str) -> None:
+        log.warning("%s %s: %s", self.__class__.__name__, self.request.remote_ip, message)
+        self.send(P.make("error", error=P.error(code, message)))
+
+    async def on_message(self, text) -> None:
+        try:
+            msg = P.decode(text)
+        except P.ProtocolError as exc:
+            return self.reply_error(exc.code, exc.message)
+        name = self.handlers.get(msg["type"])
+        if name is None:
+            return self.reply_error("unexpected_type", f"{msg['type']!r} is not accepted on this channel")
+        try:
+            await getattr(self, name)(msg)
+        except P.ProtocolError as exc:
+            self.reply_error(exc.code, exc.message)
+
+    def on_close(self) -> None:
+        self.closed = True
+
+
+class ClientSocket(_Socket):
+    handlers = {"submit": "on_submit", "cancel": "on_cancel"}
+
+    def prepare(self):
+        self.user = self.auth.client_user(_bearer(self))
+        if self.user is None:
+            raise tornado.web.HTTPError(401, reason="Unauthorized")
+
+    def open(self) -> None:
+        host = self.get_query_argument("host", None) or self.request.remote_ip
+        user = self.get_query_argument("user", None) or self.user
+        wanted = self.get_query_argument("client_id", None)
+        self.info = self.master.client_connected(self, user, host, wanted)
+
+    async def on_submit(self, msg: dict) -> None:
+        job = await self.master.submit(msg["request"], client_id=self.info.id, user=self.user)
+        self.send(P.make("submit_reply", job=job, ref=msg.get("ref")))
+
+    async def on_cancel(self, msg: dict) -> None:
+        job = await self.master.cancel(msg["job_id"], user=self.user)
+        err = None if job else P.error("not_found", f"no job {msg['job_id']}")
+        self.send(P.make("cancel_reply", job=job, error=err, ref=msg.get("ref")))
+
+    async def on_message(self, text) -> None:
+        # A submit that breaks the rules gets its answer in a submit_reply.
+        try:
+            await super().on_message(text)
+        except Exception:  # never let one message take the connection down
+            log.exception("client message failed")
+            self.reply_error("internal_error", "the master failed to handle this message")
+
+    def on_close(self) -> None:
+        super().on_close()
+        self.master.client_disconnected(self.info.id)
+
+
+class SlaveSocket(_Socket):
+    handlers = {"register": "on_register", "job_output": "on_job_output",
+                "job_finished": "on_job_finished", "draining": "on_draining"}
+
+    def prepare(self):
+        if not self.auth.slave_ok(_bearer(self)):
+            raise tornado.web.HTTPError(401, reason="Unauthorized")
+
+    def open(self) -> None:
+        self.uid: str | None = None
+
+    def on_pong(self, data: bytes) -> None:
+        if self.uid:
+            self.master.slave_seen(self.uid)
+
+    async def on_register(self, msg: dict) -> None:
+        result = self.master.slave_registered(self, msg)
+        if isinstance(result, dict):
+            self.send(P.make("register_reply", ok=False, error=result))
+            log.warning("refused slave %s: %s", msg["uid"], result["message"])
+            self.close(4000, result["code"])
+            return
+        self.uid = msg["uid"]
+
+    def _registered(self) -> str:
+        if self.uid is None:
+            raise P.ProtocolError("not_registered", "send register first")
+        return self.uid
+
+    async def on_job_output(self, msg: dict) -> None:
+        self.master.job_output(self._registered(), msg)
+
+    async def on_job_finished(self, msg: dict) -> None:
+        await self.master.job_finished(self._registered(), msg)
+
+    async def on_draining(self, msg: dict) -> None:
+        self.master.slave_draining(self._registered())
+
+    async def on_message(self, text) -> None:
+        try:
+            await super().on_message(text)
+        except Exception:
+            log.exception("slave message failed")
+            self.reply_error("internal_error", "the master failed to handle this message")
+
+    def on_close(self) -> None:
+        super().on_close()
+        if self.uid:
+            self.master.slave_disconnected(self.uid, self)
+
+
+def make_app(master: Master, auth: Auth) -> tornado.web.Application:
+    args = {"master": master, "auth": auth}
+    return tornado.web.Application(
+        [
+            (r"/api/health", HealthHandler, args),
+            (r"/api/jobs", JobsHandler, args),
+            (r"/api/jobs/(\d+)", JobHandler, args),
+            (r"/api/jobs/(\d+)/cancel", CancelHandler, args),
+            (r"/api/slaves", SlavesHandler, args),
+            (r"/api/clients", ClientsHandler, args),
+            (r"/api/languages", LanguagesHandler, args),
+            (r"/ws/client", ClientSocket, args),
+            (r"/ws/slave", SlaveSocket, args),
+            (r".*", NotFoundHandler, args),
+        ],
+        websocket_ping_interval=PING_INTERVAL,
+        websocket_ping_timeout=PING_TIMEOUT,
+        websocket_max_message_size=P.MAX_MESSAGE_BYTES,
+        max_body_size=MAX_BODY_BYTES,
+    )

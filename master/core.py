@@ -1,0 +1,407 @@
+"""The master's logic: jobs, slaves, clients and the events between them.
+
+The Tornado handlers (``http_api``, ``sockets``) only read, validate and call
+in here; the scheduler decides placement; the store keeps the history.
+Every status change is written to the store and committed *before* it is
+announced to clients or acted upon, so what a client saw is never lost by
+a master crash.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol as _Proto
+
+from distexec_kernel import __version__, languages as L, protocol as P
+
+from .scheduler import Scheduler
+from .store import JobStore
+
+log = logging.getLogger("distexec.master")
+
+# Output kept in memory for a running job, per stream; the slave enforces
+# the real limit and sends the whole output at the end.
+LIVE_OUTPUT_CAP = 16 << 20
+
+
+class Peer(_Proto):
+    """What the core needs of a connection: send one message."""
+
+    def send(self, msg: dict) -> None: ...
+
+
+@dataclass
+class SlaveInfo:
+    uid: str
+    host: str
+    languages: list[dict]
+    slots: int
+    peer: Peer
+    connected_at: str = field(default_factory=P.now)
+    last_seen: str = field(default_factory=P.now)
+    completed: int = 0
+    draining: bool = False
+
+
+@dataclass
+class ClientInfo:
+    id: str
+    user: str | None
+    host: str
+    peer: Peer
+    connected_at: str = field(default_factory=P.now)
+    jobs_submitted: int = 0
+
+
+class Master:
+    def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0):
+        self.store = store
+        self.scheduler = Scheduler(max_jobs)
+        self.lost_grace = lost_grace
+        # Non-terminal jobs, by id.  Terminal jobs live in the store only.
+        self.active: dict[int, dict] = {}
+        self.slaves: dict[str, SlaveInfo] = {}
+        self.clients: dict[str, ClientInfo] = {}
+        self._next_id = store.max_id() + 1
+        self._next_client = 1
+        self._grace_handles: dict[int, asyncio.TimerHandle] = {}
+        self._resume()
+
+    # -- start-up ----------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Take back queued and running jobs from the history after a restart."""
+        for job in self.store.unfinished():
+            self.active[job["id"]] = job
+            if job["status"] == P.QUEUED:
+                self.scheduler.enqueue(job["id"], job["language"])
+            else:
+                # Its slave may still be running it: wait for it to come back.
+                self.scheduler.mark_running(job["id"], job["slave_uid"])
+        if self.active:
+            log.info("resumed %d unfinished job(s) from the history", len(self.active))
+
+    def start(self) -> None:
+        """Arm the grace timers for resumed running jobs; call with the loop running."""
+        for job in list(self.active.values()):
+            if job["status"] == P.RUNNING and job["slave_uid"] not in self.slaves:
+                self._arm_grace(job["id"])
+
+    # -- clients -----------------------------------------------------------
+
+    def client_connected(self, peer: Peer, user: str | None, host: str,
+                         wanted_id: str | None = None) -> ClientInfo:
+        if wanted_id and wanted_id not in self.clients:
+            cid = wanted_id
+        else:
+            cid = f"c{self._next_client}"
+            while cid in self.clients:
+                self._next_client += 1
+                cid = f"c{self._next_client}"
+            self._next_client += 1
+        info = ClientInfo(cid, user, host, peer)
+        self.clients[cid] = info
+        peer.send(P.make("welcome", client_id=cid, version=__version__))
+        self._broadcast(P.make("clients_changed", clients=self.client_list()))
+        return info
+
+    def client_disconnected(self, cid: str) -> None:
+        if self.clients.pop(cid, None) is not None:
+            self._broadcast(P.make("clients_changed", clients=self.client_list()))
+
+    def client_list(self) -> list[dict]:
+        return [{"id": c.id, "user": c.user, "host": c.host, "connected_at": c.connected_at,
+                 "jobs_submitted": c.jobs_submitted} for c in self.clients.values()]
+
+    def _broadcast(self, msg: dict) -> None:
+        for client in list(self.clients.values()):
+            client.peer.send(msg)
+
+    # -- submission --------------------------------------------------------
+
+    async def submit(self, request: dict, *, client_id: str | None = None,
+                     user: str | None = None) -> dict:
+        """Validate and record a submission; returns the job (maybe rejected).
+
+        Raises ProtocolError for a bad request; a program that does not parse
+        or that no slave can run is a *rejected job*, kept in the history.
+        """
+        sub = P.check_submission(request)
+        sub["language"] = L.canonical(sub["language"])
+        job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
+        self._next_id += 1
+        client = self.clients.get(client_id) if client_id else None
+        if client is not None:
+            client.jobs_submitted += 1
+            job["user"] = job["user"] or client.user
+
+        rejection = self._rejection(job)
+        if rejection is not None:
+            job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
+            await self.store.save(job)
+            self._announce(job)
+            return job
+
+        self.active[job["id"]] = job
+        self.scheduler.enqueue(job["id"], job["language"])
+        await self.store.save(job)
+        self._announce(job)
+        self._dispatch()
+        return job
+
+    def _rejection(self, job: dict) -> dict | None:
+        detail = L.check_syntax(job["language"], job["source"])
+        if detail is not None:
+            where = f" (line {detail['line']})" if detail.get("line") else ""
+            return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),
+                           column=detail.get("column"), text=detail.get("text"))
+        if not self.scheduler.can_run(job["language"]):
+            available = sorted(self.scheduler.languages())
+            names = ", ".join(available) if available else "none (no slave is connected)"
+            return P.error(P.UNSUPPORTED_LANGUAGE,
+                           f"no connected slave runs {job['language']!r}; available: {names}",
+                           available=available)
+        return None
+
+    # -- cancel ------------------------------------------------------------
+
+    async def cancel(self, job_id: int, user: str | None = None) -> dict | None:
+        """Cancel in any non-terminal state; a terminal job is returned as it is."""
+        job = self.active.get(job_id)
+        if job is None:
+            return await self.store.get(job_id)
+        if job["status"] == P.QUEUED:
+            self.scheduler.dequeue(job_id)
+            return await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+        # Running: the slave kills it and reports; if the slave is gone, settle here.
+        slave = self.slaves.get(job["slave_uid"])
+        if slave is None:
+            self.scheduler.finished(job_id)
+            return await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+        job["cancel_requested"] = True
+        slave.peer.send(P.make("job_cancel", job_id=job_id))
+        return job
+
+    # -- dispatch ----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for job_id, uid in self.scheduler.assign():
+            job = self.active[job_id]
+            job.update(status=P.RUNNING, slave_uid=uid, started_at=P.now(),
+                       attempts=(job.get("attempts") or 0) + 1)
+            asyncio.ensure_future(self._send_run(job, uid))
+
+    async def _send_run(self, job: dict, uid: str) -> None:
+        # Durable before announced, and before the slave may start it.
+        await self.store.save(job)
+        self._announce(job)
+        slave = self.slaves.get(uid)
+        if slave is None or self.active.get(job["id"]) is not job or job["status"] != P.RUNNING:
+            return  # the slave left or the job was settled meanwhile; handled there
+        slave.peer.send(P.make("job_run", job=_for_slave(job)))
+
+    # -- slaves ------------------------------------------------------------
+
+    def slave_registered(self, peer: Peer, msg: dict) -> SlaveInfo | dict:
+        """Register a slave; returns its info, or an error dict to refuse it."""
+        if msg["protocol"] != P.PROTOCOL_VERSION:
+            return P.error("protocol_mismatch",
+                           f"this master speaks protocol {P.PROTOCOL_VERSION}, the slave "
+                           f"{msg['protocol']}: install the same distexec version on both")
+        uid = msg["uid"]
+        old = self.slaves.get(uid)
+        if old is not None and old.peer is not peer:
+            # The same slave reconnected before its old connection was noticed dead.
+            self._drop_slave(uid, old.peer)
+        langs = [lang for lang in msg["languages"] if isinstance(lang, dict) and isinstance(lang.get("name"), str)]
+        info = SlaveInfo(uid, msg["host"], langs, msg["slots"], peer, draining=bool(msg.get("draining")))
+        self.slaves[uid] = info
+        still_running = {j for j in msg.get("running", []) if isinstance(j, int)}
+        ours = [j for j, owner in self.scheduler.running.items() if owner == uid]
+        self.scheduler.add_slave(uid, [lang["name"] for lang in langs], msg["slots"],
+                                 running=[j for j in ours if j in still_running])
+        self.scheduler.set_accepting(uid, not info.draining)
+        for job_id in ours:
+            self._cancel_grace(job_id)
+        peer.send(P.make("register_reply", ok=True, slave_uid=uid))
+        # Jobs it still runs that we settled meanwhile (e.g. failed as lost): stop them.
+        for job_id in still_running - set(ours):
+            peer.send(P.make("job_cancel", job_id=job_id))
+        # Results it finished while we were away.
+        reported = set()
+        for result in msg.get("results", []):
+            try:
+                P.validate(result)
+            except P.ProtocolError as exc:
+                log.warning("slave %s sent a malformed stored result: %s", uid, exc.message)
+                continue
+            reported.add(result["job_id"])
+            asyncio.ensure_future(self.job_finished(uid, result))
+        # Jobs it ran for us that it neither runs nor reports: lost with the slave.
+        for job_id in ours:
+            if job_id not in still_running and job_id not in reported:
+                job = self.active.get(job_id)
+                if job is not None:
+                    asyncio.ensure_future(self._lose(job, "the slave restarted and no longer has this job"))
+        log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
+                 ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
+        self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+        self._dispatch()
+        return info
+
+    def slave_disconnected(self, uid: str, peer: Peer) -> None:
+        if self._drop_slave(uid, peer):
+            self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+            self._dispatch()
+
+    def _drop_slave(self, uid: str, peer: Peer) -> bool:
+        info = self.slaves.get(uid)
+        if info is None or info.peer is not peer:
+            return False
+        del self.slaves[uid]
+        # The scheduler keeps counting its jobs until they are settled, so the cap holds.
+        lost = self.scheduler.remove_slave(uid)
+        for job_id in lost:
+            job = self.active.get(job_id)
+            if job is not None:
+                asyncio.ensure_future(self._lose(job, "its slave disconnected while it ran"))
+        log.info("slave %s disconnected (%d job(s) were running there)", uid, len(lost))
+        return True
+
+    def slave_draining(self, uid: str) -> None:
+        info = self.slaves.get(uid)
+        if info is not None:
+            info.draining = True
+            self.scheduler.set_accepting(uid, False)
+            self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+
+    def slave_seen(self, uid: str) -> None:
+        info = self.slaves.get(uid)
+        if info is not None:
+            info.last_seen = P.now()
+
+    def slave_list(self) -> list[dict]:
+        return [{
+            "uid": s.uid, "host": s.host, "languages": [lang["name"] for lang in s.languages],
+            "versions": {lang["name"]: lang.get("version") for lang in s.languages},
+            "slots": s.slots,
+            "running": len(self.scheduler.slaves[s.uid].running) if s.uid in self.scheduler.slaves else 0,
+            "completed": s.completed, "connected_at": s.connected_at, "last_seen": s.last_seen,
+            "draining": s.draining,
+        } for s in self.slaves.values()]
+
+    def language_list(self) -> list[dict]:
+        seen: dict[str, dict] = {}
+        for s in self.slaves.values():
+            for lang in s.languages:
+                entry = seen.setdefault(lang["name"], {"name": lang["name"], "version": lang.get("version"), "slaves": 0})
+                entry["slaves"] += 1
+        return sorted(seen.values(), key=lambda e: e["name"])
+
+    # -- job progress from slaves -----------------------------------------
+
+    def job_output(self, uid: str, msg: dict) -> None:
+        job = self.active.get(msg["job_id"])
+        if job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING:
+            return
+        stream = msg["stream"]
+        offset = len(job[stream])
+        if offset >= LIVE_OUTPUT_CAP:
+            return
+        job[stream] += msg["data"]
+        self._broadcast(P.make("job_output", job_id=job["id"], stream=stream, offset=offset, data=msg["data"]))
+
+    async def job_finished(self, uid: str, msg: dict) -> None:
+        job_id = msg["job_id"]
+        slave = self.slaves.get(uid)
+        job = self.active.get(job_id)
+        if job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING:
+            # Already settled (cancelled, lost, or a duplicate report): just acknowledge.
+            if slave is not None:
+                slave.peer.send(P.make("result_ack", job_id=job_id))
+            return
+        self.scheduler.finished(job_id)
+        if slave is not None:
+            slave.completed += 1
+        await self._finish(job, msg["exit_code"], msg["error"], msg["stdout"], msg["stderr"])
+        slave = self.slaves.get(uid)
+        if slave is not None:
+            slave.peer.send(P.make("result_ack", job_id=job_id))
+        self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+
+    async def _lose(self, job: dict, why: str) -> None:
+        """Its slave is gone: retry if the job allows it, else fail it."""
+        if self.active.get(job["id"]) is not job or job["status"] != P.RUNNING:
+            return
+        self.scheduler.finished(job["id"])
+        if job.get("cancel_requested"):
+            await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+        elif (job.get("attempts") or 0) <= (job.get("retries") or 0):
+            job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
+            self.scheduler.requeue_front(job["id"], job["language"])
+            await self.store.save(job)
+            self._announce(job)
+            log.info("job %d requeued (%s), attempt %d of %d", job["id"], why,
+                     job["attempts"] + 1, job["retries"] + 1)
+        else:
+            await self._finish(job, None, P.error(P.SLAVE_LOST, f"{why} (slave {job['slave_uid']})"))
+        self._dispatch()
+
+    def _arm_grace(self, job_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._grace_handles[job_id] = loop.call_later(self.lost_grace, self._grace_expired, job_id)
+
+    def _cancel_grace(self, job_id: int) -> None:
+        handle = self._grace_handles.pop(job_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _grace_expired(self, job_id: int) -> None:
+        self._grace_handles.pop(job_id, None)
+        job = self.active.get(job_id)
+        if job is not None and job["status"] == P.RUNNING and job["slave_uid"] not in self.slaves:
+            asyncio.ensure_future(self._lose(job, f"its slave did not come back within {self.lost_grace:g} s"))
+
+    # -- settling ------------------------------------------------------------
+
+    async def _finish(self, job: dict, exit_code: int | None, err: dict | None,
+                      stdout: str | None = None, stderr: str | None = None) -> dict:
+        # The slave says whether its kill or the program's own end came first:
+        # a job that finished before the cancel reached it keeps its result.
+        job.pop("cancel_requested", None)
+        job.update(status=P.status_of(err), error=err, exit_code=exit_code, finished_at=P.now())
+        if stdout is not None:
+            job["stdout"] = stdout
+        if stderr is not None:
+            job["stderr"] = stderr
+        self.active.pop(job["id"], None)
+        self._cancel_grace(job["id"])
+        await self.store.save(job)
+        self._announce(job)
+        self._dispatch()
+        return job
+
+    def _announce(self, job: dict) -> None:
+        self._broadcast(P.make("job_update", job=P.summary(_public(job))))
+
+    # -- reads ----------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> dict | None:
+        job = self.active.get(job_id)
+        return _public(job) if job is not None else await self.store.get(job_id)
+
+    async def list_jobs(self, status: str | None, limit: int, offset: int,
+                        user: str | None = None) -> tuple[list[dict], int]:
+        jobs, total = await self.store.list(status, limit, offset, user)
+        # A running job's output so far lives in memory, not yet in the store.
+        return [_public(self.active.get(j["id"], j)) for j in jobs], total
+
+
+def _public(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k != "cancel_requested"}
+
+
+def _for_slave(job: dict) -> dict:
+    return {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "session", "name")}
+

@@ -1,0 +1,139 @@
+"""Which queued job runs next, and where.  The one place that decides.
+
+A plain class with no I/O and no clock: the master feeds it events (a slave
+joined or left, a job was queued, cancelled or finished) and asks it for
+assignments.  Tests drive it the same way.
+
+Policy:
+- jobs leave the queue first in, first out, except that a job nobody can run
+  right now (its language's slaves are all full) does not hold back a job of
+  another language behind it;
+- at most ``max_jobs`` jobs run across the cluster, and at most ``slots`` on
+  each slave;
+- a job goes to the slave that runs its language with the fewest running
+  jobs relative to its slots; ties go to the slave idle the longest.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+
+@dataclass
+class SlaveState:
+    uid: str
+    languages: frozenset[str]
+    slots: int
+    running: set[int] = field(default_factory=set)
+    # Logical time of the slave's last assignment or finish: lower = idle longer.
+    last_active: int = 0
+    accepting: bool = True
+
+    @property
+    def load(self) -> float:
+        return len(self.running) / self.slots if self.slots else float("inf")
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running)
+
+
+class Scheduler:
+    def __init__(self, max_jobs: int | None = None):
+        self.max_jobs = max_jobs
+        self.slaves: dict[str, SlaveState] = {}
+        # job id -> language, in arrival order.
+        self.queue: OrderedDict[int, str] = OrderedDict()
+        # job id -> slave uid, for every job counted as running.  A job can be
+        # running on a slave that is not connected (after a master restart,
+        # until the slave comes back or the grace period ends): it still
+        # counts against max_jobs.
+        self.running: dict[int, str] = {}
+        self._clock = 0
+
+    # -- events ------------------------------------------------------------
+
+    def add_slave(self, uid: str, languages: Iterable[str], slots: int,
+                  running: Iterable[int] = ()) -> None:
+        """A slave (re)registered; ``running`` are its jobs already under way."""
+        self._clock += 1
+        state = SlaveState(uid, frozenset(languages), max(0, slots), last_active=-self._clock)
+        for job_id in running:
+            state.running.add(job_id)
+            self.running[job_id] = uid
+        # Jobs we thought ran there but which it no longer reports stay in
+        # self.running until the master settles them with finished().
+        self.slaves[uid] = state
+
+    def remove_slave(self, uid: str) -> list[int]:
+        """A slave left; returns the jobs that were running on it."""
+        state = self.slaves.pop(uid, None)
+        return sorted(j for j, owner in self.running.items() if owner == uid) if state else []
+
+    def set_accepting(self, uid: str, accepting: bool) -> None:
+        """A draining slave takes no new jobs but keeps the ones it has."""
+        if uid in self.slaves:
+            self.slaves[uid].accepting = accepting
+
+    def enqueue(self, job_id: int, language: str) -> None:
+        self.queue[job_id] = language
+
+    def requeue_front(self, job_id: int, language: str) -> None:
+        """A job to retry goes back at the head: it has waited already."""
+        self.running.pop(job_id, None)
+        self.queue[job_id] = language
+        self.queue.move_to_end(job_id, last=False)
+
+    def dequeue(self, job_id: int) -> bool:
+        """Remove a queued job (cancelled); False if it was not queued."""
+        return self.queue.pop(job_id, None) is not None
+
+    def mark_running(self, job_id: int, uid: str) -> None:
+        """Count a job as running on ``uid`` (restored after a master restart)."""
+        self.running[job_id] = uid
+        if uid in self.slaves:
+            self.slaves[uid].running.add(job_id)
+
+    def finished(self, job_id: int) -> None:
+        """A running job ended, however it ended."""
+        uid = self.running.pop(job_id, None)
+        state = self.slaves.get(uid) if uid else None
+        if state is not None:
+            state.running.discard(job_id)
+            self._clock += 1
+            state.last_active = self._clock
+
+    # -- queries -----------------------------------------------------------
+
+    def languages(self) -> dict[str, int]:
+        """Language -> number of connected slaves that run it."""
+        counts: dict[str, int] = {}
+        for state in self.slaves.values():
+            for lang in state.languages:
+                counts[lang] = counts.get(lang, 0) + 1
+        return counts
+
+    def can_run(self, language: str) -> bool:
+        return any(language in s.languages for s in self.slaves.values())
+
+    def assign(self) -> list[tuple[int, str]]:
+        """Take as many queued jobs as may start now; returns (job_id, slave uid) pairs."""
+        out = []
+        for job_id, language in list(self.queue.items()):
+            if self.max_jobs is not None and len(self.running) >= self.max_jobs:
+                break
+            open_slaves = [s for s in self.slaves.values() if s.accepting and s.free > 0]
+            if not open_slaves:
+                break
+            candidates = [s for s in open_slaves if language in s.languages]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda s: (s.load, s.last_active, s.uid))
+            del self.queue[job_id]
+            best.running.add(job_id)
+            self.running[job_id] = best.uid
+            self._clock += 1
+            best.last_active = self._clock
+            out.append((job_id, best.uid))
+        return out

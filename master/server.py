@@ -1,0 +1,102 @@
+"""Start a master: ``python -m master`` or ``distexec master``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+
+import tornado.httpserver
+import tornado.netutil
+
+from distexec_kernel import config
+
+from .app import MAX_BODY_BYTES, Auth, make_app
+from .core import Master
+from .store import JobStore
+
+log = logging.getLogger("distexec.master")
+
+READY = "distexec master ready at"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; default 8765)")
+    p.add_argument("--max-jobs", type=int, default=None, help="most jobs running at once in the cluster")
+    p.add_argument("--db", default=None, help="history database (default $DISTEXEC_HOME/history.sqlite3)")
+    p.add_argument("--token", default=None, help="client token (default: a random one)")
+    p.add_argument("--slave-secret", default=None, help="secret slaves present (default: a random one)")
+    p.add_argument("--certfile", default=None, help="TLS certificate (serve https/wss)")
+    p.add_argument("--keyfile", default=None, help="TLS private key")
+    p.add_argument("--lost-grace", type=float, default=30.0,
+                   help="seconds a restarted master waits for a running job's slave to come back")
+    p.add_argument("--no-connection-file", action="store_true",
+                   help="do not write $DISTEXEC_HOME/connection.json")
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    token = args.token or os.environ.get("DISTEXEC_TOKEN") or config.new_secret()
+    secret = args.slave_secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or config.new_secret()
+    db = args.db or os.path.join(config.home(), "history.sqlite3")
+    store = JobStore(db)
+    master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace)
+    app = make_app(master, Auth(token, secret))
+    ssl_ctx = None
+    if args.certfile:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(args.certfile, args.keyfile)
+    server = tornado.httpserver.HTTPServer(app, ssl_options=ssl_ctx, max_body_size=MAX_BODY_BYTES + (1 << 20),
+                                           xheaders=False)
+    sockets = tornado.netutil.bind_sockets(args.port, args.host)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    scheme = "https" if ssl_ctx else "http"
+    host = args.host if ":" not in args.host else f"[{args.host}]"
+    url = f"{scheme}://{host}:{port}"
+    master.start()
+    if not args.no_connection_file:
+        info = {"url": url, "token": token, "slave_secret": secret, "pid": os.getpid()}
+        if args.certfile:
+            info["cafile"] = os.path.abspath(args.certfile)
+        path = config.write_connection(info)
+        log.info("connection file: %s", path)
+    log.info("history: %s", db)
+    print(f"{READY} {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        store.close()
+        log.info("master stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="distexec master", description="Run the distexec master.")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    config.setup_logging()
+    stop = asyncio.Event()
+
+    async def runner():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(args, stop)
+
+    try:
+        asyncio.run(runner())
+    except OSError as exc:
+        print(f"distexec master: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+

@@ -1,0 +1,234 @@
+"""The slave's side of the master connection.
+
+Connects to ``/ws/slave``, registers, runs the jobs it is sent through its
+``Runner``, streams their output and reports how they ended.  It keeps each
+finished result until the master acknowledges it, so a result is not lost
+when the master restarts while a job runs: on reconnecting, the slave sends
+what it still runs and what it finished meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+
+import tornado.httpclient
+import tornado.websocket
+
+from distexec_kernel import config, protocol as P
+
+from .runner import Runner
+
+log = logging.getLogger("distexec.slave")
+
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 5.0
+OUTPUT_FLUSH = 0.01  # seconds output chunks are gathered before one message goes out
+PING_INTERVAL = 2.0
+PING_TIMEOUT = 2.0
+
+
+class FatalSlaveError(Exception):
+    """The master refused us for a reason retrying cannot fix."""
+
+
+class Slave:
+    def __init__(self, master_url: str, secret: str, uid: str, host: str, slots: int,
+                 toolchains: dict[str, str], runner: Runner, *, cafile: str | None = None,
+                 on_registered=None):
+        self.ws_url = config.ws_url(master_url) + "/ws/slave"
+        self.secret = secret
+        self.uid = uid
+        self.host = host
+        self.slots = slots
+        self.toolchains = toolchains
+        self.runner = runner
+        self.cafile = cafile
+        self.on_registered = on_registered
+        self.conn: tornado.websocket.WebSocketClientConnection | None = None
+        self.running: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}
+        self.unacked: dict[int, dict] = {}
+        self.draining = False
+        self._stopping = asyncio.Event()
+        self._fatal: FatalSlaveError | None = None
+        self._pending_output: dict[tuple[int, str], list[str]] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.handlers = {
+            "register_reply": self.on_register_reply,
+            "job_run": self.on_job_run,
+            "job_cancel": self.on_job_cancel,
+            "result_ack": self.on_result_ack,
+            "error": self.on_error,
+        }
+
+    # -- connection ----------------------------------------------------------
+
+    def _request(self) -> tornado.httpclient.HTTPRequest:
+        kwargs = {}
+        if self.ws_url.startswith("wss://") and self.cafile:
+            kwargs["ssl_options"] = ssl.create_default_context(cafile=self.cafile)
+        return tornado.httpclient.HTTPRequest(
+            self.ws_url, headers={"Authorization": f"Bearer {self.secret}"}, connect_timeout=10, **kwargs)
+
+    async def run(self) -> None:
+        """Stay connected until stopped; raises FatalSlaveError if refused for good."""
+        backoff = BACKOFF_FIRST
+        while not self._stopping.is_set():
+            try:
+                conn = await tornado.websocket.websocket_connect(
+                    self._request(), ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
+                    max_message_size=P.MAX_MESSAGE_BYTES)
+            except tornado.httpclient.HTTPClientError as exc:
+                if exc.code == 401:
+                    raise FatalSlaveError(
+                        f"the master at {self.ws_url} refused the slave secret (401): check --secret "
+                        f"or DISTEXEC_SLAVE_SECRET") from None
+                log.info("master not reachable (%s); retrying in %.2f s", exc, backoff)
+            except (OSError, tornado.websocket.WebSocketError, asyncio.TimeoutError) as exc:
+                log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
+            else:
+                backoff = BACKOFF_FIRST
+                await self._serve(conn)
+                if self._stopping.is_set():
+                    break
+                log.warning("lost the master; reconnecting")
+            try:
+                await asyncio.wait_for(self._stopping.wait(), backoff * (0.5 + random.random()))
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, BACKOFF_MAX)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _serve(self, conn) -> None:
+        self.conn = conn
+        self._send(P.make(
+            "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
+            languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
+            slots=self.slots, running=sorted(self.running), results=list(self.unacked.values()),
+            draining=self.draining))
+        try:
+            while True:
+                text = await conn.read_message()
+                if text is None:
+                    break
+                try:
+                    msg = P.decode(text)
+                except P.ProtocolError as exc:
+                    log.warning("bad message from the master: %s", exc.message)
+                    self._send(P.make("error", error=exc.to_dict()))
+                    continue
+                handler = self.handlers.get(msg["type"])
+                if handler is None:
+                    log.warning("unexpected %r from the master", msg["type"])
+                    continue
+                handler(msg)
+        finally:
+            self.conn = None
+
+    def _send(self, msg: dict) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.write_message(P.encode(msg))
+        except tornado.websocket.WebSocketClosedError:
+            self.conn = None
+
+    # -- messages from the master --------------------------------------------
+
+    def on_register_reply(self, msg: dict) -> None:
+        if not msg["ok"]:
+            err = msg.get("error") or {}
+            self._fatal = FatalSlaveError(f"the master refused this slave: {err.get('message', 'no reason given')}")
+            log.error("%s", self._fatal)
+            self._stopping.set()
+            if self.conn is not None:
+                self.conn.close()
+            return
+        log.info("registered with %s as %s", self.ws_url, self.uid)
+        if self.on_registered is not None:
+            self.on_registered(self)
+
+    def on_job_run(self, msg: dict) -> None:
+        job = msg["job"]
+        job_id = job.get("id")
+        if not isinstance(job_id, int) or job_id in self.running:
+            return
+        if job_id in self.unacked:
+            # We finished it already; the master missed the result.
+            self._send(self.unacked[job_id])
+            return
+        cancel = asyncio.Event()
+        task = asyncio.ensure_future(self._run(job, cancel))
+        self.running[job_id] = (task, cancel)
+        self._idle.clear()
+
+    def on_job_cancel(self, msg: dict) -> None:
+        entry = self.running.get(msg["job_id"])
+        if entry is not None:
+            entry[1].set()
+
+    def on_result_ack(self, msg: dict) -> None:
+        self.unacked.pop(msg["job_id"], None)
+        self._check_idle()
+
+    def on_error(self, msg: dict) -> None:
+        log.warning("the master says: %s", msg["error"].get("message"))
+
+    # -- running ---------------------------------------------------------------
+
+    async def _run(self, job: dict, cancel: asyncio.Event) -> None:
+        job_id = job["id"]
+
+        def on_output(stream: str, data: str) -> None:
+            self._pending_output.setdefault((job_id, stream), []).append(data)
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_later(OUTPUT_FLUSH, self._flush_output)
+
+        try:
+            outcome = await self.runner.run(job, on_output, cancel)
+        except Exception as exc:  # a runner bug must not lose the job
+            log.exception("job %s failed inside the slave", job_id)
+            from .runner import Outcome
+            outcome = Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave failed: {exc}"))
+        self._flush_output()
+        result = outcome.message(job_id)
+        self.unacked[job_id] = result
+        self.running.pop(job_id, None)
+        self._send(result)
+        self._check_idle()
+
+    def _flush_output(self) -> None:
+        self._flush_handle = None
+        pending, self._pending_output = self._pending_output, {}
+        for (job_id, stream), parts in pending.items():
+            self._send(P.make("job_output", job_id=job_id, stream=stream, data="".join(parts)))
+
+    def _check_idle(self) -> None:
+        if not self.running and not self.unacked:
+            self._idle.set()
+
+    # -- stopping ----------------------------------------------------------------
+
+    async def drain(self, deadline: float = 30.0) -> None:
+        """Take no new jobs, let the running ones finish and their results be acknowledged."""
+        self.draining = True
+        self._send(P.make("draining"))
+        log.info("draining: %d job(s) running, %d result(s) unacknowledged", len(self.running), len(self.unacked))
+        self._check_idle()
+        try:
+            await asyncio.wait_for(self._idle.wait(), deadline)
+        except asyncio.TimeoutError:
+            log.warning("drain deadline passed; cancelling %d job(s)", len(self.running))
+            for _, cancel in self.running.values():
+                cancel.set()
+            await asyncio.gather(*(t for t, _ in self.running.values()), return_exceptions=True)
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.conn is not None:
+            self.conn.close()

@@ -1,0 +1,313 @@
+"""How a slave runs one job.  Everything else in the slave talks to ``Runner``.
+
+``Runner`` is the small interface that other ways of running a job plug into
+(a warm fork-server pool, a persistent jupyter_client session): given a job,
+a callback for output chunks and a cancel event, run it and return how it
+ended.  ``ProcessRunner`` is the general one: a fresh process group per job
+in a fresh temporary directory, compile step first for compiled languages.
+"""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import psutil
+
+from distexec_kernel import languages as L, protocol as P
+
+from .sandbox import Limits, Sandbox
+
+log = logging.getLogger("distexec.slave.runner")
+
+OutputCallback = Callable[[str, str], None]  # (stream, text)
+
+READ_CHUNK = 64 * 1024
+MEMORY_POLL = 0.05  # seconds between memory checks of a job's processes
+DRAIN_AFTER_EXIT = 1.0  # seconds to wait for pipes held open by stray children
+
+
+@dataclass
+class Outcome:
+    """How a job ended; becomes the ``job_finished`` message."""
+
+    exit_code: int | None
+    error: dict | None
+    stdout: str = ""
+    stderr: str = ""
+
+    def message(self, job_id: int) -> dict:
+        return P.make("job_finished", job_id=job_id, exit_code=self.exit_code, error=self.error,
+                      stdout=self.stdout, stderr=self.stderr)
+
+
+class Runner(Protocol):
+    def describe(self) -> str:
+        """One line for the slave's start-up log: how jobs are run and isolated."""
+
+    async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
+        """Run ``job`` to the end.  Calls ``on_output`` with chunks as they come.
+
+        Must return (never raise) once ``cancel`` is set, with the error code
+        ``cancelled``, leaving no process of the job alive.
+        """
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Capture:
+    """Both streams of one process, under one byte budget."""
+
+    budget: int
+    on_output: OutputCallback | None
+    parts: dict = field(default_factory=lambda: {"stdout": [], "stderr": []})
+    used: int = 0
+    over: bool = False
+
+    def feed(self, stream: str, data: str, size: int) -> None:
+        if self.over:
+            return
+        if self.used + size > self.budget:
+            data = data[: max(0, self.budget - self.used)]
+            self.over = True
+        self.used += size
+        if data:
+            self.parts[stream].append(data)
+            if self.on_output is not None:
+                self.on_output(stream, data)
+
+    def text(self, stream: str) -> str:
+        return "".join(self.parts[stream])
+
+
+@dataclass
+class StepResult:
+    returncode: int | None
+    # None, or why we ended it: timeout, cancelled, output_limit, memory_limit
+    reason: str | None
+    elapsed: float
+
+
+class ProcessRunner:
+    """A fresh process (group) per job, inside the slave's sandbox."""
+
+    def __init__(self, sandbox: Sandbox, limits: Limits, toolchains: dict[str, str],
+                 workroot: str | None = None, compile_cache=None):
+        self.sandbox = sandbox
+        self.limits = limits
+        self.toolchains = toolchains
+        self.workroot = workroot
+        self.compile_cache = compile_cache
+
+    def describe(self) -> str:
+        return f"a fresh process per job; {self.sandbox.describe()}"
+
+    async def close(self) -> None:
+        pass
+
+    async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
+        lang = L.get(job["language"])
+        if lang is None or lang.name not in self.toolchains:
+            return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, f"this slave does not run {job['language']!r}"))
+        workdir = tempfile.mkdtemp(prefix=f"distexec-job{job['id']}-", dir=self.workroot)
+        try:
+            return await self._run_in(workdir, lang, job, on_output, cancel)
+        except OSError as exc:
+            log.exception("job %s could not be run", job["id"])
+            return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _run_in(self, workdir: str, lang: L.Language, job: dict,
+                      on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
+        for name, text in (job.get("files") or {}).items():
+            P.check_file_name(name)
+            with open(os.path.join(workdir, name), "w") as f:
+                f.write(text)
+        source_name = lang.source_name(job["source"])
+        with open(os.path.join(workdir, source_name), "w") as f:
+            f.write(job["source"])
+        fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": "main.bin"}
+        env = dict(lang.env)
+
+        if lang.compile:
+            argv = [a.format(**fields) for a in lang.compile]
+            capture = _Capture(self.limits.output_bytes, None)
+            step = await self._step(argv, workdir, env, None, lang.compile_timeout, cancel, capture)
+            if step.reason == "cancelled":
+                return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+            if step.reason is not None or step.returncode != 0:
+                diag = capture.text("stderr") + capture.text("stdout")
+                what = (f"the compiler ran past {lang.compile_timeout:g} s" if step.reason == "timeout"
+                        else f"the {lang.name} compiler refused the program")
+                return Outcome(None, P.error(P.COMPILE_ERROR, what, **_first_location(diag)),
+                               stdout="", stderr=diag)
+
+        argv = [a.format(**fields) for a in lang.run] + list(job.get("args") or [])
+        stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
+        capture = _Capture(self.limits.output_bytes, on_output)
+        step = await self._step(argv, workdir, env, stdin, job.get("timeout") or P.DEFAULT_TIMEOUT,
+                                cancel, capture)
+        out, err = capture.text("stdout"), capture.text("stderr")
+        return Outcome(step.returncode, _classify(step, job, self.limits), out, err)
+
+    async def _step(self, argv: list[str], workdir: str, env: dict, stdin: bytes | None,
+                    timeout: float, cancel: asyncio.Event, capture: _Capture) -> StepResult:
+        started = time.monotonic()
+        spawn = self.sandbox.command(argv, workdir, env, self.limits)
+        proc = await asyncio.create_subprocess_exec(
+            *spawn.argv, cwd=spawn.cwd, env=spawn.env,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, preexec_fn=spawn.preexec)
+        reason: str | None = None
+        try:
+            if stdin is not None:
+                asyncio.ensure_future(_feed(proc, stdin))
+            readers = [asyncio.ensure_future(_pump(proc.stdout, "stdout", capture)),
+                       asyncio.ensure_future(_pump(proc.stderr, "stderr", capture))]
+            exited = asyncio.ensure_future(proc.wait())
+            cancelled = asyncio.ensure_future(cancel.wait())
+            watcher = asyncio.ensure_future(_watch_memory(proc.pid, self.limits.memory_bytes, capture))
+            deadline = started + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    reason = "timeout"
+                    break
+                done, _ = await asyncio.wait([exited, cancelled, watcher], timeout=min(remaining, 0.5),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if cancelled in done:
+                    reason = "cancelled"
+                    break
+                if watcher in done:
+                    reason = watcher.result()
+                    break
+                if capture.over:
+                    reason = "output_limit"
+                    break
+                if exited in done:
+                    break
+            for fut in (cancelled, watcher):
+                fut.cancel()
+            if reason is not None:
+                _kill_group(proc.pid)
+            await exited
+            # Whatever the job left in its group goes too: no orphans.
+            _kill_group(proc.pid)
+            await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT)
+            for r in readers:
+                r.cancel()
+            if reason is None and capture.over:
+                reason = "output_limit"
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+                await proc.wait()
+            self.sandbox.cleanup(spawn)
+        return StepResult(proc.returncode, reason, time.monotonic() - started)
+
+
+def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:
+    code = step.returncode
+    if step.reason == "cancelled":
+        return P.error(P.CANCELLED_CODE, "cancelled by a user")
+    if step.reason == "timeout":
+        return P.error(P.TIMEOUT, f"ran past its timeout of {job.get('timeout') or P.DEFAULT_TIMEOUT:g} s")
+    if step.reason == "output_limit":
+        return P.error(P.OUTPUT_LIMIT, f"wrote more than the output limit of {limits.output_bytes >> 20} MiB")
+    if step.reason == "memory_limit":
+        return P.error(P.MEMORY_LIMIT, f"used more than the memory limit of {limits.memory_bytes >> 20} MiB")
+    if code is not None and code < 0:
+        return _signal_error(-code)
+    if code is not None and code > 128 and code - 128 in _SIGNALS_SEEN_AS_EXIT:
+        # A sandbox wrapper reports its child's death by signal N as 128+N.
+        return _signal_error(code - 128)
+    if code:
+        return P.error(P.NONZERO_EXIT, f"exited with code {code}")
+    return None
+
+
+_SIGNALS_SEEN_AS_EXIT = {int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE, signal.SIGBUS,
+                                          signal.SIGILL, signal.SIGKILL, signal.SIGTERM)}
+
+
+def _signal_error(signum: int) -> dict:
+    try:
+        name = signal.Signals(signum).name
+        desc = signal.strsignal(signum)
+    except ValueError:
+        name, desc = f"signal {signum}", None
+    return P.error(P.SIGNAL, f"killed by {name}" + (f" ({desc.lower()})" if desc else ""), signal=name)
+
+
+def _first_location(diagnostics: str) -> dict:
+    """The first ``file:line:col`` a compiler names, for the notebook to point at."""
+    import re
+    m = re.search(r"^[^\s:]+\.[A-Za-z0-9]+:(\d+)(?::(\d+))?", diagnostics, re.M)
+    if not m:
+        m = re.search(r"line (\d+)", diagnostics)
+        return {"line": int(m.group(1))} if m else {}
+    return {"line": int(m.group(1)), "column": int(m.group(2)) if m.group(2) else None}
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    try:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the program did not read all of its input: its business
+    finally:
+        try:
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+async def _pump(reader: asyncio.StreamReader, stream: str, capture: _Capture) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while True:
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                capture.feed(stream, tail, len(tail.encode()))
+            return
+        capture.feed(stream, decoder.decode(data), len(data))
+
+
+async def _watch_memory(pid: int, limit: int, capture: _Capture) -> str:
+    """Return "memory_limit" when the job's processes use more than ``limit`` bytes."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return await asyncio.Event().wait()  # gone already; wait to be cancelled
+    while True:
+        await asyncio.sleep(MEMORY_POLL)
+        try:
+            procs = [root] + root.children(recursive=True)
+            rss = 0
+            for p in procs:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return await asyncio.Event().wait()
+        if rss > limit:
+            return "memory_limit"
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,124 @@
+"""Start a slave: ``python -m slave`` or ``distexec slave``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+
+from distexec_kernel import config
+
+from . import toolchains
+from .agent import FatalSlaveError, Slave
+from .runner import ProcessRunner
+from .sandbox import Limits, best_sandbox
+
+log = logging.getLogger("distexec.slave")
+
+REGISTERED = "distexec slave registered:"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--master", default=None, help="master URL (ws://, http://, wss://, https://); "
+                   "default: DISTEXEC_URL or the connection file")
+    p.add_argument("--slots", type=int, default=None, help="most jobs run at once here (default: CPU count)")
+    p.add_argument("--uid", default=None, help="this slave's UID (default: one kept under $DISTEXEC_HOME)")
+    p.add_argument("--languages", default=None, help="comma-separated languages to offer (default: all found)")
+    p.add_argument("--secret", default=None, help="the master's slave secret")
+    p.add_argument("--memory-limit", type=int, default=1024, metavar="MiB", help="per job (default 1024)")
+    p.add_argument("--output-limit", type=int, default=16, metavar="MiB", help="stdout+stderr per job (default 16)")
+    p.add_argument("--max-procs", type=int, default=64, help="processes per job (default 64)")
+    p.add_argument("--allow-network", action="store_true", help="let jobs use the network")
+    p.add_argument("--workdir", default=None, help="where job directories are made (default: system temp)")
+
+
+_uid_lock = None  # kept open for the life of the process: the lock is the claim
+
+
+def stable_uid() -> str:
+    """A UID that survives restarts and differs between slaves running on one host.
+
+    Slot files ``slave-<n>.uid`` under $DISTEXEC_HOME; a running slave holds a
+    lock on its file, so the next slave started on the host takes the next one.
+    """
+    global _uid_lock
+    os.makedirs(config.home(), exist_ok=True)
+    n = 0
+    while True:
+        path = os.path.join(config.home(), f"slave-{n}.uid")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            n += 1
+            continue
+        text = os.read(fd, 100).decode().strip()
+        if not text:
+            text = uuid.uuid4().hex[:12]
+            os.write(fd, text.encode())
+        _uid_lock = fd
+        return text
+
+
+async def start(args: argparse.Namespace) -> Slave:
+    endpoint = config.resolve(args.master, None, args.secret)
+    if not endpoint.slave_secret:
+        raise config.ConnectionConfigError("no slave secret: give --secret or DISTEXEC_SLAVE_SECRET")
+    only = [x for x in args.languages.split(",") if x.strip()] if args.languages else None
+    found = await toolchains.detect(only)
+    limits = Limits(memory_mb=args.memory_limit, output_mb=args.output_limit,
+                    max_procs=args.max_procs, allow_network=args.allow_network)
+    sandbox = best_sandbox(limits)
+    runner = ProcessRunner(sandbox, limits, found, workroot=args.workdir)
+    uid = args.uid or stable_uid()
+    slots = args.slots or os.cpu_count() or 1
+    log.info("slave %s: %s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages")
+    log.info("%s", runner.describe())
+
+    announced = False
+
+    def on_registered(slave: Slave) -> None:
+        nonlocal announced
+        if not announced:
+            announced = True
+            print(f"{REGISTERED} {slave.uid} {endpoint.url}", flush=True)
+
+    return Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
+                 cafile=endpoint.cafile, on_registered=on_registered)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="distexec slave", description="Run a distexec slave.")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    config.setup_logging()
+
+    async def runner() -> None:
+        slave = await start(args)
+        loop = asyncio.get_running_loop()
+        # SIGTERM drains (finish what runs, then exit); SIGINT stops now.
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(slave.drain()))
+        loop.add_signal_handler(signal.SIGINT, slave.stop)
+        try:
+            await slave.run()
+        finally:
+            for _, cancel in list(slave.running.values()):
+                cancel.set()
+            await asyncio.gather(*(t for t, _ in list(slave.running.values())), return_exceptions=True)
+            await slave.runner.close()
+
+    try:
+        asyncio.run(runner())
+    except (FatalSlaveError, config.ConnectionConfigError, ValueError) as exc:
+        print(f"distexec slave: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,79 @@
+"""Fixtures that start real masters and slaves on free loopback ports.
+
+Every fixture stops what it started, even when the test fails; a test that
+needs its own cluster shape builds one with ``make_cluster``.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from distexec_kernel.local import LocalCluster
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition", interval: float = 0.02):
+    """Poll ``predicate`` until it returns a truthy value, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private $DISTEXEC_HOME, so tests never touch ~/.distexec or each other."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("DISTEXEC_HOME", str(path))
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+    return path
+
+
+@pytest.fixture
+def make_cluster(home, tmp_path):
+    """Build and start a LocalCluster; all of them are stopped at the end of the test."""
+    made: list[LocalCluster] = []
+
+    def make(slaves: int = 2, **kwargs) -> LocalCluster:
+        kwargs.setdefault("log_dir", str(tmp_path / "logs"))
+        kwargs.setdefault("home", str(home))
+        lc = LocalCluster(slaves, **kwargs)
+        made.append(lc)
+        return lc.start()
+
+    yield make
+    for lc in made:
+        lc.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster):
+    """A master and two slaves with two slots each."""
+    return make_cluster(2, slots=2)
+
+
+@pytest.fixture
+def client(cluster):
+    """A Cluster client connected to ``cluster``."""
+    from distexec_kernel import Cluster
+
+    c = Cluster(cluster.url, token=cluster.token)
+    yield c
+    c.close()
+
+
+def logs(tmp_path) -> str:
+    """Everything the cluster's processes logged, for assertion messages."""
+    out = []
+    log_dir = tmp_path / "logs"
+    if log_dir.exists():
+        for name in sorted(os.listdir(log_dir)):
+            out.append(f"--- {name}\n{(log_dir / name).read_text()}")
+    return "\n".join(out)
