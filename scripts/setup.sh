@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything distexec needs on a fresh machine: system packages
+# (toolchains, sandbox), a virtual environment in .venv, the project and its
+# test dependencies.  Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want=$(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' || true)
+if [ -n "$want" ] && command -v apt-get >/dev/null; then
+  missing=$(for p in $want; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+  if [ -n "$missing" ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "setup: installing system packages: $missing"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c "import distexec_kernel, master, slave, tornado, ipywidgets" \
+  || { echo "setup: the Python environment is incomplete" >&2; exit 1; }
+echo "setup: ready (.venv)"
