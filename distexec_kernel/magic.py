@@ -1,0 +1,441 @@
+"""The ``%remote`` / ``%%remote`` IPython magics: a thin shell over ``Cluster``.
+
+``%load_ext distexec_kernel`` registers them.  The cluster is found on first
+use (connection file or environment), so loading the extension works with no
+cluster up; ``%remote connect`` points it elsewhere.
+
+Two kernel rules shape this module (ipykernel 7, ipywidgets #2358/#4020):
+output of a blocking cell is written by the *main* thread, pulled from
+``Job.iter_output()``, so it lands in the cell that ran it; and the live
+status of a ``--no-wait`` job is a widget displayed once from the main thread
+whose ``value`` trait the event thread then sets (never ``display()`` or
+``with out:`` from a background thread).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import shlex
+import sys
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from . import config, display as D, languages, protocol as P
+from .cluster import Cluster, DistexecError, Job
+
+# How many live status widgets the magics keep a reference to (for tests and
+# for re-reading); older ones still update, they are just not listed.
+KEEP_WIDGETS = 200
+
+
+class RemoteJobFailed(Exception):
+    """A ``%%remote`` job that did not succeed: the cell fails as a local error would.
+
+    Shown by ``show_error`` (a custom exception handler) as the job's status
+    line and error, without a traceback of the magic's own frames.
+    """
+
+    def __init__(self, job: Job, interrupted: bool = False):
+        self.job = job
+        self.record = job.record
+        self.interrupted = interrupted
+        err = self.record.get("error") or {}
+        super().__init__(f"job {self.record['id']} {self.record['status']}: "
+                         f"{err.get('code')}: {err.get('message')}")
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """What a person needs to see for a failed job or an unreachable cluster, line by line."""
+    if not isinstance(exc, RemoteJobFailed):
+        return [f"{type(exc).__name__}: {exc}"]
+    record = exc.record
+    err = record.get("error") or {}
+    lines = [D.status_line({**record, "error": None})]
+    if err:
+        lines.append(f"{err.get('code')}: {err.get('message')}")
+    if err.get("code") == P.SYNTAX_ERROR:
+        caret = D.syntax_caret(err)
+        if caret:
+            lines.append(caret)
+    if err.get("code") == P.UNSUPPORTED_LANGUAGE and err.get("available") is not None \
+            and "available" not in (err.get("message") or ""):
+        lines.append("available languages: " + (", ".join(err["available"]) or "none"))
+    if exc.interrupted:
+        lines.append(f"KeyboardInterrupt: job {record['id']} was cancelled on the master")
+    return lines
+
+
+def show_error(shell, etype, value, tb, tb_offset=None):
+    """IPython custom exception handler (``set_custom_exc``).
+
+    IPython discards what a handler returns, so it shows the lines itself
+    through ``_showtraceback``: in a kernel that sends the ``error`` output and
+    sets the traceback of the execute reply (status ``error``, so Run All and
+    nbclient stop); in a terminal it prints them.
+    """
+    shell._showtraceback(etype, value, error_lines(value))
+
+
+class Rich:
+    """A table with an HTML form for notebooks and a plain one for terminals and nbconvert."""
+
+    def __init__(self, html_text: str, plain: str):
+        self.html = html_text
+        self.plain = plain
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return self.plain
+
+
+SESSION_HEADERS = ["name", "slave", "language", "created", "last used", "jobs"]
+
+
+def session_rows(sessions: list[dict]) -> list[list[str]]:
+    return [[s["name"], D.short_uid(s.get("slave_uid")), s.get("language") or "-",
+             D.fmt_time(s.get("created_at")), D.fmt_time(s.get("last_used")), str(s.get("jobs", "-"))]
+            for s in sessions]
+
+
+def status_html(record: dict) -> str:
+    return f"<span style='font-family:monospace'>{html.escape(D.status_line(record))}</span>"
+
+
+def _rank(status: str) -> int:
+    return 2 if status in P.TERMINAL else 1 if status == P.RUNNING else 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+@magics_class
+class RemoteMagics(Magics):
+    """``%remote`` and ``%%remote``: run programs on a distexec cluster from a notebook."""
+
+    def __init__(self, shell, cluster: Cluster | None = None):
+        super().__init__(shell)
+        self._cluster = cluster
+        self.status_widgets: dict[int, object] = {}
+
+    # -- the cluster ------------------------------------------------------------
+
+    @property
+    def cluster(self) -> Cluster:
+        """The cluster, found from the connection file / environment on first use."""
+        if self._cluster is None:
+            self._cluster = Cluster()
+        return self._cluster
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    # -- %%remote ---------------------------------------------------------------
+
+    @magic_arguments("%remote")
+    @argument("language", nargs="?", default="python",
+              help="language of the cell (python, bash, sh, c, ...; aliases like py, js work)")
+    @argument("--timeout", type=_positive, help="seconds the job may run; past that it fails with `timeout`")
+    @argument("--name", help="a name for the job in the history")
+    @argument("--file", action="append", default=[], metavar="PATH",
+              help="ship this local file with the job, under its base name (repeatable)")
+    @argument("--arg", action="append", default=[], metavar="A",
+              help="a command-line argument for the program (repeatable; --arg=-v for dashes)")
+    @argument("--stdin", metavar="TEXT", help="text given to the program on its standard input")
+    @argument("--no-wait", action="store_true",
+              help="return at once with a live status line; the cell does not wait for the job")
+    @argument("-o", "--output", metavar="NAME",
+              help="store the job handle (a distexec Job) in the user namespace as NAME")
+    @argument("--session", metavar="NAME",
+              help="run in the persistent interpreter NAME, so variables live on between cells")
+    @cell_magic("remote")
+    def remote_cell(self, line: str, cell: str):
+        """Run the cell on the cluster; stream its output here; fail the cell if the job fails.
+
+        Interrupting the cell cancels the job.  With --no-wait the cell returns
+        the job handle at once and shows its status updating in place.
+        """
+        args = parse_argstring(self.remote_cell, line)
+        if not cell.strip():
+            raise UsageError("%%remote: the cell is empty: write the program below the %%remote line")
+        job = self.cluster.submit(cell, language=args.language, files=self._files(args.file) or None,
+                                  args=args.arg or None, stdin=args.stdin, timeout=args.timeout,
+                                  name=args.name, session=args.session)
+        return self._after_submit(job, args.no_wait, args.output)
+
+    # -- %remote ------------------------------------------------------------------
+
+    @magic_arguments("remote")
+    @argument("command", choices=["connect", "run", "jobs", "slaves", "clients", "sessions", "cancel",
+                                  "panel", "show"],
+              metavar="COMMAND", help="connect | run | jobs | slaves | clients | sessions | cancel | show | panel")
+    @argument("rest", nargs=argparse.REMAINDER, help="the command's own arguments")
+    @line_magic("remote")
+    def remote_line(self, line: str):
+        """The cluster from a notebook.
+
+        %remote connect [URL] [--token T]     use another master (default: the connection file)
+        %remote run FILE [--lang L] [--timeout S] [--name N] [--no-wait] [-o NAME] [ARGS...]
+                                              submit a file; the language comes from its extension
+        %remote jobs [--status S] [--limit N] the job history, newest first
+        %remote slaves | clients | sessions   who is connected, the persistent sessions
+        %remote show ID                       one job, with its output
+        %remote cancel ID                     cancel a job
+        %remote panel                         the ipywidgets job panel
+        """
+        args = parse_argstring(self.remote_line, line)
+        return getattr(self, f"_cmd_{args.command}")(args.rest)
+
+    def _sub(self, prog: str, rest: list[str], *specs) -> argparse.Namespace:
+        parser = _Parser(prog=f"%remote {prog}")
+        for flags, kwargs in specs:
+            parser.add_argument(*flags, **kwargs)
+        return parser.parse_args(rest)
+
+    def _cmd_connect(self, rest):
+        a = self._sub("connect", rest, (("url",), dict(nargs="?")), (("--token",), {}))
+        new = Cluster(a.url, token=a.token)
+        self.close()
+        self._cluster = new
+        slaves = new.slaves()
+        langs = sorted({lang for s in slaves for lang in s["languages"]})
+        print(f"connected to {new.url} as client {new.client_id} · {len(slaves)} slave(s) · "
+              f"languages: {', '.join(langs) or 'none'}")
+
+    def _cmd_run(self, rest):
+        opts, positional = _split_run(rest)
+        if not positional:
+            raise UsageError("%remote run FILE [--lang L] [ARGS...]: which file?")
+        path, prog_args = positional[0], positional[1:]
+        language = opts.get("lang") or languages.from_filename(path)
+        if not language:
+            known = sorted(ext for lang in languages.LANGUAGES.values() for ext in lang.extensions)
+            raise UsageError(f"%remote run: no language for {os.path.basename(path)!r}; "
+                             f"give --lang (known extensions: {', '.join(known)})")
+        source = _read(path)
+        timeout = _positive(opts["timeout"]) if "timeout" in opts else None
+        job = self.cluster.submit(source, language=language, args=prog_args or None, timeout=timeout,
+                                  name=opts.get("name") or os.path.basename(path),
+                                  files=self._files(opts.get("file", [])) or None,
+                                  stdin=opts.get("stdin"), session=opts.get("session"))
+        return self._after_submit(job, "no-wait" in opts, opts.get("o"))
+
+    def _cmd_jobs(self, rest):
+        a = self._sub("jobs", rest, (("--status",), dict(choices=P.STATES)),
+                      (("--limit",), dict(type=int, default=20)))
+        records, total = self.cluster.jobs_page(status=a.status, limit=a.limit)
+        more = f"{len(records)} of {total} jobs" if total > len(records) else None
+        return Rich(D.jobs_html(records) + (f"<p><i>{more}</i></p>" if more else ""),
+                    D.jobs_text(records) + (f"\n({more})" if more else ""))
+
+    def _cmd_slaves(self, rest):
+        self._sub("slaves", rest)
+        slaves = self.cluster.slaves()
+        return Rich(D.slaves_html(slaves), D.slaves_text(slaves))
+
+    def _cmd_clients(self, rest):
+        self._sub("clients", rest)
+        clients = self.cluster.clients()
+        return Rich(D.clients_html(clients), D.clients_text(clients))
+
+    def _cmd_sessions(self, rest):
+        self._sub("sessions", rest)
+        rows = session_rows(self.cluster.sessions())
+        return Rich(D._html_table(SESSION_HEADERS, rows, "no sessions"),
+                    D._table(SESSION_HEADERS, rows) if rows else "no sessions")
+
+    def _cmd_cancel(self, rest):
+        a = self._sub("cancel", rest, (("id",), dict(type=int)))
+        job = self.cluster.cancel(a.id)
+        if not job.done:
+            try:
+                job = self.cluster.job(a.id).wait(timeout=10)
+            except TimeoutError:
+                pass  # the slave is slow to kill it; the status line says where it is
+        print(D.status_line(job.record))
+
+    def _cmd_show(self, rest):
+        a = self._sub("show", rest, (("id",), dict(type=int)))
+        record = self.cluster.job(a.id).record
+        text = D.job_detail_text(record)
+        return Rich(f"<pre>{html.escape(text)}</pre>", text)
+
+    def _cmd_panel(self, rest):
+        self._sub("panel", rest)
+        from .panel import JobPanel
+        display(JobPanel(self.cluster))
+
+    # -- shared by %%remote and %remote run ---------------------------------------
+
+    def _files(self, paths: list[str]) -> dict[str, str]:
+        files = {}
+        for path in paths:
+            name = os.path.basename(path)
+            if name in files:
+                raise UsageError(f"two --file arguments are both named {name!r}")
+            files[name] = _read(path)
+        return files
+
+    def _after_submit(self, job: Job, no_wait: bool, output: str | None):
+        if output:
+            self.shell.user_ns[output] = job
+        if no_wait:
+            return job  # shown by show_job as a live status line
+        self._follow(job)
+        if job.status != P.SUCCEEDED:
+            raise RemoteJobFailed(job)
+        display({"text/plain": D.status_line(job.record),
+                 "text/html": f"<div style='color:gray'>{html.escape(D.status_line(job.record))}</div>"},
+                raw=True)
+        return None
+
+    def _follow(self, job: Job) -> None:
+        """Stream the job's output into this cell, from the main thread; Ctrl-C cancels it."""
+        try:
+            for stream, text in job.iter_output():
+                out = sys.stdout if stream == "stdout" else sys.stderr
+                out.write(text)
+                out.flush()
+        except KeyboardInterrupt:
+            try:
+                job.cancel()
+                job.wait(timeout=10)
+            except (DistexecError, TimeoutError, KeyboardInterrupt):
+                pass  # shown as it stands; the master still has the cancel request
+            raise RemoteJobFailed(job, interrupted=True) from None
+
+    # -- live status of a job that runs on ----------------------------------------
+
+    def show_job(self, job: Job) -> bool:
+        """Display a job handle as a status line that updates in place until the job ends.
+
+        Registered as the IPython display function for ``Job``, so both a
+        ``--no-wait`` cell and a later cell evaluating the handle show it.
+        Runs in the main thread; the event thread only sets the widget's value.
+        """
+        import ipywidgets
+
+        widget = ipywidgets.HTML(value=status_html(job.record))
+        self.status_widgets[job.id] = widget
+        while len(self.status_widgets) > KEEP_WIDGETS:
+            self.status_widgets.pop(next(iter(self.status_widgets)))
+        if not job.done:
+            record = dict(job.record)
+
+            def on_event(msg):
+                if msg["type"] == "job_update" and msg["job"].get("id") == record["id"]:
+                    record.update(msg["job"])
+                    widget.value = status_html(record)
+                    if record["status"] in P.TERMINAL:
+                        unsubscribe()
+
+            unsubscribe = job._cluster.subscribe(on_event)
+            # It may have moved on before we subscribed: read it once now, and
+            # apply it only if the event thread has not already gone further.
+            try:
+                latest = job._cluster._get(f"/api/jobs/{job.id}")
+            except DistexecError:
+                latest = None
+            if latest is not None and _rank(latest["status"]) > _rank(record["status"]):
+                on_event({"type": "job_update", "job": P.summary(latest)})
+        bundle = widget._repr_mimebundle_()
+        bundle["text/plain"] = D.status_line(job.record)
+        display(bundle, raw=True)
+        return True
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports through IPython's UsageError instead of exiting the kernel."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage()}")
+
+    def exit(self, status=0, message=None):
+        raise UsageError(message or self.format_help())
+
+
+# Options of `%remote run` that take a value, and flags that do not.  Kept by
+# hand because the program's own ARGS may hold anything, dashes included: the
+# options are read wherever they appear, `--` ends them.
+_RUN_VALUES = {"--lang": "lang", "--timeout": "timeout", "--name": "name", "--stdin": "stdin",
+               "--session": "session", "-o": "o", "--output": "o", "--file": "file"}
+_RUN_FLAGS = {"--no-wait": "no-wait"}
+
+
+def _split_run(rest: list[str]) -> tuple[dict, list[str]]:
+    opts: dict = {}
+    positional: list[str] = []
+    tokens = list(rest)
+    while tokens:
+        tok = tokens.pop(0)
+        if tok == "--":
+            positional += tokens
+            break
+        key, eq, value = tok.partition("=")
+        if key in _RUN_VALUES:
+            if not eq:
+                if not tokens:
+                    raise UsageError(f"%remote run: {key} needs a value")
+                value = tokens.pop(0)
+            name = _RUN_VALUES[key]
+            if name == "file":
+                opts.setdefault("file", []).append(value)
+            else:
+                opts[name] = value
+        elif tok in _RUN_FLAGS:
+            opts[_RUN_FLAGS[tok]] = True
+        else:
+            positional.append(tok)
+    return opts, positional
+
+
+def _read(path: str) -> str:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+
+
+_loaded: dict[int, RemoteMagics] = {}
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext distexec_kernel``: register the magics, the error display and the job display."""
+    if id(ipython) in _loaded:
+        return
+    magics = RemoteMagics(ipython)
+    ipython.register_magics(magics)
+    ipython.set_custom_exc((RemoteJobFailed, DistexecError, config.ConnectionConfigError), show_error)
+    ipython.display_formatter.ipython_display_formatter.for_type(Job, magics.show_job)
+    _loaded[id(ipython)] = magics
+
+
+def unload_ipython_extension(ipython) -> None:
+    magics = _loaded.pop(id(ipython), None)
+    if magics is None:
+        return
+    magics.close()
+    ipython.set_custom_exc((), None)
+    ipython.display_formatter.ipython_display_formatter.pop(Job, None)
+    # IPython has no unregister for Magics instances: drop ours by name.
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("remote", None)
+
+
+def magics_of(ipython) -> RemoteMagics | None:
+    """The loaded ``RemoteMagics`` of a shell (its cluster, its status widgets)."""
+    return _loaded.get(id(ipython))
