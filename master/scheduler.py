@@ -11,7 +11,13 @@ Policy:
 - at most ``max_jobs`` jobs run across the cluster, and at most ``slots`` on
   each slave;
 - a job goes to the slave that runs its language with the fewest running
-  jobs relative to its slots; ties go to the slave idle the longest.
+  jobs relative to its slots; ties go to the slave idle the longest;
+- a session (a persistent interpreter, ``session=NAME``) lives on one slave:
+  its first job is placed like any other and binds NAME to that slave; every
+  later job of NAME goes there, one at a time, in the order queued (it waits
+  while the session runs a job or its slave is full, without holding back
+  jobs of other sessions or none).  When that slave leaves, the session is
+  gone: ``drop_sessions`` unbinds it and hands back its queued jobs.
 """
 from __future__ import annotations
 
@@ -50,6 +56,12 @@ class Scheduler:
         # until the slave comes back or the grace period ends): it still
         # counts against max_jobs.
         self.running: dict[int, str] = {}
+        # Session bookkeeping: job id -> session name (queued or running jobs
+        # of a session), session -> the slave it lives on, and session -> the
+        # one job of it running now.
+        self.job_session: dict[int, str] = {}
+        self.session_slave: dict[str, str] = {}
+        self.session_running: dict[str, int] = {}
         self._clock = 0
 
     # -- events ------------------------------------------------------------
@@ -76,28 +88,67 @@ class Scheduler:
         if uid in self.slaves:
             self.slaves[uid].accepting = accepting
 
-    def enqueue(self, job_id: int, language: str) -> None:
+    def enqueue(self, job_id: int, language: str, session: str | None = None) -> None:
         self.queue[job_id] = language
+        if session is not None:
+            self.job_session[job_id] = session
 
-    def requeue_front(self, job_id: int, language: str) -> None:
+    def requeue_front(self, job_id: int, language: str, session: str | None = None) -> None:
         """A job to retry goes back at the head: it has waited already."""
         self.running.pop(job_id, None)
         self.queue[job_id] = language
         self.queue.move_to_end(job_id, last=False)
+        if session is not None:
+            self.job_session[job_id] = session
 
     def dequeue(self, job_id: int) -> bool:
         """Remove a queued job (cancelled); False if it was not queued."""
-        return self.queue.pop(job_id, None) is not None
+        if self.queue.pop(job_id, None) is None:
+            return False
+        self.job_session.pop(job_id, None)
+        return True
 
-    def mark_running(self, job_id: int, uid: str) -> None:
+    def mark_running(self, job_id: int, uid: str, session: str | None = None) -> None:
         """Count a job as running on ``uid`` (restored after a master restart)."""
         self.running[job_id] = uid
         if uid in self.slaves:
             self.slaves[uid].running.add(job_id)
+        if session is not None:
+            # Busy until it is settled; the binding comes back when its slave
+            # registers and reports the session alive.
+            self.job_session[job_id] = session
+            self.session_running[session] = job_id
+
+    def bind_session(self, session: str, uid: str) -> bool:
+        """A slave reports ``session`` alive there; False if it is bound elsewhere."""
+        owner = self.session_slave.setdefault(session, uid)
+        return owner == uid
+
+    def unbind_session(self, session: str) -> str | None:
+        """The session ended (idle, ended by a user, its interpreter died); returns its slave."""
+        return self.session_slave.pop(session, None)
+
+    def drop_sessions(self, uid: str) -> tuple[list[str], list[int]]:
+        """Slave ``uid`` left: its sessions are gone.
+
+        Returns their names and their queued jobs, taken off the queue (they
+        counted on the session's variables, so the master fails them).
+        """
+        names = sorted(n for n, owner in self.session_slave.items() if owner == uid)
+        for name in names:
+            del self.session_slave[name]
+        gone = set(names)
+        queued = [j for j in self.queue if self.job_session.get(j) in gone]
+        for job_id in queued:
+            self.dequeue(job_id)
+        return names, queued
 
     def finished(self, job_id: int) -> None:
         """A running job ended, however it ended."""
         uid = self.running.pop(job_id, None)
+        session = self.job_session.pop(job_id, None)
+        if session is not None and self.session_running.get(session) == job_id:
+            del self.session_running[session]
         state = self.slaves.get(uid) if uid else None
         if state is not None:
             state.running.discard(job_id)
@@ -120,19 +171,34 @@ class Scheduler:
     def assign(self) -> list[tuple[int, str]]:
         """Take as many queued jobs as may start now; returns (job_id, slave uid) pairs."""
         out = []
+        # Sessions whose next job cannot start now: their later jobs wait too.
+        held: set[str] = set()
         for job_id, language in list(self.queue.items()):
             if self.max_jobs is not None and len(self.running) >= self.max_jobs:
                 break
             open_slaves = [s for s in self.slaves.values() if s.accepting and s.free > 0]
             if not open_slaves:
                 break
-            candidates = [s for s in open_slaves if language in s.languages]
+            session = self.job_session.get(job_id)
+            if session is not None and (session in held or session in self.session_running):
+                held.add(session)
+                continue
+            home = self.session_slave.get(session) if session is not None else None
+            if home is not None:
+                candidates = [s for s in open_slaves if s.uid == home and language in s.languages]
+            else:
+                candidates = [s for s in open_slaves if language in s.languages]
             if not candidates:
+                if session is not None:
+                    held.add(session)
                 continue
             best = min(candidates, key=lambda s: (s.load, s.last_active, s.uid))
             del self.queue[job_id]
             best.running.add(job_id)
             self.running[job_id] = best.uid
+            if session is not None:
+                self.session_slave[session] = best.uid
+                self.session_running[session] = job_id
             self._clock += 1
             best.last_active = self._clock
             out.append((job_id, best.uid))
