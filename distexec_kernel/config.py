@@ -18,7 +18,8 @@ def connection_path() -> str:
 
 
 def new_secret() -> str:
-    return secrets.token_urlsafe(24)
+    # hex: never starts with "-", so it can follow a command-line flag as is
+    return secrets.token_hex(24)
 
 
 def write_connection(info: dict, path: str | None = None) -> str:

@@ -46,13 +46,16 @@ class Child:
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
                                      bufsize=1, preexec_fn=_die_with_parent)
+        # A log file we opened for this child is ours to close.
+        self._log = stderr if hasattr(stderr, "close") else None
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True, name=f"read-{name}").start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
     def wait_line(self, prefix: str, timeout: float) -> str:
@@ -88,10 +91,14 @@ class Child:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         self.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
 
 
 class LocalCluster:
@@ -138,7 +145,7 @@ class LocalCluster:
 
     def spawn_master(self, *extra: str) -> Child:
         argv = [sys.executable, "-m", "master", "--host", self.host, "--port", str(self.port),
-                "--token", self.token, "--slave-secret", self.secret]
+                f"--token={self.token}", f"--slave-secret={self.secret}"]
         if self.max_jobs:
             argv += ["--max-jobs", str(self.max_jobs)]
         if self.db:
@@ -152,7 +159,7 @@ class LocalCluster:
 
     def spawn_slave(self, *extra: str) -> Child:
         self._count += 1
-        argv = [sys.executable, "-m", "slave", "--master", self.url, "--secret", self.secret]
+        argv = [sys.executable, "-m", "slave", "--master", self.url, f"--secret={self.secret}"]
         if self.slots:
             argv += ["--slots", str(self.slots)]
         if self.languages:

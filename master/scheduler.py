@@ -70,7 +70,7 @@ class Scheduler:
                   running: Iterable[int] = ()) -> None:
         """A slave (re)registered; ``running`` are its jobs already under way."""
         self._clock += 1
-        state = SlaveState(uid, frozenset(languages), max(0, slots), last_active=-self._clock)
+        state = SlaveState(uid, frozenset(languages), max(0, slots), last_active=self._clock)
         for job_id in running:
             state.running.add(job_id)
             self.running[job_id] = uid
