@@ -38,6 +38,46 @@ def cmd_slave(args) -> int:
     return run(args)
 
 
+def _read_password(args) -> str:
+    if args.password_stdin:
+        # One line, so `echo pw | distexec user add NAME --password-stdin` works in scripts.
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise SystemExit("distexec: the passwords differ")
+    return first
+
+
+def cmd_user(args) -> int:
+    from master import auth
+    path = args.users or auth.default_users_path()
+    if args.action != "list" and not args.name:
+        raise SystemExit(f"distexec user {args.action}: give a user NAME")
+    try:
+        if args.action == "list":
+            users = auth.load_users(path)
+            if args.json:
+                _print_json({"users": [{"name": n, "admin": bool(u.get("admin"))} for n, u in sorted(users.items())]})
+            else:
+                for name, entry in sorted(users.items()):
+                    print(f"{name}{' (admin)' if entry.get('admin') else ''}")
+            return 0
+        if args.action == "remove":
+            if not auth.remove_user(path, args.name):
+                print(f"distexec: no user {args.name!r} in {path}", file=sys.stderr)
+                return 1
+            print(f"removed {args.name} from {path}")
+            return 0
+        auth.check_user_name(args.name)
+        new = auth.add_user(path, args.name, _read_password(args), admin=args.admin)
+    except (ValueError, auth.UsersFileError) as exc:
+        print(f"distexec: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'added' if new else 'updated'} {args.name}{' (admin)' if args.admin else ''} in {path}")
+    return 0
+
+
 def cmd_submit(args) -> int:
     try:
         with open(args.file) as f:
@@ -158,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--languages", default=None)
     sp.add_argument("--db", default=None)
     sp.set_defaults(func=cmd_up)
+
+    sp = sub.add_parser("user", help="manage the users file of `distexec master --users FILE`")
+    sp.add_argument("action", choices=("add", "remove", "list"))
+    sp.add_argument("name", nargs="?", default=None)
+    sp.add_argument("--admin", action="store_true", help="the user sees and cancels every job")
+    sp.add_argument("--users", default=None, metavar="FILE", help="default: $DISTEXEC_HOME/users.json")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_user)
 
     sp = sub.add_parser("master", help="run a master")
     master_args(sp)

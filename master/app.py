@@ -4,16 +4,20 @@ Handlers stay thin: authenticate, parse, validate, call ``Master``, write.
 """
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import logging
+import math
+import time
 
 import tornado.web
 import tornado.websocket
 
 from distexec_kernel import __version__, protocol as P
 
+from .auth import Auth, Identity
 from .core import Master
+from .limits import LOGIN_BURST, LOGIN_RATE, RateLimiter
 
 log = logging.getLogger("distexec.master.app")
 
@@ -30,23 +34,41 @@ def _bearer(handler: tornado.web.RequestHandler) -> str | None:
     return handler.get_query_argument("token", None)
 
 
-def _same(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+# HTTP status for the ProtocolError codes that are not a plain 400.
+STATUS_FOR_CODE = {"too_large": 413, "rate_limited": 429, "queue_full": 503}
 
 
-class Auth:
-    """Who may use which channel.  A client token never opens /ws/slave and vice versa."""
+class Gate:
+    """The per-client limits the handlers apply before calling ``Master``."""
 
-    def __init__(self, token: str, slave_secret: str):
-        self.token = token
-        self.slave_secret = slave_secret
+    def __init__(self, submit_rate: float | None = None, submit_burst: float | None = None):
+        self.submissions = RateLimiter(submit_rate, submit_burst)
+        self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)
 
-    def client_user(self, presented: str | None) -> str | None:
-        """The user a client token stands for, or None if it is not valid."""
-        return "admin" if _same(presented, self.token) else None
+    def check_submit(self, ident: Identity) -> None:
+        """Raise ``rate_limited`` if ``ident`` submits faster than allowed.
 
-    def slave_ok(self, presented: str | None) -> bool:
-        return _same(presented, self.slave_secret)
+        Keyed by the authenticated user, not the client id a request names,
+        which anyone can make up.  Admins are not limited: they run the
+        cluster (benchmarks, batch drivers) and can cancel anything anyway;
+        the bounded queue still protects the master's memory from them.
+        """
+        if ident.admin:
+            return
+        wait = self.submissions.take(ident.user)
+        if wait:
+            raise RateLimited(f"too many submissions from {ident.user!r}: at most "
+                              f"{self.submissions.rate:g}/s (burst {self.submissions.burst:g}); "
+                              f"retry in {wait:.2f} s", wait)
+
+
+class RateLimited(P.ProtocolError):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__("rate_limited", message)
+        self.retry_after = retry_after
+
+
+UNAUTHORIZED = "a valid token is required (Authorization: Bearer TOKEN); login tokens expire: log in again"
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -54,17 +76,25 @@ class ApiHandler(tornado.web.RequestHandler):
     auth: Auth
     needs_auth = True
 
-    def initialize(self, master: Master, auth: Auth) -> None:
+    def initialize(self, master: Master, auth: Auth, gate: Gate) -> None:
         self.master = master
         self.auth = auth
+        self.gate = gate
+        self.identity: Identity | None = None
         self.user: str | None = None
+
+    @property
+    def owner(self) -> str | None:
+        """Whose jobs this request may see: None for an admin (all)."""
+        return self.identity.owner if self.identity else None
 
     def prepare(self) -> None:
         self.set_header("Content-Type", "application/json")
         if self.needs_auth:
-            self.user = self.auth.client_user(_bearer(self))
-            if self.user is None:
-                self.fail(401, "unauthorized", "a valid token is required (Authorization: Bearer TOKEN)")
+            self.identity = self.auth.identify(_bearer(self))
+            if self.identity is None:
+                return self.fail(401, "unauthorized", UNAUTHORIZED)
+            self.user = self.identity.user
 
     def fail(self, status: int, code: str, message: str) -> None:
         self.set_status(status)
@@ -103,7 +133,9 @@ def _protocol_errors(method):
         try:
             return await method(self, *args)
         except P.ProtocolError as exc:
-            self.fail(413 if exc.code == "too_large" else 400, exc.code, exc.message)
+            if isinstance(exc, RateLimited):
+                self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+            self.fail(STATUS_FOR_CODE.get(exc.code, 400), exc.code, exc.message)
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -115,7 +147,39 @@ class HealthHandler(ApiHandler):
         self.send_json({"status": "ok", "version": __version__})
 
 
+TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes"
+
+
+@tornado.web.stream_request_body
 class JobsHandler(ApiHandler):
+    """Streams the body in, so one over the limit gets a JSON 413, not a dropped connection."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        if self._finished or self.request.method != "POST":
+            return
+        try:
+            declared = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            declared = 0
+        if declared > MAX_BODY_BYTES:
+            # Answered before the body is read; tornado then closes the connection.
+            return self.fail(413, "too_large", TOO_LARGE)
+        # Headroom above the limit: tornado drops a chunked body past its own cap
+        # with a bare 400, so ours must be the one that trips first.
+        self.request.connection.set_max_body_size(2 * MAX_BODY_BYTES)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= MAX_BODY_BYTES:
+            self._chunks.append(chunk)
+        elif not self._finished:
+            # A chunked upload (no Content-Length) past the limit: answer now, drop the rest.
+            self._chunks = []
+            self.fail(413, "too_large", TOO_LARGE)
+
     @_protocol_errors
     async def get(self) -> None:
         status = self.get_query_argument("status", None) or None
@@ -123,14 +187,17 @@ class JobsHandler(ApiHandler):
             raise P.ProtocolError("bad_request", f"status must be one of {', '.join(P.STATES)}")
         limit = self.int_arg("limit", 100, 1, 1000)
         offset = self.int_arg("offset", 0, 0, 1 << 40)
-        jobs, total = await self.master.list_jobs(status, limit, offset)
+        jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner)
         self.send_json({"jobs": jobs, "total": total})
 
     @_protocol_errors
     async def post(self) -> None:
-        if len(self.request.body) > MAX_BODY_BYTES:
-            raise P.ProtocolError("too_large", f"the request body is over {MAX_BODY_BYTES} bytes")
+        if self._finished:
+            return  # answered 413 while the body came in
+        self.request.body = b"".join(self._chunks)
+        self._chunks = []
         body = self.json_body()
+        self.gate.check_submit(self.identity)
         client_id = self.request.headers.get("X-Distexec-Client") or None
         job = await self.master.submit(body, client_id=client_id, user=self.user)
         self.send_json(job, 201)
@@ -138,7 +205,7 @@ class JobsHandler(ApiHandler):
 
 class JobHandler(ApiHandler):
     async def get(self, job_id: str) -> None:
-        job = await self.master.get_job(int(job_id))
+        job = await self.master.get_job(int(job_id), user=self.owner)
         if job is None:
             return self.fail(404, "not_found", f"no job {job_id}")
         self.send_json(job)
@@ -146,10 +213,35 @@ class JobHandler(ApiHandler):
 
 class CancelHandler(ApiHandler):
     async def post(self, job_id: str) -> None:
-        job = await self.master.cancel(int(job_id), user=self.user)
+        job = await self.master.cancel(int(job_id), user=self.owner)
         if job is None:
             return self.fail(404, "not_found", f"no job {job_id}")
         self.send_json(job)
+
+
+class LoginHandler(ApiHandler):
+    """``POST /api/login {"user", "password"}`` -> a login token that expires."""
+
+    needs_auth = False
+
+    @_protocol_errors
+    async def post(self) -> None:
+        wait = self.gate.logins.take(self.request.remote_ip or "?")
+        if wait:
+            raise RateLimited(f"too many login attempts from this address; retry in {wait:.1f} s", wait)
+        body = self.json_body()
+        if not (isinstance(body, dict) and isinstance(body.get("user"), str)
+                and isinstance(body.get("password"), str)):
+            raise P.ProtocolError("bad_request", 'the body must be {"user": NAME, "password": PASSWORD}')
+        if not self.auth.logins_enabled:
+            return self.fail(401, "login_failed", "this master has no user logins (start it with --users FILE)")
+        loop = asyncio.get_running_loop()
+        # Argon2 takes tens of milliseconds on purpose: keep it off the event loop.
+        session = await loop.run_in_executor(None, self.auth.login, body["user"], body["password"])
+        if session is None:
+            log.warning("failed login for %r from %s", body["user"][:64], self.request.remote_ip)
+            return self.fail(401, "login_failed", "wrong user name or password")
+        self.send_json(session)
 
 
 class SlavesHandler(ApiHandler):
@@ -181,9 +273,10 @@ class _Socket(tornado.websocket.WebSocketHandler):
 
     handlers: dict[str, str] = {}
 
-    def initialize(self, master: Master, auth: Auth) -> None:
+    def initialize(self, master: Master, auth: Auth, gate: Gate) -> None:
         self.master = master
         self.auth = auth
+        self.gate = gate
         self.closed = False
 
     def check_origin(self, origin: str) -> bool:
@@ -223,22 +316,36 @@ class ClientSocket(_Socket):
     handlers = {"submit": "on_submit", "cancel": "on_cancel"}
 
     def prepare(self):
-        self.user = self.auth.client_user(_bearer(self))
-        if self.user is None:
+        self.identity = self.auth.identify(_bearer(self))
+        if self.identity is None:
             raise tornado.web.HTTPError(401, reason="Unauthorized")
+        self.user = self.identity.user
 
     def open(self) -> None:
         host = self.get_query_argument("host", None) or self.request.remote_ip
-        user = self.get_query_argument("user", None) or self.user
+        # Only the admin token may name itself (it is shared by the cluster's owner's tools);
+        # a logged-in user is shown as who they logged in as.
+        user = (self.get_query_argument("user", None) or self.user) if self.identity.admin else self.user
         wanted = self.get_query_argument("client_id", None)
-        self.info = self.master.client_connected(self, user, host, wanted)
+        self.info = self.master.client_connected(self, user, host, wanted, owner=self.identity.owner)
+        self._expiry = None
+        if self.identity.expires_at is not None:
+            # A login token's channel ends with the token; reconnecting then needs a new login.
+            delay = max(0.0, self.identity.expires_at - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(
+                delay, lambda: self.close(4001, "token expired"))
 
     async def on_submit(self, msg: dict) -> None:
-        job = await self.master.submit(msg["request"], client_id=self.info.id, user=self.user)
+        try:
+            self.gate.check_submit(self.identity)
+            job = await self.master.submit(msg["request"], client_id=self.info.id, user=self.user)
+        except P.ProtocolError as exc:
+            # The answer to a submit is always a submit_reply, so the sender can match its ref.
+            return self.send(P.make("submit_reply", job=None, error=exc.to_dict(), ref=msg.get("ref")))
         self.send(P.make("submit_reply", job=job, ref=msg.get("ref")))
 
     async def on_cancel(self, msg: dict) -> None:
-        job = await self.master.cancel(msg["job_id"], user=self.user)
+        job = await self.master.cancel(msg["job_id"], user=self.identity.owner)
         err = None if job else P.error("not_found", f"no job {msg['job_id']}")
         self.send(P.make("cancel_reply", job=job, error=err, ref=msg.get("ref")))
 
@@ -252,6 +359,8 @@ class ClientSocket(_Socket):
 
     def on_close(self) -> None:
         super().on_close()
+        if getattr(self, "_expiry", None) is not None:
+            self._expiry.cancel()
         self.master.client_disconnected(self.info.id)
 
 
@@ -306,11 +415,12 @@ class SlaveSocket(_Socket):
             self.master.slave_disconnected(self.uid, self)
 
 
-def make_app(master: Master, auth: Auth) -> tornado.web.Application:
-    args = {"master": master, "auth": auth}
+def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.web.Application:
+    args = {"master": master, "auth": auth, "gate": gate or Gate()}
     return tornado.web.Application(
         [
             (r"/api/health", HealthHandler, args),
+            (r"/api/login", LoginHandler, args),
             (r"/api/jobs", JobsHandler, args),
             (r"/api/jobs/(\d+)", JobHandler, args),
             (r"/api/jobs/(\d+)/cancel", CancelHandler, args),

@@ -52,13 +52,18 @@ class ClientInfo:
     peer: Peer
     connected_at: str = field(default_factory=P.now)
     jobs_submitted: int = 0
+    # The user whose job events this client may receive; None for an admin (all).
+    owner: str | None = None
 
 
 class Master:
-    def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0):
+    def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0,
+                 max_queue: int | None = None):
         self.store = store
         self.scheduler = Scheduler(max_jobs)
         self.lost_grace = lost_grace
+        # Most jobs waiting at once; past it a submission is refused, not queued.
+        self.max_queue = max_queue
         # Non-terminal jobs, by id.  Terminal jobs live in the store only.
         self.active: dict[int, dict] = {}
         self.slaves: dict[str, SlaveInfo] = {}
@@ -91,7 +96,7 @@ class Master:
     # -- clients -----------------------------------------------------------
 
     def client_connected(self, peer: Peer, user: str | None, host: str,
-                         wanted_id: str | None = None) -> ClientInfo:
+                         wanted_id: str | None = None, owner: str | None = None) -> ClientInfo:
         if wanted_id and wanted_id not in self.clients:
             cid = wanted_id
         else:
@@ -100,7 +105,7 @@ class Master:
                 self._next_client += 1
                 cid = f"c{self._next_client}"
             self._next_client += 1
-        info = ClientInfo(cid, user, host, peer)
+        info = ClientInfo(cid, user, host, peer, owner=owner)
         self.clients[cid] = info
         peer.send(P.make("welcome", client_id=cid, version=__version__))
         self._broadcast(P.make("clients_changed", clients=self.client_list()))
@@ -114,9 +119,11 @@ class Master:
         return [{"id": c.id, "user": c.user, "host": c.host, "connected_at": c.connected_at,
                  "jobs_submitted": c.jobs_submitted} for c in self.clients.values()]
 
-    def _broadcast(self, msg: dict) -> None:
+    def _broadcast(self, msg: dict, job: dict | None = None) -> None:
+        """Send to every client; an event about ``job`` only to its owner and the admins."""
         for client in list(self.clients.values()):
-            client.peer.send(msg)
+            if job is None or _visible(job, client.owner):
+                client.peer.send(msg)
 
     # -- submission --------------------------------------------------------
 
@@ -128,6 +135,9 @@ class Master:
         or that no slave can run is a *rejected job*, kept in the history.
         """
         sub = P.check_submission(request)
+        if self.max_queue is not None and len(self.scheduler.queue) >= self.max_queue:
+            raise P.ProtocolError("queue_full", f"the master's queue is full ({self.max_queue} jobs "
+                                  f"waiting): try again when some have run")
         sub["language"] = L.canonical(sub["language"])
         job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
         self._next_id += 1
@@ -167,10 +177,17 @@ class Master:
     # -- cancel ------------------------------------------------------------
 
     async def cancel(self, job_id: int, user: str | None = None) -> dict | None:
-        """Cancel in any non-terminal state; a terminal job is returned as it is."""
+        """Cancel in any non-terminal state; a terminal job is returned as it is.
+
+        ``user`` limits it to that user's jobs (another's is None, as if absent);
+        None is an admin's cancel.
+        """
         job = self.active.get(job_id)
         if job is None:
-            return await self.store.get(job_id)
+            stored = await self.store.get(job_id)
+            return stored if _visible(stored, user) else None
+        if not _visible(job, user):
+            return None
         if job["status"] == P.QUEUED:
             self.scheduler.dequeue(job_id)
             return await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
@@ -310,7 +327,8 @@ class Master:
         if offset >= LIVE_OUTPUT_CAP:
             return
         job[stream] += msg["data"]
-        self._broadcast(P.make("job_output", job_id=job["id"], stream=stream, offset=offset, data=msg["data"]))
+        self._broadcast(P.make("job_output", job_id=job["id"], stream=stream, offset=offset, data=msg["data"]),
+                        job)
 
     async def job_finished(self, uid: str, msg: dict) -> None:
         job_id = msg["job_id"]
@@ -383,13 +401,15 @@ class Master:
         return job
 
     def _announce(self, job: dict) -> None:
-        self._broadcast(P.make("job_update", job=P.summary(_public(job))))
+        self._broadcast(P.make("job_update", job=P.summary(_public(job))), job)
 
     # -- reads ----------------------------------------------------------------
 
-    async def get_job(self, job_id: int) -> dict | None:
+    async def get_job(self, job_id: int, user: str | None = None) -> dict | None:
+        """The job, or None; ``user`` limits it to that user's jobs (None: an admin's read)."""
         job = self.active.get(job_id)
-        return _public(job) if job is not None else await self.store.get(job_id)
+        job = _public(job) if job is not None else await self.store.get(job_id)
+        return job if _visible(job, user) else None
 
     async def list_jobs(self, status: str | None, limit: int, offset: int,
                         user: str | None = None) -> tuple[list[dict], int]:
@@ -400,6 +420,11 @@ class Master:
 
 def _public(job: dict) -> dict:
     return {k: v for k, v in job.items() if k != "cancel_requested"}
+
+
+def _visible(job: dict | None, owner: str | None) -> bool:
+    """Whether a client limited to ``owner``'s jobs (None: an admin) may see ``job``."""
+    return job is not None and (owner is None or job.get("user") == owner)
 
 
 def _for_slave(job: dict) -> dict:

@@ -14,8 +14,10 @@ import tornado.netutil
 
 from distexec_kernel import config
 
-from .app import MAX_BODY_BYTES, Auth, make_app
+from .app import MAX_BODY_BYTES, Gate, make_app
+from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
 from .core import Master
+from .limits import DEFAULT_BURST, DEFAULT_RATE, parse_rate
 from .store import JobStore
 
 log = logging.getLogger("distexec.master")
@@ -34,6 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyfile", default=None, help="TLS private key")
     p.add_argument("--lost-grace", type=float, default=30.0,
                    help="seconds a restarted master waits for a running job's slave to come back")
+    p.add_argument("--users", default=None, metavar="FILE",
+                   help="users file enabling POST /api/login (manage it with `distexec user add`)")
+    p.add_argument("--token-ttl", type=float, default=DEFAULT_TOKEN_TTL, metavar="SECONDS",
+                   help=f"how long a login token lasts (default {DEFAULT_TOKEN_TTL:g} s)")
+    p.add_argument("--rate", type=parse_rate, default=DEFAULT_RATE, metavar="N/s",
+                   help=f"submissions per second per user, not admins (default {DEFAULT_RATE:g}/s; 0 = no limit)")
+    p.add_argument("--burst", type=int, default=DEFAULT_BURST,
+                   help=f"submissions a user may send at once before --rate applies (default {DEFAULT_BURST})")
+    p.add_argument("--max-queue", type=int, default=10_000,
+                   help="most jobs waiting at once; past it a submission gets 503 (default 10000)")
     p.add_argument("--no-connection-file", action="store_true",
                    help="do not write $DISTEXEC_HOME/connection.json")
 
@@ -42,9 +54,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     token = args.token or os.environ.get("DISTEXEC_TOKEN") or config.new_secret()
     secret = args.slave_secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or config.new_secret()
     db = args.db or os.path.join(config.home(), "history.sqlite3")
+    auth = Auth(token, secret, users_file=args.users, token_ttl=args.token_ttl)
     store = JobStore(db)
-    master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace)
-    app = make_app(master, Auth(token, secret))
+    master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace, max_queue=args.max_queue)
+    app = make_app(master, auth, Gate(args.rate, args.burst))
     ssl_ctx = None
     if args.certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -93,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(runner())
-    except OSError as exc:
+    except (OSError, UsersFileError) as exc:
         print(f"distexec master: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,238 @@
+"""Who may talk to the master, and as whom.
+
+Three kinds of credential, never interchangeable:
+
+- the **admin token** (``--token``, in the connection file): opens the client
+  API as the admin, who sees and cancels every job;
+- **login tokens**: ``POST /api/login`` with a user and password from the
+  users file (``--users FILE``) returns a random token that expires after
+  ``token_ttl`` seconds; it opens the client API as that user, who sees and
+  cancels only their own jobs (or all, for a user marked ``admin``);
+- the **slave secret**: opens ``/ws/slave`` only.
+
+Passwords are hashed with Argon2id (argon2-cffi), never by code of ours.
+Login tokens live in the master's memory only: a restarted master asks its
+users to log in again, which is the price of keeping no token at rest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import argon2
+
+from distexec_kernel import config
+
+log = logging.getLogger("distexec.master.auth")
+
+DEFAULT_TOKEN_TTL = 12 * 3600.0
+ADMIN = "admin"  # the name the admin token acts under; no user file entry may take it
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+_hasher = argon2.PasswordHasher()
+# Verified when the user does not exist, so a wrong name costs as much time as
+# a wrong password and the answer's timing does not tell which names exist.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+class UsersFileError(Exception):
+    """The users file cannot be read or does not have the expected shape."""
+
+
+def default_users_path() -> str:
+    return os.path.join(config.home(), "users.json")
+
+
+def check_user_name(name: str) -> None:
+    if not isinstance(name, str) or not USER_NAME.match(name):
+        raise ValueError(f"bad user name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-'")
+    if name == ADMIN:
+        raise ValueError(f"{ADMIN!r} is the admin token's name; give an admin user another name and --admin")
+
+
+def hash_password(password: str) -> str:
+    if not password:
+        raise ValueError("the password must not be empty")
+    return _hasher.hash(password)
+
+
+def load_users(path: str) -> dict[str, dict]:
+    """``{name: {"password": ARGON2_HASH, "admin": bool}}``; a missing file is no users."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UsersFileError(f"cannot read the users file {path}: {exc}") from None
+    users = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(users, dict) or not all(
+            isinstance(u, dict) and isinstance(u.get("password"), str) for u in users.values()):
+        raise UsersFileError(f"the users file {path} is not of the form "
+                             '{"users": {NAME: {"password": HASH, "admin": BOOL}}}')
+    return users
+
+
+def save_users(path: str, users: dict[str, dict]) -> None:
+    """Write the file with mode 0600 from the start, atomically (no window where others read it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"users": users}, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def add_user(path: str, name: str, password: str, admin: bool = False) -> bool:
+    """Add or replace a user; returns True if the user is new."""
+    check_user_name(name)
+    users = load_users(path)
+    new = name not in users
+    users[name] = {"password": hash_password(password), "admin": bool(admin)}
+    save_users(path, users)
+    return new
+
+
+def remove_user(path: str, name: str) -> bool:
+    users = load_users(path)
+    if users.pop(name, None) is None:
+        return False
+    save_users(path, users)
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a request comes from.  ``admin`` sees and cancels every job."""
+
+    user: str
+    admin: bool
+    expires_at: float | None = None  # epoch seconds; None for the admin token
+
+    @property
+    def owner(self) -> str | None:
+        """The user whose jobs this identity is limited to; None for an admin (all jobs)."""
+        return None if self.admin else self.user
+
+
+def rfc3339(epoch: float) -> str:
+    return (_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+
+def _digest(token: str) -> str:
+    # Only digests are kept, so a memory dump or a log of the table leaks no usable token.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+class Auth:
+    """Checks every credential the master is shown.  A client token never opens /ws/slave and vice versa."""
+
+    def __init__(self, token: str, slave_secret: str, *, users_file: str | None = None,
+                 token_ttl: float = DEFAULT_TOKEN_TTL):
+        self.token = token
+        self.slave_secret = slave_secret
+        self.users_file = users_file
+        self.token_ttl = token_ttl
+        self._users: dict[str, dict] = {}
+        self._users_stamp: tuple | None = None
+        self._sessions: dict[str, Identity] = {}
+        # login() runs its hash check on a worker thread.
+        self._lock = threading.Lock()
+        if users_file:
+            load_users(users_file)  # a bad file stops the master at start, with its reason
+            self._reload()
+
+    # -- the users file ----------------------------------------------------
+
+    def _reload(self) -> None:
+        """Re-read the users file if it changed, so `distexec user add` needs no master restart."""
+        try:
+            st = os.stat(self.users_file)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._users_stamp:
+            try:
+                self._users = load_users(self.users_file) if stamp else {}
+            except UsersFileError as exc:
+                # A half-edited file must not lock everyone out: keep the users we had.
+                log.error("%s; keeping the previous users", exc)
+            self._users_stamp = stamp
+
+    @property
+    def logins_enabled(self) -> bool:
+        return self.users_file is not None
+
+    # -- checks ------------------------------------------------------------
+
+    def identify(self, presented: str | None) -> Identity | None:
+        """The identity a client token stands for, or None if it is not valid (or expired)."""
+        if not presented:
+            return None
+        if _same(presented, self.token):
+            return Identity(ADMIN, True)
+        key = _digest(presented)
+        with self._lock:
+            ident = self._sessions.get(key)
+            if ident is None:
+                return None
+            self._reload()
+            entry = self._users.get(ident.user)
+            # Removing a user from the file ends their logins at once.
+            if ident.expires_at <= time.time() or entry is None:
+                del self._sessions[key]
+                return None
+            if bool(entry.get("admin")) != ident.admin:
+                ident = self._sessions[key] = Identity(ident.user, bool(entry.get("admin")), ident.expires_at)
+        return ident
+
+    def client_user(self, presented: str | None) -> str | None:
+        """The user name a client token stands for, or None if it is not valid."""
+        ident = self.identify(presented)
+        return ident.user if ident else None
+
+    def slave_ok(self, presented: str | None) -> bool:
+        return _same(presented, self.slave_secret)
+
+    def login(self, user: str, password: str) -> dict | None:
+        """Check a password; on success a new login token ``{"token", "expires_at", "user", "admin"}``.
+
+        Blocking (Argon2 costs tens of milliseconds by design): call it from a worker thread.
+        """
+        if not self.logins_enabled:
+            return None
+        with self._lock:
+            self._reload()
+            entry = self._users.get(user)
+        try:
+            ok = _hasher.verify(entry["password"] if entry else _DUMMY_HASH, password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            ok = False
+        if not ok or entry is None:
+            return None
+        token = secrets.token_urlsafe(32)
+        expires = time.time() + self.token_ttl
+        ident = Identity(user, bool(entry.get("admin")), expires)
+        with self._lock:
+            self._prune()
+            self._sessions[_digest(token)] = ident
+        return {"token": token, "expires_at": rfc3339(expires), "user": user, "admin": ident.admin}
+
+    def _prune(self) -> None:
+        now = time.time()
+        for key in [k for k, v in self._sessions.items() if v.expires_at <= now]:
+            del self._sessions[key]

@@ -1,0 +1,69 @@
+"""How much one client may ask of the master: submission and login rates.
+
+A token bucket per key (a user name, or an address for logins): ``burst``
+submissions at once, then ``rate`` per second.  Pure bookkeeping with an
+injectable clock, so it is tested without sleeping.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+DEFAULT_RATE = 50.0
+DEFAULT_BURST = 100
+# Logins cost an Argon2 hash each (tens of ms of CPU): a few per second per
+# address is plenty for people and keeps a password-guessing flood cheap.
+LOGIN_RATE = 5.0
+LOGIN_BURST = 10
+MAX_KEYS = 10_000  # buckets kept; full (idle) ones are dropped first
+
+
+def parse_rate(text: str) -> float | None:
+    """``"50/s"``, ``"600/min"``, ``"50"`` -> submissions per second; ``"0"``/``"none"`` -> no limit."""
+    text = text.strip().lower()
+    if text in ("", "0", "none", "off", "unlimited"):
+        return None
+    per = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+    count, _, unit = text.partition("/")
+    try:
+        value = float(count)
+    except ValueError:
+        raise ValueError(f"bad rate {text!r}: use N/s, N/min or N/h") from None
+    if unit and unit not in per:
+        raise ValueError(f"bad rate {text!r}: use N/s, N/min or N/h")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"bad rate {text!r}: must be a positive number")
+    return value / per.get(unit or "s")
+
+
+class RateLimiter:
+    """Token buckets keyed by client; ``take(key)`` says how long to wait, 0 if allowed."""
+
+    def __init__(self, rate: float | None, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = float(burst if burst is not None else max(1.0, 2 * (rate or 0)))
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> float:
+        """Spend one token of ``key``; returns 0.0 if allowed, else the seconds until one is available."""
+        if self.rate is None:
+            return 0.0
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > MAX_KEYS:
+                self._forget_full(now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        # A bucket that has refilled is the same as no bucket: drop those.
+        for key in [k for k, (t, at) in self._buckets.items()
+                    if t + (now - at) * self.rate >= self.burst]:
+            del self._buckets[key]
