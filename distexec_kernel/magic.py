@@ -21,7 +21,7 @@ import sys
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
 from . import config, display as D, languages, protocol as P
@@ -166,7 +166,7 @@ class RemoteMagics(Magics):
         Interrupting the cell cancels the job.  With --no-wait the cell returns
         the job handle at once and shows its status updating in place.
         """
-        args = parse_argstring(self.remote_cell, line)
+        args = _parse(self.remote_cell, line)
         if not cell.strip():
             raise UsageError("%%remote: the cell is empty: write the program below the %%remote line")
         job = self.cluster.submit(cell, language=args.language, files=self._files(args.file) or None,
@@ -194,7 +194,7 @@ class RemoteMagics(Magics):
         %remote cancel ID                     cancel a job
         %remote panel                         the ipywidgets job panel
         """
-        args = parse_argstring(self.remote_line, line)
+        args = _parse(self.remote_line, line)
         return getattr(self, f"_cmd_{args.command}")(args.rest)
 
     def _sub(self, prog: str, rest: list[str], *specs) -> argparse.Namespace:
@@ -398,6 +398,19 @@ def _split_run(rest: list[str]) -> tuple[dict, list[str]]:
         else:
             positional.append(tok)
     return opts, positional
+
+
+def _parse(magic, line: str) -> argparse.Namespace:
+    """Parse a magic's line with shell quoting.
+
+    IPython's own ``parse_argstring`` splits in non-POSIX mode and keeps the
+    quotes (``--stdin 'a b'`` would send ``'a b'`` with its quotes).
+    """
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse {line!r}: {exc}") from None
+    return magic.parser.parse_args(argv)
 
 
 def _read(path: str) -> str:

@@ -1,0 +1,313 @@
+"""The %remote / %%remote magics, driven through IPython's InteractiveShell against a real cluster.
+
+One cluster and one shell serve the whole module (starting a cluster costs
+about a second); every test names its jobs or reads their ids, so tests do
+not depend on each other's history.
+"""
+from __future__ import annotations
+
+import io
+import re
+import signal
+import threading
+import time
+import uuid
+from contextlib import redirect_stdout
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.local import LocalCluster
+from distexec_kernel.magic import RemoteJobFailed, magics_of
+
+from conftest import wait_for
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTEXEC_HOME", str(home))
+        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
+            mp.delenv(var, raising=False)
+        cluster = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def shell(lc):
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "distexec_kernel")
+    yield sh
+    sh.run_line_magic("unload_ext", "distexec_kernel")
+
+
+@pytest.fixture(scope="module")
+def master(lc):
+    """A separate client, to check what the master itself says."""
+    c = Cluster(lc.url, token=lc.token)
+    yield c
+    c.close()
+
+
+def run(shell, cell: str):
+    with capture_output() as cap:
+        result = shell.run_cell(cell)
+    return result, cap
+
+
+def displayed_text(cap) -> str:
+    return "\n".join(o.data.get("text/plain", "") for o in cap.outputs)
+
+
+def last_job_named(master, name: str) -> dict:
+    return next(j.record for j in master.jobs(limit=50) if j.name == name)
+
+
+class Recorder(io.TextIOBase):
+    """A stdout that notes when each chunk was written."""
+
+    def __init__(self):
+        self.chunks: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.chunks.append((time.time(), text))
+        return len(text)
+
+
+def test_extension_loads_lazily_without_a_cluster(tmp_path, monkeypatch):
+    """Loading needs no cluster; using one with none up fails the cell with one clear line."""
+    monkeypatch.setenv("DISTEXEC_HOME", str(tmp_path))
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "distexec_kernel")
+    try:
+        assert sh.find_cell_magic("remote") is not None and sh.find_line_magic("remote") is not None
+        result, cap = run(sh, "%%remote\nprint(1)\n")
+        assert not result.success
+        assert "no cluster found" in cap.stdout and "distexec up" in cap.stdout
+        assert "Traceback" not in cap.stdout and "magic.py" not in cap.stdout
+    finally:
+        sh.run_line_magic("unload_ext", "distexec_kernel")
+    assert sh.find_cell_magic("remote") is None
+
+
+def test_help_comes_from_magic_arguments(shell):
+    cell_doc = shell.find_cell_magic("remote").__doc__
+    assert cell_doc.lstrip(": \n").startswith("%%remote")
+    for option in ("--timeout", "--no-wait", "--session", "--file", "--arg", "--stdin", "-o NAME"):
+        assert option in cell_doc
+    line_doc = shell.find_line_magic("remote").__doc__
+    assert "%remote run FILE" in line_doc and "connect" in line_doc
+
+
+def test_output_streams_live_and_ends_with_a_status_line(shell, master):
+    name = f"live-{uuid.uuid4().hex[:6]}"
+    rec = Recorder()
+    cell = (f"%%remote --name {name}\nimport sys, time\n"
+            "for i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.3)\n"
+            "print('to stderr', file=sys.stderr)\n")
+    with capture_output() as cap, redirect_stdout(rec):
+        result = shell.run_cell(cell)
+    assert result.success, cap.stdout
+    job = last_job_named(master, name)
+    out = "".join(text for _, text in rec.chunks)
+    assert out == "line 0\nline 1\nline 2\nline 3\n"
+    assert "to stderr" in cap.stderr
+    # Live, not at the end: the first line was in the cell while the job still had ~1 s to run.
+    first = next(t for t, text in rec.chunks if "line 0" in text)
+    finished = P.parse_time(job["finished_at"]).timestamp()
+    assert finished - first > 0.6, (finished - first, rec.chunks)
+    status = displayed_text(cap)
+    assert re.fullmatch(rf"✅ job {job['id']} · python · slave \S+… · \d+\.\d+ s", status), status
+    assert job["slave_uid"][:8] in status
+
+
+def test_failing_job_fails_the_cell_with_stderr_and_code(shell, master):
+    result, cap = run(shell, "%%remote\nimport sys\nprint('bad thing', file=sys.stderr)\nsys.exit(3)\n")
+    assert not result.success
+    assert isinstance(result.error_in_exec, RemoteJobFailed)
+    assert result.error_in_exec.record["status"] == P.FAILED
+    assert "bad thing" in cap.stderr
+    assert re.search(r"❌ job \d+ · python · slave", cap.stdout)
+    assert "nonzero_exit: " in cap.stdout and "3" in cap.stdout
+    # Our own frames stay out of sight.
+    assert "Traceback" not in cap.stdout and "magic.py" not in cap.stdout and "cluster.py" not in cap.stdout
+
+
+def test_syntax_error_shows_the_line_with_a_caret(shell):
+    result, cap = run(shell, "%%remote\nx = 1\ny = (2 +\nprint(y)\n")
+    assert not result.success
+    assert result.error_in_exec.record["status"] == P.REJECTED
+    lines = cap.stdout.splitlines()
+    assert any(line.startswith("syntax_error: ") for line in lines), cap.stdout
+    src = next(i for i, line in enumerate(lines) if line.strip().startswith("line 2: y = (2 +"))
+    caret = lines[src + 1]
+    assert caret.strip() == "^"
+    assert lines[src][caret.index("^")] == "("
+
+
+def test_unsupported_language_names_the_available_ones(shell):
+    result, cap = run(shell, "%%remote cobol\nDISPLAY 'HI'.\n")
+    assert not result.success
+    assert result.error_in_exec.record["error"]["code"] == P.UNSUPPORTED_LANGUAGE
+    line = next(line for line in cap.stdout.splitlines() if line.startswith("unsupported_language"))
+    for lang in ("bash", "python", "sh"):
+        assert lang in line
+
+
+def test_interrupt_cancels_the_remote_job(shell, master):
+    name = f"interrupt-{uuid.uuid4().hex[:6]}"
+    main = threading.main_thread().ident
+    errors = []
+
+    def interrupt_once_streaming():
+        try:
+            wait_for(lambda: any(j.name == name and j.status == P.RUNNING and "started" in (j.refresh().stdout or "")
+                                 for j in master.jobs(limit=20)), what="the job to run")
+        except AssertionError as exc:
+            errors.append(exc)
+            return
+        signal.pthread_kill(main, signal.SIGINT)  # what a kernel interrupt is
+
+    t = threading.Thread(target=interrupt_once_streaming)
+    t.start()
+    # The job's own timeout bounds the test if the interrupt never comes.
+    result, cap = run(shell, f"%%remote --name {name} --timeout 30\nimport time\n"
+                             "print('started', flush=True)\ntime.sleep(60)\n")
+    t.join()
+    assert not errors, errors
+    assert not result.success
+    assert result.error_in_exec.interrupted
+    assert "started" in cap.stdout
+    assert "was cancelled on the master" in cap.stdout
+    job = wait_for(lambda: (r := last_job_named(master, name))["status"] in P.TERMINAL and r,
+                   what="the job to end")
+    assert job["status"] == P.CANCELLED and job["error"]["code"] == P.CANCELLED_CODE
+
+
+def test_no_wait_returns_at_once_with_a_handle_and_live_status(shell, master):
+    t0 = time.monotonic()
+    result, cap = run(shell, "%%remote --no-wait -o h\nimport time\ntime.sleep(1.5)\nprint('done late')\n")
+    elapsed = time.monotonic() - t0
+    assert result.success
+    assert elapsed < 1.2, elapsed  # it did not wait for the 1.5 s job
+    h = shell.user_ns["h"]
+    assert result.result is h and not h.done
+    assert re.match(rf"[🕓⏳] job {h.id} · python", displayed_text(cap))
+    widget = magics_of(shell).status_widgets[h.id]
+    assert widget.value.startswith("<span") and ("🕓" in widget.value or "⏳" in widget.value)
+    # Another cell runs while it is still going.
+    other, _ = run(shell, "%%remote\nprint('meanwhile')\n")
+    assert other.success and not master.job(h.id).done
+    shell.run_cell("h.wait(timeout=20)")
+    assert h.status == P.SUCCEEDED and h.stdout == "done late\n"
+    wait_for(lambda: "✅" in widget.value, what="the status widget to show ✅")
+    assert f"job {h.id}" in widget.value
+
+
+def test_run_file_with_args_stdin_and_shipped_file(shell, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("from a shipped file\n")
+    prog = tmp_path / "prog.py"
+    prog.write_text("import sys\nprint(sys.argv[1:])\nprint(open('data.txt').read().strip())\n"
+                    "print('stdin:', sys.stdin.read())\n")
+    result, cap = run(shell, f"%remote run {prog} --stdin hello --file {data} a -b 'c d'")
+    assert result.success, cap.stdout
+    assert "['a', '-b', 'c d']\nfrom a shipped file\nstdin: hello\n" in cap.stdout
+    assert re.match(r"✅ job \d+ · python", displayed_text(cap))
+
+
+def test_run_takes_the_language_from_the_extension_or_lang(shell, tmp_path):
+    script = tmp_path / "hello.sh"
+    script.write_text('echo "sh says $1"\n')
+    result, cap = run(shell, f"%remote run {script} there")
+    assert result.success and "sh says there" in cap.stdout
+    assert re.match(r"✅ job \d+ · sh", displayed_text(cap))
+    noext = tmp_path / "prog"
+    noext.write_text('echo "bash $BASH_VERSION" | cut -c1-4\n')
+    result, cap = run(shell, f"%remote run {noext}")
+    assert not result.success and "--lang" in cap.stderr + cap.stdout
+    result, cap = run(shell, f"%remote run {noext} --lang bash")
+    assert result.success and "bash" in cap.stdout
+
+
+def test_cell_file_arg_and_stdin_options(shell, tmp_path):
+    helper = tmp_path / "helper.py"
+    helper.write_text("def greet(who):\n    return 'hello ' + who\n")
+    result, cap = run(shell, f"%%remote python --file {helper} --arg=-x --arg world --stdin 'from stdin'\n"
+                             "import sys, helper\nprint(helper.greet(sys.argv[2]), sys.argv[1], input())\n")
+    assert result.success, cap.stdout
+    assert "hello world -x from stdin\n" in cap.stdout
+
+
+def test_timeout_fails_the_cell_with_timeout(shell):
+    result, cap = run(shell, "%%remote --timeout 0.5\nimport time\ntime.sleep(20)\n")
+    assert not result.success
+    assert result.error_in_exec.record["error"]["code"] == P.TIMEOUT
+    assert "timeout: " in cap.stdout
+
+
+def test_bad_options_are_usage_errors(shell, tmp_path):
+    for cell in ("%%remote --timeout -1\nprint(1)\n", "%%remote\n\n",
+                 f"%%remote --file {tmp_path / 'missing.txt'}\nprint(1)\n", "%remote frobnicate"):
+        result, cap = run(shell, cell)
+        assert not result.success, cell
+        assert "UsageError" in cap.stderr + cap.stdout, cell
+        assert "Traceback" not in cap.stderr + cap.stdout, cell
+
+
+def test_tables_for_jobs_slaves_and_clients(shell, lc, master):
+    ids = []
+    for i in range(3):
+        result, _ = run(shell, f"%%remote --name table-{i}\nprint({i})\n")
+        assert result.success
+        ids.append(last_job_named(master, f"table-{i}")["id"])
+    result, _ = run(shell, "%remote jobs --limit 3")
+    jobs = result.result
+    assert "<table>" in jobs._repr_html_()
+    rows = [line for line in repr(jobs).splitlines()[2:] if line.strip()]
+    assert rows[-1].startswith("(3 of ") and rows[-1].endswith(" jobs)")
+    assert [int(line.split()[1]) for line in rows[:-1]] == sorted(ids, reverse=True)  # newest first
+    assert repr(jobs).splitlines()[2].startswith("✅")
+    for i in ids:
+        assert f"<td style='text-align:left'>{i}</td>" in jobs._repr_html_()
+    result, _ = run(shell, "%remote jobs --status rejected")
+    assert all(" rejected " in line for line in repr(result.result).splitlines()[2:] if line.strip()
+               and not line.startswith("("))
+
+    slaves = run(shell, "%remote slaves")[0].result
+    for child in lc.slaves:
+        assert child.uid in repr(slaves) and child.uid in slaves._repr_html_()
+    clients = run(shell, "%remote clients")[0].result
+    mine = magics_of(shell).cluster.client_id
+    assert mine in repr(clients) and mine in clients._repr_html_()
+    assert master.client_id in repr(clients)
+
+
+def test_cancel_and_show(shell, master):
+    job = master.submit("import time\ntime.sleep(30)\n", name="to-cancel")
+    wait_for(lambda: master.job(job.id).status == P.RUNNING, what="the job to run")
+    result, cap = run(shell, f"%remote cancel {job.id}")
+    assert result.success
+    assert cap.stdout.startswith(f"🚫 job {job.id} · python")
+    assert master.job(job.id).status == P.CANCELLED
+    shown = run(shell, f"%remote show {job.id}")[0].result
+    assert "cancelled" in repr(shown) and "<pre>" in shown._repr_html_()
+
+
+def test_connect_overrides_and_refuses_a_wrong_token(shell, lc):
+    result, cap = run(shell, f"%remote connect {lc.url} --token wrong")
+    assert not result.success
+    assert cap.stdout.startswith("DistexecError: ") and "401" in cap.stdout and "Traceback" not in cap.stdout
+    result, cap = run(shell, f"%remote connect {lc.url} --token {lc.token}")
+    assert result.success
+    assert f"connected to {lc.url}" in cap.stdout and "2 slave(s)" in cap.stdout
+    assert "python" in cap.stdout
