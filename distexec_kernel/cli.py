@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--languages", default=None)
     sp.add_argument("--db", default=None)
+    sp.add_argument("--tls", action="store_true",
+                    help="serve https/wss with a self-signed certificate kept in $DISTEXEC_HOME/tls")
     sp.set_defaults(func=cmd_up)
 
     sp = sub.add_parser("user", help="manage the users file of `distexec master --users FILE`")

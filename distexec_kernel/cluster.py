@@ -9,6 +9,7 @@ over it.
 from __future__ import annotations
 
 import getpass
+import re
 import socket
 import threading
 import time
@@ -42,6 +43,14 @@ class RemoteError(DistexecError):
         super().__init__(f"job {job.id} {job.status}: [{err.get('code')}] {err.get('message')}",
                          code=err.get("code"))
         self.job = job
+
+
+def tls_refusal(url: str, exc: Exception) -> str:
+    """A short, useful message for a certificate this client could not verify."""
+    found = re.search(r"certificate verify failed: ([^(\]']+)", str(exc))
+    reason = found.group(1).strip() if found else str(exc)
+    return (f"TLS verification failed for {url}: {reason}; refusing to talk to it. Give the master's "
+            f"certificate as the CA file (cafile=..., DISTEXEC_CAFILE, or the connection file's \"cafile\")")
 
 
 class Job:
@@ -187,11 +196,18 @@ class Cluster:
     """A connection to one distexec master.  Counts as one client while open."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *, user: str | None = None,
+                 password: str | None = None, cafile: str | None = None,
                  events: bool = True, connect_timeout: float = 10.0):
+        """``user`` + ``password`` log in (``POST /api/login``) instead of using a token.
+
+        ``cafile``: the certificate(s) to verify an https master with (default:
+        DISTEXEC_CAFILE or the connection file's, else the system's CAs).
+        """
         endpoint = config.resolve(url, token)
         self.url = endpoint.url
         self.token = endpoint.token
-        self.verify = endpoint.cafile if endpoint.cafile else True
+        cafile = cafile or endpoint.cafile
+        self.verify = cafile if cafile else True
         self._http = requests.Session()
         if self.token:
             self._http.headers["Authorization"] = f"Bearer {self.token}"
@@ -200,12 +216,17 @@ class Cluster:
         self._listeners: list[Callable[[dict], None]] = []
         self._events: EventStream | None = None
         self.user = user or getpass.getuser()
+        self.login_info: dict | None = None
+        if password is not None:
+            if not user:
+                raise DistexecError("a password needs a user name (user=...)")
+            self.login(user, password)
         # Fail fast and clearly if the master is not there or the token is wrong.
         self._get("/api/health")
         self._get("/api/slaves")
         if events:
             self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
-                                       host=socket.gethostname(), cafile=endpoint.cafile,
+                                       host=socket.gethostname(), cafile=cafile,
                                        on_connect=self._on_connect)
             if not self._events.connected.wait(connect_timeout):
                 raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
@@ -217,13 +238,29 @@ class Cluster:
     def client_id(self) -> str | None:
         return self._events.client_id if self._events else None
 
+    def login(self, user: str, password: str) -> dict:
+        """Log in as ``user``; from now on requests carry the login token, which expires.
+
+        Returns ``{"token", "expires_at", "user", "admin"}``.  Call it again
+        when the token has expired (requests then fail with status 401).
+        """
+        self._http.headers.pop("Authorization", None)
+        info = self._post("/api/login", {"user": user, "password": password})
+        self.token = info["token"]
+        self.user = info["user"]
+        self.login_info = info
+        self._http.headers["Authorization"] = f"Bearer {self.token}"
+        if self._events is not None:
+            self._events.token = self.token  # used from its next (re)connection
+        return info
+
     # -- HTTP ---------------------------------------------------------------------
 
     def _call(self, method: str, path: str, **kwargs):
         try:
             resp = self._http.request(method, self.url + path, timeout=30, verify=self.verify, **kwargs)
         except requests.exceptions.SSLError as exc:
-            raise DistexecError(f"TLS verification failed for {self.url}: {exc}") from None
+            raise DistexecError(tls_refusal(self.url, exc)) from None
         except requests.exceptions.ConnectionError:
             raise DistexecError(f"cannot reach the distexec master at {self.url}") from None
         except requests.exceptions.Timeout:

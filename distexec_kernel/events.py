@@ -74,6 +74,12 @@ class EventStream:
                     self.connected.set()  # wake whoever waits for the first connect
                     return
                 log.debug("event channel: %s", exc)
+            except ssl.SSLCertVerificationError as exc:
+                # Not a passing failure: the master's certificate will not verify next time either.
+                from .cluster import tls_refusal
+                self.refused = tls_refusal(self.url, exc)
+                self.connected.set()
+                return
             except (OSError, tornado.websocket.WebSocketError, asyncio.TimeoutError, ssl.SSLError) as exc:
                 log.debug("event channel: %s", exc)
             else:

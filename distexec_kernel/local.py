@@ -108,7 +108,7 @@ class LocalCluster:
                  port: int = 0, host: str = "127.0.0.1", home: str | None = None,
                  languages: str | None = None, db: str | None = None, master_args: list[str] = (),
                  slave_args: list[str] = (), log_dir: str | None = None, stderr=None,
-                 token: str | None = None, secret: str | None = None):
+                 token: str | None = None, secret: str | None = None, tls: bool = False):
         self.n_slaves = slaves
         self.slots = slots
         self.max_jobs = max_jobs
@@ -127,6 +127,17 @@ class LocalCluster:
         self.slaves: list[Child] = []
         self.url = f"http://{host}:{self.port}"
         self._count = 0
+        # With tls, the CA file clients and slaves verify the master against.
+        self.cafile: str | None = None
+        if tls:
+            from .tls import ensure_self_signed
+            names = ["localhost", "127.0.0.1", "::1", host]
+            if host in ("0.0.0.0", "::", ""):
+                names.append(socket.gethostname())
+            certfile, keyfile = ensure_self_signed([n for n in names if n], os.path.join(self.home, "tls"))
+            self.master_args += ["--certfile", certfile, "--keyfile", keyfile]
+            self.cafile = certfile
+            self.url = f"https://{host}:{self.port}"
 
     def _env(self) -> dict:
         env = dict(os.environ)
@@ -134,6 +145,11 @@ class LocalCluster:
         env.pop("DISTEXEC_URL", None)
         env.pop("DISTEXEC_TOKEN", None)
         env.pop("DISTEXEC_SLAVE_SECRET", None)
+        # Given to the slaves directly: they may start before the master rewrites the connection file.
+        if self.cafile:
+            env["DISTEXEC_CAFILE"] = self.cafile
+        else:
+            env.pop("DISTEXEC_CAFILE", None)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -211,7 +227,8 @@ def run_local_cluster(args) -> int:
     t0 = time.monotonic()
     master_args = ["--db", args.db] if args.db else []
     lc = LocalCluster(args.slaves, slots=args.slots, max_jobs=args.max_jobs, port=args.port,
-                      host=args.host, languages=args.languages, master_args=master_args, stderr=None)
+                      host=args.host, languages=args.languages, master_args=master_args, stderr=None,
+                      tls=getattr(args, "tls", False))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

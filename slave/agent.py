@@ -87,6 +87,11 @@ class Slave:
                         f"the master at {self.ws_url} refused the slave secret (401): check --secret "
                         f"or DISTEXEC_SLAVE_SECRET") from None
                 log.info("master not reachable (%s); retrying in %.2f s", exc, backoff)
+            except ssl.SSLCertVerificationError as exc:
+                raise FatalSlaveError(
+                    f"cannot verify the master's TLS certificate at {self.ws_url} ({exc.verify_message}): "
+                    f"give its certificate as the CA file (DISTEXEC_CAFILE or the connection file's "
+                    f"\"cafile\"); refusing to connect") from None
             except (OSError, tornado.websocket.WebSocketError, asyncio.TimeoutError) as exc:
                 log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
             else:
