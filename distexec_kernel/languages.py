@@ -1,14 +1,15 @@
 """Every language distexec knows, in one table.
 
 The master uses it to turn aliases into main names and to check Python
-syntax before queueing; the slave uses it to find toolchains and to build
-the compile and run commands; the client uses it to guess a language from a
-file extension.  Standard library only, like the protocol.
+syntax before queueing; the slave uses it to find toolchains, to build the
+compile and run commands and to point at the line a diagnostic names; the
+client uses it to guess a language from a file extension.  Standard library
+only, like the protocol.
 
 Adding a language is one ``Language(...)`` entry in ``LANGUAGES`` plus its
-tests.  Command templates are argv lists with these placeholders:
-``{source}`` the source file name, ``{exe}`` the compiled artefact name,
-``{main}`` the source's stem (Java's public class).
+tests.  Command templates are argv lists with these placeholders (see
+``fill``): ``{source}`` the source file name, ``{exe}`` the compiled
+artefact name, ``{main}`` the source's stem (Java's public class).
 """
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ import ast
 import os
 import re
 from dataclasses import dataclass, field
+
+# What a compiled program is called in the job's directory.
+EXE = "main.bin"
+
+# Ruby buffers its stdout on a pipe and no environment variable turns that
+# off; this wrapper does, and keeps $0 and __FILE__ the script's name.
+_RUBY_SYNC = "STDOUT.sync = STDERR.sync = true; $0 = ARGV.shift; load($0)"
+# Compiled C/C++ programs block-buffer stdout on a pipe; stdbuf (coreutils)
+# makes it line-buffered so the notebook sees lines as they are printed.
+_LINE_BUFFERED = ("stdbuf", "-oL", "-eL")
+# A JVM that starts and compiles fast: one GC thread, the quick JIT tier.
+_FAST_JVM = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto")
+
+# Diagnostics patterns shared by several entries.  ``{file}`` stands for the
+# source file name (escaped); a pattern gives the groups ``line`` and maybe ``col``.
+_GCC_LOCATIONS = (r"^(?:\./)?{file}:(?P<line>\d+):(?P<col>\d+): (?:fatal )?error",
+                  r"^(?:\./)?{file}:(?P<line>\d+)(?::(?P<col>\d+))?:")
 
 
 @dataclass(frozen=True)
@@ -25,9 +43,14 @@ class Language:
     extensions: tuple[str, ...] = ()
     # File the program is written to in the job's directory.
     source: str = "main"
+    # When set, a regex whose first group names the source file (its stem):
+    # Java's file must be called after its public class.
+    source_from: str | None = None
     # argv that prints the toolchain's version; its first word must be on PATH.
     version: tuple[str, ...] = ()
     compile: tuple[str, ...] | None = None
+    # Glob patterns of what the compile step makes: what the compile cache keeps.
+    artefacts: tuple[str, ...] = (EXE,)
     run: tuple[str, ...] = ()
     # Extra environment for compile and run steps.
     env: tuple[tuple[str, str], ...] = ()
@@ -35,9 +58,18 @@ class Language:
     compile_timeout: float = 60.0
     # Regex picking the version number out of the version command's output.
     version_pattern: str = r"(\d+(?:\.\d+)+)"
+    # Where a diagnostic points: patterns tried in order (see ``locate``).
+    locations: tuple[str, ...] = ()
+    # Python tracebacks list the innermost frame last; everyone else first.
+    location_last: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def source_name(self, source: str) -> str:
+        """The file name ``source`` must have in the job's directory."""
+        if self.source_from:
+            m = re.search(self.source_from, source, re.M)
+            if m:
+                return m.group(1) + os.path.splitext(self.source)[1]
         return self.source
 
 
@@ -67,6 +99,59 @@ LANGUAGES: dict[str, Language] = {
             version=("python3", "--version"),
             # -u: output reaches the notebook line by line, not at exit.
             run=("python3", "-u", "{source}"),
+            locations=(r'File "(?:[^"]*/)?{file}", line (?P<line>\d+)',),
+            location_last=True,
+        ),
+        Language(
+            name="c",
+            extensions=(".c",),
+            source="main.c",
+            version=("gcc", "--version"),
+            compile=("gcc", "-O2", "-std=gnu17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}", "-lm"),
+            run=_LINE_BUFFERED + ("./{exe}",),
+            locations=_GCC_LOCATIONS,
+        ),
+        Language(
+            name="cpp",
+            aliases=("c++", "cxx", "cc"),
+            extensions=(".cpp", ".cc", ".cxx", ".c++"),
+            source="main.cpp",
+            version=("g++", "--version"),
+            compile=("g++", "-O2", "-std=gnu++17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}"),
+            run=_LINE_BUFFERED + ("./{exe}",),
+            locations=_GCC_LOCATIONS,
+        ),
+        Language(
+            name="java",
+            extensions=(".java",),
+            source="Main.java",
+            source_from=r"^\s*public\s+(?:(?:final|abstract|strictfp|sealed)\s+)*(?:class|interface|enum|record)\s+(\w+)",
+            version=("javac", *(f"-J{o}" for o in _FAST_JVM), "-version"),
+            compile=("javac", *(f"-J{o}" for o in _FAST_JVM), "-encoding", "UTF-8", "{source}"),
+            artefacts=("*.class",),
+            run=("java", "-XX:+UseSerialGC", "-Xshare:auto", "-cp", ".", "{main}"),
+            # javac: "Main.java:3: error: ..." then the line and a caret under the column.
+            locations=(r"^{file}:(?P<line>\d+): error:", r"^{file}:(?P<line>\d+):",
+                       r"\({file}:(?P<line>\d+)\)"),
+        ),
+        Language(
+            name="javascript",
+            aliases=("js", "node", "nodejs"),
+            extensions=(".js", ".mjs", ".cjs"),
+            source="main.js",
+            version=("node", "--version"),
+            run=("node", "{source}"),
+            # "/dir/main.js:3" above a syntax error; "(/dir/main.js:3:9)" in a stack.
+            locations=(r"(?:^|[\s(/]){file}:(?P<line>\d+)(?::(?P<col>\d+))?",),
+        ),
+        Language(
+            name="ruby",
+            aliases=("rb",),
+            extensions=(".rb",),
+            source="main.rb",
+            version=("ruby", "--version"),
+            run=("ruby", "-e", _RUBY_SYNC, "{source}"),
+            locations=(r"(?:^|[\s:]){file}:(?P<line>\d+):",),
         ),
         Language(
             name="bash",
@@ -75,6 +160,7 @@ LANGUAGES: dict[str, Language] = {
             source="main.bash",
             version=("bash", "--version"),
             run=("bash", "{source}"),
+            locations=(r"{file}: line (?P<line>\d+):",),
         ),
         Language(
             name="sh",
@@ -84,6 +170,46 @@ LANGUAGES: dict[str, Language] = {
             # dash has no --version; the package manager is the only honest source.
             version=("sh", "-c", "echo posix-sh 1.0"),
             run=("sh", "{source}"),
+            locations=(r"{file}: (?:line )?(?P<line>\d+):",),
+        ),
+        Language(
+            name="go",
+            aliases=("golang",),
+            extensions=(".go",),
+            source="main.go",
+            version=("go", "version"),
+            compile=("go", "build", "-o", "{exe}", "{source}"),
+            run=("./{exe}",),
+            # The job's HOME is its own directory, so the build cache
+            # ($HOME/.cache/go-build) is private to the job; Debian's Go ships
+            # the standard library prebuilt, so a cold build is ~0.2 s.
+            # Nothing may be fetched: no module proxy, no toolchain download.
+            env=(("GOPROXY", "off"), ("GOTOOLCHAIN", "local")),
+            version_pattern=r"go(\d+(?:\.\d+)+)",
+            locations=(r"^(?:\./)?{file}:(?P<line>\d+):(?P<col>\d+):",
+                       r"{file}:(?P<line>\d+)"),
+        ),
+        Language(
+            name="rust",
+            aliases=("rs",),
+            extensions=(".rs",),
+            source="main.rs",
+            version=("rustc", "--version"),
+            compile=("rustc", "-O", "--edition", "2021", "--color", "never", "-o", "{exe}", "{source}"),
+            run=("./{exe}",),
+            # "error[E0425]: ..." then " --> main.rs:3:5"; warnings come first and point elsewhere.
+            locations=(r"^error.*\n\s*--> {file}:(?P<line>\d+):(?P<col>\d+)",
+                       r"--> {file}:(?P<line>\d+):(?P<col>\d+)",
+                       r"{file}:(?P<line>\d+):(?P<col>\d+)"),
+        ),
+        Language(
+            name="powershell",
+            aliases=("pwsh", "ps1", "ps"),
+            extensions=(".ps1",),
+            source="main.ps1",
+            version=("pwsh", "--version"),
+            run=("pwsh", "-NoLogo", "-NoProfile", "-NonInteractive", "-File", "{source}"),
+            locations=(r"{file}:(?P<line>\d+) char:(?P<col>\d+)", r"{file}:(?P<line>\d+)"),
         ),
     )
 }
@@ -132,3 +258,53 @@ def check_syntax(language: str, source: str) -> dict | None:
 def parse_version(lang: Language, output: str) -> str:
     match = re.search(lang.version_pattern, output)
     return match.group(1) if match else output.strip().splitlines()[0][:40] if output.strip() else "unknown"
+
+
+def fill(template: tuple[str, ...] | list[str], fields: dict[str, str]) -> list[str]:
+    """An argv template with its ``{name}`` placeholders replaced.
+
+    Only the names in ``fields`` are replaced, so braces that belong to a
+    program's own text (a ``-e`` snippet) survive, unlike ``str.format``.
+    """
+    pattern = re.compile("|".join(r"\{%s\}" % re.escape(k) for k in fields)) if fields else None
+    if pattern is None:
+        return list(template)
+    return [pattern.sub(lambda m: fields[m.group(0)[1:-1]], arg) for arg in template]
+
+
+# Any "name.ext:LINE[:COL]" at the start of a line: compilers we have no
+# pattern for usually say it so.
+_GENERIC_LOCATION = r"^[^\s:]+\.[A-Za-z0-9]+:(?P<line>\d+)(?::(?P<col>\d+))?"
+_CARET = re.compile(r"^(\s*)\^")
+
+
+def locate(lang: Language | None, diagnostics: str, source_name: str | None = None) -> dict:
+    """Where ``diagnostics`` (a compiler's or interpreter's stderr) points in the program.
+
+    ``{"line": N, "column": M}`` (no column when none is known), or ``{}`` when it
+    names no line.  The language's patterns are tried in order, the first
+    one that matches wins; with no column in the match, a caret line two
+    lines below (javac, node, ruby) gives it.
+    """
+    file = re.escape(source_name or (lang.source if lang else "main"))
+    patterns = [p.replace("{file}", file) for p in (lang.locations if lang else ())] + [_GENERIC_LOCATION]
+    for pattern in patterns:
+        matches = list(re.finditer(pattern, diagnostics, re.M))
+        if not matches:
+            continue
+        m = matches[-1] if lang is not None and lang.location_last else matches[0]
+        line = int(m.group("line"))
+        col = m.groupdict().get("col")
+        column = int(col) if col else _caret_column(diagnostics, m.end())
+        return {"line": line, "column": column} if column else {"line": line}
+    return {}
+
+
+def _caret_column(text: str, pos: int) -> int | None:
+    # The matched line, then the quoted source line, then "   ^".
+    rest = text[pos:].split("\n")[1:3]
+    if len(rest) == 2:
+        m = _CARET.match(rest[1])
+        if m:
+            return len(m.group(1)) + 1
+    return None

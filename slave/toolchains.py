@@ -1,48 +1,210 @@
-"""Which languages this slave can run, found by asking each toolchain its version."""
+"""Which languages this slave can run, found by asking each toolchain its version.
+
+A toolchain counts only if it answers the way a job would call it: in a
+job's clean environment (HOME is a fresh directory, no slave variables) and,
+when given one, through the slave's sandbox.  So a rustup proxy under
+/root/.cargo/bin, which needs ~/.rustup, is passed over for the next
+``rustc`` on PATH (Debian's /usr/bin/rustc), and the runner is told the
+absolute path of each program that answered.
+
+Every toolchain is asked at once, so start-up waits for the slowest one only
+(``javac -version`` starts a JVM: about 0.5 s).  With a ``cache_path`` the
+answers are kept, keyed by the programs' paths, sizes and modification
+times, so a slave started again on the same machine asks nothing; a replaced
+compiler has a new identity and is asked again.
+"""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
 
 from distexec_kernel import languages as L
+
+from .sandbox import Limits, Sandbox, job_env
 
 log = logging.getLogger("distexec.slave.toolchains")
 
 DETECT_TIMEOUT = 15.0
+# Even an unchanged binary is asked again after this long: a toolchain
+# manager's proxy stays the same file while the toolchain behind it changes.
+CACHE_TTL = 24 * 3600.0
 
 
-async def _version(lang: L.Language) -> str | None:
+@dataclass
+class Toolchain:
+    """A language this slave runs: its version and the programs that answered."""
+
+    name: str
+    version: str
+    # Program name in the language's templates -> absolute path to run.
+    programs: dict[str, str] = field(default_factory=dict)
+
+
+def _names(lang: L.Language) -> list[str]:
     # Every program a language needs must be there: a JDK's java without javac is no use.
-    needed = [lang.version[:1], (lang.compile or ())[:1], lang.run[:1]]
-    if not lang.version or any(shutil.which(cmd[0]) is None for cmd in needed if cmd):
-        return None
+    # A run step of "./{exe}" runs what the compile step made: nothing to find.
+    names = [cmd[0] for cmd in (lang.version, lang.compile or (), lang.run) if cmd and "{" not in cmd[0]]
+    return list(dict.fromkeys(names))
+
+
+def candidates(program: str) -> list[str]:
+    """Every executable called ``program`` on PATH, in PATH order, each real file once."""
+    if os.path.isabs(program):
+        return [program] if os.access(program, os.X_OK) else []
+    out, seen = [], set()
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", program)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                out.append(os.path.abspath(path))
+    return out
+
+
+def _resolve(lang: L.Language, first: str) -> dict[str, str] | None:
+    """Absolute paths for all the language's programs, ``first`` for the version command's.
+
+    The others are taken from ``first``'s directory when they are there (the
+    same JDK's ``java`` as its ``javac``), else from PATH.
+    """
+    programs = {lang.version[0]: first}
+    for name in _names(lang):
+        if name in programs:
+            continue
+        beside = os.path.join(os.path.dirname(first), name)
+        path = beside if os.access(beside, os.X_OK) else shutil.which(name)
+        if path is None:
+            return None
+        programs[name] = os.path.abspath(path)
+    return programs
+
+
+def _identity(programs: dict[str, str], lang: L.Language, sandbox_name: str) -> list:
+    out: list = [list(lang.version), sandbox_name]
+    for name, path in sorted(programs.items()):
+        st = os.stat(os.path.realpath(path))
+        out.append([name, path, st.st_size, st.st_mtime_ns])
+    return out
+
+
+async def _ask(lang: L.Language, programs: dict[str, str], sandbox: Sandbox | None,
+               limits: Limits) -> str | None:
+    """The version the toolchain reports in a job's environment, or None if it fails there."""
+    argv = [programs.get(lang.version[0], lang.version[0])] + list(lang.version[1:])
+    program = argv[0]
+    tmp = tempfile.mkdtemp(prefix="distexec-detect-")
+    spawn = None
     try:
+        if sandbox is not None:
+            spawn = sandbox.command(argv, tmp, dict(lang.env), limits)
+            argv, cwd, env, preexec = spawn.argv, spawn.cwd, spawn.env, spawn.preexec
+        else:
+            cwd, env, preexec = tmp, job_env(tmp, dict(lang.env)), None
         proc = await asyncio.create_subprocess_exec(
-            *lang.version, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL)
-        out, _ = await asyncio.wait_for(proc.communicate(), DETECT_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as exc:
-        log.warning("%s: %s did not answer: %s", lang.name, lang.version[0], exc)
+            *argv, cwd=cwd, env=env, preexec_fn=preexec, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), DETECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("%s: %s did not answer within %g s", lang.name, program, DETECT_TIMEOUT)
+            return None
+    except OSError as exc:
+        log.warning("%s: %s could not be started: %s", lang.name, program, exc)
         return None
+    finally:
+        if spawn is not None:
+            sandbox.cleanup(spawn)
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = out.decode(errors="replace")
     if proc.returncode != 0:
+        log.info("%s: %s does not work in a job's environment: %s", lang.name, program,
+                 text.strip().splitlines()[0] if text.strip() else f"exit code {proc.returncode}")
         return None
-    return L.parse_version(lang, out.decode(errors="replace"))
+    return L.parse_version(lang, text)
 
 
-async def detect(only: list[str] | None = None) -> dict[str, str]:
-    """Language name -> toolchain version, for every language found here.
+def _load(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
-    ``only`` restricts the set (``--languages``); names may be aliases.
+
+def _save(path: str, data: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # slaves starting together each write a whole file
+    except OSError as exc:
+        log.warning("could not keep toolchain versions in %s: %s", path, exc)
+
+
+async def detect_toolchains(only: list[str] | None = None, *, cache_path: str | None = None,
+                            sandbox: Sandbox | None = None,
+                            limits: Limits | None = None) -> dict[str, Toolchain]:
+    """Language name -> ``Toolchain``, for every language that works here.
+
+    ``only`` restricts the set (``--languages``); names may be aliases, and
+    an unknown name is a ``ValueError``.  A language whose programs are not
+    on PATH (PowerShell on most Linux machines) is left out with one log line.
     """
     wanted = [L.canonical(n) for n in only] if only else list(L.LANGUAGES)
     unknown = [n for n in wanted if n not in L.LANGUAGES]
     if unknown:
         raise ValueError(f"unknown language(s): {', '.join(unknown)}; known: {', '.join(L.LANGUAGES)}")
-    langs = [L.LANGUAGES[n] for n in wanted]
-    versions = await asyncio.gather(*(_version(lang) for lang in langs))
-    found = {lang.name: v for lang, v in zip(langs, versions) if v is not None}
-    missing = [lang.name for lang, v in zip(langs, versions) if v is None]
+    langs = [L.LANGUAGES[n] for n in dict.fromkeys(wanted)]
+    limits = limits or Limits()
+    sandbox_name = type(sandbox).__name__ if sandbox is not None else "none"
+    cached = _load(cache_path)
+    fresh: dict[str, dict] = {}
+    now = time.time()
+
+    async def one(lang: L.Language) -> Toolchain | None:
+        if not lang.version:
+            return None
+        for first in candidates(lang.version[0]):
+            programs = _resolve(lang, first)
+            if programs is None:
+                continue
+            try:
+                ident = _identity(programs, lang, sandbox_name)
+            except OSError:
+                continue
+            hit = cached.get(lang.name)
+            if (isinstance(hit, dict) and hit.get("identity") == ident and hit.get("version")
+                    and now - float(hit.get("at", 0)) < CACHE_TTL):
+                return Toolchain(lang.name, hit["version"], programs)
+            version = await _ask(lang, programs, sandbox, limits)
+            if version is not None:
+                fresh[lang.name] = {"identity": ident, "version": version, "at": now}
+                return Toolchain(lang.name, version, programs)
+        return None
+
+    results = await asyncio.gather(*(one(lang) for lang in langs))
+    found = {lang.name: tc for lang, tc in zip(langs, results) if tc is not None}
+    missing = [lang.name for lang, tc in zip(langs, results) if tc is None]
     if missing:
         log.info("not available here: %s", ", ".join(missing))
+    if cache_path and fresh:
+        _save(cache_path, {**cached, **fresh})
     return found
+
+
+async def detect(only: list[str] | None = None, **kwargs) -> dict[str, str]:
+    """Language name -> toolchain version (what a slave advertises); see ``detect_toolchains``."""
+    return {name: tc.version for name, tc in (await detect_toolchains(only, **kwargs)).items()}

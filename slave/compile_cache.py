@@ -1,0 +1,161 @@
+"""Compiled programs kept between jobs, so running the same program again skips its compile.
+
+An entry is a directory named by a key: the SHA-256 of the language, its
+toolchain version, the compiler's argv and every file of the job that the
+compiler could read (the source, headers and other job files).  It holds the
+compile step's artefacts: one executable, or a set of ``.class`` files.
+
+Safe under concurrent jobs and concurrent slaves sharing one directory:
+an entry is written in a private temporary directory and renamed into place
+in one step, so a reader sees a whole entry or none; two jobs compiling the
+same source both work, and the second rename simply loses.  Eviction
+renames an entry away before deleting it, so a reader copying from it
+either finishes or fails cleanly and compiles instead.  Bounded in bytes:
+the least recently used entries go first.
+
+Every method is blocking file I/O; the runner calls them in a thread.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+log = logging.getLogger("distexec.slave.compile_cache")
+
+DEFAULT_MAX_BYTES = 256 << 20
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_KEY_FORMAT = 1  # bump when what goes into a key changes
+
+
+class CompileCache:
+    """A directory of compiled artefacts, least recently used evicted beyond ``max_bytes``."""
+
+    def __init__(self, root: str, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self.stores = 0
+        self._lock = threading.Lock()
+        os.makedirs(root, exist_ok=True)
+        self._sweep()
+
+    def describe(self) -> str:
+        return f"compile cache {self.root} (at most {self.max_bytes >> 20} MiB)"
+
+    @staticmethod
+    def key(language: str, version: str, argv: list[str], files: dict[str, str]) -> str:
+        """The key of one compile: the same key means the same artefacts."""
+        h = hashlib.sha256()
+        header = {"format": _KEY_FORMAT, "language": language, "version": version, "argv": list(argv)}
+        h.update(json.dumps(header, sort_keys=True).encode())
+        for name in sorted(files):
+            data = files[name].encode("utf-8", "surrogateescape")
+            # Lengths first, so no two different file sets hash the same bytes.
+            h.update(f"\0{len(name)}:{name}\0{len(data)}:".encode())
+            h.update(data)
+        return h.hexdigest()
+
+    def _entry(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def fetch(self, key: str, dest: str) -> bool:
+        """Copy the artefacts stored under ``key`` into ``dest``; False on a miss."""
+        entry = self._entry(key)
+        try:
+            names = os.listdir(entry)
+            for name in names:
+                # A copy, never a link: a job that rewrote its executable
+                # must not change what the next job runs.
+                shutil.copy2(os.path.join(entry, name), os.path.join(dest, name))
+            os.utime(entry)  # most recently used
+        except OSError as exc:
+            # Absent, or evicted while we copied: compile instead.
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("compile cache entry %s unreadable: %s", key[:12], exc)
+            with self._lock:
+                self.misses += 1
+            return False
+        with self._lock:
+            self.hits += 1
+        return True
+
+    def store(self, key: str, src: str, patterns: tuple[str, ...]) -> bool:
+        """Keep the files of ``src`` that match ``patterns`` under ``key``.
+
+        Returns False when there was nothing to keep or another job stored
+        the same key first.
+        """
+        paths = sorted({p for pattern in patterns for p in glob.glob(os.path.join(src, pattern))
+                        if os.path.isfile(p)})
+        if not paths:
+            return False
+        size = sum(os.path.getsize(p) for p in paths)
+        if size > self.max_bytes:
+            return False
+        tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root)
+        try:
+            for p in paths:
+                shutil.copy2(p, os.path.join(tmp, os.path.basename(p)))
+            try:
+                os.rename(tmp, self._entry(key))
+            except OSError:
+                return False  # stored by a concurrent job (ENOTEMPTY/EEXIST): theirs is as good
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        with self._lock:
+            self.stores += 1
+        self.evict()
+        return True
+
+    def entries(self) -> list[tuple[str, float, int]]:
+        """``(key, last used, bytes)`` of every complete entry."""
+        out = []
+        for name in os.listdir(self.root):
+            if name.startswith("."):
+                continue
+            path = self._entry(name)
+            try:
+                used = os.stat(path).st_mtime
+                size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+            except FileNotFoundError:
+                continue
+            out.append((name, used, size))
+        return out
+
+    def evict(self) -> None:
+        """Drop least recently used entries until the cache fits in ``max_bytes``."""
+        entries = sorted(self.entries(), key=lambda e: e[1])
+        total = sum(e[2] for e in entries)
+        for key, _, size in entries:
+            if total <= self.max_bytes:
+                break
+            trash = os.path.join(self.root, f"{_TRASH_PREFIX}{key}-{os.getpid()}-{time.monotonic_ns()}")
+            try:
+                os.rename(self._entry(key), trash)
+            except FileNotFoundError:
+                continue  # another slave evicted it
+            shutil.rmtree(trash, ignore_errors=True)
+            total -= size
+
+    def _sweep(self) -> None:
+        # Temporary and trash directories left by a slave that died mid-write.
+        # Only old ones: a live slave sharing the directory may be writing one now.
+        cutoff = time.time() - 3600
+        for name in os.listdir(self.root):
+            if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+                path = os.path.join(self.root, name)
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        shutil.rmtree(path, ignore_errors=True)
+                except FileNotFoundError:
+                    pass
