@@ -100,12 +100,15 @@ class ProcessRunner:
     """A fresh process (group) per job, inside the slave's sandbox."""
 
     def __init__(self, sandbox: Sandbox, limits: Limits, toolchains: dict[str, str],
-                 workroot: str | None = None, compile_cache=None):
+                 workroot: str | None = None, compile_cache=None,
+                 programs: dict[str, dict[str, str]] | None = None):
         self.sandbox = sandbox
         self.limits = limits
         self.toolchains = toolchains
         self.workroot = workroot
         self.compile_cache = compile_cache
+        # language -> {program name in its templates: the absolute path detection found}
+        self.programs = programs or {}
 
     def describe(self) -> str:
         return f"a fresh process per job; {self.sandbox.describe()}"
@@ -135,29 +138,67 @@ class ProcessRunner:
         source_name = lang.source_name(job["source"])
         with open(os.path.join(workdir, source_name), "w") as f:
             f.write(job["source"])
-        fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": "main.bin"}
+        fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
         env = dict(lang.env)
 
         if lang.compile:
-            argv = [a.format(**fields) for a in lang.compile]
-            capture = _Capture(self.limits.output_bytes, None)
-            step = await self._step(argv, workdir, env, None, lang.compile_timeout, cancel, capture)
-            if step.reason == "cancelled":
-                return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
-            if step.reason is not None or step.returncode != 0:
-                diag = capture.text("stderr") + capture.text("stdout")
-                what = (f"the compiler ran past {lang.compile_timeout:g} s" if step.reason == "timeout"
-                        else f"the {lang.name} compiler refused the program")
-                return Outcome(None, P.error(P.COMPILE_ERROR, what, **_first_location(diag)),
-                               stdout="", stderr=diag)
+            refused = await self._compile(workdir, lang, job, source_name, self._argv(lang, lang.compile, fields),
+                                          env, cancel)
+            if refused is not None:
+                return refused
 
-        argv = [a.format(**fields) for a in lang.run] + list(job.get("args") or [])
+        argv = self._argv(lang, lang.run, fields) + list(job.get("args") or [])
         stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
         capture = _Capture(self.limits.output_bytes, on_output)
         step = await self._step(argv, workdir, env, stdin, job.get("timeout") or P.DEFAULT_TIMEOUT,
                                 cancel, capture)
         out, err = capture.text("stdout"), capture.text("stderr")
-        return Outcome(step.returncode, _classify(step, job, self.limits), out, err)
+        error = _classify(step, job, self.limits)
+        if error is not None and error["code"] == P.NONZERO_EXIT:
+            # An interpreter's syntax or runtime error names a line: point the notebook at it.
+            error.update(L.locate(lang, err, source_name))
+        return Outcome(step.returncode, error, out, err)
+
+    def _argv(self, lang: L.Language, template: tuple[str, ...], fields: dict) -> list[str]:
+        # The program that answered at detection, not whatever PATH finds first.
+        argv = L.fill(template, fields)
+        argv[0] = self.programs.get(lang.name, {}).get(argv[0], argv[0])
+        return argv
+
+    async def _compile(self, workdir: str, lang: L.Language, job: dict, source_name: str,
+                       argv: list[str], env: dict, cancel: asyncio.Event) -> Outcome | None:
+        """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
+
+        Returns None on success, else how the job ended (compile_error, cancelled).
+        """
+        cache, key = self.compile_cache, None
+        if cache is not None:
+            inputs = dict(job.get("files") or {})
+            inputs[source_name] = job["source"]
+            key = cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
+            if await asyncio.to_thread(cache.fetch, key, workdir):
+                log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
+                return None
+        capture = _Capture(self.limits.output_bytes, None)
+        step = await self._step(argv, workdir, env, None, lang.compile_timeout, cancel, capture)
+        if step.reason == "cancelled":
+            return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+        if step.reason is not None or step.returncode != 0:
+            diag = capture.text("stderr") + capture.text("stdout")
+            what = {"timeout": f"the compiler ran past {lang.compile_timeout:g} s",
+                    "memory_limit": f"the compiler used more than {self.limits.memory_bytes >> 20} MiB",
+                    "output_limit": "the compiler wrote more than the output limit",
+                    }.get(step.reason, f"the {lang.name} compiler refused the program")
+            return Outcome(None, P.error(P.COMPILE_ERROR, what, **L.locate(lang, diag, source_name)),
+                           stdout="", stderr=diag)
+        log.info("job %s: compiled %s in %.2f s", job["id"], lang.name, step.elapsed)
+        if key is not None:
+            # Stored before the program runs, so nothing the program does can reach the cache.
+            try:
+                await asyncio.to_thread(cache.store, key, workdir, lang.artefacts)
+            except OSError as exc:  # a full disk costs the next job a compile, not this job
+                log.warning("job %s: could not keep the compiled program: %s", job["id"], exc)
+        return None
 
     async def _step(self, argv: list[str], workdir: str, env: dict, stdin: bytes | None,
                     timeout: float, cancel: asyncio.Event, capture: _Capture) -> StepResult:
@@ -247,16 +288,6 @@ def _signal_error(signum: int) -> dict:
     except ValueError:
         name, desc = f"signal {signum}", None
     return P.error(P.SIGNAL, f"killed by {name}" + (f" ({desc.lower()})" if desc else ""), signal=name)
-
-
-def _first_location(diagnostics: str) -> dict:
-    """The first ``file:line:col`` a compiler names, for the notebook to point at."""
-    import re
-    m = re.search(r"^[^\s:]+\.[A-Za-z0-9]+:(\d+)(?::(\d+))?", diagnostics, re.M)
-    if not m:
-        m = re.search(r"line (\d+)", diagnostics)
-        return {"line": int(m.group(1))} if m else {}
-    return {"line": int(m.group(1)), "column": int(m.group(2)) if m.group(2) else None}
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:

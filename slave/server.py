@@ -15,8 +15,10 @@ from distexec_kernel import config
 
 from . import toolchains
 from .agent import FatalSlaveError, Slave
+from .compile_cache import CompileCache
 from .runner import ProcessRunner
 from .sandbox import Limits, best_sandbox
+from .sessions import DEFAULT_TTL, RoutingRunner, SessionRunner
 
 log = logging.getLogger("distexec.slave")
 
@@ -35,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-procs", type=int, default=64, help="processes per job (default 64)")
     p.add_argument("--allow-network", action="store_true", help="let jobs use the network")
     p.add_argument("--workdir", default=None, help="where job directories are made (default: system temp)")
+    p.add_argument("--session-ttl", type=float, default=DEFAULT_TTL, metavar="S",
+                   help=f"seconds an idle Python session (--session) lives (default {DEFAULT_TTL:g})")
+    p.add_argument("--compile-cache", type=int, default=256, metavar="MiB",
+                   help="compiled programs kept under $DISTEXEC_HOME/cache/compile (default 256; 0: none)")
 
 
 _uid_lock = None  # kept open for the life of the process: the lock is the claim
@@ -71,11 +77,21 @@ async def start(args: argparse.Namespace) -> Slave:
     if not endpoint.slave_secret:
         raise config.ConnectionConfigError("no slave secret: give --secret or DISTEXEC_SLAVE_SECRET")
     only = [x for x in args.languages.split(",") if x.strip()] if args.languages else None
-    found = await toolchains.detect(only)
     limits = Limits(memory_mb=args.memory_limit, output_mb=args.output_limit,
                     max_procs=args.max_procs, allow_network=args.allow_network)
     sandbox = best_sandbox(limits)
-    runner = ProcessRunner(sandbox, limits, found, workroot=args.workdir)
+    # Asked through the sandbox: a language is offered only if it works for a job.
+    chains = await toolchains.detect_toolchains(
+        only, cache_path=os.path.join(config.home(), "cache", "toolchains.json"), sandbox=sandbox, limits=limits)
+    found = {name: tc.version for name, tc in chains.items()}
+    cache = (CompileCache(os.path.join(config.home(), "cache", "compile"), args.compile_cache << 20)
+             if args.compile_cache > 0 else None)
+    runner = ProcessRunner(sandbox, limits, found, workroot=args.workdir, compile_cache=cache,
+                           programs={name: tc.programs for name, tc in chains.items()})
+    if "python" in found:
+        # Jobs that name a session run in that session's kernel, the rest in fresh processes.
+        runner = RoutingRunner(runner, SessionRunner(sandbox, limits, workroot=args.workdir,
+                                                     ttl=args.session_ttl))
     uid = args.uid or stable_uid()
     slots = args.slots or os.cpu_count() or 1
     log.info("slave %s: %s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages")
