@@ -85,7 +85,10 @@ class EventStream:
             else:
                 backoff = 0.05
                 self._conn = conn
-                await self._read(conn)
+                try:
+                    await self._read(conn)
+                finally:
+                    conn.close()
                 self._conn = None
                 self.connected.clear()
                 if self.on_connect is not None and not self._stop.is_set():

@@ -56,13 +56,22 @@ class Slave:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set when the master confirms our draining: no job_run can follow it.
+        self._drain_seen = asyncio.Event()
         self.handlers = {
             "register_reply": self.on_register_reply,
             "job_run": self.on_job_run,
             "job_cancel": self.on_job_cancel,
             "result_ack": self.on_result_ack,
+            "draining": self.on_draining,
+            "session_end": self.on_session_end,
             "error": self.on_error,
         }
+        # A runner that keeps Python sessions (slave/sessions.py) tells us when
+        # one ends by itself, and we tell the master.
+        if hasattr(runner, "on_session_ended"):
+            runner.on_session_ended = lambda name, reason: self._send(
+                P.make("session_ended", session=name, reason=reason))
 
     # -- connection ----------------------------------------------------------
 
@@ -114,7 +123,7 @@ class Slave:
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
             slots=self.slots, running=sorted(self.running), results=list(self.unacked.values()),
-            draining=self.draining))
+            draining=self.draining, sessions=self._session_names()))
         try:
             while True:
                 text = await conn.read_message()
@@ -133,6 +142,7 @@ class Slave:
                 handler(msg)
         finally:
             self.conn = None
+            conn.close()
 
     def _send(self, msg: dict) -> None:
         if self.conn is None:
@@ -154,6 +164,9 @@ class Slave:
                 self.conn.close()
             return
         log.info("registered with %s as %s", self.ws_url, self.uid)
+        if self.draining:
+            # We registered as draining: this master will send us no job.
+            self._drain_seen.set()
         if self.on_registered is not None:
             self.on_registered(self)
 
@@ -179,6 +192,18 @@ class Slave:
     def on_result_ack(self, msg: dict) -> None:
         self.unacked.pop(msg["job_id"], None)
         self._check_idle()
+
+    def on_session_end(self, msg: dict) -> None:
+        end = getattr(self.runner, "end_session", None)
+        if end is not None:
+            asyncio.ensure_future(end(msg["session"], msg.get("reason") or "ended by the master"))
+
+    def _session_names(self) -> list[str]:
+        names = getattr(self.runner, "session_names", None)
+        return names() if names is not None else []
+
+    def on_draining(self, msg: dict) -> None:
+        self._drain_seen.set()
 
     def on_error(self, msg: dict) -> None:
         log.warning("the master says: %s", msg["error"].get("message"))
@@ -219,18 +244,33 @@ class Slave:
     # -- stopping ----------------------------------------------------------------
 
     async def drain(self, deadline: float = 30.0) -> None:
-        """Take no new jobs, let the running ones finish and their results be acknowledged."""
+        """Take no new jobs, let the running ones finish and their results be acknowledged.
+
+        Idle is judged only after the master confirms the draining (an echo, or
+        a register as draining after a reconnect): a job_run it sent just
+        before is then already here, and runs to the end like the others.
+        """
+        if self.draining:
+            return
         self.draining = True
         self._send(P.make("draining"))
         log.info("draining: %d job(s) running, %d result(s) unacknowledged", len(self.running), len(self.unacked))
-        self._check_idle()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
         try:
-            await asyncio.wait_for(self._idle.wait(), deadline)
+            await asyncio.wait_for(self._drain_seen.wait(), deadline)
+            while self.running or self.unacked:
+                self._idle.clear()
+                await asyncio.wait_for(self._idle.wait(), max(0.0, end - loop.time()))
         except asyncio.TimeoutError:
             log.warning("drain deadline passed; cancelling %d job(s)", len(self.running))
             for _, cancel in self.running.values():
                 cancel.set()
             await asyncio.gather(*(t for t, _ in self.running.values()), return_exceptions=True)
+            try:  # their results (cancelled) still go to the master if it listens
+                await asyncio.wait_for(self._idle.wait(), 2.0)
+            except asyncio.TimeoutError:
+                pass
         self.stop()
 
     def stop(self) -> None:
