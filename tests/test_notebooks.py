@@ -1,0 +1,248 @@
+"""The example notebooks, and the magic inside a real kernel.
+
+Every notebook in notebooks/ is executed top to bottom with nbclient in a
+real ``python3`` kernel against a real local cluster, found through the
+connection file (the kernel inherits DISTEXEC_HOME), and its outputs are
+checked.  The kernel tests below drive ipykernel directly to check what
+only a kernel shows: output routed to the cell that ran it, a failed job
+failing the execute reply, a kernel interrupt cancelling the job, and a
+--no-wait status widget updated from the event thread.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import start_new_kernel
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from distexec_kernel import Cluster, protocol as P
+
+from conftest import wait_for
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+
+
+def kernel_env(home) -> dict:
+    env = dict(os.environ)
+    env["DISTEXEC_HOME"] = str(home)
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
+        env.pop(var, None)
+    # The kernel must be this venv's Python, whatever is first on PATH.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def execute(nb, home, cwd, **kwargs):
+    client = NotebookClient(nb, timeout=120, startup_timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}, **kwargs)
+    return client.execute(env=kernel_env(home))
+
+
+def text_of(cell) -> str:
+    """Everything a cell showed, as text: streams, plain-text results, error tracebacks."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            parts.append(out.data.get("text/plain", "") + "\n")
+        elif out.output_type == "error":
+            parts.append("\n".join(out.traceback) + "\n")
+    return "".join(parts)
+
+
+def cell(nb, startswith: str):
+    matches = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(startswith)]
+    assert len(matches) == 1, f"{len(matches)} cells start with {startswith!r}"
+    return matches[0]
+
+
+STATUS_OK = re.compile(r"✅ job \d+ · (\w+) · slave \S+… · \d+\.\d+ s")
+
+
+def check_quickstart(nb, cluster: Cluster) -> None:
+    assert "2 slave(s)" not in text_of(cell(nb, "%remote slaves"))  # a table, not a connect message
+    assert all(s["uid"] in text_of(cell(nb, "%remote slaves")) for s in cluster.slaves())
+    hello = text_of(cell(nb, "%%remote --name hello"))
+    assert re.search(r"^hello from \S+, process \d+$", hello, re.M) and STATUS_OK.search(hello)
+    assert text_of(cell(nb, "%%remote --name countdown")).startswith("5\n4\n3\n2\n1\nliftoff\n")
+    assert "the answer is 42\n" in text_of(cell(nb, "%%remote --arg 6"))
+    assert re.search(r"^bash \d+\.\d+", text_of(cell(nb, "%%remote bash")), re.M)
+    assert STATUS_OK.search(text_of(cell(nb, "%%remote bash"))).group(1) == "bash"
+    assert "2 3 5 7 11 13 17 19 23 29\n" in text_of(cell(nb, "%remote run primes.py"))
+    assert "2 3 5 7 11\n" in text_of(cell(nb, "%%remote --file primes.py"))
+    assert re.search(r"[🕓⏳] job \d+", text_of(cell(nb, "%%remote --no-wait -o slow")))
+    assert re.search(r"still (queued|running)", text_of(cell(nb, "print('this cell ran")))
+    assert "succeeded 'slow job done\\n'" in text_of(cell(nb, "slow.wait("))
+    history = text_of(cell(nb, "%remote jobs"))
+    ids = [int(m) for m in re.findall(r"^\S+\s+(\d+)\s", history, re.M)]
+    assert len(ids) >= 5 and ids == sorted(ids, reverse=True)
+    assert "fails-on-purpose" not in history  # it had not run yet
+    assert "slow job done" in text_of(cell(nb, "%remote show"))
+    assert re.search(r"^succeeded 42 \w+", text_of(cell(nb, "from distexec_kernel import Cluster")), re.M)
+    fail = cell(nb, "%%remote --name fails-on-purpose")
+    errors = [o for o in fail.outputs if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "RemoteJobFailed"
+    assert "about to fail" in text_of(fail) and "nonzero_exit" in text_of(fail)
+    assert "Traceback" not in text_of(fail) and "magic.py" not in text_of(fail)
+    last = cluster.jobs(limit=1)[0]
+    assert last.name == "fails-on-purpose" and last.status == P.FAILED
+
+
+CHECKS = {"quickstart.ipynb": check_quickstart}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_top_to_bottom(name, cluster, home, tmp_path):
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        f"{name} is committed with outputs: clear them"
+    execute(nb, home, tmp_path)
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        assert c.execution_count is not None, c.source
+        if "raises-exception" not in c.metadata.get("tags", []):
+            assert not [o for o in c.outputs if o.output_type == "error"], text_of(c)
+    with Cluster(cluster.url, token=cluster.token) as c:
+        check = CHECKS.get(name)
+        if check is not None:
+            check(nb, c)
+
+
+def test_a_failed_job_stops_run_all(cluster, home, tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext distexec_kernel"),
+        nbformat.v4.new_code_cell("%%remote\nimport sys\nprint('remote trouble', file=sys.stderr)\nsys.exit(2)"),
+        nbformat.v4.new_code_cell("print('must not run')"),
+    ])
+    with pytest.raises(CellExecutionError) as info:
+        execute(nb, home, tmp_path)
+    assert info.value.ename == "RemoteJobFailed"
+    assert "nonzero_exit" in str(info.value)
+    failed = nb.cells[1]
+    assert "remote trouble" in text_of(failed)
+    assert [o.ename for o in failed.outputs if o.output_type == "error"] == ["RemoteJobFailed"]
+    assert nb.cells[2].execution_count is None and not nb.cells[2].outputs
+
+    # With allow_errors the rest still runs: the failure is an ordinary cell error.
+    nb2 = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c.source) for c in nb.cells])
+    execute(nb2, home, tmp_path, allow_errors=True)
+    assert "must not run" in text_of(nb2.cells[2])
+
+
+# -- a kernel, driven message by message -------------------------------------------
+
+
+@pytest.fixture
+def kernel(cluster, home, tmp_path):
+    km, kc = start_new_kernel(kernel_name="python3", env=kernel_env(home), cwd=str(tmp_path))
+    try:
+        reply = kc.execute_interactive("%load_ext distexec_kernel", timeout=60)
+        assert reply["content"]["status"] == "ok"
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def collect(kc, msg_id, until_idle=True, timeout=30.0):
+    """iopub messages of one request, with their arrival times, up to its idle status."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no idle for {msg_id} within {timeout} s; got {got}")
+        got.append((time.time(), msg))
+        if (until_idle and msg["parent_header"].get("msg_id") == msg_id
+                and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"):
+            return got
+
+
+def test_kernel_streams_output_live_into_the_running_cell(kernel, cluster):
+    km, kc = kernel
+    msg_id = kc.execute("%%remote --name live\nimport time\nfor i in range(4):\n"
+                        "    print('tick', i, flush=True)\n    time.sleep(0.4)\n")
+    msgs = collect(kc, msg_id)
+    streams = [(t, m) for t, m in msgs if m["msg_type"] == "stream"]
+    assert "".join(m["content"]["text"] for _, m in streams) == "tick 0\ntick 1\ntick 2\ntick 3\n"
+    # Every chunk carries the cell's own parent header, so it lands in this cell.
+    assert all(m["parent_header"]["msg_id"] == msg_id for _, m in streams)
+    status = [(t, m) for t, m in msgs if m["msg_type"] == "display_data"]
+    assert len(status) == 1 and status[0][1]["parent_header"]["msg_id"] == msg_id
+    assert STATUS_OK.match(status[0][1]["content"]["data"]["text/plain"])
+    first_tick = next(t for t, m in streams if "tick 0" in m["content"]["text"])
+    assert status[0][0] - first_tick > 0.8, "output arrived all at the end, not live"
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["content"]["status"] == "ok"
+
+
+def test_kernel_failed_job_gives_an_error_reply(kernel):
+    km, kc = kernel
+    msg_id = kc.execute("%%remote\nprint(undefined_name)\n")
+    msgs = collect(kc, msg_id)
+    errors = [m for _, m in msgs if m["msg_type"] == "error"]
+    assert len(errors) == 1 and errors[0]["content"]["ename"] == "RemoteJobFailed"
+    assert "nonzero_exit" in "\n".join(errors[0]["content"]["traceback"])
+    stderr = "".join(m["content"]["text"] for _, m in msgs
+                     if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+    assert "NameError" in stderr
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "RemoteJobFailed"
+
+
+def test_kernel_interrupt_cancels_the_job(kernel, cluster):
+    km, kc = kernel
+    with Cluster(cluster.url, token=cluster.token) as master:
+        msg_id = kc.execute("%%remote --name sleeper --timeout 60\nimport time\n"
+                            "print('sleeping', flush=True)\ntime.sleep(60)\n")
+        job = wait_for(lambda: next((j for j in master.jobs(limit=5)
+                                     if j.name == "sleeper" and j.status == P.RUNNING), None),
+                       what="the job to run")
+        km.interrupt_kernel()
+        msgs = collect(kc, msg_id)
+        reply = kc.get_shell_msg(timeout=10)
+        assert reply["content"]["status"] == "error"
+        tb = "\n".join(line for _, m in msgs if m["msg_type"] == "error" for line in m["content"]["traceback"])
+        assert "cancelled on the master" in tb
+        assert master.job(job.id).wait(timeout=20).status == P.CANCELLED
+
+
+def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel):
+    km, kc = kernel
+    msg_id = kc.execute("%%remote --no-wait -o h\nimport time\ntime.sleep(1)\nprint('late')\n")
+    msgs = collect(kc, msg_id)
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["content"]["status"] == "ok"
+    shown = [m for _, m in msgs if m["msg_type"] == "display_data"]
+    assert len(shown) == 1
+    model_id = shown[0]["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    # The event thread sets the widget's value; the front end gets comm updates after the cell is done.
+    deadline = time.monotonic() + 30
+    values = []
+    while not any("✅" in v for v in values):
+        assert time.monotonic() < deadline, f"no ✅ update; saw {values}"
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        data = msg["content"].get("data", {})
+        if msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == model_id \
+                and data.get("method") == "update" and "value" in data.get("state", {}):
+            values.append(data["state"]["value"])
+    assert "job" in values[-1]
+    reply = kc.execute_interactive("print(h.wait(timeout=20).stdout)", timeout=30,
+                                   output_hook=lambda m: values.append(m["content"].get("text", "")))
+    assert reply["content"]["status"] == "ok" and "late\n\n" in values
