@@ -372,6 +372,15 @@ class Cluster:
     def languages(self) -> list[dict]:
         return self._get("/api/languages")["languages"]
 
+    def sessions(self) -> list[dict]:
+        """The live Python sessions (``submit(..., session=NAME)``): name, slave_uid, created_at, last_used, jobs."""
+        return self._get("/api/sessions")["sessions"]
+
+    def end_session(self, name: str) -> dict:
+        """End session ``name``: its interpreter and variables go; the next job of that name starts afresh."""
+        from urllib.parse import quote
+        return self._call("DELETE", f"/api/sessions/{quote(name, safe='')}")
+
     def close(self) -> None:
         if self._events is not None:
             self._events.close()

@@ -132,6 +132,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "running": (list, False),  # job ids still running here (after a master restart)
         "results": (list, False),  # job_finished messages not yet acknowledged
         "draining": (bool, False),
+        "sessions": (list, False),  # names of the Python sessions alive here
     },
     # slave -> master, and master -> client with the chunk's offset in the stream
     "job_output": {
@@ -148,11 +149,14 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "stderr": (str, True),
     },
     "draining": {},
+    # a session ended by itself (idle, its interpreter died): the name is free again
+    "session_ended": {"session": (str, True), "reason": (str, True)},
     # master -> slave
     "register_reply": {"ok": (bool, True), "error": (_OPT_DICT, False), "slave_uid": (str, False)},
     "job_run": {"job": (dict, True)},
     "job_cancel": {"job_id": (int, True)},
     "result_ack": {"job_id": (int, True)},
+    "session_end": {"session": (str, True), "reason": (str, False)},
     # client -> master
     "submit": {"request": (dict, True), "ref": (_OPT_STR, False)},
     "cancel": {"job_id": (int, True), "ref": (_OPT_STR, False)},
@@ -312,6 +316,10 @@ def check_submission(body) -> dict:
     if not 0 <= retries <= MAX_RETRIES:
         _bad(f"field 'retries' must be between 0 and {MAX_RETRIES}")
     out["retries"] = retries
+    session = out["session"]
+    if session is not None and (not session.strip() or len(session) > MAX_NAME_CHARS
+                                or not session.isprintable()):
+        _bad(f"field 'session' must be a printable name of 1 to {MAX_NAME_CHARS} characters")
     return out
 
 

@@ -259,6 +259,20 @@ class LanguagesHandler(ApiHandler):
         self.send_json({"languages": self.master.language_list()})
 
 
+class SessionsHandler(ApiHandler):
+    def get(self) -> None:
+        self.send_json({"sessions": self.master.session_list(self.owner)})
+
+
+class SessionHandler(ApiHandler):
+    def delete(self, name: str) -> None:
+        """End the caller's session NAME: its interpreter and variables go."""
+        ended = self.master.end_session(name, self.user)
+        if ended is None:
+            return self.fail(404, "not_found", f"no session {name!r}")
+        self.send_json(ended)
+
+
 class NotFoundHandler(ApiHandler):
     needs_auth = False
 
@@ -366,7 +380,8 @@ class ClientSocket(_Socket):
 
 class SlaveSocket(_Socket):
     handlers = {"register": "on_register", "job_output": "on_job_output",
-                "job_finished": "on_job_finished", "draining": "on_draining"}
+                "job_finished": "on_job_finished", "draining": "on_draining",
+                "session_ended": "on_session_ended"}
 
     def prepare(self):
         if not self.auth.slave_ok(_bearer(self)):
@@ -402,6 +417,9 @@ class SlaveSocket(_Socket):
     async def on_draining(self, msg: dict) -> None:
         self.master.slave_draining(self._registered())
 
+    async def on_session_ended(self, msg: dict) -> None:
+        self.master.session_ended(self._registered(), msg)
+
     async def on_message(self, text) -> None:
         try:
             await super().on_message(text)
@@ -427,6 +445,8 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/api/slaves", SlavesHandler, args),
             (r"/api/clients", ClientsHandler, args),
             (r"/api/languages", LanguagesHandler, args),
+            (r"/api/sessions", SessionsHandler, args),
+            (r"/api/sessions/([^/]+)", SessionHandler, args),
             (r"/ws/client", ClientSocket, args),
             (r"/ws/slave", SlaveSocket, args),
             (r".*", NotFoundHandler, args),

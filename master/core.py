@@ -71,6 +71,13 @@ class Master:
         self._next_id = store.max_id() + 1
         self._next_client = 1
         self._grace_handles: dict[int, asyncio.TimerHandle] = {}
+        # Live Python sessions by key (see _session_key): what /api/sessions shows.
+        # Where each lives is the scheduler's business; this is the bookkeeping.
+        self.sessions: dict[str, dict] = {}
+        # Session key -> why the session of that name is gone, told to the next
+        # job of that name (in its stderr) when it starts a new one.
+        self._session_notes: dict[str, str] = {}
+        self._notes_to_send: dict[int, str] = {}
         self._resume()
 
     # -- start-up ----------------------------------------------------------
@@ -80,10 +87,10 @@ class Master:
         for job in self.store.unfinished():
             self.active[job["id"]] = job
             if job["status"] == P.QUEUED:
-                self.scheduler.enqueue(job["id"], job["language"])
+                self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
             else:
                 # Its slave may still be running it: wait for it to come back.
-                self.scheduler.mark_running(job["id"], job["slave_uid"])
+                self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job))
         if self.active:
             log.info("resumed %d unfinished job(s) from the history", len(self.active))
 
@@ -139,6 +146,9 @@ class Master:
             raise P.ProtocolError("queue_full", f"the master's queue is full ({self.max_queue} jobs "
                                   f"waiting): try again when some have run")
         sub["language"] = L.canonical(sub["language"])
+        if sub["session"] is not None and sub["language"] != "python":
+            raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "
+                                  "drop 'session' to run it as a fresh process")
         job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
         self._next_id += 1
         client = self.clients.get(client_id) if client_id else None
@@ -154,7 +164,7 @@ class Master:
             return job
 
         self.active[job["id"]] = job
-        self.scheduler.enqueue(job["id"], job["language"])
+        self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
         await self.store.save(job)
         self._announce(job)
         self._dispatch()
@@ -207,6 +217,8 @@ class Master:
             job = self.active[job_id]
             job.update(status=P.RUNNING, slave_uid=uid, started_at=P.now(),
                        attempts=(job.get("attempts") or 0) + 1)
+            if job.get("session") is not None:
+                self._session_used(job, uid)
             asyncio.ensure_future(self._send_run(job, uid))
 
     async def _send_run(self, job: dict, uid: str) -> None:
@@ -216,7 +228,7 @@ class Master:
         slave = self.slaves.get(uid)
         if slave is None or self.active.get(job["id"]) is not job or job["status"] != P.RUNNING:
             return  # the slave left or the job was settled meanwhile; handled there
-        slave.peer.send(P.make("job_run", job=_for_slave(job)))
+        slave.peer.send(P.make("job_run", job=_for_slave(job, self._notes_to_send.pop(job["id"], None))))
 
     # -- slaves ------------------------------------------------------------
 
@@ -261,6 +273,7 @@ class Master:
                 job = self.active.get(job_id)
                 if job is not None:
                     asyncio.ensure_future(self._lose(job, "the slave restarted and no longer has this job"))
+        self._reconcile_sessions(uid, peer, [n for n in msg.get("sessions", []) if isinstance(n, str)])
         log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
                  ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
         self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
@@ -283,6 +296,7 @@ class Master:
             job = self.active.get(job_id)
             if job is not None:
                 asyncio.ensure_future(self._lose(job, "its slave disconnected while it ran"))
+        self._lose_sessions(uid, "disconnected")
         log.info("slave %s disconnected (%d job(s) were running there)", uid, len(lost))
         return True
 
@@ -315,6 +329,94 @@ class Master:
                 entry = seen.setdefault(lang["name"], {"name": lang["name"], "version": lang.get("version"), "slaves": 0})
                 entry["slaves"] += 1
         return sorted(seen.values(), key=lambda e: e["name"])
+
+    # -- sessions ------------------------------------------------------------
+
+    def _session_used(self, job: dict, uid: str) -> None:
+        """A job of a session was placed on ``uid`` (the scheduler chose, by affinity)."""
+        key = _session_key(job)
+        info = self.sessions.get(key)
+        now = P.now()
+        if info is None or info["slave_uid"] != uid:
+            info = self.sessions[key] = {"name": job["session"], "user": job.get("user"), "slave_uid": uid,
+                                         "language": job["language"], "created_at": now, "last_used": now,
+                                         "jobs": 0}
+            note = self._session_notes.pop(key, None)
+            if note:
+                self._notes_to_send[job["id"]] = note
+        info["last_used"] = now
+        info["jobs"] += 1
+
+    def _reconcile_sessions(self, uid: str, peer: Peer, alive: list[str]) -> None:
+        """A slave registered with the sessions it has alive: bind them, forget the rest."""
+        for key in alive:
+            if self.scheduler.bind_session(key, uid):
+                self._session_notes.pop(key, None)
+                if key not in self.sessions:
+                    name, _, user = key.rpartition("@") if "@" in key else (key, "", None)
+                    self.sessions[key] = {"name": name, "user": user, "slave_uid": uid, "language": "python",
+                                          "created_at": P.now(), "last_used": P.now(), "jobs": 0}
+            else:
+                # A newer session of that name started elsewhere while it was away.
+                peer.send(P.make("session_end", session=key,
+                                 reason=f"a newer session of that name runs on slave "
+                                        f"{self.scheduler.session_slave[key]}"))
+        gone = [k for k, owner in self.scheduler.session_slave.items() if owner == uid and k not in alive]
+        for key in gone:
+            self.scheduler.unbind_session(key)
+            self.sessions.pop(key, None)
+            self._note_session(key, f"session {key!r} was lost: slave {uid} restarted without it")
+
+    def _lose_sessions(self, uid: str, how: str) -> None:
+        """Slave ``uid`` left: its sessions are gone, and so are their queued jobs."""
+        names, queued = self.scheduler.drop_sessions(uid)
+        for key in names:
+            self.sessions.pop(key, None)
+            self._note_session(key, f"session {key!r} was lost: its slave {uid} {how}; "
+                                    f"this job starts a new session")
+        for job_id in queued:
+            job = self.active.get(job_id)
+            if job is not None:
+                key = _session_key(job)
+                asyncio.ensure_future(self._finish(job, None, P.error(
+                    P.SLAVE_LOST, f"session {key!r} was lost before this job ran: its slave {uid} {how}; "
+                                  f"the next job of {job['session']!r} starts a new session")))
+        if names:
+            log.info("slave %s %s: session(s) lost: %s", uid, how, ", ".join(names))
+
+    def _note_session(self, key: str, note: str) -> None:
+        self._session_notes[key] = note
+        while len(self._session_notes) > 10000:  # names are the users' to choose: keep it bounded
+            self._session_notes.pop(next(iter(self._session_notes)))
+
+    def session_ended(self, uid: str, msg: dict) -> None:
+        """The slave ended a session by itself (idle, its interpreter died)."""
+        key = msg["session"]
+        if self.scheduler.session_slave.get(key) != uid:
+            return
+        self.scheduler.unbind_session(key)
+        self.sessions.pop(key, None)
+        self._note_session(key, f"session {key!r} ended on slave {uid} ({msg['reason']}); "
+                                f"this job starts a new one")
+        self._dispatch()
+
+    def end_session(self, name: str, user: str | None) -> dict | None:
+        """End a session on a user's request; returns what it was, or None if there is none."""
+        key = _session_key({"session": name, "user": user})
+        info = self.sessions.pop(key, None)
+        uid = self.scheduler.unbind_session(key)
+        if info is None and uid is None:
+            return None
+        slave = self.slaves.get(uid) if uid else None
+        if slave is not None:
+            slave.peer.send(P.make("session_end", session=key, reason="ended by a user"))
+        self._session_notes.pop(key, None)
+        return info or {"name": name, "user": user, "slave_uid": uid}
+
+    def session_list(self, owner: str | None = None) -> list[dict]:
+        """Live sessions, oldest first; ``owner`` limits them to that user's."""
+        return sorted((dict(i) for i in self.sessions.values() if owner is None or i["user"] == owner),
+                      key=lambda i: (i["created_at"], i["name"]))
 
     # -- job progress from slaves -----------------------------------------
 
@@ -357,13 +459,14 @@ class Master:
             await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
         elif (job.get("attempts") or 0) <= (job.get("retries") or 0):
             job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
-            self.scheduler.requeue_front(job["id"], job["language"])
+            self.scheduler.requeue_front(job["id"], job["language"], _session_key(job))
             await self.store.save(job)
             self._announce(job)
             log.info("job %d requeued (%s), attempt %d of %d", job["id"], why,
                      job["attempts"] + 1, job["retries"] + 1)
         else:
-            await self._finish(job, None, P.error(P.SLAVE_LOST, f"{why} (slave {job['slave_uid']})"))
+            lost = f"; its session {job['session']!r} is lost with it" if job.get("session") else ""
+            await self._finish(job, None, P.error(P.SLAVE_LOST, f"{why} (slave {job['slave_uid']}){lost}"))
         self._dispatch()
 
     def _arm_grace(self, job_id: int) -> None:
@@ -427,6 +530,18 @@ def _visible(job: dict | None, owner: str | None) -> bool:
     return job is not None and (owner is None or job.get("user") == owner)
 
 
-def _for_slave(job: dict) -> dict:
-    return {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "session", "name")}
+def _for_slave(job: dict, session_note: str | None = None) -> dict:
+    out = {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "name")}
+    out["session"] = _session_key(job)
+    if session_note:
+        out["session_note"] = session_note
+    return out
+
+
+def _session_key(job: dict) -> str | None:
+    """Sessions are per user: two users' sessions of one name are two interpreters."""
+    name = job.get("session")
+    if name is None:
+        return None
+    return f"{name}@{job['user']}" if job.get("user") else name
 

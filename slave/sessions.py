@@ -220,9 +220,11 @@ class SessionRunner:
         client = AsyncKernelClient()
         client.load_connection_file(conn_file)
         client.allow_stdin = True
-        client.start_channels()
+        # No heartbeat channel: we hold the process and see it exit, and the
+        # heartbeat misreports a kernel still starting on a loaded machine.
+        client.start_channels(hb=False)
         session = Session(name, workdir, proc, client, spawn=spawn)
-        ready = asyncio.ensure_future(client.wait_for_ready(timeout=KERNEL_START_TIMEOUT))
+        ready = asyncio.ensure_future(asyncio.wait_for(_until_ready(client), KERNEL_START_TIMEOUT))
         exited = asyncio.ensure_future(proc.wait())
         try:
             await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
@@ -455,6 +457,32 @@ class SessionRunner:
                     if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
                         state.exit_requested = True
                 break
+
+
+async def _until_ready(kc) -> None:
+    """Ask for kernel_info until the kernel answers and its output channel is connected.
+
+    What ``wait_for_ready`` does, minus its heartbeat check.
+    """
+    while True:
+        kc.kernel_info()
+        try:
+            msg = await kc.get_shell_msg(timeout=1.0)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] != "kernel_info_reply":
+            continue
+        try:
+            # The reply's busy/idle status on iopub proves the subscription is live.
+            await kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            continue
+        break
+    while True:  # drop what the handshake left on iopub
+        try:
+            await kc.get_iopub_msg(timeout=0.05)
+        except queue.Empty:
+            return
 
 
 @dataclass
