@@ -17,6 +17,7 @@ users to log in again, which is the price of keeping no token at rest.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import hmac
 import json
@@ -38,10 +39,15 @@ DEFAULT_TOKEN_TTL = 12 * 3600.0
 ADMIN = "admin"  # the name the admin token acts under; no user file entry may take it
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
+# argon2-cffi's default profile (RFC 9106, low memory): Argon2id, 64 MiB, 3 passes.
 _hasher = argon2.PasswordHasher()
-# Verified when the user does not exist, so a wrong name costs as much time as
-# a wrong password and the answer's timing does not tell which names exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    # Verified when the user does not exist, so a wrong name costs as much time as
+    # a wrong password and the answer's timing does not tell which names exist.
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 class UsersFileError(Exception):
@@ -59,10 +65,11 @@ def check_user_name(name: str) -> None:
         raise ValueError(f"{ADMIN!r} is the admin token's name; give an admin user another name and --admin")
 
 
-def hash_password(password: str) -> str:
+def hash_password(password: str, hasher: argon2.PasswordHasher | None = None) -> str:
+    """An Argon2id hash of ``password``; its parameters travel in the hash, so checking it costs what making it did."""
     if not password:
         raise ValueError("the password must not be empty")
-    return _hasher.hash(password)
+    return (hasher or _hasher).hash(password)
 
 
 def load_users(path: str) -> dict[str, dict]:
@@ -92,12 +99,17 @@ def save_users(path: str, users: dict[str, dict]) -> None:
     os.replace(tmp, path)
 
 
-def add_user(path: str, name: str, password: str, admin: bool = False) -> bool:
-    """Add or replace a user; returns True if the user is new."""
+def add_user(path: str, name: str, password: str, admin: bool = False,
+             hasher: argon2.PasswordHasher | None = None) -> bool:
+    """Add or replace a user; returns True if the user is new.
+
+    ``hasher``: other Argon2 parameters than the default (tests use cheap ones
+    to keep a loaded CI machine fast; never do that for real users).
+    """
     check_user_name(name)
     users = load_users(path)
     new = name not in users
-    users[name] = {"password": hash_password(password), "admin": bool(admin)}
+    users[name] = {"password": hash_password(password, hasher), "admin": bool(admin)}
     save_users(path, users)
     return new
 
@@ -219,7 +231,7 @@ class Auth:
             self._reload()
             entry = self._users.get(user)
         try:
-            ok = _hasher.verify(entry["password"] if entry else _DUMMY_HASH, password)
+            ok = _hasher.verify(entry["password"] if entry else _dummy_hash(), password)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             ok = False
         if not ok or entry is None:

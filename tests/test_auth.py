@@ -1,0 +1,247 @@
+"""Logins, tokens and who sees which job, against a real master and slave."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from pathlib import Path
+
+import argon2
+import pytest
+import requests
+import tornado.httpclient
+import tornado.websocket
+
+from distexec_kernel import Cluster, config, protocol as P
+from distexec_kernel.cluster import DistexecError
+from master import auth
+
+from conftest import wait_for
+
+SLEEPER = "import time\ntime.sleep(60)\n"
+# Real Argon2id, with the cheapest parameters: the default costs ~1 s per login on a loaded 2-core box.
+CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+
+
+def ws_status(url: str, path: str, token: str | None) -> int:
+    """Open a WebSocket with ``token``; 101 if it opened, else the HTTP status it was refused with."""
+    async def attempt() -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = tornado.httpclient.HTTPRequest(config.ws_url(url) + path, headers=headers, connect_timeout=10)
+        try:
+            conn = await tornado.websocket.websocket_connect(req)
+        except tornado.httpclient.HTTPClientError as exc:
+            return exc.code
+        conn.close()
+        # Let the close handshake finish, so the socket is closed before the loop is.
+        while await asyncio.wait_for(conn.read_message(), 10) is not None:
+            pass
+        return 101
+    return asyncio.run(attempt())
+
+
+def get(url: str, path: str, token: str | None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.get(url + path, headers=headers, timeout=20)
+
+
+def login(url: str, user: str, password: str) -> requests.Response:
+    return requests.post(url + "/api/login", json={"user": user, "password": password}, timeout=20)
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    path = str(tmp_path / "users.json")
+    auth.add_user(path, "alice", "alice-pw", hasher=CHEAP)
+    auth.add_user(path, "bob", "bob-pw", hasher=CHEAP)
+    auth.add_user(path, "boss", "boss-pw", admin=True, hasher=CHEAP)
+    return path
+
+
+@pytest.fixture
+def user_cluster(make_cluster, users_file):
+    return make_cluster(1, slots=2, languages="python", master_args=["--users", users_file])
+
+
+def test_user_add_cli_writes_an_argon2_hash_in_a_private_file(tmp_path, home, monkeypatch, capsys):
+    from distexec_kernel import cli
+    path = str(tmp_path / "u" / "users.json")
+    done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "user", "add", "carol", "--admin",
+                           "--users", path, "--password-stdin"],
+                          input="s3cret pass\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "added carol (admin)" in done.stdout
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    text = Path(path).read_text()
+    assert "s3cret" not in text
+    entry = json.loads(text)["users"]["carol"]
+    assert entry["admin"] is True and entry["password"].startswith("$argon2id$")
+
+    capsys.readouterr()
+    assert cli.main(["user", "list", "--users", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"users": [{"name": "carol", "admin": True}]}
+
+    # The reserved name and a name with a path separator are refused, and the file is unchanged.
+    for bad in ("admin", "../x"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("pw\n"))
+        assert cli.main(["user", "add", bad, "--users", path, "--password-stdin"]) == 2
+        assert "distexec:" in capsys.readouterr().err
+    assert Path(path).read_text() == text
+
+    assert cli.main(["user", "remove", "carol", "--users", path]) == 0
+    assert auth.load_users(path) == {}
+    assert cli.main(["user", "remove", "carol", "--users", path]) == 1
+
+
+def test_login_returns_an_expiring_token_and_refuses_bad_credentials(user_cluster):
+    url = user_cluster.url
+    ok = login(url, "alice", "alice-pw")
+    assert ok.status_code == 200
+    body = ok.json()
+    assert set(body) == {"token", "expires_at", "user", "admin"}
+    assert body["user"] == "alice" and body["admin"] is False
+    expires = P.parse_time(body["expires_at"])
+    assert 11.9 * 3600 < (expires - P.parse_time(P.now())).total_seconds() <= 12 * 3600  # the default TTL
+    assert get(url, "/api/jobs", body["token"]).status_code == 200
+
+    for user, password in (("alice", "wrong"), ("nobody", "alice-pw"), ("alice", "")):
+        refused = login(url, user, password)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "login_failed"
+    bad = requests.post(url + "/api/login", data="not json", timeout=20)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_json"
+
+    for token in (None, "wrong", body["token"] + "x"):
+        resp = get(url, "/api/jobs", token)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "unauthorized"
+        assert ws_status(url, "/ws/client", token) == 401
+    assert login(url, "boss", "boss-pw").json()["admin"] is True
+
+
+def test_login_attempts_are_rate_limited_per_address(user_cluster):
+    # Each login costs an Argon2 hash; a flood is cut off before hashing.
+    codes = [requests.post(user_cluster.url + "/api/login", json={}, timeout=20) for _ in range(16)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited, [r.status_code for r in codes]
+    assert limited[0].json()["error"]["code"] == "rate_limited"
+    assert int(limited[0].headers["Retry-After"]) >= 1
+
+
+def test_slave_secret_and_client_tokens_never_open_the_other_channel(user_cluster):
+    url, token, secret = user_cluster.url, user_cluster.token, user_cluster.secret
+    user_token = login(url, "boss", "boss-pw").json()["token"]
+    # The slave secret opens no part of the client API.
+    assert get(url, "/api/jobs", secret).status_code == 401
+    assert requests.post(url + "/api/jobs", headers={"Authorization": f"Bearer {secret}"},
+                         json={"source": "print(1)", "language": "python"}, timeout=20).status_code == 401
+    assert ws_status(url, "/ws/client", secret) == 401
+    # Neither the admin token nor an (admin) login token opens the slave channel.
+    assert ws_status(url, "/ws/slave", token) == 401
+    assert ws_status(url, "/ws/slave", user_token) == 401
+    # Each opens its own.
+    assert ws_status(url, "/ws/slave", secret) == 101
+    assert ws_status(url, "/ws/client", token) == 101
+    assert ws_status(url, "/ws/client", user_token) == 101
+
+
+def test_users_see_and_cancel_only_their_own_jobs_admins_see_all(user_cluster):
+    url = user_cluster.url
+    alice = Cluster(url, user="alice", password="alice-pw")
+    bob = Cluster(url, user="bob", password="bob-pw")
+    boss = Cluster(url, user="boss", password="boss-pw")
+    admin = Cluster(url, token=user_cluster.token)
+    bob_events: list[dict] = []
+    bob.subscribe(bob_events.append)
+    try:
+        slow = alice.submit(SLEEPER, timeout=60, name="alice's")
+        quick = alice.submit("print('from alice')")
+        assert quick.wait(30).stdout == "from alice\n"
+        assert slow.user == "alice" and quick.user == "alice"
+        wait_for(lambda: alice.job(slow.id).status == P.RUNNING, 20, "alice's job to run")
+
+        # Bob: another user's job is as if it did not exist.
+        for action in (lambda: bob.job(slow.id), lambda: bob.cancel(slow.id), lambda: bob.job(quick.id)):
+            with pytest.raises(DistexecError) as err:
+                action()
+            assert err.value.status == 404
+        assert bob.jobs() == []
+        mine = bob.submit("print('from bob')").wait(30)
+        assert mine.status == P.SUCCEEDED and mine.user == "bob"
+        assert [j.id for j in bob.jobs()] == [mine.id]
+        assert bob.jobs_page()[1] == 1
+        # The event channel is in order: bob's own job's end came after all of alice's events
+        # so far, and none of hers reached him.
+        wait_for(lambda: any(e.get("type") == "job_update" and e["job"]["id"] == mine.id
+                             and e["job"]["status"] == P.SUCCEEDED for e in bob_events), 20, "bob's events")
+        seen = {e["job"]["id"] if e["type"] == "job_update" else e["job_id"]
+                for e in bob_events if e["type"] in ("job_update", "job_output")}
+        assert seen == {mine.id}
+
+        # The admin token and an admin user see everyone's jobs.
+        for who in (admin, boss):
+            assert {slow.id, quick.id, mine.id} <= {j.id for j in who.jobs()}
+            assert who.job(slow.id).user == "alice"
+        assert alice.job(slow.id).status == P.RUNNING  # bob's cancel did nothing
+        assert {j.id for j in alice.jobs()} == {slow.id, quick.id}
+        cancelled = boss.cancel(slow.id)
+        assert cancelled.id == slow.id
+        assert slow.wait(30).status == P.CANCELLED
+    finally:
+        for c in (alice, bob, boss, admin):
+            c.close()
+
+
+def test_a_login_token_expires_for_http_and_websockets(make_cluster, users_file):
+    lc = make_cluster(0, master_args=["--users", users_file, "--token-ttl", "1.5"])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    try:
+        token = alice.token
+        assert alice.jobs() == []
+        assert ws_status(lc.url, "/ws/client", token) == 101
+        # Past the TTL: refused everywhere, and the open event channel is closed by the master.
+        wait_for(lambda: get(lc.url, "/api/jobs", token).status_code == 401, 15, "the token to expire")
+        assert ws_status(lc.url, "/ws/client", token) == 401
+        wait_for(lambda: not alice._events_connected(), 15, "the expired channel to close")
+        with pytest.raises(DistexecError) as err:
+            alice.jobs()
+        assert err.value.status == 401 and "log in again" in str(err.value)
+        # Logging in again gives a fresh token; the admin token never expires.
+        alice.login("alice", "alice-pw")
+        assert alice.jobs() == []
+        assert get(lc.url, "/api/jobs", lc.token).status_code == 200
+    finally:
+        alice.close()
+
+
+def test_removing_a_user_ends_their_logins_without_a_restart(user_cluster, users_file):
+    token = login(user_cluster.url, "bob", "bob-pw").json()["token"]
+    assert get(user_cluster.url, "/api/jobs", token).status_code == 200
+    assert auth.remove_user(users_file, "bob")
+    assert get(user_cluster.url, "/api/jobs", token).status_code == 401
+    assert login(user_cluster.url, "bob", "bob-pw").status_code == 401
+    # A user added while the master runs can log in at once.
+    auth.add_user(users_file, "dave", "dave-pw", hasher=CHEAP)
+    assert login(user_cluster.url, "dave", "dave-pw").status_code == 200
+
+
+def test_a_master_without_users_file_refuses_logins(make_cluster):
+    lc = make_cluster(0)
+    resp = login(lc.url, "alice", "alice-pw")
+    assert resp.status_code == 401 and "--users" in resp.json()["error"]["message"]
+
+
+def test_a_broken_users_file_stops_the_master_with_its_reason(make_cluster, tmp_path, home):
+    from distexec_kernel.local import LocalCluster
+    bad = tmp_path / "users.json"
+    bad.write_text('{"users": ["alice"]}')
+    logs = tmp_path / "broken-logs"
+    lc = LocalCluster(0, home=str(home), master_args=["--users", str(bad)], log_dir=str(logs))
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        lc.start(timeout=30)
+    assert "is not of the form" in (logs / "master.log").read_text()

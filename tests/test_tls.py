@@ -1,0 +1,142 @@
+"""HTTPS/WSS end to end, and clients and slaves that refuse a certificate they cannot verify."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+
+from distexec_kernel import Cluster, config, protocol as P
+from distexec_kernel.cluster import DistexecError
+from distexec_kernel.events import EventStream
+from distexec_kernel.local import Child, free_port
+from distexec_kernel.tls import ensure_self_signed, make_self_signed
+
+from conftest import wait_for
+
+
+@pytest.fixture
+def tls_cluster(make_cluster):
+    return make_cluster(1, slots=2, languages="python", tls=True)
+
+
+@pytest.fixture
+def stranger(tmp_path) -> str:
+    """A certificate that did not sign the master's: trusting it must not be enough."""
+    cert = str(tmp_path / "stranger.pem")
+    make_self_signed(cert, str(tmp_path / "stranger-key.pem"))
+    return cert
+
+
+def test_self_signed_certificate_names_the_loopback_and_is_reused(tmp_path):
+    directory = str(tmp_path / "tls")
+    certfile, keyfile = ensure_self_signed(("localhost", "127.0.0.1"), directory)
+    assert stat.S_IMODE(os.stat(keyfile).st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(_read(certfile))
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    # Kept while valid, so slaves that trust it keep trusting a restarted master...
+    before = _read(certfile)
+    assert ensure_self_signed(("localhost", "127.0.0.1"), directory) == (certfile, keyfile)
+    assert _read(certfile) == before
+    # ...and made again when a name it must cover is missing.
+    ensure_self_signed(("localhost", "127.0.0.1", "10.1.2.3"), directory)
+    assert _read(certfile) != before
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_jobs_run_over_https_and_wss(tls_cluster, home):
+    assert tls_cluster.url.startswith("https://")
+    info = config.read_connection()
+    assert info["url"] == tls_cluster.url and info["cafile"] == tls_cluster.cafile
+    with Cluster(tls_cluster.url, token=tls_cluster.token) as c:
+        assert c.verify == tls_cluster.cafile  # verifying, against the cluster's own certificate
+        assert c._events_connected()  # the wss event channel
+        chunks = []
+        job = c.submit("import sys\nprint('over tls')\nprint('err', file=sys.stderr)")
+        job.on_output(lambda stream, text: chunks.append((stream, text)))
+        job.wait(30)
+        assert job.status == P.SUCCEEDED and job.stdout == "over tls\n" and job.stderr == "err\n"
+        # The slave registered over wss and ran it.
+        assert job.slave_uid == tls_cluster.slaves[0].uid
+        assert [s["uid"] for s in c.slaves()] == [tls_cluster.slaves[0].uid]
+        assert any(cl["id"] == c.client_id for cl in c.clients())
+
+
+def test_a_client_refuses_a_certificate_it_cannot_verify(tls_cluster, stranger, tmp_path, monkeypatch):
+    with pytest.raises(DistexecError) as err:
+        Cluster(tls_cluster.url, token=tls_cluster.token, cafile=stranger)
+    message = str(err.value)
+    assert "TLS verification failed" in message and "self-signed certificate" in message
+    assert "CA file" in message
+    # With no CA file at all (no connection file, no DISTEXEC_CAFILE) the system CAs do not know it either.
+    empty = tmp_path / "empty-home"
+    empty.mkdir()
+    monkeypatch.setenv("DISTEXEC_HOME", str(empty))
+    monkeypatch.delenv("DISTEXEC_CAFILE", raising=False)
+    with pytest.raises(DistexecError, match="TLS verification failed"):
+        Cluster(tls_cluster.url, token=tls_cluster.token)
+
+
+def test_the_event_channel_refuses_a_certificate_it_cannot_verify(tls_cluster, stranger):
+    events = []
+    stream = EventStream(tls_cluster.url, tls_cluster.token, events.append, cafile=stranger)
+    try:
+        assert stream.connected.wait(20)
+        assert stream.refused and "TLS verification failed" in stream.refused
+        assert stream.client_id is None and events == []
+    finally:
+        stream.close()
+    # Given the right CA it connects, as the client it is.
+    good = EventStream(tls_cluster.url, tls_cluster.token, events.append, cafile=tls_cluster.cafile)
+    try:
+        assert good.connected.wait(20) and not good.refused and good.client_id
+    finally:
+        good.close()
+
+
+def test_a_slave_refuses_a_certificate_it_cannot_verify(tls_cluster, stranger, home):
+    env = dict(os.environ, DISTEXEC_HOME=str(home), DISTEXEC_CAFILE=stranger)
+    done = subprocess.run([sys.executable, "-m", "slave", "--master", tls_cluster.url,
+                           f"--secret={tls_cluster.secret}", "--languages", "python"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "cannot verify the master's TLS certificate" in done.stderr
+    assert "self-signed certificate" in done.stderr
+
+
+def test_a_plain_http_client_gets_no_answer_from_a_tls_master(tls_cluster):
+    with pytest.raises(DistexecError):
+        Cluster(tls_cluster.url.replace("https://", "http://"), token=tls_cluster.token, events=False)
+
+
+def test_distexec_up_tls_writes_what_clients_need(home, tmp_path):
+    port = free_port()
+    env = dict(os.environ, DISTEXEC_HOME=str(home), PYTHONUNBUFFERED="1")
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET", "DISTEXEC_CAFILE"):
+        env.pop(var, None)
+    log = open(tmp_path / "up.log", "w")
+    up = Child("up", [sys.executable, "-m", "distexec_kernel.cli", "up", "--tls", "--slaves", "1",
+                      "--slots", "1", "--languages", "python", "--port", str(port)], env, log)
+    try:
+        up.wait_line("distexec cluster ready", 60)
+        info = json.loads((home / "connection.json").read_text())
+        assert info["url"] == f"https://127.0.0.1:{port}"
+        assert info["cafile"] == str(home / "tls" / "master-cert.pem")
+        with Cluster() as c:  # everything from the connection file
+            assert c.submit("print(6 * 7)").wait(30).stdout == "42\n"
+    finally:
+        assert up.stop(signal.SIGINT, timeout=30) == 0
+        log.close()
