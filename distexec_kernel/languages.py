@@ -272,9 +272,10 @@ def fill(template: tuple[str, ...] | list[str], fields: dict[str, str]) -> list[
     return [pattern.sub(lambda m: fields[m.group(0)[1:-1]], arg) for arg in template]
 
 
-# Any "name.ext:LINE[:COL]" at the start of a line: compilers we have no
-# pattern for usually say it so.
-_GENERIC_LOCATION = r"^[^\s:]+\.[A-Za-z0-9]+:(?P<line>\d+)(?::(?P<col>\d+))?"
+# "main.ext:LINE[:COL]" at the start of a line: how most compilers we have
+# no pattern for say it.  Only the program's own file: a line of another
+# file (a header, a library) is not a line of the program.
+_GENERIC_LOCATION = r"^(?:\./)?{file}:(?P<line>\d+)(?::(?P<col>\d+))?"
 _CARET = re.compile(r"^(\s*)\^")
 
 
@@ -287,7 +288,7 @@ def locate(lang: Language | None, diagnostics: str, source_name: str | None = No
     lines below (javac, node, ruby) gives it.
     """
     file = re.escape(source_name or (lang.source if lang else "main"))
-    patterns = [p.replace("{file}", file) for p in (lang.locations if lang else ())] + [_GENERIC_LOCATION]
+    patterns = [p.replace("{file}", file) for p in (*(lang.locations if lang else ()), _GENERIC_LOCATION)]
     for pattern in patterns:
         matches = list(re.finditer(pattern, diagnostics, re.M))
         if not matches:

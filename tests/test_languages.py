@@ -1,0 +1,708 @@
+"""Every language of the registry, end to end, with real toolchains.
+
+The table ``PROGRAMS`` holds, for each language, the same five programs:
+hello world, an args-and-stdin echo, a runtime error exiting 3, a program
+whose error is on line 3, and one that prints a line and then sleeps (to
+see output stream while it runs).  Adding a language to the registry
+without adding it here fails ``test_every_language_has_programs``.
+
+The per-language tests share one cluster (module scope) because compilers
+are the slow part; the tests about which slave gets what build their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from distexec_kernel import Cluster, languages as L, protocol as P
+from distexec_kernel.local import LocalCluster
+from slave import toolchains
+from slave.compile_cache import CompileCache
+
+from conftest import wait_for
+
+JOB_WAIT = 90  # seconds: a cold javac or rustc on a loaded 2-core machine
+
+# language -> hello, echo, fail (exit 3 after "before"/"oops"), bad (error on line 3), stream
+PROGRAMS: dict[str, dict[str, str]] = {
+    "python": {
+        "hello": 'print("hello")\n',
+        "echo": 'import sys\nprint("args=" + "|".join(sys.argv[1:]))\nsys.stdout.write(sys.stdin.read())\n',
+        "fail": 'import sys\nprint("before")\nprint("oops", file=sys.stderr)\nsys.exit(3)\n',
+        "bad": "x = 1\ny = 2\nz = (\n",
+        "stream": 'import time\nprint("ready")\ntime.sleep(60)\n',
+    },
+    "c": {
+        "hello": '#include <stdio.h>\nint main(void) { printf("hello\\n"); return 0; }\n',
+        "echo": r'''#include <stdio.h>
+int main(int argc, char **argv) {
+    printf("args=");
+    for (int i = 1; i < argc; i++) printf(i > 1 ? "|%s" : "%s", argv[i]);
+    printf("\n");
+    int ch;
+    while ((ch = getchar()) != EOF) putchar(ch);
+    return 0;
+}
+''',
+        "fail": '#include <stdio.h>\nint main(void) {\n  printf("before\\n");\n'
+                '  fprintf(stderr, "oops\\n");\n  return 3;\n}\n',
+        "bad": "#include <stdio.h>\nint main(void) {\n  int x = ;\n  return 0;\n}\n",
+        # No fflush: line buffering must come from the slave (stdbuf).
+        "stream": '#include <stdio.h>\n#include <unistd.h>\nint main(void) {\n  printf("ready\\n");\n'
+                  '  sleep(60);\n  return 0;\n}\n',
+    },
+    "cpp": {
+        "hello": '#include <iostream>\nint main() { std::cout << "hello\\n"; }\n',
+        "echo": r'''#include <iostream>
+#include <string>
+int main(int argc, char **argv) {
+    std::cout << "args=";
+    for (int i = 1; i < argc; i++) std::cout << (i > 1 ? "|" : "") << argv[i];
+    std::cout << "\n";
+    std::string line;
+    while (std::getline(std::cin, line)) std::cout << line << "\n";
+}
+''',
+        "fail": '#include <iostream>\nint main() {\n  std::cout << "before\\n";\n  std::cerr << "oops\\n";\n'
+                '  return 3;\n}\n',
+        "bad": "#include <iostream>\nint main() {\n  int x = ;\n}\n",
+        "stream": '#include <iostream>\n#include <thread>\n#include <chrono>\nint main() {\n'
+                  '  std::cout << "ready\\n";\n  std::this_thread::sleep_for(std::chrono::seconds(60));\n}\n',
+    },
+    "java": {
+        # Public classes not called Main: the slave names the file after them.
+        "hello": 'public class Hello {\n  public static void main(String[] args) {\n'
+                 '    System.out.println("hello");\n  }\n}\n',
+        "echo": r'''import java.io.*;
+public class Echo {
+  public static void main(String[] args) throws IOException {
+    System.out.println("args=" + String.join("|", args));
+    BufferedReader in = new BufferedReader(new InputStreamReader(System.in));
+    String line;
+    while ((line = in.readLine()) != null) System.out.println(line);
+  }
+}
+''',
+        "fail": 'public class Main {\n  public static void main(String[] args) {\n'
+                '    System.out.println("before");\n    System.err.println("oops");\n    System.exit(3);\n  }\n}\n',
+        "bad": 'public class Main {\n  public static void main(String[] args) {\n    System.out.println("x")\n'
+               '  }\n}\n',
+        "stream": 'public class Main {\n  public static void main(String[] a) throws Exception {\n'
+                  '    System.out.println("ready");\n    Thread.sleep(60000);\n  }\n}\n',
+    },
+    "javascript": {
+        "hello": 'console.log("hello");\n',
+        "echo": 'const data = require("fs").readFileSync(0, "utf8");\n'
+                'console.log("args=" + process.argv.slice(2).join("|"));\nprocess.stdout.write(data);\n',
+        "fail": 'console.log("before");\nconsole.error("oops");\nprocess.exit(3);\n',
+        "bad": 'console.log("x");\nlet a = 1;\nlet b = ;\n',
+        "stream": 'console.log("ready");\nsetTimeout(() => {}, 60000);\n',
+    },
+    "ruby": {
+        "hello": 'puts "hello"\n',
+        "echo": 'puts "args=" + ARGV.join("|")\nprint STDIN.read\n',
+        "fail": 'puts "before"\nSTDERR.puts "oops"\nexit 3\n',
+        "bad": "puts 1\nputs 2\nputs )\n",
+        # Ruby block-buffers a pipe by default: the slave must make it line by line.
+        "stream": 'puts "ready"\nsleep 60\n',
+    },
+    "bash": {
+        "hello": "echo hello\n",
+        "echo": "(IFS='|'; echo \"args=$*\")\ncat\n",
+        "fail": "echo before\necho oops >&2\nexit 3\n",
+        "bad": "echo x\necho y\nif then\n",
+        "stream": "echo ready\nsleep 60\n",
+    },
+    "sh": {
+        "hello": "echo hello\n",
+        "echo": "IFS='|'\necho \"args=$*\"\ncat\n",
+        "fail": "echo before\necho oops >&2\nexit 3\n",
+        "bad": "echo x\necho y\nif then\n",
+        "stream": "echo ready\nsleep 60\n",
+    },
+    "go": {
+        "hello": 'package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println("hello")\n}\n',
+        "echo": '''package main
+
+import (
+\t"fmt"
+\t"io"
+\t"os"
+\t"strings"
+)
+
+func main() {
+\tfmt.Println("args=" + strings.Join(os.Args[1:], "|"))
+\tdata, _ := io.ReadAll(os.Stdin)
+\tos.Stdout.Write(data)
+}
+''',
+        "fail": 'package main\n\nimport (\n\t"fmt"\n\t"os"\n)\n\nfunc main() {\n\tfmt.Println("before")\n'
+                '\tfmt.Fprintln(os.Stderr, "oops")\n\tos.Exit(3)\n}\n',
+        "bad": "package main\nfunc main() {\n\tundefinedFn()\n}\n",
+        "stream": 'package main\n\nimport (\n\t"fmt"\n\t"time"\n)\n\nfunc main() {\n\tfmt.Println("ready")\n'
+                  '\ttime.Sleep(60 * time.Second)\n}\n',
+    },
+    "rust": {
+        "hello": 'fn main() {\n    println!("hello");\n}\n',
+        "echo": '''use std::io::Read;
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!("args={}", args.join("|"));
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s).unwrap();
+    print!("{}", s);
+}
+''',
+        "fail": 'fn main() {\n    println!("before");\n    eprintln!("oops");\n    std::process::exit(3);\n}\n',
+        # A warning (unused `a`) may come first and point at line 2: the error is on line 3.
+        "bad": "fn main() {\n    let a = 1;\n    let b = c;\n}\n",
+        "stream": 'fn main() {\n    println!("ready");\n'
+                  '    std::thread::sleep(std::time::Duration::from_secs(60));\n}\n',
+    },
+    # Run only where pwsh is installed (no package registry here offers it).
+    "powershell": {
+        "hello": 'Write-Output "hello"\n',
+        "echo": 'Write-Output ("args=" + ($args -join "|"))\n[Console]::In.ReadToEnd() | Write-Host -NoNewline\n',
+        "fail": 'Write-Output "before"\n[Console]::Error.WriteLine("oops")\nexit 3\n',
+        "bad": "Write-Output 1\nWrite-Output 2\nif ( {\n",
+        "stream": 'Write-Output "ready"\nStart-Sleep -Seconds 60\n',
+    },
+}
+
+# Languages whose toolchain a machine may lack: no package registry this
+# project installs from offers them.  Every other language must be found.
+OPTIONAL = {"powershell": "pwsh"}
+LANGS = [name for name in L.LANGUAGES if name not in OPTIONAL or shutil.which(OPTIONAL[name])]
+COMPILED = [name for name in LANGS if L.LANGUAGES[name].compile]
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory):
+    """One master and two slaves with every language, shared by the per-language tests."""
+    home = tmp_path_factory.mktemp("lang-home")
+    cluster = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
+    cluster.start(timeout=60)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def lclient(lc):
+    c = Cluster(lc.url, token=lc.token)
+    yield c
+    c.close()
+
+
+def slave_logs(cluster: LocalCluster) -> str:
+    out = []
+    for name in sorted(os.listdir(cluster.log_dir)):
+        if name.startswith("slave"):
+            with open(os.path.join(cluster.log_dir, name)) as f:
+                out.append(f.read())
+    return "\n".join(out)
+
+
+def cache_entries(cluster: LocalCluster) -> set[str]:
+    root = os.path.join(cluster.home, "cache", "compile")
+    return {n for n in os.listdir(root) if not n.startswith(".")} if os.path.isdir(root) else set()
+
+
+# What each per-language test submits; all of it goes in at once (see ``submitted``).
+SUBMISSIONS = {
+    "hello": {},
+    "echo": {"args": ["a", "b c", "-x"], "stdin": "one\ntwo words\n"},
+    "fail": {},
+    "bad": {},
+}
+
+
+@pytest.fixture(scope="module")
+def submitted(lclient):
+    """Every per-language job, submitted up front so compiles overlap; each test waits on its own."""
+    return {(lang, kind): lclient.submit(PROGRAMS[lang][kind], language=lang, **kwargs)
+            for lang in LANGS for kind, kwargs in SUBMISSIONS.items()}
+
+
+def result(submitted, lang: str, kind: str):
+    return submitted[(lang, kind)].wait(JOB_WAIT)
+
+
+# -- the registry, no cluster ------------------------------------------------
+
+def test_every_language_has_programs():
+    assert set(PROGRAMS) == set(L.LANGUAGES)
+
+
+@pytest.mark.parametrize("alias,name", [
+    ("py", "python"), ("python3", "python"), ("c++", "cpp"), ("cpp", "cpp"), ("cxx", "cpp"),
+    ("js", "javascript"), ("node", "javascript"), ("sh", "sh"), ("shell", "bash"), ("rs", "rust"),
+    ("golang", "go"), ("rb", "ruby"), ("ps1", "powershell"), ("pwsh", "powershell"), ("C", "c"),
+    (" Java ", "java"),
+])
+def test_aliases(alias, name):
+    assert L.canonical(alias) == name
+    assert L.get(alias) is L.LANGUAGES[name]
+
+
+def test_unknown_language_kept_lower_case():
+    assert L.canonical("COBOL") == "cobol"
+    assert L.get("cobol") is None
+
+
+def test_no_alias_names_two_languages():
+    seen: dict[str, str] = {}
+    for lang in L.LANGUAGES.values():
+        for key in (lang.name, *lang.aliases):
+            assert seen.setdefault(key, lang.name) == lang.name, f"{key} names {seen[key]} and {lang.name}"
+    exts: dict[str, str] = {}
+    for lang in L.LANGUAGES.values():
+        for ext in lang.extensions:
+            assert exts.setdefault(ext, lang.name) == lang.name, f"{ext} is {exts[ext]} and {lang.name}"
+
+
+@pytest.mark.parametrize("path,name", [
+    ("prog.rs", "rust"), ("a/b/x.cpp", "cpp"), ("x.cc", "cpp"), ("Main.java", "java"), ("app.js", "javascript"),
+    ("mod.mjs", "javascript"), ("t.rb", "ruby"), ("main.go", "go"), ("x.c", "c"), ("run.sh", "sh"),
+    ("run.bash", "bash"), ("s.ps1", "powershell"), ("nb.PY", "python"), ("notes.txt", None), ("Makefile", None),
+])
+def test_from_filename(path, name):
+    assert L.from_filename(path) == name
+
+
+@pytest.mark.parametrize("source,file", [
+    ("public class Hello {\n}", "Hello.java"),
+    ("import java.util.*;\n\npublic final class Solver {}\n", "Solver.java"),
+    ("class Helper {}\npublic class App {\n  static class Inner {}\n}\n", "App.java"),
+    ("// public class Commented {}\nclass Main {}\n", "Main.java"),
+    ("class Quiet { public static void main(String[] a) {} }\n", "Main.java"),
+    ("public record Point(int x, int y) {}\n", "Point.java"),
+])
+def test_java_file_named_after_public_class(source, file):
+    assert L.LANGUAGES["java"].source_name(source) == file
+
+
+def test_other_languages_use_their_fixed_source_name():
+    assert L.LANGUAGES["c"].source_name("public class X {}") == "main.c"
+    assert L.LANGUAGES["rust"].source_name("fn main() {}") == "main.rs"
+
+
+def test_fill_replaces_only_known_placeholders():
+    fields = {"source": "Main.java", "main": "Main", "exe": "main.bin"}
+    assert L.fill(("javac", "{source}", "-d", "{main}/{exe}", "{other}", "a{b}c"), fields) == \
+        ["javac", "Main.java", "-d", "Main/main.bin", "{other}", "a{b}c"]
+    assert L.fill(L.LANGUAGES["ruby"].run, fields)[-1] == "Main.java"
+
+
+# Real diagnostics, as each toolchain printed them on this machine.
+GCC_WARN_THEN_ERROR = """main.c: In function 'main':
+main.c:2:7: warning: unused variable 'y' [-Wunused-variable]
+    2 |   int y;
+      |       ^
+main.c:4:16: error: 'x' undeclared (first use in this function)
+    4 |   printf("%d", x);
+      |                ^
+"""
+GPP_ERROR = """main.cpp: In function 'int main()':
+main.cpp:3:11: error: expected primary-expression before ';' token
+    3 |   int x = ;
+      |           ^
+"""
+JAVAC_ERROR = """Echo.java:3: error: ';' expected
+    System.out.println("hi")
+                            ^
+1 error
+"""
+GO_ERROR = "# command-line-arguments\n./main.go:4:15: undefined: x\n"
+RUSTC_WARN_THEN_ERROR = """warning: unused variable: `a`
+ --> main.rs:2:9
+  |
+2 |     let a = 1;
+  |         ^ help: if this is intentional, prefix it with an underscore: `_a`
+
+error[E0425]: cannot find value `x` in this scope
+ --> main.rs:3:18
+  |
+3 |   println!("{}", x);
+  |                  ^
+"""
+PY_TRACEBACK = """Traceback (most recent call last):
+  File "/tmp/distexec-job1-abc/main.py", line 5, in <module>
+    f()
+  File "/tmp/distexec-job1-abc/main.py", line 2, in f
+    raise ValueError("boom")
+ValueError: boom
+"""
+NODE_ERROR = """/tmp/distexec-job3-x/main.js:3
+let b = ;
+        ^
+
+SyntaxError: Unexpected token ';'
+    at wrapSafe (node:internal/modules/cjs/loader:1464:18)
+"""
+RUBY_ERROR = """-e:1:in `load': main.rb:3: syntax error, unexpected ')', expecting end-of-input (SyntaxError)
+puts )
+     ^
+\tfrom -e:1:in `<main>'
+"""
+BASH_ERROR = "main.bash: line 3: syntax error near unexpected token `then'\nmain.bash: line 3: `if then'\n"
+DASH_ERROR = 'main.sh: 3: Syntax error: "then" unexpected\n'
+
+
+@pytest.mark.parametrize("lang,source,text,where", [
+    ("c", "main.c", GCC_WARN_THEN_ERROR, {"line": 4, "column": 16}),
+    ("cpp", "main.cpp", GPP_ERROR, {"line": 3, "column": 11}),
+    ("java", "Echo.java", JAVAC_ERROR, {"line": 3, "column": 29}),
+    ("go", "main.go", GO_ERROR, {"line": 4, "column": 15}),
+    ("rust", "main.rs", RUSTC_WARN_THEN_ERROR, {"line": 3, "column": 18}),
+    ("python", "main.py", PY_TRACEBACK, {"line": 2}),
+    ("javascript", "main.js", NODE_ERROR, {"line": 3, "column": 9}),
+    ("ruby", "main.rb", RUBY_ERROR, {"line": 3, "column": 6}),
+    ("bash", "main.bash", BASH_ERROR, {"line": 3}),
+    ("sh", "main.sh", DASH_ERROR, {"line": 3}),
+])
+def test_locate_per_toolchain(lang, source, text, where):
+    assert L.locate(L.LANGUAGES[lang], text, source) == where
+
+
+def test_locate_finds_nothing_in_plain_text():
+    assert L.locate(L.LANGUAGES["c"], "collect2: error: ld returned 1 exit status\n", "main.c") == {}
+    # Another file's line is not the program's line.
+    assert L.locate(L.LANGUAGES["java"], "Other.java:7: error: x\n", "Main.java") == {}
+    assert L.locate(L.LANGUAGES["bash"], "main.sh: line 9: x\n", "main.bash") == {}
+
+
+# -- toolchain detection, no cluster ------------------------------------------
+
+def run_async(coro):
+    import asyncio
+    return asyncio.run(coro)
+
+
+def test_detection_skips_a_missing_toolchain_cleanly(monkeypatch, tmp_path):
+    # A PATH with no pwsh on it: PowerShell is simply not offered.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = run_async(toolchains.detect(["powershell", "sh"]))
+    assert found.keys() == {"sh"}
+
+
+def test_detection_restricts_and_rejects_unknown_names():
+    assert run_async(toolchains.detect(["py", "c"])).keys() == {"python", "c"}
+    with pytest.raises(ValueError, match="cobol"):
+        run_async(toolchains.detect(["python", "cobol"]))
+
+
+def fake_tool(directory, name: str, body: str) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+    return path
+
+
+def test_detection_passes_over_a_toolchain_that_fails_in_a_job_environment(monkeypatch, tmp_path):
+    # Like a rustup proxy that needs ~/.rustup: it answers the slave's user, not a job.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    fake_tool(broken, "ruby", 'test "$HOME" = "%s" && echo "ruby 9.9.9" && exit 0\necho "no toolchain" >&2\nexit 1\n'
+              % os.environ.get("HOME", "/root"))
+    monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
+    chains = run_async(toolchains.detect_toolchains(["ruby"]))
+    assert chains["ruby"].version != "9.9.9"
+    assert chains["ruby"].programs["ruby"] == shutil.which("ruby", path=os.environ["PATH"].split(":", 1)[1])
+
+
+def test_detection_answers_are_cached_by_binary_identity(monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    tool = fake_tool(bin_dir, "ruby", f'echo x >> {calls}\necho "ruby 9.9.1"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cache = str(tmp_path / "toolchains.json")
+
+    def count() -> int:
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    assert run_async(toolchains.detect(["ruby"], cache_path=cache)) == {"ruby": "9.9.1"}
+    assert count() == 1
+    assert run_async(toolchains.detect(["ruby"], cache_path=cache)) == {"ruby": "9.9.1"}
+    assert count() == 1  # answered from the cache
+    with open(tool, "a") as f:  # a new binary: asked again
+        f.write("# upgraded\n")
+    assert run_async(toolchains.detect(["ruby"], cache_path=cache)) == {"ruby": "9.9.1"}
+    assert count() == 2
+
+
+# -- the compile cache, no cluster ---------------------------------------------
+
+def test_cache_key_covers_language_version_argv_and_every_file():
+    base = CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}", "a.h": "x"})
+    assert base == CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"a.h": "x", "main.c": "int main(){}"})
+    assert len({base,
+                CompileCache.key("cpp", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}", "a.h": "x"}),
+                CompileCache.key("c", "13.1.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}", "a.h": "x"}),
+                CompileCache.key("c", "12.2.0", ["gcc", "-O0", "main.c"], {"main.c": "int main(){}", "a.h": "x"}),
+                CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){ }", "a.h": "x"}),
+                CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}", "a.h": "y"}),
+                CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}"}),
+                CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}a.h", "": "x"}),
+                }) == 8
+
+
+def make_artefacts(d, names: dict[str, bytes]) -> str:
+    os.makedirs(d, exist_ok=True)
+    for name, data in names.items():
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+    return str(d)
+
+
+def test_cache_store_and_fetch_a_set_of_files(tmp_path):
+    cache = CompileCache(str(tmp_path / "cache"))
+    src = make_artefacts(tmp_path / "job1", {"Main.class": b"A", "Main$Inner.class": b"BB", "Main.java": b"src"})
+    assert cache.store("k1", src, ("*.class",))
+    dest = make_artefacts(tmp_path / "job2", {})
+    assert cache.fetch("k1", dest)
+    assert sorted(os.listdir(dest)) == ["Main$Inner.class", "Main.class"]
+    assert pathlib.Path(os.path.join(dest, "Main$Inner.class")).read_bytes() == b"BB"
+    assert not cache.fetch("other", dest)
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert not cache.store("k2", src, ("*.bin",))  # nothing made: nothing kept
+
+
+def test_cache_keeps_the_executable_bit_and_copies(tmp_path):
+    cache = CompileCache(str(tmp_path / "cache"))
+    src = make_artefacts(tmp_path / "job1", {"main.bin": b"\x7fELF"})
+    os.chmod(os.path.join(src, "main.bin"), 0o755)
+    cache.store("k", src, ("main.bin",))
+    dest = make_artefacts(tmp_path / "job2", {})
+    cache.fetch("k", dest)
+    assert os.access(os.path.join(dest, "main.bin"), os.X_OK)
+    with open(os.path.join(dest, "main.bin"), "ab") as f:  # a job rewrites its copy...
+        f.write(b"tampered")
+    again = make_artefacts(tmp_path / "job3", {})
+    cache.fetch("k", again)
+    assert pathlib.Path(os.path.join(again, "main.bin")).read_bytes() == b"\x7fELF"  # ...not the cache's
+
+
+def test_cache_evicts_least_recently_used_beyond_its_size(tmp_path):
+    cache = CompileCache(str(tmp_path / "cache"), max_bytes=250)
+    for i, key in enumerate(["a", "b", "c"]):
+        cache.store(key, make_artefacts(tmp_path / f"s{key}", {"main.bin": bytes(100)}), ("main.bin",))
+        past = time.time() - 100 + i
+        os.utime(os.path.join(cache.root, key), (past, past))
+        if key == "b":
+            # "a" used after "b" was stored: "b" becomes the oldest.
+            assert cache.fetch("a", make_artefacts(tmp_path / "d", {}))
+    assert {k for k, _, _ in cache.entries()} == {"a", "c"}
+    assert sum(size for _, _, size in cache.entries()) <= 250
+    assert not cache.store("huge", make_artefacts(tmp_path / "sh", {"main.bin": bytes(300)}), ("main.bin",))
+
+
+def test_cache_concurrent_stores_of_one_key_all_succeed_or_yield(tmp_path):
+    cache = CompileCache(str(tmp_path / "cache"))
+    srcs = [make_artefacts(tmp_path / f"s{i}", {"main.bin": b"same" * 1000}) for i in range(8)]
+    results: list[bool] = []
+    barrier = threading.Barrier(len(srcs))
+
+    def store(src):
+        barrier.wait()
+        results.append(cache.store("k", src, ("main.bin",)))
+
+    threads = [threading.Thread(target=store, args=(s,)) for s in srcs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1 and len(results) == 8
+    assert os.listdir(cache.root) == ["k"]  # no temporary directory left behind
+    dest = make_artefacts(tmp_path / "d", {})
+    assert cache.fetch("k", dest) and pathlib.Path(os.path.join(dest, "main.bin")).read_bytes() == b"same" * 1000
+
+
+# -- every language through a real cluster --------------------------------------
+
+def test_cluster_offers_every_language(lclient):
+    langs = {lang["name"]: lang for lang in lclient.languages()}
+    assert set(LANGS) <= set(langs), f"missing toolchains: {set(LANGS) - set(langs)}"
+    for name in LANGS:
+        assert langs[name]["slaves"] == 2 and langs[name]["version"] not in (None, "", "unknown")
+    if not shutil.which("pwsh"):
+        assert "powershell" not in langs
+
+
+def test_slaves_command_shows_languages(lc):
+    env = dict(os.environ, DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token)
+    out = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "slaves", "--json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    slaves = json.loads(out.stdout)["slaves"]
+    assert len(slaves) == 2
+    for s in slaves:
+        assert set(LANGS) <= set(s["languages"])
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_hello(submitted, lang):
+    job = result(submitted, lang, "hello")
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout == "hello\n" and job.exit_code == 0 and job.error is None
+    assert job.language == lang
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_args_and_stdin(submitted, lang):
+    job = result(submitted, lang, "echo")
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout == "args=a|b c|-x\none\ntwo words\n"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_runtime_error_exit_code(submitted, lang):
+    job = result(submitted, lang, "fail")
+    assert job.status == P.FAILED, job.record
+    assert job.error["code"] == P.NONZERO_EXIT and job.exit_code == 3
+    assert job.stdout == "before\n" and "oops" in job.stderr
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_error_names_its_line(submitted, lang):
+    job = result(submitted, lang, "bad")
+    if lang == "python":
+        assert job.status == P.REJECTED and job.error["code"] == P.SYNTAX_ERROR
+    elif lang in COMPILED:
+        # The run step never happened: no output but the compiler's.
+        assert job.status == P.FAILED and job.error["code"] == P.COMPILE_ERROR, job.record
+        assert job.exit_code is None and job.stdout == ""
+        assert L.LANGUAGES[lang].source_name(PROGRAMS[lang]["bad"]).split(".")[0] in job.stderr
+    else:
+        assert job.status == P.FAILED and job.error["code"] == P.NONZERO_EXIT, job.record
+        assert job.exit_code != 0
+    assert job.error["line"] == 3, job.record
+    if lang != "python":
+        assert "3" in job.stderr
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_output_streams_while_running(lclient, lang):
+    # "ready" must reach the master while the program still sleeps: no buffering until exit.
+    job = lclient.submit(PROGRAMS[lang]["stream"], language=lang, timeout=120)
+    try:
+        wait_for(lambda: "ready" in (job.refresh().stdout or ""), timeout=JOB_WAIT,
+                 what=f"{lang}'s first line while it runs")
+        assert job.status == P.RUNNING
+    finally:
+        job.cancel()
+    assert job.wait(30).status == P.CANCELLED
+
+
+# -- the compile cache through the cluster --------------------------------------
+
+def unique_c(tag: str) -> str:
+    return f'#include <stdio.h>\nint main(void) {{ printf("{tag}\\n"); return 0; }}\n'
+
+
+def test_second_run_of_a_c_program_skips_the_compile(lc, lclient):
+    tag = uuid.uuid4().hex
+    before = cache_entries(lc)
+    first = lclient.submit(unique_c(tag), language="c").wait(JOB_WAIT)
+    assert first.stdout == f"{tag}\n", first.record
+    added = cache_entries(lc) - before
+    assert len(added) == 1
+    second = lclient.submit(unique_c(tag), language="c", args=["ignored"]).wait(JOB_WAIT)
+    assert second.status == P.SUCCEEDED and second.stdout == f"{tag}\n"
+    assert cache_entries(lc) - before == added  # nothing new compiled and kept
+    logs = wait_for(lambda: (lambda text: f"job {second.id}: compile cache hit" in text and text)(slave_logs(lc)),
+                    what="the cache hit in the slave's log")
+    assert f"job {first.id}: compiled c" in logs
+    assert f"job {second.id}: compiled c" not in logs
+
+
+def test_cache_not_shared_across_different_sources(lc, lclient):
+    a, b = uuid.uuid4().hex, uuid.uuid4().hex
+    before = cache_entries(lc)
+    ja = lclient.submit(unique_c(a), language="c").wait(JOB_WAIT)
+    jb = lclient.submit(unique_c(b), language="c").wait(JOB_WAIT)
+    assert (ja.stdout, jb.stdout) == (f"{a}\n", f"{b}\n")
+    assert len(cache_entries(lc) - before) == 2
+    logs = slave_logs(lc)
+    assert f"job {jb.id}: compiled c" in logs and f"job {jb.id}: compile cache hit" not in logs
+
+
+def test_cache_key_includes_the_jobs_headers(lc, lclient):
+    src = '#include <stdio.h>\n#include "value.h"\nint main(void) { printf("%d\\n", VALUE); return 0; }\n'
+    one = lclient.submit(src, language="c", files={"value.h": "#define VALUE 1\n"}).wait(JOB_WAIT)
+    two = lclient.submit(src, language="c", files={"value.h": "#define VALUE 2\n"}).wait(JOB_WAIT)
+    assert (one.stdout, two.stdout) == ("1\n", "2\n"), (one.record, two.record)
+
+
+def test_same_source_compiled_by_two_jobs_at_once(lc, lclient):
+    tag = uuid.uuid4().hex
+    jobs = [lclient.submit(unique_c(tag), language="c") for _ in range(4)]
+    for job in jobs:
+        assert job.wait(JOB_WAIT).status == P.SUCCEEDED, job.record
+        assert job.stdout == f"{tag}\n"
+    assert len({j.slave_uid for j in jobs}) >= 1
+    root = os.path.join(lc.home, "cache", "compile")
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]
+
+
+def test_java_cache_keeps_every_class_file(lc, lclient):
+    tag = uuid.uuid4().hex
+    src = ("public class Outer {\n  static class Inner { String s() { return \"%s\"; } }\n"
+           "  public static void main(String[] a) { System.out.println(new Inner().s()); }\n}\n" % tag)
+    before = cache_entries(lc)
+    first = lclient.submit(src, language="java").wait(JOB_WAIT)
+    assert first.stdout == f"{tag}\n", first.record
+    (entry,) = cache_entries(lc) - before
+    assert sorted(os.listdir(os.path.join(lc.home, "cache", "compile", entry))) == ["Outer$Inner.class", "Outer.class"]
+    second = lclient.submit(src, language="java").wait(JOB_WAIT)
+    assert second.stdout == f"{tag}\n"
+    wait_for(lambda: f"job {second.id}: compile cache hit" in slave_logs(lc), what="the java cache hit")
+
+
+# -- which slave gets what ------------------------------------------------------
+
+def test_python_only_slave_never_receives_c_jobs(make_cluster):
+    lc = make_cluster(1, slots=2)
+    py_only = lc.start_slave("--languages", "python")
+    with Cluster(lc.url, token=lc.token) as c:
+        slaves = {s["uid"]: s for s in c.slaves()}
+        assert slaves[py_only.uid]["languages"] == ["python"]
+        full = next(uid for uid in slaves if uid != py_only.uid)
+        jobs = [c.submit(unique_c(f"c{i}") if i % 2 else 'print("py")', language="c" if i % 2 else "python")
+                for i in range(12)]
+        for job in jobs:
+            assert job.wait(JOB_WAIT).status == P.SUCCEEDED, job.record
+        c_uids = {j.slave_uid for j in jobs if j.language == "c"}
+        py_uids = {j.slave_uid for j in jobs if j.language == "python"}
+        assert c_uids == {full}
+        # The python-only slave was there and took work: the C jobs avoided it by choice.
+        assert py_only.uid in py_uids
+
+
+def test_c_rejected_when_only_python_slaves(make_cluster):
+    lc = make_cluster(2, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        assert [lang["name"] for lang in c.languages()] == ["python"]
+        job = c.submit(unique_c("x"), language="c").wait(10)
+        assert job.status == P.REJECTED
+        assert job.error["code"] == P.UNSUPPORTED_LANGUAGE
+        assert "python" in job.error["message"]
+        job = c.submit("puts 1", language="rb").wait(10)
+        assert job.error["code"] == P.UNSUPPORTED_LANGUAGE and job.language == "ruby"
+
+
+def test_unknown_language_in_languages_flag_stops_the_slave(make_cluster):
+    lc = make_cluster(0)
+    child = lc.spawn_slave("--languages", "python,cobol")
+    assert child.proc.wait(30) == 2
