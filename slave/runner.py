@@ -114,7 +114,7 @@ class ProcessRunner:
         return f"a fresh process per job; {self.sandbox.describe()}"
 
     async def close(self) -> None:
-        pass
+        self.sandbox.close()
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         lang = L.get(job["language"])
@@ -203,12 +203,16 @@ class ProcessRunner:
     async def _step(self, argv: list[str], workdir: str, env: dict, stdin: bytes | None,
                     timeout: float, cancel: asyncio.Event, capture: _Capture) -> StepResult:
         started = time.monotonic()
-        spawn = self.sandbox.command(argv, workdir, env, self.limits)
-        proc = await asyncio.create_subprocess_exec(
-            *spawn.argv, cwd=spawn.cwd, env=spawn.env,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=spawn.preexec)
+        spawn = self.sandbox.command(argv, workdir, env, self.limits, timeout=timeout)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spawn.argv, cwd=spawn.cwd, env=spawn.env,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, preexec_fn=spawn.preexec)
+        except BaseException:
+            self.sandbox.cleanup(spawn)
+            raise
         reason: str | None = None
         try:
             if stdin is not None:
@@ -217,7 +221,9 @@ class ProcessRunner:
                        asyncio.ensure_future(_pump(proc.stderr, "stderr", capture))]
             exited = asyncio.ensure_future(proc.wait())
             cancelled = asyncio.ensure_future(cancel.wait())
-            watcher = asyncio.ensure_future(_watch_memory(proc.pid, self.limits.memory_bytes, capture))
+            # Polled only when the kernel does not hold the limit (no memory cgroup).
+            watcher = (asyncio.ensure_future(_watch_memory(proc.pid, self.limits.memory_bytes, capture))
+                       if spawn.watch_memory else asyncio.get_running_loop().create_future())
             deadline = started + timeout
             while True:
                 remaining = deadline - time.monotonic()
@@ -249,6 +255,8 @@ class ProcessRunner:
                 r.cancel()
             if reason is None and capture.over:
                 reason = "output_limit"
+            if reason is None and proc.returncode != 0 and self.sandbox.memory_exceeded(spawn):
+                reason = "memory_limit"  # the kernel's OOM killer, inside the job's cgroup
         finally:
             if proc.returncode is None:
                 _kill_group(proc.pid)
@@ -278,7 +286,8 @@ def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:
 
 
 _SIGNALS_SEEN_AS_EXIT = {int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE, signal.SIGBUS,
-                                          signal.SIGILL, signal.SIGKILL, signal.SIGTERM)}
+                                          signal.SIGILL, signal.SIGKILL, signal.SIGTERM,
+                                          signal.SIGXCPU, signal.SIGXFSZ)}
 
 
 def _signal_error(signum: int) -> dict:

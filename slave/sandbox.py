@@ -3,13 +3,47 @@
 ``Sandbox.command`` turns the argv of a compile or run step into what is
 actually spawned.  The runner knows nothing of how isolation is done, so a
 stronger sandbox is a change here only.
+
+Two sandboxes, the strongest that works is picked once at slave start
+(``best_sandbox``) and says what it does in ``describe()``:
+
+- ``BwrapSandbox``: bubblewrap (as Flatpak uses it) puts each step in its own
+  mount, PID, IPC, UTS and (unless ``--allow-network``) network namespace; the
+  system is read-only, /tmp is private, only the job's directory is writable;
+  the slave's $DISTEXEC_HOME, its user's home and the other jobs' directories
+  are hidden; the program runs as ``nobody`` with no capabilities.
+- ``Sandbox``: the fallback when bubblewrap is missing or refused: a clean
+  environment, a process group and resource limits only.
+
+Both put each step in its own cgroup (v1 ``memory`` and ``pids``) where the
+kernel offers them: that is what enforces the memory and process limits and
+what lets cleanup kill every process of the step, even ones that left the
+process group.  Without cgroups the runner falls back to polling the job's
+memory with psutil, and the process limit is RLIMIT_NPROC (shared by all
+jobs of one uid) or nothing.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import itertools
+import logging
+import math
 import os
+import pwd
 import resource
-from dataclasses import dataclass
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
 from typing import Callable
+
+from distexec_kernel import config
+
+log = logging.getLogger("distexec.slave.sandbox")
 
 
 @dataclass
@@ -36,10 +70,25 @@ class Spawn:
     cwd: str
     env: dict[str, str]
     preexec: Callable[[], None] | None
+    # The step's cgroup, owned by the sandbox (None without cgroups).
+    cgroup: "JobCgroup | None" = None
+    # False when the kernel holds the memory limit (cgroup): the runner's RSS poll is then redundant.
+    watch_memory: bool = True
 
 
 # Only these reach a job: never the slave's secret or the user's tokens.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "JAVA_HOME", "GOROOT")
+
+# Seconds of CPU time a process may use beyond (timeout x cores): RLIMIT_CPU is
+# only the backstop for the runner's wall-clock timeout, so it must never fire
+# first for an honest multi-threaded program.
+CPU_MARGIN = 5
+
+# bubblewrap's own processes in the step's pids cgroup (the outer bwrap and the
+# namespace's init): they do not count against the job's --max-procs.
+BWRAP_PROCS = 2
+
+NOBODY = 65534
 
 
 def job_env(workdir: str, extra: dict[str, str]) -> dict[str, str]:
@@ -51,33 +100,561 @@ def job_env(workdir: str, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _rlimits(limits: Limits) -> Callable[[], None]:
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, never between fork and exec
+_PR_SET_PDEATHSIG = 1
+
+
+def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
+             nproc: bool) -> Callable[[], None]:
+    size = limits.file_size_mb << 20
+    cpu = math.ceil(timeout * (os.cpu_count() or 1)) + CPU_MARGIN if timeout else None
+    join = cgroup.join_paths() if cgroup else ()
+
     def apply() -> None:
         # Runs in the child between fork and exec: plain syscalls only.
+        # A slave killed outright takes its jobs with it: the master declares
+        # them lost (and may run them elsewhere), so they must not run on.
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        pid = str(os.getpid()).encode()
+        for path in join:
+            # Joined before exec, so every process of the step is born inside.
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        os.umask(0o022)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        size = limits.file_size_mb << 20
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        if cpu is not None:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        if nproc:
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
     return apply
+
+
+# -- cgroups -------------------------------------------------------------------
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _v1_mounts() -> dict[str, str]:
+    """controller -> mount point, for the cgroup v1 hierarchies of this machine."""
+    found = {}
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[2] == "cgroup":
+                    for opt in parts[3].split(","):
+                        found.setdefault(opt, parts[1])
+    except OSError:
+        pass
+    return found
+
+
+class Cgroups:
+    """The slave's cgroup v1 subtree (``<mount>/distexec/slave-<pid>-<n>``) for
+    the ``memory`` and ``pids`` controllers, one child cgroup per step.
+
+    Created only where we may write (root, or a delegated subtree); a
+    controller that cannot be used is None and ``missing`` says why.
+    """
+
+    CONTROLLERS = ("memory", "pids")
+
+    def __init__(self, mounts: dict[str, str] | None = None):
+        self.base: dict[str, str] = {}
+        self.missing: dict[str, str] = {}
+        self._counter = itertools.count(1)
+        self._leftovers: list[JobCgroup] = []
+        mounts = _v1_mounts() if mounts is None else mounts
+        instance = next(_instances)
+        for ctrl in self.CONTROLLERS:
+            mount = mounts.get(ctrl)
+            if mount is None:
+                self.missing[ctrl] = "no cgroup v1 hierarchy mounted (cgroup v2 is not supported yet)"
+                continue
+            top = os.path.join(mount, "distexec")
+            base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
+            try:
+                os.makedirs(base, exist_ok=True)
+                _reap_stale(top)
+                probe = os.path.join(base, "probe")
+                os.mkdir(probe)
+                _write(os.path.join(probe, "memory.limit_in_bytes" if ctrl == "memory" else "pids.max"), "1000")
+                os.rmdir(probe)
+            except OSError as exc:
+                self.missing[ctrl] = f"cannot create cgroups under {mount}: {exc.strerror}"
+                continue
+            self.base[ctrl] = base
+
+    @property
+    def memory(self) -> bool:
+        return "memory" in self.base
+
+    @property
+    def pids(self) -> bool:
+        return "pids" in self.base
+
+    def create(self, limits: Limits, extra_procs: int = 0) -> "JobCgroup | None":
+        """A fresh cgroup for one step, with the limits set; None if there are no controllers."""
+        if not self.base:
+            return None
+        self._retry_leftovers()
+        name = f"job-{next(self._counter)}"
+        cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()})
+        try:
+            for ctrl, path in cg.paths.items():
+                os.mkdir(path)
+                if ctrl == "memory":
+                    _write(os.path.join(path, "memory.limit_in_bytes"), str(limits.memory_bytes))
+                    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
+                    if os.path.exists(memsw):
+                        # Swap would let a job go past its limit, only slower.
+                        _write(memsw, str(limits.memory_bytes))
+                else:
+                    _write(os.path.join(path, "pids.max"), str(limits.max_procs + extra_procs))
+        except OSError:
+            cg.destroy()
+            raise
+        return cg
+
+    def release(self, cg: "JobCgroup") -> None:
+        if not cg.destroy():
+            self._leftovers.append(cg)
+
+    def _retry_leftovers(self) -> None:
+        self._leftovers = [cg for cg in self._leftovers if not cg.destroy(wait=0)]
+
+    def close(self) -> None:
+        for cg in self._leftovers:
+            cg.destroy()
+        for base in self.base.values():
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+
+
+_instances = itertools.count(1)
+
+
+def _reap_stale(top: str) -> None:
+    """Remove what slaves that died without cleaning up left under ``top``."""
+    for entry in os.listdir(top):
+        if not entry.startswith("slave-"):
+            continue
+        try:
+            pid = int(entry.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        base = os.path.join(top, entry)
+        for job in os.listdir(base):
+            if os.path.isdir(os.path.join(base, job)):
+                JobCgroup({"x": os.path.join(base, job)}).destroy()
+        try:
+            os.rmdir(base)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@dataclass
+class JobCgroup:
+    """One step's cgroups: controller -> directory."""
+
+    paths: dict[str, str]
+    gone: bool = field(default=False)
+
+    def join_paths(self) -> tuple[str, ...]:
+        return tuple(os.path.join(p, "cgroup.procs") for p in self.paths.values())
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for path in self.paths.values():
+            try:
+                found.update(int(x) for x in _read(os.path.join(path, "cgroup.procs")).split())
+            except OSError:
+                pass
+        return found
+
+    def oom_killed(self) -> bool:
+        """True if the kernel killed a process of this step for going past the memory limit."""
+        path = self.paths.get("memory")
+        if path is None:
+            return False
+        try:
+            for line in _read(os.path.join(path, "memory.oom_control")).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value) > 0
+            # Kernels before 4.13 count no kills: reaching the limit is the best hint.
+            return int(_read(os.path.join(path, "memory.failcnt"))) > 0
+        except (OSError, ValueError):
+            return False
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def destroy(self, wait: float = 1.0) -> bool:
+        """Kill every process of the step, then remove the cgroups.  True when gone.
+
+        A killed process leaves its cgroup only once the kernel has torn it
+        down, so removal is retried for up to ``wait`` seconds.
+        """
+        if self.gone:
+            return True
+        deadline = time.monotonic() + wait
+        delay = 0.0005
+        while True:
+            self.kill_all()
+            left = {}
+            for ctrl, path in self.paths.items():
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        log.warning("cannot remove cgroup %s: %s", path, exc)
+                    left[ctrl] = path
+            self.paths = left
+            if not left:
+                self.gone = True
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+# -- sandboxes -----------------------------------------------------------------
 
 
 class Sandbox:
     """No isolation beyond a process group, a private directory, a clean
-    environment and resource limits.  Subclasses add real isolation."""
+    environment and resource limits (cgroups where available).  Subclasses
+    add real isolation."""
 
     name = "none"
 
-    def describe(self) -> str:
-        return ("isolation: NONE beyond a private working directory, a clean environment and "
-                "resource limits; jobs run as the slave's user and can reach the network")
+    def __init__(self, cgroups: Cgroups | None = None, why_not: str | None = None):
+        self.cgroups = cgroups
+        # Why nothing stronger is in force, for describe().
+        self.why_not = why_not
 
-    def command(self, argv: list[str], workdir: str, extra_env: dict[str, str], limits: Limits) -> Spawn:
-        return Spawn(list(argv), workdir, job_env(workdir, extra_env), _rlimits(limits))
+    @property
+    def job_uid(self) -> int:
+        return os.getuid()
+
+    def describe(self) -> str:
+        """What isolation and which limits are in force, in one line for the start-up log."""
+        why = f" ({self.why_not})" if self.why_not else ""
+        return (f"isolation: NONE{why} beyond a private working directory, a clean environment and "
+                f"resource limits; jobs run as the slave's user (uid {os.getuid()}), see its files "
+                f"and can reach the network; " + self._describe_limits())
+
+    def _describe_limits(self) -> str:
+        cg = self.cgroups
+        parts = []
+        if cg and cg.memory:
+            parts.append("memory per job by cgroup")
+        else:
+            why = cg.missing.get("memory") if cg else "cgroups not used"
+            parts.append(f"memory per job polled every 50 ms (no memory cgroup: {why})")
+        if cg and cg.pids:
+            parts.append("processes per job by cgroup")
+        elif self._nproc_rlimit():
+            parts.append("processes by RLIMIT_NPROC, shared by every job of uid "
+                         f"{self.job_uid} (no pids cgroup)")
+        else:
+            why = cg.missing.get("pids") if cg else "cgroups not used"
+            parts.append(f"processes NOT limited (no pids cgroup: {why}; RLIMIT_NPROC does not bind root)")
+        parts.append("CPU time, file size, open files and output by rlimits and the runner")
+        cleanup = ("every process of a job killed at its end (cgroup)" if cg and cg.base
+                   else "only the job's process group is killed at its end: a daemon that "
+                        "calls setsid() survives")
+        return "limits: " + ", ".join(parts) + "; " + cleanup
+
+    def _nproc_rlimit(self) -> bool:
+        # Per real uid, and never binding for root: only worth it for an unprivileged job uid.
+        return not (self.cgroups and self.cgroups.pids) and self.job_uid != 0
+
+    def _wrap(self, argv: list[str], workdir: str, limits: Limits) -> list[str]:
+        return list(argv)
+
+    def close(self) -> None:
+        """At slave exit: free what the sandbox holds for all jobs."""
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+    def _extra_procs(self) -> int:
+        return 0
+
+    def command(self, argv: list[str], workdir: str, extra_env: dict[str, str], limits: Limits,
+                timeout: float | None = None) -> Spawn:
+        """What to spawn for one step (``argv`` run in ``workdir``).
+
+        ``timeout`` (seconds of wall clock the runner allows) sets the CPU-time
+        backstop.  Every Spawn must be given back to ``cleanup`` once its
+        process has exited or been killed.
+        """
+        cgroup = self.cgroups.create(limits, self._extra_procs()) if self.cgroups else None
+        try:
+            wrapped = self._wrap(argv, workdir, limits)
+        except BaseException:
+            if cgroup:
+                self.cgroups.release(cgroup)
+            raise
+        return Spawn(wrapped, workdir, job_env(workdir, extra_env),
+                     _preexec(limits, timeout, cgroup, self._nproc_rlimit()), cgroup=cgroup,
+                     watch_memory=not (cgroup and "memory" in cgroup.paths))
+
+    def memory_exceeded(self, spawn: Spawn) -> bool:
+        """After the step ended: did the kernel kill a process of it for its memory?"""
+        return bool(spawn.cgroup and spawn.cgroup.oom_killed())
 
     def cleanup(self, spawn: Spawn) -> None:
-        pass
+        """Kill whatever is left of the step and free what ``command`` took."""
+        if spawn.cgroup is not None:
+            self.cgroups.release(spawn.cgroup)
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _hiding_root(jobroot: str) -> str:
+    """Where to mount the tmpfs that hides the other jobs' directories.
+
+    The parent of the job directories, or the topmost directory above it the
+    job's uid could not walk through (a 0700 temporary directory): the tmpfs
+    and the directories made in it are open to the job, the host's are not.
+    """
+    path = "/"
+    for part in jobroot.strip("/").split("/"):
+        path = os.path.join(path, part)
+        try:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return path
+        except OSError:
+            break
+    return jobroot
+
+
+# Toolchains that install under a user's home: the job may see them (read-only)
+# though the home itself is hidden.  rustup's proxies in ~/.cargo/bin need ~/.rustup.
+TOOLCHAIN_HOMES = (".cargo", ".rustup", ".pyenv", ".nvm", ".sdkman", ".ghcup", ".juliaup", ".dotnet",
+                   ".local/bin", "go")
+
+
+class BwrapSandbox(Sandbox):
+    """Each step in bubblewrap namespaces, as ``nobody``, seeing a read-only system.
+
+    bwrap runs as root without a user namespace (a user namespace would map
+    ``nobody`` inside to root outside, the owner of every system file); the
+    job drops to uid/gid 65534 with no capabilities and no_new_privs through
+    util-linux's ``setpriv`` once its mounts are in place.
+    """
+
+    name = "bubblewrap"
+
+    def __init__(self, cgroups: Cgroups | None = None, bwrap: str = "bwrap", setpriv: str = "setpriv",
+                 uid: int = NOBODY, gid: int = NOBODY, expose: tuple[str, ...] = ()):
+        super().__init__(cgroups)
+        self.bwrap = shutil.which(bwrap) or bwrap
+        self.setpriv = shutil.which(setpriv) or setpriv
+        self.uid = uid
+        self.gid = gid
+        self.secrets = self._secret_dirs()
+        self.expose = self._exposed(expose)
+        # What describe() reports; each step follows its own Limits.allow_network.
+        self.allow_network = False
+
+    @property
+    def job_uid(self) -> int:
+        return self.uid
+
+    def describe(self) -> str:
+        net = "network allowed (--allow-network)" if self.allow_network else "no network (own network namespace)"
+        shown = f" except the toolchains {', '.join(self.expose)}" if self.expose else ""
+        return (f"isolation: bubblewrap; jobs run as uid {self.uid} without capabilities, in their own "
+                f"PID, mount, IPC and UTS namespaces; {net}; read-only system, private /tmp, only the "
+                f"job's directory writable; hidden: {', '.join(self.secrets)}{shown} and the other jobs' "
+                f"directories; " + self._describe_limits())
+
+    @staticmethod
+    def _secret_dirs() -> list[str]:
+        """Directories a job must not see: the slave's home directory and $DISTEXEC_HOME."""
+        dirs = [os.path.realpath(config.home())]
+        for home in (os.environ.get("HOME"), pwd.getpwuid(os.getuid()).pw_dir):
+            if home and os.path.realpath(home) != "/":
+                dirs.append(os.path.realpath(home))
+        return sorted(set(dirs))
+
+    def _exposed(self, extra: tuple[str, ...]) -> tuple[str, ...]:
+        """Toolchain directories inside a hidden one (``~/.cargo``...), shown read-only."""
+        found = []
+        candidates = [os.path.realpath(p) for p in extra]
+        for entry in os.environ.get("PATH", "").split(os.pathsep):
+            real = os.path.realpath(entry) if entry else ""
+            for hidden in self.secrets:
+                if real and _under(real, hidden) and real != hidden:
+                    # The install root: the first directory below the hidden one.
+                    rel = os.path.relpath(real, hidden).split(os.sep)[0]
+                    candidates.append(os.path.join(hidden, rel))
+        for hidden in self.secrets:
+            candidates += [os.path.join(hidden, name) for name in TOOLCHAIN_HOMES]
+        distexec_home = os.path.realpath(config.home())
+        for path in candidates:
+            if not os.path.isdir(path) or path in found:
+                continue
+            # Never show a secret through a toolchain directory that holds it.
+            if _under(distexec_home, path) or path in self.secrets:
+                continue
+            found.append(path)
+        return tuple(sorted(found))
+
+    def _extra_procs(self) -> int:
+        return BWRAP_PROCS
+
+    def _prepare(self, workdir: str) -> None:
+        """Hand the job's directory to the job's uid.
+
+        Only what the slave wrote there is chowned (root-owned, single link,
+        never through a symlink): an earlier step ran as the job's uid and may
+        have planted links to system files.
+        """
+        if os.getuid() != 0:
+            return
+        for root, dirs, files in os.walk(workdir):
+            paths = [os.path.join(root, n) for n in dirs + files]
+            if root == workdir:
+                paths.insert(0, root)
+            for path in paths:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if st.st_uid == 0 and not stat.S_ISLNK(st.st_mode) \
+                        and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+                    os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+    def _wrap(self, argv: list[str], workdir: str, limits: Limits) -> list[str]:
+        self._prepare(workdir)
+        workdir = os.path.realpath(workdir)
+        size = str(limits.memory_bytes)
+        # (destination, bwrap arguments), applied in this order: hiding tmpfs
+        # first, then what is shown again inside them, the job's directory last.
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        tmpfs = [("/tmp", "1777"), ("/dev/shm", "1777"), (_hiding_root(os.path.dirname(workdir)), "0755")]
+        tmpfs += [(d, "0755") for d in self.secrets if os.path.isdir(d)]
+        mounted: list[str] = []
+        for dest, perms in sorted(set(tmpfs), key=lambda t: (len(t[0]), t[0])):
+            if any(_under(dest, m) for m in mounted):
+                continue  # already hidden by a parent
+            args += ["--perms", perms, "--size", size, "--tmpfs", dest]
+            mounted.append(dest)
+        made: set[str] = set()
+        for src in list(self.expose) + [workdir]:
+            if any(_under(src, m) for m in self.expose if m != src and src != workdir):
+                continue
+            args += self._parents(src, mounted, made)
+            if src == workdir:
+                args += ["--bind", src, src]
+            else:
+                args += ["--ro-bind", src, src]
+        args += ["--chdir", workdir, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                 "--die-with-parent", "--new-session"]
+        if not limits.allow_network:
+            args.append("--unshare-net")
+        args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        return args + list(argv)
+
+    @staticmethod
+    def _parents(dest: str, tmpfs: list[str], made: set[str]) -> list[str]:
+        # bwrap makes missing mount points with mode 0700: inside a tmpfs the
+        # job's uid could not walk through them, so make them 0755 first.
+        out = []
+        for top in tmpfs:
+            if _under(dest, top) and dest != top:
+                parts = os.path.relpath(os.path.dirname(dest), top).split(os.sep)
+                path = top
+                for part in parts:
+                    if part in ("", "."):
+                        continue
+                    path = os.path.join(path, part)
+                    if path not in made:
+                        made.add(path)
+                        out += ["--perms", "0755", "--dir", path]
+        return out
+
+    def probe(self, limits: Limits) -> str | None:
+        """Run ``id -u`` through the sandbox once; None if it works, else why not."""
+        workdir = tempfile.mkdtemp(prefix="distexec-probe-")
+        spawn = None
+        try:
+            spawn = self.command(["id", "-u"], workdir, {}, limits, timeout=10)
+            done = subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20,
+                                  start_new_session=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{self.bwrap} could not be run: {exc}"
+        finally:
+            if spawn is not None:
+                self.cleanup(spawn)
+            shutil.rmtree(workdir, ignore_errors=True)
+        if done.returncode != 0 or done.stdout.strip() != str(self.uid):
+            err = (done.stderr.strip() or done.stdout.strip()).splitlines()
+            return f"{self.bwrap} failed (exit {done.returncode}): {err[-1] if err else 'no message'}"
+        return None
 
 
 def best_sandbox(limits: Limits) -> Sandbox:
-    """The strongest sandbox this machine offers."""
-    return Sandbox()
+    """The strongest sandbox this machine offers, probed once."""
+    try:
+        cgroups = Cgroups()
+    except OSError as exc:
+        log.warning("cgroups unusable: %s", exc)
+        cgroups = None
+    for ctrl, why in (cgroups.missing.items() if cgroups else ()):
+        log.warning("no %s cgroup for jobs: %s", ctrl, why)
+    missing = [tool for tool in ("bwrap", "setpriv") if shutil.which(tool) is None]
+    if missing:
+        why = f"{' and '.join(missing)} not found: install bubblewrap and util-linux"
+    elif os.getuid() != 0:
+        why = "the slave is not root: bubblewrap cannot switch jobs to another uid"
+    else:
+        box = BwrapSandbox(cgroups)
+        box.allow_network = limits.allow_network
+        why = box.probe(limits)
+        if why is None:
+            return box
+    log.warning("no sandbox: %s", why)
+    return Sandbox(cgroups, why_not=why)

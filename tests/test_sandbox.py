@@ -1,0 +1,478 @@
+"""Real attacks on the job sandbox, through a real master and slave.
+
+One slave with small limits serves the module; its $DISTEXEC_HOME and job
+directories live outside /tmp, so hiding them is the sandbox's work and not a
+side effect of the private /tmp.  Every test ends by checking that no
+process of any job is left (found by the job directory in its environment)
+and that the slave still runs the next job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import psutil
+import pytest
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.local import LocalCluster
+from slave.sandbox import BwrapSandbox, Cgroups, Limits, NOBODY, Sandbox, best_sandbox
+
+from conftest import wait_for
+
+MEMORY_MB = 128
+MAX_PROCS = 32
+
+
+@pytest.fixture(scope="module")
+def box():
+    """Outside /tmp: the job root and $DISTEXEC_HOME, removed at the end."""
+    root = tempfile.mkdtemp(prefix="distexec-sandbox-test-", dir="/var/tmp")
+    os.makedirs(os.path.join(root, "jobs"))
+    os.makedirs(os.path.join(root, "home"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lc(box):
+    cluster = LocalCluster(1, slots=2, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
+                           slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1",
+                                       "--max-procs", str(MAX_PROCS), "--workdir", os.path.join(box, "jobs")])
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def client(lc):
+    c = Cluster(lc.url, token=lc.token)
+    yield c
+    c.close()
+
+
+def job_processes(jobs_root: str) -> list[str]:
+    """The names of every live process of a job of ours: its $HOME is its job directory (bwrap's too)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("HOME", "").startswith(jobs_root + os.sep) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.name())
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(request, box):
+    """After each test: no process of a job survives, and the slave runs the next job."""
+    yield
+    if "client" not in request.fixturenames:
+        return
+    jobs = os.path.join(box, "jobs")
+    wait_for(lambda: not job_processes(jobs), 15, "every process of the jobs to be gone")
+    client = request.getfixturevalue("client")
+    job = client.submit("print('still serving')", timeout=30).wait(60)
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "still serving\n"), job.record
+    assert os.listdir(jobs) == [], "job directories left behind"
+
+
+def run(client, source: str, language: str = "python", timeout: float = 30, **kwargs):
+    return client.submit(source, language=language, timeout=timeout, **kwargs).wait(90)
+
+
+def slave_log(box) -> str:
+    with open(os.path.join(box, "logs", "slave-1.log")) as f:
+        return f.read()
+
+
+# -- what is in force ------------------------------------------------------------
+
+
+def test_slave_says_which_isolation_is_in_force(client, box):
+    text = slave_log(box)
+    assert "isolation: bubblewrap" in text, text
+    assert "memory per job by cgroup" in text and "processes per job by cgroup" in text, text
+
+
+def test_job_runs_as_nobody_without_capabilities(client):
+    job = run(client, "id -u; id -g; grep CapEff /proc/self/status; echo $$", "bash")
+    assert job.status == P.SUCCEEDED, job.record
+    uid, gid, caps, pid = job.stdout.splitlines()
+    assert (uid, gid) == (str(NOBODY), str(NOBODY))
+    assert caps.split() == ["CapEff:", "0000000000000000"]
+    # Its own PID namespace: bwrap's init is 1, the job's first process is 2.
+    assert int(pid) <= 3
+
+
+# -- resource limits -----------------------------------------------------------------
+
+
+def test_fork_bomb_is_stopped_and_nothing_survives(client):
+    # The bomb's parent stays alive, so the job ends only by its timeout; the
+    # pids cgroup keeps the bomb at MAX_PROCS processes meanwhile.
+    job = run(client, ":(){ :|:& };: 2>/dev/null; sleep 60", "bash", timeout=3)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
+
+
+def test_processes_per_job_are_capped(client):
+    source = textwrap.dedent("""
+        import os, time
+        n = 0
+        try:
+            while n < 500:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                n += 1
+        except BlockingIOError:
+            pass
+        print(n)
+    """)
+    job = run(client, source)
+    assert job.status == P.SUCCEEDED, job.record
+    # The job's own process counts too.
+    assert 0 < int(job.stdout) < MAX_PROCS, job.stdout
+
+
+def test_yes_flooding_stdout_hits_the_output_limit(client):
+    job = run(client, "yes", "bash", timeout=30)
+    assert job.status == P.FAILED and job.error["code"] == P.OUTPUT_LIMIT, job.record
+    assert len(job.stdout.encode()) <= 1 << 20
+
+
+def test_memory_hog_hits_the_memory_limit(client):
+    job = run(client, "x = b'x' * (1 << 30)\nprint('allocated')")
+    assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT, job.record
+    assert "allocated" not in job.stdout
+    assert f"{MEMORY_MB} MiB" in job.error["message"]
+
+
+def test_memory_hog_in_a_child_process_hits_the_memory_limit(client):
+    # The limit covers every process of the job, not one at a time.
+    source = "python3 -c \"x = b'y' * (1 << 30)\"; exit $?"
+    job = run(client, source, "bash")
+    assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT, job.record
+
+
+def test_infinite_loop_times_out_and_leaves_no_process(client, box):
+    jobs = os.path.join(box, "jobs")
+    source = textwrap.dedent("""
+        import subprocess
+        subprocess.Popen(["sleep", "300"])
+        print("looping", flush=True)
+        while True:
+            pass
+    """)
+    job = client.submit(source, timeout=3)
+    # The detector sees the job's processes while it runs (bwrap, python, sleep)...
+    wait_for(lambda: "sleep" in job_processes(jobs), 20, "the job's child")
+    job.wait(60)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
+    assert job.stdout == "looping\n"
+    # ...and the autouse check finds none of them afterwards.
+
+
+def test_cancel_leaves_no_process(client, box):
+    jobs = os.path.join(box, "jobs")
+    job = client.submit("sleep 300 & sleep 300 & wait", language="bash", timeout=120)
+    wait_for(lambda: job_processes(jobs).count("sleep") == 2, 20, "the sleeps")
+    job.cancel()
+    job.wait(60)
+    assert job.status == P.CANCELLED, job.record
+    wait_for(lambda: not job_processes(jobs), 15, "the cancelled job's processes to be gone")
+
+
+def test_double_forking_daemon_is_gone_after_the_job(client, box):
+    source = textwrap.dedent("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                open("daemon.started", "w").close()
+                time.sleep(300)
+            os._exit(0)
+        while not os.path.exists("daemon.started"):
+            time.sleep(0.01)
+        print("daemon up")
+    """)
+    job = run(client, source)
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "daemon up\n"), job.record
+    # The autouse check: the daemon died with the job's PID namespace.
+
+
+def test_cpu_time_is_limited_beyond_the_timeout(tmp_path):
+    # RLIMIT_CPU is the backstop should the wall-clock watch fail: the kernel
+    # stops a spinning process at (timeout x cores + margin) seconds of CPU.
+    sandbox = Sandbox()
+    spawn = sandbox.command(["python3", "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_CPU))"],
+                            str(tmp_path), {}, Limits(), timeout=2)
+    try:
+        out = subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec,
+                             capture_output=True, text=True, timeout=30).stdout
+    finally:
+        sandbox.cleanup(spawn)
+    soft, hard = json.loads(out.replace("(", "[").replace(")", "]"))
+    assert soft == 2 * (os.cpu_count() or 1) + 5 and hard == soft + 1
+
+
+def test_file_size_is_limited(client):
+    source = textwrap.dedent("""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        print(resource.getrlimit(resource.RLIMIT_FSIZE)[0] >> 20, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        try:
+            with open("big", "wb") as f:
+                for _ in range(300):
+                    f.write(b"0" * (1 << 20))
+        except OSError as exc:
+            print(exc.strerror)
+    """)
+    job = run(client, source)
+    assert job.status == P.SUCCEEDED, (job.error, job.stdout, job.stderr)
+    fsize, nofile = job.stdout.splitlines()[0].split()
+    assert (int(fsize), int(nofile)) == (256, 256)
+    assert "File too large" in job.stdout
+
+
+# -- network ---------------------------------------------------------------------------
+
+CONNECT = textwrap.dedent("""
+    import socket, sys
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5).close()
+        print("connected")
+    except OSError as exc:
+        print(type(exc).__name__)
+""")
+
+
+def test_no_network_by_default(client, lc):
+    job = run(client, CONNECT, args=[str(lc.port)])
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout.strip() in ("ConnectionRefusedError", "OSError"), job.stdout
+
+
+def test_network_when_the_slave_allows_it(make_cluster):
+    other = make_cluster(1, slots=1, slave_args=["--allow-network"])
+    with Cluster(other.url, token=other.token) as c:
+        job = run(c, CONNECT, args=[str(other.port)])
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "connected\n"), job.record
+
+
+# -- secrets and other jobs ------------------------------------------------------------
+
+
+def test_job_sees_no_secret_in_its_environment(client, lc):
+    job = run(client, "import os, json; print(json.dumps(dict(os.environ)))")
+    assert job.status == P.SUCCEEDED, job.record
+    env = json.loads(job.stdout)
+    assert not [k for k in env if k.startswith("DISTEXEC")], env
+    assert lc.token not in job.stdout and lc.secret not in job.stdout
+
+
+def test_job_cannot_read_the_slaves_files(client, lc, box):
+    home = os.path.join(box, "home")
+    # World-readable on purpose: only the sandbox stands between it and the job.
+    secret_file = os.path.join(home, "connection.json")
+    with open(secret_file, "w") as f:
+        json.dump({"token": lc.token, "slave_secret": lc.secret}, f)
+    os.chmod(secret_file, 0o644)
+    uid_files = [n for n in os.listdir(home) if n.endswith(".uid")]
+    assert uid_files, os.listdir(home)
+    slave_pid = lc.slaves[0].pid
+    source = textwrap.dedent("""
+        import os, sys
+        for path in sys.argv[1:]:
+            try:
+                with open(path) as f:
+                    print(path, "READ", f.read())
+            except OSError as exc:
+                print(path, type(exc).__name__)
+        print("home listing", os.path.exists(os.path.dirname(sys.argv[1])) and os.listdir(os.path.dirname(sys.argv[1])))
+    """)
+    paths = [secret_file, os.path.join(home, uid_files[0]), f"/proc/{slave_pid}/environ", "/etc/shadow",
+             os.path.expanduser("~/.bash_history")]
+    job = run(client, source, args=paths)
+    assert job.status == P.SUCCEEDED, job.record
+    assert "READ" not in job.stdout, job.stdout
+    assert lc.token not in job.stdout and lc.secret not in job.stdout
+    assert "home listing []" in job.stdout or "home listing False" in job.stdout, job.stdout
+
+
+def test_job_cannot_see_another_jobs_directory(client, box):
+    first = client.submit(textwrap.dedent("""
+        import os, time
+        open("private.txt", "w").write("first job's data")
+        print(os.getcwd(), flush=True)
+        time.sleep(60)
+    """), timeout=90)
+    wait_for(lambda: first.stdout, 20, "the first job's directory")
+    other_dir = first.stdout.strip()
+    assert other_dir.startswith(os.path.join(box, "jobs"))
+    probe = textwrap.dedent("""
+        import os, sys
+        d = sys.argv[1]
+        print(os.getcwd() != d, os.path.exists(d), os.listdir(os.path.dirname(d)) == [os.path.basename(os.getcwd())])
+        try:
+            print(open(os.path.join(d, "private.txt")).read())
+        except OSError as exc:
+            print(type(exc).__name__)
+    """)
+    try:
+        job = run(client, probe, args=[other_dir])
+    finally:
+        first.cancel()
+        first.wait(60)
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout.splitlines() == ["True False True", "FileNotFoundError"], job.stdout
+
+
+def test_symlink_out_of_the_job_directory_leaks_nothing(client, lc, box):
+    secret_file = os.path.join(box, "home", "connection.json")
+    with open(secret_file, "w") as f:
+        json.dump({"token": lc.token}, f)
+    os.chmod(secret_file, 0o644)
+    with open("/etc/shadow") as f:
+        shadow = f.read()
+    script = textwrap.dedent(f"""
+        ln -s /etc/shadow shadow_link
+        ln -s {secret_file} secret_link
+        ln /etc/shadow hard_link 2>&1 || echo "no hard link"
+        cat shadow_link secret_link hard_link 2>&1
+        ls -l
+    """)
+    job = run(client, script, "bash")
+    assert lc.token not in job.stdout + job.stderr
+    assert "root:" not in job.stdout + job.stderr
+    assert "Permission denied" in job.stdout and "No such file" in job.stdout, job.stdout
+    assert shadow  # the test itself could read it: the job could not
+
+
+def test_chown_of_the_job_directory_never_follows_links(tmp_path):
+    # A step runs as nobody and may plant links; the next step's preparation
+    # (as root) must not hand their targets to nobody.
+    target = tmp_path / "root-owned"
+    target.write_text("keep me")
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    (workdir / "source.c").write_text("int main(){}")
+    os.symlink(target, workdir / "link")
+    os.link(target, workdir / "hard")
+    sandbox = BwrapSandbox(None)
+    spawn = sandbox.command(["true"], str(workdir), {}, Limits())
+    sandbox.cleanup(spawn)
+    assert os.stat(target).st_uid == 0
+    assert os.stat(workdir / "source.c").st_uid == NOBODY
+    assert os.stat(workdir).st_uid == NOBODY
+
+
+# -- other languages through the sandbox ------------------------------------------------
+
+
+def _in_sandbox(sandbox, limits, workdir, argv):
+    spawn = sandbox.command(argv, str(workdir), {}, limits, timeout=60)
+    try:
+        return subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec,
+                              capture_output=True, text=True, timeout=120, start_new_session=True)
+    finally:
+        sandbox.cleanup(spawn)
+
+
+@pytest.fixture(scope="module")
+def bwrap_sandbox():
+    sandbox = best_sandbox(Limits())
+    assert isinstance(sandbox, BwrapSandbox), sandbox.describe()
+    yield sandbox
+    sandbox.close()
+
+
+def test_c_compiles_and_runs_inside(bwrap_sandbox, tmp_path):
+    limits = Limits(memory_mb=MEMORY_MB, max_procs=MAX_PROCS)
+    (tmp_path / "main.c").write_text('#include <stdio.h>\nint main(){printf("hi from C\\n");return 0;}\n')
+    gcc = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["gcc", "-O2", "-o", "main.bin", "main.c"])
+    assert gcc.returncode == 0, gcc.stderr
+    ran = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["./main.bin"])
+    assert (ran.returncode, ran.stdout) == (0, "hi from C\n"), ran.stderr
+
+
+def test_java_compiles_and_runs_inside_with_the_default_limits(bwrap_sandbox, tmp_path):
+    # The JVM reserves far more address space than it uses: fine under a
+    # memory cgroup, where RLIMIT_AS would have killed it.
+    limits = Limits()
+    (tmp_path / "Main.java").write_text(
+        'public class Main { public static void main(String[] a) { System.out.println("hi from Java"); } }\n')
+    javac = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["javac", "Main.java"])
+    assert javac.returncode == 0, javac.stderr
+    ran = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["java", "-cp", ".", "Main"])
+    assert (ran.returncode, ran.stdout) == (0, "hi from Java\n"), ran.stderr
+
+
+def test_java_sizes_its_heap_to_the_memory_cgroup(bwrap_sandbox, tmp_path):
+    limits = Limits(memory_mb=MEMORY_MB, max_procs=MAX_PROCS)
+    ran = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["java", "-XX:+PrintFlagsFinal", "-version"])
+    assert ran.returncode == 0, ran.stderr
+    max_heap = next(int(line.split()[3]) for line in ran.stdout.splitlines() if " MaxHeapSize " in line)
+    assert max_heap <= MEMORY_MB << 20, max_heap
+
+
+# -- without bubblewrap -----------------------------------------------------------------
+
+
+def test_fallback_says_clearly_that_there_is_no_isolation(monkeypatch, tmp_path):
+    # A PATH without bwrap, as on a machine that lacks it.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for prog in ("true", "id"):
+        os.symlink(shutil.which(prog), bindir / prog)
+    monkeypatch.setenv("PATH", str(bindir))
+    sandbox = best_sandbox(Limits(memory_mb=MEMORY_MB))
+    try:
+        assert type(sandbox) is Sandbox
+        text = sandbox.describe()
+        assert "isolation: NONE" in text and "bwrap and setpriv not found" in text, text
+        # Still limited by cgroups: a memory hog is stopped by the kernel.
+        spawn = sandbox.command([sys.executable, "-c", "x = b'x' * (1 << 30)"], str(tmp_path), {},
+                                Limits(memory_mb=MEMORY_MB), timeout=30)
+        try:
+            done = subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec,
+                                  capture_output=True, timeout=60)
+            assert done.returncode == -9 and sandbox.memory_exceeded(spawn) and not spawn.watch_memory
+        finally:
+            sandbox.cleanup(spawn)
+    finally:
+        sandbox.close()
+
+
+def test_a_broken_bwrap_is_refused_with_the_reason(tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    why = BwrapSandbox(None, bwrap=str(fake)).probe(Limits())
+    assert why is not None and "No permissions to create new namespace" in why
+
+
+def test_without_cgroups_the_runner_polls_memory_and_says_so():
+    sandbox = Sandbox(Cgroups(mounts={}))
+    text = sandbox.describe()
+    assert "polled every 50 ms" in text and "no cgroup v1 hierarchy" in text, text
+    assert "daemon that calls setsid() survives" in text
+    spawn = sandbox.command(["true"], "/", {}, Limits())
+    assert spawn.watch_memory and spawn.cgroup is None
+    sandbox.cleanup(spawn)
+
+
+def test_cgroups_of_finished_steps_are_removed(bwrap_sandbox, tmp_path):
+    limits = Limits()
+    before = {c: set(os.listdir(b)) for c, b in bwrap_sandbox.cgroups.base.items()}
+    ran = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["sh", "-c", "sleep 100 & sleep 100 & echo started"])
+    assert ran.stdout == "started\n"
+    after = {c: set(os.listdir(b)) for c, b in bwrap_sandbox.cgroups.base.items()}
+    assert after == before
+    assert all(stat.S_ISDIR(os.stat(b).st_mode) for b in bwrap_sandbox.cgroups.base.values())
