@@ -1,0 +1,114 @@
+"""Input limits: body and source sizes (413), submission rate (429), bounded queue (503)."""
+from __future__ import annotations
+
+import argon2
+import pytest
+import requests
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.cluster import DistexecError
+from master import auth
+from master.app import MAX_BODY_BYTES
+from master.limits import RateLimiter, parse_rate
+
+from conftest import wait_for
+
+CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+
+
+def post_job(url: str, token: str, **kwargs) -> requests.Response:
+    return requests.post(url + "/api/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=60, **kwargs)
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    now = [100.0]
+    rl = RateLimiter(2.0, 3, clock=lambda: now[0])
+    assert [rl.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert rl.take("a") == pytest.approx(0.5)  # one token comes every 1/rate s
+    assert rl.take("b") == 0.0  # buckets are per key
+    now[0] += 0.5
+    assert rl.take("a") == 0.0
+    assert rl.take("a") > 0
+    now[0] += 60
+    assert [rl.take("a") for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # refilled to the burst, not beyond
+    assert RateLimiter(None).take("a") == 0.0
+
+
+def test_parse_rate():
+    assert parse_rate("50/s") == 50 and parse_rate("600/min") == 10 and parse_rate("7") == 7
+    assert parse_rate("0") is None and parse_rate("none") is None
+    for bad in ("fast", "5/week", "-1/s", "inf"):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+
+
+def test_oversized_bodies_and_sources_get_a_json_413(make_cluster):
+    lc = make_cluster(0)
+    # Declared too large: answered before the body is read.
+    too_big = b"x" * (MAX_BODY_BYTES + 1)
+    resp = post_job(lc.url, lc.token, data=too_big)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large"
+    # Far past tornado's own cap for the connection, still a JSON 413, not a dropped connection.
+    resp = post_job(lc.url, lc.token, data=b"x" * (3 * MAX_BODY_BYTES))
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large"
+    # Chunked (no Content-Length): cut off once past the limit.
+    resp = post_job(lc.url, lc.token, data=(b"x" * (1 << 20) for _ in range(40)))
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large"
+    # A source over its own limit in a body under the body limit.
+    resp = post_job(lc.url, lc.token, json={"source": "#" * (P.MAX_SOURCE_BYTES + 1), "language": "python"})
+    assert resp.status_code == 413
+    assert resp.json()["error"] == {"code": "too_large", "message": f"source is over {P.MAX_SOURCE_BYTES} bytes"}
+    # None of it created a job, and the master still answers.
+    resp = requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {lc.token}"}, timeout=20)
+    assert resp.json()["total"] == 0
+    assert post_job(lc.url, lc.token, json={"source": "print(1)", "language": "python"}).status_code == 201
+
+
+def test_a_user_past_the_rate_gets_429_with_retry_after(make_cluster, tmp_path):
+    users = str(tmp_path / "users.json")
+    auth.add_user(users, "alice", "pw", hasher=CHEAP)
+    lc = make_cluster(0, master_args=["--users", users, "--rate", "1/s", "--burst", "4"])
+    token = requests.post(lc.url + "/api/login", json={"user": "alice", "password": "pw"}, timeout=20).json()["token"]
+    body = {"source": "print(1)", "language": "python"}
+    codes = [post_job(lc.url, token, json=body) for _ in range(10)]
+    assert [r.status_code for r in codes[:4]] == [201] * 4
+    limited = [r for r in codes if r.status_code == 429]
+    assert len(limited) >= 4
+    err = limited[0].json()["error"]
+    assert err["code"] == "rate_limited" and "alice" in err["message"] and "1/s" in err["message"]
+    assert int(limited[0].headers["Retry-After"]) >= 1
+    # Only accepted submissions became jobs.
+    accepted = sum(r.status_code == 201 for r in codes)
+    hist = requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=20).json()
+    assert hist["total"] == accepted
+    # The same bucket holds on the WebSocket; the answer is a submit_reply with the error.
+    with Cluster(lc.url, user="alice", password="pw") as c:
+        with pytest.raises(DistexecError) as raised:
+            for _ in range(10):
+                c.submit("print(1)")
+        assert raised.value.status == 429 and raised.value.code == "rate_limited"
+        # Tokens come back at the rate.
+        wait_for(lambda: post_job(lc.url, token, json=body).status_code == 201, 15, "a token to come back")
+    # The admin token is not rate limited.
+    assert all(post_job(lc.url, lc.token, json=body).status_code == 201 for _ in range(12))
+
+
+def test_a_full_queue_answers_503_and_creates_no_job(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queue", "2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        busy = c.submit("import time\ntime.sleep(60)", timeout=60)
+        wait_for(lambda: c.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        waiting = [c.submit("print('queued')") for _ in range(2)]
+        assert all(j.status == P.QUEUED for j in waiting)
+        total = c.jobs_page()[1]
+        with pytest.raises(DistexecError) as raised:
+            c.submit("print('one too many')")
+        assert raised.value.status == 503 and raised.value.code == "queue_full"
+        assert "queue is full" in str(raised.value)
+        assert c.jobs_page()[1] == total
+        # Room again once one leaves the queue.
+        c.cancel(waiting[0].id)
+        again = c.submit("print('room again')")
+        c.cancel(busy.id)
+        assert again.wait(30).stdout == "room again\n"
+        assert waiting[1].wait(30).status == P.SUCCEEDED
