@@ -25,6 +25,10 @@ from .events import EventStream
 # lost event (reconnect, master restart) delays the answer, never loses it.
 REFRESH_EVERY = 2.0
 
+# DistexecError.code when the master could not be reached (down, restarting):
+# worth retrying, unlike a refusal.
+UNREACHABLE = "unreachable"
+
 
 class DistexecError(Exception):
     """A request the master refused, or a master that cannot be reached."""
@@ -33,6 +37,11 @@ class DistexecError(Exception):
         super().__init__(message)
         self.code = code
         self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """The master is away or overloaded for now (restart, proxy error): try again later."""
+        return self.code == UNREACHABLE or (self.status or 0) in (502, 503, 504)
 
 
 class RemoteError(DistexecError):
@@ -149,6 +158,7 @@ class Job:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         sent = {"stdout": 0, "stderr": 0}
+        attempt = self._record.get("attempts")
         last_refresh = time.monotonic()
         self._cluster._watch(self)
         try:
@@ -158,21 +168,25 @@ class Job:
                 if stale or time.monotonic() - last_refresh > REFRESH_EVERY:
                     try:
                         self.refresh()
-                    except DistexecError:
-                        if not self._cluster._events_connected():
-                            pass  # the master is away; keep waiting for it
-                        else:
+                    except DistexecError as exc:
+                        if not exc.transient:
                             raise
+                        # The master is away (restarting): keep waiting for it until our
+                        # own deadline; the event channel's reconnect wakes us early.
                     last_refresh = time.monotonic()
                 with self._cond:
+                    if self._record.get("attempts") != attempt:
+                        # Run again (retry after a lost slave): its output starts over.
+                        attempt = self._record.get("attempts")
+                        sent = {"stdout": 0, "stderr": 0}
                     chunks = []
                     for stream in ("stdout", "stderr"):
                         text = self._record.get(stream) or ""
+                        # Shorter than what was handed out, in the same attempt: a
+                        # restarted master lost the live output; the result has it all.
                         if len(text) > sent[stream]:
                             chunks.append((stream, text[sent[stream]:]))
                             sent[stream] = len(text)
-                        elif len(text) < sent[stream]:
-                            sent[stream] = len(text)  # restarted by a retry
                     finished = self.done and not self._stale
                     if not chunks and not finished:
                         wait = REFRESH_EVERY
@@ -262,9 +276,9 @@ class Cluster:
         except requests.exceptions.SSLError as exc:
             raise DistexecError(tls_refusal(self.url, exc)) from None
         except requests.exceptions.ConnectionError:
-            raise DistexecError(f"cannot reach the distexec master at {self.url}") from None
+            raise DistexecError(f"cannot reach the distexec master at {self.url}", code=UNREACHABLE) from None
         except requests.exceptions.Timeout:
-            raise DistexecError(f"the master at {self.url} did not answer in time") from None
+            raise DistexecError(f"the master at {self.url} did not answer in time", code=UNREACHABLE) from None
         try:
             body = resp.json()
         except ValueError:
@@ -296,6 +310,9 @@ class Cluster:
 
     def _on_connect(self, connected: bool) -> None:
         if connected:
+            if self._events is not None and self._events.client_id:
+                # A new id if the old one was still taken (our old connection not yet closed).
+                self._http.headers["X-Distexec-Client"] = self._events.client_id
             # Events may have been missed while away: have every waiter re-read.
             with self._lock:
                 jobs = [j for s in self._watched.values() for j in s]

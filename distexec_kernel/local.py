@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+import requests
+
 from . import config
 
 MASTER_READY = "distexec master ready at"
@@ -44,8 +46,10 @@ class Child:
     def __init__(self, name: str, argv: list[str], env: dict, stderr) -> None:
         self.name = name
         self.argv = argv
+        # A session of its own: Ctrl-C in the terminal reaches `distexec up`
+        # alone, which then stops the children in order (slaves, then master).
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
-                                     bufsize=1, preexec_fn=_die_with_parent)
+                                     bufsize=1, preexec_fn=_die_with_parent, start_new_session=True)
         # A log file we opened for this child is ours to close.
         self._log = stderr if hasattr(stderr, "close") else None
         self.lines: "queue.Queue[str | None]" = queue.Queue()
@@ -213,7 +217,22 @@ class LocalCluster:
         for child in self.slaves:
             child.stop(signal.SIGINT)
         if self.master is not None:
+            if self.slaves and self.master.alive():
+                self._wait_slaves_gone()
             self.master.stop(signal.SIGTERM)
+
+    def _wait_slaves_gone(self, timeout: float = 5.0) -> None:
+        """Let the master see its slaves leave, so it settles their jobs before it stops."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.master.alive():
+            try:
+                resp = requests.get(self.url + "/api/slaves", timeout=1,
+                                    headers={"Authorization": f"Bearer {self.token}"})
+                if resp.status_code != 200 or not resp.json()["slaves"]:
+                    return
+            except (requests.RequestException, ValueError, KeyError):
+                return
+            time.sleep(0.05)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -78,6 +78,16 @@ class Master:
         # job of that name (in its stderr) when it starts a new one.
         self._session_notes: dict[str, str] = {}
         self._notes_to_send: dict[int, str] = {}
+        # Running jobs taken back after a restart: what they printed before it
+        # is gone from memory, so their live output is not relayed (clients
+        # would get chunks at the wrong offsets); the result brings all of it.
+        self._output_gap: set[int] = set()
+        # Terminal saves not yet committed: a duplicate result waits for them
+        # before it is acknowledged, so a slave never drops a result too soon.
+        self._settling: dict[int, asyncio.Future] = {}
+        # Set while the master shuts down: its slaves' connections close then,
+        # and their jobs must stay `running` for the next master to reconcile.
+        self.stopping = False
         self._resume()
 
     # -- start-up ----------------------------------------------------------
@@ -91,6 +101,7 @@ class Master:
             else:
                 # Its slave may still be running it: wait for it to come back.
                 self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job))
+                self._output_gap.add(job["id"])
         if self.active:
             log.info("resumed %d unfinished job(s) from the history", len(self.active))
 
@@ -99,6 +110,16 @@ class Master:
         for job in list(self.active.values()):
             if job["status"] == P.RUNNING and job["slave_uid"] not in self.slaves:
                 self._arm_grace(job["id"])
+
+    def shutdown(self) -> None:
+        """Stop settling jobs; call before the server closes its connections.
+
+        The slaves keep running their jobs and hand the results to the next
+        master, so a planned restart (SIGTERM) loses nothing either.
+        """
+        self.stopping = True
+        for job_id in list(self._grace_handles):
+            self._cancel_grace(job_id)
 
     # -- clients -----------------------------------------------------------
 
@@ -219,15 +240,27 @@ class Master:
                        attempts=(job.get("attempts") or 0) + 1)
             if job.get("session") is not None:
                 self._session_used(job, uid)
-            asyncio.ensure_future(self._send_run(job, uid))
+            slave = self.slaves.get(uid)
+            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None))
 
-    async def _send_run(self, job: dict, uid: str) -> None:
+    async def _send_run(self, job: dict, uid: str, peer: Peer | None) -> None:
+        attempt = job["attempts"]
         # Durable before announced, and before the slave may start it.
         await self.store.save(job)
         self._announce(job)
         slave = self.slaves.get(uid)
-        if slave is None or self.active.get(job["id"]) is not job or job["status"] != P.RUNNING:
-            return  # the slave left or the job was settled meanwhile; handled there
+        if (slave is None or slave.peer is not peer or self.active.get(job["id"]) is not job
+                or job["status"] != P.RUNNING or job["slave_uid"] != uid or job["attempts"] != attempt):
+            # Settled, requeued or dispatched again meanwhile, or the slave left or
+            # came back on a new connection (whose register could not list this
+            # job, so it was lost there): whoever changed it has handled it.
+            return
+        if job.get("cancel_requested"):
+            # Cancelled while its record was being saved: the slave dropped the
+            # job_cancel for a job it did not have yet, so never start it.
+            self.scheduler.finished(job["id"])
+            await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+            return
         slave.peer.send(P.make("job_run", job=_for_slave(job, self._notes_to_send.pop(job["id"], None))))
 
     # -- slaves ------------------------------------------------------------
@@ -241,8 +274,11 @@ class Master:
         uid = msg["uid"]
         old = self.slaves.get(uid)
         if old is not None and old.peer is not peer:
-            # The same slave reconnected before its old connection was noticed dead.
-            self._drop_slave(uid, old.peer)
+            # The same slave reconnected before its old connection was seen closed.
+            # Its `running` and `results` below say what became of its jobs, so
+            # none is lost here; the old connection's close is then ignored.
+            del self.slaves[uid]
+            self.scheduler.remove_slave(uid)
         langs = [lang for lang in msg["languages"] if isinstance(lang, dict) and isinstance(lang.get("name"), str)]
         info = SlaveInfo(uid, msg["host"], langs, msg["slots"], peer, draining=bool(msg.get("draining")))
         self.slaves[uid] = info
@@ -292,6 +328,8 @@ class Master:
         del self.slaves[uid]
         # The scheduler keeps counting its jobs until they are settled, so the cap holds.
         lost = self.scheduler.remove_slave(uid)
+        if self.stopping:
+            return True
         for job_id in lost:
             job = self.active.get(job_id)
             if job is not None:
@@ -305,6 +343,9 @@ class Master:
         if info is not None:
             info.draining = True
             self.scheduler.set_accepting(uid, False)
+            # The echo tells the slave that every job_run sent before it has
+            # reached it, so once idle it may leave without stranding a job.
+            info.peer.send(P.make("draining"))
             self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
 
     def slave_seen(self, uid: str) -> None:
@@ -422,7 +463,8 @@ class Master:
 
     def job_output(self, uid: str, msg: dict) -> None:
         job = self.active.get(msg["job_id"])
-        if job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING:
+        if (job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING
+                or job["id"] in self._output_gap):
             return
         stream = msg["stream"]
         offset = len(job[stream])
@@ -437,7 +479,15 @@ class Master:
         slave = self.slaves.get(uid)
         job = self.active.get(job_id)
         if job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING:
-            # Already settled (cancelled, lost, or a duplicate report): just acknowledge.
+            # Already settled (cancelled, lost, or a duplicate report): just
+            # acknowledge, once the settled state is durable.
+            pending = self._settling.get(job_id)
+            if pending is not None:
+                try:
+                    await asyncio.shield(pending)
+                except Exception:
+                    return  # not durable: keep the slave's copy
+                slave = self.slaves.get(uid)
             if slave is not None:
                 slave.peer.send(P.make("result_ack", job_id=job_id))
             return
@@ -452,8 +502,12 @@ class Master:
 
     async def _lose(self, job: dict, why: str) -> None:
         """Its slave is gone: retry if the job allows it, else fail it."""
-        if self.active.get(job["id"]) is not job or job["status"] != P.RUNNING:
+        if self.active.get(job["id"]) is not job or job["status"] != P.RUNNING or self.stopping:
             return
+        home = self.scheduler.slaves.get(job["slave_uid"])
+        if job["slave_uid"] in self.slaves and home is not None and job["id"] in home.running:
+            return  # its slave came back meanwhile and reported it still running
+        self._output_gap.discard(job["id"])
         self.scheduler.finished(job["id"])
         if job.get("cancel_requested"):
             await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
@@ -498,7 +552,13 @@ class Master:
             job["stderr"] = stderr
         self.active.pop(job["id"], None)
         self._cancel_grace(job["id"])
-        await self.store.save(job)
+        self._output_gap.discard(job["id"])
+        saved = self._settling[job["id"]] = self.store.save(job)
+        try:
+            await saved
+        finally:
+            if self._settling.get(job["id"]) is saved:
+                del self._settling[job["id"]]
         self._announce(job)
         self._dispatch()
         return job

@@ -82,6 +82,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
+        # Before connections close: their jobs stay running for the next master.
+        master.shutdown()
         server.stop()
         await server.close_all_connections()
         store.close()

@@ -1,0 +1,294 @@
+"""Nothing lost: slaves and masters that die, restart or drain, against real processes.
+
+Each test starts its own master and slaves (``make_cluster``), breaks one of
+them with a real signal, and checks what the job history and the clients see
+afterwards.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.local import MASTER_READY, free_port
+
+from conftest import logs, wait_for
+
+GRACE = 3.0  # --lost-grace for these tests: long enough for a slave to come back, short to wait out
+
+# A job that says it has started, then sleeps for its first argument's seconds.
+SLEEPER = "import sys, time\nprint('started', flush=True)\ntime.sleep(float(sys.argv[1]))\nprint('done')"
+
+
+def child_of(lc, uid):
+    return next(s for s in lc.slaves if getattr(s, "uid", None) == uid)
+
+
+def started(c: Cluster, job) -> None:
+    """Wait until ``job``'s program runs (it printed its first line)."""
+    wait_for(lambda: (c.job(job.id).stdout or "").startswith("started"), 20, f"job {job.id} to start")
+
+
+def kill_slave(child) -> list[psutil.Process]:
+    """SIGKILL a slave; returns the processes it had started (its jobs), to check they die too."""
+    procs = psutil.Process(child.pid).children(recursive=True)
+    os.kill(child.pid, signal.SIGKILL)
+    child.proc.wait(10)
+    return procs
+
+
+def assert_gone(procs: list[psutil.Process]) -> None:
+    """A killed slave's jobs die with it: none runs on unseen while the master retries it."""
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, f"the killed slave left {alive} running"
+
+
+def connect(lc) -> Cluster:
+    return Cluster(lc.url, token=lc.token)
+
+
+def slave_uids(c: Cluster) -> set[str]:
+    return {s["uid"] for s in c.slaves()}
+
+
+# -- a slave dies ---------------------------------------------------------------
+
+def test_killed_slave_fails_its_running_job_and_others_carry_on(make_cluster, tmp_path):
+    lc = make_cluster(2, slots=1)
+    with connect(lc) as c:
+        victim_job = c.submit(SLEEPER, args=["30"], name="victim")
+        started(c, victim_job)
+        other = c.submit(SLEEPER, args=["1.5"], name="bystander")
+        started(c, other)
+        victim = child_of(lc, c.job(victim_job.id).slave_uid)
+        assert c.job(other.id).slave_uid != victim.uid
+        t0 = time.monotonic()
+        orphans = kill_slave(victim)
+        victim_job.wait(15)
+        noticed = time.monotonic() - t0
+        assert victim_job.status == P.FAILED, victim_job.record
+        assert victim_job.error["code"] == P.SLAVE_LOST
+        assert victim.uid in victim_job.error["message"]
+        assert noticed < 6, f"the master took {noticed:.1f} s to notice"
+        assert_gone(orphans)
+        # The other slave's job is untouched, and new work goes to the survivor.
+        assert other.wait(15).status == P.SUCCEEDED, other.record
+        assert other.stdout.endswith("done\n")
+        after = c.submit("print('after')").wait(15)
+        assert after.status == P.SUCCEEDED and after.slave_uid != victim.uid
+        assert slave_uids(c) == {s.uid for s in lc.slaves if s is not victim}
+
+
+def test_killed_slave_job_with_retries_runs_again_elsewhere(make_cluster):
+    lc = make_cluster(2, slots=1)
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["1"], name="retried", retries=1)
+        started(c, job)
+        victim = child_of(lc, c.job(job.id).slave_uid)
+        orphans = kill_slave(victim)
+        job.wait(20)
+        assert job.status == P.SUCCEEDED, job.record
+        assert job.attempts == 2 and job.retries == 1
+        assert job.slave_uid != victim.uid
+        # The output is the second run's alone, not both runs glued together.
+        assert job.stdout == "started\ndone\n"
+        assert_gone(orphans)
+
+
+def test_retries_run_out(make_cluster):
+    """retries=1 allows one more run, not two: a second loss fails the job."""
+    lc = make_cluster(2, slots=1)
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["30"], retries=1)
+        started(c, job)
+        first = child_of(lc, c.job(job.id).slave_uid)
+        orphans = kill_slave(first)
+        wait_for(lambda: c.job(job.id).attempts == 2, 20, "the second attempt")
+        started(c, job)
+        second = child_of(lc, c.job(job.id).slave_uid)
+        assert second is not first
+        orphans += kill_slave(second)
+        job.wait(15)
+        assert job.status == P.FAILED and job.error["code"] == P.SLAVE_LOST, job.record
+        assert job.attempts == 2
+        assert_gone(orphans)
+
+
+# -- the master restarts --------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_master_restart_while_a_job_runs(make_cluster, sig, tmp_path):
+    """The slave keeps running the job; its result reaches the new master exactly once."""
+    lc = make_cluster(1, slots=2, master_args=["--lost-grace", "20"])
+    slave = lc.slaves[0]
+    with connect(lc) as c:
+        done_before = c.submit("print('history')").wait(15)
+        job = c.submit(SLEEPER, args=["2"], name="survivor")
+        started(c, job)
+        lc.restart_master(sig)
+        c2 = connect(lc)
+        try:
+            j = c2.job(job.id)
+            assert j.status == P.RUNNING  # the history kept it, waiting for its slave
+            j.wait(20)
+            assert j.status == P.SUCCEEDED, (j.record, logs(tmp_path))
+            assert j.attempts == 1 and j.slave_uid == slave.uid
+            assert j.stdout.startswith("started") and j.stdout.endswith("done\n")
+            assert c2.job(done_before.id).stdout == "history\n"
+            assert slave.alive()
+            # One result, one terminal state: the slave got its ack and holds nothing more.
+            wait_for(lambda: c2.slaves() and c2.slaves()[0]["running"] == 0, 10, "slave idle")
+            assert c2.job(job.id).finished_at == j.finished_at
+        finally:
+            c2.close()
+
+
+def test_master_restart_while_jobs_wait(make_cluster, tmp_path):
+    lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
+    with connect(lc) as c:
+        first = c.submit(SLEEPER, args=["1.5"], name="first")
+        started(c, first)
+        queued = [c.submit(f"print({i} * 7)", name=f"queued {i}") for i in range(3)]
+        assert all(c.job(j.id).status == P.QUEUED for j in queued)
+        lc.restart_master(signal.SIGKILL)
+        with connect(lc) as c2:
+            assert [c2.job(j.id).status for j in queued] == [P.QUEUED] * 3
+            for i, j in enumerate(queued):
+                j = c2.job(j.id).wait(20)
+                assert j.status == P.SUCCEEDED and j.stdout == f"{i * 7}\n", (j.record, logs(tmp_path))
+                assert j.attempts == 1
+            assert c2.job(first.id).wait(20).status == P.SUCCEEDED
+
+
+def test_running_job_whose_slave_never_returns_is_lost_after_the_grace(make_cluster, tmp_path):
+    lc = make_cluster(1, slots=1, master_args=["--lost-grace", str(GRACE)])
+    slave = lc.slaves[0]
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["30"])
+        started(c, job)
+    lc.master.stop(signal.SIGKILL)
+    assert_gone(kill_slave(slave))
+    t0 = time.monotonic()
+    lc.start_master()
+    with connect(lc) as c2:
+        j = c2.job(job.id)
+        assert j.status == P.RUNNING
+        j.wait(GRACE + 15)
+        waited = time.monotonic() - t0
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+        assert "did not come back" in j.error["message"]
+        assert GRACE - 0.5 <= waited < GRACE + 10
+
+
+def test_waiting_client_gets_its_result_across_a_master_restart(make_cluster):
+    lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["2"])
+        started(c, job)
+        outcome = {}
+
+        def waiter():
+            try:
+                outcome["job"] = job.wait(40)
+            except BaseException as exc:  # the assertion below reports it
+                outcome["error"] = exc
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        lc.restart_master(signal.SIGKILL)
+        t.join(45)
+        assert not t.is_alive()
+        assert "error" not in outcome, outcome
+        assert job.status == P.SUCCEEDED and job.stdout.endswith("done\n"), job.record
+        # The event channel came back by itself, under the same client id.
+        wait_for(lambda: c._events_connected(), 15, "the event channel to reconnect")
+        assert c.client_id in {x["id"] for x in c.clients()}
+
+
+def test_cli_submit_waits_across_a_master_restart(make_cluster, tmp_path, home):
+    lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
+    prog = tmp_path / "slow.py"
+    prog.write_text("import time\nprint('begin', flush=True)\ntime.sleep(2.5)\nprint('end')\n")
+    env = dict(os.environ, DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token, DISTEXEC_HOME=str(home))
+    cli = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "submit", str(prog)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with connect(lc) as c:
+            wait_for(lambda: any(j.status == P.RUNNING for j in c.jobs()), 20, "the job to run")
+        lc.restart_master(signal.SIGKILL)
+        out, err = cli.communicate(timeout=40)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 0, err
+    assert out == "begin\nend\n"
+    assert "✅" in err
+
+
+# -- a job_run the slave never received -----------------------------------------
+
+# -- a slave drains ------------------------------------------------------------
+
+def test_sigterm_drains_the_slave(make_cluster):
+    lc = make_cluster(2, slots=2)
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["2"], name="finishing")
+        started(c, job)
+        draining = child_of(lc, c.job(job.id).slave_uid)
+        draining.send_signal(signal.SIGTERM)
+        wait_for(lambda: any(s["uid"] == draining.uid and s["draining"] for s in c.slaves()), 10,
+                 "the slave to say it drains")
+        later = [c.submit("print('later')") for _ in range(4)]
+        for j in later:
+            assert j.wait(20).status == P.SUCCEEDED
+            assert j.slave_uid != draining.uid
+        assert job.wait(20).status == P.SUCCEEDED, job.record
+        assert job.stdout.endswith("done\n") and job.slave_uid == draining.uid
+        assert draining.proc.wait(15) == 0
+        wait_for(lambda: draining.uid not in slave_uids(c), 10, "the drained slave to leave")
+
+
+def test_distexec_up_stops_slaves_then_master(tmp_path, home):
+    """Ctrl-C on `distexec up`: the running job is settled in the history before the master goes."""
+    db = tmp_path / "up.sqlite3"
+    port = free_port()
+    log = open(tmp_path / "up.log", "w")
+    up = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "up", "--slaves", "1", "--port", str(port),
+                           "--db", str(db)], stdout=subprocess.PIPE, stderr=log, text=True,
+                          env=dict(os.environ, DISTEXEC_HOME=str(home)))
+    try:
+        line = up.stdout.readline()
+        assert "ready" in line, line
+        with Cluster() as c:
+            job = c.submit(SLEEPER, args=["30"])
+            started(c, job)
+        children = psutil.Process(up.pid).children(recursive=True)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+        assert_gone(children)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        up.stdout.close()
+        log.close()
+    # A master started on the same history finds the job settled, not running.
+    from distexec_kernel.local import LocalCluster
+    lc = LocalCluster(0, db=str(db), home=str(home), log_dir=str(tmp_path / "logs"))
+    lc.start()
+    try:
+        with connect(lc) as c:
+            j = c.job(job.id)
+            assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+    finally:
+        lc.stop()
