@@ -24,6 +24,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.local import LocalCluster
 
 from conftest import wait_for
 
@@ -143,9 +144,23 @@ def test_a_failed_job_stops_run_all(cluster, home, tmp_path):
 # -- a kernel, driven message by message -------------------------------------------
 
 
-@pytest.fixture
-def kernel(cluster, home, tmp_path):
-    km, kc = start_new_kernel(kernel_name="python3", env=kernel_env(home), cwd=str(tmp_path))
+@pytest.fixture(scope="module")
+def kernel_cluster(tmp_path_factory):
+    """One cluster for the kernel tests (each notebook above gets its own, for a clean history)."""
+    home = tmp_path_factory.mktemp("kernel-home")
+    lc = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
+    lc.start()
+    try:
+        yield lc
+    finally:
+        lc.stop()
+
+
+@pytest.fixture(scope="module")
+def kernel(kernel_cluster):
+    """A python3 kernel with the extension loaded, shared by the kernel tests (a start costs seconds)."""
+    km, kc = start_new_kernel(kernel_name="python3", env=kernel_env(kernel_cluster.home),
+                              cwd=kernel_cluster.home)
     try:
         reply = kc.execute_interactive("%load_ext distexec_kernel", timeout=60)
         assert reply["content"]["status"] == "ok"
@@ -155,8 +170,12 @@ def kernel(cluster, home, tmp_path):
         km.shutdown_kernel(now=True)
 
 
-def collect(kc, msg_id, until_idle=True, timeout=30.0):
-    """iopub messages of one request, with their arrival times, up to its idle status."""
+def run_in(kc, code: str, timeout: float = 30.0):
+    """Execute ``code``; its iopub messages (with arrival times) up to idle, and its reply."""
+    return collect(kc, kc.execute(code), timeout)
+
+
+def collect(kc, msg_id: str, timeout: float = 30.0):
     got = []
     deadline = time.monotonic() + timeout
     while True:
@@ -164,72 +183,71 @@ def collect(kc, msg_id, until_idle=True, timeout=30.0):
             msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:
             raise AssertionError(f"no idle for {msg_id} within {timeout} s; got {got}")
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue  # e.g. a status widget of an earlier cell updating
         got.append((time.time(), msg))
-        if (until_idle and msg["parent_header"].get("msg_id") == msg_id
-                and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"):
-            return got
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    reply = kc.get_shell_msg(timeout=timeout)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    return got, reply
 
 
-def test_kernel_streams_output_live_into_the_running_cell(kernel, cluster):
+def test_kernel_streams_output_live_into_the_running_cell(kernel):
     km, kc = kernel
-    msg_id = kc.execute("%%remote --name live\nimport time\nfor i in range(4):\n"
-                        "    print('tick', i, flush=True)\n    time.sleep(0.4)\n")
-    msgs = collect(kc, msg_id)
+    msgs, reply = run_in(kc, "%%remote --name live\nimport time\nfor i in range(4):\n"
+                             "    print('tick', i, flush=True)\n    time.sleep(0.4)\n")
+    assert reply["content"]["status"] == "ok"
+    # run_in kept only messages with this cell's parent header: all the output landed in this cell.
     streams = [(t, m) for t, m in msgs if m["msg_type"] == "stream"]
     assert "".join(m["content"]["text"] for _, m in streams) == "tick 0\ntick 1\ntick 2\ntick 3\n"
-    # Every chunk carries the cell's own parent header, so it lands in this cell.
-    assert all(m["parent_header"]["msg_id"] == msg_id for _, m in streams)
     status = [(t, m) for t, m in msgs if m["msg_type"] == "display_data"]
-    assert len(status) == 1 and status[0][1]["parent_header"]["msg_id"] == msg_id
+    assert len(status) == 1
     assert STATUS_OK.match(status[0][1]["content"]["data"]["text/plain"])
     first_tick = next(t for t, m in streams if "tick 0" in m["content"]["text"])
     assert status[0][0] - first_tick > 0.8, "output arrived all at the end, not live"
-    reply = kc.get_shell_msg(timeout=10)
-    assert reply["content"]["status"] == "ok"
 
 
 def test_kernel_failed_job_gives_an_error_reply(kernel):
     km, kc = kernel
-    msg_id = kc.execute("%%remote\nprint(undefined_name)\n")
-    msgs = collect(kc, msg_id)
+    msgs, reply = run_in(kc, "%%remote\nprint(undefined_name)\n")
     errors = [m for _, m in msgs if m["msg_type"] == "error"]
     assert len(errors) == 1 and errors[0]["content"]["ename"] == "RemoteJobFailed"
     assert "nonzero_exit" in "\n".join(errors[0]["content"]["traceback"])
     stderr = "".join(m["content"]["text"] for _, m in msgs
                      if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
     assert "NameError" in stderr
-    reply = kc.get_shell_msg(timeout=10)
-    assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "RemoteJobFailed"
+    assert reply["content"]["traceback"] == errors[0]["content"]["traceback"]
 
 
-def test_kernel_interrupt_cancels_the_job(kernel, cluster):
+def test_kernel_interrupt_cancels_the_job(kernel, kernel_cluster):
     km, kc = kernel
-    with Cluster(cluster.url, token=cluster.token) as master:
+    with Cluster(kernel_cluster.url, token=kernel_cluster.token) as master:
         msg_id = kc.execute("%%remote --name sleeper --timeout 60\nimport time\n"
                             "print('sleeping', flush=True)\ntime.sleep(60)\n")
-        job = wait_for(lambda: next((j for j in master.jobs(limit=5)
-                                     if j.name == "sleeper" and j.status == P.RUNNING), None),
-                       what="the job to run")
+        # From this thread: jupyter_client's sync calls leave an event loop behind in any other.
+        wait_for(lambda: any(j.name == "sleeper" and j.status == P.RUNNING for j in master.jobs(limit=5)),
+                 what="the job to run")
         km.interrupt_kernel()
-        msgs = collect(kc, msg_id)
-        reply = kc.get_shell_msg(timeout=10)
+        msgs, reply = collect(kc, msg_id)
         assert reply["content"]["status"] == "error"
         tb = "\n".join(line for _, m in msgs if m["msg_type"] == "error" for line in m["content"]["traceback"])
         assert "cancelled on the master" in tb
+        job = next(j for j in master.jobs(limit=5) if j.name == "sleeper")
         assert master.job(job.id).wait(timeout=20).status == P.CANCELLED
 
 
 def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel):
     km, kc = kernel
-    msg_id = kc.execute("%%remote --no-wait -o h\nimport time\ntime.sleep(1)\nprint('late')\n")
-    msgs = collect(kc, msg_id)
-    reply = kc.get_shell_msg(timeout=10)
+    t0 = time.monotonic()
+    msgs, reply = run_in(kc, "%%remote --no-wait -o h\nimport time\ntime.sleep(1.5)\nprint('late')\n")
     assert reply["content"]["status"] == "ok"
+    assert time.monotonic() - t0 < 1.5, "the cell waited for the job"
     shown = [m for _, m in msgs if m["msg_type"] == "display_data"]
     assert len(shown) == 1
     model_id = shown[0]["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
-    # The event thread sets the widget's value; the front end gets comm updates after the cell is done.
+    # The event thread sets the widget's value: the front end gets comm updates after the cell ended.
     deadline = time.monotonic() + 30
     values = []
     while not any("✅" in v for v in values):
@@ -243,6 +261,6 @@ def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel):
                 and data.get("method") == "update" and "value" in data.get("state", {}):
             values.append(data["state"]["value"])
     assert "job" in values[-1]
-    reply = kc.execute_interactive("print(h.wait(timeout=20).stdout)", timeout=30,
-                                   output_hook=lambda m: values.append(m["content"].get("text", "")))
-    assert reply["content"]["status"] == "ok" and "late\n\n" in values
+    msgs, reply = run_in(kc, "print(h.wait(timeout=20).stdout)")
+    assert reply["content"]["status"] == "ok"
+    assert "late\n\n" in [m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream"]
