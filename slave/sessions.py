@@ -194,10 +194,12 @@ class SessionRunner:
         workdir = tempfile.mkdtemp(prefix="distexec-session-", dir=self.workroot)
         conn_file = os.path.join(workdir, CONNECTION_FILE)
         ipc = os.path.join(workdir, SOCKET_PREFIX)
-        if len(ipc.encode()) <= MAX_IPC_PATH:
-            write_connection_file(conn_file, ip=ipc, transport="ipc", kernel_name="python3")
-        else:  # a deep --workdir: sockets would not fit in sun_path
-            write_connection_file(conn_file, ip="127.0.0.1", transport="tcp", kernel_name="python3")
+        # Unix sockets, not TCP: they reach into a sandbox without a network.
+        if len(ipc.encode()) > MAX_IPC_PATH:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuntimeError(f"the session's socket path {ipc!r} is longer than {MAX_IPC_PATH} bytes: "
+                               "start the slave with a shorter --workdir")
+        write_connection_file(conn_file, ip=ipc, transport="ipc", kernel_name="python3")
         # No JPY_PARENT_PID: inside a PID namespace the kernel's parent is pid 1,
         # which ipykernel's poller takes for "the parent died".  PDEATHSIG (and
         # bubblewrap's --die-with-parent) do that job.  No timeout: the CPU-time

@@ -1,7 +1,23 @@
-"""Persistent Python sessions (``session=NAME``): placement, then real clusters."""
+"""Persistent Python sessions (``session=NAME``): placement, then real clusters.
+
+The scheduler is fed events; everything else runs against real masters and
+slaves (``make_cluster``), whose session kernels are real ipykernels.
+"""
 from __future__ import annotations
 
+import os
+import signal
+
+import psutil
+import pytest
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.cluster import DistexecError
 from master.scheduler import Scheduler
+
+from conftest import logs, wait_for
+
+WAIT = 60  # seconds a job may take: a session's first job starts a kernel on a loaded machine
 
 
 # --- the scheduler, fed events ------------------------------------------------
@@ -139,3 +155,226 @@ def test_requeued_session_job_keeps_its_session():
     # Job 1 goes first again, and job 2 still waits behind it.
     assert [j for j, _ in s.assign()] == [1]
     assert list(s.queue) == [2]
+
+
+# --- real clusters ---------------------------------------------------------------
+
+def kernels_of(child) -> list[psutil.Process]:
+    """The session kernels (and their sandbox wrappers) a slave process started."""
+    try:
+        procs = psutil.Process(child.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in procs:
+        try:
+            if any("ipykernel_launcher" in a for a in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def assert_gone(procs: list[psutil.Process]) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+    assert not alive, f"kernel processes left running: {alive}"
+
+
+def run(c: Cluster, source: str, **kw):
+    return c.submit(source, **kw).wait(WAIT)
+
+
+def test_variables_live_from_one_job_to_the_next(client):
+    first = run(client, "x = 41\nprint('set')", session="s")
+    assert first.status == P.SUCCEEDED, first.stderr
+    assert first.stdout == "set\n"
+    # The last line's value shows, as in a notebook.
+    second = run(client, "x += 1\nx", session="s")
+    assert second.status == P.SUCCEEDED, second.stderr
+    assert second.stdout == "42\n"
+    assert second.exit_code == 0 and second.session == "s"
+    assert second.slave_uid == first.slave_uid
+
+
+def test_sessions_are_independent_and_plain_jobs_are_fresh(client):
+    assert run(client, "x = 'a'", session="a").status == P.SUCCEEDED
+    assert run(client, "x = 'b'", session="b").status == P.SUCCEEDED
+    assert run(client, "print(x)", session="a").stdout == "a\n"
+    assert run(client, "print(x)", session="b").stdout == "b\n"
+    plain = run(client, "print(x)")
+    assert plain.status == P.FAILED and "NameError" in plain.stderr
+    # A session-less job runs in a process of its own, not in a kernel.
+    assert run(client, "import sys; print('ipykernel' in sys.modules)").stdout == "False\n"
+    assert run(client, "import sys; print('ipykernel' in sys.modules)", session="a").stdout == "True\n"
+
+
+def test_a_session_stays_on_its_slave_and_runs_its_jobs_in_order(client, cluster):
+    assert len(client.slaves()) == 2
+    first = run(client, "seen = []", session="order")
+    assert first.status == P.SUCCEEDED, first.stderr
+    # Submitted back to back, without waiting: they queue and run one at a time, in order.
+    jobs = [client.submit(f"seen.append({i}); print(len(seen))", session="order") for i in range(12)]
+    # Plain jobs meanwhile spread over both slaves.
+    plain = [client.submit("print('plain')") for _ in range(6)]
+    for j in jobs + plain:
+        j.wait(WAIT)
+    assert [j.status for j in jobs] == [P.SUCCEEDED] * 12, [j.stderr for j in jobs]
+    assert {j.slave_uid for j in jobs} == {first.slave_uid}
+    assert [j.stdout for j in jobs] == [f"{i + 1}\n" for i in range(12)]
+    assert run(client, "print(seen)", session="order").stdout == f"{list(range(12))}\n"
+    assert all(j.status == P.SUCCEEDED for j in plain)
+    assert {j.slave_uid for j in plain} == {s["uid"] for s in client.slaves()}
+
+
+def test_an_exception_fails_the_job_and_the_session_survives(client):
+    assert run(client, "kept = 'still here'", session="e").status == P.SUCCEEDED
+    bad = run(client, "print('before')\nraise ValueError('bad value')", session="e")
+    assert bad.status == P.FAILED
+    assert bad.error["code"] == P.NONZERO_EXIT
+    assert "ValueError: bad value" in bad.error["message"]
+    assert bad.error["line"] == 2
+    assert bad.exit_code == 1
+    assert bad.stdout == "before\n"
+    assert "Traceback" in bad.stderr and "ValueError: bad value" in bad.stderr
+    assert "\x1b[" not in bad.stderr  # plain text, no terminal colours
+    after = run(client, "print(kept)", session="e")
+    assert after.status == P.SUCCEEDED and after.stdout == "still here\n"
+    code = run(client, "import sys; sys.exit(3)", session="e")
+    assert code.status == P.FAILED and code.exit_code == 3 and code.error["code"] == P.NONZERO_EXIT
+    assert run(client, "import sys; sys.exit(0)", session="e").status == P.SUCCEEDED
+
+
+def test_args_and_stdin_belong_to_each_job(client):
+    job = run(client, "import sys\nprint(sys.argv[1:])\nprint(input('name? '))\nprint(sys.stdin.read())",
+              session="io", args=["a", "b c"], stdin="ada\nrest\n")
+    assert job.status == P.SUCCEEDED, job.stderr
+    assert job.stdout == "['a', 'b c']\nname? ada\nada\nrest\n\n"
+    # The next job gets its own (none): no leftovers from the last one.
+    nxt = run(client, "import sys\nprint(sys.argv[1:], repr(sys.stdin.read()))", session="io")
+    assert nxt.stdout == "[] ''\n"
+    eof = run(client, "input()", session="io")
+    assert eof.status == P.FAILED and "EOFError" in eof.error["message"]
+
+
+def test_output_streams_and_cancel_keeps_the_session(client):
+    assert run(client, "kept = 7", session="c").status == P.SUCCEEDED
+    job = client.submit("print('tick', flush=True)\nimport time\ntime.sleep(120)", session="c")
+    wait_for(lambda: client.job(job.id).stdout == "tick\n", WAIT, "the first line to stream")
+    assert client.job(job.id).status == P.RUNNING
+    job.cancel()
+    job.wait(WAIT)
+    assert job.status == P.CANCELLED and job.error["code"] == P.CANCELLED_CODE
+    assert job.stdout == "tick\n"
+    after = run(client, "print(kept)", session="c")
+    assert after.status == P.SUCCEEDED and after.stdout == "7\n"
+
+
+def test_timeout_interrupts_the_cell_and_the_session_lives_on(client):
+    assert run(client, "kept = 'yes'", session="t").status == P.SUCCEEDED
+    job = run(client, "import time\ntime.sleep(60)", session="t", timeout=1)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT
+    assert "KeyboardInterrupt" in job.stderr
+    assert run(client, "print(kept)", session="t").stdout == "yes\n"
+
+
+def test_a_cell_that_ignores_the_interrupt_ends_its_session_with_a_message(client):
+    assert run(client, "kept = 1", session="stubborn").status == P.SUCCEEDED
+    job = run(client, "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)",
+              session="stubborn", timeout=1)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT
+    assert "did not stop when interrupted" in job.stderr
+    wait_for(lambda: not client.sessions(), 20, "the ended session to leave /api/sessions")
+    nxt = run(client, "print(kept)", session="stubborn")
+    assert nxt.status == P.FAILED and "NameError" in nxt.stderr
+    assert "starts a new one" in nxt.stderr and "did not stop when interrupted" in nxt.stderr
+
+
+def test_interpreter_death_fails_the_job_and_the_next_starts_afresh(client):
+    assert run(client, "kept = 1", session="d").status == P.SUCCEEDED
+    job = run(client, "import os\nos._exit(4)", session="d")
+    assert job.status == P.FAILED and job.exit_code == 4
+    assert "session has ended" in job.error["message"]
+    nxt = run(client, "print('kept' in dir())", session="d")
+    assert nxt.status == P.SUCCEEDED and nxt.stdout == "False\n"
+    assert "starts a new one" in nxt.stderr
+
+
+def test_sessions_are_listed_and_can_be_ended(client):
+    a = run(client, "x = 1", session="listed")
+    run(client, "x", session="listed")
+    [info] = [s for s in client.sessions() if s["name"] == "listed"]
+    assert info["slave_uid"] == a.slave_uid
+    assert info["language"] == "python" and info["jobs"] == 2
+    assert P.parse_time(info["created_at"]) <= P.parse_time(info["last_used"])
+    ended = client.end_session("listed")
+    assert ended["name"] == "listed"
+    assert all(s["name"] != "listed" for s in client.sessions())
+    with pytest.raises(DistexecError) as err:
+        client.end_session("listed")
+    assert err.value.status == 404
+    nxt = run(client, "x", session="listed")
+    assert nxt.status == P.FAILED and "NameError" in nxt.stderr
+
+
+def test_bad_session_requests_are_refused(client):
+    with pytest.raises(DistexecError) as err:
+        client.submit("int main(){return 0;}", language="c", session="s")
+    assert err.value.status == 400 and "Python only" in str(err.value)
+    with pytest.raises(DistexecError) as err:
+        client.submit("x = 1", session="")
+    assert err.value.status == 400
+
+
+def test_idle_sessions_end_after_the_ttl(make_cluster):
+    lc = make_cluster(1, slots=2, slave_args=["--session-ttl", "1"])
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "x = 1", session="idle").status == P.SUCCEEDED
+        kernels = kernels_of(lc.slaves[0])
+        assert kernels
+        wait_for(lambda: not c.sessions(), 20, "the idle session to end")
+        assert_gone(kernels)
+        nxt = run(c, "x", session="idle")
+        assert nxt.status == P.FAILED and "NameError" in nxt.stderr
+        assert "idle for more than 1 s" in nxt.stderr
+
+
+def test_a_lost_slave_loses_its_session_clearly(make_cluster, tmp_path):
+    lc = make_cluster(2, slots=2)
+    with Cluster(lc.url, token=lc.token) as c:
+        first = run(c, "x = 1", session="lost")
+        assert first.status == P.SUCCEEDED, first.stderr
+        running = c.submit("print('started', flush=True)\nimport time\ntime.sleep(120)", session="lost")
+        wait_for(lambda: c.job(running.id).stdout == "started\n", WAIT, "the session job to start")
+        queued = c.submit("print(x)", session="lost")
+        assert c.job(queued.id).status == P.QUEUED  # the session is busy
+        child = next(s for s in lc.slaves if s.uid == first.slave_uid)
+        kernels = kernels_of(child)
+        assert kernels
+        os.kill(child.pid, signal.SIGKILL)
+        child.proc.wait(10)
+        # The kernels die with their slave, even one killed outright.
+        assert_gone(kernels)
+        for job in (running, queued):
+            job.wait(WAIT)
+            assert job.status == P.FAILED, logs(tmp_path)
+            assert job.error["code"] == P.SLAVE_LOST
+            assert "lost" in job.error["message"] and "'lost" in job.error["message"]
+        assert not c.sessions()
+        nxt = run(c, "x = 2\nprint(x)", session="lost")
+        assert nxt.status == P.SUCCEEDED, nxt.stderr
+        assert nxt.slave_uid != first.slave_uid
+        assert "was lost" in nxt.stderr and "starts a new session" in nxt.stderr
+
+
+def test_no_kernel_outlives_the_cluster(make_cluster):
+    lc = make_cluster(2, slots=2)
+    with Cluster(lc.url, token=lc.token) as c:
+        jobs = [c.submit("x = 1", session=f"k{i}") for i in range(3)]
+        for j in jobs:
+            assert j.wait(WAIT).status == P.SUCCEEDED, j.stderr
+    kernels = [k for child in lc.slaves for k in kernels_of(child)]
+    assert len(kernels) >= 3
+    lc.stop()
+    assert_gone(kernels)
