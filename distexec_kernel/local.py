@@ -226,7 +226,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.master.alive():
             try:
-                resp = requests.get(self.url + "/api/slaves", timeout=1,
+                resp = requests.get(self.url + "/api/slaves", timeout=1, verify=self.cafile or True,
                                     headers={"Authorization": f"Bearer {self.token}"})
                 if resp.status_code != 200 or not resp.json()["slaves"]:
                     return

@@ -6,7 +6,9 @@ afterwards.
 """
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import time
 
 import psutil
 import pytest
+import tornado.httpclient
+import tornado.websocket
 
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import MASTER_READY, free_port
@@ -235,7 +239,174 @@ def test_cli_submit_waits_across_a_master_restart(make_cluster, tmp_path, home):
     assert "✅" in err
 
 
-# -- a job_run the slave never received -----------------------------------------
+# -- races made deterministic with a hand-driven slave --------------------------
+
+class RawConnection:
+    """One /ws/slave connection driven by the test: it runs nothing it is sent."""
+
+    def __init__(self, owner: "RawSlave", conn):
+        self.owner = owner
+        self.conn = conn
+        self.received: "queue.Queue[dict]" = queue.Queue()
+        self.closed = threading.Event()
+
+    async def pump(self) -> None:
+        while True:
+            text = await self.conn.read_message()
+            if text is None:
+                break
+            self.received.put(P.decode(text))
+        self.conn.close()  # closed by the master; this releases it
+        self.closed.set()
+
+    def expect(self, msg_type: str, timeout: float = 15) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.received.get(timeout=max(0.01, deadline - time.monotonic()))
+            if msg["type"] == msg_type:
+                return msg
+
+    def send(self, msg: dict) -> None:
+        self.owner.loop.call_soon_threadsafe(self.conn.write_message, P.encode(msg))
+
+    def close(self) -> None:
+        """Close, and return once the master has closed its end too."""
+        self.owner.loop.call_soon_threadsafe(self.conn.close)
+        assert self.closed.wait(10), "the master did not close the connection"
+
+
+class RawSlave:
+    """A slave played by the test, to time a reconnection or a lost job_run exactly."""
+
+    def __init__(self, lc, uid: str):
+        self.lc = lc
+        self.uid = uid
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.conns: list[RawConnection] = []
+
+    def connect(self, **fields) -> RawConnection:
+        async def go():
+            request = tornado.httpclient.HTTPRequest(
+                lc_ws(self.lc) + "/ws/slave", headers={"Authorization": f"Bearer {self.lc.secret}"})
+            ws = await tornado.websocket.websocket_connect(request)
+            raw = RawConnection(self, ws)
+            ws.write_message(P.encode(P.make(
+                "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host="raw",
+                languages=[{"name": "python", "version": "3"}], slots=1, **fields)))
+            asyncio.ensure_future(raw.pump())
+            return raw
+        raw = asyncio.run_coroutine_threadsafe(go(), self.loop).result(15)
+        assert raw.expect("register_reply")["ok"]
+        self.conns.append(raw)
+        return raw
+
+    def close(self) -> None:
+        for raw in self.conns:
+            if not raw.closed.is_set():
+                raw.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def lc_ws(lc) -> str:
+    return "ws" + lc.url[len("http"):]
+
+
+@pytest.fixture
+def raw_slave(make_cluster):
+    """A master with no slaves but one played by the test (python, one slot); lost-grace 30 s."""
+    lc = make_cluster(0, master_args=["--lost-grace", "30"])
+    rs = RawSlave(lc, "raw-slave")
+    yield lc, rs
+    rs.close()
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_job_run_lost_in_a_master_crash_is_not_stuck(raw_slave, retries, tmp_path):
+    """The master saved the job as running, then crashed before the slave got job_run.
+
+    The slave comes back without it (neither running nor a result), so the
+    new master settles it at once (retry or slave_lost), not after the grace.
+    """
+    lc, rs = raw_slave
+    conn = rs.connect()
+    with connect(lc) as c:
+        job = c.submit("print('ran')", retries=retries)
+        assert conn.expect("job_run")["job"]["id"] == job.id  # and dropped: never run
+        assert c.job(job.id).status == P.RUNNING
+    lc.master.stop(signal.SIGKILL)
+    conn.closed.wait(10)
+    lc.start_master()
+    real = lc.start_slave() if retries else None
+    t0 = time.monotonic()
+    rs.connect(running=[], results=[], draining=True)  # takes no job this time
+    with connect(lc) as c2:
+        j = c2.job(job.id).wait(20)
+        assert time.monotonic() - t0 < 15, "settled by the grace timer, not by the slave's report"
+        if retries:
+            assert j.status == P.SUCCEEDED and j.stdout == "ran\n", (j.record, logs(tmp_path))
+            assert j.attempts == 2 and j.slave_uid == real.uid
+        else:
+            assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+            assert "no longer has this job" in j.error["message"]
+
+
+def test_slave_back_before_its_old_connection_closed_keeps_its_job(raw_slave):
+    """A second register under the same UID takes over; the old connection's end loses nothing."""
+    lc, rs = raw_slave
+    old = rs.connect()
+    with connect(lc) as c:
+        job = c.submit("print('x')")
+        assert old.expect("job_run")["job"]["id"] == job.id
+        new = rs.connect(running=[job.id])
+        old.close()
+        assert not new.closed.is_set()
+        new.send(P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="from raw\n", stderr=""))
+        assert new.expect("result_ack")["job_id"] == job.id
+        j = c.job(job.id)
+        assert j.status == P.SUCCEEDED and j.stdout == "from raw\n", j.record
+        assert j.attempts == 1 and j.slave_uid == rs.uid
+        assert [s["uid"] for s in c.slaves()] == [rs.uid]
+
+
+def test_result_sent_again_after_settling_is_acknowledged_not_applied(raw_slave):
+    """A result re-sent on reconnection for a job already settled changes nothing."""
+    lc, rs = raw_slave
+    conn = rs.connect()
+    with connect(lc) as c:
+        job = c.submit("print('x')")
+        conn.expect("job_run")
+        result = P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="first\n", stderr="")
+        conn.send(result)
+        conn.expect("result_ack")
+        settled = c.job(job.id)
+        assert settled.status == P.SUCCEEDED
+        # The ack was lost (say): the slave sends the same result again, then another one.
+        again = rs.connect(results=[result, dict(result, stdout="second\n", exit_code=3,
+                                                  error=P.error(P.NONZERO_EXIT, "exited with code 3"))])
+        assert again.expect("result_ack")["job_id"] == job.id
+        assert again.expect("result_ack")["job_id"] == job.id
+        j = c.job(job.id)
+        assert (j.status, j.stdout, j.exit_code, j.finished_at) == (P.SUCCEEDED, "first\n", 0, settled.finished_at)
+
+
+def test_cancel_between_dispatch_and_start(raw_slave):
+    """A running job cancelled before its slave started it ends cancelled, and the slave is told."""
+    lc, rs = raw_slave
+    conn = rs.connect()
+    with connect(lc) as c:
+        job = c.submit("print('x')")
+        assert conn.expect("job_run")["job"]["id"] == job.id
+        c.cancel(job.id)
+        assert conn.expect("job_cancel")["job_id"] == job.id
+        # The slave honours it as a runner does: it reports the job cancelled.
+        conn.send(P.make("job_finished", job_id=job.id, exit_code=None,
+                         error=P.error(P.CANCELLED_CODE, "cancelled by a user"), stdout="", stderr=""))
+        j = c.job(job.id).wait(10)
+        assert j.status == P.CANCELLED and j.error["code"] == P.CANCELLED_CODE
 
 # -- a slave drains ------------------------------------------------------------
 
