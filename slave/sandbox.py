@@ -572,10 +572,15 @@ class BwrapSandbox(Sandbox):
         # (destination, bwrap arguments), applied in this order: hiding tmpfs
         # first, then what is shown again inside them, the job's directory last.
         args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        tmpfs = [("/tmp", "1777"), ("/dev/shm", "1777"), (_hiding_root(os.path.dirname(workdir)), "0755")]
-        tmpfs += [(d, "0755") for d in self.secrets if os.path.isdir(d)]
+        # The first word on a path wins: /tmp stays sticky and world-writable
+        # when it is also the parent of the job directories.
+        tmpfs = {"/tmp": "1777", "/dev/shm": "1777"}
+        tmpfs.setdefault(_hiding_root(os.path.dirname(workdir)), "0755")
+        for d in self.secrets:
+            if os.path.isdir(d):
+                tmpfs.setdefault(d, "0755")
         mounted: list[str] = []
-        for dest, perms in sorted(set(tmpfs), key=lambda t: (len(t[0]), t[0])):
+        for dest, perms in sorted(tmpfs.items(), key=lambda t: (len(t[0]), t[0])):
             if any(_under(dest, m) for m in mounted):
                 continue  # already hidden by a parent
             args += ["--perms", perms, "--size", size, "--tmpfs", dest]

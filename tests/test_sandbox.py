@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import stat
 import subprocess
@@ -393,7 +394,31 @@ def bwrap_sandbox():
     sandbox.close()
 
 
-def test_c_compiles_and_runs_inside(bwrap_sandbox, tmp_path):
+@pytest.fixture
+def jobdir():
+    """A job directory where the runner makes one by default: straight in the system's temp dir."""
+    path = tempfile.mkdtemp(prefix="distexec-job-")
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_tmp_is_private_and_writable_next_to_the_job_directory(bwrap_sandbox, jobdir):
+    outside = tempfile.mkdtemp(prefix="distexec-other-")
+    try:
+        ran = _in_sandbox(bwrap_sandbox, Limits(), jobdir, [
+            "sh", "-c", f"touch /tmp/scratch && stat -c %a /tmp && ls -a /tmp && ls {outside} 2>&1"])
+    finally:
+        os.rmdir(outside)
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "1777", ran.stdout + ran.stderr
+    # Only this job's directory and what the job wrote: not the host's /tmp.
+    assert sorted(lines[1:5]) == sorted([".", "..", jobdir.name, "scratch"]), ran.stdout
+    assert "No such file" in lines[-1]
+    assert not os.path.exists("/tmp/scratch")
+
+
+def test_c_compiles_and_runs_inside(bwrap_sandbox, jobdir):
+    tmp_path = jobdir
     limits = Limits(memory_mb=MEMORY_MB, max_procs=MAX_PROCS)
     (tmp_path / "main.c").write_text('#include <stdio.h>\nint main(){printf("hi from C\\n");return 0;}\n')
     gcc = _in_sandbox(bwrap_sandbox, limits, tmp_path, ["gcc", "-O2", "-o", "main.bin", "main.c"])

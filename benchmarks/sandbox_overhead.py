@@ -1,0 +1,80 @@
+"""What the job sandbox costs per step, plain against bubblewrap.
+
+    .venv/bin/python benchmarks/sandbox_overhead.py [--jobs 100]
+
+Runs the same trivial step N times through each sandbox this machine
+offers and prints the median and 90th percentile of its wall time, from
+``Sandbox.command`` (cgroup made) to ``cleanup`` (cgroup removed): the cost
+the runner pays per compile or run step.  Two programs: ``true`` (the
+sandbox's own cost, almost nothing else) and ``python3 -I -S -c pass`` (a
+trivial Python job).  Needs root for bubblewrap and cgroups.  The machines
+are shared and noisy: compare within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from slave.sandbox import BwrapSandbox, Cgroups, Limits, Sandbox  # noqa: E402
+
+
+def one(sandbox: Sandbox, argv: list[str], workdir: str, limits: Limits) -> float:
+    t0 = time.perf_counter()
+    spawn = sandbox.command(argv, workdir, {}, limits, timeout=60)
+    try:
+        subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec, check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        sandbox.cleanup(spawn)
+    return time.perf_counter() - t0
+
+
+def measure(sandbox: Sandbox, argv: list[str], n: int, limits: Limits) -> list[float]:
+    workdir = tempfile.mkdtemp(prefix="distexec-bench-")
+    try:
+        one(sandbox, argv, workdir, limits)  # warm the page cache
+        return [one(sandbox, argv, workdir, limits) for _ in range(n)]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--jobs", type=int, default=100, help="steps per sandbox and program (default 100)")
+    args = p.parse_args()
+    limits = Limits()
+    cgroups = Cgroups()
+    boxes = [("plain, no cgroups", Sandbox(Cgroups(mounts={}))), ("plain + cgroups", Sandbox(cgroups))]
+    bwrap = BwrapSandbox(cgroups)
+    why = bwrap.probe(limits)
+    if why is None:
+        boxes.append(("bubblewrap + cgroups", bwrap))
+    else:
+        print(f"bubblewrap not measured: {why}")
+    python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+    programs = [("true", ["true"]), ("python3 -I -S -c pass", [python, "-I", "-S", "-c", "pass"])]
+    print(f"{args.jobs} steps each, {os.cpu_count()} cores; milliseconds")
+    print(f"{'program':24} {'sandbox':22} {'median':>8} {'p90':>8} {'+median':>8}")
+    try:
+        for label, argv in programs:
+            base = None
+            for name, box in boxes:
+                times = sorted(measure(box, argv, args.jobs, limits))
+                med = statistics.median(times) * 1000
+                p90 = times[int(len(times) * 0.9) - 1] * 1000
+                base = med if base is None else base
+                print(f"{label:24} {name:22} {med:8.2f} {p90:8.2f} {med - base:+8.2f}")
+    finally:
+        cgroups.close()
+
+
+if __name__ == "__main__":
+    main()
