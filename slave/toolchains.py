@@ -9,9 +9,9 @@ absolute path of each program that answered.
 
 Every toolchain is asked at once, so start-up waits for the slowest one only
 (``javac -version`` starts a JVM: about 0.5 s).  With a ``cache_path`` the
-answers are kept, keyed by the programs' paths, sizes and modification
-times, so a slave started again on the same machine asks nothing; a replaced
-compiler has a new identity and is asked again.
+answers are kept (refusals too, for a shorter while), keyed by the programs'
+paths, sizes and modification times, so a slave started again on the same
+machine asks nothing; a replaced compiler has a new identity and is asked again.
 """
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ DETECT_TIMEOUT = 15.0
 # Even an unchanged binary is asked again after this long: a toolchain
 # manager's proxy stays the same file while the toolchain behind it changes.
 CACHE_TTL = 24 * 3600.0
+# A toolchain that refused is asked again sooner: its fix is often a config file away.
+FAILURE_TTL = 3600.0
+
+
+def _ttl(entry: dict) -> float:
+    return CACHE_TTL if entry.get("version") else FAILURE_TTL
 
 
 @dataclass
@@ -95,8 +101,9 @@ def _identity(programs: dict[str, str], lang: L.Language, sandbox_name: str) -> 
 
 
 async def _ask(lang: L.Language, programs: dict[str, str], sandbox: Sandbox | None,
-               limits: Limits) -> str | None:
-    """The version the toolchain reports in a job's environment, or None if it fails there."""
+               limits: Limits) -> tuple[str | None, bool]:
+    """The version the toolchain reports in a job's environment (None if it fails there),
+    and whether that answer is worth keeping (not a timeout or a failed start)."""
     argv = [programs.get(lang.version[0], lang.version[0])] + list(lang.version[1:])
     program = argv[0]
     tmp = tempfile.mkdtemp(prefix="distexec-detect-")
@@ -116,10 +123,10 @@ async def _ask(lang: L.Language, programs: dict[str, str], sandbox: Sandbox | No
             proc.kill()
             await proc.wait()
             log.warning("%s: %s did not answer within %g s", lang.name, program, DETECT_TIMEOUT)
-            return None
+            return None, False
     except OSError as exc:
         log.warning("%s: %s could not be started: %s", lang.name, program, exc)
-        return None
+        return None, False
     finally:
         if spawn is not None:
             sandbox.cleanup(spawn)
@@ -128,8 +135,8 @@ async def _ask(lang: L.Language, programs: dict[str, str], sandbox: Sandbox | No
     if proc.returncode != 0:
         log.info("%s: %s does not work in a job's environment: %s", lang.name, program,
                  text.strip().splitlines()[0] if text.strip() else f"exit code {proc.returncode}")
-        return None
-    return L.parse_version(lang, text)
+        return None, True
+    return L.parse_version(lang, text), True
 
 
 def _load(path: str | None) -> dict:
@@ -182,16 +189,18 @@ async def detect_toolchains(only: list[str] | None = None, *, cache_path: str | 
             if programs is None:
                 continue
             try:
-                ident = _identity(programs, lang, sandbox_name)
+                key = json.dumps(_identity(programs, lang, sandbox_name))
             except OSError:
                 continue
-            hit = cached.get(lang.name)
-            if (isinstance(hit, dict) and hit.get("identity") == ident and hit.get("version")
-                    and now - float(hit.get("at", 0)) < CACHE_TTL):
-                return Toolchain(lang.name, hit["version"], programs)
-            version = await _ask(lang, programs, sandbox, limits)
+            # Failures are kept too: a rustup proxy that cannot work for a job is not asked again.
+            hit = cached.get(key)
+            if isinstance(hit, dict) and now - float(hit.get("at", 0)) < _ttl(hit):
+                version = hit.get("version")
+            else:
+                version, keep = await _ask(lang, programs, sandbox, limits)
+                if keep:
+                    fresh[key] = {"language": lang.name, "version": version, "at": now}
             if version is not None:
-                fresh[lang.name] = {"identity": ident, "version": version, "at": now}
                 return Toolchain(lang.name, version, programs)
         return None
 
@@ -201,7 +210,10 @@ async def detect_toolchains(only: list[str] | None = None, *, cache_path: str | 
     if missing:
         log.info("not available here: %s", ", ".join(missing))
     if cache_path and fresh:
-        _save(cache_path, {**cached, **fresh})
+        # Entries of binaries long gone or too old to trust are dropped.
+        kept = {k: v for k, v in cached.items()
+                if isinstance(v, dict) and now - float(v.get("at", 0)) < _ttl(v)}
+        _save(cache_path, {**kept, **fresh})
     return found
 
 

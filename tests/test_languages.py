@@ -413,12 +413,18 @@ def test_detection_passes_over_a_toolchain_that_fails_in_a_job_environment(monke
     # Like a rustup proxy that needs ~/.rustup: it answers the slave's user, not a job.
     broken = tmp_path / "broken"
     broken.mkdir()
-    fake_tool(broken, "ruby", 'test "$HOME" = "%s" && echo "ruby 9.9.9" && exit 0\necho "no toolchain" >&2\nexit 1\n'
+    calls = tmp_path / "calls"
+    fake_tool(broken, "ruby", f'echo x >> {calls}\n'
+              'test "$HOME" = "%s" && echo "ruby 9.9.9" && exit 0\necho "no toolchain" >&2\nexit 1\n'
               % os.environ.get("HOME", "/root"))
     monkeypatch.setenv("PATH", f"{broken}:{os.environ['PATH']}")
-    chains = run_async(toolchains.detect_toolchains(["ruby"]))
-    assert chains["ruby"].version != "9.9.9"
-    assert chains["ruby"].programs["ruby"] == shutil.which("ruby", path=os.environ["PATH"].split(":", 1)[1])
+    cache = str(tmp_path / "toolchains.json")
+    for _ in range(2):
+        chains = run_async(toolchains.detect_toolchains(["ruby"], cache_path=cache))
+        assert chains["ruby"].version != "9.9.9"
+        assert chains["ruby"].programs["ruby"] == shutil.which("ruby", path=os.environ["PATH"].split(":", 1)[1])
+    # Its refusal is remembered: the second start did not ask it again.
+    assert len(calls.read_text().splitlines()) == 1
 
 
 def test_detection_answers_are_cached_by_binary_identity(monkeypatch, tmp_path):
