@@ -420,6 +420,7 @@ class JobPanel(W.VBox):
                 self._mark("title")
                 if msg["connected"] and not was:
                     # Events were missed while away: read everything again.
+                    self._note = "reconnected to the master; history re-read"
                     self._task("refresh", self._reload)
 
     def _apply_update(self, summary: dict) -> None:

@@ -331,3 +331,20 @@ def test_close_unsubscribes_and_closes_widgets(make_panel, client):
     assert p.job_list.comm is None and p.run_button.comm is None and p.comm is None
     assert sum(t.is_alive() for t in threading.enumerate() if t.name == "distexec-panel-flush") < len(flusher)
     p.close()  # twice is harmless
+
+
+def test_master_restart_shows_disconnected_then_reloads(panel, client, cluster):
+    done = client.submit("print('before')").wait(T)
+    wait_for(lambda: icon(panel, done.id) == "✅", T, "listed")
+    cluster.master.stop()
+    wait_for(lambda: "disconnected" in panel.title.value, T, "🔴 in the title")
+    panel.refresh_button.click()  # a user trying while it is down: told, not raised
+    wait_for(lambda: panel.message.value.startswith("⚠ refresh"), T, "the refresh failure shown")
+    cluster.start_master()
+    wait_for(lambda: "🟢 connected" in panel.title.value, T, "🟢 again")
+    assert "reconnected" in panel.message.value  # the stale failure is not left standing
+    wait_for(lambda: all(cell(s.uid) in text(panel.cluster_view.slaves) for s in cluster.slaves), T,
+             "the slaves back in the cluster view")
+    # The history survived the restart, and new events flow again.
+    after = client.submit("print('after')").wait(T)
+    wait_for(lambda: icon(panel, after.id) == "✅" and icon(panel, done.id) == "✅", T, "both listed")
