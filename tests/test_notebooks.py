@@ -99,7 +99,51 @@ def check_quickstart(nb, cluster: Cluster) -> None:
     assert last.name == "fails-on-purpose" and last.status == P.FAILED
 
 
-CHECKS = {"quickstart.ipynb": check_quickstart}
+def check_multilang(nb, cluster: Cluster) -> None:
+    languages = text_of(cell(nb, "from distexec_kernel import Cluster"))
+    for lang in cluster.languages():
+        assert re.search(rf"^{lang['name']} +\S+ +on 1 slave", languages, re.M) is None  # two slaves here
+        assert re.search(rf"^{lang['name']} +\S+ +on 2 slave\(s\)$", languages, re.M), lang
+    seen = set()
+    for c in nb.cells:
+        if c.cell_type == "code" and c.source.startswith("%%remote ") and "--arg 100" in c.source:
+            out = text_of(c)
+            lang, value = re.match(r"(\w+): (\d+)\n", out).groups()
+            assert value == "338350", out
+            assert STATUS_OK.search(out).group(1) == lang
+            seen.add(lang)
+    assert {"python", "bash", "sh"} <= seen and len(seen) >= 3
+    compare = text_of(cell(nb, "programs = {"))
+    assert "all agree: True -> 333833500" in compare
+    for lang in seen:
+        assert f"'{lang}': '333833500'" in compare
+    broken = cell(nb, "%%remote c\n#include <stdio.h>\n\nint main(void)")
+    out = text_of(broken)
+    assert "compile_error" in out and re.search(r"main\.c:4:\d+: error: expected .;.", out), out
+    assert [o.ename for o in broken.outputs if o.output_type == "error"] == ["RemoteJobFailed"]
+
+
+def check_fanout(nb, cluster: Cluster) -> None:
+    assert "2 slaves, 4 slots in all" in text_of(nb.cells[1])
+    assert re.search(r"[🕓⏳✅] job \d+", text_of(cell(nb, "%%remote --no-wait -o low")))
+    assert "sum of 0..999999 = 499999500000 | check: True" in text_of(cell(nb, "total = int(low"))
+    assert text_of(cell(nb, "PI_JOB = ")).startswith("40 jobs submitted; right now: {")
+    collected = re.search(r"collected (\d+) results: pi ≈ (\d\.\d+)", text_of(cell(nb, "shares = ")))
+    assert collected and collected.group(1) == "40"
+    assert abs(float(collected.group(2)) - 3.1416) < 0.02
+    stats = text_of(cell(nb, "print('status:'"))
+    assert "status: {'succeeded': 40}" in stats
+    per_slave = re.search(r"jobs per slave: (\{.*\})", stats).group(1)
+    assert sum(int(n) for n in re.findall(r": (\d+)", per_slave)) == 40
+    assert "18 succeeded, 6 failed" in text_of(cell(nb, "FLAKY = "))
+    assert "nonzero_exit, stderr '4 is a multiple of 4'" in text_of(cell(nb, "FLAKY = "))
+    pi_jobs = [j for j in cluster.jobs(limit=200) if j.name.startswith("pi-")]
+    assert len(pi_jobs) == 40 and all(j.status == P.SUCCEEDED for j in pi_jobs)
+    assert len({j.slave_uid for j in pi_jobs}) == 2, "the jobs did not fan out over both slaves"
+
+
+CHECKS = {"quickstart.ipynb": check_quickstart, "multilang.ipynb": check_multilang,
+          "fanout.ipynb": check_fanout}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
