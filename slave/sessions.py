@@ -121,8 +121,8 @@ class SessionRunner:
         self._closed = False
 
     def describe(self) -> str:
-        return (f"python sessions: one ipykernel per session, ended after {self.ttl:g} s idle; "
-                f"kernels start through the same sandbox as other jobs ({self.sandbox.describe()})")
+        return (f"python sessions: one ipykernel per session, ended after {self.ttl:g} s idle; each kernel "
+                f"runs in the same sandbox as a job's process, its memory limit covering the whole session")
 
     def session_names(self) -> list[str]:
         return sorted(self.sessions)

@@ -378,3 +378,29 @@ def test_no_kernel_outlives_the_cluster(make_cluster):
     assert len(kernels) >= 3
     lc.stop()
     assert_gone(kernels)
+
+
+def test_past_the_memory_limit_the_session_ends_with_a_message(make_cluster):
+    lc = make_cluster(1, slots=1, slave_args=["--memory-limit", "200"])
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "kept = 1", session="m").status == P.SUCCEEDED
+        job = run(c, "b = bytearray(400 << 20)\nb[::4096] = b'x' * len(b[::4096])", session="m")
+        assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT
+        assert "the session was ended" in job.stderr
+        nxt = run(c, "print('kept' in dir())", session="m")
+        assert nxt.status == P.SUCCEEDED and nxt.stdout == "False\n"
+        assert "memory limit" in nxt.stderr and "starts a new one" in nxt.stderr
+
+
+def test_sessions_outlive_a_master_restart(make_cluster):
+    lc = make_cluster(1, slots=2)
+    with Cluster(lc.url, token=lc.token) as c:
+        first = run(c, "kept = 'across'", session="r")
+        assert first.status == P.SUCCEEDED, first.stderr
+    lc.restart_master(signal.SIGKILL)
+    with Cluster(lc.url, token=lc.token) as c:
+        # The slave reconnects and tells the new master which sessions it has.
+        wait_for(lambda: [s["name"] for s in c.sessions()] == ["r"], 30, "the session to be reported again")
+        after = run(c, "print(kept)", session="r")
+        assert after.status == P.SUCCEEDED and after.stdout == "across\n"
+        assert after.slave_uid == first.slave_uid and not after.stderr
