@@ -52,7 +52,8 @@ def main() -> int:
     # One slave, one slot: every job meets the same cache, one at a time.
     with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs")) as lc:
         with Cluster(lc.url, token=lc.token) as c:
-            print(f"{'language':10} {'cold median':>12} {'warm median':>12} {'cold/warm':>10}   ({args.runs} jobs each)")
+            print(f"{'language':10} {'cold median':>12} {'warm median':>12} {'cold/warm':>10}"
+                  f"   ({args.runs} jobs each)")
             for lang in langs:
                 timed(c, lang, "warm-up")  # first JVM/compiler start, page cache
                 cold = [timed(c, lang, uuid.uuid4().hex) for _ in range(args.runs)]

@@ -125,7 +125,8 @@ LANGUAGES: dict[str, Language] = {
             name="java",
             extensions=(".java",),
             source="Main.java",
-            source_from=r"^\s*public\s+(?:(?:final|abstract|strictfp|sealed)\s+)*(?:class|interface|enum|record)\s+(\w+)",
+            source_from=(r"^\s*public\s+(?:(?:final|abstract|strictfp|sealed)\s+)*"
+                         r"(?:class|interface|enum|record)\s+(\w+)"),
             version=("javac", *(f"-J{o}" for o in _FAST_JVM), "-version"),
             compile=("javac", *(f"-J{o}" for o in _FAST_JVM), "-encoding", "UTF-8", "{source}"),
             artefacts=("*.class",),
@@ -279,14 +280,26 @@ _GENERIC_LOCATION = r"^(?:\./)?{file}:(?P<line>\d+)(?::(?P<col>\d+))?"
 _CARET = re.compile(r"^(\s*)\^")
 
 
-def locate(lang: Language | None, diagnostics: str, source_name: str | None = None) -> dict:
+def locate(lang: Language | None, diagnostics: str, source_name: str | None = None,
+           source: str | None = None) -> dict:
     """Where ``diagnostics`` (a compiler's or interpreter's stderr) points in the program.
 
     ``{"line": N, "column": M}`` (no column when none is known), or ``{}`` when it
     names no line.  The language's patterns are tried in order, the first
     one that matches wins; with no column in the match, a caret line two
-    lines below (javac, node, ruby) gives it.
+    lines below (javac, node, ruby) gives it.  Given the ``source``, the
+    line's text is added as ``text``, as for a Python syntax error, so the
+    notebook can draw the caret.
     """
+    where = _locate(lang, diagnostics, source_name)
+    if where and source is not None:
+        lines = source.splitlines()
+        if 1 <= where["line"] <= len(lines) and lines[where["line"] - 1].strip():
+            where["text"] = lines[where["line"] - 1]
+    return where
+
+
+def _locate(lang: Language | None, diagnostics: str, source_name: str | None) -> dict:
     file = re.escape(source_name or (lang.source if lang else "main"))
     patterns = [p.replace("{file}", file) for p in (*(lang.locations if lang else ()), _GENERIC_LOCATION)]
     for pattern in patterns:

@@ -156,7 +156,7 @@ class ProcessRunner:
         error = _classify(step, job, self.limits)
         if error is not None and error["code"] == P.NONZERO_EXIT:
             # An interpreter's syntax or runtime error names a line: point the notebook at it.
-            error.update(L.locate(lang, err, source_name))
+            error.update(L.locate(lang, err, source_name, job["source"]))
         return Outcome(step.returncode, error, out, err)
 
     def _argv(self, lang: L.Language, template: tuple[str, ...], fields: dict) -> list[str]:
@@ -189,7 +189,7 @@ class ProcessRunner:
                     "memory_limit": f"the compiler used more than {self.limits.memory_bytes >> 20} MiB",
                     "output_limit": "the compiler wrote more than the output limit",
                     }.get(step.reason, f"the {lang.name} compiler refused the program")
-            return Outcome(None, P.error(P.COMPILE_ERROR, what, **L.locate(lang, diag, source_name)),
+            return Outcome(None, P.error(P.COMPILE_ERROR, what, **L.locate(lang, diag, source_name, job["source"])),
                            stdout="", stderr=diag)
         log.info("job %s: compiled %s in %.2f s", job["id"], lang.name, step.elapsed)
         if key is not None:

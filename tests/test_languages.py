@@ -374,6 +374,14 @@ def test_locate_per_toolchain(lang, source, text, where):
     assert L.locate(L.LANGUAGES[lang], text, source) == where
 
 
+def test_locate_adds_the_source_line():
+    source = "#include <stdio.h>\nint main(void) {\n  int x = ;\n}\n"
+    assert L.locate(L.LANGUAGES["cpp"], GPP_ERROR, "main.cpp", source) == \
+        {"line": 3, "column": 11, "text": "  int x = ;"}
+    # A line past the end of the source (a diagnostic about something else) has no text.
+    assert "text" not in L.locate(L.LANGUAGES["c"], GCC_WARN_THEN_ERROR, "main.c", "int main;\n")
+
+
 def test_locate_finds_nothing_in_plain_text():
     assert L.locate(L.LANGUAGES["c"], "collect2: error: ld returned 1 exit status\n", "main.c") == {}
     # Another file's line is not the program's line.
@@ -594,6 +602,8 @@ def test_error_names_its_line(submitted, lang):
         assert job.status == P.FAILED and job.error["code"] == P.NONZERO_EXIT, job.record
         assert job.exit_code != 0
     assert job.error["line"] == 3, job.record
+    # The line itself comes along, for the notebook to draw its caret under.
+    assert job.error["text"].strip() == PROGRAMS[lang]["bad"].splitlines()[2].strip()
     if lang != "python":
         assert "3" in job.stderr
 
