@@ -722,3 +722,68 @@ def test_unknown_language_in_languages_flag_stops_the_slave(make_cluster):
     lc = make_cluster(0)
     child = lc.spawn_slave("--languages", "python,cobol")
     assert child.proc.wait(30) == 2
+
+
+# -- the compile step in the slave's runner, no cluster ---------------------------
+
+def make_runner(tmp_path, languages: list[str]):
+    """The ProcessRunner a slave builds, with its real sandbox and a compile cache in ``tmp_path``."""
+    import asyncio
+
+    from slave.runner import ProcessRunner
+    from slave.sandbox import Limits, best_sandbox
+
+    limits = Limits()
+    sandbox = best_sandbox(limits)
+    chains = asyncio.run(toolchains.detect_toolchains(languages, sandbox=sandbox, limits=limits))
+    cache = CompileCache(str(tmp_path / "cache"))
+    runner = ProcessRunner(sandbox, limits, {n: t.version for n, t in chains.items()}, compile_cache=cache,
+                           programs={n: t.programs for n, t in chains.items()})
+    return runner, cache
+
+
+def run_job(runner, job: dict, cancel_after: float | None = None):
+    import asyncio
+
+    async def go():
+        cancel = asyncio.Event()
+        if cancel_after is not None:
+            asyncio.get_running_loop().call_later(cancel_after, cancel.set)
+        return await runner.run({"id": 1, **job}, lambda stream, text: None, cancel)
+    return asyncio.run(go())
+
+
+def test_compile_has_its_own_time_limit(tmp_path, monkeypatch):
+    import dataclasses
+    # A "compiler" that never finishes, with a half-second limit; the job's own timeout is much longer.
+    slow = dataclasses.replace(L.LANGUAGES["c"], compile=("sh", "-c", "sleep 30"), compile_timeout=0.5)
+    monkeypatch.setitem(L.LANGUAGES, "c", slow)
+    runner, cache = make_runner(tmp_path, ["c"])
+    started = time.monotonic()
+    outcome = run_job(runner, {"language": "c", "source": unique_c("x"), "timeout": 60})
+    assert outcome.error["code"] == P.COMPILE_ERROR and "0.5 s" in outcome.error["message"]
+    assert outcome.exit_code is None and outcome.stdout == ""
+    assert time.monotonic() - started < 20
+    assert cache.entries() == []
+
+
+def test_cancel_during_compile(tmp_path, monkeypatch):
+    import dataclasses
+    slow = dataclasses.replace(L.LANGUAGES["c"], compile=("sh", "-c", "sleep 30"))
+    monkeypatch.setitem(L.LANGUAGES, "c", slow)
+    runner, cache = make_runner(tmp_path, ["c"])
+    outcome = run_job(runner, {"language": "c", "source": unique_c("x")}, cancel_after=0.3)
+    assert outcome.error["code"] == P.CANCELLED_CODE
+    assert cache.entries() == []
+
+
+def test_refused_program_is_not_cached_and_cached_one_is_reused(tmp_path):
+    runner, cache = make_runner(tmp_path, ["c"])
+    bad = run_job(runner, {"language": "c", "source": PROGRAMS["c"]["bad"]})
+    assert bad.error["code"] == P.COMPILE_ERROR and bad.error["line"] == 3
+    assert cache.entries() == [] and cache.stores == 0
+    good = {"language": "c", "source": PROGRAMS["c"]["echo"], "args": ["z"], "stdin": "in\n"}
+    assert run_job(runner, good).stdout == "args=z\nin\n"
+    assert (cache.stores, cache.hits) == (1, 0)
+    assert run_job(runner, good).stdout == "args=z\nin\n"
+    assert (cache.stores, cache.hits) == (1, 1)
