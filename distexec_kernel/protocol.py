@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 
 PROTOCOL_VERSION = 1
 
@@ -225,12 +226,39 @@ def encode(msg: dict) -> str:
     return json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str | bytes):
+    """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone surrogates.
+
+    Python's json accepts all three, and each breaks something downstream that
+    is strict: a lone surrogate (``"\\ud800"``) in a job's name cannot be
+    encoded for SQLite and used to kill the master's history writer.
+    Raises ValueError.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")
+    value = json.loads(text, parse_constant=_no_constant)
+    # Only an escape can make a surrogate (frames are decoded strictly), so only then pay for the check.
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone UTF-16 surrogate") from None
+    return value
+
+
 def decode(text: str | bytes) -> dict:
     """Parse and validate one frame; raises ProtocolError on anything wrong."""
     if len(text) > MAX_MESSAGE_BYTES:
         raise ProtocolError("too_large", f"message over {MAX_MESSAGE_BYTES} bytes")
     try:
-        msg = json.loads(text)
+        msg = loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"not JSON: {exc}") from None
     return validate(msg)

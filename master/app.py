@@ -106,7 +106,7 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def json_body(self):
         try:
-            return json.loads(self.request.body or b"null")
+            return P.loads(self.request.body or b"null")
         except ValueError as exc:
             raise P.ProtocolError("bad_json", f"the request body is not JSON: {exc}") from None
 
@@ -395,6 +395,10 @@ class SlaveSocket(_Socket):
             self.master.slave_seen(self.uid)
 
     async def on_register(self, msg: dict) -> None:
+        if self.uid is not None and msg["uid"] != self.uid:
+            # One connection, one slave: a second UID would leave the first registered with no one behind it.
+            raise P.ProtocolError("already_registered", f"this connection is slave {self.uid}; "
+                                  f"connect again to register as {msg['uid']}")
         result = self.master.slave_registered(self, msg)
         if isinstance(result, dict):
             self.send(P.make("register_reply", ok=False, error=result))

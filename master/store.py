@@ -83,6 +83,11 @@ class JobStore:
             (P.QUEUED, P.RUNNING)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def recent(self, limit: int) -> list[dict]:
+        """The newest ``limit`` jobs, newest first: which slaves a restarted master may expect back."""
+        rows = self._read_conn().execute("SELECT data FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     # -- writes ------------------------------------------------------------
 
     def save(self, job: dict) -> asyncio.Future:
@@ -117,7 +122,8 @@ class JobStore:
                     "INSERT OR REPLACE INTO jobs (id, status, language, client_id, user, submitted_at, data)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)", [b[0] for b in batch])
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError) as exc:
+                # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
                 log.error("history write failed: %s", exc)
                 err = exc
                 try:

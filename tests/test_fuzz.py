@@ -1,0 +1,336 @@
+"""Property tests: random and malformed input never crashes the protocol code or the master.
+
+The first half checks ``protocol`` directly (fast, no cluster).  The second
+feeds frames to a real master over real WebSockets and bodies over HTTP:
+every frame gets an error reply (or is ignored where the protocol says so),
+no handler fails inside (``internal_error``, HTTP 500), no connection is
+closed, and afterwards the master still runs a normal job.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+import requests
+import tornado.httpclient
+import tornado.websocket
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from distexec_kernel import Cluster, config, protocol as P
+
+FAST = settings(max_examples=150, deadline=None)
+LIVE = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# --- strategies -------------------------------------------------------------
+
+# Lone surrogates and NaN/Infinity are valid for Python's json but not JSON: both must be refused cleanly.
+surrogates = st.text(st.characters(categories=["Cs"]) | st.characters(), min_size=1, max_size=4)
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+           | st.floats() | st.text(max_size=20) | surrogates)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+_BY_TYPE = {int: st.integers(min_value=-(2 ** 40), max_value=2 ** 40), float: st.floats(),
+            str: st.text(max_size=30) | surrogates,
+            bool: st.booleans(), list: st.lists(json_values, max_size=3),
+            dict: st.dictionaries(st.text(max_size=8), json_values, max_size=3), type(None): st.none()}
+
+
+def _of_type(expected) -> st.SearchStrategy:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return st.one_of(*(_BY_TYPE[k] for k in kinds))
+
+
+submissions = st.fixed_dictionaries({}, optional={
+    "source": st.text(max_size=40) | json_values,
+    "language": st.sampled_from(["python", "py", "c", "bash", "nope", "", "PYTHON"]) | json_values,
+    "name": st.text(max_size=20) | surrogates | json_values,
+    "files": st.dictionaries(st.text(max_size=12), st.text(max_size=10) | json_values, max_size=3) | json_values,
+    "args": st.lists(st.text(max_size=5) | json_values, max_size=3) | json_values,
+    "stdin": st.text(max_size=10) | json_values,
+    "timeout": st.floats() | st.integers() | json_values,
+    "retries": st.integers(min_value=-3, max_value=20) | json_values,
+    "session": st.text(max_size=10) | json_values,
+    "unexpected": json_values,
+})
+
+
+@st.composite
+def messages(draw, types=tuple(P.MESSAGES) + ("bogus",)) -> dict:
+    """Message-shaped dicts: a known (or unknown) type, each field right-typed, wrong-typed or missing."""
+    msg_type = draw(st.sampled_from(types))
+    msg = {"type": msg_type}
+    for field, (expected, _required) in P.MESSAGES.get(msg_type, {}).items():
+        if draw(st.integers(0, 5)) == 0:
+            continue
+        if msg_type == "submit" and field == "request":
+            msg[field] = draw(submissions | json_values)
+        else:
+            msg[field] = draw(_of_type(expected) | json_values) if draw(st.booleans()) else draw(_of_type(expected))
+    if draw(st.integers(0, 4)) == 0:
+        msg[draw(st.text(max_size=6))] = draw(json_values)
+    return msg
+
+
+@st.composite
+def valid_messages(draw) -> dict:
+    """Messages that match the table, with strict-JSON values only (no NaN, no lone surrogate)."""
+    msg_type = draw(st.sampled_from(tuple(P.MESSAGES)))
+    msg = {"type": msg_type}
+    for field, (expected, required) in P.MESSAGES[msg_type].items():
+        if required or draw(st.booleans()):
+            msg[field] = draw(st.sampled_from(P.STREAMS) if field == "stream" else _of_type(expected))
+    assume(_strict(msg))
+    return msg
+
+
+def _strict(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+frames = st.one_of(
+    st.text(max_size=60),
+    st.binary(max_size=60),
+    json_values.map(_dumps),
+    messages().map(_dumps),
+)
+
+# --- protocol, no cluster ---------------------------------------------------
+
+
+@FAST
+@given(st.text(max_size=200) | st.binary(max_size=200) | json_values.map(_dumps) | messages().map(_dumps))
+def test_decode_returns_a_valid_message_or_raises_protocol_error(frame):
+    try:
+        msg = P.decode(frame)
+    except P.ProtocolError as exc:
+        assert exc.code in ("bad_json", "bad_message", "unknown_type", "too_large") and exc.message
+        return
+    assert P.validate(msg) is msg and msg["type"] in P.MESSAGES
+
+
+@FAST
+@given(valid_messages())
+def test_a_valid_message_survives_encode_and_decode(msg):
+    assert P.validate(msg) is msg
+    assert P.decode(P.encode(msg)) == msg
+
+
+@FAST
+@given(submissions | json_values)
+def test_check_submission_normalises_or_names_the_problem(body):
+    try:
+        sub = P.check_submission(body)
+    except P.ProtocolError as exc:
+        assert exc.code in ("bad_request", "too_large") and exc.message
+        return
+    assert set(sub) == set(P.SUBMISSION)
+    assert isinstance(sub["source"], str) and sub["language"].strip()
+    assert 0 < sub["timeout"] <= P.MAX_TIMEOUT and isinstance(sub["timeout"], float)
+    assert 0 <= sub["retries"] <= P.MAX_RETRIES
+    assert all(isinstance(a, str) for a in sub["args"]) and isinstance(sub["files"], dict)
+    for name in sub["files"]:
+        assert "/" not in name and name not in (".", "..")
+    json.dumps(sub, allow_nan=False)  # what is accepted can be stored and sent back
+
+
+def test_strings_python_accepts_but_json_does_not_are_bad_json():
+    for text in ('{"type": "cancel", "job_id": 1, "ref": "\\ud800"}', '{"type": "cancel", "job_id": NaN}',
+                 b'{"type": "cancel", "job_id": 1, "ref": "\xed\xa0\x80"}', '"\\udfff"'):
+        with pytest.raises(P.ProtocolError) as err:
+            P.decode(text)
+        assert err.value.code == "bad_json"
+    # A proper pair (an emoji written as two escapes) is fine.
+    assert P.decode('{"type": "cancel", "job_id": 1, "ref": "\\ud83d\\ude00"}')["ref"] == "\U0001F600"
+
+
+def test_a_lone_surrogate_in_a_job_field_does_not_break_the_history(make_cluster):
+    # It used to reach SQLite and kill the history writer: every later submission then hung.
+    lc = make_cluster(0)
+    headers = {"Authorization": f"Bearer {lc.token}"}
+    for body in ('{"source": "\\ud800", "language": "python"}',
+                 '{"source": "print(1)", "language": "python", "name": "\\udc00"}'):
+        resp = requests.post(lc.url + "/api/jobs", data=body, headers=headers, timeout=20)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_json"
+    resp = requests.post(lc.url + "/api/jobs", json={"source": "print(1)", "language": "python", "name": "ok"},
+                         headers=headers, timeout=20)
+    assert resp.status_code == 201
+    assert requests.get(lc.url + f"/api/jobs/{resp.json()['id']}", headers=headers, timeout=20).json()["name"] == "ok"
+
+
+# --- the live master ----------------------------------------------------------
+
+
+class Socket:
+    """A blocking WebSocket client on its own event loop thread, for driving the master from a test."""
+
+    BROADCAST = {"job_update", "job_output", "slaves_changed", "clients_changed", "welcome",
+                 "job_run", "job_cancel"}
+
+    def __init__(self, url: str, path: str, token: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        req = tornado.httpclient.HTTPRequest(config.ws_url(url) + path,
+                                             headers={"Authorization": f"Bearer {token}"}, connect_timeout=10)
+        self.conn = self._run(lambda: tornado.websocket.websocket_connect(req, max_message_size=P.MAX_MESSAGE_BYTES))
+        self.probes = 0
+
+    def _run(self, make, timeout: float = 20.0):
+        """Run ``make()`` (which returns an awaitable) on the socket's loop and wait for its result."""
+        async def wrap():
+            return await make()
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
+
+    def send(self, frame) -> None:
+        self._run(lambda: self.conn.write_message(frame, binary=isinstance(frame, bytes)))
+
+    def recv(self, timeout: float = 20.0):
+        text = self._run(lambda: asyncio.wait_for(self.conn.read_message(), timeout), timeout + 5)
+        assert text is not None, f"the master closed the connection ({self.conn.close_code} {self.conn.close_reason})"
+        return json.loads(text)
+
+    def exchange(self, frame) -> list[dict]:
+        """Send ``frame``, then a probe; return the replies that came for ``frame`` (not broadcasts)."""
+        self.probes += 1
+        probe = f"probe-{self.probes}"
+        self.send(frame)
+        self.send(json.dumps({"type": probe}))
+        replies = []
+        while True:
+            msg = self.recv()
+            if msg["type"] == "error" and repr(probe) in msg["error"]["message"]:
+                return replies
+            if msg["type"] not in self.BROADCAST:
+                replies.append(msg)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+
+        async def shut():
+            self.conn.close()
+            while await asyncio.wait_for(self.conn.read_message(), 10) is not None:
+                pass
+        try:
+            self._run(shut)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def bare_master(make_cluster):
+    """A master with no slave: client submissions are rejected, never run."""
+    return make_cluster(0, languages="python")
+
+
+@pytest.fixture
+def client_socket(bare_master):
+    sock = Socket(bare_master.url, "/ws/client", bare_master.token)
+    assert sock.recv()["type"] == "welcome"
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def slave_socket(bare_master):
+    """A registered (fake) slave connection that offers no language, so no job is sent to it."""
+    sock = Socket(bare_master.url, "/ws/slave", bare_master.secret)
+    sock.send(P.encode(P.make("register", protocol=P.PROTOCOL_VERSION, uid="fuzz-slave", host="fuzz",
+                              languages=[], slots=1)))
+    while (reply := sock.recv())["type"] != "register_reply":
+        pass
+    assert reply["ok"] is True
+    yield sock
+    sock.close()
+
+
+@LIVE
+@given(frame=frames)
+def test_every_client_frame_gets_a_reply_and_the_connection_lives(client_socket, frame):
+    replies = client_socket.exchange(frame)
+    assert len(replies) == 1, replies
+    reply = replies[0]
+    assert reply["type"] in ("error", "submit_reply", "cancel_reply"), reply
+    P.validate(reply)
+    err = reply.get("error")
+    if err is not None:
+        assert err["code"] != "internal_error", err
+        assert err["message"]
+    if reply["type"] == "submit_reply" and err is None:
+        # Nothing runs here: an accepted submission is rejected (no slave), part of the history.
+        assert reply["job"]["status"] == P.REJECTED
+
+
+@LIVE
+@given(frame=frames)
+def test_slave_frames_get_an_error_reply_or_are_ignored_and_the_connection_lives(slave_socket, frame):
+    try:
+        msg = json.loads(frame)
+    except ValueError:
+        msg = None
+    if isinstance(msg, dict) and msg.get("type") == "register":
+        # A slave of another protocol version is refused and closed by design (tested in test_core).
+        assume(msg.get("protocol") == P.PROTOCOL_VERSION or not isinstance(msg.get("protocol"), int)
+               or isinstance(msg.get("protocol"), bool))
+    replies = slave_socket.exchange(frame)
+    for reply in replies:
+        P.validate(reply)
+        assert reply["type"] in ("error", "register_reply", "result_ack", "draining", "session_end"), reply
+        if reply["type"] == "error":
+            assert reply["error"]["code"] != "internal_error", reply
+    try:
+        P.decode(frame)
+        valid = True
+    except P.ProtocolError:
+        valid = False
+    if not valid:
+        assert [r["type"] for r in replies] == ["error"]
+
+
+@LIVE
+@given(body=st.one_of(st.binary(max_size=80), json_values.map(_dumps), submissions.map(_dumps)))
+def test_random_job_bodies_get_201_or_a_4xx_with_a_json_error(bare_master, body):
+    resp = requests.post(bare_master.url + "/api/jobs", data=body, timeout=20,
+                         headers={"Authorization": f"Bearer {bare_master.token}"})
+    assert resp.status_code in (201, 400, 413), (resp.status_code, resp.text)
+    answer = resp.json()
+    if resp.status_code == 201:
+        assert answer["status"] == P.REJECTED and isinstance(answer["id"], int)
+    else:
+        assert set(answer["error"]) >= {"code", "message"} and answer["error"]["message"]
+
+
+def test_after_the_fuzzing_the_master_still_runs_jobs(bare_master, client_socket, slave_socket):
+    # A burst of garbage on both channels at once, without waiting for the replies...
+    for i in range(200):
+        client_socket.send(["{", "[]", '{"type": "submit"}', b"\xff\xfe", '{"type":"cancel","job_id":-1}'][i % 5])
+        slave_socket.send(['{"type": "job_finished"}', "null", '{"type": "job_output", "job_id": 1, '
+                           '"stream": "stdin", "data": ""}', '{"type":"draining"}'][i % 4])
+    # ...is all answered, one reply each, in order, and both connections still work.
+    replies = client_socket.exchange("{")
+    assert len(replies) == 201 and replies[-1]["error"]["code"] == "bad_json"
+    assert [r["type"] for r in replies[:5]] == ["error", "error", "error", "error", "cancel_reply"]
+    assert all(r["error"]["code"] != "internal_error" for r in replies)
+    replies = slave_socket.exchange("null")
+    assert len(replies) == 201 and replies[-1]["type"] == "error"
+    assert [r["type"] for r in replies[:4]] == ["error", "error", "error", "draining"]
+    slave_socket.close()
+    bare_master.start_slave()
+    with Cluster(bare_master.url, token=bare_master.token) as c:
+        job = c.submit("print('still here')").wait(30)
+        assert job.status == P.SUCCEEDED and job.stdout == "still here\n"
+    assert bare_master.master.alive()
