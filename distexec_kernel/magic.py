@@ -61,6 +61,9 @@ def error_lines(exc: BaseException) -> list[str]:
         caret = D.syntax_caret(err)
         if caret:
             lines.append(caret)
+    elif err.get("line") and err.get("text"):
+        # Where a compiler or a runtime error points: the details are in the stderr above.
+        lines.append(f"  line {err['line']}: {err['text'].strip()}")
     if err.get("code") == P.UNSUPPORTED_LANGUAGE and err.get("available") is not None \
             and "available" not in (err.get("message") or ""):
         lines.append("available languages: " + (", ".join(err["available"]) or "none"))
@@ -94,11 +97,11 @@ class Rich:
         return self.plain
 
 
-SESSION_HEADERS = ["name", "slave", "language", "created", "last used", "jobs"]
+SESSION_HEADERS = ["name", "user", "slave", "language", "created", "last used", "jobs"]
 
 
 def session_rows(sessions: list[dict]) -> list[list[str]]:
-    return [[s["name"], D.short_uid(s.get("slave_uid")), s.get("language") or "-",
+    return [[s["name"], s.get("user") or "-", D.short_uid(s.get("slave_uid")), s.get("language") or "-",
              D.fmt_time(s.get("created_at")), D.fmt_time(s.get("last_used")), str(s.get("jobs", "-"))]
             for s in sessions]
 

@@ -131,13 +131,15 @@ def test_output_streams_live_and_ends_with_a_status_line(shell, master):
 
 
 def test_failing_job_fails_the_cell_with_stderr_and_code(shell, master):
-    result, cap = run(shell, "%%remote\nimport sys\nprint('bad thing', file=sys.stderr)\nsys.exit(3)\n")
+    result, cap = run(shell, "%%remote -o failed\nimport sys\nprint('bad thing', file=sys.stderr)\nsys.exit(3)\n")
     assert not result.success
     assert isinstance(result.error_in_exec, RemoteJobFailed)
     assert result.error_in_exec.record["status"] == P.FAILED
     assert "bad thing" in cap.stderr
+    # The handle is kept even when the cell fails, to look at it afterwards.
+    assert shell.user_ns["failed"].stderr == "bad thing\n"
     assert re.search(r"❌ job \d+ · python · slave", cap.stdout)
-    assert "nonzero_exit: " in cap.stdout and "3" in cap.stdout
+    assert "nonzero_exit: exited with code 3" in cap.stdout
     # Our own frames stay out of sight.
     assert "Traceback" not in cap.stdout and "magic.py" not in cap.stdout and "cluster.py" not in cap.stdout
 
@@ -311,3 +313,20 @@ def test_connect_overrides_and_refuses_a_wrong_token(shell, lc):
     assert result.success
     assert f"connected to {lc.url}" in cap.stdout and "2 slave(s)" in cap.stdout
     assert "python" in cap.stdout
+
+
+def test_sessions_keep_variables_and_are_listed(shell):
+    name = f"nb-{uuid.uuid4().hex[:6]}"
+    result, cap = run(shell, f"%%remote --session {name}\ncounter = 41\nprint('set')\n")
+    assert result.success and "set\n" in cap.stdout, cap.stdout + cap.stderr
+    result, cap = run(shell, f"%%remote --session {name} -o second\ncounter += 1\nprint(counter)\n")
+    assert result.success and "42\n" in cap.stdout
+    assert shell.user_ns["second"].session == name
+    # Without --session every job is a fresh process.
+    result, cap = run(shell, "%%remote\nprint(counter)\n")
+    assert not result.success and "NameError" in cap.stderr
+    assert "  line 1: print(counter)" in cap.stdout
+    sessions = run(shell, "%remote sessions")[0].result
+    row = next(line for line in repr(sessions).splitlines() if line.startswith(name + " "))
+    assert row.split()[-1] == "2" and " python " in row  # two jobs so far
+    assert f"<td style='text-align:left'>{name}</td>" in sessions._repr_html_()

@@ -142,8 +142,14 @@ def check_fanout(nb, cluster: Cluster) -> None:
     assert len({j.slave_uid for j in pi_jobs}) == 2, "the jobs did not fan out over both slaves"
 
 
+def check_panel(nb, cluster: Cluster) -> None:
+    # Only the magic's part; the panel's own behaviour is tested with the panel.
+    shown = [o for o in cell(nb, "%remote panel").outputs if o.output_type == "display_data"]
+    assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0].data
+
+
 CHECKS = {"quickstart.ipynb": check_quickstart, "multilang.ipynb": check_multilang,
-          "fanout.ipynb": check_fanout}
+          "fanout.ipynb": check_fanout, "panel.ipynb": check_panel}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
