@@ -84,6 +84,10 @@ def check_quickstart(nb, cluster: Cluster) -> None:
     assert re.search(r"[🕓⏳] job \d+", text_of(cell(nb, "%%remote --no-wait -o slow")))
     assert re.search(r"still (queued|running)", text_of(cell(nb, "print('this cell ran")))
     assert "succeeded 'slow job done\\n'" in text_of(cell(nb, "slow.wait("))
+    assert "stored 10 squares\n" in text_of(cell(nb, "%%remote --session demo\ndata ="))
+    assert "still here: their sum is 285\n" in text_of(cell(nb, "%%remote --session demo\nprint("))
+    sessions = text_of(cell(nb, "%remote sessions"))
+    assert re.search(r"^demo +\S+ +\S+ +python .* 2$", sessions, re.M), sessions
     history = text_of(cell(nb, "%remote jobs"))
     ids = [int(m) for m in re.findall(r"^\S+\s+(\d+)\s", history, re.M)]
     assert len(ids) >= 5 and ids == sorted(ids, reverse=True)
