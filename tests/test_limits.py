@@ -112,3 +112,36 @@ def test_a_full_queue_answers_503_and_creates_no_job(make_cluster):
         c.cancel(busy.id)
         assert again.wait(30).stdout == "room again\n"
         assert waiting[1].wait(30).status == P.SUCCEEDED
+
+
+def test_a_websocket_frame_over_the_limit_closes_only_that_connection(make_cluster):
+    import asyncio
+
+    import tornado.httpclient
+    import tornado.websocket
+
+    from distexec_kernel import config
+
+    lc = make_cluster(0)
+
+    async def oversized() -> tuple:
+        req = tornado.httpclient.HTTPRequest(config.ws_url(lc.url) + "/ws/client",
+                                             headers={"Authorization": f"Bearer {lc.token}"})
+        conn = await tornado.websocket.websocket_connect(req, max_message_size=P.MAX_MESSAGE_BYTES * 2)
+        assert P.decode(await conn.read_message())["type"] == "welcome"
+        try:
+            await conn.write_message("x" * (P.MAX_MESSAGE_BYTES + 1))
+        except tornado.websocket.WebSocketClosedError:
+            pass  # the master hung up before all of it was sent
+        while await asyncio.wait_for(conn.read_message(), 30) is not None:
+            pass
+        conn.close()
+        # 1009 "message too big" when the close frame gets through before the reset.
+        return conn.close_code in (None, 1009)
+
+    with Cluster(lc.url, token=lc.token) as bystander:
+        assert asyncio.run(oversized())
+        # The other client's channel was not touched, and the master answers.
+        assert bystander._events_connected()
+        assert bystander.client_id in [cl["id"] for cl in bystander.clients()]
+        assert bystander.submit("print(1)").status == P.REJECTED  # no slave here
