@@ -114,9 +114,13 @@ def _rank(status: str) -> int:
     return 2 if status in P.TERMINAL else 1 if status == P.RUNNING else 0
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
+def seconds(text: str) -> float:
+    """argparse type for --timeout (its name shows in argparse's messages)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
         raise argparse.ArgumentTypeError("must be a positive number of seconds")
     return value
 
@@ -149,7 +153,7 @@ class RemoteMagics(Magics):
     @magic_arguments("%remote")
     @argument("language", nargs="?", default="python",
               help="language of the cell (python, bash, sh, c, ...; aliases like py, js work)")
-    @argument("--timeout", type=_positive, help="seconds the job may run; past that it fails with `timeout`")
+    @argument("--timeout", type=seconds, help="seconds the job may run; past that it fails with `timeout`")
     @argument("--name", help="a name for the job in the history")
     @argument("--file", action="append", default=[], metavar="PATH",
               help="ship this local file with the job, under its base name (repeatable)")
@@ -226,8 +230,11 @@ class RemoteMagics(Magics):
             known = sorted(ext for lang in languages.LANGUAGES.values() for ext in lang.extensions)
             raise UsageError(f"%remote run: no language for {os.path.basename(path)!r}; "
                              f"give --lang (known extensions: {', '.join(known)})")
+        try:
+            timeout = seconds(opts["timeout"]) if "timeout" in opts else None
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"%remote run --timeout: {exc}") from None
         source = _read(path)
-        timeout = _positive(opts["timeout"]) if "timeout" in opts else None
         job = self.cluster.submit(source, language=language, args=prog_args or None, timeout=timeout,
                                   name=opts.get("name") or os.path.basename(path),
                                   files=self._files(opts.get("file", [])) or None,
@@ -305,17 +312,29 @@ class RemoteMagics(Magics):
 
     def _follow(self, job: Job) -> None:
         """Stream the job's output into this cell, from the main thread; Ctrl-C cancels it."""
+        written = dict.fromkeys(P.STREAMS, 0)
+
+        def write(stream: str, text: str) -> None:
+            out = sys.stdout if stream == "stdout" else sys.stderr
+            out.write(text)
+            out.flush()
+            written[stream] += len(text)
+
         try:
             for stream, text in job.iter_output():
-                out = sys.stdout if stream == "stdout" else sys.stderr
-                out.write(text)
-                out.flush()
+                write(stream, text)
         except KeyboardInterrupt:
             try:
                 job.cancel()
                 job.wait(timeout=10)
             except (DistexecError, TimeoutError, KeyboardInterrupt):
                 pass  # shown as it stands; the master still has the cancel request
+            # Output that had arrived but was not written yet when the interrupt came.
+            record = job.record
+            for stream in P.STREAMS:
+                rest = (record.get(stream) or "")[written[stream]:]
+                if rest:
+                    write(stream, rest)
             raise RemoteJobFailed(job, interrupted=True) from None
 
     # -- live status of a job that runs on ----------------------------------------

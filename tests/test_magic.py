@@ -100,12 +100,13 @@ def test_extension_loads_lazily_without_a_cluster(tmp_path, monkeypatch):
 
 
 def test_help_comes_from_magic_arguments(shell):
-    cell_doc = shell.find_cell_magic("remote").__doc__
-    assert cell_doc.lstrip(": \n").startswith("%%remote")
-    for option in ("--timeout", "--no-wait", "--session", "--file", "--arg", "--stdin", "-o NAME"):
-        assert option in cell_doc
-    line_doc = shell.find_line_magic("remote").__doc__
-    assert "%remote run FILE" in line_doc and "connect" in line_doc
+    result, cap = run(shell, "%%remote?")
+    assert result.success
+    assert "%%remote [--timeout TIMEOUT]" in cap.stdout
+    for option in ("--timeout", "--no-wait", "--session NAME", "--file PATH", "--arg A", "--stdin TEXT", "-o NAME"):
+        assert option in cap.stdout
+    result, cap = run(shell, "%remote?")
+    assert "%remote COMMAND" in cap.stdout and "%remote run FILE" in cap.stdout and "connect" in cap.stdout
 
 
 def test_output_streams_live_and_ends_with_a_status_line(shell, master):
@@ -258,11 +259,15 @@ def test_timeout_fails_the_cell_with_timeout(shell):
 
 
 def test_bad_options_are_usage_errors(shell, tmp_path):
-    for cell in ("%%remote --timeout -1\nprint(1)\n", "%%remote\n\n",
+    (tmp_path / "x.py").write_text("print(1)\n")
+    for cell in ("%%remote --timeout -1\nprint(1)\n", "%%remote --timeout soon\nprint(1)\n", "%%remote\n\n",
+                 f"%remote run {tmp_path / 'x.py'} --timeout 0", "%remote", "%remote jobs --limit many",
                  f"%%remote --file {tmp_path / 'missing.txt'}\nprint(1)\n", "%remote frobnicate"):
         result, cap = run(shell, cell)
         assert not result.success, cell
         assert "UsageError" in cap.stderr + cap.stdout, cell
+        if "timeout" in cell:
+            assert "seconds" in cap.stderr + cap.stdout, cell
         assert "Traceback" not in cap.stderr + cap.stdout, cell
 
 
