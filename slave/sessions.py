@@ -160,7 +160,8 @@ class SessionRunner:
                 log.exception("session %r did not start", name)
                 return Outcome(None, P.error(P.INTERNAL_ERROR, f"the session's interpreter did not start: {exc}"))
             if note:
-                capture.feed("stderr", f"distexec: {note}\n", len(note) + 11)
+                text = f"distexec: {note}\n"
+                capture.feed("stderr", text, len(text.encode()))
         async with session.lock:
             session.last_used = time.monotonic()
             try:
@@ -174,6 +175,10 @@ class SessionRunner:
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
+        starting = list(self._starting.values())
+        for fut in starting:
+            fut.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
         for session in list(self.sessions.values()):
             await self._end(session, "the slave stopped", notify=False)
 
@@ -232,13 +237,20 @@ class SessionRunner:
             await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
             if not ready.done():
                 raise RuntimeError(f"it exited with code {proc.returncode}: {self._kernel_log(workdir)}")
-            ready.result()
+            try:
+                ready.result()
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"it did not answer within {KERNEL_START_TIMEOUT:g} s: "
+                                   f"{self._kernel_log(workdir)}") from None
         except BaseException:
             ready.cancel()
             await self._dispose(session)
             raise
         finally:
             exited.cancel()
+        if self._closed:
+            await self._dispose(session)
+            raise RuntimeError("the slave is stopping")
         self.sessions[name] = session
         self.ended.pop(name, None)
         self._arm_reaper()
@@ -257,6 +269,8 @@ class SessionRunner:
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
             self.ended[session.name] = reason
+            while len(self.ended) > 1000:  # only for the next job's note: keep the newest
+                del self.ended[next(iter(self.ended))]
         await self._dispose(session)
         log.info("session %r ended: %s", session.name, reason)
         if notify and self.on_ended is not None:
@@ -512,8 +526,22 @@ async def _answer_input(kc, msg_id: str, lines, capture: _Capture) -> None:
             continue
         prompt = msg["content"].get("prompt") or ""
         if prompt:
+            # What the cell printed before input() was flushed to iopub before
+            # this request left, but travels on another socket: let it land first.
+            await _iopub_settled(kc)
             capture.feed("stdout", prompt, len(prompt.encode()))
         kc.input(next(lines, "\x04"))  # ipykernel raises EOFError for \x04
+
+
+async def _iopub_settled(kc, most: float = 0.2) -> None:
+    import zmq
+    deadline = time.monotonic() + most
+    socket = kc.iopub_channel.socket
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        if not socket.get(zmq.EVENTS) & zmq.POLLIN:
+            await asyncio.sleep(0)  # the reader handles what it took last
+            return
 
 
 class RoutingRunner:
