@@ -82,7 +82,7 @@ async def start(args: argparse.Namespace) -> Slave:
     sandbox = best_sandbox(limits)
     # Asked through the sandbox: a language is offered only if it works for a job.
     chains = await toolchains.detect_toolchains(
-        only, cache_path=os.path.join(config.home(), "cache", "toolchains.json"), sandbox=sandbox, limits=limits)
+        only, cache_path=toolchains.default_cache_path(), sandbox=sandbox, limits=limits)
     found = {name: tc.version for name, tc in chains.items()}
     cache = (CompileCache(os.path.join(config.home(), "cache", "compile"), args.compile_cache << 20)
              if args.compile_cache > 0 else None)

@@ -25,6 +25,20 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition", interval
         time.sleep(interval)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_toolchain_cache(tmp_path_factory):
+    """One toolchain-detection cache for every slave the tests start: each
+    toolchain is asked its version once per run, not once per cluster."""
+    path = tmp_path_factory.mktemp("toolchains") / "toolchains.json"
+    before = os.environ.get("DISTEXEC_TOOLCHAIN_CACHE")
+    os.environ["DISTEXEC_TOOLCHAIN_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("DISTEXEC_TOOLCHAIN_CACHE", None)
+    else:
+        os.environ["DISTEXEC_TOOLCHAIN_CACHE"] = before
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A private $DISTEXEC_HOME, so tests never touch ~/.distexec or each other."""
