@@ -159,6 +159,12 @@ def test_requeued_session_job_keeps_its_session():
 
 # --- real clusters ---------------------------------------------------------------
 
+@pytest.fixture
+def cluster(make_cluster):
+    """Two slaves of two slots, offering Python only: sessions need no other toolchain."""
+    return make_cluster(2, slots=2, languages="python")
+
+
 def kernels_of(child) -> list[psutil.Process]:
     """The session kernels (and their sandbox wrappers) a slave process started."""
     try:
@@ -328,7 +334,7 @@ def test_bad_session_requests_are_refused(client):
 
 
 def test_idle_sessions_end_after_the_ttl(make_cluster):
-    lc = make_cluster(1, slots=2, slave_args=["--session-ttl", "1"])
+    lc = make_cluster(1, slots=2, languages="python", slave_args=["--session-ttl", "1"])
     with Cluster(lc.url, token=lc.token) as c:
         assert run(c, "x = 1", session="idle").status == P.SUCCEEDED
         kernels = kernels_of(lc.slaves[0])
@@ -341,7 +347,7 @@ def test_idle_sessions_end_after_the_ttl(make_cluster):
 
 
 def test_a_lost_slave_loses_its_session_clearly(make_cluster, tmp_path):
-    lc = make_cluster(2, slots=2)
+    lc = make_cluster(2, slots=2, languages="python")
     with Cluster(lc.url, token=lc.token) as c:
         first = run(c, "x = 1", session="lost")
         assert first.status == P.SUCCEEDED, first.stderr
@@ -369,7 +375,7 @@ def test_a_lost_slave_loses_its_session_clearly(make_cluster, tmp_path):
 
 
 def test_no_kernel_outlives_the_cluster(make_cluster):
-    lc = make_cluster(2, slots=2)
+    lc = make_cluster(2, slots=2, languages="python")
     with Cluster(lc.url, token=lc.token) as c:
         jobs = [c.submit("x = 1", session=f"k{i}") for i in range(3)]
         for j in jobs:
@@ -381,7 +387,7 @@ def test_no_kernel_outlives_the_cluster(make_cluster):
 
 
 def test_past_the_memory_limit_the_session_ends_with_a_message(make_cluster):
-    lc = make_cluster(1, slots=1, slave_args=["--memory-limit", "200"])
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--memory-limit", "200"])
     with Cluster(lc.url, token=lc.token) as c:
         assert run(c, "kept = 1", session="m").status == P.SUCCEEDED
         job = run(c, "b = bytearray(400 << 20)\nb[::4096] = b'x' * len(b[::4096])", session="m")
@@ -393,7 +399,7 @@ def test_past_the_memory_limit_the_session_ends_with_a_message(make_cluster):
 
 
 def test_sessions_outlive_a_master_restart(make_cluster):
-    lc = make_cluster(1, slots=2)
+    lc = make_cluster(1, slots=2, languages="python")
     with Cluster(lc.url, token=lc.token) as c:
         first = run(c, "kept = 'across'", session="r")
         assert first.status == P.SUCCEEDED, first.stderr
