@@ -145,6 +145,21 @@ def test_restored_running_session_job_keeps_the_session_busy():
     assert s.assign() == [(8, "a")]
 
 
+def test_a_session_on_a_draining_slave_waits_there():
+    s = _two_slaves()
+    s.enqueue(1, "python", "x")
+    [(_, home)] = s.assign()
+    s.finished(1)
+    s.set_accepting(home, False)
+    s.enqueue(2, "python", "x")
+    s.enqueue(3, "python")
+    # The plain job goes to the other slave; the session's job is not moved away from its variables.
+    assert s.assign() == [(3, "b" if home == "a" else "a")]
+    assert list(s.queue) == [2]
+    names, queued = s.drop_sessions(home)
+    assert names == ["x"] and queued == [2] and not s.queue
+
+
 def test_requeued_session_job_keeps_its_session():
     s = _two_slaves()
     s.enqueue(1, "python", "x")
