@@ -193,8 +193,10 @@ class RemoteMagics(Magics):
         """The cluster from a notebook.
 
         %remote connect [URL] [--token T]     use another master (default: the connection file)
-        %remote run FILE [--lang L] [--timeout S] [--name N] [--no-wait] [-o NAME] [ARGS...]
-                                              submit a file; the language comes from its extension
+        %remote run FILE [--lang L] [ARGS...]  submit a file; the language comes from its extension;
+                                              also --timeout S, --name N, --file PATH, --stdin TEXT,
+                                              --session NAME, --no-wait, -o NAME, as for %%remote;
+                                              `--` ends these options (the rest go to the program)
         %remote jobs [--status S] [--limit N] the job history, newest first
         %remote slaves | clients | sessions   who is connected, the persistent sessions
         %remote show ID                       one job, with its output
