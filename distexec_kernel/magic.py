@@ -25,34 +25,36 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
 from . import config, display as D, languages, protocol as P
-from .cluster import Cluster, DistexecError, Job
+from .cluster import Cluster, DistexecError, Job, RemoteError
 
 # How many live status widgets the magics keep a reference to (for tests and
 # for re-reading); older ones still update, they are just not listed.
 KEEP_WIDGETS = 200
 
 
-class RemoteJobFailed(Exception):
+class RemoteJobFailed(RemoteError):
     """A ``%%remote`` job that did not succeed: the cell fails as a local error would.
 
     Shown by ``show_error`` (a custom exception handler) as the job's status
     line and error, without a traceback of the magic's own frames.
+    ``interrupted``: the user interrupted the cell and the job was cancelled.
     """
 
     def __init__(self, job: Job, interrupted: bool = False):
-        self.job = job
+        super().__init__(job)
         self.record = job.record
         self.interrupted = interrupted
-        err = self.record.get("error") or {}
-        super().__init__(f"job {self.record['id']} {self.record['status']}: "
-                         f"{err.get('code')}: {err.get('message')}")
 
 
 def error_lines(exc: BaseException) -> list[str]:
-    """What a person needs to see for a failed job or an unreachable cluster, line by line."""
-    if not isinstance(exc, RemoteJobFailed):
+    """What a person needs to see for a failed job or an unreachable cluster, line by line.
+
+    Any ``RemoteError`` (also ``job.wait(raise_on_error=True)`` in a cell) reads
+    the same: the job's status line, its error code and message, where it points.
+    """
+    if not isinstance(exc, RemoteError):
         return [f"{type(exc).__name__}: {exc}"]
-    record = exc.record
+    record = exc.job.record
     err = record.get("error") or {}
     lines = [D.status_line({**record, "error": None})]
     if err:
@@ -67,7 +69,7 @@ def error_lines(exc: BaseException) -> list[str]:
     if err.get("code") == P.UNSUPPORTED_LANGUAGE and err.get("available") is not None \
             and "available" not in (err.get("message") or ""):
         lines.append("available languages: " + (", ".join(err["available"]) or "none"))
-    if exc.interrupted:
+    if getattr(exc, "interrupted", False):
         lines.append(f"KeyboardInterrupt: job {record['id']} was cancelled on the master")
     return lines
 

@@ -222,9 +222,9 @@ def test_run_file_with_args_stdin_and_shipped_file(shell, tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_text("import sys\nprint(sys.argv[1:])\nprint(open('data.txt').read().strip())\n"
                     "print('stdin:', sys.stdin.read())\n")
-    result, cap = run(shell, f"%remote run {prog} --stdin hello --file {data} a -b 'c d'")
+    result, cap = run(shell, f"%remote run {prog} --stdin hello --file {data} a -b 'c d' -- --name x")
     assert result.success, cap.stdout
-    assert "['a', '-b', 'c d']\nfrom a shipped file\nstdin: hello\n" in cap.stdout
+    assert "['a', '-b', 'c d', '--name', 'x']\nfrom a shipped file\nstdin: hello\n" in cap.stdout
     assert re.match(r"✅ job \d+ · python", displayed_text(cap))
 
 
@@ -335,3 +335,13 @@ def test_sessions_keep_variables_and_are_listed(shell):
     row = next(line for line in repr(sessions).splitlines() if line.startswith(name + " "))
     assert row.split()[-1] == "2" and " python " in row  # two jobs so far
     assert f"<td style='text-align:left'>{name}</td>" in sessions._repr_html_()
+
+
+def test_a_remote_error_raised_in_a_cell_reads_like_a_failed_cell(shell):
+    result, _ = run(shell, "%%remote --no-wait -o bad\nraise SystemExit(5)\n")
+    assert result.success
+    result, cap = run(shell, "bad.wait(timeout=20, raise_on_error=True)")
+    assert not result.success
+    assert type(result.error_in_exec).__name__ == "RemoteError"
+    assert re.match(rf"❌ job {shell.user_ns['bad'].id} · python · slave \S+ · ", cap.stdout)
+    assert "nonzero_exit: exited with code 5" in cap.stdout and "Traceback" not in cap.stdout
