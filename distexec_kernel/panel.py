@@ -47,8 +47,13 @@ FLUSH_INTERVAL = 0.1
 OUTPUT_TAIL = 64 * 1024
 
 _PRE = "<pre style='margin:0;max-height:22em;overflow:auto;white-space:pre-wrap'>{}</pre>"
+# Monospace rows line up; the widget HTML's 28 px line height would spread a table over a screen.
 _STYLE = ("<style>.distexec-rows select{font-family:var(--jp-code-font-family,monospace);"
-          "font-size:var(--jp-code-font-size,12px)}</style>")
+          "font-size:var(--jp-code-font-size,12px)}"
+          ".distexec-code textarea{font-family:var(--jp-code-font-family,monospace)}"
+          ".distexec-panel .widget-html-content{line-height:1.35}"
+          ".distexec-panel table th,.distexec-panel table td{padding:1px 10px 1px 0;vertical-align:top}"
+          "</style>")
 
 
 # --- pure helpers (no widgets, no I/O) --------------------------------------
@@ -132,24 +137,28 @@ def detail_html(job: dict) -> str:
     """The selected job's facts as a small HTML table."""
     err = job.get("error") or {}
     where = f" (line {err['line']})" if err.get("line") else ""
+    name = job.get("name") or ""
     rows = [
         ("status", f"{P.ICONS.get(job.get('status'), '?')} {job.get('status')}"),
-        ("job", f"{job['id']} · {job.get('name') or ''}"),
+        ("job", f"{job['id']}" + (f" · {name}" if name != f"job {job['id']}" else "")),
         ("language", job.get("language")),
-        ("slave", job.get("slave_uid")),
-        ("client", " · ".join(str(x) for x in (job.get("client_id"), job.get("user")) if x)),
-        ("submitted", D.fmt_time(job.get("submitted_at"))),
-        ("started", D.fmt_time(job.get("started_at"))),
-        ("finished", D.fmt_time(job.get("finished_at"))),
-        ("duration", D.fmt_seconds(D.duration(job))),
         ("exit code", job.get("exit_code")),
+        ("slave", job.get("slave_uid")),
         ("error code", err.get("code")),
-        ("error", (err.get("message") or "") + where if err else None),
-        ("arguments", shlex.join(job["args"]) if job.get("args") else None),
+        ("client", " · ".join(str(x) for x in (job.get("client_id"), job.get("user")) if x)),
+        ("duration", D.fmt_seconds(D.duration(job))),
+        ("submitted", D.fmt_time(job.get("submitted_at"))),
         ("timeout", D.fmt_seconds(job.get("timeout"))),
+        ("started", D.fmt_time(job.get("started_at"))),
+        ("arguments", shlex.join(job["args"]) if job.get("args") else None),
+        ("finished", D.fmt_time(job.get("finished_at"))),
     ]
-    body = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{k}</th>"
-                   f"<td style='text-align:left'>{_esc(v)}</td></tr>" for k, v in rows)
+    # Two facts a line keeps the detail short; the error message gets a line of its own.
+    cells = [f"<th style='text-align:left'>{k}</th><td style='text-align:left'>{_esc(v)}</td>" for k, v in rows]
+    body = "".join("<tr>" + "".join(cells[i:i + 2]) + "</tr>" for i in range(0, len(cells), 2))
+    if err:
+        body += (f"<tr><th style='text-align:left'>error</th><td colspan='3' style='text-align:left'>"
+                 f"{_esc((err.get('message') or '') + where)}</td></tr>")
     return f"<table>{body}</table>"
 
 
@@ -203,6 +212,7 @@ class EditorView:
         self.language = W.Dropdown(options=[], description="language")
         self.name = W.Text(placeholder="optional", description="name")
         self.source = W.Textarea(placeholder="the program", rows=14, layout=wide)
+        self.source.add_class("distexec-code")
         self.files = W.FileUpload(multiple=True, description="extra files")
         self.carried_files = W.Label("")
         self.clear_files_button = W.Button(description="drop loaded files", disabled=True)
@@ -271,6 +281,7 @@ class JobPanel(W.VBox):
                                     self.cluster_view.box],
                           titles=("Jobs", "Editor", "Cluster"))
         super().__init__([W.HTML(_STYLE), W.HBox([self.title, self.refresh_button]), self.message, self.tabs])
+        self.add_class("distexec-panel")
 
         # -- state, guarded by _lock; only the flusher turns it into widget traits --
         self._lock = threading.RLock()
