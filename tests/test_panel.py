@@ -116,6 +116,25 @@ def test_output_streams_into_detail_and_cancel(panel, client):
     assert "cancelled" in header and "error code</th><td style='text-align:left'>cancelled" in header
 
 
+def pre_text(widget) -> str:
+    """The text inside a detail <pre>, as the user reads it."""
+    value = widget.value
+    return html.unescape(value[value.index(">") + 1:value.rindex("</pre>")]) if "<pre" in value else ""
+
+
+def test_selected_mid_run_the_output_is_whole_and_not_doubled(panel, client):
+    job = client.submit("import time\nfor i in range(8):\n    print('tick', i, flush=True)\n    time.sleep(0.25)\n",
+                        name="ticker")
+    wait_for(lambda: "tick 1" in (client.job(job.id).stdout or ""), T, "the job half way")
+    panel.job_list.value = job.id  # a click while it runs: output so far, then the rest live
+    wait_for(lambda: "tick 2" in pre_text(panel.detail.stdout) and icon(panel, job.id) == "⏳", T,
+             "live output of the selected job")
+    wait_for(lambda: icon(panel, job.id) == "✅", T, "✅")
+    want = "".join(f"tick {i}\n" for i in range(8))
+    assert job.wait(T).stdout == want
+    wait_for(lambda: pre_text(panel.detail.stdout) == want, T, "the detail's stdout equal to the master's")
+
+
 def test_cancel_of_a_finished_job_is_reported_not_raised(panel, client):
     job = client.submit("print('done')").wait(T)
     wait_for(lambda: icon(panel, job.id) == "✅", T, "row ✅")
