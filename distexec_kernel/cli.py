@@ -16,7 +16,12 @@ EXIT_FOR_ERROR = {P.TIMEOUT: 124, P.CANCELLED_CODE: 130, P.SYNTAX_ERROR: 2, P.UN
 
 def _cluster(args, events: bool = False):
     from .cluster import Cluster
-    return Cluster(getattr(args, "url", None), getattr(args, "token", None), events=events)
+    user = getattr(args, "user", None)
+    password = None
+    if user:
+        password = _read_password(user, args.password_stdin, confirm=False)
+    return Cluster(getattr(args, "url", None), getattr(args, "token", None), user=user, password=password,
+                   events=events)
 
 
 def _print_json(obj) -> None:
@@ -38,13 +43,13 @@ def cmd_slave(args) -> int:
     return run(args)
 
 
-def _read_password(args) -> str:
-    if args.password_stdin:
+def _read_password(user: str, from_stdin: bool, confirm: bool = True) -> str:
+    if from_stdin:
         # One line, so `echo pw | distexec user add NAME --password-stdin` works in scripts.
         return sys.stdin.readline().rstrip("\r\n")
     import getpass
-    first = getpass.getpass(f"password for {args.name}: ")
-    if getpass.getpass("again: ") != first:
+    first = getpass.getpass(f"password for {user}: ")
+    if confirm and getpass.getpass("again: ") != first:
         raise SystemExit("distexec: the passwords differ")
     return first
 
@@ -70,7 +75,7 @@ def cmd_user(args) -> int:
             print(f"removed {args.name} from {path}")
             return 0
         auth.check_user_name(args.name)
-        new = auth.add_user(path, args.name, _read_password(args), admin=args.admin)
+        new = auth.add_user(path, args.name, _read_password(args.name, args.password_stdin), admin=args.admin)
     except (ValueError, auth.UsersFileError) as exc:
         print(f"distexec: {exc}", file=sys.stderr)
         return 2
@@ -188,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     def client_opts(sp):
         sp.add_argument("--url", default=None, help="master URL (default: DISTEXEC_URL or the connection file)")
         sp.add_argument("--token", default=None, help="client token (default: DISTEXEC_TOKEN or the connection file)")
+        sp.add_argument("--user", default=None, help="log in as this user (asks the password) instead of a token")
+        sp.add_argument("--password-stdin", action="store_true", help="with --user: read the password from stdin")
 
     sp = sub.add_parser("up", help="start a master and local slaves; Ctrl-C stops all")
     sp.add_argument("--slaves", type=int, default=2)

@@ -238,15 +238,19 @@ class Cluster:
         # Fail fast and clearly if the master is not there or the token is wrong.
         self._get("/api/health")
         self._get("/api/slaves")
+        self._cafile = cafile
         if events:
-            self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
-                                       host=socket.gethostname(), cafile=cafile,
-                                       on_connect=self._on_connect)
-            if not self._events.connected.wait(connect_timeout):
-                raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
-            if self._events.refused:
-                raise DistexecError(self._events.refused, status=401)
-            self._http.headers["X-Distexec-Client"] = self._events.client_id
+            self._open_events(connect_timeout)
+
+    def _open_events(self, connect_timeout: float) -> None:
+        self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
+                                   host=socket.gethostname(), cafile=self._cafile,
+                                   on_connect=self._on_connect)
+        if not self._events.connected.wait(connect_timeout):
+            raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
+        if self._events.refused:
+            raise DistexecError(self._events.refused, status=401)
+        self._http.headers["X-Distexec-Client"] = self._events.client_id
 
     @property
     def client_id(self) -> str | None:
@@ -265,7 +269,12 @@ class Cluster:
         self.login_info = info
         self._http.headers["Authorization"] = f"Bearer {self.token}"
         if self._events is not None:
-            self._events.token = self.token  # used from its next (re)connection
+            # Used from its next (re)connection; a 401 for the old token then no longer ends it.
+            self._events.token = self.token
+            if self._events.refused:
+                # It gave up when the old token expired: open it again with the new one.
+                self._events.close()
+                self._open_events(10.0)
         return info
 
     # -- HTTP ---------------------------------------------------------------------

@@ -52,6 +52,7 @@ class EventStream:
         kwargs = {}
         if url.startswith("wss://"):
             kwargs["ssl_options"] = ssl.create_default_context(cafile=self.cafile)
+        self._sent_token = self.token
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return tornado.httpclient.HTTPRequest(url, headers=headers, connect_timeout=10, **kwargs)
 
@@ -69,7 +70,7 @@ class EventStream:
                 conn = await tornado.websocket.websocket_connect(
                     self._request(), max_message_size=P.MAX_MESSAGE_BYTES, ping_interval=5, ping_timeout=5)
             except tornado.httpclient.HTTPClientError as exc:
-                if exc.code == 401:
+                if exc.code == 401 and self.token == self._sent_token:
                     self.refused = "the master refused the token (401)"
                     self.connected.set()  # wake whoever waits for the first connect
                     return

@@ -88,13 +88,18 @@ class ApiHandler(tornado.web.RequestHandler):
         """Whose jobs this request may see: None for an admin (all)."""
         return self.identity.owner if self.identity else None
 
+    def authenticate(self) -> bool:
+        """Set ``identity`` and ``user`` from the request's token; False if it is not valid."""
+        self.identity = self.auth.identify(_bearer(self))
+        if self.identity is None:
+            return False
+        self.user = self.identity.user
+        return True
+
     def prepare(self) -> None:
         self.set_header("Content-Type", "application/json")
-        if self.needs_auth:
-            self.identity = self.auth.identify(_bearer(self))
-            if self.identity is None:
-                return self.fail(401, "unauthorized", UNAUTHORIZED)
-            self.user = self.identity.user
+        if self.needs_auth and not self.authenticate():
+            return self.fail(401, "unauthorized", UNAUTHORIZED)
 
     def fail(self, status: int, code: str, message: str) -> None:
         self.set_status(status)
@@ -155,33 +160,47 @@ class JobsHandler(ApiHandler):
     """Streams the body in, so one over the limit gets a JSON 413, not a dropped connection."""
 
     def prepare(self) -> None:
-        super().prepare()
+        self.set_header("Content-Type", "application/json")
         self._chunks: list[bytes] = []
         self._size = 0
-        if self._finished or self.request.method != "POST":
+        # Here prepare runs before the body is read, and an answer given now
+        # makes tornado close the connection: a 401 waits for the method, so
+        # a client's keep-alive connection survives a bad token.
+        if not self.authenticate() or self.request.method != "POST":
             return
         try:
             declared = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:
             declared = 0
         if declared > MAX_BODY_BYTES:
-            # Answered before the body is read; tornado then closes the connection.
+            # Answered before the body is read; tornado then closes the connection, and says so.
+            self.set_header("Connection", "close")
             return self.fail(413, "too_large", TOO_LARGE)
         # Headroom above the limit: tornado drops a chunked body past its own cap
         # with a bare 400, so ours must be the one that trips first.
         self.request.connection.set_max_body_size(2 * MAX_BODY_BYTES)
 
     def data_received(self, chunk: bytes) -> None:
+        if self.identity is None:
+            return  # keep nothing for a stranger (tornado's own cap bounds the reading)
         self._size += len(chunk)
         if self._size <= MAX_BODY_BYTES:
             self._chunks.append(chunk)
         elif not self._finished:
             # A chunked upload (no Content-Length) past the limit: answer now, drop the rest.
             self._chunks = []
+            self.set_header("Connection", "close")
             self.fail(413, "too_large", TOO_LARGE)
+
+    def _refused(self) -> bool:
+        if self.identity is None and not self._finished:
+            self.fail(401, "unauthorized", UNAUTHORIZED)
+        return self._finished
 
     @_protocol_errors
     async def get(self) -> None:
+        if self._refused():
+            return
         status = self.get_query_argument("status", None) or None
         if status is not None and status not in P.STATES:
             raise P.ProtocolError("bad_request", f"status must be one of {', '.join(P.STATES)}")
@@ -192,8 +211,8 @@ class JobsHandler(ApiHandler):
 
     @_protocol_errors
     async def post(self) -> None:
-        if self._finished:
-            return  # answered 413 while the body came in
+        if self._refused():
+            return  # no valid token, or answered 413 while the body came in
         self.request.body = b"".join(self._chunks)
         self._chunks = []
         body = self.json_body()

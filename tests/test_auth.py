@@ -202,18 +202,24 @@ def test_a_login_token_expires_for_http_and_websockets(make_cluster, users_file)
     alice = Cluster(lc.url, user="alice", password="alice-pw")
     try:
         token = alice.token
+
+        def listed() -> list:
+            return [cl["id"] for cl in get(lc.url, "/api/clients", lc.token).json()["clients"]]
+        assert alice.client_id in listed()
         assert alice.jobs() == []
         assert ws_status(lc.url, "/ws/client", token) == 101
         # Past the TTL: refused everywhere, and the open event channel is closed by the master.
         wait_for(lambda: get(lc.url, "/api/jobs", token).status_code == 401, 15, "the token to expire")
         assert ws_status(lc.url, "/ws/client", token) == 401
-        wait_for(lambda: not alice._events_connected(), 15, "the expired channel to close")
+        wait_for(lambda: alice.client_id not in listed(), 15, "the master to close the expired channel")
+        wait_for(lambda: alice._events.refused, 15, "the reconnection with the old token to be refused")
         with pytest.raises(DistexecError) as err:
             alice.jobs()
         assert err.value.status == 401 and "log in again" in str(err.value)
         # Logging in again gives a fresh token; the admin token never expires.
         alice.login("alice", "alice-pw")
         assert alice.jobs() == []
+        wait_for(alice._events_connected, 15, "the event channel to come back with the new token")
         assert get(lc.url, "/api/jobs", lc.token).status_code == 200
     finally:
         alice.close()
@@ -245,3 +251,46 @@ def test_a_broken_users_file_stops_the_master_with_its_reason(make_cluster, tmp_
     with pytest.raises(RuntimeError, match="exited with code 1"):
         lc.start(timeout=30)
     assert "is not of the form" in (logs / "master.log").read_text()
+
+
+def test_cli_commands_log_in_with_user(user_cluster, home, tmp_path):
+    with Cluster(user_cluster.url, user="bob", password="bob-pw") as bob:
+        bobs = bob.submit("print('bob')").wait(30)
+    program = tmp_path / "hello.py"
+    program.write_text("print('alice via the cli')\n")
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", user_cluster.url,
+                               "--user", "alice", "--password-stdin"],
+                              input="alice-pw\n", capture_output=True, text=True, timeout=60)
+
+    done = cli("submit", str(program))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "alice via the cli\n"
+    listed = cli("jobs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    jobs = json.loads(listed.stdout)["jobs"]
+    assert [(j["user"], j["stdout"]) for j in jobs] == [("alice", "alice via the cli\n")]  # not bob's
+    refused = cli("show", str(bobs.id))
+    assert refused.returncode == 2 and f"no job {bobs.id}" in refused.stderr
+
+
+def test_a_refused_token_keeps_the_connection_alive(user_cluster):
+    # A client's keep-alive connection must survive a 401; once, it did not for /api/jobs,
+    # and the client's next request on it failed as "cannot reach the master".
+    import http.client
+    from urllib.parse import urlsplit
+    where = urlsplit(user_cluster.url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=20)
+    try:
+        for method, path, body in (("GET", "/api/jobs", None), ("POST", "/api/jobs", b'{"source": "1"}'),
+                                   ("GET", "/api/jobs/1", None)):
+            conn.request(method, path, body=body, headers={"Authorization": "Bearer wrong"})
+            resp = conn.getresponse()
+            assert resp.status == 401 and json.loads(resp.read())["error"]["code"] == "unauthorized"
+            assert resp.getheader("Connection") != "close"
+            conn.request("GET", "/api/health")  # the same socket
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+    finally:
+        conn.close()
