@@ -71,7 +71,14 @@ def candidates(program: str) -> list[str]:
             if real not in seen:
                 seen.add(real)
                 out.append(os.path.abspath(path))
-    return out
+    # A version manager's shim (pyenv, rbenv, asdf keep them in a shims/
+    # directory) starts a shell script before the real program: ~60 ms of CPU
+    # on every job.  Try the real programs on PATH first.
+    return sorted(out, key=_is_shim)
+
+
+def _is_shim(path: str) -> bool:
+    return f"{os.sep}shims{os.sep}" in path
 
 
 def _resolve(lang: L.Language, first: str) -> dict[str, str] | None:

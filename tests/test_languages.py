@@ -417,6 +417,16 @@ def fake_tool(directory, name: str, body: str) -> str:
     return path
 
 
+def test_version_manager_shims_come_after_real_programs(monkeypatch, tmp_path):
+    shims, real = tmp_path / "shims", tmp_path / "bin"
+    shims.mkdir()
+    real.mkdir()
+    shim = fake_tool(str(shims), "python3", "exec /usr/bin/python3 \"$@\"\n")
+    direct = fake_tool(str(real), "python3", "exec /usr/bin/python3 \"$@\"\n")
+    monkeypatch.setenv("PATH", f"{shims}:{real}")
+    assert toolchains.candidates("python3") == [direct, shim]
+
+
 def test_detection_passes_over_a_toolchain_that_fails_in_a_job_environment(monkeypatch, tmp_path):
     # Like a rustup proxy that needs ~/.rustup: it answers the slave's user, not a job.
     broken = tmp_path / "broken"
