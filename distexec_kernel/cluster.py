@@ -231,16 +231,20 @@ class Cluster:
         self._events: EventStream | None = None
         self.user = user or getpass.getuser()
         self.login_info: dict | None = None
-        if password is not None:
-            if not user:
-                raise DistexecError("a password needs a user name (user=...)")
-            self.login(user, password)
-        # Fail fast and clearly if the master is not there or the token is wrong.
-        self._get("/api/health")
-        self._get("/api/slaves")
         self._cafile = cafile
-        if events:
-            self._open_events(connect_timeout)
+        try:
+            if password is not None:
+                if not user:
+                    raise DistexecError("a password needs a user name (user=...)")
+                self.login(user, password)
+            # Fail fast and clearly if the master is not there or the token is wrong.
+            self._get("/api/health")
+            self._get("/api/slaves")
+            if events:
+                self._open_events(connect_timeout)
+        except BaseException:
+            self.close()  # no event thread or socket left behind by a refused connect
+            raise
 
     def _open_events(self, connect_timeout: float) -> None:
         self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
