@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slave-secret", default=None, help="secret slaves present (default: a random one)")
     p.add_argument("--certfile", default=None, help="TLS certificate (serve https/wss)")
     p.add_argument("--keyfile", default=None, help="TLS private key")
+    p.add_argument("--cafile", default=None,
+                   help="CA certificate clients should verify the master with, written to the connection file "
+                        "(default: --certfile if it is self-signed, else none: the system's CAs)")
     p.add_argument("--lost-grace", type=float, default=30.0,
                    help="seconds a restarted master waits for a running job's slave to come back")
     p.add_argument("--users", default=None, metavar="FILE",
@@ -73,8 +76,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     master.start()
     if not args.no_connection_file:
         info = {"url": url, "token": token, "slave_secret": secret, "pid": os.getpid()}
-        if args.certfile:
-            info["cafile"] = os.path.abspath(args.certfile)
+        cafile = args.cafile or (args.certfile if args.certfile and _self_signed(args.certfile) else None)
+        if cafile:
+            info["cafile"] = os.path.abspath(cafile)
         path = config.write_connection(info)
         log.info("connection file: %s", path)
     log.info("history: %s", db)
@@ -88,6 +92,18 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         await server.close_all_connections()
         store.close()
         log.info("master stopped")
+
+
+def _self_signed(certfile: str) -> bool:
+    """Whether the (first) certificate in ``certfile`` is its own issuer, so it can be its clients' CA file.
+
+    A CA-signed leaf cannot: OpenSSL (before Python 3.13's partial-chain
+    default) wants the chain to end at a self-signed root.
+    """
+    from cryptography import x509
+    with open(certfile, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return cert.issuer == cert.subject
 
 
 def main(argv: list[str] | None = None) -> int:

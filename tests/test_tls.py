@@ -140,3 +140,60 @@ def test_distexec_up_tls_writes_what_clients_need(home, tmp_path):
     finally:
         assert up.stop(signal.SIGINT, timeout=30) == 0
         log.close()
+
+
+def _ca_and_leaf(directory) -> tuple[str, str, str]:
+    """A CA (self-signed, CA:TRUE) and a 127.0.0.1 server certificate it signed, as a real CA would."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, content_commitment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(ca_ski, critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = [str(directory / n) for n in ("ca.pem", "leaf.pem", "leaf-key.pem")]
+    for path, data in zip(paths, (ca.public_bytes(serialization.Encoding.PEM),
+                                  leaf.public_bytes(serialization.Encoding.PEM),
+                                  leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))):
+        with open(path, "wb") as f:
+            f.write(data)
+    return paths[0], paths[1], paths[2]
+
+
+def test_a_ca_signed_certificate_puts_its_ca_in_the_connection_file(make_cluster, home, tmp_path):
+    ca, leaf, key = _ca_and_leaf(tmp_path)
+    lc = make_cluster(0, master_args=["--certfile", leaf, "--keyfile", key, "--cafile", ca])
+    info = config.read_connection()
+    assert info["cafile"] == ca and info["url"] == lc.url.replace("http://", "https://")
+    with Cluster(info["url"], token=lc.token) as c:
+        assert c.verify == ca and c.languages() == []  # verified against the CA, not the leaf
+    with pytest.raises(DistexecError, match="TLS verification failed"):
+        Cluster(info["url"], token=lc.token, cafile=leaf, events=False)  # a CA-signed leaf is no CA file
+    # Without --cafile, a CA-signed certificate is not offered as the CA file (the system's CAs apply).
+    lc.stop()
+    make_cluster(0, master_args=["--certfile", leaf, "--keyfile", key])
+    assert "cafile" not in config.read_connection()
