@@ -62,6 +62,11 @@ class Scheduler:
         self.job_session: dict[int, str] = {}
         self.session_slave: dict[str, str] = {}
         self.session_running: dict[str, int] = {}
+        # Sessions of jobs taken back after a master restart, not yet reported
+        # by their slave: their jobs wait (until bind_session, or
+        # release_held_sessions) rather than start a new session elsewhere
+        # while the old one may still be alive on a slave not yet back.
+        self.held_sessions: set[str] = set()
         self._clock = 0
 
     # -- events ------------------------------------------------------------
@@ -122,7 +127,20 @@ class Scheduler:
     def bind_session(self, session: str, uid: str) -> bool:
         """A slave reports ``session`` alive there; False if it is bound elsewhere."""
         owner = self.session_slave.setdefault(session, uid)
+        if owner == uid:
+            self.held_sessions.discard(session)
         return owner == uid
+
+    def hold_session(self, session: str) -> None:
+        """Keep the jobs of ``session`` waiting for its slave to report it (after a restart)."""
+        if session not in self.session_slave:
+            self.held_sessions.add(session)
+
+    def release_held_sessions(self) -> bool:
+        """Stop waiting: sessions not reported by now start anew.  True if any was held."""
+        held = bool(self.held_sessions)
+        self.held_sessions.clear()
+        return held
 
     def unbind_session(self, session: str) -> str | None:
         """The session ended (idle, ended by a user, its interpreter died); returns its slave."""
@@ -180,7 +198,8 @@ class Scheduler:
             if not open_slaves:
                 break
             session = self.job_session.get(job_id)
-            if session is not None and (session in held or session in self.session_running):
+            if session is not None and (session in held or session in self.session_running
+                                        or session in self.held_sessions):
                 held.add(session)
                 continue
             home = self.session_slave.get(session) if session is not None else None

@@ -425,3 +425,21 @@ def test_sessions_outlive_a_master_restart(make_cluster):
         after = run(c, "print(kept)", session="r")
         assert after.status == P.SUCCEEDED and after.stdout == "across\n"
         assert after.slave_uid == first.slave_uid and not after.stderr
+
+
+def test_after_a_restart_session_jobs_wait_for_their_slave_to_report():
+    s = _two_slaves()
+    s.enqueue(1, "python", "x")
+    s.enqueue(2, "python")
+    s.hold_session("x")
+    # The plain job runs; the session's job does not start a new session meanwhile.
+    assert [j for j, _ in s.assign()] == [2]
+    assert list(s.queue) == [1]
+    s.bind_session("x", "a")
+    assert s.assign() == [(1, "a")]
+    s.enqueue(3, "python", "y")
+    s.hold_session("y")
+    assert s.assign() == []
+    # Its slave never reported it: released, it starts anew.
+    assert s.release_held_sessions()
+    assert [j for j, _ in s.assign()] == [3]
