@@ -67,6 +67,10 @@ class RateLimited(P.ProtocolError):
         super().__init__("rate_limited", message)
         self.retry_after = retry_after
 
+    def to_dict(self) -> dict:
+        # The WebSocket's answer has no header: the wait travels in the error.
+        return {**super().to_dict(), "retry_after": round(self.retry_after, 3)}
+
 
 UNAUTHORIZED = "a valid token is required (Authorization: Bearer TOKEN); login tokens expire: log in again"
 
@@ -453,7 +457,8 @@ class SlaveSocket(_Socket):
     def on_close(self) -> None:
         super().on_close()
         if self.uid:
-            self.master.slave_disconnected(self.uid, self)
+            # 1001 "going away": the slave is stopping for good, no reconnect will come.
+            self.master.slave_disconnected(self.uid, self, leaving=self.close_code == 1001)
 
 
 def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.web.Application:

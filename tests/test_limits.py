@@ -81,12 +81,19 @@ def test_a_user_past_the_rate_gets_429_with_retry_after(make_cluster, tmp_path):
     accepted = sum(r.status_code == 201 for r in codes)
     hist = requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {token}"}, timeout=20).json()
     assert hist["total"] == accepted
-    # The same bucket holds on the WebSocket; the answer is a submit_reply with the error.
     with Cluster(lc.url, user="alice", password="pw") as c:
         with pytest.raises(DistexecError) as raised:
             for _ in range(10):
                 c.submit("print(1)")
         assert raised.value.status == 429 and raised.value.code == "rate_limited"
+        # The same bucket holds on the WebSocket: the answer is a submit_reply carrying the error.
+        replies = []
+        c.subscribe(lambda msg: replies.append(msg) if msg["type"] == "submit_reply" else None)
+        c._events.send(P.make("submit", request=body, ref="over-the-rate"))
+        reply = wait_for(lambda: next((r for r in replies if r.get("ref") == "over-the-rate"), None), 15,
+                         "the submit_reply")
+        assert reply["job"] is None and reply["error"]["code"] == "rate_limited"
+        assert 0 < reply["error"]["retry_after"] <= 1.0
         # Tokens come back at the rate.
         wait_for(lambda: post_job(lc.url, token, json=body).status_code == 201, 15, "a token to come back")
     # The admin token is not rate limited.
