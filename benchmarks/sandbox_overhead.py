@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sandbox_overhead.py [--jobs 100]
 
 Runs the same trivial step N times through each sandbox this machine
-offers and prints the median and 90th percentile of its wall time, from
+offers, taking turns, and prints the median and 90th percentile of its wall time, from
 ``Sandbox.command`` (cgroup made) to ``cleanup`` (cgroup removed): the cost
 the runner pays per compile or run step.  Two programs: ``true`` (the
 sandbox's own cost, almost nothing else) and ``python3 -I -S -c pass`` (a
@@ -37,11 +37,18 @@ def one(sandbox: Sandbox, argv: list[str], workdir: str, limits: Limits) -> floa
     return time.perf_counter() - t0
 
 
-def measure(sandbox: Sandbox, argv: list[str], n: int, limits: Limits) -> list[float]:
+def measure(boxes: list[Sandbox], argv: list[str], n: int, limits: Limits) -> list[list[float]]:
+    """Times per sandbox, taken in turn so that the load of a shared machine,
+    which drifts by the second, weighs on every sandbox alike."""
     workdir = tempfile.mkdtemp(prefix="distexec-bench-")
     try:
-        one(sandbox, argv, workdir, limits)  # warm the page cache
-        return [one(sandbox, argv, workdir, limits) for _ in range(n)]
+        for box in boxes:
+            one(box, argv, workdir, limits)  # warm the page cache
+        times: list[list[float]] = [[] for _ in boxes]
+        for _ in range(n):
+            for i, box in enumerate(boxes):
+                times[i].append(one(box, argv, workdir, limits))
+        return times
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -66,8 +73,8 @@ def main() -> None:
     try:
         for label, argv in programs:
             base = None
-            for name, box in boxes:
-                times = sorted(measure(box, argv, args.jobs, limits))
+            for (name, _), times in zip(boxes, measure([box for _, box in boxes], argv, args.jobs, limits)):
+                times.sort()
                 med = statistics.median(times) * 1000
                 p90 = times[int(len(times) * 0.9) - 1] * 1000
                 base = med if base is None else base

@@ -32,6 +32,7 @@ OutputCallback = Callable[[str, str], None]  # (stream, text)
 READ_CHUNK = 64 * 1024
 MEMORY_POLL = 0.05  # seconds between memory checks of a job's processes
 DRAIN_AFTER_EXIT = 1.0  # seconds to wait for pipes held open by stray children
+KILL_GRACE = 2.0  # seconds a killed step's wrapper has to exit before its group is killed
 
 
 @dataclass
@@ -246,7 +247,10 @@ class ProcessRunner:
             for fut in (cancelled, watcher):
                 fut.cancel()
             if reason is not None:
-                _kill_group(proc.pid)
+                self.sandbox.kill(spawn, proc.pid)
+                # The sandbox's kill lets its wrapper exit by itself; should it not, the whole group goes.
+                if not (await asyncio.wait([exited], timeout=KILL_GRACE))[0]:
+                    _kill_group(proc.pid)
             await exited
             # Whatever the job left in its group goes too: no orphans.
             _kill_group(proc.pid)

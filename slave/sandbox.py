@@ -435,6 +435,11 @@ class Sandbox:
                      _preexec(limits, timeout, cgroup, self._nproc_rlimit()), cgroup=cgroup,
                      watch_memory=not (cgroup and "memory" in cgroup.paths))
 
+    def kill(self, spawn: Spawn, pid: int) -> None:
+        """Kill the step now (timeout, cancel, a limit).  ``pid`` is the spawned
+        process, leader of its own process group; the runner then waits for it."""
+        _killpg(pid)
+
     def memory_exceeded(self, spawn: Spawn) -> bool:
         """After the step ended: did the kernel kill a process of it for its memory?"""
         return bool(spawn.cgroup and spawn.cgroup.oom_killed())
@@ -443,6 +448,24 @@ class Sandbox:
         """Kill whatever is left of the step and free what ``command`` took."""
         if spawn.cgroup is not None:
             self.cgroups.release(spawn.cgroup)
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in _read(f"/proc/{pid}/task/{pid}/children").split()]
+    except (OSError, ValueError):
+        try:
+            import psutil
+            return [c.pid for c in psutil.Process(pid).children()]
+        except Exception:
+            return []
 
 
 def _under(path: str, parent: str) -> bool:
@@ -542,6 +565,20 @@ class BwrapSandbox(Sandbox):
 
     def _extra_procs(self) -> int:
         return BWRAP_PROCS
+
+    def kill(self, spawn: Spawn, pid: int) -> None:
+        # Killing bwrap itself would orphan the namespace's init, left a zombie
+        # until the system's init reaps it.  Killing the init ends the whole
+        # namespace (the kernel kills the rest) and bwrap, having reaped it,
+        # exits by itself for the runner to reap.
+        inner = _children(pid)
+        if not inner:
+            _killpg(pid)  # not started yet: nothing to orphan
+        for child in inner:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _prepare(self, workdir: str) -> None:
         """Hand the job's directory to the job's uid.

@@ -501,3 +501,21 @@ def test_cgroups_of_finished_steps_are_removed(bwrap_sandbox, tmp_path):
     after = {c: set(os.listdir(b)) for c, b in bwrap_sandbox.cgroups.base.items()}
     assert after == before
     assert all(stat.S_ISDIR(os.stat(b).st_mode) for b in bwrap_sandbox.cgroups.base.values())
+
+
+def test_killing_a_step_leaves_no_zombie(bwrap_sandbox, jobdir):
+    # The runner's kill on a timeout: bwrap must reap the namespace's init
+    # itself, not leave it to the system's init as a zombie.
+    spawn = bwrap_sandbox.command(["sh", "-c", "sleep 300 & setsid sleep 301 & exec sleep 302"], str(jobdir),
+                                  {}, Limits(), timeout=60)
+    try:
+        proc = subprocess.Popen(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec,
+                                start_new_session=True)
+        wait_for(lambda: len(spawn.cgroup.pids()) >= 5, 20, "the step's processes")
+        inside = spawn.cgroup.pids() - {proc.pid}
+        bwrap_sandbox.kill(spawn, proc.pid)
+        assert proc.wait(20) == 128 + 9 or proc.returncode == -9
+        # Right away, not eventually: nothing of the step is left, not even a zombie.
+        assert [pid for pid in inside if psutil.pid_exists(pid)] == []
+    finally:
+        bwrap_sandbox.cleanup(spawn)
