@@ -134,6 +134,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "results": (list, False),  # job_finished messages not yet acknowledged
         "draining": (bool, False),
         "sessions": (list, False),  # names of the Python sessions alive here
+        "instance": (str, False),  # new with each slave process: tells a reconnect from a restart
     },
     # slave -> master, and master -> client with the chunk's offset in the stream
     "job_output": {

@@ -24,6 +24,17 @@ log = logging.getLogger("distexec.master")
 # the real limit and sends the whole output at the end.
 LIVE_OUTPUT_CAP = 16 << 20
 
+# After a start, how long a submission for a language only absent slaves ran
+# waits for them to reconnect before it is rejected (they retry within seconds).
+REJOIN_WINDOW = 10.0
+# How much of the history tells which slaves (and languages) to expect back.
+REJOIN_HISTORY = 1000
+# How long the jobs of a slave whose connection dropped wait for it to come
+# back before they are lost.  A live slave reconnects within a fraction of a
+# second (a network blip, a ping timeout on a loaded machine) and reports them;
+# a dead one costs its jobs these few seconds more.
+RECONNECT_GRACE = 3.0
+
 
 class Peer(_Proto):
     """What the core needs of a connection: send one message."""
@@ -42,6 +53,7 @@ class SlaveInfo:
     last_seen: str = field(default_factory=P.now)
     completed: int = 0
     draining: bool = False
+    instance: str | None = None  # the slave process's id, new at each slave start
 
 
 @dataclass
@@ -88,6 +100,23 @@ class Master:
         # Set while the master shuts down: its slaves' connections close then,
         # and their jobs must stay `running` for the next master to reconcile.
         self.stopping = False
+        # Running job -> the slave process (instance) its job_run was written
+        # to; None when unknown (taken back after a restart).  A job with no
+        # entry was never sent, and one whose slave process comes back without
+        # it never reached it: either way it never ran, so it runs again
+        # without using up a retry.
+        self._sent_to: dict[int, str | None] = {}
+        # Running job -> which dispatch of it is current, so a stale send is dropped.
+        self._dispatches: dict[int, int] = {}
+        self._dispatch_seq = 0
+        # Slaves that ran jobs before this start, with their languages, and a
+        # wake-up for submissions waiting on them (see _await_returning_slaves).
+        self._expected: dict[str, set[str]] = {}
+        for job in store.recent(REJOIN_HISTORY):
+            if job.get("slave_uid"):
+                self._expected.setdefault(job["slave_uid"], set()).add(job["language"])
+        self._rejoin_until = 0.0
+        self._slave_joined = asyncio.Event()
         self._resume()
 
     # -- start-up ----------------------------------------------------------
@@ -96,20 +125,32 @@ class Master:
         """Take back queued and running jobs from the history after a restart."""
         for job in self.store.unfinished():
             self.active[job["id"]] = job
+            if job.get("session") is not None:
+                # Its session may be alive on a slave not back yet: wait for it to say so.
+                self.scheduler.hold_session(_session_key(job))
             if job["status"] == P.QUEUED:
                 self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
             else:
                 # Its slave may still be running it: wait for it to come back.
                 self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job))
                 self._output_gap.add(job["id"])
+                self._sent_to[job["id"]] = None
         if self.active:
             log.info("resumed %d unfinished job(s) from the history", len(self.active))
 
     def start(self) -> None:
         """Arm the grace timers for resumed running jobs; call with the loop running."""
+        self._rejoin_until = asyncio.get_running_loop().time() + min(self.lost_grace, REJOIN_WINDOW)
         for job in list(self.active.values()):
             if job["status"] == P.RUNNING and job["slave_uid"] not in self.slaves:
                 self._arm_grace(job["id"])
+        if self.scheduler.held_sessions:
+            asyncio.get_running_loop().call_later(min(self.lost_grace, REJOIN_WINDOW), self._release_sessions)
+
+    def _release_sessions(self) -> None:
+        """Sessions no slave reported since the restart start anew with their next job."""
+        if self.scheduler.release_held_sessions():
+            self._dispatch()
 
     def shutdown(self) -> None:
         """Stop settling jobs; call before the server closes its connections.
@@ -170,6 +211,7 @@ class Master:
         if sub["session"] is not None and sub["language"] != "python":
             raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "
                                   "drop 'session' to run it as a fresh process")
+        await self._await_returning_slaves(sub["language"])
         job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
         self._next_id += 1
         client = self.clients.get(client_id) if client_id else None
@@ -190,6 +232,21 @@ class Master:
         self._announce(job)
         self._dispatch()
         return job
+
+    async def _await_returning_slaves(self, language: str) -> None:
+        """Right after a restart, give the slaves that ran ``language`` a moment to reconnect.
+
+        Without this, a submission that arrives between a master restart and
+        its slaves' return would be rejected as unsupported.  Bounded by
+        REJOIN_WINDOW; a master with no history never waits.
+        """
+        loop = asyncio.get_running_loop()
+        while (not self.scheduler.can_run(language) and loop.time() < self._rejoin_until
+               and any(language in langs and uid not in self.slaves for uid, langs in self._expected.items())):
+            try:
+                await asyncio.wait_for(self._slave_joined.wait(), self._rejoin_until - loop.time())
+            except asyncio.TimeoutError:
+                return
 
     def _rejection(self, job: dict) -> dict | None:
         detail = L.check_syntax(job["language"], job["source"])
@@ -241,16 +298,17 @@ class Master:
             if job.get("session") is not None:
                 self._session_used(job, uid)
             slave = self.slaves.get(uid)
-            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None))
+            self._dispatch_seq += 1
+            self._dispatches[job_id] = self._dispatch_seq
+            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None, self._dispatch_seq))
 
-    async def _send_run(self, job: dict, uid: str, peer: Peer | None) -> None:
-        attempt = job["attempts"]
+    async def _send_run(self, job: dict, uid: str, peer: Peer | None, seq: int) -> None:
         # Durable before announced, and before the slave may start it.
         await self.store.save(job)
         self._announce(job)
         slave = self.slaves.get(uid)
         if (slave is None or slave.peer is not peer or self.active.get(job["id"]) is not job
-                or job["status"] != P.RUNNING or job["slave_uid"] != uid or job["attempts"] != attempt):
+                or job["status"] != P.RUNNING or self._dispatches.get(job["id"]) != seq):
             # Settled, requeued or dispatched again meanwhile, or the slave left or
             # came back on a new connection (whose register could not list this
             # job, so it was lost there): whoever changed it has handled it.
@@ -261,6 +319,7 @@ class Master:
             self.scheduler.finished(job["id"])
             await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
             return
+        self._sent_to[job["id"]] = slave.instance
         slave.peer.send(P.make("job_run", job=_for_slave(job, self._notes_to_send.pop(job["id"], None))))
 
     # -- slaves ------------------------------------------------------------
@@ -280,7 +339,8 @@ class Master:
             del self.slaves[uid]
             self.scheduler.remove_slave(uid)
         langs = [lang for lang in msg["languages"] if isinstance(lang, dict) and isinstance(lang.get("name"), str)]
-        info = SlaveInfo(uid, msg["host"], langs, msg["slots"], peer, draining=bool(msg.get("draining")))
+        info = SlaveInfo(uid, msg["host"], langs, msg["slots"], peer, draining=bool(msg.get("draining")),
+                         instance=msg.get("instance"))
         self.slaves[uid] = info
         still_running = {j for j in msg.get("running", []) if isinstance(j, int)}
         ours = [j for j, owner in self.scheduler.running.items() if owner == uid]
@@ -290,6 +350,8 @@ class Master:
         for job_id in ours:
             self._cancel_grace(job_id)
         peer.send(P.make("register_reply", ok=True, slave_uid=uid))
+        self._slave_joined.set()
+        self._slave_joined = asyncio.Event()
         # Jobs it still runs that we settled meanwhile (e.g. failed as lost): stop them.
         for job_id in still_running - set(ours):
             peer.send(P.make("job_cancel", job_id=job_id))
@@ -308,7 +370,8 @@ class Master:
             if job_id not in still_running and job_id not in reported:
                 job = self.active.get(job_id)
                 if job is not None:
-                    asyncio.ensure_future(self._lose(job, "the slave restarted and no longer has this job"))
+                    asyncio.ensure_future(self._lose(job, "the slave restarted and no longer has this job",
+                                                     instance=info.instance))
         self._reconcile_sessions(uid, peer, [n for n in msg.get("sessions", []) if isinstance(n, str)])
         log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
                  ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
@@ -316,12 +379,13 @@ class Master:
         self._dispatch()
         return info
 
-    def slave_disconnected(self, uid: str, peer: Peer) -> None:
-        if self._drop_slave(uid, peer):
+    def slave_disconnected(self, uid: str, peer: Peer, leaving: bool = False) -> None:
+        """The connection closed; ``leaving``: the slave said it stops, so it will not reconnect."""
+        if self._drop_slave(uid, peer, leaving):
             self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
             self._dispatch()
 
-    def _drop_slave(self, uid: str, peer: Peer) -> bool:
+    def _drop_slave(self, uid: str, peer: Peer, leaving: bool = False) -> bool:
         info = self.slaves.get(uid)
         if info is None or info.peer is not peer:
             return False
@@ -330,11 +394,20 @@ class Master:
         lost = self.scheduler.remove_slave(uid)
         if self.stopping:
             return True
+        grace = min(self.lost_grace, RECONNECT_GRACE)
         for job_id in lost:
             job = self.active.get(job_id)
-            if job is not None:
-                asyncio.ensure_future(self._lose(job, "its slave disconnected while it ran"))
-        self._lose_sessions(uid, "disconnected")
+            if job is None:
+                continue
+            if leaving:
+                asyncio.ensure_future(self._lose(job, "its slave stopped while it ran"))
+            else:
+                self._arm_grace(job_id, grace, f"its slave disconnected while it ran and did not "
+                                               f"come back within {grace:g} s")
+        if uid in self.scheduler.session_slave.values():
+            # Its sessions wait as long as its jobs do (their next jobs stay
+            # queued): a slave back in time reports them alive, and nothing is lost.
+            asyncio.get_running_loop().call_later(grace, self._sessions_grace_expired, uid, grace)
         log.info("slave %s disconnected (%d job(s) were running there)", uid, len(lost))
         return True
 
@@ -425,6 +498,10 @@ class Master:
         if names:
             log.info("slave %s %s: session(s) lost: %s", uid, how, ", ".join(names))
 
+    def _sessions_grace_expired(self, uid: str, grace: float) -> None:
+        if uid not in self.slaves:
+            self._lose_sessions(uid, f"disconnected and did not come back within {grace:g} s")
+
     def _note_session(self, key: str, note: str) -> None:
         self._session_notes[key] = note
         while len(self._session_notes) > 10000:  # names are the users' to choose: keep it bounded
@@ -500,18 +577,30 @@ class Master:
             slave.peer.send(P.make("result_ack", job_id=job_id))
         self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
 
-    async def _lose(self, job: dict, why: str) -> None:
-        """Its slave is gone: retry if the job allows it, else fail it."""
+    async def _lose(self, job: dict, why: str, instance: str | None = None) -> None:
+        """Its slave is gone: retry if the job allows it, else fail it.
+
+        ``instance``: the slave process that came back without the job, if
+        one did; if that is the process the job was sent to, it never got it.
+        """
         if self.active.get(job["id"]) is not job or job["status"] != P.RUNNING or self.stopping:
             return
         home = self.scheduler.slaves.get(job["slave_uid"])
         if job["slave_uid"] in self.slaves and home is not None and job["id"] in home.running:
             return  # its slave came back meanwhile and reported it still running
         self._output_gap.discard(job["id"])
+        self._dispatches.pop(job["id"], None)
         self.scheduler.finished(job["id"])
+        sent_to = self._sent_to.pop(job["id"], _NEVER_SENT)
+        never_ran = sent_to is _NEVER_SENT or (instance is not None and sent_to == instance)
         if job.get("cancel_requested"):
             await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
-        elif (job.get("attempts") or 0) <= (job.get("retries") or 0):
+        elif never_ran or (job.get("attempts") or 0) <= (job.get("retries") or 0):
+            if never_ran:
+                # Its job_run was never sent, or the slave process it went to
+                # came back without it: it did not run, so no retry is used up.
+                job["attempts"] = max(0, (job.get("attempts") or 0) - 1)
+                why += ", before it started"
             job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
             self.scheduler.requeue_front(job["id"], job["language"], _session_key(job))
             await self.store.save(job)
@@ -523,20 +612,24 @@ class Master:
             await self._finish(job, None, P.error(P.SLAVE_LOST, f"{why} (slave {job['slave_uid']}){lost}"))
         self._dispatch()
 
-    def _arm_grace(self, job_id: int) -> None:
+    def _arm_grace(self, job_id: int, delay: float | None = None, why: str | None = None) -> None:
+        """Lose the job unless its slave is back (and still has it) within ``delay`` seconds."""
+        delay = self.lost_grace if delay is None else delay
+        why = why or f"its slave did not come back within {delay:g} s"
+        self._cancel_grace(job_id)
         loop = asyncio.get_running_loop()
-        self._grace_handles[job_id] = loop.call_later(self.lost_grace, self._grace_expired, job_id)
+        self._grace_handles[job_id] = loop.call_later(delay, self._grace_expired, job_id, why)
 
     def _cancel_grace(self, job_id: int) -> None:
         handle = self._grace_handles.pop(job_id, None)
         if handle is not None:
             handle.cancel()
 
-    def _grace_expired(self, job_id: int) -> None:
+    def _grace_expired(self, job_id: int, why: str) -> None:
         self._grace_handles.pop(job_id, None)
         job = self.active.get(job_id)
         if job is not None and job["status"] == P.RUNNING and job["slave_uid"] not in self.slaves:
-            asyncio.ensure_future(self._lose(job, f"its slave did not come back within {self.lost_grace:g} s"))
+            asyncio.ensure_future(self._lose(job, why))
 
     # -- settling ------------------------------------------------------------
 
@@ -553,6 +646,8 @@ class Master:
         self.active.pop(job["id"], None)
         self._cancel_grace(job["id"])
         self._output_gap.discard(job["id"])
+        self._sent_to.pop(job["id"], None)
+        self._dispatches.pop(job["id"], None)
         saved = self._settling[job["id"]] = self.store.save(job)
         try:
             await saved
@@ -579,6 +674,9 @@ class Master:
         jobs, total = await self.store.list(status, limit, offset, user)
         # A running job's output so far lives in memory, not yet in the store.
         return [_public(self.active.get(j["id"], j)) for j in jobs], total
+
+
+_NEVER_SENT = object()
 
 
 def _public(job: dict) -> dict:

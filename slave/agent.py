@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import ssl
+import uuid
 
 import tornado.httpclient
 import tornado.websocket
@@ -50,6 +51,9 @@ class Slave:
         self.running: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}
         self.unacked: dict[int, dict] = {}
         self.draining = False
+        # Sent at each register: the master knows from it that a job we do not
+        # list was never received by this process (so it never ran here).
+        self.instance = uuid.uuid4().hex
         self._stopping = asyncio.Event()
         self._fatal: FatalSlaveError | None = None
         self._pending_output: dict[tuple[int, str], list[str]] = {}
@@ -123,7 +127,7 @@ class Slave:
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
             slots=self.slots, running=sorted(self.running), results=list(self.unacked.values()),
-            draining=self.draining, sessions=self._session_names()))
+            draining=self.draining, sessions=self._session_names(), instance=self.instance))
         try:
             while True:
                 text = await conn.read_message()
@@ -276,4 +280,5 @@ class Slave:
     def stop(self) -> None:
         self._stopping.set()
         if self.conn is not None:
-            self.conn.close()
+            # "Going away": the master settles our jobs now instead of waiting for a reconnect.
+            self.conn.close(1001, "slave stopping")
