@@ -212,11 +212,6 @@ class Auth:
                 ident = self._sessions[key] = Identity(ident.user, bool(entry.get("admin")), ident.expires_at)
         return ident
 
-    def client_user(self, presented: str | None) -> str | None:
-        """The user name a client token stands for, or None if it is not valid."""
-        ident = self.identify(presented)
-        return ident.user if ident else None
-
     def slave_ok(self, presented: str | None) -> bool:
         return _same(presented, self.slave_secret)
 

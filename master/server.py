@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -73,6 +74,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     scheme = "https" if ssl_ctx else "http"
     host = args.host if ":" not in args.host else f"[{args.host}]"
     url = f"{scheme}://{host}:{port}"
+    if not ssl_ctx and not ipaddress.ip_address(sockets[0].getsockname()[0]).is_loopback:
+        log.warning("serving plain http on %s: tokens, passwords and programs cross the network unencrypted; "
+                    "use --certfile/--keyfile (or `distexec up --tls`)", args.host)
     master.start()
     if not args.no_connection_file:
         info = {"url": url, "token": token, "slave_secret": secret, "pid": os.getpid()}
