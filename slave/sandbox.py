@@ -363,10 +363,13 @@ class Sandbox:
 
     name = "none"
 
-    def __init__(self, cgroups: Cgroups | None = None, why_not: str | None = None):
+    def __init__(self, cgroups: Cgroups | None = None, why_not: str | None = None,
+                 limits: Limits | None = None):
         self.cgroups = cgroups
         # Why nothing stronger is in force, for describe().
         self.why_not = why_not
+        # The slave's limits, for describe(); each step follows the Limits it is given.
+        self.limits = limits or Limits()
 
     @property
     def job_uid(self) -> int:
@@ -380,30 +383,35 @@ class Sandbox:
                 f"and can reach the network; " + self._describe_limits())
 
     def _describe_limits(self) -> str:
-        cg = self.cgroups
+        cg, lim = self.cgroups, self.limits
         parts = []
         if cg and cg.memory:
-            parts.append("memory per job by cgroup")
+            parts.append(f"memory {lim.memory_mb} MiB per job by cgroup")
         else:
             why = cg.missing.get("memory") if cg else "cgroups not used"
-            parts.append(f"memory per job polled every 50 ms (no memory cgroup: {why})")
+            parts.append(f"memory {lim.memory_mb} MiB per job polled every 50 ms (no memory cgroup: {why})")
         if cg and cg.pids:
-            parts.append("processes per job by cgroup")
+            parts.append(f"{lim.max_procs} processes per job by cgroup")
         elif self._nproc_rlimit():
-            parts.append("processes by RLIMIT_NPROC, shared by every job of uid "
+            parts.append(f"{lim.max_procs} processes by RLIMIT_NPROC, shared by every job of uid "
                          f"{self.job_uid} (no pids cgroup)")
         else:
             why = cg.missing.get("pids") if cg else "cgroups not used"
-            parts.append(f"processes NOT limited (no pids cgroup: {why}; RLIMIT_NPROC does not bind root)")
-        parts.append("CPU time, file size, open files and output by rlimits and the runner")
-        cleanup = ("every process of a job killed at its end (cgroup)" if cg and cg.base
-                   else "only the job's process group is killed at its end: a daemon that "
-                        "calls setsid() survives")
-        return "limits: " + ", ".join(parts) + "; " + cleanup
+            parts.append(f"processes NOT limited (no pids cgroup: {why})")
+        parts.append(f"output {lim.output_mb} MiB, files {lim.file_size_mb} MiB, {lim.open_files} open files, "
+                     "CPU time (timeout x cores)")
+        return "limits: " + ", ".join(parts) + "; " + self._describe_cleanup()
+
+    def _describe_cleanup(self) -> str:
+        if self.cgroups and self.cgroups.base:
+            return "every process of a job is killed at its end (cgroup)"
+        return "only the job's process group is killed at its end: a daemon that calls setsid() survives"
 
     def _nproc_rlimit(self) -> bool:
-        # Per real uid, and never binding for root: only worth it for an unprivileged job uid.
-        return not (self.cgroups and self.cgroups.pids) and self.job_uid != 0
+        # RLIMIT_NPROC counts every process of the real uid and never binds
+        # root: here jobs run as the slave's own user, whose other processes
+        # (the slave, a desktop session) would eat the budget.
+        return False
 
     def _wrap(self, argv: list[str], workdir: str, limits: Limits) -> list[str]:
         return list(argv)
@@ -472,6 +480,10 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def _outermost(paths: list[str]) -> list[str]:
+    return [p for p in paths if not any(_under(p, q) and p != q for q in paths)]
+
+
 def _hiding_root(jobroot: str) -> str:
     """Where to mount the tmpfs that hides the other jobs' directories.
 
@@ -508,28 +520,27 @@ class BwrapSandbox(Sandbox):
     name = "bubblewrap"
 
     def __init__(self, cgroups: Cgroups | None = None, bwrap: str = "bwrap", setpriv: str = "setpriv",
-                 uid: int = NOBODY, gid: int = NOBODY, expose: tuple[str, ...] = ()):
-        super().__init__(cgroups)
+                 uid: int = NOBODY, gid: int = NOBODY, expose: tuple[str, ...] = (), limits: Limits | None = None):
+        super().__init__(cgroups, limits=limits)
         self.bwrap = shutil.which(bwrap) or bwrap
         self.setpriv = shutil.which(setpriv) or setpriv
         self.uid = uid
         self.gid = gid
         self.secrets = self._secret_dirs()
         self.expose = self._exposed(expose)
-        # What describe() reports; each step follows its own Limits.allow_network.
-        self.allow_network = False
 
     @property
     def job_uid(self) -> int:
         return self.uid
 
     def describe(self) -> str:
-        net = "network allowed (--allow-network)" if self.allow_network else "no network (own network namespace)"
+        net = ("network allowed (--allow-network)" if self.limits.allow_network
+               else "no network (own network namespace)")
         shown = f" except the toolchains {', '.join(self.expose)}" if self.expose else ""
         return (f"isolation: bubblewrap; jobs run as uid {self.uid} without capabilities, in their own "
                 f"PID, mount, IPC and UTS namespaces; {net}; read-only system, private /tmp, only the "
-                f"job's directory writable; hidden: {', '.join(self.secrets)}{shown} and the other jobs' "
-                f"directories; " + self._describe_limits())
+                f"job's directory writable; hidden: {', '.join(_outermost(self.secrets))}{shown} and the "
+                f"other jobs' directories; " + self._describe_limits())
 
     @staticmethod
     def _secret_dirs() -> list[str]:
@@ -565,6 +576,13 @@ class BwrapSandbox(Sandbox):
 
     def _extra_procs(self) -> int:
         return BWRAP_PROCS
+
+    def _describe_cleanup(self) -> str:
+        return "every process of a job is killed at its end (PID namespace)"
+
+    def _nproc_rlimit(self) -> bool:
+        # Without a pids cgroup: per real uid, so shared by every job running as nobody.
+        return not (self.cgroups and self.cgroups.pids)
 
     def kill(self, spawn: Spawn, pid: int) -> None:
         # Killing bwrap itself would orphan the namespace's init, left a zombie
@@ -693,10 +711,9 @@ def best_sandbox(limits: Limits) -> Sandbox:
     elif os.getuid() != 0:
         why = "the slave is not root: bubblewrap cannot switch jobs to another uid"
     else:
-        box = BwrapSandbox(cgroups)
-        box.allow_network = limits.allow_network
+        box = BwrapSandbox(cgroups, limits=limits)
         why = box.probe(limits)
         if why is None:
             return box
     log.warning("no sandbox: %s", why)
-    return Sandbox(cgroups, why_not=why)
+    return Sandbox(cgroups, why_not=why, limits=limits)

@@ -99,7 +99,8 @@ def slave_log(box) -> str:
 def test_slave_says_which_isolation_is_in_force(client, box):
     text = slave_log(box)
     assert "isolation: bubblewrap" in text, text
-    assert "memory per job by cgroup" in text and "processes per job by cgroup" in text, text
+    assert f"memory {MEMORY_MB} MiB per job by cgroup" in text, text
+    assert f"{MAX_PROCS} processes per job by cgroup" in text, text
 
 
 def test_job_runs_as_nobody_without_capabilities(client):
@@ -519,3 +520,24 @@ def test_killing_a_step_leaves_no_zombie(bwrap_sandbox, jobdir):
         assert [pid for pid in inside if psutil.pid_exists(pid)] == []
     finally:
         bwrap_sandbox.cleanup(spawn)
+
+
+def test_a_killed_slave_takes_its_jobs_with_it(make_cluster, tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    other = make_cluster(1, slots=1, slave_args=["--workdir", str(jobs)])
+    with Cluster(other.url, token=other.token) as c:
+        c.submit("sleep 300 & setsid sleep 301 & wait", language="bash", timeout=600)
+        wait_for(lambda: job_processes(str(jobs)).count("sleep") == 2, 20, "the job's sleeps")
+    dead = other.slaves[0]
+    dead.proc.kill()
+    dead.proc.wait(10)
+    # bwrap dies with its parent, and the job's PID namespace with bwrap.
+    wait_for(lambda: not job_processes(str(jobs)), 15, "the job's processes to die with the slave")
+    # The next slave on the machine clears the dead one's cgroups.
+    def stale():
+        return [entry for ctrl in ("memory", "pids") for entry in os.listdir(f"/sys/fs/cgroup/{ctrl}/distexec")
+                if entry.startswith(f"slave-{dead.pid}-")]
+    assert len(stale()) == 2
+    other.start_slave()
+    assert stale() == []
