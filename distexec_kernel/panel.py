@@ -42,6 +42,8 @@ PAGE_SIZE = 100
 LOAD_CHUNK = 200
 # The most often the widgets are re-rendered; a burst of events within it coalesces.
 FLUSH_INTERVAL = 0.1
+# While a running job is on screen, its elapsed time is re-rendered this often.
+TICK = 1.0
 # The detail view shows the tail of a long output; the whole of it stays one
 # `distexec show ID` away.  Re-sending megabytes per flush would stall the browser.
 OUTPUT_TAIL = 64 * 1024
@@ -61,7 +63,12 @@ _STYLE = ("<style>.distexec-rows select{font-family:var(--jp-code-font-family,mo
 def row_label(job: dict) -> str:
     """One history row: ``✅     42  name  python  3f2a1b0c…  0.08 s``."""
     err = (job.get("error") or {}).get("code") or ""
-    dur = D.fmt_seconds(D.duration(job)) if job.get("status") not in (P.QUEUED, P.RUNNING) else job["status"]
+    status = job.get("status")
+    if status == P.RUNNING:
+        # Whole seconds: the label changes once per tick, not on every flush.
+        dur = f"{int(D.duration(job) or 0)} s…"
+    else:
+        dur = D.fmt_seconds(D.duration(job)) if status != P.QUEUED else "queued"
     return (f"{P.ICONS.get(job.get('status'), '?')} {job['id']:>6}  {(job.get('name') or '')[:24]:<24}  "
             f"{job.get('language') or '':<10}  {D.short_uid(job.get('slave_uid')):<9}  {dur:>8}  {err}").rstrip()
 
@@ -314,6 +321,7 @@ class JobPanel(W.VBox):
         self._wake = threading.Event()
         self._closed = False
         self._last_flush = 0.0
+        self._ticking = False                 # a running job is shown: re-render every TICK
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distexec-panel")
 
         guard = self._guarded
@@ -708,7 +716,9 @@ class JobPanel(W.VBox):
 
     def _flush_loop(self) -> None:
         while True:
-            self._wake.wait()
+            if not self._wake.wait(TICK if self._ticking else None):
+                with self._lock:
+                    self._mark("jobs", "detail")  # a running job's elapsed time moves on
             if self._closed:
                 return
             # Let a burst gather: at most one flush per FLUSH_INTERVAL.
@@ -770,6 +780,8 @@ class JobPanel(W.VBox):
                 self._loading_more = True
                 self._task("load older jobs", self._load_more)
             options = [(row_label(j), j["id"]) for j in shown]
+            self._ticking = any(j["status"] == P.RUNNING for j in shown) or (
+                self._detail is not None and self._detail.get("status") == P.RUNNING)
             selected, total, complete, loaded = self._selected, self._total, self._complete, len(self._jobs)
             filtered = any(self._filter)
         if not rows:

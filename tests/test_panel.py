@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 import shlex
 import threading
 import time
@@ -107,6 +108,8 @@ def test_output_streams_into_detail_and_cancel(panel, client):
     # The running job's output arrives by job_output events while it runs.
     wait_for(lambda: "started" in text(panel.detail.stdout), T, "live output in the detail")
     assert icon(panel, job_id) == "⏳"
+    # No event comes while it sleeps, yet its elapsed time moves on in the row.
+    wait_for(lambda: re.search(r"  [2-9] s…", rows(panel)[job_id]), T, "the elapsed time ticking")
     assert not panel.detail.cancel_button.disabled
     panel.detail.cancel_button.click()
     wait_for(lambda: icon(panel, job_id) == "🚫", T, "row 🚫")
