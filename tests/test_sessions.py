@@ -443,3 +443,34 @@ def test_after_a_restart_session_jobs_wait_for_their_slave_to_report():
     # Its slave never reported it: released, it starts anew.
     assert s.release_held_sessions()
     assert [j for j, _ in s.assign()] == [3]
+
+
+def test_a_queued_session_job_waits_for_its_slave_across_a_master_restart(make_cluster):
+    lc = make_cluster(2, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        first = run(c, "kept = 'mine'", session="q")
+        assert first.status == P.SUCCEEDED, first.stderr
+        home = next(s for s in lc.slaves if s.uid == first.slave_uid)
+        # Fill both slaves, queue the session's next job for its own, then free the other.
+        sleepers = [c.submit("print('started', flush=True)\nimport time\ntime.sleep(5)") for _ in range(2)]
+        for j in sleepers:
+            wait_for(lambda: c.job(j.id).stdout == "started\n", WAIT, "the sleepers to start")
+        queued = c.submit("print(kept)", session="q")
+        assert c.job(queued.id).status == P.QUEUED
+        [other] = [j for j in sleepers if c.job(j.id).slave_uid != home.uid]
+        assert other.cancel().wait(WAIT).status == P.CANCELLED
+        assert c.job(queued.id).status == P.QUEUED
+    # The session's slave is frozen while the master restarts: the other comes back
+    # first, idle, and the job must not start a new session there.
+    os.kill(home.pid, signal.SIGSTOP)
+    try:
+        lc.restart_master(signal.SIGKILL)
+        with Cluster(lc.url, token=lc.token) as c:
+            wait_for(lambda: len(c.slaves()) == 1, WAIT, "the other slave to register")
+            assert c.job(queued.id).status == P.QUEUED
+            os.kill(home.pid, signal.SIGCONT)
+            job = c.job(queued.id).wait(WAIT)
+            assert job.status == P.SUCCEEDED, job.stderr
+            assert job.stdout == "mine\n" and job.slave_uid == home.uid
+    finally:
+        os.kill(home.pid, signal.SIGCONT)
