@@ -176,12 +176,17 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
 STREAMS = ("stdout", "stderr")
 
 
+# JSON integers past 64 bits fit neither SQLite (a job id of 10**30 used to
+# fail inside the master) nor most peers' number types.
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _type_ok(value, expected) -> bool:
     kinds = expected if isinstance(expected, tuple) else (expected,)
     if isinstance(value, bool):
         return bool in kinds
     if int in kinds and isinstance(value, int):
-        return True
+        return INT_MIN <= value <= INT_MAX
     if float in kinds and isinstance(value, (int, float)):
         return True
     return any(k not in (int, float, bool) and isinstance(value, k) for k in kinds)

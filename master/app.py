@@ -226,9 +226,16 @@ class JobsHandler(ApiHandler):
         self.send_json(job, 201)
 
 
+def _job_id(text: str) -> int | None:
+    """The id in a URL, or None if no job can have it (past 64 bits: SQLite cannot even look)."""
+    value = int(text)
+    return value if value <= P.INT_MAX else None
+
+
 class JobHandler(ApiHandler):
     async def get(self, job_id: str) -> None:
-        job = await self.master.get_job(int(job_id), user=self.owner)
+        jid = _job_id(job_id)
+        job = await self.master.get_job(jid, user=self.owner) if jid is not None else None
         if job is None:
             return self.fail(404, "not_found", f"no job {job_id}")
         self.send_json(job)
@@ -236,7 +243,8 @@ class JobHandler(ApiHandler):
 
 class CancelHandler(ApiHandler):
     async def post(self, job_id: str) -> None:
-        job = await self.master.cancel(int(job_id), user=self.owner)
+        jid = _job_id(job_id)
+        job = await self.master.cancel(jid, user=self.owner) if jid is not None else None
         if job is None:
             return self.fail(404, "not_found", f"no job {job_id}")
         self.send_json(job)

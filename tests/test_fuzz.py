@@ -33,15 +33,18 @@ scalars = (st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_val
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 
-_BY_TYPE = {int: st.integers(min_value=-(2 ** 40), max_value=2 ** 40), float: st.floats(),
+_BY_TYPE = {int: st.integers(min_value=-(2 ** 40), max_value=2 ** 40) | st.integers(), float: st.floats(),
             str: st.text(max_size=30) | surrogates,
             bool: st.booleans(), list: st.lists(json_values, max_size=3),
             dict: st.dictionaries(st.text(max_size=8), json_values, max_size=3), type(None): st.none()}
 
 
-def _of_type(expected) -> st.SearchStrategy:
+_IN_RANGE = {**_BY_TYPE, int: st.integers(min_value=P.INT_MIN, max_value=P.INT_MAX)}
+
+
+def _of_type(expected, by_type=_BY_TYPE) -> st.SearchStrategy:
     kinds = expected if isinstance(expected, tuple) else (expected,)
-    return st.one_of(*(_BY_TYPE[k] for k in kinds))
+    return st.one_of(*(by_type[k] for k in kinds))
 
 
 submissions = st.fixed_dictionaries({}, optional={
@@ -82,7 +85,7 @@ def valid_messages(draw) -> dict:
     msg = {"type": msg_type}
     for field, (expected, required) in P.MESSAGES[msg_type].items():
         if required or draw(st.booleans()):
-            msg[field] = draw(st.sampled_from(P.STREAMS) if field == "stream" else _of_type(expected))
+            msg[field] = draw(st.sampled_from(P.STREAMS) if field == "stream" else _of_type(expected, _IN_RANGE))
     assume(_strict(msg))
     return msg
 
@@ -167,6 +170,27 @@ def test_a_lone_surrogate_in_a_job_field_does_not_break_the_history(make_cluster
                          headers=headers, timeout=20)
     assert resp.status_code == 201
     assert requests.get(lc.url + f"/api/jobs/{resp.json()['id']}", headers=headers, timeout=20).json()["name"] == "ok"
+
+
+def test_integers_past_64_bits_are_refused_not_looked_up(make_cluster):
+    # A job id of 10**30 reached SQLite (OverflowError): 500 over HTTP, internal_error on the WebSocket.
+    lc = make_cluster(0)
+    headers = {"Authorization": f"Bearer {lc.token}"}
+    huge = 10 ** 30
+    assert requests.get(f"{lc.url}/api/jobs/{huge}", headers=headers, timeout=20).status_code == 404
+    assert requests.post(f"{lc.url}/api/jobs/{huge}/cancel", headers=headers, timeout=20).status_code == 404
+    with pytest.raises(P.ProtocolError, match="job_id"):
+        P.decode(json.dumps({"type": "cancel", "job_id": huge}))
+    assert P.decode(json.dumps({"type": "cancel", "job_id": P.INT_MAX}))["job_id"] == P.INT_MAX
+    sock = Socket(lc.url, "/ws/client", lc.token)
+    try:
+        assert sock.recv()["type"] == "welcome"
+        replies = sock.exchange(json.dumps({"type": "cancel", "job_id": huge}))
+        assert [r["error"]["code"] for r in replies] == ["bad_message"]
+        replies = sock.exchange(json.dumps({"type": "cancel", "job_id": P.INT_MAX}))
+        assert [(r["type"], r["error"]["code"]) for r in replies] == [("cancel_reply", "not_found")]
+    finally:
+        sock.close()
 
 
 # --- the live master ----------------------------------------------------------
