@@ -358,3 +358,26 @@ def test_after_the_fuzzing_the_master_still_runs_jobs(bare_master, client_socket
         job = c.submit("print('still here')").wait(30)
         assert job.status == P.SUCCEEDED and job.stdout == "still here\n"
     assert bare_master.master.alive()
+
+
+segments = st.one_of(st.from_regex(r"\A[0-9]{1,40}\Z"), st.text(max_size=12), st.sampled_from(["-1", "0", "1"]))
+queries = st.dictionaries(st.sampled_from(["status", "limit", "offset", "token", "user", "x"]),
+                          st.text(max_size=12) | st.integers().map(str), max_size=3)
+
+
+@LIVE
+@given(method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]),
+       template=st.sampled_from(["/api/jobs", "/api/jobs/{}", "/api/jobs/{}/cancel", "/api/sessions",
+                                 "/api/sessions/{}", "/api/login", "/api/slaves", "/api/clients",
+                                 "/api/languages", "/api/health", "/api/{}", "/{}"]),
+       segment=segments, query=queries, body=st.none() | st.binary(max_size=40) | json_values.map(_dumps))
+def test_any_request_to_any_endpoint_gets_a_json_answer_below_500(bare_master, method, template, segment,
+                                                                   query, body):
+    from urllib.parse import quote
+    path = template.format(quote(segment, safe=""))
+    resp = requests.request(method, bare_master.url + path, params=query, data=body, timeout=20,
+                            headers={"Authorization": f"Bearer {bare_master.token}"})
+    assert resp.status_code < 500, (method, path, query, resp.status_code, resp.text)
+    answer = resp.json()
+    if resp.status_code >= 400:
+        assert answer["error"]["code"] and answer["error"]["message"]
