@@ -147,8 +147,9 @@ class LocalCluster:
         env = dict(os.environ)
         env["DISTEXEC_HOME"] = self.home
         env.pop("DISTEXEC_URL", None)
-        env.pop("DISTEXEC_TOKEN", None)
-        env.pop("DISTEXEC_SLAVE_SECRET", None)
+        # Through the environment, not argv: any local user can read a command line in ps.
+        env["DISTEXEC_TOKEN"] = self.token
+        env["DISTEXEC_SLAVE_SECRET"] = self.secret
         # Given to the slaves directly: they may start before the master rewrites the connection file.
         if self.cafile:
             env["DISTEXEC_CAFILE"] = self.cafile
@@ -164,8 +165,7 @@ class LocalCluster:
         return self.stderr
 
     def spawn_master(self, *extra: str) -> Child:
-        argv = [sys.executable, "-m", "master", "--host", self.host, "--port", str(self.port),
-                f"--token={self.token}", f"--slave-secret={self.secret}"]
+        argv = [sys.executable, "-m", "master", "--host", self.host, "--port", str(self.port)]
         if self.max_jobs:
             argv += ["--max-jobs", str(self.max_jobs)]
         if self.db:
@@ -179,7 +179,7 @@ class LocalCluster:
 
     def spawn_slave(self, *extra: str) -> Child:
         self._count += 1
-        argv = [sys.executable, "-m", "slave", "--master", self.url, f"--secret={self.secret}"]
+        argv = [sys.executable, "-m", "slave", "--master", self.url]
         if self.slots:
             argv += ["--slots", str(self.slots)]
         if self.languages:

@@ -459,6 +459,11 @@ def test_distexec_up_starts_and_stops_everything(home):
         assert "2 slave(s)" in line
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3
+        # Secrets travel in the environment, never on a command line that `ps` shows everyone.
+        info = json.loads((home / "connection.json").read_text())
+        for child in children:
+            cmdline = " ".join(child.cmdline())
+            assert info["token"] not in cmdline and info["slave_secret"] not in cmdline
         with Cluster() as c:  # found through the connection file
             assert len(c.slaves()) == 2
             assert c.submit("print('up')").wait(30).stdout == "up\n"
