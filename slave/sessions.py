@@ -125,7 +125,8 @@ class SessionRunner:
                 f"runs in the same sandbox as a job's process, its memory limit covering the whole session")
 
     def session_names(self) -> list[str]:
-        return sorted(self.sessions)
+        """Sessions alive here, and those whose kernel is starting (a job waits on it)."""
+        return sorted(set(self.sessions) | set(self._starting))
 
     # -- the Runner interface ------------------------------------------------
 
