@@ -279,6 +279,13 @@ def test_args_and_stdin_belong_to_each_job(client):
     assert eof.status == P.FAILED and "EOFError" in eof.error["message"]
 
 
+def test_files_land_in_the_session_directory_and_stay(client):
+    job = run(client, "print(open('data.txt').read())", session="f", files={"data.txt": "hello"})
+    assert job.status == P.SUCCEEDED and job.stdout == "hello\n", job.stderr
+    later = run(client, "import os\nprint(open('data.txt').read(), os.getcwd() == os.environ['HOME'])", session="f")
+    assert later.stdout == "hello True\n", later.stderr
+
+
 def test_output_streams_and_cancel_keeps_the_session(client):
     assert run(client, "kept = 7", session="c").status == P.SUCCEEDED
     job = client.submit("print('tick', flush=True)\nimport time\ntime.sleep(120)", session="c")
