@@ -18,7 +18,6 @@ from distexec_kernel.events import EventStream
 from distexec_kernel.local import Child, free_port
 from distexec_kernel.tls import ensure_self_signed, make_self_signed
 
-from conftest import wait_for
 
 
 @pytest.fixture
@@ -69,6 +68,8 @@ def test_jobs_run_over_https_and_wss(tls_cluster, home):
         job.on_output(lambda stream, text: chunks.append((stream, text)))
         job.wait(30)
         assert job.status == P.SUCCEEDED and job.stdout == "over tls\n" and job.stderr == "err\n"
+        # The output also came live, as events over wss.
+        assert "".join(text for stream, text in chunks if stream == "stdout") == "over tls\n"
         # The slave registered over wss and ran it.
         assert job.slave_uid == tls_cluster.slaves[0].uid
         assert [s["uid"] for s in c.slaves()] == [tls_cluster.slaves[0].uid]
