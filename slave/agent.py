@@ -262,7 +262,14 @@ class Slave:
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         try:
-            await asyncio.wait_for(self._drain_seen.wait(), deadline)
+            # The echo matters only while connected: with no connection no
+            # job_run is on its way, and a reconnect registers as draining.
+            while not self._drain_seen.is_set() and self.conn is not None:
+                try:
+                    await asyncio.wait_for(self._drain_seen.wait(), min(0.5, max(0.0, end - loop.time())))
+                except asyncio.TimeoutError:
+                    if loop.time() >= end:
+                        raise
             while self.running or self.unacked:
                 self._idle.clear()
                 await asyncio.wait_for(self._idle.wait(), max(0.0, end - loop.time()))

@@ -497,6 +497,16 @@ def test_sigterm_drains_the_slave(make_cluster):
         wait_for(lambda: draining.uid not in slave_uids(c), 10, "the drained slave to leave")
 
 
+def test_idle_slave_drains_at_once_while_its_master_is_down(make_cluster):
+    """Nothing to finish and nobody to confirm the draining: SIGTERM exits now, not at the deadline."""
+    lc = make_cluster(1)
+    slave = lc.slaves[0]
+    lc.master.stop(signal.SIGKILL)
+    t0 = time.monotonic()
+    assert slave.stop(signal.SIGTERM, timeout=20) == 0
+    assert time.monotonic() - t0 < 10
+
+
 def test_distexec_up_stops_slaves_then_master(tmp_path, home):
     """Ctrl-C on `distexec up`: the running job is settled in the history before the master goes."""
     db = tmp_path / "up.sqlite3"
