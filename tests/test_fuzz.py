@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 
+import argon2
 import pytest
 import requests
 import tornado.httpclient
@@ -19,6 +20,7 @@ import tornado.websocket
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from distexec_kernel import Cluster, config, protocol as P
+from master import auth
 
 FAST = settings(max_examples=150, deadline=None)
 LIVE = settings(max_examples=150, deadline=None,
@@ -256,14 +258,21 @@ class Socket:
 
 
 @pytest.fixture
-def bare_master(make_cluster):
-    """A master with no slave: client submissions are rejected, never run."""
-    return make_cluster(0, languages="python")
+def bare_master(make_cluster, tmp_path):
+    """A master with no slave (client submissions are rejected, never run) and one user, "fuzzer"."""
+    users = str(tmp_path / "users.json")
+    auth.add_user(users, "fuzzer", "pw", hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST))
+    return make_cluster(0, languages="python", master_args=["--users", users])
 
 
-@pytest.fixture
-def client_socket(bare_master):
-    sock = Socket(bare_master.url, "/ws/client", bare_master.token)
+@pytest.fixture(params=["admin", "user"])
+def client_socket(request, bare_master):
+    """A client connection as the admin, or as a logged-in user (whose paths check ownership)."""
+    token = bare_master.token
+    if request.param == "user":
+        token = requests.post(bare_master.url + "/api/login", json={"user": "fuzzer", "password": "pw"},
+                              timeout=20).json()["token"]
+    sock = Socket(bare_master.url, "/ws/client", token)
     assert sock.recv()["type"] == "welcome"
     yield sock
     sock.close()
@@ -295,6 +304,7 @@ def test_every_client_frame_gets_a_reply_and_the_connection_lives(client_socket,
         assert err["code"] != "internal_error", err
         assert err["message"]
     if reply["type"] == "submit_reply" and err is None:
+        assert reply["job"]["user"] in ("admin", "fuzzer")
         # Nothing runs here: an accepted submission is rejected (no slave), part of the history.
         assert reply["job"]["status"] == P.REJECTED
 
