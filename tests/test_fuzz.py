@@ -23,7 +23,7 @@ from distexec_kernel import Cluster, config, protocol as P
 from master import auth
 
 FAST = settings(max_examples=150, deadline=None)
-LIVE = settings(max_examples=150, deadline=None,
+LIVE = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # --- strategies -------------------------------------------------------------
