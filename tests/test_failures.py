@@ -258,6 +258,24 @@ def test_waiting_client_gets_its_result_across_a_master_restart(make_cluster):
         assert c.client_id in {x["id"] for x in c.clients()}
 
 
+def test_wait_keeps_its_own_deadline_while_the_master_hangs(make_cluster):
+    """A master that accepts connections but never answers (SIGSTOP) cannot hold wait() past its timeout."""
+    lc = make_cluster(1, slots=1)
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["30"])
+        started(c, job)
+        os.kill(lc.master.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError):
+                job.wait(3)
+            assert time.monotonic() - t0 < 8
+        finally:
+            os.kill(lc.master.pid, signal.SIGCONT)
+        job.cancel()
+        assert job.wait(20).status == P.CANCELLED
+
+
 def test_cli_submit_waits_across_a_master_restart(make_cluster, tmp_path, home):
     lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
     prog = tmp_path / "slow.py"
