@@ -134,8 +134,9 @@ class Job:
 
     # -- actions -----------------------------------------------------------------
 
-    def refresh(self) -> "Job":
-        self._replace(self._cluster._get(f"/api/jobs/{self.id}"))
+    def refresh(self, timeout: float = 30.0) -> "Job":
+        """Re-read the job from the master; ``timeout`` bounds the HTTP request."""
+        self._replace(self._cluster._call("GET", f"/api/jobs/{self.id}", timeout=timeout))
         return self
 
     def cancel(self) -> "Job":
@@ -167,7 +168,9 @@ class Job:
                     stale = self._stale
                 if stale or time.monotonic() - last_refresh > REFRESH_EVERY:
                     try:
-                        self.refresh()
+                        # A master that hangs must not hold us past our own deadline.
+                        left = 30.0 if deadline is None else deadline - time.monotonic()
+                        self.refresh(timeout=min(30.0, max(1.0, left)))
                     except DistexecError as exc:
                         if not exc.transient:
                             raise
@@ -283,9 +286,9 @@ class Cluster:
 
     # -- HTTP ---------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, **kwargs):
+    def _call(self, method: str, path: str, *, timeout: float = 30.0, **kwargs):
         try:
-            resp = self._http.request(method, self.url + path, timeout=30, verify=self.verify, **kwargs)
+            resp = self._http.request(method, self.url + path, timeout=timeout, verify=self.verify, **kwargs)
         except requests.exceptions.SSLError as exc:
             raise DistexecError(tls_refusal(self.url, exc)) from None
         except requests.exceptions.ConnectionError:
