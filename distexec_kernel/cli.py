@@ -129,7 +129,7 @@ def cmd_submit(args) -> int:
 
 def cmd_jobs(args) -> int:
     with _cluster(args) as c:
-        jobs, total = c.jobs_page(status=args.status, limit=args.limit)
+        jobs, total = c.jobs_page(status=args.status, limit=args.limit, summary=not args.json)
     if args.json:
         _print_json({"jobs": jobs, "total": total})
     else:

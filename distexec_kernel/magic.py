@@ -248,7 +248,7 @@ class RemoteMagics(Magics):
     def _cmd_jobs(self, rest):
         a = self._sub("jobs", rest, (("--status",), dict(choices=P.STATES)),
                       (("--limit",), dict(type=int, default=20)))
-        records, total = self.cluster.jobs_page(status=a.status, limit=a.limit)
+        records, total = self.cluster.jobs_page(status=a.status, limit=a.limit, summary=True)
         more = f"{len(records)} of {total} jobs" if total > len(records) else None
         return Rich(D.jobs_html(records) + (f"<p><i>{more}</i></p>" if more else ""),
                     D.jobs_text(records) + (f"\n({more})" if more else ""))

@@ -509,7 +509,7 @@ class JobPanel(W.VBox):
     def _reload(self) -> None:
         with self._lock:
             start = self._seq
-        jobs, total = self.cluster.jobs_page(limit=LOAD_CHUNK)
+        jobs, total = self.cluster.jobs_page(limit=LOAD_CHUNK, summary=True)
         slaves, clients, languages = self.cluster.slaves(), self.cluster.clients(), self.cluster.languages()
         with self._lock:
             fetched = {j["id"]: _summary(j) for j in jobs}
@@ -534,7 +534,7 @@ class JobPanel(W.VBox):
             with self._lock:
                 offset = sum(1 for i in self._jobs if self._oldest is None or i >= self._oldest)
             while True:
-                jobs, total = self.cluster.jobs_page(limit=LOAD_CHUNK, offset=offset)
+                jobs, total = self.cluster.jobs_page(limit=LOAD_CHUNK, offset=offset, summary=True)
                 with self._lock:
                     older = [j for j in jobs if j["id"] not in self._jobs]
                     for j in older:

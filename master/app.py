@@ -211,6 +211,9 @@ class JobsHandler(ApiHandler):
         limit = self.int_arg("limit", 100, 1, 1000)
         offset = self.int_arg("offset", 0, 0, 1 << 40)
         jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner)
+        if self.get_query_argument("summary", "") in ("1", "true"):
+            # A history page for a table: no sources or outputs, which can be megabytes each.
+            jobs = [P.summary(j) for j in jobs]
         self.send_json({"jobs": jobs, "total": total})
 
     @_protocol_errors

@@ -23,6 +23,7 @@ log = logging.getLogger("distexec.master")
 # Output kept in memory for a running job, per stream; the slave enforces
 # the real limit and sends the whole output at the end.
 LIVE_OUTPUT_CAP = 16 << 20
+SLAVES_EVENT_DELAY = 0.1  # seconds slave-list changes are gathered before clients hear of them
 
 # After a start, how long a submission for a language only absent slaves ran
 # waits for them to reconnect before it is rejected (they retry within seconds).
@@ -83,6 +84,7 @@ class Master:
         self._next_id = store.max_id() + 1
         self._next_client = 1
         self._grace_handles: dict[int, asyncio.TimerHandle] = {}
+        self._slaves_event: asyncio.TimerHandle | None = None
         # Live Python sessions by key (see _session_key): what /api/sessions shows.
         # Where each lives is the scheduler's business; this is the bookkeeping.
         self.sessions: dict[str, dict] = {}
@@ -187,6 +189,20 @@ class Master:
     def client_list(self) -> list[dict]:
         return [{"id": c.id, "user": c.user, "host": c.host, "connected_at": c.connected_at,
                  "jobs_submitted": c.jobs_submitted} for c in self.clients.values()]
+
+    def _slaves_changed(self) -> None:
+        """Tell clients the slave list changed, at most once per SLAVES_EVENT_DELAY.
+
+        Every finished job changes a slave's counters; sending the whole list to
+        every client each time would cost more than the jobs under load.
+        """
+        if self._slaves_event is None:
+            loop = asyncio.get_running_loop()
+            self._slaves_event = loop.call_later(SLAVES_EVENT_DELAY, self._send_slaves_changed)
+
+    def _send_slaves_changed(self) -> None:
+        self._slaves_event = None
+        self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
 
     def _broadcast(self, msg: dict, job: dict | None = None) -> None:
         """Send to every client; an event about ``job`` only to its owner and the admins."""
@@ -375,14 +391,14 @@ class Master:
         self._reconcile_sessions(uid, peer, [n for n in msg.get("sessions", []) if isinstance(n, str)])
         log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
                  ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
-        self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+        self._slaves_changed()
         self._dispatch()
         return info
 
     def slave_disconnected(self, uid: str, peer: Peer, leaving: bool = False) -> None:
         """The connection closed; ``leaving``: the slave said it stops, so it will not reconnect."""
         if self._drop_slave(uid, peer, leaving):
-            self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+            self._slaves_changed()
             self._dispatch()
 
     def _drop_slave(self, uid: str, peer: Peer, leaving: bool = False) -> bool:
@@ -419,7 +435,7 @@ class Master:
             # The echo tells the slave that every job_run sent before it has
             # reached it, so once idle it may leave without stranding a job.
             info.peer.send(P.make("draining"))
-            self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+            self._slaves_changed()
 
     def slave_seen(self, uid: str) -> None:
         info = self.slaves.get(uid)
@@ -575,7 +591,7 @@ class Master:
         slave = self.slaves.get(uid)
         if slave is not None:
             slave.peer.send(P.make("result_ack", job_id=job_id))
-        self._broadcast(P.make("slaves_changed", slaves=self.slave_list()))
+        self._slaves_changed()
 
     async def _lose(self, job: dict, why: str, instance: str | None = None) -> None:
         """Its slave is gone: retry if the job allows it, else fail it.

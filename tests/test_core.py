@@ -227,6 +227,9 @@ def test_http_api_contract(cluster):
     assert listing["total"] == 2 and len(listing["jobs"]) == 1
     assert listing["jobs"][0]["id"] > job["id"]  # newest first
     assert api(cluster, "GET", "/api/jobs?status=succeeded").json()["total"] >= 1
+    summary = api(cluster, "GET", "/api/jobs?summary=1").json()["jobs"]
+    assert summary[-1]["id"] == job["id"] and summary[-1]["status"] == P.SUCCEEDED
+    assert not {"source", "stdout", "stderr", "files", "stdin"} & set(summary[-1])
     assert api(cluster, "GET", "/api/jobs/424242").status_code == 404
     slaves = api(cluster, "GET", "/api/slaves").json()["slaves"]
     assert {s["uid"] for s in slaves} == {s.uid for s in cluster.slaves}
