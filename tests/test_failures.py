@@ -213,6 +213,27 @@ def test_master_restart_while_jobs_wait(make_cluster, tmp_path):
             assert c2.job(first.id).wait(20).status == P.SUCCEEDED
 
 
+def test_submission_right_after_a_restart_waits_for_the_slaves(make_cluster):
+    """Between a master restart and its slaves' return, a job is not rejected as unsupported."""
+    lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
+    with connect(lc) as c:
+        assert c.submit("print(1)").wait(20).status == P.SUCCEEDED
+    lc.slaves[0].stop(signal.SIGINT)
+    lc.restart_master(signal.SIGKILL)
+    with connect(lc) as c:
+        t0 = time.monotonic()
+        # A language no slave of the history ran is rejected at once, as always.
+        cobol = c.submit("DISPLAY 'HI'.", language="cobol")
+        assert cobol.status == P.REJECTED and time.monotonic() - t0 < 5
+        got = {}
+        submitter = threading.Thread(target=lambda: got.update(job=c.submit("print('waited')")))
+        submitter.start()
+        lc.start_slave()
+        submitter.join(20)
+        job = got["job"].wait(20)
+        assert job.status == P.SUCCEEDED and job.stdout == "waited\n", job.record
+
+
 def test_running_job_whose_slave_never_returns_is_lost_after_the_grace(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, master_args=["--lost-grace", str(GRACE)])
     slave = lc.slaves[0]
