@@ -14,6 +14,7 @@ whose ``value`` trait the event thread then sets (never ``display()`` or
 from __future__ import annotations
 
 import argparse
+import getpass
 import html
 import os
 import shlex
@@ -195,6 +196,7 @@ class RemoteMagics(Magics):
         """The cluster from a notebook.
 
         %remote connect [URL] [--token T]     use another master (default: the connection file)
+        %remote connect [URL] --user NAME     log in as NAME (asks for the password)
         %remote run FILE [--lang L] [ARGS...]  submit a file; the language comes from its extension;
                                               also --timeout S, --name N, --file PATH, --stdin TEXT,
                                               --session NAME, --no-wait, -o NAME, as for %%remote;
@@ -215,8 +217,13 @@ class RemoteMagics(Magics):
         return parser.parse_args(rest)
 
     def _cmd_connect(self, rest):
-        a = self._sub("connect", rest, (("url",), dict(nargs="?")), (("--token",), {}))
-        new = Cluster(a.url, token=a.token)
+        a = self._sub("connect", rest, (("url",), dict(nargs="?")), (("--token",), {}),
+                      (("--user",), dict(help="log in as this user; the password is asked for")))
+        if a.user:
+            # getpass reads through the kernel's input request, never echoing the password.
+            new = Cluster(a.url, user=a.user, password=getpass.getpass(f"password for {a.user}: "))
+        else:
+            new = Cluster(a.url, token=a.token)
         self.close()
         self._cluster = new
         slaves = new.slaves()

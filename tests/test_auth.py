@@ -294,3 +294,26 @@ def test_a_refused_token_keeps_the_connection_alive(user_cluster):
             assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
     finally:
         conn.close()
+
+
+def test_magic_connect_logs_in_with_the_password_asked_for(user_cluster, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    asked = []
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": asked.append(prompt) or "alice-pw")
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_line_magic("load_ext", "distexec_kernel")
+        with capture_output() as out:
+            shell.run_line_magic("remote", f"connect {user_cluster.url} --user alice")
+        assert asked == ["password for alice: "]
+        assert "connected to" in out.stdout
+        with capture_output():
+            result = shell.run_cell("%%remote\nprint('as alice')\n")
+        assert result.success
+        jobs = get(user_cluster.url, "/api/jobs", user_cluster.token).json()["jobs"]
+        assert jobs[0]["user"] == "alice" and jobs[0]["stdout"] == "as alice\n"
+    finally:
+        shell.run_line_magic("unload_ext", "distexec_kernel")
+        InteractiveShell.clear_instance()
