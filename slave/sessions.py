@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import os
 import queue
@@ -58,6 +59,9 @@ MAX_IPC_PATH = 100  # sun_path is 108 bytes; leave room for "-N"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 CELL_LINE = re.compile(r"Cell In\[\d+\], line (\d+)")
 SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
+# Tasks (threads) ipykernel and zmq run for themselves: 11 measured with
+# ipykernel 7.  They are added to --max-procs, which stays the cells' own budget.
+KERNEL_TASKS = 16
 
 
 def _die_with_slave() -> None:
@@ -210,7 +214,8 @@ class SessionRunner:
         # which ipykernel's poller takes for "the parent died".  PDEATHSIG (and
         # bubblewrap's --die-with-parent) do that job.  No timeout: the CPU-time
         # backstop is per job, and a kernel outlives many jobs.
-        spawn = self.sandbox.command(kernel_argv(conn_file), workdir, {}, self.limits)
+        limits = dataclasses.replace(self.limits, max_procs=self.limits.max_procs + KERNEL_TASKS)
+        spawn = self.sandbox.command(kernel_argv(conn_file), workdir, {}, limits)
 
         def preexec() -> None:
             if spawn.preexec is not None:

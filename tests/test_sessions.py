@@ -481,3 +481,16 @@ def test_a_queued_session_job_waits_for_its_slave_across_a_master_restart(make_c
             assert job.stdout == "mine\n" and job.slave_uid == home.uid
     finally:
         os.kill(home.pid, signal.SIGCONT)
+
+
+def test_the_process_limit_binds_the_cells_not_the_kernel(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--max-procs", "4"])
+    with Cluster(lc.url, token=lc.token) as c:
+        # ipykernel's own threads do not use up the job's --max-procs...
+        ok = run(c, "import threading\nt = threading.Thread(target=lambda: None)\nt.start()\nt.join()\nprint('ok')",
+                 session="p")
+        assert ok.status == P.SUCCEEDED and ok.stdout == "ok\n", ok.stderr
+        # ...and the cells still cannot go far past it.
+        many = run(c, "import threading, time\nfor _ in range(40):\n"
+                      "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()", session="p")
+        assert many.status == P.FAILED and "can't start new thread" in many.stderr
