@@ -370,6 +370,8 @@ class SessionRunner:
                     break
             if reason in ("timeout", "cancelled", "output_limit"):
                 await self._interrupt(session, reader, capture)
+            elif reason is None and capture.over:
+                reason = "output_limit"  # the cell ended, but past the limit
         finally:
             for fut in (inputs, cancelled, watcher, exited):
                 fut.cancel()

@@ -494,3 +494,16 @@ def test_the_process_limit_binds_the_cells_not_the_kernel(make_cluster):
         many = run(c, "import threading, time\nfor _ in range(40):\n"
                       "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()", session="p")
         assert many.status == P.FAILED and "can't start new thread" in many.stderr
+
+
+def test_past_the_output_limit_the_job_fails_and_the_session_lives_on(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "1"])
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "kept = 1", session="o").status == P.SUCCEEDED
+        once = run(c, "print('x' * (3 << 20))", session="o")
+        assert once.status == P.FAILED and once.error["code"] == P.OUTPUT_LIMIT
+        assert len(once.stdout) <= 1 << 20
+        flood = run(c, "while True:\n    print('y' * 1000)", session="o")
+        assert flood.status == P.FAILED and flood.error["code"] == P.OUTPUT_LIMIT
+        after = run(c, "print(kept)", session="o")
+        assert after.status == P.SUCCEEDED and after.stdout == "1\n", after.stderr
