@@ -167,7 +167,8 @@ class Cgroups:
     the ``memory`` and ``pids`` controllers, one child cgroup per step.
 
     Created only where we may write (root, or a delegated subtree); a
-    controller that cannot be used is None and ``missing`` says why.
+    controller that cannot be used is left out of ``base`` and ``missing``
+    says why.
     """
 
     CONTROLLERS = ("memory", "pids")
@@ -188,7 +189,6 @@ class Cgroups:
             base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
             try:
                 os.makedirs(base, exist_ok=True)
-                _reap_stale(top)
                 probe = os.path.join(base, "probe")
                 os.mkdir(probe)
                 _write(os.path.join(probe, "memory.limit_in_bytes" if ctrl == "memory" else "pids.max"), "1000")
@@ -197,6 +197,7 @@ class Cgroups:
                 self.missing[ctrl] = f"cannot create cgroups under {mount}: {exc.strerror}"
                 continue
             self.base[ctrl] = base
+            _reap_stale(top)
 
     @property
     def memory(self) -> bool:
@@ -250,21 +251,26 @@ _instances = itertools.count(1)
 
 
 def _reap_stale(top: str) -> None:
-    """Remove what slaves that died without cleaning up left under ``top``."""
-    for entry in os.listdir(top):
-        if not entry.startswith("slave-"):
-            continue
+    """Remove what slaves that died without cleaning up left under ``top``.
+
+    Best effort: slaves starting together may reap the same directory.
+    """
+    try:
+        entries = os.listdir(top)
+    except OSError:
+        return
+    for entry in entries:
         try:
-            pid = int(entry.split("-")[1])
+            pid = int(entry.split("-")[1]) if entry.startswith("slave-") else None
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid() or _alive(pid):
+        if pid is None or pid == os.getpid() or _alive(pid):
             continue
         base = os.path.join(top, entry)
-        for job in os.listdir(base):
-            if os.path.isdir(os.path.join(base, job)):
-                JobCgroup({"x": os.path.join(base, job)}).destroy()
         try:
+            for job in os.listdir(base):
+                if os.path.isdir(os.path.join(base, job)):
+                    JobCgroup({"x": os.path.join(base, job)}).destroy()
             os.rmdir(base)
         except OSError:
             pass
