@@ -13,6 +13,7 @@ import pytest
 
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
+from distexec_kernel.local import LocalCluster
 from master.scheduler import Scheduler
 
 from conftest import logs, wait_for
@@ -174,10 +175,31 @@ def test_requeued_session_job_keeps_its_session():
 
 # --- real clusters ---------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two slaves of two slots, offering Python only (sessions need no other
+    toolchain), shared by the tests that break nothing: each uses its own
+    session names, and the ``client`` fixture ends its sessions."""
+    base = tmp_path_factory.mktemp("sessions")
+    (base / "home").mkdir()
+    lc = LocalCluster(2, slots=2, languages="python", home=str(base / "home"), log_dir=str(base / "logs"))
+    lc.start()
+    yield lc
+    kernels = [k for child in lc.slaves for k in kernels_of(child)]
+    lc.stop()
+    assert_gone(kernels)
+
+
 @pytest.fixture
-def cluster(make_cluster):
-    """Two slaves of two slots, offering Python only: sessions need no other toolchain."""
-    return make_cluster(2, slots=2, languages="python")
+def client(cluster):
+    c = Cluster(cluster.url, token=cluster.token)
+    yield c
+    for s in c.sessions():
+        try:
+            c.end_session(s["name"])
+        except DistexecError as exc:  # it ended by itself meanwhile
+            assert exc.status == 404
+    c.close()
 
 
 def kernels_of(child) -> list[psutil.Process]:
@@ -313,7 +335,8 @@ def test_a_cell_that_ignores_the_interrupt_ends_its_session_with_a_message(clien
               session="stubborn", timeout=1)
     assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT
     assert "did not stop when interrupted" in job.stderr
-    wait_for(lambda: not client.sessions(), 20, "the ended session to leave /api/sessions")
+    wait_for(lambda: all(s["name"] != "stubborn" for s in client.sessions()), 20,
+             "the ended session to leave /api/sessions")
     nxt = run(client, "print(kept)", session="stubborn")
     assert nxt.status == P.FAILED and "NameError" in nxt.stderr
     assert "starts a new one" in nxt.stderr and "did not stop when interrupted" in nxt.stderr
