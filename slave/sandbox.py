@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import os
+import platform
 import pwd
 import resource
 import shutil
@@ -104,8 +105,95 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, never between fork and
 _PR_SET_PDEATHSIG = 1
 
 
+# -- seccomp ---------------------------------------------------------------------
+#
+# A job as nobody can still make a user namespace and be "root" inside it:
+# mounts, netfilter, the kernel code that most container escapes go through.
+# This filter (installed before exec, inherited by bwrap and the job) refuses
+# new user namespaces and a few other interfaces programs do not need and
+# exploits do (keyrings, shared by every job of the nobody uid; bpf;
+# userfaultfd; perf events; io_uring).  clone3 passes its flags in memory a
+# filter cannot read, so it answers ENOSYS, and glibc falls back to clone,
+# whose flags it can (as Docker's default profile does).  x86_64 only.
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_CLONE_NEWUSER = 0x10000000
+_X86_64 = {"clone": 56, "unshare": 272, "clone3": 435, "add_key": 248, "request_key": 249, "keyctl": 250,
+           "perf_event_open": 298, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
+           "io_uring_enter": 426, "io_uring_register": 427}
+REFUSED_SYSCALLS = ("new user namespaces (clone/unshare CLONE_NEWUSER), keyrings, bpf, userfaultfd, "
+                    "perf_event_open, io_uring")
+
+
+def _seccomp_program() -> "_SockFprog | None":
+    if platform.machine() != "x86_64":
+        return None
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    errno_ret = 0x00050000
+    prog: list = [
+        (ld, 0, 0, 4),                                  # arch
+        (jeq, 0, "nosys", _AUDIT_ARCH_X86_64),          # i386 and others: refused whole
+        (ld, 0, 0, 0),                                  # syscall number
+        (jge, "nosys", 0, 0x40000000),                  # the x32 ABI
+        (jeq, "flags", 0, _X86_64["clone"]),
+        (jeq, "flags", 0, _X86_64["unshare"]),
+        (jeq, "nosys", 0, _X86_64["clone3"]),
+    ]
+    for name in ("add_key", "request_key", "keyctl", "perf_event_open", "bpf", "userfaultfd"):
+        prog.append((jeq, "perm", 0, _X86_64[name]))
+    for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
+        prog.append((jeq, "nosys", 0, _X86_64[name]))
+    prog.append((ret, 0, 0, 0x7FFF0000))               # allow
+    labels = {"flags": len(prog)}
+    prog += [(ld, 0, 0, 16),                            # clone/unshare flags: low word of args[0]
+             (jset, "perm", 0, _CLONE_NEWUSER),
+             (ret, 0, 0, 0x7FFF0000)]
+    labels["perm"] = len(prog)
+    prog.append((ret, 0, 0, errno_ret | errno.EPERM))
+    labels["nosys"] = len(prog)
+    prog.append((ret, 0, 0, errno_ret | errno.ENOSYS))
+
+    def jump(target, at):
+        return labels[target] - at - 1 if isinstance(target, str) else target
+
+    filters = (_SockFilter * len(prog))(*[
+        _SockFilter(code, jump(jt, i), jump(jf, i), k) for i, (code, jt, jf, k) in enumerate(prog)])
+    fprog = _SockFprog(len(prog), filters)
+    fprog._keep = filters  # the program must outlive every fork
+    return fprog
+
+
+_SECCOMP = _seccomp_program()
+
+
+def _install_seccomp() -> None:
+    """Between fork and exec: install the filter, or raise (the spawn then fails)."""
+    if _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_SECCOMP), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
+def seccomp_available() -> str | None:
+    """None if the filter can be installed here, else why not (asked once, in a child)."""
+    if _SECCOMP is None:
+        return f"no seccomp filter for {platform.machine()}"
+    try:
+        subprocess.run(["true"], preexec_fn=_install_seccomp, check=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"seccomp unavailable: {exc}"
+    return None
+
+
 def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
-             nproc: bool) -> Callable[[], None]:
+             nproc: bool, seccomp: bool = False) -> Callable[[], None]:
     size = limits.file_size_mb << 20
     cpu = math.ceil(timeout * (os.cpu_count() or 1)) + CPU_MARGIN if timeout else None
     join = cgroup.join_paths() if cgroup else ()
@@ -131,6 +219,8 @@ def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         if nproc:
             resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
+        if seccomp:
+            _install_seccomp()
     return apply
 
 
@@ -370,12 +460,15 @@ class Sandbox:
     name = "none"
 
     def __init__(self, cgroups: Cgroups | None = None, why_not: str | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, seccomp: bool = False):
         self.cgroups = cgroups
         # Why nothing stronger is in force, for describe().
         self.why_not = why_not
         # The slave's limits, for describe(); each step follows the Limits it is given.
         self.limits = limits or Limits()
+        # The system-call filter (see _seccomp_program), if this machine takes it.
+        self.seccomp = seccomp
+        self.why_no_seccomp: str | None = None
 
     @property
     def job_uid(self) -> int:
@@ -406,7 +499,11 @@ class Sandbox:
             parts.append(f"processes NOT limited (no pids cgroup: {why})")
         parts.append(f"output {lim.output_mb} MiB, files {lim.file_size_mb} MiB, {lim.open_files} open files, "
                      "CPU time (timeout x cores)")
-        return "limits: " + ", ".join(parts) + "; " + self._describe_cleanup()
+        if self.seccomp:
+            calls = f"refused system calls: {REFUSED_SYSCALLS} (seccomp)"
+        else:
+            calls = f"NO system-call filter ({self.why_no_seccomp or 'seccomp off'})"
+        return "limits: " + ", ".join(parts) + "; " + calls + "; " + self._describe_cleanup()
 
     def _describe_cleanup(self) -> str:
         if self.cgroups and self.cgroups.base:
@@ -446,7 +543,7 @@ class Sandbox:
                 self.cgroups.release(cgroup)
             raise
         return Spawn(wrapped, workdir, job_env(workdir, extra_env),
-                     _preexec(limits, timeout, cgroup, self._nproc_rlimit()), cgroup=cgroup,
+                     _preexec(limits, timeout, cgroup, self._nproc_rlimit(), self.seccomp), cgroup=cgroup,
                      watch_memory=not (cgroup and "memory" in cgroup.paths))
 
     def kill(self, spawn: Spawn, pid: int) -> None:
@@ -526,8 +623,9 @@ class BwrapSandbox(Sandbox):
     name = "bubblewrap"
 
     def __init__(self, cgroups: Cgroups | None = None, bwrap: str = "bwrap", setpriv: str = "setpriv",
-                 uid: int = NOBODY, gid: int = NOBODY, expose: tuple[str, ...] = (), limits: Limits | None = None):
-        super().__init__(cgroups, limits=limits)
+                 uid: int = NOBODY, gid: int = NOBODY, expose: tuple[str, ...] = (), limits: Limits | None = None,
+                 seccomp: bool = False):
+        super().__init__(cgroups, limits=limits, seccomp=seccomp)
         self.bwrap = shutil.which(bwrap) or bwrap
         self.setpriv = shutil.which(setpriv) or setpriv
         self.uid = uid
@@ -711,15 +809,21 @@ def best_sandbox(limits: Limits) -> Sandbox:
         cgroups = None
     for ctrl, why in (cgroups.missing.items() if cgroups else ()):
         log.warning("no %s cgroup for jobs: %s", ctrl, why)
+    no_seccomp = seccomp_available()
+    if no_seccomp:
+        log.warning("no system-call filter for jobs: %s", no_seccomp)
     missing = [tool for tool in ("bwrap", "setpriv") if shutil.which(tool) is None]
     if missing:
         why = f"{' and '.join(missing)} not found: install bubblewrap and util-linux"
     elif os.getuid() != 0:
         why = "the slave is not root: bubblewrap cannot switch jobs to another uid"
     else:
-        box = BwrapSandbox(cgroups, limits=limits)
+        box = BwrapSandbox(cgroups, limits=limits, seccomp=no_seccomp is None)
+        box.why_no_seccomp = no_seccomp
         why = box.probe(limits)
         if why is None:
             return box
     log.warning("no sandbox: %s", why)
-    return Sandbox(cgroups, why_not=why, limits=limits)
+    box = Sandbox(cgroups, why_not=why, limits=limits, seccomp=no_seccomp is None)
+    box.why_no_seccomp = no_seccomp
+    return box

@@ -99,6 +99,7 @@ def slave_log(box) -> str:
 def test_slave_says_which_isolation_is_in_force(client, box):
     text = slave_log(box)
     assert "isolation: bubblewrap" in text, text
+    assert "refused system calls: new user namespaces" in text, text
     assert f"memory {MEMORY_MB} MiB per job by cgroup" in text, text
     assert f"{MAX_PROCS} processes per job by cgroup" in text, text
 
@@ -111,6 +112,31 @@ def test_job_runs_as_nobody_without_capabilities(client):
     assert caps.split() == ["CapEff:", "0000000000000000"]
     # Its own PID namespace: bwrap's init is 1, the job's first process is 2.
     assert int(pid) <= 3
+
+
+def test_job_cannot_make_a_user_namespace_or_use_keyrings(client):
+    # As "root" in a user namespace of its own a job could mount and reach
+    # kernel code that container escapes go through; keyrings would be shared
+    # by every job running as nobody.
+    source = textwrap.dedent("""
+        import ctypes, os, threading, subprocess
+        libc = ctypes.CDLL(None, use_errno=True)
+        CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
+        for flags in (CLONE_NEWUSER, CLONE_NEWUSER | CLONE_NEWNS):
+            print(libc.unshare(flags), os.strerror(ctypes.get_errno()))
+        # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, 1)
+        print(libc.syscall(250, 0, -4, 1), os.strerror(ctypes.get_errno()))
+        print(subprocess.run(["unshare", "-U", "-r", "id"], capture_output=True, text=True).stderr.strip())
+        # Threads and child processes still work (clone3 falls back to clone).
+        t = threading.Thread(target=print, args=("thread ran",))
+        t.start(); t.join()
+        print(subprocess.run(["echo", "child ran"], capture_output=True, text=True).stdout.strip())
+    """)
+    job = run(client, source)
+    assert job.status == P.SUCCEEDED, (job.error, job.stdout, job.stderr)
+    assert job.stdout.splitlines() == [
+        "-1 Operation not permitted", "-1 Operation not permitted", "-1 Operation not permitted",
+        "unshare: unshare failed: Operation not permitted", "thread ran", "child ran"], job.stdout
 
 
 # -- resource limits -----------------------------------------------------------------
