@@ -20,7 +20,9 @@ kernel offers them: that is what enforces the memory and process limits and
 what lets cleanup kill every process of the step, even ones that left the
 process group.  Without cgroups the runner falls back to polling the job's
 memory with psutil, and the process limit is RLIMIT_NPROC (shared by all
-jobs of one uid) or nothing.
+jobs of one uid) or nothing.  Both install a seccomp filter (x86_64) that
+refuses new user namespaces and a few other kernel interfaces.
+docs/sandbox.md says what a job can and cannot do.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+import psutil
 
 from distexec_kernel import config
 
@@ -571,11 +575,10 @@ def _killpg(pgid: int) -> None:
 def _children(pid: int) -> list[int]:
     try:
         return [int(x) for x in _read(f"/proc/{pid}/task/{pid}/children").split()]
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # a kernel without CONFIG_PROC_CHILDREN
         try:
-            import psutil
             return [c.pid for c in psutil.Process(pid).children()]
-        except Exception:
+        except psutil.Error:
             return []
 
 
