@@ -331,11 +331,11 @@ class _Socket(tornado.websocket.WebSocketHandler):
         # Auth is by token, never by cookie, so cross-origin pages gain nothing.
         return True
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict | str) -> None:
         if self.closed:
             return
         try:
-            self.write_message(P.encode(msg))
+            self.write_message(msg if isinstance(msg, str) else P.encode(msg))
         except tornado.websocket.WebSocketClosedError:
             self.closed = True
 

@@ -40,7 +40,8 @@ RECONNECT_GRACE = 3.0
 class Peer(_Proto):
     """What the core needs of a connection: send one message."""
 
-    def send(self, msg: dict) -> None: ...
+    def send(self, msg: dict | str) -> None:
+        """Send ``msg``: a message, or the text ``protocol.encode`` made of one."""
 
 
 @dataclass
@@ -206,9 +207,12 @@ class Master:
 
     def _broadcast(self, msg: dict, job: dict | None = None) -> None:
         """Send to every client; an event about ``job`` only to its owner and the admins."""
+        text = None  # encoded once, on first use: a burst of events goes to every client
         for client in list(self.clients.values()):
             if job is None or _visible(job, client.owner):
-                client.peer.send(msg)
+                if text is None:
+                    text = P.encode(msg)
+                client.peer.send(text)
 
     # -- submission --------------------------------------------------------
 

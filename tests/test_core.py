@@ -277,6 +277,13 @@ async def _ws(url, token, path):
     return await tornado.websocket.websocket_connect(req)
 
 
+async def _close(conn, closed_by_peer=False):
+    """Close and wait for the master's side, so no socket outlives the event loop."""
+    conn.close()
+    while not closed_by_peer and await asyncio.wait_for(conn.read_message(), 10) is not None:
+        pass
+
+
 async def _read(conn, timeout=10):
     text = await asyncio.wait_for(conn.read_message(), timeout)
     return None if text is None else json.loads(text)
@@ -301,7 +308,7 @@ def test_slave_with_wrong_protocol_version_is_refused(cluster):
         assert reply["error"]["code"] == "protocol_mismatch"
         assert str(P.PROTOCOL_VERSION) in reply["error"]["message"]
         assert await _read(conn) is None  # and the connection is closed
-        conn.close()
+        await _close(conn, closed_by_peer=True)
     asyncio.run(go())
     assert "old" not in {s["uid"] for s in api(cluster, "GET", "/api/slaves").json()["slaves"]}
 
@@ -333,7 +340,7 @@ def test_malformed_messages_get_an_error_and_the_connection_lives(cluster):
             if reply["type"] == "submit_reply":
                 break
         assert reply["ref"] == "r1" and reply["job"]["status"] in (P.QUEUED, P.RUNNING)
-        conn.close()
+        await _close(conn)
     asyncio.run(go())
 
 
@@ -341,13 +348,15 @@ def test_submit_over_websocket_with_bad_request_gets_error_reply(cluster):
     async def go():
         conn = await _ws(cluster.url, cluster.token, "/ws/client")
         await _read(conn)
-        conn.write_message(json.dumps({"type": "submit", "request": {"language": "python"}}))
+        conn.write_message(json.dumps({"type": "submit", "ref": "bad", "request": {"language": "python"}}))
         while True:
             reply = await _read(conn)
-            if reply["type"] == "error":
+            if reply["type"] == "submit_reply":
                 break
+        # The answer to a submit is a submit_reply, so the sender can match it by its ref.
+        assert reply["ref"] == "bad" and reply["job"] is None
         assert reply["error"]["code"] == "bad_request" and "source" in reply["error"]["message"]
-        conn.close()
+        await _close(conn)
     asyncio.run(go())
 
 
