@@ -9,6 +9,7 @@ demo: setup
 	./scripts/demo.sh
 
 lab: setup
+	.venv/bin/python -m pip install -q jupyterlab
 	./scripts/demo.sh --lab
 
 test: setup
