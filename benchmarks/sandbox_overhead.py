@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slave.sandbox import BwrapSandbox, Cgroups, Limits, Sandbox  # noqa: E402
+from slave.sandbox import BwrapSandbox, Cgroups, Limits, Sandbox, seccomp_available  # noqa: E402
 
 
 def one(sandbox: Sandbox, argv: list[str], workdir: str, limits: Limits) -> float:
@@ -59,17 +59,20 @@ def main() -> None:
     args = p.parse_args()
     limits = Limits()
     cgroups = Cgroups()
-    boxes = [("plain, no cgroups", Sandbox(Cgroups(mounts={}))), ("plain + cgroups", Sandbox(cgroups))]
-    bwrap = BwrapSandbox(cgroups)
+    seccomp = seccomp_available() is None
+    filt = " + seccomp" if seccomp else ""
+    boxes = [("plain", Sandbox(Cgroups(mounts={}))),
+             (f"plain + cgroups{filt}", Sandbox(cgroups, seccomp=seccomp))]
+    bwrap = BwrapSandbox(cgroups, seccomp=seccomp)
     why = bwrap.probe(limits)
     if why is None:
-        boxes.append(("bubblewrap + cgroups", bwrap))
+        boxes.append((f"bwrap + cgroups{filt}", bwrap))
     else:
         print(f"bubblewrap not measured: {why}")
     python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
     programs = [("true", ["true"]), ("python3 -I -S -c pass", [python, "-I", "-S", "-c", "pass"])]
     print(f"{args.jobs} steps each, {os.cpu_count()} cores; milliseconds")
-    print(f"{'program':24} {'sandbox':22} {'median':>8} {'p90':>8} {'+median':>8}")
+    print(f"{'program':24} {'sandbox':30} {'median':>8} {'p90':>8} {'+median':>8}")
     try:
         for label, argv in programs:
             base = None
@@ -78,7 +81,7 @@ def main() -> None:
                 med = statistics.median(times) * 1000
                 p90 = times[int(len(times) * 0.9) - 1] * 1000
                 base = med if base is None else base
-                print(f"{label:24} {name:22} {med:8.2f} {p90:8.2f} {med - base:+8.2f}")
+                print(f"{label:24} {name:30} {med:8.2f} {p90:8.2f} {med - base:+8.2f}")
     finally:
         cgroups.close()
 
