@@ -803,8 +803,13 @@ class BwrapSandbox(Sandbox):
         return None
 
 
-def best_sandbox(limits: Limits) -> Sandbox:
-    """The strongest sandbox this machine offers, probed once."""
+def best_sandbox(limits: Limits, mode: str = "auto") -> Sandbox:
+    """The strongest sandbox this machine offers, probed once.
+
+    ``mode`` is the slave's ``--sandbox``: ``auto`` falls back to no
+    isolation (and says so), ``bwrap`` raises ValueError instead, ``none``
+    does not try bubblewrap (cgroups and the system-call filter still apply).
+    """
     try:
         cgroups = Cgroups()
     except OSError as exc:
@@ -816,7 +821,9 @@ def best_sandbox(limits: Limits) -> Sandbox:
     if no_seccomp:
         log.warning("no system-call filter for jobs: %s", no_seccomp)
     missing = [tool for tool in ("bwrap", "setpriv") if shutil.which(tool) is None]
-    if missing:
+    if mode == "none":
+        why = "--sandbox none"
+    elif missing:
         why = f"{' and '.join(missing)} not found: install bubblewrap and util-linux"
     elif os.getuid() != 0:
         why = "the slave is not root: bubblewrap cannot switch jobs to another uid"
@@ -826,6 +833,8 @@ def best_sandbox(limits: Limits) -> Sandbox:
         why = box.probe(limits)
         if why is None:
             return box
+    if mode == "bwrap":
+        raise ValueError(f"--sandbox bwrap: bubblewrap cannot isolate jobs here: {why}")
     log.warning("no sandbox: %s", why)
     box = Sandbox(cgroups, why_not=why, limits=limits, seccomp=no_seccomp is None)
     box.why_no_seccomp = no_seccomp

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-limit", type=int, default=16, metavar="MiB", help="stdout+stderr per job (default 16)")
     p.add_argument("--max-procs", type=int, default=64, help="processes per job (default 64)")
     p.add_argument("--allow-network", action="store_true", help="let jobs use the network")
+    p.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
+                   help="job isolation: auto (bubblewrap where it works, else none, said at start), "
+                        "bwrap (refuse to start without it), none (limits only); see docs/sandbox.md")
     p.add_argument("--workdir", default=None, help="where job directories are made (default: system temp)")
     p.add_argument("--session-ttl", type=float, default=DEFAULT_TTL, metavar="S",
                    help=f"seconds an idle Python session (--session) lives (default {DEFAULT_TTL:g})")
@@ -79,7 +82,7 @@ async def start(args: argparse.Namespace) -> Slave:
     only = [x for x in args.languages.split(",") if x.strip()] if args.languages else None
     limits = Limits(memory_mb=args.memory_limit, output_mb=args.output_limit,
                     max_procs=args.max_procs, allow_network=args.allow_network)
-    sandbox = best_sandbox(limits)
+    sandbox = best_sandbox(limits, args.sandbox)
     # Asked through the sandbox: a language is offered only if it works for a job.
     chains = await toolchains.detect_toolchains(
         only, cache_path=toolchains.default_cache_path(), sandbox=sandbox, limits=limits)

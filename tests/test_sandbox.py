@@ -502,6 +502,26 @@ def test_fallback_says_clearly_that_there_is_no_isolation(monkeypatch, tmp_path)
         sandbox.close()
 
 
+def test_sandbox_bwrap_refuses_to_start_a_slave_without_isolation(tmp_path, home):
+    # An operator who wants isolation or nothing: no silent fallback.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    env = dict(os.environ, PATH=str(bindir), DISTEXEC_HOME=str(home))
+    done = subprocess.run([sys.executable, "-m", "slave", "--master", "http://127.0.0.1:9", "--secret", "s",
+                           "--sandbox", "bwrap"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--sandbox bwrap: bubblewrap cannot isolate jobs here: bwrap and setpriv not found" in done.stderr
+
+
+def test_sandbox_none_is_said_at_start(make_cluster, tmp_path):
+    other = make_cluster(1, slots=1, slave_args=["--sandbox", "none"])
+    with Cluster(other.url, token=other.token) as c:
+        job = run(c, "id -u", "bash")
+    assert (job.status, job.stdout) == (P.SUCCEEDED, f"{os.getuid()}\n"), job.record
+    text = (tmp_path / "logs" / "slave-1.log").read_text()
+    assert "isolation: NONE (--sandbox none)" in text, text
+
+
 def test_a_broken_bwrap_is_refused_with_the_reason(tmp_path):
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
