@@ -1,14 +1,16 @@
 """What the job sandbox costs per step, plain against bubblewrap.
 
-    .venv/bin/python benchmarks/sandbox_overhead.py [--jobs 100]
+    .venv/bin/python benchmarks/sandbox_overhead.py [--jobs 100] [--cluster]
 
 Runs the same trivial step N times through each sandbox this machine
 offers, taking turns, and prints the median and 90th percentile of its wall time, from
 ``Sandbox.command`` (cgroup made) to ``cleanup`` (cgroup removed): the cost
 the runner pays per compile or run step.  Two programs: ``true`` (the
 sandbox's own cost, almost nothing else) and ``python3 -I -S -c pass`` (a
-trivial Python job).  Needs root for bubblewrap and cgroups.  The machines
-are shared and noisy: compare within one run.
+trivial Python job).  With ``--cluster``, also the latency of a trivial
+job through a real master and slave, ``--sandbox none`` against the
+default.  Needs root for bubblewrap and cgroups.  The machines are shared
+and noisy: compare within one run.
 """
 from __future__ import annotations
 
@@ -53,10 +55,54 @@ def measure(boxes: list[Sandbox], argv: list[str], n: int, limits: Limits) -> li
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def through_clusters(n: int) -> None:
+    """p50 of a trivial Python job, submit to result, through a real master and
+    slave: one cluster per ``--sandbox`` mode, taking turns job by job."""
+    from distexec_kernel import Cluster
+    from distexec_kernel.local import LocalCluster
+
+    home = tempfile.mkdtemp(prefix="distexec-bench-home-")
+    modes = ("none", "auto")
+    clusters = [LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"),
+                             slave_args=["--sandbox", mode]) for mode in modes]
+    clients = []
+    try:
+        for lc in clusters:
+            lc.start()
+            clients.append(Cluster(lc.url, token=lc.token))
+        for c in clients:
+            c.submit("pass").wait(60)  # warm up
+        times: list[list[float]] = [[] for _ in modes]
+        for _ in range(n):
+            for i, c in enumerate(clients):
+                t0 = time.perf_counter()
+                job = c.submit("pass").wait(60)
+                times[i].append(time.perf_counter() - t0)
+                assert job.status == "succeeded", job.record
+        print(f"{n} trivial Python jobs per cluster (1 slave, 1 slot), submit to result; milliseconds")
+        base = None
+        for mode, ts in zip(modes, times):
+            ts.sort()
+            med = statistics.median(ts) * 1000
+            base = med if base is None else base
+            print(f"--sandbox {mode:5} median {med:7.2f}  p90 {ts[int(len(ts) * 0.9) - 1] * 1000:7.2f}"
+                  f"  {med - base:+7.2f}")
+    finally:
+        for c in clients:
+            c.close()
+        for lc in clusters:
+            lc.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=100, help="steps per sandbox and program (default 100)")
+    p.add_argument("--cluster", action="store_true",
+                   help="also time trivial jobs end to end through a real cluster, --sandbox none against auto")
     args = p.parse_args()
+    if args.cluster:
+        through_clusters(args.jobs)
     limits = Limits()
     cgroups = Cgroups()
     seccomp = seccomp_available() is None
