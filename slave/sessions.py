@@ -97,6 +97,7 @@ class Session:
     jobs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     spawn: object = None  # the sandbox's Spawn, for its cleanup
+    ended_reason: str | None = None  # set once it is ended, for a cell still running then
     # (args, stdin) the kernel's sys.argv / sys.stdin were last set to.
     io_state: tuple | None = None
 
@@ -272,6 +273,7 @@ class SessionRunner:
             return "no log"
 
     async def _end(self, session: Session, reason: str, *, notify: bool) -> None:
+        session.ended_reason = session.ended_reason or reason
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
             self.ended[session.name] = reason
@@ -354,7 +356,11 @@ class SessionRunner:
                 done, _ = await asyncio.wait([reader, exited, cancelled, watcher], timeout=min(remaining, 0.5),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
-                    reader.result()
+                    if session.ended_reason is not None or not session.alive:
+                        # Its sockets were closed under it (the session was ended).
+                        reason = "exited"
+                    else:
+                        reader.result()
                     break
                 if exited in done:
                     reason = "exited"
@@ -373,10 +379,16 @@ class SessionRunner:
             elif reason is None and capture.over:
                 reason = "output_limit"  # the cell ended, but past the limit
         finally:
-            for fut in (inputs, cancelled, watcher, exited):
-                fut.cancel()
-            if not reader.done():
-                reader.cancel()
+            for fut in (inputs, cancelled, watcher, exited, reader):
+                if fut.done():
+                    if not fut.cancelled():
+                        fut.exception()  # seen: a closed socket's error is no news here
+                else:
+                    fut.cancel()
+        if reason in (None, "exited") and session.ended_reason is not None:
+            # Ended from outside while the cell ran (a user's DELETE): the job did not fail by itself.
+            return self._outcome(None, P.error(
+                P.CANCELLED_CODE, f"the session was ended while this job ran ({session.ended_reason})"), capture)
         if reason == "exited":
             exceeded = getattr(self.sandbox, "memory_exceeded", None)
             if exceeded is not None and exceeded(session.spawn):

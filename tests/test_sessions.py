@@ -369,6 +369,16 @@ def test_sessions_are_listed_and_can_be_ended(client):
     assert nxt.status == P.FAILED and "NameError" in nxt.stderr
 
 
+def test_ending_a_busy_session_cancels_its_running_job(client):
+    job = client.submit("print('started', flush=True)\nimport time\ntime.sleep(120)", session="busy")
+    wait_for(lambda: client.job(job.id).stdout == "started\n", WAIT, "the session job to start")
+    client.end_session("busy")
+    job.wait(WAIT)
+    assert job.status == P.CANCELLED
+    assert "the session was ended while this job ran (ended by a user)" in job.error["message"]
+    assert run(client, "print('fresh')", session="busy").stdout == "fresh\n"
+
+
 def test_bad_session_requests_are_refused(client):
     with pytest.raises(DistexecError) as err:
         client.submit("int main(){return 0;}", language="c", session="s")
