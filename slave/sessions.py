@@ -16,10 +16,13 @@ killed outright.
 How a cell ends maps onto the job outcomes of a fresh process:
 - an exception: ``failed`` / ``nonzero_exit``, exit code 1, the traceback in
   stderr; the session lives on.  ``sys.exit(n)`` is exit code ``n``.
-- past its timeout, or cancelled: the kernel is interrupted (SIGINT); if it
-  does not stop within ``INTERRUPT_GRACE`` it is killed and the session
-  ends (the next job starts a new one and says so in its stderr).
+- past its timeout, past the output limit, or cancelled: the cell is
+  interrupted (KeyboardInterrupt, asked over the kernel's control channel);
+  if it does not stop within ``INTERRUPT_GRACE`` the kernel is killed and
+  the session ends (the next job starts a new one and says so in its stderr).
 - past the memory limit: the session ends (its memory is its variables).
+- the session is ended from outside (``DELETE /api/sessions/NAME``): the
+  running cell's job is ``cancelled``.
 - the interpreter dies (``os._exit``, a crash): the job fails with the exit
   code or signal, and the session ends.
 Idle sessions end after ``ttl`` seconds; all end when the slave stops.
