@@ -19,7 +19,7 @@ import tornado.websocket
 
 from distexec_kernel import config, protocol as P
 
-from .runner import Runner
+from .runner import Outcome, Runner
 
 log = logging.getLogger("distexec.slave")
 
@@ -224,9 +224,15 @@ class Slave:
 
         try:
             outcome = await self.runner.run(job, on_output, cancel)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task itself is being cancelled: the slave is going down
+            # A runner that let a CancelledError of its own escape: still a job that must end.
+            log.exception("job %s: the runner was cancelled from within", job_id)
+            outcome = Outcome(None, P.error(P.INTERNAL_ERROR, "the slave failed: the runner was cancelled"))
         except Exception as exc:  # a runner bug must not lose the job
             log.exception("job %s failed inside the slave", job_id)
-            from .runner import Outcome
             outcome = Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave failed: {exc}"))
         self._flush_output()
         result = outcome.message(job_id)
