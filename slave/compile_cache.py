@@ -94,8 +94,11 @@ class CompileCache:
         Returns False when there was nothing to keep or another job stored
         the same key first.
         """
+        # Never a symlink: the slave copies as root, outside the sandbox, so a
+        # link the build planted (main.bin -> a secret) would copy the secret
+        # into the cache and hand it to later jobs.
         paths = sorted({p for pattern in patterns for p in glob.glob(os.path.join(src, pattern))
-                        if os.path.isfile(p)})
+                        if os.path.isfile(p) and not os.path.islink(p)})
         if not paths:
             return False
         size = sum(os.path.getsize(p) for p in paths)
@@ -104,7 +107,7 @@ class CompileCache:
         tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root)
         try:
             for p in paths:
-                shutil.copy2(p, os.path.join(tmp, os.path.basename(p)))
+                shutil.copy2(p, os.path.join(tmp, os.path.basename(p)), follow_symlinks=False)
             try:
                 os.rename(tmp, self._entry(key))
             except OSError:

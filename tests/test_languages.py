@@ -503,6 +503,20 @@ def test_cache_store_and_fetch_a_set_of_files(tmp_path):
     assert not cache.store("k2", src, ("*.bin",))  # nothing made: nothing kept
 
 
+def test_cache_never_follows_a_planted_symlink(tmp_path):
+    secret = tmp_path / "connection.json"
+    secret.write_text("the token")
+    cache = CompileCache(str(tmp_path / "cache"))
+    src = make_artefacts(tmp_path / "job1", {"Main.class": b"A"})
+    os.symlink(secret, os.path.join(src, "Evil.class"))
+    assert cache.store("k", src, ("*.class",))
+    dest = make_artefacts(tmp_path / "job2", {})
+    cache.fetch("k", dest)
+    assert os.listdir(dest) == ["Main.class"]
+    os.unlink(os.path.join(src, "Main.class"))
+    assert not cache.store("k2", src, ("*.class",))  # a link alone is nothing to keep
+
+
 def test_cache_keeps_the_executable_bit_and_copies(tmp_path):
     cache = CompileCache(str(tmp_path / "cache"))
     src = make_artefacts(tmp_path / "job1", {"main.bin": b"\x7fELF"})
