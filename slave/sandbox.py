@@ -38,6 +38,7 @@ import resource
 import shutil
 import signal
 import stat
+import sys
 import subprocess
 import tempfile
 import time
@@ -661,7 +662,9 @@ class BwrapSandbox(Sandbox):
     def _exposed(self, extra: tuple[str, ...]) -> tuple[str, ...]:
         """Toolchain directories inside a hidden one (``~/.cargo``...), shown read-only."""
         found = []
-        candidates = [os.path.realpath(p) for p in extra]
+        # An extra directory is mounted again only where the sandbox hides it.
+        hiding = ("/tmp", "/dev/shm", *self.secrets)
+        candidates = [real for real in map(os.path.realpath, extra) if any(_under(real, h) for h in hiding)]
         for entry in os.environ.get("PATH", "").split(os.pathsep):
             real = os.path.realpath(entry) if entry else ""
             for hidden in self.secrets:
@@ -828,7 +831,9 @@ def best_sandbox(limits: Limits, mode: str = "auto") -> Sandbox:
     elif os.getuid() != 0:
         why = "the slave is not root: bubblewrap cannot switch jobs to another uid"
     else:
-        box = BwrapSandbox(cgroups, limits=limits, seccomp=no_seccomp is None)
+        # The slave's own Python environment: session kernels run in it, and a
+        # checkout or virtualenv under /tmp would otherwise vanish behind the job's private /tmp.
+        box = BwrapSandbox(cgroups, limits=limits, seccomp=no_seccomp is None, expose=(sys.prefix,))
         box.why_no_seccomp = no_seccomp
         why = box.probe(limits)
         if why is None:

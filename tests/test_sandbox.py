@@ -438,8 +438,14 @@ def test_tmp_is_private_and_writable_next_to_the_job_directory(bwrap_sandbox, jo
         os.rmdir(outside)
     lines = ran.stdout.splitlines()
     assert lines[0] == "1777", ran.stdout + ran.stderr
-    # Only this job's directory and what the job wrote: not the host's /tmp.
-    assert sorted(lines[1:5]) == sorted([".", "..", jobdir.name, "scratch"]), ran.stdout
+    # Only this job's directory, what the job wrote, and the way to a toolchain
+    # shown again read-only (the slave's own Python, when it lives under /tmp):
+    # not the host's /tmp.
+    shown = {os.path.relpath(p, "/tmp").split(os.sep)[0] for p in bwrap_sandbox.expose
+             if p.startswith("/tmp/")}
+    listed = lines[1:-1]
+    assert sorted(listed) == sorted([".", "..", jobdir.name, "scratch", *shown]), ran.stdout
+    assert outside.split("/")[-1] not in listed
     assert "No such file" in lines[-1]
     assert not os.path.exists("/tmp/scratch")
 
