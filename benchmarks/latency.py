@@ -21,13 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distexec_kernel import Cluster  # noqa: E402
 from distexec_kernel.local import LocalCluster  # noqa: E402
+from slave import toolchains  # noqa: E402
 
 
 def baseline(n: int) -> list[float]:
+    # The interpreter the slaves run (PATH's first real python3, not a pyenv shim).
+    python = toolchains.candidates("python3")[0]
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run(["python3", "-I", "-S", "-c", "pass"], check=True)
+        subprocess.run([python, "-I", "-S", "-c", "pass"], check=True)
         out.append(time.perf_counter() - t0)
     return out
 
