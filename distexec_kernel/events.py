@@ -86,6 +86,8 @@ class EventStream:
             else:
                 backoff = 0.05
                 self._conn = conn
+                # Small frames that each wait for an answer: no Nagle delay.
+                conn.protocol.set_nodelay(True)
                 try:
                     await self._read(conn)
                 finally:

@@ -317,7 +317,13 @@ class NotFoundHandler(ApiHandler):
 # --- WebSockets -------------------------------------------------------------
 
 class _Socket(tornado.websocket.WebSocketHandler):
-    """Common part of both channels: JSON frames checked against the protocol table."""
+    """Common part of both channels: JSON frames checked against the protocol table.
+
+    Both channels turn Nagle's algorithm off (``set_nodelay``): their frames
+    are small and each waits for an answer, and with Nagle on, a frame held
+    back until the peer's delayed ACK costs up to 40 ms per hop (measured:
+    a trivial job took 67 ms between dispatch and result instead of 13 ms).
+    """
 
     handlers: dict[str, str] = {}
 
@@ -370,6 +376,7 @@ class ClientSocket(_Socket):
         self.user = self.identity.user
 
     def open(self) -> None:
+        self.set_nodelay(True)  # see _Socket's note on small frames
         host = self.get_query_argument("host", None) or self.request.remote_ip
         # Only the admin token may name itself (it is shared by the cluster's owner's tools);
         # a logged-in user is shown as who they logged in as.
@@ -422,6 +429,7 @@ class SlaveSocket(_Socket):
             raise tornado.web.HTTPError(401, reason="Unauthorized")
 
     def open(self) -> None:
+        self.set_nodelay(True)  # see _Socket's note on small frames
         self.uid: str | None = None
 
     def on_pong(self, data: bytes) -> None:

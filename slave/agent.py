@@ -123,6 +123,8 @@ class Slave:
 
     async def _serve(self, conn) -> None:
         self.conn = conn
+        # Small frames that each wait for an answer: no Nagle delay (see master/app.py's _Socket).
+        conn.protocol.set_nodelay(True)
         self._send(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
