@@ -56,6 +56,8 @@ class Slave:
         self.instance = uuid.uuid4().hex
         self._stopping = asyncio.Event()
         self._fatal: FatalSlaveError | None = None
+        # Jobs the slave itself killed on its way out (not a user's cancel).
+        self._stopped_jobs: set[int] = set()
         self._pending_output: dict[tuple[int, str], list[str]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -236,6 +238,10 @@ class Slave:
         except Exception as exc:  # a runner bug must not lose the job
             log.exception("job %s failed inside the slave", job_id)
             outcome = Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave failed: {exc}"))
+        if job_id in self._stopped_jobs and (outcome.error or {}).get("code") == P.CANCELLED_CODE:
+            # No user cancelled it: the slave stopped before it ended.
+            outcome.error = P.error(P.SLAVE_LOST, "the slave was stopped (its drain deadline passed) "
+                                                  "before the job ended")
         self._flush_output()
         result = outcome.message(job_id)
         self.unacked[job_id] = result
@@ -283,6 +289,7 @@ class Slave:
                 await asyncio.wait_for(self._idle.wait(), max(0.0, end - loop.time()))
         except asyncio.TimeoutError:
             log.warning("drain deadline passed; cancelling %d job(s)", len(self.running))
+            self._stopped_jobs.update(self.running)
             for _, cancel in self.running.values():
                 cancel.set()
             await asyncio.gather(*(t for t, _ in self.running.values()), return_exceptions=True)

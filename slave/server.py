@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-limit", type=int, default=16, metavar="MiB", help="stdout+stderr per job (default 16)")
     p.add_argument("--max-procs", type=int, default=64, help="processes per job (default 64)")
     p.add_argument("--allow-network", action="store_true", help="let jobs use the network")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds running jobs get to finish before they are stopped (default 30)")
     p.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
                    help="job isolation: auto (bubblewrap where it works, else none, said at start), "
                         "bwrap (refuse to start without it), none (limits only); see docs/sandbox.md")
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         slave = await start(args)
         loop = asyncio.get_running_loop()
         # SIGTERM drains (finish what runs, then exit); SIGINT stops now.
-        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(slave.drain()))
+        loop.add_signal_handler(signal.SIGTERM,
+                                lambda: asyncio.ensure_future(slave.drain(args.drain_timeout)))
         loop.add_signal_handler(signal.SIGINT, slave.stop)
         try:
             await slave.run()

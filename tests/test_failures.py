@@ -536,6 +536,18 @@ def test_sigterm_drains_the_slave(make_cluster):
         wait_for(lambda: draining.uid not in slave_uids(c), 10, "the drained slave to leave")
 
 
+def test_a_drain_that_runs_out_of_time_says_the_slave_stopped(make_cluster):
+    lc = make_cluster(1, slave_args=["--drain-timeout", "1"])
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["60"])
+        started(c, job)
+        lc.slaves[0].send_signal(signal.SIGTERM)
+        assert job.wait(30).status == P.FAILED
+        # Not "cancelled by a user": nobody cancelled it.
+        assert job.error["code"] == P.SLAVE_LOST and "drain deadline" in job.error["message"]
+        assert lc.slaves[0].proc.wait(15) == 0
+
+
 def test_idle_slave_drains_at_once_while_its_master_is_down(make_cluster):
     """Nothing to finish and nobody to confirm the draining: SIGTERM exits now, not at the deadline."""
     lc = make_cluster(1)
