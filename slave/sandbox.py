@@ -15,24 +15,21 @@ Two sandboxes, the strongest that works is picked once at slave start
 - ``Sandbox``: the fallback when bubblewrap is missing or refused: a clean
   environment, a process group and resource limits only.
 
-Both put each step in its own cgroup (v1 ``memory`` and ``pids``) where the
+Both put each step in its own cgroup (``cgroups.py``: v1 ``memory`` and ``pids``) where the
 kernel offers them: that is what enforces the memory and process limits and
 what lets cleanup kill every process of the step, even ones that left the
 process group.  Without cgroups the runner falls back to polling the job's
 memory with psutil, and the process limit is RLIMIT_NPROC (shared by all
-jobs of one uid) or nothing.  Both install a seccomp filter (x86_64) that
+jobs of one uid) or nothing.  Both install a seccomp filter (``seccomp.py``, x86_64) that
 refuses new user namespaces and a few other kernel interfaces.
 docs/sandbox.md says what a job can and cannot do.
 """
 from __future__ import annotations
 
 import ctypes
-import errno
-import itertools
 import logging
 import math
 import os
-import platform
 import pwd
 import resource
 import shutil
@@ -41,13 +38,15 @@ import stat
 import sys
 import subprocess
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import psutil
 
 from distexec_kernel import config
+
+from .cgroups import Cgroups, JobCgroup, _read  # noqa: F401 (Cgroups re-exported)
+from .seccomp import REFUSED_SYSCALLS, _install_seccomp, seccomp_available  # noqa: F401
 
 log = logging.getLogger("distexec.slave.sandbox")
 
@@ -110,93 +109,6 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, never between fork and
 _PR_SET_PDEATHSIG = 1
 
 
-# -- seccomp ---------------------------------------------------------------------
-#
-# A job as nobody can still make a user namespace and be "root" inside it:
-# mounts, netfilter, the kernel code that most container escapes go through.
-# This filter (installed before exec, inherited by bwrap and the job) refuses
-# new user namespaces and a few other interfaces programs do not need and
-# exploits do (keyrings, shared by every job of the nobody uid; bpf;
-# userfaultfd; perf events; io_uring).  clone3 passes its flags in memory a
-# filter cannot read, so it answers ENOSYS, and glibc falls back to clone,
-# whose flags it can (as Docker's default profile does).  x86_64 only.
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
-_AUDIT_ARCH_X86_64 = 0xC000003E
-_CLONE_NEWUSER = 0x10000000
-_X86_64 = {"clone": 56, "unshare": 272, "clone3": 435, "add_key": 248, "request_key": 249, "keyctl": 250,
-           "perf_event_open": 298, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
-           "io_uring_enter": 426, "io_uring_register": 427}
-REFUSED_SYSCALLS = ("new user namespaces (clone/unshare CLONE_NEWUSER), keyrings, bpf, userfaultfd, "
-                    "perf_event_open, io_uring")
-
-
-def _seccomp_program() -> "_SockFprog | None":
-    if platform.machine() != "x86_64":
-        return None
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    errno_ret = 0x00050000
-    prog: list = [
-        (ld, 0, 0, 4),                                  # arch
-        (jeq, 0, "nosys", _AUDIT_ARCH_X86_64),          # i386 and others: refused whole
-        (ld, 0, 0, 0),                                  # syscall number
-        (jge, "nosys", 0, 0x40000000),                  # the x32 ABI
-        (jeq, "flags", 0, _X86_64["clone"]),
-        (jeq, "flags", 0, _X86_64["unshare"]),
-        (jeq, "nosys", 0, _X86_64["clone3"]),
-    ]
-    for name in ("add_key", "request_key", "keyctl", "perf_event_open", "bpf", "userfaultfd"):
-        prog.append((jeq, "perm", 0, _X86_64[name]))
-    for name in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
-        prog.append((jeq, "nosys", 0, _X86_64[name]))
-    prog.append((ret, 0, 0, 0x7FFF0000))               # allow
-    labels = {"flags": len(prog)}
-    prog += [(ld, 0, 0, 16),                            # clone/unshare flags: low word of args[0]
-             (jset, "perm", 0, _CLONE_NEWUSER),
-             (ret, 0, 0, 0x7FFF0000)]
-    labels["perm"] = len(prog)
-    prog.append((ret, 0, 0, errno_ret | errno.EPERM))
-    labels["nosys"] = len(prog)
-    prog.append((ret, 0, 0, errno_ret | errno.ENOSYS))
-
-    def jump(target, at):
-        return labels[target] - at - 1 if isinstance(target, str) else target
-
-    filters = (_SockFilter * len(prog))(*[
-        _SockFilter(code, jump(jt, i), jump(jf, i), k) for i, (code, jt, jf, k) in enumerate(prog)])
-    fprog = _SockFprog(len(prog), filters)
-    fprog._keep = filters  # the program must outlive every fork
-    return fprog
-
-
-_SECCOMP = _seccomp_program()
-
-
-def _install_seccomp() -> None:
-    """Between fork and exec: install the filter, or raise (the spawn then fails)."""
-    if _LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_SECCOMP), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "seccomp filter refused")
-
-
-def seccomp_available() -> str | None:
-    """None if the filter can be installed here, else why not (asked once, in a child)."""
-    if _SECCOMP is None:
-        return f"no seccomp filter for {platform.machine()}"
-    try:
-        subprocess.run(["true"], preexec_fn=_install_seccomp, check=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"seccomp unavailable: {exc}"
-    return None
-
-
 def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
              nproc: bool, seccomp: bool = False) -> Callable[[], None]:
     size = limits.file_size_mb << 20
@@ -227,234 +139,6 @@ def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
         if seccomp:
             _install_seccomp()
     return apply
-
-
-# -- cgroups -------------------------------------------------------------------
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _v1_mounts() -> dict[str, str]:
-    """controller -> mount point, for the cgroup v1 hierarchies of this machine."""
-    found = {}
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 4 and parts[2] == "cgroup":
-                    for opt in parts[3].split(","):
-                        found.setdefault(opt, parts[1])
-    except OSError:
-        pass
-    return found
-
-
-class Cgroups:
-    """The slave's cgroup v1 subtree (``<mount>/distexec/slave-<pid>-<n>``) for
-    the ``memory`` and ``pids`` controllers, one child cgroup per step.
-
-    Created only where we may write (root, or a delegated subtree); a
-    controller that cannot be used is left out of ``base`` and ``missing``
-    says why.
-    """
-
-    CONTROLLERS = ("memory", "pids")
-
-    def __init__(self, mounts: dict[str, str] | None = None):
-        self.base: dict[str, str] = {}
-        self.missing: dict[str, str] = {}
-        self._counter = itertools.count(1)
-        self._leftovers: list[JobCgroup] = []
-        mounts = _v1_mounts() if mounts is None else mounts
-        instance = next(_instances)
-        for ctrl in self.CONTROLLERS:
-            mount = mounts.get(ctrl)
-            if mount is None:
-                self.missing[ctrl] = "no cgroup v1 hierarchy mounted (cgroup v2 is not supported yet)"
-                continue
-            top = os.path.join(mount, "distexec")
-            base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
-            try:
-                os.makedirs(base, exist_ok=True)
-                probe = os.path.join(base, "probe")
-                os.mkdir(probe)
-                _write(os.path.join(probe, "memory.limit_in_bytes" if ctrl == "memory" else "pids.max"), "1000")
-                os.rmdir(probe)
-            except OSError as exc:
-                self.missing[ctrl] = f"cannot create cgroups under {mount}: {exc.strerror}"
-                continue
-            self.base[ctrl] = base
-            _reap_stale(top)
-
-    @property
-    def memory(self) -> bool:
-        return "memory" in self.base
-
-    @property
-    def pids(self) -> bool:
-        return "pids" in self.base
-
-    def create(self, limits: Limits, extra_procs: int = 0) -> "JobCgroup | None":
-        """A fresh cgroup for one step, with the limits set; None if there are no controllers."""
-        if not self.base:
-            return None
-        self._retry_leftovers()
-        name = f"job-{next(self._counter)}"
-        cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()})
-        try:
-            for ctrl, path in cg.paths.items():
-                os.mkdir(path)
-                if ctrl == "memory":
-                    _write(os.path.join(path, "memory.limit_in_bytes"), str(limits.memory_bytes))
-                    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
-                    if os.path.exists(memsw):
-                        # Swap would let a job go past its limit, only slower.
-                        _write(memsw, str(limits.memory_bytes))
-                else:
-                    _write(os.path.join(path, "pids.max"), str(limits.max_procs + extra_procs))
-        except OSError:
-            cg.destroy()
-            raise
-        return cg
-
-    def release(self, cg: "JobCgroup") -> None:
-        if not cg.destroy():
-            self._leftovers.append(cg)
-
-    def _retry_leftovers(self) -> None:
-        self._leftovers = [cg for cg in self._leftovers if not cg.destroy(wait=0)]
-
-    def close(self) -> None:
-        for cg in self._leftovers:
-            cg.destroy()
-        for base in self.base.values():
-            try:
-                os.rmdir(base)
-            except OSError:
-                pass
-
-
-_instances = itertools.count(1)
-
-
-def _reap_stale(top: str) -> None:
-    """Remove what slaves that died without cleaning up left under ``top``.
-
-    Best effort: slaves starting together may reap the same directory.
-    """
-    try:
-        entries = os.listdir(top)
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            pid = int(entry.split("-")[1]) if entry.startswith("slave-") else None
-        except (IndexError, ValueError):
-            continue
-        if pid is None or pid == os.getpid() or _alive(pid):
-            continue
-        base = os.path.join(top, entry)
-        try:
-            for job in os.listdir(base):
-                if os.path.isdir(os.path.join(base, job)):
-                    JobCgroup({"x": os.path.join(base, job)}).destroy()
-            os.rmdir(base)
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-@dataclass
-class JobCgroup:
-    """One step's cgroups: controller -> directory."""
-
-    paths: dict[str, str]
-    gone: bool = field(default=False)
-
-    def join_paths(self) -> tuple[str, ...]:
-        return tuple(os.path.join(p, "cgroup.procs") for p in self.paths.values())
-
-    def pids(self) -> set[int]:
-        found: set[int] = set()
-        for path in self.paths.values():
-            try:
-                found.update(int(x) for x in _read(os.path.join(path, "cgroup.procs")).split())
-            except OSError:
-                pass
-        return found
-
-    def oom_killed(self) -> bool:
-        """True if the kernel killed a process of this step for going past the memory limit."""
-        path = self.paths.get("memory")
-        if path is None:
-            return False
-        try:
-            for line in _read(os.path.join(path, "memory.oom_control")).splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value) > 0
-            # Kernels before 4.13 count no kills: reaching the limit is the best hint.
-            return int(_read(os.path.join(path, "memory.failcnt"))) > 0
-        except (OSError, ValueError):
-            return False
-
-    def kill_all(self) -> None:
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def destroy(self, wait: float = 1.0) -> bool:
-        """Kill every process of the step, then remove the cgroups.  True when gone.
-
-        A killed process leaves its cgroup only once the kernel has torn it
-        down, so removal is retried for up to ``wait`` seconds.
-        """
-        if self.gone:
-            return True
-        deadline = time.monotonic() + wait
-        delay = 0.0005
-        while True:
-            self.kill_all()
-            left = {}
-            for ctrl, path in self.paths.items():
-                try:
-                    os.rmdir(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        log.warning("cannot remove cgroup %s: %s", path, exc)
-                    left[ctrl] = path
-            self.paths = left
-            if not left:
-                self.gone = True
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-
-# -- sandboxes -----------------------------------------------------------------
 
 
 class Sandbox:

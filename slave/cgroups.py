@@ -1,0 +1,241 @@
+"""Per-step cgroups (v1 ``memory`` and ``pids``): the memory and process limits
+of a job step, how its OOM kill is seen, and how every process of it is found
+and killed, even ones that left its process group.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sandbox import Limits
+
+log = logging.getLogger("distexec.slave.cgroups")
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _v1_mounts() -> dict[str, str]:
+    """controller -> mount point, for the cgroup v1 hierarchies of this machine."""
+    found = {}
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[2] == "cgroup":
+                    for opt in parts[3].split(","):
+                        found.setdefault(opt, parts[1])
+    except OSError:
+        pass
+    return found
+
+
+class Cgroups:
+    """The slave's cgroup v1 subtree (``<mount>/distexec/slave-<pid>-<n>``) for
+    the ``memory`` and ``pids`` controllers, one child cgroup per step.
+
+    Created only where we may write (root, or a delegated subtree); a
+    controller that cannot be used is left out of ``base`` and ``missing``
+    says why.
+    """
+
+    CONTROLLERS = ("memory", "pids")
+
+    def __init__(self, mounts: dict[str, str] | None = None):
+        self.base: dict[str, str] = {}
+        self.missing: dict[str, str] = {}
+        self._counter = itertools.count(1)
+        self._leftovers: list[JobCgroup] = []
+        mounts = _v1_mounts() if mounts is None else mounts
+        instance = next(_instances)
+        for ctrl in self.CONTROLLERS:
+            mount = mounts.get(ctrl)
+            if mount is None:
+                self.missing[ctrl] = "no cgroup v1 hierarchy mounted (cgroup v2 is not supported yet)"
+                continue
+            top = os.path.join(mount, "distexec")
+            base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
+            try:
+                os.makedirs(base, exist_ok=True)
+                probe = os.path.join(base, "probe")
+                os.mkdir(probe)
+                _write(os.path.join(probe, "memory.limit_in_bytes" if ctrl == "memory" else "pids.max"), "1000")
+                os.rmdir(probe)
+            except OSError as exc:
+                self.missing[ctrl] = f"cannot create cgroups under {mount}: {exc.strerror}"
+                continue
+            self.base[ctrl] = base
+            _reap_stale(top)
+
+    @property
+    def memory(self) -> bool:
+        return "memory" in self.base
+
+    @property
+    def pids(self) -> bool:
+        return "pids" in self.base
+
+    def create(self, limits: Limits, extra_procs: int = 0) -> "JobCgroup | None":
+        """A fresh cgroup for one step, with the limits set; None if there are no controllers."""
+        if not self.base:
+            return None
+        self._retry_leftovers()
+        name = f"job-{next(self._counter)}"
+        cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()})
+        try:
+            for ctrl, path in cg.paths.items():
+                os.mkdir(path)
+                if ctrl == "memory":
+                    _write(os.path.join(path, "memory.limit_in_bytes"), str(limits.memory_bytes))
+                    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
+                    if os.path.exists(memsw):
+                        # Swap would let a job go past its limit, only slower.
+                        _write(memsw, str(limits.memory_bytes))
+                else:
+                    _write(os.path.join(path, "pids.max"), str(limits.max_procs + extra_procs))
+        except OSError:
+            cg.destroy()
+            raise
+        return cg
+
+    def release(self, cg: "JobCgroup") -> None:
+        if not cg.destroy():
+            self._leftovers.append(cg)
+
+    def _retry_leftovers(self) -> None:
+        self._leftovers = [cg for cg in self._leftovers if not cg.destroy(wait=0)]
+
+    def close(self) -> None:
+        for cg in self._leftovers:
+            cg.destroy()
+        for base in self.base.values():
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+
+
+_instances = itertools.count(1)
+
+
+def _reap_stale(top: str) -> None:
+    """Remove what slaves that died without cleaning up left under ``top``.
+
+    Best effort: slaves starting together may reap the same directory.
+    """
+    try:
+        entries = os.listdir(top)
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            pid = int(entry.split("-")[1]) if entry.startswith("slave-") else None
+        except (IndexError, ValueError):
+            continue
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        base = os.path.join(top, entry)
+        try:
+            for job in os.listdir(base):
+                if os.path.isdir(os.path.join(base, job)):
+                    JobCgroup({"x": os.path.join(base, job)}).destroy()
+            os.rmdir(base)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@dataclass
+class JobCgroup:
+    """One step's cgroups: controller -> directory."""
+
+    paths: dict[str, str]
+    gone: bool = field(default=False)
+
+    def join_paths(self) -> tuple[str, ...]:
+        return tuple(os.path.join(p, "cgroup.procs") for p in self.paths.values())
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for path in self.paths.values():
+            try:
+                found.update(int(x) for x in _read(os.path.join(path, "cgroup.procs")).split())
+            except OSError:
+                pass
+        return found
+
+    def oom_killed(self) -> bool:
+        """True if the kernel killed a process of this step for going past the memory limit."""
+        path = self.paths.get("memory")
+        if path is None:
+            return False
+        try:
+            for line in _read(os.path.join(path, "memory.oom_control")).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value) > 0
+            # Kernels before 4.13 count no kills: reaching the limit is the best hint.
+            return int(_read(os.path.join(path, "memory.failcnt"))) > 0
+        except (OSError, ValueError):
+            return False
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def destroy(self, wait: float = 1.0) -> bool:
+        """Kill every process of the step, then remove the cgroups.  True when gone.
+
+        A killed process leaves its cgroup only once the kernel has torn it
+        down, so removal is retried for up to ``wait`` seconds.
+        """
+        if self.gone:
+            return True
+        deadline = time.monotonic() + wait
+        delay = 0.0005
+        while True:
+            self.kill_all()
+            left = {}
+            for ctrl, path in self.paths.items():
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        log.warning("cannot remove cgroup %s: %s", path, exc)
+                    left[ctrl] = path
+            self.paths = left
+            if not left:
+                self.gone = True
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
