@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -60,6 +61,8 @@ class Cgroups:
         self.missing: dict[str, str] = {}
         self._counter = itertools.count(1)
         self._leftovers: list[JobCgroup] = []
+        # Steps are set up and cleaned up on worker threads, several at once.
+        self._lock = threading.Lock()
         mounts = _v1_mounts() if mounts is None else mounts
         instance = next(_instances)
         for ctrl in self.CONTROLLERS:
@@ -114,10 +117,12 @@ class Cgroups:
 
     def release(self, cg: "JobCgroup") -> None:
         if not cg.destroy():
-            self._leftovers.append(cg)
+            with self._lock:
+                self._leftovers.append(cg)
 
     def _retry_leftovers(self) -> None:
-        self._leftovers = [cg for cg in self._leftovers if not cg.destroy(wait=0)]
+        with self._lock:
+            self._leftovers = [cg for cg in self._leftovers if not cg.destroy(wait=0)]
 
     def close(self) -> None:
         for cg in self._leftovers:

@@ -128,7 +128,10 @@ class ProcessRunner:
             log.exception("job %s could not be run", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            # Off the event loop, like every step's set-up and clean-up: a Go
+            # build cache is thousands of files, and a loop busy deleting them
+            # answers no pings (the master then takes the slave for dead).
+            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
 
     async def _run_in(self, workdir: str, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
@@ -204,7 +207,7 @@ class ProcessRunner:
     async def _step(self, argv: list[str], workdir: str, env: dict, stdin: bytes | None,
                     timeout: float, cancel: asyncio.Event, capture: _Capture) -> StepResult:
         started = time.monotonic()
-        spawn = self.sandbox.command(argv, workdir, env, self.limits, timeout=timeout)
+        spawn = await asyncio.to_thread(self.sandbox.command, argv, workdir, env, self.limits, timeout=timeout)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *spawn.argv, cwd=spawn.cwd, env=spawn.env,
@@ -212,7 +215,7 @@ class ProcessRunner:
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True, preexec_fn=spawn.preexec)
         except BaseException:
-            self.sandbox.cleanup(spawn)
+            await asyncio.to_thread(self.sandbox.cleanup, spawn)
             raise
         reason: str | None = None
         try:
@@ -265,7 +268,7 @@ class ProcessRunner:
             if proc.returncode is None:
                 _kill_group(proc.pid)
                 await proc.wait()
-            self.sandbox.cleanup(spawn)
+            await asyncio.to_thread(self.sandbox.cleanup, spawn)
         return StepResult(proc.returncode, reason, time.monotonic() - started)
 
 

@@ -298,8 +298,9 @@ class SessionRunner:
                 await asyncio.wait_for(session.proc.wait(), 5.0)
             except asyncio.TimeoutError:
                 log.warning("session %r: kernel %d did not die", session.name, session.proc.pid)
-        self.sandbox.cleanup(session.spawn)
-        shutil.rmtree(session.workdir, ignore_errors=True)
+        # Off the event loop: a long session's directory can be large, and the loop answers the pings.
+        await asyncio.to_thread(self.sandbox.cleanup, session.spawn)
+        await asyncio.to_thread(shutil.rmtree, session.workdir, ignore_errors=True)
 
     def _arm_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
