@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
 import pytest
 
 from distexec_kernel.local import LocalCluster
@@ -37,6 +38,14 @@ def shared_toolchain_cache(tmp_path_factory):
         os.environ.pop("DISTEXEC_TOOLCHAIN_CACHE", None)
     else:
         os.environ["DISTEXEC_TOOLCHAIN_CACHE"] = before
+
+
+def assert_gone(procs: list[psutil.Process], what: str = "processes", timeout: float = 15.0) -> None:
+    """Every process in ``procs`` ends within ``timeout`` s; any left is killed, and the test fails."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{what} left running: {alive}"
 
 
 @pytest.fixture

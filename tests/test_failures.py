@@ -21,9 +21,9 @@ import tornado.httpclient
 import tornado.websocket
 
 from distexec_kernel import Cluster, protocol as P
-from distexec_kernel.local import MASTER_READY, free_port
+from distexec_kernel.local import free_port
 
-from conftest import logs, wait_for
+from conftest import assert_gone, logs, wait_for
 
 GRACE = 3.0  # --lost-grace for these tests: long enough for a slave to come back, short to wait out
 
@@ -46,14 +46,6 @@ def kill_slave(child) -> list[psutil.Process]:
     os.kill(child.pid, signal.SIGKILL)
     child.proc.wait(10)
     return procs
-
-
-def assert_gone(procs: list[psutil.Process]) -> None:
-    """A killed slave's jobs die with it: none runs on unseen while the master retries it."""
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
-    assert not alive, f"the killed slave left {alive} running"
 
 
 def connect(lc) -> Cluster:
@@ -85,7 +77,7 @@ def test_killed_slave_fails_its_running_job_and_others_carry_on(make_cluster, tm
         assert "disconnected" in victim_job.error["message"]
         # Noticed at once (the TCP connection closes), settled after the reconnect grace (3 s).
         assert noticed < 8, f"the master took {noticed:.1f} s to settle it"
-        assert_gone(orphans)
+        assert_gone(orphans, "the killed slave's jobs")
         # The other slave's job is untouched, and new work goes to the survivor.
         assert other.wait(15).status == P.SUCCEEDED, other.record
         assert other.stdout.endswith("done\n")
@@ -107,7 +99,7 @@ def test_killed_slave_job_with_retries_runs_again_elsewhere(make_cluster):
         assert job.slave_uid != victim.uid
         # The output is the second run's alone, not both runs glued together.
         assert job.stdout == "started\ndone\n"
-        assert_gone(orphans)
+        assert_gone(orphans, "the killed slave's jobs")
 
 
 def test_silent_slave_is_noticed_by_pings(make_cluster):
@@ -127,7 +119,7 @@ def test_silent_slave_is_noticed_by_pings(make_cluster):
             assert frozen.uid not in slave_uids(c)
         finally:
             orphans = kill_slave(frozen)
-    assert_gone(orphans)
+    assert_gone(orphans, "the killed slave's jobs")
 
 
 def test_slave_that_drops_its_connection_and_comes_back_keeps_its_job(make_cluster):
@@ -164,7 +156,7 @@ def test_retries_run_out(make_cluster):
         job.wait(15)
         assert job.status == P.FAILED and job.error["code"] == P.SLAVE_LOST, job.record
         assert job.attempts == 2
-        assert_gone(orphans)
+        assert_gone(orphans, "the killed slave's jobs")
 
 
 # -- the master restarts --------------------------------------------------------
@@ -241,7 +233,7 @@ def test_running_job_whose_slave_never_returns_is_lost_after_the_grace(make_clus
         job = c.submit(SLEEPER, args=["30"])
         started(c, job)
     lc.master.stop(signal.SIGKILL)
-    assert_gone(kill_slave(slave))
+    assert_gone(kill_slave(slave), "the killed slave's jobs")
     t0 = time.monotonic()
     lc.start_master()
     with connect(lc) as c2:
@@ -575,7 +567,7 @@ def test_distexec_up_stops_slaves_then_master(tmp_path, home):
         children = psutil.Process(up.pid).children(recursive=True)
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0
-        assert_gone(children)
+        assert_gone(children, "distexec up's master, slaves and jobs")
     finally:
         if up.poll() is None:
             up.kill()

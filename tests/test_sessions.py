@@ -16,7 +16,7 @@ from distexec_kernel.cluster import DistexecError
 from distexec_kernel.local import LocalCluster
 from master.scheduler import Scheduler
 
-from conftest import logs, wait_for
+from conftest import assert_gone, logs, wait_for
 
 WAIT = 60  # seconds a job may take: a session's first job starts a kernel on a loaded machine
 
@@ -187,7 +187,7 @@ def cluster(tmp_path_factory):
     yield lc
     kernels = [k for child in lc.slaves for k in kernels_of(child)]
     lc.stop()
-    assert_gone(kernels)
+    assert_gone(kernels, "kernel processes")
 
 
 @pytest.fixture
@@ -216,13 +216,6 @@ def kernels_of(child) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return out
-
-
-def assert_gone(procs: list[psutil.Process]) -> None:
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        p.kill()
-    assert not alive, f"kernel processes left running: {alive}"
 
 
 def run(c: Cluster, source: str, **kw):
@@ -395,7 +388,7 @@ def test_idle_sessions_end_after_the_ttl(make_cluster):
         kernels = kernels_of(lc.slaves[0])
         assert kernels
         wait_for(lambda: not c.sessions(), 20, "the idle session to end")
-        assert_gone(kernels)
+        assert_gone(kernels, "kernel processes")
         nxt = run(c, "x", session="idle")
         assert nxt.status == P.FAILED and "NameError" in nxt.stderr
         assert "idle for more than 1 s" in nxt.stderr
@@ -416,7 +409,7 @@ def test_a_lost_slave_loses_its_session_clearly(make_cluster, tmp_path):
         os.kill(child.pid, signal.SIGKILL)
         child.proc.wait(10)
         # The kernels die with their slave, even one killed outright.
-        assert_gone(kernels)
+        assert_gone(kernels, "kernel processes")
         for job in (running, queued):
             job.wait(WAIT)
             assert job.status == P.FAILED, logs(tmp_path)
@@ -438,7 +431,7 @@ def test_no_kernel_outlives_the_cluster(make_cluster):
     kernels = [k for child in lc.slaves for k in kernels_of(child)]
     assert len(kernels) >= 3
     lc.stop()
-    assert_gone(kernels)
+    assert_gone(kernels, "kernel processes")
 
 
 def test_past_the_memory_limit_the_session_ends_with_a_message(make_cluster):
