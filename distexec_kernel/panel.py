@@ -782,7 +782,7 @@ class JobPanel(W.VBox):
             options = [(row_label(j), j["id"]) for j in shown]
             self._ticking = any(j["status"] == P.RUNNING for j in shown) or (
                 self._detail is not None and self._detail.get("status") == P.RUNNING)
-            selected, total, complete, loaded = self._selected, self._total, self._complete, len(self._jobs)
+            selected, total, complete = self._selected, self._total, self._complete
             filtered = any(self._filter)
         if not rows:
             text = "loading…" if need_more or not self._loaded else ("no matching jobs" if filtered else "no jobs")
