@@ -13,7 +13,8 @@ import datetime as _dt
 import json
 import re
 
-PROTOCOL_VERSION = 1
+# 2: a session is named by its user and its name, as two fields, never one joined string.
+PROTOCOL_VERSION = 2
 
 # --- job states -----------------------------------------------------------
 
@@ -133,7 +134,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "running": (list, False),  # job ids still running here (after a master restart)
         "results": (list, False),  # job_finished messages not yet acknowledged
         "draining": (bool, False),
-        "sessions": (list, False),  # names of the Python sessions alive here
+        "sessions": (list, False),  # the Python sessions alive here: [{"user", "name"}]
         "instance": (str, False),  # new with each slave process: tells a reconnect from a restart
     },
     # slave -> master, and master -> client with the chunk's offset in the stream
@@ -152,13 +153,13 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
     },
     "draining": {},
     # a session ended by itself (idle, its interpreter died): the name is free again
-    "session_ended": {"session": (str, True), "reason": (str, True)},
+    "session_ended": {"session": (str, True), "user": (_OPT_STR, True), "reason": (str, True)},
     # master -> slave
     "register_reply": {"ok": (bool, True), "error": (_OPT_DICT, False), "slave_uid": (str, False)},
     "job_run": {"job": (dict, True)},
     "job_cancel": {"job_id": (int, True)},
     "result_ack": {"job_id": (int, True)},
-    "session_end": {"session": (str, True), "reason": (str, False)},
+    "session_end": {"session": (str, True), "user": (_OPT_STR, True), "reason": (str, False)},
     # client -> master
     "submit": {"request": (dict, True), "ref": (_OPT_STR, False)},
     "cancel": {"job_id": (int, True), "ref": (_OPT_STR, False)},
@@ -355,6 +356,31 @@ def check_submission(body) -> dict:
                                 or not session.isprintable()):
         _bad(f"field 'session' must be a printable name of 1 to {MAX_NAME_CHARS} characters")
     return out
+
+
+def session_key(user: str | None, name: str) -> tuple[str | None, str]:
+    """Who a session belongs to and its name: its identity everywhere.
+
+    A pair, never one joined string: with ``name@user``, user ``corp``'s
+    session ``work@alice`` and user ``alice@corp``'s ``work`` were one.
+    """
+    return (user, name)
+
+
+def session_keys_of(items) -> list[tuple[str | None, str]]:
+    """The well-formed ``{"user", "name"}`` entries of a ``register`` message's ``sessions``."""
+    out = []
+    for item in items or ():
+        if isinstance(item, dict) and isinstance(item.get("name"), str) \
+                and isinstance(item.get("user"), (str, type(None))):
+            out.append(session_key(item["user"], item["name"]))
+    return out
+
+
+def session_label(key: tuple[str | None, str]) -> str:
+    """How a person reads a session key in a message."""
+    user, name = key
+    return repr(name) if user is None else f"{name!r} of user {user!r}"
 
 
 def check_file_name(name) -> None:

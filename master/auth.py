@@ -37,7 +37,8 @@ log = logging.getLogger("distexec.master.auth")
 
 DEFAULT_TOKEN_TTL = 12 * 3600.0
 ADMIN = "admin"  # the name the admin token acts under; no user file entry may take it
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# No '@', ':' or '/': a user's name never has to be told apart from what it is joined to.
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # argon2-cffi's default profile (RFC 9106, low memory): Argon2id, 64 MiB, 3 passes.
 _hasher = argon2.PasswordHasher()
@@ -60,7 +61,8 @@ def default_users_path() -> str:
 
 def check_user_name(name: str) -> None:
     if not isinstance(name, str) or not USER_NAME.match(name):
-        raise ValueError(f"bad user name {name!r}: use 1-64 letters, digits, '_', '.', '@' or '-'")
+        raise ValueError(f"bad user name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit")
     if name == ADMIN:
         raise ValueError(f"{ADMIN!r} is the admin token's name; give an admin user another name and --admin")
 
@@ -221,6 +223,9 @@ class Auth:
         Blocking (Argon2 costs tens of milliseconds by design): call it from a worker thread.
         """
         if not self.logins_enabled:
+            return None
+        if not isinstance(user, str) or not USER_NAME.match(user) or user == ADMIN:
+            # A users file written before names were restricted may hold one: it cannot log in.
             return None
         with self._lock:
             self._reload()

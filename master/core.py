@@ -89,10 +89,10 @@ class Master(SessionBook):
         self._slaves_event: asyncio.TimerHandle | None = None
         # Live Python sessions by key (see _session_key): what /api/sessions shows.
         # Where each lives is the scheduler's business; this is the bookkeeping.
-        self.sessions: dict[str, dict] = {}
+        self.sessions: dict[tuple, dict] = {}
         # Session key -> why the session of that name is gone, told to the next
         # job of that name (in its stderr) when it starts a new one.
-        self._session_notes: dict[str, str] = {}
+        self._session_notes: dict[tuple, str] = {}
         self._notes_to_send: dict[int, str] = {}
         # Running jobs taken back after a restart: what they printed before it
         # is gone from memory, so their live output is not relayed (clients
@@ -393,7 +393,7 @@ class Master(SessionBook):
                 if job is not None:
                     asyncio.ensure_future(self._lose(job, "the slave restarted and no longer has this job",
                                                      instance=info.instance))
-        self._reconcile_sessions(uid, peer, [n for n in msg.get("sessions", []) if isinstance(n, str)])
+        self._reconcile_sessions(uid, peer, P.session_keys_of(msg.get("sessions")))
         log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
                  ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
         self._slaves_changed()
@@ -618,8 +618,8 @@ def _visible(job: dict | None, owner: str | None) -> bool:
 
 
 def _for_slave(job: dict, session_note: str | None = None) -> dict:
-    out = {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "name")}
-    out["session"] = _session_key(job)
+    out = {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "name", "user",
+                               "session")}
     if session_note:
         out["session_note"] = session_note
     return out

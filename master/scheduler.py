@@ -152,7 +152,7 @@ class Scheduler:
         Returns their names and their queued jobs, taken off the queue (they
         counted on the session's variables, so the master fails them).
         """
-        names = sorted(n for n, owner in self.session_slave.items() if owner == uid)
+        names = sorted((n for n, owner in self.session_slave.items() if owner == uid), key=repr)
         for name in names:
             del self.session_slave[name]
         gone = set(names)

@@ -36,42 +36,42 @@ class SessionBook:
         info["last_used"] = now
         info["jobs"] += 1
 
-    def _reconcile_sessions(self, uid: str, peer: Peer, alive: list[str]) -> None:
+    def _reconcile_sessions(self, uid: str, peer: Peer, alive: list[tuple]) -> None:
         """A slave registered with the sessions it has alive: bind them, forget the rest."""
         for key in alive:
             if self.scheduler.bind_session(key, uid):
                 self._session_notes.pop(key, None)
                 if key not in self.sessions:
-                    name, _, user = key.rpartition("@") if "@" in key else (key, "", None)
+                    user, name = key
                     self.sessions[key] = {"name": name, "user": user, "slave_uid": uid, "language": "python",
                                           "created_at": P.now(), "last_used": P.now(), "jobs": 0}
             else:
                 # A newer session of that name started elsewhere while it was away.
-                peer.send(P.make("session_end", session=key,
+                peer.send(P.make("session_end", session=key[1], user=key[0],
                                  reason=f"a newer session of that name runs on slave "
                                         f"{self.scheduler.session_slave[key]}"))
         gone = [k for k, owner in self.scheduler.session_slave.items() if owner == uid and k not in alive]
         for key in gone:
             self.scheduler.unbind_session(key)
             self.sessions.pop(key, None)
-            self._note_session(key, f"session {key!r} was lost: slave {uid} restarted without it")
+            self._note_session(key, f"session {P.session_label(key)} was lost: slave {uid} restarted without it")
 
     def _lose_sessions(self, uid: str, how: str) -> None:
         """Slave ``uid`` left: its sessions are gone, and so are their queued jobs."""
         names, queued = self.scheduler.drop_sessions(uid)
         for key in names:
             self.sessions.pop(key, None)
-            self._note_session(key, f"session {key!r} was lost: its slave {uid} {how}; "
+            self._note_session(key, f"session {P.session_label(key)} was lost: its slave {uid} {how}; "
                                     f"this job starts a new session")
         for job_id in queued:
             job = self.active.get(job_id)
             if job is not None:
                 key = _session_key(job)
                 asyncio.ensure_future(self._finish(job, None, P.error(
-                    P.SLAVE_LOST, f"session {key!r} was lost before this job ran: its slave {uid} {how}; "
+                    P.SLAVE_LOST, f"session {P.session_label(key)} was lost before this job ran: its slave {uid} {how}; "
                                   f"the next job of {job['session']!r} starts a new session")))
         if names:
-            log.info("slave %s %s: session(s) lost: %s", uid, how, ", ".join(names))
+            log.info("slave %s %s: session(s) lost: %s", uid, how, ", ".join(map(P.session_label, names)))
 
     def _sessions_grace_expired(self, uid: str, grace: float) -> None:
         if uid not in self.slaves:
@@ -84,25 +84,25 @@ class SessionBook:
 
     def session_ended(self, uid: str, msg: dict) -> None:
         """The slave ended a session by itself (idle, its interpreter died)."""
-        key = msg["session"]
+        key = P.session_key(msg["user"], msg["session"])
         if self.scheduler.session_slave.get(key) != uid:
             return
         self.scheduler.unbind_session(key)
         self.sessions.pop(key, None)
-        self._note_session(key, f"session {key!r} ended on slave {uid} ({msg['reason']}); "
+        self._note_session(key, f"session {P.session_label(key)} ended on slave {uid} ({msg['reason']}); "
                                 f"this job starts a new one")
         self._dispatch()
 
     def end_session(self, name: str, user: str | None) -> dict | None:
         """End a session on a user's request; returns what it was, or None if there is none."""
-        key = _session_key({"session": name, "user": user})
+        key = P.session_key(user, name)
         info = self.sessions.pop(key, None)
         uid = self.scheduler.unbind_session(key)
         if info is None and uid is None:
             return None
         slave = self.slaves.get(uid) if uid else None
         if slave is not None:
-            slave.peer.send(P.make("session_end", session=key, reason="ended by a user"))
+            slave.peer.send(P.make("session_end", session=name, user=user, reason="ended by a user"))
         self._session_notes.pop(key, None)
         return info or {"name": name, "user": user, "slave_uid": uid}
 
@@ -112,10 +112,10 @@ class SessionBook:
                       key=lambda i: (i["created_at"], i["name"]))
 
 
-def _session_key(job: dict) -> str | None:
+def _session_key(job: dict) -> tuple | None:
     """Sessions are per user: two users' sessions of one name are two interpreters."""
     name = job.get("session")
     if name is None:
         return None
-    return f"{name}@{job['user']}" if job.get("user") else name
+    return P.session_key(job.get("user"), name)
 

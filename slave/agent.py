@@ -76,8 +76,8 @@ class Slave:
         # A runner that keeps Python sessions (slave/sessions.py) tells us when
         # one ends by itself, and we tell the master.
         if hasattr(runner, "on_session_ended"):
-            runner.on_session_ended = lambda name, reason: self._send(
-                P.make("session_ended", session=name, reason=reason))
+            runner.on_session_ended = lambda key, reason: self._send(
+                P.make("session_ended", session=key[1], user=key[0], reason=reason))
 
     # -- connection ----------------------------------------------------------
 
@@ -204,11 +204,12 @@ class Slave:
     def on_session_end(self, msg: dict) -> None:
         end = getattr(self.runner, "end_session", None)
         if end is not None:
-            asyncio.ensure_future(end(msg["session"], msg.get("reason") or "ended by the master"))
+            asyncio.ensure_future(end(P.session_key(msg["user"], msg["session"]),
+                                      msg.get("reason") or "ended by the master"))
 
-    def _session_names(self) -> list[str]:
+    def _session_names(self) -> list[dict]:
         names = getattr(self.runner, "session_names", None)
-        return names() if names is not None else []
+        return [{"user": user, "name": name} for user, name in names()] if names is not None else []
 
     def on_draining(self, msg: dict) -> None:
         self._drain_seen.set()

@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 
+from . import safefs
+
 log = logging.getLogger("distexec.slave.compile_cache")
 
 DEFAULT_MAX_BYTES = 256 << 20
@@ -74,8 +76,10 @@ class CompileCache:
             names = os.listdir(entry)
             for name in names:
                 # A copy, never a link: a job that rewrote its executable
-                # must not change what the next job runs.
-                shutil.copy2(os.path.join(entry, name), os.path.join(dest, name))
+                # must not change what the next job runs.  No times copied:
+                # they would tell this job when someone compiled the same program.
+                shutil.copyfile(os.path.join(entry, name), os.path.join(dest, name))
+                shutil.copymode(os.path.join(entry, name), os.path.join(dest, name))
             os.utime(entry)  # most recently used
         except OSError as exc:
             # Absent, or evicted while we copied: compile instead.
@@ -94,20 +98,30 @@ class CompileCache:
         Returns False when there was nothing to keep or another job stored
         the same key first.
         """
-        # Never a symlink: the slave copies as root, outside the sandbox, so a
-        # link the build planted (main.bin -> a secret) would copy the secret
-        # into the cache and hand it to later jobs.
-        paths = sorted({p for pattern in patterns for p in glob.glob(os.path.join(src, pattern))
-                        if os.path.isfile(p) and not os.path.islink(p)})
-        if not paths:
-            return False
-        size = sum(os.path.getsize(p) for p in paths)
-        if size > self.max_bytes:
+        # Only regular files of one link, opened without following links
+        # (safefs): the slave copies as root, outside the sandbox, so a link the
+        # build planted (main.bin -> a secret) would copy the secret into the
+        # cache and hand it to later jobs, and a FIFO would hang the copy.
+        names = sorted({os.path.basename(p) for pattern in patterns for p in glob.glob(os.path.join(src, pattern))})
+        if not names:
             return False
         tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root)
         try:
-            for p in paths:
-                shutil.copy2(p, os.path.join(tmp, os.path.basename(p)), follow_symlinks=False)
+            src_fd = safefs.open_dir(src)
+            try:
+                budget, kept = self.max_bytes, 0
+                for name in names:
+                    try:
+                        budget -= safefs.copy_out(src_fd, name, os.path.join(tmp, name), max_bytes=budget)
+                        kept += 1
+                    except safefs.TooLarge:
+                        return False  # over the cache's whole size: not worth keeping
+                    except safefs.UnsafePath as exc:
+                        log.warning("compile cache %s: skipped: %s", key[:12], exc)
+            finally:
+                os.close(src_fd)
+            if not kept:
+                return False
             try:
                 os.rename(tmp, self._entry(key))
             except OSError:

@@ -23,6 +23,7 @@ import psutil
 
 from distexec_kernel import languages as L, protocol as P
 
+from . import safefs
 from .sandbox import Limits, Sandbox
 
 log = logging.getLogger("distexec.slave.runner")
@@ -135,13 +136,11 @@ class ProcessRunner:
 
     async def _run_in(self, workdir: str, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
-        for name, text in (job.get("files") or {}).items():
-            P.check_file_name(name)
-            with open(os.path.join(workdir, name), "w") as f:
-                f.write(text)
         source_name = lang.source_name(job["source"])
-        with open(os.path.join(workdir, source_name), "w") as f:
-            f.write(job["source"])
+        files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
+        files[source_name] = job["source"].encode()
+        # The directory is fresh, but one code path for every write where a job can reach.
+        await asyncio.to_thread(safefs.write_files, workdir, files)
         fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
         env = dict(lang.env)
 

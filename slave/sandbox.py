@@ -163,6 +163,11 @@ class Sandbox:
     def job_uid(self) -> int:
         return os.getuid()
 
+    @property
+    def file_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) that files the slave writes for a running job are handed to; None: leave them."""
+        return None
+
     def describe(self) -> str:
         """What isolation and which limits are in force, in one line for the start-up log."""
         why = f" ({self.why_not})" if self.why_not else ""
@@ -324,6 +329,10 @@ class BwrapSandbox(Sandbox):
     @property
     def job_uid(self) -> int:
         return self.uid
+
+    @property
+    def file_owner(self) -> tuple[int, int] | None:
+        return (self.uid, self.gid) if os.getuid() == 0 else None
 
     def describe(self) -> str:
         net = ("network allowed (--allow-network)" if self.limits.allow_network

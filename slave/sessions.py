@@ -48,6 +48,7 @@ from distexec_kernel import languages as L, protocol as P
 
 from .runner import (_SIGNALS_SEEN_AS_EXIT, Outcome, OutputCallback, Runner, _Capture, _kill_group, _signal_error,
                      _watch_memory)
+from . import safefs
 from .sandbox import Limits, Sandbox
 
 log = logging.getLogger("distexec.slave.sessions")
@@ -91,7 +92,7 @@ def kernel_argv(connection_file: str) -> list[str]:
 class Session:
     """One live kernel and what we know of it."""
 
-    name: str
+    key: tuple  # (user, name): see protocol.session_key
     workdir: str
     proc: asyncio.subprocess.Process
     client: object  # jupyter_client AsyncKernelClient
@@ -118,13 +119,13 @@ class SessionRunner:
         self.limits = limits
         self.workroot = workroot
         self.ttl = ttl
-        self.sessions: dict[str, Session] = {}
-        # Why a session of that name ended here, for the note in the next job's stderr.
-        self.ended: dict[str, str] = {}
-        # Called with (name, reason) when a session ends on its own (idle,
+        self.sessions: dict[tuple, Session] = {}
+        # Why a session of that key ended here, for the note in the next job's stderr.
+        self.ended: dict[tuple, str] = {}
+        # Called with (key, reason) when a session ends on its own (idle,
         # interpreter died, restarted): the agent tells the master.
-        self.on_ended: Callable[[str, str], None] | None = None
-        self._starting: dict[str, asyncio.Future] = {}
+        self.on_ended: Callable[[tuple, str], None] | None = None
+        self._starting: dict[tuple, asyncio.Future] = {}
         self._reaper: asyncio.Task | None = None
         self._closed = False
 
@@ -132,14 +133,14 @@ class SessionRunner:
         return (f"python sessions: one ipykernel per session, ended after {self.ttl:g} s idle; each kernel "
                 f"runs in the same sandbox as a job's process, its memory limit covering the whole session")
 
-    def session_names(self) -> list[str]:
-        """Sessions alive here, and those whose kernel is starting (a job waits on it)."""
-        return sorted(set(self.sessions) | set(self._starting))
+    def session_names(self) -> list[tuple]:
+        """Keys of the sessions alive here, and of those whose kernel is starting (a job waits on it)."""
+        return sorted(set(self.sessions) | set(self._starting), key=repr)
 
     # -- the Runner interface ------------------------------------------------
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
-        name = job.get("session")
+        name = P.session_key(job.get("user"), job["session"])
         if L.canonical(job.get("language") or "") != "python":
             return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, "sessions run Python only"))
         if self._closed:
@@ -150,7 +151,7 @@ class SessionRunner:
             if session is not None:
                 await self._end(session, "its interpreter exited", notify=True)
             note = job.get("session_note") or (
-                f"session {name!r} ended earlier ({self.ended[name]}); this job starts a new one"
+                f"session {name[1]!r} ended earlier ({self.ended[name]}); this job starts a new one"
                 if name in self.ended else None)
             started = self._starting.get(name)
             if started is None:
@@ -191,8 +192,8 @@ class SessionRunner:
         for session in list(self.sessions.values()):
             await self._end(session, "the slave stopped", notify=False)
 
-    async def end_session(self, name: str, reason: str = "ended by a user") -> bool:
-        """End session ``name`` now (a running cell is killed); False if there is none."""
+    async def end_session(self, name: tuple, reason: str = "ended by a user") -> bool:
+        """End the session of key ``name`` now (a running cell is killed); False if there is none."""
         session = self.sessions.get(name)
         if session is None:
             return False
@@ -201,7 +202,7 @@ class SessionRunner:
 
     # -- kernels ---------------------------------------------------------------
 
-    async def _start(self, name: str) -> Session:
+    async def _start(self, name: tuple) -> Session:
         from jupyter_client.asynchronous import AsyncKernelClient
         from jupyter_client.connect import write_connection_file
 
@@ -277,15 +278,15 @@ class SessionRunner:
 
     async def _end(self, session: Session, reason: str, *, notify: bool) -> None:
         session.ended_reason = session.ended_reason or reason
-        if self.sessions.get(session.name) is session:
-            del self.sessions[session.name]
-            self.ended[session.name] = reason
+        if self.sessions.get(session.key) is session:
+            del self.sessions[session.key]
+            self.ended[session.key] = reason
             while len(self.ended) > 1000:  # only for the next job's note: keep the newest
                 del self.ended[next(iter(self.ended))]
         await self._dispose(session)
-        log.info("session %r ended: %s", session.name, reason)
+        log.info("session %r ended: %s", session.key, reason)
         if notify and self.on_ended is not None:
-            self.on_ended(session.name, reason)
+            self.on_ended(session.key, reason)
 
     async def _dispose(self, session: Session) -> None:
         try:
@@ -297,7 +298,7 @@ class SessionRunner:
             try:
                 await asyncio.wait_for(session.proc.wait(), 5.0)
             except asyncio.TimeoutError:
-                log.warning("session %r: kernel %d did not die", session.name, session.proc.pid)
+                log.warning("session %r: kernel %d did not die", session.key, session.proc.pid)
         # Off the event loop: a long session's directory can be large, and the loop answers the pings.
         await asyncio.to_thread(self.sandbox.cleanup, session.spawn)
         await asyncio.to_thread(shutil.rmtree, session.workdir, ignore_errors=True)
@@ -320,10 +321,15 @@ class SessionRunner:
     async def _execute(self, session: Session, job: dict, capture: _Capture,
                        cancel: asyncio.Event) -> Outcome:
         kc = session.client
-        for fname, text in (job.get("files") or {}).items():
-            P.check_file_name(fname)
-            with open(os.path.join(session.workdir, fname), "w") as f:
-                f.write(text)
+        files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
+        if files:
+            # The kernel (the job's uid) owns this directory and may have planted
+            # links or FIFOs under these names: see safefs.  Off the loop, too.
+            try:
+                await asyncio.to_thread(safefs.write_files, session.workdir, files, self.sandbox.file_owner)
+            except OSError as exc:
+                return self._outcome(None, P.error(P.INTERNAL_ERROR, f"the job's files could not be written: "
+                                                   f"{exc}"), capture)
         args = tuple(job.get("args") or ())
         stdin = job.get("stdin")
         if (args, stdin) != session.io_state or stdin is not None:
@@ -398,14 +404,14 @@ class SessionRunner:
             if exceeded is not None and exceeded(session.spawn):
                 reason = "memory_limit"  # the sandbox's cgroup killed it
         if reason == "memory_limit":
-            if self.sessions.get(session.name) is session:
+            if self.sessions.get(session.key) is session:
                 await self._end(session, "it used more than the memory limit", notify=True)
             capture.feed("stderr", "distexec: the session was ended (memory limit): its variables are gone; "
                          "the next job starts a new one\n", 0)
         elif reason == "exited" or not session.alive:
             await asyncio.wait([asyncio.ensure_future(session.proc.wait())], timeout=5.0)
             code = session.proc.returncode
-            if self.sessions.get(session.name) is session:
+            if self.sessions.get(session.key) is session:
                 await self._end(session, f"its interpreter exited (code {code})", notify=True)
             if reason in (None, "exited"):
                 if code is not None and code < 0:
@@ -588,10 +594,10 @@ class RoutingRunner:
         await self.processes.close()
 
     # What the agent asks of a runner that keeps sessions.
-    def session_names(self) -> list[str]:
+    def session_names(self) -> list[tuple]:
         return self.sessions.session_names()
 
-    async def end_session(self, name: str, reason: str = "ended by a user") -> bool:
+    async def end_session(self, name: tuple, reason: str = "ended by a user") -> bool:
         return await self.sessions.end_session(name, reason)
 
     @property

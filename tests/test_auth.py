@@ -317,3 +317,34 @@ def test_magic_connect_logs_in_with_the_password_asked_for(user_cluster, monkeyp
     finally:
         shell.run_line_magic("unload_ext", "distexec_kernel")
         InteractiveShell.clear_instance()
+
+
+def test_session_names_cannot_reach_another_users_session(make_cluster, tmp_path):
+    """Keys were ``name@user``: user ``corp``'s session ``work@alice`` was user
+    ``alice@corp``'s session ``work``, variables and all."""
+    with pytest.raises(ValueError, match="bad user name"):
+        auth.add_user(str(tmp_path / "other.json"), "alice@corp", "pw", hasher=CHEAP)
+    # A users file written before names were restricted: its '@' name cannot log in.
+    path = str(tmp_path / "users.json")
+    auth.save_users(path, {name: {"password": auth.hash_password(f"{name}-pw", CHEAP), "admin": False}
+                           for name in ("corp", "alice", "alice@corp")})
+    lc = make_cluster(1, slots=2, languages="python", master_args=["--users", path])
+    assert login(lc.url, "alice@corp", "alice@corp-pw").status_code == 401
+    corp = Cluster(lc.url, token=login(lc.url, "corp", "corp-pw").json()["token"])
+    alice = Cluster(lc.url, token=login(lc.url, "alice", "alice-pw").json()["token"])
+    admin = Cluster(lc.url, token=lc.token)
+    try:
+        assert corp.submit("x = 'corp'", session="work@alice").wait(60).status == P.SUCCEEDED
+        assert alice.submit("x = 'alice'", session="work").wait(60).status == P.SUCCEEDED
+        # The admin token's session of the same joined spelling is a third interpreter.
+        for who, name, want in ((corp, "work@alice", "corp"), (alice, "work", "alice")):
+            job = who.submit("print(x)", session=name).wait(60)
+            assert job.stdout == f"{want}\n", (job.error, job.stderr)
+        stranger = admin.submit("print(x)", session="work@alice").wait(60)
+        assert stranger.status == P.FAILED and "NameError" in stranger.stderr
+        mine = {(s["user"], s["name"]) for s in admin.sessions()}
+        assert {("corp", "work@alice"), ("alice", "work"), (auth.ADMIN, "work@alice")} <= mine
+        assert [s["name"] for s in alice.sessions()] == ["work"]
+    finally:
+        for c in (corp, alice, admin):
+            c.close()

@@ -517,6 +517,22 @@ def test_cache_never_follows_a_planted_symlink(tmp_path):
     assert not cache.store("k2", src, ("*.class",))  # a link alone is nothing to keep
 
 
+def test_cache_skips_fifos_and_hard_links_and_keeps_no_times(tmp_path):
+    """The slave copies as root: a FIFO would hang it, a hard link would copy another file."""
+    cache = CompileCache(str(tmp_path / "cache"))
+    src = make_artefacts(tmp_path / "job1", {"Main.class": b"A", "Other.txt": b"secret"})
+    os.mkfifo(os.path.join(src, "Fifo.class"))
+    os.link(os.path.join(src, "Other.txt"), os.path.join(src, "Hard.class"))
+    past = time.time() - 10 * 86400
+    os.utime(os.path.join(src, "Main.class"), (past, past))
+    assert cache.store("k", src, ("*.class",))
+    dest = make_artefacts(tmp_path / "job2", {})
+    assert cache.fetch("k", dest)
+    assert os.listdir(dest) == ["Main.class"]
+    # When the program was first compiled does not reach a later job.
+    assert os.stat(os.path.join(dest, "Main.class")).st_mtime > past + 86400
+
+
 def test_cache_keeps_the_executable_bit_and_copies(tmp_path):
     cache = CompileCache(str(tmp_path / "cache"))
     src = make_artefacts(tmp_path / "job1", {"main.bin": b"\x7fELF"})

@@ -533,3 +533,64 @@ def test_past_the_output_limit_the_job_fails_and_the_session_lives_on(make_clust
         assert flood.status == P.FAILED and flood.error["code"] == P.OUTPUT_LIMIT
         after = run(c, "print(kept)", session="o")
         assert after.status == P.SUCCEEDED and after.stdout == "1\n", after.stderr
+
+
+# --- what a cell leaves in its directory, then the slave writes there as root ---
+
+def _plant(kind: str, victim: str) -> str:
+    """A cell that leaves, under the name ``note.txt``, what an attacker would."""
+    return {
+        "symlink": f"import os\nos.symlink({victim!r}, 'note.txt')\n",
+        # Opening a FIFO to write blocks until someone reads: the slave's event loop, before.
+        "fifo": "import os\nos.mkfifo('note.txt')\n",
+        # A second name of a file the kernel keeps: writing through it would change 'kept.txt'.
+        "hardlink": "import os\nopen('kept.txt', 'w').write('kept')\nos.link('kept.txt', 'note.txt')\n",
+        # As large as a file may be (RLIMIT_FSIZE), sparse: the slave must not read or copy it.
+        "huge": "import resource\nf = open('note.txt', 'wb')\n"
+                "f.truncate(resource.getrlimit(resource.RLIMIT_FSIZE)[0])\nf.close()\n",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink", "huge"])
+def test_job_files_replace_what_a_cell_planted_and_never_write_through_it(client, tmp_path, kind):
+    # A host file only root may write, outside anything the sandbox shows the kernel.
+    victim = tmp_path / "root-only.txt"
+    victim.write_text("untouched")
+    victim.chmod(0o600)
+    name = f"plant-{kind}"
+    planted = run(client, _plant(kind, str(victim)), session=name)
+    assert planted.status == P.SUCCEEDED, planted.stderr
+    job = client.submit("print(open('note.txt').read())\nimport os\nprint(sorted(os.listdir('.')))",
+                        session=name, files={"note.txt": "from the job"})
+    job.wait(WAIT)
+    assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+    assert job.stdout.startswith("from the job\n")
+    assert victim.read_text() == "untouched"
+    if kind == "hardlink":
+        again = run(client, "print(open('kept.txt').read())", session=name)
+        assert again.stdout == "kept\n"  # the other name kept its content: no write went through the link
+
+
+def test_a_planted_fifo_leaves_the_slave_serving_others(client):
+    """Before, the root open() of a FIFO blocked the slave's loop: the master dropped
+    the slave and a bystander's job on it ended slave_lost."""
+    planted = run(client, "import os\nos.mkfifo('stuck')", session="fifo-bystander")
+    assert planted.status == P.SUCCEEDED, planted.stderr
+    uid = planted.slave_uid
+    before = {s["uid"]: s["connected_at"] for s in client.slaves()}
+    bystanders = [client.submit("import time\ntime.sleep(0.5)\nprint('ok')") for _ in range(4)]
+    job = run(client, "print(open('stuck').read())", session="fifo-bystander", files={"stuck": "x"})
+    assert job.status == P.SUCCEEDED and job.stdout == "x\n", (job.error, job.stderr)
+    for b in bystanders:
+        assert b.wait(WAIT).status == P.SUCCEEDED, b.error
+    # The slave never dropped its connection.
+    assert {s["uid"]: s["connected_at"] for s in client.slaves()}[uid] == before[uid]
+
+
+def test_a_folder_planted_where_a_job_file_goes_is_a_clear_error(client):
+    assert run(client, "import os\nos.mkdir('data.txt')", session="dir-plant").status == P.SUCCEEDED
+    job = run(client, "print(1)", session="dir-plant", files={"data.txt": "x"})
+    assert job.status == P.FAILED
+    assert "data.txt" in job.error["message"] and "folder" in job.error["message"]
+    # The session lives on.
+    assert run(client, "print(2)", session="dir-plant").stdout == "2\n"
