@@ -40,11 +40,10 @@ def kernel_json(language: str) -> dict:
 def _manager(prefix: str | None = None):
     from jupyter_client.kernelspec import KernelSpecManager
 
-    ksm = KernelSpecManager()
     if prefix:
-        # A --prefix outside Jupyter's search path is looked at first, as the user asked for it.
-        ksm.kernel_dirs = [os.path.join(prefix, "share", "jupyter", "kernels"), *ksm.kernel_dirs]
-    return ksm
+        # Only what is under the prefix the user named, in or out of Jupyter's search path.
+        return KernelSpecManager(kernel_dirs=[os.path.join(prefix, "share", "jupyter", "kernels")])
+    return KernelSpecManager()
 
 
 def install(languages_: list[str] | None = None, *, user: bool = False, prefix: str | None = None,
@@ -63,12 +62,12 @@ def install(languages_: list[str] | None = None, *, user: bool = False, prefix: 
             with open(os.path.join(src, "kernel.json"), "w") as f:
                 json.dump(kernel_json(name), f, indent=2)
             done[spec_name(name)] = ksm.install_kernel_spec(src, kernel_name=spec_name(name), user=user,
-                                                            prefix=prefix, replace=True)
+                                                            prefix=prefix)
     return done
 
 
 def installed(prefix: str | None = None) -> dict[str, str]:
-    """The distexec kernelspecs Jupyter finds (and those under ``prefix``): name -> directory."""
+    """The distexec kernelspecs Jupyter finds (only those under ``prefix`` if given): name -> directory."""
     return {name: path for name, path in sorted(_manager(prefix).find_kernel_specs().items())
             if name.startswith(PREFIX)}
 
