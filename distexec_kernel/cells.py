@@ -234,10 +234,13 @@ def _braces_complete(code: str) -> dict:
             i = end + 1
             continue
         if c == "'":
-            # A char literal closes within a few characters; else it is a
-            # Rust lifetime or a lone quote: step over it.
-            end = _string_end(code, i, c)
-            i = end + 1 if 0 <= end - i <= 10 else i + 1
+            # A char literal is one character or a short escape ('x', '\n',
+            # '\u{1F600}'); anything else is a Rust lifetime or a lone quote: step over it.
+            if code.startswith("\\", i + 1):
+                end = _string_end(code, i, c)
+                i = end + 1 if 0 < end - i <= 12 else i + 1
+            else:
+                i = i + 3 if code[i + 2:i + 3] == "'" else i + 1
             continue
         if c in "([{":
             stack.append(c)

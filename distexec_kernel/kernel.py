@@ -54,7 +54,7 @@ class DistexecKernel(Kernel):
         # One Python session per kernel instance: state lives from cell to cell,
         # and a second notebook does not share it.
         self.session_name = f"kernel-{uuid.uuid4().hex[:12]}" if lang.name == "python" else None
-        self._sessions_used: set[str] = set()
+        self._session_used = False
 
     # -- what the front end is told ------------------------------------------------------
 
@@ -168,8 +168,7 @@ class DistexecKernel(Kernel):
         except DistexecError as exc:
             return self._error(exc.code or "DistexecError", str(exc), [f"{exc.code}: {exc}"])
         job_box.append(job)
-        if session:
-            self._sessions_used.add(session)
+        self._session_used |= session is not None and session == self.session_name
         if cell.no_wait:
             if not silent:
                 self._show(D.status_bundle(job.record))
@@ -239,9 +238,10 @@ class DistexecKernel(Kernel):
 
     async def do_shutdown(self, restart):
         if self._cluster is not None:
-            for name in self._sessions_used:
+            # The kernel's own session only: one named with %session may be shared.
+            if self._session_used:
                 try:
-                    self._cluster.end_session(name)
+                    self._cluster.end_session(self.session_name)
                 except DistexecError:
                     pass  # already gone (ended, idle past its TTL, slave lost)
             self._cluster.close()
