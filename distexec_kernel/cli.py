@@ -183,6 +183,29 @@ def cmd_languages(args) -> int:
     return 0
 
 
+def cmd_kernel(args) -> int:
+    from . import kernelspec
+    try:
+        if args.action == "install":
+            langs = [x for x in (args.languages or "").split(",") if x] or None
+            done = kernelspec.install(langs, user=args.user, prefix=args.prefix, sys_prefix=args.sys_prefix)
+            for name, path in done.items():
+                print(f"installed {name} in {path}")
+        elif args.action == "list":
+            found = kernelspec.installed(args.prefix)
+            for name, path in found.items():
+                print(f"{name:<22} {path}")
+            if not found:
+                print("no distexec kernels installed (distexec kernel install)")
+        else:
+            for name, path in kernelspec.remove(args.languages_ or None, args.prefix).items():
+                print(f"removed {name} from {path}")
+    except (ValueError, KeyError) as exc:
+        print(f"distexec kernel {args.action}: {exc.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from master.server import add_arguments as master_args
     from slave.server import add_arguments as slave_args
@@ -216,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_user)
+
+    sp = sub.add_parser("kernel", help="install, list or remove the Jupyter kernels (one per language)")
+    sp.add_argument("action", choices=("install", "list", "remove"))
+    sp.add_argument("languages_", nargs="*", metavar="LANG", help="remove: these languages' kernels (default: all)")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for this user only")
+    where.add_argument("--sys-prefix", action="store_true", help="install into this Python's prefix (a venv, conda)")
+    where.add_argument("--prefix", default=None, metavar="P", help="install into P/share/jupyter/kernels")
+    sp.add_argument("--languages", default=None, metavar="L,...",
+                    help="install: these languages (default: every language distexec knows)")
+    sp.set_defaults(func=cmd_kernel)
 
     sp = sub.add_parser("master", help="run a master")
     master_args(sp)

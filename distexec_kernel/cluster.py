@@ -204,6 +204,38 @@ class Job:
         finally:
             self._cluster._unwatch(self)
 
+    def follow(self, write: Callable[[str, str], None], cancel_wait: float = 10.0) -> bool:
+        """Hand the output to ``write(stream, text)`` in this thread as it comes, until the job ends.
+
+        What the magic and the kernels stream into a cell.  A KeyboardInterrupt
+        (Ctrl-C, a kernel interrupt) cancels the job on the master, waits up to
+        ``cancel_wait`` s for it to end, writes the output that had arrived but
+        was not written yet, and returns True; a job that ended by itself
+        returns False.
+        """
+        written = dict.fromkeys(P.STREAMS, 0)
+
+        def emit(stream: str, text: str) -> None:
+            write(stream, text)
+            written[stream] += len(text)
+
+        try:
+            for stream, text in self.iter_output():
+                emit(stream, text)
+        except KeyboardInterrupt:
+            try:
+                self.cancel()
+                self.wait(timeout=cancel_wait)
+            except (DistexecError, TimeoutError, KeyboardInterrupt):
+                pass  # shown as it stands; the master still has the cancel request
+            record = self.record
+            for stream in P.STREAMS:
+                rest = (record.get(stream) or "")[written[stream]:]
+                if rest:
+                    emit(stream, rest)
+            return True
+        return False
+
     def on_output(self, listener: Callable[[str, str], None]) -> None:
         """Call ``listener(stream, text)`` from the event thread for each new chunk."""
         self._output_listeners.append(listener)

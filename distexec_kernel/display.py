@@ -58,6 +58,38 @@ def status_line(job: dict) -> str:
     return line
 
 
+def status_bundle(job: dict) -> dict:
+    """The status line as a display bundle: gray in a notebook, plain elsewhere."""
+    line = status_line(job)
+    return {"text/plain": line, "text/html": f"<div style='color:gray'>{html.escape(line)}</div>"}
+
+
+def failure_lines(job: dict, interrupted: bool = False) -> list[str]:
+    """What a person needs to see for a job that did not succeed, line by line.
+
+    The job's status line, its error code and message, and where it points
+    (the line of a compile or syntax error).  Shared by the magic and the
+    kernels, so a failed cell reads the same in both.
+    """
+    err = job.get("error") or {}
+    lines = [status_line({**job, "error": None})]
+    if err:
+        lines.append(f"{err.get('code')}: {err.get('message')}")
+    if err.get("code") == P.SYNTAX_ERROR:
+        caret = syntax_caret(err)
+        if caret:
+            lines.append(caret)
+    elif err.get("line") and err.get("text"):
+        # Where a compiler or a runtime error points: the details are in the stderr above.
+        lines.append(f"  line {err['line']}: {err['text'].strip()}")
+    if err.get("code") == P.UNSUPPORTED_LANGUAGE and err.get("available") is not None \
+            and "available" not in (err.get("message") or ""):
+        lines.append("available languages: " + (", ".join(err["available"]) or "none"))
+    if interrupted:
+        lines.append(f"KeyboardInterrupt: job {job['id']} was cancelled on the master")
+    return lines
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     def line(cells):

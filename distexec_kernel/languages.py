@@ -14,6 +14,8 @@ artefact name, ``{main}`` the source's stem (Java's public class).
 from __future__ import annotations
 
 import ast
+import builtins
+import keyword
 import os
 import re
 from dataclasses import dataclass, field
@@ -62,6 +64,17 @@ class Language:
     locations: tuple[str, ...] = ()
     # Python tracebacks list the innermost frame last; everyone else first.
     location_last: bool = False
+    # What a Jupyter kernel of this language tells the front end (language_info),
+    # so a notebook is highlighted and exported as this language.
+    display_name: str = ""
+    mimetype: str = "text/plain"
+    codemirror_mode: str | None = None
+    pygments_lexer: str | None = None
+    # Words a kernel offers as completions.
+    keywords: tuple[str, ...] = ()
+    # How a kernel tells whether a cell is complete: "python" (the compiler
+    # decides), "braces" (balanced brackets), or "" (it cannot say).
+    blocks: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def source_name(self, source: str) -> str:
@@ -88,6 +101,13 @@ def _python_syntax(source: str) -> dict | None:
     return None
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# Python's keywords and builtins (what a Python kernel offers for completion).
+_PYTHON_WORDS = tuple(sorted(set(keyword.kwlist) | {n for n in dir(builtins) if not n.startswith("_")}))
+
 LANGUAGES: dict[str, Language] = {
     lang.name: lang
     for lang in (
@@ -101,6 +121,9 @@ LANGUAGES: dict[str, Language] = {
             run=("python3", "-u", "{source}"),
             locations=(r'File "(?:[^"]*/)?{file}", line (?P<line>\d+)',),
             location_last=True,
+            display_name="Python", mimetype="text/x-python", codemirror_mode="python", pygments_lexer="python3",
+            blocks="python",
+            keywords=_PYTHON_WORDS,
         ),
         Language(
             name="c",
@@ -110,6 +133,14 @@ LANGUAGES: dict[str, Language] = {
             compile=("gcc", "-O2", "-std=gnu17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}", "-lm"),
             run=_LINE_BUFFERED + ("./{exe}",),
             locations=_GCC_LOCATIONS,
+            display_name="C", mimetype="text/x-csrc", codemirror_mode="clike", pygments_lexer="c",
+            blocks="braces",
+            keywords=_words(
+                "auto break case char const continue default do double else enum extern float for goto if "
+                "inline int long register restrict return short signed sizeof static struct switch typedef "
+                "union unsigned void volatile while _Bool bool true false NULL include define ifdef ifndef "
+                "endif printf scanf puts putchar getchar fgets fputs fprintf sprintf snprintf malloc calloc "
+                "realloc free strlen strcmp strcpy memcpy memset stdin stdout stderr size_t main"),
         ),
         Language(
             name="cpp",
@@ -120,6 +151,16 @@ LANGUAGES: dict[str, Language] = {
             compile=("g++", "-O2", "-std=gnu++17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}"),
             run=_LINE_BUFFERED + ("./{exe}",),
             locations=_GCC_LOCATIONS,
+            display_name="C++", mimetype="text/x-c++src", codemirror_mode="clike", pygments_lexer="cpp",
+            blocks="braces",
+            keywords=_words(
+                "alignas alignof and auto bool break case catch char class const constexpr const_cast "
+                "continue decltype default delete do double dynamic_cast else enum explicit export extern "
+                "false float for friend goto if inline int long mutable namespace new noexcept nullptr "
+                "operator or private protected public reinterpret_cast return short signed sizeof static "
+                "static_assert static_cast struct switch template this throw true try typedef typeid "
+                "typename union unsigned using virtual void volatile while include std cout cin cerr endl "
+                "string vector map unordered_map set pair size_t main"),
         ),
         Language(
             name="java",
@@ -134,6 +175,14 @@ LANGUAGES: dict[str, Language] = {
             # javac: "Main.java:3: error: ..." then the line and a caret under the column.
             locations=(r"^{file}:(?P<line>\d+): error:", r"^{file}:(?P<line>\d+):",
                        r"\({file}:(?P<line>\d+)\)"),
+            display_name="Java", mimetype="text/x-java", codemirror_mode="clike", pygments_lexer="java",
+            blocks="braces",
+            keywords=_words(
+                "abstract assert boolean break byte case catch char class const continue default do double "
+                "else enum extends final finally float for goto if implements import instanceof int "
+                "interface long native new package private protected public record return short static "
+                "strictfp super switch synchronized this throw throws transient try var void volatile while "
+                "true false null String System out println printf Integer Math main args"),
         ),
         Language(
             name="javascript",
@@ -144,6 +193,14 @@ LANGUAGES: dict[str, Language] = {
             run=("node", "{source}"),
             # "/dir/main.js:3" above a syntax error; "(/dir/main.js:3:9)" in a stack.
             locations=(r"(?:^|[\s(/]){file}:(?P<line>\d+)(?::(?P<col>\d+))?",),
+            display_name="JavaScript", mimetype="text/javascript", codemirror_mode="javascript",
+            pygments_lexer="javascript",
+            blocks="braces",
+            keywords=_words(
+                "async await break case catch class const continue debugger default delete do else export "
+                "extends false finally for function if import in instanceof let new null return static "
+                "super switch this throw true try typeof undefined var void while yield console log process "
+                "require Math JSON Promise"),
         ),
         Language(
             name="ruby",
@@ -153,6 +210,11 @@ LANGUAGES: dict[str, Language] = {
             version=("ruby", "--version"),
             run=("ruby", "-e", _RUBY_SYNC, "{source}"),
             locations=(r"(?:^|[\s:]){file}:(?P<line>\d+):",),
+            display_name="Ruby", mimetype="text/x-ruby", codemirror_mode="ruby", pygments_lexer="ruby",
+            keywords=_words(
+                "BEGIN END alias and begin break case class def defined? do else elsif end ensure false for "
+                "if in module next nil not or redo rescue retry return self super then true undef unless "
+                "until when while yield puts print require attr_accessor each map"),
         ),
         Language(
             name="bash",
@@ -162,6 +224,10 @@ LANGUAGES: dict[str, Language] = {
             version=("bash", "--version"),
             run=("bash", "{source}"),
             locations=(r"{file}: line (?P<line>\d+):",),
+            display_name="Bash", mimetype="text/x-sh", codemirror_mode="shell", pygments_lexer="bash",
+            keywords=_words(
+                "case do done elif else esac fi for function if in local read return select then until "
+                "while echo printf export declare set shift test exit"),
         ),
         Language(
             name="sh",
@@ -172,6 +238,10 @@ LANGUAGES: dict[str, Language] = {
             version=("sh", "-c", "echo posix-sh 1.0"),
             run=("sh", "{source}"),
             locations=(r"{file}: (?:line )?(?P<line>\d+):",),
+            display_name="sh", mimetype="text/x-sh", codemirror_mode="shell", pygments_lexer="sh",
+            keywords=_words(
+                "case do done elif else esac fi for if in read return then until while echo printf export "
+                "set shift test exit"),
         ),
         Language(
             name="go",
@@ -189,6 +259,12 @@ LANGUAGES: dict[str, Language] = {
             version_pattern=r"go(\d+(?:\.\d+)+)",
             locations=(r"^(?:\./)?{file}:(?P<line>\d+):(?P<col>\d+):",
                        r"{file}:(?P<line>\d+)"),
+            display_name="Go", mimetype="text/x-go", codemirror_mode="go", pygments_lexer="go",
+            blocks="braces",
+            keywords=_words(
+                "break case chan const continue default defer else fallthrough for func go goto if import "
+                "interface map package range return select struct switch type var bool byte error float64 "
+                "int int64 string true false nil append len make fmt Println Printf main"),
         ),
         Language(
             name="rust",
@@ -202,6 +278,13 @@ LANGUAGES: dict[str, Language] = {
             locations=(r"^error.*\n\s*--> {file}:(?P<line>\d+):(?P<col>\d+)",
                        r"--> {file}:(?P<line>\d+):(?P<col>\d+)",
                        r"{file}:(?P<line>\d+):(?P<col>\d+)"),
+            display_name="Rust", mimetype="text/x-rustsrc", codemirror_mode="rust", pygments_lexer="rust",
+            blocks="braces",
+            keywords=_words(
+                "as async await break const continue crate dyn else enum extern false fn for if impl in let "
+                "loop match mod move mut pub ref return self Self static struct super trait true type "
+                "unsafe use where while println print format vec String Vec Option Some None Result Ok Err "
+                "main"),
         ),
         Language(
             name="powershell",
@@ -211,6 +294,13 @@ LANGUAGES: dict[str, Language] = {
             version=("pwsh", "--version"),
             run=("pwsh", "-NoLogo", "-NoProfile", "-NonInteractive", "-File", "{source}"),
             locations=(r"{file}:(?P<line>\d+) char:(?P<col>\d+)", r"{file}:(?P<line>\d+)"),
+            display_name="PowerShell", mimetype="application/x-powershell", codemirror_mode="powershell",
+            pygments_lexer="powershell",
+            blocks="braces",
+            keywords=_words(
+                "begin break catch class continue data do dynamicparam else elseif end exit filter finally "
+                "for foreach function if in param process return switch throw trap try until while Write- "
+                "Output Write-Host Get-ChildItem"),
         ),
     )
 }

@@ -25,7 +25,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from . import config, display as D, languages, protocol as P
+from . import cells, config, display as D, languages, protocol as P
+from .cells import seconds
 from .cluster import Cluster, DistexecError, Job, RemoteError
 
 # How many live status widgets the magics keep a reference to (for tests and
@@ -55,24 +56,7 @@ def error_lines(exc: BaseException) -> list[str]:
     """
     if not isinstance(exc, RemoteError):
         return [f"{type(exc).__name__}: {exc}"]
-    record = exc.job.record
-    err = record.get("error") or {}
-    lines = [D.status_line({**record, "error": None})]
-    if err:
-        lines.append(f"{err.get('code')}: {err.get('message')}")
-    if err.get("code") == P.SYNTAX_ERROR:
-        caret = D.syntax_caret(err)
-        if caret:
-            lines.append(caret)
-    elif err.get("line") and err.get("text"):
-        # Where a compiler or a runtime error points: the details are in the stderr above.
-        lines.append(f"  line {err['line']}: {err['text'].strip()}")
-    if err.get("code") == P.UNSUPPORTED_LANGUAGE and err.get("available") is not None \
-            and "available" not in (err.get("message") or ""):
-        lines.append("available languages: " + (", ".join(err["available"]) or "none"))
-    if getattr(exc, "interrupted", False):
-        lines.append(f"KeyboardInterrupt: job {record['id']} was cancelled on the master")
-    return lines
+    return D.failure_lines(exc.job.record, interrupted=getattr(exc, "interrupted", False))
 
 
 def show_error(shell, etype, value, tb, tb_offset=None):
@@ -115,17 +99,6 @@ def status_html(record: dict) -> str:
 
 def _rank(status: str) -> int:
     return 2 if status in P.TERMINAL else 1 if status == P.RUNNING else 0
-
-
-def seconds(text: str) -> float:
-    """argparse type for --timeout (its name shows in argparse's messages)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
 
 
 @magics_class
@@ -300,13 +273,10 @@ class RemoteMagics(Magics):
     # -- shared by %%remote and %remote run ---------------------------------------
 
     def _files(self, paths: list[str]) -> dict[str, str]:
-        files = {}
-        for path in paths:
-            name = os.path.basename(path)
-            if name in files:
-                raise UsageError(f"two --file arguments are both named {name!r}")
-            files[name] = _read(path)
-        return files
+        try:
+            return cells.read_files(paths)
+        except cells.OptionError as exc:
+            raise UsageError(str(exc)) from None
 
     def _after_submit(self, job: Job, no_wait: bool, output: str | None):
         if output:
@@ -316,36 +286,17 @@ class RemoteMagics(Magics):
         self._follow(job)
         if job.status != P.SUCCEEDED:
             raise RemoteJobFailed(job)
-        display({"text/plain": D.status_line(job.record),
-                 "text/html": f"<div style='color:gray'>{html.escape(D.status_line(job.record))}</div>"},
-                raw=True)
+        display(D.status_bundle(job.record), raw=True)
         return None
 
     def _follow(self, job: Job) -> None:
         """Stream the job's output into this cell, from the main thread; Ctrl-C cancels it."""
-        written = dict.fromkeys(P.STREAMS, 0)
-
         def write(stream: str, text: str) -> None:
             out = sys.stdout if stream == "stdout" else sys.stderr
             out.write(text)
             out.flush()
-            written[stream] += len(text)
 
-        try:
-            for stream, text in job.iter_output():
-                write(stream, text)
-        except KeyboardInterrupt:
-            try:
-                job.cancel()
-                job.wait(timeout=10)
-            except (DistexecError, TimeoutError, KeyboardInterrupt):
-                pass  # shown as it stands; the master still has the cancel request
-            # Output that had arrived but was not written yet when the interrupt came.
-            record = job.record
-            for stream in P.STREAMS:
-                rest = (record.get(stream) or "")[written[stream]:]
-                if rest:
-                    write(stream, rest)
+        if job.follow(write):
             raise RemoteJobFailed(job, interrupted=True) from None
 
     # -- live status of a job that runs on ----------------------------------------
@@ -448,12 +399,9 @@ def _parse(magic, line: str) -> argparse.Namespace:
 
 def _read(path: str) -> str:
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text") from None
+        return cells.read_text(path)
+    except cells.OptionError as exc:
+        raise UsageError(str(exc)) from None
 
 
 _loaded: dict[int, RemoteMagics] = {}

@@ -29,7 +29,11 @@ from distexec_kernel.local import LocalCluster
 from conftest import wait_for
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+# The notebooks of the python3 kernel; those of our own kernels (kernelspec
+# distexec-*) are run by tests/test_kernels.py.
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")
+                   if not nbformat.read(p, as_version=4).metadata.get("kernelspec", {})
+                   .get("name", "").startswith("distexec-"))
 
 
 def kernel_env(home) -> dict:
