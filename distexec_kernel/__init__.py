@@ -6,11 +6,11 @@ the master and slaves can import ``distexec_kernel.protocol`` alone.
 """
 __version__ = "0.1.0"
 
-__all__ = ["Cluster", "Job", "JobPanel", "RemoteError", "load_ipython_extension"]
+__all__ = ["Cluster", "Job", "JobGroup", "JobPanel", "RemoteError", "load_ipython_extension"]
 
 
 def __getattr__(name):
-    if name in ("Cluster", "Job", "RemoteError"):
+    if name in ("Cluster", "Job", "JobGroup", "RemoteError"):
         from . import cluster
         return getattr(cluster, name)
     if name == "JobPanel":

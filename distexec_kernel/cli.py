@@ -96,6 +96,8 @@ def cmd_submit(args) -> int:
     if args.stdin_file:
         with open(args.stdin_file) as f:
             stdin = f.read()
+    if args.each:
+        return _submit_each(args, source, language, stdin)
     with _cluster(args, events=not args.no_wait) as c:
         job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
                        name=args.name or os.path.basename(args.file), retries=args.retries)
@@ -118,13 +120,69 @@ def cmd_submit(args) -> int:
         caret = display.syntax_caret(err)
         if caret:
             print(caret, file=sys.stderr)
+    return _exit_code(record)
+
+
+def _exit_code(record: dict) -> int:
+    """The shell's exit code for a job: its own, 128+N for signal N, else one for its error code."""
     if record["status"] == P.SUCCEEDED:
         return 0
     if record.get("exit_code") is not None and record["exit_code"] > 0:
         return record["exit_code"]
     if record.get("exit_code") is not None and record["exit_code"] < 0:
         return 128 - record["exit_code"]
-    return EXIT_FOR_ERROR.get((err or {}).get("code"), 1)
+    return EXIT_FOR_ERROR.get((record.get("error") or {}).get("code"), 1)
+
+
+def _each_args(path: str) -> list[list[str]]:
+    """One job's arguments per line of ``path``, split as a shell would; blank lines and # comments skipped."""
+    import shlex
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise SystemExit(f"distexec: cannot read {path}: {exc.strerror}")
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            raise SystemExit(f"distexec: {path}, line {number}: {exc}")
+        if words:
+            out.append(words)
+    return out
+
+
+def _submit_each(args, source: str, language: str, stdin: str | None) -> int:
+    """``submit FILE --each ARGS_FILE``: one job per line, a progress bar, outputs in order.
+
+    Exits 0 if every job succeeded, else with the exit code of the first
+    failure in input order (as ``submit`` would for that job alone).
+    """
+    each = _each_args(args.each)
+    name = args.name or os.path.basename(args.file)
+    subs = [dict(source=source, language=language, args=[*args.arg, *words], stdin=stdin, timeout=args.timeout,
+                 name=name, retries=args.retries) for words in each]
+    with _cluster(args, events=not args.no_wait) as c:
+        group = c.submit_many(subs)
+        if args.no_wait:
+            print(group.id or "")
+            return 0
+        try:
+            group.wait(progress=sys.stderr.isatty() or args.progress)
+        except KeyboardInterrupt:
+            group.cancel()
+            print(f"\ndistexec: cancelled group {group.id}", file=sys.stderr)
+            return 130
+    for job in group:
+        sys.stdout.write(job.stdout or "")
+        if job.stderr:
+            sys.stderr.write(job.stderr)
+    sys.stdout.flush()
+    print(group.summary(), file=sys.stderr)
+    for job in group.failed:
+        print(display.status_line(job.record), file=sys.stderr)
+    return _exit_code(group.failed[0].record) if group.failed else 0
 
 
 def cmd_jobs(args) -> int:
@@ -268,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default=None)
     sp.add_argument("--retries", type=int, default=0)
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sp.add_argument("--each", metavar="ARGS_FILE", default=None,
+                    help="one job per line of ARGS_FILE, the line (split as a shell would) as its arguments; "
+                         "prints the outputs in order; exits non-zero if any job failed")
+    sp.add_argument("--progress", action="store_true",
+                    help="with --each: show the progress bar even when stderr is not a terminal")
     client_opts(sp)
     sp.set_defaults(func=cmd_submit)
 

@@ -20,6 +20,7 @@ import requests
 
 from . import config, protocol as P
 from .events import EventStream
+from .group import JobGroup, item_args
 
 # Backstop: a waiter re-reads its job this often even if no event came, so a
 # lost event (reconnect, master restart) delays the answer, never loses it.
@@ -403,13 +404,62 @@ class Cluster:
     def submit(self, source: str, language: str = "python", files: dict | None = None,
                args: list | None = None, stdin: str | None = None, timeout: float | None = None,
                name: str | None = None, retries: int = 0, session: str | None = None) -> Job:
-        body = {"source": source, "language": language, "files": files, "args": args,
-                "stdin": stdin, "timeout": timeout, "name": name, "retries": retries, "session": session}
-        job = Job(self, self._post("/api/jobs", {k: v for k, v in body.items() if v is not None}))
+        body = _submission(source, language, files, args, stdin, timeout, name, retries, session)
+        job = Job(self, self._post("/api/jobs", body))
         # Watch from the start, so output that comes before the first wait() is kept.
         if not job.done:
             self._watch(job)
         return job
+
+    def submit_many(self, submissions: list[dict]) -> JobGroup:
+        """Submit a batch in one request: a ``JobGroup`` of the jobs, in the same order.
+
+        Each item takes ``submit``'s keyword arguments (``source`` required).
+        All or nothing: a bad item refuses the whole batch (``DistexecError``
+        naming its index), as does a batch past the queue's cap.
+        """
+        if isinstance(submissions, (str, bytes, dict)):
+            raise TypeError("submit_many takes a list of submissions (dicts of submit()'s arguments)")
+        items = []
+        for index, sub in enumerate(submissions):
+            if not isinstance(sub, dict):
+                raise TypeError(f"submission {index} is a {type(sub).__name__}, not a dict")
+            try:
+                items.append(_submission(**sub))
+            except TypeError as exc:
+                raise TypeError(f"submission {index}: {exc}") from None
+        if not items:
+            return JobGroup(self, None, [])
+        body = self._post("/api/jobs", items)
+        return JobGroup(self, body.get("group"), [Job(self, record) for record in body["jobs"]])
+
+    def map(self, source: str, inputs, language: str = "python", via: str = "args", **submit_kwargs) -> JobGroup:
+        """One job of ``source`` per input, as a ``JobGroup`` in input order.
+
+        ``via="args"``: a list or tuple input is the job's arguments, anything
+        else one argument (``str(input)``); ``via="stdin"``: the input is the
+        job's stdin.  Other keyword arguments are ``submit``'s, for every job.
+        """
+        if via not in ("args", "stdin"):
+            raise ValueError("via must be 'args' or 'stdin'")
+        try:
+            items = list(inputs)
+        except TypeError:
+            raise TypeError(f"map needs an iterable of inputs, not {type(inputs).__name__}") from None
+        if isinstance(inputs, (str, bytes)):
+            raise TypeError("map needs an iterable of inputs, not a single string: wrap it in a list")
+        subs = []
+        for item in items:
+            if via == "args":
+                subs.append(dict(submit_kwargs, source=source, language=language, args=item_args(item)))
+            else:
+                subs.append(dict(submit_kwargs, source=source, language=language, stdin=str(item)))
+        return self.submit_many(subs)
+
+    def cancel_group(self, group_id: str) -> int:
+        """Cancel the group's jobs that have not ended; returns how many there were."""
+        from urllib.parse import quote
+        return self._post(f"/api/groups/{quote(group_id, safe='')}/cancel")["cancelled"]
 
     def job(self, job_id: int) -> Job:
         job = Job(self, self._get(f"/api/jobs/{int(job_id)}"))
@@ -422,14 +472,15 @@ class Cluster:
         return [Job(self, j) for j in body["jobs"]]
 
     def jobs_page(self, status: str | None = None, limit: int = 100, offset: int = 0,
-                  summary: bool = False) -> tuple[list[dict], int]:
+                  summary: bool = False, group: str | None = None) -> tuple[list[dict], int]:
         """One page of history as records, newest first, and the total count.
 
         ``summary=True`` leaves out source, files, stdin, stdout and stderr:
-        what a table of jobs needs, at a fraction of the size.
+        what a table of jobs needs, at a fraction of the size.  ``group``:
+        only that batch's jobs.
         """
         body = self._get("/api/jobs", status=status, limit=limit, offset=offset,
-                         summary="1" if summary else None)
+                         summary="1" if summary else None, group=group)
         return body["jobs"], body["total"]
 
     def cancel(self, job_id: int) -> Job:
@@ -467,3 +518,12 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.url} client {self.client_id}>"
+
+
+def _submission(source: str, language: str = "python", files: dict | None = None, args: list | None = None,
+                stdin: str | None = None, timeout: float | None = None, name: str | None = None,
+                retries: int = 0, session: str | None = None) -> dict:
+    """One submission's body, as ``submit`` and ``submit_many`` send it (unset fields left out)."""
+    body = {"source": source, "language": language, "files": files, "args": args, "stdin": stdin,
+            "timeout": timeout, "name": name, "retries": retries, "session": session}
+    return {k: v for k, v in body.items() if v is not None}

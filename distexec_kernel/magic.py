@@ -28,10 +28,22 @@ from IPython.display import display
 from . import cells, config, display as D, languages, protocol as P
 from .cells import seconds
 from .cluster import Cluster, DistexecError, Job, RemoteError
+from .group import JobGroup, item_args
 
 # How many live status widgets the magics keep a reference to (for tests and
 # for re-reading); older ones still update, they are just not listed.
 KEEP_WIDGETS = 200
+
+
+class RemoteGroupFailed(RemoteError):
+    """A ``%%remote --map`` cell some of whose jobs did not succeed: the first failure (input order) shows."""
+
+    def __init__(self, group: JobGroup, interrupted: bool = False):
+        self.group = group
+        self.summary = group.summary()
+        self.interrupted = interrupted
+        first = group.failed[0] if group.failed else group[0]
+        super().__init__(first)
 
 
 class RemoteJobFailed(RemoteError):
@@ -56,6 +68,13 @@ def error_lines(exc: BaseException) -> list[str]:
     """
     if not isinstance(exc, RemoteError):
         return [f"{type(exc).__name__}: {exc}"]
+    if isinstance(exc, RemoteGroupFailed):
+        failed = exc.group.failed
+        head = [exc.summary, f"{len(failed)} of {len(exc.group)} jobs did not succeed; the first, "
+                             f"input {list(exc.group).index(exc.job)}:"]
+        if exc.interrupted:
+            head.append(f"KeyboardInterrupt: group {exc.group.id} was cancelled on the master")
+        return head + D.failure_lines(exc.job.record)
     return D.failure_lines(exc.job.record, interrupted=getattr(exc, "interrupted", False))
 
 
@@ -142,6 +161,9 @@ class RemoteMagics(Magics):
               help="store the job handle (a distexec Job) in the user namespace as NAME")
     @argument("--session", metavar="NAME",
               help="run in the persistent interpreter NAME, so variables live on between cells")
+    @argument("--map", metavar="NAME",
+              help="run the cell once per item of the iterable NAME (items become arguments, as "
+                   "Cluster.map does); -o stores the JobGroup")
     @cell_magic("remote")
     def remote_cell(self, line: str, cell: str):
         """Run the cell on the cluster; stream its output here; fail the cell if the job fails.
@@ -152,6 +174,8 @@ class RemoteMagics(Magics):
         args = _parse(self.remote_cell, line)
         if not cell.strip():
             raise UsageError("%%remote: the cell is empty: write the program below the %%remote line")
+        if args.map:
+            return self._map(cell, args)
         job = self.cluster.submit(cell, language=args.language, files=self._files(args.file) or None,
                                   args=args.arg or None, stdin=args.stdin, timeout=args.timeout,
                                   name=args.name, session=args.session)
@@ -299,6 +323,44 @@ class RemoteMagics(Magics):
         if job.follow(write):
             raise RemoteJobFailed(job, interrupted=True) from None
 
+    def _map(self, cell: str, args: argparse.Namespace):
+        """``%%remote --map NAME``: one job per item, a progress bar, a summary line."""
+        if args.session:
+            raise UsageError("%%remote --map runs a fresh job per item; it does not combine with --session")
+        if args.map not in self.shell.user_ns:
+            raise UsageError(f"%%remote --map: no variable {args.map!r} in the notebook")
+        items = self.shell.user_ns[args.map]
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+            raise UsageError(f"%%remote --map: {args.map} is a {type(items).__name__}, not an iterable of inputs")
+        files = self._files(args.file) or None
+        subs = [dict(source=cell, language=args.language, files=files, args=[*args.arg, *item_args(item)],
+                     stdin=args.stdin, timeout=args.timeout, name=args.name) for item in items]
+        group = self.cluster.submit_many(subs)
+        if args.output:
+            self.shell.user_ns[args.output] = group
+        if args.no_wait:
+            return group
+        try:
+            group.wait(progress=True)
+        except KeyboardInterrupt:
+            try:
+                group.cancel()
+                group.wait(timeout=10, progress=False)
+            except (DistexecError, TimeoutError, KeyboardInterrupt):
+                pass  # shown as it stands; the master still has the cancel request
+            raise RemoteGroupFailed(group, interrupted=True) from None
+        if group.failed:
+            first = group.failed[0]
+            if first.stderr:
+                # Its own words first, as a local cell's traceback would come (the tail: a group can be big).
+                sys.stderr.write(_tail(first.stderr))
+                sys.stderr.flush()
+            raise RemoteGroupFailed(group)
+        summary = group.summary()
+        display({"text/plain": summary,
+                 "text/html": f"<div style='color:gray'>{html.escape(summary)}</div>"}, raw=True)
+        return None
+
     # -- live status of a job that runs on ----------------------------------------
 
     def show_job(self, job: Job) -> bool:
@@ -397,6 +459,13 @@ def _parse(magic, line: str) -> argparse.Namespace:
     return magic.parser.parse_args(argv)
 
 
+def _tail(text: str, lines: int = 40) -> str:
+    kept = text.splitlines(keepends=True)
+    if len(kept) <= lines:
+        return text
+    return f"[... {len(kept) - lines} earlier lines]\n" + "".join(kept[-lines:])
+
+
 def _read(path: str) -> str:
     try:
         return cells.read_text(path)
@@ -413,7 +482,8 @@ def load_ipython_extension(ipython) -> None:
         return
     magics = RemoteMagics(ipython)
     ipython.register_magics(magics)
-    ipython.set_custom_exc((RemoteJobFailed, DistexecError, config.ConnectionConfigError), show_error)
+    ipython.set_custom_exc((RemoteJobFailed, RemoteGroupFailed, DistexecError, config.ConnectionConfigError),
+                           show_error)
     ipython.display_formatter.ipython_display_formatter.for_type(Job, magics.show_job)
     _loaded[id(ipython)] = magics
 

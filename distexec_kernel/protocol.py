@@ -78,6 +78,8 @@ MAX_NAME_CHARS = 200
 MAX_TIMEOUT = 24 * 3600.0
 DEFAULT_TIMEOUT = 300.0
 MAX_RETRIES = 10
+# Jobs in one batch (POST /api/jobs with a list, Cluster.map): one request, one commit.
+MAX_BATCH = 10_000
 # A frame may carry a finished job's whole output (16 MiB by default) plus
 # its files, so the WebSocket limit sits above the sum of those.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -276,7 +278,7 @@ def decode(text: str | bytes) -> dict:
 JOB_FIELDS = (
     "id", "name", "language", "status", "error", "slave_uid", "client_id", "user",
     "submitted_at", "started_at", "finished_at", "exit_code", "stdout", "stderr",
-    "timeout", "source", "files", "args", "stdin", "retries", "attempts", "session",
+    "timeout", "source", "files", "args", "stdin", "retries", "attempts", "session", "group",
 )
 
 # submission field -> (json type, default)
@@ -381,6 +383,25 @@ def session_label(key: tuple[str | None, str]) -> str:
     """How a person reads a session key in a message."""
     user, name = key
     return repr(name) if user is None else f"{name!r} of user {user!r}"
+
+
+def check_batch(body, check=check_submission) -> list[dict]:
+    """Validate a batch (a JSON list of submissions) whole: the first bad item refuses it all.
+
+    ``check`` validates one item (the master passes its own, which adds what
+    it alone knows); its error comes back naming the item's index.
+    """
+    if not isinstance(body, list):
+        _bad("a batch must be a JSON list of submissions")
+    if len(body) > MAX_BATCH:
+        _bad(f"a batch holds at most {MAX_BATCH} submissions, not {len(body)}: split it")
+    out = []
+    for index, item in enumerate(body):
+        try:
+            out.append(check(item))
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, f"item {index}: {exc.message}") from None
+    return out
 
 
 def check_file_name(name) -> None:

@@ -210,7 +210,8 @@ class JobsHandler(ApiHandler):
             raise P.ProtocolError("bad_request", f"status must be one of {', '.join(P.STATES)}")
         limit = self.int_arg("limit", 100, 1, 1000)
         offset = self.int_arg("offset", 0, 0, 1 << 40)
-        jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner)
+        group = self.get_query_argument("group", None) or None
+        jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner, group=group)
         if self.get_query_argument("summary", "") in ("1", "true"):
             # A history page for a table: no sources or outputs, which can be megabytes each.
             jobs = [P.summary(j) for j in jobs]
@@ -225,6 +226,10 @@ class JobsHandler(ApiHandler):
         body = self.json_body()
         self.gate.check_submit(self.identity)
         client_id = self.request.headers.get("X-Distexec-Client") or None
+        if isinstance(body, list):
+            # A batch: all of it or none of it, one group, one commit.
+            jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user)
+            return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None}, 201)
         job = await self.master.submit(body, client_id=client_id, user=self.user)
         self.send_json(job, 201)
 
@@ -251,6 +256,14 @@ class CancelHandler(ApiHandler):
         if job is None:
             return self.fail(404, "not_found", f"no job {job_id}")
         self.send_json(job)
+
+
+class GroupCancelHandler(ApiHandler):
+    async def post(self, group: str) -> None:
+        cancelled = await self.master.cancel_group(group, user=self.owner)
+        if cancelled is None:
+            return self.fail(404, "not_found", f"no group {group}")
+        self.send_json({"group": group, "cancelled": cancelled})
 
 
 class LoginHandler(ApiHandler):
@@ -489,6 +502,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/api/jobs", JobsHandler, args),
             (r"/api/jobs/(\d+)", JobHandler, args),
             (r"/api/jobs/(\d+)/cancel", CancelHandler, args),
+            (r"/api/groups/([A-Za-z0-9_-]{1,64})/cancel", GroupCancelHandler, args),
             (r"/api/slaves", SlavesHandler, args),
             (r"/api/clients", ClientsHandler, args),
             (r"/api/languages", LanguagesHandler, args),

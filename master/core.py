@@ -224,35 +224,69 @@ class Master(SessionBook):
         Raises ProtocolError for a bad request; a program that does not parse
         or that no slave can run is a *rejected job*, kept in the history.
         """
+        [job] = await self._submit_checked([self._check(request)], client_id, user, group=None)
+        return job
+
+    async def submit_batch(self, requests: list, *, client_id: str | None = None,
+                           user: str | None = None) -> list[dict]:
+        """Record a batch as one group, all or nothing: every item is checked before any is queued.
+
+        The jobs get consecutive ids in the batch's order and share ``group``;
+        they are committed together and queued in order.
+        """
+        subs = P.check_batch(requests, self._check)
+        if not subs:
+            return []
+        return await self._submit_checked(subs, client_id, user, group=f"g{self._next_id}")
+
+    def _check(self, request) -> dict:
         sub = P.check_submission(request)
-        if self.max_queue is not None and len(self.scheduler.queue) >= self.max_queue:
-            raise P.ProtocolError("queue_full", f"the master's queue is full ({self.max_queue} jobs "
-                                  f"waiting): try again when some have run")
         sub["language"] = L.canonical(sub["language"])
         if sub["session"] is not None and sub["language"] != "python":
             raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "
                                   "drop 'session' to run it as a fresh process")
-        await self._await_returning_slaves(sub["language"])
-        job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
-        self._next_id += 1
+        return sub
+
+    def _check_room(self, user: str | None, wanted: int) -> None:
+        """Refuse (queue_full) what would take the queue past its cap; nothing of it is queued."""
+        if self.max_queue is None:
+            return
+        room = self.max_queue - len(self.scheduler.queue)
+        if wanted > room:
+            fits = f"; {max(room, 0)} would fit now" if wanted > 1 else ""
+            raise P.ProtocolError("queue_full", f"the master's queue is full ({self.max_queue} jobs "
+                                  f"waiting at most){fits}: try again when some have run")
+
+    async def _submit_checked(self, subs: list[dict], client_id: str | None, user: str | None,
+                              group: str | None) -> list[dict]:
+        self._check_room(user, len(subs))
+        for language in {sub["language"] for sub in subs}:
+            await self._await_returning_slaves(language)
         client = self.clients.get(client_id) if client_id else None
+        jobs = []
+        for sub in subs:
+            job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
+            self._next_id += 1
+            job["group"] = group
+            if client is not None:
+                job["user"] = job["user"] or client.user
+            rejection = self._rejection(job)
+            if rejection is not None:
+                job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
+            jobs.append(job)
         if client is not None:
-            client.jobs_submitted += 1
-            job["user"] = job["user"] or client.user
-
-        rejection = self._rejection(job)
-        if rejection is not None:
-            job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
-            await self.store.save(job)
+            client.jobs_submitted += len(jobs)
+        queued = [job for job in jobs if job["status"] == P.QUEUED]
+        for job in queued:
+            self.active[job["id"]] = job
+            self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
+        # One commit for the whole batch, before any of it is announced.
+        await self.store.save_many(jobs)
+        for job in jobs:
             self._announce(job)
-            return job
-
-        self.active[job["id"]] = job
-        self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
-        await self.store.save(job)
-        self._announce(job)
-        self._dispatch()
-        return job
+        if queued:
+            self._dispatch()
+        return jobs
 
     async def _await_returning_slaves(self, language: str) -> None:
         """Right after a restart, give the slaves that ran ``language`` a moment to reconnect.
@@ -308,6 +342,27 @@ class Master(SessionBook):
         job["cancel_requested"] = True
         slave.peer.send(P.make("job_cancel", job_id=job_id))
         return job
+
+    async def cancel_group(self, group: str, user: str | None = None) -> int | None:
+        """Cancel the unfinished jobs of ``group`` that ``user`` may see; how many there were.
+
+        None if ``user`` has no job in that group at all (a 404, as for a job).
+        The queued ones leave the queue first, all at once, so none of them
+        starts while the running ones are being stopped.
+        """
+        mine = [j for j in self.active.values() if j.get("group") == group and _visible(j, user)]
+        if not mine:
+            _, total = await self.store.list(None, 1, 0, user, group=group)
+            return 0 if total else None
+        queued = [j for j in mine if j["status"] == P.QUEUED]
+        for job in queued:
+            self.scheduler.dequeue(job["id"])
+        await asyncio.gather(*(self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+                               for job in queued))
+        for job in mine:
+            if job["status"] == P.RUNNING:
+                await self.cancel(job["id"], user)
+        return len(mine)
 
     # -- dispatch ----------------------------------------------------------
 
@@ -599,8 +654,8 @@ class Master(SessionBook):
         return job if _visible(job, user) else None
 
     async def list_jobs(self, status: str | None, limit: int, offset: int,
-                        user: str | None = None) -> tuple[list[dict], int]:
-        jobs, total = await self.store.list(status, limit, offset, user)
+                        user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
+        jobs, total = await self.store.list(status, limit, offset, user, group=group)
         # A running job's output so far lives in memory, not yet in the store.
         return [_public(self.active.get(j["id"], j)) for j in jobs], total
 

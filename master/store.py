@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Added after the first release: a history written before gains the column when opened.
+COLUMNS = {"grp": "ALTER TABLE jobs ADD COLUMN grp TEXT"}
+INDEXES = "CREATE INDEX IF NOT EXISTS jobs_grp ON jobs(grp, id) WHERE grp IS NOT NULL;"
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -57,6 +60,11 @@ class JobStore:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         conn = _connect(path)
         conn.executescript(SCHEMA)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for column, ddl in COLUMNS.items():
+            if column not in have:
+                conn.execute(ddl)
+        conn.executescript(INDEXES)
         conn.close()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="distexec-db-writer", daemon=True)
@@ -92,11 +100,15 @@ class JobStore:
 
     def save(self, job: dict) -> asyncio.Future:
         """Insert or replace the job; the future resolves once it is committed."""
+        return self.save_many([job])
+
+    def save_many(self, jobs: list[dict]) -> asyncio.Future:
+        """Insert or replace ``jobs`` in one transaction; the future resolves once it is committed."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        row = (job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
-               job["submitted_at"], json.dumps(job, ensure_ascii=False))
-        self._queue.put((row, loop, fut))
+        rows = [(job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
+                 job["submitted_at"], job.get("group"), json.dumps(job, ensure_ascii=False)) for job in jobs]
+        self._queue.put((rows, loop, fut))
         return fut
 
     def _write_loop(self) -> None:
@@ -119,8 +131,8 @@ class JobStore:
             try:
                 conn.execute("BEGIN")
                 conn.executemany(
-                    "INSERT OR REPLACE INTO jobs (id, status, language, client_id, user, submitted_at, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)", [b[0] for b in batch])
+                    "INSERT OR REPLACE INTO jobs (id, status, language, client_id, user, submitted_at, grp, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [row for b in batch for row in b[0]])
                 conn.execute("COMMIT")
             except (sqlite3.Error, ValueError) as exc:
                 # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
@@ -136,8 +148,11 @@ class JobStore:
 
     # -- reads -------------------------------------------------------------
 
-    def _list(self, status: str | None, limit: int, offset: int, user: str | None):
+    def _list(self, status: str | None, limit: int, offset: int, user: str | None, group: str | None = None):
         where, params = [], []
+        if group is not None:
+            where.append("grp = ?")
+            params.append(group)
         if status:
             where.append("status = ?")
             params.append(status)
@@ -152,9 +167,9 @@ class JobStore:
         return [json.loads(r[0]) for r in rows], total
 
     async def list(self, status: str | None = None, limit: int = 100, offset: int = 0,
-                   user: str | None = None) -> tuple[list[dict], int]:
+                   user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._list, status, limit, offset, user)
+        return await loop.run_in_executor(self._readers, self._list, status, limit, offset, user, group)
 
     def _get(self, job_id: int) -> dict | None:
         row = self._read_conn().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -133,21 +133,26 @@ def check_multilang(nb, cluster: Cluster) -> None:
 
 def check_fanout(nb, cluster: Cluster) -> None:
     assert "2 slaves, 4 slots in all" in text_of(nb.cells[1])
-    assert re.search(r"[🕓⏳✅] job \d+", text_of(cell(nb, "%%remote --no-wait -o low")))
-    assert "sum of 0..999999 = 499999500000 | check: True" in text_of(cell(nb, "total = int(low"))
-    assert text_of(cell(nb, "PI_JOB = ")).startswith("32 jobs submitted; right now: {")
-    collected = re.search(r"collected (\d+) results: pi ≈ (\d\.\d+)", text_of(cell(nb, "shares = ")))
-    assert collected and collected.group(1) == "32"
-    assert abs(float(collected.group(2)) - 3.1416) < 0.02
-    stats = text_of(cell(nb, "print('status:'"))
-    assert "status: {'succeeded': 32}" in stats
-    per_slave = re.search(r"jobs per slave: (\{.*\})", stats).group(1)
-    assert sum(int(n) for n in re.findall(r": (\d+)", per_slave)) == 32
-    assert "12 succeeded, 4 failed" in text_of(cell(nb, "FLAKY = "))
-    assert "nonzero_exit, stderr '4 is a multiple of 4'" in text_of(cell(nb, "FLAKY = "))
-    pi_jobs = [j for j in cluster.jobs(limit=200) if j.name.startswith("pi-")]
-    assert len(pi_jobs) == 32 and all(j.status == P.SUCCEEDED for j in pi_jobs)
-    assert len({j.slave_uid for j in pi_jobs}) == 2, "the jobs did not fan out over both slaves"
+    submitted = re.search(r"group (g\d+): 32 jobs submitted", text_of(cell(nb, "PI_JOB = ")))
+    assert submitted, text_of(cell(nb, "PI_JOB = "))
+    collected = text_of(cell(nb, "shares = "))
+    estimate = re.search(r"collected 32 results: pi ≈ (\d\.\d+)", collected)
+    assert estimate and abs(float(estimate.group(1)) - 3.1416) < 0.02
+    assert "✅ 32 · ❌ 0 · 🚫 0 · 32 jobs" in collected
+    assert "{10: 45, 100: 4950, 1000: 499500, 10000: 49995000, 100000: 4999950000}" in \
+        text_of(cell(nb, "print(dict(zip(sizes"))
+    assert "✅ 5 · ❌ 0 · 🚫 0 · 5 jobs" in text_of(cell(nb, "%%remote --map sizes -o sums"))
+    flaky = text_of(cell(nb, "FLAKY = "))
+    assert "✅ 12 · ❌ 4 · 🚫 0 · 16 jobs" in flaky
+    assert "[1, 4, 9, RemoteError(" in flaky
+    assert "nonzero_exit, stderr '4 is a multiple of 4'" in flaky
+    failing = cell(nb, "%%remote --map sizes\n")
+    assert [o.ename for o in failing.outputs if o.output_type == "error"] == ["RemoteGroupFailed"]
+    assert "10000 is too many" in text_of(failing)
+    assert "{'cancelled': 8}" in text_of(cell(nb, "sleepers = "))
+    pi_jobs = cluster.jobs_page(group=submitted.group(1), limit=100)[0]
+    assert len(pi_jobs) == 32 and all(j["status"] == P.SUCCEEDED for j in pi_jobs)
+    assert len({j["slave_uid"] for j in pi_jobs}) == 2, "the jobs did not fan out over both slaves"
 
 
 def check_panel(nb, cluster: Cluster) -> None:

@@ -1,0 +1,231 @@
+"""``JobGroup``: the jobs of one batch or map, followed as one.
+
+A group is submitted in one request (``POST /api/jobs`` with a list) and
+followed through the cluster's event channel: each ``job_update`` of the
+group moves the counts, so waiting costs no request per job.  One listing of
+the group (``GET /api/jobs?group=G``) brings the outputs when all have
+ended, and serves as the backstop when events may have been missed (a
+reconnect, a quiet channel).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import protocol as P
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Job
+
+# A waiter re-reads the group this often when no event came, so a lost event
+# delays the answer, never loses it.
+REFRESH_EVERY = 2.0
+PAGE = 1000  # the master's largest page of GET /api/jobs
+
+# The order the counts are shown in: what a person watches first.
+SHOWN = (P.SUCCEEDED, P.FAILED, P.REJECTED, P.CANCELLED, P.RUNNING, P.QUEUED)
+
+
+def item_args(item) -> list[str]:
+    """A map input as a job's arguments: a list or tuple is the arguments, anything else one."""
+    return [str(a) for a in item] if isinstance(item, (list, tuple)) else [str(item)]
+
+
+def describe_counts(counts: dict[str, int], total: int | None = None) -> str:
+    """``✅ 30 · ❌ 2 · 🚫 0 · ⏳ 1 · 🕓 5`` — failed and rejected share the ❌."""
+    merged: dict[str, int] = {}
+    for state in SHOWN:
+        icon = P.ICONS[state]
+        merged[icon] = merged.get(icon, 0) + counts.get(state, 0)
+    parts = [f"{icon} {n}" for icon, n in merged.items()
+             if n or icon in (P.ICONS[P.SUCCEEDED], P.ICONS[P.FAILED], P.ICONS[P.CANCELLED])]
+    if total is not None:
+        parts.append(f"{total} jobs")
+    return " · ".join(parts)
+
+
+class JobGroup(Sequence):
+    """The jobs of one batch, in input order, with their counts, progress and results."""
+
+    def __init__(self, cluster: "Cluster", group_id: str | None, jobs: list["Job"]):
+        self._cluster = cluster
+        self.id = group_id
+        self._jobs = jobs
+        self._by_id = {job.id: job for job in jobs}
+        self._cond = threading.Condition()
+        self._changed = 0  # bumped by each event of the group, to wake waiters
+        self._stale = False
+        self._have_outputs = all(j.done for j in jobs)  # a batch refused whole comes back rejected
+        self.started = time.monotonic()
+        self._unsubscribe = cluster.subscribe(self._on_event) if not self._have_outputs else None
+
+    # -- a sequence of Job ----------------------------------------------------------
+
+    def __getitem__(self, index):
+        return self._jobs[index]
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __repr__(self) -> str:
+        return f"<JobGroup {self.id} {describe_counts(self.counts(), len(self))}>"
+
+    # -- state ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Status -> how many jobs of the group are in it now."""
+        return dict(Counter(job.status for job in self._jobs))
+
+    @property
+    def done(self) -> bool:
+        return all(job.done for job in self._jobs)
+
+    @property
+    def failed(self) -> list["Job"]:
+        """The jobs that ended in any way but success (failed, rejected, cancelled), in input order."""
+        return [job for job in self._jobs if job.done and job.status != P.SUCCEEDED]
+
+    @property
+    def succeeded(self) -> list["Job"]:
+        return [job for job in self._jobs if job.status == P.SUCCEEDED]
+
+    def summary(self) -> str:
+        """``✅ 30 · ❌ 2 · 🚫 0 · 32 jobs · 1.4 s``: the line the magic ends with."""
+        return f"{describe_counts(self.counts(), len(self))} · {time.monotonic() - self.started:.1f} s"
+
+    # -- events -----------------------------------------------------------------------
+
+    def _on_event(self, msg: dict) -> None:
+        if msg["type"] == "job_update":
+            job = self._by_id.get(msg["job"].get("id"))
+            if job is None:
+                return
+            job._apply_update(msg["job"])
+        elif msg["type"] == "connection":
+            self._stale = True  # events may have been missed while away
+        else:
+            return
+        with self._cond:
+            self._changed += 1
+            self._cond.notify_all()
+
+    def _records(self, summary: bool) -> list[dict]:
+        out, offset = [], 0
+        while True:
+            page, total = self._cluster.jobs_page(limit=PAGE, offset=offset, summary=summary, group=self.id)
+            out.extend(page)
+            offset += len(page)
+            if not page or offset >= total:
+                return out
+
+    def refresh(self, summary: bool = True) -> "JobGroup":
+        """Re-read the group's jobs from the master (one listing, not a request per job)."""
+        if self.id is None:
+            return self
+        for record in self._records(summary):
+            job = self._by_id.get(record["id"])
+            if job is None:
+                continue
+            if summary:
+                job._apply_update(record)
+            else:
+                job._replace(record)
+        self._stale = False
+        return self
+
+    def _fetch_outputs(self) -> None:
+        if not self._have_outputs:
+            self.refresh(summary=False)
+            self._have_outputs = True
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+
+    # -- actions ---------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None, progress: bool = True) -> "JobGroup":
+        """Block until every job has ended; returns the group.  ``TimeoutError`` if ``timeout`` passes.
+
+        ``progress``: a live bar with the counts per state (an ipywidgets bar
+        in a notebook, a text bar on a terminal's stderr).  Interrupting the
+        wait (Ctrl-C) leaves the jobs running; call ``cancel()`` to stop them.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = _bar(len(self)) if progress and len(self) else None
+        # Read once at the start: events between the submission's answer and our subscription are not lost.
+        last_refresh = float("-inf")
+        try:
+            while True:
+                with self._cond:
+                    seen = self._changed
+                if self._stale or time.monotonic() - last_refresh > REFRESH_EVERY:
+                    self.refresh()
+                    last_refresh = time.monotonic()
+                counts = self.counts()
+                ended = sum(counts.get(s, 0) for s in P.TERMINAL)
+                if bar is not None:
+                    bar.n = ended
+                    bar.set_postfix_str(describe_counts(counts), refresh=False)
+                    bar.refresh()
+                if ended == len(self):
+                    break
+                wait = REFRESH_EVERY
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"group {self.id}: {describe_counts(counts, len(self))} "
+                                           f"after {timeout} s")
+                with self._cond:
+                    if self._changed == seen:
+                        self._cond.wait(wait)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._fetch_outputs()
+        return self
+
+    def results(self, errors: str = "raise", timeout: float | None = None) -> list:
+        """The stdouts in input order, once all have ended.
+
+        ``errors="raise"``: raise the ``RemoteError`` of the first job (in
+        input order) that did not succeed; ``errors="return"``: put each such
+        job's ``RemoteError`` in its place instead.
+        """
+        from .cluster import RemoteError
+
+        if errors not in ("raise", "return"):
+            raise ValueError("errors must be 'raise' or 'return'")
+        if not (self.done and self._have_outputs):
+            self.wait(timeout=timeout, progress=False)
+        out = []
+        for job in self._jobs:
+            if job.status == P.SUCCEEDED:
+                out.append(job.stdout)
+            elif errors == "raise":
+                raise RemoteError(job)
+            else:
+                out.append(RemoteError(job))
+        return out
+
+    def cancel(self) -> "JobGroup":
+        """Cancel every job of the group that has not ended (queued ones never start)."""
+        if self.id is not None and not self.done:
+            self._cluster.cancel_group(self.id)
+            self.refresh()
+        return self
+
+    def close(self) -> None:
+        """Stop following the group's events (done by itself once all have ended and been read)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
+def _bar(total: int):
+    """tqdm's bar for where we are: its notebook widget in a notebook, text on stderr elsewhere."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="job", desc="jobs", leave=True, dynamic_ncols=True)

@@ -1,0 +1,263 @@
+"""Fan-out: batches, groups, ``Cluster.map``, ``%%remote --map`` and ``submit --each``, on a real cluster."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import psutil
+import pytest
+import requests
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from distexec_kernel import Cluster, JobGroup, RemoteError, protocol as P
+from distexec_kernel.local import LocalCluster
+
+from conftest import wait_for
+
+SQUARE = "import sys\nn = int(sys.argv[1])\nprint(n * n)\n"
+FLAKY = "import sys\nn = int(sys.argv[1])\nif n % 3 == 0:\n    sys.exit(f'{n} is a multiple of 3')\nprint(n)\n"
+SLEEPER = "import time\ntime.sleep(120)\n"
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTEXEC_HOME", str(home))
+        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
+            mp.delenv(var, raising=False)
+        cluster = LocalCluster(2, slots=2, languages="python,sh", home=str(home), log_dir=str(home / "logs"))
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture
+def c(lc):
+    with Cluster(lc.url, token=lc.token) as client:
+        yield client
+
+
+def post(lc, body) -> requests.Response:
+    return requests.post(lc.url + "/api/jobs", json=body, headers={"Authorization": f"Bearer {lc.token}"},
+                         timeout=60)
+
+
+# --- the batch endpoint ----------------------------------------------------------
+
+def test_a_batch_is_one_group_in_order_and_listed_by_group(lc, c):
+    r = post(lc, [{"source": SQUARE, "language": "python", "args": [str(n)]} for n in range(5)])
+    assert r.status_code == 201, r.text
+    body = r.json()
+    jobs = body["jobs"]
+    assert [j["args"] for j in jobs] == [[str(n)] for n in range(5)]
+    ids = [j["id"] for j in jobs]
+    assert ids == list(range(ids[0], ids[0] + 5))  # consecutive, in the batch's order
+    group = body["group"]
+    assert group and all(j["group"] == group for j in jobs)
+    listed, total = c.jobs_page(group=group, limit=100)
+    assert total == 5 and sorted(j["id"] for j in listed) == ids
+    # A single submission has no group.
+    assert c.submit("print(1)").wait(60).group is None
+
+
+def test_a_bad_item_refuses_the_whole_batch_naming_its_index(lc, c):
+    before = c.jobs_page(limit=1)[1]
+    good = {"source": "print(1)", "language": "python"}
+    r = post(lc, [good, good, {"source": "print(1)", "language": "python", "timeout": -1}, good])
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("item 2: ")
+    r = post(lc, [good, "not a submission"])
+    assert r.status_code == 400 and "item 1" in r.json()["error"]["message"]
+    r = post(lc, [good] * (P.MAX_BATCH + 1))
+    assert r.status_code == 400 and str(P.MAX_BATCH) in r.json()["error"]["message"]
+    assert c.jobs_page(limit=1)[1] == before  # nothing of them was queued or kept
+
+
+def test_a_program_that_does_not_parse_is_a_rejected_job_of_the_group(lc, c):
+    group = c.submit_many([dict(source="print(1)"), dict(source="print(("), dict(source="print(3)")])
+    assert [j.status for j in group][1] == P.REJECTED
+    assert group.wait(60, progress=False).counts() == {P.SUCCEEDED: 2, P.REJECTED: 1}
+    assert [type(r) for r in group.results(errors="return")] == [str, RemoteError, str]
+
+
+def test_an_empty_map_is_an_empty_group_and_a_non_iterable_is_refused(c):
+    empty = c.map(SQUARE, [])
+    assert isinstance(empty, JobGroup) and len(empty) == 0
+    assert empty.wait(1).results() == [] and empty.counts() == {}
+    with pytest.raises(TypeError, match="iterable"):
+        c.map(SQUARE, 42)
+    with pytest.raises(TypeError, match="iterable"):
+        c.map(SQUARE, "12")
+    with pytest.raises(ValueError, match="via"):
+        c.map(SQUARE, [1], via="env")
+
+
+# --- JobGroup ------------------------------------------------------------------------
+
+def test_map_results_come_in_input_order(c):
+    inputs = list(range(24))
+    group = c.map(SQUARE, inputs, name="order")
+    assert group.results(timeout=120) == [f"{n * n}\n" for n in inputs]
+    assert group.counts() == {P.SUCCEEDED: 24}
+    assert len({j.slave_uid for j in group}) == 2  # spread over both slaves
+
+
+def test_map_by_stdin_and_tuples_as_arguments(c):
+    by_stdin = c.map("print(input()[::-1])", ["abc", "xyz"], via="stdin")
+    assert by_stdin.results(timeout=60) == ["cba\n", "zyx\n"]
+    by_args = c.map("import sys\nprint(':'.join(sys.argv[1:]))", [("a", 1), ["b", 2]])
+    assert by_args.results(timeout=60) == ["a:1\n", "b:2\n"]
+
+
+def test_partial_failure_names_the_first_failure_in_input_order(c):
+    group = c.map(FLAKY, range(1, 10)).wait(120, progress=False)
+    assert group.counts() == {P.SUCCEEDED: 6, P.FAILED: 3}
+    assert [j.args for j in group.failed] == [["3"], ["6"], ["9"]]
+    assert [j.args[0] for j in group.succeeded] == ["1", "2", "4", "5", "7", "8"]
+    with pytest.raises(RemoteError) as info:
+        group.results()
+    assert info.value.job.args == ["3"] and info.value.code == P.NONZERO_EXIT
+    mixed = group.results(errors="return")
+    assert mixed[0] == "1\n" and isinstance(mixed[2], RemoteError) and "3 is a multiple" in mixed[2].job.stderr
+
+
+def test_progress_counts_match_the_final_states(c, capsys):
+    group = c.map(FLAKY, range(1, 7))
+    group.wait(120, progress=True)
+    bar = capsys.readouterr().err  # tqdm's terminal bar, on stderr
+    final = Counter(j.status for j in group)
+    assert final == {P.SUCCEEDED: 4, P.FAILED: 2}
+    assert "6/6" in bar and "✅ 4 · ❌ 2 · 🚫 0" in bar
+    assert group.summary().startswith("✅ 4 · ❌ 2 · 🚫 0 · 6 jobs · ")
+
+
+def test_retries_apply_per_job_when_a_slave_is_lost(make_cluster):
+    lc = make_cluster(2, slots=2, languages="sh")
+    with Cluster(lc.url, token=lc.token) as c:
+        group = c.submit_many([dict(source="sleep 3; echo done", language="sh", retries=1) for _ in range(4)])
+        wait_for(lambda: group.refresh().counts().get(P.RUNNING) == 4, 60, "all four running")
+        victim = group[0].slave_uid
+        lost = [j.id for j in group if j.slave_uid == victim]
+        # Kill the slave that runs the first job, outright: its jobs are retried elsewhere.
+        next(s for s in lc.slaves if getattr(s, "uid", None) == victim).send_signal(9)
+        group.wait(120, progress=False)
+        assert group.counts() == {P.SUCCEEDED: 4}
+        assert sorted(j.id for j in group if j.attempts == 2) == sorted(lost)
+        assert all(j.stdout == "done\n" for j in group)
+
+
+def _job_processes(lc) -> list[psutil.Process]:
+    """Everything the slaves have started: the jobs' sandboxes and programs."""
+    return [p for child in lc.slaves for p in psutil.Process(child.pid).children(recursive=True)]
+
+
+def test_cancel_in_the_middle_leaves_nothing_running(lc, c):
+    group = c.map(SLEEPER, range(10), name="cancel-me")
+    wait_for(lambda: group.refresh().counts().get(P.RUNNING) == 4, 60, "four of them running")
+    wait_for(lambda: len(_job_processes(lc)) >= 4, 30, "their processes to start")
+    group.cancel()
+    group.wait(60, progress=False)
+    assert group.counts() == {P.CANCELLED: 10}
+    assert all(j.error["code"] == P.CANCELLED_CODE for j in group)
+    wait_for(lambda: not _job_processes(lc), 30, "the cancelled jobs' processes to be gone")
+    # And the cluster runs the next job at once.
+    assert c.submit("print('after')").wait(60).stdout == "after\n"
+
+
+def test_cancelling_an_unknown_group_is_a_404(lc):
+    r = requests.post(lc.url + "/api/groups/g999999999/cancel", headers={"Authorization": f"Bearer {lc.token}"},
+                      timeout=30)
+    assert r.status_code == 404
+
+
+def test_a_batch_survives_a_master_restart_whole(make_cluster):
+    lc = make_cluster(1, slots=1, languages="sh")
+    with Cluster(lc.url, token=lc.token) as c:
+        gid = c.submit_many([dict(source="sleep 30", language="sh") for _ in range(6)]).id
+    lc.restart_master()
+    with Cluster(lc.url, token=lc.token) as c:
+        jobs, total = c.jobs_page(group=gid, limit=100)
+        assert total == 6 and {j["status"] for j in jobs} <= {P.QUEUED, P.RUNNING}
+        assert c.cancel_group(gid) == 6
+
+
+# --- the magic -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shell(lc):
+    sh = InteractiveShell.instance()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTEXEC_URL", lc.url)
+        mp.setenv("DISTEXEC_TOKEN", lc.token)
+        sh.run_line_magic("load_ext", "distexec_kernel")
+        yield sh
+        sh.run_line_magic("unload_ext", "distexec_kernel")
+
+
+def run(shell, cell: str):
+    with capture_output() as cap:
+        result = shell.run_cell(cell)
+    return result, cap
+
+
+def test_magic_map_shows_a_summary_and_keeps_the_group(shell):
+    shell.user_ns["items"] = [1, 2, 3]
+    result, cap = run(shell, "%%remote --map items -o squares\n" + SQUARE)
+    assert result.success, cap.stderr
+    shown = "\n".join(o.data.get("text/plain", "") for o in cap.outputs)
+    assert "✅ 3 · ❌ 0 · 🚫 0 · 3 jobs · " in shown
+    assert shell.user_ns["squares"].results() == ["1\n", "4\n", "9\n"]
+
+
+def test_magic_map_fails_the_cell_with_the_first_failure(shell):
+    shell.user_ns["items"] = [1, 2, 3, 4, 5, 6]
+    result, cap = run(shell, "%%remote --map items\n" + FLAKY)
+    assert not result.success
+    assert type(result.error_in_exec).__name__ == "RemoteGroupFailed"
+    assert result.error_in_exec.job.args == ["3"]
+    assert "3 is a multiple of 3" in cap.stderr  # the first failure's own words
+    text = cap.stdout + cap.stderr
+    assert "✅ 4 · ❌ 2 · 🚫 0 · 6 jobs" in text and "nonzero_exit" in text
+
+
+def test_magic_map_refuses_what_is_not_there_or_not_iterable(shell):
+    shell.user_ns["number"] = 7
+    for line, words in (("--map nowhere", "no variable 'nowhere'"), ("--map number", "not an iterable"),
+                        ("--map number --session s", "does not combine with --session")):
+        result, cap = run(shell, f"%%remote {line}\nprint(1)")
+        assert not result.success and words in str(result.error_in_exec), (line, result.error_in_exec)
+
+
+# --- the command line ------------------------------------------------------------------
+
+def cli(lc, *argv, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token)
+    return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_submit_each_prints_outputs_in_order_and_exits_by_the_jobs(lc, tmp_path):
+    prog = tmp_path / "prog.py"
+    prog.write_text(FLAKY)
+    good = tmp_path / "good.txt"
+    good.write_text("1\n# a comment\n\n2\n'4' \n")
+    done = cli(lc, "submit", str(prog), "--each", str(good))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1\n2\n4\n"
+    assert "✅ 3 · ❌ 0 · 🚫 0 · 3 jobs" in done.stderr
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1\n3\n5\n6\n")
+    done = cli(lc, "submit", str(prog), "--each", str(bad), "--progress")
+    assert done.returncode == 1  # the first failure's own exit code (sys.exit with a message: 1)
+    assert done.stdout == "1\n5\n"
+    assert "3 is a multiple of 3" in done.stderr and "4/4" in done.stderr
+    unbalanced = tmp_path / "unbalanced.txt"
+    unbalanced.write_text("'open\n")
+    done = cli(lc, "submit", str(prog), "--each", str(unbalanced))
+    assert done.returncode != 0 and "line 1" in done.stderr
