@@ -97,7 +97,7 @@ def test_run_from_editor_streams_to_success(panel, client, cluster):
     wait_for(lambda: "hello ['a', 'b c']" in text(panel.detail.stdout), T, "stdout in the detail")
     header = text(panel.detail.header)
     assert master.slave_uid in header
-    assert "exit code</th><td style='text-align:left'>0<" in header
+    assert "exit code</th><td>0<" in header
     assert panel.detail.cancel_button.disabled and not panel.detail.rerun_button.disabled
     assert "sys.argv" in text(panel.detail.source)
     assert "(none)" in text(panel.detail.stderr)
@@ -116,7 +116,7 @@ def test_output_streams_into_detail_and_cancel(panel, client):
     assert client.job(job_id).status == P.CANCELLED
     wait_for(lambda: panel.detail.cancel_button.disabled, T, "Cancel disabled once cancelled")
     header = text(panel.detail.header)
-    assert "cancelled" in header and "error code</th><td style='text-align:left'>cancelled" in header
+    assert "cancelled" in header and "error code</th><td>cancelled" in header
 
 
 def pre_text(widget) -> str:
