@@ -254,7 +254,8 @@ class JobPanel(W.VBox):
         if record["status"] in P.TERMINAL and record["status"] != P.CANCELLED:
             self._say(f"job {job_id} had already ended: {record['status']}")
         else:
-            self._say(f"cancel of job {job_id} requested")
+            self.model.say(f"cancel of job {job_id} requested", about=job_id)
+            self._wake.set()
 
     def _full_record(self, job_id: int) -> dict:
         return self.model.full_record(job_id) or self.cluster.job(job_id).record

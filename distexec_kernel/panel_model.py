@@ -101,11 +101,18 @@ class PanelModel:
             dirty, self.dirty = self.dirty, set()
             return dirty
 
-    def say(self, text: str) -> None:
-        """Show ``text`` in the message line (it replaces any note about a submitted job)."""
+    def say(self, text: str, about: int | None = None) -> None:
+        """Show ``text`` in the message line.
+
+        ``about``: a job the text is about (a cancel asked for); the line
+        then follows that job's state until it ends, instead of going stale.
+        """
         with self.lock:
-            self.note, self.note_job = text, None
+            self.note, self.note_job = text, about
             self.mark("title")
+            known = self.jobs.get(about) if about is not None else None
+            if known and known.get("status") in P.TERMINAL:
+                self._note_progress(known)  # its end came before this answer did
 
     # -- time -------------------------------------------------------------------------
 
