@@ -41,6 +41,17 @@ SETTINGS = {
 }
 
 
+# Server config: nothing the test does not use.  Above all no build check: on every page
+# load it hashes JupyterLab's staging folder, ~12 s of CPU on a loaded 2-core machine.
+CONFIG = {
+    "LabApp": {"extension_manager": "readonly", "news_url": None, "expose_app_in_browser": True},
+    "ServerApp": {"terminals_enabled": False, "jpserver_extensions": {"jupyter_lsp": False},
+                  "open_browser": False,
+                  # JupyterLab only sets these page settings where they are not set already.
+                  "tornado_settings": {"page_config_data": {"buildCheck": False, "buildAvailable": False}}},
+}
+
+
 class JupyterLab:
     """A JupyterLab server in its own temporary world; ``stop()`` ends it and every kernel it started."""
 
@@ -53,6 +64,7 @@ class JupyterLab:
                                                "ipython")}
         for path in dirs.values():
             path.mkdir(parents=True, exist_ok=True)
+        (dirs["config"] / "jupyter_server_config.json").write_text(json.dumps(CONFIG))
         for name, value in SETTINGS.items():
             path = dirs["settings"] / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +78,7 @@ class JupyterLab:
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         argv = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.port={self.port}",
                 "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
-                f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-                "--LabApp.news_url=", "--ServerApp.open_browser=False"]
+                f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False"]
         if os.geteuid() == 0:
             argv.append("--allow-root")
         self.log_path = work / "jupyterlab.log"
@@ -162,11 +173,11 @@ WAIT_RUN = "async () => await window.__distexecRun"
 # The notebook as the front end holds it now (nbformat JSON), outputs included.
 NOTEBOOK_JSON = "() => window.jupyterapp.shell.currentWidget.content.model.toJSON()"
 
-CLOSE_ALL = """async () => {
-    const app = window.jupyterapp;
-    const w = app.shell.currentWidget;
+# Shut the current notebook's kernel down and close it: a finished notebook costs nothing more.
+CLOSE_CURRENT = """async () => {
+    const w = window.jupyterapp.shell.currentWidget;
     if (w && w.sessionContext) { await w.sessionContext.shutdown(); }
-    await app.commands.execute('application:close-all');
+    if (w) { w.dispose(); }
 }"""
 
 SET_THEME = "async (theme) => await window.jupyterapp.commands.execute('apputils:change-theme', {theme})"
