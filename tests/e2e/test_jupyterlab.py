@@ -11,20 +11,21 @@ output ever running as script.  Screenshots go to tests/e2e/screenshots/
 """
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
 
+import playwright.sync_api as playwright_api
 import pytest
 
 from distexec_kernel import Cluster
 from distexec_kernel.local import LocalCluster
 
 from conftest import assert_gone
-from lab_browser import (CLOSE_CURRENT, NOTEBOOK_JSON, OPEN_NOTEBOOK, RUN_ALL, SET_THEME, WAIT_RUN, JupyterLab,
+from lab_browser import (CHROMIUM, CLOSE_CURRENT, NOTEBOOK_JSON, OPEN_NOTEBOOK, RUN_ALL, SET_THEME, WAIT_RUN, JupyterLab,
                          copy_notebooks, kernel_needed, launch_browser)
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' installs playwright")
 expect = playwright_api.expect
 
 pytestmark = pytest.mark.timeout(240)
@@ -41,6 +42,8 @@ T = 60_000  # ms: generous, for a 2-core machine shared with the cluster and the
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """The cluster (with some history), JupyterLab, and one Chromium page, all stopped at the end."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no {CHROMIUM}: scripts/setup.sh installs Debian's chromium (scripts/apt-packages.txt)")
     work = tmp_path_factory.mktemp("e2e")
     home = work / "distexec-home"
     home.mkdir()
@@ -55,7 +58,7 @@ def lab(tmp_path_factory):
                 job.wait(60)
         notebooks = work / "notebooks"
         copy_notebooks(REPO / "notebooks", notebooks)
-        env = {k: v for k, v in __import__("os").environ.items()
+        env = {k: v for k, v in os.environ.items()
                if k not in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET")}
         env["DISTEXEC_HOME"] = str(home)
         server = JupyterLab(notebooks, work / "jupyter", env)
