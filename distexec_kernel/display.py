@@ -17,6 +17,16 @@ def short_uid(uid: str | None, n: int = 8) -> str:
     return uid if len(uid) <= n else uid[:n] + "…"
 
 
+def identity(client_id: str | None, user: str | None) -> str:
+    """Who submitted a job, or who a client is, the same everywhere: ``c7 · alice``."""
+    return " · ".join(str(x) for x in (client_id, user) if x) or "-"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 client``, ``2 clients``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def duration(job: dict) -> float | None:
     start, end = P.parse_time(job.get("started_at")), P.parse_time(job.get("finished_at"))
     if start and end:
@@ -58,10 +68,29 @@ def status_line(job: dict) -> str:
     return line
 
 
+# The state's colour, from JupyterLab's theme when there is one: the sign of a
+# job's state for a reader whose browser has no emoji font.
+STATE_COLORS = {
+    P.QUEUED: "var(--jp-content-font-color2, #757575)",
+    P.RUNNING: "var(--jp-brand-color1, #1976d2)",
+    P.SUCCEEDED: "var(--jp-success-color1, #388e3c)",
+    P.FAILED: "var(--jp-error-color1, #d32f2f)",
+    P.REJECTED: "var(--jp-error-color1, #d32f2f)",
+    P.CANCELLED: "var(--jp-warn-color1, #f57c00)",
+}
+
+
+def status_html(job: dict) -> str:
+    """``status_line`` as HTML, escaped, coloured by the job's state."""
+    color = STATE_COLORS.get(job.get("status"), "inherit")
+    return (f"<span class='distexec-status distexec-{html.escape(str(job.get('status')))}' "
+            f"style='font-family:var(--jp-code-font-family,monospace);color:{color}'>"
+            f"{html.escape(status_line(job))}</span>")
+
+
 def status_bundle(job: dict) -> dict:
     """The status line as a display bundle: gray in a notebook, plain elsewhere."""
-    line = status_line(job)
-    return {"text/plain": line, "text/html": f"<div style='color:gray'>{html.escape(line)}</div>"}
+    return {"text/plain": status_line(job), "text/html": f"<div>{status_html(job)}</div>"}
 
 
 def failure_lines(job: dict, interrupted: bool = False) -> list[str]:

@@ -112,10 +112,6 @@ def session_rows(sessions: list[dict]) -> list[list[str]]:
             for s in sessions]
 
 
-def status_html(record: dict) -> str:
-    return f"<span style='font-family:monospace'>{html.escape(D.status_line(record))}</span>"
-
-
 def _rank(status: str) -> int:
     return 2 if status in P.TERMINAL else 1 if status == P.RUNNING else 0
 
@@ -372,7 +368,7 @@ class RemoteMagics(Magics):
         """
         import ipywidgets
 
-        widget = ipywidgets.HTML(value=status_html(job.record))
+        widget = ipywidgets.HTML(value=D.status_html(job.record))
         self.status_widgets[job.id] = widget
         while len(self.status_widgets) > KEEP_WIDGETS:
             self.status_widgets.pop(next(iter(self.status_widgets)))
@@ -382,7 +378,7 @@ class RemoteMagics(Magics):
             def on_event(msg):
                 if msg["type"] == "job_update" and msg["job"].get("id") == record["id"]:
                     record.update(msg["job"])
-                    widget.value = status_html(record)
+                    widget.value = D.status_html(record)
                     if record["status"] in P.TERMINAL:
                         unsubscribe()
 

@@ -391,9 +391,9 @@ class ClientSocket(_Socket):
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
         host = self.get_query_argument("host", None) or self.request.remote_ip
-        # Only the admin token may name itself (it is shared by the cluster's owner's tools);
-        # a logged-in user is shown as who they logged in as.
-        user = (self.get_query_argument("user", None) or self.user) if self.identity.admin else self.user
+        # A client is listed as the user its token or login names, the user its jobs carry:
+        # one identity everywhere (a name the client gives itself would differ from its jobs').
+        user = self.user
         wanted = self.get_query_argument("client_id", None)
         self.info = self.master.client_connected(self, user, host, wanted, owner=self.identity.owner)
         self._expiry = None

@@ -25,6 +25,7 @@ log = logging.getLogger("distexec.master")
 # the real limit and sends the whole output at the end.
 LIVE_OUTPUT_CAP = 16 << 20
 SLAVES_EVENT_DELAY = 0.1  # seconds slave-list changes are gathered before clients hear of them
+CLIENTS_EVENT_DELAY = 0.1  # the same for the clients' "jobs submitted" counts
 
 # After a start, how long a submission for a language only absent slaves ran
 # waits for them to reconnect before it is rejected (they retry within seconds).
@@ -87,6 +88,7 @@ class Master(SessionBook):
         self._next_client = 1
         self._grace_handles: dict[int, asyncio.TimerHandle] = {}
         self._slaves_event: asyncio.TimerHandle | None = None
+        self._clients_event: asyncio.TimerHandle | None = None
         # Live Python sessions by key (see _session_key): what /api/sessions shows.
         # Where each lives is the scheduler's business; this is the bookkeeping.
         self.sessions: dict[tuple, dict] = {}
@@ -192,6 +194,19 @@ class Master(SessionBook):
         return [{"id": c.id, "user": c.user, "host": c.host, "connected_at": c.connected_at,
                  "jobs_submitted": c.jobs_submitted} for c in self.clients.values()]
 
+    def _clients_changed(self) -> None:
+        """Tell clients a client's count of jobs submitted changed, at most once per CLIENTS_EVENT_DELAY.
+
+        A burst of 500 submissions then costs a few client lists, not 500.
+        """
+        if self._clients_event is None:
+            loop = asyncio.get_running_loop()
+            self._clients_event = loop.call_later(CLIENTS_EVENT_DELAY, self._send_clients_changed)
+
+    def _send_clients_changed(self) -> None:
+        self._clients_event = None
+        self._broadcast(P.make("clients_changed", clients=self.client_list()))
+
     def _slaves_changed(self) -> None:
         """Tell clients the slave list changed, at most once per SLAVES_EVENT_DELAY.
 
@@ -276,6 +291,7 @@ class Master(SessionBook):
             jobs.append(job)
         if client is not None:
             client.jobs_submitted += len(jobs)
+            self._clients_changed()
         queued = [job for job in jobs if job["status"] == P.QUEUED]
         for job in queued:
             self.active[job["id"]] = job

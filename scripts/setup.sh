@@ -22,6 +22,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c "import distexec_kernel, master, slave, tornado, ipywidgets" \
+.venv/bin/python -c "import distexec_kernel, master, slave, tornado, ipywidgets, jupyterlab, playwright.sync_api" \
   || { echo "setup: the Python environment is incomplete" >&2; exit 1; }
 echo "setup: ready (.venv)"

@@ -97,7 +97,7 @@ def test_run_from_editor_streams_to_success(panel, client, cluster):
     wait_for(lambda: "hello ['a', 'b c']" in text(panel.detail.stdout), T, "stdout in the detail")
     header = text(panel.detail.header)
     assert master.slave_uid in header
-    assert "exit code</th><td style='text-align:left'>0<" in header
+    assert "exit code</th><td>0<" in header
     assert panel.detail.cancel_button.disabled and not panel.detail.rerun_button.disabled
     assert "sys.argv" in text(panel.detail.source)
     assert "(none)" in text(panel.detail.stderr)
@@ -111,12 +111,15 @@ def test_output_streams_into_detail_and_cancel(panel, client):
     # No event comes while it sleeps, yet its elapsed time moves on in the row.
     wait_for(lambda: re.search(r"  [2-9] s…", rows(panel)[job_id]), T, "the elapsed time ticking")
     assert not panel.detail.cancel_button.disabled
+    assert panel.detail.cancel_button.button_style == "danger"  # red while it can be clicked
     panel.detail.cancel_button.click()
     wait_for(lambda: icon(panel, job_id) == "🚫", T, "row 🚫")
     assert client.job(job_id).status == P.CANCELLED
     wait_for(lambda: panel.detail.cancel_button.disabled, T, "Cancel disabled once cancelled")
+    assert panel.detail.cancel_button.button_style == ""  # a disabled button is not drawn red
+    assert "🚫 job" in panel.message.value and "cancelled" in panel.message.value  # the note followed it
     header = text(panel.detail.header)
-    assert "cancelled" in header and "error code</th><td style='text-align:left'>cancelled" in header
+    assert "cancelled" in header and "error code</th><td>cancelled" in header
 
 
 def pre_text(widget) -> str:
@@ -370,3 +373,34 @@ def test_master_restart_shows_disconnected_then_reloads(panel, client, cluster):
     # The history survived the restart, and new events flow again.
     after = client.submit("print('after')").wait(T)
     wait_for(lambda: icon(panel, after.id) == "✅" and icon(panel, done.id) == "✅", T, "both listed")
+
+
+def test_clients_table_counts_submissions_live_and_names_one_identity(panel, client):
+    view = panel.cluster_view
+    me = next(c for c in client.clients() if c["id"] == client.client_id)
+    wait_for(lambda: cell(client.client_id) in text(view.clients), T, "this client listed")
+    row = lambda: re.search(rf"<tr><td style='text-align:left'>{client.client_id}</td>.*?</tr>", text(view.clients))
+    assert row().group(0).endswith(f"{cell(str(me['jobs_submitted']))}</tr>")
+    job = client.submit("print('counted')", name="counted").wait(T)
+    # No reload: the master's clients_changed brings the new count.
+    wait_for(lambda: row().group(0).endswith(f"{cell(str(me['jobs_submitted'] + 1))}</tr>"), T,
+             "jobs submitted + 1 in the Cluster tab")
+    # The job's client reads as the Cluster tab lists it, and as the title names this panel.
+    assert job.user == me["user"]
+    panel.job_list.value = job.id
+    identity = f"{client.client_id} · {me['user']}"
+    wait_for(lambda: f"<th>client</th><td>{identity}</td>" in text(panel.detail.header), T, "the detail")
+    assert f"client {identity}" in text(panel.title)
+    assert cell(me["user"]) in row().group(0)
+
+
+def test_edit_of_a_job_that_ran_with_the_default_timeout_keeps_the_default(panel, client):
+    job = client.submit("print('plain')").wait(T)
+    assert job.timeout == P.DEFAULT_TIMEOUT  # the master filled it in
+    wait_for(lambda: job.id in rows(panel), T, "listed")
+    assert "(unnamed)" in rows(panel)[job.id]
+    panel.editor.timeout.value = 42.0
+    panel.job_list.value = job.id
+    panel.detail.edit_button.click()
+    wait_for(lambda: panel.editor.source.value == "print('plain')", T, "loaded into the editor")
+    assert panel.editor.timeout.value == 0.0 and panel.editor.name.value == ""

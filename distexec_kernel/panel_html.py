@@ -1,0 +1,104 @@
+"""The job panel's HTML: every string a job or the master supplies goes through ``html.escape``.
+
+ipywidgets' ``HTML`` sets ``innerHTML`` unsanitised, so a job that prints
+``<img src=x onerror=...>`` would run script in the user's JupyterLab if
+its output were put in as it is.  Nothing here takes HTML from outside.
+
+Colours and fonts come from JupyterLab's CSS variables, so the panel reads
+in the light and the dark theme alike; the fallbacks after the commas are
+for a front end without them (classic Notebook, VS Code).
+"""
+from __future__ import annotations
+
+import html
+import shlex
+
+from . import display as D, protocol as P
+from .panel_jobs import display_name
+
+# The detail view shows the tail of a long output; the whole of it stays one
+# `distexec show ID` away.  Re-sending megabytes per flush would stall the browser.
+OUTPUT_TAIL = 64 * 1024
+
+STYLE = """<style>
+.distexec-panel { font-family: var(--jp-ui-font-family, sans-serif); color: var(--jp-content-font-color1, #212121);
+  background: var(--jp-layout-color1, #fff); padding: 4px; }
+.distexec-panel .widget-html-content { line-height: 1.35; color: var(--jp-content-font-color1, #212121); }
+.distexec-panel .widget-label { color: var(--jp-content-font-color1, #212121); }
+.distexec-rows select { font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 12px);
+  background: var(--jp-layout-color0, #fff); color: var(--jp-content-font-color1, #212121); }
+.distexec-code textarea { font-family: var(--jp-code-font-family, monospace); }
+.distexec-panel table { border-collapse: collapse; }
+.distexec-panel table th, .distexec-panel table td { padding: 1px 10px 1px 0; vertical-align: top; text-align: left; }
+.distexec-panel table th { color: var(--jp-content-font-color2, #616161); font-weight: 600; }
+.distexec-panel pre { margin: 0; max-height: 22em; overflow: auto; white-space: pre-wrap;
+  font-family: var(--jp-code-font-family, monospace); font-size: var(--jp-code-font-size, 12px);
+  background: var(--jp-layout-color2, #eee); color: var(--jp-content-font-color1, #212121); padding: 2px 4px; }
+.distexec-panel .distexec-muted { color: var(--jp-content-font-color2, #757575); font-style: italic; }
+.distexec-panel .distexec-state { font-weight: 600; }
+</style>"""
+
+EMPTY_DETAIL = "<span class='distexec-muted'>select a job above</span>"
+LOADING = "<span class='distexec-muted'>loading…</span>"
+NONE = "<span class='distexec-muted'>(none)</span>"
+
+
+def esc(value) -> str:
+    return html.escape("-" if value is None or value == "" else str(value))
+
+
+def pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def state_html(status: str | None) -> str:
+    """The state in words and colour as well as its icon: it reads without an emoji font."""
+    color = D.STATE_COLORS.get(status, "inherit")
+    return (f"<span class='distexec-state distexec-{esc(status)}' style='color:{color}'>"
+            f"{P.ICONS.get(status, '?')} {esc(status)}</span>")
+
+
+def detail_html(job: dict) -> str:
+    """The selected job's facts as a small table, two facts a line."""
+    err = job.get("error") or {}
+    where = f" (line {err['line']})" if err.get("line") else ""
+    rows = [
+        ("status", None),
+        ("job", f"{job['id']} · {display_name(job)}"),
+        ("language", job.get("language")),
+        ("exit code", job.get("exit_code")),
+        ("slave", job.get("slave_uid")),
+        ("error code", err.get("code")),
+        ("client", D.identity(job.get("client_id"), job.get("user"))),
+        ("duration", D.fmt_seconds(D.duration(job))),
+        ("submitted", D.fmt_time(job.get("submitted_at"))),
+        ("timeout", D.fmt_seconds(job.get("timeout"))),
+        ("started", D.fmt_time(job.get("started_at"))),
+        ("arguments", shlex.join(job["args"]) if job.get("args") else None),
+        ("finished", D.fmt_time(job.get("finished_at"))),
+    ]
+    cells = [f"<th>{k}</th><td>{state_html(job.get('status')) if k == 'status' else esc(v)}</td>"
+             for k, v in rows]
+    body = "".join("<tr>" + "".join(cells[i:i + 2]) + "</tr>" for i in range(0, len(cells), 2))
+    if err:
+        body += f"<tr><th>error</th><td colspan='3'>{esc((err.get('message') or '') + where)}</td></tr>"
+    return f"<table>{body}</table>"
+
+
+def output_html(text: str, length: int) -> str:
+    """One stream's tail, escaped; says how much before it is not shown."""
+    if not length:
+        return NONE
+    note = f"… {length - len(text)} characters before these not shown\n" if length > len(text) else ""
+    return pre(note + text)
+
+
+def title_html(url: str, me: str, connected: bool, total: int, slaves: int, clients: int) -> str:
+    state = "🟢 connected" if connected else "🔴 disconnected, reconnecting…"
+    return (f"<b>distexec</b> · {esc(url)} · client {esc(me)} · {state} · {D.plural(total, 'job')}"
+            f" · {D.plural(slaves, 'slave')} · {D.plural(clients, 'client')}")
+
+
+def cluster_html(slaves: list[dict], clients: list[dict]) -> tuple[str, str]:
+    """The Cluster tab's two tables (``display`` escapes every cell)."""
+    return D.slaves_html(slaves), D.clients_html(clients)
