@@ -76,6 +76,9 @@ class JupyterLab:
                         JUPYTER_PLATFORM_DIRS="1")
         # The kernel must be this venv's Python, whatever is first on PATH.
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
+        # The per-language kernels the C and Java notebooks declare, in this world's data dir.
+        subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "kernel", "install", "--user",
+                        "--languages", "c,java"], env=self.env, check=True, capture_output=True, timeout=120)
         argv = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.port={self.port}",
                 "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False"]
