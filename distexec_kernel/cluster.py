@@ -72,6 +72,7 @@ class Job:
         self._cond = threading.Condition()
         self._output_listeners: list[Callable[[str, str], None]] = []
         self._stale = False
+        self._news = 0.0  # when the event channel last told us something of this job
 
     # -- record ----------------------------------------------------------------
 
@@ -106,17 +107,27 @@ class Job:
 
     def _apply_update(self, summary: dict) -> None:
         with self._cond:
+            self._news = time.monotonic()
             was_queued = self._record.get("status") == P.QUEUED
+            before = {stream: self._record.get(stream) or "" for stream in P.STREAMS}
             self._record.update(summary)
             if summary.get("status") == P.QUEUED and not was_queued:
                 # Requeued for a retry: its output starts again.
                 self._record.update(stdout="", stderr="")
             if summary.get("status") in P.TERMINAL:
-                self._stale = True  # the summary has no output: fetch the whole record
+                # A small output comes whole with the final event (protocol.update_of);
+                # a larger one is read once from the master.
+                self._stale = not all(stream in summary for stream in P.STREAMS)
+                for stream in P.STREAMS:
+                    text = summary.get(stream)
+                    if text is not None and text.startswith(before[stream]) and len(text) > len(before[stream]):
+                        for listener in list(self._output_listeners):
+                            listener(stream, text[len(before[stream]):])
             self._cond.notify_all()
 
     def _apply_output(self, stream: str, offset: int, data: str) -> None:
         with self._cond:
+            self._news = time.monotonic()
             current = self._record.get(stream) or ""
             if offset > len(current):
                 self._stale = True  # missed a chunk: re-read
@@ -167,7 +178,9 @@ class Job:
             while True:
                 with self._cond:
                     stale = self._stale
-                if stale or time.monotonic() - last_refresh > REFRESH_EVERY:
+                # Re-read only when told to, or when the channel has been quiet a while:
+                # while events flow, a long job's output is not downloaded again and again.
+                if stale or time.monotonic() - max(last_refresh, self._news) > REFRESH_EVERY:
                     try:
                         # A master that hangs must not hold us past our own deadline.
                         left = 30.0 if deadline is None else deadline - time.monotonic()

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import ssl
 import threading
 from typing import Callable
 from urllib.parse import urlencode
 
 import tornado.httpclient
-import tornado.websocket
 
-from . import config, protocol as P
+from . import config, protocol as P, wsclient
 
 log = logging.getLogger("distexec.client.events")
 
@@ -49,12 +46,8 @@ class EventStream:
         query = {k: v for k, v in (("client_id", self.client_id), ("user", self.user),
                                    ("host", self.host)) if v}
         url = config.ws_url(self.url) + "/ws/client" + ("?" + urlencode(query) if query else "")
-        kwargs = {}
-        if url.startswith("wss://"):
-            kwargs["ssl_options"] = ssl.create_default_context(cafile=self.cafile)
         self._sent_token = self.token
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return tornado.httpclient.HTTPRequest(url, headers=headers, connect_timeout=10, **kwargs)
+        return wsclient.request(url, self.token, self.cafile)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -63,67 +56,43 @@ class EventStream:
         finally:
             self._loop.close()
 
-    async def _run(self) -> None:
-        backoff = 0.05
-        while not self._stop.is_set():
-            try:
-                conn = await tornado.websocket.websocket_connect(
-                    self._request(), max_message_size=P.MAX_MESSAGE_BYTES, ping_interval=5, ping_timeout=5)
-            except tornado.httpclient.HTTPClientError as exc:
-                if exc.code == 401 and self.token == self._sent_token:
-                    self.refused = "the master refused the token (401)"
-                    self.connected.set()  # wake whoever waits for the first connect
-                    return
-                log.debug("event channel: %s", exc)
-            except ssl.SSLCertVerificationError as exc:
-                # Not a passing failure: the master's certificate will not verify next time either.
-                from .cluster import tls_refusal
-                self.refused = tls_refusal(self.url, exc)
-                self.connected.set()
-                return
-            except (OSError, tornado.websocket.WebSocketError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                log.debug("event channel: %s", exc)
-            else:
-                backoff = 0.05
-                self._conn = conn
-                # Small frames that each wait for an answer: no Nagle delay.
-                conn.protocol.set_nodelay(True)
-                try:
-                    await self._read(conn)
-                finally:
-                    conn.close()
-                self._conn = None
-                self.connected.clear()
-                if self.on_connect is not None and not self._stop.is_set():
-                    self.on_connect(False)
-            if self._stop.is_set():
-                break
-            try:
-                await asyncio.wait_for(self._stop.wait(), backoff * (0.5 + random.random()))
-            except asyncio.TimeoutError:
-                pass
-            backoff = min(backoff * 2, 3.0)
+    def _refused_401(self) -> str | None:
+        # A token replaced by a new login meanwhile is no refusal: the next attempt carries it.
+        return "the master refused the token (401)" if self.token == self._sent_token else None
 
-    async def _read(self, conn) -> None:
-        while True:
-            text = await conn.read_message()
-            if text is None:
-                return
-            try:
-                msg = P.decode(text)
-            except P.ProtocolError as exc:
-                log.warning("bad event from the master: %s", exc.message)
-                continue
-            if msg["type"] == "welcome":
-                self.client_id = msg["client_id"]
-                self.connected.set()
-                if self.on_connect is not None:
-                    self.on_connect(True)
-                continue
-            try:
-                self.on_event(msg)
-            except Exception:  # a receiver's bug must not end the channel
-                log.exception("event handler failed on %s", msg["type"])
+    async def _run(self) -> None:
+        try:
+            await wsclient.stay_connected(self._request, self._serve, self._stop, log=log,
+                                          refused_401=self._refused_401)
+        except wsclient.Refused as exc:
+            if exc.cause is not None:
+                from .cluster import tls_refusal
+                self.refused = tls_refusal(self.url, exc.cause)
+            else:
+                self.refused = str(exc)
+            self.connected.set()  # wake whoever waits for the first connect
+
+    async def _serve(self, conn) -> None:
+        self._conn = conn
+        try:
+            await wsclient.read_frames(conn, self._handle, log=log)
+        finally:
+            self._conn = None
+            self.connected.clear()
+            if self.on_connect is not None and not self._stop.is_set():
+                self.on_connect(False)
+
+    def _handle(self, msg: dict) -> None:
+        if msg["type"] == "welcome":
+            self.client_id = msg["client_id"]
+            self.connected.set()
+            if self.on_connect is not None:
+                self.on_connect(True)
+            return
+        try:
+            self.on_event(msg)
+        except Exception:  # a receiver's bug must not end the channel
+            log.exception("event handler failed on %s", msg["type"])
 
     def send(self, msg: dict) -> None:
         def write():

@@ -138,7 +138,8 @@ class JobGroup(Sequence):
 
     def _fetch_outputs(self) -> None:
         if not self._have_outputs:
-            self.refresh(summary=False)
+            if any(job._stale or job.stdout is None for job in self._jobs):
+                self.refresh(summary=False)  # one listing for the outputs the events did not bring
             self._have_outputs = True
             if self._unsubscribe is not None:
                 self._unsubscribe()

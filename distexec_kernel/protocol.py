@@ -429,11 +429,25 @@ def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str |
 
 
 SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr")
+# A finished job's event carries its whole output up to this size, so a client
+# that waited for it needs no request to read the result.
+SMALL_OUTPUT_CHARS = 64 << 10
 
 
 def summary(job: dict) -> dict:
     """A job without its bulky fields, for live status events."""
     return {k: v for k, v in job.items() if k not in SUMMARY_OMIT}
+
+
+def update_of(job: dict) -> dict:
+    """What a ``job_update`` event carries: the summary and, once the job has
+    ended with a small output, that whole output (``stdout`` and ``stderr``)."""
+    out = summary(job)
+    if job.get("status") in TERMINAL:
+        stdout, stderr = job.get("stdout") or "", job.get("stderr") or ""
+        if len(stdout) + len(stderr) <= SMALL_OUTPUT_CHARS:
+            out.update(stdout=stdout, stderr=stderr)
+    return out
 
 
 def status_of(error_obj: dict | None) -> str:

@@ -659,7 +659,7 @@ class Master(SessionBook):
         return job
 
     def _announce(self, job: dict) -> None:
-        self._broadcast(P.make("job_update", job=P.summary(_public(job))), job)
+        self._broadcast(P.make("job_update", job=P.update_of(_public(job))), job)
 
     # -- reads ----------------------------------------------------------------
 

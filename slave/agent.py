@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import ssl
 import uuid
 
 import tornado.httpclient
 import tornado.websocket
 
-from distexec_kernel import config, protocol as P
+from distexec_kernel import config, protocol as P, wsclient
 
 from .runner import Outcome, Runner
 
@@ -82,75 +80,47 @@ class Slave:
     # -- connection ----------------------------------------------------------
 
     def _request(self) -> tornado.httpclient.HTTPRequest:
-        kwargs = {}
-        if self.ws_url.startswith("wss://") and self.cafile:
-            kwargs["ssl_options"] = ssl.create_default_context(cafile=self.cafile)
-        return tornado.httpclient.HTTPRequest(
-            self.ws_url, headers={"Authorization": f"Bearer {self.secret}"}, connect_timeout=10, **kwargs)
+        return wsclient.request(self.ws_url, self.secret, self.cafile)
 
     async def run(self) -> None:
         """Stay connected until stopped; raises FatalSlaveError if refused for good."""
-        backoff = BACKOFF_FIRST
-        while not self._stopping.is_set():
-            try:
-                conn = await tornado.websocket.websocket_connect(
-                    self._request(), ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
-                    max_message_size=P.MAX_MESSAGE_BYTES)
-            except tornado.httpclient.HTTPClientError as exc:
-                if exc.code == 401:
-                    raise FatalSlaveError(
-                        f"the master at {self.ws_url} refused the slave secret (401): check --secret "
-                        f"or DISTEXEC_SLAVE_SECRET") from None
-                log.info("master not reachable (%s); retrying in %.2f s", exc, backoff)
-            except ssl.SSLCertVerificationError as exc:
-                raise FatalSlaveError(
-                    f"cannot verify the master's TLS certificate at {self.ws_url} ({exc.verify_message}): "
-                    f"give its certificate as the CA file (DISTEXEC_CAFILE or the connection file's "
-                    f"\"cafile\"); refusing to connect") from None
-            except (OSError, tornado.websocket.WebSocketError, asyncio.TimeoutError) as exc:
-                log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
-            else:
-                backoff = BACKOFF_FIRST
-                await self._serve(conn)
-                if self._stopping.is_set():
-                    break
-                log.warning("lost the master; reconnecting")
-            try:
-                await asyncio.wait_for(self._stopping.wait(), backoff * (0.5 + random.random()))
-            except asyncio.TimeoutError:
-                pass
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        try:
+            await wsclient.stay_connected(
+                self._request, self._serve, self._stopping, log=log, first=BACKOFF_FIRST, most=BACKOFF_MAX,
+                ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
+                refused_401=lambda: f"the master at {self.ws_url} refused the slave secret (401): check "
+                                    f"--secret or DISTEXEC_SLAVE_SECRET")
+        except wsclient.Refused as exc:
+            if exc.cause is None:
+                raise FatalSlaveError(str(exc)) from None
+            raise FatalSlaveError(
+                f"cannot verify the master's TLS certificate at {self.ws_url} ({exc.cause.verify_message}): "
+                f"give its certificate as the CA file (DISTEXEC_CAFILE or the connection file's "
+                f"\"cafile\"); refusing to connect") from None
         if self._fatal is not None:
             raise self._fatal
 
     async def _serve(self, conn) -> None:
         self.conn = conn
-        # Small frames that each wait for an answer: no Nagle delay (see master/app.py's _Socket).
-        conn.protocol.set_nodelay(True)
         self._send(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
             slots=self.slots, running=sorted(self.running), results=list(self.unacked.values()),
             draining=self.draining, sessions=self._session_names(), instance=self.instance))
         try:
-            while True:
-                text = await conn.read_message()
-                if text is None:
-                    break
-                try:
-                    msg = P.decode(text)
-                except P.ProtocolError as exc:
-                    log.warning("bad message from the master: %s", exc.message)
-                    self._send(P.make("error", error=exc.to_dict()))
-                    continue
-                handler = self.handlers.get(msg["type"])
-                if handler is None:
-                    log.warning("unexpected %r from the master", msg["type"])
-                    continue
-                handler(msg)
+            await wsclient.read_frames(conn, self._dispatch, log=log,
+                                       on_bad=lambda exc: self._send(P.make("error", error=exc.to_dict())))
         finally:
             self.conn = None
-            conn.close()
+        if not self._stopping.is_set():
+            log.warning("lost the master; reconnecting")
+
+    def _dispatch(self, msg: dict) -> None:
+        handler = self.handlers.get(msg["type"])
+        if handler is None:
+            log.warning("unexpected %r from the master", msg["type"])
+            return
+        handler(msg)
 
     def _send(self, msg: dict) -> None:
         if self.conn is None:

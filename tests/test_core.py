@@ -514,3 +514,24 @@ def test_threads_share_one_cluster(client):
     for t in threads:
         t.join()
     assert sorted(results) == sorted(f"{i}\n" for i in range(8))
+
+
+def test_the_final_event_carries_a_small_output_whole(client):
+    """A client that waited on events needs no request to read a small result."""
+    events: list[dict] = []
+    unsubscribe = client.subscribe(lambda m: events.append(m["job"]) if m["type"] == "job_update" else None)
+    try:
+        small = client.submit("import sys\nprint('hi')\nprint('oops', file=sys.stderr)")
+        big = client.submit(f"print('x' * {P.SMALL_OUTPUT_CHARS + 10})")
+
+        def final(job):
+            return next((e for e in events if e["id"] == job.id and e["status"] in P.TERMINAL), None)
+
+        wait_for(lambda: final(small) and final(big), 60, "both jobs' final events")
+    finally:
+        unsubscribe()
+    assert (final(small)["stdout"], final(small)["stderr"]) == ("hi\n", "oops\n")
+    assert "stdout" not in final(big)  # too large for an event: read once from the master
+    # The handle took the result from the event: it is complete without asking the master again.
+    assert small.done and not small._stale and small.stdout == "hi\n"
+    assert big.wait(30).stdout == "x" * (P.SMALL_OUTPUT_CHARS + 10) + "\n"

@@ -1,0 +1,110 @@
+"""One reconnecting WebSocket client, for both ends that dial the master.
+
+The slave (``/ws/slave``) and the client's event channel (``/ws/client``)
+want the same thing: connect, serve the connection until it drops, wait a
+jittered, doubling backoff, connect again; give up only when the master
+refuses for a reason that retrying cannot fix (a 401, a certificate that does
+not verify).  This module is that loop, once, and the frame loop that
+decodes each message against the protocol table.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from typing import Awaitable, Callable
+
+import tornado.httpclient
+import tornado.websocket
+
+from . import protocol as P
+
+Connection = tornado.websocket.WebSocketClientConnection
+
+
+class Refused(Exception):
+    """The master refused us for good: retrying cannot help.  ``status`` is the HTTP code, if any."""
+
+    def __init__(self, message: str, status: int | None = None, cause: Exception | None = None):
+        super().__init__(message)
+        self.status = status
+        self.cause = cause
+
+
+def request(url: str, token: str | None, cafile: str | None = None) -> tornado.httpclient.HTTPRequest:
+    """The upgrade request: bearer token, and the master's CA for ``wss://``."""
+    kwargs = {}
+    if url.startswith("wss://"):
+        kwargs["ssl_options"] = ssl.create_default_context(cafile=cafile)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return tornado.httpclient.HTTPRequest(url, headers=headers, connect_timeout=10, **kwargs)
+
+
+async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPRequest],
+                         serve: Callable[[Connection], Awaitable[None]], stopping: asyncio.Event, *,
+                         log: logging.Logger, first: float = 0.05, most: float = 3.0,
+                         ping_interval: float = 5.0, ping_timeout: float = 5.0,
+                         refused_401: Callable[[], str | None] | None = None) -> None:
+    """Connect, ``serve`` the connection until it closes, and again, until ``stopping`` is set.
+
+    Raises ``Refused`` on a 401 (unless ``refused_401`` returns None: the
+    credentials changed meanwhile, try again) and on a certificate that does
+    not verify.  Everything else (refused connection, timeouts, a dropped
+    socket) is retried after ``first``, doubling up to ``most`` seconds,
+    each wait jittered so that many peers do not come back in step.
+    """
+    backoff = first
+    while not stopping.is_set():
+        try:
+            conn = await tornado.websocket.websocket_connect(
+                make_request(), max_message_size=P.MAX_MESSAGE_BYTES,
+                ping_interval=ping_interval, ping_timeout=ping_timeout)
+        except tornado.httpclient.HTTPClientError as exc:
+            if exc.code == 401:
+                message = refused_401() if refused_401 is not None else "the master refused the credentials (401)"
+                if message is not None:
+                    raise Refused(message, 401) from None
+            log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
+        except ssl.SSLCertVerificationError as exc:
+            # Not a passing failure: the certificate will not verify next time either.
+            raise Refused(f"cannot verify the master's TLS certificate ({exc.verify_message})", cause=exc) from None
+        except (OSError, tornado.websocket.WebSocketError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
+        else:
+            backoff = first
+            # Small frames that each wait for an answer: with Nagle's algorithm on
+            # (tornado's default), each waited up to 40 ms for a delayed ACK.
+            conn.protocol.set_nodelay(True)
+            try:
+                await serve(conn)
+            finally:
+                conn.close()
+            if stopping.is_set():
+                break
+        try:
+            await asyncio.wait_for(stopping.wait(), backoff * (0.5 + random.random()))
+        except asyncio.TimeoutError:
+            pass
+        backoff = min(backoff * 2, most)
+
+
+async def read_frames(conn: Connection, handle: Callable[[dict], None], *, log: logging.Logger,
+                      on_bad: Callable[[P.ProtocolError], None] | None = None) -> None:
+    """Hand each well-formed message to ``handle`` until the connection closes.
+
+    A malformed frame is logged (and passed to ``on_bad``, to answer it) and
+    skipped: one bad frame never ends the connection.
+    """
+    while True:
+        text = await conn.read_message()
+        if text is None:
+            return
+        try:
+            msg = P.decode(text)
+        except P.ProtocolError as exc:
+            log.warning("bad message from the master: %s", exc.message)
+            if on_bad is not None:
+                on_bad(exc)
+            continue
+        handle(msg)
