@@ -171,6 +171,14 @@ RUN_ALL = """() => {
         .then(() => 'done', (e) => 'failed: ' + e);
 }"""
 
+# Run from cell ``index`` to the end: what a person does after a cell that fails on purpose,
+# since JupyterLab's Run All stops at any error, ``raises-exception`` tag or not.
+RUN_FROM = """(index) => {
+    window.jupyterapp.shell.currentWidget.content.activeCellIndex = index;
+    window.__distexecRun = window.jupyterapp.commands.execute('notebook:run-all-below')
+        .then(() => 'done', (e) => 'failed: ' + e);
+}"""
+
 WAIT_RUN = "async () => await window.__distexecRun"
 
 # The notebook as the front end holds it now (nbformat JSON), outputs included.
