@@ -342,7 +342,11 @@ def test_random_job_bodies_get_201_or_a_4xx_with_a_json_error(bare_master, body)
                          headers={"Authorization": f"Bearer {bare_master.token}"})
     assert resp.status_code in (201, 400, 413), (resp.status_code, resp.text)
     answer = resp.json()
-    if resp.status_code == 201:
+    if resp.status_code == 201 and "jobs" in answer:
+        # A list is a batch: all of it checked, then (no slave here) all of it rejected.
+        assert all(j["status"] == P.REJECTED and isinstance(j["id"], int) for j in answer["jobs"])
+        assert (answer["group"] is None) == (not answer["jobs"])
+    elif resp.status_code == 201:
         assert answer["status"] == P.REJECTED and isinstance(answer["id"], int)
     else:
         assert set(answer["error"]) >= {"code", "message"} and answer["error"]["message"]
