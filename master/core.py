@@ -9,7 +9,10 @@ a master crash.
 from __future__ import annotations
 
 import asyncio
+import datetime as _dt
+import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol as _Proto
 
@@ -37,6 +40,16 @@ REJOIN_HISTORY = 1000
 # a dead one costs its jobs these few seconds more.
 RECONNECT_GRACE = 3.0
 
+DEFAULT_MAX_QUEUED_PER_USER = 1000
+# A safety cap on all queued jobs together (they cost about 1 KiB of memory
+# each, their inputs being in the store); users meet their own cap first.
+DEFAULT_MAX_QUEUE = 100_000
+DEFAULT_KEEP_DAYS = 90.0
+DEFAULT_KEEP_MB = 10_000.0
+PRUNE_INTERVAL = 3600.0  # seconds between two passes of the history retention
+ISSUED_IDS_KEPT = 10_000  # client ids remembered, so a reconnecting client gets its own back
+LABEL_CHARS = 64
+
 
 class Peer(_Proto):
     """What the core needs of a connection: send one message."""
@@ -63,22 +76,48 @@ class SlaveInfo:
 class ClientInfo:
     id: str
     user: str | None
-    host: str
+    host: str  # the peer address the master sees, never what the client says
     peer: Peer
     connected_at: str = field(default_factory=P.now)
     jobs_submitted: int = 0
     # The user whose job events this client may receive; None for an admin (all).
     owner: str | None = None
+    # Who authenticated (the admin token: auth.ADMIN): ids are tied to them.
+    account: str | None = None
+    label: str | None = None  # what the client calls its host: shown, never trusted
+
+
+class QueueFull(P.ProtocolError):
+    """A submission past a queue cap; ``status`` is the HTTP status it gets."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__("queue_full", message)
+        self.status = status
 
 
 class Master(SessionBook):
     def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0,
-                 max_queue: int | None = None):
+                 max_queue: int | None = DEFAULT_MAX_QUEUE,
+                 max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
+                 keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
+                 prune_interval: float = PRUNE_INTERVAL):
         self.store = store
         self.scheduler = Scheduler(max_jobs)
         self.lost_grace = lost_grace
-        # Most jobs waiting at once; past it a submission is refused, not queued.
+        # Most jobs waiting at once, per user and in all; past either a
+        # submission is refused, not queued (see queue_room).
         self.max_queue = max_queue
+        self.max_queued_per_user = max_queued_per_user
+        # History retention (see prune): None is no bound.
+        self.keep_days = keep_days
+        self.keep_mb = keep_mb
+        self.prune_interval = prune_interval
+        self._prune_task: asyncio.Task | None = None
+        # Client id -> the account it was issued to, newest last: only that
+        # account may take the id again (reconnecting) or name it on a request.
+        self._issued: OrderedDict[str, str | None] = OrderedDict()
+        # The inputs of the job being submitted, during its first dispatch only.
+        self._at_hand: dict[int, dict] = {}
         # Non-terminal jobs, by id.  Terminal jobs live in the store only.
         self.active: dict[int, dict] = {}
         self.slaves: dict[str, SlaveInfo] = {}
@@ -133,10 +172,10 @@ class Master(SessionBook):
                 # Its session may be alive on a slave not back yet: wait for it to say so.
                 self.scheduler.hold_session(_session_key(job))
             if job["status"] == P.QUEUED:
-                self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
+                self.scheduler.enqueue(job["id"], job["language"], _session_key(job), user=job.get("user"))
             else:
                 # Its slave may still be running it: wait for it to come back.
-                self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job))
+                self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job), user=job.get("user"))
                 self._output_gap.add(job["id"])
                 self._sent_to[job["id"]] = None
         if self.active:
@@ -150,6 +189,8 @@ class Master(SessionBook):
                 self._arm_grace(job["id"])
         if self.scheduler.held_sessions:
             asyncio.get_running_loop().call_later(min(self.lost_grace, REJOIN_WINDOW), self._release_sessions)
+        if self.keep_days is not None or self.keep_mb is not None:
+            self._prune_task = asyncio.ensure_future(self._prune_loop())
 
     def _release_sessions(self) -> None:
         """Sessions no slave reported since the restart start anew with their next job."""
@@ -165,32 +206,60 @@ class Master(SessionBook):
         self.stopping = True
         for job_id in list(self._grace_handles):
             self._cancel_grace(job_id)
+        if self._prune_task is not None:
+            self._prune_task.cancel()
 
     # -- clients -----------------------------------------------------------
 
     def client_connected(self, peer: Peer, user: str | None, host: str,
-                         wanted_id: str | None = None, owner: str | None = None) -> ClientInfo:
-        if wanted_id and wanted_id not in self.clients:
+                         wanted_id: str | None = None, owner: str | None = None,
+                         account: str | None = None, label: str | None = None) -> ClientInfo:
+        """A client's event channel opened from ``host`` (the address the server sees).
+
+        ``wanted_id``: the id it had before a reconnection; it gets it back
+        only if the master issued it to the same ``account`` and it is free.
+        ``label``: what the client calls its host, kept as a label only.
+        """
+        if (wanted_id and wanted_id not in self.clients and wanted_id in self._issued
+                and self._issued[wanted_id] == account):
             cid = wanted_id
         else:
             cid = f"c{self._next_client}"
-            while cid in self.clients:
+            while cid in self.clients or cid in self._issued:
                 self._next_client += 1
                 cid = f"c{self._next_client}"
             self._next_client += 1
-        info = ClientInfo(cid, user, host, peer, owner=owner)
+        self._issued[cid] = account
+        self._issued.move_to_end(cid)
+        while len(self._issued) > ISSUED_IDS_KEPT:
+            self._issued.popitem(last=False)
+        info = ClientInfo(cid, user, host, peer, owner=owner, account=account, label=_label(label))
         self.clients[cid] = info
         peer.send(P.make("welcome", client_id=cid, version=__version__))
-        self._broadcast(P.make("clients_changed", clients=self.client_list()))
+        self._clients_changed()
         return info
 
     def client_disconnected(self, cid: str) -> None:
         if self.clients.pop(cid, None) is not None:
-            self._broadcast(P.make("clients_changed", clients=self.client_list()))
+            self._clients_changed()
 
-    def client_list(self) -> list[dict]:
-        return [{"id": c.id, "user": c.user, "host": c.host, "connected_at": c.connected_at,
-                 "jobs_submitted": c.jobs_submitted} for c in self.clients.values()]
+    def client_of(self, cid: str | None, account: str | None) -> str | None:
+        """``cid`` if it was issued to ``account`` (a request naming its client), else None."""
+        return cid if cid and cid in self._issued and self._issued[cid] == account else None
+
+    def client_list(self, owner: str | None = None) -> list[dict]:
+        """Connected clients; ``owner`` limits them to that user's (None: an admin's view, all)."""
+        return [{"id": c.id, "user": c.user, "host": c.host, "label": c.label, "connected_at": c.connected_at,
+                 "jobs_submitted": c.jobs_submitted}
+                for c in self.clients.values() if owner is None or c.owner == owner]
+
+    def _clients_changed(self) -> None:
+        """Tell every client the new client list, as far as it may see it."""
+        views: dict[str | None, str] = {}
+        for client in list(self.clients.values()):
+            if client.owner not in views:
+                views[client.owner] = P.encode(P.make("clients_changed", clients=self.client_list(client.owner)))
+            client.peer.send(views[client.owner])
 
     def _slaves_changed(self) -> None:
         """Tell clients the slave list changed, at most once per SLAVES_EVENT_DELAY.
@@ -225,34 +294,64 @@ class Master(SessionBook):
         or that no slave can run is a *rejected job*, kept in the history.
         """
         sub = P.check_submission(request)
-        if self.max_queue is not None and len(self.scheduler.queue) >= self.max_queue:
-            raise P.ProtocolError("queue_full", f"the master's queue is full ({self.max_queue} jobs "
-                                  f"waiting): try again when some have run")
         sub["language"] = L.canonical(sub["language"])
         if sub["session"] is not None and sub["language"] != "python":
             raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "
                                   "drop 'session' to run it as a fresh process")
         await self._await_returning_slaves(sub["language"])
-        job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
-        self._next_id += 1
         client = self.clients.get(client_id) if client_id else None
+        owner = user or (client.user if client is not None else None)
+        # After the last await: nothing else is queued between this check and the enqueue.
+        self.check_room(owner, 1)
+        job = P.new_job(self._next_id, sub, client_id=client_id, user=owner)
+        self._next_id += 1
         if client is not None:
             client.jobs_submitted += 1
-            job["user"] = job["user"] or client.user
 
         rejection = self._rejection(job)
         if rejection is not None:
             job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
+            _bound_rejected(job)
             await self.store.save(job)
             self._announce(job)
             return job
 
-        self.active[job["id"]] = job
-        self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
+        # Memory holds what scheduling needs; the inputs go to the store only.
+        held = {k: v for k, v in job.items() if k not in P.INPUT_FIELDS}
+        self.active[job["id"]] = held
+        self.scheduler.enqueue(job["id"], job["language"], _session_key(job), user=owner)
         await self.store.save(job)
-        self._announce(job)
-        self._dispatch()
-        return job
+        self._announce(held)
+        inputs = {k: job[k] for k in P.INPUT_FIELDS}
+        # A job that starts at once is sent with the inputs at hand, saving a read.
+        self._at_hand[job["id"]] = inputs
+        try:
+            self._dispatch()
+        finally:
+            del self._at_hand[job["id"]]
+        return {**held, **inputs}
+
+    def queue_room(self, user: str | None) -> int:
+        """How many more jobs ``user`` may queue now (per-user cap and global cap)."""
+        room = []
+        if self.max_queued_per_user is not None:
+            room.append(self.max_queued_per_user - self.scheduler.queued_by(user))
+        if self.max_queue is not None:
+            room.append(self.max_queue - len(self.scheduler.queue))
+        return max(0, min(room)) if room else P.INT_MAX
+
+    def check_room(self, user: str | None, count: int = 1) -> None:
+        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none)."""
+        if self.queue_room(user) >= count:
+            return
+        mine = self.scheduler.queued_by(user)
+        if self.max_queued_per_user is not None and mine + count > self.max_queued_per_user:
+            fits = max(0, self.max_queued_per_user - mine)
+            raise QueueFull(f"{user or 'this user'} has {mine} job(s) waiting, and at most "
+                            f"{self.max_queued_per_user} may wait per user (--max-queued-per-user); "
+                            f"{fits} more would fit: try again when some have run")
+        raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
+                        f"--max-queue): try again when some have run", status=503)
 
     async def _await_returning_slaves(self, language: str) -> None:
         """Right after a restart, give the slaves that ran ``language`` a moment to reconnect.
@@ -321,12 +420,18 @@ class Master(SessionBook):
             slave = self.slaves.get(uid)
             self._dispatch_seq += 1
             self._dispatches[job_id] = self._dispatch_seq
-            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None, self._dispatch_seq))
+            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None, self._dispatch_seq,
+                                                 self._at_hand.get(job_id)))
 
-    async def _send_run(self, job: dict, uid: str, peer: Peer | None, seq: int) -> None:
+    async def _send_run(self, job: dict, uid: str, peer: Peer | None, seq: int,
+                        inputs: dict | None = None) -> None:
         # Durable before announced, and before the slave may start it.
         await self.store.save(job)
         self._announce(job)
+        if inputs is None:
+            # Saved at submission (that commit came first: one writer, in
+            # order); read back only now, and dropped once sent.
+            inputs = await self.store.inputs(job["id"])
         slave = self.slaves.get(uid)
         if (slave is None or slave.peer is not peer or self.active.get(job["id"]) is not job
                 or job["status"] != P.RUNNING or self._dispatches.get(job["id"]) != seq):
@@ -341,7 +446,8 @@ class Master(SessionBook):
             await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
             return
         self._sent_to[job["id"]] = slave.instance
-        slave.peer.send(P.make("job_run", job=_for_slave(job, self._notes_to_send.pop(job["id"], None))))
+        note = self._notes_to_send.pop(job["id"], None)
+        slave.peer.send(P.make("job_run", job=_for_slave({**job, **inputs}, note)))
 
     # -- slaves ------------------------------------------------------------
 
@@ -531,7 +637,7 @@ class Master(SessionBook):
                 job["attempts"] = max(0, (job.get("attempts") or 0) - 1)
                 why += ", before it started"
             job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
-            self.scheduler.requeue_front(job["id"], job["language"], _session_key(job))
+            self.scheduler.requeue_front(job["id"], job["language"], _session_key(job), user=job.get("user"))
             await self.store.save(job)
             self._announce(job)
             log.info("job %d requeued (%s), attempt %d of %d", job["id"], why,
@@ -594,18 +700,80 @@ class Master(SessionBook):
 
     async def get_job(self, job_id: int, user: str | None = None) -> dict | None:
         """The job, or None; ``user`` limits it to that user's jobs (None: an admin's read)."""
-        job = self.active.get(job_id)
-        job = _public(job) if job is not None else await self.store.get(job_id)
+        active = self.active.get(job_id)
+        if active is not None and not _visible(active, user):
+            return None
+        stored = await self.store.get(job_id)
+        # An active job's state (and output so far) is in memory, its inputs in the store.
+        job = _public({**(stored or {}), **active}) if active is not None else stored
         return job if _visible(job, user) else None
 
     async def list_jobs(self, status: str | None, limit: int, offset: int,
                         user: str | None = None) -> tuple[list[dict], int]:
         jobs, total = await self.store.list(status, limit, offset, user)
         # A running job's output so far lives in memory, not yet in the store.
-        return [_public(self.active.get(j["id"], j)) for j in jobs], total
+        return [_public({**j, **self.active[j["id"]]}) if j["id"] in self.active else j for j in jobs], total
+
+    # -- history retention -------------------------------------------------------
+
+    async def prune(self, before: str | None = None) -> int:
+        """Delete terminal jobs: those submitted before ``before`` (an ISO date or
+        time, UTC unless it says), or with None, those past ``keep_days`` and
+        then the oldest past ``keep_mb``.  Queued and running jobs stay.
+        Returns how many were deleted.
+        """
+        if before is not None:
+            cutoff = _utc_text(before)
+            keep_bytes = None
+        else:
+            cutoff = None
+            if self.keep_days is not None:
+                then = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=self.keep_days)
+                cutoff = _utc_text(then.isoformat())
+            keep_bytes = int(self.keep_mb * (1 << 20)) if self.keep_mb is not None else None
+        count = await self.store.prune(cutoff, keep_bytes)
+        if count:
+            log.info("pruned %d job(s) from the history", count)
+        return count
+
+    async def _prune_loop(self) -> None:
+        while not self.stopping:
+            try:
+                await self.prune()
+            except Exception:  # a failed pass is logged by the store; the next one may work
+                log.exception("pruning the history failed")
+            await asyncio.sleep(self.prune_interval)
 
 
 _NEVER_SENT = object()
+
+
+def _utc_text(text: str) -> str:
+    """An ISO date or time as the store writes times (RFC 3339 UTC, milliseconds); ValueError if bad."""
+    when = P.parse_time(text.strip())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _bound_rejected(job: dict) -> None:
+    """A rejected job never runs: keep enough to show why, not megabytes (a flood of them filled the history)."""
+    source = job["source"].encode()
+    if len(source) > P.REJECTED_SOURCE_BYTES:
+        job["source"] = source[:P.REJECTED_SOURCE_BYTES].decode("utf-8", "ignore")
+    job["files"] = {}
+    job["stdin"] = None
+    if len(json.dumps(job["args"])) > P.REJECTED_SOURCE_BYTES:
+        job["args"] = []
+    err = job.get("error") or {}
+    if isinstance(err.get("text"), str) and len(err["text"]) > 1000:
+        err["text"] = err["text"][:1000]  # the offending line, for the caret
+
+
+def _label(text: str | None) -> str | None:
+    if not text:
+        return None
+    return "".join(ch for ch in text if ch.isprintable())[:LABEL_CHARS] or None
 
 
 def _public(job: dict) -> dict:
@@ -618,7 +786,9 @@ def _visible(job: dict | None, owner: str | None) -> bool:
 
 
 def _for_slave(job: dict, session_note: str | None = None) -> dict:
-    out = {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "name")}
+    out = {k: job[k] for k in ("id", "language", "timeout", "name")}
+    out.update(source=job.get("source") or "", files=job.get("files") or {}, args=job.get("args") or [],
+               stdin=job.get("stdin"))
     out["session"] = _session_key(job)
     if session_note:
         out["session_note"] = session_note
