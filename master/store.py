@@ -58,8 +58,12 @@ _TERMINAL_ONLY = "status NOT IN (?, ?)"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, creating: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    if creating:
+        # Must come before anything is written; a no-op on an existing file.
+        # Lets prune hand freed pages back to the disk.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode survives a process crash; only an OS crash can
     # lose the last commits, which is the usual trade for a history store.
@@ -142,10 +146,7 @@ class JobStore:
         self.path = path
         if path != ":memory:":
             _private_file(path)
-        conn = _connect(path)
-        if path != ":memory:":
-            # Takes effect on a new file only; lets prune hand freed pages back to the disk.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn = _connect(path, creating=True)
         conn.executescript(SCHEMA)
         conn.execute("BEGIN")
         _migrate(conn)
