@@ -9,15 +9,15 @@ a master crash.
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import json
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol as _Proto
 
-from distexec_kernel import __version__, languages as L, protocol as P
+from distexec_kernel import languages as L, protocol as P
 
+from .clients import ClientBook, ClientInfo
+from .retention import Retention
 from .scheduler import Scheduler
 from .sessions import SessionBook, _session_key
 from .store import JobStore
@@ -47,8 +47,6 @@ DEFAULT_MAX_QUEUE = 100_000
 DEFAULT_KEEP_DAYS = 90.0
 DEFAULT_KEEP_MB = 10_000.0
 PRUNE_INTERVAL = 3600.0  # seconds between two passes of the history retention
-ISSUED_IDS_KEPT = 10_000  # client ids remembered, so a reconnecting client gets its own back
-LABEL_CHARS = 64
 
 
 class Peer(_Proto):
@@ -72,21 +70,6 @@ class SlaveInfo:
     instance: str | None = None  # the slave process's id, new at each slave start
 
 
-@dataclass
-class ClientInfo:
-    id: str
-    user: str | None
-    host: str  # the peer address the master sees, never what the client says
-    peer: Peer
-    connected_at: str = field(default_factory=P.now)
-    jobs_submitted: int = 0
-    # The user whose job events this client may receive; None for an admin (all).
-    owner: str | None = None
-    # Who authenticated (the admin token: auth.ADMIN): ids are tied to them.
-    account: str | None = None
-    label: str | None = None  # what the client calls its host: shown, never trusted
-
-
 class QueueFull(P.ProtocolError):
     """A submission past a queue cap; ``status`` is the HTTP status it gets."""
 
@@ -95,7 +78,7 @@ class QueueFull(P.ProtocolError):
         self.status = status
 
 
-class Master(SessionBook):
+class Master(ClientBook, SessionBook, Retention):
     def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0,
                  max_queue: int | None = DEFAULT_MAX_QUEUE,
                  max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
@@ -115,7 +98,7 @@ class Master(SessionBook):
         self._prune_task: asyncio.Task | None = None
         # Client id -> the account it was issued to, newest last: only that
         # account may take the id again (reconnecting) or name it on a request.
-        self._issued: OrderedDict[str, str | None] = OrderedDict()
+        self._issued: dict[str, str | None] = {}
         # The inputs of the job being submitted, during its first dispatch only.
         self._at_hand: dict[int, dict] = {}
         # Non-terminal jobs, by id.  Terminal jobs live in the store only.
@@ -210,56 +193,6 @@ class Master(SessionBook):
             self._prune_task.cancel()
 
     # -- clients -----------------------------------------------------------
-
-    def client_connected(self, peer: Peer, user: str | None, host: str,
-                         wanted_id: str | None = None, owner: str | None = None,
-                         account: str | None = None, label: str | None = None) -> ClientInfo:
-        """A client's event channel opened from ``host`` (the address the server sees).
-
-        ``wanted_id``: the id it had before a reconnection; it gets it back
-        only if the master issued it to the same ``account`` and it is free.
-        ``label``: what the client calls its host, kept as a label only.
-        """
-        if (wanted_id and wanted_id not in self.clients and wanted_id in self._issued
-                and self._issued[wanted_id] == account):
-            cid = wanted_id
-        else:
-            cid = f"c{self._next_client}"
-            while cid in self.clients or cid in self._issued:
-                self._next_client += 1
-                cid = f"c{self._next_client}"
-            self._next_client += 1
-        self._issued[cid] = account
-        self._issued.move_to_end(cid)
-        while len(self._issued) > ISSUED_IDS_KEPT:
-            self._issued.popitem(last=False)
-        info = ClientInfo(cid, user, host, peer, owner=owner, account=account, label=_label(label))
-        self.clients[cid] = info
-        peer.send(P.make("welcome", client_id=cid, version=__version__))
-        self._clients_changed()
-        return info
-
-    def client_disconnected(self, cid: str) -> None:
-        if self.clients.pop(cid, None) is not None:
-            self._clients_changed()
-
-    def client_of(self, cid: str | None, account: str | None) -> str | None:
-        """``cid`` if it was issued to ``account`` (a request naming its client), else None."""
-        return cid if cid and cid in self._issued and self._issued[cid] == account else None
-
-    def client_list(self, owner: str | None = None) -> list[dict]:
-        """Connected clients; ``owner`` limits them to that user's (None: an admin's view, all)."""
-        return [{"id": c.id, "user": c.user, "host": c.host, "label": c.label, "connected_at": c.connected_at,
-                 "jobs_submitted": c.jobs_submitted}
-                for c in self.clients.values() if owner is None or c.owner == owner]
-
-    def _clients_changed(self) -> None:
-        """Tell every client the new client list, as far as it may see it."""
-        views: dict[str | None, str] = {}
-        for client in list(self.clients.values()):
-            if client.owner not in views:
-                views[client.owner] = P.encode(P.make("clients_changed", clients=self.client_list(client.owner)))
-            client.peer.send(views[client.owner])
 
     def _slaves_changed(self) -> None:
         """Tell clients the slave list changed, at most once per SLAVES_EVENT_DELAY.
@@ -714,46 +647,8 @@ class Master(SessionBook):
         # A running job's output so far lives in memory, not yet in the store.
         return [_public({**j, **self.active[j["id"]]}) if j["id"] in self.active else j for j in jobs], total
 
-    # -- history retention -------------------------------------------------------
-
-    async def prune(self, before: str | None = None) -> int:
-        """Delete terminal jobs: those submitted before ``before`` (an ISO date or
-        time, UTC unless it says), or with None, those past ``keep_days`` and
-        then the oldest past ``keep_mb``.  Queued and running jobs stay.
-        Returns how many were deleted.
-        """
-        if before is not None:
-            cutoff = _utc_text(before)
-            keep_bytes = None
-        else:
-            cutoff = None
-            if self.keep_days is not None:
-                then = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=self.keep_days)
-                cutoff = _utc_text(then.isoformat())
-            keep_bytes = int(self.keep_mb * (1 << 20)) if self.keep_mb is not None else None
-        count = await self.store.prune(cutoff, keep_bytes)
-        if count:
-            log.info("pruned %d job(s) from the history", count)
-        return count
-
-    async def _prune_loop(self) -> None:
-        while not self.stopping:
-            try:
-                await self.prune()
-            except Exception:  # a failed pass is logged by the store; the next one may work
-                log.exception("pruning the history failed")
-            await asyncio.sleep(self.prune_interval)
-
 
 _NEVER_SENT = object()
-
-
-def _utc_text(text: str) -> str:
-    """An ISO date or time as the store writes times (RFC 3339 UTC, milliseconds); ValueError if bad."""
-    when = P.parse_time(text.strip())
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.timezone.utc)
-    return when.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _bound_rejected(job: dict) -> None:
@@ -768,12 +663,6 @@ def _bound_rejected(job: dict) -> None:
     err = job.get("error") or {}
     if isinstance(err.get("text"), str) and len(err["text"]) > 1000:
         err["text"] = err["text"][:1000]  # the offending line, for the caret
-
-
-def _label(text: str | None) -> str | None:
-    if not text:
-        return None
-    return "".join(ch for ch in text if ch.isprintable())[:LABEL_CHARS] or None
 
 
 def _public(job: dict) -> dict:
