@@ -138,3 +138,15 @@ def test_home_and_history_files_are_private(tmp_path, monkeypatch):
         assert requests.get(lc.url + "/api/health", timeout=10).status_code == 200
         assert mode(old) == 0o700 and mode(db) == 0o600
         assert mode(f"{db}-wal") == 0o600
+
+
+def test_user_add_makes_the_default_home_private(tmp_path, monkeypatch, capsys):
+    import io
+
+    from distexec_kernel import cli
+    home = tmp_path / "new-home"
+    monkeypatch.setenv("DISTEXEC_HOME", str(home))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("pw\n"))
+    monkeypatch.setattr(auth, "_hasher", CHEAP)
+    assert cli.main(["user", "add", "carol", "--password-stdin"]) == 0
+    assert mode(home) == 0o700 and mode(home / "users.json") == 0o600
