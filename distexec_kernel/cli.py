@@ -25,7 +25,15 @@ def _cluster(args, events: bool = False):
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
+    # JSON escapes C0 controls itself; DEL and C1 (e.g. U+009B, a one-character CSI) it leaves raw.
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    print("".join(f"\\u{ord(ch):04x}" if 0x7f <= ord(ch) < 0xa0 else ch for ch in text)
+          if any(0x7f <= ord(ch) < 0xa0 for ch in text) else text)
+
+
+def _show(text: str, raw: bool = False, file=None) -> None:
+    """Print text that may come from a job: control characters neutralised unless ``raw``."""
+    print(text if raw else display.clean(text), file=file or sys.stdout)
 
 
 def cmd_up(args) -> int:
@@ -56,6 +64,8 @@ def _read_password(user: str, from_stdin: bool, confirm: bool = True) -> str:
 
 def cmd_user(args) -> int:
     from master import auth
+    if not args.users:
+        config.ensure_home()  # before the users file is written there: 0700
     path = args.users or auth.default_users_path()
     if args.action != "list" and not args.name:
         raise SystemExit(f"distexec user {args.action}: give a user NAME")
@@ -107,19 +117,19 @@ def cmd_submit(args) -> int:
         try:
             for stream, text in job.iter_output():
                 out = sys.stdout if stream == "stdout" else sys.stderr
-                out.write(text)
+                out.write(text if args.raw else display.clean(text))
                 out.flush()
         except KeyboardInterrupt:
             job.cancel()
             print(f"\ndistexec: cancelled job {job.id}", file=sys.stderr)
             return 130
         record = job.record
-    print(display.status_line(record), file=sys.stderr)
+    _show(display.status_line(record), args.raw, sys.stderr)
     err = record.get("error")
     if err and err.get("code") == P.SYNTAX_ERROR:
         caret = display.syntax_caret(err)
         if caret:
-            print(caret, file=sys.stderr)
+            _show(caret, args.raw, sys.stderr)
     return _exit_code(record)
 
 
@@ -174,14 +184,15 @@ def _submit_each(args, source: str, language: str, stdin: str | None) -> int:
             group.cancel()
             print(f"\ndistexec: cancelled group {group.id}", file=sys.stderr)
             return 130
+    shown = (lambda text: text) if args.raw else display.clean
     for job in group:
-        sys.stdout.write(job.stdout or "")
+        sys.stdout.write(shown(job.stdout or ""))
         if job.stderr:
-            sys.stderr.write(job.stderr)
+            sys.stderr.write(shown(job.stderr))
     sys.stdout.flush()
     print(group.summary(), file=sys.stderr)
     for job in group.failed:
-        print(display.status_line(job.record), file=sys.stderr)
+        _show(display.status_line(job.record), args.raw, sys.stderr)
     return _exit_code(group.failed[0].record) if group.failed else 0
 
 
@@ -191,7 +202,7 @@ def cmd_jobs(args) -> int:
     if args.json:
         _print_json({"jobs": jobs, "total": total})
     else:
-        print(display.jobs_text(jobs))
+        _show(display.jobs_text(jobs))
         if total > len(jobs):
             print(f"({len(jobs)} of {total} shown; --limit for more)")
     return 0
@@ -203,28 +214,35 @@ def cmd_show(args) -> int:
     if args.json:
         _print_json(job)
     else:
-        print(display.job_detail_text(job))
+        _show(display.job_detail_text(job), args.raw)
     return 0
 
 
 def cmd_cancel(args) -> int:
     with _cluster(args) as c:
         job = c.cancel(args.job_id).record
-    print(display.status_line(job))
+    _show(display.status_line(job))
     return 0
 
 
 def cmd_slaves(args) -> int:
     with _cluster(args) as c:
         slaves = c.slaves()
-    _print_json({"slaves": slaves}) if args.json else print(display.slaves_text(slaves))
+    _print_json({"slaves": slaves}) if args.json else _show(display.slaves_text(slaves))
     return 0
 
 
 def cmd_clients(args) -> int:
     with _cluster(args) as c:
         clients = c.clients()
-    _print_json({"clients": clients}) if args.json else print(display.clients_text(clients))
+    _print_json({"clients": clients}) if args.json else _show(display.clients_text(clients))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    with _cluster(args) as c:
+        count = c.prune(before=args.before)
+    print(f"pruned {count} job(s)")
     return 0
 
 
@@ -331,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "prints the outputs in order; exits non-zero if any job failed")
     sp.add_argument("--progress", action="store_true",
                     help="with --each: show the progress bar even when stderr is not a terminal")
+    sp.add_argument("--raw", action="store_true",
+                    help="print the job's output as it is, terminal control characters included")
     client_opts(sp)
     sp.set_defaults(func=cmd_submit)
 
@@ -344,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("show", help="one job in full")
     sp.add_argument("job_id", type=int)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--raw", action="store_true",
+                    help="print the job's name and output as they are, terminal control characters included")
     client_opts(sp)
     sp.set_defaults(func=cmd_show)
 
@@ -351,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job_id", type=int)
     client_opts(sp)
     sp.set_defaults(func=cmd_cancel)
+
+    sp = sub.add_parser("prune", help="delete finished jobs from the master's history (admins)")
+    sp.add_argument("--before", default=None, metavar="DATE",
+                    help="those submitted before DATE (ISO date or time, UTC unless it says); "
+                         "default: apply the master's --keep-days and --keep-mb now")
+    client_opts(sp)
+    sp.set_defaults(func=cmd_prune)
 
     for name, func, text in (("slaves", cmd_slaves, "connected slaves"), ("clients", cmd_clients, "connected clients"),
                              ("languages", cmd_languages, "languages the connected slaves run")):

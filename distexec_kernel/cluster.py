@@ -505,6 +505,15 @@ class Cluster:
     def clients(self) -> list[dict]:
         return self._get("/api/clients")["clients"]
 
+    def prune(self, before: str | None = None) -> int:
+        """Delete finished jobs from the history (admins only); returns how many.
+
+        ``before``: those submitted before this ISO date or time; None applies
+        the master's retention (``--keep-days``, ``--keep-mb``) now.  Queued
+        and running jobs are never deleted.
+        """
+        return self._post("/api/prune", {"before": before} if before else {})["pruned"]
+
     def languages(self) -> list[dict]:
         return self._get("/api/languages")["languages"]
 

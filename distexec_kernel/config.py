@@ -13,6 +13,25 @@ def home() -> str:
     return os.path.expanduser(os.environ.get("DISTEXEC_HOME") or "~/.distexec")
 
 
+def private_dir(path: str) -> str:
+    """Make ``path`` (and missing parents) a directory only its owner can enter: 0700.
+
+    A directory of ours that exists with wider modes (made by an older
+    version) is narrowed; one owned by someone else is left as it is.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def ensure_home() -> str:
+    """``$DISTEXEC_HOME``, created private (it holds the connection file, users and history)."""
+    return private_dir(home())
+
+
 def connection_path() -> str:
     return os.path.join(home(), "connection.json")
 
@@ -25,7 +44,7 @@ def new_secret() -> str:
 def write_connection(info: dict, path: str | None = None) -> str:
     """Write the connection file with mode 0600 from the start (no window where others can read it)."""
     path = path or connection_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    private_dir(os.path.dirname(path))
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

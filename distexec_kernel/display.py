@@ -11,6 +11,18 @@ import html
 from . import protocol as P
 
 
+# Every C0 control but newline and tab, DEL, and every C1 control: shown as
+# ``\x1b`` and the like, so text from a job (its name, output, errors) cannot
+# move the cursor, retitle the window (OSC 0), write the clipboard (OSC 52)
+# or hide what it printed.  Printable text, emoji included, is left alone.
+_CONTROLS = {cp: f"\\x{cp:02x}" for cp in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if cp not in (0x09, 0x0a)}
+
+
+def clean(text: str) -> str:
+    """``text`` with terminal control characters neutralised (see _CONTROLS); for a terminal."""
+    return text.translate(_CONTROLS)
+
+
 def short_uid(uid: str | None, n: int = 8) -> str:
     if not uid:
         return "-"
@@ -157,8 +169,9 @@ CLIENT_HEADERS = ["id", "user", "host", "connected", "jobs submitted"]
 
 
 def client_rows(clients: list[dict]) -> list[list[str]]:
-    return [[c["id"], c.get("user") or "-", c["host"], fmt_time(c["connected_at"]), str(c["jobs_submitted"])]
-            for c in clients]
+    # The host is the address the master sees; the client's own name for it is a label.
+    return [[c["id"], c.get("user") or "-", c["host"] + (f" ({c['label']})" if c.get("label") else ""),
+             fmt_time(c["connected_at"]), str(c["jobs_submitted"])] for c in clients]
 
 
 def jobs_text(jobs: list[dict]) -> str:

@@ -83,6 +83,10 @@ MAX_BATCH = 10_000
 # A frame may carry a finished job's whole output (16 MiB by default) plus
 # its files, so the WebSocket limit sits above the sum of those.
 MAX_MESSAGE_BYTES = 64 << 20
+# How deep arrays and objects may nest in what we parse.  Our messages nest a
+# few levels; without a bound, 100,000 nested "[" made the parser raise
+# RecursionError, which a handler took for a bug of its own (a 500).
+MAX_JSON_DEPTH = 128
 
 
 class ProtocolError(Exception):
@@ -243,16 +247,23 @@ def _no_constant(name: str):
 
 
 def loads(text: str | bytes):
-    """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone surrogates.
+    """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone
+    surrogates, nesting at most ``MAX_JSON_DEPTH`` deep.
 
-    Python's json accepts all three, and each breaks something downstream that
-    is strict: a lone surrogate (``"\\ud800"``) in a job's name cannot be
+    Python's json accepts all of these, and each breaks something downstream
+    that is strict: a lone surrogate (``"\\ud800"``) in a job's name cannot be
     encoded for SQLite and used to kill the master's history writer.
     Raises ValueError.
     """
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8")
-    value = json.loads(text, parse_constant=_no_constant)
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        # The parser is recursive: past the interpreter's depth it gives up
+        # before our own check below can run.
+        raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_depth(value)
     # Only an escape can make a surrogate (frames are decoded strictly), so only then pay for the check.
     if _SURROGATE_ESCAPE.search(text):
         try:
@@ -260,6 +271,19 @@ def loads(text: str | bytes):
         except UnicodeEncodeError:
             raise ValueError("a string holds a lone UTF-16 surrogate") from None
     return value
+
+
+def _check_depth(value) -> None:
+    """Raise ValueError if ``value`` nests deeper than MAX_JSON_DEPTH (iteratively: no recursion to exhaust)."""
+    if not isinstance(value, (list, dict)):
+        return
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (list, dict)))
 
 
 def decode(text: str | bytes) -> dict:
@@ -280,6 +304,12 @@ JOB_FIELDS = (
     "submitted_at", "started_at", "finished_at", "exit_code", "stdout", "stderr",
     "timeout", "source", "files", "args", "stdin", "retries", "attempts", "session", "group",
 )
+
+# What a job is run with: the store keeps these apart, and the master holds
+# them in memory only while it hands a job to a slave.
+INPUT_FIELDS = ("source", "files", "args", "stdin")
+# A rejected job keeps at most this much of its source, and none of its files or stdin.
+REJECTED_SOURCE_BYTES = 64 << 10
 
 # submission field -> (json type, default)
 SUBMISSION = {

@@ -35,7 +35,7 @@ def _bearer(handler: tornado.web.RequestHandler) -> str | None:
 
 
 # HTTP status for the ProtocolError codes that are not a plain 400.
-STATUS_FOR_CODE = {"too_large": 413, "rate_limited": 429, "queue_full": 503}
+STATUS_FOR_CODE = {"too_large": 413, "rate_limited": 429, "queue_full": 429, "forbidden": 403}
 
 
 class Gate:
@@ -144,7 +144,8 @@ def _protocol_errors(method):
         except P.ProtocolError as exc:
             if isinstance(exc, RateLimited):
                 self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
-            self.fail(STATUS_FOR_CODE.get(exc.code, 400), exc.code, exc.message)
+            status = getattr(exc, "status", None) or STATUS_FOR_CODE.get(exc.code, 400)
+            self.fail(status, exc.code, exc.message)
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -225,7 +226,8 @@ class JobsHandler(ApiHandler):
         self._chunks = []
         body = self.json_body()
         self.gate.check_submit(self.identity)
-        client_id = self.request.headers.get("X-Distexec-Client") or None
+        # The header only links the job to a client of the same account, never another's.
+        client_id = self.master.client_of(self.request.headers.get("X-Distexec-Client"), self.identity.user)
         if isinstance(body, list):
             # A batch: all of it or none of it, one group, one commit.
             jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user)
@@ -298,7 +300,38 @@ class SlavesHandler(ApiHandler):
 
 class ClientsHandler(ApiHandler):
     def get(self) -> None:
-        self.send_json({"clients": self.master.client_list()})
+        # A user sees their own clients; an admin sees all.
+        self.send_json({"clients": self.master.client_list(self.owner)})
+
+
+class PruneHandler(ApiHandler):
+    """``POST /api/prune {"before"?: DATE}`` (admins): delete terminal jobs from the history.
+
+    Without ``before``, applies the master's retention (--keep-days, --keep-mb) now.
+    """
+
+    @_protocol_errors
+    async def post(self) -> None:
+        if not self.identity.admin:
+            raise P.ProtocolError("forbidden", "only an admin may prune the history")
+        body = self.json_body()
+        body = {} if body is None else body
+        if not isinstance(body, dict) or not isinstance(body.get("before", ""), (str, type(None))):
+            raise P.ProtocolError("bad_request", 'the body must be {} or {"before": DATE}')
+        before = body.get("before")
+        if before is not None:
+            try:
+                before = _valid_time(before)
+            except ValueError:
+                raise P.ProtocolError("bad_request", f"before must be an ISO date or time, not {before!r}") from None
+        self.send_json({"pruned": await self.master.prune(before)})
+
+
+def _valid_time(text: str) -> str:
+    P.parse_time(text.strip())  # raises ValueError (empty text is None: refuse it too)
+    if not text.strip():
+        raise ValueError(text)
+    return text
 
 
 class LanguagesHandler(ApiHandler):
@@ -390,12 +423,16 @@ class ClientSocket(_Socket):
 
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
-        host = self.get_query_argument("host", None) or self.request.remote_ip
+        # The host is the address this connection comes from; what the client
+        # says its host is (?host=) is a label only.
+        host = self.request.remote_ip or "?"
         # A client is listed as the user its token or login names, the user its jobs carry:
         # one identity everywhere (a name the client gives itself would differ from its jobs').
         user = self.user
         wanted = self.get_query_argument("client_id", None)
-        self.info = self.master.client_connected(self, user, host, wanted, owner=self.identity.owner)
+        self.info = self.master.client_connected(self, user, host, wanted, owner=self.identity.owner,
+                                                 account=self.identity.user,
+                                                 label=self.get_query_argument("host", None))
         self._expiry = None
         if self.identity.expires_at is not None:
             # A login token's channel ends with the token; reconnecting then needs a new login.
@@ -505,6 +542,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/api/groups/([A-Za-z0-9_-]{1,64})/cancel", GroupCancelHandler, args),
             (r"/api/slaves", SlavesHandler, args),
             (r"/api/clients", ClientsHandler, args),
+            (r"/api/prune", PruneHandler, args),
             (r"/api/languages", LanguagesHandler, args),
             (r"/api/sessions", SessionsHandler, args),
             (r"/api/sessions/([^/]+)", SessionHandler, args),

@@ -9,12 +9,15 @@ a master crash.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Protocol as _Proto
 
-from distexec_kernel import __version__, languages as L, protocol as P
+from distexec_kernel import languages as L, protocol as P
 
+from .clients import ClientBook, ClientInfo
+from .retention import Retention
 from .scheduler import Scheduler
 from .sessions import SessionBook, _session_key
 from .store import JobStore
@@ -25,7 +28,6 @@ log = logging.getLogger("distexec.master")
 # the real limit and sends the whole output at the end.
 LIVE_OUTPUT_CAP = 16 << 20
 SLAVES_EVENT_DELAY = 0.1  # seconds slave-list changes are gathered before clients hear of them
-CLIENTS_EVENT_DELAY = 0.1  # the same for the clients' "jobs submitted" counts
 
 # After a start, how long a submission for a language only absent slaves ran
 # waits for them to reconnect before it is rejected (they retry within seconds).
@@ -37,6 +39,14 @@ REJOIN_HISTORY = 1000
 # second (a network blip, a ping timeout on a loaded machine) and reports them;
 # a dead one costs its jobs these few seconds more.
 RECONNECT_GRACE = 3.0
+
+DEFAULT_MAX_QUEUED_PER_USER = 1000
+# A safety cap on all queued jobs together (they cost about 1 KiB of memory
+# each, their inputs being in the store); users meet their own cap first.
+DEFAULT_MAX_QUEUE = 100_000
+DEFAULT_KEEP_DAYS = 90.0
+DEFAULT_KEEP_MB = 10_000.0
+PRUNE_INTERVAL = 3600.0  # seconds between two passes of the history retention
 
 
 class Peer(_Proto):
@@ -60,26 +70,37 @@ class SlaveInfo:
     instance: str | None = None  # the slave process's id, new at each slave start
 
 
-@dataclass
-class ClientInfo:
-    id: str
-    user: str | None
-    host: str
-    peer: Peer
-    connected_at: str = field(default_factory=P.now)
-    jobs_submitted: int = 0
-    # The user whose job events this client may receive; None for an admin (all).
-    owner: str | None = None
+class QueueFull(P.ProtocolError):
+    """A submission past a queue cap; ``status`` is the HTTP status it gets."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__("queue_full", message)
+        self.status = status
 
 
-class Master(SessionBook):
+class Master(ClientBook, SessionBook, Retention):
     def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0,
-                 max_queue: int | None = None):
+                 max_queue: int | None = DEFAULT_MAX_QUEUE,
+                 max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
+                 keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
+                 prune_interval: float = PRUNE_INTERVAL):
         self.store = store
         self.scheduler = Scheduler(max_jobs)
         self.lost_grace = lost_grace
-        # Most jobs waiting at once; past it a submission is refused, not queued.
+        # Most jobs waiting at once, per user and in all; past either a
+        # submission is refused, not queued (see queue_room).
         self.max_queue = max_queue
+        self.max_queued_per_user = max_queued_per_user
+        # History retention (see prune): None is no bound.
+        self.keep_days = keep_days
+        self.keep_mb = keep_mb
+        self.prune_interval = prune_interval
+        self._prune_task: asyncio.Task | None = None
+        # Client id -> the account it was issued to, newest last: only that
+        # account may take the id again (reconnecting) or name it on a request.
+        self._issued: dict[str, str | None] = {}
+        # The inputs of the job being submitted, during its first dispatch only.
+        self._at_hand: dict[int, dict] = {}
         # Non-terminal jobs, by id.  Terminal jobs live in the store only.
         self.active: dict[int, dict] = {}
         self.slaves: dict[str, SlaveInfo] = {}
@@ -135,10 +156,10 @@ class Master(SessionBook):
                 # Its session may be alive on a slave not back yet: wait for it to say so.
                 self.scheduler.hold_session(_session_key(job))
             if job["status"] == P.QUEUED:
-                self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
+                self.scheduler.enqueue(job["id"], job["language"], _session_key(job), user=job.get("user"))
             else:
                 # Its slave may still be running it: wait for it to come back.
-                self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job))
+                self.scheduler.mark_running(job["id"], job["slave_uid"], _session_key(job), user=job.get("user"))
                 self._output_gap.add(job["id"])
                 self._sent_to[job["id"]] = None
         if self.active:
@@ -152,6 +173,8 @@ class Master(SessionBook):
                 self._arm_grace(job["id"])
         if self.scheduler.held_sessions:
             asyncio.get_running_loop().call_later(min(self.lost_grace, REJOIN_WINDOW), self._release_sessions)
+        if self.keep_days is not None or self.keep_mb is not None:
+            self._prune_task = asyncio.ensure_future(self._prune_loop())
 
     def _release_sessions(self) -> None:
         """Sessions no slave reported since the restart start anew with their next job."""
@@ -167,45 +190,10 @@ class Master(SessionBook):
         self.stopping = True
         for job_id in list(self._grace_handles):
             self._cancel_grace(job_id)
+        if self._prune_task is not None:
+            self._prune_task.cancel()
 
     # -- clients -----------------------------------------------------------
-
-    def client_connected(self, peer: Peer, user: str | None, host: str,
-                         wanted_id: str | None = None, owner: str | None = None) -> ClientInfo:
-        if wanted_id and wanted_id not in self.clients:
-            cid = wanted_id
-        else:
-            cid = f"c{self._next_client}"
-            while cid in self.clients:
-                self._next_client += 1
-                cid = f"c{self._next_client}"
-            self._next_client += 1
-        info = ClientInfo(cid, user, host, peer, owner=owner)
-        self.clients[cid] = info
-        peer.send(P.make("welcome", client_id=cid, version=__version__))
-        self._broadcast(P.make("clients_changed", clients=self.client_list()))
-        return info
-
-    def client_disconnected(self, cid: str) -> None:
-        if self.clients.pop(cid, None) is not None:
-            self._broadcast(P.make("clients_changed", clients=self.client_list()))
-
-    def client_list(self) -> list[dict]:
-        return [{"id": c.id, "user": c.user, "host": c.host, "connected_at": c.connected_at,
-                 "jobs_submitted": c.jobs_submitted} for c in self.clients.values()]
-
-    def _clients_changed(self) -> None:
-        """Tell clients a client's count of jobs submitted changed, at most once per CLIENTS_EVENT_DELAY.
-
-        A burst of 500 submissions then costs a few client lists, not 500.
-        """
-        if self._clients_event is None:
-            loop = asyncio.get_running_loop()
-            self._clients_event = loop.call_later(CLIENTS_EVENT_DELAY, self._send_clients_changed)
-
-    def _send_clients_changed(self) -> None:
-        self._clients_event = None
-        self._broadcast(P.make("clients_changed", clients=self.client_list()))
 
     def _slaves_changed(self) -> None:
         """Tell clients the slave list changed, at most once per SLAVES_EVENT_DELAY.
@@ -262,47 +250,70 @@ class Master(SessionBook):
                                   "drop 'session' to run it as a fresh process")
         return sub
 
-    def _check_room(self, user: str | None, wanted: int) -> None:
-        """Refuse (queue_full) what would take the queue past its cap; nothing of it is queued."""
-        if self.max_queue is None:
-            return
-        room = self.max_queue - len(self.scheduler.queue)
-        if wanted > room:
-            fits = f"; {max(room, 0)} would fit now" if wanted > 1 else ""
-            raise P.ProtocolError("queue_full", f"the master's queue is full ({self.max_queue} jobs "
-                                  f"waiting at most){fits}: try again when some have run")
-
     async def _submit_checked(self, subs: list[dict], client_id: str | None, user: str | None,
                               group: str | None) -> list[dict]:
-        self._check_room(user, len(subs))
         for language in {sub["language"] for sub in subs}:
             await self._await_returning_slaves(language)
         client = self.clients.get(client_id) if client_id else None
+        owner = user or (client.user if client is not None else None)
+        # After the last await: nothing else is queued between this check and the enqueue.
+        self.check_room(owner, len(subs))
         jobs = []
         for sub in subs:
-            job = P.new_job(self._next_id, sub, client_id=client_id, user=user)
+            job = P.new_job(self._next_id, sub, client_id=client_id, user=owner)
             self._next_id += 1
             job["group"] = group
-            if client is not None:
-                job["user"] = job["user"] or client.user
             rejection = self._rejection(job)
             if rejection is not None:
                 job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
+                _bound_rejected(job)
             jobs.append(job)
         if client is not None:
             client.jobs_submitted += len(jobs)
             self._clients_changed()
         queued = [job for job in jobs if job["status"] == P.QUEUED]
+        held: dict[int, dict] = {}
         for job in queued:
-            self.active[job["id"]] = job
-            self.scheduler.enqueue(job["id"], job["language"], _session_key(job))
+            # Memory holds what scheduling needs; the inputs go to the store only.
+            held[job["id"]] = self.active[job["id"]] = {k: v for k, v in job.items() if k not in P.INPUT_FIELDS}
+            self.scheduler.enqueue(job["id"], job["language"], _session_key(job), user=owner)
         # One commit for the whole batch, before any of it is announced.
         await self.store.save_many(jobs)
         for job in jobs:
-            self._announce(job)
+            self._announce(held.get(job["id"], job))
         if queued:
-            self._dispatch()
-        return jobs
+            # A job that starts at once is sent with the inputs at hand, saving a read.
+            for job in queued:
+                self._at_hand[job["id"]] = {k: job[k] for k in P.INPUT_FIELDS}
+            try:
+                self._dispatch()
+            finally:
+                for job in queued:
+                    del self._at_hand[job["id"]]
+        return [{**held[job["id"]], **{k: job[k] for k in P.INPUT_FIELDS}} if job["id"] in held else job
+                for job in jobs]
+
+    def queue_room(self, user: str | None) -> int:
+        """How many more jobs ``user`` may queue now (per-user cap and global cap)."""
+        room = []
+        if self.max_queued_per_user is not None:
+            room.append(self.max_queued_per_user - self.scheduler.queued_by(user))
+        if self.max_queue is not None:
+            room.append(self.max_queue - len(self.scheduler.queue))
+        return max(0, min(room)) if room else P.INT_MAX
+
+    def check_room(self, user: str | None, count: int = 1) -> None:
+        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none)."""
+        if self.queue_room(user) >= count:
+            return
+        mine = self.scheduler.queued_by(user)
+        if self.max_queued_per_user is not None and mine + count > self.max_queued_per_user:
+            fits = max(0, self.max_queued_per_user - mine)
+            raise QueueFull(f"{user or 'this user'} has {mine} job(s) waiting, and at most "
+                            f"{self.max_queued_per_user} may wait per user (--max-queued-per-user); "
+                            f"{fits} more would fit: try again when some have run")
+        raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
+                        f"--max-queue): try again when some have run", status=503)
 
     async def _await_returning_slaves(self, language: str) -> None:
         """Right after a restart, give the slaves that ran ``language`` a moment to reconnect.
@@ -392,12 +403,18 @@ class Master(SessionBook):
             slave = self.slaves.get(uid)
             self._dispatch_seq += 1
             self._dispatches[job_id] = self._dispatch_seq
-            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None, self._dispatch_seq))
+            asyncio.ensure_future(self._send_run(job, uid, slave.peer if slave else None, self._dispatch_seq,
+                                                 self._at_hand.get(job_id)))
 
-    async def _send_run(self, job: dict, uid: str, peer: Peer | None, seq: int) -> None:
+    async def _send_run(self, job: dict, uid: str, peer: Peer | None, seq: int,
+                        inputs: dict | None = None) -> None:
         # Durable before announced, and before the slave may start it.
         await self.store.save(job)
         self._announce(job)
+        if inputs is None:
+            # Saved at submission (that commit came first: one writer, in
+            # order); read back only now, and dropped once sent.
+            inputs = await self.store.inputs(job["id"])
         slave = self.slaves.get(uid)
         if (slave is None or slave.peer is not peer or self.active.get(job["id"]) is not job
                 or job["status"] != P.RUNNING or self._dispatches.get(job["id"]) != seq):
@@ -412,7 +429,8 @@ class Master(SessionBook):
             await self._finish(job, None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
             return
         self._sent_to[job["id"]] = slave.instance
-        slave.peer.send(P.make("job_run", job=_for_slave(job, self._notes_to_send.pop(job["id"], None))))
+        note = self._notes_to_send.pop(job["id"], None)
+        slave.peer.send(P.make("job_run", job=_for_slave({**job, **inputs}, note)))
 
     # -- slaves ------------------------------------------------------------
 
@@ -602,7 +620,7 @@ class Master(SessionBook):
                 job["attempts"] = max(0, (job.get("attempts") or 0) - 1)
                 why += ", before it started"
             job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
-            self.scheduler.requeue_front(job["id"], job["language"], _session_key(job))
+            self.scheduler.requeue_front(job["id"], job["language"], _session_key(job), user=job.get("user"))
             await self.store.save(job)
             self._announce(job)
             log.info("job %d requeued (%s), attempt %d of %d", job["id"], why,
@@ -665,18 +683,36 @@ class Master(SessionBook):
 
     async def get_job(self, job_id: int, user: str | None = None) -> dict | None:
         """The job, or None; ``user`` limits it to that user's jobs (None: an admin's read)."""
-        job = self.active.get(job_id)
-        job = _public(job) if job is not None else await self.store.get(job_id)
+        active = self.active.get(job_id)
+        if active is not None and not _visible(active, user):
+            return None
+        stored = await self.store.get(job_id)
+        # An active job's state (and output so far) is in memory, its inputs in the store.
+        job = _public({**(stored or {}), **active}) if active is not None else stored
         return job if _visible(job, user) else None
 
     async def list_jobs(self, status: str | None, limit: int, offset: int,
                         user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
         jobs, total = await self.store.list(status, limit, offset, user, group=group)
         # A running job's output so far lives in memory, not yet in the store.
-        return [_public(self.active.get(j["id"], j)) for j in jobs], total
+        return [_public({**j, **self.active[j["id"]]}) if j["id"] in self.active else j for j in jobs], total
 
 
 _NEVER_SENT = object()
+
+
+def _bound_rejected(job: dict) -> None:
+    """A rejected job never runs: keep enough to show why, not megabytes (a flood of them filled the history)."""
+    source = job["source"].encode()
+    if len(source) > P.REJECTED_SOURCE_BYTES:
+        job["source"] = source[:P.REJECTED_SOURCE_BYTES].decode("utf-8", "ignore")
+    job["files"] = {}
+    job["stdin"] = None
+    if len(json.dumps(job["args"])) > P.REJECTED_SOURCE_BYTES:
+        job["args"] = []
+    err = job.get("error") or {}
+    if isinstance(err.get("text"), str) and len(err["text"]) > 1000:
+        err["text"] = err["text"][:1000]  # the offending line, for the caret
 
 
 def _public(job: dict) -> dict:
@@ -689,8 +725,9 @@ def _visible(job: dict | None, owner: str | None) -> bool:
 
 
 def _for_slave(job: dict, session_note: str | None = None) -> dict:
-    out = {k: job[k] for k in ("id", "language", "source", "files", "args", "stdin", "timeout", "name", "user",
-                               "session")}
+    out = {k: job[k] for k in ("id", "language", "timeout", "name", "user", "session")}
+    out.update(source=job.get("source") or "", files=job.get("files") or {}, args=job.get("args") or [],
+               stdin=job.get("stdin"))
     if session_note:
         out["session_note"] = session_note
     return out

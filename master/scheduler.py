@@ -5,9 +5,15 @@ joined or left, a job was queued, cancelled or finished) and asks it for
 assignments.  Tests drive it the same way.
 
 Policy:
-- jobs leave the queue first in, first out, except that a job nobody can run
-  right now (its language's slaves are all full) does not hold back a job of
-  another language behind it;
+- fair share across users: when a slot frees, the next job comes from the
+  user with the fewest running jobs; among users with as many, from the one
+  given a slot least recently (users never given one first), and then from
+  the one whose waiting job was queued first.  Without the middle rule, with
+  one slot every turn would be a tie at zero running and one user's long
+  queue would go first whole.  Within one user, jobs leave first in,
+  first out, except that a job nobody can run right now (its language's
+  slaves are all full) does not hold back a job of another language behind
+  it (nor another user's job);
 - at most ``max_jobs`` jobs run across the cluster, and at most ``slots`` on
   each slave;
 - a job goes to the slave that runs its language with the fewest running
@@ -21,7 +27,7 @@ Policy:
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -51,6 +57,11 @@ class Scheduler:
         self.slaves: dict[str, SlaveState] = {}
         # job id -> language, in arrival order.
         self.queue: OrderedDict[int, str] = OrderedDict()
+        # job id -> its user, for queued and running jobs (None: no user).
+        self.job_user: dict[int, str | None] = {}
+        self._queued_by: Counter[str | None] = Counter()
+        # user -> logical time they were last given a slot (one entry per user seen).
+        self._served: dict[str | None, int] = {}
         # job id -> slave uid, for every job counted as running.  A job can be
         # running on a slave that is not connected (after a master restart,
         # until the slave comes back or the grace period ends): it still
@@ -93,29 +104,50 @@ class Scheduler:
         if uid in self.slaves:
             self.slaves[uid].accepting = accepting
 
-    def enqueue(self, job_id: int, language: str, session: str | None = None) -> None:
-        self.queue[job_id] = language
+    def enqueue(self, job_id: int, language: str, session: str | None = None,
+                user: str | None = None) -> None:
+        """Queue a job of ``user``: it waits behind the jobs queued before it."""
+        self._add_queued(job_id, language, user)
         if session is not None:
             self.job_session[job_id] = session
 
-    def requeue_front(self, job_id: int, language: str, session: str | None = None) -> None:
+    def requeue_front(self, job_id: int, language: str, session: str | None = None,
+                      user: str | None = None) -> None:
         """A job to retry goes back at the head: it has waited already."""
         self.running.pop(job_id, None)
-        self.queue[job_id] = language
+        self._add_queued(job_id, language, user)
         self.queue.move_to_end(job_id, last=False)
         if session is not None:
             self.job_session[job_id] = session
 
-    def dequeue(self, job_id: int) -> bool:
-        """Remove a queued job (cancelled); False if it was not queued."""
+    def _add_queued(self, job_id: int, language: str, user: str | None) -> None:
+        if job_id not in self.queue:
+            self._queued_by[user] += 1
+        self.queue[job_id] = language
+        self.job_user[job_id] = user
+
+    def _take_queued(self, job_id: int) -> bool:
         if self.queue.pop(job_id, None) is None:
             return False
-        self.job_session.pop(job_id, None)
+        user = self.job_user.get(job_id)
+        self._queued_by[user] -= 1
+        if not self._queued_by[user]:
+            del self._queued_by[user]
         return True
 
-    def mark_running(self, job_id: int, uid: str, session: str | None = None) -> None:
+    def dequeue(self, job_id: int) -> bool:
+        """Remove a queued job (cancelled); False if it was not queued."""
+        if not self._take_queued(job_id):
+            return False
+        self.job_session.pop(job_id, None)
+        self.job_user.pop(job_id, None)
+        return True
+
+    def mark_running(self, job_id: int, uid: str, session: str | None = None,
+                     user: str | None = None) -> None:
         """Count a job as running on ``uid`` (restored after a master restart)."""
         self.running[job_id] = uid
+        self.job_user[job_id] = user
         if uid in self.slaves:
             self.slaves[uid].running.add(job_id)
         if session is not None:
@@ -165,6 +197,7 @@ class Scheduler:
         """A running job ended, however it ended."""
         uid = self.running.pop(job_id, None)
         session = self.job_session.pop(job_id, None)
+        self.job_user.pop(job_id, None)
         if session is not None and self.session_running.get(session) == job_id:
             del self.session_running[session]
         state = self.slaves.get(uid) if uid else None
@@ -183,20 +216,62 @@ class Scheduler:
                 counts[lang] = counts.get(lang, 0) + 1
         return counts
 
+    def queued_by(self, user: str | None) -> int:
+        """How many jobs of ``user`` wait in the queue."""
+        return self._queued_by.get(user, 0)
+
+    def running_by(self) -> Counter:
+        """User -> number of their jobs counted as running."""
+        return Counter(self.job_user.get(j) for j in self.running)
+
     def can_run(self, language: str) -> bool:
         return any(language in s.languages for s in self.slaves.values())
 
     def assign(self) -> list[tuple[int, str]]:
-        """Take as many queued jobs as may start now; returns (job_id, slave uid) pairs."""
+        """Take as many queued jobs as may start now; returns (job_id, slave uid) pairs.
+
+        One job at a time: each goes to the user with the fewest running jobs
+        among those with a job that can start now (ties: the user served least
+        recently, then the earliest queued).
+        """
         out = []
-        # Sessions whose next job cannot start now: their later jobs wait too.
-        held: set[str] = set()
-        for job_id, language in list(self.queue.items()):
-            if self.max_jobs is not None and len(self.running) >= self.max_jobs:
-                break
+        running = self.running_by()
+        while self.max_jobs is None or len(self.running) < self.max_jobs:
             open_slaves = [s for s in self.slaves.values() if s.accepting and s.free > 0]
             if not open_slaves:
                 break
+            pick = self._next_fair(open_slaves, running)
+            if pick is None:
+                break
+            job_id, best = pick
+            user = self.job_user.get(job_id)
+            session = self.job_session.get(job_id)
+            self._take_queued(job_id)
+            running[user] += 1
+            best.running.add(job_id)
+            self.running[job_id] = best.uid
+            if session is not None:
+                self.session_slave[session] = best.uid
+                self.session_running[session] = job_id
+            self._clock += 1
+            best.last_active = self._clock
+            self._served[user] = self._clock
+            out.append((job_id, best.uid))
+        return out
+
+    def _next_fair(self, open_slaves: list[SlaveState],
+                   running: Counter) -> tuple[int, SlaveState] | None:
+        """The job that should start next and its slave, or None if none can start now."""
+        pick = None
+        pick_key = None
+        seen: set[str | None] = set()  # users whose first job that can start is known
+        # Sessions whose next job cannot start now: their later jobs wait too.
+        held: set[str] = set()
+        fewest = min((running.get(u, 0) for u in self._queued_by), default=0)
+        for job_id, language in self.queue.items():
+            user = self.job_user.get(job_id)
+            if user in seen:
+                continue
             session = self.job_session.get(job_id)
             if session is not None and (session in held or session in self.session_running
                                         or session in self.held_sessions):
@@ -211,14 +286,14 @@ class Scheduler:
                 if session is not None:
                     held.add(session)
                 continue
-            best = min(candidates, key=lambda s: (s.load, s.last_active, s.uid))
-            del self.queue[job_id]
-            best.running.add(job_id)
-            self.running[job_id] = best.uid
-            if session is not None:
-                self.session_slave[session] = best.uid
-                self.session_running[session] = job_id
-            self._clock += 1
-            best.last_active = self._clock
-            out.append((job_id, best.uid))
-        return out
+            seen.add(user)
+            key = (running.get(user, 0), self._served.get(user, 0))
+            if pick_key is None or key < pick_key:
+                best = min(candidates, key=lambda s: (s.load, s.last_active, s.uid))
+                pick, pick_key = (job_id, best), key
+            # Queue order breaks the remaining ties, so nobody later can beat a
+            # pick with the fewest running never served; and once every waiting
+            # user is seen, the scan is done.
+            if pick_key == (fewest, 0) or len(seen) == len(self._queued_by):
+                break
+        return pick

@@ -17,7 +17,8 @@ from distexec_kernel import config
 
 from .app import MAX_BODY_BYTES, Gate, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
-from .core import Master
+from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_PER_USER,
+                   PRUNE_INTERVAL, Master)
 from .limits import DEFAULT_BURST, DEFAULT_RATE, parse_rate
 from .store import JobStore
 
@@ -48,8 +49,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"submissions per second per user, not admins (default {DEFAULT_RATE:g}/s; 0 = no limit)")
     p.add_argument("--burst", type=int, default=DEFAULT_BURST,
                    help=f"submissions a user may send at once before --rate applies (default {DEFAULT_BURST})")
-    p.add_argument("--max-queue", type=int, default=10_000,
-                   help="most jobs waiting at once; past it a submission gets 503 (default 10000)")
+    p.add_argument("--max-queued-per-user", type=_count, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
+                   help="most jobs one user (the admin token counts as one) may have waiting; past it their "
+                        f"submission gets 429 queue_full (default {DEFAULT_MAX_QUEUED_PER_USER}; 0 = no cap)")
+    p.add_argument("--max-queue", type=_count, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"safety cap on all waiting jobs together; past it a submission gets 503 "
+                        f"(default {DEFAULT_MAX_QUEUE}; 0 = no cap)")
+    p.add_argument("--keep-days", type=_amount, default=DEFAULT_KEEP_DAYS, metavar="D",
+                   help=f"prune finished jobs submitted more than D days ago (default {DEFAULT_KEEP_DAYS:g}; "
+                        "0 = keep all)")
+    p.add_argument("--keep-mb", type=_amount, default=DEFAULT_KEEP_MB, metavar="M",
+                   help=f"prune the oldest finished jobs while the history is over M MiB "
+                        f"(default {DEFAULT_KEEP_MB:g}; 0 = no bound)")
+    p.add_argument("--prune-interval", type=float, default=PRUNE_INTERVAL, metavar="SECONDS",
+                   help=f"seconds between two retention passes (default {PRUNE_INTERVAL:g})")
     p.add_argument("--no-connection-file", action="store_true",
                    help="do not write $DISTEXEC_HOME/connection.json")
 
@@ -57,10 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     token = args.token or os.environ.get("DISTEXEC_TOKEN") or config.new_secret()
     secret = args.slave_secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or config.new_secret()
-    db = args.db or os.path.join(config.home(), "history.sqlite3")
+    db = args.db or os.path.join(config.ensure_home(), "history.sqlite3")
     auth = Auth(token, secret, users_file=args.users, token_ttl=args.token_ttl)
     store = JobStore(db)
-    master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace, max_queue=args.max_queue)
+    master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace,
+                    max_queue=args.max_queue or None, max_queued_per_user=args.max_queued_per_user or None,
+                    keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
+                    prune_interval=args.prune_interval)
     app = make_app(master, auth, Gate(args.rate, args.burst))
     ssl_ctx = None
     if args.certfile:
@@ -96,6 +112,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         await server.close_all_connections()
         store.close()
         log.info("master stopped")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _amount(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {text}")
+    return value
 
 
 def _self_signed(certfile: str) -> bool:

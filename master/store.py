@@ -9,6 +9,15 @@ announce a change after it is durable.
 
 Reads (history pages) run on a small thread pool with their own connections;
 WAL lets them proceed while the writer commits.
+
+A job's inputs (``protocol.INPUT_FIELDS``: source, files, args, stdin) live
+in a table of their own, written once with the job's first save: the master
+keeps only what scheduling needs in memory and reads the inputs back when it
+dispatches (``inputs``).  Later saves carry no inputs and leave them alone.
+
+Retention: ``prune`` deletes the oldest terminal jobs (never queued or
+running ones) older than a date or past a total size.  The database file
+and its WAL side files are private to the owner (0600).
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import queue
 import sqlite3
 import threading
 
-from distexec_kernel import protocol as P
+from distexec_kernel import config, protocol as P
 
 log = logging.getLogger("distexec.master.store")
 
@@ -33,18 +42,28 @@ CREATE TABLE IF NOT EXISTS jobs (
     client_id TEXT,
     user TEXT,
     submitted_at TEXT NOT NULL,
+    -- before data: reading it never walks the overflow pages of a big record
+    size INTEGER NOT NULL DEFAULT 0,
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
+CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at);
+CREATE TABLE IF NOT EXISTS inputs (id INTEGER PRIMARY KEY, data TEXT NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# Added after the first release: a history written before gains the column when opened.
-COLUMNS = {"grp": "ALTER TABLE jobs ADD COLUMN grp TEXT"}
-INDEXES = "CREATE INDEX IF NOT EXISTS jobs_grp ON jobs(grp, id) WHERE grp IS NOT NULL;"
+
+# Pruning never touches these (nor anything else not terminal).
+_UNFINISHED = (P.QUEUED, P.RUNNING)
+_TERMINAL_ONLY = "status NOT IN (?, ?)"
+SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, creating: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    if creating:
+        # Must come before anything is written; a no-op on an existing file.
+        # Lets prune hand freed pages back to the disk.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode survives a process crash; only an OS crash can
     # lose the last commits, which is the usual trade for a history store.
@@ -53,18 +72,88 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _private_file(path: str) -> None:
+    """Create the database file 0600 before SQLite does (it would use the umask: 0644).
+
+    SQLite gives its -wal and -shm files the database file's mode; side files
+    left by an older version are narrowed here too.
+    """
+    config.private_dir(os.path.dirname(os.path.abspath(path)))
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, *(path + side for side in SIDE_FILES)):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a history written by an older version up to this schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "size" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE jobs SET size = length(CAST(data AS BLOB))")
+    if "grp" not in columns:  # the batch a job came in (JOB "group"), for GET /api/jobs?group=
+        conn.execute("ALTER TABLE jobs ADD COLUMN grp TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_grp ON jobs(grp, id) WHERE grp IS NOT NULL")
+    # Unfinished jobs of an older version keep their inputs inside the record:
+    # move them out, since the master now saves those records without them.
+    rows = conn.execute("SELECT id, data FROM jobs WHERE status IN (?, ?) AND id NOT IN "
+                        "(SELECT id FROM inputs)", _UNFINISHED).fetchall()
+    for job_id, data in rows:
+        job = json.loads(data)
+        rest, inputs = _split(job)
+        if inputs:
+            _write(conn, rest, inputs)
+
+
+def _split(job: dict) -> tuple[dict, dict]:
+    """(the job without its inputs, its inputs)."""
+    inputs = {k: job[k] for k in P.INPUT_FIELDS if k in job}
+    return ({k: v for k, v in job.items() if k not in inputs} if inputs else job), inputs
+
+
+def _rows(job: dict) -> tuple[tuple, tuple | None]:
+    rest, inputs = _split(job)
+    data = json.dumps(rest, ensure_ascii=False)
+    row = (job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
+           job["submitted_at"], job.get("group"), data, len(data))
+    if not inputs:
+        return row, None
+    text = json.dumps(inputs, ensure_ascii=False)
+    return row, (job["id"], text, len(text))
+
+
+def _write(conn: sqlite3.Connection, rest: dict, inputs: dict) -> None:
+    row, input_row = _rows({**rest, **inputs})
+    _insert(conn, [row], [input_row] if input_row else [])
+
+
+def _insert(conn: sqlite3.Connection, rows: list[tuple], input_rows: list[tuple]) -> None:
+    conn.executemany("INSERT OR REPLACE INTO jobs (id, status, language, client_id, user, submitted_at, grp, data,"
+                     " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    if input_rows:
+        conn.executemany("INSERT OR REPLACE INTO inputs (id, data, size) VALUES (?, ?, ?)", input_rows)
+
+
+def _merge(data: str, inputs: str | None) -> dict:
+    job = json.loads(data)
+    if inputs is not None:
+        job.update(json.loads(inputs))
+    return job
+
+
 class JobStore:
     def __init__(self, path: str):
         self.path = path
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        conn = _connect(path)
+            _private_file(path)
+        conn = _connect(path, creating=True)
         conn.executescript(SCHEMA)
-        have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        for column, ddl in COLUMNS.items():
-            if column not in have:
-                conn.execute(ddl)
-        conn.executescript(INDEXES)
+        conn.execute("BEGIN")
+        _migrate(conn)
+        conn.execute("COMMIT")
         conn.close()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="distexec-db-writer", daemon=True)
@@ -81,15 +170,17 @@ class JobStore:
         return conn
 
     def max_id(self) -> int:
-        row = self._read_conn().execute("SELECT MAX(id) FROM jobs").fetchone()
-        return row[0] or 0
+        """The highest job id ever given, also when pruning deleted it: ids are never reused."""
+        conn = self._read_conn()
+        row = conn.execute("SELECT MAX(id) FROM jobs").fetchone()
+        pruned = conn.execute("SELECT value FROM meta WHERE key = 'max_pruned_id'").fetchone()
+        return max(row[0] or 0, int(pruned[0]) if pruned else 0)
 
     def unfinished(self) -> list[dict]:
-        """Queued and running jobs, oldest first: what a restarted master resumes."""
+        """Queued and running jobs, oldest first, without their inputs: what a restarted master resumes."""
         rows = self._read_conn().execute(
-            "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id",
-            (P.QUEUED, P.RUNNING)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id", _UNFINISHED).fetchall()
+        return [_split(json.loads(r[0]))[0] for r in rows]
 
     def recent(self, limit: int) -> list[dict]:
         """The newest ``limit`` jobs, newest first: which slaves a restarted master may expect back."""
@@ -99,16 +190,29 @@ class JobStore:
     # -- writes ------------------------------------------------------------
 
     def save(self, job: dict) -> asyncio.Future:
-        """Insert or replace the job; the future resolves once it is committed."""
+        """Insert or replace the job; the future resolves once it is committed.
+
+        The inputs the job carries are saved with it; a job without them
+        (the master's copy of a queued or running job) leaves the saved ones.
+        """
         return self.save_many([job])
 
     def save_many(self, jobs: list[dict]) -> asyncio.Future:
-        """Insert or replace ``jobs`` in one transaction; the future resolves once it is committed."""
+        """``save`` for ``jobs`` in one transaction (a batch: all of it or none of it)."""
+        return self._submit(("save", [_rows(job) for job in jobs]))
+
+    def prune(self, before: str | None = None, keep_bytes: int | None = None) -> asyncio.Future:
+        """Delete terminal jobs submitted before ``before`` (RFC 3339), then the
+        oldest terminal jobs until all jobs take at most ``keep_bytes``.
+
+        Queued and running jobs are never deleted.  Resolves to the number deleted.
+        """
+        return self._submit(("prune", (before, keep_bytes)))
+
+    def _submit(self, op: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        rows = [(job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
-                 job["submitted_at"], job.get("group"), json.dumps(job, ensure_ascii=False)) for job in jobs]
-        self._queue.put((rows, loop, fut))
+        self._queue.put((op, loop, fut))
         return fut
 
     def _write_loop(self) -> None:
@@ -127,44 +231,61 @@ class JobStore:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            err = None
-            try:
-                conn.execute("BEGIN")
-                conn.executemany(
-                    "INSERT OR REPLACE INTO jobs (id, status, language, client_id, user, submitted_at, grp, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [row for b in batch for row in b[0]])
-                conn.execute("COMMIT")
-            except (sqlite3.Error, ValueError) as exc:
-                # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
-                log.error("history write failed: %s", exc)
-                err = exc
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            for _, loop, fut in batch:
-                loop.call_soon_threadsafe(_settle, fut, err)
+            # Saves in a row share one transaction; a prune has one of its own.
+            while batch:
+                if batch[0][0][0] == "prune":
+                    group, batch = batch[:1], batch[1:]
+                else:
+                    n = next((i for i, b in enumerate(batch) if b[0][0] == "prune"), len(batch))
+                    group, batch = batch[:n], batch[n:]
+                self._run(conn, group)
         conn.close()
+
+    def _run(self, conn: sqlite3.Connection, group: list) -> None:
+        err, result = None, None
+        try:
+            conn.execute("BEGIN")
+            if group[0][0][0] == "prune":
+                result = _prune(conn, *group[0][0][1])
+            else:
+                pairs = [pair for op, _, _ in group for pair in op[1]]
+                _insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
+            conn.execute("COMMIT")
+        except (sqlite3.Error, ValueError) as exc:
+            # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
+            log.error("history write failed: %s", exc)
+            err = exc
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        if result:
+            try:
+                conn.execute("PRAGMA incremental_vacuum")
+            except sqlite3.Error as exc:
+                log.warning("could not hand freed pages back after pruning: %s", exc)
+        for _, loop, fut in group:
+            loop.call_soon_threadsafe(_settle, fut, err, result)
 
     # -- reads -------------------------------------------------------------
 
     def _list(self, status: str | None, limit: int, offset: int, user: str | None, group: str | None = None):
         where, params = [], []
         if group is not None:
-            where.append("grp = ?")
+            where.append("j.grp = ?")
             params.append(group)
         if status:
-            where.append("status = ?")
+            where.append("j.status = ?")
             params.append(status)
         if user is not None:
-            where.append("user = ?")
+            where.append("j.user = ?")
             params.append(user)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         conn = self._read_conn()
-        total = conn.execute(f"SELECT COUNT(*) FROM jobs {clause}", params).fetchone()[0]
-        rows = conn.execute(f"SELECT data FROM jobs {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
-                            [*params, limit, offset]).fetchall()
-        return [json.loads(r[0]) for r in rows], total
+        total = conn.execute(f"SELECT COUNT(*) FROM jobs j {clause}", params).fetchone()[0]
+        rows = conn.execute(f"SELECT j.data, i.data FROM jobs j LEFT JOIN inputs i ON i.id = j.id {clause} "
+                            "ORDER BY j.id DESC LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+        return [_merge(*r) for r in rows], total
 
     async def list(self, status: str | None = None, limit: int = 100, offset: int = 0,
                    user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
@@ -172,12 +293,29 @@ class JobStore:
         return await loop.run_in_executor(self._readers, self._list, status, limit, offset, user, group)
 
     def _get(self, job_id: int) -> dict | None:
-        row = self._read_conn().execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        row = self._read_conn().execute("SELECT j.data, i.data FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
+                                        "WHERE j.id = ?", (job_id,)).fetchone()
+        return _merge(*row) if row else None
 
     async def get(self, job_id: int) -> dict | None:
+        """The job with its inputs, or None."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._get, job_id)
+
+    async def inputs(self, job_id: int) -> dict:
+        """The inputs saved with the job (``protocol.INPUT_FIELDS``); {} if there are none."""
+        job = await self.get(job_id)
+        return {k: job[k] for k in P.INPUT_FIELDS if k in job} if job else {}
+
+    def _size(self) -> int:
+        conn = self._read_conn()
+        return (conn.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0]
+                + conn.execute("SELECT COALESCE(SUM(size), 0) FROM inputs").fetchone()[0])
+
+    async def size(self) -> int:
+        """About how many bytes the jobs take (their JSON text), which ``keep_bytes`` bounds."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._size)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -185,10 +323,44 @@ class JobStore:
         self._readers.shutdown(wait=True)
 
 
-def _settle(fut: asyncio.Future, err: Exception | None) -> None:
+def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) -> int:
+    """Delete terminal jobs (see ``JobStore.prune``); returns how many."""
+    doomed: list[int] = []
+    if before is not None:
+        doomed += [r[0] for r in conn.execute(
+            f"SELECT id FROM jobs WHERE {_TERMINAL_ONLY} AND submitted_at < ?", (*_UNFINISHED, before))]
+    if keep_bytes is not None:
+        gone = set(doomed)
+        total = (conn.execute("SELECT COALESCE(SUM(size), 0) FROM jobs").fetchone()[0]
+                 + conn.execute("SELECT COALESCE(SUM(size), 0) FROM inputs").fetchone()[0])
+        total -= sum(r[0] for r in conn.execute(
+            "SELECT j.size + COALESCE(i.size, 0) FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
+            "WHERE j.id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)))
+        if total > keep_bytes:
+            for job_id, size in conn.execute(
+                    f"SELECT j.id, j.size + COALESCE(i.size, 0) FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
+                    f"WHERE j.{_TERMINAL_ONLY} ORDER BY j.id", _UNFINISHED):
+                if job_id in gone:
+                    continue
+                doomed.append(job_id)
+                total -= size
+                if total <= keep_bytes:
+                    break
+    if not doomed:
+        return 0
+    ids = json.dumps(doomed)
+    conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+    conn.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+    # Ids are never given twice, also when the newest jobs are the ones pruned.
+    conn.execute("INSERT INTO meta (key, value) VALUES ('max_pruned_id', ?) ON CONFLICT(key) DO UPDATE "
+                 "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(max(doomed)),))
+    return len(doomed)
+
+
+def _settle(fut: asyncio.Future, err: Exception | None, result=None) -> None:
     if fut.done():
         return
     if err is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(err)

@@ -348,3 +348,56 @@ def test_session_names_cannot_reach_another_users_session(make_cluster, tmp_path
     finally:
         for c in (corp, alice, admin):
             c.close()
+
+
+def test_clients_are_shown_as_the_server_sees_them_and_only_to_their_owner(user_cluster):
+    import socket
+    from urllib.parse import quote
+
+    url = user_cluster.url
+    alice = Cluster(url, user="alice", password="alice-pw")
+    bob = Cluster(url, user="bob", password="bob-pw")
+    admin = Cluster(url, token=user_cluster.token)
+    try:
+        # A user sees their own clients only; an admin sees all.
+        assert [cl["id"] for cl in alice.clients()] == [alice.client_id]
+        assert [cl["id"] for cl in bob.clients()] == [bob.client_id]
+        everyone = {cl["id"]: cl for cl in admin.clients()}
+        assert {alice.client_id, bob.client_id, admin.client_id} <= set(everyone)
+        # The host is the peer address the master sees; what the client says is only a label.
+        mine = everyone[alice.client_id]
+        assert mine["host"] == "127.0.0.1" and mine["label"] == socket.gethostname()[:64]
+
+        async def claim(query: str) -> dict:
+            req = tornado.httpclient.HTTPRequest(
+                config.ws_url(url) + "/ws/client?" + query,
+                headers={"Authorization": f"Bearer {bob.token}"}, connect_timeout=10)
+            conn = await tornado.websocket.websocket_connect(req)
+            welcome = P.decode(await asyncio.wait_for(conn.read_message(), 10))
+            listed = {cl["id"]: cl for cl in admin.clients()}
+            conn.close()
+            while await asyncio.wait_for(conn.read_message(), 10) is not None:
+                pass
+            return {"id": welcome["client_id"], **listed[welcome["client_id"]]}
+
+        spoofed = asyncio.run(claim("host=" + quote("trusted.example\x1b[2J")))
+        assert spoofed["host"] == "127.0.0.1" and spoofed["label"].startswith("trusted.example")
+        assert spoofed["label"].isprintable()
+        # Bob cannot take alice's client id, even once she is gone.
+        alice_id = alice.client_id
+        alice.close()
+        wait_for(lambda: alice_id not in {cl["id"] for cl in admin.clients()}, 15, "alice's client to go")
+        assert asyncio.run(claim(f"client_id={alice_id}"))["id"] != alice_id
+        # Nor have his submissions counted as hers through the header.
+        job = requests.post(url + "/api/jobs", json={"source": "print(1)", "language": "python"}, timeout=20,
+                            headers={"Authorization": f"Bearer {bob.token}", "X-Distexec-Client": alice_id}).json()
+        assert job["client_id"] is None and job["user"] == "bob"
+        # His own client id on the header is his.
+        own = requests.post(url + "/api/jobs", json={"source": "print(1)", "language": "python"}, timeout=20,
+                            headers={"Authorization": f"Bearer {bob.token}",
+                                     "X-Distexec-Client": bob.client_id}).json()
+        assert own["client_id"] == bob.client_id
+        assert bob.submit("print(2)").client_id == bob.client_id
+    finally:
+        for c in (alice, bob, admin):
+            c.close()

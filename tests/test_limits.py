@@ -1,4 +1,4 @@
-"""Input limits: body and source sizes (413), submission rate (429), bounded queue (503)."""
+"""Input limits: body and source sizes (413), submission rate (429), queue per user (429) and in all (503), JSON depth (400)."""
 from __future__ import annotations
 
 import argon2
@@ -100,25 +100,106 @@ def test_a_user_past_the_rate_gets_429_with_retry_after(make_cluster, tmp_path):
     assert all(post_job(lc.url, lc.token, json=body).status_code == 201 for _ in range(12))
 
 
-def test_a_full_queue_answers_503_and_creates_no_job(make_cluster):
-    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queue", "2"])
+def _users(tmp_path) -> str:
+    path = str(tmp_path / "users.json")
+    for name in ("alice", "bob"):
+        auth.add_user(path, name, f"{name}-pw", hasher=CHEAP)
+    return path
+
+
+def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path):
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-per-user", "2", "--users", _users(tmp_path)])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    admin = Cluster(lc.url, token=lc.token)
+    try:
+        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
+        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        waiting = [alice.submit("print('queued')") for _ in range(2)]
+        assert all(j.status == P.QUEUED for j in waiting)
+        total = admin.jobs_page()[1]
+        with pytest.raises(DistexecError) as raised:
+            alice.submit("print('one too many')")
+        assert raised.value.status == 429 and raised.value.code == "queue_full"
+        assert "at most 2 may wait per user" in str(raised.value) and "--max-queued-per-user" in str(raised.value)
+        assert admin.jobs_page()[1] == total
+        # Another user is not affected by alice's full queue; the admin token counts as one user.
+        assert bob.submit("print('bob')").status == P.QUEUED
+        assert admin.submit("print('admin')").status == P.QUEUED
+        # The raw answer, as a script sees it.
+        resp = post_job(lc.url, alice.token, json={"source": "print(1)", "language": "python"})
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "queue_full"
+        # Room again once one of hers leaves the queue.
+        alice.cancel(waiting[0].id)
+        again = alice.submit("print('room again')")
+        admin.cancel(busy.id)
+        assert again.wait(30).stdout == "room again\n"
+        assert waiting[1].wait(30).status == P.SUCCEEDED
+    finally:
+        for c in (alice, bob, admin):
+            c.close()
+
+
+def test_the_global_safety_cap_still_answers_503(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queue", "1"])
     with Cluster(lc.url, token=lc.token) as c:
         busy = c.submit("import time\ntime.sleep(60)", timeout=60)
         wait_for(lambda: c.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
-        waiting = [c.submit("print('queued')") for _ in range(2)]
-        assert all(j.status == P.QUEUED for j in waiting)
-        total = c.jobs_page()[1]
+        c.submit("print('queued')")
         with pytest.raises(DistexecError) as raised:
             c.submit("print('one too many')")
         assert raised.value.status == 503 and raised.value.code == "queue_full"
-        assert "queue is full" in str(raised.value)
-        assert c.jobs_page()[1] == total
-        # Room again once one leaves the queue.
-        c.cancel(waiting[0].id)
-        again = c.submit("print('room again')")
+        assert "--max-queue" in str(raised.value)
         c.cancel(busy.id)
-        assert again.wait(30).stdout == "room again\n"
-        assert waiting[1].wait(30).status == P.SUCCEEDED
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(make_cluster):
+    import asyncio
+
+    import tornado.httpclient
+    import tornado.websocket
+
+    from distexec_kernel import config
+
+    lc = make_cluster(0)
+    deep = "[" * 100_000
+    for body in (deep, '{"source": ' + "[" * 200 + "]" * 200 + ', "language": "python"}'):
+        resp = post_job(lc.url, lc.token, data=body)
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == "bad_json" and f"deeper than {P.MAX_JSON_DEPTH} levels" in err["message"]
+
+    async def over_the_websocket() -> list[dict]:
+        req = tornado.httpclient.HTTPRequest(config.ws_url(lc.url) + "/ws/client",
+                                             headers={"Authorization": f"Bearer {lc.token}"})
+        conn = await tornado.websocket.websocket_connect(req)
+        try:
+            assert P.decode(await conn.read_message())["type"] == "welcome"
+            await conn.write_message(deep)
+            # The connection lives on: a well-formed message after it is answered.
+            await conn.write_message(P.encode(P.make("cancel", job_id=12345, ref="r")))
+            got = []
+            while len(got) < 2:
+                msg = P.decode(await asyncio.wait_for(conn.read_message(), 30))
+                if msg["type"] in ("error", "cancel_reply"):
+                    got.append(msg)
+            return got
+        finally:
+            conn.close()
+
+    error, reply = asyncio.run(over_the_websocket())
+    assert error["error"]["code"] == "bad_json" and "deeper than" in error["error"]["message"]
+    assert reply["type"] == "cancel_reply" and reply["error"]["code"] == "not_found"
+
+
+def test_json_depth_limit_in_loads():
+    ok = "[" * P.MAX_JSON_DEPTH + "]" * P.MAX_JSON_DEPTH
+    assert P.loads(ok)
+    for bad in ("[" * (P.MAX_JSON_DEPTH + 1) + "]" * (P.MAX_JSON_DEPTH + 1), "[" * 100_000,
+                '{"a": ' * 1000 + "1" + "}" * 1000):
+        with pytest.raises(ValueError, match="deeper than"):
+            P.loads(bad)
 
 
 def test_a_websocket_frame_over_the_limit_closes_only_that_connection(make_cluster):

@@ -167,3 +167,154 @@ def test_invariants_hold_under_any_event_order(evts, cap):
             assert len(state.running) <= state.slots
             assert all(s.running[j] == uid for j in state.running)
         assert not set(s.queue) & set(s.running)
+
+
+# -- fair share across users ---------------------------------------------------
+
+def test_the_next_slot_goes_to_the_user_with_the_fewest_running_jobs():
+    s = Scheduler()
+    s.add_slave("a", ["python"], 2)
+    for j in range(1, 11):
+        s.enqueue(j, "python", user="alice")  # a long queue of alice's
+    s.enqueue(11, "python", user="bob")
+    s.enqueue(12, "python", user="bob")
+    # Both at 0 running: alice's head was queued first; then bob has fewer.
+    assert s.assign() == [(1, "a"), (11, "a")]
+    s.finished(1)
+    # alice 0 running, bob 1: alice's turn.
+    assert s.assign() == [(2, "a")]
+    s.finished(2)
+    # alice 0, bob 1: alice again, though bob's 12 was queued before her 3.
+    assert s.assign() == [(3, "a")]
+    s.finished(11)
+    # alice 1, bob 0: bob.
+    assert s.assign() == [(12, "a")]
+    assert s.queued_by("alice") == 7 and s.queued_by("bob") == 0
+    assert s.running_by() == {"alice": 1, "bob": 1}
+
+
+def test_at_equal_share_turns_go_round_the_users_in_queue_order():
+    s = Scheduler()
+    s.add_slave("a", ["python"], 1)
+    for job, user in ((1, "bob"), (2, "alice"), (3, "bob"), (4, "carol"), (5, "alice"), (6, "alice")):
+        s.enqueue(job, "python", user=user)
+    order = []
+    while s.queue:
+        [(job, _)] = s.assign()
+        order.append(job)
+        s.finished(job)
+    # One slot: every turn is a tie at zero running.  Users not served yet come
+    # first, in queue order; then whoever was served least recently; within
+    # a user, first in, first out.
+    assert order == [1, 2, 4, 3, 5, 6]
+
+
+def test_a_user_whose_language_is_busy_does_not_block_others():
+    s = Scheduler()
+    s.add_slave("c", ["c"], 1)
+    s.add_slave("py", ["python"], 1)
+    s.enqueue(1, "c", user="alice")
+    s.enqueue(2, "c", user="alice")
+    s.enqueue(3, "python", user="alice")
+    s.enqueue(4, "python", user="bob")
+    # alice's 2 waits for the C slave; her 3 is her next job that can start, but
+    # with 1 running she loses the python slot to bob with none.
+    assert dict(s.assign()) == {1: "c", 4: "py"}
+    assert list(s.queue) == [2, 3]
+
+
+def test_a_retried_job_keeps_its_user():
+    s = Scheduler()
+    s.add_slave("a", ["python"], 1)
+    s.enqueue(1, "python", user="alice")
+    s.enqueue(2, "python", user="bob")
+    assert s.assign() == [(1, "a")]
+    s.remove_slave("a")
+    s.requeue_front(1, "python", user="alice")
+    assert s.queued_by("alice") == 1 and s.running_by() == {}
+    s.add_slave("b", ["python"], 1)
+    # At the head of the queue, but alice had her turn: bob, not served yet, goes first.
+    assert s.assign() == [(2, "b")]
+    s.finished(2)
+    assert s.assign() == [(1, "b")]
+    assert s.running_by() == {"alice": 1} and s.queued_by("bob") == 0
+
+
+def test_restored_running_jobs_count_for_their_user():
+    s = Scheduler()
+    s.mark_running(1, "a", user="alice")
+    s.add_slave("a", ["python"], 3, running=[1])
+    s.enqueue(2, "python", user="alice")
+    s.enqueue(3, "python", user="bob")
+    # alice already has one running (from before a restart): bob goes first.
+    assert s.assign() == [(3, "a"), (2, "a")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 40),
+       st.lists(st.one_of(st.just("finish"), st.just("bob"), st.just("alice")), max_size=80),
+       st.randoms(use_true_random=False))
+def test_the_second_user_never_waits_more_than_one_slot_turn(slots, backlog, evts, rnd):
+    """With two users, bob's job waits at most one slot turn behind alice's queue.
+
+    alice keeps a queue of any length; bob submits one job at a time, whenever
+    he has nothing queued or running.  Slots free in any order.  From bob's
+    submission to his job's start, at most one job of alice's starts.
+    """
+    s = Scheduler()
+    s.add_slave("a", ["python"], slots)
+    next_id = 0
+
+    def add(user):
+        nonlocal next_id
+        s.enqueue(next_id, "python", user=user)
+        next_id += 1
+        return next_id - 1
+
+    for _ in range(backlog):
+        add("alice")
+    bob_job = None
+    alice_turns_while_bob_waits = 0
+    for kind in evts:
+        if kind == "finish" and s.running:
+            s.finished(rnd.choice(sorted(s.running)))
+        elif kind == "bob" and bob_job is None and not s.running_by().get("bob"):
+            bob_job = add("bob")
+            alice_turns_while_bob_waits = 0
+        elif kind == "alice":
+            add("alice")
+        for job_id, _ in s.assign():
+            if job_id == bob_job:
+                bob_job = None
+            elif bob_job is not None:
+                alice_turns_while_bob_waits += 1
+                assert alice_turns_while_bob_waits <= 1, "bob waited behind two of alice's jobs"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["enqueue", "finish"]), st.sampled_from(["u1", "u2", "u3"]),
+                          st.integers(0, 50)), max_size=120),
+       st.integers(1, 6))
+def test_no_user_gets_a_slot_while_a_user_with_fewer_running_waits(evts, slots):
+    s = Scheduler()
+    s.add_slave("a", ["python"], slots)
+    next_id = 0
+    for kind, user, pick in evts:
+        if kind == "enqueue":
+            s.enqueue(next_id, "python", user=user)
+            next_id += 1
+        elif s.running:
+            s.finished(sorted(s.running)[pick % len(s.running)])
+        before = s.running_by()
+        waiting = {s.job_user[j] for j in s.queue}
+        for job_id, _ in s.assign():
+            user = s.job_user[job_id]
+            assert all(before[user] <= before[other] for other in waiting), (user, before, waiting)
+            before[user] += 1
+            waiting = {s.job_user[j] for j in s.queue}
+        # FIFO within a user.
+        for user in ("u1", "u2", "u3"):
+            mine = [j for j in s.queue if s.job_user[j] == user]
+            assert mine == sorted(mine)
+            started = [j for j in s.running if s.job_user[j] == user]
+            assert not mine or not started or max(started) < min(mine)

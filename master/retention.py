@@ -1,0 +1,54 @@
+"""History retention: which finished jobs the master deletes, and when.
+
+``--keep-days`` and ``--keep-mb`` bound the history; a pass runs at start
+and every ``prune_interval`` seconds, and ``POST /api/prune`` (``distexec
+prune``) runs one by hand.  The store does the deleting and never touches a
+queued or running job.  A mixin of ``Master``: it works on the master's store.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import logging
+
+from distexec_kernel import protocol as P
+
+log = logging.getLogger("distexec.master")
+
+
+class Retention:
+    async def prune(self, before: str | None = None) -> int:
+        """Delete terminal jobs: those submitted before ``before`` (an ISO date or
+        time, UTC unless it says), or with None, those past ``keep_days`` and
+        then the oldest past ``keep_mb``.  Queued and running jobs stay.
+        Returns how many were deleted.
+        """
+        if before is not None:
+            cutoff = _utc_text(before)
+            keep_bytes = None
+        else:
+            cutoff = None
+            if self.keep_days is not None:
+                then = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=self.keep_days)
+                cutoff = _utc_text(then.isoformat())
+            keep_bytes = int(self.keep_mb * (1 << 20)) if self.keep_mb is not None else None
+        count = await self.store.prune(cutoff, keep_bytes)
+        if count:
+            log.info("pruned %d job(s) from the history", count)
+        return count
+
+    async def _prune_loop(self) -> None:
+        while not self.stopping:
+            try:
+                await self.prune()
+            except Exception:  # a failed pass is logged by the store; the next one may work
+                log.exception("pruning the history failed")
+            await asyncio.sleep(self.prune_interval)
+
+
+def _utc_text(text: str) -> str:
+    """An ISO date or time as the store writes times (RFC 3339 UTC, milliseconds); ValueError if bad."""
+    when = P.parse_time(text.strip())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,69 @@
+"""What the CLI prints from jobs cannot drive the terminal: control characters are neutralised."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from distexec_kernel import display
+
+TITLE = "\x1b]0;pwned\x07"            # OSC 0: retitle the window
+CLIPBOARD = "\x1b]52;c;ZXZpbA==\x07"  # OSC 52: write the clipboard
+CSI = "\x9b2J"                        # C1 CSI: clear the screen
+NAME = f"job{TITLE}\rhidden"
+PROGRAM = ("import sys\n"
+           f"print({CLIPBOARD!r} + 'out' + {CSI!r})\n"
+           "print('tab\\tand newline kept')\n"
+           f"sys.stderr.write({TITLE!r} + 'err\\n')\n")
+CONTROLS = ("\x1b", "\x07", "\x9b", "\r")
+
+
+def run(cluster, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
+                           "--token", cluster.token], capture_output=True, text=True, timeout=60)
+
+
+def assert_clean(text: str) -> None:
+    assert not any(c in text for c in CONTROLS), repr(text)
+
+
+def test_clean_keeps_text_and_shows_controls():
+    assert display.clean("a\tb\nc ✅ é") == "a\tb\nc ✅ é"
+    assert display.clean(TITLE) == "\\x1b]0;pwned\\x07"
+    assert display.clean("\x00\x7f\x85\x9f\r") == "\\x00\\x7f\\x85\\x9f\\x0d"
+
+
+def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):
+    program = tmp_path / "evil.py"
+    program.write_text(PROGRAM)
+    done = run(cluster, "submit", str(program), "--name", NAME)
+    assert done.returncode == 0, done.stderr
+    assert_clean(done.stdout)
+    assert_clean(done.stderr)
+    assert "\\x1b]52;c;ZXZpbA==\\x07out\\x9b2J\n" in done.stdout
+    assert "tab\tand newline kept\n" in done.stdout
+    assert "\\x1b]0;pwned\\x07err" in done.stderr
+
+    listed = run(cluster, "jobs")
+    assert listed.returncode == 0, listed.stderr
+    assert_clean(listed.stdout)
+    assert "job\\x1b]0;pwned\\x07\\x0dhidden" in listed.stdout
+    job_id = json.loads(run(cluster, "jobs", "--json").stdout)["jobs"][0]["id"]
+
+    shown = run(cluster, "show", str(job_id))
+    assert shown.returncode == 0, shown.stderr
+    assert_clean(shown.stdout)
+    assert "name:      job\\x1b]0;pwned\\x07" in shown.stdout
+
+    # --json escapes every control character as JSON does (C1 included), and says the same.
+    as_json = run(cluster, "show", str(job_id), "--json")
+    assert_clean(as_json.stdout)
+    record = json.loads(as_json.stdout)
+    assert record["name"] == NAME and record["stdout"].startswith(CLIPBOARD)
+
+    # --raw: the bytes as they are.
+    raw = run(cluster, "show", str(job_id), "--raw")
+    assert TITLE in raw.stdout and CLIPBOARD + "out" + CSI in raw.stdout
+    raw_submit = run(cluster, "submit", str(program), "--raw")
+    assert raw_submit.stdout.startswith(CLIPBOARD + "out" + CSI)
+    assert TITLE + "err" in raw_submit.stderr

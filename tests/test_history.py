@@ -1,0 +1,152 @@
+"""The history's bounds: retention, pruning by hand, rejected jobs kept small, private files."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import argon2
+import pytest
+import requests
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.cluster import DistexecError
+from distexec_kernel.local import LocalCluster
+from master import auth
+
+from conftest import wait_for
+
+CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+SLEEPER = "import time\ntime.sleep(60)\n"
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_prune_by_hand_keeps_queued_and_running_jobs_and_never_reuses_ids(make_cluster, tmp_path):
+    users = str(tmp_path / "users.json")
+    auth.add_user(users, "alice", "alice-pw", hasher=CHEAP)
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    with Cluster(lc.url, token=lc.token) as c:
+        old = [c.submit(f"print({i})").wait(30) for i in range(3)]
+        rejected = c.submit("print(", name="broken")
+        assert rejected.status == P.REJECTED
+        running = c.submit(SLEEPER, timeout=60)
+        wait_for(lambda: c.job(running.id).status == P.RUNNING, 20, "the sleeper to run")
+        queued = c.submit("print('still queued')")
+        # A user may not prune; the answer says why.
+        with Cluster(lc.url, user="alice", password="alice-pw") as alice:
+            with pytest.raises(DistexecError) as refused:
+                alice.prune(before="2999-01-01")
+            assert refused.value.status == 403 and refused.value.code == "forbidden"
+        with pytest.raises(DistexecError) as bad:
+            c.prune(before="yesterday")
+        assert bad.value.status == 400
+        assert c.prune(before="2000-01-01") == 0
+
+        done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "prune", "--before", "2999-01-01",
+                               "--url", lc.url, "--token", lc.token], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "pruned 4 job(s)"
+        left = {j.id: j.status for j in c.jobs()}
+        assert left == {running.id: P.RUNNING, queued.id: P.QUEUED}
+        for gone in old + [rejected]:
+            with pytest.raises(DistexecError):
+                c.job(gone.id)
+        # The queued job still has its inputs, and runs.
+        c.cancel(running.id)
+        assert c.job(queued.id).wait(30).stdout == "still queued\n"
+        assert c.prune(before="2999-01-01") == 2
+        # The pruned ids are never given again, also after a restart.
+        top = queued.id
+    lc.restart_master()
+    with Cluster(lc.url, token=lc.token) as c:
+        assert c.submit("print('new')").id > top
+
+
+def test_retention_prunes_the_oldest_finished_jobs_past_the_size_bound(make_cluster):
+    # 0.05 MiB holds about two of these jobs (20 KiB of output each), not five.
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--keep-mb", "0.05", "--prune-interval", "0.2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        busy = c.submit(SLEEPER, timeout=60)
+        wait_for(lambda: c.job(busy.id).status == P.RUNNING, 20, "the sleeper to run")
+        waiting = c.submit("print('x' * 30000)")
+        c.cancel(busy.id)
+        done = [waiting.wait(30)] + [c.submit("print('x' * 20000)").wait(30) for _ in range(4)]
+        blocker = c.submit(SLEEPER, timeout=60)
+        wait_for(lambda: c.job(blocker.id).status == P.RUNNING, 20, "the second sleeper to run")
+        pending = c.submit("print('pending ' * 10000)")
+
+        def left() -> set[int]:
+            return {j.id for j in c.jobs()}
+        wait_for(lambda: done[2].id not in left(), 20, "the oldest finished jobs to be pruned")
+        kept = left()
+        # The newest finished ones stay, within the bound; never the running or queued ones.
+        assert {blocker.id, pending.id} <= kept and done[-1].id in kept
+        assert not {d.id for d in done[:3]} & kept
+        c.cancel(blocker.id)
+        assert c.job(pending.id).wait(30).status == P.SUCCEEDED
+
+
+def test_retention_by_age(make_cluster):
+    # 0.00002 days is 1.7 s.
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--keep-days", "0.00002",
+                                                                   "--prune-interval", "0.2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        job = c.submit("print(1)").wait(30)
+        running = c.submit(SLEEPER, timeout=60)
+        wait_for(lambda: job.id not in {j.id for j in c.jobs()}, 20, "the finished job to age out")
+        assert c.job(running.id).status == P.RUNNING  # old enough, but not finished: kept
+        c.cancel(running.id)
+
+
+def test_a_rejected_job_keeps_at_most_64_kib_of_source_and_no_files_or_stdin(client):
+    source = "x = (\n" + "# padding\n" * 40_000  # 400 KiB that never parses
+    job = client.submit(source, files={"data.txt": "d" * (1 << 20)}, stdin="s" * (1 << 20),
+                        args=["a" * 100_000])
+    assert job.status == P.REJECTED and job.error["code"] == P.SYNTAX_ERROR
+    for record in (job.record, client.job(job.id).record):
+        assert record["source"] == source[:P.REJECTED_SOURCE_BYTES]
+        assert record["files"] == {} and record["stdin"] is None and record["args"] == []
+    small = client.submit("print(", files={"f": "kept?"}, stdin="in")
+    assert client.job(small.id).source == "print(" and client.job(small.id).record["files"] == {}
+
+
+def test_home_and_history_files_are_private(tmp_path, monkeypatch):
+    home = tmp_path / "fresh" / "home"  # does not exist yet
+    monkeypatch.setenv("DISTEXEC_HOME", str(home))
+    lc = LocalCluster(1, slots=1, languages="python", home=str(home), log_dir=str(tmp_path / "logs"))
+    with lc:
+        with Cluster(lc.url, token=lc.token) as c:
+            assert c.submit("print(1)").wait(30).status == P.SUCCEEDED
+        db = home / "history.sqlite3"
+        assert mode(home) == 0o700
+        for path in (db, f"{db}-wal", f"{db}-shm", home / "connection.json"):
+            assert mode(path) == 0o600, path
+
+    # A home and history made by an older version (0755, 0644) are narrowed at start.
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    os.chmod(old, 0o755)
+    db = old / "history.sqlite3"
+    db.touch()
+    os.chmod(db, 0o644)
+    monkeypatch.setenv("DISTEXEC_HOME", str(old))
+    with LocalCluster(0, home=str(old), log_dir=str(tmp_path / "logs2")) as lc:
+        assert requests.get(lc.url + "/api/health", timeout=10).status_code == 200
+        assert mode(old) == 0o700 and mode(db) == 0o600
+        assert mode(f"{db}-wal") == 0o600
+
+
+def test_user_add_makes_the_default_home_private(tmp_path, monkeypatch, capsys):
+    import io
+
+    from distexec_kernel import cli
+    home = tmp_path / "new-home"
+    monkeypatch.setenv("DISTEXEC_HOME", str(home))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("pw\n"))
+    monkeypatch.setattr(auth, "_hasher", CHEAP)
+    assert cli.main(["user", "add", "carol", "--password-stdin"]) == 0
+    assert mode(home) == 0o700 and mode(home / "users.json") == 0o600
