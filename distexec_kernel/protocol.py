@@ -141,6 +141,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "results": (list, False),  # job_finished messages not yet acknowledged
         "draining": (bool, False),
         "sessions": (list, False),  # the Python sessions alive here: [{"user", "name"}]
+        "max_sessions_per_user": (int, False),  # its --max-sessions-per-user
         "instance": (str, False),  # new with each slave process: tells a reconnect from a restart
     },
     # slave -> master, and master -> client with the chunk's offset in the stream

@@ -91,6 +91,9 @@ class IopubPump:
                 frames = await self.socket.recv_multipart(copy=False)
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
+            # A ready message completes the await without yielding: without this
+            # a flood would starve the event loop (and the master's pings).
+            await asyncio.sleep(0)
             handler = self.handler
             if handler is None:
                 self.dropped += 1

@@ -507,6 +507,8 @@ class SessionRunner:
             if code == 0:
                 return self._outcome(0, None, capture)
             return self._outcome(code, P.error(P.NONZERO_EXIT, f"exited with code {code}"), capture)
+        if state.ename is not None and session.jobdir is not None and session.jobdir.full():
+            return self._outcome(1, disk_error(self.jobdirs, f"{state.ename}: the session wrote more than"), capture)
         if state.ename is not None:
             return self._outcome(1, P.error(P.NONZERO_EXIT, f"{state.ename}: {state.evalue}",
                                             line=state.line), capture)
@@ -654,6 +656,10 @@ class RoutingRunner:
 
     async def end_session(self, name: tuple, reason: str = "ended by a user") -> bool:
         return await self.sessions.end_session(name, reason)
+
+    @property
+    def max_sessions_per_user(self) -> int:
+        return self.sessions.max_per_user
 
     @property
     def on_session_ended(self):
