@@ -606,3 +606,34 @@ def test_a_killed_slave_takes_its_jobs_with_it(make_cluster, tmp_path):
     assert len(stale()) == 2
     other.start_slave()
     assert stale() == []
+
+
+def test_cgroup_tree_shows_only_the_jobs_own(client):
+    """Before, /sys/fs/cgroup showed every job's cgroup, and so its memory use."""
+    other = client.submit("import time\nprint('up', flush=True)\ntime.sleep(60)", timeout=90)
+    wait_for(lambda: client.job(other.id).stdout, 30, "the other job to start")
+    probe = textwrap.dedent("""
+        import os
+        own = {l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup")}
+        seen = []
+        for root, dirs, files in os.walk("/sys/fs/cgroup"):
+            if "cgroup.procs" in files:
+                seen.append(root)
+        print(len(seen))
+        for path in seen:
+            ctrl, rel = path[len("/sys/fs/cgroup/"):].split("/", 1)
+            print(ctrl, "/" + rel in own)
+        memory = next(p for p in seen if p.startswith("/sys/fs/cgroup/memory/"))
+        print(int(open(memory + "/memory.limit_in_bytes").read()) >> 20)
+    """)
+    try:
+        job = run(client, probe)
+    finally:
+        other.cancel()
+        other.wait(60)
+    assert job.status == P.SUCCEEDED, job.record
+    lines = job.stdout.splitlines()
+    # Its memory and pids cgroups, nothing else: no other job's, no hierarchy root.
+    assert lines[0] == "2", job.stdout
+    assert sorted(lines[1:3]) == ["memory True", "pids True"], job.stdout
+    assert lines[3] == str(MEMORY_MB), job.stdout
