@@ -46,6 +46,10 @@ SIGNAL = "signal"
 TIMEOUT = "timeout"
 MEMORY_LIMIT = "memory_limit"
 OUTPUT_LIMIT = "output_limit"
+# Wrote more than the slave's --disk-limit (its directory and /tmp together).
+DISK_LIMIT = "disk_limit"
+# Would have opened a session past --max-sessions-per-user.
+SESSION_LIMIT = "session_limit"
 SLAVE_LOST = "slave_lost"
 CANCELLED_CODE = "cancelled"
 # Not in the contract's table, but a job whose files cannot even be laid out
@@ -62,6 +66,8 @@ ERROR_STATUS = {
     TIMEOUT: FAILED,
     MEMORY_LIMIT: FAILED,
     OUTPUT_LIMIT: FAILED,
+    DISK_LIMIT: FAILED,
+    SESSION_LIMIT: REJECTED,
     SLAVE_LOST: FAILED,
     INTERNAL_ERROR: FAILED,
     CANCELLED_CODE: CANCELLED,
@@ -141,6 +147,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "results": (list, False),  # job_finished messages not yet acknowledged
         "draining": (bool, False),
         "sessions": (list, False),  # the Python sessions alive here: [{"user", "name"}]
+        "max_sessions_per_user": (int, False),  # its --max-sessions-per-user
         "instance": (str, False),  # new with each slave process: tells a reconnect from a restart
     },
     # slave -> master, and master -> client with the chunk's offset in the stream

@@ -116,6 +116,8 @@ class Master(ClientBook, SessionBook, Retention):
         # Session key -> why the session of that name is gone, told to the next
         # job of that name (in its stderr) when it starts a new one.
         self._session_notes: dict[tuple, str] = {}
+        # Slave UID -> its --max-sessions-per-user (master/sessions.py).
+        self._session_caps: dict[str, int | None] = {}
         self._notes_to_send: dict[int, str] = {}
         # Running jobs taken back after a restart: what they printed before it
         # is gone from memory, so their live output is not relayed (clients
@@ -342,7 +344,7 @@ class Master(ClientBook, SessionBook, Retention):
             return P.error(P.UNSUPPORTED_LANGUAGE,
                            f"no connected slave runs {job['language']!r}; available: {names}",
                            available=available)
-        return None
+        return self._session_refusal(job)
 
     # -- cancel ------------------------------------------------------------
 
@@ -483,6 +485,7 @@ class Master(ClientBook, SessionBook, Retention):
                     asyncio.ensure_future(self._lose(job, "the slave restarted and no longer has this job",
                                                      instance=info.instance))
         self._reconcile_sessions(uid, peer, P.session_keys_of(msg.get("sessions")))
+        self._session_caps[uid] = msg.get("max_sessions_per_user")
         log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
                  ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
         self._slaves_changed()

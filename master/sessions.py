@@ -106,6 +106,28 @@ class SessionBook:
         self._session_notes.pop(key, None)
         return info or {"name": name, "user": user, "slave_uid": uid}
 
+    def _session_refusal(self, job: dict) -> dict | None:
+        """The error for a job that would open one session too many for its user, else None.
+
+        A user's sessions are counted across the cluster: the live ones and
+        those that jobs queued or running will open.  The cap is the smallest
+        ``--max-sessions-per-user`` of the connected slaves.
+        """
+        key = _session_key(job)
+        caps = [cap for uid, cap in self._session_caps.items() if uid in self.slaves and isinstance(cap, int)]
+        if key is None or not caps:
+            return None
+        user, cap = key[0], min(caps)
+        mine = {name for u, name in self.sessions if u == user}
+        mine |= {other["session"] for other in self.active.values()
+                 if other.get("session") is not None and other.get("user") == user}
+        if key[1] in mine or len(mine) < cap:
+            return None
+        return P.error(P.SESSION_LIMIT, f"session {key[1]!r} would be session {len(mine) + 1} of "
+                       f"{'user ' + repr(user) if user else 'this user'}: at most {cap} at once "
+                       f"(--max-sessions-per-user); open: {', '.join(sorted(mine))}; end one first "
+                       f"(%remote sessions, Cluster.end_session, DELETE /api/sessions/NAME)", limit=cap)
+
     def session_list(self, owner: str | None = None) -> list[dict]:
         """Live sessions, oldest first; ``owner`` limits them to that user's."""
         return sorted((dict(i) for i in self.sessions.values() if owner is None or i["user"] == owner),

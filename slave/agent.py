@@ -106,7 +106,8 @@ class Slave:
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
             slots=self.slots, running=sorted(self.running), results=list(self.unacked.values()),
-            draining=self.draining, sessions=self._session_names(), instance=self.instance))
+            draining=self.draining, sessions=self._session_names(), instance=self.instance,
+            **self._session_cap()))
         try:
             await wsclient.read_frames(conn, self._dispatch, log=log,
                                        on_bad=lambda exc: self._send(P.make("error", error=exc.to_dict())))
@@ -180,6 +181,10 @@ class Slave:
     def _session_names(self) -> list[dict]:
         names = getattr(self.runner, "session_names", None)
         return [{"user": user, "name": name} for user, name in names()] if names is not None else []
+
+    def _session_cap(self) -> dict:
+        cap = getattr(self.runner, "max_sessions_per_user", None)
+        return {"max_sessions_per_user": cap} if cap is not None else {}
 
     def on_draining(self, msg: dict) -> None:
         self._drain_seen.set()

@@ -1,5 +1,5 @@
-"""Per-step cgroups (v1 ``memory`` and ``pids``): the memory and process limits
-of a job step, how its OOM kill is seen, and how every process of it is found
+"""Per-step cgroups (v1 ``memory`` and ``pids``, and ``cpu`` for a step with a
+CPU cap: a session's kernel): the memory and process limits of a job step, how its OOM kill is seen, and how every process of it is found
 and killed, even ones that left its process group.
 """
 from __future__ import annotations
@@ -54,7 +54,9 @@ class Cgroups:
     says why.
     """
 
-    CONTROLLERS = ("memory", "pids")
+    # cpu only for steps whose Limits name ``cpus``: a job holds a slot, a session's kernel does not.
+    CONTROLLERS = ("memory", "pids", "cpu")
+    _PROBE = {"memory": "memory.limit_in_bytes", "pids": "pids.max", "cpu": "cpu.cfs_quota_us"}
 
     def __init__(self, mounts: dict[str, str] | None = None):
         self.base: dict[str, str] = {}
@@ -76,7 +78,7 @@ class Cgroups:
                 os.makedirs(base, exist_ok=True)
                 probe = os.path.join(base, "probe")
                 os.mkdir(probe)
-                _write(os.path.join(probe, "memory.limit_in_bytes" if ctrl == "memory" else "pids.max"), "1000")
+                _write(os.path.join(probe, self._PROBE[ctrl]), "1000")
                 os.rmdir(probe)
             except OSError as exc:
                 self.missing[ctrl] = f"cannot create cgroups under {mount}: {exc.strerror}"
@@ -92,13 +94,18 @@ class Cgroups:
     def pids(self) -> bool:
         return "pids" in self.base
 
+    @property
+    def cpu(self) -> bool:
+        return "cpu" in self.base
+
     def create(self, limits: Limits, extra_procs: int = 0) -> "JobCgroup | None":
         """A fresh cgroup for one step, with the limits set; None if there are no controllers."""
         if not self.base:
             return None
         self._retry_leftovers()
         name = f"job-{next(self._counter)}"
-        cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()})
+        cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()
+                        if ctrl != "cpu" or limits.cpus is not None})
         try:
             for ctrl, path in cg.paths.items():
                 os.mkdir(path)
@@ -108,6 +115,8 @@ class Cgroups:
                     if os.path.exists(memsw):
                         # Swap would let a job go past its limit, only slower.
                         _write(memsw, str(limits.memory_bytes))
+                elif ctrl == "cpu":
+                    cg.set_cpus(limits.cpus)
                 else:
                     _write(os.path.join(path, "pids.max"), str(limits.max_procs + extra_procs))
         except OSError:
@@ -135,6 +144,7 @@ class Cgroups:
 
 
 _instances = itertools.count(1)
+CPU_PERIOD_US = 100_000
 
 
 def _reap_stale(top: str) -> None:
@@ -191,6 +201,13 @@ class JobCgroup:
             except OSError:
                 pass
         return found
+
+    def set_cpus(self, cpus: float) -> None:
+        """Cap the step at ``cpus`` cores (CFS quota over a 100 ms period); no-op without a cpu cgroup."""
+        path = self.paths.get("cpu")
+        if path is not None:
+            _write(os.path.join(path, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(os.path.join(path, "cpu.cfs_quota_us"), str(max(1000, int(cpus * CPU_PERIOD_US))))
 
     def oom_killed(self) -> bool:
         """True if the kernel killed a process of this step for going past the memory limit."""

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -24,6 +23,7 @@ import psutil
 from distexec_kernel import languages as L, protocol as P
 
 from . import safefs
+from .jobdirs import JobDir, JobDirs
 from .sandbox import Limits, Sandbox
 
 log = logging.getLogger("distexec.slave.runner")
@@ -102,29 +102,35 @@ class ProcessRunner:
     """A fresh process (group) per job, inside the slave's sandbox."""
 
     def __init__(self, sandbox: Sandbox, limits: Limits, toolchains: dict[str, str],
-                 workroot: str | None = None, compile_cache=None,
+                 jobdirs: JobDirs | None = None, compile_cache=None,
                  programs: dict[str, dict[str, str]] | None = None):
         self.sandbox = sandbox
         self.limits = limits
         self.toolchains = toolchains
-        self.workroot = workroot
+        # None (a runner built by hand): a folder of its own, the default quota.
+        self.jobdirs = jobdirs or JobDirs(f"runner-{os.getpid()}-{id(self):x}")
         self.compile_cache = compile_cache
         # language -> {program name in its templates: the absolute path detection found}
         self.programs = programs or {}
 
     def describe(self) -> str:
-        return f"a fresh process per job; {self.sandbox.describe()}"
+        return f"a fresh process per job; {self.sandbox.describe()}; {self.jobdirs.describe()}"
 
     async def close(self) -> None:
         self.sandbox.close()
+        await asyncio.to_thread(self.jobdirs.close)
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         lang = L.get(job["language"])
         if lang is None or lang.name not in self.toolchains:
             return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, f"this slave does not run {job['language']!r}"))
-        workdir = tempfile.mkdtemp(prefix=f"distexec-job{job['id']}-", dir=self.workroot)
         try:
-            return await self._run_in(workdir, lang, job, on_output, cancel)
+            jobdir = await asyncio.to_thread(self.jobdirs.make, f"job{job['id']}")
+        except OSError as exc:
+            log.exception("job %s: no directory for it", job["id"])
+            return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
+        try:
+            return await self._run_in(jobdir, lang, job, on_output, cancel)
         except OSError as exc:
             log.exception("job %s could not be run", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
@@ -132,20 +138,26 @@ class ProcessRunner:
             # Off the event loop, like every step's set-up and clean-up: a Go
             # build cache is thousands of files, and a loop busy deleting them
             # answers no pings (the master then takes the slave for dead).
-            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+            await asyncio.to_thread(self.jobdirs.remove, jobdir)
 
-    async def _run_in(self, workdir: str, lang: L.Language, job: dict,
+    async def _run_in(self, jobdir: JobDir, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
+        workdir = jobdir.path
         source_name = lang.source_name(job["source"])
         files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
         files[source_name] = job["source"].encode()
         # The directory is fresh, but one code path for every write where a job can reach.
-        await asyncio.to_thread(safefs.write_files, workdir, files)
+        try:
+            await asyncio.to_thread(safefs.write_files, workdir, files)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return Outcome(None, disk_error(self.jobdirs, "the job's files do not fit in"))
+            raise
         fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
         env = dict(lang.env)
 
         if lang.compile:
-            refused = await self._compile(workdir, lang, job, source_name, self._argv(lang, lang.compile, fields),
+            refused = await self._compile(jobdir, lang, job, source_name, self._argv(lang, lang.compile, fields),
                                           env, cancel)
             if refused is not None:
                 return refused
@@ -153,10 +165,12 @@ class ProcessRunner:
         argv = self._argv(lang, lang.run, fields) + list(job.get("args") or [])
         stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
         capture = _Capture(self.limits.output_bytes, on_output)
-        step = await self._step(argv, workdir, env, stdin, job.get("timeout") or P.DEFAULT_TIMEOUT,
+        step = await self._step(argv, jobdir, env, stdin, job.get("timeout") or P.DEFAULT_TIMEOUT,
                                 cancel, capture)
         out, err = capture.text("stdout"), capture.text("stderr")
         error = _classify(step, job, self.limits)
+        if error is not None and error["code"] in (P.NONZERO_EXIT, P.SIGNAL) and _hit_disk_limit(step, jobdir):
+            error = disk_error(self.jobdirs, "wrote more than")
         if error is not None and error["code"] == P.NONZERO_EXIT:
             # An interpreter's syntax or runtime error names a line: point the notebook at it.
             error.update(L.locate(lang, err, source_name, job["source"]))
@@ -168,13 +182,14 @@ class ProcessRunner:
         argv[0] = self.programs.get(lang.name, {}).get(argv[0], argv[0])
         return argv
 
-    async def _compile(self, workdir: str, lang: L.Language, job: dict, source_name: str,
+    async def _compile(self, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
                        argv: list[str], env: dict, cancel: asyncio.Event) -> Outcome | None:
         """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
 
         Returns None on success, else how the job ended (compile_error, cancelled).
         """
         cache, key = self.compile_cache, None
+        workdir = jobdir.path
         if cache is not None:
             inputs = dict(job.get("files") or {})
             inputs[source_name] = job["source"]
@@ -183,9 +198,12 @@ class ProcessRunner:
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
                 return None
         capture = _Capture(self.limits.output_bytes, None)
-        step = await self._step(argv, workdir, env, None, lang.compile_timeout, cancel, capture)
+        step = await self._step(argv, jobdir, env, None, lang.compile_timeout, cancel, capture)
         if step.reason == "cancelled":
             return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
+        if step.reason is None and step.returncode != 0 and _hit_disk_limit(step, jobdir):
+            return Outcome(None, disk_error(self.jobdirs, "the compiler wrote more than"), stdout="",
+                           stderr=capture.text("stderr") + capture.text("stdout"))
         if step.reason is not None or step.returncode != 0:
             diag = capture.text("stderr") + capture.text("stdout")
             what = {"timeout": f"the compiler ran past {lang.compile_timeout:g} s",
@@ -203,10 +221,11 @@ class ProcessRunner:
                 log.warning("job %s: could not keep the compiled program: %s", job["id"], exc)
         return None
 
-    async def _step(self, argv: list[str], workdir: str, env: dict, stdin: bytes | None,
+    async def _step(self, argv: list[str], jobdir: JobDir, env: dict, stdin: bytes | None,
                     timeout: float, cancel: asyncio.Event, capture: _Capture) -> StepResult:
         started = time.monotonic()
-        spawn = await asyncio.to_thread(self.sandbox.command, argv, workdir, env, self.limits, timeout=timeout)
+        spawn = await asyncio.to_thread(self.sandbox.command, argv, jobdir.path, env, self.limits, timeout=timeout,
+                                        tmpdirs=jobdir.sandbox_tmp)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *spawn.argv, cwd=spawn.cwd, env=spawn.env,
@@ -269,6 +288,19 @@ class ProcessRunner:
                 await proc.wait()
             await asyncio.to_thread(self.sandbox.cleanup, spawn)
         return StepResult(proc.returncode, reason, time.monotonic() - started)
+
+
+def _hit_disk_limit(step: StepResult, jobdir: JobDir) -> bool:
+    """Did a step that failed run into its disk quota?  Asked of the kernel, not of its output:
+    the job's tmpfs is full, or a file went past RLIMIT_FSIZE (SIGXFSZ, set to the quota)."""
+    code = step.returncode
+    xfsz = int(signal.SIGXFSZ)
+    return jobdir.full() or (jobdir.limited and code is not None and code in (-xfsz, 128 + xfsz))
+
+
+def disk_error(jobdirs: JobDirs, what: str) -> dict:
+    return P.error(P.DISK_LIMIT, f"{what} the disk limit of {jobdirs.disk_limit_mb} MiB (its directory and /tmp "
+                                 f"together)")
 
 
 def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:

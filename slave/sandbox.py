@@ -59,6 +59,8 @@ class Limits:
     allow_network: bool = False
     open_files: int = 256
     file_size_mb: int = 256
+    # Cores a step may use at most (cgroup cpu quota); None: not capped (a job holds a slot).
+    cpus: float | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -94,6 +96,7 @@ CPU_MARGIN = 5
 BWRAP_PROCS = 2
 
 NOBODY = 65534
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def job_env(workdir: str, extra: dict[str, str]) -> dict[str, str]:
@@ -210,7 +213,8 @@ class Sandbox:
         # (the slave, a desktop session) would eat the budget.
         return False
 
-    def _wrap(self, argv: list[str], workdir: str, limits: Limits) -> list[str]:
+    def _wrap(self, argv: list[str], workdir: str, limits: Limits, cgroup: "JobCgroup | None",
+              tmpdirs: dict[str, str]) -> list[str]:
         return list(argv)
 
     def close(self) -> None:
@@ -222,16 +226,18 @@ class Sandbox:
         return 0
 
     def command(self, argv: list[str], workdir: str, extra_env: dict[str, str], limits: Limits,
-                timeout: float | None = None) -> Spawn:
+                timeout: float | None = None, tmpdirs: dict[str, str] | None = None) -> Spawn:
         """What to spawn for one step (``argv`` run in ``workdir``).
 
         ``timeout`` (seconds of wall clock the runner allows) sets the CPU-time
-        backstop.  Every Spawn must be given back to ``cleanup`` once its
-        process has exited or been killed.
+        backstop.  ``tmpdirs``: sandbox path (``/tmp``, ``/dev/shm``) -> host
+        directory to show there instead of a private tmpfs (the job's disk
+        quota, see jobdirs.py).  Every Spawn must be given back to ``cleanup``
+        once its process has exited or been killed.
         """
         cgroup = self.cgroups.create(limits, self._extra_procs()) if self.cgroups else None
         try:
-            wrapped = self._wrap(argv, workdir, limits)
+            wrapped = self._wrap(argv, workdir, limits, cgroup, tmpdirs or {})
         except BaseException:
             if cgroup:
                 self.cgroups.release(cgroup)
@@ -423,7 +429,8 @@ class BwrapSandbox(Sandbox):
                         and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
                     os.chown(path, self.uid, self.gid, follow_symlinks=False)
 
-    def _wrap(self, argv: list[str], workdir: str, limits: Limits) -> list[str]:
+    def _wrap(self, argv: list[str], workdir: str, limits: Limits, cgroup: "JobCgroup | None",
+              tmpdirs: dict[str, str]) -> list[str]:
         self._prepare(workdir)
         workdir = os.path.realpath(workdir)
         size = str(limits.memory_bytes)
@@ -438,11 +445,18 @@ class BwrapSandbox(Sandbox):
             if os.path.isdir(d):
                 tmpfs.setdefault(d, "0755")
         mounted: list[str] = []
+        # Every job's memory use is in the cgroup tree: hidden (see _own_cgroups).
+        tmpfs[CGROUP_ROOT] = "0755"
         for dest, perms in sorted(tmpfs.items(), key=lambda t: (len(t[0]), t[0])):
             if any(_under(dest, m) for m in mounted):
                 continue  # already hidden by a parent
-            args += ["--perms", perms, "--size", size, "--tmpfs", dest]
+            if dest in tmpdirs:
+                # The job's own, on its disk quota: empty, sticky, shared by its steps.
+                args += ["--bind", tmpdirs[dest], dest]
+            else:
+                args += ["--perms", perms, "--size", size, "--tmpfs", dest]
             mounted.append(dest)
+        args += self._own_cgroups(cgroup)
         made: set[str] = set()
         for src in list(self.expose) + [workdir]:
             if any(_under(src, m) for m in self.expose if m != src and src != workdir):
@@ -459,6 +473,23 @@ class BwrapSandbox(Sandbox):
         args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
         return args + list(argv)
+
+    @staticmethod
+    def _own_cgroups(cgroup: "JobCgroup | None") -> list[str]:
+        """The step's own cgroups, read-only, at their own paths in an otherwise empty /sys/fs/cgroup.
+
+        The tree shows every job's memory use, so it is hidden; a JVM sizes
+        its heap from the cgroup named in /proc/self/cgroup, looked up under
+        the hierarchy's mount point: that one directory is shown again.
+        """
+        args: list[str] = []
+        made: set[str] = set()
+        for path in sorted((cgroup.paths if cgroup else {}).values()):
+            if not _under(path, CGROUP_ROOT):
+                continue
+            args += BwrapSandbox._parents(path, [CGROUP_ROOT], made)
+            args += ["--ro-bind", path, path]
+        return args
 
     @staticmethod
     def _parents(dest: str, tmpfs: list[str], made: set[str]) -> list[str]:

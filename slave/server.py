@@ -16,9 +16,10 @@ from distexec_kernel import config
 from . import toolchains
 from .agent import FatalSlaveError, Slave
 from .compile_cache import CompileCache
+from .jobdirs import JobDirs
 from .runner import ProcessRunner
 from .sandbox import Limits, best_sandbox
-from .sessions import DEFAULT_TTL, RoutingRunner, SessionRunner
+from .sessions import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, RoutingRunner, SessionRunner
 
 log = logging.getLogger("distexec.slave")
 
@@ -41,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
                    help="job isolation: auto (bubblewrap where it works, else none, said at start), "
                         "bwrap (refuse to start without it), none (limits only); see docs/sandbox.md")
-    p.add_argument("--workdir", default=None, help="where job directories are made (default: system temp)")
+    p.add_argument("--workdir", default=None, help="where this slave's folder of job directories is made "
+                   "(default: system temp)")
+    p.add_argument("--disk-limit", type=int, default=1024, metavar="MiB",
+                   help="what a job may write in all, its directory and /tmp (default 1024; 0: no limit)")
+    p.add_argument("--max-sessions-per-user", type=int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+                   help=f"Python sessions one user may have open (default {DEFAULT_MAX_SESSIONS}); see docs/sessions.md")
     p.add_argument("--session-ttl", type=float, default=DEFAULT_TTL, metavar="S",
                    help=f"seconds an idle Python session (--session) lives (default {DEFAULT_TTL:g})")
     p.add_argument("--compile-cache", type=int, default=256, metavar="MiB",
@@ -82,8 +88,14 @@ async def start(args: argparse.Namespace) -> Slave:
     if not endpoint.slave_secret:
         raise config.ConnectionConfigError("no slave secret: give --secret or DISTEXEC_SLAVE_SECRET")
     only = [x for x in args.languages.split(",") if x.strip()] if args.languages else None
+    uid = args.uid or stable_uid()
+    # Its own folder, cleared of what an earlier run of this slave left (jobdirs.py).
+    jobdirs = JobDirs(uid, args.workdir, args.disk_limit)
     limits = Limits(memory_mb=args.memory_limit, output_mb=args.output_limit,
                     max_procs=args.max_procs, allow_network=args.allow_network)
+    if jobdirs.limited:
+        # One file may fill the quota, no more: past it SIGXFSZ, classified disk_limit.
+        limits.file_size_mb = args.disk_limit
     sandbox = best_sandbox(limits, args.sandbox)
     # Asked through the sandbox: a language is offered only if it works for a job.
     chains = await toolchains.detect_toolchains(
@@ -91,13 +103,12 @@ async def start(args: argparse.Namespace) -> Slave:
     found = {name: tc.version for name, tc in chains.items()}
     cache = (CompileCache(os.path.join(config.home(), "cache", "compile"), args.compile_cache << 20)
              if args.compile_cache > 0 else None)
-    runner = ProcessRunner(sandbox, limits, found, workroot=args.workdir, compile_cache=cache,
+    runner = ProcessRunner(sandbox, limits, found, jobdirs=jobdirs, compile_cache=cache,
                            programs={name: tc.programs for name, tc in chains.items()})
     if "python" in found:
         # Jobs that name a session run in that session's kernel, the rest in fresh processes.
-        runner = RoutingRunner(runner, SessionRunner(sandbox, limits, workroot=args.workdir,
-                                                     ttl=args.session_ttl))
-    uid = args.uid or stable_uid()
+        runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,
+                                                     max_per_user=args.max_sessions_per_user))
     slots = args.slots or os.cpu_count() or 1
     log.info("slave %s: %s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages")
     log.info("%s", runner.describe())

@@ -32,23 +32,25 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import errno
 import logging
 import os
-import queue
-import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import psutil
+
 from distexec_kernel import languages as L, protocol as P
 
-from .runner import (_SIGNALS_SEEN_AS_EXIT, Outcome, OutputCallback, Runner, _Capture, _kill_group, _signal_error,
-                     _watch_memory)
 from . import safefs
+from .jobdirs import JobDir, JobDirs
+from .kernel_io import (ANSI, CELL_LINE, MESSAGE_MARGIN, CellState, IopubPump, answer_input, close_client,
+                        exit_code, make_client, until_ready)
+from .runner import (_SIGNALS_SEEN_AS_EXIT, Outcome, OutputCallback, Runner, _Capture, _kill_group, _signal_error,
+                     _watch_memory, disk_error)
 from .sandbox import Limits, Sandbox
 
 log = logging.getLogger("distexec.slave.sessions")
@@ -57,11 +59,17 @@ DEFAULT_TTL = 1800.0  # seconds an idle session lives
 KERNEL_START_TIMEOUT = 60.0  # a loaded 2-core machine can take a few seconds
 INTERRUPT_GRACE = 3.0  # seconds a cell has to stop after SIGINT before the kernel is killed
 REPLY_TIMEOUT = 5.0  # seconds to wait for the shell reply once the cell went idle
+SETTLE_AFTER_REPLY = 1.0  # seconds to wait for the idle status once the reply came
 CONNECTION_FILE = ".distexec-kernel.json"
 SOCKET_PREFIX = ".distexec-k"  # ipc sockets .distexec-k-1 ... -5
 MAX_IPC_PATH = 100  # sun_path is 108 bytes; leave room for "-N"
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CELL_LINE = re.compile(r"Cell In\[\d+\], line (\d+)")
+DEFAULT_MAX_SESSIONS = 4  # per user: --max-sessions-per-user
+# A session's kernel is capped at one core while a cell runs (what a slot is
+# worth) and at a tenth of one between cells, when the slave counts its slot
+# free: what a cell's threads do after it returned is all that runs then.
+CELL_CPUS = 1.0
+IDLE_CPUS = 0.1
+STOP_STRAYS_WITHIN = 5.0  # seconds to see a cell's leftover processes gone, else the session ends
 SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 # Tasks (threads) ipykernel and zmq run for themselves: 11 measured with
 # ipykernel 7.  They are added to --max-procs, which stays the cells' own budget.
@@ -101,6 +109,9 @@ class Session:
     jobs: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     spawn: object = None  # the sandbox's Spawn, for its cleanup
+    jobdir: JobDir | None = None  # its directory, on its disk quota
+    pump: IopubPump | None = None  # reads (and drops what is not a cell's) on iopub
+    own_pids: frozenset = frozenset()  # the kernel and its sandbox wrappers: all else is a cell's leftover
     ended_reason: str | None = None  # set once it is ended, for a cell still running then
     # (args, stdin) the kernel's sys.argv / sys.stdin were last set to.
     io_state: tuple | None = None
@@ -113,12 +124,13 @@ class Session:
 class SessionRunner:
     """Runs Python jobs that name a session in that session's kernel."""
 
-    def __init__(self, sandbox: Sandbox, limits: Limits, workroot: str | None = None,
-                 ttl: float = DEFAULT_TTL):
+    def __init__(self, sandbox: Sandbox, limits: Limits, jobdirs: JobDirs | None = None,
+                 ttl: float = DEFAULT_TTL, max_per_user: int = DEFAULT_MAX_SESSIONS):
         self.sandbox = sandbox
         self.limits = limits
-        self.workroot = workroot
+        self.jobdirs = jobdirs or JobDirs(f"sessions-{os.getpid()}-{id(self):x}")
         self.ttl = ttl
+        self.max_per_user = max_per_user
         self.sessions: dict[tuple, Session] = {}
         # Why a session of that key ended here, for the note in the next job's stderr.
         self.ended: dict[tuple, str] = {}
@@ -130,8 +142,10 @@ class SessionRunner:
         self._closed = False
 
     def describe(self) -> str:
-        return (f"python sessions: one ipykernel per session, ended after {self.ttl:g} s idle; each kernel "
-                f"runs in the same sandbox as a job's process, its memory limit covering the whole session")
+        return (f"python sessions: one ipykernel per session, at most {self.max_per_user} per user, ended after "
+                f"{self.ttl:g} s idle; each kernel runs in the same sandbox as a job's process, its memory, "
+                f"process and disk limits covering the whole session, {CELL_CPUS:g} core while a cell runs and "
+                f"{IDLE_CPUS:g} between cells; processes a cell leaves running are stopped when it ends")
 
     def session_names(self) -> list[tuple]:
         """Keys of the sessions alive here, and of those whose kernel is starting (a job waits on it)."""
@@ -155,6 +169,9 @@ class SessionRunner:
                 if name in self.ended else None)
             started = self._starting.get(name)
             if started is None:
+                refused = self._over_cap(name)
+                if refused is not None:
+                    return Outcome(None, refused)
                 started = self._starting[name] = asyncio.ensure_future(self._start(name))
                 started.add_done_callback(lambda f: self._starting.pop(name, None))
             cancelled = asyncio.ensure_future(cancel.wait())
@@ -175,11 +192,42 @@ class SessionRunner:
         async with session.lock:
             session.last_used = time.monotonic()
             try:
-                return await self._execute(session, job, capture, cancel)
+                outcome = await self._execute(session, job, capture, cancel)
+                # Before the job's end is told, so its slot is never free while they run.
+                stopped = await self._stop_strays(session)
+                if stopped:
+                    capture.feed("stderr", f"distexec: stopped {stopped} process(es) this job left running: a "
+                                 "session keeps its variables, not background processes\n", 0)
+                    outcome.stderr = capture.text("stderr")
+                return outcome
             finally:
                 session.jobs += 1
                 session.last_used = time.monotonic()
 
+    def _over_cap(self, name: tuple) -> dict | None:
+        """The error for a job that would open one session too many for its user here, else None."""
+        user = name[0]
+        mine = sorted(n for u, n in set(self.sessions) | set(self._starting) if u == user)
+        if len(mine) < self.max_per_user:
+            return None
+        return P.error(P.SESSION_LIMIT, f"{P.session_label(name)} would be session {len(mine) + 1} of its user: "
+                       f"at most {self.max_per_user} (--max-sessions-per-user); open now: {', '.join(mine)}; "
+                       f"end one first (%remote sessions, DELETE /api/sessions/NAME)")
+
+    async def _stop_strays(self, session: Session) -> int:
+        """Kill every process of the session but the kernel's own; how many there were.
+
+        A session that cannot be cleared (a process that will not die) is
+        ended: the slave never counts a slot free while a cell's process runs.
+        """
+        if not session.alive or session.ended_reason is not None:
+            return 0
+        killed, gone = await asyncio.to_thread(_kill_strays, session)
+        if not gone and self.sessions.get(session.key) is session:
+            await self._end(session, "a process it left running could not be stopped", notify=True)
+        elif session.spawn is not None and session.spawn.cgroup is not None:
+            await asyncio.to_thread(session.spawn.cgroup.set_cpus, IDLE_CPUS)
+        return killed
     async def close(self) -> None:
         """End every session: no kernel outlives the slave."""
         self._closed = True
@@ -203,15 +251,15 @@ class SessionRunner:
     # -- kernels ---------------------------------------------------------------
 
     async def _start(self, name: tuple) -> Session:
-        from jupyter_client.asynchronous import AsyncKernelClient
         from jupyter_client.connect import write_connection_file
 
-        workdir = tempfile.mkdtemp(prefix="distexec-session-", dir=self.workroot)
+        jobdir = await asyncio.to_thread(self.jobdirs.make, "session")
+        workdir = jobdir.path
         conn_file = os.path.join(workdir, CONNECTION_FILE)
         ipc = os.path.join(workdir, SOCKET_PREFIX)
         # Unix sockets, not TCP: they reach into a sandbox without a network.
         if len(ipc.encode()) > MAX_IPC_PATH:
-            shutil.rmtree(workdir, ignore_errors=True)
+            await asyncio.to_thread(self.jobdirs.remove, jobdir)
             raise RuntimeError(f"the session's socket path {ipc!r} is longer than {MAX_IPC_PATH} bytes: "
                                "start the slave with a shorter --workdir")
         write_connection_file(conn_file, ip=ipc, transport="ipc", kernel_name="python3")
@@ -219,8 +267,12 @@ class SessionRunner:
         # which ipykernel's poller takes for "the parent died".  PDEATHSIG (and
         # bubblewrap's --die-with-parent) do that job.  No timeout: the CPU-time
         # backstop is per job, and a kernel outlives many jobs.
-        limits = dataclasses.replace(self.limits, max_procs=self.limits.max_procs + KERNEL_TASKS)
-        spawn = self.sandbox.command(kernel_argv(conn_file), workdir, {}, limits)
+        limits = dataclasses.replace(self.limits, max_procs=self.limits.max_procs + KERNEL_TASKS, cpus=CELL_CPUS)
+        try:
+            spawn = self.sandbox.command(kernel_argv(conn_file), workdir, {}, limits, tmpdirs=jobdir.sandbox_tmp)
+        except BaseException:
+            await asyncio.to_thread(self.jobdirs.remove, jobdir)
+            raise
 
         def preexec() -> None:
             if spawn.preexec is not None:
@@ -235,14 +287,13 @@ class SessionRunner:
                 preexec_fn=preexec)
         finally:
             log_file.close()
-        client = AsyncKernelClient()
-        client.load_connection_file(conn_file)
-        client.allow_stdin = True
+        # No message larger than the output limit could be: see kernel_io.
+        client = make_client(conn_file, self.limits.output_bytes + MESSAGE_MARGIN)
         # No heartbeat channel: we hold the process and see it exit, and the
         # heartbeat misreports a kernel still starting on a loaded machine.
         client.start_channels(hb=False)
-        session = Session(name, workdir, proc, client, spawn=spawn)
-        ready = asyncio.ensure_future(asyncio.wait_for(_until_ready(client), KERNEL_START_TIMEOUT))
+        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir)
+        ready = asyncio.ensure_future(asyncio.wait_for(until_ready(client), KERNEL_START_TIMEOUT))
         exited = asyncio.ensure_future(proc.wait())
         try:
             await asyncio.wait([ready, exited], return_when=asyncio.FIRST_COMPLETED)
@@ -262,6 +313,10 @@ class SessionRunner:
         if self._closed:
             await self._dispose(session)
             raise RuntimeError("the slave is stopping")
+        session.pump = IopubPump(client)
+        session.own_pids = frozenset(await asyncio.to_thread(_session_pids, session))
+        if spawn.cgroup is not None:
+            await asyncio.to_thread(spawn.cgroup.set_cpus, IDLE_CPUS)
         self.sessions[name] = session
         self.ended.pop(name, None)
         self._arm_reaper()
@@ -289,10 +344,9 @@ class SessionRunner:
             self.on_ended(session.key, reason)
 
     async def _dispose(self, session: Session) -> None:
-        try:
-            session.client.stop_channels()
-        except Exception:
-            pass
+        if session.pump is not None:
+            session.pump.close()
+        close_client(session.client)
         _kill_group(session.proc.pid)
         if session.proc.returncode is None:
             try:
@@ -301,7 +355,8 @@ class SessionRunner:
                 log.warning("session %r: kernel %d did not die", session.key, session.proc.pid)
         # Off the event loop: a long session's directory can be large, and the loop answers the pings.
         await asyncio.to_thread(self.sandbox.cleanup, session.spawn)
-        await asyncio.to_thread(shutil.rmtree, session.workdir, ignore_errors=True)
+        if session.jobdir is not None:
+            await asyncio.to_thread(self.jobdirs.remove, session.jobdir)
 
     def _arm_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -328,6 +383,9 @@ class SessionRunner:
             try:
                 await asyncio.to_thread(safefs.write_files, session.workdir, files, self.sandbox.file_owner)
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return self._outcome(None, disk_error(self.jobdirs, "the job's files do not fit in the "
+                                                          "session's directory under"), capture)
                 return self._outcome(None, P.error(P.INTERNAL_ERROR, f"the job's files could not be written: "
                                                    f"{exc}"), capture)
         args = tuple(job.get("args") or ())
@@ -342,12 +400,18 @@ class SessionRunner:
                 setup += "; __import__('warnings').filterwarnings('ignore', message='To exit: use')"
             kc.execute(setup, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
             session.io_state = (args, stdin)
+        if session.spawn is not None and session.spawn.cgroup is not None:
+            await asyncio.to_thread(session.spawn.cgroup.set_cpus, CELL_CPUS)
         msg_id = kc.execute(job["source"], silent=False, store_history=True, allow_stdin=True,
                             stop_on_error=False)
         lines = iter((stdin or "").splitlines())
-        state = _CellState()
-        reader = asyncio.ensure_future(self._read_cell(session, msg_id, capture, state))
-        inputs = asyncio.ensure_future(_answer_input(kc, msg_id, lines, capture))
+        state = CellState()
+        # Registered before anything awaits: the pump must not drop the cell's first messages.
+        idle = self._watch_cell(session, msg_id, capture, state)
+        reader = asyncio.ensure_future(self._read_cell(session, msg_id, idle, state))
+        inputs = asyncio.ensure_future(answer_input(kc, msg_id, lines,
+                                                    lambda stream, text: capture.feed(stream, text,
+                                                                                      len(text.encode()))))
         exited = asyncio.ensure_future(session.proc.wait())
         cancelled = asyncio.ensure_future(cancel.wait())
         if getattr(session.spawn, "watch_memory", True):
@@ -381,14 +445,15 @@ class SessionRunner:
                 if watcher in done:
                     reason = watcher.result()
                     break
-                if capture.over:
+                if capture.over or session.pump.oversized:
                     reason = "output_limit"
                     break
             if reason in ("timeout", "cancelled", "output_limit"):
                 await self._interrupt(session, reader, capture)
-            elif reason is None and capture.over:
+            elif reason is None and (capture.over or session.pump.oversized):
                 reason = "output_limit"  # the cell ended, but past the limit
         finally:
+            session.pump.end_cell()
             for fut in (inputs, cancelled, watcher, exited, reader):
                 if fut.done():
                     if not fut.cancelled():
@@ -438,10 +503,12 @@ class SessionRunner:
             # exit() in a cell: end the session after it, as a terminal would.
             await self._end(session, "the program called exit()", notify=True)
         if state.ename == "SystemExit":
-            code = _exit_code(state.evalue)
+            code = exit_code(state.evalue)
             if code == 0:
                 return self._outcome(0, None, capture)
             return self._outcome(code, P.error(P.NONZERO_EXIT, f"exited with code {code}"), capture)
+        if state.ename is not None and session.jobdir is not None and session.jobdir.full():
+            return self._outcome(1, disk_error(self.jobdirs, f"{state.ename}: the session wrote more than"), capture)
         if state.ename is not None:
             return self._outcome(1, P.error(P.NONZERO_EXIT, f"{state.ename}: {state.evalue}",
                                             line=state.line), capture)
@@ -465,113 +532,103 @@ class SessionRunner:
             capture.feed("stderr", "distexec: the session did not stop when interrupted, so it was "
                          "ended: its variables are gone; the next job starts a new one\n", 0)
 
-    async def _read_cell(self, session: Session, msg_id: str, capture: _Capture, state: "_CellState") -> None:
-        """Stream the cell's output until the kernel is idle again, then take its reply."""
-        kc = session.client
-        while True:
-            msg = await kc.get_iopub_msg()
+    @staticmethod
+    def _watch_cell(session: Session, msg_id: str, capture: _Capture, state: CellState) -> asyncio.Future:
+        """Have the pump feed the cell's messages into ``capture``; a future done when the kernel is idle."""
+        idle = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: dict) -> None:
             kind = msg["msg_type"]
             content = msg["content"]
-            ours = msg.get("parent_header", {}).get("msg_id") == msg_id
             if kind == "stream":
-                # Output from threads an earlier cell started shows here too, as in Jupyter.
                 stream = "stderr" if content.get("name") == "stderr" else "stdout"
                 text = content.get("text", "")
                 capture.feed(stream, text, len(text.encode()))
-            elif kind in ("execute_result", "display_data", "update_display_data") and ours:
+            elif kind in ("execute_result", "display_data", "update_display_data"):
                 text = (content.get("data") or {}).get("text/plain")
                 if text is not None:
                     text += "\n"
                     capture.feed("stdout", text, len(text.encode()))
-            elif kind == "error" and ours:
+            elif kind == "error":
                 state.ename, state.evalue = content.get("ename"), content.get("evalue")
                 if state.ename != "SystemExit":
                     tb = ANSI.sub("", "\n".join(content.get("traceback") or [])) + "\n"
                     lines = CELL_LINE.findall(tb)
                     state.line = int(lines[-1]) if lines else None
                     capture.feed("stderr", tb, len(tb.encode()))
-            elif kind == "status" and ours and content.get("execution_state") == "idle":
-                break
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                reply = await kc.get_shell_msg(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if reply.get("parent_header", {}).get("msg_id") == msg_id:
-                for payload in reply["content"].get("payload") or []:
-                    if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
-                        state.exit_requested = True
-                break
+            elif kind == "status" and content.get("execution_state") == "idle" and not idle.done():
+                idle.set_result(None)
+
+        # Only this cell's messages: what threads of earlier cells print is dropped by the pump.
+        session.pump.start_cell(msg_id, on_message)
+        return idle
+
+    async def _read_cell(self, session: Session, msg_id: str, idle: asyncio.Future, state: CellState) -> None:
+        """Wait until the cell is done: the kernel idle again on iopub, and its reply on shell.
+
+        Either may come alone: a message refused as too large (kernel_io)
+        drops the iopub connection for a moment, and the idle status with it.
+        """
+        reply = asyncio.ensure_future(_shell_reply(session.client, msg_id, state))
+        try:
+            await asyncio.wait([idle, reply], return_when=asyncio.FIRST_COMPLETED)
+            if idle.done():
+                await asyncio.wait([reply], timeout=REPLY_TIMEOUT)
+            else:  # output is flushed before the reply; the idle status follows it
+                await asyncio.wait([idle], timeout=SETTLE_AFTER_REPLY)
+        finally:
+            reply.cancel()
 
 
-async def _until_ready(kc) -> None:
-    """Ask for kernel_info until the kernel answers and its output channel is connected.
-
-    What ``wait_for_ready`` does, minus its heartbeat check.
-    """
+async def _shell_reply(kc, msg_id: str, state: CellState) -> None:
     while True:
-        kc.kernel_info()
-        try:
-            msg = await kc.get_shell_msg(timeout=1.0)
-        except queue.Empty:
-            continue
-        if msg["msg_type"] != "kernel_info_reply":
-            continue
-        try:
-            # The reply's busy/idle status on iopub proves the subscription is live.
-            await kc.get_iopub_msg(timeout=0.5)
-        except queue.Empty:
-            continue
-        break
-    while True:  # drop what the handshake left on iopub
-        try:
-            await kc.get_iopub_msg(timeout=0.05)
-        except queue.Empty:
+        reply = await kc.get_shell_msg()
+        if reply.get("parent_header", {}).get("msg_id") == msg_id:
+            for payload in reply["content"].get("payload") or []:
+                if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
+                    state.exit_requested = True
             return
 
 
-@dataclass
-class _CellState:
-    ename: str | None = None
-    evalue: str | None = None
-    line: int | None = None
-    exit_requested: bool = False
-
-
-def _exit_code(evalue: str | None) -> int:
-    if evalue in (None, "", "None"):
-        return 0
+def _session_pids(session: Session) -> set[int]:
+    """Every process of the session: its cgroup, or (without one) the kernel and its descendants."""
+    cg = getattr(session.spawn, "cgroup", None)
+    if cg is not None and cg.pids():
+        return cg.pids()
     try:
-        return int(evalue)
-    except ValueError:
-        return 1  # sys.exit("message"): Python exits with 1 and prints it
+        root = psutil.Process(session.proc.pid)
+        return {root.pid} | {p.pid for p in root.children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
-async def _answer_input(kc, msg_id: str, lines, capture: _Capture) -> None:
-    """Serve ``input()`` from the job's stdin, one line per call; EOFError at its end."""
+def _zombie(pid: int) -> bool:
+    # Killed, not yet reaped by its parent (the kernel, through Popen): it runs no more.
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _kill_strays(session: Session) -> tuple[int, bool]:
+    """SIGKILL what is not the kernel's own until nothing else is left; (how many, whether all are gone)."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + STOP_STRAYS_WITHIN
+    delay = 0.001
     while True:
-        msg = await kc.get_stdin_msg()
-        if msg["msg_type"] != "input_request" or msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        prompt = msg["content"].get("prompt") or ""
-        if prompt:
-            # What the cell printed before input() was flushed to iopub before
-            # this request left, but travels on another socket: let it land first.
-            await _iopub_settled(kc)
-            capture.feed("stdout", prompt, len(prompt.encode()))
-        kc.input(next(lines, "\x04"))  # ipykernel raises EOFError for \x04
-
-
-async def _iopub_settled(kc, most: float = 0.2) -> None:
-    import zmq
-    deadline = time.monotonic() + most
-    socket = kc.iopub_channel.socket
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
-        if not socket.get(zmq.EVENTS) & zmq.POLLIN:
-            await asyncio.sleep(0)  # the reader handles what it took last
-            return
+        strays = {p for p in _session_pids(session) - session.own_pids if not _zombie(p)}
+        if not strays:
+            return len(killed), True
+        if time.monotonic() > deadline:
+            return len(killed), False
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(delay)  # a killed process leaves its cgroup once torn down
+        delay = min(delay * 2, 0.05)
 
 
 class RoutingRunner:
@@ -599,6 +656,10 @@ class RoutingRunner:
 
     async def end_session(self, name: tuple, reason: str = "ended by a user") -> bool:
         return await self.sessions.end_session(name, reason)
+
+    @property
+    def max_sessions_per_user(self) -> int:
+        return self.sessions.max_per_user
 
     @property
     def on_session_ended(self):

@@ -29,6 +29,8 @@ from conftest import wait_for
 
 MEMORY_MB = 128
 MAX_PROCS = 32
+# Under the memory limit: a job's files live in a tmpfs, which counts against its memory too.
+DISK_MB = 64
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def box():
 def lc(box):
     cluster = LocalCluster(1, slots=2, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
                            slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1",
-                                       "--max-procs", str(MAX_PROCS), "--workdir", os.path.join(box, "jobs")])
+                                       "--max-procs", str(MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
+                                       "--disk-limit", str(DISK_MB)])
     cluster.start()
     yield cluster
     cluster.stop()
@@ -81,7 +84,13 @@ def nothing_left(request, box):
     client = request.getfixturevalue("client")
     job = client.submit("print('still serving')", timeout=30).wait(60)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "still serving\n"), job.record
-    assert os.listdir(jobs) == [], "job directories left behind"
+    assert job_dirs(jobs) == [], "job directories left behind"
+
+
+def job_dirs(jobs: str) -> list[str]:
+    """What is in the slaves' folders under ``jobs`` (each slave keeps a folder of its own, with its lock)."""
+    return [os.path.join(folder, name) for folder in os.listdir(jobs)
+            for name in os.listdir(os.path.join(jobs, folder)) if name != ".lock"]
 
 
 def run(client, source: str, language: str = "python", timeout: float = 30, **kwargs):
@@ -263,10 +272,11 @@ def test_file_size_is_limited(client):
             print(exc.strerror)
     """)
     job = run(client, source)
+    # The program handled the error itself: its disk limit (one file may fill it, no more) ended the writing.
     assert job.status == P.SUCCEEDED, (job.error, job.stdout, job.stderr)
     fsize, nofile = job.stdout.splitlines()[0].split()
-    assert (int(fsize), int(nofile)) == (256, 256)
-    assert "File too large" in job.stdout
+    assert (int(fsize), int(nofile)) == (DISK_MB, 256)
+    assert "No space left on device" in job.stdout
 
 
 # -- network ---------------------------------------------------------------------------
@@ -347,7 +357,10 @@ def test_job_cannot_see_another_jobs_directory(client, box):
     probe = textwrap.dedent("""
         import os, sys
         d = sys.argv[1]
-        print(os.getcwd() != d, os.path.exists(d), os.listdir(os.path.dirname(d)) == [os.path.basename(os.getcwd())])
+        # The slave's folder of job directories (two levels up: <folder>/<job>/work) shows only this job's.
+        mine = os.path.dirname(os.getcwd())
+        print(os.getcwd() != d, os.path.exists(d),
+              os.listdir(os.path.dirname(mine)) == [os.path.basename(mine)])
         try:
             print(open(os.path.join(d, "private.txt")).read())
         except OSError as exc:
@@ -593,3 +606,34 @@ def test_a_killed_slave_takes_its_jobs_with_it(make_cluster, tmp_path):
     assert len(stale()) == 2
     other.start_slave()
     assert stale() == []
+
+
+def test_cgroup_tree_shows_only_the_jobs_own(client):
+    """Before, /sys/fs/cgroup showed every job's cgroup, and so its memory use."""
+    other = client.submit("import time\nprint('up', flush=True)\ntime.sleep(60)", timeout=90)
+    wait_for(lambda: client.job(other.id).stdout, 30, "the other job to start")
+    probe = textwrap.dedent("""
+        import os
+        own = {l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup")}
+        seen = []
+        for root, dirs, files in os.walk("/sys/fs/cgroup"):
+            if "cgroup.procs" in files:
+                seen.append(root)
+        print(len(seen))
+        for path in seen:
+            ctrl, rel = path[len("/sys/fs/cgroup/"):].split("/", 1)
+            print(ctrl, "/" + rel in own)
+        memory = next(p for p in seen if p.startswith("/sys/fs/cgroup/memory/"))
+        print(int(open(memory + "/memory.limit_in_bytes").read()) >> 20)
+    """)
+    try:
+        job = run(client, probe)
+    finally:
+        other.cancel()
+        other.wait(60)
+    assert job.status == P.SUCCEEDED, job.record
+    lines = job.stdout.splitlines()
+    # Its memory and pids cgroups, nothing else: no other job's, no hierarchy root.
+    assert lines[0] == "2", job.stdout
+    assert sorted(lines[1:3]) == ["memory True", "pids True"], job.stdout
+    assert lines[3] == str(MEMORY_MB), job.stdout

@@ -1,0 +1,212 @@
+"""The slave's end of a session kernel's sockets, bounded against a kernel that floods.
+
+The kernel runs the user's code, so everything it sends is hostile input to
+the slave (root, in no cgroup).  Three bounds:
+
+- every socket refuses a message part larger than ``max_message`` (zmq's
+  MAXMSGSIZE: the peer is disconnected; the pump connects iopub again) and queues at most
+  ``QUEUED_MESSAGES`` messages (RCVHWM; past it the kernel's side drops or waits);
+- the iopub channel is read all the time by ``IopubPump``: a cell's own
+  messages go to that cell's handler, everything else (a thread an earlier
+  cell started, printing after that cell returned) is dropped unread, so
+  nothing piles up in the slave between cells;
+- a message refused as too large during a cell ends that cell with
+  ``output_limit`` (``IopubPump.oversized``), as more output than the limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger("distexec.slave.sessions")
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+CELL_LINE = re.compile(r"Cell In\[\d+\], line (\d+)")
+QUEUED_MESSAGES = 32  # per socket (zmq RCVHWM): with max_message, what a slow slave may hold
+MESSAGE_MARGIN = 64 << 10  # a message's header and JSON quoting around its output
+
+
+def make_client(conn_file: str, max_message: int):
+    """An AsyncKernelClient on a zmq context of its own whose sockets are bounded (see module doc)."""
+    from jupyter_client.asynchronous import AsyncKernelClient
+
+    ctx = zmq.asyncio.Context()
+    ctx.setsockopt(zmq.MAXMSGSIZE, max_message)
+    ctx.setsockopt(zmq.RCVHWM, QUEUED_MESSAGES)
+    ctx.setsockopt(zmq.LINGER, 0)
+    client = AsyncKernelClient(context=ctx)
+    client.load_connection_file(conn_file)
+    client.allow_stdin = True
+    return client
+
+
+def close_client(client) -> None:
+    try:
+        client.stop_channels()
+    except Exception:
+        pass
+    try:
+        client.context.destroy(linger=0)
+    except Exception:
+        pass
+
+
+class IopubPump:
+    """Reads the kernel's iopub socket for the session's whole life.
+
+    ``handler`` (set for the length of one cell) gets that cell's messages,
+    deserialized; without a handler, or for another cell's message, the raw
+    frames are dropped.  ``dropped`` counts what was thrown away.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self.socket = client.iopub_channel.socket
+        self.cell_id: str | None = None
+        self.handler: Callable[[dict], None] | None = None
+        self.dropped = 0
+        self.oversized = False  # a message past max_message was refused during the current cell
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
+
+    def start_cell(self, msg_id: str, handler: Callable[[dict], None]) -> None:
+        self.cell_id, self.handler, self.oversized = msg_id, handler, False
+
+    def end_cell(self) -> None:
+        self.cell_id, self.handler = None, None
+
+    async def _read(self) -> None:
+        session = self.client.session
+        while True:
+            try:
+                frames = await self.socket.recv_multipart(copy=False)
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            # A ready message completes the await without yielding: without this
+            # a flood would starve the event loop (and the master's pings).
+            await asyncio.sleep(0)
+            handler = self.handler
+            if handler is None:
+                self.dropped += 1
+                continue
+            try:
+                _, parts = session.feed_identities(frames, copy=False)
+                msg = session.deserialize(parts, content=False, copy=False)
+                if (msg.get("parent_header") or {}).get("msg_id") != self.cell_id:
+                    self.dropped += 1
+                    continue
+                msg["content"] = session.unpack(msg["content"])
+            except (ValueError, TypeError, KeyError, json.JSONDecodeError):
+                self.dropped += 1  # malformed or wrongly signed: the kernel's problem
+                continue
+            handler(msg)
+
+    async def _watch(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            if self.cell_id is not None:
+                # The kernel is ours alone: on ipc it disconnects only for a message over MAXMSGSIZE.
+                self.oversized = True
+            # zmq does not reconnect after refusing a message: connect again, for the next ones.
+            endpoint = event["endpoint"].decode()
+            try:
+                self.socket.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+            try:
+                self.socket.connect(endpoint)
+            except zmq.ZMQError:
+                return  # closed meanwhile
+
+    def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+
+
+@dataclass
+class CellState:
+    ename: str | None = None
+    evalue: str | None = None
+    line: int | None = None
+    exit_requested: bool = False
+
+
+def exit_code(evalue: str | None) -> int:
+    if evalue in (None, "", "None"):
+        return 0
+    try:
+        return int(evalue)
+    except ValueError:
+        return 1  # sys.exit("message"): Python exits with 1 and prints it
+
+
+async def until_ready(kc) -> None:
+    """Ask for kernel_info until the kernel answers and its output channel is connected.
+
+    What ``wait_for_ready`` does, minus its heartbeat check.
+    """
+    while True:
+        kc.kernel_info()
+        try:
+            msg = await kc.get_shell_msg(timeout=1.0)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] != "kernel_info_reply":
+            continue
+        try:
+            # The reply's busy/idle status on iopub proves the subscription is live.
+            await kc.get_iopub_msg(timeout=0.5)
+        except queue.Empty:
+            continue
+        break
+    while True:  # drop what the handshake left on iopub
+        try:
+            await kc.get_iopub_msg(timeout=0.05)
+        except queue.Empty:
+            return
+
+
+async def answer_input(kc, msg_id: str, lines, feed: Callable[[str, str], None]) -> None:
+    """Serve ``input()`` from the job's stdin, one line per call; EOFError at its end."""
+    while True:
+        msg = await kc.get_stdin_msg()
+        if msg["msg_type"] != "input_request" or msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        prompt = msg["content"].get("prompt") or ""
+        if prompt:
+            # What the cell printed before input() was flushed to iopub before
+            # this request left, but travels on another socket: let it land first.
+            await iopub_settled(kc)
+            feed("stdout", prompt)
+        kc.input(next(lines, "\x04"))  # ipykernel raises EOFError for \x04
+
+
+async def iopub_settled(kc, most: float = 0.2) -> None:
+    deadline = time.monotonic() + most
+    socket = kc.iopub_channel.socket
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        if not socket.get(zmq.EVENTS) & zmq.POLLIN:
+            await asyncio.sleep(0)  # the pump handles what it took last
+            return

@@ -1,0 +1,274 @@
+"""The slave's own limits (issue 10): sessions inside the limits, a kernel that
+floods, the disk quota, the slave's folder of job directories.
+
+Each test is an attack an ordinary user could make, run through a real master
+and real slaves; each failed on the code before the fix.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import textwrap
+
+import psutil
+import pytest
+
+from distexec_kernel import Cluster, protocol as P
+
+from conftest import wait_for
+
+WAIT = 90
+
+
+def run(c: Cluster, source: str, **kw):
+    return c.submit(source, **kw).wait(WAIT)
+
+
+def _procs_with(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if any(marker in a for a in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(path.rstrip("/") + "/")]
+
+
+def _kernel(child) -> psutil.Process:
+    """The Python process of the (one) session kernel a slave started (not its sandbox wrappers)."""
+    for p in psutil.Process(child.pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+            if cmd and "python" in os.path.basename(cmd[0]) and "ipykernel_launcher" in cmd:
+                return p
+        except psutil.Error:
+            pass
+    raise AssertionError("no kernel process")
+
+
+def _cgroup_file(pid: int, ctrl: str, name: str) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            if ctrl in ctrls.split(","):
+                with open(f"/sys/fs/cgroup/{ctrl}{path}/{name}") as g:
+                    return g.read().strip()
+    raise AssertionError(f"no {ctrl} cgroup for {pid}")
+
+
+# -- finding 4: sessions inside the limits -------------------------------------------
+
+def test_what_a_cell_leaves_running_is_stopped_when_it_ends(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python")
+    marker = "distexec-stray-7f3a"
+    spin = (f"import subprocess, sys\n"
+            f"p = subprocess.Popen([sys.executable, '-c', 'b = bytearray(200 << 20)\\nwhile True: pass', "
+            f"'{marker}'])\nprint('started')")
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "kept = 'here'", session="s").status == P.SUCCEEDED
+        job = run(c, spin, session="s")
+        assert job.status == P.SUCCEEDED and job.stdout == "started\n", job.stderr
+        # Gone before the job's end was told (and its slot counted free), not at the idle timeout.
+        assert _procs_with(marker) == []
+        assert "stopped 1 process(es) this job left running" in job.stderr
+        after = run(c, "print(kept, p.poll())", session="s")
+        assert after.status == P.SUCCEEDED and after.stdout == "here -9\n", after.stderr
+        assert all(s["running"] == 0 for s in c.slaves())
+
+
+def test_a_session_kernel_has_a_cpu_cap_that_drops_between_cells(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        # Inside, the cell reads its own cgroup (the only one it can see): one core while it runs.
+        job = run(c, textwrap.dedent("""
+            path = [l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup") if ":cpu:" in l or ":cpu," in l][0]
+            print(open(f"/sys/fs/cgroup/cpu{path}/cpu.cfs_quota_us").read().strip())
+        """), session="cpu")
+        assert job.status == P.SUCCEEDED and job.stdout == "100000\n", (job.stdout, job.stderr)
+        # Between cells, a tenth of a core: what a cell's threads do then cannot take a free slot's CPU.
+        kernel = _kernel(lc.slaves[0])
+        assert _cgroup_file(kernel.pid, "cpu", "cpu.cfs_quota_us") == "10000"
+        assert _cgroup_file(kernel.pid, "cpu", "cpu.cfs_period_us") == "100000"
+
+
+def test_a_user_past_max_sessions_gets_session_limit(make_cluster):
+    lc = make_cluster(2, slots=1, languages="python", slave_args=["--max-sessions-per-user", "2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "x = 1", session="one").status == P.SUCCEEDED
+        assert run(c, "x = 2", session="two").status == P.SUCCEEDED
+        # Counted across both slaves, refused at submission: never queued.
+        third = c.submit("x = 3", session="three").wait(WAIT)
+        assert third.status == P.REJECTED and third.error["code"] == P.SESSION_LIMIT, third.error
+        msg = third.error["message"]
+        assert "at most 2" in msg and "one" in msg and "two" in msg and "--max-sessions-per-user" in msg
+        # The open ones still run; ending one makes room.
+        assert run(c, "print(x)", session="two").stdout == "2\n"
+        c.end_session("one")
+        assert run(c, "print('three')", session="three").stdout == "three\n"
+
+
+# -- finding 5: a kernel floods the slave --------------------------------------------
+
+FLOOD = textwrap.dedent("""
+    import sys, threading
+    sent = [0]
+    def flood():
+        chunk = "z" * (1 << 20)
+        while True:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            sent[0] += 1
+    threading.Thread(target=flood, daemon=True).start()
+    print("flooding")
+""")
+
+
+def test_a_thread_flooding_after_its_cell_returned_does_not_grow_the_slave(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "64"])
+    slave = psutil.Process(lc.slaves[0].pid)
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "print('warm')", session="f").status == P.SUCCEEDED
+        base = slave.memory_info().rss
+        first = run(c, FLOOD, session="f")
+        assert first.status == P.SUCCEEDED and "flooding" in first.stdout, first.stderr
+        peak = [base]
+
+        def flooded_enough() -> bool:
+            peak[0] = max(peak[0], slave.memory_info().rss)
+            job = run(c, "print(f'\\nsent={sent[0]}')", session="f")
+            peak[0] = max(peak[0], slave.memory_info().rss)
+            # Later cells work (what the thread prints while one runs is its output, as in Jupyter).
+            assert job.status == P.SUCCEEDED, (job.error, job.stderr[-500:])
+            return int(re.search(r"sent=(\d+)", job.stdout).group(1)) >= 300
+
+        # 300 MiB sent after the cell that started the thread returned.
+        wait_for(flooded_enough, 120, "the thread to send 300 MiB", interval=0.5)
+        grown = (peak[0] - base) >> 20
+        assert grown < 100, f"the slave grew by {grown} MiB"
+
+
+# -- --disk-limit ----------------------------------------------------------------------
+
+WRITE = textwrap.dedent("""
+    import os, sys
+    where, mib = sys.argv[1], int(sys.argv[2])
+    with open(os.path.join(where, "big"), "wb") as f:
+        for _ in range(mib):
+            f.write(b"0" * (1 << 20))
+    print("wrote", mib)
+""")
+
+
+@pytest.fixture
+def disk_lc(make_cluster):
+    return make_cluster(1, slots=2, languages="python", slave_args=["--disk-limit", "16"])
+
+
+def test_a_job_writing_twice_its_disk_limit_fails_disk_limit(disk_lc):
+    with Cluster(disk_lc.url, token=disk_lc.token) as c:
+        for where in (".", "/tmp", "/dev/shm"):
+            job = run(c, WRITE, args=[where, "32"])
+            assert job.status == P.FAILED and job.error["code"] == P.DISK_LIMIT, (where, job.error, job.stderr)
+            assert "disk limit of 16 MiB" in job.error["message"]
+            assert "No space left on device" in job.stderr
+        # Under it, in the directory and /tmp together: fine.
+        job = run(c, WRITE + "\nwith open('/tmp/more', 'wb') as f:\n    f.write(b'1' * (6 << 20))\n", args=[".", "8"])
+        assert job.status == P.SUCCEEDED and job.stdout == "wrote 8\n", (job.error, job.stderr)
+        # The directory and /tmp share one budget: 10 + 10 MiB does not fit in 16.
+        both = run(c, WRITE + "\nwith open('/tmp/more', 'wb') as f:\n    f.write(b'1' * (10 << 20))\n", args=[".", "10"])
+        assert both.status == P.FAILED and both.error["code"] == P.DISK_LIMIT, (both.error, both.stderr)
+
+
+def test_the_disk_limit_is_a_tmpfs_not_the_hosts_disk(disk_lc):
+    with Cluster(disk_lc.url, token=disk_lc.token) as c:
+        job = c.submit(WRITE.replace('print("wrote", mib)', textwrap.dedent("""
+            st = os.statvfs(".")
+            print(os.getcwd(), st.f_blocks * st.f_frsize >> 20, flush=True)
+            import time; time.sleep(60)
+        """)), args=[".", "8"], timeout=90)
+        wait_for(lambda: c.job(job.id).stdout, 30, "the job to write")
+        cwd, size = c.job(job.id).stdout.split()
+        assert size == "16"
+        # On the host, the job's directory is on a tmpfs of its own, mounted by the slave.
+        top = os.path.dirname(cwd)
+        with open("/proc/self/mountinfo") as f:
+            fstypes = [line.split(" - ")[1].split()[0] for line in f if line.split()[4] == top]
+        assert fstypes == ["tmpfs"]
+        assert os.path.getsize(os.path.join(cwd, "big")) == 8 << 20
+        job.cancel().wait(WAIT)
+        # Unmounted and gone with the job.
+        wait_for(lambda: not os.path.exists(top), 15, "the job's directory to go")
+        assert _mounts_under(os.path.dirname(top)) == []
+
+
+def test_a_session_has_the_same_disk_limit(disk_lc):
+    with Cluster(disk_lc.url, token=disk_lc.token) as c:
+        job = run(c, "with open('big', 'wb') as f:\n    for _ in range(32):\n        f.write(b'0' * (1 << 20))",
+                  session="d")
+        assert job.status == P.FAILED and job.error["code"] == P.DISK_LIMIT, (job.error, job.stderr)
+        # The session lives on; freeing the space makes writing work again.
+        again = run(c, "import os\nos.remove('big')\nopen('small', 'wb').write(b'1' * (1 << 20))\nprint('ok')",
+                    session="d")
+        assert again.status == P.SUCCEEDED and again.stdout == "ok\n", again.stderr
+
+
+def test_what_a_job_plants_in_its_directory_never_reaches_the_host(disk_lc, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    source = textwrap.dedent(f"""
+        import errno, os
+        os.symlink({str(victim)!r}, "link-to-host-dir")
+        os.mkfifo("fifo")
+        try:
+            os.link("/etc/hostname", "hard")   # another filesystem: refused by the kernel
+        except OSError as exc:
+            print("link", errno.errorcode[exc.errno])
+        with open("huge", "wb") as f:
+            try:
+                f.truncate(1 << 40)   # past RLIMIT_FSIZE (the disk limit)
+            except OSError as exc:
+                print("truncate", errno.errorcode[exc.errno], flush=True)
+            while True:               # then really fill it
+                f.write(b"0" * (1 << 20))
+    """)
+    with Cluster(disk_lc.url, token=disk_lc.token) as c:
+        job = run(c, source)
+        assert job.status == P.FAILED and job.error["code"] == P.DISK_LIMIT, (job.error, job.stderr)
+        assert "link EXDEV" in job.stdout and "truncate EFBIG" in job.stdout
+        assert run(c, "print('serving')").stdout == "serving\n"
+    # Clean-up removed the link, never what it pointed to.
+    assert (victim / "keep.txt").read_text() == "keep"
+
+
+# -- the slave's folder: leftovers of an earlier run ------------------------------------
+
+def test_a_restarted_slave_removes_what_its_killed_run_left(make_cluster):
+    lc = make_cluster(2, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        sleeper = "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(120)"
+        jobs = [c.submit(sleeper, timeout=200) for _ in range(2)]
+        for j in jobs:
+            wait_for(lambda: c.job(j.id).stdout, 60, "the jobs to start")
+        dirs = {c.job(j.id).slave_uid: os.path.dirname(c.job(j.id).stdout.strip()) for j in jobs}
+        victim, bystander = lc.slaves
+        assert set(dirs) == {victim.uid, bystander.uid}
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.proc.wait()
+        old = dirs[victim.uid]
+        assert os.path.isdir(old) and _mounts_under(os.path.dirname(old)), "the killed run left nothing to test"
+        again = lc.start_slave()
+        assert again.uid == victim.uid
+        assert not os.path.exists(old)
+        assert _mounts_under(os.path.dirname(old)) == []
+        # The other slave's live job directory was not touched.
+        assert os.path.isdir(dirs[bystander.uid])
+        other = next(j for j in jobs if c.job(j.id).slave_uid == bystander.uid)
+        other.cancel().wait(WAIT)
