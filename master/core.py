@@ -260,7 +260,8 @@ class Master(ClientBook, SessionBook, Retention):
         owner = user or (client.user if client is not None else None)
         # After the last await: nothing else is queued between this check and the enqueue.
         self.check_room(owner, len(subs))
-        jobs = []
+        jobs: list[dict] = []
+        held: dict[int, dict] = {}
         for sub in subs:
             job = P.new_job(self._next_id, sub, client_id=client_id, user=owner)
             self._next_id += 1
@@ -269,15 +270,17 @@ class Master(ClientBook, SessionBook, Retention):
             if rejection is not None:
                 job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
                 _bound_rejected(job)
+            else:
+                # Memory holds what scheduling needs; the inputs go to the store only.  Active
+                # at once, so the next item of a batch counts it (sessions per user).
+                held[job["id"]] = self.active[job["id"]] = {k: v for k, v in job.items()
+                                                            if k not in P.INPUT_FIELDS}
             jobs.append(job)
         if client is not None:
             client.jobs_submitted += len(jobs)
             self._clients_changed()
-        queued = [job for job in jobs if job["status"] == P.QUEUED]
-        held: dict[int, dict] = {}
+        queued = [job for job in jobs if job["id"] in held]
         for job in queued:
-            # Memory holds what scheduling needs; the inputs go to the store only.
-            held[job["id"]] = self.active[job["id"]] = {k: v for k, v in job.items() if k not in P.INPUT_FIELDS}
             self.scheduler.enqueue(job["id"], job["language"], _session_key(job), user=owner)
         # One commit for the whole batch, before any of it is announced.
         await self.store.save_many(jobs)
