@@ -75,3 +75,20 @@ def test_queued_jobs_keep_their_inputs_in_the_store_not_in_master_memory(make_cl
         c.cancel(busy.id)
         assert first.wait(60).stdout == f"{size}\n"
         assert [c.job(j["id"]).wait(60).stdout for j in queued[:2]] == [f"{size}\n"] * 2
+
+
+def test_a_large_batch_does_not_hold_back_another_users_single_job(two_users):
+    """Issue 14: 900 jobs of one map (under the per-user cap), one slot; another user's one job runs next."""
+    lc, alice, bob = two_users
+    busy = alice.submit(SLEEPER, timeout=60, name="alice's sleeper")
+    wait_for(lambda: alice.job(busy.id).status == P.RUNNING, 20, "alice's job to take the one slot")
+    sweep = alice.map("print(1)", range(900), name="sweep")
+    assert sweep.refresh().counts() == {P.QUEUED: 900}
+    mine = bob.submit("print('bob')", name="bob's")
+    alice.cancel(busy.id)  # the slot frees
+    assert mine.wait(60).status == P.SUCCEEDED
+    started = sweep.refresh().counts()
+    # At most one of the sweep's jobs went before bob's (the one that took the slot as it freed).
+    assert started.get(P.QUEUED, 0) >= 898, started
+    sweep.cancel()
+    assert sweep.wait(60, progress=False).counts().get(P.CANCELLED, 0) >= 890
