@@ -41,14 +41,20 @@ def cmd_up(args) -> int:
     return run_local_cluster(args)
 
 
-def cmd_master(args) -> int:
-    from master.server import run
-    return run(args)
+def _master(argv: list[str]) -> int:
+    from master.server import main as run
+    return run(argv)
 
 
-def cmd_slave(args) -> int:
-    from slave.server import run
-    return run(args)
+def _slave(argv: list[str]) -> int:
+    from slave.server import main as run
+    return run(argv)
+
+
+# The commands that start a server hand their arguments to the role's own
+# parser: the role alone knows its options, and every other command (`jobs`,
+# `submit`, their --help) loads no server code (store, SQLite, argon2, sandbox).
+SERVERS = {"master": _master, "slave": _slave}
 
 
 def _read_password(user: str, from_stdin: bool, confirm: bool = True) -> str:
@@ -283,9 +289,6 @@ def cmd_kernel(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from master.server import add_arguments as master_args
-    from slave.server import add_arguments as slave_args
-
     p = argparse.ArgumentParser(prog="distexec", description="Run programs on a pool of machines.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -327,13 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="install: these languages (default: every language distexec knows)")
     sp.set_defaults(func=cmd_kernel)
 
-    sp = sub.add_parser("master", help="run a master")
-    master_args(sp)
-    sp.set_defaults(func=cmd_master)
-
-    sp = sub.add_parser("slave", help="run a slave")
-    slave_args(sp)
-    sp.set_defaults(func=cmd_slave)
+    # Listed for `distexec --help`; main() hands their arguments to the role (see SERVERS).
+    sub.add_parser("master", help="run a master (`distexec master --help` for its options)", add_help=False)
+    sub.add_parser("slave", help="run a slave (`distexec slave --help` for its options)", add_help=False)
 
     sp = sub.add_parser("submit", help="run a file on the cluster; prints its output, exits with its code")
     sp.add_argument("file")
@@ -391,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SERVERS:
+        return SERVERS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     from .cluster import DistexecError
     try:

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from distexec_kernel import display
 
 TITLE = "\x1b]0;pwned\x07"            # OSC 0: retitle the window
@@ -67,3 +69,27 @@ def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):
     raw_submit = run(cluster, "submit", str(program), "--raw")
     assert raw_submit.stdout.startswith(CLIPBOARD + "out" + CSI)
     assert TITLE + "err" in raw_submit.stderr
+
+
+SERVER_MODULES = ("master", "slave", "sqlite3", "argon2", "psutil")
+
+
+@pytest.mark.parametrize("argv", [["jobs", "--help"], ["submit", "--help"], ["--help"]])
+def test_client_commands_load_no_server_code(argv):
+    """A command that only reads the history does not load the store, SQLite, argon2 or the sandbox."""
+    probe = ("import sys\nfrom distexec_kernel import cli\n"
+             f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_MODULES!r}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_server_commands_still_take_their_roles_options():
+    for role, flag in (("master", "--max-queued-per-user"), ("slave", "--disk-limit")):
+        done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", role, "--help"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and flag in done.stdout, done.stderr
+        bad = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", role, "--no-such-option"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
