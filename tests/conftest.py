@@ -5,6 +5,7 @@ needs its own cluster shape builds one with ``make_cluster``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -57,6 +58,31 @@ def home(tmp_path, monkeypatch):
     for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
         monkeypatch.delenv(var, raising=False)
     return path
+
+
+@contextlib.contextmanager
+def shared_cluster(tmp_path_factory, name: str, slaves: int = 2, *, start_timeout: float = 30.0, **kwargs):
+    """A LocalCluster for a whole module's tests (a start costs seconds), stopped at the end.
+
+    Its $DISTEXEC_HOME and logs live in a temporary folder named ``name``, and
+    the environment points at that home only while the module runs.  Tests
+    sharing it must break nothing and depend on no history.
+    """
+    base = tmp_path_factory.mktemp(name)
+    home = base / "home"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTEXEC_HOME", str(home))
+        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
+            mp.delenv(var, raising=False)
+        kwargs.setdefault("home", str(home))
+        kwargs.setdefault("log_dir", str(base / "logs"))
+        lc = LocalCluster(slaves, **kwargs)
+        try:
+            lc.start(timeout=start_timeout)
+            yield lc
+        finally:
+            lc.stop()
 
 
 @pytest.fixture

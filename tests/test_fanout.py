@@ -13,9 +13,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, JobGroup, RemoteError, protocol as P
-from distexec_kernel.local import LocalCluster
 
-from conftest import wait_for
+from conftest import shared_cluster, wait_for
 
 SQUARE = "import sys\nn = int(sys.argv[1])\nprint(n * n)\n"
 FLAKY = "import sys\nn = int(sys.argv[1])\nif n % 3 == 0:\n    sys.exit(f'{n} is a multiple of 3')\nprint(n)\n"
@@ -24,17 +23,8 @@ SLEEPER = "import time\ntime.sleep(120)\n"
 
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DISTEXEC_HOME", str(home))
-        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
-            mp.delenv(var, raising=False)
-        cluster = LocalCluster(2, slots=2, languages="python,sh", home=str(home), log_dir=str(home / "logs"))
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
+    with shared_cluster(tmp_path_factory, "fanout", 2, slots=2, languages="python,sh") as cluster:
+        yield cluster
 
 
 @pytest.fixture

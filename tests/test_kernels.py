@@ -25,7 +25,7 @@ from nbclient.exceptions import CellExecutionError
 from distexec_kernel import Cluster, cli, kernelspec, protocol as P
 from distexec_kernel.local import LocalCluster, free_port
 
-from conftest import wait_for
+from conftest import shared_cluster, wait_for
 from test_notebooks import collect, text_of
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -37,20 +37,13 @@ STATUS_OK = re.compile(r"✅ job \d+ · (\w+) · slave \S+… · \d+\.\d+ s")
 @pytest.fixture(scope="module", autouse=True)
 def world(tmp_path_factory):
     """One cluster and one kernelspec prefix for every test here; the environment points at both."""
-    home = tmp_path_factory.mktemp("kernels-home")
     prefix = tmp_path_factory.mktemp("kernels-prefix")
-    lc = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
-    lc.start()
-    try:
+    with shared_cluster(tmp_path_factory, "kernels", 2, slots=2) as lc, pytest.MonkeyPatch.context() as mp:
         kernelspec.install(["c", "java", "python"], prefix=str(prefix))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-            mp.setenv("DISTEXEC_HOME", str(home))
-            mp.setenv("DISTEXEC_URL", lc.url)
-            mp.setenv("DISTEXEC_TOKEN", lc.token)
-            yield lc
-    finally:
-        lc.stop()
+        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+        mp.setenv("DISTEXEC_URL", lc.url)
+        mp.setenv("DISTEXEC_TOKEN", lc.token)
+        yield lc
 
 
 class _Conformance(jkt.KernelTests):

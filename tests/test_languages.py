@@ -28,7 +28,7 @@ from distexec_kernel.local import LocalCluster
 from slave import toolchains
 from slave.compile_cache import CompileCache
 
-from conftest import wait_for
+from conftest import shared_cluster, wait_for
 
 JOB_WAIT = 90  # seconds: a cold javac or rustc on a loaded 2-core machine
 
@@ -189,11 +189,8 @@ COMPILED = [name for name in LANGS if L.LANGUAGES[name].compile]
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory):
     """One master and two slaves with every language, shared by the per-language tests."""
-    home = tmp_path_factory.mktemp("lang-home")
-    cluster = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
-    cluster.start(timeout=60)
-    yield cluster
-    cluster.stop()
+    with shared_cluster(tmp_path_factory, "languages", 2, slots=2, start_timeout=60) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

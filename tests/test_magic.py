@@ -19,25 +19,15 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, protocol as P
-from distexec_kernel.local import LocalCluster
 from distexec_kernel.magic import RemoteJobFailed, magics_of
 
-from conftest import wait_for
+from conftest import shared_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DISTEXEC_HOME", str(home))
-        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
-            mp.delenv(var, raising=False)
-        cluster = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
+    with shared_cluster(tmp_path_factory, "magic", 2, slots=2) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from distexec_kernel import Cluster, protocol as P
-from distexec_kernel.local import LocalCluster
 
-from conftest import wait_for
+from conftest import shared_cluster, wait_for
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The notebooks of the python3 kernel; those of our own kernels (kernelspec
@@ -210,13 +209,8 @@ def test_a_failed_job_stops_run_all(cluster, home, tmp_path):
 @pytest.fixture(scope="module")
 def kernel_cluster(tmp_path_factory):
     """One cluster for the kernel tests (each notebook above gets its own, for a clean history)."""
-    home = tmp_path_factory.mktemp("kernel-home")
-    lc = LocalCluster(2, slots=2, home=str(home), log_dir=str(home / "logs"))
-    lc.start()
-    try:
+    with shared_cluster(tmp_path_factory, "kernel", 2, slots=2) as lc:
         yield lc
-    finally:
-        lc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ def lc(box):
 
 
 @pytest.fixture(scope="module")
-def client(lc):
+def box_client(lc):
     c = Cluster(lc.url, token=lc.token)
     yield c
     c.close()
@@ -77,12 +77,12 @@ def job_processes(jobs_root: str) -> list[str]:
 def nothing_left(request, box):
     """After each test: no process of a job survives, and the slave runs the next job."""
     yield
-    if "client" not in request.fixturenames:
+    if "box_client" not in request.fixturenames:
         return
     jobs = os.path.join(box, "jobs")
     wait_for(lambda: not job_processes(jobs), 15, "every process of the jobs to be gone")
-    client = request.getfixturevalue("client")
-    job = client.submit("print('still serving')", timeout=30).wait(60)
+    box_client = request.getfixturevalue("box_client")
+    job = box_client.submit("print('still serving')", timeout=30).wait(60)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "still serving\n"), job.record
     assert job_dirs(jobs) == [], "job directories left behind"
 
@@ -93,8 +93,8 @@ def job_dirs(jobs: str) -> list[str]:
             for name in os.listdir(os.path.join(jobs, folder)) if name != ".lock"]
 
 
-def run(client, source: str, language: str = "python", timeout: float = 30, **kwargs):
-    return client.submit(source, language=language, timeout=timeout, **kwargs).wait(90)
+def run(box_client, source: str, language: str = "python", timeout: float = 30, **kwargs):
+    return box_client.submit(source, language=language, timeout=timeout, **kwargs).wait(90)
 
 
 def slave_log(box) -> str:
@@ -105,7 +105,7 @@ def slave_log(box) -> str:
 # -- what is in force ------------------------------------------------------------
 
 
-def test_slave_says_which_isolation_is_in_force(client, box):
+def test_slave_says_which_isolation_is_in_force(box_client, box):
     text = slave_log(box)
     assert "isolation: bubblewrap" in text, text
     assert "refused system calls: new user namespaces" in text, text
@@ -113,8 +113,8 @@ def test_slave_says_which_isolation_is_in_force(client, box):
     assert f"{MAX_PROCS} processes per job by cgroup" in text, text
 
 
-def test_job_runs_as_nobody_without_capabilities(client):
-    job = run(client, "id -u; id -g; grep CapEff /proc/self/status; echo $$", "bash")
+def test_job_runs_as_nobody_without_capabilities(box_client):
+    job = run(box_client, "id -u; id -g; grep CapEff /proc/self/status; echo $$", "bash")
     assert job.status == P.SUCCEEDED, job.record
     uid, gid, caps, pid = job.stdout.splitlines()
     assert (uid, gid) == (str(NOBODY), str(NOBODY))
@@ -123,7 +123,7 @@ def test_job_runs_as_nobody_without_capabilities(client):
     assert int(pid) <= 3
 
 
-def test_job_cannot_make_a_user_namespace_or_use_keyrings(client):
+def test_job_cannot_make_a_user_namespace_or_use_keyrings(box_client):
     # As "root" in a user namespace of its own a job could mount and reach
     # kernel code that container escapes go through; keyrings would be shared
     # by every job running as nobody.
@@ -141,7 +141,7 @@ def test_job_cannot_make_a_user_namespace_or_use_keyrings(client):
         t.start(); t.join()
         print(subprocess.run(["echo", "child ran"], capture_output=True, text=True).stdout.strip())
     """)
-    job = run(client, source)
+    job = run(box_client, source)
     assert job.status == P.SUCCEEDED, (job.error, job.stdout, job.stderr)
     assert job.stdout.splitlines() == [
         "-1 Operation not permitted", "-1 Operation not permitted", "-1 Operation not permitted",
@@ -151,14 +151,14 @@ def test_job_cannot_make_a_user_namespace_or_use_keyrings(client):
 # -- resource limits -----------------------------------------------------------------
 
 
-def test_fork_bomb_is_stopped_and_nothing_survives(client):
+def test_fork_bomb_is_stopped_and_nothing_survives(box_client):
     # The bomb's parent stays alive, so the job ends only by its timeout; the
     # pids cgroup keeps the bomb at MAX_PROCS processes meanwhile.
-    job = run(client, ":(){ :|:& };: 2>/dev/null; sleep 60", "bash", timeout=3)
+    job = run(box_client, ":(){ :|:& };: 2>/dev/null; sleep 60", "bash", timeout=3)
     assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
 
 
-def test_processes_per_job_are_capped(client):
+def test_processes_per_job_are_capped(box_client):
     source = textwrap.dedent("""
         import os, time
         n = 0
@@ -172,33 +172,33 @@ def test_processes_per_job_are_capped(client):
             pass
         print(n)
     """)
-    job = run(client, source)
+    job = run(box_client, source)
     assert job.status == P.SUCCEEDED, job.record
     # The job's own process counts too; bubblewrap's two do not.
     assert MAX_PROCS - 4 <= int(job.stdout) < MAX_PROCS, job.stdout
 
 
-def test_yes_flooding_stdout_hits_the_output_limit(client):
-    job = run(client, "yes", "bash", timeout=30)
+def test_yes_flooding_stdout_hits_the_output_limit(box_client):
+    job = run(box_client, "yes", "bash", timeout=30)
     assert job.status == P.FAILED and job.error["code"] == P.OUTPUT_LIMIT, job.record
     assert len(job.stdout.encode()) <= 1 << 20
 
 
-def test_memory_hog_hits_the_memory_limit(client):
-    job = run(client, "x = b'x' * (1 << 30)\nprint('allocated')")
+def test_memory_hog_hits_the_memory_limit(box_client):
+    job = run(box_client, "x = b'x' * (1 << 30)\nprint('allocated')")
     assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT, job.record
     assert "allocated" not in job.stdout
     assert f"{MEMORY_MB} MiB" in job.error["message"]
 
 
-def test_memory_hog_in_a_child_process_hits_the_memory_limit(client):
+def test_memory_hog_in_a_child_process_hits_the_memory_limit(box_client):
     # The limit covers every process of the job, not one at a time.
     source = "python3 -c \"x = b'y' * (1 << 30)\"; exit $?"
-    job = run(client, source, "bash")
+    job = run(box_client, source, "bash")
     assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT, job.record
 
 
-def test_infinite_loop_times_out_and_leaves_no_process(client, box):
+def test_infinite_loop_times_out_and_leaves_no_process(box_client, box):
     jobs = os.path.join(box, "jobs")
     source = textwrap.dedent("""
         import subprocess
@@ -207,7 +207,7 @@ def test_infinite_loop_times_out_and_leaves_no_process(client, box):
         while True:
             pass
     """)
-    job = client.submit(source, timeout=3)
+    job = box_client.submit(source, timeout=3)
     # The detector sees the job's processes while it runs (bwrap, python, sleep)...
     wait_for(lambda: "sleep" in job_processes(jobs), 20, "the job's child")
     job.wait(60)
@@ -216,9 +216,9 @@ def test_infinite_loop_times_out_and_leaves_no_process(client, box):
     # ...and the autouse check finds none of them afterwards.
 
 
-def test_cancel_leaves_no_process(client, box):
+def test_cancel_leaves_no_process(box_client, box):
     jobs = os.path.join(box, "jobs")
-    job = client.submit("sleep 300 & sleep 300 & wait", language="bash", timeout=120)
+    job = box_client.submit("sleep 300 & sleep 300 & wait", language="bash", timeout=120)
     wait_for(lambda: job_processes(jobs).count("sleep") == 2, 20, "the sleeps")
     job.cancel()
     job.wait(60)
@@ -226,7 +226,7 @@ def test_cancel_leaves_no_process(client, box):
     wait_for(lambda: not job_processes(jobs), 15, "the cancelled job's processes to be gone")
 
 
-def test_double_forking_daemon_is_gone_after_the_job(client, box):
+def test_double_forking_daemon_is_gone_after_the_job(box_client, box):
     source = textwrap.dedent("""
         import os, time
         if os.fork() == 0:
@@ -239,7 +239,7 @@ def test_double_forking_daemon_is_gone_after_the_job(client, box):
             time.sleep(0.01)
         print("daemon up")
     """)
-    job = run(client, source)
+    job = run(box_client, source)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "daemon up\n"), job.record
     # The autouse check: the daemon died with the job's PID namespace.
 
@@ -259,7 +259,7 @@ def test_cpu_time_is_limited_beyond_the_timeout(tmp_path):
     assert soft == 2 * (os.cpu_count() or 1) + 5 and hard == soft + 1
 
 
-def test_file_size_is_limited(client):
+def test_file_size_is_limited(box_client):
     source = textwrap.dedent("""
         import resource, signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -271,7 +271,7 @@ def test_file_size_is_limited(client):
         except OSError as exc:
             print(exc.strerror)
     """)
-    job = run(client, source)
+    job = run(box_client, source)
     # The program handled the error itself: its disk limit (one file may fill it, no more) ended the writing.
     assert job.status == P.SUCCEEDED, (job.error, job.stdout, job.stderr)
     fsize, nofile = job.stdout.splitlines()[0].split()
@@ -291,8 +291,8 @@ CONNECT = textwrap.dedent("""
 """)
 
 
-def test_no_network_by_default(client, lc):
-    job = run(client, CONNECT, args=[str(lc.port)])
+def test_no_network_by_default(box_client, lc):
+    job = run(box_client, CONNECT, args=[str(lc.port)])
     assert job.status == P.SUCCEEDED, job.record
     assert job.stdout.strip() in ("ConnectionRefusedError", "OSError"), job.stdout
 
@@ -307,15 +307,15 @@ def test_network_when_the_slave_allows_it(make_cluster):
 # -- secrets and other jobs ------------------------------------------------------------
 
 
-def test_job_sees_no_secret_in_its_environment(client, lc):
-    job = run(client, "import os, json; print(json.dumps(dict(os.environ)))")
+def test_job_sees_no_secret_in_its_environment(box_client, lc):
+    job = run(box_client, "import os, json; print(json.dumps(dict(os.environ)))")
     assert job.status == P.SUCCEEDED, job.record
     env = json.loads(job.stdout)
     assert not [k for k in env if k.startswith("DISTEXEC")], env
     assert lc.token not in job.stdout and lc.secret not in job.stdout
 
 
-def test_job_cannot_read_the_slaves_files(client, lc, box):
+def test_job_cannot_read_the_slaves_files(box_client, lc, box):
     home = os.path.join(box, "home")
     # World-readable on purpose: only the sandbox stands between it and the job.
     secret_file = os.path.join(home, "connection.json")
@@ -337,15 +337,15 @@ def test_job_cannot_read_the_slaves_files(client, lc, box):
     """)
     paths = [secret_file, os.path.join(home, uid_files[0]), f"/proc/{slave_pid}/environ", "/etc/shadow",
              os.path.expanduser("~/.bash_history")]
-    job = run(client, source, args=paths)
+    job = run(box_client, source, args=paths)
     assert job.status == P.SUCCEEDED, job.record
     assert "READ" not in job.stdout, job.stdout
     assert lc.token not in job.stdout and lc.secret not in job.stdout
     assert "home listing []" in job.stdout or "home listing False" in job.stdout, job.stdout
 
 
-def test_job_cannot_see_another_jobs_directory(client, box):
-    first = client.submit(textwrap.dedent("""
+def test_job_cannot_see_another_jobs_directory(box_client, box):
+    first = box_client.submit(textwrap.dedent("""
         import os, time
         open("private.txt", "w").write("first job's data")
         print(os.getcwd(), flush=True)
@@ -367,7 +367,7 @@ def test_job_cannot_see_another_jobs_directory(client, box):
             print(type(exc).__name__)
     """)
     try:
-        job = run(client, probe, args=[other_dir])
+        job = run(box_client, probe, args=[other_dir])
     finally:
         first.cancel()
         first.wait(60)
@@ -375,7 +375,7 @@ def test_job_cannot_see_another_jobs_directory(client, box):
     assert job.stdout.splitlines() == ["True False True", "FileNotFoundError"], job.stdout
 
 
-def test_symlink_out_of_the_job_directory_leaks_nothing(client, lc, box):
+def test_symlink_out_of_the_job_directory_leaks_nothing(box_client, lc, box):
     secret_file = os.path.join(box, "home", "connection.json")
     with open(secret_file, "w") as f:
         json.dump({"token": lc.token}, f)
@@ -389,7 +389,7 @@ def test_symlink_out_of_the_job_directory_leaks_nothing(client, lc, box):
         cat shadow_link secret_link hard_link 2>&1
         ls -l
     """)
-    job = run(client, script, "bash")
+    job = run(box_client, script, "bash")
     assert lc.token not in job.stdout + job.stderr
     assert "root:" not in job.stdout + job.stderr
     assert "Permission denied" in job.stdout and "No such file" in job.stdout, job.stdout
@@ -608,10 +608,10 @@ def test_a_killed_slave_takes_its_jobs_with_it(make_cluster, tmp_path):
     assert stale() == []
 
 
-def test_cgroup_tree_shows_only_the_jobs_own(client):
+def test_cgroup_tree_shows_only_the_jobs_own(box_client):
     """Before, /sys/fs/cgroup showed every job's cgroup, and so its memory use."""
-    other = client.submit("import time\nprint('up', flush=True)\ntime.sleep(60)", timeout=90)
-    wait_for(lambda: client.job(other.id).stdout, 30, "the other job to start")
+    other = box_client.submit("import time\nprint('up', flush=True)\ntime.sleep(60)", timeout=90)
+    wait_for(lambda: box_client.job(other.id).stdout, 30, "the other job to start")
     probe = textwrap.dedent("""
         import os
         own = {l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup")}
@@ -627,7 +627,7 @@ def test_cgroup_tree_shows_only_the_jobs_own(client):
         print(int(open(memory + "/memory.limit_in_bytes").read()) >> 20)
     """)
     try:
-        job = run(client, probe)
+        job = run(box_client, probe)
     finally:
         other.cancel()
         other.wait(60)

@@ -13,10 +13,9 @@ import pytest
 
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
-from distexec_kernel.local import LocalCluster
 from master.scheduler import Scheduler
 
-from conftest import assert_gone, logs, wait_for
+from conftest import assert_gone, logs, shared_cluster, wait_for
 
 WAIT = 60  # seconds a job may take: a session's first job starts a kernel on a loaded machine
 
@@ -176,23 +175,19 @@ def test_requeued_session_job_keeps_its_session():
 # --- real clusters ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def py_cluster(tmp_path_factory):
     """Two slaves of two slots, offering Python only (sessions need no other
     toolchain), shared by the tests that break nothing: each uses its own
-    session names, and the ``client`` fixture ends its sessions."""
-    base = tmp_path_factory.mktemp("sessions")
-    (base / "home").mkdir()
-    lc = LocalCluster(2, slots=2, languages="python", home=str(base / "home"), log_dir=str(base / "logs"))
-    lc.start()
-    yield lc
-    kernels = [k for child in lc.slaves for k in kernels_of(child)]
-    lc.stop()
+    session names, and the ``py_client`` fixture ends its sessions."""
+    with shared_cluster(tmp_path_factory, "sessions", 2, slots=2, languages="python") as lc:
+        yield lc
+        kernels = [k for child in lc.slaves for k in kernels_of(child)]
     assert_gone(kernels, "kernel processes")
 
 
 @pytest.fixture
-def client(cluster):
-    c = Cluster(cluster.url, token=cluster.token)
+def py_client(py_cluster):
+    c = Cluster(py_cluster.url, token=py_cluster.token)
     yield c
     for s in c.sessions():
         try:
@@ -222,51 +217,51 @@ def run(c: Cluster, source: str, **kw):
     return c.submit(source, **kw).wait(WAIT)
 
 
-def test_variables_live_from_one_job_to_the_next(client):
-    first = run(client, "x = 41\nprint('set')", session="s")
+def test_variables_live_from_one_job_to_the_next(py_client):
+    first = run(py_client, "x = 41\nprint('set')", session="s")
     assert first.status == P.SUCCEEDED, first.stderr
     assert first.stdout == "set\n"
     # The last line's value shows, as in a notebook.
-    second = run(client, "x += 1\nx", session="s")
+    second = run(py_client, "x += 1\nx", session="s")
     assert second.status == P.SUCCEEDED, second.stderr
     assert second.stdout == "42\n"
     assert second.exit_code == 0 and second.session == "s"
     assert second.slave_uid == first.slave_uid
 
 
-def test_sessions_are_independent_and_plain_jobs_are_fresh(client):
-    assert run(client, "x = 'a'", session="a").status == P.SUCCEEDED
-    assert run(client, "x = 'b'", session="b").status == P.SUCCEEDED
-    assert run(client, "print(x)", session="a").stdout == "a\n"
-    assert run(client, "print(x)", session="b").stdout == "b\n"
-    plain = run(client, "print(x)")
+def test_sessions_are_independent_and_plain_jobs_are_fresh(py_client):
+    assert run(py_client, "x = 'a'", session="a").status == P.SUCCEEDED
+    assert run(py_client, "x = 'b'", session="b").status == P.SUCCEEDED
+    assert run(py_client, "print(x)", session="a").stdout == "a\n"
+    assert run(py_client, "print(x)", session="b").stdout == "b\n"
+    plain = run(py_client, "print(x)")
     assert plain.status == P.FAILED and "NameError" in plain.stderr
     # A session-less job runs in a process of its own, not in a kernel.
-    assert run(client, "import sys; print('ipykernel' in sys.modules)").stdout == "False\n"
-    assert run(client, "import sys; print('ipykernel' in sys.modules)", session="a").stdout == "True\n"
+    assert run(py_client, "import sys; print('ipykernel' in sys.modules)").stdout == "False\n"
+    assert run(py_client, "import sys; print('ipykernel' in sys.modules)", session="a").stdout == "True\n"
 
 
-def test_a_session_stays_on_its_slave_and_runs_its_jobs_in_order(client, cluster):
-    assert len(client.slaves()) == 2
-    first = run(client, "seen = []", session="order")
+def test_a_session_stays_on_its_slave_and_runs_its_jobs_in_order(py_client, py_cluster):
+    assert len(py_client.slaves()) == 2
+    first = run(py_client, "seen = []", session="order")
     assert first.status == P.SUCCEEDED, first.stderr
     # Submitted back to back, without waiting: they queue and run one at a time, in order.
-    jobs = [client.submit(f"seen.append({i}); print(len(seen))", session="order") for i in range(12)]
-    # Plain jobs meanwhile spread over both slaves.
-    plain = [client.submit("print('plain')") for _ in range(6)]
+    jobs = [py_client.submit(f"seen.append({i}); print(len(seen))", session="order") for i in range(12)]
+    # Plain jobs meanwhile spread over both slaves (long enough to overlap, however loaded the machine).
+    plain = [py_client.submit("import time\ntime.sleep(0.5)\nprint('plain')") for _ in range(6)]
     for j in jobs + plain:
         j.wait(WAIT)
     assert [j.status for j in jobs] == [P.SUCCEEDED] * 12, [j.stderr for j in jobs]
     assert {j.slave_uid for j in jobs} == {first.slave_uid}
     assert [j.stdout for j in jobs] == [f"{i + 1}\n" for i in range(12)]
-    assert run(client, "print(seen)", session="order").stdout == f"{list(range(12))}\n"
+    assert run(py_client, "print(seen)", session="order").stdout == f"{list(range(12))}\n"
     assert all(j.status == P.SUCCEEDED for j in plain)
-    assert {j.slave_uid for j in plain} == {s["uid"] for s in client.slaves()}
+    assert {j.slave_uid for j in plain} == {s["uid"] for s in py_client.slaves()}
 
 
-def test_an_exception_fails_the_job_and_the_session_survives(client):
-    assert run(client, "kept = 'still here'", session="e").status == P.SUCCEEDED
-    bad = run(client, "print('before')\nraise ValueError('bad value')", session="e")
+def test_an_exception_fails_the_job_and_the_session_survives(py_client):
+    assert run(py_client, "kept = 'still here'", session="e").status == P.SUCCEEDED
+    bad = run(py_client, "print('before')\nraise ValueError('bad value')", session="e")
     assert bad.status == P.FAILED
     assert bad.error["code"] == P.NONZERO_EXIT
     assert "ValueError: bad value" in bad.error["message"]
@@ -275,109 +270,109 @@ def test_an_exception_fails_the_job_and_the_session_survives(client):
     assert bad.stdout == "before\n"
     assert "Traceback" in bad.stderr and "ValueError: bad value" in bad.stderr
     assert "\x1b[" not in bad.stderr  # plain text, no terminal colours
-    after = run(client, "print(kept)", session="e")
+    after = run(py_client, "print(kept)", session="e")
     assert after.status == P.SUCCEEDED and after.stdout == "still here\n"
-    code = run(client, "import sys; sys.exit(3)", session="e")
+    code = run(py_client, "import sys; sys.exit(3)", session="e")
     assert code.status == P.FAILED and code.exit_code == 3 and code.error["code"] == P.NONZERO_EXIT
-    assert run(client, "import sys; sys.exit(0)", session="e").status == P.SUCCEEDED
+    assert run(py_client, "import sys; sys.exit(0)", session="e").status == P.SUCCEEDED
 
 
-def test_args_and_stdin_belong_to_each_job(client):
-    job = run(client, "import sys\nprint(sys.argv[1:])\nprint(input('name? '))\nprint(sys.stdin.read())",
+def test_args_and_stdin_belong_to_each_job(py_client):
+    job = run(py_client, "import sys\nprint(sys.argv[1:])\nprint(input('name? '))\nprint(sys.stdin.read())",
               session="io", args=["a", "b c"], stdin="ada\nrest\n")
     assert job.status == P.SUCCEEDED, job.stderr
     assert job.stdout == "['a', 'b c']\nname? ada\nada\nrest\n\n"
     # The next job gets its own (none): no leftovers from the last one.
-    nxt = run(client, "import sys\nprint(sys.argv[1:], repr(sys.stdin.read()))", session="io")
+    nxt = run(py_client, "import sys\nprint(sys.argv[1:], repr(sys.stdin.read()))", session="io")
     assert nxt.stdout == "[] ''\n"
-    eof = run(client, "input()", session="io")
+    eof = run(py_client, "input()", session="io")
     assert eof.status == P.FAILED and "EOFError" in eof.error["message"]
 
 
-def test_files_land_in_the_session_directory_and_stay(client):
-    job = run(client, "print(open('data.txt').read())", session="f", files={"data.txt": "hello"})
+def test_files_land_in_the_session_directory_and_stay(py_client):
+    job = run(py_client, "print(open('data.txt').read())", session="f", files={"data.txt": "hello"})
     assert job.status == P.SUCCEEDED and job.stdout == "hello\n", job.stderr
-    later = run(client, "import os\nprint(open('data.txt').read(), os.getcwd() == os.environ['HOME'])", session="f")
+    later = run(py_client, "import os\nprint(open('data.txt').read(), os.getcwd() == os.environ['HOME'])", session="f")
     assert later.stdout == "hello True\n", later.stderr
 
 
-def test_output_streams_and_cancel_keeps_the_session(client):
-    assert run(client, "kept = 7", session="c").status == P.SUCCEEDED
-    job = client.submit("print('tick', flush=True)\nimport time\ntime.sleep(120)", session="c")
-    wait_for(lambda: client.job(job.id).stdout == "tick\n", WAIT, "the first line to stream")
-    assert client.job(job.id).status == P.RUNNING
+def test_output_streams_and_cancel_keeps_the_session(py_client):
+    assert run(py_client, "kept = 7", session="c").status == P.SUCCEEDED
+    job = py_client.submit("print('tick', flush=True)\nimport time\ntime.sleep(120)", session="c")
+    wait_for(lambda: py_client.job(job.id).stdout == "tick\n", WAIT, "the first line to stream")
+    assert py_client.job(job.id).status == P.RUNNING
     job.cancel()
     job.wait(WAIT)
     assert job.status == P.CANCELLED and job.error["code"] == P.CANCELLED_CODE
     assert job.stdout == "tick\n"
-    after = run(client, "print(kept)", session="c")
+    after = run(py_client, "print(kept)", session="c")
     assert after.status == P.SUCCEEDED and after.stdout == "7\n"
 
 
-def test_timeout_interrupts_the_cell_and_the_session_lives_on(client):
-    assert run(client, "kept = 'yes'", session="t").status == P.SUCCEEDED
-    job = run(client, "import time\ntime.sleep(60)", session="t", timeout=1)
+def test_timeout_interrupts_the_cell_and_the_session_lives_on(py_client):
+    assert run(py_client, "kept = 'yes'", session="t").status == P.SUCCEEDED
+    job = run(py_client, "import time\ntime.sleep(60)", session="t", timeout=1)
     assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT
     assert "KeyboardInterrupt" in job.stderr
-    assert run(client, "print(kept)", session="t").stdout == "yes\n"
+    assert run(py_client, "print(kept)", session="t").stdout == "yes\n"
 
 
-def test_a_cell_that_ignores_the_interrupt_ends_its_session_with_a_message(client):
-    assert run(client, "kept = 1", session="stubborn").status == P.SUCCEEDED
-    job = run(client, "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)",
+def test_a_cell_that_ignores_the_interrupt_ends_its_session_with_a_message(py_client):
+    assert run(py_client, "kept = 1", session="stubborn").status == P.SUCCEEDED
+    job = run(py_client, "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)",
               session="stubborn", timeout=1)
     assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT
     assert "did not stop when interrupted" in job.stderr
-    wait_for(lambda: all(s["name"] != "stubborn" for s in client.sessions()), 20,
+    wait_for(lambda: all(s["name"] != "stubborn" for s in py_client.sessions()), 20,
              "the ended session to leave /api/sessions")
-    nxt = run(client, "print(kept)", session="stubborn")
+    nxt = run(py_client, "print(kept)", session="stubborn")
     assert nxt.status == P.FAILED and "NameError" in nxt.stderr
     assert "starts a new one" in nxt.stderr and "did not stop when interrupted" in nxt.stderr
 
 
-def test_interpreter_death_fails_the_job_and_the_next_starts_afresh(client):
-    assert run(client, "kept = 1", session="d").status == P.SUCCEEDED
-    job = run(client, "import os\nos._exit(4)", session="d")
+def test_interpreter_death_fails_the_job_and_the_next_starts_afresh(py_client):
+    assert run(py_client, "kept = 1", session="d").status == P.SUCCEEDED
+    job = run(py_client, "import os\nos._exit(4)", session="d")
     assert job.status == P.FAILED and job.exit_code == 4
     assert "session has ended" in job.error["message"]
-    nxt = run(client, "print('kept' in dir())", session="d")
+    nxt = run(py_client, "print('kept' in dir())", session="d")
     assert nxt.status == P.SUCCEEDED and nxt.stdout == "False\n"
     assert "starts a new one" in nxt.stderr
 
 
-def test_sessions_are_listed_and_can_be_ended(client):
-    a = run(client, "x = 1", session="listed")
-    run(client, "x", session="listed")
-    [info] = [s for s in client.sessions() if s["name"] == "listed"]
+def test_sessions_are_listed_and_can_be_ended(py_client):
+    a = run(py_client, "x = 1", session="listed")
+    run(py_client, "x", session="listed")
+    [info] = [s for s in py_client.sessions() if s["name"] == "listed"]
     assert info["slave_uid"] == a.slave_uid
     assert info["language"] == "python" and info["jobs"] == 2
     assert P.parse_time(info["created_at"]) <= P.parse_time(info["last_used"])
-    ended = client.end_session("listed")
+    ended = py_client.end_session("listed")
     assert ended["name"] == "listed"
-    assert all(s["name"] != "listed" for s in client.sessions())
+    assert all(s["name"] != "listed" for s in py_client.sessions())
     with pytest.raises(DistexecError) as err:
-        client.end_session("listed")
+        py_client.end_session("listed")
     assert err.value.status == 404
-    nxt = run(client, "x", session="listed")
+    nxt = run(py_client, "x", session="listed")
     assert nxt.status == P.FAILED and "NameError" in nxt.stderr
 
 
-def test_ending_a_busy_session_cancels_its_running_job(client):
-    job = client.submit("print('started', flush=True)\nimport time\ntime.sleep(120)", session="busy")
-    wait_for(lambda: client.job(job.id).stdout == "started\n", WAIT, "the session job to start")
-    client.end_session("busy")
+def test_ending_a_busy_session_cancels_its_running_job(py_client):
+    job = py_client.submit("print('started', flush=True)\nimport time\ntime.sleep(120)", session="busy")
+    wait_for(lambda: py_client.job(job.id).stdout == "started\n", WAIT, "the session job to start")
+    py_client.end_session("busy")
     job.wait(WAIT)
     assert job.status == P.CANCELLED
     assert "the session was ended while this job ran (ended by a user)" in job.error["message"]
-    assert run(client, "print('fresh')", session="busy").stdout == "fresh\n"
+    assert run(py_client, "print('fresh')", session="busy").stdout == "fresh\n"
 
 
-def test_bad_session_requests_are_refused(client):
+def test_bad_session_requests_are_refused(py_client):
     with pytest.raises(DistexecError) as err:
-        client.submit("int main(){return 0;}", language="c", session="s")
+        py_client.submit("int main(){return 0;}", language="c", session="s")
     assert err.value.status == 400 and "Python only" in str(err.value)
     with pytest.raises(DistexecError) as err:
-        client.submit("x = 1", session="")
+        py_client.submit("x = 1", session="")
     assert err.value.status == 400
 
 
@@ -552,45 +547,45 @@ def _plant(kind: str, victim: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink", "huge"])
-def test_job_files_replace_what_a_cell_planted_and_never_write_through_it(client, tmp_path, kind):
+def test_job_files_replace_what_a_cell_planted_and_never_write_through_it(py_client, tmp_path, kind):
     # A host file only root may write, outside anything the sandbox shows the kernel.
     victim = tmp_path / "root-only.txt"
     victim.write_text("untouched")
     victim.chmod(0o600)
     name = f"plant-{kind}"
-    planted = run(client, _plant(kind, str(victim)), session=name)
+    planted = run(py_client, _plant(kind, str(victim)), session=name)
     assert planted.status == P.SUCCEEDED, planted.stderr
-    job = client.submit("print(open('note.txt').read())\nimport os\nprint(sorted(os.listdir('.')))",
+    job = py_client.submit("print(open('note.txt').read())\nimport os\nprint(sorted(os.listdir('.')))",
                         session=name, files={"note.txt": "from the job"})
     job.wait(WAIT)
     assert job.status == P.SUCCEEDED, (job.error, job.stderr)
     assert job.stdout.startswith("from the job\n")
     assert victim.read_text() == "untouched"
     if kind == "hardlink":
-        again = run(client, "print(open('kept.txt').read())", session=name)
+        again = run(py_client, "print(open('kept.txt').read())", session=name)
         assert again.stdout == "kept\n"  # the other name kept its content: no write went through the link
 
 
-def test_a_planted_fifo_leaves_the_slave_serving_others(client):
+def test_a_planted_fifo_leaves_the_slave_serving_others(py_client):
     """Before, the root open() of a FIFO blocked the slave's loop: the master dropped
     the slave and a bystander's job on it ended slave_lost."""
-    planted = run(client, "import os\nos.mkfifo('stuck')", session="fifo-bystander")
+    planted = run(py_client, "import os\nos.mkfifo('stuck')", session="fifo-bystander")
     assert planted.status == P.SUCCEEDED, planted.stderr
     uid = planted.slave_uid
-    before = {s["uid"]: s["connected_at"] for s in client.slaves()}
-    bystanders = [client.submit("import time\ntime.sleep(0.5)\nprint('ok')") for _ in range(4)]
-    job = run(client, "print(open('stuck').read())", session="fifo-bystander", files={"stuck": "x"})
+    before = {s["uid"]: s["connected_at"] for s in py_client.slaves()}
+    bystanders = [py_client.submit("import time\ntime.sleep(0.5)\nprint('ok')") for _ in range(4)]
+    job = run(py_client, "print(open('stuck').read())", session="fifo-bystander", files={"stuck": "x"})
     assert job.status == P.SUCCEEDED and job.stdout == "x\n", (job.error, job.stderr)
     for b in bystanders:
         assert b.wait(WAIT).status == P.SUCCEEDED, b.error
     # The slave never dropped its connection.
-    assert {s["uid"]: s["connected_at"] for s in client.slaves()}[uid] == before[uid]
+    assert {s["uid"]: s["connected_at"] for s in py_client.slaves()}[uid] == before[uid]
 
 
-def test_a_folder_planted_where_a_job_file_goes_is_a_clear_error(client):
-    assert run(client, "import os\nos.mkdir('data.txt')", session="dir-plant").status == P.SUCCEEDED
-    job = run(client, "print(1)", session="dir-plant", files={"data.txt": "x"})
+def test_a_folder_planted_where_a_job_file_goes_is_a_clear_error(py_client):
+    assert run(py_client, "import os\nos.mkdir('data.txt')", session="dir-plant").status == P.SUCCEEDED
+    job = run(py_client, "print(1)", session="dir-plant", files={"data.txt": "x"})
     assert job.status == P.FAILED
     assert "data.txt" in job.error["message"] and "folder" in job.error["message"]
     # The session lives on.
-    assert run(client, "print(2)", session="dir-plant").stdout == "2\n"
+    assert run(py_client, "print(2)", session="dir-plant").stdout == "2\n"
