@@ -7,7 +7,6 @@ children print (``READY`` / ``REGISTERED``), never guessed with sleeps.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import signal
@@ -20,6 +19,7 @@ import time
 import requests
 
 from . import config
+from .procs import die_with_parent
 
 MASTER_READY = "distexec master ready at"
 SLAVE_REGISTERED = "distexec slave registered:"
@@ -28,10 +28,7 @@ SLAVE_REGISTERED = "distexec slave registered:"
 def _die_with_parent() -> None:
     # If `distexec up` (or a test run) dies without cleaning up, its children
     # get SIGTERM instead of running on as orphans.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent(signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

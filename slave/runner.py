@@ -21,8 +21,9 @@ from typing import Callable, Protocol
 import psutil
 
 from distexec_kernel import languages as L, protocol as P
+from distexec_kernel.procs import kill_group
 
-from . import safefs
+from . import safefs, steps
 from .jobdirs import JobDir, JobDirs
 from .sandbox import Limits, Sandbox
 
@@ -242,39 +243,23 @@ class ProcessRunner:
             readers = [asyncio.ensure_future(_pump(proc.stdout, "stdout", capture)),
                        asyncio.ensure_future(_pump(proc.stderr, "stderr", capture))]
             exited = asyncio.ensure_future(proc.wait())
-            cancelled = asyncio.ensure_future(cancel.wait())
             # Polled only when the kernel does not hold the limit (no memory cgroup).
             watcher = (asyncio.ensure_future(_watch_memory(proc.pid, self.limits.memory_bytes, capture))
-                       if spawn.watch_memory else asyncio.get_running_loop().create_future())
-            deadline = started + timeout
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    reason = "timeout"
-                    break
-                done, _ = await asyncio.wait([exited, cancelled, watcher], timeout=min(remaining, 0.5),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if cancelled in done:
-                    reason = "cancelled"
-                    break
-                if watcher in done:
-                    reason = watcher.result()
-                    break
-                if capture.over:
-                    reason = "output_limit"
-                    break
-                if exited in done:
-                    break
-            for fut in (cancelled, watcher):
-                fut.cancel()
+                       if spawn.watch_memory else None)
+            try:
+                reason = await steps.supervise(exited, cancel, started + timeout, watcher=watcher,
+                                               over=lambda: capture.over)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
             if reason is not None:
                 self.sandbox.kill(spawn, proc.pid)
                 # The sandbox's kill lets its wrapper exit by itself; should it not, the whole group goes.
                 if not (await asyncio.wait([exited], timeout=KILL_GRACE))[0]:
-                    _kill_group(proc.pid)
+                    kill_group(proc.pid)
             await exited
             # Whatever the job left in its group goes too: no orphans.
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT)
             for r in readers:
                 r.cancel()
@@ -284,7 +269,7 @@ class ProcessRunner:
                 reason = "memory_limit"  # the kernel's OOM killer, inside the job's cgroup
         finally:
             if proc.returncode is None:
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 await proc.wait()
             await asyncio.to_thread(self.sandbox.cleanup, spawn)
         return StepResult(proc.returncode, reason, time.monotonic() - started)
@@ -304,37 +289,10 @@ def disk_error(jobdirs: JobDirs, what: str) -> dict:
 
 
 def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:
-    code = step.returncode
-    if step.reason == "cancelled":
-        return P.error(P.CANCELLED_CODE, "cancelled by a user")
-    if step.reason == "timeout":
-        return P.error(P.TIMEOUT, f"ran past its timeout of {job.get('timeout') or P.DEFAULT_TIMEOUT:g} s")
-    if step.reason == "output_limit":
-        return P.error(P.OUTPUT_LIMIT, f"wrote more than the output limit of {limits.output_bytes >> 20} MiB")
-    if step.reason == "memory_limit":
-        return P.error(P.MEMORY_LIMIT, f"used more than the memory limit of {limits.memory_bytes >> 20} MiB")
-    if code is not None and code < 0:
-        return _signal_error(-code)
-    if code is not None and code > 128 and code - 128 in _SIGNALS_SEEN_AS_EXIT:
-        # A sandbox wrapper reports its child's death by signal N as 128+N.
-        return _signal_error(code - 128)
-    if code:
-        return P.error(P.NONZERO_EXIT, f"exited with code {code}")
-    return None
-
-
-_SIGNALS_SEEN_AS_EXIT = {int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE, signal.SIGBUS,
-                                          signal.SIGILL, signal.SIGKILL, signal.SIGTERM,
-                                          signal.SIGXCPU, signal.SIGXFSZ)}
-
-
-def _signal_error(signum: int) -> dict:
-    try:
-        name = signal.Signals(signum).name
-        desc = signal.strsignal(signum)
-    except ValueError:
-        name, desc = f"signal {signum}", None
-    return P.error(P.SIGNAL, f"killed by {name}" + (f" ({desc.lower()})" if desc else ""), signal=name)
+    if step.reason is not None:
+        return steps.limit_error(step.reason, job.get("timeout") or P.DEFAULT_TIMEOUT, limits.memory_bytes,
+                                 limits.output_bytes)
+    return steps.exit_error(step.returncode)
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
@@ -382,10 +340,3 @@ async def _watch_memory(pid: int, limit: int, capture: _Capture) -> str:
             return await asyncio.Event().wait()
         if rss > limit:
             return "memory_limit"
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -26,7 +26,6 @@ docs/sandbox.md says what a job can and cannot do.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ from typing import Callable
 import psutil
 
 from distexec_kernel import config
+from distexec_kernel.procs import die_with_parent, kill_group
 
 from .cgroups import Cgroups, JobCgroup, _read  # noqa: F401 (Cgroups re-exported)
 from .seccomp import REFUSED_SYSCALLS, _install_seccomp, seccomp_available  # noqa: F401
@@ -108,10 +108,6 @@ def job_env(workdir: str, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, never between fork and exec
-_PR_SET_PDEATHSIG = 1
-
-
 def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
              nproc: bool, seccomp: bool = False) -> Callable[[], None]:
     size = limits.file_size_mb << 20
@@ -120,9 +116,7 @@ def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
 
     def apply() -> None:
         # Runs in the child between fork and exec: plain syscalls only.
-        # A slave killed outright takes its jobs with it: the master declares
-        # them lost (and may run them elsewhere), so they must not run on.
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent()
         pid = str(os.getpid()).encode()
         for path in join:
             # Joined before exec, so every process of the step is born inside.
@@ -249,7 +243,7 @@ class Sandbox:
     def kill(self, spawn: Spawn, pid: int) -> None:
         """Kill the step now (timeout, cancel, a limit).  ``pid`` is the spawned
         process, leader of its own process group; the runner then waits for it."""
-        _killpg(pid)
+        kill_group(pid)
 
     def memory_exceeded(self, spawn: Spawn) -> bool:
         """After the step ended: did the kernel kill a process of it for its memory?"""
@@ -259,13 +253,6 @@ class Sandbox:
         """Kill whatever is left of the step and free what ``command`` took."""
         if spawn.cgroup is not None:
             self.cgroups.release(spawn.cgroup)
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _children(pid: int) -> list[int]:
@@ -400,7 +387,7 @@ class BwrapSandbox(Sandbox):
         # exits by itself for the runner to reap.
         inner = _children(pid)
         if not inner:
-            _killpg(pid)  # not started yet: nothing to orphan
+            kill_group(pid)  # not started yet: nothing to orphan
         for child in inner:
             try:
                 os.kill(child, signal.SIGKILL)

@@ -30,7 +30,6 @@ Idle sessions end after ``ttl`` seconds; all end when the slave stops.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import errno
 import logging
@@ -44,13 +43,13 @@ from typing import Callable
 import psutil
 
 from distexec_kernel import languages as L, protocol as P
+from distexec_kernel.procs import die_with_parent, kill_group
 
-from . import safefs
+from . import safefs, steps
 from .jobdirs import JobDir, JobDirs
 from .kernel_io import (ANSI, CELL_LINE, MESSAGE_MARGIN, CellState, IopubPump, answer_input, close_client,
                         exit_code, make_client, until_ready)
-from .runner import (_SIGNALS_SEEN_AS_EXIT, Outcome, OutputCallback, Runner, _Capture, _kill_group, _signal_error,
-                     _watch_memory, disk_error)
+from .runner import Outcome, OutputCallback, Runner, _Capture, _watch_memory, disk_error
 from .sandbox import Limits, Sandbox
 
 log = logging.getLogger("distexec.slave.sessions")
@@ -74,14 +73,6 @@ SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 # Tasks (threads) ipykernel and zmq run for themselves: 11 measured with
 # ipykernel 7.  They are added to --max-procs, which stays the cells' own budget.
 KERNEL_TASKS = 16
-
-
-def _die_with_slave() -> None:
-    # Between fork and exec: if the slave dies, however it dies, so does the kernel.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def kernel_argv(connection_file: str) -> list[str]:
@@ -274,17 +265,13 @@ class SessionRunner:
             await asyncio.to_thread(self.jobdirs.remove, jobdir)
             raise
 
-        def preexec() -> None:
-            if spawn.preexec is not None:
-                spawn.preexec()
-            _die_with_slave()
-
         log_file = open(os.path.join(workdir, ".distexec-kernel.log"), "wb")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *spawn.argv, cwd=spawn.cwd, env=spawn.env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=log_file, start_new_session=True,
-                preexec_fn=preexec)
+                # If the slave dies, however it dies, so does the kernel (the sandbox's preexec does it too).
+                preexec_fn=spawn.preexec or die_with_parent)
         finally:
             log_file.close()
         # No message larger than the output limit could be: see kernel_io.
@@ -347,7 +334,7 @@ class SessionRunner:
         if session.pump is not None:
             session.pump.close()
         close_client(session.client)
-        _kill_group(session.proc.pid)
+        kill_group(session.proc.pid)
         if session.proc.returncode is None:
             try:
                 await asyncio.wait_for(session.proc.wait(), 5.0)
@@ -413,48 +400,30 @@ class SessionRunner:
                                                     lambda stream, text: capture.feed(stream, text,
                                                                                       len(text.encode()))))
         exited = asyncio.ensure_future(session.proc.wait())
-        cancelled = asyncio.ensure_future(cancel.wait())
-        if getattr(session.spawn, "watch_memory", True):
-            watcher = asyncio.ensure_future(_watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
-        else:  # the sandbox's cgroup holds the limit; we learn of it when the kernel is killed
-            watcher = asyncio.ensure_future(asyncio.Event().wait())
+        # Without a memory cgroup the limit is polled; with one, we learn of it when the kernel is killed.
+        watcher = (asyncio.ensure_future(_watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
+                   if getattr(session.spawn, "watch_memory", True) else None)
+        ended = asyncio.ensure_future(asyncio.wait([reader, exited], return_when=asyncio.FIRST_COMPLETED))
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
-        deadline = time.monotonic() + timeout
-        reason = None
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    reason = "timeout"
-                    break
-                done, _ = await asyncio.wait([reader, exited, cancelled, watcher], timeout=min(remaining, 0.5),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    if session.ended_reason is not None or not session.alive:
-                        # Its sockets were closed under it (the session was ended).
-                        reason = "exited"
-                    else:
-                        reader.result()
-                    break
-                if exited in done:
+            reason = await steps.supervise(ended, cancel, time.monotonic() + timeout, watcher=watcher,
+                                           over=lambda: capture.over or session.pump.oversized)
+            if reason is None:
+                if exited.done() or session.ended_reason is not None or not session.alive:
+                    # The interpreter died, or the session was ended (its sockets closed under the cell).
                     reason = "exited"
-                    break
-                if cancelled in done:
-                    reason = "cancelled"
-                    break
-                if watcher in done:
-                    reason = watcher.result()
-                    break
-                if capture.over or session.pump.oversized:
-                    reason = "output_limit"
-                    break
+                else:
+                    reader.result()
             if reason in ("timeout", "cancelled", "output_limit"):
                 await self._interrupt(session, reader, capture)
             elif reason is None and (capture.over or session.pump.oversized):
                 reason = "output_limit"  # the cell ended, but past the limit
         finally:
+            ended.cancel()
             session.pump.end_cell()
-            for fut in (inputs, cancelled, watcher, exited, reader):
+            for fut in (inputs, watcher, exited, reader):
+                if fut is None:
+                    continue
                 if fut.done():
                     if not fut.cancelled():
                         fut.exception()  # seen: a closed socket's error is no news here
@@ -479,26 +448,14 @@ class SessionRunner:
             if self.sessions.get(session.key) is session:
                 await self._end(session, f"its interpreter exited (code {code})", notify=True)
             if reason in (None, "exited"):
-                if code is not None and code < 0:
-                    err = _signal_error(-code)
-                    err["message"] += "; the session has ended, its variables are gone"
-                elif code is not None and code > 128 and code - 128 in _SIGNALS_SEEN_AS_EXIT:
-                    err = _signal_error(code - 128)  # through a sandbox wrapper
-                    err["message"] += "; the session has ended, its variables are gone"
-                else:
-                    err = P.error(P.NONZERO_EXIT, f"the session's interpreter exited with code {code}; "
-                                  "the session has ended, its variables are gone")
+                err = steps.exit_error(code)  # a signal, also through a sandbox wrapper
+                if err is None or err["code"] == P.NONZERO_EXIT:
+                    err = P.error(P.NONZERO_EXIT, f"the session's interpreter exited with code {code}")
+                err["message"] += "; the session has ended, its variables are gone"
                 return self._outcome(code, err, capture)
-        if reason == "timeout":
-            return self._outcome(None, P.error(P.TIMEOUT, f"ran past its timeout of {timeout:g} s"), capture)
-        if reason == "cancelled":
-            return self._outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"), capture)
-        if reason == "output_limit":
-            return self._outcome(None, P.error(
-                P.OUTPUT_LIMIT, f"wrote more than the output limit of {self.limits.output_bytes >> 20} MiB"), capture)
-        if reason == "memory_limit":
-            return self._outcome(None, P.error(
-                P.MEMORY_LIMIT, f"used more than the memory limit of {self.limits.memory_bytes >> 20} MiB"), capture)
+        if reason in ("timeout", "cancelled", "output_limit", "memory_limit"):
+            return self._outcome(None, steps.limit_error(reason, timeout, self.limits.memory_bytes,
+                                                         self.limits.output_bytes), capture)
         if state.exit_requested:
             # exit() in a cell: end the session after it, as a terminal would.
             await self._end(session, "the program called exit()", notify=True)
