@@ -26,6 +26,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 
 from . import safefs
@@ -73,6 +74,9 @@ class JobDirs:
 
     def __init__(self, slave_uid: str, parent: str | None = None, disk_limit_mb: int = 1024):
         self.disk_limit_mb = disk_limit_mb
+        # Empty mount points of jobs that ended, for the next ones (see remove); make and remove run on threads.
+        self._free: list[str] = []
+        self._lock = threading.Lock()
         parent = os.path.realpath(parent or tempfile.gettempdir())
         self._lock_fd: int | None = None
         self.root = self._claim(os.path.join(parent, f"distexec-slave-{_safe(slave_uid)}"), parent, slave_uid)
@@ -151,14 +155,20 @@ class JobDirs:
 
     def make(self, prefix: str) -> JobDir:
         """A fresh directory for one job or session (its disk quota mounted, if limited)."""
-        top = tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.root)
         limited = False
         if self.limited:
+            with self._lock:
+                top = self._free.pop() if self._free else None
+            if top is None:
+                top = tempfile.mkdtemp(prefix="q", dir=self.root)
             why = _mount_tmpfs(top, self.disk_limit_mb << 20)
             if why is not None:
-                os.rmdir(top)
+                with self._lock:
+                    self._free.append(top)
                 raise OSError(errno.EIO, f"cannot mount the job's disk quota: {why}")
             limited = True
+        else:
+            top = tempfile.mkdtemp(prefix=f"{prefix}-", dir=self.root)
         jd = JobDir(top, os.path.join(top, "work"), os.path.join(top, "tmp"), os.path.join(top, "shm"), limited)
         os.mkdir(jd.path, 0o700)
         for d in (jd.tmp, jd.shm):
@@ -167,11 +177,22 @@ class JobDirs:
         return jd
 
     def remove(self, jd: JobDir) -> None:
-        """Delete the job's directory: an unmount frees a quota'd one at once, however many files."""
-        if jd.limited:
-            if _LIBC.umount2(jd.top.encode(), _MNT_DETACH) != 0:
-                log.warning("cannot unmount %s: %s", jd.top, os.strerror(ctypes.get_errno()))
-        _remove(jd.top)
+        """Delete the job's directory: an unmount frees a quota'd one at once, however many files.
+
+        The mount point itself stays, empty, for a later job: removing it
+        would detach the copies of that tmpfs in every sandbox whose bwrap is
+        copying the mount tree at that moment, and their bwrap fails ("Can't
+        bind mount /oldroot/ on /newroot/: ... No such file or directory").
+        At most as many stay as jobs and sessions ran here at once.
+        """
+        if not jd.limited:
+            _remove(jd.top)
+            return
+        if _LIBC.umount2(jd.top.encode(), _MNT_DETACH) != 0:
+            log.warning("cannot unmount %s: %s", jd.top, os.strerror(ctypes.get_errno()))
+            return  # not put back: a later job must never find another's files there
+        with self._lock:
+            self._free.append(jd.top)
 
     def close(self) -> None:
         """At slave exit: nothing of ours stays behind."""
