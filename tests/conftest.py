@@ -41,6 +41,34 @@ def shared_toolchain_cache(tmp_path_factory):
         os.environ["DISTEXEC_TOOLCHAIN_CACHE"] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_mounts_left_behind():
+    """Tests kill slaves outright; a killed slave leaves its jobs' tmpfs mounts until it
+    starts again, which a test's slave (a UID of its own) never does.  At the end of the
+    run, the folders of slaves that are gone (their lock is free) are unmounted and removed."""
+    yield
+    import fcntl
+    import glob
+    import tempfile
+
+    from slave import jobdirs
+
+    for root in glob.glob(os.path.join(tempfile.gettempdir(), "distexec-slave-*")):
+        try:
+            lock = os.open(os.path.join(root, jobdirs.LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live slave's, maybe another run's
+        finally:
+            os.close(lock)
+        for mount in sorted(jobdirs._mounts_under(root), key=len, reverse=True):
+            jobdirs._LIBC.umount2(mount.encode(), jobdirs._MNT_DETACH)
+        jobdirs._remove(root)
+
+
 def assert_gone(procs: list[psutil.Process], what: str = "processes", timeout: float = 15.0) -> None:
     """Every process in ``procs`` ends within ``timeout`` s; any left is killed, and the test fails."""
     _, alive = psutil.wait_procs(procs, timeout=timeout)
