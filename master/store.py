@@ -23,6 +23,8 @@ import threading
 
 from distexec_kernel import protocol as P
 
+from .artifacts import ArtifactStore, root_for
+
 log = logging.getLogger("distexec.master.store")
 
 SCHEMA = """
@@ -71,6 +73,8 @@ class JobStore:
         self._writer.start()
         self._local = threading.local()
         self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="distexec-db-read")
+        # The jobs' collected files, by job id: pruning a job must call artifacts.delete(job_id).
+        self.artifacts = ArtifactStore(None if path == ":memory:" else root_for(path))
 
     # -- start-up (synchronous, before serving) -----------------------------
 
@@ -183,6 +187,7 @@ class JobStore:
         self._queue.put(None)
         self._writer.join(timeout=10)
         self._readers.shutdown(wait=True)
+        self.artifacts.close()
 
 
 def _settle(fut: asyncio.Future, err: Exception | None) -> None:

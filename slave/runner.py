@@ -24,6 +24,7 @@ import psutil
 from distexec_kernel import languages as L, protocol as P
 
 from . import safefs
+from .collect import collect as collect_files
 from .sandbox import Limits, Sandbox
 
 log = logging.getLogger("distexec.slave.runner")
@@ -44,10 +45,25 @@ class Outcome:
     error: dict | None
     stdout: str = ""
     stderr: str = ""
+    outputs: list = field(default_factory=list)  # rich outputs (nbformat-style) of a session cell
+    artifacts: list = field(default_factory=list)  # collected files: {"name", "size", "sha256", "mime"}
+    blobs: list = field(default_factory=list)  # their bytes, same order: sent as job_artifact frames
 
     def message(self, job_id: int) -> dict:
+        extra = {k: v for k, v in (("outputs", self.outputs), ("artifacts", self.artifacts)) if v}
         return P.make("job_finished", job_id=job_id, exit_code=self.exit_code, error=self.error,
-                      stdout=self.stdout, stderr=self.stderr)
+                      stdout=self.stdout, stderr=self.stderr, **extra)
+
+    async def collect(self, workdir: str, patterns: list[str] | None, on_output: OutputCallback) -> "Outcome":
+        """Keep the files of ``workdir`` that ``patterns`` match (see slave/collect.py); note what was left out."""
+        if patterns:
+            found = await asyncio.to_thread(collect_files, workdir, patterns)
+            self.artifacts, self.blobs = found.meta, found.blobs
+            note = found.note()
+            if note:
+                on_output("stderr", note)
+                self.stderr += note
+        return self
 
 
 class Runner(Protocol):
@@ -73,6 +89,7 @@ class _Capture:
     parts: dict = field(default_factory=lambda: {"stdout": [], "stderr": []})
     used: int = 0
     over: bool = False
+    outputs: list = field(default_factory=list)  # a session cell's rich outputs, counted in ``used``
 
     def feed(self, stream: str, data: str, size: int) -> None:
         if self.over:
@@ -124,7 +141,9 @@ class ProcessRunner:
             return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, f"this slave does not run {job['language']!r}"))
         workdir = tempfile.mkdtemp(prefix=f"distexec-job{job['id']}-", dir=self.workroot)
         try:
-            return await self._run_in(workdir, lang, job, on_output, cancel)
+            outcome = await self._run_in(workdir, lang, job, on_output, cancel)
+            # Files out, before the directory goes: the job's processes are all gone by now.
+            return await outcome.collect(workdir, job.get("collect"), on_output)
         except OSError as exc:
             log.exception("job %s could not be run", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
@@ -137,7 +156,7 @@ class ProcessRunner:
     async def _run_in(self, workdir: str, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         source_name = lang.source_name(job["source"])
-        files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
+        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
         files[source_name] = job["source"].encode()
         # The directory is fresh, but one code path for every write where a job can reach.
         await asyncio.to_thread(safefs.write_files, workdir, files)
@@ -176,8 +195,8 @@ class ProcessRunner:
         """
         cache, key = self.compile_cache, None
         if cache is not None:
-            inputs = dict(job.get("files") or {})
-            inputs[source_name] = job["source"]
+            inputs = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+            inputs[source_name] = job["source"].encode()
             key = cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
             if await asyncio.to_thread(cache.fetch, key, workdir):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -175,7 +176,9 @@ class SessionRunner:
         async with session.lock:
             session.last_used = time.monotonic()
             try:
-                return await self._execute(session, job, capture, cancel)
+                outcome = await self._execute(session, job, capture, cancel)
+                # Files out: the session's directory lives on, but the cell is over.
+                return await outcome.collect(session.workdir, job.get("collect"), capture.on_output or _ignore)
             finally:
                 session.jobs += 1
                 session.last_used = time.monotonic()
@@ -321,7 +324,7 @@ class SessionRunner:
     async def _execute(self, session: Session, job: dict, capture: _Capture,
                        cancel: asyncio.Event) -> Outcome:
         kc = session.client
-        files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
+        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
         if files:
             # The kernel (the job's uid) owns this directory and may have planted
             # links or FIFOs under these names: see safefs.  Off the loop, too.
@@ -449,7 +452,7 @@ class SessionRunner:
 
     @staticmethod
     def _outcome(exit_code, err, capture: _Capture) -> Outcome:
-        return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"))
+        return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"), outputs=capture.outputs)
 
     async def _interrupt(self, session: Session, reader: asyncio.Future, capture: _Capture) -> None:
         """Interrupt the cell (KeyboardInterrupt); end the session if it does not stop.
@@ -479,10 +482,17 @@ class SessionRunner:
                 text = content.get("text", "")
                 capture.feed(stream, text, len(text.encode()))
             elif kind in ("execute_result", "display_data", "update_display_data") and ours:
-                text = (content.get("data") or {}).get("text/plain")
-                if text is not None:
+                data = content.get("data") or {}
+                text = data.get("text/plain")
+                if text is not None:  # terminals and plain clients read this in stdout, as before
                     text += "\n"
                     capture.feed("stdout", text, len(text.encode()))
+                if kind != "update_display_data" and isinstance(data, dict):
+                    # The whole bundle travels too, in order, counted against the output limit.
+                    bundle = {"output_type": kind, "data": data, "metadata": content.get("metadata") or {}}
+                    capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
+                    if not capture.over:
+                        capture.outputs.append(bundle)
             elif kind == "error" and ours:
                 state.ename, state.evalue = content.get("ename"), content.get("evalue")
                 if state.ename != "SystemExit":
@@ -503,6 +513,10 @@ class SessionRunner:
                     if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
                         state.exit_requested = True
                 break
+
+
+def _ignore(stream: str, text: str) -> None:
+    pass
 
 
 async def _until_ready(kc) -> None:
