@@ -15,6 +15,7 @@ import functools
 import hashlib
 import mimetypes
 import os
+import stat
 from dataclasses import dataclass, field
 
 from distexec_kernel import protocol as P
@@ -54,7 +55,9 @@ def matches(pattern: str, name: str) -> bool:
 
     ``*``, ``?`` and ``[...]`` stay within one folder; ``**`` as a whole part
     matches any number of folders (``out/**`` is everything under ``out``,
-    ``**/*.png`` every PNG at any depth).  Dot files match like others.
+    ``**/*.png`` every PNG at any depth).  As in a shell, a name starting
+    with ``.`` (``.cache``, ``.ipython`` in a session's home) is matched
+    only by a pattern part that starts with ``.`` too.
     """
     pats, parts = pattern.split("/"), name.split("/")
 
@@ -63,8 +66,10 @@ def matches(pattern: str, name: str) -> bool:
         if i == len(pats):
             return j == len(parts)
         if pats[i] == "**":
-            return any(match(i + 1, k) for k in range(j, len(parts) + 1))
-        return j < len(parts) and fnmatch.fnmatchcase(parts[j], pats[i]) and match(i + 1, j + 1)
+            return any(match(i + 1, k) for k in range(j, len(parts) + 1)
+                       if not any(p.startswith(".") for p in parts[j:k]))
+        return (j < len(parts) and (pats[i].startswith(".") or not parts[j].startswith("."))
+                and fnmatch.fnmatchcase(parts[j], pats[i]) and match(i + 1, j + 1))
 
     return match(0, 0)
 
@@ -72,10 +77,12 @@ def matches(pattern: str, name: str) -> bool:
 def _candidates(root_fd: int):
     """Every non-folder entry under ``root_fd`` as a relative path, sorted; links are listed, not followed."""
     names = []
-    for dirpath, dirnames, filenames, _ in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
+    for dirpath, dirnames, filenames, fd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
         rel = "" if dirpath == "." else dirpath[2:] + "/"
         if not rel:
             dirnames[:] = [d for d in dirnames if not d.startswith(PRIVATE_PREFIX)]
+        # A link to a folder is listed with the folders (and not entered): it is a candidate, to be refused.
+        filenames = filenames + [d for d in dirnames if stat.S_ISLNK(os.stat(d, dir_fd=fd, follow_symlinks=False).st_mode)]
         for name in filenames:
             if rel or not name.startswith(PRIVATE_PREFIX):
                 names.append(rel + name)
