@@ -82,7 +82,8 @@ def _candidates(root_fd: int):
         if not rel:
             dirnames[:] = [d for d in dirnames if not d.startswith(PRIVATE_PREFIX)]
         # A link to a folder is listed with the folders (and not entered): it is a candidate, to be refused.
-        filenames = filenames + [d for d in dirnames if stat.S_ISLNK(os.stat(d, dir_fd=fd, follow_symlinks=False).st_mode)]
+        filenames = filenames + [d for d in dirnames
+                                 if stat.S_ISLNK(os.stat(d, dir_fd=fd, follow_symlinks=False).st_mode)]
         for name in filenames:
             if rel or not name.startswith(PRIVATE_PREFIX):
                 names.append(rel + name)
