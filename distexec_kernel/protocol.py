@@ -16,7 +16,8 @@ import json
 import re
 
 # 2: a session is named by its user and its name, as two fields, never one joined string.
-PROTOCOL_VERSION = 2
+# 3: files in folders and as bytes, collect and job_artifact frames, a result's outputs.
+PROTOCOL_VERSION = 3
 
 # --- job states -----------------------------------------------------------
 

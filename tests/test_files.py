@@ -223,6 +223,9 @@ def test_distexec_get_saves_the_files_with_their_folders(cluster, client, tmp_pa
     r = get("out/a.txt", "-o", str(tmp_path / "one"))
     assert r.returncode == 0 and os.listdir(tmp_path / "one") == ["out"]
     assert (tmp_path / "one" / "out" / "a.txt").read_text() == "A"
+    shown = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "show", str(job.id)],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert f"collected files (distexec get {job.id})" in shown.stdout and "out/sub/b.bin  256 bytes" in shown.stdout
     r = get("nope.txt", "-o", str(tmp_path / "none"))
     assert r.returncode == 1 and "no collected file" in r.stderr and "out/a.txt" in r.stderr
     # submit --file DIR --collect PAT: the folder goes in, the collected file is named at the end.
