@@ -283,3 +283,29 @@ def test_artifacts_are_private_files_keyed_by_job_and_go_with_delete(make_cluste
     assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(store.root).st_mode & 0o777 == 0o700
     store.delete(job.id)
     assert not os.path.exists(path)
+
+
+def test_collected_files_finished_while_the_master_was_down_reach_the_next_one(make_cluster, tmp_path):
+    """The slave keeps the files with the unacknowledged result and sends both after it registers again."""
+    import psutil
+    import signal
+
+    from conftest import logs, wait_for
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--lost-grace", "60"])
+    c = Cluster(lc.url, token=lc.token)
+    try:
+        # 5 MiB: two job_artifact frames.
+        job = c.submit("import os, time\ntime.sleep(3)\nopen('big.bin', 'wb').write(b'x' * (5 << 20))\n",
+                       collect=["big.bin"], name="across")
+        slave = psutil.Process(lc.slaves[0].proc.pid)
+        wait_for(lambda: slave.children(recursive=True), 30, "the job's process to start")
+    finally:
+        c.close()
+    lc.master.stop(signal.SIGKILL)
+    # The job's processes are the slave's children: once they are gone, its result waits for a master.
+    wait_for(lambda: not slave.children(recursive=True), 30, "the job to end with no master")
+    lc.start_master()
+    with Cluster(lc.url, token=lc.token) as c2:
+        j = c2.job(job.id).wait(30)
+        assert j.status == P.SUCCEEDED, (j.record, logs(tmp_path))
+        assert j.artifacts[0]["size"] == 5 << 20 and j.artifact("big.bin") == b"x" * (5 << 20)
