@@ -363,12 +363,19 @@ def check_session_syntax(source: str) -> dict | None:
     run (a line stays a line), which is then parsed as any Python program;
     an error points at the cell's line, showing the line as it was written.
     """
+    import warnings
+
     from IPython.core.inputtransformer2 import TransformerManager
     try:
-        code = TransformerManager().transform_cell(source)
+        with warnings.catch_warnings():
+            # It warns about odd line endings (a lone \r) it then handles; the kernel would say no more.
+            warnings.simplefilter("ignore")
+            code = TransformerManager().transform_cell(source)
     except SyntaxError as exc:
         return {"message": f"SyntaxError: {exc.msg}", "line": exc.lineno, "column": exc.offset,
                 "text": (exc.text or "").rstrip("\n") or None}
+    except Exception:  # a transformer bug: the kernel, which runs the same transformer, will say what it is
+        return None
     detail = _python_syntax(code)
     if detail is not None and detail.get("line"):
         lines = source.splitlines()

@@ -200,3 +200,19 @@ def test_the_python_kernel_shows_a_sessions_rich_outputs(lc, tmp_path, monkeypat
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_session_syntax_check_never_raises():
+    from hypothesis import given, settings, strategies as st
+
+    from distexec_kernel import languages as L
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=40))
+    def check(source):
+        detail = L.check_session_syntax(source)
+        assert detail is None or (detail["message"] and (detail["line"] is None or detail["line"] >= 1))
+
+    check()
+    assert L.check_session_syntax("%%bash\nls -l\n") is None
+    assert L.check_session_syntax("x = 1\ny = (\n")["line"] == 2
