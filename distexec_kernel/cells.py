@@ -61,15 +61,14 @@ def read_text(path: str) -> str:
         raise OptionError(f"{path} is not UTF-8 text") from None
 
 
-def read_files(paths: list[str]) -> dict[str, str]:
-    """Local files by their base names, as a job's ``files``; two of one name are refused."""
-    files: dict[str, str] = {}
-    for path in paths:
-        name = os.path.basename(path)
-        if name in files:
-            raise OptionError(f"two files are both named {name!r}")
-        files[name] = read_text(path)
-    return files
+def read_files(paths: list[str]) -> dict:
+    """Local files by their base names and folders by their names, as a job's ``files``
+    (see ``files.read_paths``); two of one name are refused."""
+    from .files import FilesError, read_paths
+    try:
+        return read_paths(paths)
+    except FilesError as exc:
+        raise OptionError(str(exc)) from None
 
 
 @dataclass

@@ -112,11 +112,17 @@ def cmd_submit(args) -> int:
     if args.stdin_file:
         with open(args.stdin_file) as f:
             stdin = f.read()
+    from .files import FilesError, read_paths
+    try:
+        files = read_paths(args.file_) if args.file_ else None
+    except FilesError as exc:
+        raise SystemExit(f"distexec: {exc}")
     if args.each:
-        return _submit_each(args, source, language, stdin)
+        return _submit_each(args, source, language, stdin, files)
     with _cluster(args, events=not args.no_wait) as c:
         job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
-                       name=args.name or os.path.basename(args.file), retries=args.retries)
+                       name=args.name or os.path.basename(args.file), retries=args.retries, files=files,
+                       collect=args.collect or None)
         if args.no_wait:
             print(job.id)
             return 0
@@ -130,6 +136,9 @@ def cmd_submit(args) -> int:
             print(f"\ndistexec: cancelled job {job.id}", file=sys.stderr)
             return 130
         record = job.record
+    for meta in record.get("artifacts") or []:
+        _show(f"collected {meta['name']} ({meta['size']} bytes): distexec get {record['id']} -o DIR", args.raw,
+              sys.stderr)
     _show(display.status_line(record), args.raw, sys.stderr)
     err = record.get("error")
     if err and err.get("code") == P.SYNTAX_ERROR:
@@ -169,7 +178,7 @@ def _each_args(path: str) -> list[list[str]]:
     return out
 
 
-def _submit_each(args, source: str, language: str, stdin: str | None) -> int:
+def _submit_each(args, source: str, language: str, stdin: str | None, files: dict | None = None) -> int:
     """``submit FILE --each ARGS_FILE``: one job per line, a progress bar, outputs in order.
 
     Exits 0 if every job succeeded, else with the exit code of the first
@@ -178,7 +187,7 @@ def _submit_each(args, source: str, language: str, stdin: str | None) -> int:
     each = _each_args(args.each)
     name = args.name or os.path.basename(args.file)
     subs = [dict(source=source, language=language, args=[*args.arg, *words], stdin=stdin, timeout=args.timeout,
-                 name=name, retries=args.retries) for words in each]
+                 name=name, retries=args.retries, files=files, collect=args.collect or None) for words in each]
     with _cluster(args, events=not args.no_wait) as c:
         group = c.submit_many(subs)
         if args.no_wait:
@@ -221,6 +230,25 @@ def cmd_show(args) -> int:
         _print_json(job)
     else:
         _show(display.job_detail_text(job), args.raw)
+    return 0
+
+
+def cmd_get(args) -> int:
+    """``distexec get ID [NAME...] [-o DIR]``: a job's collected files, written under DIR with their folders."""
+    from .files import FilesError
+    with _cluster(args) as c:
+        job = c.job(args.job_id)
+        if not job.artifacts and not args.names:
+            print(f"distexec: job {args.job_id} has no collected files"
+                  f"{'' if job.done else ' (it has not ended yet)'}", file=sys.stderr)
+            return 1
+        try:
+            written = job.save_artifacts(args.output, args.names or None)
+        except FilesError as exc:
+            print(f"distexec: {exc}", file=sys.stderr)
+            return 1
+    for path in written:
+        print(path)
     return 0
 
 
@@ -350,8 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --each: show the progress bar even when stderr is not a terminal")
     sp.add_argument("--raw", action="store_true",
                     help="print the job's output as it is, terminal control characters included")
+    sp.add_argument("--file", dest="file_", action="append", default=[], metavar="PATH",
+                    help="send this local file (under its base name) or folder (under its name) with the job")
+    sp.add_argument("--collect", action="append", default=[], metavar="PAT",
+                    help="keep the job's files matching this glob (*.png, out/**); fetch them with `distexec get`")
     client_opts(sp)
     sp.set_defaults(func=cmd_submit)
+
+    sp = sub.add_parser("get", help="save a job's collected files (its --collect), folders kept")
+    sp.add_argument("job_id", type=int)
+    sp.add_argument("names", nargs="*", metavar="NAME", help="only these files (default: all)")
+    sp.add_argument("-o", "--output", default=".", metavar="DIR", help="where to write them (default: here)")
+    client_opts(sp)
+    sp.set_defaults(func=cmd_get)
 
     sp = sub.add_parser("jobs", help="the job history, newest first")
     sp.add_argument("--status", choices=P.STATES, default=None)

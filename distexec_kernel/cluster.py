@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import requests
 
-from . import config, protocol as P
+from . import config, files as F, protocol as P
 from .events import EventStream
 from .group import JobGroup, item_args
 
@@ -154,6 +154,22 @@ class Job:
     def cancel(self) -> "Job":
         self._replace(self._cluster._post(f"/api/jobs/{self.id}/cancel"))
         return self
+
+    # -- files out ---------------------------------------------------------------
+
+    @property
+    def artifacts(self) -> list[dict]:
+        """The files its ``collect`` kept: ``[{"name", "size", "sha256", "mime"}]`` (empty until it ends)."""
+        return [dict(a) for a in self._record.get("artifacts") or []]
+
+    def artifact(self, name: str) -> bytes:
+        """The bytes of the collected file ``name`` (a path such as ``out/a.txt``)."""
+        from urllib.parse import quote
+        return self._cluster._download(f"/api/jobs/{self.id}/artifacts/{quote(name, safe='/')}")
+
+    def save_artifacts(self, directory: str = ".", names: list[str] | None = None) -> list[str]:
+        """Write its collected files (or ``names``) under ``directory``, folders kept; the paths written."""
+        return F.save_artifacts(self, directory, names)
 
     def wait(self, timeout: float | None = None, *, raise_on_error: bool = False) -> "Job":
         """Block until the job ends; returns the job.  ``TimeoutError`` if ``timeout`` passes."""
@@ -352,6 +368,23 @@ class Cluster:
                                 status=resp.status_code)
         return body
 
+    def _download(self, path: str, timeout: float = 120.0) -> bytes:
+        """The raw body of a GET (an artifact's bytes); errors as ``_call`` raises them."""
+        try:
+            resp = self._http.get(self.url + path, timeout=timeout, verify=self.verify)
+        except requests.exceptions.SSLError as exc:
+            raise DistexecError(tls_refusal(self.url, exc)) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
+            raise DistexecError(f"cannot reach the distexec master at {self.url}", code=UNREACHABLE) from None
+        if resp.status_code >= 400:
+            try:
+                err = resp.json().get("error") or {}
+            except (ValueError, AttributeError):
+                err = {}
+            raise DistexecError(f"{err.get('message') or resp.reason} (HTTP {resp.status_code})",
+                                code=err.get("code") or "http_error", status=resp.status_code)
+        return resp.content
+
     def _get(self, path: str, **params):
         return self._call("GET", path, params={k: v for k, v in params.items() if v is not None})
 
@@ -416,8 +449,11 @@ class Cluster:
 
     def submit(self, source: str, language: str = "python", files: dict | None = None,
                args: list | None = None, stdin: str | None = None, timeout: float | None = None,
-               name: str | None = None, retries: int = 0, session: str | None = None) -> Job:
-        body = _submission(source, language, files, args, stdin, timeout, name, retries, session)
+               name: str | None = None, retries: int = 0, session: str | None = None,
+               collect: list[str] | str | None = None) -> Job:
+        """Submit one job.  ``files``: a dict (name -> text or bytes), a local file or folder path, or a
+        list of paths; ``collect``: globs of files to keep from the job's directory once it ends."""
+        body = _submission(source, language, files, args, stdin, timeout, name, retries, session, collect)
         job = Job(self, self._post("/api/jobs", body))
         # Watch from the start, so output that comes before the first wait() is kept.
         if not job.done:
@@ -544,8 +580,10 @@ class Cluster:
 
 def _submission(source: str, language: str = "python", files: dict | None = None, args: list | None = None,
                 stdin: str | None = None, timeout: float | None = None, name: str | None = None,
-                retries: int = 0, session: str | None = None) -> dict:
+                retries: int = 0, session: str | None = None, collect: list[str] | str | None = None) -> dict:
     """One submission's body, as ``submit`` and ``submit_many`` send it (unset fields left out)."""
-    body = {"source": source, "language": language, "files": files, "args": args, "stdin": stdin,
-            "timeout": timeout, "name": name, "retries": retries, "session": session}
+    if isinstance(collect, str):
+        collect = [collect]
+    body = {"source": source, "language": language, "files": F.as_files(files), "args": args, "stdin": stdin,
+            "timeout": timeout, "name": name, "retries": retries, "session": session, "collect": collect}
     return {k: v for k, v in body.items() if v is not None}

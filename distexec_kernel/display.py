@@ -219,6 +219,9 @@ def job_detail_text(job: dict) -> str:
         if text:
             lines.append(f"--- {stream} ---")
             lines.append(text.rstrip("\n"))
+    if job.get("artifacts"):
+        lines.append(f"--- collected files (distexec get {job.get('id')}) ---")
+        lines += [f"{a.get('name')}  {a.get('size')} bytes  {a.get('mime')}" for a in job["artifacts"]]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from traitlets import Unicode
 
 from . import __version__, cells, config, display as D, languages as L, protocol as P
 from .cluster import Cluster, DistexecError, Job
+from .outputs import rich_outputs
 
 # After a failed attempt to reach the cluster, kernel_info does not try again
 # for this long (a front end asks for it often; a cell always tries).
@@ -204,7 +205,7 @@ class DistexecKernel(Kernel):
 
     def _show_outputs(self, record: dict) -> None:
         """The job's rich outputs (nbformat-style, from a session's display calls), when it has any."""
-        for out in record.get("outputs") or []:
+        for out in rich_outputs(record):  # text-only ones came in stdout already
             content = {"data": out.get("data", {}), "metadata": out.get("metadata", {})}
             if out.get("output_type") == "execute_result":
                 content["execution_count"] = self.execution_count

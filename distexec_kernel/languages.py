@@ -48,6 +48,9 @@ class Language:
     # When set, a regex whose first group names the source file (its stem):
     # Java's file must be called after its public class.
     source_from: str | None = None
+    # When set, a regex whose first group is a dotted package (Java's
+    # ``package a.b;``): the source then goes to that folder (``a/b/Main.java``).
+    package_from: str | None = None
     # argv that prints the toolchain's version; its first word must be on PATH.
     version: tuple[str, ...] = ()
     compile: tuple[str, ...] | None = None
@@ -79,11 +82,16 @@ class Language:
 
     def source_name(self, source: str) -> str:
         """The file name ``source`` must have in the job's directory."""
+        name = self.source
         if self.source_from:
             m = re.search(self.source_from, source, re.M)
             if m:
-                return m.group(1) + os.path.splitext(self.source)[1]
-        return self.source
+                name = m.group(1) + os.path.splitext(self.source)[1]
+        if self.package_from:
+            m = re.search(self.package_from, source, re.M)
+            if m:
+                name = re.sub(r"\s+", "", m.group(1)).replace(".", "/") + "/" + name
+        return name
 
 
 def _python_syntax(source: str) -> dict | None:
@@ -168,6 +176,8 @@ LANGUAGES: dict[str, Language] = {
             source="Main.java",
             source_from=(r"^\s*public\s+(?:(?:final|abstract|strictfp|sealed)\s+)*"
                          r"(?:class|interface|enum|record)\s+(\w+)"),
+            # `package a.b;` (before any class): a/b/Main.java, run as a/b/Main (the launcher takes slashes).
+            package_from=r"\A(?:\s|//[^\n]*\n|/\*(?s:.*?)\*/)*package\s+([A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*)\s*;",
             version=("javac", *(f"-J{o}" for o in _FAST_JVM), "-version"),
             compile=("javac", *(f"-J{o}" for o in _FAST_JVM), "-encoding", "UTF-8", "{source}"),
             artefacts=("*.class",),
@@ -344,6 +354,34 @@ def check_syntax(language: str, source: str) -> dict | None:
     """None when the program parses (or nothing can check it); else the error details."""
     check = SYNTAX_CHECKS.get(canonical(language))
     return check(source) if check else None
+
+
+def check_session_syntax(source: str) -> dict | None:
+    """``check_syntax`` for a session cell, which is IPython: ``%matplotlib inline``, ``!ls``, ``x?``.
+
+    IPython's own transformer turns the cell into the Python its kernel will
+    run (a line stays a line), which is then parsed as any Python program;
+    an error points at the cell's line, showing the line as it was written.
+    """
+    import warnings
+
+    from IPython.core.inputtransformer2 import TransformerManager
+    try:
+        with warnings.catch_warnings():
+            # It warns about odd line endings (a lone \r) it then handles; the kernel would say no more.
+            warnings.simplefilter("ignore")
+            code = TransformerManager().transform_cell(source)
+    except SyntaxError as exc:
+        return {"message": f"SyntaxError: {exc.msg}", "line": exc.lineno, "column": exc.offset,
+                "text": (exc.text or "").rstrip("\n") or None}
+    except Exception:  # a transformer bug: the kernel, which runs the same transformer, will say what it is
+        return None
+    detail = _python_syntax(code)
+    if detail is not None and detail.get("line"):
+        lines = source.splitlines()
+        if detail["line"] <= len(lines):
+            detail["text"] = lines[detail["line"] - 1] or None
+    return detail
 
 
 def parse_version(lang: Language, output: str) -> str:

@@ -25,7 +25,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from . import cells, config, display as D, languages, protocol as P
+from . import cells, config, display as D, languages, outputs as O, protocol as P
 from .cells import seconds
 from .cluster import Cluster, DistexecError, Job, RemoteError
 from .group import JobGroup, item_args
@@ -147,7 +147,9 @@ class RemoteMagics(Magics):
     @argument("--timeout", type=seconds, help="seconds the job may run; past that it fails with `timeout`")
     @argument("--name", help="a name for the job in the history")
     @argument("--file", action="append", default=[], metavar="PATH",
-              help="ship this local file with the job, under its base name (repeatable)")
+              help="ship this local file (under its base name) or folder (under its name) with the job (repeatable)")
+    @argument("--collect", action="append", default=[], metavar="PAT",
+              help="keep the job's files matching this glob (*.png, out/**) and show images here (repeatable)")
     @argument("--arg", action="append", default=[], metavar="A",
               help="a command-line argument for the program (repeatable; --arg=-v for dashes)")
     @argument("--stdin", metavar="TEXT", help="text given to the program on its standard input")
@@ -174,7 +176,7 @@ class RemoteMagics(Magics):
             return self._map(cell, args)
         job = self.cluster.submit(cell, language=args.language, files=self._files(args.file) or None,
                                   args=args.arg or None, stdin=args.stdin, timeout=args.timeout,
-                                  name=args.name, session=args.session)
+                                  name=args.name, session=args.session, collect=args.collect or None)
         return self._after_submit(job, args.no_wait, args.output)
 
     # -- %remote ------------------------------------------------------------------
@@ -192,7 +194,7 @@ class RemoteMagics(Magics):
         %remote connect [URL] --user NAME     log in as NAME (asks for the password)
         %remote run FILE [--lang L] [ARGS...]  submit a file; the language comes from its extension;
                                               also --timeout S, --name N, --file PATH, --stdin TEXT,
-                                              --session NAME, --no-wait, -o NAME, as for %%remote;
+                                              --collect PAT, --session NAME, --no-wait, -o NAME, as for %%remote;
                                               `--` ends these options (the rest go to the program)
         %remote jobs [--status S] [--limit N] the job history, newest first
         %remote slaves | clients | sessions   who is connected, the persistent sessions
@@ -242,7 +244,8 @@ class RemoteMagics(Magics):
         job = self.cluster.submit(source, language=language, args=prog_args or None, timeout=timeout,
                                   name=opts.get("name") or os.path.basename(path),
                                   files=self._files(opts.get("file", [])) or None,
-                                  stdin=opts.get("stdin"), session=opts.get("session"))
+                                  stdin=opts.get("stdin"), session=opts.get("session"),
+                                  collect=opts.get("collect") or None)
         return self._after_submit(job, "no-wait" in opts, opts.get("o"))
 
     def _cmd_jobs(self, rest):
@@ -304,6 +307,9 @@ class RemoteMagics(Magics):
         if no_wait:
             return job  # shown by show_job as a live status line
         self._follow(job)
+        # What a local cell would show before its error too: its displays, then the files it made.
+        O.show_outputs(job.record, display)
+        O.show_artifacts(job, display)
         if job.status != P.SUCCEEDED:
             raise RemoteJobFailed(job)
         display(D.status_bundle(job.record), raw=True)
@@ -330,7 +336,8 @@ class RemoteMagics(Magics):
             raise UsageError(f"%%remote --map: {args.map} is a {type(items).__name__}, not an iterable of inputs")
         files = self._files(args.file) or None
         subs = [dict(source=cell, language=args.language, files=files, args=[*args.arg, *item_args(item)],
-                     stdin=args.stdin, timeout=args.timeout, name=args.name) for item in items]
+                     stdin=args.stdin, timeout=args.timeout, name=args.name, collect=args.collect or None)
+                for item in items]
         group = self.cluster.submit_many(subs)
         if args.output:
             self.shell.user_ns[args.output] = group
@@ -411,7 +418,7 @@ class _Parser(argparse.ArgumentParser):
 # hand because the program's own ARGS may hold anything, dashes included: the
 # options are read wherever they appear, `--` ends them.
 _RUN_VALUES = {"--lang": "lang", "--timeout": "timeout", "--name": "name", "--stdin": "stdin",
-               "--session": "session", "-o": "o", "--output": "o", "--file": "file"}
+               "--session": "session", "-o": "o", "--output": "o", "--file": "file", "--collect": "collect"}
 _RUN_FLAGS = {"--no-wait": "no-wait"}
 
 
@@ -431,8 +438,8 @@ def _split_run(rest: list[str]) -> tuple[dict, list[str]]:
                     raise UsageError(f"%remote run: {key} needs a value")
                 value = tokens.pop(0)
             name = _RUN_VALUES[key]
-            if name == "file":
-                opts.setdefault("file", []).append(value)
+            if name in ("file", "collect"):
+                opts.setdefault(name, []).append(value)
             else:
                 opts[name] = value
         elif tok in _RUN_FLAGS:

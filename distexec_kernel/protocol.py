@@ -9,12 +9,15 @@ set is described in prose in ``docs/protocol.md``.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as _dt
 import json
 import re
 
 # 2: a session is named by its user and its name, as two fields, never one joined string.
-PROTOCOL_VERSION = 2
+# 3: files in folders and as bytes, collect and job_artifact frames, a result's outputs.
+PROTOCOL_VERSION = 3
 
 # --- job states -----------------------------------------------------------
 
@@ -86,6 +89,17 @@ DEFAULT_TIMEOUT = 300.0
 MAX_RETRIES = 10
 # Jobs in one batch (POST /api/jobs with a list, Cluster.map): one request, one commit.
 MAX_BATCH = 10_000
+# Job files may sit in folders, this deep at most (``a/b/c.txt`` is 3 levels).
+MAX_FILE_DEPTH = 8
+MAX_FILE_PATH_CHARS = 1024
+# ``collect``: globs per submission, and what one job may keep (files out).
+MAX_COLLECT_PATTERNS = 32
+MAX_ARTIFACTS = 100
+MAX_ARTIFACT_BYTES = 64 << 20
+# Artifacts travel from slave to master in frames of this many raw bytes
+# (base64 in a ``job_artifact`` frame), never in ``job_finished``: 64 MiB of
+# them would not fit one frame.
+ARTIFACT_CHUNK = 4 << 20
 # A frame may carry a finished job's whole output (16 MiB by default) plus
 # its files, so the WebSocket limit sits above the sum of those.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -163,6 +177,18 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "error": (_OPT_DICT, True),
         "stdout": (str, True),
         "stderr": (str, True),
+        # nbformat-style rich outputs of a session cell (display_data, execute_result)
+        "outputs": (list, False),
+        # collected files: [{"name", "size", "sha256", "mime"}]; their bytes came before, in job_artifact frames
+        "artifacts": (list, False),
+    },
+    # slave -> master, before the job's job_finished: ``data`` (base64) is
+    # bytes ``offset``.. of the job's artifact number ``index``
+    "job_artifact": {
+        "job_id": (int, True),
+        "index": (int, True),
+        "offset": (int, True),
+        "data": (str, True),
     },
     "draining": {},
     # a session ended by itself (idle, its interpreter died): the name is free again
@@ -310,6 +336,7 @@ JOB_FIELDS = (
     "id", "name", "language", "status", "error", "slave_uid", "client_id", "user",
     "submitted_at", "started_at", "finished_at", "exit_code", "stdout", "stderr",
     "timeout", "source", "files", "args", "stdin", "retries", "attempts", "session", "group",
+    "collect", "outputs", "artifacts",
 )
 
 # What a job is run with: the store keeps these apart, and the master holds
@@ -329,6 +356,7 @@ SUBMISSION = {
     "timeout": ((int, float, type(None)), None),
     "retries": (_OPT_INT, None),
     "session": (_OPT_STR, None),
+    "collect": ((list, type(None)), None),
 }
 
 
@@ -368,11 +396,9 @@ def check_submission(body) -> dict:
     if len(files) > MAX_FILES:
         _bad(f"at most {MAX_FILES} files")
     total = 0
-    for fname, text in files.items():
+    for fname, content in files.items():
         check_file_name(fname)
-        if not isinstance(text, str):
-            _bad(f"file {fname!r}: content must be a string")
-        total += len(text.encode())
+        total += len(file_bytes(content, fname))
     if total > MAX_FILES_BYTES:
         raise ProtocolError("too_large", f"files are over {MAX_FILES_BYTES} bytes in all")
     out["files"] = files
@@ -390,6 +416,7 @@ def check_submission(body) -> dict:
     if not 0 <= retries <= MAX_RETRIES:
         _bad(f"field 'retries' must be between 0 and {MAX_RETRIES}")
     out["retries"] = retries
+    out["collect"] = check_collect(out["collect"])
     session = out["session"]
     if session is not None and (not session.strip() or len(session) > MAX_NAME_CHARS
                                 or not session.isprintable()):
@@ -442,10 +469,52 @@ def check_batch(body, check=check_submission) -> list[dict]:
 
 
 def check_file_name(name) -> None:
-    """A job file name is one plain path component: no escaping the job dir."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-            or "\\" in name or "\0" in name or len(name) > 255):
-        _bad(f"bad file name {name!r}: use a plain file name, no directories")
+    """A job file name is a relative path (``pkg/mod.py``) that stays in the job's directory.
+
+    No absolute path, no ``..`` or ``.``, no empty part (``a//b``, a trailing
+    ``/``), no backslash or NUL, at most ``MAX_FILE_DEPTH`` levels.
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or len(name) > MAX_FILE_PATH_CHARS or "\\" in name or "\0" in name
+            or any(p in ("", ".", "..") or len(p) > 255 for p in parts)):
+        _bad(f"bad file name {name!r}: use a relative path such as data/in.csv "
+             f"(no leading /, no '..', no empty parts)")
+    if len(parts) > MAX_FILE_DEPTH:
+        _bad(f"bad file name {name!r}: at most {MAX_FILE_DEPTH} levels of folders")
+
+
+def file_bytes(content, name: str = "?") -> bytes:
+    """A job file's content as bytes: text (UTF-8), or ``{"base64": "..."}`` for binary files."""
+    if isinstance(content, str):
+        return content.encode()
+    if isinstance(content, dict) and set(content) == {"base64"} and isinstance(content["base64"], str):
+        try:
+            return base64.b64decode(content["base64"], validate=True)
+        except (binascii.Error, ValueError):
+            _bad(f"file {name!r}: 'base64' is not valid base64")
+    _bad(f"file {name!r}: content must be a string, or {{\"base64\": \"...\"}} for bytes")
+
+
+def file_content(data: bytes):
+    """How bytes travel as a job file: text when they are UTF-8, else ``{"base64": ...}``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode("ascii")}
+
+
+def check_collect(patterns) -> list[str] | None:
+    """``collect``: globs relative to the job's directory (``*.png``, ``out/**``); None when absent."""
+    if patterns is None:
+        return None
+    if len(patterns) > MAX_COLLECT_PATTERNS:
+        _bad(f"field 'collect' holds at most {MAX_COLLECT_PATTERNS} patterns")
+    for pat in patterns:
+        if (not isinstance(pat, str) or not pat or len(pat) > 255 or pat.startswith("/") or "\0" in pat
+                or any(p in ("..", "") for p in pat.split("/"))):
+            _bad(f"field 'collect': bad pattern {pat!r}: use globs relative to the job's directory, "
+                 f"such as *.png or out/** (no leading /, no '..')")
+    return list(patterns) or None
 
 
 def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str | None) -> dict:
@@ -461,11 +530,13 @@ def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str |
         stdout="",
         stderr="",
         attempts=0,
+        outputs=[],
+        artifacts=[],
     )
     return job
 
 
-SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr")
+SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr", "outputs")
 # A finished job's event carries its whole output up to this size, so a client
 # that waited for it needs no request to read the result.
 SMALL_OUTPUT_CHARS = 64 << 10
@@ -480,7 +551,8 @@ def update_of(job: dict) -> dict:
     """What a ``job_update`` event carries: the summary and, once the job has
     ended with a small output, that whole output (``stdout`` and ``stderr``)."""
     out = summary(job)
-    if job.get("status") in TERMINAL:
+    # Rich outputs (figures...) are read with the job: a terminal event without stdout says so.
+    if job.get("status") in TERMINAL and not job.get("outputs"):
         stdout, stderr = job.get("stdout") or "", job.get("stderr") or ""
         if len(stdout) + len(stderr) <= SMALL_OUTPUT_CHARS:
             out.update(stdout=stdout, stderr=stderr)

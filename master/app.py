@@ -251,6 +251,42 @@ class JobHandler(ApiHandler):
         self.send_json(job)
 
 
+# Served as they are, and the browser is told not to run them on the master's origin.
+INLINE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp", "text/plain", "application/json",
+                "text/csv"}
+
+
+class ArtifactHandler(ApiHandler):
+    """``GET /api/jobs/ID/artifacts/NAME``: a collected file's bytes, with its MIME type."""
+
+    async def get(self, job_id: str, name: str) -> None:
+        jid = _job_id(job_id)
+        job = await self.master.get_job(jid, user=self.owner) if jid is not None else None
+        if job is None:
+            return self.fail(404, "not_found", f"no job {job_id}")
+        index = next((i for i, a in enumerate(job.get("artifacts") or []) if a.get("name") == name), None)
+        if index is None:
+            return self.fail(404, "not_found", f"job {job_id} has no collected file {name!r}")
+        meta = job["artifacts"][index]
+        try:
+            f = open(self.master.store.artifacts.path(jid, index), "rb")
+        except OSError:
+            return self.fail(404, "not_found", f"job {job_id}'s file {name!r} is no longer kept")
+        with f:
+            mime = meta.get("mime") or "application/octet-stream"
+            self.set_header("Content-Type", mime)
+            self.set_header("X-Content-Type-Options", "nosniff")
+            # HTML or SVG a job wrote must not run as the master's own page.
+            self.set_header("Content-Security-Policy", "sandbox")
+            if mime not in INLINE_TYPES:
+                self.set_header("Content-Disposition", "attachment")
+            self.set_header("Content-Length", str(meta["size"]))
+            while chunk := f.read(1 << 20):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+
 class CancelHandler(ApiHandler):
     async def post(self, job_id: str) -> None:
         jid = _job_id(job_id)
@@ -471,7 +507,7 @@ class ClientSocket(_Socket):
 
 class SlaveSocket(_Socket):
     handlers = {"register": "on_register", "job_output": "on_job_output",
-                "job_finished": "on_job_finished", "draining": "on_draining",
+                "job_finished": "on_job_finished", "job_artifact": "on_job_artifact", "draining": "on_draining",
                 "session_ended": "on_session_ended"}
 
     def prepare(self):
@@ -507,6 +543,9 @@ class SlaveSocket(_Socket):
     async def on_job_output(self, msg: dict) -> None:
         self.master.job_output(self._registered(), msg)
 
+    async def on_job_artifact(self, msg: dict) -> None:
+        self.master.job_artifact(self._registered(), msg)
+
     async def on_job_finished(self, msg: dict) -> None:
         await self.master.job_finished(self._registered(), msg)
 
@@ -539,6 +578,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/api/jobs", JobsHandler, args),
             (r"/api/jobs/(\d+)", JobHandler, args),
             (r"/api/jobs/(\d+)/cancel", CancelHandler, args),
+            (r"/api/jobs/(\d+)/artifacts/(.+)", ArtifactHandler, args),
             (r"/api/groups/([A-Za-z0-9_-]{1,64})/cancel", GroupCancelHandler, args),
             (r"/api/slaves", SlavesHandler, args),
             (r"/api/clients", ClientsHandler, args),

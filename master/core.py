@@ -9,6 +9,8 @@ a master crash.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 from dataclasses import dataclass, field
@@ -336,7 +338,10 @@ class Master(ClientBook, SessionBook, Retention):
                 return
 
     def _rejection(self, job: dict) -> dict | None:
-        detail = L.check_syntax(job["language"], job["source"])
+        if job.get("session") is not None:  # a session cell is IPython (magics, !cmd); sessions are Python only
+            detail = L.check_session_syntax(job["source"])
+        else:
+            detail = L.check_syntax(job["language"], job["source"])
         if detail is not None:
             where = f" (line {detail['line']})" if detail.get("line") else ""
             return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),
@@ -575,6 +580,17 @@ class Master(ClientBook, SessionBook, Retention):
         self._broadcast(P.make("job_output", job_id=job["id"], stream=stream, offset=offset, data=msg["data"]),
                         job)
 
+    def job_artifact(self, uid: str, msg: dict) -> None:
+        """A chunk of a running job's collected file, ahead of its result; staged until the result comes."""
+        job = self.active.get(msg["job_id"])
+        if job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING:
+            return  # settled meanwhile (cancelled, lost): its result is only acknowledged
+        try:
+            data = base64.b64decode(msg["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise P.ProtocolError("bad_message", "job_artifact: data is not base64") from None
+        self.store.artifacts.receive(job["id"], msg["index"], msg["offset"], data)
+
     async def job_finished(self, uid: str, msg: dict) -> None:
         job_id = msg["job_id"]
         slave = self.slaves.get(uid)
@@ -582,6 +598,8 @@ class Master(ClientBook, SessionBook, Retention):
         if job is None or job.get("slave_uid") != uid or job["status"] != P.RUNNING:
             # Already settled (cancelled, lost, or a duplicate report): just
             # acknowledge, once the settled state is durable.
+            if job is None:  # (a job that runs again elsewhere keeps its new slave's chunks)
+                self.store.artifacts.discard(job_id)
             pending = self._settling.get(job_id)
             if pending is not None:
                 try:
@@ -595,7 +613,14 @@ class Master(ClientBook, SessionBook, Retention):
         self.scheduler.finished(job_id)
         if slave is not None:
             slave.completed += 1
-        await self._finish(job, msg["exit_code"], msg["error"], msg["stdout"], msg["stderr"])
+        stderr, artifacts = msg["stderr"], []
+        if msg.get("artifacts"):
+            artifacts, missing = await asyncio.to_thread(self.store.artifacts.finish, job_id, msg["artifacts"])
+            if missing:
+                log.warning("job %d: collected file(s) did not arrive whole: %s", job_id, ", ".join(missing))
+                stderr += f"distexec: collected file(s) lost on the way to the master: {', '.join(missing)}\n"
+        await self._finish(job, msg["exit_code"], msg["error"], msg["stdout"], stderr,
+                           outputs=_rich_outputs(msg.get("outputs")), artifacts=artifacts)
         slave = self.slaves.get(uid)
         if slave is not None:
             slave.peer.send(P.make("result_ack", job_id=job_id))
@@ -626,6 +651,7 @@ class Master(ClientBook, SessionBook, Retention):
                 job["attempts"] = max(0, (job.get("attempts") or 0) - 1)
                 why += ", before it started"
             job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
+            self.store.artifacts.discard(job["id"])
             self.scheduler.requeue_front(job["id"], job["language"], _session_key(job), user=job.get("user"))
             await self.store.save(job)
             self._announce(job)
@@ -658,7 +684,8 @@ class Master(ClientBook, SessionBook, Retention):
     # -- settling ------------------------------------------------------------
 
     async def _finish(self, job: dict, exit_code: int | None, err: dict | None,
-                      stdout: str | None = None, stderr: str | None = None) -> dict:
+                      stdout: str | None = None, stderr: str | None = None, *,
+                      outputs: list | None = None, artifacts: list | None = None) -> dict:
         # The slave says whether its kill or the program's own end came first:
         # a job that finished before the cancel reached it keeps its result.
         job.pop("cancel_requested", None)
@@ -667,6 +694,9 @@ class Master(ClientBook, SessionBook, Retention):
             job["stdout"] = stdout
         if stderr is not None:
             job["stderr"] = stderr
+        job["outputs"] = outputs or []
+        job["artifacts"] = artifacts or []
+        self.store.artifacts.discard(job["id"])  # chunks of a result that will not come
         self.active.pop(job["id"], None)
         self._cancel_grace(job["id"])
         self._output_gap.discard(job["id"])
@@ -730,8 +760,20 @@ def _visible(job: dict | None, owner: str | None) -> bool:
     return job is not None and (owner is None or job.get("user") == owner)
 
 
+def _rich_outputs(outputs) -> list[dict]:
+    """The well-formed nbformat-style outputs of a result: clients display them, so nothing else passes."""
+    kept = []
+    for out in outputs if isinstance(outputs, list) else ():
+        if (isinstance(out, dict) and out.get("output_type") in ("display_data", "execute_result")
+                and isinstance(out.get("data"), dict) and all(isinstance(k, str) for k in out["data"])):
+            meta = out.get("metadata")
+            kept.append({"output_type": out["output_type"], "data": out["data"],
+                         "metadata": meta if isinstance(meta, dict) else {}})
+    return kept
+
+
 def _for_slave(job: dict, session_note: str | None = None) -> dict:
-    out = {k: job[k] for k in ("id", "language", "timeout", "name", "user", "session")}
+    out = {k: job.get(k) for k in ("id", "language", "timeout", "name", "user", "session", "collect")}
     out.update(source=job.get("source") or "", files=job.get("files") or {}, args=job.get("args") or [],
                stdin=job.get("stdin"))
     if session_note:

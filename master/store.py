@@ -32,6 +32,8 @@ import threading
 
 from distexec_kernel import config, protocol as P
 
+from .artifacts import ArtifactStore, root_for
+
 log = logging.getLogger("distexec.master.store")
 
 SCHEMA = """
@@ -160,6 +162,8 @@ class JobStore:
         self._writer.start()
         self._local = threading.local()
         self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="distexec-db-read")
+        # The jobs' collected files, by job id: pruning a job deletes its files too (_run).
+        self.artifacts = ArtifactStore(None if path == ":memory:" else root_for(path))
 
     # -- start-up (synchronous, before serving) -----------------------------
 
@@ -246,7 +250,8 @@ class JobStore:
         try:
             conn.execute("BEGIN")
             if group[0][0][0] == "prune":
-                result = _prune(conn, *group[0][0][1])
+                pruned = _prune(conn, *group[0][0][1])
+                result = len(pruned)
             else:
                 pairs = [pair for op, _, _ in group for pair in op[1]]
                 _insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
@@ -259,7 +264,10 @@ class JobStore:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-        if result:
+        if result and err is None:
+            # A pruned job's collected files go with it, once its deletion is committed.
+            for job_id in pruned:
+                self.artifacts.delete(job_id)
             try:
                 conn.execute("PRAGMA incremental_vacuum")
             except sqlite3.Error as exc:
@@ -321,10 +329,11 @@ class JobStore:
         self._queue.put(None)
         self._writer.join(timeout=10)
         self._readers.shutdown(wait=True)
+        self.artifacts.close()
 
 
-def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) -> int:
-    """Delete terminal jobs (see ``JobStore.prune``); returns how many."""
+def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) -> list[int]:
+    """Delete terminal jobs (see ``JobStore.prune``); returns their ids."""
     doomed: list[int] = []
     if before is not None:
         doomed += [r[0] for r in conn.execute(
@@ -347,14 +356,14 @@ def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None)
                 if total <= keep_bytes:
                     break
     if not doomed:
-        return 0
+        return []
     ids = json.dumps(doomed)
     conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
     conn.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
     # Ids are never given twice, also when the newest jobs are the ones pruned.
     conn.execute("INSERT INTO meta (key, value) VALUES ('max_pruned_id', ?) ON CONFLICT(key) DO UPDATE "
                  "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(max(doomed)),))
-    return len(doomed)
+    return doomed
 
 
 def _settle(fut: asyncio.Future, err: Exception | None, result=None) -> None:

@@ -9,10 +9,12 @@ what it still runs and what it finished meanwhile.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 
 import tornado.httpclient
+import tornado.iostream
 import tornado.websocket
 
 from distexec_kernel import config, protocol as P, wsclient
@@ -48,6 +50,8 @@ class Slave:
         self.conn: tornado.websocket.WebSocketClientConnection | None = None
         self.running: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}
         self.unacked: dict[int, dict] = {}
+        # The collected files of unacknowledged results: sent again with them.
+        self.unacked_blobs: dict[int, list[bytes]] = {}
         self.draining = False
         # Sent at each register: the master knows from it that a job we do not
         # list was never received by this process (so it never ran here).
@@ -102,12 +106,18 @@ class Slave:
 
     async def _serve(self, conn) -> None:
         self.conn = conn
+        # A result with files cannot ride in the register frame: its job is
+        # listed as still running, and the files and result follow at once.
+        with_files = sorted(self.unacked_blobs)
         self._send(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
-            slots=self.slots, running=sorted(self.running), results=list(self.unacked.values()),
+            slots=self.slots, running=sorted({*self.running, *with_files}),
+            results=[r for j, r in self.unacked.items() if j not in self.unacked_blobs],
             draining=self.draining, sessions=self._session_names(), instance=self.instance,
             **self._session_cap()))
+        for job_id in with_files:
+            asyncio.ensure_future(self._send_result(job_id, conn))
         try:
             await wsclient.read_frames(conn, self._dispatch, log=log,
                                        on_bad=lambda exc: self._send(P.make("error", error=exc.to_dict())))
@@ -156,7 +166,7 @@ class Slave:
             return
         if job_id in self.unacked:
             # We finished it already; the master missed the result.
-            self._send(self.unacked[job_id])
+            asyncio.ensure_future(self._send_result(job_id, self.conn))
             return
         cancel = asyncio.Event()
         task = asyncio.ensure_future(self._run(job, cancel))
@@ -170,6 +180,7 @@ class Slave:
 
     def on_result_ack(self, msg: dict) -> None:
         self.unacked.pop(msg["job_id"], None)
+        self.unacked_blobs.pop(msg["job_id"], None)
         self._check_idle()
 
     def on_session_end(self, msg: dict) -> None:
@@ -221,9 +232,35 @@ class Slave:
         self._flush_output()
         result = outcome.message(job_id)
         self.unacked[job_id] = result
+        if outcome.blobs:
+            self.unacked_blobs[job_id] = outcome.blobs
         self.running.pop(job_id, None)
-        self._send(result)
+        await self._send_result(job_id, self.conn)
         self._check_idle()
+
+    async def _send_result(self, job_id: int, conn) -> None:
+        """Send a finished job's collected files (``job_artifact`` frames), then its ``job_finished``.
+
+        All on ``conn``, in order; a connection that closes meanwhile stops
+        it (the next register sends it all again).  Each frame is awaited, so
+        64 MiB of files are never all buffered at once.
+        """
+        if job_id not in self.unacked_blobs:
+            if conn is not None and conn is self.conn and job_id in self.unacked:
+                self._send(self.unacked[job_id])  # at once, as it always went: no file frames to pace
+            return
+        try:
+            for index, blob in enumerate(self.unacked_blobs.get(job_id, ())):
+                for offset in range(0, max(len(blob), 1), P.ARTIFACT_CHUNK):
+                    data = base64.b64encode(blob[offset:offset + P.ARTIFACT_CHUNK]).decode("ascii")
+                    if conn is None or conn is not self.conn:
+                        return
+                    await conn.write_message(P.encode(P.make("job_artifact", job_id=job_id, index=index,
+                                                             offset=offset, data=data)))
+            if conn is not None and conn is self.conn and job_id in self.unacked:
+                await conn.write_message(P.encode(self.unacked[job_id]))
+        except (tornado.websocket.WebSocketClosedError, tornado.iostream.StreamClosedError):
+            pass  # the next register sends it all again
 
     def _flush_output(self) -> None:
         self._flush_handle = None

@@ -54,13 +54,15 @@ class CompileCache:
         return f"compile cache {self.root} (at most {self.max_bytes >> 20} MiB)"
 
     @staticmethod
-    def key(language: str, version: str, argv: list[str], files: dict[str, str]) -> str:
+    def key(language: str, version: str, argv: list[str], files: dict[str, str | bytes]) -> str:
         """The key of one compile: the same key means the same artefacts."""
         h = hashlib.sha256()
         header = {"format": _KEY_FORMAT, "language": language, "version": version, "argv": list(argv)}
         h.update(json.dumps(header, sort_keys=True).encode())
         for name in sorted(files):
-            data = files[name].encode("utf-8", "surrogateescape")
+            data = files[name]
+            if isinstance(data, str):
+                data = data.encode("utf-8", "surrogateescape")
             # Lengths first, so no two different file sets hash the same bytes.
             h.update(f"\0{len(name)}:{name}\0{len(data)}:".encode())
             h.update(data)

@@ -24,6 +24,7 @@ from distexec_kernel import languages as L, protocol as P
 from distexec_kernel.procs import kill_group
 
 from . import safefs, steps
+from .collect import collect as collect_files
 from .jobdirs import JobDir, JobDirs
 from .sandbox import Limits, Sandbox
 
@@ -45,10 +46,25 @@ class Outcome:
     error: dict | None
     stdout: str = ""
     stderr: str = ""
+    outputs: list = field(default_factory=list)  # rich outputs (nbformat-style) of a session cell
+    artifacts: list = field(default_factory=list)  # collected files: {"name", "size", "sha256", "mime"}
+    blobs: list = field(default_factory=list)  # their bytes, same order: sent as job_artifact frames
 
     def message(self, job_id: int) -> dict:
+        extra = {k: v for k, v in (("outputs", self.outputs), ("artifacts", self.artifacts)) if v}
         return P.make("job_finished", job_id=job_id, exit_code=self.exit_code, error=self.error,
-                      stdout=self.stdout, stderr=self.stderr)
+                      stdout=self.stdout, stderr=self.stderr, **extra)
+
+    async def collect(self, workdir: str, patterns: list[str] | None, on_output: OutputCallback) -> "Outcome":
+        """Keep the files of ``workdir`` that ``patterns`` match (see slave/collect.py); note what was left out."""
+        if patterns:
+            found = await asyncio.to_thread(collect_files, workdir, patterns)
+            self.artifacts, self.blobs = found.meta, found.blobs
+            note = found.note()
+            if note:
+                on_output("stderr", note)
+                self.stderr += note
+        return self
 
 
 class Runner(Protocol):
@@ -74,6 +90,7 @@ class _Capture:
     parts: dict = field(default_factory=lambda: {"stdout": [], "stderr": []})
     used: int = 0
     over: bool = False
+    outputs: list = field(default_factory=list)  # a session cell's rich outputs, counted in ``used``
 
     def feed(self, stream: str, data: str, size: int) -> None:
         if self.over:
@@ -131,7 +148,9 @@ class ProcessRunner:
             log.exception("job %s: no directory for it", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
         try:
-            return await self._run_in(jobdir, lang, job, on_output, cancel)
+            outcome = await self._run_in(jobdir, lang, job, on_output, cancel)
+            # Files out, before the directory goes: the job's processes are all gone by now.
+            return await outcome.collect(jobdir.path, job.get("collect"), on_output)
         except OSError as exc:
             log.exception("job %s could not be run", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
@@ -145,7 +164,7 @@ class ProcessRunner:
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         workdir = jobdir.path
         source_name = lang.source_name(job["source"])
-        files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
+        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
         files[source_name] = job["source"].encode()
         # The directory is fresh, but one code path for every write where a job can reach.
         try:
@@ -192,8 +211,8 @@ class ProcessRunner:
         cache, key = self.compile_cache, None
         workdir = jobdir.path
         if cache is not None:
-            inputs = dict(job.get("files") or {})
-            inputs[source_name] = job["source"]
+            inputs = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+            inputs[source_name] = job["source"].encode()
             key = cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
             if await asyncio.to_thread(cache.fetch, key, workdir):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import logging
 import os
 import signal
@@ -190,7 +191,8 @@ class SessionRunner:
                     capture.feed("stderr", f"distexec: stopped {stopped} process(es) this job left running: a "
                                  "session keeps its variables, not background processes\n", 0)
                     outcome.stderr = capture.text("stderr")
-                return outcome
+                # Files out: the session's directory lives on, but the cell is over.
+                return await outcome.collect(session.workdir, job.get("collect"), capture.on_output or _ignore)
             finally:
                 session.jobs += 1
                 session.last_used = time.monotonic()
@@ -363,7 +365,7 @@ class SessionRunner:
     async def _execute(self, session: Session, job: dict, capture: _Capture,
                        cancel: asyncio.Event) -> Outcome:
         kc = session.client
-        files = {name: text.encode() for name, text in (job.get("files") or {}).items()}
+        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
         if files:
             # The kernel (the job's uid) owns this directory and may have planted
             # links or FIFOs under these names: see safefs.  Off the loop, too.
@@ -473,7 +475,7 @@ class SessionRunner:
 
     @staticmethod
     def _outcome(exit_code, err, capture: _Capture) -> Outcome:
-        return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"))
+        return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"), outputs=capture.outputs)
 
     async def _interrupt(self, session: Session, reader: asyncio.Future, capture: _Capture) -> None:
         """Interrupt the cell (KeyboardInterrupt); end the session if it does not stop.
@@ -502,10 +504,17 @@ class SessionRunner:
                 text = content.get("text", "")
                 capture.feed(stream, text, len(text.encode()))
             elif kind in ("execute_result", "display_data", "update_display_data"):
-                text = (content.get("data") or {}).get("text/plain")
-                if text is not None:
+                data = content.get("data") or {}
+                text = data.get("text/plain")
+                if text is not None:  # terminals and plain clients read this in stdout, as before
                     text += "\n"
                     capture.feed("stdout", text, len(text.encode()))
+                if kind != "update_display_data" and isinstance(data, dict):
+                    # The whole bundle travels too, in order, counted against the output limit.
+                    bundle = {"output_type": kind, "data": data, "metadata": content.get("metadata") or {}}
+                    capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
+                    if not capture.over:
+                        capture.outputs.append(bundle)
             elif kind == "error":
                 state.ename, state.evalue = content.get("ename"), content.get("evalue")
                 if state.ename != "SystemExit":
@@ -535,6 +544,10 @@ class SessionRunner:
                 await asyncio.wait([idle], timeout=SETTLE_AFTER_REPLY)
         finally:
             reply.cancel()
+
+
+def _ignore(stream: str, text: str) -> None:
+    pass
 
 
 async def _shell_reply(kc, msg_id: str, state: CellState) -> None:

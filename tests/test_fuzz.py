@@ -59,6 +59,7 @@ submissions = st.fixed_dictionaries({}, optional={
     "timeout": st.floats() | st.integers() | json_values,
     "retries": st.integers(min_value=-3, max_value=20) | json_values,
     "session": st.text(max_size=10) | json_values,
+    "collect": st.lists(st.text(max_size=8) | json_values, max_size=3) | json_values,
     "unexpected": json_values,
 })
 
@@ -146,7 +147,8 @@ def test_check_submission_normalises_or_names_the_problem(body):
     assert 0 <= sub["retries"] <= P.MAX_RETRIES
     assert all(isinstance(a, str) for a in sub["args"]) and isinstance(sub["files"], dict)
     for name in sub["files"]:
-        assert "/" not in name and name not in (".", "..")
+        parts = name.split("/")
+        assert not set(parts) & {"", ".", ".."} and len(parts) <= P.MAX_FILE_DEPTH
     json.dumps(sub, allow_nan=False)  # what is accepted can be stored and sent back
 
 

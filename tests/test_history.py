@@ -150,3 +150,14 @@ def test_user_add_makes_the_default_home_private(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(auth, "_hasher", CHEAP)
     assert cli.main(["user", "add", "carol", "--password-stdin"]) == 0
     assert mode(home) == 0o700 and mode(home / "users.json") == 0o600
+
+
+def test_pruning_a_job_deletes_its_collected_files(make_cluster, home):
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        job = c.submit("open('out.txt', 'w').write('kept')", collect=["out.txt"]).wait(60)
+        assert job.status == P.SUCCEEDED and job.artifact("out.txt") == b"kept"
+        folder = os.path.join(str(home), "history-artifacts", str(job.id))
+        assert os.path.isdir(folder)
+        assert c.prune(before="2999-01-01") >= 1
+        wait_for(lambda: not os.path.exists(folder), 15, "the pruned job's files to go")

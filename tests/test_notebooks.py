@@ -160,8 +160,33 @@ def check_panel(nb, cluster: Cluster) -> None:
     assert len(shown) == 1 and "application/vnd.jupyter.widget-view+json" in shown[0].data
 
 
+def check_rich(nb, cluster: Cluster) -> None:
+    # Only what the notebook itself showed: the cluster's history may hold anything.
+    import base64
+
+    def shown(c) -> list[dict]:
+        return [o.data for o in c.outputs if o.output_type == "display_data"]
+
+    png = b"\x89PNG\r\n\x1a\n"
+    figure = shown(cell(nb, "%%remote --session plots\n%matplotlib inline"))
+    assert [base64.b64decode(d["image/png"])[:8] for d in figure if "image/png" in d] == [png], figure
+    assert STATUS_OK.search(figure[-1]["text/plain"])
+    table = [d for d in shown(cell(nb, "%%remote --session plots\nimport pandas")) if "<table" in d.get("text/html", "")]
+    assert len(table) == 1 and "sin x" in table[0]["text/html"]
+    stats = cell(nb, "%%remote --file data/")
+    assert "500 values, mean 10." in text_of(stats) and "out/summary.csv" in text_of(stats)
+    made = cell(nb, "%%remote --session plots --file data/")
+    images = [d for d in shown(made) if "image/png" in d]
+    assert len(images) == 1 and base64.b64decode(images[0]["image/png"])[:8] == png
+    assert "histogram.png" in images[0]["text/plain"]
+    listing = text_of(cell(nb, "print(stats.artifact("))
+    assert re.search(r"^count,mean,stdev\n500,10\.\d+,", listing, re.M), listing
+    assert re.search(r"^histogram\.png \d+ image/png$", listing, re.M), listing
+    assert "starts with b'\\x89PNG'" in listing, listing
+
+
 CHECKS = {"quickstart.ipynb": check_quickstart, "multilang.ipynb": check_multilang,
-          "fanout.ipynb": check_fanout, "panel.ipynb": check_panel}
+          "fanout.ipynb": check_fanout, "panel.ipynb": check_panel, "rich.ipynb": check_rich}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

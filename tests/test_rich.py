@@ -1,0 +1,218 @@
+"""Rich results: a session cell's MIME bundles (HTML, JSON, figures, tables) and IPython syntax,
+and what ``%%remote`` shows of them and of collected files, against a real cluster."""
+from __future__ import annotations
+
+import base64
+import uuid
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.local import LocalCluster
+
+T = 120  # a session's first cell starts a kernel; importing matplotlib there takes seconds more
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTEXEC_HOME", str(home))
+        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
+            mp.delenv(var, raising=False)
+        cluster = LocalCluster(1, slots=2, home=str(home), log_dir=str(home / "logs"), languages="python")
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def c(lc):
+    client = Cluster(lc.url, token=lc.token)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def shell(lc):
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "distexec_kernel")
+    yield sh
+    sh.run_line_magic("unload_ext", "distexec_kernel")
+
+
+def session() -> str:
+    return f"rich-{uuid.uuid4().hex[:6]}"
+
+
+def test_each_mime_type_arrives_whole_and_in_order(c):
+    big_html = "<table>" + "<tr><td>x</td></tr>" * 20000 + "</table>"  # ~400 KB: more than one output chunk
+    src = ("from IPython.display import display, HTML, JSON, Markdown, SVG, Latex\n"
+           f"display(HTML({big_html!r}))\n"
+           "display(JSON({'a': [1, 2, {'b': None}]}))\n"
+           "display(Markdown('**bold**'))\n"
+           "display(SVG('<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"4\" height=\"4\"/>'))\n"
+           "display(Latex(r'$x^2$'))\n"
+           "display({'application/vnd.custom+json': {'k': 1}, 'text/plain': 'custom'}, raw=True)\n"
+           "print('between')\n"
+           "{'last': 'value'}\n")
+    job = c.submit(src, session=session()).wait(T)
+    assert job.status == P.SUCCEEDED, job.stderr
+    kinds = [(o["output_type"], sorted(o["data"])) for o in job.outputs]
+    assert kinds == [
+        ("display_data", ["text/html", "text/plain"]),
+        ("display_data", ["application/json", "text/plain"]),
+        ("display_data", ["text/markdown", "text/plain"]),
+        ("display_data", ["image/svg+xml", "text/plain"]),
+        ("display_data", ["text/latex", "text/plain"]),
+        ("display_data", ["application/vnd.custom+json", "text/plain"]),
+        ("execute_result", ["text/plain"]),
+    ], kinds
+    assert job.outputs[0]["data"]["text/html"] == big_html
+    assert job.outputs[1]["data"]["application/json"] == {"a": [1, 2, {"b": None}]}
+    assert job.outputs[5]["data"]["application/vnd.custom+json"] == {"k": 1}
+    # Terminals still read the plain text in stdout, as before.
+    assert "<IPython.core.display.HTML object>" in job.stdout and "between" in job.stdout
+    assert job.stdout.rstrip().endswith("{'last': 'value'}")
+    # The bulky outputs are not in a history page's summaries.
+    records, _ = c.jobs_page(limit=5, summary=True)
+    assert all("outputs" not in r for r in records)
+
+
+def test_a_matplotlib_figure_and_a_dataframe_come_back_as_png_and_html(c):
+    name = session()
+    job = c.submit("%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('t')\n"
+                   "plt.show()", session=name).wait(T)
+    assert job.status == P.SUCCEEDED, job.stderr
+    pngs = [o for o in job.outputs if "image/png" in o["data"]]
+    assert len(pngs) == 1, job.outputs
+    png = base64.b64decode(pngs[0]["data"]["image/png"])
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    assert "Figure size" in pngs[0]["data"]["text/plain"]
+    job = c.submit("import pandas as pd\npd.DataFrame({'n': [1, 2], 'sq': [1, 4]})", session=name).wait(T)
+    assert job.status == P.SUCCEEDED, job.stderr
+    [table] = job.outputs
+    assert table["output_type"] == "execute_result" and "<table" in table["data"]["text/html"]
+    assert "sq" in table["data"]["text/plain"]
+
+
+def test_ipython_syntax_is_accepted_in_sessions_and_refused_in_plain_jobs(c):
+    name = session()
+    job = c.submit("%matplotlib inline\n!echo hi from the shell\nfiles = !ls\nx = 5\nx?\n%time y = x * 2\nprint(y)",
+                   session=name).wait(T)
+    assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+    assert "hi from the shell" in job.stdout and "10" in job.stdout
+    # A syntax error in a session cell is still refused before it runs, pointing at its line.
+    bad = c.submit("%matplotlib inline\n!ls\nx = (1,\n", session=name).wait(T)
+    assert bad.status == P.REJECTED and bad.error["code"] == P.SYNTAX_ERROR
+    assert bad.error["line"] == 3 and bad.error["text"] == "x = (1,", bad.error
+    bad = c.submit("x = 1\n!echo fine\nif x\n    pass\n", session=name).wait(T)
+    assert bad.error["code"] == P.SYNTAX_ERROR and bad.error["line"] == 3 and bad.error["text"] == "if x"
+    # A plain Python job is plain Python: the magic line is its syntax error.
+    plain = c.submit("x = 1\n!echo hi\n").wait(T)
+    assert plain.status == P.REJECTED and plain.error["line"] == 2 and plain.error["text"] == "!echo hi"
+
+
+def test_rich_outputs_count_against_the_output_limit(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "1"])
+    with Cluster(lc.url, token=lc.token) as c:
+        # 2 MB of HTML, with a plain text of a few bytes: over the 1 MiB limit all the same.
+        job = c.submit("from IPython.display import HTML, display\ndisplay(HTML('x' * 2_000_000))",
+                       session="big").wait(T)
+        assert job.status == P.FAILED and job.error["code"] == P.OUTPUT_LIMIT, (job.error, job.stderr)
+        assert job.outputs == []
+
+
+def test_remote_magic_shows_a_session_figure_and_html_as_jupyter_would(shell, lc):
+    name = session()
+    with capture_output() as cap:
+        result = shell.run_cell(f"%%remote --session {name}\n%matplotlib inline\nimport matplotlib.pyplot as plt\n"
+                                "from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))\n"
+                                "plt.plot([1, 2]); plt.show()\n")
+    assert result.success, cap.stdout + cap.stderr
+    shown = [o.data for o in cap.outputs]
+    assert shown[0]["text/html"] == "<b>bold</b>"
+    assert base64.b64decode(shown[1]["image/png"]).startswith(PNG_MAGIC)
+    assert shown[-1]["text/plain"].startswith("✅ job")  # the status line comes last
+    # Text-only results are in the streamed stdout, not shown twice.
+    with capture_output() as cap:
+        result = shell.run_cell(f"%%remote --session {name}\n6 * 7\n")
+    assert result.success and "42" in cap.stdout
+    assert [o.data["text/plain"][:1] for o in cap.outputs] == ["✅"]
+
+
+def test_remote_magic_collect_shows_images_and_lists_other_files(shell, lc, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "values.txt").write_text("3\n1\n2\n")
+    cell = (f"%%remote --file {tmp_path / 'data'}/ --collect '*.png' --collect 'out/*' -o collected\n"
+            "import os, struct, zlib\n"
+            "values = [int(v) for v in open('data/values.txt').read().split()]\n"
+            "def chunk(kind, body):\n"
+            "    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))\n"
+            "png = (b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 1, 1, 8, 0, 0, 0, 0))\n"
+            "       + chunk(b'IDAT', zlib.compress(b'\\x00\\xff')) + chunk(b'IEND', b''))\n"
+            "open('plot.png', 'wb').write(png)\n"
+            "os.makedirs('out')\nopen('out/sorted.txt', 'w').write(str(sorted(values)))\nprint('made')\n")
+    with capture_output() as cap:
+        result = shell.run_cell(cell)
+    assert result.success, cap.stdout + cap.stderr
+    assert "made" in cap.stdout
+    shown = [o.data for o in cap.outputs]
+    images = [d for d in shown if "image/png" in d]
+    assert len(images) == 1 and base64.b64decode(images[0]["image/png"]).startswith(PNG_MAGIC)
+    assert "plot.png" in images[0]["text/plain"]
+    listing = next(d for d in shown if "collected file" in d.get("text/plain", ""))
+    assert "out/sorted.txt" in listing["text/plain"] and "out/sorted.txt" in listing["text/html"]
+    job = shell.user_ns["collected"]
+    assert job.artifact("out/sorted.txt") == b"[1, 2, 3]"
+
+
+def test_the_python_kernel_shows_a_sessions_rich_outputs(lc, tmp_path, monkeypatch):
+    from jupyter_client.manager import start_new_kernel
+
+    from distexec_kernel import kernelspec
+    kernelspec.install(["python"], prefix=str(tmp_path))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    monkeypatch.setenv("DISTEXEC_URL", lc.url)
+    monkeypatch.setenv("DISTEXEC_TOKEN", lc.token)
+    km, kc = start_new_kernel(kernel_name="distexec-python", startup_timeout=60)
+    try:
+        msg_id = kc.execute("from IPython.display import HTML\nHTML('<i>it</i>')")
+        reply = kc.get_shell_msg(timeout=T)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=T)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        got = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=10)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+            got.append(msg)
+        results = [m["content"] for m in got if m["msg_type"] == "execute_result"]
+        assert [r["data"].get("text/html") for r in results] == ["<i>it</i>"], got
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_session_syntax_check_never_raises():
+    from hypothesis import given, settings, strategies as st
+
+    from distexec_kernel import languages as L
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=40))
+    def check(source):
+        detail = L.check_session_syntax(source)
+        assert detail is None or (detail["message"] and (detail["line"] is None or detail["line"] >= 1))
+
+    check()
+    assert L.check_session_syntax("%%bash\nls -l\n") is None
+    assert L.check_session_syntax("x = 1\ny = (\n")["line"] == 2
