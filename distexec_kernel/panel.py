@@ -33,7 +33,7 @@ import time
 
 import ipywidgets as W
 
-from . import panel_html as H, protocol as P
+from . import display as D, panel_html as H, protocol as P
 from .panel_jobs import editor_request, editor_timeout, is_unnamed, rerun_request
 from .panel_model import PAGE_SIZE, PanelModel, Task
 from .panel_views import ClusterView, DetailView, EditorView, JobsView
@@ -152,7 +152,10 @@ class JobPanel(W.VBox):
         return self._task("submit", self._submit, request)
 
     def cancel(self) -> concurrent.futures.Future | None:
-        """Cancel the selected job (the Cancel button)."""
+        """Cancel the selected job, or every unfinished job of the selected group (the Cancel button)."""
+        group = self.model.group
+        if group is not None:
+            return self._task(f"cancel group {group}", self._cancel_group, group)
         job_id = self.model.selected
         return None if job_id is None else self._task(f"cancel job {job_id}", self._cancel, job_id)
 
@@ -241,7 +244,12 @@ class JobPanel(W.VBox):
 
     def _load_detail(self, job_id: int) -> None:
         if self.model.detail_wanted(job_id):
-            self._run_tasks(self.model.detail_loaded(self.cluster.job(job_id).record))
+            job = self.cluster.job(job_id)
+            self._run_tasks(self.model.detail_loaded(job.record))
+            images = H.image_artifacts(job.artifacts)
+            if images:
+                # Collected images show in the detail; bounded in number and size (panel_html).
+                self.model.images_loaded(job_id, {a["name"]: H.data_uri(a, job.artifact(a["name"])) for a in images})
 
     def _submit(self, request: dict) -> dict:
         start = self.model.seq
@@ -256,6 +264,10 @@ class JobPanel(W.VBox):
         else:
             self.model.say(f"cancel of job {job_id} requested", about=job_id)
             self._wake.set()
+
+    def _cancel_group(self, group: str) -> None:
+        cancelled = self.cluster.cancel_group(group)
+        self._say(f"group {group}: cancel of {D.plural(cancelled, 'job')} requested")
 
     def _full_record(self, job_id: int) -> dict:
         return self.model.full_record(job_id) or self.cluster.job(job_id).record
@@ -362,15 +374,24 @@ class JobPanel(W.VBox):
             job = dict(m.detail) if m.detail else None
             full = m.detail_full
             outs = {s: (o.tail(H.OUTPUT_TAIL), o.length) for s, o in m.detail_out.items()}
+            images = dict(m.images)
+        group = m.group_summary()
         d = self.detail
         self.renders["detail"] += 1
+        if group is not None:
+            d.header.value = H.group_html(group)
+            d.source.value = d.stdout.value = d.stderr.value = ""
+            d.cancel_button.disabled = not group["unfinished"]
+            d.cancel_button.button_style = "danger" if group["unfinished"] else ""
+            d.rerun_button.disabled = d.edit_button.disabled = True
+            return
         if job is None:
             d.header.value = H.EMPTY_DETAIL
             d.source.value = d.stdout.value = d.stderr.value = ""
             d.cancel_button.disabled = d.rerun_button.disabled = d.edit_button.disabled = True
             d.cancel_button.button_style = ""
             return
-        d.header.value = H.detail_html(job)
+        d.header.value = H.detail_html(job) + H.artifacts_html(job.get("artifacts") or [], images)
         cancellable = job.get("status") in (P.QUEUED, P.RUNNING)
         d.cancel_button.disabled = not cancellable
         d.cancel_button.button_style = "danger" if cancellable else ""

@@ -14,6 +14,8 @@ import html
 import shlex
 
 from . import display as D, protocol as P
+from .files import human_size
+from .group import describe_counts
 from .panel_jobs import display_name
 
 # The detail view shows the tail of a long output; the whole of it stays one
@@ -102,3 +104,43 @@ def title_html(url: str, me: str, connected: bool, total: int, slaves: int, clie
 def cluster_html(slaves: list[dict], clients: list[dict]) -> tuple[str, str]:
     """The Cluster tab's two tables (``display`` escapes every cell)."""
     return D.slaves_html(slaves), D.clients_html(clients)
+
+
+# Collected images the detail shows inline: the first few, each under a size the page can carry.
+SHOWN_IMAGES = 4
+IMAGE_BYTES = 2 << 20
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+
+def image_artifacts(artifacts: list[dict]) -> list[dict]:
+    """The artifacts the detail shows as pictures (no SVG: it is markup, and could carry script)."""
+    return [a for a in artifacts if a.get("mime") in IMAGE_TYPES and a.get("size", 0) <= IMAGE_BYTES][:SHOWN_IMAGES]
+
+
+def data_uri(artifact: dict, data: bytes) -> str:
+    import base64
+    return f"data:{artifact['mime']};base64,{base64.b64encode(data).decode()}"
+
+
+def artifacts_html(artifacts: list[dict], images: dict[str, str]) -> str:
+    """The job's collected files: name and size each, and the images themselves."""
+    if not artifacts:
+        return ""
+    items = "".join(f"<li><code>{esc(a['name'])}</code> · {esc(human_size(a.get('size') or 0))}"
+                    f"{' · ' + esc(a['mime']) if a.get('mime') else ''}</li>" for a in artifacts)
+    pictures = "".join(f"<div><img alt='{esc(name)}' src='{uri}' style='max-width:100%;max-height:320px'></div>"
+                       for name, uri in images.items() if uri.startswith("data:image/"))
+    return f"<div class='distexec-artifacts'><b>collected files</b><ul>{items}</ul>{pictures}</div>"
+
+
+def group_html(group: dict) -> str:
+    """A fan-out group in the detail: its counts per state and its jobs, in input order."""
+    rows = "".join(f"<tr><td>{esc(j['id'])}</td><td>{state_html(j.get('status'))}</td>"
+                   f"<td>{esc(' '.join(j.get('args') or []))}</td><td>{esc(D.short_uid(j.get('slave_uid')))}</td>"
+                   f"<td>{esc((j.get('error') or {}).get('code'))}</td></tr>" for j in group["jobs"][:200])
+    more = len(group["jobs"]) - 200
+    note = f"<p class='distexec-muted'>… and {more} more</p>" if more > 0 else ""
+    return (f"<p><b>group {esc(group['group'])}</b> · {len(group['jobs'])} jobs · "
+            f"{esc(describe_counts(group['counts']))}</p>"
+            f"<table><tr><th>job</th><th>state</th><th>arguments</th><th>slave</th><th>error</th></tr>"
+            f"{rows}</table>{note}")

@@ -22,6 +22,7 @@ import threading
 import time
 
 from . import display as D, protocol as P
+from .group import describe_counts
 from .panel_jobs import Output, matches, progress, row_label
 
 PAGE_SIZE = 100
@@ -89,6 +90,9 @@ class PanelModel:
         self.note = ""
         self.note_job: int | None = None      # the note is about this job's progress
         self.dirty: set[str] = set()
+        self.expanded: set[str] = set()       # fan-out groups whose jobs are listed under their row
+        self.group: str | None = None         # the group shown in the detail (its row was clicked)
+        self.images: dict[str, str] = {}      # the selected job's collected images, as data: URIs
         self.ticking = False                  # a running job is on screen
         self._next_tick: float | None = None
 
@@ -181,6 +185,8 @@ class PanelModel:
             self.jobs[job_id] = {}
         self.jobs[job_id].update(summary)
         self.mark("jobs")
+        if self.group is not None and summary.get("group") == self.group:
+            self.mark("detail")  # the group's counts in the detail
         if job_id == self.selected:
             return self._detail_event({"type": "job_update", "job": summary})
         return []
@@ -234,8 +240,20 @@ class PanelModel:
     # -- user actions (the kernel's thread) -----------------------------------------
 
     def select(self, job_id: int | None) -> list[Task]:
-        """Show job ``job_id`` in the detail; its full record is to be loaded."""
+        """Show job ``job_id`` in the detail; its full record is to be loaded.
+
+        A negative value is a group's row (``group_value``): it opens or
+        closes the group's jobs under it and shows the group in the detail.
+        """
         with self.lock:
+            if job_id is not None and job_id < 0:
+                group = f"g{-job_id}"
+                self.expanded.symmetric_difference_update({group})
+                self.group, self.selected, self.detail, self.detail_log = group, None, None, None
+                self.mark("detail", "jobs")
+                return []
+            self.group = None
+            self.images = {}
             self.selected = job_id
             self.detail = dict(self.jobs[job_id]) if job_id in self.jobs else None
             self.detail_full = False
@@ -374,8 +392,7 @@ class PanelModel:
     def page_view(self) -> tuple[Page, list[Task]]:
         """The rows of the current page, and a ``load_more`` task if the page needs older history."""
         with self.lock:
-            rows = sorted((j for j in self.jobs.values() if "status" in j and matches(j, *self.filter)),
-                          key=lambda j: -j["id"])
+            rows = self._rows()
             pages = max(1, -(-len(rows) // self.page_size))
             if self.page >= pages and self.complete:
                 self.page = pages - 1
@@ -386,7 +403,8 @@ class PanelModel:
             if need_more and not self.loading_more:
                 self.loading_more = True
                 tasks.append(Task("load_more"))
-            self.ticking = any(j["status"] == P.RUNNING for j in shown) or (
+            # A group's row shows no elapsed time: only a running job's row ticks.
+            self.ticking = any(j.get("status") == P.RUNNING for j in shown) or (
                 self.detail is not None and self.detail.get("status") == P.RUNNING)
             filtered = any(self.filter)
             if not rows:
@@ -395,14 +413,81 @@ class PanelModel:
             else:
                 label = f"{first + 1}–{first + len(shown)} of {len(rows)}" + (" matching" if filtered else "")
                 label += "" if self.complete else f" loaded, {self.total} in the history"
-            options = [(row_label(j), j["id"]) for j in shown]
-            selected = self.selected if any(v == self.selected for _, v in options) else None
+            options = [self._option(j) for j in shown]
+            wanted = group_value(self.group) if self.group is not None else self.selected
+            selected = wanted if any(v == wanted for _, v in options) else None
             page = Page(options, selected, label, prev_disabled=self.page == 0,
                         next_disabled=self.complete and first + self.page_size >= len(rows))
             return page, tasks
+
+    # -- fan-out groups ----------------------------------------------------------------
+
+    def _rows(self) -> list[dict]:
+        """The list's rows, newest first: a group is one row (where its newest job stands),
+        followed by its jobs in input order when it is open."""
+        jobs = sorted((j for j in self.jobs.values() if "status" in j and matches(j, *self.filter)),
+                      key=lambda j: -j["id"])
+        out, seen = [], set()
+        for job in jobs:
+            group = job.get("group")
+            if group is None:
+                out.append(job)
+                continue
+            if group in seen:
+                continue
+            seen.add(group)
+            out.append({"group": group, "row": "group"})
+            if group in self.expanded:
+                out += sorted((j for j in jobs if j.get("group") == group), key=lambda j: j["id"])
+        return out
+
+    def _option(self, row: dict) -> tuple[str, int]:
+        if row.get("row") == "group":
+            return self._group_label(row["group"]), group_value(row["group"])
+        label = row_label(row)
+        return ("   └ " + label if row.get("group") else label), row["id"]
+
+    def group_jobs(self, group: str) -> list[dict]:
+        with self.lock:
+            return sorted((j for j in self.jobs.values() if j.get("group") == group and "status" in j),
+                          key=lambda j: j["id"])
+
+    def _group_label(self, group: str) -> str:
+        jobs = self.group_jobs(group)
+        counts: dict[str, int] = {}
+        for j in jobs:
+            counts[j["status"]] = counts.get(j["status"], 0) + 1
+        ended = sum(n for s, n in counts.items() if s in P.TERMINAL)
+        name = next((j.get("name") for j in jobs if j.get("name")), "") or ""
+        opened = "▾" if group in self.expanded else "▸"
+        return (f"{opened} group {group:<8} {name[:24]:<24}  {ended}/{len(jobs)} done  "
+                f"{describe_counts(counts)}")
+
+    def group_summary(self) -> dict | None:
+        """What the detail shows for the selected group: id, name, counts, its jobs."""
+        with self.lock:
+            if self.group is None:
+                return None
+            jobs = self.group_jobs(self.group)
+            counts: dict[str, int] = {}
+            for j in jobs:
+                counts[j["status"]] = counts.get(j["status"], 0) + 1
+            return {"group": self.group, "jobs": jobs, "counts": counts,
+                    "unfinished": sum(1 for j in jobs if j["status"] not in P.TERMINAL)}
+
+    def images_loaded(self, job_id: int, images: dict[str, str]) -> None:
+        with self.lock:
+            if self.selected == job_id:
+                self.images = images
+                self.mark("detail")
 
     def me(self, client_id: str | None) -> str:
         """This panel's client as the Cluster tab lists it: ``c7 · alice``."""
         with self.lock:
             user = next((c.get("user") for c in self.clients if c.get("id") == client_id), None)
         return D.identity(client_id, user)
+
+
+def group_value(group: str) -> int:
+    """A group's row in the list: minus the number in its id (``g42`` is -42), apart from every job id."""
+    return -int(group[1:])

@@ -404,3 +404,33 @@ def test_edit_of_a_job_that_ran_with_the_default_timeout_keeps_the_default(panel
     panel.detail.edit_button.click()
     wait_for(lambda: panel.editor.source.value == "print('plain')", T, "loaded into the editor")
     assert panel.editor.timeout.value == 0.0 and panel.editor.name.value == ""
+
+
+def test_a_group_shows_as_one_row_and_cancelling_it_cancels_the_group(panel, client):
+    from distexec_kernel.panel_model import group_value
+    group = client.map("import time, sys\ntime.sleep(60)\n", range(6), name="panel-sweep")
+    row = group_value(group.id)
+    wait_for(lambda: row in rows(panel), T, "the group's row")
+    assert rows(panel)[row].startswith("▸ group " + group.id) and "0/6 done" in rows(panel)[row]
+    assert not any(v in rows(panel) for v in (j.id for j in group))  # its jobs folded into the one row
+    panel.job_list.value = row  # a click on the row
+    wait_for(lambda: all(j.id in rows(panel) for j in group), T, "the group opened to its jobs")
+    header = text(panel.detail.header)
+    assert f"group {group.id}" in header and "6 jobs" in header
+    assert not panel.detail.cancel_button.disabled
+    panel.detail.cancel_button.click()
+    assert group.wait(T, progress=False).counts() == {P.CANCELLED: 6}
+    wait_for(lambda: "🚫 6" in rows(panel)[row] and panel.detail.cancel_button.disabled, T, "the row cancelled")
+
+
+def test_the_detail_lists_collected_files_and_shows_images(panel, client):
+    png = ("import base64\nopen('dot.png', 'wb').write(base64.b64decode("
+           "'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=='))\n"
+           "open('notes.txt', 'w').write('n')\n")
+    job = client.submit(png, collect=["*.png", "*.txt"]).wait(60)
+    assert {a["name"] for a in job.artifacts} == {"dot.png", "notes.txt"}
+    wait_for(lambda: job.id in rows(panel), T, "the job's row")
+    panel.job_list.value = job.id
+    wait_for(lambda: "<img" in panel.detail.header.value, T, "the image in the detail")
+    header = panel.detail.header.value
+    assert "data:image/png;base64,iVBOR" in header and "notes.txt" in header and header.count("<img") == 1

@@ -238,3 +238,46 @@ def test_pages_ask_for_older_history_once():
     assert m.more_loaded([job(7), job(6)], 5, 2, chunk=2)
     page, _ = m.page_view()
     assert [v for _, v in page.options] == [7, 6] and re.match(r"3–4 of 4 loaded, 5 in", page.label)
+
+
+# -- fan-out groups (issue 14) and collected files (issue 15) ------------------------------------------
+
+def test_a_group_is_one_row_that_opens_to_its_jobs():
+    from distexec_kernel.panel_model import group_value
+    m = loaded(PanelModel())
+    for i in range(10, 14):
+        m.on_event(update(job(i, P.SUCCEEDED if i < 12 else P.RUNNING, group="g10", name="sweep", args=[str(i)])))
+    m.on_event(update(job(14, P.QUEUED)))
+    page, _ = m.page_view()
+    labels = [label for label, _ in page.options]
+    assert [v for _, v in page.options] == [14, group_value("g10")]  # one row for the four
+    assert labels[1].startswith("▸ group g10") and "2/4 done" in labels[1] and "✅ 2" in labels[1]
+    # Clicking the row opens it: its jobs follow it, in input order; the detail shows the group.
+    assert m.select(group_value("g10")) == []
+    page, _ = m.page_view()
+    assert [v for _, v in page.options] == [14, -10, 10, 11, 12, 13]
+    assert page.selected == -10 and page.options[2][0].startswith("   └ ")
+    summary = m.group_summary()
+    assert summary["counts"] == {P.SUCCEEDED: 2, P.RUNNING: 2} and summary["unfinished"] == 2
+    html = H.group_html(summary)
+    assert "group g10" in html and "4 jobs" in html and html.count("<tr>") == 5
+    # Live: an event moves the row's counts; clicking again closes it.
+    m.on_event(update(job(12, P.FAILED, group="g10", name="sweep")))
+    assert "❌ 1" in m.page_view()[0].options[1][0]
+    m.select(-10)
+    assert [v for _, v in m.page_view()[0].options] == [14, -10]
+    # Selecting a job leaves the group.
+    assert m.select(14) == [Task("load_detail", 14)] and m.group_summary() is None
+
+
+def test_collected_files_are_listed_and_only_raster_images_shown():
+    artifacts = [{"name": "plot.png", "size": 2048, "mime": "image/png", "sha256": "x"},
+                 {"name": f"out/{XSS}.svg", "size": 10, "mime": "image/svg+xml", "sha256": "y"},
+                 {"name": "huge.png", "size": H.IMAGE_BYTES + 1, "mime": "image/png", "sha256": "z"}]
+    assert [a["name"] for a in H.image_artifacts(artifacts)] == ["plot.png"]  # no SVG (markup), nothing huge
+    uri = H.data_uri(artifacts[0], b"\x89PNG")
+    html = H.artifacts_html(artifacts, {"plot.png": uri, "evil": "javascript:alert(1)"})
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.count("<img") == 1 and f"src='{uri}'" in html
+    assert "2.0 KiB" in html or "2048" in html
+    assert H.artifacts_html([], {}) == ""
