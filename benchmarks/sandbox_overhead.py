@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slave.sandbox import BwrapSandbox, Cgroups, Limits, Sandbox, seccomp_available  # noqa: E402
+from slave.bwrap import BwrapSandbox  # noqa: E402
+from slave.sandbox import Cgroups, Limits, Sandbox  # noqa: E402
+from slave.seccomp import seccomp_available  # noqa: E402
 
 
 def one(sandbox: Sandbox, argv: list[str], workdir: str, limits: Limits) -> float:

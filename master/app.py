@@ -1,4 +1,4 @@
-"""The master's Tornado application: HTTP API and the two WebSocket channels.
+"""The master's Tornado application: the HTTP API (the two WebSocket channels are in sockets.py).
 
 Handlers stay thin: authenticate, parse, validate, call ``Master``, write.
 """
@@ -8,71 +8,24 @@ import asyncio
 import json
 import logging
 import math
-import time
 
 import tornado.web
 import tornado.websocket
 
 from distexec_kernel import __version__, protocol as P
 
-from .auth import Auth, Identity
+from .auth import UNAUTHORIZED, Auth, Identity, bearer
 from .core import Master
-from .limits import LOGIN_BURST, LOGIN_RATE, RateLimiter
+from .limits import Gate, RateLimited
+from .sockets import PING_INTERVAL, PING_TIMEOUT, ClientSocket, SlaveSocket
 
 log = logging.getLogger("distexec.master.app")
 
 MAX_BODY_BYTES = 32 << 20
-PING_INTERVAL = 2.0  # seconds; a dead peer is noticed within PING_INTERVAL + PING_TIMEOUT
-PING_TIMEOUT = 2.0  # tornado caps it at the interval
-
-
-def _bearer(handler: tornado.web.RequestHandler) -> str | None:
-    header = handler.request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    # Browsers cannot set headers on a WebSocket: accept ?token= there.
-    return handler.get_query_argument("token", None)
 
 
 # HTTP status for the ProtocolError codes that are not a plain 400.
 STATUS_FOR_CODE = {"too_large": 413, "rate_limited": 429, "queue_full": 429, "forbidden": 403}
-
-
-class Gate:
-    """The per-client limits the handlers apply before calling ``Master``."""
-
-    def __init__(self, submit_rate: float | None = None, submit_burst: float | None = None):
-        self.submissions = RateLimiter(submit_rate, submit_burst)
-        self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)
-
-    def check_submit(self, ident: Identity) -> None:
-        """Raise ``rate_limited`` if ``ident`` submits faster than allowed.
-
-        Keyed by the authenticated user, not the client id a request names,
-        which anyone can make up.  Admins are not limited: they run the
-        cluster (benchmarks, batch drivers) and can cancel anything anyway;
-        the bounded queue still protects the master's memory from them.
-        """
-        if ident.admin:
-            return
-        wait = self.submissions.take(ident.user)
-        if wait:
-            raise RateLimited(f"too many submissions from {ident.user!r}: at most "
-                              f"{self.submissions.rate:g}/s (burst {self.submissions.burst:g}); "
-                              f"retry in {wait:.2f} s", wait)
-
-
-class RateLimited(P.ProtocolError):
-    def __init__(self, message: str, retry_after: float):
-        super().__init__("rate_limited", message)
-        self.retry_after = retry_after
-
-    def to_dict(self) -> dict:
-        # The WebSocket's answer has no header: the wait travels in the error.
-        return {**super().to_dict(), "retry_after": round(self.retry_after, 3)}
-
-
-UNAUTHORIZED = "a valid token is required (Authorization: Bearer TOKEN); login tokens expire: log in again"
 
 
 class ApiHandler(tornado.web.RequestHandler):
@@ -94,7 +47,7 @@ class ApiHandler(tornado.web.RequestHandler):
 
     def authenticate(self) -> bool:
         """Set ``identity`` and ``user`` from the request's token; False if it is not valid."""
-        self.identity = self.auth.identify(_bearer(self))
+        self.identity = self.auth.identify(bearer(self))
         if self.identity is None:
             return False
         self.user = self.identity.user
@@ -397,177 +350,6 @@ class NotFoundHandler(ApiHandler):
 
 
 # --- WebSockets -------------------------------------------------------------
-
-class _Socket(tornado.websocket.WebSocketHandler):
-    """Common part of both channels: JSON frames checked against the protocol table.
-
-    Both channels turn Nagle's algorithm off (``set_nodelay``): their frames
-    are small and each waits for an answer, and with Nagle on, a frame held
-    back until the peer's delayed ACK costs up to 40 ms per hop (measured:
-    a trivial job took 67 ms between dispatch and result instead of 13 ms).
-    """
-
-    handlers: dict[str, str] = {}
-
-    def initialize(self, master: Master, auth: Auth, gate: Gate) -> None:
-        self.master = master
-        self.auth = auth
-        self.gate = gate
-        self.closed = False
-
-    def check_origin(self, origin: str) -> bool:
-        # Auth is by token, never by cookie, so cross-origin pages gain nothing.
-        return True
-
-    def send(self, msg: dict | str) -> None:
-        if self.closed:
-            return
-        try:
-            self.write_message(msg if isinstance(msg, str) else P.encode(msg))
-        except tornado.websocket.WebSocketClosedError:
-            self.closed = True
-
-    def reply_error(self, code: str, message: str) -> None:
-        log.warning("%s %s: %s", self.__class__.__name__, self.request.remote_ip, message)
-        self.send(P.make("error", error=P.error(code, message)))
-
-    async def on_message(self, text) -> None:
-        try:
-            msg = P.decode(text)
-        except P.ProtocolError as exc:
-            return self.reply_error(exc.code, exc.message)
-        name = self.handlers.get(msg["type"])
-        if name is None:
-            return self.reply_error("unexpected_type", f"{msg['type']!r} is not accepted on this channel")
-        try:
-            await getattr(self, name)(msg)
-        except P.ProtocolError as exc:
-            self.reply_error(exc.code, exc.message)
-
-    def on_close(self) -> None:
-        self.closed = True
-
-
-class ClientSocket(_Socket):
-    handlers = {"submit": "on_submit", "cancel": "on_cancel"}
-
-    def prepare(self):
-        self.identity = self.auth.identify(_bearer(self))
-        if self.identity is None:
-            raise tornado.web.HTTPError(401, reason="Unauthorized")
-        self.user = self.identity.user
-
-    def open(self) -> None:
-        self.set_nodelay(True)  # see _Socket's note on small frames
-        # The host is the address this connection comes from; what the client
-        # says its host is (?host=) is a label only.
-        host = self.request.remote_ip or "?"
-        # A client is listed as the user its token or login names, the user its jobs carry:
-        # one identity everywhere (a name the client gives itself would differ from its jobs').
-        user = self.user
-        wanted = self.get_query_argument("client_id", None)
-        self.info = self.master.client_connected(self, user, host, wanted, owner=self.identity.owner,
-                                                 account=self.identity.user,
-                                                 label=self.get_query_argument("host", None))
-        self._expiry = None
-        if self.identity.expires_at is not None:
-            # A login token's channel ends with the token; reconnecting then needs a new login.
-            delay = max(0.0, self.identity.expires_at - time.time())
-            self._expiry = asyncio.get_running_loop().call_later(
-                delay, lambda: self.close(4001, "token expired"))
-
-    async def on_submit(self, msg: dict) -> None:
-        try:
-            self.gate.check_submit(self.identity)
-            job = await self.master.submit(msg["request"], client_id=self.info.id, user=self.user)
-        except P.ProtocolError as exc:
-            # The answer to a submit is always a submit_reply, so the sender can match its ref.
-            return self.send(P.make("submit_reply", job=None, error=exc.to_dict(), ref=msg.get("ref")))
-        self.send(P.make("submit_reply", job=job, ref=msg.get("ref")))
-
-    async def on_cancel(self, msg: dict) -> None:
-        job = await self.master.cancel(msg["job_id"], user=self.identity.owner)
-        err = None if job else P.error("not_found", f"no job {msg['job_id']}")
-        self.send(P.make("cancel_reply", job=job, error=err, ref=msg.get("ref")))
-
-    async def on_message(self, text) -> None:
-        # A submit that breaks the rules gets its answer in a submit_reply.
-        try:
-            await super().on_message(text)
-        except Exception:  # never let one message take the connection down
-            log.exception("client message failed")
-            self.reply_error("internal_error", "the master failed to handle this message")
-
-    def on_close(self) -> None:
-        super().on_close()
-        if getattr(self, "_expiry", None) is not None:
-            self._expiry.cancel()
-        self.master.client_disconnected(self.info.id)
-
-
-class SlaveSocket(_Socket):
-    handlers = {"register": "on_register", "job_output": "on_job_output",
-                "job_finished": "on_job_finished", "job_artifact": "on_job_artifact", "draining": "on_draining",
-                "session_ended": "on_session_ended"}
-
-    def prepare(self):
-        if not self.auth.slave_ok(_bearer(self)):
-            raise tornado.web.HTTPError(401, reason="Unauthorized")
-
-    def open(self) -> None:
-        self.set_nodelay(True)  # see _Socket's note on small frames
-        self.uid: str | None = None
-
-    def on_pong(self, data: bytes) -> None:
-        if self.uid:
-            self.master.slave_seen(self.uid)
-
-    async def on_register(self, msg: dict) -> None:
-        if self.uid is not None and msg["uid"] != self.uid:
-            # One connection, one slave: a second UID would leave the first registered with no one behind it.
-            raise P.ProtocolError("already_registered", f"this connection is slave {self.uid}; "
-                                  f"connect again to register as {msg['uid']}")
-        result = self.master.slave_registered(self, msg)
-        if isinstance(result, dict):
-            self.send(P.make("register_reply", ok=False, error=result))
-            log.warning("refused slave %s: %s", msg["uid"], result["message"])
-            self.close(4000, result["code"])
-            return
-        self.uid = msg["uid"]
-
-    def _registered(self) -> str:
-        if self.uid is None:
-            raise P.ProtocolError("not_registered", "send register first")
-        return self.uid
-
-    async def on_job_output(self, msg: dict) -> None:
-        self.master.job_output(self._registered(), msg)
-
-    async def on_job_artifact(self, msg: dict) -> None:
-        self.master.job_artifact(self._registered(), msg)
-
-    async def on_job_finished(self, msg: dict) -> None:
-        await self.master.job_finished(self._registered(), msg)
-
-    async def on_draining(self, msg: dict) -> None:
-        self.master.slave_draining(self._registered())
-
-    async def on_session_ended(self, msg: dict) -> None:
-        self.master.session_ended(self._registered(), msg)
-
-    async def on_message(self, text) -> None:
-        try:
-            await super().on_message(text)
-        except Exception:
-            log.exception("slave message failed")
-            self.reply_error("internal_error", "the master failed to handle this message")
-
-    def on_close(self) -> None:
-        super().on_close()
-        if self.uid:
-            # 1001 "going away": the slave is stopping for good, no reconnect will come.
-            self.master.slave_disconnected(self.uid, self, leaving=self.close_code == 1001)
-
 
 def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.web.Application:
     args = {"master": master, "auth": auth, "gate": gate or Gate()}

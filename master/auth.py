@@ -248,3 +248,15 @@ class Auth:
         now = time.time()
         for key in [k for k, v in self._sessions.items() if v.expires_at <= now]:
             del self._sessions[key]
+
+
+UNAUTHORIZED = "a valid token is required (Authorization: Bearer TOKEN); login tokens expire: log in again"
+
+
+def bearer(handler) -> str | None:
+    """The token a request or WebSocket upgrade presents (``Authorization: Bearer``, or ``?token=``)."""
+    header = handler.request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    # Browsers cannot set headers on a WebSocket: accept ?token= there.
+    return handler.get_query_argument("token", None)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from distexec_kernel import protocol as P
+
+if TYPE_CHECKING:
+    from .auth import Identity
 
 DEFAULT_RATE = 50.0
 DEFAULT_BURST = 100
@@ -67,3 +72,37 @@ class RateLimiter:
         for key in [k for k, (t, at) in self._buckets.items()
                     if t + (now - at) * self.rate >= self.burst]:
             del self._buckets[key]
+
+
+class Gate:
+    """The per-client limits the handlers apply before calling ``Master``."""
+
+    def __init__(self, submit_rate: float | None = None, submit_burst: float | None = None):
+        self.submissions = RateLimiter(submit_rate, submit_burst)
+        self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)
+
+    def check_submit(self, ident: "Identity") -> None:
+        """Raise ``rate_limited`` if ``ident`` submits faster than allowed.
+
+        Keyed by the authenticated user, not the client id a request names,
+        which anyone can make up.  Admins are not limited: they run the
+        cluster (benchmarks, batch drivers) and can cancel anything anyway;
+        the bounded queue still protects the master's memory from them.
+        """
+        if ident.admin:
+            return
+        wait = self.submissions.take(ident.user)
+        if wait:
+            raise RateLimited(f"too many submissions from {ident.user!r}: at most "
+                              f"{self.submissions.rate:g}/s (burst {self.submissions.burst:g}); "
+                              f"retry in {wait:.2f} s", wait)
+
+
+class RateLimited(P.ProtocolError):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__("rate_limited", message)
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict:
+        # The WebSocket's answer has no header: the wait travels in the error.
+        return {**super().to_dict(), "retry_after": round(self.retry_after, 3)}

@@ -15,11 +15,11 @@ import tornado.netutil
 
 from distexec_kernel import config
 
-from .app import MAX_BODY_BYTES, Gate, make_app
+from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
 from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_PER_USER,
                    PRUNE_INTERVAL, Master)
-from .limits import DEFAULT_BURST, DEFAULT_RATE, parse_rate
+from .limits import DEFAULT_BURST, DEFAULT_RATE, Gate, parse_rate
 from .store import JobStore
 
 log = logging.getLogger("distexec.master")

@@ -18,7 +18,8 @@ from .agent import FatalSlaveError, Slave
 from .compile_cache import CompileCache
 from .jobdirs import JobDirs
 from .runner import ProcessRunner
-from .sandbox import Limits, best_sandbox
+from .bwrap import best_sandbox
+from .sandbox import Limits
 from .sessions import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, RoutingRunner, SessionRunner
 
 log = logging.getLogger("distexec.slave")

@@ -768,7 +768,8 @@ def make_runner(tmp_path, languages: list[str]):
     import asyncio
 
     from slave.runner import ProcessRunner
-    from slave.sandbox import Limits, best_sandbox
+    from slave.bwrap import best_sandbox
+    from slave.sandbox import Limits
 
     limits = Limits()
     sandbox = best_sandbox(limits)

@@ -23,7 +23,8 @@ import pytest
 
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import LocalCluster
-from slave.sandbox import BwrapSandbox, Cgroups, Limits, NOBODY, Sandbox, best_sandbox
+from slave.bwrap import BwrapSandbox, best_sandbox
+from slave.sandbox import Cgroups, Limits, NOBODY, Sandbox
 
 from conftest import wait_for
 

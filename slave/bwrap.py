@@ -1,0 +1,334 @@
+"""The bubblewrap sandbox, and the choice of the strongest sandbox a machine offers.
+
+``BwrapSandbox`` (as Flatpak uses bubblewrap) puts each step in its own
+mount, PID, IPC, UTS and (unless ``--allow-network``) network namespace: the
+system read-only, /tmp private, only the job's directory writable; the
+slave's $DISTEXEC_HOME, its user's home, the other jobs' directories and the
+cgroup tree hidden; the program runs as ``nobody`` with no capabilities.
+``best_sandbox`` probes it once at slave start and falls back to the plain
+``Sandbox`` (sandbox.py) where it cannot run, saying why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+
+import psutil
+
+from distexec_kernel import config
+from distexec_kernel.procs import kill_group
+
+from .cgroups import Cgroups, JobCgroup, _read
+from .sandbox import BWRAP_PROCS, CGROUP_ROOT, NOBODY, Limits, Sandbox, Spawn
+from .seccomp import seccomp_available
+
+log = logging.getLogger("distexec.slave.sandbox")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in _read(f"/proc/{pid}/task/{pid}/children").split()]
+    except (OSError, ValueError):  # a kernel without CONFIG_PROC_CHILDREN
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    return [p for p in paths if not any(_under(p, q) and p != q for q in paths)]
+
+
+def _hiding_root(jobroot: str) -> str:
+    """Where to mount the tmpfs that hides the other jobs' directories.
+
+    The parent of the job directories, or the topmost directory above it the
+    job's uid could not walk through (a 0700 temporary directory): the tmpfs
+    and the directories made in it are open to the job, the host's are not.
+    """
+    path = "/"
+    for part in jobroot.strip("/").split("/"):
+        path = os.path.join(path, part)
+        try:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return path
+        except OSError:
+            break
+    return jobroot
+
+
+# Toolchains that install under a user's home: the job may see them (read-only)
+# though the home itself is hidden.  rustup's proxies in ~/.cargo/bin need ~/.rustup.
+TOOLCHAIN_HOMES = (".cargo", ".rustup", ".pyenv", ".nvm", ".sdkman", ".ghcup", ".juliaup", ".dotnet",
+                   ".local/bin", "go")
+
+
+class BwrapSandbox(Sandbox):
+    """Each step in bubblewrap namespaces, as ``nobody``, seeing a read-only system.
+
+    bwrap runs as root without a user namespace (a user namespace would map
+    ``nobody`` inside to root outside, the owner of every system file); the
+    job drops to uid/gid 65534 with no capabilities and no_new_privs through
+    util-linux's ``setpriv`` once its mounts are in place.
+    """
+
+    name = "bubblewrap"
+
+    def __init__(self, cgroups: Cgroups | None = None, bwrap: str = "bwrap", setpriv: str = "setpriv",
+                 uid: int = NOBODY, gid: int = NOBODY, expose: tuple[str, ...] = (), limits: Limits | None = None,
+                 seccomp: bool = False):
+        super().__init__(cgroups, limits=limits, seccomp=seccomp)
+        self.bwrap = shutil.which(bwrap) or bwrap
+        self.setpriv = shutil.which(setpriv) or setpriv
+        self.uid = uid
+        self.gid = gid
+        self.secrets = self._secret_dirs()
+        self.expose = self._exposed(expose)
+
+    @property
+    def job_uid(self) -> int:
+        return self.uid
+
+    @property
+    def file_owner(self) -> tuple[int, int] | None:
+        return (self.uid, self.gid) if os.getuid() == 0 else None
+
+    def describe(self) -> str:
+        net = ("network allowed (--allow-network)" if self.limits.allow_network
+               else "no network (own network namespace)")
+        shown = f" except the toolchains {', '.join(self.expose)}" if self.expose else ""
+        return (f"isolation: bubblewrap; jobs run as uid {self.uid} without capabilities, in their own "
+                f"PID, mount, IPC and UTS namespaces; {net}; read-only system, private /tmp, only the "
+                f"job's directory writable; hidden: {', '.join(_outermost(self.secrets))}{shown} and the "
+                f"other jobs' directories; " + self._describe_limits())
+
+    @staticmethod
+    def _secret_dirs() -> list[str]:
+        """Directories a job must not see: the slave's home directory and $DISTEXEC_HOME."""
+        dirs = [os.path.realpath(config.home())]
+        for home in (os.environ.get("HOME"), pwd.getpwuid(os.getuid()).pw_dir):
+            if home and os.path.realpath(home) != "/":
+                dirs.append(os.path.realpath(home))
+        return sorted(set(dirs))
+
+    def _exposed(self, extra: tuple[str, ...]) -> tuple[str, ...]:
+        """Toolchain directories inside a hidden one (``~/.cargo``...), shown read-only."""
+        found = []
+        # An extra directory is mounted again only where the sandbox hides it.
+        hiding = ("/tmp", "/dev/shm", *self.secrets)
+        candidates = [real for real in map(os.path.realpath, extra) if any(_under(real, h) for h in hiding)]
+        for entry in os.environ.get("PATH", "").split(os.pathsep):
+            real = os.path.realpath(entry) if entry else ""
+            for hidden in self.secrets:
+                if real and _under(real, hidden) and real != hidden:
+                    # The install root: the first directory below the hidden one.
+                    rel = os.path.relpath(real, hidden).split(os.sep)[0]
+                    candidates.append(os.path.join(hidden, rel))
+        for hidden in self.secrets:
+            candidates += [os.path.join(hidden, name) for name in TOOLCHAIN_HOMES]
+        distexec_home = os.path.realpath(config.home())
+        for path in candidates:
+            if not os.path.isdir(path) or path in found:
+                continue
+            # Never show a secret through a toolchain directory that holds it.
+            if _under(distexec_home, path) or path in self.secrets:
+                continue
+            found.append(path)
+        return tuple(sorted(found))
+
+    def _extra_procs(self) -> int:
+        return BWRAP_PROCS
+
+    def _describe_cleanup(self) -> str:
+        return "every process of a job is killed at its end (PID namespace)"
+
+    def _nproc_rlimit(self) -> bool:
+        # Without a pids cgroup: per real uid, so shared by every job running as nobody.
+        return not (self.cgroups and self.cgroups.pids)
+
+    def kill(self, spawn: Spawn, pid: int) -> None:
+        # Killing bwrap itself would orphan the namespace's init, left a zombie
+        # until the system's init reaps it.  Killing the init ends the whole
+        # namespace (the kernel kills the rest) and bwrap, having reaped it,
+        # exits by itself for the runner to reap.
+        inner = _children(pid)
+        if not inner:
+            kill_group(pid)  # not started yet: nothing to orphan
+        for child in inner:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _prepare(self, workdir: str) -> None:
+        """Hand the job's directory to the job's uid.
+
+        Only what the slave wrote there is chowned (root-owned, single link,
+        never through a symlink): an earlier step ran as the job's uid and may
+        have planted links to system files.
+        """
+        if os.getuid() != 0:
+            return
+        for root, dirs, files in os.walk(workdir):
+            paths = [os.path.join(root, n) for n in dirs + files]
+            if root == workdir:
+                paths.insert(0, root)
+            for path in paths:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if st.st_uid == 0 and not stat.S_ISLNK(st.st_mode) \
+                        and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+                    os.chown(path, self.uid, self.gid, follow_symlinks=False)
+
+    def _wrap(self, argv: list[str], workdir: str, limits: Limits, cgroup: "JobCgroup | None",
+              tmpdirs: dict[str, str]) -> list[str]:
+        self._prepare(workdir)
+        workdir = os.path.realpath(workdir)
+        size = str(limits.memory_bytes)
+        # (destination, bwrap arguments), applied in this order: hiding tmpfs
+        # first, then what is shown again inside them, the job's directory last.
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        # The first word on a path wins: /tmp stays sticky and world-writable
+        # when it is also the parent of the job directories.
+        tmpfs = {"/tmp": "1777", "/dev/shm": "1777"}
+        tmpfs.setdefault(_hiding_root(os.path.dirname(workdir)), "0755")
+        for d in self.secrets:
+            if os.path.isdir(d):
+                tmpfs.setdefault(d, "0755")
+        mounted: list[str] = []
+        # Every job's memory use is in the cgroup tree: hidden (see _own_cgroups).
+        tmpfs[CGROUP_ROOT] = "0755"
+        for dest, perms in sorted(tmpfs.items(), key=lambda t: (len(t[0]), t[0])):
+            if any(_under(dest, m) for m in mounted):
+                continue  # already hidden by a parent
+            if dest in tmpdirs:
+                # The job's own, on its disk quota: empty, sticky, shared by its steps.
+                args += ["--bind", tmpdirs[dest], dest]
+            else:
+                args += ["--perms", perms, "--size", size, "--tmpfs", dest]
+            mounted.append(dest)
+        args += self._own_cgroups(cgroup)
+        made: set[str] = set()
+        for src in list(self.expose) + [workdir]:
+            if any(_under(src, m) for m in self.expose if m != src and src != workdir):
+                continue
+            args += self._parents(src, mounted, made)
+            if src == workdir:
+                args += ["--bind", src, src]
+            else:
+                args += ["--ro-bind", src, src]
+        args += ["--chdir", workdir, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                 "--die-with-parent", "--new-session"]
+        if not limits.allow_network:
+            args.append("--unshare-net")
+        args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        return args + list(argv)
+
+    @staticmethod
+    def _own_cgroups(cgroup: "JobCgroup | None") -> list[str]:
+        """The step's own cgroups, read-only, at their own paths in an otherwise empty /sys/fs/cgroup.
+
+        The tree shows every job's memory use, so it is hidden; a JVM sizes
+        its heap from the cgroup named in /proc/self/cgroup, looked up under
+        the hierarchy's mount point: that one directory is shown again.
+        """
+        args: list[str] = []
+        made: set[str] = set()
+        for path in sorted((cgroup.paths if cgroup else {}).values()):
+            if not _under(path, CGROUP_ROOT):
+                continue
+            args += BwrapSandbox._parents(path, [CGROUP_ROOT], made)
+            args += ["--ro-bind", path, path]
+        return args
+
+    @staticmethod
+    def _parents(dest: str, tmpfs: list[str], made: set[str]) -> list[str]:
+        # bwrap makes missing mount points with mode 0700: inside a tmpfs the
+        # job's uid could not walk through them, so make them 0755 first.
+        out = []
+        for top in tmpfs:
+            if _under(dest, top) and dest != top:
+                parts = os.path.relpath(os.path.dirname(dest), top).split(os.sep)
+                path = top
+                for part in parts:
+                    if part in ("", "."):
+                        continue
+                    path = os.path.join(path, part)
+                    if path not in made:
+                        made.add(path)
+                        out += ["--perms", "0755", "--dir", path]
+        return out
+
+    def probe(self, limits: Limits) -> str | None:
+        """Run ``id -u`` through the sandbox once; None if it works, else why not."""
+        workdir = tempfile.mkdtemp(prefix="distexec-probe-")
+        spawn = None
+        try:
+            spawn = self.command(["id", "-u"], workdir, {}, limits, timeout=10)
+            done = subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20,
+                                  start_new_session=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{self.bwrap} could not be run: {exc}"
+        finally:
+            if spawn is not None:
+                self.cleanup(spawn)
+            shutil.rmtree(workdir, ignore_errors=True)
+        if done.returncode != 0 or done.stdout.strip() != str(self.uid):
+            err = (done.stderr.strip() or done.stdout.strip()).splitlines()
+            return f"{self.bwrap} failed (exit {done.returncode}): {err[-1] if err else 'no message'}"
+        return None
+
+
+def best_sandbox(limits: Limits, mode: str = "auto") -> Sandbox:
+    """The strongest sandbox this machine offers, probed once.
+
+    ``mode`` is the slave's ``--sandbox``: ``auto`` falls back to no
+    isolation (and says so), ``bwrap`` raises ValueError instead, ``none``
+    does not try bubblewrap (cgroups and the system-call filter still apply).
+    """
+    try:
+        cgroups = Cgroups()
+    except OSError as exc:
+        log.warning("cgroups unusable: %s", exc)
+        cgroups = None
+    for ctrl, why in (cgroups.missing.items() if cgroups else ()):
+        log.warning("no %s cgroup for jobs: %s", ctrl, why)
+    no_seccomp = seccomp_available()
+    if no_seccomp:
+        log.warning("no system-call filter for jobs: %s", no_seccomp)
+    missing = [tool for tool in ("bwrap", "setpriv") if shutil.which(tool) is None]
+    if mode == "none":
+        why = "--sandbox none"
+    elif missing:
+        why = f"{' and '.join(missing)} not found: install bubblewrap and util-linux"
+    elif os.getuid() != 0:
+        why = "the slave is not root: bubblewrap cannot switch jobs to another uid"
+    else:
+        # The slave's own Python environment: session kernels run in it, and a
+        # checkout or virtualenv under /tmp would otherwise vanish behind the job's private /tmp.
+        box = BwrapSandbox(cgroups, limits=limits, seccomp=no_seccomp is None, expose=(sys.prefix,))
+        box.why_no_seccomp = no_seccomp
+        why = box.probe(limits)
+        if why is None:
+            return box
+    if mode == "bwrap":
+        raise ValueError(f"--sandbox bwrap: bubblewrap cannot isolate jobs here: {why}")
+    log.warning("no sandbox: %s", why)
+    box = Sandbox(cgroups, why_not=why, limits=limits, seccomp=no_seccomp is None)
+    box.why_no_seccomp = no_seccomp
+    return box
