@@ -89,9 +89,16 @@ def nothing_left(request, box):
 
 
 def job_dirs(jobs: str) -> list[str]:
-    """What is in the slaves' folders under ``jobs`` (each slave keeps a folder of its own, with its lock)."""
-    return [os.path.join(folder, name) for folder in os.listdir(jobs)
-            for name in os.listdir(os.path.join(jobs, folder)) if name != ".lock"]
+    """What is left in the slaves' folders under ``jobs`` (each slave keeps a folder of its own, with its
+    lock): a job directory still mounted or holding anything.  An ended job's empty, unmounted mount
+    point is kept for a later job (slave/jobdirs.py)."""
+    out = []
+    for folder in os.listdir(jobs):
+        for name in os.listdir(os.path.join(jobs, folder)):
+            path = os.path.join(jobs, folder, name)
+            if name != ".lock" and (os.path.ismount(path) or not os.path.isdir(path) or os.listdir(path)):
+                out.append(os.path.join(folder, name))
+    return out
 
 
 def run(box_client, source: str, language: str = "python", timeout: float = 30, **kwargs):
