@@ -20,7 +20,8 @@ from .jobdirs import JobDirs
 from .runner import ProcessRunner
 from .bwrap import best_sandbox
 from .sandbox import Limits
-from .sessions import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, RoutingRunner, SessionRunner
+from .routing import RoutingRunner
+from .sessions import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, SessionRunner
 
 log = logging.getLogger("distexec.slave")
 

@@ -18,7 +18,7 @@ How a cell ends maps onto the job outcomes of a fresh process:
   stderr; the session lives on.  ``sys.exit(n)`` is exit code ``n``.
 - past its timeout, past the output limit, or cancelled: the cell is
   interrupted (KeyboardInterrupt, asked over the kernel's control channel);
-  if it does not stop within ``INTERRUPT_GRACE`` the kernel is killed and
+  if it does not stop within ``session_cells.INTERRUPT_GRACE`` the kernel is killed and
   the session ends (the next job starts a new one and says so in its stderr).
 - past the memory limit: the session ends (its memory is its variables).
 - the session is ended from outside (``DELETE /api/sessions/NAME``): the
@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import psutil
@@ -46,31 +43,25 @@ import psutil
 from distexec_kernel import languages as L, protocol as P
 from distexec_kernel.procs import die_with_parent, kill_group
 
-from . import safefs, steps
-from .jobdirs import JobDir, JobDirs
-from .kernel_io import (ANSI, CELL_LINE, MESSAGE_MARGIN, CellState, IopubPump, answer_input, close_client,
-                        exit_code, make_client, until_ready)
-from .runner import Outcome, OutputCallback, Runner, _Capture, _watch_memory, disk_error
+from .jobdirs import JobDirs
+from .kernel_io import MESSAGE_MARGIN, IopubPump, close_client, make_client, until_ready
+from .runner import Outcome, OutputCallback, _Capture
 from .sandbox import Limits, Sandbox
+from .session_cells import CELL_CPUS, CellRunner, Session, _ignore
 
 log = logging.getLogger("distexec.slave.sessions")
 
 DEFAULT_TTL = 1800.0  # seconds an idle session lives
 KERNEL_START_TIMEOUT = 60.0  # a loaded 2-core machine can take a few seconds
-INTERRUPT_GRACE = 3.0  # seconds a cell has to stop after SIGINT before the kernel is killed
-REPLY_TIMEOUT = 5.0  # seconds to wait for the shell reply once the cell went idle
-SETTLE_AFTER_REPLY = 1.0  # seconds to wait for the idle status once the reply came
 CONNECTION_FILE = ".distexec-kernel.json"
 SOCKET_PREFIX = ".distexec-k"  # ipc sockets .distexec-k-1 ... -5
 MAX_IPC_PATH = 100  # sun_path is 108 bytes; leave room for "-N"
 DEFAULT_MAX_SESSIONS = 4  # per user: --max-sessions-per-user
-# A session's kernel is capped at one core while a cell runs (what a slot is
-# worth) and at a tenth of one between cells, when the slave counts its slot
-# free: what a cell's threads do after it returned is all that runs then.
-CELL_CPUS = 1.0
+# Between cells a session's kernel is capped at a tenth of a core (CELL_CPUS while a
+# cell runs): the slave counts its slot free then, and what a cell's threads do
+# after it returned is all that runs.
 IDLE_CPUS = 0.1
 STOP_STRAYS_WITHIN = 5.0  # seconds to see a cell's leftover processes gone, else the session ends
-SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 # Tasks (threads) ipykernel and zmq run for themselves: 11 measured with
 # ipykernel 7.  They are added to --max-procs, which stays the cells' own budget.
 KERNEL_TASKS = 16
@@ -86,31 +77,6 @@ def kernel_argv(connection_file: str) -> list[str]:
     return [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
             "--InteractiveShell.colors=nocolor", "--HistoryManager.enabled=False",
                    "--IPKernelApp.log_level=ERROR"]
-
-
-@dataclass
-class Session:
-    """One live kernel and what we know of it."""
-
-    key: tuple  # (user, name): see protocol.session_key
-    workdir: str
-    proc: asyncio.subprocess.Process
-    client: object  # jupyter_client AsyncKernelClient
-    created: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    jobs: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    spawn: object = None  # the sandbox's Spawn, for its cleanup
-    jobdir: JobDir | None = None  # its directory, on its disk quota
-    pump: IopubPump | None = None  # reads (and drops what is not a cell's) on iopub
-    own_pids: frozenset = frozenset()  # the kernel and its sandbox wrappers: all else is a cell's leftover
-    ended_reason: str | None = None  # set once it is ended, for a cell still running then
-    # (args, stdin) the kernel's sys.argv / sys.stdin were last set to.
-    io_state: tuple | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
 
 
 class SessionRunner:
@@ -132,6 +98,7 @@ class SessionRunner:
         self._starting: dict[tuple, asyncio.Future] = {}
         self._reaper: asyncio.Task | None = None
         self._closed = False
+        self.cells = CellRunner(sandbox, limits, self.jobdirs, self._end_current)
 
     def describe(self) -> str:
         return (f"python sessions: one ipykernel per session, at most {self.max_per_user} per user, ended after "
@@ -184,7 +151,7 @@ class SessionRunner:
         async with session.lock:
             session.last_used = time.monotonic()
             try:
-                outcome = await self._execute(session, job, capture, cancel)
+                outcome = await self.cells.execute(session, job, capture, cancel)
                 # Before the job's end is told, so its slot is never free while they run.
                 stopped = await self._stop_strays(session)
                 if stopped:
@@ -320,6 +287,11 @@ class SessionRunner:
         except OSError:
             return "no log"
 
+    async def _end_current(self, session: Session, reason: str) -> None:
+        """A cell left ``session`` unusable: end it, if it is still the live session of its key."""
+        if self.sessions.get(session.key) is session:
+            await self._end(session, reason, notify=True)
+
     async def _end(self, session: Session, reason: str, *, notify: bool) -> None:
         session.ended_reason = session.ended_reason or reason
         if self.sessions.get(session.key) is session:
@@ -360,206 +332,6 @@ class SessionRunner:
                 if not session.lock.locked() and now - session.last_used > self.ttl:
                     await self._end(session, f"idle for more than {self.ttl:g} s", notify=True)
 
-    # -- one cell ----------------------------------------------------------------
-
-    async def _execute(self, session: Session, job: dict, capture: _Capture,
-                       cancel: asyncio.Event) -> Outcome:
-        kc = session.client
-        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
-        if files:
-            # The kernel (the job's uid) owns this directory and may have planted
-            # links or FIFOs under these names: see safefs.  Off the loop, too.
-            try:
-                await asyncio.to_thread(safefs.write_files, session.workdir, files, self.sandbox.file_owner)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    return self._outcome(None, disk_error(self.jobdirs, "the job's files do not fit in the "
-                                                          "session's directory under"), capture)
-                return self._outcome(None, P.error(P.INTERNAL_ERROR, f"the job's files could not be written: "
-                                                   f"{exc}"), capture)
-        args = tuple(job.get("args") or ())
-        stdin = job.get("stdin")
-        if (args, stdin) != session.io_state or stdin is not None:
-            # Each job sees its own argv and stdin, as a fresh process would.
-            # Shell requests run in order, so the cell below runs after this.
-            setup = (f"__import__('sys').argv = {[SESSION_ARGV0, *args]!r}; "
-                     f"__import__('sys').stdin = __import__('io').StringIO({stdin or ''!r})")
-            if session.io_state is None:
-                # IPython warns on sys.exit(); a job exiting with a code is no surprise here.
-                setup += "; __import__('warnings').filterwarnings('ignore', message='To exit: use')"
-            kc.execute(setup, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
-            session.io_state = (args, stdin)
-        if session.spawn is not None and session.spawn.cgroup is not None:
-            await asyncio.to_thread(session.spawn.cgroup.set_cpus, CELL_CPUS)
-        msg_id = kc.execute(job["source"], silent=False, store_history=True, allow_stdin=True,
-                            stop_on_error=False)
-        lines = iter((stdin or "").splitlines())
-        state = CellState()
-        # Registered before anything awaits: the pump must not drop the cell's first messages.
-        idle = self._watch_cell(session, msg_id, capture, state)
-        reader = asyncio.ensure_future(self._read_cell(session, msg_id, idle, state))
-        inputs = asyncio.ensure_future(answer_input(kc, msg_id, lines,
-                                                    lambda stream, text: capture.feed(stream, text,
-                                                                                      len(text.encode()))))
-        exited = asyncio.ensure_future(session.proc.wait())
-        # Without a memory cgroup the limit is polled; with one, we learn of it when the kernel is killed.
-        watcher = (asyncio.ensure_future(_watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
-                   if getattr(session.spawn, "watch_memory", True) else None)
-        ended = asyncio.ensure_future(asyncio.wait([reader, exited], return_when=asyncio.FIRST_COMPLETED))
-        timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
-        try:
-            reason = await steps.supervise(ended, cancel, time.monotonic() + timeout, watcher=watcher,
-                                           over=lambda: capture.over or session.pump.oversized)
-            if reason is None:
-                if exited.done() or session.ended_reason is not None or not session.alive:
-                    # The interpreter died, or the session was ended (its sockets closed under the cell).
-                    reason = "exited"
-                else:
-                    reader.result()
-            if reason in ("timeout", "cancelled", "output_limit"):
-                await self._interrupt(session, reader, capture)
-            elif reason is None and (capture.over or session.pump.oversized):
-                reason = "output_limit"  # the cell ended, but past the limit
-        finally:
-            ended.cancel()
-            session.pump.end_cell()
-            for fut in (inputs, watcher, exited, reader):
-                if fut is None:
-                    continue
-                if fut.done():
-                    if not fut.cancelled():
-                        fut.exception()  # seen: a closed socket's error is no news here
-                else:
-                    fut.cancel()
-        if reason in (None, "exited") and session.ended_reason is not None:
-            # Ended from outside while the cell ran (a user's DELETE): the job did not fail by itself.
-            return self._outcome(None, P.error(
-                P.CANCELLED_CODE, f"the session was ended while this job ran ({session.ended_reason})"), capture)
-        if reason == "exited":
-            exceeded = getattr(self.sandbox, "memory_exceeded", None)
-            if exceeded is not None and exceeded(session.spawn):
-                reason = "memory_limit"  # the sandbox's cgroup killed it
-        if reason == "memory_limit":
-            if self.sessions.get(session.key) is session:
-                await self._end(session, "it used more than the memory limit", notify=True)
-            capture.feed("stderr", "distexec: the session was ended (memory limit): its variables are gone; "
-                         "the next job starts a new one\n", 0)
-        elif reason == "exited" or not session.alive:
-            await asyncio.wait([asyncio.ensure_future(session.proc.wait())], timeout=5.0)
-            code = session.proc.returncode
-            if self.sessions.get(session.key) is session:
-                await self._end(session, f"its interpreter exited (code {code})", notify=True)
-            if reason in (None, "exited"):
-                err = steps.exit_error(code)  # a signal, also through a sandbox wrapper
-                if err is None or err["code"] == P.NONZERO_EXIT:
-                    err = P.error(P.NONZERO_EXIT, f"the session's interpreter exited with code {code}")
-                err["message"] += "; the session has ended, its variables are gone"
-                return self._outcome(code, err, capture)
-        if reason in ("timeout", "cancelled", "output_limit", "memory_limit"):
-            return self._outcome(None, steps.limit_error(reason, timeout, self.limits.memory_bytes,
-                                                         self.limits.output_bytes), capture)
-        if state.exit_requested:
-            # exit() in a cell: end the session after it, as a terminal would.
-            await self._end(session, "the program called exit()", notify=True)
-        if state.ename == "SystemExit":
-            code = exit_code(state.evalue)
-            if code == 0:
-                return self._outcome(0, None, capture)
-            return self._outcome(code, P.error(P.NONZERO_EXIT, f"exited with code {code}"), capture)
-        if state.ename is not None and session.jobdir is not None and session.jobdir.full():
-            return self._outcome(1, disk_error(self.jobdirs, f"{state.ename}: the session wrote more than"), capture)
-        if state.ename is not None:
-            return self._outcome(1, P.error(P.NONZERO_EXIT, f"{state.ename}: {state.evalue}",
-                                            line=state.line), capture)
-        return self._outcome(0, None, capture)
-
-    @staticmethod
-    def _outcome(exit_code, err, capture: _Capture) -> Outcome:
-        return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"), outputs=capture.outputs)
-
-    async def _interrupt(self, session: Session, reader: asyncio.Future, capture: _Capture) -> None:
-        """Interrupt the cell (KeyboardInterrupt); end the session if it does not stop.
-
-        Asked over the control channel, so the kernel signals itself: a
-        signal from out here would reach only the sandbox's wrapper.
-        """
-        kc = session.client
-        kc.control_channel.send(kc.session.msg("interrupt_request", {}))
-        done, _ = await asyncio.wait([reader], timeout=INTERRUPT_GRACE)
-        if reader not in done and session.alive:
-            await self._end(session, "its interpreter did not stop when interrupted", notify=True)
-            capture.feed("stderr", "distexec: the session did not stop when interrupted, so it was "
-                         "ended: its variables are gone; the next job starts a new one\n", 0)
-
-    @staticmethod
-    def _watch_cell(session: Session, msg_id: str, capture: _Capture, state: CellState) -> asyncio.Future:
-        """Have the pump feed the cell's messages into ``capture``; a future done when the kernel is idle."""
-        idle = asyncio.get_running_loop().create_future()
-
-        def on_message(msg: dict) -> None:
-            kind = msg["msg_type"]
-            content = msg["content"]
-            if kind == "stream":
-                stream = "stderr" if content.get("name") == "stderr" else "stdout"
-                text = content.get("text", "")
-                capture.feed(stream, text, len(text.encode()))
-            elif kind in ("execute_result", "display_data", "update_display_data"):
-                data = content.get("data") or {}
-                text = data.get("text/plain")
-                if text is not None:  # terminals and plain clients read this in stdout, as before
-                    text += "\n"
-                    capture.feed("stdout", text, len(text.encode()))
-                if kind != "update_display_data" and isinstance(data, dict):
-                    # The whole bundle travels too, in order, counted against the output limit.
-                    bundle = {"output_type": kind, "data": data, "metadata": content.get("metadata") or {}}
-                    capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
-                    if not capture.over:
-                        capture.outputs.append(bundle)
-            elif kind == "error":
-                state.ename, state.evalue = content.get("ename"), content.get("evalue")
-                if state.ename != "SystemExit":
-                    tb = ANSI.sub("", "\n".join(content.get("traceback") or [])) + "\n"
-                    lines = CELL_LINE.findall(tb)
-                    state.line = int(lines[-1]) if lines else None
-                    capture.feed("stderr", tb, len(tb.encode()))
-            elif kind == "status" and content.get("execution_state") == "idle" and not idle.done():
-                idle.set_result(None)
-
-        # Only this cell's messages: what threads of earlier cells print is dropped by the pump.
-        session.pump.start_cell(msg_id, on_message)
-        return idle
-
-    async def _read_cell(self, session: Session, msg_id: str, idle: asyncio.Future, state: CellState) -> None:
-        """Wait until the cell is done: the kernel idle again on iopub, and its reply on shell.
-
-        Either may come alone: a message refused as too large (kernel_io)
-        drops the iopub connection for a moment, and the idle status with it.
-        """
-        reply = asyncio.ensure_future(_shell_reply(session.client, msg_id, state))
-        try:
-            await asyncio.wait([idle, reply], return_when=asyncio.FIRST_COMPLETED)
-            if idle.done():
-                await asyncio.wait([reply], timeout=REPLY_TIMEOUT)
-            else:  # output is flushed before the reply; the idle status follows it
-                await asyncio.wait([idle], timeout=SETTLE_AFTER_REPLY)
-        finally:
-            reply.cancel()
-
-
-def _ignore(stream: str, text: str) -> None:
-    pass
-
-
-async def _shell_reply(kc, msg_id: str, state: CellState) -> None:
-    while True:
-        reply = await kc.get_shell_msg()
-        if reply.get("parent_header", {}).get("msg_id") == msg_id:
-            for payload in reply["content"].get("payload") or []:
-                if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
-                    state.exit_requested = True
-            return
-
-
 def _session_pids(session: Session) -> set[int]:
     """Every process of the session: its cgroup, or (without one) the kernel and its descendants."""
     cg = getattr(session.spawn, "cgroup", None)
@@ -599,42 +371,3 @@ def _kill_strays(session: Session) -> tuple[int, bool]:
                 pass
         time.sleep(delay)  # a killed process leaves its cgroup once torn down
         delay = min(delay * 2, 0.05)
-
-
-class RoutingRunner:
-    """The slave's one ``Runner``: jobs that name a session go to the sessions,
-    the rest to the runner of fresh processes."""
-
-    def __init__(self, processes: Runner, sessions: SessionRunner):
-        self.processes = processes
-        self.sessions = sessions
-
-    def describe(self) -> str:
-        return f"{self.processes.describe()}; {self.sessions.describe()}"
-
-    async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
-        runner = self.sessions if job.get("session") else self.processes
-        return await runner.run(job, on_output, cancel)
-
-    async def close(self) -> None:
-        await self.sessions.close()
-        await self.processes.close()
-
-    # What the agent asks of a runner that keeps sessions.
-    def session_names(self) -> list[tuple]:
-        return self.sessions.session_names()
-
-    async def end_session(self, name: tuple, reason: str = "ended by a user") -> bool:
-        return await self.sessions.end_session(name, reason)
-
-    @property
-    def max_sessions_per_user(self) -> int:
-        return self.sessions.max_per_user
-
-    @property
-    def on_session_ended(self):
-        return self.sessions.on_ended
-
-    @on_session_ended.setter
-    def on_session_ended(self, callback) -> None:
-        self.sessions.on_ended = callback

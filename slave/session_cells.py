@@ -1,0 +1,265 @@
+"""One job run as a cell of a live session: its files, argv and stdin, the wait, and how it ended.
+
+``SessionRunner`` (sessions.py) owns the kernels: starting, ending, reaping
+them.  ``CellRunner`` runs one cell in a kernel it is given, with the same
+supervisor and classifier as a fresh process (steps.py), and asks its
+``end`` callback to end the session when the cell leaves it unusable (the
+interpreter died, hit the memory limit, did not stop when interrupted,
+called exit()).  How a cell ends maps onto the job outcomes of a fresh
+process; see sessions.py's docstring.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from distexec_kernel import protocol as P
+
+from . import safefs, steps
+from .jobdirs import JobDir, JobDirs
+from .kernel_io import ANSI, CELL_LINE, CellState, IopubPump, answer_input, exit_code
+from .runner import Outcome, _Capture, _watch_memory, disk_error
+from .sandbox import Limits, Sandbox
+
+INTERRUPT_GRACE = 3.0  # seconds a cell has to stop after SIGINT before the kernel is killed
+REPLY_TIMEOUT = 5.0  # seconds to wait for the shell reply once the cell went idle
+SETTLE_AFTER_REPLY = 1.0  # seconds to wait for the idle status once the reply came
+SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
+# A session's kernel is capped at one core while a cell runs (what a slot is
+# worth); sessions.py caps it lower between cells.
+CELL_CPUS = 1.0
+
+
+@dataclass
+class Session:
+    """One live kernel and what we know of it."""
+
+    key: tuple  # (user, name): see protocol.session_key
+    workdir: str
+    proc: asyncio.subprocess.Process
+    client: object  # jupyter_client AsyncKernelClient
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    jobs: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    spawn: object = None  # the sandbox's Spawn, for its cleanup
+    jobdir: JobDir | None = None  # its directory, on its disk quota
+    pump: IopubPump | None = None  # reads (and drops what is not a cell's) on iopub
+    own_pids: frozenset = frozenset()  # the kernel and its sandbox wrappers: all else is a cell's leftover
+    ended_reason: str | None = None  # set once it is ended, for a cell still running then
+    # (args, stdin) the kernel's sys.argv / sys.stdin were last set to.
+    io_state: tuple | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+
+class CellRunner:
+    """Runs cells in sessions' kernels; ``end(session, reason)`` ends a session if it is still the live one."""
+
+    def __init__(self, sandbox: Sandbox, limits: Limits, jobdirs: JobDirs,
+                 end: Callable[[object, str], Awaitable[None]]):
+        self.sandbox = sandbox
+        self.limits = limits
+        self.jobdirs = jobdirs
+        self.end = end
+
+    async def execute(self, session: Session, job: dict, capture: _Capture, cancel: asyncio.Event) -> Outcome:
+        """Run ``job`` as a cell of ``session``; how it ended, as a fresh process's would be told."""
+        kc = session.client
+        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+        if files:
+            # The kernel (the job's uid) owns this directory and may have planted
+            # links or FIFOs under these names: see safefs.  Off the loop, too.
+            try:
+                await asyncio.to_thread(safefs.write_files, session.workdir, files, self.sandbox.file_owner)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return self._outcome(None, disk_error(self.jobdirs, "the job's files do not fit in the "
+                                                          "session's directory under"), capture)
+                return self._outcome(None, P.error(P.INTERNAL_ERROR, f"the job's files could not be written: "
+                                                   f"{exc}"), capture)
+        args = tuple(job.get("args") or ())
+        stdin = job.get("stdin")
+        if (args, stdin) != session.io_state or stdin is not None:
+            # Each job sees its own argv and stdin, as a fresh process would.
+            # Shell requests run in order, so the cell below runs after this.
+            setup = (f"__import__('sys').argv = {[SESSION_ARGV0, *args]!r}; "
+                     f"__import__('sys').stdin = __import__('io').StringIO({stdin or ''!r})")
+            if session.io_state is None:
+                # IPython warns on sys.exit(); a job exiting with a code is no surprise here.
+                setup += "; __import__('warnings').filterwarnings('ignore', message='To exit: use')"
+            kc.execute(setup, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
+            session.io_state = (args, stdin)
+        if session.spawn is not None and session.spawn.cgroup is not None:
+            await asyncio.to_thread(session.spawn.cgroup.set_cpus, CELL_CPUS)
+        msg_id = kc.execute(job["source"], silent=False, store_history=True, allow_stdin=True,
+                            stop_on_error=False)
+        lines = iter((stdin or "").splitlines())
+        state = CellState()
+        # Registered before anything awaits: the pump must not drop the cell's first messages.
+        idle = self._watch_cell(session, msg_id, capture, state)
+        reader = asyncio.ensure_future(self._read_cell(session, msg_id, idle, state))
+        inputs = asyncio.ensure_future(answer_input(kc, msg_id, lines,
+                                                    lambda stream, text: capture.feed(stream, text,
+                                                                                      len(text.encode()))))
+        exited = asyncio.ensure_future(session.proc.wait())
+        # Without a memory cgroup the limit is polled; with one, we learn of it when the kernel is killed.
+        watcher = (asyncio.ensure_future(_watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
+                   if getattr(session.spawn, "watch_memory", True) else None)
+        ended = asyncio.ensure_future(asyncio.wait([reader, exited], return_when=asyncio.FIRST_COMPLETED))
+        timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
+        try:
+            reason = await steps.supervise(ended, cancel, time.monotonic() + timeout, watcher=watcher,
+                                           over=lambda: capture.over or session.pump.oversized)
+            if reason is None:
+                if exited.done() or session.ended_reason is not None or not session.alive:
+                    # The interpreter died, or the session was ended (its sockets closed under the cell).
+                    reason = "exited"
+                else:
+                    reader.result()
+            if reason in ("timeout", "cancelled", "output_limit"):
+                await self._interrupt(session, reader, capture)
+            elif reason is None and (capture.over or session.pump.oversized):
+                reason = "output_limit"  # the cell ended, but past the limit
+        finally:
+            ended.cancel()
+            session.pump.end_cell()
+            for fut in (inputs, watcher, exited, reader):
+                if fut is None:
+                    continue
+                if fut.done():
+                    if not fut.cancelled():
+                        fut.exception()  # seen: a closed socket's error is no news here
+                else:
+                    fut.cancel()
+        if reason in (None, "exited") and session.ended_reason is not None:
+            # Ended from outside while the cell ran (a user's DELETE): the job did not fail by itself.
+            return self._outcome(None, P.error(
+                P.CANCELLED_CODE, f"the session was ended while this job ran ({session.ended_reason})"), capture)
+        if reason == "exited":
+            exceeded = getattr(self.sandbox, "memory_exceeded", None)
+            if exceeded is not None and exceeded(session.spawn):
+                reason = "memory_limit"  # the sandbox's cgroup killed it
+        if reason == "memory_limit":
+            await self.end(session, "it used more than the memory limit")
+            capture.feed("stderr", "distexec: the session was ended (memory limit): its variables are gone; "
+                         "the next job starts a new one\n", 0)
+        elif reason == "exited" or not session.alive:
+            await asyncio.wait([asyncio.ensure_future(session.proc.wait())], timeout=5.0)
+            code = session.proc.returncode
+            await self.end(session, f"its interpreter exited (code {code})")
+            if reason in (None, "exited"):
+                err = steps.exit_error(code)  # a signal, also through a sandbox wrapper
+                if err is None or err["code"] == P.NONZERO_EXIT:
+                    err = P.error(P.NONZERO_EXIT, f"the session's interpreter exited with code {code}")
+                err["message"] += "; the session has ended, its variables are gone"
+                return self._outcome(code, err, capture)
+        if reason in ("timeout", "cancelled", "output_limit", "memory_limit"):
+            return self._outcome(None, steps.limit_error(reason, timeout, self.limits.memory_bytes,
+                                                         self.limits.output_bytes), capture)
+        if state.exit_requested:
+            # exit() in a cell: end the session after it, as a terminal would.
+            await self.end(session, "the program called exit()")
+        if state.ename == "SystemExit":
+            code = exit_code(state.evalue)
+            if code == 0:
+                return self._outcome(0, None, capture)
+            return self._outcome(code, P.error(P.NONZERO_EXIT, f"exited with code {code}"), capture)
+        if state.ename is not None and session.jobdir is not None and session.jobdir.full():
+            return self._outcome(1, disk_error(self.jobdirs, f"{state.ename}: the session wrote more than"), capture)
+        if state.ename is not None:
+            return self._outcome(1, P.error(P.NONZERO_EXIT, f"{state.ename}: {state.evalue}",
+                                            line=state.line), capture)
+        return self._outcome(0, None, capture)
+
+    @staticmethod
+    def _outcome(exit_code, err, capture: _Capture) -> Outcome:
+        return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"), outputs=capture.outputs)
+
+    async def _interrupt(self, session: Session, reader: asyncio.Future, capture: _Capture) -> None:
+        """Interrupt the cell (KeyboardInterrupt); end the session if it does not stop.
+
+        Asked over the control channel, so the kernel signals itself: a
+        signal from out here would reach only the sandbox's wrapper.
+        """
+        kc = session.client
+        kc.control_channel.send(kc.session.msg("interrupt_request", {}))
+        done, _ = await asyncio.wait([reader], timeout=INTERRUPT_GRACE)
+        if reader not in done and session.alive:
+            await self.end(session, "its interpreter did not stop when interrupted")
+            capture.feed("stderr", "distexec: the session did not stop when interrupted, so it was "
+                         "ended: its variables are gone; the next job starts a new one\n", 0)
+
+    @staticmethod
+    def _watch_cell(session: Session, msg_id: str, capture: _Capture, state: CellState) -> asyncio.Future:
+        """Have the pump feed the cell's messages into ``capture``; a future done when the kernel is idle."""
+        idle = asyncio.get_running_loop().create_future()
+
+        def on_message(msg: dict) -> None:
+            kind = msg["msg_type"]
+            content = msg["content"]
+            if kind == "stream":
+                stream = "stderr" if content.get("name") == "stderr" else "stdout"
+                text = content.get("text", "")
+                capture.feed(stream, text, len(text.encode()))
+            elif kind in ("execute_result", "display_data", "update_display_data"):
+                data = content.get("data") or {}
+                text = data.get("text/plain")
+                if text is not None:  # terminals and plain clients read this in stdout, as before
+                    text += "\n"
+                    capture.feed("stdout", text, len(text.encode()))
+                if kind != "update_display_data" and isinstance(data, dict):
+                    # The whole bundle travels too, in order, counted against the output limit.
+                    bundle = {"output_type": kind, "data": data, "metadata": content.get("metadata") or {}}
+                    capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
+                    if not capture.over:
+                        capture.outputs.append(bundle)
+            elif kind == "error":
+                state.ename, state.evalue = content.get("ename"), content.get("evalue")
+                if state.ename != "SystemExit":
+                    tb = ANSI.sub("", "\n".join(content.get("traceback") or [])) + "\n"
+                    lines = CELL_LINE.findall(tb)
+                    state.line = int(lines[-1]) if lines else None
+                    capture.feed("stderr", tb, len(tb.encode()))
+            elif kind == "status" and content.get("execution_state") == "idle" and not idle.done():
+                idle.set_result(None)
+
+        # Only this cell's messages: what threads of earlier cells print is dropped by the pump.
+        session.pump.start_cell(msg_id, on_message)
+        return idle
+
+    async def _read_cell(self, session: Session, msg_id: str, idle: asyncio.Future, state: CellState) -> None:
+        """Wait until the cell is done: the kernel idle again on iopub, and its reply on shell.
+
+        Either may come alone: a message refused as too large (kernel_io)
+        drops the iopub connection for a moment, and the idle status with it.
+        """
+        reply = asyncio.ensure_future(_shell_reply(session.client, msg_id, state))
+        try:
+            await asyncio.wait([idle, reply], return_when=asyncio.FIRST_COMPLETED)
+            if idle.done():
+                await asyncio.wait([reply], timeout=REPLY_TIMEOUT)
+            else:  # output is flushed before the reply; the idle status follows it
+                await asyncio.wait([idle], timeout=SETTLE_AFTER_REPLY)
+        finally:
+            reply.cancel()
+
+
+def _ignore(stream: str, text: str) -> None:
+    pass
+
+
+async def _shell_reply(kc, msg_id: str, state: CellState) -> None:
+    while True:
+        reply = await kc.get_shell_msg()
+        if reply.get("parent_header", {}).get("msg_id") == msg_id:
+            for payload in reply["content"].get("payload") or []:
+                if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
+                    state.exit_requested = True
+            return
