@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 import tornado.httpclient
 
 from . import config, protocol as P, wsclient
+from .errors import tls_refusal
 
 log = logging.getLogger("distexec.client.events")
 
@@ -66,7 +67,6 @@ class EventStream:
                                           refused_401=self._refused_401)
         except wsclient.Refused as exc:
             if exc.cause is not None:
-                from .cluster import tls_refusal
                 self.refused = tls_refusal(self.url, exc.cause)
             else:
                 self.refused = str(exc)

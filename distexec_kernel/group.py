@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import protocol as P
+from .errors import RemoteError
 
 if TYPE_CHECKING:
-    from .cluster import Cluster, Job
+    from .cluster import Cluster
+    from .job import Job
 
 # A waiter re-reads the group this often when no event came, so a lost event
 # delays the answer, never loses it.
@@ -195,8 +197,6 @@ class JobGroup(Sequence):
         input order) that did not succeed; ``errors="return"``: put each such
         job's ``RemoteError`` in its place instead.
         """
-        from .cluster import RemoteError
-
         if errors not in ("raise", "return"):
             raise ValueError("errors must be 'raise' or 'return'")
         if not (self.done and self._have_outputs):

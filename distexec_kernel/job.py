@@ -1,0 +1,224 @@
+"""``Job``: a handle on one job, kept current by its cluster's event channel."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from . import files as F, protocol as P
+from .errors import DistexecError, RemoteError
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+# Backstop: a waiter re-reads its job this often even if no event came, so a
+# lost event (reconnect, master restart) delays the answer, never loses it.
+REFRESH_EVERY = 2.0
+
+
+class Job:
+    """A handle on one job, kept up to date by the cluster's event channel."""
+
+    def __init__(self, cluster: "Cluster", record: dict):
+        self._cluster = cluster
+        self._record = dict(record)
+        self._cond = threading.Condition()
+        self._output_listeners: list[Callable[[str, str], None]] = []
+        self._stale = False
+        self._news = 0.0  # when the event channel last told us something of this job
+
+    # -- record ----------------------------------------------------------------
+
+    def __getattr__(self, name):
+        record = self.__dict__.get("_record")
+        if record is not None and name in P.JOB_FIELDS:
+            return record.get(name)
+        raise AttributeError(name)
+
+    @property
+    def record(self) -> dict:
+        with self._cond:
+            return dict(self._record)
+
+    @property
+    def done(self) -> bool:
+        return self._record.get("status") in P.TERMINAL
+
+    @property
+    def icon(self) -> str:
+        return P.ICONS.get(self.status, "?")
+
+    @property
+    def duration(self) -> float | None:
+        start, end = P.parse_time(self.started_at), P.parse_time(self.finished_at)
+        return (end - start).total_seconds() if start and end else None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.language} {self.icon} {self.status}>"
+
+    # -- updates (from the event thread) ---------------------------------------
+
+    def _apply_update(self, summary: dict) -> None:
+        with self._cond:
+            self._news = time.monotonic()
+            was_queued = self._record.get("status") == P.QUEUED
+            before = {stream: self._record.get(stream) or "" for stream in P.STREAMS}
+            self._record.update(summary)
+            if summary.get("status") == P.QUEUED and not was_queued:
+                # Requeued for a retry: its output starts again.
+                self._record.update(stdout="", stderr="")
+            if summary.get("status") in P.TERMINAL:
+                # A small output comes whole with the final event (protocol.update_of);
+                # a larger one is read once from the master.
+                self._stale = not all(stream in summary for stream in P.STREAMS)
+                for stream in P.STREAMS:
+                    text = summary.get(stream)
+                    if text is not None and text.startswith(before[stream]) and len(text) > len(before[stream]):
+                        for listener in list(self._output_listeners):
+                            listener(stream, text[len(before[stream]):])
+            self._cond.notify_all()
+
+    def _apply_output(self, stream: str, offset: int, data: str) -> None:
+        with self._cond:
+            self._news = time.monotonic()
+            current = self._record.get(stream) or ""
+            if offset > len(current):
+                self._stale = True  # missed a chunk: re-read
+            elif offset + len(data) > len(current):
+                new = data[len(current) - offset:]
+                self._record[stream] = current + new
+                for listener in list(self._output_listeners):
+                    listener(stream, new)
+            self._cond.notify_all()
+
+    def _replace(self, record: dict) -> None:
+        with self._cond:
+            self._record = dict(record)
+            self._stale = False
+            self._cond.notify_all()
+
+    # -- actions -----------------------------------------------------------------
+
+    def refresh(self, timeout: float = 30.0) -> "Job":
+        """Re-read the job from the master; ``timeout`` bounds the HTTP request."""
+        self._replace(self._cluster._call("GET", f"/api/jobs/{self.id}", timeout=timeout))
+        return self
+
+    def cancel(self) -> "Job":
+        self._replace(self._cluster._post(f"/api/jobs/{self.id}/cancel"))
+        return self
+
+    # -- files out ---------------------------------------------------------------
+
+    @property
+    def artifacts(self) -> list[dict]:
+        """The files its ``collect`` kept: ``[{"name", "size", "sha256", "mime"}]`` (empty until it ends)."""
+        return [dict(a) for a in self._record.get("artifacts") or []]
+
+    def artifact(self, name: str) -> bytes:
+        """The bytes of the collected file ``name`` (a path such as ``out/a.txt``)."""
+        from urllib.parse import quote
+        return self._cluster._download(f"/api/jobs/{self.id}/artifacts/{quote(name, safe='/')}")
+
+    def save_artifacts(self, directory: str = ".", names: list[str] | None = None) -> list[str]:
+        """Write its collected files (or ``names``) under ``directory``, folders kept; the paths written."""
+        return F.save_artifacts(self, directory, names)
+
+    def wait(self, timeout: float | None = None, *, raise_on_error: bool = False) -> "Job":
+        """Block until the job ends; returns the job.  ``TimeoutError`` if ``timeout`` passes."""
+        for _ in self.iter_output(timeout=timeout):
+            pass
+        if raise_on_error and self.status != P.SUCCEEDED:
+            raise RemoteError(self)
+        return self
+
+    def iter_output(self, timeout: float | None = None) -> Iterator[tuple[str, str]]:
+        """Yield ``(stream, text)`` chunks as they arrive, in the calling thread, until the job ends.
+
+        This is how the magic streams output into the right cell: the chunks
+        arrive in the event thread, but are handed out here.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = {"stdout": 0, "stderr": 0}
+        attempt = self._record.get("attempts")
+        last_refresh = time.monotonic()
+        self._cluster._watch(self)
+        try:
+            while True:
+                with self._cond:
+                    stale = self._stale
+                # Re-read only when told to, or when the channel has been quiet a while:
+                # while events flow, a long job's output is not downloaded again and again.
+                if stale or time.monotonic() - max(last_refresh, self._news) > REFRESH_EVERY:
+                    try:
+                        # A master that hangs must not hold us past our own deadline.
+                        left = 30.0 if deadline is None else deadline - time.monotonic()
+                        self.refresh(timeout=min(30.0, max(1.0, left)))
+                    except DistexecError as exc:
+                        if not exc.transient:
+                            raise
+                        # The master is away (restarting): keep waiting for it until our
+                        # own deadline; the event channel's reconnect wakes us early.
+                    last_refresh = time.monotonic()
+                with self._cond:
+                    if self._record.get("attempts") != attempt:
+                        # Run again (retry after a lost slave): its output starts over.
+                        attempt = self._record.get("attempts")
+                        sent = {"stdout": 0, "stderr": 0}
+                    chunks = []
+                    for stream in ("stdout", "stderr"):
+                        text = self._record.get(stream) or ""
+                        # Shorter than what was handed out, in the same attempt: a
+                        # restarted master lost the live output; the result has it all.
+                        if len(text) > sent[stream]:
+                            chunks.append((stream, text[sent[stream]:]))
+                            sent[stream] = len(text)
+                    finished = self.done and not self._stale
+                    if not chunks and not finished:
+                        wait = REFRESH_EVERY
+                        if deadline is not None:
+                            wait = min(wait, deadline - time.monotonic())
+                            if wait <= 0:
+                                raise TimeoutError(f"job {self.id} still {self.status} after {timeout} s")
+                        self._cond.wait(wait)
+                yield from chunks
+                if finished and not chunks:
+                    return
+        finally:
+            self._cluster._unwatch(self)
+
+    def follow(self, write: Callable[[str, str], None], cancel_wait: float = 10.0) -> bool:
+        """Hand the output to ``write(stream, text)`` in this thread as it comes, until the job ends.
+
+        What the magic and the kernels stream into a cell.  A KeyboardInterrupt
+        (Ctrl-C, a kernel interrupt) cancels the job on the master, waits up to
+        ``cancel_wait`` s for it to end, writes the output that had arrived but
+        was not written yet, and returns True; a job that ended by itself
+        returns False.
+        """
+        written = dict.fromkeys(P.STREAMS, 0)
+
+        def emit(stream: str, text: str) -> None:
+            write(stream, text)
+            written[stream] += len(text)
+
+        try:
+            for stream, text in self.iter_output():
+                emit(stream, text)
+        except KeyboardInterrupt:
+            try:
+                self.cancel()
+                self.wait(timeout=cancel_wait)
+            except (DistexecError, TimeoutError, KeyboardInterrupt):
+                pass  # shown as it stands; the master still has the cancel request
+            record = self.record
+            for stream in P.STREAMS:
+                rest = (record.get(stream) or "")[written[stream]:]
+                if rest:
+                    emit(stream, rest)
+            return True
+        return False
+
+    def on_output(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(stream, text)`` from the event thread for each new chunk."""
+        self._output_listeners.append(listener)
