@@ -10,7 +10,9 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, protocol as P
-from distexec_kernel.local import LocalCluster
+from distexec_kernel.cluster import DistexecError
+
+from conftest import shared_cluster
 
 T = 120  # a session's first cell starts a kernel; importing matplotlib there takes seconds more
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -18,17 +20,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DISTEXEC_HOME", str(home))
-        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET"):
-            mp.delenv(var, raising=False)
-        cluster = LocalCluster(1, slots=2, home=str(home), log_dir=str(home / "logs"), languages="python")
-        cluster.start()
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
+    with shared_cluster(tmp_path_factory, "rich", 1, slots=2, languages="python") as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +29,17 @@ def c(lc):
     client = Cluster(lc.url, token=lc.token)
     yield client
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def sessions_end(c):
+    """Each test's sessions end with it: a user keeps only a few at once (--max-sessions-per-user)."""
+    yield
+    for s in c.sessions():
+        try:
+            c.end_session(s["name"])
+        except DistexecError as exc:  # it ended by itself meanwhile
+            assert exc.status == 404
 
 
 @pytest.fixture(scope="module")
