@@ -127,8 +127,8 @@ class JobDirs:
         log.warning("%s: using %s, which no later run will clean up", why, path)
         return path
 
-    def _remove_leftovers(self, root: str) -> None:
-        """Unmount and delete what an earlier run of this slave left (never following a link)."""
+    def _remove_leftovers(self, root: str, whose: str = "an earlier run left") -> None:
+        """Unmount and delete what is in the slave's folder (never following a link)."""
         for mount in sorted(_mounts_under(root), key=len, reverse=True):
             if _LIBC.umount2(mount.encode(), _MNT_DETACH) != 0:
                 log.warning("cannot unmount the leftover %s: %s", mount, os.strerror(ctypes.get_errno()))
@@ -136,8 +136,7 @@ class JobDirs:
         for name in left:
             _remove(os.path.join(root, name))
         if left:
-            log.info("removed %d job director%s an earlier run left in %s", len(left),
-                     "y" if len(left) == 1 else "ies", root)
+            log.info("removed %d job director%s %s in %s", len(left), "y" if len(left) == 1 else "ies", whose, root)
 
     def _probe_mount(self) -> str | None:
         if os.geteuid() != 0:
@@ -196,7 +195,7 @@ class JobDirs:
 
     def close(self) -> None:
         """At slave exit: nothing of ours stays behind."""
-        self._remove_leftovers(self.root)
+        self._remove_leftovers(self.root, "kept for later jobs")
         try:
             os.unlink(os.path.join(self.root, LOCK_NAME))
             os.rmdir(self.root)
