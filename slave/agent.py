@@ -77,9 +77,8 @@ class Slave:
         }
         # A runner that keeps Python sessions (slave/sessions.py) tells us when
         # one ends by itself, and we tell the master.
-        if hasattr(runner, "on_session_ended"):
-            runner.on_session_ended = lambda key, reason: self._send(
-                P.make("session_ended", session=key[1], user=key[0], reason=reason))
+        runner.on_session_ended = lambda key, reason: self._send(
+            P.make("session_ended", session=key[1], user=key[0], reason=reason))
 
     # -- connection ----------------------------------------------------------
 
@@ -184,17 +183,14 @@ class Slave:
         self._check_idle()
 
     def on_session_end(self, msg: dict) -> None:
-        end = getattr(self.runner, "end_session", None)
-        if end is not None:
-            asyncio.ensure_future(end(P.session_key(msg["user"], msg["session"]),
-                                      msg.get("reason") or "ended by the master"))
+        asyncio.ensure_future(self.runner.end_session(P.session_key(msg["user"], msg["session"]),
+                                                      msg.get("reason") or "ended by the master"))
 
     def _session_names(self) -> list[dict]:
-        names = getattr(self.runner, "session_names", None)
-        return [{"user": user, "name": name} for user, name in names()] if names is not None else []
+        return [{"user": user, "name": name} for user, name in self.runner.session_names()]
 
     def _session_cap(self) -> dict:
-        cap = getattr(self.runner, "max_sessions_per_user", None)
+        cap = self.runner.max_sessions_per_user
         return {"max_sessions_per_user": cap} if cap is not None else {}
 
     def on_draining(self, msg: dict) -> None:

@@ -7,7 +7,7 @@ from .runner import Outcome, OutputCallback, Runner
 from .sessions import SessionRunner
 
 
-class RoutingRunner:
+class RoutingRunner(Runner):
     """The slave's one ``Runner``: jobs that name a session go to the sessions,
     the rest to the runner of fresh processes."""
 
@@ -34,11 +34,11 @@ class RoutingRunner:
         return await self.sessions.end_session(name, reason)
 
     @property
-    def max_sessions_per_user(self) -> int:
+    def max_sessions_per_user(self) -> int:  # type: ignore[override]
         return self.sessions.max_per_user
 
     @property
-    def on_session_ended(self):
+    def on_session_ended(self):  # type: ignore[override]
         return self.sessions.on_ended
 
     @on_session_ended.setter

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import psutil
 
@@ -67,9 +67,23 @@ class Outcome:
         return self
 
 
-class Runner(Protocol):
+class Runner:
+    """How a slave runs jobs; the agent talks to nothing else.
+
+    A subclass runs jobs (``describe``, ``run``, ``close``).  The session
+    hooks below are what a runner keeping persistent interpreters answers
+    (``RoutingRunner`` over ``SessionRunner``); a runner without sessions
+    keeps these answers, so the agent asks every runner the same way.
+    """
+
+    # Set by the agent: called with (session key, reason) when a session ends by itself.
+    on_session_ended: Callable[[tuple, str], None] | None = None
+    # The --max-sessions-per-user a runner with sessions enforces, told to the master at register.
+    max_sessions_per_user: int | None = None
+
     def describe(self) -> str:
         """One line for the slave's start-up log: how jobs are run and isolated."""
+        raise NotImplementedError
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         """Run ``job`` to the end.  Calls ``on_output`` with chunks as they come.
@@ -77,8 +91,18 @@ class Runner(Protocol):
         Must return (never raise) once ``cancel`` is set, with the error code
         ``cancelled``, leaving no process of the job alive.
         """
+        raise NotImplementedError
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """At slave exit: nothing of a job outlives the slave."""
+
+    def session_names(self) -> list[tuple]:
+        """The (user, name) keys of the sessions alive here, for ``register``."""
+        return []
+
+    async def end_session(self, key: tuple, reason: str = "ended by a user") -> bool:
+        """End that session now; False if there is none."""
+        return False
 
 
 @dataclass
@@ -116,7 +140,7 @@ class StepResult:
     elapsed: float
 
 
-class ProcessRunner:
+class ProcessRunner(Runner):
     """A fresh process (group) per job, inside the slave's sandbox."""
 
     def __init__(self, sandbox: Sandbox, limits: Limits, toolchains: dict[str, str],
