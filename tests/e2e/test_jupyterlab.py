@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -207,12 +208,24 @@ def row(panel, job_id: int):
 
 
 def select_job(panel, job_id: int):
-    """Click the row of job ``job_id`` in the panel's list."""
+    """Click the row of job ``job_id`` in the panel's list.
+
+    An option is chosen by its label, and a row's label changes with its job
+    (state, elapsed time): if it changed between reading and clicking, read
+    it again.
+    """
     expect(row(panel, job_id)).to_have_count(1, timeout=T)
     rows = panel.locator(".distexec-rows select")
-    label = rows.evaluate("(s, id) => [...s.options].find(o => o.value.split(/\\s+/)[2] === String(id)).value",
-                          job_id)
-    rows.select_option(value=label)
+    deadline = time.monotonic() + T / 1000
+    while True:
+        label = rows.evaluate("(s, id) => [...s.options].find(o => o.value.split(/\\s+/)[2] === String(id)).value",
+                              job_id)
+        try:
+            rows.select_option(value=label, timeout=3000)
+            return
+        except playwright_api.TimeoutError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def panel_tab(panel, title: str):
@@ -249,6 +262,7 @@ def test_panel_in_the_browser(lab, client):
     # A job whose name and output are markup: shown as text, never run.  A fresh one: the
     # history's is far down the list once the notebooks have run their jobs.
     xss = client.submit(f"print({XSS!r})", name=XSS).wait(60)
+    expect(row(panel, xss.id)).to_contain_text(re.compile(r"^✅\s+ok\s"), timeout=T)
     select_job(panel, xss.id)
     expect(detail).to_contain_text("window.__distexecXss='img'", timeout=T)
     assert xss_ran(page) is None, "a job's output ran as script"
