@@ -106,7 +106,7 @@ class Runner:
 
 
 @dataclass
-class _Capture:
+class Capture:
     """Both streams of one process, under one byte budget."""
 
     budget: int
@@ -208,7 +208,7 @@ class ProcessRunner(Runner):
 
         argv = self._argv(lang, lang.run, fields) + list(job.get("args") or [])
         stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
-        capture = _Capture(self.limits.output_bytes, on_output)
+        capture = Capture(self.limits.output_bytes, on_output)
         step = await self._step(argv, jobdir, env, stdin, job.get("timeout") or P.DEFAULT_TIMEOUT,
                                 cancel, capture)
         out, err = capture.text("stdout"), capture.text("stderr")
@@ -241,7 +241,7 @@ class ProcessRunner(Runner):
             if await asyncio.to_thread(cache.fetch, key, workdir):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
                 return None
-        capture = _Capture(self.limits.output_bytes, None)
+        capture = Capture(self.limits.output_bytes, None)
         step = await self._step(argv, jobdir, env, None, lang.compile_timeout, cancel, capture)
         if step.reason == "cancelled":
             return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
@@ -266,7 +266,7 @@ class ProcessRunner(Runner):
         return None
 
     async def _step(self, argv: list[str], jobdir: JobDir, env: dict, stdin: bytes | None,
-                    timeout: float, cancel: asyncio.Event, capture: _Capture) -> StepResult:
+                    timeout: float, cancel: asyncio.Event, capture: Capture) -> StepResult:
         started = time.monotonic()
         spawn = await asyncio.to_thread(self.sandbox.command, argv, jobdir.path, env, self.limits, timeout=timeout,
                                         tmpdirs=jobdir.sandbox_tmp)
@@ -287,7 +287,7 @@ class ProcessRunner(Runner):
                        asyncio.ensure_future(_pump(proc.stderr, "stderr", capture))]
             exited = asyncio.ensure_future(proc.wait())
             # Polled only when the kernel does not hold the limit (no memory cgroup).
-            watcher = (asyncio.ensure_future(_watch_memory(proc.pid, self.limits.memory_bytes, capture))
+            watcher = (asyncio.ensure_future(watch_memory(proc.pid, self.limits.memory_bytes, capture))
                        if spawn.watch_memory else None)
             try:
                 reason = await steps.supervise(exited, cancel, started + timeout, watcher=watcher,
@@ -351,7 +351,7 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes) -> None:
             pass
 
 
-async def _pump(reader: asyncio.StreamReader, stream: str, capture: _Capture) -> None:
+async def _pump(reader: asyncio.StreamReader, stream: str, capture: Capture) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     while True:
         data = await reader.read(READ_CHUNK)
@@ -363,7 +363,7 @@ async def _pump(reader: asyncio.StreamReader, stream: str, capture: _Capture) ->
         capture.feed(stream, decoder.decode(data), len(data))
 
 
-async def _watch_memory(pid: int, limit: int, capture: _Capture) -> str:
+async def watch_memory(pid: int, limit: int, capture: Capture) -> str:
     """Return "memory_limit" when the job's processes use more than ``limit`` bytes."""
     try:
         root = psutil.Process(pid)

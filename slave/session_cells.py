@@ -22,7 +22,7 @@ from distexec_kernel import protocol as P
 from . import safefs, steps
 from .jobdirs import JobDir, JobDirs
 from .kernel_io import ANSI, CELL_LINE, CellState, IopubPump, answer_input, exit_code
-from .runner import Outcome, _Capture, _watch_memory, disk_error
+from .runner import Outcome, Capture, watch_memory, disk_error
 from .sandbox import Limits, Sandbox
 
 INTERRUPT_GRACE = 3.0  # seconds a cell has to stop after SIGINT before the kernel is killed
@@ -69,7 +69,7 @@ class CellRunner:
         self.jobdirs = jobdirs
         self.end = end
 
-    async def execute(self, session: Session, job: dict, capture: _Capture, cancel: asyncio.Event) -> Outcome:
+    async def execute(self, session: Session, job: dict, capture: Capture, cancel: asyncio.Event) -> Outcome:
         """Run ``job`` as a cell of ``session``; how it ended, as a fresh process's would be told."""
         kc = session.client
         files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
@@ -110,7 +110,7 @@ class CellRunner:
                                                                                       len(text.encode()))))
         exited = asyncio.ensure_future(session.proc.wait())
         # Without a memory cgroup the limit is polled; with one, we learn of it when the kernel is killed.
-        watcher = (asyncio.ensure_future(_watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
+        watcher = (asyncio.ensure_future(watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
                    if getattr(session.spawn, "watch_memory", True) else None)
         ended = asyncio.ensure_future(asyncio.wait([reader, exited], return_when=asyncio.FIRST_COMPLETED))
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
@@ -179,10 +179,10 @@ class CellRunner:
         return self._outcome(0, None, capture)
 
     @staticmethod
-    def _outcome(exit_code, err, capture: _Capture) -> Outcome:
+    def _outcome(exit_code, err, capture: Capture) -> Outcome:
         return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"), outputs=capture.outputs)
 
-    async def _interrupt(self, session: Session, reader: asyncio.Future, capture: _Capture) -> None:
+    async def _interrupt(self, session: Session, reader: asyncio.Future, capture: Capture) -> None:
         """Interrupt the cell (KeyboardInterrupt); end the session if it does not stop.
 
         Asked over the control channel, so the kernel signals itself: a
@@ -197,7 +197,7 @@ class CellRunner:
                          "ended: its variables are gone; the next job starts a new one\n", 0)
 
     @staticmethod
-    def _watch_cell(session: Session, msg_id: str, capture: _Capture, state: CellState) -> asyncio.Future:
+    def _watch_cell(session: Session, msg_id: str, capture: Capture, state: CellState) -> asyncio.Future:
         """Have the pump feed the cell's messages into ``capture``; a future done when the kernel is idle."""
         idle = asyncio.get_running_loop().create_future()
 

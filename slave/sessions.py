@@ -43,9 +43,10 @@ import psutil
 from distexec_kernel import languages as L, protocol as P
 from distexec_kernel.procs import die_with_parent, kill_group
 
+from . import safefs
 from .jobdirs import JobDirs
 from .kernel_io import MESSAGE_MARGIN, IopubPump, close_client, make_client, until_ready
-from .runner import Outcome, OutputCallback, _Capture
+from .runner import Outcome, OutputCallback, Capture
 from .sandbox import Limits, Sandbox
 from .session_cells import CELL_CPUS, CellRunner, Session, _ignore
 
@@ -118,7 +119,7 @@ class SessionRunner:
             return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, "sessions run Python only"))
         if self._closed:
             return Outcome(None, P.error(P.INTERNAL_ERROR, "the slave is stopping"))
-        capture = _Capture(self.limits.output_bytes, on_output)
+        capture = Capture(self.limits.output_bytes, on_output)
         session = self.sessions.get(name)
         if session is None or not session.alive:
             if session is not None:
@@ -281,9 +282,17 @@ class SessionRunner:
 
     @staticmethod
     def _kernel_log(workdir: str) -> str:
+        """The end of the kernel's log, read as every file in a session's directory is (safefs):
+        the kernel's uid owns the directory and could have put a link or a FIFO there."""
         try:
-            with open(os.path.join(workdir, ".distexec-kernel.log"), errors="replace") as f:
-                return f.read()[-2000:].strip() or "no output"
+            dir_fd = safefs.open_dir(workdir)
+            try:
+                fd, st = safefs.open_regular(dir_fd, ".distexec-kernel.log")
+            finally:
+                os.close(dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                f.seek(max(0, st.st_size - 2000))
+                return f.read().decode(errors="replace").strip() or "no output"
         except OSError:
             return "no log"
 

@@ -113,6 +113,20 @@ def shared_cluster(tmp_path_factory, name: str, slaves: int = 2, *, start_timeou
             lc.stop()
 
 
+@contextlib.contextmanager
+def magic_shell():
+    """IPython's shell with ``%load_ext distexec_kernel``, unloaded at the end: the magics
+    find the cluster as a notebook would (the connection file of $DISTEXEC_HOME)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "distexec_kernel")
+    try:
+        yield sh
+    finally:
+        sh.run_line_magic("unload_ext", "distexec_kernel")
+
+
 @pytest.fixture
 def make_cluster(home, tmp_path):
     """Build and start a LocalCluster; all of them are stopped at the end of the test."""

@@ -9,12 +9,11 @@ from collections import Counter
 import psutil
 import pytest
 import requests
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, JobGroup, RemoteError, protocol as P
 
-from conftest import shared_cluster, wait_for
+from conftest import magic_shell, shared_cluster, wait_for
 
 SQUARE = "import sys\nn = int(sys.argv[1])\nprint(n * n)\n"
 FLAKY = "import sys\nn = int(sys.argv[1])\nif n % 3 == 0:\n    sys.exit(f'{n} is a multiple of 3')\nprint(n)\n"
@@ -181,13 +180,8 @@ def test_a_batch_survives_a_master_restart_whole(make_cluster):
 
 @pytest.fixture(scope="module")
 def shell(lc):
-    sh = InteractiveShell.instance()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DISTEXEC_URL", lc.url)
-        mp.setenv("DISTEXEC_TOKEN", lc.token)
-        sh.run_line_magic("load_ext", "distexec_kernel")
+    with magic_shell() as sh:
         yield sh
-        sh.run_line_magic("unload_ext", "distexec_kernel")
 
 
 def run(shell, cell: str):

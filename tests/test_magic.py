@@ -21,7 +21,7 @@ from IPython.utils.capture import capture_output
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.magic import RemoteJobFailed, magics_of
 
-from conftest import shared_cluster, wait_for
+from conftest import magic_shell, shared_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,8 @@ def lc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shell(lc):
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "distexec_kernel")
-    yield sh
-    sh.run_line_magic("unload_ext", "distexec_kernel")
+    with magic_shell() as sh:
+        yield sh
 
 
 @pytest.fixture(scope="module")

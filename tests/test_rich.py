@@ -6,13 +6,12 @@ import base64
 import uuid
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 
-from conftest import shared_cluster
+from conftest import magic_shell, shared_cluster
 
 T = 120  # a session's first cell starts a kernel; importing matplotlib there takes seconds more
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,10 +43,8 @@ def sessions_end(c):
 
 @pytest.fixture(scope="module")
 def shell(lc):
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "distexec_kernel")
-    yield sh
-    sh.run_line_magic("unload_ext", "distexec_kernel")
+    with magic_shell() as sh:
+        yield sh
 
 
 def session() -> str:

@@ -414,10 +414,16 @@ def test_chown_of_the_job_directory_never_follows_links(tmp_path):
     (workdir / "source.c").write_text("int main(){}")
     os.symlink(target, workdir / "link")
     os.link(target, workdir / "hard")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "inner").write_text("keep me too")
+    os.symlink(outside, workdir / "dirlink")  # not walked into
+    os.mkfifo(workdir / "fifo")  # chowned without being opened: never blocks
     sandbox = BwrapSandbox(None)
     spawn = sandbox.command(["true"], str(workdir), {}, Limits())
     sandbox.cleanup(spawn)
     assert os.stat(target).st_uid == 0
+    assert os.stat(outside).st_uid == 0 and os.stat(outside / "inner").st_uid == 0
     assert os.stat(workdir / "source.c").st_uid == NOBODY
     assert os.stat(workdir).st_uid == NOBODY
 

@@ -589,3 +589,20 @@ def test_a_folder_planted_where_a_job_file_goes_is_a_clear_error(py_client):
     assert "data.txt" in job.error["message"] and "folder" in job.error["message"]
     # The session lives on.
     assert run(py_client, "print(2)", session="dir-plant").stdout == "2\n"
+
+
+def test_the_kernel_log_is_read_without_following_a_link(tmp_path):
+    """Read as root when a kernel fails to start, in a directory the kernel's uid owns."""
+    from slave.sessions import SessionRunner
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    workdir = tmp_path / "session"
+    workdir.mkdir()
+    os.symlink(secret, workdir / ".distexec-kernel.log")
+    assert SessionRunner._kernel_log(str(workdir)) == "no log"
+    os.unlink(workdir / ".distexec-kernel.log")
+    os.mkfifo(workdir / ".distexec-kernel.log")  # opened non-blocking, refused: no hang
+    assert SessionRunner._kernel_log(str(workdir)) == "no log"
+    os.unlink(workdir / ".distexec-kernel.log")
+    (workdir / ".distexec-kernel.log").write_text("x" * 5000 + "the end")
+    assert SessionRunner._kernel_log(str(workdir)).endswith("the end")
