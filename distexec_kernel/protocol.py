@@ -5,76 +5,28 @@ standard library only.  Every WebSocket frame is one JSON object with a
 ``type`` field; ``MESSAGES`` below says, for each type, which fields it
 carries and of which JSON type.  ``decode`` checks a received frame against
 that table, so a handler only ever sees well-formed messages.  The message
-set is described in prose in ``docs/protocol.md``.
+set is described in prose in ``docs/protocol.md``.  The job record, its
+states and error codes live in ``job_record`` and are re-exported here, so
+``P.SUCCEEDED`` and ``P.new_job`` read as before.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import datetime as _dt
 import json
 import re
+
+from .job_record import (  # noqa: F401  (re-exported: the protocol is read as one namespace)
+    CANCELLED, CANCELLED_CODE, COMPILE_ERROR, DISK_LIMIT, ERROR_STATUS, FAILED, ICONS, INPUT_FIELDS,
+    INTERNAL_ERROR, JOB_FIELDS, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_LIMIT, QUEUED, REJECTED,
+    REJECTED_SOURCE_BYTES, RUNNING, SESSION_LIMIT, SIGNAL, SLAVE_LOST, SMALL_OUTPUT_CHARS, STATES,
+    SUCCEEDED, SUMMARY_OMIT, SYNTAX_ERROR, TERMINAL, TIMEOUT, UNSUPPORTED_LANGUAGE, new_job, now,
+    parse_time, session_key, session_keys_of, session_label, status_of, summary, update_of,
+)
 
 # 2: a session is named by its user and its name, as two fields, never one joined string.
 # 3: files in folders and as bytes, collect and job_artifact frames, a result's outputs.
 PROTOCOL_VERSION = 3
-
-# --- job states -----------------------------------------------------------
-
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-REJECTED = "rejected"
-
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, REJECTED)
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, REJECTED})
-ICONS = {
-    QUEUED: "🕓",
-    RUNNING: "⏳",
-    SUCCEEDED: "✅",
-    FAILED: "❌",
-    REJECTED: "❌",
-    CANCELLED: "🚫",
-}
-
-# --- error codes (error.code of a job that did not succeed) ---------------
-
-SYNTAX_ERROR = "syntax_error"
-UNSUPPORTED_LANGUAGE = "unsupported_language"
-COMPILE_ERROR = "compile_error"
-NONZERO_EXIT = "nonzero_exit"
-SIGNAL = "signal"
-TIMEOUT = "timeout"
-MEMORY_LIMIT = "memory_limit"
-OUTPUT_LIMIT = "output_limit"
-# Wrote more than the slave's --disk-limit (its directory and /tmp together).
-DISK_LIMIT = "disk_limit"
-# Would have opened a session past --max-sessions-per-user.
-SESSION_LIMIT = "session_limit"
-SLAVE_LOST = "slave_lost"
-CANCELLED_CODE = "cancelled"
-# Not in the contract's table, but a job whose files cannot even be laid out
-# (bad file name, disk full) must still end with a reason.
-INTERNAL_ERROR = "internal_error"
-
-# The status a job ends in for each error code.
-ERROR_STATUS = {
-    SYNTAX_ERROR: REJECTED,
-    UNSUPPORTED_LANGUAGE: REJECTED,
-    COMPILE_ERROR: FAILED,
-    NONZERO_EXIT: FAILED,
-    SIGNAL: FAILED,
-    TIMEOUT: FAILED,
-    MEMORY_LIMIT: FAILED,
-    OUTPUT_LIMIT: FAILED,
-    DISK_LIMIT: FAILED,
-    SESSION_LIMIT: REJECTED,
-    SLAVE_LOST: FAILED,
-    INTERNAL_ERROR: FAILED,
-    CANCELLED_CODE: CANCELLED,
-}
 
 # --- limits on what the master accepts ------------------------------------
 
@@ -126,17 +78,6 @@ def error(code: str, message: str, **extra) -> dict:
     out = {"code": code, "message": message}
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
-
-
-def now() -> str:
-    """RFC 3339 UTC with millisecond precision, as every job time is."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_time(text: str | None) -> _dt.datetime | None:
-    if not text:
-        return None
-    return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 # --- the message table ----------------------------------------------------
@@ -330,20 +271,7 @@ def decode(text: str | bytes) -> dict:
     return validate(msg)
 
 
-# --- the job record and submissions ---------------------------------------
-
-JOB_FIELDS = (
-    "id", "name", "language", "status", "error", "slave_uid", "client_id", "user",
-    "submitted_at", "started_at", "finished_at", "exit_code", "stdout", "stderr",
-    "timeout", "source", "files", "args", "stdin", "retries", "attempts", "session", "group",
-    "collect", "outputs", "artifacts",
-)
-
-# What a job is run with: the store keeps these apart, and the master holds
-# them in memory only while it hands a job to a slave.
-INPUT_FIELDS = ("source", "files", "args", "stdin")
-# A rejected job keeps at most this much of its source, and none of its files or stdin.
-REJECTED_SOURCE_BYTES = 64 << 10
+# --- submissions ----------------------------------------------------------
 
 # submission field -> (json type, default)
 SUBMISSION = {
@@ -424,31 +352,6 @@ def check_submission(body) -> dict:
     return out
 
 
-def session_key(user: str | None, name: str) -> tuple[str | None, str]:
-    """Who a session belongs to and its name: its identity everywhere.
-
-    A pair, never one joined string: with ``name@user``, user ``corp``'s
-    session ``work@alice`` and user ``alice@corp``'s ``work`` were one.
-    """
-    return (user, name)
-
-
-def session_keys_of(items) -> list[tuple[str | None, str]]:
-    """The well-formed ``{"user", "name"}`` entries of a ``register`` message's ``sessions``."""
-    out = []
-    for item in items or ():
-        if isinstance(item, dict) and isinstance(item.get("name"), str) \
-                and isinstance(item.get("user"), (str, type(None))):
-            out.append(session_key(item["user"], item["name"]))
-    return out
-
-
-def session_label(key: tuple[str | None, str]) -> str:
-    """How a person reads a session key in a message."""
-    user, name = key
-    return repr(name) if user is None else f"{name!r} of user {user!r}"
-
-
 def check_batch(body, check=check_submission) -> list[dict]:
     """Validate a batch (a JSON list of submissions) whole: the first bad item refuses it all.
 
@@ -517,49 +420,3 @@ def check_collect(patterns) -> list[str] | None:
     return list(patterns) or None
 
 
-def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str | None) -> dict:
-    job = {field: None for field in JOB_FIELDS}
-    job.update(submission)
-    job.update(
-        id=job_id,
-        name=submission.get("name") or f"job {job_id}",
-        status=QUEUED,
-        client_id=client_id,
-        user=user,
-        submitted_at=now(),
-        stdout="",
-        stderr="",
-        attempts=0,
-        outputs=[],
-        artifacts=[],
-    )
-    return job
-
-
-SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr", "outputs")
-# A finished job's event carries its whole output up to this size, so a client
-# that waited for it needs no request to read the result.
-SMALL_OUTPUT_CHARS = 64 << 10
-
-
-def summary(job: dict) -> dict:
-    """A job without its bulky fields, for live status events."""
-    return {k: v for k, v in job.items() if k not in SUMMARY_OMIT}
-
-
-def update_of(job: dict) -> dict:
-    """What a ``job_update`` event carries: the summary and, once the job has
-    ended with a small output, that whole output (``stdout`` and ``stderr``)."""
-    out = summary(job)
-    # Rich outputs (figures...) are read with the job: a terminal event without stdout says so.
-    if job.get("status") in TERMINAL and not job.get("outputs"):
-        stdout, stderr = job.get("stdout") or "", job.get("stderr") or ""
-        if len(stdout) + len(stderr) <= SMALL_OUTPUT_CHARS:
-            out.update(stdout=stdout, stderr=stderr)
-    return out
-
-
-def status_of(error_obj: dict | None) -> str:
-    if error_obj is None:
-        return SUCCEEDED
-    return ERROR_STATUS.get(error_obj.get("code"), FAILED)
