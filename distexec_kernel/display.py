@@ -174,6 +174,15 @@ def client_rows(clients: list[dict]) -> list[list[str]]:
              fmt_time(c["connected_at"]), str(c["jobs_submitted"])] for c in clients]
 
 
+SESSION_HEADERS = ["name", "user", "slave", "language", "created", "last used", "jobs"]
+
+
+def session_rows(sessions: list[dict]) -> list[list[str]]:
+    return [[s["name"], s.get("user") or "-", short_uid(s.get("slave_uid")), s.get("language") or "-",
+             fmt_time(s.get("created_at")), fmt_time(s.get("last_used")), str(s.get("jobs", "-"))]
+            for s in sessions]
+
+
 def jobs_text(jobs: list[dict]) -> str:
     return _table(JOB_HEADERS, job_rows(jobs)) if jobs else "no jobs"
 
@@ -196,6 +205,14 @@ def clients_text(clients: list[dict]) -> str:
 
 def clients_html(clients: list[dict]) -> str:
     return _html_table(CLIENT_HEADERS, client_rows(clients), "no clients connected")
+
+
+def sessions_text(sessions: list[dict]) -> str:
+    return _table(SESSION_HEADERS, session_rows(sessions)) if sessions else "no sessions"
+
+
+def sessions_html(sessions: list[dict]) -> str:
+    return _html_table(SESSION_HEADERS, session_rows(sessions), "no sessions")
 
 
 def job_detail_text(job: dict) -> str:

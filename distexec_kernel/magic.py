@@ -17,7 +17,6 @@ import argparse
 import getpass
 import html
 import os
-import shlex
 import sys
 
 from IPython.core.error import UsageError
@@ -25,68 +24,16 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from . import cells, config, display as D, languages, outputs as O, protocol as P
+from . import config, display as D, languages, outputs as O, protocol as P
 from .cells import seconds
-from .cluster import Cluster, DistexecError, Job, RemoteError
-from .group import JobGroup, item_args
+from .cluster import Cluster, DistexecError, Job
+from .group import item_args
+from .magic_args import parse_command, parse_line, read_files, read_source, split_run
+from .magic_errors import RemoteGroupFailed, RemoteJobFailed, show_error
 
 # How many live status widgets the magics keep a reference to (for tests and
 # for re-reading); older ones still update, they are just not listed.
 KEEP_WIDGETS = 200
-
-
-class RemoteGroupFailed(RemoteError):
-    """A ``%%remote --map`` cell some of whose jobs did not succeed: the first failure (input order) shows."""
-
-    def __init__(self, group: JobGroup, interrupted: bool = False):
-        self.group = group
-        self.summary = group.summary()
-        self.interrupted = interrupted
-        first = group.failed[0] if group.failed else group[0]
-        super().__init__(first)
-
-
-class RemoteJobFailed(RemoteError):
-    """A ``%%remote`` job that did not succeed: the cell fails as a local error would.
-
-    Shown by ``show_error`` (a custom exception handler) as the job's status
-    line and error, without a traceback of the magic's own frames.
-    ``interrupted``: the user interrupted the cell and the job was cancelled.
-    """
-
-    def __init__(self, job: Job, interrupted: bool = False):
-        super().__init__(job)
-        self.record = job.record
-        self.interrupted = interrupted
-
-
-def error_lines(exc: BaseException) -> list[str]:
-    """What a person needs to see for a failed job or an unreachable cluster, line by line.
-
-    Any ``RemoteError`` (also ``job.wait(raise_on_error=True)`` in a cell) reads
-    the same: the job's status line, its error code and message, where it points.
-    """
-    if not isinstance(exc, RemoteError):
-        return [f"{type(exc).__name__}: {exc}"]
-    if isinstance(exc, RemoteGroupFailed):
-        failed = exc.group.failed
-        head = [exc.summary, f"{len(failed)} of {len(exc.group)} jobs did not succeed; the first, "
-                             f"input {list(exc.group).index(exc.job)}:"]
-        if exc.interrupted:
-            head.append(f"KeyboardInterrupt: group {exc.group.id} was cancelled on the master")
-        return head + D.failure_lines(exc.job.record)
-    return D.failure_lines(exc.job.record, interrupted=getattr(exc, "interrupted", False))
-
-
-def show_error(shell, etype, value, tb, tb_offset=None):
-    """IPython custom exception handler (``set_custom_exc``).
-
-    IPython discards what a handler returns, so it shows the lines itself
-    through ``_showtraceback``: in a kernel that sends the ``error`` output and
-    sets the traceback of the execute reply (status ``error``, so Run All and
-    nbclient stop); in a terminal it prints them.
-    """
-    shell._showtraceback(etype, value, error_lines(value))
 
 
 class Rich:
@@ -101,15 +48,6 @@ class Rich:
 
     def __repr__(self) -> str:
         return self.plain
-
-
-SESSION_HEADERS = ["name", "user", "slave", "language", "created", "last used", "jobs"]
-
-
-def session_rows(sessions: list[dict]) -> list[list[str]]:
-    return [[s["name"], s.get("user") or "-", D.short_uid(s.get("slave_uid")), s.get("language") or "-",
-             D.fmt_time(s.get("created_at")), D.fmt_time(s.get("last_used")), str(s.get("jobs", "-"))]
-            for s in sessions]
 
 
 def _rank(status: str) -> int:
@@ -169,12 +107,12 @@ class RemoteMagics(Magics):
         Interrupting the cell cancels the job.  With --no-wait the cell returns
         the job handle at once and shows its status updating in place.
         """
-        args = _parse(self.remote_cell, line)
+        args = parse_line(self.remote_cell, line)
         if not cell.strip():
             raise UsageError("%%remote: the cell is empty: write the program below the %%remote line")
         if args.map:
             return self._map(cell, args)
-        job = self.cluster.submit(cell, language=args.language, files=self._files(args.file) or None,
+        job = self.cluster.submit(cell, language=args.language, files=read_files(args.file) or None,
                                   args=args.arg or None, stdin=args.stdin, timeout=args.timeout,
                                   name=args.name, session=args.session, collect=args.collect or None)
         return self._after_submit(job, args.no_wait, args.output)
@@ -202,17 +140,11 @@ class RemoteMagics(Magics):
         %remote cancel ID                     cancel a job
         %remote panel                         the ipywidgets job panel
         """
-        args = _parse(self.remote_line, line)
+        args = parse_line(self.remote_line, line)
         return getattr(self, f"_cmd_{args.command}")(args.rest)
 
-    def _sub(self, prog: str, rest: list[str], *specs) -> argparse.Namespace:
-        parser = _Parser(prog=f"%remote {prog}")
-        for flags, kwargs in specs:
-            parser.add_argument(*flags, **kwargs)
-        return parser.parse_args(rest)
-
     def _cmd_connect(self, rest):
-        a = self._sub("connect", rest, (("url",), dict(nargs="?")), (("--token",), {}),
+        a = parse_command("connect", rest, (("url",), dict(nargs="?")), (("--token",), {}),
                       (("--user",), dict(help="log in as this user; the password is asked for")))
         if a.user:
             # getpass reads through the kernel's input request, never echoing the password.
@@ -227,7 +159,7 @@ class RemoteMagics(Magics):
               f"languages: {', '.join(langs) or 'none'}")
 
     def _cmd_run(self, rest):
-        opts, positional = _split_run(rest)
+        opts, positional = split_run(rest)
         if not positional:
             raise UsageError("%remote run FILE [--lang L] [ARGS...]: which file?")
         path, prog_args = positional[0], positional[1:]
@@ -240,16 +172,16 @@ class RemoteMagics(Magics):
             timeout = seconds(opts["timeout"]) if "timeout" in opts else None
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"%remote run --timeout: {exc}") from None
-        source = _read(path)
+        source = read_source(path)
         job = self.cluster.submit(source, language=language, args=prog_args or None, timeout=timeout,
                                   name=opts.get("name") or os.path.basename(path),
-                                  files=self._files(opts.get("file", [])) or None,
+                                  files=read_files(opts.get("file", [])) or None,
                                   stdin=opts.get("stdin"), session=opts.get("session"),
                                   collect=opts.get("collect") or None)
         return self._after_submit(job, "no-wait" in opts, opts.get("o"))
 
     def _cmd_jobs(self, rest):
-        a = self._sub("jobs", rest, (("--status",), dict(choices=P.STATES)),
+        a = parse_command("jobs", rest, (("--status",), dict(choices=P.STATES)),
                       (("--limit",), dict(type=int, default=20)))
         records, total = self.cluster.jobs_page(status=a.status, limit=a.limit, summary=True)
         more = f"{len(records)} of {total} jobs" if total > len(records) else None
@@ -257,23 +189,22 @@ class RemoteMagics(Magics):
                     D.jobs_text(records) + (f"\n({more})" if more else ""))
 
     def _cmd_slaves(self, rest):
-        self._sub("slaves", rest)
+        parse_command("slaves", rest)
         slaves = self.cluster.slaves()
         return Rich(D.slaves_html(slaves), D.slaves_text(slaves))
 
     def _cmd_clients(self, rest):
-        self._sub("clients", rest)
+        parse_command("clients", rest)
         clients = self.cluster.clients()
         return Rich(D.clients_html(clients), D.clients_text(clients))
 
     def _cmd_sessions(self, rest):
-        self._sub("sessions", rest)
-        rows = session_rows(self.cluster.sessions())
-        return Rich(D._html_table(SESSION_HEADERS, rows, "no sessions"),
-                    D._table(SESSION_HEADERS, rows) if rows else "no sessions")
+        parse_command("sessions", rest)
+        sessions = self.cluster.sessions()
+        return Rich(D.sessions_html(sessions), D.sessions_text(sessions))
 
     def _cmd_cancel(self, rest):
-        a = self._sub("cancel", rest, (("id",), dict(type=int)))
+        a = parse_command("cancel", rest, (("id",), dict(type=int)))
         job = self.cluster.cancel(a.id)
         if not job.done:
             try:
@@ -283,23 +214,17 @@ class RemoteMagics(Magics):
         print(D.status_line(job.record))
 
     def _cmd_show(self, rest):
-        a = self._sub("show", rest, (("id",), dict(type=int)))
+        a = parse_command("show", rest, (("id",), dict(type=int)))
         record = self.cluster.job(a.id).record
         text = D.job_detail_text(record)
         return Rich(f"<pre>{html.escape(text)}</pre>", text)
 
     def _cmd_panel(self, rest):
-        self._sub("panel", rest)
+        parse_command("panel", rest)
         from .panel import JobPanel
         display(JobPanel(self.cluster))
 
     # -- shared by %%remote and %remote run ---------------------------------------
-
-    def _files(self, paths: list[str]) -> dict[str, str]:
-        try:
-            return cells.read_files(paths)
-        except cells.OptionError as exc:
-            raise UsageError(str(exc)) from None
 
     def _after_submit(self, job: Job, no_wait: bool, output: str | None):
         if output:
@@ -334,7 +259,7 @@ class RemoteMagics(Magics):
         items = self.shell.user_ns[args.map]
         if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
             raise UsageError(f"%%remote --map: {args.map} is a {type(items).__name__}, not an iterable of inputs")
-        files = self._files(args.file) or None
+        files = read_files(args.file) or None
         subs = [dict(source=cell, language=args.language, files=files, args=[*args.arg, *item_args(item)],
                      stdin=args.stdin, timeout=args.timeout, name=args.name, collect=args.collect or None)
                 for item in items]
@@ -404,76 +329,11 @@ class RemoteMagics(Magics):
         return True
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports through IPython's UsageError instead of exiting the kernel."""
-
-    def error(self, message):
-        raise UsageError(f"{self.prog}: {message}\n{self.format_usage()}")
-
-    def exit(self, status=0, message=None):
-        raise UsageError(message or self.format_help())
-
-
-# Options of `%remote run` that take a value, and flags that do not.  Kept by
-# hand because the program's own ARGS may hold anything, dashes included: the
-# options are read wherever they appear, `--` ends them.
-_RUN_VALUES = {"--lang": "lang", "--timeout": "timeout", "--name": "name", "--stdin": "stdin",
-               "--session": "session", "-o": "o", "--output": "o", "--file": "file", "--collect": "collect"}
-_RUN_FLAGS = {"--no-wait": "no-wait"}
-
-
-def _split_run(rest: list[str]) -> tuple[dict, list[str]]:
-    opts: dict = {}
-    positional: list[str] = []
-    tokens = list(rest)
-    while tokens:
-        tok = tokens.pop(0)
-        if tok == "--":
-            positional += tokens
-            break
-        key, eq, value = tok.partition("=")
-        if key in _RUN_VALUES:
-            if not eq:
-                if not tokens:
-                    raise UsageError(f"%remote run: {key} needs a value")
-                value = tokens.pop(0)
-            name = _RUN_VALUES[key]
-            if name in ("file", "collect"):
-                opts.setdefault(name, []).append(value)
-            else:
-                opts[name] = value
-        elif tok in _RUN_FLAGS:
-            opts[_RUN_FLAGS[tok]] = True
-        else:
-            positional.append(tok)
-    return opts, positional
-
-
-def _parse(magic, line: str) -> argparse.Namespace:
-    """Parse a magic's line with shell quoting.
-
-    IPython's own ``parse_argstring`` splits in non-POSIX mode and keeps the
-    quotes (``--stdin 'a b'`` would send ``'a b'`` with its quotes).
-    """
-    try:
-        argv = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"cannot parse {line!r}: {exc}") from None
-    return magic.parser.parse_args(argv)
-
-
 def _tail(text: str, lines: int = 40) -> str:
     kept = text.splitlines(keepends=True)
     if len(kept) <= lines:
         return text
     return f"[... {len(kept) - lines} earlier lines]\n" + "".join(kept[-lines:])
-
-
-def _read(path: str) -> str:
-    try:
-        return cells.read_text(path)
-    except cells.OptionError as exc:
-        raise UsageError(str(exc)) from None
 
 
 _loaded: dict[int, RemoteMagics] = {}
