@@ -113,6 +113,16 @@ def shared_cluster(tmp_path_factory, name: str, slaves: int = 2, *, start_timeou
             lc.stop()
 
 
+def module_cluster(name: str, slaves: int = 2, **kwargs):
+    """A module-wide cluster fixture, ``lc = module_cluster("magic", 2, slots=2)``: one
+    ``shared_cluster`` for all the module's tests, the fixture named as it is assigned."""
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        with shared_cluster(tmp_path_factory, name, slaves, **kwargs) as lc:
+            yield lc
+    return fixture
+
+
 @contextlib.contextmanager
 def magic_shell():
     """IPython's shell with ``%load_ext distexec_kernel``, unloaded at the end: the magics

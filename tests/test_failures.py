@@ -7,6 +7,7 @@ afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import signal
@@ -386,6 +387,15 @@ def lc_ws(lc) -> str:
     return "ws" + lc.url[len("http"):]
 
 
+@contextlib.contextmanager
+def dispatched(lc, conn: RawConnection, source: str = "print('x')", **submit):
+    """A client and its job, which the master has sent to the raw connection ``conn`` (never run)."""
+    with connect(lc) as c:
+        job = c.submit(source, **submit)
+        assert conn.expect("job_run")["job"]["id"] == job.id
+        yield c, job
+
+
 @pytest.fixture
 def raw_slave(make_cluster):
     """A master with no slaves but one played by the test (python, one slot); lost-grace 30 s."""
@@ -404,9 +414,7 @@ def test_job_run_lost_in_a_master_crash_is_not_stuck(raw_slave, retries, tmp_pat
     """
     lc, rs = raw_slave
     conn = rs.connect()
-    with connect(lc) as c:
-        job = c.submit("print('ran')", retries=retries)
-        assert conn.expect("job_run")["job"]["id"] == job.id  # and dropped: never run
+    with dispatched(lc, conn, "print('ran')", retries=retries) as (c, job):  # and dropped: never run
         assert c.job(job.id).status == P.RUNNING
     lc.master.stop(signal.SIGKILL)
     conn.closed.wait(10)
@@ -429,9 +437,7 @@ def test_slave_back_before_its_old_connection_closed_keeps_its_job(raw_slave):
     """A second register under the same UID takes over; the old connection's end loses nothing."""
     lc, rs = raw_slave
     old = rs.connect()
-    with connect(lc) as c:
-        job = c.submit("print('x')")
-        assert old.expect("job_run")["job"]["id"] == job.id
+    with dispatched(lc, old) as (c, job):
         new = rs.connect(running=[job.id])
         old.close()
         assert not new.closed.is_set()
@@ -453,9 +459,7 @@ def test_job_run_lost_with_a_dropped_connection(raw_slave, same_process):
     """
     lc, rs = raw_slave
     old = rs.connect(instance="first")
-    with connect(lc) as c:
-        job = c.submit("print('x')", retries=0)
-        assert old.expect("job_run")["job"]["id"] == job.id  # lost on the way, as it were
+    with dispatched(lc, old, retries=0) as (c, job):  # lost on the way, as it were
         old.close()
         new = rs.connect(instance="first" if same_process else "second", running=[], results=[])
         if same_process:
@@ -475,9 +479,7 @@ def test_result_sent_again_after_settling_is_acknowledged_not_applied(raw_slave)
     """A result re-sent on reconnection for a job already settled changes nothing."""
     lc, rs = raw_slave
     conn = rs.connect()
-    with connect(lc) as c:
-        job = c.submit("print('x')")
-        conn.expect("job_run")
+    with dispatched(lc, conn) as (c, job):
         result = P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="first\n", stderr="")
         conn.send(result)
         conn.expect("result_ack")
@@ -496,9 +498,7 @@ def test_cancel_between_dispatch_and_start(raw_slave):
     """A running job cancelled before its slave started it ends cancelled, and the slave is told."""
     lc, rs = raw_slave
     conn = rs.connect()
-    with connect(lc) as c:
-        job = c.submit("print('x')")
-        assert conn.expect("job_run")["job"]["id"] == job.id
+    with dispatched(lc, conn) as (c, job):
         c.cancel(job.id)
         assert conn.expect("job_cancel")["job_id"] == job.id
         # The slave honours it as a runner does: it reports the job cancelled.

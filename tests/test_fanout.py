@@ -13,17 +13,14 @@ from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, JobGroup, RemoteError, protocol as P
 
-from conftest import magic_shell, shared_cluster, wait_for
+from conftest import magic_shell, module_cluster, wait_for
 
 SQUARE = "import sys\nn = int(sys.argv[1])\nprint(n * n)\n"
 FLAKY = "import sys\nn = int(sys.argv[1])\nif n % 3 == 0:\n    sys.exit(f'{n} is a multiple of 3')\nprint(n)\n"
 SLEEPER = "import time\ntime.sleep(120)\n"
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory):
-    with shared_cluster(tmp_path_factory, "fanout", 2, slots=2, languages="python,sh") as cluster:
-        yield cluster
+lc = module_cluster("fanout", 2, slots=2, languages="python,sh")
 
 
 @pytest.fixture

@@ -21,13 +21,10 @@ from IPython.utils.capture import capture_output
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.magic import RemoteJobFailed, magics_of
 
-from conftest import magic_shell, shared_cluster, wait_for
+from conftest import magic_shell, module_cluster, wait_for
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory):
-    with shared_cluster(tmp_path_factory, "magic", 2, slots=2) as cluster:
-        yield cluster
+lc = module_cluster("magic", 2, slots=2)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +36,8 @@ def shell(lc):
 @pytest.fixture(scope="module")
 def master(lc):
     """A separate client, to check what the master itself says."""
-    c = Cluster(lc.url, token=lc.token)
-    yield c
-    c.close()
+    with Cluster(lc.url, token=lc.token) as c:
+        yield c
 
 
 def run(shell, cell: str):

@@ -25,7 +25,7 @@ from nbclient.exceptions import CellExecutionError
 
 from distexec_kernel import Cluster, protocol as P
 
-from conftest import shared_cluster, wait_for
+from conftest import module_cluster, wait_for
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The notebooks of the python3 kernel; those of our own kernels (kernelspec
@@ -231,11 +231,8 @@ def test_a_failed_job_stops_run_all(cluster, home, tmp_path):
 # -- a kernel, driven message by message -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kernel_cluster(tmp_path_factory):
-    """One cluster for the kernel tests (each notebook above gets its own, for a clean history)."""
-    with shared_cluster(tmp_path_factory, "kernel", 2, slots=2) as lc:
-        yield lc
+# One cluster for the kernel tests (each notebook above gets its own, for a clean history).
+kernel_cluster = module_cluster("kernel", 2, slots=2)
 
 
 @pytest.fixture(scope="module")

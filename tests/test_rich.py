@@ -11,23 +11,19 @@ from IPython.utils.capture import capture_output
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 
-from conftest import magic_shell, shared_cluster
+from conftest import magic_shell, module_cluster
 
 T = 120  # a session's first cell starts a kernel; importing matplotlib there takes seconds more
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def lc(tmp_path_factory):
-    with shared_cluster(tmp_path_factory, "rich", 1, slots=2, languages="python") as cluster:
-        yield cluster
+lc = module_cluster("rich", 1, slots=2, languages="python")
 
 
 @pytest.fixture(scope="module")
 def c(lc):
-    client = Cluster(lc.url, token=lc.token)
-    yield client
-    client.close()
+    with Cluster(lc.url, token=lc.token) as client:
+        yield client
 
 
 @pytest.fixture(autouse=True)

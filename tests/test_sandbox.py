@@ -57,9 +57,8 @@ def lc(box):
 
 @pytest.fixture(scope="module")
 def box_client(lc):
-    c = Cluster(lc.url, token=lc.token)
-    yield c
-    c.close()
+    with Cluster(lc.url, token=lc.token) as c:
+        yield c
 
 
 def job_processes(jobs_root: str) -> list[str]:
