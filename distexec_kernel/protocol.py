@@ -398,6 +398,15 @@ def file_bytes(content, name: str = "?") -> bytes:
     _bad(f"file {name!r}: content must be a string, or {{\"base64\": \"...\"}} for bytes")
 
 
+def files_of(job: dict) -> dict[str, bytes]:
+    """A job's files as bytes, by name, as the slave lays them out.
+
+    The master checked the names and the contents (``check_submission``);
+    decoding is all that is left.
+    """
+    return {name: file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+
+
 def file_content(data: bytes):
     """How bytes travel as a job file: text when they are UTF-8, else ``{"base64": ...}``."""
     try:

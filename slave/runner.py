@@ -163,9 +163,8 @@ class ProcessRunner(Runner):
         await asyncio.to_thread(self.jobdirs.close)
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
-        lang = L.get(job["language"])
-        if lang is None or lang.name not in self.toolchains:
-            return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, f"this slave does not run {job['language']!r}"))
+        # The master sends a checked job: its language canonical and run here, a timeout set.
+        lang = L.LANGUAGES[job["language"]]
         try:
             jobdir = await asyncio.to_thread(self.jobdirs.make, f"job{job['id']}")
         except OSError as exc:
@@ -188,7 +187,7 @@ class ProcessRunner(Runner):
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         workdir = jobdir.path
         source_name = lang.source_name(job["source"])
-        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+        files = P.files_of(job)
         files[source_name] = job["source"].encode()
         # The directory is fresh, but one code path for every write where a job can reach.
         try:
@@ -209,8 +208,7 @@ class ProcessRunner(Runner):
         argv = self._argv(lang, lang.run, fields) + list(job.get("args") or [])
         stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
         capture = Capture(self.limits.output_bytes, on_output)
-        step = await self._step(argv, jobdir, env, stdin, job.get("timeout") or P.DEFAULT_TIMEOUT,
-                                cancel, capture)
+        step = await self._step(argv, jobdir, env, stdin, job["timeout"], cancel, capture)
         out, err = capture.text("stdout"), capture.text("stderr")
         error = _classify(step, job, self.limits)
         if error is not None and error["code"] in (P.NONZERO_EXIT, P.SIGNAL) and _hit_disk_limit(step, jobdir):
@@ -235,7 +233,7 @@ class ProcessRunner(Runner):
         cache, key = self.compile_cache, None
         workdir = jobdir.path
         if cache is not None:
-            inputs = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+            inputs = P.files_of(job)
             inputs[source_name] = job["source"].encode()
             key = cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
             if await asyncio.to_thread(cache.fetch, key, workdir):
@@ -333,8 +331,7 @@ def disk_error(jobdirs: JobDirs, what: str) -> dict:
 
 def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:
     if step.reason is not None:
-        return steps.limit_error(step.reason, job.get("timeout") or P.DEFAULT_TIMEOUT, limits.memory_bytes,
-                                 limits.output_bytes)
+        return steps.limit_error(step.reason, job["timeout"], limits.memory_bytes, limits.output_bytes)
     return steps.exit_error(step.returncode)
 
 

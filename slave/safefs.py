@@ -28,6 +28,9 @@ class TooLarge(OSError):
 
 
 def _parts(name: str) -> list[str]:
+    # The master already refused such names (protocol.check_file_name); the
+    # slave checks again because it is root here and the name becomes a path:
+    # a job file's name must never reach outside the directory, whoever sent it.
     parts = name.split("/")
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise UnsafePath(f"bad file name {name!r}")

@@ -72,7 +72,7 @@ class CellRunner:
     async def execute(self, session: Session, job: dict, capture: Capture, cancel: asyncio.Event) -> Outcome:
         """Run ``job`` as a cell of ``session``; how it ended, as a fresh process's would be told."""
         kc = session.client
-        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+        files = P.files_of(job)
         if files:
             # The kernel (the job's uid) owns this directory and may have planted
             # links or FIFOs under these names: see safefs.  Off the loop, too.
@@ -113,7 +113,7 @@ class CellRunner:
         watcher = (asyncio.ensure_future(watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
                    if getattr(session.spawn, "watch_memory", True) else None)
         ended = asyncio.ensure_future(asyncio.wait([reader, exited], return_when=asyncio.FIRST_COMPLETED))
-        timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
+        timeout = job["timeout"]
         try:
             reason = await steps.supervise(ended, cancel, time.monotonic() + timeout, watcher=watcher,
                                            over=lambda: capture.over or session.pump.oversized)

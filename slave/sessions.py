@@ -40,7 +40,7 @@ from typing import Callable
 
 import psutil
 
-from distexec_kernel import languages as L, protocol as P
+from distexec_kernel import protocol as P
 from distexec_kernel.procs import die_with_parent, kill_group
 
 from . import safefs
@@ -115,8 +115,6 @@ class SessionRunner:
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         name = P.session_key(job.get("user"), job["session"])
-        if L.canonical(job.get("language") or "") != "python":
-            return Outcome(None, P.error(P.UNSUPPORTED_LANGUAGE, "sessions run Python only"))
         if self._closed:
             return Outcome(None, P.error(P.INTERNAL_ERROR, "the slave is stopping"))
         capture = Capture(self.limits.output_bytes, on_output)

@@ -787,7 +787,9 @@ def run_job(runner, job: dict, cancel_after: float | None = None):
         cancel = asyncio.Event()
         if cancel_after is not None:
             asyncio.get_running_loop().call_later(cancel_after, cancel.set)
-        return await runner.run({"id": 1, **job}, lambda stream, text: None, cancel)
+        # As the master sends it: checked, with its defaults (the slave trusts that).
+        checked = P.new_job(1, P.check_submission(job), client_id=None, user=None)
+        return await runner.run(checked, lambda stream, text: None, cancel)
     return asyncio.run(go())
 
 
