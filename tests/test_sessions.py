@@ -5,6 +5,7 @@ slaves (``make_cluster``), whose session kernels are real ipykernels.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -429,9 +430,16 @@ def test_no_kernel_outlives_the_cluster(make_cluster):
     assert_gone(kernels, "kernel processes")
 
 
-def test_past_the_memory_limit_the_session_ends_with_a_message(make_cluster):
-    lc = make_cluster(1, slots=1, languages="python", slave_args=["--memory-limit", "200"])
+@contextlib.contextmanager
+def limited_slave(make_cluster, *slave_args: str):
+    """A client of one slave with one slot, Python only, started with ``slave_args`` (its limits)."""
+    lc = make_cluster(1, slots=1, languages="python", slave_args=list(slave_args))
     with Cluster(lc.url, token=lc.token) as c:
+        yield c
+
+
+def test_past_the_memory_limit_the_session_ends_with_a_message(make_cluster):
+    with limited_slave(make_cluster, "--memory-limit", "200") as c:
         assert run(c, "kept = 1", session="m").status == P.SUCCEEDED
         job = run(c, "b = bytearray(400 << 20)\nb[::4096] = b'x' * len(b[::4096])", session="m")
         assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT
@@ -505,8 +513,7 @@ def test_a_queued_session_job_waits_for_its_slave_across_a_master_restart(make_c
 
 
 def test_the_process_limit_binds_the_cells_not_the_kernel(make_cluster):
-    lc = make_cluster(1, slots=1, languages="python", slave_args=["--max-procs", "4"])
-    with Cluster(lc.url, token=lc.token) as c:
+    with limited_slave(make_cluster, "--max-procs", "4") as c:
         # ipykernel's own threads do not use up the job's --max-procs...
         ok = run(c, "import threading\nt = threading.Thread(target=lambda: None)\nt.start()\nt.join()\nprint('ok')",
                  session="p")
@@ -518,8 +525,7 @@ def test_the_process_limit_binds_the_cells_not_the_kernel(make_cluster):
 
 
 def test_past_the_output_limit_the_job_fails_and_the_session_lives_on(make_cluster):
-    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "1"])
-    with Cluster(lc.url, token=lc.token) as c:
+    with limited_slave(make_cluster, "--output-limit", "1") as c:
         assert run(c, "kept = 1", session="o").status == P.SUCCEEDED
         once = run(c, "print('x' * (3 << 20))", session="o")
         assert once.status == P.FAILED and once.error["code"] == P.OUTPUT_LIMIT
