@@ -73,6 +73,7 @@ def now() -> str:
 
 
 def parse_time(text: str | None) -> _dt.datetime | None:
+    """A job time (``now``'s form) as an aware datetime; None for none."""
     if not text:
         return None
     return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -95,6 +96,7 @@ REJECTED_SOURCE_BYTES = 64 << 10
 
 
 def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str | None) -> dict:
+    """A queued job's record, every field of ``JOB_FIELDS`` present, from a checked submission."""
     job = {field: None for field in JOB_FIELDS}
     job.update(submission)
     job.update(
@@ -137,6 +139,7 @@ def update_of(job: dict) -> dict:
 
 
 def status_of(error_obj: dict | None) -> str:
+    """The status a job ends in with this error (``None``: it succeeded)."""
     if error_obj is None:
         return SUCCEEDED
     return ERROR_STATUS.get(error_obj.get("code"), FAILED)
