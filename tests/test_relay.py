@@ -202,3 +202,67 @@ def test_pending_submissions_fail_clearly_when_the_client_closes(make_cluster):
         lc.master.send_signal(signal.SIGCONT)
     with pytest.raises(DistexecError, match="closed before the master answered"):
         job.wait(10)
+
+
+def test_history_totals_are_kept_by_the_store_through_every_change(tmp_path):
+    """GET /api/jobs's total comes from counts the store keeps (not COUNT(*) over the history):
+    they must match a real count after inserts, status changes, user filters, pruning and a reopen."""
+    import asyncio
+    import sqlite3
+
+    from distexec_kernel import protocol as P
+    from master.store import JobStore
+
+    path = str(tmp_path / "history.sqlite3")
+
+    def job(job_id: int, status: str, user: str | None) -> dict:
+        j = P.new_job(job_id, {"source": "pass", "language": "python", "files": {}, "args": [], "stdin": None},
+                      client_id=None, user=user)
+        j["status"] = status
+        return j
+
+    def truth(status=None, user=None) -> int:
+        conn = sqlite3.connect(path)
+        try:
+            where = " AND ".join(c for c in ("status = ?" if status else "", "user = ?" if user else "") if c)
+            args = [a for a in (status, user) if a]
+            return conn.execute("SELECT COUNT(*) FROM jobs" + (f" WHERE {where}" if where else ""), args).fetchone()[0]
+        finally:
+            conn.close()
+
+    async def check(store: JobStore) -> None:
+        for status in (None, *P.STATES):
+            for user in (None, "alice", "bob"):
+                _, total = await store.list(status, 5, 0, user)
+                assert total == truth(status, user), (status, user)
+
+    async def scenario() -> None:
+        store = JobStore(path)
+        try:
+            await store.save_many([job(i, P.QUEUED, ("alice", "bob", None)[i % 3]) for i in range(1, 61)])
+            await check(store)
+            # Status changes (the same rows saved again), one user's job changing hands.
+            await store.save_many([job(i, P.SUCCEEDED if i % 2 else P.FAILED, ("alice", "bob", None)[i % 3])
+                                   for i in range(1, 41)])
+            await store.save(job(41, P.RUNNING, "bob"))
+            await check(store)
+            assert await store.prune(before="9999-01-01T00:00:00Z") == 40  # terminal ones only
+            await check(store)
+            page, total = await store.list(None, 5, 0, "alice")
+            assert total == truth(None, "alice") and [j["id"] for j in page] == sorted(
+                [j["id"] for j in page], reverse=True) and all(j["user"] == "alice" for j in page)
+        finally:
+            store.close()
+        # A history written before the counts existed is counted once when opened.
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM meta WHERE key = 'job_counts'")
+        conn.execute("UPDATE job_counts SET n = 999")
+        conn.commit()
+        conn.close()
+        store = JobStore(path)
+        try:
+            await check(store)
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
