@@ -151,7 +151,10 @@ class ClientSocket(_Socket):
 
     async def on_submit(self, msg: dict) -> None:
         """Start the submission and return at once: tornado reads the next frame only after this
-        returns, and a client pipelines its submissions, so they are committed together."""
+        returns, and a client pipelines its submissions, so they are committed together.
+
+        The answer to a submit is always a submit_reply with its ref, so the sender can match it.
+        """
         ref = msg.get("ref")
         key = (self.identity.user, ref) if ref else None
         ledger = ledger_of(self.master)
@@ -160,11 +163,12 @@ class ClientSocket(_Socket):
             answer = asyncio.ensure_future(self._submit(msg["request"]))
             if key:
                 ledger.put(key, answer)
+            answer.add_done_callback(lambda done: self.send(P.make("submit_reply", ref=ref, **done.result())))
         else:
-            answer = first  # sent again after a reconnect: the same job, not a second one
-        reply = asyncio.ensure_future(self._reply(answer, ref, again=first is not None))
-        self._answering.add(reply)  # the loop keeps only weak references to tasks
-        reply.add_done_callback(self._answering.discard)
+            # Sent again after a reconnect: the same job, not a second one.
+            answer = asyncio.ensure_future(self._reply_again(first, ref))
+        self._answering.add(answer)  # the loop keeps only weak references to tasks
+        answer.add_done_callback(self._answering.discard)
 
     async def _submit(self, request: dict) -> dict:
         """``{"job"}`` or ``{"error"}``: what a submit_reply carries, as the HTTP path would answer."""
@@ -184,10 +188,9 @@ class ClientSocket(_Socket):
                                                   status=500)}
         return {"job": job}
 
-    async def _reply(self, answer: asyncio.Future, ref: str | None, again: bool) -> None:
-        # The answer to a submit is always a submit_reply, so the sender can match its ref.
+    async def _reply_again(self, answer: asyncio.Future, ref: str) -> None:
         body = dict(await asyncio.shield(answer))
-        if again and body["job"] is not None:
+        if body["job"] is not None:
             # What became of it while the client was away (it may have ended): the current record.
             current = await self.master.get_job(body["job"]["id"], user=self.identity.owner)
             body["job"] = current or body["job"]
