@@ -54,6 +54,17 @@ def cpu_seconds(pid: int) -> float:
     return t.user + t.system
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+def thread_split(before: dict[int, float], after: dict[int, float], jobs: int) -> str:
+    """CPU per job by thread (the event loop is the process's main thread, its id the pid)."""
+    parts = sorted(((after[t] - before.get(t, 0.0)) / jobs * 1e6, t) for t in after)
+    return ", ".join(f"{'loop' if t == min(after) else f'thread {t}'} {us:.0f} us" for us, t in reversed(parts)
+                     if us >= 1)
+
+
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / MIB
 
@@ -183,11 +194,11 @@ def part_cpu(args) -> None:
                 idle = (cpu_seconds(pid) - idle0) / (time.perf_counter() - it0)
                 start = slaves.finished
                 spy = profile(pid, args.profile) if args.profile else None
-                c0, t0 = cpu_seconds(pid), time.perf_counter()
+                c0, t0, th0 = cpu_seconds(pid), time.perf_counter(), thread_cpu(pid)
                 slaves.run()
                 wait_until(lambda: slaves.finished - start >= args.jobs, 600, f"{args.jobs} jobs to finish")
                 slaves.hold()
-                c1, t1 = cpu_seconds(pid), time.perf_counter()
+                c1, t1, th1 = cpu_seconds(pid), time.perf_counter(), thread_cpu(pid)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
@@ -197,12 +208,13 @@ def part_cpu(args) -> None:
                 print(f"dispatch + finish of {done} jobs, >= {args.queued} queued, {args.slaves} slaves: "
                       f"{per_job * 1e6:.0f} us of master CPU per job (target <= 200 us: {verdict}); "
                       f"{done / (t1 - t0):.0f} jobs/s; idle master {idle * 100:.1f}% CPU (subtracted)")
+                print(f"  by thread: {thread_split(th0, th1, done)}")
                 # Pipelined submissions on the client's WebSocket, one job each.
                 n = min(1000, args.jobs)
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
                 jobs = [listener.submit("pass") for _ in range(n)]
                 for job in jobs:
-                    job._acked()
+                    job.id  # the master's answer
                 c1, t1 = cpu_seconds(pid), time.perf_counter()
                 print(f"{n} single submissions pipelined on the WebSocket: {(c1 - c0) / n * 1e6:.0f} us of master "
                       f"CPU per job ({n / (t1 - t0):.0f} jobs/s acknowledged)")

@@ -206,7 +206,8 @@ class Cluster:
     def _submit_ws(self, body: dict) -> Job | None:
         """Send ``body`` on the event channel; the Job to answer later, or None if the channel is not open."""
         events = self._events
-        if events is None or not events.connected.is_set():
+        if events is None or not events.connected.is_set() or events.in_event_thread():
+            # (An event listener that submits could never read the answer its own thread brings.)
             return None
         ref = f"{self._ref_prefix}-{next(self._refs)}"
         msg = P.encode(P.make("submit", request=body, ref=ref))

@@ -104,6 +104,9 @@ class EventStream:
         except Exception:  # a receiver's bug must not end the channel
             log.exception("event handler failed on %s", msg["type"])
 
+    def in_event_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def send(self, msg: dict | str) -> bool:
         """Queue ``msg`` (a message, or its ``protocol.encode`` text) for the master; False if the loop has ended.
 

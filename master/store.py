@@ -303,8 +303,13 @@ class JobStore:
                 conn.execute("PRAGMA incremental_vacuum")
             except sqlite3.Error as exc:
                 log.warning("could not hand freed pages back after pruning: %s", exc)
+        # One wake-up of each loop for the whole group, not one per future: under load a
+        # commit settles hundreds of saves, and each wake-up is a write to the loop's pipe.
+        by_loop: dict = {}
         for _, loop, fut in group:
-            loop.call_soon_threadsafe(_settle, fut, err, result)
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futs in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, futs, err, result)
 
     # -- reads -------------------------------------------------------------
 
@@ -418,6 +423,11 @@ def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None)
     conn.execute("INSERT INTO meta (key, value) VALUES ('max_pruned_id', ?) ON CONFLICT(key) DO UPDATE "
                  "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(max(doomed)),))
     return doomed
+
+
+def _settle_all(futs: list[asyncio.Future], err: Exception | None, result=None) -> None:
+    for fut in futs:
+        _settle(fut, err, result)
 
 
 def _settle(fut: asyncio.Future, err: Exception | None, result=None) -> None:
