@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distexec_kernel import Cluster, protocol as P  # noqa: E402
 from distexec_kernel.local import LocalCluster  # noqa: E402
+from slave import toolchains  # noqa: E402
 
 
 def epoch(text: str) -> float:
@@ -40,10 +41,11 @@ def epoch(text: str) -> float:
 
 
 def bare(n: int) -> float:
+    python = toolchains.candidates("python3")[0]  # what the slaves run (not a pyenv shim)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run(["python3", "-I", "-S", "-c", "pass"], check=True)
+        subprocess.run([python, "-I", "-S", "-c", "pass"], check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
