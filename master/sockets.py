@@ -34,7 +34,9 @@ LEDGER_SIZE = 20_000
 
 
 class SubmitLedger:
-    """Recent WebSocket submissions by (user, ref) -> the task that answers them, oldest first.
+    """Recent WebSocket submissions by (user, ref), oldest first: the task still answering one,
+    then, once answered, only the job's id or the refusal (never the job's inputs: a
+    submission may carry megabytes of files).
 
     Refs are the client's own (random per client object, then a counter);
     keyed by the authenticated user too, so nobody reads another's answer.
@@ -42,15 +44,22 @@ class SubmitLedger:
 
     def __init__(self, size: int = LEDGER_SIZE):
         self.size = size
-        self._answers: collections.OrderedDict[tuple, asyncio.Future] = collections.OrderedDict()
+        self._answers: collections.OrderedDict[tuple, asyncio.Future | dict] = collections.OrderedDict()
 
-    def get(self, key: tuple) -> asyncio.Future | None:
+    def get(self, key: tuple) -> asyncio.Future | dict | None:
+        """The task answering ``key``, or ``{"job_id"}`` / ``{"error"}`` once it has; None if unknown."""
         return self._answers.get(key)
 
     def put(self, key: tuple, answer: asyncio.Future) -> None:
         self._answers[key] = answer
+        answer.add_done_callback(lambda done: self._answered(key, done))
         while len(self._answers) > self.size:
             self._answers.popitem(last=False)
+
+    def _answered(self, key: tuple, done: asyncio.Future) -> None:
+        if self._answers.get(key) is done:
+            body = done.result()
+            self._answers[key] = {"job_id": body["job"]["id"]} if body["job"] is not None else body
 
 
 _ledgers: "weakref.WeakKeyDictionary[Master, SubmitLedger]" = weakref.WeakKeyDictionary()
@@ -188,12 +197,16 @@ class ClientSocket(_Socket):
                                                   status=500)}
         return {"job": job}
 
-    async def _reply_again(self, answer: asyncio.Future, ref: str) -> None:
-        body = dict(await asyncio.shield(answer))
-        if body["job"] is not None:
+    async def _reply_again(self, first: asyncio.Future | dict, ref: str) -> None:
+        body = dict(await asyncio.shield(first)) if isinstance(first, asyncio.Future) else first
+        if body.get("job") is not None:
+            body = {"job_id": body["job"]["id"]}
+        if "job_id" in body:
             # What became of it while the client was away (it may have ended): the current record.
-            current = await self.master.get_job(body["job"]["id"], user=self.identity.owner)
-            body["job"] = current or body["job"]
+            job = await self.master.get_job(body["job_id"], user=self.identity.owner)
+            body = {"job": job} if job is not None else {
+                "job": None, "error": P.error("not_found", f"job {body['job_id']} is no longer in the history",
+                                              status=404)}
         self.send(P.make("submit_reply", ref=ref, **body))
 
     async def on_cancel(self, msg: dict) -> None:
