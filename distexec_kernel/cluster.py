@@ -67,6 +67,7 @@ class Cluster:
         # Pipelined submissions the master has not answered yet, by ref, oldest first.
         self._pending: dict[str, tuple[str, Job, concurrent.futures.Future]] = {}
         self._refs = itertools.count(1)
+        self._last_reply = float("-inf")  # when the last submit_reply came (time.monotonic())
         self._ref_prefix = secrets.token_hex(8)  # refs are this client's own: the master keys them by user too
         self.user = user or getpass.getuser()
         self.login_info: dict | None = None
@@ -223,6 +224,7 @@ class Cluster:
 
     def _on_submit_reply(self, msg: dict) -> None:
         """The master's answer to a pipelined submission (event thread, before the job's later events)."""
+        self._last_reply = time.monotonic()
         with self._lock:
             entry = self._pending.pop(msg.get("ref") or "", None)
         if entry is None:
@@ -237,8 +239,15 @@ class Cluster:
             _settle(ack, _refusal(msg.get("error") or {}))
 
     def _ack_expired(self, job: Job) -> None:
-        """No answer to ``job``'s submission by its deadline: fail it as an unreachable master."""
+        """No answer to ``job``'s submission by its deadline: fail it as an unreachable master.
+
+        Unless answers are still coming (a burst of thousands, answered in
+        order): then its deadline moves to ACK_TIMEOUT after the last answer.
+        """
         with self._lock:
+            if self._last_reply + ACK_TIMEOUT > time.monotonic() and self._events_connected():
+                job._ack_deadline = self._last_reply + ACK_TIMEOUT
+                return
             for ref, (_, pending, _) in list(self._pending.items()):
                 if pending is job:
                     del self._pending[ref]

@@ -64,16 +64,17 @@ class Job:
         ack = self._ack
         if ack is None:
             return
-        if not ack.done():
-            left = None if self._ack_deadline is None else self._ack_deadline - time.monotonic()
-            wait = left if timeout is None else (timeout if left is None else min(left, timeout))
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while not ack.done():
+            now = time.monotonic()
+            waits = [t - now for t in (self._ack_deadline, give_up) if t is not None]
             try:
-                ack.result(None if wait is None else max(0.0, wait))
+                ack.result(max(0.0, min(waits)) if waits else None)
             except concurrent.futures.TimeoutError:
-                if left is not None and (timeout is None or left <= timeout):
-                    self._cluster._ack_expired(self)
-                else:
+                if give_up is not None and time.monotonic() >= give_up:
                     raise TimeoutError(f"the master has not answered this submission after {timeout} s") from None
+                # Past the ack deadline: failed, unless the master is still answering (a long burst).
+                self._cluster._ack_expired(self)
         ack.result()  # re-raises a refusal on every access, as a failed request would each time
         self._ack = None  # answered: from now on, no waiting
 

@@ -266,3 +266,23 @@ def test_history_totals_are_kept_by_the_store_through_every_change(tmp_path):
             store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_submission_the_master_never_answers_fails_as_unreachable(make_cluster, monkeypatch):
+    from distexec_kernel import cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "ACK_TIMEOUT", 1.0)
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        lc.master.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: _stopped(lc.master.pid), 10, "the master to stop")
+            job = c.submit("pass")
+            with pytest.raises(DistexecError) as err:
+                job.wait(20)
+            assert err.value.code == "unreachable" and err.value.transient
+            assert "may or may not have been queued" in str(err.value)
+            with pytest.raises(TimeoutError):
+                c.submit("pass").wait(0.2)  # the caller's own deadline comes first: a TimeoutError
+        finally:
+            lc.master.send_signal(signal.SIGCONT)
