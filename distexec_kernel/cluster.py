@@ -40,6 +40,9 @@ __all__ = ["Cluster", "Job", "JobGroup", "DistexecError", "RemoteError", "UNREAC
 # as an HTTP submission waits), across reconnects; then it fails as
 # unreachable, as a POST that timed out does.
 ACK_TIMEOUT = 30.0
+# Larger submissions go over HTTP: a frame past the master's limit would end
+# the channel (and be resent on every reconnect); a POST gets a 413.
+WS_SUBMIT_MAX_CHARS = P.MAX_MESSAGE_BYTES // 8  # characters: up to 4 bytes each in UTF-8
 
 class Cluster:
     """A connection to one distexec master.  Counts as one client while open."""
@@ -170,8 +173,8 @@ class Cluster:
 
     def _on_event(self, msg: dict) -> None:
         if msg["type"] == "submit_reply":
-            return self._on_submit_reply(msg)
-        if msg["type"] == "job_update":
+            self._on_submit_reply(msg)
+        elif msg["type"] == "job_update":
             for job in self._watchers(msg["job"].get("id")):
                 job._apply_update(msg["job"])
         elif msg["type"] == "job_output":
@@ -212,6 +215,8 @@ class Cluster:
             return None
         ref = f"{self._ref_prefix}-{next(self._refs)}"
         msg = P.encode(P.make("submit", request=body, ref=ref))
+        if len(msg) > WS_SUBMIT_MAX_CHARS:
+            return None  # over HTTP, where a body past the limit gets a clear 413, not a dropped channel
         ack = concurrent.futures.Future()
         job = Job(self, None, ack=ack, ack_deadline=time.monotonic() + ACK_TIMEOUT)
         with self._lock:
@@ -301,6 +306,7 @@ class Cluster:
         """Submit one job.  ``files``: a dict (name -> text or bytes), a local file or folder path, or a
         list of paths; ``collect``: globs of files to keep from the job's directory once it ends."""
         body = _submission(source, language, files, args, stdin, timeout, name, retries, session, collect)
+        _check_locally(body)
         job = self._submit_ws(body)
         if job is not None:
             return job  # the master's answer resolves it (job.id, job.wait() wait for it)
@@ -427,6 +433,19 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.url} client {self.client_id}>"
+
+
+def _check_locally(body: dict) -> None:
+    """Refuse a malformed submission here, at once, as the master would (the same check, the same error).
+
+    What only the master knows (its queue, the rate, sessions, the token)
+    is refused in its answer, raised by the job's first use.
+    """
+    try:
+        P.check_submission(body)
+    except P.ProtocolError as exc:
+        status = 413 if exc.code == "too_large" else 400
+        raise DistexecError(f"{exc.message} (HTTP {status})", code=exc.code, status=status) from None
 
 
 def _refusal(err: dict) -> DistexecError:

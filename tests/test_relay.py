@@ -78,20 +78,30 @@ BAD_INPUTS = [
 
 
 def test_each_bad_input_is_raised_with_its_code_as_over_http(cluster, client):
+    log = request_log(client)
     with Cluster(cluster.url, token=cluster.token, events=False) as plain:
         for kwargs, code, status in BAD_INPUTS:
-            job = client.submit(**kwargs)  # returns at once; the refusal comes with the answer
-            with pytest.raises(DistexecError) as ws:
-                job.wait(30)
+            # A malformed submission is refused at once, by the master's own check, sending nothing.
+            with pytest.raises(DistexecError) as local:
+                client.submit(**kwargs)
             with pytest.raises(DistexecError) as http:
                 plain.submit(**kwargs)
-            assert (ws.value.code, ws.value.status) == (code, status), kwargs
+            assert (local.value.code, local.value.status) == (code, status), kwargs
             assert (http.value.code, http.value.status) == (code, status), kwargs
-            assert str(ws.value) == str(http.value)
-            # Every later look at the job raises the same refusal.
-            with pytest.raises(DistexecError) as again:
-                job.id
-            assert again.value.code == code
+            assert str(local.value) == str(http.value)
+        # What only the master knows comes in its answer: submit returns, the job's first use raises.
+        c_session = dict(source="int main(void) { return 0; }", language="c", session="s")
+        job = client.submit(**c_session)
+        with pytest.raises(DistexecError) as ws:
+            job.id
+        with pytest.raises(DistexecError) as http:
+            plain.submit(**c_session)
+        assert (ws.value.code, ws.value.status) == (http.value.code, http.value.status) == ("bad_request", 400)
+        assert str(ws.value) == str(http.value) and "Python only" in str(ws.value)
+        for look in (lambda: job.wait(5), lambda: job.status, lambda: job.record):
+            with pytest.raises(DistexecError):
+                look()  # every later use raises the same refusal
+    assert log == []
     # A well-formed program in a language nobody runs is a rejected job, not an error.
     job = client.submit("x", language="cobol").wait(30)
     assert job.status == "rejected" and job.error["code"] == "unsupported_language"
@@ -108,7 +118,7 @@ def users_file(tmp_path):
 def test_queue_full_and_rate_limited_reach_the_caller(make_cluster, users_file):
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--users", users_file, "--max-queued-per-user", "2",
-                                   "--rate", "0.1/s", "--burst", "3"])
+                                   "--rate", "1/min", "--burst", "3"])  # no refill within the test
     with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
             Cluster(lc.url, user="bob", password="bob-pw") as bob:
         holder = alice.submit(SLEEPER)
@@ -286,3 +296,14 @@ def test_a_submission_the_master_never_answers_fails_as_unreachable(make_cluster
                 c.submit("pass").wait(0.2)  # the caller's own deadline comes first: a TimeoutError
         finally:
             lc.master.send_signal(signal.SIGCONT)
+
+
+def test_a_very_large_submission_goes_over_http(client):
+    log = request_log(client)
+    # Within every field's limit, but past what one WebSocket frame should carry.
+    job = client.submit("import sys\nprint(len(sys.stdin.read()), len(open('big.txt').read()))",
+                        stdin="x" * (7 << 20), files={"big.txt": "y" * (2 << 20)})
+    assert log == [("POST", "/api/jobs")] and not job.pending
+    assert job.wait(120).stdout == f"{7 << 20} {2 << 20}\n"
+    assert client.submit("print('small again')").wait(60).stdout == "small again\n"
+    assert log == [("POST", "/api/jobs")]  # the small one went on the WebSocket
