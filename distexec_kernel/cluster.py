@@ -5,24 +5,44 @@ Requests go over HTTP (requests); live status and output arrive over the
 ``Cluster`` count as one connected client while it is open.  Everything
 here is blocking and thread-safe; the magic and the panel are thin shells
 over it.
+
+``submit`` is pipelined: while the event channel is open, the submission goes
+out on it and a ``Job`` comes back at once; the master's answer (the job's
+id, or a refusal) resolves it later (see job.py).  Submissions not answered
+when the channel drops are sent again, under the same ``ref``, when it comes
+back; the master answers a ref it has seen with the job it already made, so
+a reconnect neither loses nor doubles a submission.  With no open channel,
+``submit`` posts over HTTP as before.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import getpass
+import itertools
+import secrets
 import socket
 import threading
+import time
 import weakref
 from typing import Callable
 
 import requests
 
-from . import config, files as F
+from . import config, files as F, protocol as P
 from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal  # noqa: F401 (the API's names)
 from .events import EventStream
 from .group import JobGroup, item_args
 from .job import Job
 
 __all__ = ["Cluster", "Job", "JobGroup", "DistexecError", "RemoteError", "UNREACHABLE", "tls_refusal"]
+
+# How long a pipelined submission may wait for the master's answer (as long
+# as an HTTP submission waits), across reconnects; then it fails as
+# unreachable, as a POST that timed out does.
+ACK_TIMEOUT = 30.0
+# Larger submissions go over HTTP: a frame past the master's limit would end
+# the channel (and be resent on every reconnect); a POST gets a 413.
+WS_SUBMIT_MAX_CHARS = P.MAX_MESSAGE_BYTES // 8  # characters: up to 4 bytes each in UTF-8
 
 class Cluster:
     """A connection to one distexec master.  Counts as one client while open."""
@@ -47,6 +67,11 @@ class Cluster:
         self._lock = threading.Lock()
         self._listeners: list[Callable[[dict], None]] = []
         self._events: EventStream | None = None
+        # Pipelined submissions the master has not answered yet, by ref, oldest first.
+        self._pending: dict[str, tuple[str, Job, concurrent.futures.Future]] = {}
+        self._refs = itertools.count(1)
+        self._last_reply = float("-inf")  # when the last submit_reply came (time.monotonic())
+        self._ref_prefix = secrets.token_hex(8)  # refs are this client's own: the master keys them by user too
         self.user = user or getpass.getuser()
         self.login_info: dict | None = None
         self._cafile = cafile
@@ -67,7 +92,7 @@ class Cluster:
     def _open_events(self, connect_timeout: float) -> None:
         self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
                                    host=socket.gethostname(), cafile=self._cafile,
-                                   on_connect=self._on_connect)
+                                   on_connect=self._on_connect, on_refused=self._on_refused)
         if not self._events.connected.wait(connect_timeout):
             raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
         if self._events.refused:
@@ -147,7 +172,9 @@ class Cluster:
     # -- events -------------------------------------------------------------------
 
     def _on_event(self, msg: dict) -> None:
-        if msg["type"] == "job_update":
+        if msg["type"] == "submit_reply":
+            self._on_submit_reply(msg)
+        elif msg["type"] == "job_update":
             for job in self._watchers(msg["job"].get("id")):
                 job._apply_update(msg["job"])
         elif msg["type"] == "job_output":
@@ -161,6 +188,13 @@ class Cluster:
             if self._events is not None and self._events.client_id:
                 # A new id if the old one was still taken (our old connection not yet closed).
                 self._http.headers["X-Distexec-Client"] = self._events.client_id
+            # Submissions sent on the old connection and not answered: the master may or may
+            # not have them.  Same refs again, in order: it answers a known ref with its job.
+            with self._lock:
+                unanswered = [msg for msg, _, _ in self._pending.values()]
+            events = self._events
+            for msg in unanswered if events is not None else ():
+                events.send(msg)
             # Events may have been missed while away: have every waiter re-read.
             with self._lock:
                 jobs = [j for s in self._watched.values() for j in s]
@@ -170,6 +204,71 @@ class Cluster:
                     job._cond.notify_all()
         for listener in list(self._listeners):
             listener({"type": "connection", "connected": connected})
+
+    # -- pipelined submissions --------------------------------------------------
+
+    def _submit_ws(self, body: dict) -> Job | None:
+        """Send ``body`` on the event channel; the Job to answer later, or None if the channel is not open."""
+        events = self._events
+        if events is None or not events.connected.is_set() or events.in_event_thread():
+            # (An event listener that submits could never read the answer its own thread brings.)
+            return None
+        ref = f"{self._ref_prefix}-{next(self._refs)}"
+        msg = P.encode(P.make("submit", request=body, ref=ref))
+        if len(msg) > WS_SUBMIT_MAX_CHARS:
+            return None  # over HTTP, where a body past the limit gets a clear 413, not a dropped channel
+        ack = concurrent.futures.Future()
+        job = Job(self, None, ack=ack, ack_deadline=time.monotonic() + ACK_TIMEOUT)
+        with self._lock:
+            self._pending[ref] = (msg, job, ack)
+        if not events.send(msg):
+            with self._lock:
+                self._pending.pop(ref, None)
+            return None
+        return job
+
+    def _on_submit_reply(self, msg: dict) -> None:
+        """The master's answer to a pipelined submission (event thread, before the job's later events)."""
+        self._last_reply = time.monotonic()
+        with self._lock:
+            entry = self._pending.pop(msg.get("ref") or "", None)
+        if entry is None:
+            return  # answered already (a resend's second answer) or given up on
+        _, job, ack = entry
+        if msg.get("job") is not None:
+            job._acknowledge(msg["job"])
+            _settle(ack, None)
+            if msg["job"].get("status") not in P.TERMINAL:
+                self._watch(job)  # before the next event is handled: none of its events is missed
+        else:
+            _settle(ack, _refusal(msg.get("error") or {}))
+
+    def _ack_expired(self, job: Job) -> None:
+        """No answer to ``job``'s submission by its deadline: fail it as an unreachable master.
+
+        Unless answers are still coming (a burst of thousands, answered in
+        order): then its deadline moves to ACK_TIMEOUT after the last answer.
+        """
+        with self._lock:
+            if self._last_reply + ACK_TIMEOUT > time.monotonic() and self._events_connected():
+                job._ack_deadline = self._last_reply + ACK_TIMEOUT
+                return
+            for ref, (_, pending, _) in list(self._pending.items()):
+                if pending is job:
+                    del self._pending[ref]
+        _settle(job._ack, DistexecError(
+            f"the master at {self.url} did not answer the submission within {ACK_TIMEOUT:g} s; "
+            "it may or may not have been queued", code=UNREACHABLE))
+
+    def _fail_pending(self, error: DistexecError) -> None:
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for _, _, ack in pending:
+            _settle(ack, error)
+
+    def _on_refused(self, reason: str, status: int | None) -> None:
+        """The event channel gave up for good (a 401, a certificate): unanswered submissions fail with it."""
+        self._fail_pending(DistexecError(f"{reason}; the submission was not confirmed", status=status))
 
     def _watchers(self, job_id) -> list[Job]:
         with self._lock:
@@ -207,6 +306,10 @@ class Cluster:
         """Submit one job.  ``files``: a dict (name -> text or bytes), a local file or folder path, or a
         list of paths; ``collect``: globs of files to keep from the job's directory once it ends."""
         body = _submission(source, language, files, args, stdin, timeout, name, retries, session, collect)
+        _check_locally(body)
+        job = self._submit_ws(body)
+        if job is not None:
+            return job  # the master's answer resolves it (job.id, job.wait() wait for it)
         job = Job(self, self._post("/api/jobs", body))
         # Watch from the start, so output that comes before the first wait() is kept.
         if not job.done:
@@ -319,6 +422,7 @@ class Cluster:
         if self._events is not None:
             self._events.close()
             self._events = None
+        self._fail_pending(DistexecError("the client was closed before the master answered the submission"))
         self._http.close()
 
     def __enter__(self) -> "Cluster":
@@ -329,6 +433,35 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"<Cluster {self.url} client {self.client_id}>"
+
+
+def _check_locally(body: dict) -> None:
+    """Refuse a malformed submission here, at once, as the master would (the same check, the same error).
+
+    What only the master knows (its queue, the rate, sessions, the token)
+    is refused in its answer, raised by the job's first use.
+    """
+    try:
+        P.check_submission(body)
+    except P.ProtocolError as exc:
+        status = 413 if exc.code == "too_large" else 400
+        raise DistexecError(f"{exc.message} (HTTP {status})", code=exc.code, status=status) from None
+
+
+def _refusal(err: dict) -> DistexecError:
+    """A submit_reply's error as the HTTP path raises it: same code, status and message."""
+    status = err.get("status") or 400
+    return DistexecError(f"{err.get('message')} (HTTP {status})", code=err.get("code"), status=status)
+
+
+def _settle(fut: concurrent.futures.Future, error: Exception | None) -> None:
+    try:
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass  # settled already (expired, or the client closed meanwhile)
 
 
 def _submission(source: str, language: str = "python", files: dict | None = None, args: list | None = None,

@@ -9,12 +9,14 @@ update state under a lock or set traits, never print or display.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from typing import Callable
 from urllib.parse import urlencode
 
 import tornado.httpclient
+import tornado.websocket
 
 from . import config, protocol as P, wsclient
 from .errors import tls_refusal
@@ -25,11 +27,13 @@ log = logging.getLogger("distexec.client.events")
 class EventStream:
     def __init__(self, url: str, token: str | None, on_event: Callable[[dict], None], *,
                  user: str | None = None, host: str | None = None, cafile: str | None = None,
-                 on_connect: Callable[[bool], None] | None = None):
+                 on_connect: Callable[[bool], None] | None = None,
+                 on_refused: Callable[[str, int | None], None] | None = None):
         self.url = url
         self.token = token
         self.on_event = on_event
         self.on_connect = on_connect
+        self.on_refused = on_refused
         self.user = user
         self.host = host
         self.cafile = cafile
@@ -40,6 +44,10 @@ class EventStream:
         # Bound to no loop until first awaited (Python >= 3.10), so it can be made here.
         self._stop = asyncio.Event()
         self._conn = None
+        # Frames waiting for the loop thread: a burst of submissions wakes it once, not once per frame.
+        self._outbox: collections.deque[str] = collections.deque()
+        self._flushing = False
+        self._out_lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name="distexec-events", daemon=True)
         self._thread.start()
 
@@ -71,6 +79,8 @@ class EventStream:
             else:
                 self.refused = str(exc)
             self.connected.set()  # wake whoever waits for the first connect
+            if self.on_refused is not None:
+                self.on_refused(self.refused, exc.status)
 
     async def _serve(self, conn) -> None:
         self._conn = conn
@@ -94,11 +104,40 @@ class EventStream:
         except Exception:  # a receiver's bug must not end the channel
             log.exception("event handler failed on %s", msg["type"])
 
-    def send(self, msg: dict) -> None:
-        def write():
-            if self._conn is not None:
-                self._conn.write_message(P.encode(msg))
-        self._loop.call_soon_threadsafe(write)
+    def in_event_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def send(self, msg: dict | str) -> bool:
+        """Queue ``msg`` (a message, or its ``protocol.encode`` text) for the master; False if the loop has ended.
+
+        A frame queued while the connection is down is dropped: whoever needs
+        it delivered (a pipelined submission) sends it again on reconnect.
+        """
+        text = msg if isinstance(msg, str) else P.encode(msg)
+        with self._out_lock:
+            self._outbox.append(text)
+            if self._flushing:
+                return True
+            self._flushing = True
+        try:
+            self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed: the channel is gone for good
+            return False
+        return True
+
+    def _flush(self) -> None:
+        with self._out_lock:
+            frames = list(self._outbox)
+            self._outbox.clear()
+            self._flushing = False
+        conn = self._conn
+        if conn is None:
+            return
+        for text in frames:
+            try:
+                conn.write_message(text)
+            except tornado.websocket.WebSocketClosedError:
+                return  # the read loop sees the close and reconnects
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -1,6 +1,14 @@
-"""``Job``: a handle on one job, kept current by its cluster's event channel."""
+"""``Job``: a handle on one job, kept current by its cluster's event channel.
+
+A job submitted on the open WebSocket (``Cluster.submit``'s fast path) is
+returned before the master has answered: it holds a future for that answer
+(the "ack"), and everything that reads the job (``id``, ``status``,
+``wait()``, ...) first waits for it, raising the master's refusal as the
+HTTP path would (the same ``DistexecError`` code and status).
+"""
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -19,9 +27,17 @@ REFRESH_EVERY = 2.0
 class Job:
     """A handle on one job, kept up to date by the cluster's event channel."""
 
-    def __init__(self, cluster: "Cluster", record: dict):
+    def __init__(self, cluster: "Cluster", record: dict | None, ack: concurrent.futures.Future | None = None,
+                 ack_deadline: float | None = None):
+        """``ack``: the master's answer to a pipelined submission, still to come; ``record`` is None then.
+
+        ``ack_deadline`` (``time.monotonic()``): when to give up waiting for
+        it (the future is then failed, see ``Cluster._ack_expired``).
+        """
         self._cluster = cluster
-        self._record = dict(record)
+        self._record = dict(record or {})
+        self._ack = ack
+        self._ack_deadline = ack_deadline
         self._cond = threading.Condition()
         self._output_listeners: list[Callable[[str, str], None]] = []
         self._stale = False
@@ -32,16 +48,57 @@ class Job:
     def __getattr__(self, name):
         record = self.__dict__.get("_record")
         if record is not None and name in P.JOB_FIELDS:
-            return record.get(name)
+            self._acked()
+            return self._record.get(name)
         raise AttributeError(name)
+
+    # -- the master's answer to a pipelined submission ---------------------------
+
+    def _acked(self, timeout: float | None = None) -> None:
+        """Wait for the master's answer to the submission, if it is still to come.
+
+        Raises the master's refusal (``DistexecError``, as the HTTP path
+        raises it), ``DistexecError(code=UNREACHABLE)`` if no answer came by
+        the ack deadline, or ``TimeoutError`` if ``timeout`` passes first.
+        """
+        ack = self._ack
+        if ack is None:
+            return
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while not ack.done():
+            now = time.monotonic()
+            waits = [t - now for t in (self._ack_deadline, give_up) if t is not None]
+            try:
+                ack.result(max(0.0, min(waits)) if waits else None)
+            except concurrent.futures.TimeoutError:
+                if give_up is not None and time.monotonic() >= give_up:
+                    raise TimeoutError(f"the master has not answered this submission after {timeout} s") from None
+                # Past the ack deadline: failed, unless the master is still answering (a long burst).
+                self._cluster._ack_expired(self)
+        ack.result()  # re-raises a refusal on every access, as a failed request would each time
+        self._ack = None  # answered: from now on, no waiting
+
+    @property
+    def pending(self) -> bool:
+        """True while the master has not yet answered the submission (pipelined ``submit``)."""
+        ack = self._ack
+        return ack is not None and not ack.done()
+
+    def _acknowledge(self, record: dict) -> None:
+        """The master accepted the submission: ``record`` is the job as it was queued (event thread)."""
+        with self._cond:
+            self._record = dict(record)
+            self._cond.notify_all()
 
     @property
     def record(self) -> dict:
+        self._acked()
         with self._cond:
             return dict(self._record)
 
     @property
     def done(self) -> bool:
+        self._acked()
         return self._record.get("status") in P.TERMINAL
 
     @property
@@ -54,6 +111,11 @@ class Job:
         return (end - start).total_seconds() if start and end else None
 
     def __repr__(self) -> str:
+        ack = self._ack
+        if ack is not None and not ack.done():
+            return "<Job (submitted, not yet answered)>"
+        if ack is not None and ack.exception() is not None:
+            return f"<Job refused: {ack.exception()}>"
         return f"<Job {self.id} {self.language} {self.icon} {self.status}>"
 
     # -- updates (from the event thread) ---------------------------------------
@@ -101,10 +163,12 @@ class Job:
 
     def refresh(self, timeout: float = 30.0) -> "Job":
         """Re-read the job from the master; ``timeout`` bounds the HTTP request."""
+        self._acked()
         self._replace(self._cluster._call("GET", f"/api/jobs/{self.id}", timeout=timeout))
         return self
 
     def cancel(self) -> "Job":
+        self._acked()
         self._replace(self._cluster._post(f"/api/jobs/{self.id}/cancel"))
         return self
 
@@ -113,6 +177,7 @@ class Job:
     @property
     def artifacts(self) -> list[dict]:
         """The files its ``collect`` kept: ``[{"name", "size", "sha256", "mime"}]`` (empty until it ends)."""
+        self._acked()
         return [dict(a) for a in self._record.get("artifacts") or []]
 
     def artifact(self, name: str) -> bytes:
@@ -139,6 +204,7 @@ class Job:
         arrive in the event thread, but are handed out here.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._acked(timeout)
         sent = {"stdout": 0, "stderr": 0}
         attempt = self._record.get("attempts")
         last_refresh = time.monotonic()

@@ -166,6 +166,7 @@ class DistexecKernel(Kernel):
             job = cluster.submit(cell.source, language=self.lang.name, files=files or None,
                                  args=cell.args or None, stdin=cell.stdin, timeout=cell.timeout,
                                  name=f"{self.lang.name} cell {self.execution_count}", session=session)
+            job.id  # the master's answer to the (pipelined) submission: a refusal is raised here
         except DistexecError as exc:
             return self._error(exc.code or "DistexecError", str(exc), [f"{exc.code}: {exc}"])
         job_box.append(job)

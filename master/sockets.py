@@ -8,14 +8,16 @@ connection lives on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+import weakref
 
 import tornado.websocket
 
 from distexec_kernel import protocol as P
 
-from .auth import Auth, bearer
+from .auth import UNAUTHORIZED, Auth, bearer
 from .core import Master
 from .limits import Gate
 
@@ -23,6 +25,57 @@ log = logging.getLogger("distexec.master.app")
 
 PING_INTERVAL = 2.0  # seconds; a dead peer is noticed within PING_INTERVAL + PING_TIMEOUT
 PING_TIMEOUT = 2.0  # tornado caps it at the interval
+
+
+# Answers to WebSocket submissions kept, per master, so a client that sends a
+# submission again after a reconnect (it had no answer) gets the job made the
+# first time, not a second one.
+LEDGER_SIZE = 20_000
+
+
+class SubmitLedger:
+    """Recent WebSocket submissions by (user, ref), oldest first: the task still answering one,
+    then, once answered, only the job's id or the refusal (never the job's inputs: a
+    submission may carry megabytes of files).
+
+    Refs are the client's own (random per client object, then a counter);
+    keyed by the authenticated user too, so nobody reads another's answer.
+    """
+
+    def __init__(self, size: int = LEDGER_SIZE):
+        self.size = size
+        self._answers: collections.OrderedDict[tuple, asyncio.Future | dict] = collections.OrderedDict()
+
+    def get(self, key: tuple) -> asyncio.Future | dict | None:
+        """The task answering ``key``, or ``{"job_id"}`` / ``{"error"}`` once it has; None if unknown."""
+        return self._answers.get(key)
+
+    def put(self, key: tuple, answer: asyncio.Future) -> None:
+        self._answers[key] = answer
+        answer.add_done_callback(lambda done: self._answered(key, done))
+        while len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+
+    def _answered(self, key: tuple, done: asyncio.Future) -> None:
+        if self._answers.get(key) is done:
+            body = done.result()
+            self._answers[key] = {"job_id": body["job"]["id"]} if body["job"] is not None else body
+
+
+_ledgers: "weakref.WeakKeyDictionary[Master, SubmitLedger]" = weakref.WeakKeyDictionary()
+
+
+def ledger_of(master: Master) -> SubmitLedger:
+    ledger = _ledgers.get(master)
+    if ledger is None:
+        ledger = _ledgers[master] = SubmitLedger()
+    return ledger
+
+
+def http_status(exc: P.ProtocolError) -> int:
+    """The HTTP status the same refusal gets on ``POST /api/jobs``, told to WebSocket submitters too."""
+    from .app import STATUS_FOR_CODE  # app imports this module: the table is read at call time
+    return getattr(exc, "status", None) or STATUS_FOR_CODE.get(exc.code, 400)
 
 
 class _Socket(tornado.websocket.WebSocketHandler):
@@ -79,10 +132,12 @@ class ClientSocket(_Socket):
     handlers = {"submit": "on_submit", "cancel": "on_cancel"}
 
     def prepare(self):
-        self.identity = self.auth.identify(bearer(self))
+        self._token = bearer(self)
+        self.identity = self.auth.identify(self._token)
         if self.identity is None:
             raise tornado.web.HTTPError(401, reason="Unauthorized")
         self.user = self.identity.user
+        self._answering: set[asyncio.Future] = set()
 
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
@@ -104,13 +159,55 @@ class ClientSocket(_Socket):
                 delay, lambda: self.close(4001, "token expired"))
 
     async def on_submit(self, msg: dict) -> None:
+        """Start the submission and return at once: tornado reads the next frame only after this
+        returns, and a client pipelines its submissions, so they are committed together.
+
+        The answer to a submit is always a submit_reply with its ref, so the sender can match it.
+        """
+        ref = msg.get("ref")
+        key = (self.identity.user, ref) if ref else None
+        ledger = ledger_of(self.master)
+        first = ledger.get(key) if key else None
+        if first is None:
+            answer = asyncio.ensure_future(self._submit(msg["request"]))
+            if key:
+                ledger.put(key, answer)
+            answer.add_done_callback(lambda done: self.send(P.make("submit_reply", ref=ref, **done.result())))
+        else:
+            # Sent again after a reconnect: the same job, not a second one.
+            answer = asyncio.ensure_future(self._reply_again(first, ref))
+        self._answering.add(answer)  # the loop keeps only weak references to tasks
+        answer.add_done_callback(self._answering.discard)
+
+    async def _submit(self, request: dict) -> dict:
+        """``{"job"}`` or ``{"error"}``: what a submit_reply carries, as the HTTP path would answer."""
         try:
-            self.gate.check_submit(self.identity)
-            job = await self.master.submit(msg["request"], client_id=self.info.id, user=self.user)
+            # Checked again per submission, as each HTTP request is: an expired
+            # login or a user removed from the users file submits no more.
+            identity = self.auth.identify(self._token)
+            if identity is None:
+                return {"job": None, "error": P.error("unauthorized", UNAUTHORIZED, status=401)}
+            self.gate.check_submit(identity)
+            job = await self.master.submit(request, client_id=self.info.id, user=self.user)
         except P.ProtocolError as exc:
-            # The answer to a submit is always a submit_reply, so the sender can match its ref.
-            return self.send(P.make("submit_reply", job=None, error=exc.to_dict(), ref=msg.get("ref")))
-        self.send(P.make("submit_reply", job=job, ref=msg.get("ref")))
+            return {"job": None, "error": {**exc.to_dict(), "status": http_status(exc)}}
+        except Exception:
+            log.exception("submission failed")
+            return {"job": None, "error": P.error("internal_error", "the master failed to handle this submission",
+                                                  status=500)}
+        return {"job": job}
+
+    async def _reply_again(self, first: asyncio.Future | dict, ref: str) -> None:
+        body = dict(await asyncio.shield(first)) if isinstance(first, asyncio.Future) else first
+        if body.get("job") is not None:
+            body = {"job_id": body["job"]["id"]}
+        if "job_id" in body:
+            # What became of it while the client was away (it may have ended): the current record.
+            job = await self.master.get_job(body["job_id"], user=self.identity.owner)
+            body = {"job": job} if job is not None else {
+                "job": None, "error": P.error("not_found", f"job {body['job_id']} is no longer in the history",
+                                              status=404)}
+        self.send(P.make("submit_reply", ref=ref, **body))
 
     async def on_cancel(self, msg: dict) -> None:
         job = await self.master.cancel(msg["job_id"], user=self.identity.owner)

@@ -84,7 +84,7 @@ def test_a_user_past_the_rate_gets_429_with_retry_after(make_cluster, tmp_path):
     with Cluster(lc.url, user="alice", password="pw") as c:
         with pytest.raises(DistexecError) as raised:
             for _ in range(10):
-                c.submit("print(1)")
+                c.submit("print(1)").id  # a pipelined submit's refusal is raised by the job's first use
         assert raised.value.status == 429 and raised.value.code == "rate_limited"
         # The same bucket holds on the WebSocket: the answer is a submit_reply carrying the error.
         replies = []
@@ -120,7 +120,7 @@ def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path)
         assert all(j.status == P.QUEUED for j in waiting)
         total = admin.jobs_page()[1]
         with pytest.raises(DistexecError) as raised:
-            alice.submit("print('one too many')")
+            alice.submit("print('one too many')").id
         assert raised.value.status == 429 and raised.value.code == "queue_full"
         assert "at most 2 may wait per user" in str(raised.value) and "--max-queued-per-user" in str(raised.value)
         assert admin.jobs_page()[1] == total
@@ -148,7 +148,7 @@ def test_the_global_safety_cap_still_answers_503(make_cluster):
         wait_for(lambda: c.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
         c.submit("print('queued')")
         with pytest.raises(DistexecError) as raised:
-            c.submit("print('one too many')")
+            c.submit("print('one too many')").id
         assert raised.value.status == 503 and raised.value.code == "queue_full"
         assert "--max-queue" in str(raised.value)
         c.cancel(busy.id)

@@ -370,7 +370,7 @@ def test_ending_a_busy_session_cancels_its_running_job(py_client):
 
 def test_bad_session_requests_are_refused(py_client):
     with pytest.raises(DistexecError) as err:
-        py_client.submit("int main(){return 0;}", language="c", session="s")
+        py_client.submit("int main(){return 0;}", language="c", session="s").id  # refused in the master's answer
     assert err.value.status == 400 and "Python only" in str(err.value)
     with pytest.raises(DistexecError) as err:
         py_client.submit("x = 1", session="")

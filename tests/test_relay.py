@@ -1,0 +1,309 @@
+"""The lean relay: submissions pipelined on the open WebSocket, results in the final event.
+
+Real masters and slaves on loopback (conftest).  The client's HTTP requests
+are counted with a response hook on its session (its request log), so the
+tests can tell which path a submission took and that no result was fetched.
+"""
+from __future__ import annotations
+
+import signal
+
+import argon2
+import psutil
+import pytest
+
+from distexec_kernel import Cluster
+from distexec_kernel.cluster import DistexecError
+from master import auth
+
+from conftest import wait_for
+
+CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+SLEEPER = "import time\ntime.sleep(60)\n"
+
+
+def request_log(c: Cluster) -> list[tuple[str, str]]:
+    """Every HTTP request ``c`` makes from now on, as (method, path)."""
+    seen: list[tuple[str, str]] = []
+
+    def hook(resp, *args, **kwargs):
+        seen.append((resp.request.method, resp.request.path_url.split("?")[0]))
+    c._http.hooks["response"].append(hook)
+    return seen
+
+
+def history(c: Cluster) -> list[dict]:
+    records, _ = c.jobs_page(limit=1000, summary=True)
+    return records
+
+
+def test_many_submissions_go_out_without_waiting_and_all_come_back(client):
+    log = request_log(client)
+    jobs = [client.submit(f"print({i} * 2)", name=f"n{i}") for i in range(40)]
+    # Not one HTTP request: every submission went out on the open WebSocket.
+    assert log == []
+    for job in jobs:
+        job.wait(120)
+    assert [j.status for j in jobs] == ["succeeded"] * 40
+    assert [j.stdout for j in jobs] == [f"{i * 2}\n" for i in range(40)]
+    assert [j.name for j in jobs] == [f"n{i}" for i in range(40)]
+    ids = [j.id for j in jobs]
+    assert ids == sorted(ids) and len(set(ids)) == 40  # queued in the order they were submitted
+    # A finished job's small output came with its final event: no GET for any of them.
+    assert log == []
+    assert len([r for r in history(client) if r["name"].startswith("n")]) == 40
+
+
+def test_a_small_result_needs_no_request_after_the_final_event(client):
+    log = request_log(client)
+    job = client.submit("import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)")
+    job.wait(60)
+    assert (job.status, job.exit_code, job.stdout, job.stderr) == ("failed", 3, "out\n", "err\n")
+    assert job.error["code"] == "nonzero_exit"
+    assert log == []
+    # A big output does not ride in the event: it is read once, with one GET.
+    big = client.submit("print('x' * 200000)").wait(60)
+    assert len(big.stdout) == 200001
+    assert log.count(("GET", f"/api/jobs/{big.id}")) <= 1
+
+
+BAD_INPUTS = [
+    (dict(source="pass", timeout=-1), "bad_request", 400),
+    (dict(source="pass", retries=99), "bad_request", 400),
+    (dict(source="pass", language=" "), "bad_request", 400),
+    (dict(source="pass", files={"../escape.py": "x"}), "bad_request", 400),
+    (dict(source="pass", collect=["/etc/*"]), "bad_request", 400),
+    (dict(source="x" * ((1 << 20) + 1)), "too_large", 413),
+]
+
+
+def test_each_bad_input_is_raised_with_its_code_as_over_http(cluster, client):
+    log = request_log(client)
+    with Cluster(cluster.url, token=cluster.token, events=False) as plain:
+        for kwargs, code, status in BAD_INPUTS:
+            # A malformed submission is refused at once, by the master's own check, sending nothing.
+            with pytest.raises(DistexecError) as local:
+                client.submit(**kwargs)
+            with pytest.raises(DistexecError) as http:
+                plain.submit(**kwargs)
+            assert (local.value.code, local.value.status) == (code, status), kwargs
+            assert (http.value.code, http.value.status) == (code, status), kwargs
+            assert str(local.value) == str(http.value)
+        # What only the master knows comes in its answer: submit returns, the job's first use raises.
+        c_session = dict(source="int main(void) { return 0; }", language="c", session="s")
+        job = client.submit(**c_session)
+        with pytest.raises(DistexecError) as ws:
+            job.id
+        with pytest.raises(DistexecError) as http:
+            plain.submit(**c_session)
+        assert (ws.value.code, ws.value.status) == (http.value.code, http.value.status) == ("bad_request", 400)
+        assert str(ws.value) == str(http.value) and "Python only" in str(ws.value)
+        for look in (lambda: job.wait(5), lambda: job.status, lambda: job.record):
+            with pytest.raises(DistexecError):
+                look()  # every later use raises the same refusal
+    assert log == []
+    # A well-formed program in a language nobody runs is a rejected job, not an error.
+    job = client.submit("x", language="cobol").wait(30)
+    assert job.status == "rejected" and job.error["code"] == "unsupported_language"
+
+
+@pytest.fixture
+def users_file(tmp_path):
+    path = str(tmp_path / "users.json")
+    for name in ("alice", "bob"):
+        auth.add_user(path, name, f"{name}-pw", hasher=CHEAP)
+    return path
+
+
+def test_queue_full_and_rate_limited_reach_the_caller(make_cluster, users_file):
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--users", users_file, "--max-queued-per-user", "2",
+                                   "--rate", "1/min", "--burst", "3"])  # no refill within the test
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="bob", password="bob-pw") as bob:
+        holder = alice.submit(SLEEPER)
+        wait_for(lambda: holder.status == "running", 30, "the sleeper to hold the only slot")
+        queued = [alice.submit(SLEEPER) for _ in range(2)]
+        limited = alice.submit("pass")  # a fourth within the burst of 3
+        with pytest.raises(DistexecError) as err:
+            limited.wait(30)
+        assert (err.value.code, err.value.status) == ("rate_limited", 429)
+        assert "retry in" in str(err.value)
+        mine = [bob.submit(SLEEPER) for _ in range(2)]
+        full = bob.submit("pass")  # within bob's burst, past his 2 queued
+        with pytest.raises(DistexecError) as err:
+            full.id
+        assert (err.value.code, err.value.status) == ("queue_full", 429)
+        assert "--max-queued-per-user" in str(err.value)
+        for job in [holder, *queued, *mine]:
+            job.cancel()
+
+
+def test_a_user_removed_while_connected_is_refused_on_the_websocket(make_cluster, users_file):
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_file])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice:
+        assert alice.submit("print('ok')").wait(60).stdout == "ok\n"
+        log = request_log(alice)
+        assert auth.remove_user(users_file, "alice")
+        job = alice.submit("print('no')")
+        with pytest.raises(DistexecError) as err:
+            job.wait(30)
+        assert err.value.status == 401 and "log in again" in str(err.value)
+        assert log == []  # refused on the WebSocket, as a POST would have been
+
+
+def _stopped(pid: int) -> bool:
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+def test_submissions_sent_to_a_master_that_dies_are_sent_again_to_the_next(make_cluster):
+    lc = make_cluster(2, slots=2, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        c.submit("pass").wait(60)
+        # Frozen: the submissions reach its socket but it never reads them, then it dies.
+        lc.master.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _stopped(lc.master.pid), 10, "the master to stop")
+        jobs = [c.submit(f"print({i})") for i in range(12)]
+        assert all(j.pending for j in jobs)
+        lc.master.stop(signal.SIGKILL)
+        lc.start_master()
+        for job in jobs:
+            job.wait(120)
+        assert [j.stdout for j in jobs] == [f"{i}\n" for i in range(12)]
+        # Each made once: the dead master had read none of them.
+        assert len(history(c)) == 13
+
+
+def test_a_reconnect_mid_burst_neither_loses_nor_doubles_a_submission(make_cluster):
+    lc = make_cluster(2, slots=2, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        c.submit("pass").wait(60)
+        lc.master.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: _stopped(lc.master.pid), 10, "the master to stop")
+            jobs = [c.submit(f"print({i})") for i in range(12)]
+            events = c._events
+            wait_for(lambda: not events._outbox and not events._flushing, 10, "the frames to be written")
+            old = events._conn
+            # The client drops its connection with the frames unanswered (the master
+            # has them in its socket buffer), and reconnects to the same master.
+            events._loop.call_soon_threadsafe(old.protocol.stream.close)
+            wait_for(lambda: events._conn is not old, 10, "the client to drop its connection")
+        finally:
+            lc.master.send_signal(signal.SIGCONT)
+        # The master now reads the old connection's submissions and the resent ones: same refs.
+        for job in jobs:
+            job.wait(120)
+        assert [j.stdout for j in jobs] == [f"{i}\n" for i in range(12)]
+        assert len({j.id for j in jobs}) == 12
+        assert len(history(c)) == 13
+
+
+def test_pending_submissions_fail_clearly_when_the_client_closes(make_cluster):
+    lc = make_cluster(1, slots=1, languages="python")
+    c = Cluster(lc.url, token=lc.token)
+    try:
+        lc.master.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _stopped(lc.master.pid), 10, "the master to stop")
+        job = c.submit("pass")
+        assert job.pending
+    finally:
+        c.close()
+        lc.master.send_signal(signal.SIGCONT)
+    with pytest.raises(DistexecError, match="closed before the master answered"):
+        job.wait(10)
+
+
+def test_history_totals_are_kept_by_the_store_through_every_change(tmp_path):
+    """GET /api/jobs's total comes from counts the store keeps (not COUNT(*) over the history):
+    they must match a real count after inserts, status changes, user filters, pruning and a reopen."""
+    import asyncio
+    import sqlite3
+
+    from distexec_kernel import protocol as P
+    from master.store import JobStore
+
+    path = str(tmp_path / "history.sqlite3")
+
+    def job(job_id: int, status: str, user: str | None) -> dict:
+        j = P.new_job(job_id, {"source": "pass", "language": "python", "files": {}, "args": [], "stdin": None},
+                      client_id=None, user=user)
+        j["status"] = status
+        return j
+
+    def truth(status=None, user=None) -> int:
+        conn = sqlite3.connect(path)
+        try:
+            where = " AND ".join(c for c in ("status = ?" if status else "", "user = ?" if user else "") if c)
+            args = [a for a in (status, user) if a]
+            return conn.execute("SELECT COUNT(*) FROM jobs" + (f" WHERE {where}" if where else ""), args).fetchone()[0]
+        finally:
+            conn.close()
+
+    async def check(store: JobStore) -> None:
+        for status in (None, *P.STATES):
+            for user in (None, "alice", "bob"):
+                _, total = await store.list(status, 5, 0, user)
+                assert total == truth(status, user), (status, user)
+
+    async def scenario() -> None:
+        store = JobStore(path)
+        try:
+            await store.save_many([job(i, P.QUEUED, ("alice", "bob", None)[i % 3]) for i in range(1, 61)])
+            await check(store)
+            # Status changes (the same rows saved again), one user's job changing hands.
+            await store.save_many([job(i, P.SUCCEEDED if i % 2 else P.FAILED, ("alice", "bob", None)[i % 3])
+                                   for i in range(1, 41)])
+            await store.save(job(41, P.RUNNING, "bob"))
+            await check(store)
+            assert await store.prune(before="9999-01-01T00:00:00Z") == 40  # terminal ones only
+            await check(store)
+            page, total = await store.list(None, 5, 0, "alice")
+            assert total == truth(None, "alice") and [j["id"] for j in page] == sorted(
+                [j["id"] for j in page], reverse=True) and all(j["user"] == "alice" for j in page)
+        finally:
+            store.close()
+        # A history written before the counts existed is counted once when opened.
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM meta WHERE key = 'job_counts'")
+        conn.execute("UPDATE job_counts SET n = 999")
+        conn.commit()
+        conn.close()
+        store = JobStore(path)
+        try:
+            await check(store)
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_submission_the_master_never_answers_fails_as_unreachable(make_cluster, monkeypatch):
+    from distexec_kernel import cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "ACK_TIMEOUT", 1.0)
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        lc.master.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: _stopped(lc.master.pid), 10, "the master to stop")
+            job = c.submit("pass")
+            with pytest.raises(DistexecError) as err:
+                job.wait(20)
+            assert err.value.code == "unreachable" and err.value.transient
+            assert "may or may not have been queued" in str(err.value)
+            with pytest.raises(TimeoutError):
+                c.submit("pass").wait(0.2)  # the caller's own deadline comes first: a TimeoutError
+        finally:
+            lc.master.send_signal(signal.SIGCONT)
+
+
+def test_a_very_large_submission_goes_over_http(client):
+    log = request_log(client)
+    # Within every field's limit, but past what one WebSocket frame should carry.
+    job = client.submit("import sys\nprint(len(sys.stdin.read()), len(open('big.txt').read()))",
+                        stdin="x" * (7 << 20), files={"big.txt": "y" * (2 << 20)})
+    assert log == [("POST", "/api/jobs")] and not job.pending
+    assert job.wait(120).stdout == f"{7 << 20} {2 << 20}\n"
+    assert client.submit("print('small again')").wait(60).stdout == "small again\n"
+    assert log == [("POST", "/api/jobs")]  # the small one went on the WebSocket
