@@ -100,8 +100,10 @@ class ArtifactStore:
 
     def discard(self, job_id: int) -> None:
         """Drop what was staged for the job (a result that never came, a job settled meanwhile)."""
-        self._staged.pop(job_id, None)
-        shutil.rmtree(os.path.join(self.incoming, str(job_id)), ignore_errors=True)
+        # Only a job that sent chunks has a folder here (``incoming`` starts empty
+        # at each start): most jobs have none, and an rmtree per job showed in profiles.
+        if self._staged.pop(job_id, None) is not None:
+            shutil.rmtree(os.path.join(self.incoming, str(job_id)), ignore_errors=True)
 
     # -- reading and deleting ---------------------------------------------------------
 
