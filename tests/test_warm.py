@@ -426,3 +426,23 @@ def test_no_warm_runs_every_job_fresh(make_cluster):
     with Cluster(other.url, token=other.token) as client:
         job = run(client, WHERE)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "fresh\n"), job.record
+
+
+def test_a_killed_slave_takes_its_warm_jobs_with_it(make_cluster):
+    other = make_cluster(1, slots=1, languages="python,bash")
+    with Cluster(other.url, token=other.token) as client:
+        job = client.submit(SH_WHERE + "sleep 300 & setsid sleep 301 & wait", language="bash", timeout=600)
+        wait_for(lambda: job.stdout == "warm\n", 20, "the job to start")
+
+        def sleeps():
+            return [p for p in psutil.Process(other.slaves[0].pid).children(recursive=True)
+                    if p.name() == "sleep"]
+        procs = wait_for(lambda: len(sleeps()) == 2 and sleeps(), 20, "the job's sleeps")
+    dead = other.slaves[0]
+    dead.proc.kill()
+    dead.proc.wait(10)
+    # bwrap dies with the slave, the parent with bwrap, and every job with the parent's PID namespace.
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+    assert not alive, alive
