@@ -21,7 +21,7 @@ from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import LocalCluster
 from slave.warm import WARM_UID_BASE
 
-from conftest import wait_for
+from conftest import wait_for, warm_parents
 
 MEMORY_MB = 128
 MAX_PROCS = 32
@@ -87,14 +87,9 @@ def job_processes(lc) -> list[psutil.Process]:
 
 def zygote(lc) -> psutil.Process:
     """The pool's parent: the Python process bwrap runs, root, started with the parent's source."""
-    for p in descendants(lc):
-        try:
-            cmd = p.cmdline()
-            if cmd[1:3] == ["-u", "-c"] and "warm pool's parent" in cmd[3] and p.parent().name() == "bwrap":
-                return p
-        except (psutil.Error, IndexError):
-            pass
-    raise AssertionError("no warm pool parent under the slave")
+    found = [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap"]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def run(c, source: str, language: str = "python", timeout: float = 30, **kwargs):
@@ -418,7 +413,8 @@ def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, l
     assert "ran again in a fresh process" in job.stderr
     assert "its parent died" in slave_log(box)
     # The autouse check waits for a job to run warm again: a new parent.
-    wait_for(lambda: zygote(lc).pid != parent.pid, 30, "a new parent")
+    wait_for(lambda: [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap" and p.pid != parent.pid],
+             30, "a new parent")
 
 
 def test_no_warm_runs_every_job_fresh(make_cluster):
