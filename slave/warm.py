@@ -44,6 +44,10 @@ MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
 EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
 
 
+class ChildFailed(Exception):
+    """A warm child could not set the job up (nothing of it ran); the parent lives on."""
+
+
 class WarmRunner(Runner):
     """Python, sh and bash jobs forked from a warm parent; everything else to ``fresh``."""
 
@@ -134,6 +138,10 @@ class WarmRunner(Runner):
         slot = self._free.pop()
         try:
             return await self._run(self.zygote, slot, job, on_output, cancel)
+        except ChildFailed as exc:
+            # Nothing of the job ran; the parent is fine.
+            log.warning("warm pool: %s; it runs in a fresh process", exc)
+            return await self.fresh.run(job, on_output, cancel)
         except ZygoteDied as exc:
             log.warning("warm pool: its parent died (%s); job %s runs again in a fresh process", exc, job["id"])
             self._restart_soon()
@@ -265,8 +273,7 @@ class WarmRunner(Runner):
         if result.error is not None:
             if result.disk:
                 return Outcome(None, disk_error(jobdirs, "the job's files do not fit in"))
-            # Nothing of the job ran: say so in the log, and run it fresh.
-            raise ZygoteDied(f"its child could not start job {job['id']}: {result.error}")
+            raise ChildFailed(f"its child could not start job {job['id']}: {result.error}")
         if reason is None and capture.over:
             reason = "output_limit"
         if reason is None and result.exit_code != 0 and cg.oom_count() > oom_before:

@@ -26,6 +26,7 @@ EOF on FD: the slave is gone; the zygote exits and bwrap's PID namespace takes e
 """
 import array
 import ctypes
+import gc
 import json
 import os
 import pickle
@@ -79,6 +80,9 @@ class Zygote:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        # What is here now stays: the collector never walks (and so never copies) these pages in a child.
+        gc.collect()
+        gc.freeze()
 
     def send(self, **msg):
         try:
