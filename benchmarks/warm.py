@@ -57,13 +57,23 @@ async def runners(slots: int) -> tuple[WarmRunner, ProcessRunner]:
     return warm, fresh
 
 
+RETRIED = {"count": 0}
+
+
 async def one(runner, job_id: int, language: str, source: str) -> float:
-    t0 = time.perf_counter()
-    out = await runner.run({"id": job_id, "language": language, "source": source, "timeout": 30},
-                           lambda *_: None, asyncio.Event())
-    elapsed = time.perf_counter() - t0
-    assert out.error is None, (out.error, out.stderr)
-    return elapsed
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = await runner.run({"id": job_id, "language": language, "source": source, "timeout": 30},
+                               lambda *_: None, asyncio.Event())
+        elapsed = time.perf_counter() - t0
+        if out.error is None:
+            return elapsed
+        # Another slave on this machine removing a mount point while bwrap copies the tree
+        # (docs/sandbox.md): not this job's cost; measured again, and counted.
+        if "bwrap: Can't bind mount" not in out.stderr:
+            break
+        RETRIED["count"] += 1
+    raise AssertionError((out.error, out.stderr))
 
 
 async def bench_runners(n: int) -> None:
@@ -90,6 +100,8 @@ async def bench_runners(n: int) -> None:
             t0 = time.perf_counter()
             await asyncio.gather(worker(n // 2), worker(n // 2))
             rates[name] = (n // 2 * 2) / (time.perf_counter() - t0)
+        if RETRIED["count"]:
+            print(f"({RETRIED['count']} fresh jobs failed in bwrap for another slave's mount churn, run again)")
         print(f"python pass, 2 in flight: warm {rates['warm']:.0f} jobs/s, fresh {rates['fresh']:.0f} jobs/s "
               f"({rates['warm'] / rates['fresh']:.1f}x)")
     finally:
