@@ -4,7 +4,7 @@
 
 Runner level (always): the slave's own runners, built as ``distexec slave``
 builds them (bubblewrap, cgroups, seccomp, a disk quota per job), run the
-same trivial job N times each, taking turns, and print the median and 90th
+same trivial job N times each, taking turns of 10 jobs, and print the median and 90th
 percentile of ``Runner.run`` (job in, outcome out) and the ratio.  Jobs:
 Python ``pass``, Python printing a line, and ``sh`` ``true``.  Also the
 throughput of two jobs in flight at once (2 slots), warm against fresh.
@@ -34,6 +34,7 @@ from slave.runner import ProcessRunner  # noqa: E402
 from slave.sandbox import Limits  # noqa: E402
 from slave.warm import WarmRunner  # noqa: E402
 
+BLOCK = 10
 JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("sh", "true", "sh true")]
 
 
@@ -86,9 +87,12 @@ async def bench_runners(n: int) -> None:
             for r in (warm, fresh):
                 await one(r, next(ids), language, source)  # the page cache, the first fork
             times: dict[str, list[float]] = {"warm": [], "fresh": []}
-            for _ in range(n):
-                times["warm"].append(await one(warm, next(ids), language, source))
-                times["fresh"].append(await one(fresh, next(ids), language, source))
+            # In turns of BLOCK jobs: a fresh job's teardown (its namespaces, its tmpfs) goes on after it
+            # has ended and would weigh on the warm job right after it, and the reverse.
+            for _ in range(0, n, BLOCK):
+                for name, r in (("warm", warm), ("fresh", fresh)):
+                    for _ in range(BLOCK):
+                        times[name].append(await one(r, next(ids), language, source))
             (w50, w90), (f50, f90) = summary(times["warm"]), summary(times["fresh"])
             print(f"{label:14} {w50:9.2f} {w90:7.2f} {f50:10.2f} {f90:7.2f} {f50 / w50:10.1f}x")
         # Two in flight (the slave's two slots): jobs per second.

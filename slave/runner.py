@@ -220,6 +220,15 @@ class ProcessRunner(Runner):
         argv[0] = self.programs.get(lang.name, {}).get(argv[0], argv[0])
         return argv
 
+    def cache_key(self, lang: L.Language, job: dict, source_name: str, argv: list[str] | None = None) -> str:
+        """The compile cache's key of this job's compile step (``argv``: its command, if made already)."""
+        if argv is None:
+            fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
+            argv = self._argv(lang, lang.compile, fields)
+        inputs = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+        inputs[source_name] = job["source"].encode()
+        return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
+
     async def _compile(self, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
                        argv: list[str], env: dict, cancel: asyncio.Event) -> Outcome | None:
         """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
@@ -229,9 +238,7 @@ class ProcessRunner(Runner):
         cache, key = self.compile_cache, None
         workdir = jobdir.path
         if cache is not None:
-            inputs = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
-            inputs[source_name] = job["source"].encode()
-            key = cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
+            key = self.cache_key(lang, job, source_name, argv)
             if await asyncio.to_thread(cache.fetch, key, workdir):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
                 return None

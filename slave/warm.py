@@ -35,6 +35,7 @@ from .warm_pool import Zygote, ZygoteDied
 log = logging.getLogger("distexec.slave.warm")
 
 # How each language runs in a warm child: its source exec'd in a fresh __main__, or its program exec'd.
+# Compiled programs (C, C++, Go, Rust: ``_native``) run warm too, once the compile cache holds them.
 SERVED = {"python": "python", "sh": "exec", "bash": "exec"}
 # Each slot's jobs run as WARM_UID_BASE + slot (uid and gid), as isolate gives each box its own uid:
 # concurrent jobs then cannot signal, trace or read each other.  Checked to be no account here.
@@ -128,6 +129,16 @@ class WarmRunner(Runner):
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         why = self._why_not(job)
+        artefacts = None
+        if why is None and L.get(job["language"]).compile:
+            fresh = self.fresh
+            lang = L.get(job["language"])
+            key = fresh.cache_key(lang, job, lang.source_name(job["source"]))
+            artefacts = await asyncio.to_thread(fresh.compile_cache.read, key)
+            if artefacts is None:
+                why = "a compiled program not in the compile cache yet"
+            else:
+                log.info("job %s: compile cache hit (%s, %s), run warm", job["id"], lang.name, key[:12])
         if why is None and not self._free:
             why = "no free slot"  # never with the agent's slot count; said, not hidden
         if why is not None:
@@ -137,7 +148,7 @@ class WarmRunner(Runner):
             return await self.fresh.run(job, on_output, cancel)
         slot = self._free.pop()
         try:
-            return await self._run(self.zygote, slot, job, on_output, cancel)
+            return await self._run(self.zygote, slot, job, on_output, cancel, artefacts)
         except ChildFailed as exc:
             # Nothing of the job ran; the parent is fine.
             log.warning("warm pool: %s; it runs in a fresh process", exc)
@@ -159,7 +170,11 @@ class WarmRunner(Runner):
         lang = L.get(job["language"])
         if lang is None or lang.name not in self.fresh.toolchains:
             return None if lang is None else f"no {lang.name} here"
-        if lang.name not in SERVED:
+        if lang.compile and not _native(lang):
+            return f"language {lang.name} not served warm"
+        if lang.compile and self.fresh.compile_cache is None:
+            return "no compile cache (compiled programs run warm from it)"
+        if lang.name not in SERVED and not lang.compile:
             return f"language {lang.name} not served warm"
         if job.get("collect"):
             return "jobs that collect files are not served warm"
@@ -208,16 +223,19 @@ class WarmRunner(Runner):
             log.error("warm pool: off (%s); every job runs in a fresh process", exc)
 
     async def _run(self, zygote: Zygote, slot: int, job: dict, on_output: OutputCallback,
-                   cancel: asyncio.Event) -> Outcome:
+                   cancel: asyncio.Event, artefacts: dict | None) -> Outcome:
         fresh, limits, jobdirs = self.fresh, self.fresh.limits, self.fresh.jobdirs
         lang = L.get(job["language"])
-        mode = SERVED[lang.name]
+        mode = SERVED.get(lang.name, "exec")
         source_name = lang.source_name(job["source"])
         files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
         dirname = f"job{job['id']}"
         work = f"{WARM_ROOT}/{dirname}"
         argv: list[str] = []
         files[source_name] = job["source"].encode()  # Python's too: tracebacks quote it, a job may read it
+        modes = {}
+        for name, (data, perms) in (artefacts or {}).items():  # a compiled program from the cache
+            files[name], modes[name] = data, perms
         if mode == "exec":
             fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
             argv = fresh._argv(lang, lang.run, fields) + list(job.get("args") or [])
@@ -229,7 +247,7 @@ class WarmRunner(Runner):
         spec = {"mode": mode, "source": job["source"], "source_name": source_name, "args": list(job.get("args") or []),
                 "argv": argv, "files": files, "env": job_env(work, dict(lang.env)), "uid": uid, "gid": uid,
                 "cgroups": cg.join_paths(), "rlimits": rlimits(limits, timeout), "disk_bytes": disk,
-                "inodes": max(1024, disk // BYTES_PER_INODE), "dirname": dirname}
+                "inodes": max(1024, disk // BYTES_PER_INODE), "dirname": dirname, "modes": modes}
         stdin = job.get("stdin")
         stdin_r, stdin_w = os.pipe() if stdin is not None else (self._devnull, None)
         out_r, out_w = os.pipe()
@@ -282,6 +300,12 @@ class WarmRunner(Runner):
         full = result.free is not None and quota_full(*result.free)
         return run_outcome(step, capture, job, limits, lang, source_name, jobdirs,
                            lambda: hit_disk_limit(step, full, True))
+
+
+def _native(lang: L.Language) -> bool:
+    """A compiled language whose program is one native executable (C, C++, Go, Rust): exec'd warm.
+    Not the JVM: it sizes its heap from the cgroup tree, which a warm child does not show."""
+    return lang.artefacts == (L.EXE,) and any("{exe}" in part for part in lang.run)
 
 
 async def _readers(pipes: list[tuple[int, str]], capture: Capture) -> tuple[list, list]:

@@ -286,7 +286,7 @@ class Child:
             if not path.startswith(self.work + "/"):
                 raise ValueError(f"bad file name {name!r}")
             os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, spec["modes"].get(name, 0o644))
             try:
                 view = memoryview(data)
                 while view:

@@ -45,7 +45,7 @@ def box():
 @pytest.fixture(scope="module")
 def lc(box):
     cluster = LocalCluster(1, slots=SLOTS, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
-                           languages="python,bash,sh,c",
+                           languages="python,bash,sh,c,ruby",
                            slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1", "--max-procs",
                                        str(MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
                                        "--disk-limit", str(DISK_MB), "--warm"])
@@ -394,11 +394,41 @@ def test_a_daemon_left_by_a_job_is_killed_when_it_ends(c, lc):
 
 
 def test_a_language_the_pool_does_not_serve_runs_fresh_and_the_log_says_why(c, box):
-    job = run(c, '#include <stdio.h>\n#include <unistd.h>\nint main(void){char b[4096];'
-                 'puts(getcwd(b, sizeof b));return 0;}', "c", timeout=60)
+    job = run(c, "puts Dir.pwd", "ruby", timeout=60)
     assert job.status == P.SUCCEEDED, job.record
     assert job.stdout.startswith(os.path.join(box, "jobs")), job.stdout
-    assert "warm pool: language c not served warm" in slave_log(box)
+    assert "warm pool: language ruby not served warm" in slave_log(box)
+
+
+C_PROGRAM = textwrap.dedent("""
+    #include <signal.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <unistd.h>
+    int main(int argc, char **argv) {
+        char b[4096];
+        printf("%s %d\\n", getcwd(b, sizeof b), (int)getuid());
+        fflush(stdout);
+        if (argc > 1) raise(SIGSEGV);
+        return 0;
+    }
+""")
+
+
+def test_a_cached_compiled_program_runs_warm(c, box):
+    first = run(c, C_PROGRAM, "c", timeout=60)
+    assert first.status == P.SUCCEEDED, first.record
+    # Compiled in a fresh process (the cache had nothing), then kept: the next run is warm.
+    assert first.stdout.startswith(os.path.join(box, "jobs")), first.stdout
+    assert "warm pool: a compiled program not in the compile cache yet" in slave_log(box)
+    again = run(c, C_PROGRAM, "c", timeout=60)
+    assert again.status == P.SUCCEEDED, again.record
+    cwd, uid = again.stdout.split()
+    assert cwd.startswith("/run/distexec/job") and int(uid) in WARM_UIDS, again.stdout
+    # Signals are told as for a fresh process.
+    crash = run(c, C_PROGRAM, "c", timeout=60, args=["crash"])
+    assert crash.status == P.FAILED and crash.error["code"] == P.SIGNAL, crash.record
+    assert crash.error["signal"] == "SIGSEGV" and crash.stdout.startswith("/run/distexec/job"), crash.record
 
 
 def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, lc, box):
