@@ -5,8 +5,12 @@
 Runner level (always): the slave's own runners, built as ``distexec slave``
 builds them (bubblewrap, cgroups, seccomp, a disk quota per job), run the
 same trivial job N times each, taking turns of 10 jobs, and print the median and 90th
-percentile of ``Runner.run`` (job in, outcome out) and the ratio.  Jobs:
-Python ``pass``, Python printing a line, and ``sh`` ``true``.  Also the
+percentile of ``Runner.run`` (job in, outcome out), the ratio, and the CPU
+time per job (this process, the fresh jobs' processes, the warm pool's
+parent and its children: less at the mercy of the machine's load).  Jobs:
+Python ``pass``, Python printing a line, ``sh`` ``true``, and a C program
+from the compile cache (the fresh runner copies it into the job's directory
+and runs it in bubblewrap; the warm one writes it into the child's tmpfs).  Also the
 throughput of two jobs in flight at once (2 slots), warm against fresh.
 
 With ``--cluster``, also a trivial Python job end to end (submit to result)
@@ -19,23 +23,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+import psutil
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slave import toolchains  # noqa: E402
 from slave.bwrap import best_sandbox  # noqa: E402
+from slave.compile_cache import CompileCache  # noqa: E402
 from slave.jobdirs import JobDirs  # noqa: E402
 from slave.runner import ProcessRunner  # noqa: E402
 from slave.sandbox import Limits  # noqa: E402
 from slave.warm import WarmRunner  # noqa: E402
 
 BLOCK = 10
-JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("sh", "true", "sh true")]
+JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("sh", "true", "sh true"),
+        ("c", "int main(void) { return 0; }", "C, cached")]
 
 
 def summary(ts: list[float]) -> tuple[float, float]:
@@ -48,9 +57,10 @@ async def runners(slots: int) -> tuple[WarmRunner, ProcessRunner]:
     jobdirs = JobDirs(f"bench-warm-{os.getpid()}", None, 1024)
     limits.file_size_mb = 1024
     box = best_sandbox(limits, "bwrap")
-    chains = await toolchains.detect_toolchains(["python", "sh"], sandbox=box, limits=limits)
+    chains = await toolchains.detect_toolchains(["python", "sh", "c"], sandbox=box, limits=limits)
+    cache = CompileCache(tempfile.mkdtemp(prefix="distexec-bench-cache-"))
     fresh = ProcessRunner(box, limits, {n: tc.version for n, tc in chains.items()}, jobdirs=jobdirs,
-                          programs={n: tc.programs for n, tc in chains.items()})
+                          programs={n: tc.programs for n, tc in chains.items()}, compile_cache=cache)
     warm = WarmRunner(fresh, slots)
     await warm.start()
     if warm.why_off:
@@ -59,6 +69,24 @@ async def runners(slots: int) -> tuple[WarmRunner, ProcessRunner]:
 
 
 RETRIED = {"count": 0}
+
+
+def cpu_used(warm: WarmRunner) -> float:
+    """CPU seconds used so far by this process, the children it waited for (fresh jobs: bwrap and
+    all under it), and the warm pool's parent with the children it reaped (warm jobs)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in psutil.Process(warm.zygote.proc.pid).children(recursive=True):
+        try:
+            if "warm pool's parent" in " ".join(p.cmdline()) and p.parent().name() == "bwrap":
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+        except (psutil.Error, OSError):
+            pass
+    return total
 
 
 async def one(runner, job_id: int, language: str, source: str) -> float:
@@ -82,19 +110,25 @@ async def bench_runners(n: int) -> None:
     ids = iter(range(1, 1 << 30))
     try:
         print(f"{n} jobs each, taking turns; Runner.run, job in to outcome out; milliseconds")
-        print(f"{'job':14} {'warm p50':>9} {'p90':>7} {'fresh p50':>10} {'p90':>7} {'fresh/warm':>11}")
+        print(f"{'job':14} {'warm p50':>9} {'p90':>7} {'fresh p50':>10} {'p90':>7} {'fresh/warm':>11}"
+              f" {'warm CPU':>9} {'fresh CPU':>9}")
         for language, source, label in JOBS:
             for r in (warm, fresh):
                 await one(r, next(ids), language, source)  # the page cache, the first fork
             times: dict[str, list[float]] = {"warm": [], "fresh": []}
+            cpu = {"warm": 0.0, "fresh": 0.0}
             # In turns of BLOCK jobs: a fresh job's teardown (its namespaces, its tmpfs) goes on after it
             # has ended and would weigh on the warm job right after it, and the reverse.
             for _ in range(0, n, BLOCK):
                 for name, r in (("warm", warm), ("fresh", fresh)):
+                    before = cpu_used(warm)
                     for _ in range(BLOCK):
                         times[name].append(await one(r, next(ids), language, source))
+                    cpu[name] += cpu_used(warm) - before
             (w50, w90), (f50, f90) = summary(times["warm"]), summary(times["fresh"])
-            print(f"{label:14} {w50:9.2f} {w90:7.2f} {f50:10.2f} {f90:7.2f} {f50 / w50:10.1f}x")
+            wc, fc = (cpu[k] * 1000 / len(times[k]) for k in ("warm", "fresh"))
+            print(f"{label:14} {w50:9.2f} {w90:7.2f} {f50:10.2f} {f90:7.2f} {f50 / w50:10.1f}x"
+                  f" {wc:9.2f} {fc:9.2f}")
         # Two in flight (the slave's two slots): jobs per second.
         rates = {}
         for name, r in (("warm", warm), ("fresh", fresh)):
@@ -110,6 +144,7 @@ async def bench_runners(n: int) -> None:
               f"({rates['warm'] / rates['fresh']:.1f}x)")
     finally:
         await warm.close()  # closes the fresh runner too
+        shutil.rmtree(fresh.compile_cache.root, ignore_errors=True)
 
 
 def bench_clusters(n: int) -> None:
