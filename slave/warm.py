@@ -104,7 +104,22 @@ class WarmRunner(Runner):
                         {"root": WARM_ROOT, "seccomp": program_bytes().hex() if box.seccomp else ""})
         await zygote.start()
         self.zygote = zygote
+        for slot in self._free:
+            self._prepare(slot)
         log.info("warm pool: parent ready (pid %s in its namespace)", zygote.pid)
+
+    def _slot_spec(self, slot: int) -> dict:
+        """What a slot's child needs before its job comes."""
+        jobdirs, limits = self.fresh.jobdirs, self.fresh.limits
+        disk = jobdirs.disk_limit_mb << 20 if jobdirs.disk_limit_mb else limits.memory_bytes
+        uid = WARM_UID_BASE + slot
+        return {"uid": uid, "gid": uid, "cgroups": list(self.cgroups[slot].join_paths()), "disk_bytes": disk,
+                "inodes": max(1024, disk // BYTES_PER_INODE)}
+
+    def _prepare(self, slot: int) -> None:
+        # Forked and isolated while the slot is free: the next job waits for none of it.
+        if self.zygote is not None:
+            self.zygote.prepare(slot, self._slot_spec(slot))
 
     def describe(self) -> str:
         if self.why_off is not None:
@@ -200,6 +215,7 @@ class WarmRunner(Runner):
                 log.error("warm pool: slot %d still holds processes %s; not used again", slot, sorted(cg.pids()))
                 return
         self._free.append(slot)
+        self._prepare(slot)
 
     def _restart_soon(self) -> None:
         if self.why_off is not None or (self._restarting is not None and not self._restarting.done()):
@@ -241,13 +257,10 @@ class WarmRunner(Runner):
             argv = fresh._argv(lang, lang.run, fields) + list(job.get("args") or [])
             argv[0] = shutil.which(argv[0]) or argv[0]
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
-        disk = jobdirs.disk_limit_mb << 20 if jobdirs.disk_limit_mb else limits.memory_bytes
         cg = self.cgroups[slot]
-        uid = WARM_UID_BASE + slot
         spec = {"mode": mode, "source": job["source"], "source_name": source_name, "args": list(job.get("args") or []),
-                "argv": argv, "files": files, "env": job_env(work, dict(lang.env)), "uid": uid, "gid": uid,
-                "cgroups": cg.join_paths(), "rlimits": rlimits(limits, timeout), "disk_bytes": disk,
-                "inodes": max(1024, disk // BYTES_PER_INODE), "dirname": dirname, "modes": modes}
+                "argv": argv, "files": files, "env": job_env(work, dict(lang.env)),
+                "rlimits": rlimits(limits, timeout), "dirname": dirname, "modes": modes}
         stdin = job.get("stdin")
         stdin_r, stdin_w = os.pipe() if stdin is not None else (self._devnull, None)
         out_r, out_w = os.pipe()
@@ -255,7 +268,7 @@ class WarmRunner(Runner):
         oom_before = cg.oom_count()
         started = time.monotonic()
         try:
-            ended = zygote.run(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL), [stdin_r, out_w, err_w])
+            ended = zygote.run(slot, pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL), [stdin_r, out_w, err_w])
         except BaseException:
             for fd in (out_r, err_r, stdin_w):
                 if fd is not None:

@@ -92,8 +92,17 @@ class Zygote:
         code = await self.proc.wait()
         self._die(f"its bwrap exited with code {code}")
 
-    def run(self, spec: bytes, fds: list[int]) -> asyncio.Future:
-        """Hand a job to the parent: ``spec`` (a pickle the child reads) and its stdin, stdout and
+    def prepare(self, slot: int, spec: dict) -> None:
+        """Have a child for ``slot`` forked and isolated now, to wait for the slot's next job.
+        ``spec``: what it needs before the job (uid, gid, cgroups, disk_bytes, inodes)."""
+        if self.died is None:
+            try:
+                self._send({"op": "prepare", "slot": slot, "spec": spec}, [])
+            except ZygoteDied:
+                pass
+
+    def run(self, slot: int, spec: bytes, fds: list[int]) -> asyncio.Future:
+        """Hand a job to ``slot``'s child: ``spec`` (a pickle the child reads) and its stdin, stdout and
         stderr.  The future gets ``Ended``, or ZygoteDied."""
         if self.died is not None:
             raise ZygoteDied(self.died)
@@ -104,7 +113,7 @@ class Zygote:
             view = memoryview(spec)
             while view:
                 view = view[os.write(memfd, view):]
-            self._send({"op": "run", "id": ident}, [memfd] + fds)
+            self._send({"op": "run", "id": ident, "slot": slot}, [memfd] + fds)
         finally:
             os.close(memfd)
         future = asyncio.get_running_loop().create_future()

@@ -8,17 +8,21 @@ touches makes each fork dearer.  bwrap has already made it root with only
 CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_KILL, in its own PID, IPC, UTS
 and network namespaces, on a read-only system with the secrets hidden.
 
-The child isolates itself before it runs anything of the job: its own mount
+Each child is forked ahead, for a slot whose previous job has ended, and
+isolates itself before any job is given to it: its own mount
 and IPC namespaces; a tmpfs of the disk limit holding its directory, /tmp,
 /var/tmp, /dev/shm and /run/lock; the cgroup tree hidden; a memory+pids cgroup
 from the slave's pool; rlimits; a new session; the slot's own uid (so
 concurrent jobs cannot signal or trace each other); no_new_privs; the seccomp
-program the slave built.  Only then does it chdir into the 0700 directory,
-write the job's files and run the job: Python source in a fresh ``__main__``,
+program the slave built.  Given its job, it makes and enters its 0700
+directory, writes the job's files and runs the job: Python source in a fresh ``__main__``,
 anything else by execve.
 
 Protocol on FD (a SOCK_SEQPACKET socket, one JSON object per message):
-  in:  {"op": "run", "id": N} with SCM_RIGHTS [spec (memfd, a pickle), stdin, stdout, stderr]
+  in:  {"op": "prepare", "slot": S, "spec": {uid, gid, cgroups, disk_bytes, inodes}}: fork a child for
+       slot S now, which isolates itself and waits for its job (the slave sends it when the slot is free)
+       {"op": "run", "id": N, "slot": S} with SCM_RIGHTS [spec (memfd, a pickle), stdin, stdout, stderr]:
+       hand the job to slot S's waiting child (forked now if there is none)
        {"op": "kill", "id": N}
   out: {"ready": pid} once; {"id": N, "pid": P}; {"id": N, "exit": code, "free": [bytes, inodes, free inodes]
        or null, "error": null or "why the child could not start", "disk": bool}
@@ -68,6 +72,8 @@ class Zygote:
         self._fprog = _SockFprog(len(program) // 8, ctypes.cast(self._filter, ctypes.c_void_p))
         self.jobs = {}  # pid -> (job id, status socket)
         self.by_id = {}  # job id -> pid
+        self.slots = {}  # slot -> what its children need before their job (uid, cgroups, disk)
+        self.spares = {}  # slot -> (pid, status socket): a child isolated ahead, waiting for its job
 
     def setup(self):
         # Orphans of a job (a daemon it left) come to us, not to bwrap's init: reaped here.
@@ -120,40 +126,62 @@ class Zygote:
             return False
         msg = json.loads(data)
         if msg["op"] == "run" and len(fds) == _FDS:
-            self.fork(msg["id"], list(fds))
-        else:
-            for fd in fds:
-                os.close(fd)
-            if msg["op"] == "kill":
-                pid = self.by_id.get(msg["id"])
-                if pid is not None:
-                    for kill in (os.killpg, os.kill):
-                        try:
-                            kill(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
+            self.run(msg["id"], msg["slot"], list(fds))
+            return True
+        for fd in fds:
+            os.close(fd)
+        if msg["op"] == "prepare":
+            self.slots[msg["slot"]] = msg["spec"]
+            if msg["slot"] not in self.spares:
+                self.spare(msg["slot"])
+        elif msg["op"] == "kill":
+            pid = self.by_id.get(msg["id"])
+            if pid is not None:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
         return True
 
-    def fork(self, job_id, fds):
+    def spare(self, slot):
+        """Fork a child for ``slot`` that isolates itself now and waits for its job (latency)."""
         status, status_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
+        except OSError:
             status.close()
             status_child.close()
-            self.send(id=job_id, exit=None, free=None, error=f"fork failed: {exc}", disk=False)
-            return
+            return None
         if pid == 0:
             try:
                 status.close()
-                Child(self, job_id, fds, status_child).start()
+                Child(self, self.slots[slot], status_child).start()
             finally:
                 os._exit(126)
+        status_child.close()
+        self.spares[slot] = (pid, status)
+        return self.spares[slot]
+
+    def run(self, job_id, slot, fds):
+        spare = None
+        for _ in range(2):  # the spare, or (should it have died waiting) a new child
+            spare = self.spares.pop(slot, None) or self.spare(slot)
+            self.spares.pop(slot, None)
+            if spare is None:
+                break
+            pid, status = spare
+            try:
+                status.sendmsg([b"job"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                break
+            except OSError:
+                status.close()
+                spare = None
         for fd in fds:
             os.close(fd)
-        status_child.close()
+        if spare is None:
+            self.send(id=job_id, exit=None, free=None, error="no child could be forked", disk=False)
+            return
         status.setblocking(False)
         self.jobs[pid] = (job_id, status)
         self.by_id[job_id] = pid
@@ -167,6 +195,10 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            for slot, (spare, status) in list(self.spares.items()):
+                if spare == pid:  # died before its job came (its slot's cgroup killed, say)
+                    status.close()
+                    del self.spares[slot]
             job = self.jobs.pop(pid, None)
             if job is None:
                 continue  # an orphan of some job, reaped
@@ -194,31 +226,42 @@ class Zygote:
 
 
 class Child:
-    """One job, from fork to its own code; never returns."""
+    """One job's process: isolates itself for its slot, waits for the job, runs it; never returns."""
 
-    def __init__(self, zygote, job_id, fds, status):
-        self.zygote, self.job_id, self.status = zygote, job_id, status
-        self.spec_fd, self.stdio = fds[0], fds[1:]
+    def __init__(self, zygote, slot, status):
+        self.zygote, self.slot, self.status = zygote, slot, status
 
     def start(self):
-        disk = False
+        stage = "isolate"
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            spec = pickle.loads(_read_all(self.spec_fd))
-            self.isolate(spec)
-            disk = True
+            self.isolate(self.slot)
+            stage = "wait"
+            data, anc, _, _ = self.status.recvmsg(64, socket.CMSG_SPACE(_FDS * 4))
+            fds = array.array("i")
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            if data != b"job" or len(fds) != _FDS:
+                os._exit(0)  # no job after all: the parent is going
+            stage = "job"
+            spec = pickle.loads(_read_all(fds[0]))
+            self.setup(spec, fds[1:])
+            stage = "files"
             work = self.write_files(spec)
-            disk = False
+            stage = "job"
             self.enter(spec)
         except BaseException as exc:  # nothing of the job ran: say why, for the slave's log
+            if stage == "wait":
+                os._exit(0)
             try:
                 tb = exc.__traceback__
                 while tb.tb_next is not None:
                     tb = tb.tb_next
                 why = f"{exc!r} (warm_zygote.py line {tb.tb_lineno})"
-                self.status.send(b"E" + (b"D" if disk else b"-") + why.encode()[:2000])
+                self.status.send(b"E" + (b"D" if stage == "files" else b"-") + why.encode()[:2000])
             finally:
                 os._exit(126)
         if spec["mode"] == "python":
@@ -231,9 +274,10 @@ class Child:
             os.write(2, f"distexec: cannot run {spec['argv'][0]}: {exc.strerror}\n".encode())
         os._exit(127)
 
-    def isolate(self, spec):
+    def isolate(self, slot):
+        """What does not depend on the job: done before it comes."""
         pid = str(os.getpid()).encode()
-        for path in spec["cgroups"]:  # first: every process of the job is born inside
+        for path in slot["cgroups"]:  # first: every process of the job is born inside
             fd = os.open(path, os.O_WRONLY)
             try:
                 os.write(fd, pid)
@@ -242,16 +286,14 @@ class Child:
         os.setsid()
         _check(_LIBC.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-        root, size, uid, gid = self.zygote.root, spec["disk_bytes"], spec["uid"], spec["gid"]
+        root, size, uid, gid = self.zygote.root, slot["disk_bytes"], slot["uid"], slot["gid"]
         # The job's tmpfs, all of it the job uid's: root here has no CAP_DAC_OVERRIDE or CAP_CHOWN,
         # so the folders are made as that uid (seteuid), mounted over as root.
         _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV,
-               f"size={size},nr_inodes={spec['inodes']},mode=0755,uid={uid},gid={gid}")
-        self.work = f"{root}/{spec['dirname']}"
+               f"size={size},nr_inodes={slot['inodes']},mode=0755,uid={uid},gid={gid}")
         os.umask(0)
         os.setegid(gid)
         os.seteuid(uid)
-        os.mkdir(self.work, 0o700)
         shared = [("tmp", "/tmp"), ("vartmp", "/var/tmp"), ("shm", "/dev/shm"), ("lock", "/run/lock")]
         for name, _ in shared:
             os.mkdir(f"{root}/{name}", 0o1777)
@@ -261,23 +303,28 @@ class Child:
             _mount(f"{root}/{name}", target, None, _MS_BIND)
         # Hide every job's cgroups (memory use of the others): a tmpfs over the tree.
         _mount("tmpfs", "/sys/fs/cgroup", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
-        for which, soft, hard in spec["rlimits"]:
-            resource.setrlimit(which, (soft, hard))
-        keep = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        # Their numbers are closed below; detached first, so no finalizer closes a number the job reuses.
+        self.keep = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Nothing of the parent stays open: its socket, the other children's status sockets.
+        # Detached first, so no finalizer closes a number the job reuses.
         self.zygote.sock.detach()
-        for _, other in self.zygote.jobs.values():
+        for _, other in list(self.zygote.jobs.values()) + list(self.zygote.spares.values()):
             other.detach()
-        for i, fd in enumerate(self.stdio):
-            os.dup2(fd, i)
-        # Nothing of the zygote stays open: its socket, other jobs' status sockets, the spec.
-        _close_all_but((self.status.fileno(), keep))
-        self.keep = keep
+        _close_all_but((self.status.fileno(), self.keep))
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
         _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        os.chdir(self.work)  # only now: the directory is the job uid's, 0700
+
+    def setup(self, spec, stdio):
+        """What the job brings: its directory (0700, made as its uid), rlimits, stdio."""
+        self.work = f"{self.zygote.root}/{spec['dirname']}"
+        os.mkdir(self.work, 0o700)
+        for which, soft, hard in spec["rlimits"]:
+            resource.setrlimit(which, (soft, hard))  # only ever lowered: no privilege needed
+        for i, fd in enumerate(stdio):
+            os.dup2(fd, i)
+            os.close(fd)
+        os.chdir(self.work)
 
     def write_files(self, spec):
         # A fresh tmpfs that nothing else has written: no link can be there yet.

@@ -70,8 +70,9 @@ def no_mounts_left_behind():
 
 
 def warm_parents(slave_pid: int) -> list[psutil.Process]:
-    """The warm pool's parent of that slave (slave/warm_zygote.py) and the bwrap processes above it:
-    they live as long as the slave; the jobs are their children."""
+    """The warm pool's parent of that slave (slave/warm_zygote.py), the bwrap processes above it and the
+    children it forked ahead for free slots (still in "/", waiting for a job): they live as long as the
+    slave; the jobs are the other children."""
     try:
         under = psutil.Process(slave_pid).children(recursive=True)
     except psutil.Error:
@@ -83,6 +84,7 @@ def warm_parents(slave_pid: int) -> list[psutil.Process]:
             if cmd[1:3] == ["-u", "-c"] and "warm pool's parent" in cmd[3] and p.parent().name() == "bwrap":
                 found.append(p)
                 found += [a for a in p.parents() if a.name() == "bwrap" and a.pid != slave_pid]
+                found += [k for k in p.children() if k.cmdline() == cmd and k.cwd() == "/"]
         except (psutil.Error, IndexError):
             pass
     return found

@@ -74,9 +74,13 @@ def descendants(lc) -> list[psutil.Process]:
 
 
 def job_processes(lc) -> list[psutil.Process]:
-    """Live processes of warm jobs: under the slave, running as a slot's uid."""
+    """Live processes of warm jobs: under the slave, running as a slot's uid (but the children forked
+    ahead for free slots, waiting for a job)."""
     found = []
+    pool = {p.pid for p in warm_parents(lc.slaves[0].pid)}
     for p in descendants(lc):
+        if p.pid in pool:
+            continue
         try:
             if p.uids().real in WARM_UIDS and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
@@ -87,7 +91,7 @@ def job_processes(lc) -> list[psutil.Process]:
 
 def zygote(lc) -> psutil.Process:
     """The pool's parent: the Python process bwrap runs, root, started with the parent's source."""
-    found = [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap"]
+    found = [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap" and p.parent().name() == "bwrap"]
     assert len(found) == 1, found
     return found[0]
 
@@ -443,7 +447,8 @@ def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, l
     assert "ran again in a fresh process" in job.stderr
     assert "its parent died" in slave_log(box)
     # The autouse check waits for a job to run warm again: a new parent.
-    wait_for(lambda: [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap" and p.pid != parent.pid],
+    wait_for(lambda: [p for p in warm_parents(lc.slaves[0].pid)
+                      if p.name() != "bwrap" and p.parent().name() == "bwrap" and p.pid != parent.pid],
              30, "a new parent")
 
 
