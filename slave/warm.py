@@ -125,7 +125,8 @@ class WarmRunner(Runner):
         if self.why_off is not None:
             return f"warm pool: off ({self.why_off}); {self.fresh.describe()}"
         uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) - 1}"
-        return (f"warm pool: {', '.join(SERVED)} jobs are forked from a parent started once in bubblewrap, "
+        return (f"warm pool: {', '.join(SERVED)} jobs (and compiled programs the compile cache holds) are "
+                f"forked from a parent started once in bubblewrap, "
                 f"each in its own mount and IPC namespaces, tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
                 f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end; other jobs: "
                 f"{self.fresh.describe()}")
@@ -184,7 +185,7 @@ class WarmRunner(Runner):
             return f"off ({self.why_off})"
         lang = L.get(job["language"])
         if lang is None or lang.name not in self.fresh.toolchains:
-            return None if lang is None else f"no {lang.name} here"
+            return "a language this slave does not run"  # the fresh runner says so, as an error
         if lang.compile and not _native(lang):
             return f"language {lang.name} not served warm"
         if lang.compile and self.fresh.compile_cache is None:

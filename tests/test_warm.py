@@ -116,7 +116,8 @@ def nothing_left(request, lc):
 
 def test_the_slave_says_python_sh_and_bash_run_warm(c, box):
     text = slave_log(box)
-    assert "warm pool: python, sh, bash jobs are forked from a parent started once in bubblewrap" in text, text
+    assert "warm pool: python, sh, bash jobs (and compiled programs the compile cache holds) are forked from a " \
+           "parent started once in bubblewrap" in text, text
     assert "parent ready" in text, text
 
 
