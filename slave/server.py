@@ -117,7 +117,7 @@ async def start(args: argparse.Namespace) -> Slave:
         runner = WarmRunner(runner, slots)
         await runner.start()
     if "python" in found:
-        # Jobs that name a session run in that session's kernel, the rest in fresh processes.
+        # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).
         runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,
                                                      max_per_user=args.max_sessions_per_user))
     log.info("slave %s: %s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages")
