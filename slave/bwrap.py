@@ -68,6 +68,12 @@ def _hiding_root(jobroot: str) -> str:
     return jobroot
 
 
+# The warm pool's parent keeps these and no other capability (bwrap as root keeps all
+# unless told): mounts, the switch to a slot's uid, and killing a job.
+ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL")
+# Where each warm child mounts its own tmpfs (inside the parent's private /run).
+WARM_ROOT = "/run/distexec"
+
 # Toolchains that install under a user's home: the job may see them (read-only)
 # though the home itself is hidden.  rustup's proxies in ~/.cargo/bin need ~/.rustup.
 TOOLCHAIN_HOMES = (".cargo", ".rustup", ".pyenv", ".nvm", ".sdkman", ".ghcup", ".juliaup", ".dotnet",
@@ -208,9 +214,61 @@ class BwrapSandbox(Sandbox):
         for d in self.secrets:
             if os.path.isdir(d):
                 tmpfs.setdefault(d, "0755")
-        mounted: list[str] = []
         # Every job's memory use is in the cgroup tree: hidden (see _own_cgroups).
         tmpfs[CGROUP_ROOT] = "0755"
+        hiding, mounted = self._hiding(tmpfs, tmpdirs, size)
+        args += hiding + self._own_cgroups(cgroup)
+        made: set[str] = set()
+        args += self._shown(mounted, made, [("--bind", workdir)])
+        args += ["--chdir", workdir, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                 "--die-with-parent", "--new-session"]
+        if not limits.allow_network:
+            args.append("--unshare-net")
+        args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        return args + list(argv)
+
+    def zygote_argv(self, command: list[str], jobroot: str, cgroup_dirs: list[str], limits: Limits) -> list[str]:
+        """bwrap around the warm pool's parent (slave/warm_zygote.py), started once.
+
+        The same read-only system with the same paths hidden as a step's, but
+        the parent stays root with only the capabilities it needs to isolate
+        each child (mounts, the uid switch, killing a job): no other
+        capability, and the other jobs' directories and the slave's secrets
+        are not there to reach.  /run is a tmpfs of its own: each child mounts
+        its tmpfs at ``/run/distexec`` (out of the way of /tmp and /var/tmp,
+        which it covers).  The pool's cgroups are bound writable, to be joined.
+        """
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        tmpfs = {"/tmp": "1777", "/dev/shm": "1777", "/run": "0755"}
+        tmpfs.setdefault(_hiding_root(os.path.realpath(jobroot)), "0755")
+        for d in self.secrets:
+            if os.path.isdir(d):
+                tmpfs.setdefault(d, "0755")
+        tmpfs[CGROUP_ROOT] = "0755"
+        hiding, mounted = self._hiding(tmpfs, {}, str(1 << 20))
+        args += hiding + ["--perms", "1777", "--dir", "/run/lock", "--perms", "0755", "--dir", WARM_ROOT]
+        made: set[str] = {"/run/lock", WARM_ROOT}
+        if limits.allow_network and os.path.isdir("/run/systemd/resolve"):
+            # /etc/resolv.conf may point there.
+            args += self._parents("/run/systemd/resolve", mounted, made)
+            args += ["--ro-bind", "/run/systemd/resolve", "/run/systemd/resolve"]
+        args += self._shown(mounted, made, [("--bind", d) for d in cgroup_dirs])
+        args += ["--chdir", "/", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+                 "--new-session", "--cap-drop", "ALL"]
+        for cap in ZYGOTE_CAPS:
+            args += ["--cap-add", cap]
+        if not limits.allow_network:
+            args.append("--unshare-net")
+        return args + ["--"] + list(command)
+
+    @staticmethod
+    def _hiding(tmpfs: dict[str, str], tmpdirs: dict[str, str], size: str) -> tuple[list[str], list[str]]:
+        """bwrap arguments for the tmpfs mounts that hide paths (destination -> mode), outermost
+        first; a destination in ``tmpdirs`` is bound to that host directory instead.
+        Returns the arguments and the paths now hidden."""
+        args: list[str] = []
+        mounted: list[str] = []
         for dest, perms in sorted(tmpfs.items(), key=lambda t: (len(t[0]), t[0])):
             if any(_under(dest, m) for m in mounted):
                 continue  # already hidden by a parent
@@ -220,23 +278,20 @@ class BwrapSandbox(Sandbox):
             else:
                 args += ["--perms", perms, "--size", size, "--tmpfs", dest]
             mounted.append(dest)
-        args += self._own_cgroups(cgroup)
-        made: set[str] = set()
-        for src in list(self.expose) + [workdir]:
-            if any(_under(src, m) for m in self.expose if m != src and src != workdir):
+        return args, mounted
+
+    def _shown(self, mounted: list[str], made: set[str], binds: list[tuple[str, str]]) -> list[str]:
+        """The toolchains shown again (read-only) inside what is hidden, then ``binds``
+        ((bwrap option, path) bound at its own path), with the directories above them."""
+        args: list[str] = []
+        extra = [path for _, path in binds]
+        for src in list(self.expose) + extra:
+            if src not in extra and any(_under(src, m) for m in self.expose if m != src):
                 continue
             args += self._parents(src, mounted, made)
-            if src == workdir:
-                args += ["--bind", src, src]
-            else:
-                args += ["--ro-bind", src, src]
-        args += ["--chdir", workdir, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                 "--die-with-parent", "--new-session"]
-        if not limits.allow_network:
-            args.append("--unshare-net")
-        args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
-                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-        return args + list(argv)
+            option = dict((path, opt) for opt, path in binds).get(src, "--ro-bind")
+            args += [option, src, src]
+        return args
 
     @staticmethod
     def _own_cgroups(cgroup: "JobCgroup | None") -> list[str]:

@@ -98,12 +98,12 @@ class Cgroups:
     def cpu(self) -> bool:
         return "cpu" in self.base
 
-    def create(self, limits: Limits, extra_procs: int = 0) -> "JobCgroup | None":
+    def create(self, limits: Limits, extra_procs: int = 0, name: str | None = None) -> "JobCgroup | None":
         """A fresh cgroup for one step, with the limits set; None if there are no controllers."""
         if not self.base:
             return None
         self._retry_leftovers()
-        name = f"job-{next(self._counter)}"
+        name = name or f"job-{next(self._counter)}"
         cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()
                         if ctrl != "cpu" or limits.cpus is not None})
         try:
@@ -123,6 +123,22 @@ class Cgroups:
             cg.destroy()
             raise
         return cg
+
+    def pool(self, n: int, limits: Limits) -> "list[JobCgroup]":
+        """``n`` memory+pids cgroups made once and reused job after job (the warm pool's slots):
+        a mkdir and rmdir per job cost more than the rest of a warm job's set-up."""
+        made: list[JobCgroup] = []
+        try:
+            for i in range(n):
+                cg = self.create(limits, name=f"warm-{i}")
+                if cg is None:
+                    break
+                made.append(cg)
+        except OSError:
+            for cg in made:
+                self.release(cg)
+            raise
+        return made
 
     def release(self, cg: "JobCgroup") -> None:
         if not cg.destroy():
@@ -211,18 +227,23 @@ class JobCgroup:
 
     def oom_killed(self) -> bool:
         """True if the kernel killed a process of this step for going past the memory limit."""
+        return self.oom_count() > 0
+
+    def oom_count(self) -> int:
+        """How many times the kernel killed a process here for its memory, ever (a cgroup
+        reused job after job: compare before and after)."""
         path = self.paths.get("memory")
         if path is None:
-            return False
+            return 0
         try:
             for line in _read(os.path.join(path, "memory.oom_control")).splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
-                    return int(value) > 0
+                    return int(value)
             # Kernels before 4.13 count no kills: reaching the limit is the best hint.
-            return int(_read(os.path.join(path, "memory.failcnt"))) > 0
+            return int(_read(os.path.join(path, "memory.failcnt")))
         except (OSError, ValueError):
-            return False
+            return 0
 
     def kill_all(self) -> None:
         for pid in self.pids():

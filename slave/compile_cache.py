@@ -94,6 +94,26 @@ class CompileCache:
             self.hits += 1
         return True
 
+    def read(self, key: str) -> "dict[str, tuple[bytes, int]] | None":
+        """The artefacts stored under ``key`` (name -> (bytes, permission bits)), for a job whose
+        directory the slave cannot reach (the warm pool's child writes them); None on a miss."""
+        entry = self._entry(key)
+        found = {}
+        try:
+            for name in os.listdir(entry):
+                with open(os.path.join(entry, name), "rb") as f:
+                    found[name] = (f.read(), os.fstat(f.fileno()).st_mode & 0o777)
+            os.utime(entry)  # most recently used
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("compile cache entry %s unreadable: %s", key[:12], exc)
+            with self._lock:
+                self.misses += 1
+            return None
+        with self._lock:
+            self.hits += 1
+        return found
+
     def store(self, key: str, src: str, patterns: tuple[str, ...]) -> bool:
         """Keep the files of ``src`` that match ``patterns`` under ``key``.
 

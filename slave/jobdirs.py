@@ -66,7 +66,12 @@ class JobDir:
             st = os.statvfs(self.top)
         except OSError:
             return False
-        return st.f_bavail * st.f_frsize < FULL_MARGIN or (st.f_files > 0 and st.f_favail == 0)
+        return quota_full(st.f_bavail * st.f_frsize, st.f_files, st.f_favail)
+
+
+def quota_full(free_bytes: int, inodes: int, free_inodes: int) -> bool:
+    """A job's tmpfs with these figures (statvfs) hit its disk limit: (almost) no space or no inode left."""
+    return free_bytes < FULL_MARGIN or (inodes > 0 and free_inodes == 0)
 
 
 class JobDirs:

@@ -209,20 +209,23 @@ class ProcessRunner(Runner):
         stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
         capture = Capture(self.limits.output_bytes, on_output)
         step = await self._step(argv, jobdir, env, stdin, job["timeout"], cancel, capture)
-        out, err = capture.text("stdout"), capture.text("stderr")
-        error = _classify(step, job, self.limits)
-        if error is not None and error["code"] in (P.NONZERO_EXIT, P.SIGNAL) and _hit_disk_limit(step, jobdir):
-            error = disk_error(self.jobdirs, "wrote more than")
-        if error is not None and error["code"] == P.NONZERO_EXIT:
-            # An interpreter's syntax or runtime error names a line: point the notebook at it.
-            error.update(L.locate(lang, err, source_name, job["source"]))
-        return Outcome(step.returncode, error, out, err)
+        return run_outcome(step, capture, job, self.limits, lang, source_name, self.jobdirs,
+                           lambda: _hit_disk_limit(step, jobdir))
 
     def _argv(self, lang: L.Language, template: tuple[str, ...], fields: dict) -> list[str]:
         # The program that answered at detection, not whatever PATH finds first.
         argv = L.fill(template, fields)
         argv[0] = self.programs.get(lang.name, {}).get(argv[0], argv[0])
         return argv
+
+    def cache_key(self, lang: L.Language, job: dict, source_name: str, argv: list[str] | None = None) -> str:
+        """The compile cache's key of this job's compile step (``argv``: its command, if made already)."""
+        if argv is None:
+            fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
+            argv = self._argv(lang, lang.compile, fields)
+        inputs = P.files_of(job)
+        inputs[source_name] = job["source"].encode()
+        return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
 
     async def _compile(self, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
                        argv: list[str], env: dict, cancel: asyncio.Event) -> Outcome | None:
@@ -233,9 +236,7 @@ class ProcessRunner(Runner):
         cache, key = self.compile_cache, None
         workdir = jobdir.path
         if cache is not None:
-            inputs = P.files_of(job)
-            inputs[source_name] = job["source"].encode()
-            key = cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
+            key = self.cache_key(lang, job, source_name, argv)
             if await asyncio.to_thread(cache.fetch, key, workdir):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
                 return None
@@ -316,12 +317,30 @@ class ProcessRunner(Runner):
         return StepResult(proc.returncode, reason, time.monotonic() - started)
 
 
+def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, lang: L.Language,
+                source_name: str, jobdirs: JobDirs, hit_disk_limit: Callable[[], bool]) -> Outcome:
+    """How a job's run step ended: a limit, a signal, an exit code, the disk quota
+    (``hit_disk_limit``, asked only of a step that failed), a line to point at."""
+    out, err = capture.text("stdout"), capture.text("stderr")
+    error = _classify(step, job, limits)
+    if error is not None and error["code"] in (P.NONZERO_EXIT, P.SIGNAL) and hit_disk_limit():
+        error = disk_error(jobdirs, "wrote more than")
+    if error is not None and error["code"] == P.NONZERO_EXIT:
+        # An interpreter's syntax or runtime error names a line: point the notebook at it.
+        error.update(L.locate(lang, err, source_name, job["source"]))
+    return Outcome(step.returncode, error, out, err)
+
+
 def _hit_disk_limit(step: StepResult, jobdir: JobDir) -> bool:
+    return hit_disk_limit(step, jobdir.full(), jobdir.limited)
+
+
+def hit_disk_limit(step: StepResult, full: bool, limited: bool) -> bool:
     """Did a step that failed run into its disk quota?  Asked of the kernel, not of its output:
-    the job's tmpfs is full, or a file went past RLIMIT_FSIZE (SIGXFSZ, set to the quota)."""
+    the job's tmpfs is ``full``, or a file went past RLIMIT_FSIZE (SIGXFSZ, set to the quota)."""
     code = step.returncode
     xfsz = int(signal.SIGXFSZ)
-    return jobdir.full() or (jobdir.limited and code is not None and code in (-xfsz, 128 + xfsz))
+    return full or (limited and code is not None and code in (-xfsz, 128 + xfsz))
 
 
 def disk_error(jobdirs: JobDirs, what: str) -> dict:

@@ -98,10 +98,23 @@ def job_env(workdir: str, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def rlimits(limits: Limits, timeout: float | None, nproc: bool = False) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) for every step: core dumps, open files, file size, the CPU-time
+    backstop (``timeout`` x cores + a margin) and, if ``nproc``, the process count."""
+    size = limits.file_size_mb << 20
+    out = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
+           (resource.RLIMIT_FSIZE, size, size)]
+    if timeout:
+        cpu = math.ceil(timeout * (os.cpu_count() or 1)) + CPU_MARGIN
+        out.append((resource.RLIMIT_CPU, cpu, cpu + 1))
+    if nproc:
+        out.append((resource.RLIMIT_NPROC, limits.max_procs, limits.max_procs))
+    return out
+
+
 def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
              nproc: bool, seccomp: bool = False) -> Callable[[], None]:
-    size = limits.file_size_mb << 20
-    cpu = math.ceil(timeout * (os.cpu_count() or 1)) + CPU_MARGIN if timeout else None
+    limits_set = rlimits(limits, timeout, nproc)
     join = cgroup.join_paths() if cgroup else ()
 
     def apply() -> None:
@@ -116,13 +129,8 @@ def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
             finally:
                 os.close(fd)
         os.umask(0o022)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        if cpu is not None:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        if nproc:
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
+        for which, soft, hard in limits_set:
+            resource.setrlimit(which, (soft, hard))
         if seccomp:
             _install_seccomp()
     return apply

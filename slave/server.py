@@ -18,10 +18,11 @@ from .agent import FatalSlaveError, Slave
 from .compile_cache import CompileCache
 from .jobdirs import JobDirs
 from .runner import ProcessRunner
-from .bwrap import best_sandbox
+from .bwrap import BwrapSandbox, best_sandbox
 from .sandbox import Limits
 from .routing import RoutingRunner
 from .sessions import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, SessionRunner
+from .warm import WarmRunner
 
 log = logging.getLogger("distexec.slave")
 
@@ -52,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"Python sessions one user may have open (default {DEFAULT_MAX_SESSIONS}); see docs/sessions.md")
     p.add_argument("--session-ttl", type=float, default=DEFAULT_TTL, metavar="S",
                    help=f"seconds an idle Python session (--session) lives (default {DEFAULT_TTL:g})")
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None,
+                   help="run python, sh and bash jobs forked from a warm parent, each still fresh, isolated and "
+                        "limited (default: on with the bubblewrap sandbox); see docs/sandbox.md")
     p.add_argument("--compile-cache", type=int, default=256, metavar="MiB",
                    help="compiled programs kept under $DISTEXEC_HOME/cache/compile (default 256; 0: none)")
 
@@ -107,11 +111,15 @@ async def start(args: argparse.Namespace) -> Slave:
              if args.compile_cache > 0 else None)
     runner = ProcessRunner(sandbox, limits, found, jobdirs=jobdirs, compile_cache=cache,
                            programs={name: tc.programs for name, tc in chains.items()})
+    slots = args.slots or os.cpu_count() or 1
+    if args.warm or (args.warm is None and isinstance(sandbox, BwrapSandbox)):
+        # Python, sh and bash jobs forked from a parent started once; the rest (and all, should it fail) fresh.
+        runner = WarmRunner(runner, slots)
+        await runner.start()
     if "python" in found:
-        # Jobs that name a session run in that session's kernel, the rest in fresh processes.
+        # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).
         runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,
                                                      max_per_user=args.max_sessions_per_user))
-    slots = args.slots or os.cpu_count() or 1
     log.info("slave %s: %s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages")
     log.info("%s", runner.describe())
 

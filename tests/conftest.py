@@ -69,6 +69,38 @@ def no_mounts_left_behind():
         jobdirs._remove(root)
 
 
+def warm_parents(slave_pid: int) -> list[psutil.Process]:
+    """The warm pool's parent of that slave (slave/warm_zygote.py), the bwrap processes above it and the
+    children it forked ahead for free slots (still in "/", waiting for a job): they live as long as the
+    slave; the jobs are the other children."""
+    try:
+        under = psutil.Process(slave_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for p in under:
+        try:
+            cmd = p.cmdline()
+            if cmd[1:3] == ["-u", "-c"] and "warm pool's parent" in cmd[3] and p.parent().name() == "bwrap":
+                found.append(p)
+                found += [a for a in p.parents() if a.name() == "bwrap" and a.pid != slave_pid]
+                found += [k for k in p.children() if k.cmdline() == cmd and k.cwd() == "/"]
+        except (psutil.Error, IndexError):
+            pass
+    return found
+
+
+def job_processes_of(slave_pid: int) -> list[psutil.Process]:
+    """Everything a slave has started for its jobs (sandboxes and programs): its descendants but the warm
+    pool's parent."""
+    try:
+        under = psutil.Process(slave_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    pool = {p.pid for p in warm_parents(slave_pid)}
+    return [p for p in under if p.pid not in pool]
+
+
 def assert_gone(procs: list[psutil.Process], what: str = "processes", timeout: float = 15.0) -> None:
     """Every process in ``procs`` ends within ``timeout`` s; any left is killed, and the test fails."""
     _, alive = psutil.wait_procs(procs, timeout=timeout)

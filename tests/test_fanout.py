@@ -13,7 +13,7 @@ from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, JobGroup, RemoteError, protocol as P
 
-from conftest import magic_shell, module_cluster, wait_for
+from conftest import job_processes_of, magic_shell, module_cluster, wait_for
 
 SQUARE = "import sys\nn = int(sys.argv[1])\nprint(n * n)\n"
 FLAKY = "import sys\nn = int(sys.argv[1])\nif n % 3 == 0:\n    sys.exit(f'{n} is a multiple of 3')\nprint(n)\n"
@@ -139,8 +139,8 @@ def test_retries_apply_per_job_when_a_slave_is_lost(make_cluster):
 
 
 def _job_processes(lc) -> list[psutil.Process]:
-    """Everything the slaves have started: the jobs' sandboxes and programs."""
-    return [p for child in lc.slaves for p in psutil.Process(child.pid).children(recursive=True)]
+    """Everything the slaves have started: the jobs' sandboxes and programs (not the warm pools' parents)."""
+    return [p for child in lc.slaves for p in job_processes_of(child.pid)]
 
 
 def test_cancel_in_the_middle_leaves_nothing_running(lc, c):

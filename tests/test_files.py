@@ -290,7 +290,7 @@ def test_collected_files_finished_while_the_master_was_down_reach_the_next_one(m
     import psutil
     import signal
 
-    from conftest import logs, wait_for
+    from conftest import job_processes_of, logs, wait_for
     lc = make_cluster(1, slots=1, languages="python", master_args=["--lost-grace", "60"])
     c = Cluster(lc.url, token=lc.token)
     try:
@@ -298,12 +298,12 @@ def test_collected_files_finished_while_the_master_was_down_reach_the_next_one(m
         job = c.submit("import os, time\ntime.sleep(3)\nopen('big.bin', 'wb').write(b'x' * (5 << 20))\n",
                        collect=["big.bin"], name="across")
         slave = psutil.Process(lc.slaves[0].proc.pid)
-        wait_for(lambda: slave.children(recursive=True), 30, "the job's process to start")
+        wait_for(lambda: job_processes_of(slave.pid), 30, "the job's process to start")
     finally:
         c.close()
     lc.master.stop(signal.SIGKILL)
     # The job's processes are the slave's children: once they are gone, its result waits for a master.
-    wait_for(lambda: not slave.children(recursive=True), 30, "the job to end with no master")
+    wait_for(lambda: not job_processes_of(slave.pid), 30, "the job to end with no master")
     lc.start_master()
     with Cluster(lc.url, token=lc.token) as c2:
         j = c2.job(job.id).wait(30)

@@ -1,5 +1,8 @@
 """Real attacks on the job sandbox, through a real master and slave.
 
+These are the fresh-process sandbox's (``--no-warm``); tests/test_warm.py
+makes the same attacks on the warm path.
+
 One slave with small limits serves the module; its $DISTEXEC_HOME and job
 directories live outside /tmp, so hiding them is the sandbox's work and not a
 side effect of the private /tmp.  Every test ends by checking that no
@@ -49,7 +52,7 @@ def lc(box):
     cluster = LocalCluster(1, slots=2, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
                            slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1",
                                        "--max-procs", str(MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
-                                       "--disk-limit", str(DISK_MB)])
+                                       "--disk-limit", str(DISK_MB), "--no-warm"])
     cluster.start()
     yield cluster
     cluster.stop()
@@ -603,7 +606,7 @@ def test_killing_a_step_leaves_no_zombie(bwrap_sandbox, jobdir):
 def test_a_killed_slave_takes_its_jobs_with_it(make_cluster, tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
-    other = make_cluster(1, slots=1, slave_args=["--workdir", str(jobs)])
+    other = make_cluster(1, slots=1, slave_args=["--workdir", str(jobs), "--no-warm"])
     with Cluster(other.url, token=other.token) as c:
         c.submit("sleep 300 & setsid sleep 301 & wait", language="bash", timeout=600)
         wait_for(lambda: job_processes(str(jobs)).count("sleep") == 2, 20, "the job's sleeps")

@@ -171,6 +171,13 @@ def disk_lc(make_cluster):
     return make_cluster(1, slots=2, languages="python", slave_args=["--disk-limit", "16"])
 
 
+@pytest.fixture
+def fresh_disk_lc(make_cluster):
+    """Jobs in fresh processes, whose directories are on the host (a warm job's tmpfs is in its own
+    mount namespace: tests/test_warm.py)."""
+    return make_cluster(1, slots=2, languages="python", slave_args=["--disk-limit", "16", "--no-warm"])
+
+
 def test_a_job_writing_twice_its_disk_limit_fails_disk_limit(disk_lc):
     with Cluster(disk_lc.url, token=disk_lc.token) as c:
         for where in (".", "/tmp", "/dev/shm"):
@@ -186,8 +193,8 @@ def test_a_job_writing_twice_its_disk_limit_fails_disk_limit(disk_lc):
         assert both.status == P.FAILED and both.error["code"] == P.DISK_LIMIT, (both.error, both.stderr)
 
 
-def test_the_disk_limit_is_a_tmpfs_not_the_hosts_disk(disk_lc):
-    with Cluster(disk_lc.url, token=disk_lc.token) as c:
+def test_the_disk_limit_is_a_tmpfs_not_the_hosts_disk(fresh_disk_lc):
+    with Cluster(fresh_disk_lc.url, token=fresh_disk_lc.token) as c:
         job = c.submit(WRITE.replace('print("wrote", mib)', textwrap.dedent("""
             st = os.statvfs(".")
             print(os.getcwd(), st.f_blocks * st.f_frsize >> 20, flush=True)
@@ -252,7 +259,7 @@ def test_what_a_job_plants_in_its_directory_never_reaches_the_host(disk_lc, tmp_
 # -- the slave's folder: leftovers of an earlier run ------------------------------------
 
 def test_a_restarted_slave_removes_what_its_killed_run_left(make_cluster):
-    lc = make_cluster(2, slots=1, languages="python")
+    lc = make_cluster(2, slots=1, languages="python", slave_args=["--no-warm"])  # job directories on the host
     with Cluster(lc.url, token=lc.token) as c:
         sleeper = "import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(120)"
         jobs = [c.submit(sleeper, timeout=200) for _ in range(2)]

@@ -1,0 +1,346 @@
+"""The warm pool: a fresh, isolated, limited process per job without paying for
+bwrap, setpriv and an interpreter's start each time.
+
+``WarmRunner`` sits in front of the fresh-process runner.  A parent started
+once per slave inside bubblewrap (slave/warm_zygote.py, spoken to through
+slave/warm_pool.py) forks one child per job; the child isolates itself and
+runs the job: Python source in a fresh ``__main__``, ``sh``/``bash`` by
+execve.  Each slot of the slave has its own uid and its own memory+pids
+cgroup, made once.  A job the pool cannot serve (another language, files to
+collect, no bubblewrap, the parent down) runs in a fresh process, and the
+log says why, once per reason.  docs/sandbox.md ("The warm path") says what a
+warm job can and cannot do; docs/performance.md ("Warm pool") what it costs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import pwd
+import shutil
+import time
+
+from distexec_kernel import languages as L, protocol as P
+
+from . import steps
+from .bwrap import WARM_ROOT, BwrapSandbox
+from .jobdirs import BYTES_PER_INODE, quota_full
+from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, Capture, Outcome, OutputCallback, ProcessRunner, Runner,
+                     StepResult, _pump, disk_error, hit_disk_limit, run_outcome)
+from .sandbox import job_env, rlimits
+from .seccomp import program_bytes
+from .warm_pool import Zygote, ZygoteDied
+
+log = logging.getLogger("distexec.slave.warm")
+
+# How each language runs in a warm child: its source exec'd in a fresh __main__, or its program exec'd.
+# Compiled programs (C, C++, Go, Rust: ``_native``) run warm too, once the compile cache holds them.
+SERVED = {"python": "python", "sh": "exec", "bash": "exec"}
+# Each slot's jobs run as WARM_UID_BASE + slot (uid and gid), as isolate gives each box its own uid:
+# concurrent jobs then cannot signal, trace or read each other.  Checked to be no account here.
+WARM_UID_BASE = 60100
+# The parent is restarted after it dies, unless it died this often within RESTART_WINDOW seconds.
+MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
+EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
+
+
+class ChildFailed(Exception):
+    """A warm child could not set the job up (nothing of it ran); the parent lives on."""
+
+
+class WarmRunner(Runner):
+    """Python, sh and bash jobs forked from a warm parent; everything else to ``fresh``."""
+
+    def __init__(self, fresh: ProcessRunner, slots: int):
+        self.fresh = fresh
+        self.slots = max(1, slots)
+        self.why_off: str | None = None  # the pool is off for good, and why
+        self.zygote: Zygote | None = None
+        self.cgroups: list = []
+        self._free: list[int] = []
+        self._said: set[str] = set()
+        self._deaths: list[float] = []
+        self._restarting: asyncio.Task | None = None
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    # -- start, stop, describe ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the pool's parent; if it cannot run here, say why and serve every job fresh."""
+        self.why_off = self._why_not_here()
+        if self.why_off is None:
+            try:
+                self.cgroups = self.fresh.sandbox.cgroups.pool(self.slots, self.fresh.limits)
+                self._free = list(range(len(self.cgroups)))
+                await self._start_zygote()
+            except OSError as exc:
+                self.why_off = str(exc)
+        if self.why_off is not None:
+            log.warning("warm pool: off (%s); every job runs in a fresh process", self.why_off)
+
+    def _why_not_here(self) -> str | None:
+        box = self.fresh.sandbox
+        if not isinstance(box, BwrapSandbox):
+            return "no bwrap"
+        if not (box.cgroups and box.cgroups.memory and box.cgroups.pids):
+            return "no memory and pids cgroups"
+        if "python" not in self.fresh.toolchains:
+            return "no python3 for its parent"
+        for slot in range(self.slots):
+            try:
+                name = pwd.getpwuid(WARM_UID_BASE + slot).pw_name
+            except KeyError:
+                continue
+            return f"uid {WARM_UID_BASE + slot}, meant for a slot's jobs, is the account {name!r}"
+        return None
+
+    async def _start_zygote(self) -> None:
+        box, limits = self.fresh.sandbox, self.fresh.limits
+        python = self.fresh.programs.get("python", {}).get("python3") or shutil.which("python3") or "python3"
+        dirs = [path for cg in self.cgroups for path in cg.paths.values()]
+        zygote = Zygote(lambda command: box.zygote_argv(command, self.fresh.jobdirs.root, dirs, limits), python,
+                        job_env(WARM_ROOT, dict(L.get("python").env)),
+                        {"root": WARM_ROOT, "seccomp": program_bytes().hex() if box.seccomp else ""})
+        await zygote.start()
+        self.zygote = zygote
+        for slot in self._free:
+            self._prepare(slot)
+        log.info("warm pool: parent ready (pid %s in its namespace)", zygote.pid)
+
+    def _slot_spec(self, slot: int) -> dict:
+        """What a slot's child needs before its job comes."""
+        jobdirs, limits = self.fresh.jobdirs, self.fresh.limits
+        disk = jobdirs.disk_limit_mb << 20 if jobdirs.disk_limit_mb else limits.memory_bytes
+        uid = WARM_UID_BASE + slot
+        return {"uid": uid, "gid": uid, "cgroups": list(self.cgroups[slot].join_paths()), "disk_bytes": disk,
+                "inodes": max(1024, disk // BYTES_PER_INODE)}
+
+    def _prepare(self, slot: int) -> None:
+        # Forked and isolated while the slot is free: the next job waits for none of it.
+        if self.zygote is not None:
+            self.zygote.prepare(slot, self._slot_spec(slot))
+
+    def describe(self) -> str:
+        if self.why_off is not None:
+            return f"warm pool: off ({self.why_off}); {self.fresh.describe()}"
+        uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) - 1}"
+        return (f"warm pool: {', '.join(SERVED)} jobs (and compiled programs the compile cache holds) are "
+                f"forked from a parent started once in bubblewrap, "
+                f"each in its own mount and IPC namespaces, tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
+                f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end; other jobs: "
+                f"{self.fresh.describe()}")
+
+    async def close(self) -> None:
+        if self._restarting is not None:
+            self._restarting.cancel()
+        if self.zygote is not None:
+            await self.zygote.close()
+        for cg in self.cgroups:
+            await asyncio.to_thread(self.fresh.sandbox.cgroups.release, cg)
+        os.close(self._devnull)
+        await self.fresh.close()
+
+    # -- a job ------------------------------------------------------------------------
+
+    async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
+        why = self._why_not(job)
+        artefacts = None
+        if why is None and L.get(job["language"]).compile:
+            fresh = self.fresh
+            lang = L.get(job["language"])
+            key = fresh.cache_key(lang, job, lang.source_name(job["source"]))
+            artefacts = await asyncio.to_thread(fresh.compile_cache.read, key)
+            if artefacts is None:
+                why = "a compiled program not in the compile cache yet"
+            else:
+                log.info("job %s: compile cache hit (%s, %s), run warm", job["id"], lang.name, key[:12])
+        if why is None and not self._free:
+            why = "no free slot"  # never with the agent's slot count; said, not hidden
+        if why is not None:
+            if why not in self._said:
+                self._said.add(why)
+                log.info("warm pool: %s; such jobs run in a fresh process", why)
+            return await self.fresh.run(job, on_output, cancel)
+        slot = self._free.pop()
+        try:
+            return await self._run(self.zygote, slot, job, on_output, cancel, artefacts)
+        except ChildFailed as exc:
+            # Nothing of the job ran; the parent is fine.
+            log.warning("warm pool: %s; it runs in a fresh process", exc)
+            return await self.fresh.run(job, on_output, cancel)
+        except ZygoteDied as exc:
+            log.warning("warm pool: its parent died (%s); job %s runs again in a fresh process", exc, job["id"])
+            self._restart_soon()
+            note = "distexec: the warm pool's parent died under this job; it ran again in a fresh process\n"
+            on_output("stderr", note)
+            outcome = await self.fresh.run(job, on_output, cancel)
+            outcome.stderr = note + outcome.stderr
+            return outcome
+        finally:
+            await self._release(slot)
+
+    def _why_not(self, job: dict) -> str | None:
+        if self.why_off is not None:
+            return f"off ({self.why_off})"
+        lang = L.get(job["language"])
+        if lang is None or lang.name not in self.fresh.toolchains:
+            return "a language this slave does not run"  # the fresh runner says so, as an error
+        if lang.compile and not _native(lang):
+            return f"language {lang.name} not served warm"
+        if lang.compile and self.fresh.compile_cache is None:
+            return "no compile cache (compiled programs run warm from it)"
+        if lang.name not in SERVED and not lang.compile:
+            return f"language {lang.name} not served warm"
+        if job.get("collect"):
+            return "jobs that collect files are not served warm"
+        if self.zygote is None or self.zygote.died is not None:
+            self._restart_soon()
+            return "its parent is restarting"
+        return None
+
+    async def _release(self, slot: int) -> None:
+        """The slot is free again once nothing of its job is left in its cgroup."""
+        cg = self.cgroups[slot]
+        if cg.pids():
+            deadline = time.monotonic() + EMPTY_WAIT
+
+            def empty() -> bool:
+                while cg.pids():
+                    cg.kill_all()
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.005)
+                return True
+            if not await asyncio.to_thread(empty):
+                log.error("warm pool: slot %d still holds processes %s; not used again", slot, sorted(cg.pids()))
+                return
+        self._free.append(slot)
+        self._prepare(slot)
+
+    def _restart_soon(self) -> None:
+        if self.why_off is not None or (self._restarting is not None and not self._restarting.done()):
+            return
+        self._restarting = asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        old, self.zygote = self.zygote, None
+        if old is not None:
+            await old.close()
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW] + [now]
+        if len(self._deaths) > MAX_RESTARTS:
+            self.why_off = f"its parent died {len(self._deaths)} times within {RESTART_WINDOW:g} s"
+            log.error("warm pool: off (%s); every job runs in a fresh process", self.why_off)
+            return
+        try:
+            await self._start_zygote()
+        except OSError as exc:
+            self.why_off = str(exc)
+            log.error("warm pool: off (%s); every job runs in a fresh process", exc)
+
+    async def _run(self, zygote: Zygote, slot: int, job: dict, on_output: OutputCallback,
+                   cancel: asyncio.Event, artefacts: dict | None) -> Outcome:
+        fresh, limits, jobdirs = self.fresh, self.fresh.limits, self.fresh.jobdirs
+        lang = L.get(job["language"])
+        mode = SERVED.get(lang.name, "exec")
+        source_name = lang.source_name(job["source"])
+        files = {name: P.file_bytes(content, name) for name, content in (job.get("files") or {}).items()}
+        dirname = f"job{job['id']}"
+        work = f"{WARM_ROOT}/{dirname}"
+        argv: list[str] = []
+        files[source_name] = job["source"].encode()  # Python's too: tracebacks quote it, a job may read it
+        modes = {}
+        for name, (data, perms) in (artefacts or {}).items():  # a compiled program from the cache
+            files[name], modes[name] = data, perms
+        if mode == "exec":
+            fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
+            argv = fresh._argv(lang, lang.run, fields) + list(job.get("args") or [])
+            argv[0] = shutil.which(argv[0]) or argv[0]
+        timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
+        cg = self.cgroups[slot]
+        spec = {"mode": mode, "source": job["source"], "source_name": source_name, "args": list(job.get("args") or []),
+                "argv": argv, "files": files, "env": job_env(work, dict(lang.env)),
+                "rlimits": rlimits(limits, timeout), "dirname": dirname, "modes": modes}
+        stdin = job.get("stdin")
+        stdin_r, stdin_w = os.pipe() if stdin is not None else (self._devnull, None)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        oom_before = cg.oom_count()
+        started = time.monotonic()
+        try:
+            ended = zygote.run(slot, pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL), [stdin_r, out_w, err_w])
+        except BaseException:
+            for fd in (out_r, err_r, stdin_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w) + ((stdin_r,) if stdin_w is not None else ()):
+                os.close(fd)
+        capture = Capture(limits.output_bytes, on_output)
+        feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
+        readers, transports = await _readers([(out_r, "stdout"), (err_r, "stderr")], capture)
+        try:
+            reason = await steps.supervise(ended, cancel, started + timeout, over=lambda: capture.over)
+            if reason is not None:
+                zygote.kill(ended)
+                cg.kill_all()
+                await asyncio.wait([ended], timeout=KILL_GRACE)
+                if not ended.done():
+                    raise ZygoteDied("it did not report a killed job's end")
+            result = ended.result()
+            cg.kill_all()  # what the job left running (a daemon) goes with it
+            await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT)
+        finally:
+            if not ended.done():
+                zygote.kill(ended)
+                cg.kill_all()
+            for r in readers:
+                r.cancel()
+            for t in transports:
+                t.close()
+            if feeder is not None:
+                await asyncio.wait([feeder], timeout=KILL_GRACE)
+        if result.error is not None:
+            if result.disk:
+                return Outcome(None, disk_error(jobdirs, "the job's files do not fit in"))
+            raise ChildFailed(f"its child could not start job {job['id']}: {result.error}")
+        if reason is None and capture.over:
+            reason = "output_limit"
+        if reason is None and result.exit_code != 0 and cg.oom_count() > oom_before:
+            reason = "memory_limit"
+        step = StepResult(result.exit_code, reason, time.monotonic() - started)
+        full = result.free is not None and quota_full(*result.free)
+        return run_outcome(step, capture, job, limits, lang, source_name, jobdirs,
+                           lambda: hit_disk_limit(step, full, True))
+
+
+def _native(lang: L.Language) -> bool:
+    """A compiled language whose program is one native executable (C, C++, Go, Rust): exec'd warm.
+    Not the JVM: it sizes its heap from the cgroup tree, which a warm child does not show."""
+    return lang.artefacts == (L.EXE,) and any("{exe}" in part for part in lang.run)
+
+
+async def _readers(pipes: list[tuple[int, str]], capture: Capture) -> tuple[list, list]:
+    loop = asyncio.get_running_loop()
+    readers, transports = [], []
+    for fd, stream in pipes:
+        reader = asyncio.StreamReader(loop=loop)
+        transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r, loop=loop),
+                                                    os.fdopen(fd, "rb", buffering=0))
+        transports.append(transport)
+        readers.append(asyncio.ensure_future(_pump(reader, stream, capture)))
+    return readers, transports
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """The job's stdin, on a thread: a program that never reads it blocks only this thread."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass  # it did not read all of its input: its business
+    finally:
+        os.close(fd)

@@ -1,0 +1,187 @@
+"""The slave's side of the warm pool's parent (slave/warm_zygote.py): start it in
+bubblewrap, hand it jobs, hear how they end.
+
+A SOCK_SEQPACKET socket pair connects the two: one message per request or
+answer, a job's descriptors (its spec in a memfd, stdin, stdout, stderr)
+passed with SCM_RIGHTS.  The socket has no name anywhere, and each child
+closes its end before it runs anything of the job, so no job can reach it.
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from distexec_kernel.procs import die_with_parent
+
+log = logging.getLogger("distexec.slave.warm")
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_zygote.py")
+START_TIMEOUT = 30.0  # seconds for bwrap and the interpreter to say they are ready
+STOP_GRACE = 5.0
+
+
+class ZygoteDied(Exception):
+    """The warm pool's parent is gone (or never answered): its jobs died with it."""
+
+
+@dataclass
+class Ended:
+    """How one warm child ended, as its parent saw it."""
+
+    exit_code: int | None  # as subprocess reports it: negative for a signal
+    free: list | None  # the child's tmpfs at its end: [free bytes, inodes, free inodes]
+    error: str | None  # why it could not start the job (nothing of the job ran)
+    disk: bool  # ...because the job's files did not fit in its disk limit
+
+
+class Zygote:
+    """One running parent: ``start``, then ``run`` jobs; ``died`` says why it is gone."""
+
+    def __init__(self, argv_for, python: str, env: dict[str, str], config: dict):
+        # argv_for(command) -> the bwrap argv around the parent's command line.
+        self.argv_for = argv_for
+        self.python = python
+        self.env = env
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sock: socket.socket | None = None
+        self.died: str | None = None
+        self.pid: int | None = None  # the parent's pid inside its PID namespace
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ready: asyncio.Future | None = None
+        self._next = 0
+
+    async def start(self) -> None:
+        """Start the parent and wait until it is ready; raises OSError saying why not."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with open(SOURCE) as f:
+            source = f.read()
+        command = [self.python, "-u", "-c", source, str(theirs.fileno()), json.dumps(self.config)]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv_for(command), pass_fds=[theirs.fileno()], env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._readable)
+        self._watcher = watcher = asyncio.ensure_future(self._watch())
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
+        except (asyncio.TimeoutError, ZygoteDied) as exc:
+            await self.close()
+            watcher.cancel()
+            raise OSError(f"the warm pool's parent did not start: {exc or 'no answer'}") from None
+        if "error" in hello:
+            await self.close()
+            raise OSError(hello["error"])
+        self.pid = hello["ready"]
+
+    async def _watch(self) -> None:
+        code = await self.proc.wait()
+        self._die(f"its bwrap exited with code {code}")
+
+    def prepare(self, slot: int, spec: dict) -> None:
+        """Have a child for ``slot`` forked and isolated now, to wait for the slot's next job.
+        ``spec``: what it needs before the job (uid, gid, cgroups, disk_bytes, inodes)."""
+        if self.died is None:
+            try:
+                self._send({"op": "prepare", "slot": slot, "spec": spec}, [])
+            except ZygoteDied:
+                pass
+
+    def run(self, slot: int, spec: bytes, fds: list[int]) -> asyncio.Future:
+        """Hand a job to ``slot``'s child: ``spec`` (a pickle the child reads) and its stdin, stdout and
+        stderr.  The future gets ``Ended``, or ZygoteDied."""
+        if self.died is not None:
+            raise ZygoteDied(self.died)
+        self._next += 1
+        ident = self._next
+        memfd = os.memfd_create("distexec-job", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(spec)
+            while view:
+                view = view[os.write(memfd, view):]
+            self._send({"op": "run", "id": ident, "slot": slot}, [memfd] + fds)
+        finally:
+            os.close(memfd)
+        future = asyncio.get_running_loop().create_future()
+        future.ident = ident
+        self._pending[ident] = future
+        return future
+
+    def kill(self, future: asyncio.Future) -> None:
+        """Kill that job's process group now (its cgroup is killed too, by the caller)."""
+        if self.died is None and not future.done():
+            try:
+                self._send({"op": "kill", "id": future.ident}, [])
+            except ZygoteDied:
+                pass
+
+    def _send(self, msg: dict, fds: list[int]) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            self.sock.sendmsg([json.dumps(msg).encode()], anc)
+        except BlockingIOError:
+            # Its queue is full: it has stopped reading, so it is as good as dead.
+            self._die("its socket stopped taking requests")
+            raise ZygoteDied(self.died) from None
+        except OSError as exc:
+            self._die(f"its socket failed: {exc}")
+            raise ZygoteDied(self.died) from None
+
+    def _readable(self) -> None:
+        while self.sock is not None:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._die(f"its socket failed: {exc}")
+                return
+            if not data:
+                self._die("it closed its socket")
+                return
+            msg = json.loads(data)
+            if "ready" in msg or "error" in msg and "id" not in msg:
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(msg)
+            elif "exit" in msg:
+                future = self._pending.pop(msg["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(Ended(msg["exit"], msg.get("free"), msg.get("error"), msg.get("disk", False)))
+
+    def _die(self, why: str) -> None:
+        if self.died is not None:
+            return
+        self.died = why
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        for future in [self._ready, *self._pending.values()]:
+            if future is not None and not future.done():
+                future.set_exception(ZygoteDied(why))
+                future.exception()  # retrieved: nobody may be waiting any more
+        self._pending.clear()
+
+    async def close(self) -> None:
+        """Stop the parent: it exits when its socket closes, and its PID namespace takes every job along."""
+        self._die("stopped by the slave")
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_GRACE)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()

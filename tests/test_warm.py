@@ -1,0 +1,480 @@
+"""The warm pool (slave/warm.py): each job is still a fresh, isolated, limited process.
+
+One slave with two slots and small limits serves the module, warm (the
+default with bubblewrap).  Every test ends by checking that no process of a
+warm job is left (a process under the slave running as a slot's uid) and
+that the slave still serves the next job warm.  A job proves it ran warm by
+its directory, under /run/distexec inside the pool's parent.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import textwrap
+
+import psutil
+import pytest
+
+from distexec_kernel import Cluster, protocol as P
+from distexec_kernel.local import LocalCluster
+from slave.warm import WARM_UID_BASE
+
+from conftest import wait_for, warm_parents
+
+MEMORY_MB = 128
+MAX_PROCS = 32
+DISK_MB = 64
+SLOTS = 2
+WARM_UIDS = range(WARM_UID_BASE, WARM_UID_BASE + SLOTS)
+# First line of every probe's output: where it ran.
+WHERE = "import os as _os; print('warm' if _os.getcwd().startswith('/run/distexec/job') else 'fresh', flush=True)\n"
+SH_WHERE = 'case "$PWD" in /run/distexec/job*) echo warm;; *) echo fresh;; esac\n'
+
+
+@pytest.fixture(scope="module")
+def box():
+    root = tempfile.mkdtemp(prefix="distexec-warm-test-", dir="/var/tmp")
+    for sub in ("jobs", "home"):
+        os.makedirs(os.path.join(root, sub))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lc(box):
+    cluster = LocalCluster(1, slots=SLOTS, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
+                           languages="python,bash,sh,c,ruby",
+                           slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1", "--max-procs",
+                                       str(MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
+                                       "--disk-limit", str(DISK_MB), "--warm"])
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def c(lc):
+    client = Cluster(lc.url, token=lc.token)
+    yield client
+    client.close()
+
+
+def slave_log(box) -> str:
+    with open(os.path.join(box, "logs", "slave-1.log")) as f:
+        return f.read()
+
+
+def descendants(lc) -> list[psutil.Process]:
+    try:
+        return psutil.Process(lc.slaves[0].pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def job_processes(lc) -> list[psutil.Process]:
+    """Live processes of warm jobs: under the slave, running as a slot's uid (but the children forked
+    ahead for free slots, waiting for a job)."""
+    found = []
+    pool = {p.pid for p in warm_parents(lc.slaves[0].pid)}
+    for p in descendants(lc):
+        if p.pid in pool:
+            continue
+        try:
+            if p.uids().real in WARM_UIDS and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def zygote(lc) -> psutil.Process:
+    """The pool's parent: the Python process bwrap runs, root, started with the parent's source."""
+    found = [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap" and p.parent().name() == "bwrap"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def run(c, source: str, language: str = "python", timeout: float = 30, **kwargs):
+    return c.submit(source, language=language, timeout=timeout, **kwargs).wait(90)
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(request, lc):
+    """After each test: nothing of a job survives, and the next job still runs warm."""
+    yield
+    if "c" not in request.fixturenames:
+        return
+    wait_for(lambda: not job_processes(lc), 15, "every process of the warm jobs to be gone")
+    client = request.getfixturevalue("c")
+    wait_for(lambda: run(client, WHERE).stdout == "warm\n", 30, "a job to run warm again")
+
+
+# -- what runs where ------------------------------------------------------------------
+
+
+def test_the_slave_says_python_sh_and_bash_run_warm(c, box):
+    text = slave_log(box)
+    assert "warm pool: python, sh, bash jobs (and compiled programs the compile cache holds) are forked from a " \
+           "parent started once in bubblewrap" in text, text
+    assert "parent ready" in text, text
+
+
+def test_each_warm_job_is_a_new_process_in_a_directory_of_its_own(c):
+    source = WHERE + textwrap.dedent("""
+        import os
+        print(os.getpid(), os.getuid(), os.getcwd(), sorted(os.listdir('.')), sorted(os.listdir('/tmp')))
+        for path in ('mine.txt', '/tmp/mine.txt', '/var/tmp/mine.txt', '/dev/shm/mine.txt'):
+            open(path, 'w').write('left by an earlier job')
+    """)
+    seen = []
+    for _ in range(3):
+        job = run(c, source)
+        assert job.status == P.SUCCEEDED, job.record
+        where, line = job.stdout.splitlines()
+        assert where == "warm"
+        pid, uid, cwd, listing = line.split(" ", 3)
+        # Nothing an earlier job wrote, in its directory or /tmp.
+        assert listing == "['main.py'] []", line
+        assert int(uid) in WARM_UIDS
+        seen.append((int(pid), cwd))
+    assert len({pid for pid, _ in seen}) == 3, seen
+    assert len({cwd for _, cwd in seen}) == 3, seen
+    for lang in ("bash", "sh"):
+        job = run(c, SH_WHERE + "ls -A; id -u", lang)
+        assert job.status == P.SUCCEEDED, job.record
+        assert job.stdout.split() == ["warm", "main." + lang, str(WARM_UIDS[0])] or \
+            job.stdout.split()[:2] == ["warm", "main." + lang], job.stdout
+
+
+def test_two_warm_jobs_at_once_cannot_see_or_signal_each_other(c):
+    first = c.submit(WHERE + textwrap.dedent("""
+        import os, time
+        open('private.txt', 'w').write('first')
+        open('/tmp/private', 'w').write('first')
+        print(os.getpid(), os.getuid(), os.getcwd(), flush=True)
+        time.sleep(60)
+    """), timeout=90)
+    wait_for(lambda: len(first.stdout.splitlines()) == 2, 20, "the first job to start")
+    assert first.stdout.startswith("warm\n")
+    pid, uid, cwd = first.stdout.splitlines()[1].split()
+    probe = WHERE + textwrap.dedent("""
+        import os, signal, sys
+        pid, cwd, uid = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+        out = [str(os.getuid() != uid)]
+        for sig in (signal.SIGKILL, 0):
+            try:
+                os.kill(pid, sig)
+                out.append('reached')
+            except OSError as exc:
+                out.append(type(exc).__name__)
+        out.append(str(os.path.exists(f'/proc/{pid}')))
+        out.append(str([int(p) for p in os.listdir('/proc') if p.isdigit()] == [os.getpid()]))
+        for path in (os.path.join(cwd, 'private.txt'), f'/proc/{pid}/root/tmp/private',
+                     f'/proc/{pid}/cwd/private.txt'):
+            try:
+                out.append(open(path).read())
+            except OSError as exc:
+                out.append(type(exc).__name__)
+        out.append(str(os.listdir('/tmp')))
+        print(' '.join(out))
+    """)
+    try:
+        job = run(c, probe, args=[pid, cwd, uid])
+        assert job.status == P.SUCCEEDED, job.record
+        assert job.stdout.splitlines() == [
+            "warm", "True PermissionError PermissionError False True FileNotFoundError FileNotFoundError "
+                    "FileNotFoundError []"], job.stdout
+        assert first.refresh().status == P.RUNNING, first.record
+    finally:
+        first.cancel()
+        first.wait(60)
+    assert first.status == P.CANCELLED, first.record
+
+
+def test_interpreter_state_a_job_changes_does_not_reach_the_next(c):
+    tamper = WHERE + textwrap.dedent("""
+        import builtins, os, random, sys
+        random.seed(7)
+        written = []
+        for d in [p for p in sys.path if os.path.isdir(p)] + [os.path.dirname(os.__file__)]:
+            try:
+                with open(os.path.join(d, 'distexec_evil.py'), 'w') as f:
+                    f.write('raise SystemExit(99)')
+                written.append(d)
+            except OSError:
+                pass
+        print(written, flush=True)
+        builtins.len = lambda x: 42
+        builtins.print = lambda *a, **k: None
+        sys.modules['json'] = None
+        sys.path.insert(0, '/tmp')
+        os.environ['TAMPERED'] = '1'
+    """)
+    job = run(c, tamper)
+    assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+    # Its own directory is on sys.path (as for `python3 main.py`); nothing else is writable.
+    assert job.stdout.startswith("warm\n['/run/distexec/job") and job.stdout.count("'") == 2, job.stdout
+    check = WHERE + textwrap.dedent("""
+        import os, sys, random
+        print(len('abc'), sys.modules.get('json', 'absent') is None, os.environ.get('TAMPERED'), '/tmp' in sys.path)
+        import json
+        print(json.dumps([1]))
+        try:
+            import distexec_evil
+            print('evil imported')
+        except ImportError:
+            print('no evil')
+        random.seed(7)
+    """)
+    job = run(c, check)
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout == "warm\n3 False None False\n[1]\nno evil\n", job.stdout
+
+
+def test_random_differs_between_warm_jobs(c):
+    source = WHERE + "import random, uuid; print(random.random(), uuid.uuid4())"
+    outs = {run(c, source).stdout for _ in range(3)}
+    assert len(outs) == 3 and all(o.startswith("warm\n") for o in outs), outs
+
+
+def test_the_job_cannot_reach_the_parent_or_its_socket(c):
+    source = WHERE + textwrap.dedent("""
+        import os, signal
+        print(sorted(os.listdir('/proc/self/fd')))
+        for pid in (1, 2):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                print(pid, 'reached')
+            except OSError as exc:
+                print(pid, type(exc).__name__)
+        print(os.path.exists('/proc/1'), os.path.exists('/proc/2'), os.listdir('/sys/fs/cgroup'))
+        with open('/proc/self/status') as f:
+            print([l.split()[1] for l in f if l.startswith(('CapEff', 'NoNewPrivs', 'Seccomp:'))])
+    """)
+    job = run(c, source)
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout.splitlines() == [
+        "warm", "['0', '1', '2', '3']", "1 PermissionError", "2 PermissionError", "False False []",
+        "['0000000000000000', '1', '2']"], job.stdout
+
+
+# -- the security bars, on the warm path ------------------------------------------------
+
+
+def test_fork_bomb_is_held_by_the_pids_limit(c):
+    job = run(c, SH_WHERE + ":(){ :|:& };: 2>/dev/null; sleep 60", "bash", timeout=3)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
+    assert job.stdout.startswith("warm\n")
+    source = WHERE + textwrap.dedent("""
+        import os, time
+        n = 0
+        try:
+            while n < 500:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                n += 1
+        except BlockingIOError:
+            pass
+        print(n)
+    """)
+    job = run(c, source)
+    assert job.status == P.SUCCEEDED, job.record
+    where, n = job.stdout.split()
+    assert where == "warm" and MAX_PROCS - 4 <= int(n) < MAX_PROCS, job.stdout
+
+
+def test_memory_hog_hits_the_memory_limit(c):
+    job = run(c, WHERE + "x = b'x' * (1 << 30)\nprint('allocated')")
+    assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT, job.record
+    assert job.stdout == "warm\n"
+    job = run(c, SH_WHERE + "python3 -c \"x = b'y' * (1 << 30)\"; exit $?", "bash")
+    assert job.status == P.FAILED and job.error["code"] == P.MEMORY_LIMIT, job.record
+
+
+def test_output_flood_hits_the_output_limit(c):
+    job = run(c, SH_WHERE + "yes", "bash")
+    assert job.status == P.FAILED and job.error["code"] == P.OUTPUT_LIMIT, job.record
+    assert job.stdout.startswith("warm\n") and len(job.stdout.encode()) <= 1 << 20
+
+
+def test_no_network(c, lc):
+    source = WHERE + textwrap.dedent("""
+        import socket, sys
+        try:
+            socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+            print("connected")
+        except OSError as exc:
+            print(type(exc).__name__)
+    """)
+    job = run(c, source, args=[str(lc.port)])
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout.splitlines()[0] == "warm"
+    assert job.stdout.splitlines()[1] in ("ConnectionRefusedError", "OSError"), job.stdout
+
+
+def test_no_secret_is_readable(c, lc, box):
+    home = os.path.join(box, "home")
+    secret_file = os.path.join(home, "connection.json")
+    with open(secret_file, "w") as f:
+        f.write(f'{{"token": "{lc.token}", "slave_secret": "{lc.secret}"}}')
+    os.chmod(secret_file, 0o644)
+    source = WHERE + textwrap.dedent("""
+        import os, sys
+        print(sorted(k for k in os.environ if 'DISTEXEC' in k))
+        for path in sys.argv[1:]:
+            try:
+                with open(path) as f:
+                    print(path, "READ", f.read())
+            except OSError as exc:
+                print(path, type(exc).__name__)
+        print(os.path.exists(os.path.dirname(sys.argv[1])) and os.listdir(os.path.dirname(sys.argv[1])))
+        print(os.listdir(sys.argv[-1]) if os.path.isdir(sys.argv[-1]) else 'no jobs folder')
+    """)
+    paths = [secret_file, f"/proc/{lc.slaves[0].pid}/environ", "/etc/shadow", os.path.join(box, "jobs")]
+    job = run(c, source, args=paths)
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout.startswith("warm\n[]\n"), job.stdout
+    assert "READ" not in job.stdout and lc.token not in job.stdout and lc.secret not in job.stdout
+    assert job.stdout.splitlines()[-2] in ("[]", "False"), job.stdout
+    assert job.stdout.splitlines()[-1] in ("[]", "no jobs folder"), job.stdout
+
+
+WRITE = WHERE + textwrap.dedent("""
+    import sys
+    with open(sys.argv[1] + '/big', 'wb') as f:
+        for _ in range(int(sys.argv[2])):
+            f.write(b'0' * (1 << 20))
+    print('wrote', sys.argv[2])
+""")
+
+
+def test_disk_limit(c):
+    for where in (".", "/tmp", "/var/tmp", "/dev/shm"):
+        job = run(c, WRITE, args=[where, str(DISK_MB + 8)])
+        assert job.status == P.FAILED and job.error["code"] == P.DISK_LIMIT, (where, job.error, job.stderr)
+        assert job.stdout == "warm\n" and f"disk limit of {DISK_MB} MiB" in job.error["message"]
+    job = run(c, WRITE, args=["/tmp", "8"])
+    assert job.status == P.SUCCEEDED and job.stdout == "warm\nwrote 8\n", job.record
+
+
+# -- ending a job ends only that job ---------------------------------------------------------
+
+
+def test_cancel_and_timeout_end_only_that_job(c):
+    steady = WHERE + "import time; time.sleep(3); print('done')"
+    victim = c.submit(WHERE + "import time; time.sleep(300)", timeout=120)
+    other = c.submit(steady, timeout=60)
+    wait_for(lambda: victim.stdout and other.stdout, 20, "both jobs to start")
+    victim.cancel()
+    assert victim.wait(60).status == P.CANCELLED, victim.record
+    assert other.wait(60).status == P.SUCCEEDED and other.stdout == "warm\ndone\n", other.record
+    spinner = c.submit(WHERE + "while True: pass", timeout=2)
+    other = c.submit(steady, timeout=60)
+    assert spinner.wait(60).error["code"] == P.TIMEOUT, spinner.record
+    assert other.wait(60).status == P.SUCCEEDED and other.stdout == "warm\ndone\n", other.record
+
+
+def test_a_daemon_left_by_a_job_is_killed_when_it_ends(c, lc):
+    source = WHERE + textwrap.dedent("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                open('/tmp/daemon.started', 'w').close()
+                time.sleep(300)
+            os._exit(0)
+        while not os.path.exists('/tmp/daemon.started'):
+            time.sleep(0.01)
+        print('daemon up')
+    """)
+    job = run(c, source)
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "warm\ndaemon up\n"), job.record
+    wait_for(lambda: not job_processes(lc), 15, "the daemon to be gone")
+
+
+# -- falling back to a fresh process -----------------------------------------------------------
+
+
+def test_a_language_the_pool_does_not_serve_runs_fresh_and_the_log_says_why(c, box):
+    job = run(c, "puts Dir.pwd", "ruby", timeout=60)
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout.startswith(os.path.join(box, "jobs")), job.stdout
+    assert "warm pool: language ruby not served warm" in slave_log(box)
+
+
+C_PROGRAM = textwrap.dedent("""
+    #include <signal.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <unistd.h>
+    int main(int argc, char **argv) {
+        char b[4096];
+        printf("%s %d\\n", getcwd(b, sizeof b), (int)getuid());
+        fflush(stdout);
+        if (argc > 1) raise(SIGSEGV);
+        return 0;
+    }
+""")
+
+
+def test_a_cached_compiled_program_runs_warm(c, box):
+    first = run(c, C_PROGRAM, "c", timeout=60)
+    assert first.status == P.SUCCEEDED, first.record
+    # Compiled in a fresh process (the cache had nothing), then kept: the next run is warm.
+    assert first.stdout.startswith(os.path.join(box, "jobs")), first.stdout
+    assert "warm pool: a compiled program not in the compile cache yet" in slave_log(box)
+    again = run(c, C_PROGRAM, "c", timeout=60)
+    assert again.status == P.SUCCEEDED, again.record
+    cwd, uid = again.stdout.split()
+    assert cwd.startswith("/run/distexec/job") and int(uid) in WARM_UIDS, again.stdout
+    # Signals are told as for a fresh process.
+    crash = run(c, C_PROGRAM, "c", timeout=60, args=["crash"])
+    assert crash.status == P.FAILED and crash.error["code"] == P.SIGNAL, crash.record
+    assert crash.error["signal"] == "SIGSEGV" and crash.stdout.startswith("/run/distexec/job"), crash.record
+
+
+def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, lc, box):
+    parent = zygote(lc)
+    job = c.submit(WHERE + "import time; print('up', flush=True); time.sleep(2); print('done')", timeout=60)
+    wait_for(lambda: "up" in job.stdout, 20, "the job to start")
+    parent.send_signal(signal.SIGKILL)
+    job.wait(60)
+    assert job.status == P.SUCCEEDED, job.record
+    # Its first run died with the parent; it ran again, whole, in a fresh process.
+    assert job.stdout.endswith("fresh\nup\ndone\n"), job.stdout
+    assert "ran again in a fresh process" in job.stderr
+    assert "its parent died" in slave_log(box)
+    # The autouse check waits for a job to run warm again: a new parent.
+    wait_for(lambda: [p for p in warm_parents(lc.slaves[0].pid)
+                      if p.name() != "bwrap" and p.parent().name() == "bwrap" and p.pid != parent.pid],
+             30, "a new parent")
+
+
+def test_no_warm_runs_every_job_fresh(make_cluster):
+    other = make_cluster(1, slots=1, languages="python", slave_args=["--no-warm"])
+    with Cluster(other.url, token=other.token) as client:
+        job = run(client, WHERE)
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "fresh\n"), job.record
+
+
+def test_a_killed_slave_takes_its_warm_jobs_with_it(make_cluster):
+    other = make_cluster(1, slots=1, languages="python,bash")
+    with Cluster(other.url, token=other.token) as client:
+        job = client.submit(SH_WHERE + "sleep 300 & setsid sleep 301 & wait", language="bash", timeout=600)
+        wait_for(lambda: job.stdout == "warm\n", 20, "the job to start")
+
+        def sleeps():
+            return [p for p in psutil.Process(other.slaves[0].pid).children(recursive=True)
+                    if p.name() == "sleep"]
+        procs = wait_for(lambda: len(sleeps()) == 2 and sleeps(), 20, "the job's sleeps")
+    dead = other.slaves[0]
+    dead.proc.kill()
+    dead.proc.wait(10)
+    # bwrap dies with the slave, the parent with bwrap, and every job with the parent's PID namespace.
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+    assert not alive, alive
