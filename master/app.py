@@ -17,6 +17,7 @@ from distexec_kernel import __version__, protocol as P
 from .auth import UNAUTHORIZED, Auth, Identity, bearer
 from .core import Master
 from .limits import Gate, RateLimited
+from .refusals import http_status
 from .sockets import PING_INTERVAL, PING_TIMEOUT, ClientSocket, SlaveSocket
 
 log = logging.getLogger("distexec.master.app")
@@ -25,9 +26,6 @@ MAX_BODY_BYTES = 32 << 20
 
 
 # HTTP status for the ProtocolError codes that are not a plain 400.
-STATUS_FOR_CODE = {"too_large": 413, "rate_limited": 429, "queue_full": 429, "forbidden": 403}
-
-
 class ApiHandler(tornado.web.RequestHandler):
     master: Master
     auth: Auth
@@ -97,7 +95,7 @@ def _protocol_errors(method):
         except P.ProtocolError as exc:
             if isinstance(exc, RateLimited):
                 self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
-            status = getattr(exc, "status", None) or STATUS_FOR_CODE.get(exc.code, 400)
+            status = http_status(exc)
             self.fail(status, exc.code, exc.message)
     wrapper.__name__ = method.__name__
     return wrapper

@@ -20,6 +20,7 @@ from distexec_kernel import protocol as P
 from .auth import UNAUTHORIZED, Auth, bearer
 from .core import Master
 from .limits import Gate
+from .refusals import http_status
 
 log = logging.getLogger("distexec.master.app")
 
@@ -70,12 +71,6 @@ def ledger_of(master: Master) -> SubmitLedger:
     if ledger is None:
         ledger = _ledgers[master] = SubmitLedger()
     return ledger
-
-
-def http_status(exc: P.ProtocolError) -> int:
-    """The HTTP status the same refusal gets on ``POST /api/jobs``, told to WebSocket submitters too."""
-    from .app import STATUS_FOR_CODE  # app imports this module: the table is read at call time
-    return getattr(exc, "status", None) or STATUS_FOR_CODE.get(exc.code, 400)
 
 
 class _Socket(tornado.websocket.WebSocketHandler):
