@@ -17,7 +17,7 @@ from distexec_kernel import __version__, protocol as P
 
 ISSUED_IDS_KEPT = 10_000  # client ids remembered, so a reconnecting client gets its own back
 LABEL_CHARS = 64
-CLIENTS_EVENT_DELAY = 0.1  # seconds: the clients' "jobs submitted" counts change with every submission
+CLIENTS_EVENT_DELAY = 0.1  # seconds client-list changes are gathered before clients hear of them
 
 
 class Peer(Protocol):
@@ -28,6 +28,27 @@ class Peer(Protocol):
 
 
 ALL = object()  # broadcast's ``user`` for an event every client may see
+
+
+class Coalesced:
+    """Call ``fn`` once, ``delay`` seconds after the first of any number of ``__call__``s.
+
+    For lists sent to every client when they change: a burst of 500
+    submissions (or finished jobs) then costs a few lists, not 500.
+    """
+
+    def __init__(self, delay: float, fn):
+        self.delay = delay
+        self.fn = fn
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self.fn()
 
 
 @dataclass
@@ -52,7 +73,8 @@ class ClientBook:
         # account may take the id again (reconnecting) or name it on a request.
         self._issued: dict[str, str | None] = {}
         self._next_client = 1
-        self._event: asyncio.TimerHandle | None = None
+        # The clients' "jobs submitted" counts change with every submission.
+        self.changed = Coalesced(CLIENTS_EVENT_DELAY, self._send_changed)
 
     def get(self, cid: str | None) -> ClientInfo | None:
         return self.by_id.get(cid) if cid else None
@@ -108,18 +130,8 @@ class ClientBook:
                  "jobs_submitted": c.jobs_submitted}
                 for c in self.by_id.values() if owner is None or c.owner == owner]
 
-    def changed(self) -> None:
-        """Tell every client the new client list, at most once per CLIENTS_EVENT_DELAY.
-
-        Every submission changes a client's count; a burst of 500 submissions
-        then costs a few lists, not 500.
-        """
-        if self._event is None:
-            self._event = asyncio.get_running_loop().call_later(CLIENTS_EVENT_DELAY, self._send_changed)
-
     def _send_changed(self) -> None:
         """Each client gets the list as far as it may see it (a user: their own clients)."""
-        self._event = None
         views: dict[str | None, str] = {}
         for client in list(self.by_id.values()):
             if client.owner not in views:

@@ -20,7 +20,7 @@ from distexec_kernel import protocol as P
 
 from . import jobs as J
 from .admission import Admission, QueueFull, bound_rejected
-from .clients import ClientBook, ClientInfo, Peer
+from .clients import ClientBook, ClientInfo, Coalesced, Peer
 from .retention import Retention
 from .scheduler import Scheduler
 from .sessions import SessionBook
@@ -64,7 +64,9 @@ class Master:
         self.lost_grace = lost_grace
         self.slaves: dict[str, SlaveInfo] = {}
         self._next_id = store.max_id() + 1
-        self._slaves_event: asyncio.TimerHandle | None = None
+        # Every finished job changes a slave's counters; the whole list to every
+        # client each time would cost more than the jobs under load.
+        self._slaves_changed = Coalesced(SLAVES_EVENT_DELAY, self._send_slaves_changed)
         self._timers: dict[int, asyncio.TimerHandle] = {}
         # Job id -> its last save handed to the store, until committed: a
         # result is acknowledged only once what settled its job is durable.
@@ -198,18 +200,7 @@ class Master:
             placed[job_id] = self._carry(self.jobs.dispatched(job_id, uid, note), (at_hand or {}).get(job_id))
         return placed
 
-    def _slaves_changed(self) -> None:
-        """Tell clients the slave list changed, at most once per SLAVES_EVENT_DELAY.
-
-        Every finished job changes a slave's counters; sending the whole list to
-        every client each time would cost more than the jobs under load.
-        """
-        if self._slaves_event is None:
-            loop = asyncio.get_running_loop()
-            self._slaves_event = loop.call_later(SLAVES_EVENT_DELAY, self._send_slaves_changed)
-
     def _send_slaves_changed(self) -> None:
-        self._slaves_event = None
         self.clients.broadcast(P.make("slaves_changed", slaves=self.slave_list()))
 
     # -- clients -----------------------------------------------------------
@@ -468,12 +459,21 @@ class Master:
 
     # -- reads ----------------------------------------------------------------
 
+    async def _durable(self, job_ids: list[int]) -> None:
+        """Wait until what memory says of these jobs is committed: a read tells nothing not yet durable."""
+        while pending := {self._saving[j] for j in job_ids if j in self._saving}:
+            await asyncio.wait(pending)
+
     async def get_job(self, job_id: int, user: str | None = None) -> dict | None:
         """The job, or None; ``user`` limits it to that user's jobs (None: an admin's read)."""
         active = self.jobs.job(job_id)
         if active is not None and not _visible(active, user):
             return None
         stored = await self.store.get(job_id)
+        await self._durable([job_id])
+        active = self.jobs.job(job_id)
+        if active is None and stored is not None and stored["status"] not in P.TERMINAL:
+            stored = await self.store.get(job_id)  # it settled meanwhile: committed by now
         # An active job's state (and output so far) is in memory, its inputs in the store.
         job = {**(stored or {}), **active} if active is not None else stored
         return job if _visible(job, user) else None
@@ -481,6 +481,7 @@ class Master:
     async def list_jobs(self, status: str | None, limit: int, offset: int,
                         user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
         jobs, total = await self.store.list(status, limit, offset, user, group=group)
+        await self._durable([j["id"] for j in jobs])
         # A running job's output so far lives in memory, not yet in the store.
         return [{**j, **self.jobs.job(j["id"])} if self.jobs.job(j["id"]) else j for j in jobs], total
 

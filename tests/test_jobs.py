@@ -420,3 +420,55 @@ class Lifecycle(RuleBasedStateMachine):
 
 TestLifecycle = Lifecycle.TestCase
 TestLifecycle.settings = settings(max_examples=400, stateful_step_count=50, deadline=None)
+
+
+# -- the master carrying the decisions out -------------------------------------
+
+class Recorder:
+    """A connection's far end that keeps what it was sent."""
+
+    def __init__(self):
+        self.frames: list[dict] = []
+
+    def send(self, msg):
+        self.frames.append(P.decode(msg) if isinstance(msg, str) else msg)
+
+
+def test_submit_reply_tells_running_only_once_it_is_saved(tmp_path):
+    """The reply to a submission that starts at once says running, and the history says so too."""
+    import asyncio
+
+    from master.core import Master
+    from master.store import JobStore
+
+    async def scenario():
+        store = JobStore(str(tmp_path / "history.sqlite3"))
+        master = Master(store)
+        master.start()
+        slave, client = Recorder(), Recorder()
+        master.client_connected(client, None, "127.0.0.1")
+        register = P.make("register", protocol=P.PROTOCOL_VERSION, uid="s1", host="h",
+                          languages=[{"name": "python"}], slots=1, instance="i1")
+        assert not isinstance(master.slave_registered(slave, register), dict)
+        try:
+            reply = await master.submit({"source": "print(1)", "language": "python"})
+            assert reply["status"] == P.RUNNING and reply["source"] == "print(1)"
+            [saved] = store.recent(1)  # read at once, in the reply's turn
+            assert saved["id"] == reply["id"] and saved["status"] == P.RUNNING
+            [run] = [f for f in slave.frames if f["type"] == "job_run"]
+            assert run["job"]["id"] == reply["id"]
+            # Announced in order, each after its save: queued, then running.
+            updates = [f["job"]["status"] for f in client.frames if f["type"] == "job_update"]
+            assert updates == [P.QUEUED, P.RUNNING]
+            # A cancel now reaches the slave; its report settles the job, acknowledged once saved.
+            await master.cancel(reply["id"])
+            assert slave.frames[-1] == P.make("job_cancel", job_id=reply["id"])
+            await master.job_finished("s1", P.make("job_finished", job_id=reply["id"], exit_code=None,
+                                                   error=J.cancelled(), stdout="", stderr=""))
+            assert slave.frames[-1] == P.make("result_ack", job_id=reply["id"])
+            assert (await store.get(reply["id"]))["status"] == P.CANCELLED
+        finally:
+            master.shutdown()
+            store.close()
+
+    asyncio.run(scenario())
