@@ -20,6 +20,7 @@ from distexec_kernel import protocol as P
 
 from . import jobs as J
 from .admission import Admission, QueueFull, bound_rejected
+from .carry import Carrier, done as _done
 from .clients import ClientBook, ClientInfo, Coalesced, Peer
 from .retention import Retention
 from .scheduler import Scheduler
@@ -67,10 +68,7 @@ class Master:
         # Every finished job changes a slave's counters; the whole list to every
         # client each time would cost more than the jobs under load.
         self._slaves_changed = Coalesced(SLAVES_EVENT_DELAY, self._send_slaves_changed)
-        self._timers: dict[int, asyncio.TimerHandle] = {}
-        # Job id -> its last save handed to the store, until committed: a
-        # result is acknowledged only once what settled its job is durable.
-        self._saving: dict[int, asyncio.Future] = {}
+        self._carry = Carrier(store, self.jobs, self.slaves, self.clients, self._timer_fired)
         # Set while the master shuts down: its slaves' connections close then,
         # and their jobs must stay `running` for the next master to reconcile.
         self.stopping = False
@@ -105,85 +103,7 @@ class Master:
         self._carry(self.jobs.stop())
         self.retention.stop()
 
-    # -- carrying decisions out ---------------------------------------------
-
-    def _carry(self, decisions: list[J.Decision], inputs: dict | None = None) -> asyncio.Future | None:
-        """Carry ``decisions`` out in order; what follows a save waits for its commit.
-
-        Everything up to the first save (or load, or acknowledgement) happens
-        now, and that save is handed to the store now, so it records the state
-        of this very turn; the rest runs in a task, returned (None: nothing
-        left) to be awaited by whoever must answer only once it is done.
-        """
-        for i, d in enumerate(decisions):
-            if isinstance(d, J.Save):
-                return asyncio.ensure_future(self._carry_rest(decisions[i + 1:], inputs, self._save(d.jobs)))
-            if isinstance(d, (J.Load, J.Ack)):
-                return asyncio.ensure_future(self._carry_rest(decisions[i:], inputs))
-            self._do(d)
-        return None
-
-    async def _carry_rest(self, decisions: list[J.Decision], inputs: dict | None,
-                          saving: asyncio.Future | None = None) -> None:
-        if saving is not None:
-            await saving
-        for d in decisions:
-            if isinstance(d, J.Save):
-                await self._save(d.jobs)
-            elif isinstance(d, J.Load):
-                if inputs is None:
-                    # Saved at submission (that commit came first: one writer, in
-                    # order); read back only now, and dropped once sent.
-                    inputs = await self.store.inputs(d.job_id)
-                await _done(self._carry(self.jobs.started(d.job_id, d.dispatch, inputs)))
-            elif isinstance(d, J.Ack):
-                pending = self._saving.get(d.job_id)
-                if pending is not None:
-                    try:
-                        await asyncio.shield(pending)
-                    except Exception:
-                        return  # not durable: the slave keeps its copy and sends it again
-                self._do(J.Send(d.uid, P.make("result_ack", job_id=d.job_id)))
-            else:
-                self._do(d)
-
-    def _save(self, jobs: tuple[dict, ...]) -> asyncio.Future:
-        saved = self.store.save_many(list(jobs))
-        for job in jobs:
-            self._saving[job["id"]] = saved
-
-        def committed(_, ids=[job["id"] for job in jobs]):
-            for job_id in ids:
-                if self._saving.get(job_id) is saved:
-                    del self._saving[job_id]
-        saved.add_done_callback(committed)
-        return saved
-
-    def _do(self, d: J.Decision) -> None:
-        if isinstance(d, J.Announce):
-            self.clients.broadcast(d.msg, d.user)
-        elif isinstance(d, J.Send):
-            slave = self.slaves.get(d.uid)
-            if slave is not None:
-                slave.peer.send(d.msg)
-        elif isinstance(d, J.Discard):
-            self.store.artifacts.discard(d.job_id)
-        elif isinstance(d, J.SetTimer):
-            self._clear_timer(d.job_id)
-            self._timers[d.job_id] = asyncio.get_running_loop().call_later(
-                d.delay, self._timer_fired, d.job_id, d.token)
-        elif isinstance(d, J.ClearTimer):
-            self._clear_timer(d.job_id)
-        else:
-            raise TypeError(f"no way to carry out {d!r}")
-
-    def _clear_timer(self, job_id: int) -> None:
-        handle = self._timers.pop(job_id, None)
-        if handle is not None:
-            handle.cancel()
-
     def _timer_fired(self, job_id: int, token: int) -> None:
-        self._timers.pop(job_id, None)
         self._carry(self.jobs.timer_fired(job_id, token))
         self._dispatch()
 
@@ -275,9 +195,11 @@ class Master:
         # The reply tells no state before it is durable: a job placed at once
         # is answered running once that is committed and sent.
         running = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
-        done = await asyncio.gather(*(_done(placed.get(job["id"])) for job in jobs), return_exceptions=True)
-        return [{**(now if outcome is None else before), **{k: job[k] for k in P.INPUT_FIELDS}}
-                for before, now, outcome, job in zip(queued, running, done, jobs)]
+        mine = [job["id"] for job in jobs if job["id"] in placed]
+        failed = {job_id for job_id, outcome in zip(mine, await asyncio.gather(
+            *(placed[job_id] for job_id in mine), return_exceptions=True)) if outcome is not None}
+        return [{**(before if job["id"] in failed else now), **{k: job[k] for k in P.INPUT_FIELDS}}
+                for before, now, job in zip(queued, running, jobs)]
 
     # -- cancel ------------------------------------------------------------
 
@@ -459,18 +381,13 @@ class Master:
 
     # -- reads ----------------------------------------------------------------
 
-    async def _durable(self, job_ids: list[int]) -> None:
-        """Wait until what memory says of these jobs is committed: a read tells nothing not yet durable."""
-        while pending := {self._saving[j] for j in job_ids if j in self._saving}:
-            await asyncio.wait(pending)
-
     async def get_job(self, job_id: int, user: str | None = None) -> dict | None:
         """The job, or None; ``user`` limits it to that user's jobs (None: an admin's read)."""
         active = self.jobs.job(job_id)
         if active is not None and not _visible(active, user):
             return None
         stored = await self.store.get(job_id)
-        await self._durable([job_id])
+        await self._carry.durable([job_id])
         active = self.jobs.job(job_id)
         if active is None and stored is not None and stored["status"] not in P.TERMINAL:
             stored = await self.store.get(job_id)  # it settled meanwhile: committed by now
@@ -481,15 +398,9 @@ class Master:
     async def list_jobs(self, status: str | None, limit: int, offset: int,
                         user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
         jobs, total = await self.store.list(status, limit, offset, user, group=group)
-        await self._durable([j["id"] for j in jobs])
+        await self._carry.durable([j["id"] for j in jobs])
         # A running job's output so far lives in memory, not yet in the store.
         return [{**j, **self.jobs.job(j["id"])} if self.jobs.job(j["id"]) else j for j in jobs], total
-
-
-async def _done(carrying: asyncio.Future | None) -> None:
-    """Wait for what ``_carry`` left to carry out, if anything."""
-    if carrying is not None:
-        await carrying
 
 
 def _visible(job: dict | None, owner: str | None) -> bool:
