@@ -50,6 +50,8 @@ PRUNE_INTERVAL = 3600.0  # seconds between two passes of the history retention
 
 
 class Master:
+    """The master's state and its entry points: the handlers call these, one per request or frame."""
+
     def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0,
                  max_queue: int | None = DEFAULT_MAX_QUEUE,
                  max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
@@ -69,9 +71,6 @@ class Master:
         # client each time would cost more than the jobs under load.
         self._slaves_changed = Coalesced(SLAVES_EVENT_DELAY, self._send_slaves_changed)
         self._carry = Carrier(store, self.jobs, self.slaves, self.clients, self._timer_fired)
-        # Set while the master shuts down: its slaves' connections close then,
-        # and their jobs must stay `running` for the next master to reconcile.
-        self.stopping = False
         # Resumed jobs' timers wait for the loop (start).
         self._resumed = self.jobs.resume(store.unfinished(), lost_grace)
         if self.jobs.records:
@@ -99,7 +98,6 @@ class Master:
         The slaves keep running their jobs and hand the results to the next
         master, so a planned restart (SIGTERM) loses nothing either.
         """
-        self.stopping = True
         self._carry(self.jobs.stop())
         self.retention.stop()
 
@@ -287,7 +285,7 @@ class Master:
         del self.slaves[uid]
         grace = min(self.lost_grace, RECONNECT_GRACE)
         self._carry(self.jobs.slave_lost(uid, leaving, grace))
-        if not self.stopping and uid in self.scheduler.session_slave.values():
+        if not self.jobs.stopping and uid in self.scheduler.session_slave.values():
             # Its sessions wait as long as its jobs do (their next jobs stay
             # queued): a slave back in time reports them alive, and nothing is lost.
             asyncio.get_running_loop().call_later(grace, self._sessions_grace_expired, uid, grace)

@@ -9,9 +9,9 @@ from master import jobs as J
 from master.scheduler import Scheduler
 
 
-def new(job_id: int, retries: int = 0, **extra) -> dict:
+def new(job_id: int, retries: int = 0, user: str | None = None, **extra) -> dict:
     sub = P.check_submission({"source": "print(1)", "language": "python", "retries": retries, **extra})
-    return P.new_job(job_id, sub, client_id=None, user=extra.get("user"))
+    return P.new_job(job_id, sub, client_id=None, user=user)
 
 
 class World:
@@ -257,6 +257,22 @@ def test_output_is_relayed_with_offsets_up_to_the_cap():
     assert w.jobs.output("b", 1, "stdout", "other") == []  # not its slave
 
 
+def test_queued_jobs_of_a_lost_session_fail():
+    w = World()
+    w.connect()
+    for job_id in (1, 2):
+        w.jobs.submitted([new(job_id, session="s", user="ann")])
+    w.run(1)  # binds the session to slave a; job 2 waits for it
+    assert list(w.scheduler.queue) == [2]
+    w.jobs.slave_lost("a", leaving=True, grace=3.0)
+    _, queued = w.scheduler.drop_sessions("a")
+    assert queued == [2]
+    err = P.error(P.SLAVE_LOST, "session lost")
+    out = w.jobs.dropped(2, err)
+    assert saved(out)[0]["error"] == err and w.jobs.job(2) is None
+    assert w.jobs.dropped(2, err) == []
+
+
 def test_stopping_settles_nothing():
     w = World()
     w.connect()
@@ -273,7 +289,7 @@ def test_stopping_settles_nothing():
 SLAVES = ("a", "b")
 
 
-class Lifecycle(RuleBasedStateMachine):
+class Events(RuleBasedStateMachine):
     """Random events, including stale and duplicate ones, against a model of the slaves.
 
     A slave runs what it was sent, kills on job_cancel, keeps its results while
@@ -418,7 +434,7 @@ class Lifecycle(RuleBasedStateMachine):
                 assert rec is not None and rec.running and rec.job["slave_uid"] == uid, (uid, job_id)
 
 
-TestLifecycle = Lifecycle.TestCase
+TestLifecycle = Events.TestCase
 TestLifecycle.settings = settings(max_examples=400, stateful_step_count=50, deadline=None)
 
 
