@@ -44,6 +44,15 @@ class World:
         return self.jobs.finished(uid, job_id, 0 if err is None else None, err, stdout, "")
 
 
+def one_running() -> World:
+    """A world with job 1 sent to slave a."""
+    w = World()
+    w.connect()
+    w.submit(1)
+    w.run(1)
+    return w
+
+
 def saved(decisions) -> list[dict]:
     return [dict(job) for d in decisions if isinstance(d, J.Save) for job in d.jobs]
 
@@ -103,10 +112,7 @@ def test_cancel_during_dispatch_settles_at_once_and_the_job_is_never_sent():
 
 
 def test_cancel_of_a_sent_job_waits_for_the_slave():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     out = w.jobs.cancel(1)
     assert sent(out, "job_cancel") == [P.make("job_cancel", job_id=1)] and not saved(out)
     assert w.jobs.cancel(1) == []  # told once
@@ -115,10 +121,7 @@ def test_cancel_of_a_sent_job_waits_for_the_slave():
 
 
 def test_finish_after_cancel_keeps_the_result_the_slave_reached_first():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     w.jobs.cancel(1)
     out = w.finish("a", 1, stdout="done\n")
     [job] = saved(out)
@@ -126,10 +129,7 @@ def test_finish_after_cancel_keeps_the_result_the_slave_reached_first():
 
 
 def test_duplicate_finished_is_only_acknowledged():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     first = w.finish("a", 1, stdout="first\n")
     assert statuses(first) == [P.SUCCEEDED]
     again = w.finish("a", 1, err=P.error(P.NONZERO_EXIT, "exit 3"), stdout="second\n")
@@ -141,10 +141,7 @@ def test_duplicate_finished_is_only_acknowledged():
 
 
 def test_slave_lost_then_back_within_grace_keeps_the_job():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     lost = w.jobs.slave_lost("a", leaving=False, grace=3.0)
     [timer] = of_type(lost, J.SetTimer)
     assert timer.job_id == 1 and timer.delay == 3.0 and not saved(lost)
@@ -176,10 +173,7 @@ def test_grace_expiry_loses_the_job_and_retries_up_to_the_asked_number():
 
 
 def test_a_leaving_slave_loses_its_jobs_at_once():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     out = w.jobs.slave_lost("a", leaving=True, grace=3.0)
     assert statuses(out) == [P.FAILED] and "stopped while it ran" in saved(out)[0]["error"]["message"]
 
@@ -209,10 +203,7 @@ def test_the_same_slave_process_back_without_a_sent_job_never_got_it():
 
 
 def test_a_slave_back_with_a_job_settled_meanwhile_is_told_to_stop_it():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     [timer] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
     w.jobs.timer_fired(1, timer.token)  # lost: failed
     assert sent(w.connect(running=[1]), "job_cancel") == [P.make("job_cancel", job_id=1)]
@@ -274,10 +265,7 @@ def test_queued_jobs_of_a_lost_session_fail():
 
 
 def test_stopping_settles_nothing():
-    w = World()
-    w.connect()
-    w.submit(1)
-    w.run(1)
+    w = one_running()
     [timer] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
     assert w.jobs.stop() == [J.ClearTimer(1)]
     assert w.jobs.timer_fired(1, timer.token) == []
