@@ -28,20 +28,21 @@ class Carrier:
         # result is acknowledged, and a read answered, only once it is durable.
         self._saving: dict[int, asyncio.Future] = {}
 
-    def __call__(self, decisions: list[J.Decision], inputs: dict | None = None) -> asyncio.Future | None:
+    def __call__(self, decisions: list[J.Decision],
+                 at_hand: dict[int, dict] | None = None) -> asyncio.Future | None:
         """Carry ``decisions`` out in order; what follows a save waits for its commit.
 
         Everything up to the first save (or load, or acknowledgement) happens
         now, and that save is handed to the store now, so it records the state
         of this very turn; the rest runs in a task, returned (None: nothing
         left) to be awaited by whoever must answer only once it is done.
-        ``inputs``: a dispatched job's inputs at hand (``Load`` then reads nothing).
+        ``at_hand``: job id -> inputs of jobs being submitted (their ``Load`` reads nothing).
         """
         for i, d in enumerate(decisions):
             if isinstance(d, J.Save):
-                return asyncio.ensure_future(self._rest(decisions[i + 1:], inputs, self._save(d.jobs)))
+                return asyncio.ensure_future(self._rest(decisions[i + 1:], at_hand, self._save(d.jobs)))
             if isinstance(d, (J.Load, J.Ack)):
-                return asyncio.ensure_future(self._rest(decisions[i:], inputs))
+                return asyncio.ensure_future(self._rest(decisions[i:], at_hand))
             self._do(d)
         return None
 
@@ -50,7 +51,7 @@ class Carrier:
         while pending := {self._saving[j] for j in job_ids if j in self._saving}:
             await asyncio.wait(pending)
 
-    async def _rest(self, decisions: list[J.Decision], inputs: dict | None,
+    async def _rest(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None,
                     saving: asyncio.Future | None = None) -> None:
         if saving is not None:
             await saving
@@ -58,6 +59,7 @@ class Carrier:
             if isinstance(d, J.Save):
                 await self._save(d.jobs)
             elif isinstance(d, J.Load):
+                inputs = (at_hand or {}).get(d.job_id)
                 if inputs is None:
                     # Saved at submission (that commit came first: one writer, in
                     # order); read back only now, and dropped once sent.

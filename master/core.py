@@ -105,18 +105,15 @@ class Master:
         self._carry(self.jobs.timer_fired(job_id, token))
         self._dispatch()
 
-    def _dispatch(self, at_hand: dict[int, dict] | None = None) -> dict[int, asyncio.Future]:
-        """Start what the scheduler places now; returns each placed job's carrying out.
-
-        ``at_hand``: the inputs of jobs being submitted, so a job that starts
-        at once is sent without reading them back.
-        """
-        placed = {}
+    def _dispatch(self) -> None:
+        """Start what the scheduler places now: each job saved running, then announced and sent."""
         for job_id, uid in self.scheduler.assign():
-            job = self.jobs.job(job_id)
-            note = self.sessions.used(job, uid) if job.get("session") is not None else None
-            placed[job_id] = self._carry(self.jobs.dispatched(job_id, uid, note), (at_hand or {}).get(job_id))
-        return placed
+            self._carry(self._dispatched(job_id, uid))
+
+    def _dispatched(self, job_id: int, uid: str) -> list[J.Decision]:
+        job = self.jobs.job(job_id)
+        note = self.sessions.used(job, uid) if job.get("session") is not None else None
+        return self.jobs.dispatched(job_id, uid, note)
 
     def _send_slaves_changed(self) -> None:
         self.clients.broadcast(P.make("slaves_changed", slaves=self.slave_list()))
@@ -185,19 +182,14 @@ class Master:
         if client is not None:
             client.jobs_submitted += len(jobs)
             self.clients.changed()
-        # One commit for the whole batch, before any of it is announced.
-        await self._carry(self.jobs.submitted(jobs))
-        # A job that starts at once is sent with the inputs at hand, saving a read.
-        queued = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
-        placed = self._dispatch({job["id"]: {k: job[k] for k in P.INPUT_FIELDS} for job in jobs})
-        # The reply tells no state before it is durable: a job placed at once
-        # is answered running once that is committed and sent.
-        running = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
-        mine = [job["id"] for job in jobs if job["id"] in placed]
-        failed = {job_id for job_id, outcome in zip(mine, await asyncio.gather(
-            *(placed[job_id] for job_id in mine), return_exceptions=True)) if outcome is not None}
-        return [{**(before if job["id"] in failed else now), **{k: job[k] for k in P.INPUT_FIELDS}}
-                for before, now, job in zip(queued, running, jobs)]
+        decisions = self.jobs.submitted(jobs)
+        decisions += [d for job_id, uid in self.scheduler.assign() for d in self._dispatched(job_id, uid)]
+        # One commit for the whole batch and the starts it allows, before any
+        # of it is announced; a job that starts at once is sent with its inputs
+        # at hand, saving a read.  The reply tells no state before it is durable.
+        replies = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
+        await _done(self._carry(J.merged(decisions), {job["id"]: {k: job[k] for k in P.INPUT_FIELDS} for job in jobs}))
+        return [{**reply, **{k: job[k] for k in P.INPUT_FIELDS}} for reply, job in zip(replies, jobs)]
 
     # -- cancel ------------------------------------------------------------
 

@@ -388,6 +388,24 @@ class Lifecycle:
         return out + [Discard(job["id"]), Save((job,)), _update(job)]
 
 
+def merged(decisions: list[Decision]) -> list[Decision]:
+    """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
+
+    For decisions taken in one turn (a submission and the starts it allows):
+    a save only moves earlier, so nothing is told before it is durable.  The
+    records stay in order: a job saved twice is written as it was last.
+    """
+    saves = [job for d in decisions if isinstance(d, Save) for job in d.jobs]
+    out: list[Decision] = []
+    for d in decisions:
+        if not isinstance(d, Save):
+            out.append(d)
+        elif saves:
+            out.append(Save(tuple(saves)))
+            saves = []
+    return out
+
+
 def _update(job: dict) -> Announce:
     return Announce(P.make("job_update", job=P.update_of(job)), job.get("user"))
 
