@@ -91,6 +91,17 @@ def test_dispatch_saves_running_before_it_announces_and_sends():
     assert w.jobs.started(1, out[2].dispatch, {"source": "print(2)"}) == []
 
 
+def test_a_submission_and_its_start_are_one_commit_before_anything_is_told():
+    w = World()
+    w.connect()
+    out = w.submit(1) + [d for job_id, uid in w.scheduler.assign() for d in w.jobs.dispatched(job_id, uid)]
+    merged = J.merged(out)
+    assert [type(d) for d in merged] == [J.Save, J.Announce, J.Announce, J.Load]
+    # The submitted record (with its inputs) first, then the running one: the last write wins.
+    assert [(job["status"], "source" in job) for job in merged[0].jobs] == [(P.QUEUED, True), (P.RUNNING, False)]
+    assert [d.msg["job"]["status"] for d in merged[1:3]] == [P.QUEUED, P.RUNNING]
+
+
 def test_cancel_of_a_queued_job():
     w = World()
     w.submit(1)
