@@ -2,7 +2,7 @@
 
 Modelled on dask distributed's ``worker_state_machine``: each event is a
 method that changes the jobs' records and returns *decisions*, small
-dataclasses that ``Master`` (``core.py``) carries out in order: ``Save`` a
+dataclasses that ``carry.Carrier`` carries out in order: ``Save`` a
 record (committed before anything after it is carried out), ``Announce`` an
 event to clients, ``Send`` a message to a slave, ``SetTimer`` /
 ``ClearTimer``, ``Load`` a job's inputs and come back with ``started``,
