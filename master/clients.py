@@ -4,22 +4,51 @@ A client is shown as the server sees it: its ``host`` is the peer address of
 its connection; what it says its host is becomes a ``label``.  Client ids
 are tied to the account they were issued to, so nobody can take another's
 id on reconnecting or name it on a request.  A user sees their own clients
-only.  A mixin of ``Master``: it works on the master's ``clients``.
+only.  An object ``Master`` holds; the master sends job events through
+``broadcast``.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distexec_kernel import __version__, protocol as P
 
-if TYPE_CHECKING:
-    from .core import Peer
-
 ISSUED_IDS_KEPT = 10_000  # client ids remembered, so a reconnecting client gets its own back
 LABEL_CHARS = 64
-CLIENTS_EVENT_DELAY = 0.1  # seconds: the clients' "jobs submitted" counts change with every submission
+CLIENTS_EVENT_DELAY = 0.1  # seconds client-list changes are gathered before clients hear of them
+
+
+class Peer(Protocol):
+    """What the master needs of a connection (a client's or a slave's): send one message."""
+
+    def send(self, msg: dict | str) -> None:
+        """Send ``msg``: a message, or the text ``protocol.encode`` made of one."""
+
+
+ALL = object()  # broadcast's ``user`` for an event every client may see
+
+
+class Coalesced:
+    """Call ``fn`` once, ``delay`` seconds after the first of any number of ``__call__``s.
+
+    For lists sent to every client when they change: a burst of 500
+    submissions (or finished jobs) then costs a few lists, not 500.
+    """
+
+    def __init__(self, delay: float, fn):
+        self.delay = delay
+        self.fn = fn
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self.fn()
 
 
 @dataclass
@@ -27,7 +56,7 @@ class ClientInfo:
     id: str
     user: str | None
     host: str  # the peer address the master sees, never what the client says
-    peer: "Peer"
+    peer: Peer
     connected_at: str = field(default_factory=P.now)
     jobs_submitted: int = 0
     # The user whose job events this client may receive; None for an admin (all).
@@ -38,7 +67,28 @@ class ClientInfo:
 
 
 class ClientBook:
-    def client_connected(self, peer: "Peer", user: str | None, host: str,
+    def __init__(self):
+        self.by_id: dict[str, ClientInfo] = {}
+        # Client id -> the account it was issued to, newest last: only that
+        # account may take the id again (reconnecting) or name it on a request.
+        self._issued: dict[str, str | None] = {}
+        self._next_client = 1
+        # The clients' "jobs submitted" counts change with every submission.
+        self.changed = Coalesced(CLIENTS_EVENT_DELAY, self._send_changed)
+
+    def get(self, cid: str | None) -> ClientInfo | None:
+        return self.by_id.get(cid) if cid else None
+
+    def broadcast(self, msg: dict, user=ALL) -> None:
+        """Send to every client; an event about a job of ``user`` only to its owner and the admins."""
+        text = None  # encoded once, on first use: a burst of events goes to every client
+        for client in list(self.by_id.values()):
+            if user is ALL or client.owner is None or client.owner == user:
+                if text is None:
+                    text = P.encode(msg)
+                client.peer.send(text)
+
+    def client_connected(self, peer: Peer, user: str | None, host: str,
                          wanted_id: str | None = None, owner: str | None = None,
                          account: str | None = None, label: str | None = None) -> ClientInfo:
         """A client's event channel opened from ``host`` (the address the server sees).
@@ -47,12 +97,12 @@ class ClientBook:
         only if the master issued it to the same ``account`` and it is free.
         ``label``: what the client calls its host, kept as a label only.
         """
-        if (wanted_id and wanted_id not in self.clients and wanted_id in self._issued
+        if (wanted_id and wanted_id not in self.by_id and wanted_id in self._issued
                 and self._issued[wanted_id] == account):
             cid = wanted_id
         else:
             cid = f"c{self._next_client}"
-            while cid in self.clients or cid in self._issued:
+            while cid in self.by_id or cid in self._issued:
                 self._next_client += 1
                 cid = f"c{self._next_client}"
             self._next_client += 1
@@ -61,14 +111,14 @@ class ClientBook:
         while len(self._issued) > ISSUED_IDS_KEPT:
             del self._issued[next(iter(self._issued))]
         info = ClientInfo(cid, user, host, peer, owner=owner, account=account, label=_label(label))
-        self.clients[cid] = info
+        self.by_id[cid] = info
         peer.send(P.make("welcome", client_id=cid, version=__version__))
-        self._clients_changed()
+        self.changed()
         return info
 
     def client_disconnected(self, cid: str) -> None:
-        if self.clients.pop(cid, None) is not None:
-            self._clients_changed()
+        if self.by_id.pop(cid, None) is not None:
+            self.changed()
 
     def client_of(self, cid: str | None, account: str | None) -> str | None:
         """``cid`` if it was issued to ``account`` (a request naming its client), else None."""
@@ -78,23 +128,12 @@ class ClientBook:
         """Connected clients; ``owner`` limits them to that user's (None: an admin's view, all)."""
         return [{"id": c.id, "user": c.user, "host": c.host, "label": c.label, "connected_at": c.connected_at,
                  "jobs_submitted": c.jobs_submitted}
-                for c in self.clients.values() if owner is None or c.owner == owner]
+                for c in self.by_id.values() if owner is None or c.owner == owner]
 
-    def _clients_changed(self) -> None:
-        """Tell every client the new client list, at most once per CLIENTS_EVENT_DELAY.
-
-        Every submission changes a client's count; a burst of 500 submissions
-        then costs a few lists, not 500.
-        """
-        if self._clients_event is None:
-            self._clients_event = asyncio.get_running_loop().call_later(CLIENTS_EVENT_DELAY,
-                                                                        self._send_clients_changed)
-
-    def _send_clients_changed(self) -> None:
+    def _send_changed(self) -> None:
         """Each client gets the list as far as it may see it (a user: their own clients)."""
-        self._clients_event = None
         views: dict[str | None, str] = {}
-        for client in list(self.clients.values()):
+        for client in list(self.by_id.values()):
             if client.owner not in views:
                 views[client.owner] = P.encode(P.make("clients_changed", clients=self.client_list(client.owner)))
             client.peer.send(views[client.owner])

@@ -3,7 +3,7 @@
 ``--keep-days`` and ``--keep-mb`` bound the history; a pass runs at start
 and every ``prune_interval`` seconds, and ``POST /api/prune`` (``distexec
 prune``) runs one by hand.  The store does the deleting and never touches a
-queued or running job.  A mixin of ``Master``: it works on the master's store.
+queued or running job.  An object ``Master`` holds.
 """
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ log = logging.getLogger("distexec.master")
 
 
 class Retention:
+    def __init__(self, store, keep_days: float | None, keep_mb: float | None, interval: float):
+        self.store = store
+        self.keep_days = keep_days  # None: no bound
+        self.keep_mb = keep_mb
+        self.interval = interval
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Prune now and every ``interval`` seconds, if the history is bounded; call with the loop running."""
+        if self.keep_days is not None or self.keep_mb is not None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
     async def prune(self, before: str | None = None) -> int:
         """Delete terminal jobs: those submitted before ``before`` (an ISO date or
         time, UTC unless it says), or with None, those past ``keep_days`` and
@@ -37,13 +53,13 @@ class Retention:
             log.info("pruned %d job(s) from the history", count)
         return count
 
-    async def _prune_loop(self) -> None:
-        while not self.stopping:
+    async def _loop(self) -> None:
+        while True:
             try:
                 await self.prune()
             except Exception:  # a failed pass is logged by the store; the next one may work
                 log.exception("pruning the history failed")
-            await asyncio.sleep(self.prune_interval)
+            await asyncio.sleep(self.interval)
 
 
 def _utc_text(text: str) -> str:

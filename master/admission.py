@@ -1,0 +1,140 @@
+"""Whether a submission gets in: its checks, the queue caps, and the wait for returning slaves.
+
+A bad request raises ``ProtocolError`` (nothing is recorded); a program that
+does not parse, or that no connected slave runs, becomes a *rejected job*
+(``rejection`` says why), kept in the history.  Sessions have their own
+refusal (``SessionBook.refusal``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Collection
+
+from distexec_kernel import languages as L, protocol as P
+
+from .scheduler import Scheduler
+
+# After a start, how long a submission for a language only absent slaves ran
+# waits for them to reconnect before it is rejected (they retry within seconds).
+REJOIN_WINDOW = 10.0
+# How much of the history tells which slaves (and languages) to expect back.
+REJOIN_HISTORY = 1000
+
+
+class QueueFull(P.ProtocolError):
+    """A submission past a queue cap; ``status`` is the HTTP status it gets."""
+
+    def __init__(self, message: str, status: int = 429):
+        super().__init__("queue_full", message)
+        self.status = status
+
+
+class Admission:
+    window = REJOIN_WINDOW
+
+    def __init__(self, scheduler: Scheduler, store, max_queue: int | None, max_queued_per_user: int | None):
+        self.scheduler = scheduler
+        # Most jobs waiting at once, per user and in all; past either a
+        # submission is refused, not queued (see queue_room).  None: no cap.
+        self.max_queue = max_queue
+        self.max_queued_per_user = max_queued_per_user
+        # Slaves that ran jobs before this start, with their languages, and a
+        # wake-up for submissions waiting on them (see await_returning_slaves).
+        self._expected: dict[str, set[str]] = {}
+        for job in store.recent(REJOIN_HISTORY):
+            if job.get("slave_uid"):
+                self._expected.setdefault(job["slave_uid"], set()).add(job["language"])
+        self._rejoin_until = 0.0
+        self._joined: asyncio.Event | None = None
+
+    def start(self, lost_grace: float) -> None:
+        """Open the rejoin window; call with the loop running."""
+        self._rejoin_until = asyncio.get_running_loop().time() + min(lost_grace, REJOIN_WINDOW)
+
+    def slave_joined(self) -> None:
+        """Wake the submissions waiting for returning slaves, to look again."""
+        if self._joined is not None:
+            self._joined.set()
+            self._joined = None
+
+    async def await_returning_slaves(self, language: str, connected: Collection[str]) -> None:
+        """Right after a restart, give the slaves that ran ``language`` a moment to reconnect.
+
+        Without this, a submission that arrives between a master restart and
+        its slaves' return would be rejected as unsupported.  Bounded by
+        REJOIN_WINDOW; a master with no history never waits.
+        """
+        loop = asyncio.get_running_loop()
+        while (not self.scheduler.can_run(language) and loop.time() < self._rejoin_until
+               and any(language in langs and uid not in connected for uid, langs in self._expected.items())):
+            if self._joined is None:
+                self._joined = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._joined.wait(), self._rejoin_until - loop.time())
+            except asyncio.TimeoutError:
+                return
+
+    @staticmethod
+    def check(request) -> dict:
+        """The submission ``request`` checked and its language made canonical; ProtocolError if bad."""
+        sub = P.check_submission(request)
+        sub["language"] = L.canonical(sub["language"])
+        if sub["session"] is not None and sub["language"] != "python":
+            raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "
+                                  "drop 'session' to run it as a fresh process")
+        return sub
+
+    def rejection(self, job: dict) -> dict | None:
+        """Why the job is rejected (it does not parse, or no connected slave runs its language), or None."""
+        if job.get("session") is not None:  # a session cell is IPython (magics, !cmd); sessions are Python only
+            detail = L.check_session_syntax(job["source"])
+        else:
+            detail = L.check_syntax(job["language"], job["source"])
+        if detail is not None:
+            where = f" (line {detail['line']})" if detail.get("line") else ""
+            return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),
+                           column=detail.get("column"), text=detail.get("text"))
+        if not self.scheduler.can_run(job["language"]):
+            available = sorted(self.scheduler.languages())
+            names = ", ".join(available) if available else "none (no slave is connected)"
+            return P.error(P.UNSUPPORTED_LANGUAGE,
+                           f"no connected slave runs {job['language']!r}; available: {names}",
+                           available=available)
+        return None
+
+    def queue_room(self, user: str | None) -> int:
+        """How many more jobs ``user`` may queue now (per-user cap and global cap)."""
+        room = []
+        if self.max_queued_per_user is not None:
+            room.append(self.max_queued_per_user - self.scheduler.queued_by(user))
+        if self.max_queue is not None:
+            room.append(self.max_queue - len(self.scheduler.queue))
+        return max(0, min(room)) if room else P.INT_MAX
+
+    def check_room(self, user: str | None, count: int = 1) -> None:
+        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none)."""
+        if self.queue_room(user) >= count:
+            return
+        mine = self.scheduler.queued_by(user)
+        if self.max_queued_per_user is not None and mine + count > self.max_queued_per_user:
+            fits = max(0, self.max_queued_per_user - mine)
+            raise QueueFull(f"{user or 'this user'} has {mine} job(s) waiting, and at most "
+                            f"{self.max_queued_per_user} may wait per user (--max-queued-per-user); "
+                            f"{fits} more would fit: try again when some have run")
+        raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
+                        f"--max-queue): try again when some have run", status=503)
+
+
+def bound_rejected(job: dict) -> None:
+    """A rejected job never runs: keep enough to show why, not megabytes (a flood of them filled the history)."""
+    source = job["source"].encode()
+    if len(source) > P.REJECTED_SOURCE_BYTES:
+        job["source"] = source[:P.REJECTED_SOURCE_BYTES].decode("utf-8", "ignore")
+    job["files"] = {}
+    job["stdin"] = None
+    if len(json.dumps(job["args"])) > P.REJECTED_SOURCE_BYTES:
+        job["args"] = []
+    err = job.get("error") or {}
+    if isinstance(err.get("text"), str) and len(err["text"]) > 1000:
+        err["text"] = err["text"][:1000]  # the offending line, for the caret

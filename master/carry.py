@@ -1,0 +1,122 @@
+"""Carrying the job lifecycle's decisions out (``jobs.py`` decides; this does the I/O).
+
+In order, with one rule: nothing that follows a ``Save`` happens before the
+store has committed it, so no client hears of a state, and no slave is told
+to act on one, that a master crash could lose.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from distexec_kernel import protocol as P
+
+from . import jobs as J
+from .clients import ClientBook
+
+
+class Carrier:
+    def __init__(self, store, jobs: J.Lifecycle, slaves: dict, clients: ClientBook,
+                 timer_fired: Callable[[int, int], None]):
+        self.store = store
+        self.jobs = jobs
+        self.slaves = slaves  # the master's: uid -> SlaveInfo (its peer)
+        self.clients = clients
+        self.timer_fired = timer_fired
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        # Job id -> its last save handed to the store, until committed: a
+        # result is acknowledged, and a read answered, only once it is durable.
+        self._saving: dict[int, asyncio.Future] = {}
+
+    def __call__(self, decisions: list[J.Decision],
+                 at_hand: dict[int, dict] | None = None) -> asyncio.Future | None:
+        """Carry ``decisions`` out in order; what follows a save waits for its commit.
+
+        Everything up to the first save (or load, or acknowledgement) happens
+        now, and that save is handed to the store now, so it records the state
+        of this very turn; the rest runs in a task, returned (None: nothing
+        left) to be awaited by whoever must answer only once it is done.
+        ``at_hand``: job id -> inputs of jobs being submitted (their ``Load`` reads nothing).
+        """
+        for i, d in enumerate(decisions):
+            if isinstance(d, J.Save):
+                return asyncio.ensure_future(self._rest(decisions[i + 1:], at_hand, self._save(d.jobs)))
+            if isinstance(d, (J.Load, J.Ack)):
+                return asyncio.ensure_future(self._rest(decisions[i:], at_hand))
+            self._do(d)
+        return None
+
+    async def durable(self, job_ids: list[int]) -> None:
+        """Wait until what memory says of these jobs is committed: a read tells nothing not yet durable."""
+        while pending := {self._saving[j] for j in job_ids if j in self._saving}:
+            await asyncio.wait(pending)
+
+    async def _rest(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None,
+                    saving: asyncio.Future | None = None) -> None:
+        if saving is not None:
+            await saving
+        for d in decisions:
+            if isinstance(d, J.Save):
+                await self._save(d.jobs)
+            elif isinstance(d, J.Load):
+                inputs = (at_hand or {}).get(d.job_id)
+                if inputs is None:
+                    # Saved at submission (that commit came first: one writer, in
+                    # order); read back only now, and dropped once sent.
+                    inputs = await self.store.inputs(d.job_id)
+                await done(self(self.jobs.started(d.job_id, d.dispatch, inputs)))
+            elif isinstance(d, J.Ack):
+                pending = self._saving.get(d.job_id)
+                if pending is not None:
+                    try:
+                        await asyncio.shield(pending)
+                    except Exception:
+                        return  # not durable: the slave keeps its copy and sends it again
+                self._do(J.Send(d.uid, P.make("result_ack", job_id=d.job_id)))
+            else:
+                self._do(d)
+
+    def _save(self, jobs: tuple[dict, ...]) -> asyncio.Future:
+        saved = self.store.save_many(list(jobs))
+        ids = [job["id"] for job in jobs]
+        for job_id in ids:
+            self._saving[job_id] = saved
+
+        def committed(_):
+            for job_id in ids:
+                if self._saving.get(job_id) is saved:
+                    del self._saving[job_id]
+        saved.add_done_callback(committed)
+        return saved
+
+    def _do(self, d: J.Decision) -> None:
+        if isinstance(d, J.Announce):
+            self.clients.broadcast(d.msg, d.user)
+        elif isinstance(d, J.Send):
+            slave = self.slaves.get(d.uid)
+            if slave is not None:
+                slave.peer.send(d.msg)
+        elif isinstance(d, J.Discard):
+            self.store.artifacts.discard(d.job_id)
+        elif isinstance(d, J.SetTimer):
+            self._clear_timer(d.job_id)
+            self._timers[d.job_id] = asyncio.get_running_loop().call_later(d.delay, self._fire, d.job_id, d.token)
+        elif isinstance(d, J.ClearTimer):
+            self._clear_timer(d.job_id)
+        else:
+            raise TypeError(f"no way to carry out {d!r}")
+
+    def _clear_timer(self, job_id: int) -> None:
+        handle = self._timers.pop(job_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _fire(self, job_id: int, token: int) -> None:
+        self._timers.pop(job_id, None)
+        self.timer_fired(job_id, token)
+
+
+async def done(carrying: asyncio.Future | None) -> None:
+    """Wait for what a ``Carrier`` call left to carry out, if anything."""
+    if carrying is not None:
+        await carrying

@@ -1,0 +1,419 @@
+"""The master's job lifecycle: a state machine with no I/O.
+
+Modelled on dask distributed's ``worker_state_machine``: each event is a
+method that changes the jobs' records and returns *decisions*, small
+dataclasses that ``carry.Carrier`` carries out in order: ``Save`` a
+record (committed before anything after it is carried out), ``Announce`` an
+event to clients, ``Send`` a message to a slave, ``SetTimer`` /
+``ClearTimer``, ``Load`` a job's inputs and come back with ``started``,
+``Ack`` a slave's result once the job is durable, ``Discard`` the collected
+files of a result that will not come.
+
+Events: ``submitted``, ``dispatched`` (the scheduler chose a slave),
+``started`` (its inputs are at hand: the job_run may go), ``output``,
+``finished``, ``slave_lost``, ``slave_back``, ``cancel``, ``dropped`` (a
+queued job its session took away), ``resume`` (after a master restart),
+``timer_fired`` and ``stop``.
+
+The machine also keeps the scheduler's counts in step (queued, running,
+finished), since which job counts as running where is part of its state;
+the scheduler (also pure) still chooses placements.  Tests feed events and
+check the decisions, with no sockets, store or event loop.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+from distexec_kernel import protocol as P
+
+from .scheduler import Scheduler
+
+log = logging.getLogger("distexec.master")
+
+# Output kept in memory for a running job, per stream; the slave enforces
+# the real limit and sends the whole output at the end.
+LIVE_OUTPUT_CAP = 16 << 20
+
+
+class _Never:
+    """``JobRecord.sent_to`` of a job whose job_run has not gone out (no instance name can equal it)."""
+
+    def __repr__(self) -> str:
+        return "NEVER"
+
+
+NEVER = _Never()
+
+
+# -- decisions ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Save:
+    """Write these records; nothing after this decision is carried out before they are committed.
+
+    The records are the machine's own dicts: the store copies them when handed
+    over, so a decision list is carried out at once, in the event's turn.
+    """
+    jobs: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Tell the clients allowed to see ``user``'s jobs (its owner and the admins)."""
+    msg: dict
+    user: str | None
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``msg`` to slave ``uid`` on its current connection (dropped if it has none)."""
+    uid: str
+    msg: dict
+
+
+@dataclass(frozen=True)
+class Load:
+    """Fetch the job's inputs, then feed them back with ``started(job_id, dispatch, inputs)``."""
+    job_id: int
+    dispatch: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Send ``result_ack`` to ``uid`` once every save of the job handed over so far is committed."""
+    uid: str
+    job_id: int
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Drop the collected-file chunks held for the job (a result that will not come, or came)."""
+    job_id: int
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Call ``timer_fired(job_id, token)`` after ``delay`` seconds (replacing the job's timer)."""
+    job_id: int
+    token: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class ClearTimer:
+    job_id: int
+
+
+Decision = Union[Save, Announce, Send, Load, Ack, Discard, SetTimer, ClearTimer]
+
+
+# -- state -------------------------------------------------------------------
+
+@dataclass
+class JobRecord:
+    """One queued or running job: its fields and what the lifecycle knows of it beyond them."""
+    job: dict  # the job's fields, as saved (no inputs: those stay in the store)
+    dispatch: int = 0  # which dispatch is current; a ``started`` for another is stale
+    # The slave process (instance) its job_run went to; None: unknown (taken
+    # back after a restart); NEVER: not sent.  A job that was never sent, or
+    # whose slave process came back without it, never ran: it runs again
+    # without using up a retry.
+    sent_to: str | None | _Never = NEVER
+    cancel: bool = False  # cancelled while on a slave: its report settles it
+    # Taken back after a restart while running: what it printed before is
+    # gone from memory, so its live output is not relayed (clients would get
+    # chunks at the wrong offsets); the result brings all of it.
+    output_gap: bool = False
+    note: str | None = None  # told to the slave with the job_run (its session was lost)
+    timer: int = 0  # the armed grace timer's token; 0: none
+    why: str = ""  # what the timer's expiry means
+
+    @property
+    def running(self) -> bool:
+        return self.job["status"] == P.RUNNING
+
+
+def session_of(job: dict) -> tuple | None:
+    """The job's session key: sessions are per user, two users' sessions of one name are two interpreters."""
+    name = job.get("session")
+    return None if name is None else P.session_key(job.get("user"), name)
+
+
+def cancelled() -> dict:
+    return P.error(P.CANCELLED_CODE, "cancelled by a user")
+
+
+class Lifecycle:
+    """Every queued and running job's record, and the events that move them."""
+
+    def __init__(self, scheduler: Scheduler, live_output_cap: int = LIVE_OUTPUT_CAP):
+        self.scheduler = scheduler
+        self.live_output_cap = live_output_cap
+        self.records: dict[int, JobRecord] = {}
+        self.slaves: dict[str, str | None] = {}  # connected slave -> its process instance
+        self.stopping = False
+        self._seq = 0  # dispatches and timer tokens
+
+    # -- queries ------------------------------------------------------------
+
+    def job(self, job_id: int) -> dict | None:
+        rec = self.records.get(job_id)
+        return rec.job if rec is not None else None
+
+    def jobs(self) -> Iterable[dict]:
+        return (rec.job for rec in self.records.values())
+
+    def runs_on(self, job_id: int, uid: str) -> bool:
+        """Whether a result from ``uid`` for this job would settle it."""
+        rec = self.records.get(job_id)
+        return rec is not None and rec.running and rec.job.get("slave_uid") == uid
+
+    # -- events -------------------------------------------------------------
+
+    def resume(self, jobs: Iterable[dict], grace: float) -> list[Decision]:
+        """After a restart: take back the unfinished jobs of the history.
+
+        A running one may still run on its slave: it waits ``grace`` seconds
+        for it to come back and say so.
+        """
+        out: list[Decision] = []
+        for job in jobs:
+            rec = self.records[job["id"]] = JobRecord(job)
+            key = session_of(job)
+            if key is not None:
+                # Its session may be alive on a slave not back yet: wait for it to say so.
+                self.scheduler.hold_session(key)
+            if job["status"] == P.QUEUED:
+                self.scheduler.enqueue(job["id"], job["language"], key, user=job.get("user"))
+            else:
+                self.scheduler.mark_running(job["id"], job["slave_uid"], key, user=job.get("user"))
+                rec.output_gap, rec.sent_to = True, None
+                out += self._arm(rec, grace, f"its slave did not come back within {grace:g} s")
+        return out
+
+    def submitted(self, jobs: list[dict]) -> list[Decision]:
+        """New jobs (with their inputs), queued or already rejected: saved in one commit, then announced."""
+        for job in jobs:
+            if job["status"] == P.QUEUED:
+                # Memory holds what scheduling needs; the inputs go to the store only.
+                self.records[job["id"]] = JobRecord({k: v for k, v in job.items() if k not in P.INPUT_FIELDS})
+                self.scheduler.enqueue(job["id"], job["language"], session_of(job), user=job.get("user"))
+        return [Save(tuple(jobs)), *(_update(self.records[j["id"]].job if j["id"] in self.records else j)
+                                     for j in jobs)]
+
+    def dispatched(self, job_id: int, uid: str, note: str | None = None) -> list[Decision]:
+        """The scheduler placed the job on ``uid``: saved as running, announced, then sent (``Load``)."""
+        rec = self.records[job_id]
+        self._seq += 1
+        rec.dispatch, rec.sent_to, rec.note = self._seq, NEVER, note
+        rec.job.update(status=P.RUNNING, slave_uid=uid, started_at=P.now(),
+                       attempts=(rec.job.get("attempts") or 0) + 1)
+        return [Save((rec.job,)), _update(rec.job), Load(job_id, rec.dispatch)]
+
+    def started(self, job_id: int, dispatch: int, inputs: dict) -> list[Decision]:
+        """The job's record is durable and its inputs at hand: the job_run goes out, if still current.
+
+        Settled, requeued or dispatched again meanwhile, or its slave left (it
+        is then lost there, never sent, and runs again): nothing to do.
+        """
+        rec = self.records.get(job_id)
+        if (rec is None or rec.dispatch != dispatch or rec.sent_to is not NEVER or not rec.running
+                or rec.job["slave_uid"] not in self.slaves):
+            return []
+        uid = rec.job["slave_uid"]
+        rec.sent_to = self.slaves[uid]
+        note, rec.note = rec.note, None
+        return [Send(uid, P.make("job_run", job=_for_slave({**rec.job, **inputs}, note)))]
+
+    def output(self, uid: str, job_id: int, stream: str, data: str) -> list[Decision]:
+        rec = self.records.get(job_id)
+        if rec is None or not self.runs_on(job_id, uid) or rec.output_gap:
+            return []
+        offset = len(rec.job[stream])
+        if offset >= self.live_output_cap:
+            return []
+        rec.job[stream] += data
+        return [Announce(P.make("job_output", job_id=job_id, stream=stream, offset=offset, data=data),
+                         rec.job.get("user"))]
+
+    def finished(self, uid: str, job_id: int, exit_code: int | None, error: dict | None, stdout: str,
+                 stderr: str, outputs: list | None = None, artifacts: list | None = None) -> list[Decision]:
+        """A slave's result.  Applied if the job runs there; otherwise (settled already, a
+        duplicate) only acknowledged, once what settled it is durable.  The slave says
+        whether its kill or the program's own end came first: a job that finished before
+        a cancel reached it keeps its result."""
+        if not self.runs_on(job_id, uid):
+            # A job that runs again elsewhere keeps its new slave's chunks.
+            return ([] if job_id in self.records else [Discard(job_id)]) + [Ack(uid, job_id)]
+        return self._settle(self.records[job_id], exit_code, error, stdout, stderr,
+                            outputs=outputs, artifacts=artifacts) + [Ack(uid, job_id)]
+
+    def cancel(self, job_id: int) -> list[Decision]:
+        """A user's cancel.  It wins over any later start: a job not yet sent to its
+        slave (or whose slave is away) is settled here and never sent; one on a
+        slave is settled by the slave's report."""
+        rec = self.records.get(job_id)
+        if rec is None:
+            return []
+        if not rec.running or rec.job["slave_uid"] not in self.slaves or rec.sent_to is NEVER:
+            return self._settle(rec, None, cancelled())
+        if rec.cancel:
+            return []
+        rec.cancel = True
+        return [Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id))]
+
+    def dropped(self, job_id: int, error: dict) -> list[Decision]:
+        """A queued job taken off the queue by the scheduler (its session was lost): it fails."""
+        rec = self.records.get(job_id)
+        return self._settle(rec, None, error) if rec is not None and not rec.running else []
+
+    def slave_lost(self, uid: str, leaving: bool, grace: float) -> list[Decision]:
+        """The connection to ``uid`` closed.  ``leaving``: it said it stops, so its jobs are
+        lost now; otherwise they wait ``grace`` seconds for it to come back."""
+        self.slaves.pop(uid, None)
+        # The scheduler keeps counting its jobs until they are settled, so the cap holds.
+        self.scheduler.remove_slave(uid)
+        if self.stopping:
+            return []  # they stay running, for the next master to reconcile
+        out: list[Decision] = []
+        for rec in self._on(uid):
+            if leaving:
+                out += self._lose(rec, "its slave stopped while it ran")
+            else:
+                out += self._arm(rec, grace, f"its slave disconnected while it ran and did not "
+                                             f"come back within {grace:g} s")
+        return out
+
+    def slave_back(self, uid: str, instance: str | None, languages: list[str], slots: int,
+                   draining: bool, running: set[int], reported: set[int]) -> list[Decision]:
+        """Slave ``uid`` registered (again): ``running`` are the jobs it runs, ``reported``
+        those whose results it brings (fed as ``finished`` next)."""
+        if uid in self.slaves:  # its old connection is not seen closed yet
+            self.scheduler.remove_slave(uid)
+        ours = self._on(uid)
+        self.scheduler.add_slave(uid, languages, slots, running=[r.job["id"] for r in ours if r.job["id"] in running])
+        self.scheduler.set_accepting(uid, not draining)
+        self.slaves[uid] = instance
+        out: list[Decision] = []
+        for rec in ours:
+            if rec.timer:
+                rec.timer = 0
+                out.append(ClearTimer(rec.job["id"]))
+        # Jobs it still runs that were settled meanwhile (e.g. failed as lost): stop them.
+        mine = {rec.job["id"] for rec in ours}
+        out += [Send(uid, P.make("job_cancel", job_id=j)) for j in sorted(running - mine)]
+        # Jobs it ran for us that it neither runs nor reports: lost with the slave.
+        for rec in ours:
+            if rec.job["id"] not in running and rec.job["id"] not in reported:
+                out += self._lose(rec, "the slave restarted and no longer has this job", instance=instance)
+        return out
+
+    def timer_fired(self, job_id: int, token: int) -> list[Decision]:
+        rec = self.records.get(job_id)
+        if rec is None or rec.timer != token:
+            return []
+        rec.timer = 0
+        if rec.running and rec.job["slave_uid"] not in self.slaves:
+            return self._lose(rec, rec.why)
+        return []
+
+    def stop(self) -> list[Decision]:
+        """The master stops: nothing is settled from now on, its slaves keep the jobs for the next one."""
+        self.stopping = True
+        out: list[Decision] = []
+        for rec in self.records.values():
+            if rec.timer:
+                rec.timer = 0
+                out.append(ClearTimer(rec.job["id"]))
+        return out
+
+    # -- transitions ----------------------------------------------------------
+
+    def _on(self, uid: str) -> list[JobRecord]:
+        return [rec for _, rec in sorted(self.records.items())
+                if rec.running and rec.job.get("slave_uid") == uid]
+
+    def _arm(self, rec: JobRecord, delay: float, why: str) -> list[Decision]:
+        self._seq += 1
+        rec.timer, rec.why = self._seq, why
+        return [SetTimer(rec.job["id"], rec.timer, delay)]
+
+    def _lose(self, rec: JobRecord, why: str, instance: str | None = None) -> list[Decision]:
+        """Its slave is gone: retry if the job allows it, else fail it.
+
+        ``instance``: the slave process that came back without the job, if one
+        did; if that is the process the job was sent to, it never got it.
+        """
+        if self.stopping:
+            return []
+        job = rec.job
+        never_ran = rec.sent_to is NEVER or (instance is not None and rec.sent_to == instance)
+        self.scheduler.finished(job["id"])
+        if rec.cancel:
+            return self._settle(rec, None, cancelled())
+        if not (never_ran or (job.get("attempts") or 0) <= (job.get("retries") or 0)):
+            lost = f"; its session {job['session']!r} is lost with it" if job.get("session") else ""
+            return self._settle(rec, None, P.error(P.SLAVE_LOST, f"{why} (slave {job['slave_uid']}){lost}"))
+        if never_ran:
+            # Its job_run was never sent, or the slave process it went to came
+            # back without it: it did not run, so no retry is used up.
+            job["attempts"] = max(0, (job.get("attempts") or 0) - 1)
+            why += ", before it started"
+        out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
+        rec.timer, rec.dispatch, rec.sent_to, rec.output_gap, rec.note = 0, 0, NEVER, False, None
+        job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
+        self.scheduler.requeue_front(job["id"], job["language"], session_of(job), user=job.get("user"))
+        log.info("job %d requeued (%s), attempt %d of %d", job["id"], why, job["attempts"] + 1,
+                 (job.get("retries") or 0) + 1)
+        return out + [Discard(job["id"]), Save((job,)), _update(job)]
+
+    def _settle(self, rec: JobRecord, exit_code: int | None, err: dict | None, stdout: str | None = None,
+                stderr: str | None = None, *, outputs: list | None = None,
+                artifacts: list | None = None) -> list[Decision]:
+        """The job's one terminal state: it leaves the records (terminal jobs live in the store only)."""
+        job = rec.job
+        del self.records[job["id"]]
+        if job["status"] == P.QUEUED:
+            self.scheduler.dequeue(job["id"])
+        self.scheduler.finished(job["id"])
+        job.update(status=P.status_of(err), error=err, exit_code=exit_code, finished_at=P.now(),
+                   outputs=outputs or [], artifacts=artifacts or [])
+        if stdout is not None:
+            job["stdout"] = stdout
+        if stderr is not None:
+            job["stderr"] = stderr
+        out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
+        return out + [Discard(job["id"]), Save((job,)), _update(job)]
+
+
+def merged(decisions: list[Decision]) -> list[Decision]:
+    """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
+
+    For decisions taken in one turn (a submission and the starts it allows):
+    a save only moves earlier, so nothing is told before it is durable.  The
+    records stay in order: a job saved twice is written as it was last.
+    """
+    saves = [job for d in decisions if isinstance(d, Save) for job in d.jobs]
+    out: list[Decision] = []
+    for d in decisions:
+        if not isinstance(d, Save):
+            out.append(d)
+        elif saves:
+            out.append(Save(tuple(saves)))
+            saves = []
+    return out
+
+
+def _update(job: dict) -> Announce:
+    return Announce(P.make("job_update", job=P.update_of(job)), job.get("user"))
+
+
+def _for_slave(job: dict, session_note: str | None = None) -> dict:
+    out = {k: job.get(k) for k in ("id", "language", "timeout", "name", "user", "session", "collect")}
+    out.update(source=job.get("source") or "", files=job.get("files") or {}, args=job.get("args") or [],
+               stdin=job.get("stdin"))
+    if session_note:
+        out["session_note"] = session_note
+    return out
