@@ -29,6 +29,8 @@ from slave.bwrap import BwrapSandbox  # noqa: E402
 from slave.sandbox import Cgroups, Limits, Sandbox  # noqa: E402
 from slave.seccomp import seccomp_available  # noqa: E402
 
+from side_by_side import trivial_job_times  # noqa: E402
+
 
 def one(sandbox: Sandbox, argv: list[str], workdir: str, limits: Limits) -> float:
     t0 = time.perf_counter()
@@ -60,41 +62,16 @@ def measure(boxes: list[Sandbox], argv: list[str], n: int, limits: Limits) -> li
 def through_clusters(n: int) -> None:
     """p50 of a trivial Python job, submit to result, through a real master and
     slave: one cluster per ``--sandbox`` mode, taking turns job by job."""
-    from distexec_kernel import Cluster
-    from distexec_kernel.local import LocalCluster
-
-    home = tempfile.mkdtemp(prefix="distexec-bench-home-")
     modes = ("none", "auto")
-    clusters = [LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"),
-                             slave_args=["--sandbox", mode]) for mode in modes]
-    clients = []
-    try:
-        for lc in clusters:
-            lc.start()
-            clients.append(Cluster(lc.url, token=lc.token))
-        for c in clients:
-            c.submit("pass").wait(60)  # warm up
-        times: list[list[float]] = [[] for _ in modes]
-        for _ in range(n):
-            for i, c in enumerate(clients):
-                t0 = time.perf_counter()
-                job = c.submit("pass").wait(60)
-                times[i].append(time.perf_counter() - t0)
-                assert job.status == "succeeded", job.record
-        print(f"{n} trivial Python jobs per cluster (1 slave, 1 slot), submit to result; milliseconds")
-        base = None
-        for mode, ts in zip(modes, times):
-            ts.sort()
-            med = statistics.median(ts) * 1000
-            base = med if base is None else base
-            print(f"--sandbox {mode:5} median {med:7.2f}  p90 {ts[int(len(ts) * 0.9) - 1] * 1000:7.2f}"
-                  f"  {med - base:+7.2f}")
-    finally:
-        for c in clients:
-            c.close()
-        for lc in clusters:
-            lc.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    times = trivial_job_times([["--sandbox", mode] for mode in modes], n)
+    print(f"{n} trivial Python jobs per cluster (1 slave, 1 slot), submit to result; milliseconds")
+    base = None
+    for mode, ts in zip(modes, times):
+        ts.sort()
+        med = statistics.median(ts) * 1000
+        base = med if base is None else base
+        print(f"--sandbox {mode:5} median {med:7.2f}  p90 {ts[int(len(ts) * 0.9) - 1] * 1000:7.2f}"
+              f"  {med - base:+7.2f}")
 
 
 def main() -> None:

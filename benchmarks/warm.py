@@ -42,6 +42,8 @@ from slave.runner import ProcessRunner  # noqa: E402
 from slave.sandbox import Limits  # noqa: E402
 from slave.warm import WarmRunner  # noqa: E402
 
+from side_by_side import trivial_job_times  # noqa: E402
+
 BLOCK = 10
 JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("sh", "true", "sh true"),
         ("c", "int main(void) { return 0; }", "C, cached")]
@@ -148,37 +150,11 @@ async def bench_runners(n: int) -> None:
 
 
 def bench_clusters(n: int) -> None:
-    from distexec_kernel import Cluster
-    from distexec_kernel.local import LocalCluster
-
-    home = tempfile.mkdtemp(prefix="distexec-bench-home-")
-    modes = ("--warm", "--no-warm")
-    clusters = [LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), languages="python,sh",
-                             slave_args=[mode]) for mode in modes]
-    clients = []
-    try:
-        for lc in clusters:
-            lc.start()
-            clients.append(Cluster(lc.url, token=lc.token))
-        for c in clients:
-            c.submit("pass").wait(60)
-        times: list[list[float]] = [[] for _ in modes]
-        for _ in range(n):
-            for i, c in enumerate(clients):
-                t0 = time.perf_counter()
-                job = c.submit("pass").wait(60)
-                times[i].append(time.perf_counter() - t0)
-                assert job.status == "succeeded", job.record
-        print(f"{n} trivial Python jobs per cluster (1 slave, 1 slot), submit to result; milliseconds")
-        (w50, w90), (f50, f90) = summary(times[0]), summary(times[1])
-        print(f"--warm    median {w50:7.2f}  p90 {w90:7.2f}")
-        print(f"--no-warm median {f50:7.2f}  p90 {f90:7.2f}  ({f50 - w50:+.2f} ms, {f50 / w50:.2f}x)")
-    finally:
-        for c in clients:
-            c.close()
-        for lc in clusters:
-            lc.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    times = trivial_job_times([["--warm"], ["--no-warm"]], n, languages="python,sh")
+    print(f"{n} trivial Python jobs per cluster (1 slave, 1 slot), submit to result; milliseconds")
+    (w50, w90), (f50, f90) = summary(times[0]), summary(times[1])
+    print(f"--warm    median {w50:7.2f}  p90 {w90:7.2f}")
+    print(f"--no-warm median {f50:7.2f}  p90 {f90:7.2f}  ({f50 - w50:+.2f} ms, {f50 / w50:.2f}x)")
 
 
 def main() -> None:

@@ -118,6 +118,9 @@ class _Socket(tornado.websocket.WebSocketHandler):
             await getattr(self, name)(msg)
         except P.ProtocolError as exc:
             self.reply_error(exc.code, exc.message)
+        except Exception:  # never let one message take the connection down
+            log.exception("%s message failed", self.__class__.__name__)
+            self.reply_error("internal_error", "the master failed to handle this message")
 
     def on_close(self) -> None:
         self.closed = True
@@ -209,14 +212,6 @@ class ClientSocket(_Socket):
         err = None if job else P.error("not_found", f"no job {msg['job_id']}")
         self.send(P.make("cancel_reply", job=job, error=err, ref=msg.get("ref")))
 
-    async def on_message(self, text) -> None:
-        # A submit that breaks the rules gets its answer in a submit_reply.
-        try:
-            await super().on_message(text)
-        except Exception:  # never let one message take the connection down
-            log.exception("client message failed")
-            self.reply_error("internal_error", "the master failed to handle this message")
-
     def on_close(self) -> None:
         super().on_close()
         if getattr(self, "_expiry", None) is not None:
@@ -273,13 +268,6 @@ class SlaveSocket(_Socket):
 
     async def on_session_ended(self, msg: dict) -> None:
         self.master.session_ended(self._registered(), msg)
-
-    async def on_message(self, text) -> None:
-        try:
-            await super().on_message(text)
-        except Exception:
-            log.exception("slave message failed")
-            self.reply_error("internal_error", "the master failed to handle this message")
 
     def on_close(self) -> None:
         super().on_close()

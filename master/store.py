@@ -170,6 +170,12 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple], input_rows: list[tuple]
         conn.executemany("INSERT OR REPLACE INTO inputs (id, data, size) VALUES (?, ?, ?)", input_rows)
 
 
+def _where(equal: dict) -> tuple[str, list]:
+    """A WHERE clause of ``column = ?`` for each column whose value is not None, and its parameters."""
+    used = {column: value for column, value in equal.items() if value is not None}
+    return ("WHERE " + " AND ".join(f"{column} = ?" for column in used) if used else ""), list(used.values())
+
+
 def _merge(data: str, inputs: str | None) -> dict:
     job = json.loads(data)
     if inputs is not None:
@@ -314,17 +320,7 @@ class JobStore:
     # -- reads -------------------------------------------------------------
 
     def _list(self, status: str | None, limit: int, offset: int, user: str | None, group: str | None = None):
-        where, params = [], []
-        if group is not None:
-            where.append("j.grp = ?")
-            params.append(group)
-        if status:
-            where.append("j.status = ?")
-            params.append(status)
-        if user is not None:
-            where.append("j.user = ?")
-            params.append(user)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = _where({"j.grp": group, "j.status": status or None, "j.user": user})
         conn = self._read_conn()
         if group is not None:  # a batch: at most MAX_BATCH rows, through its index
             total = conn.execute(f"SELECT COUNT(*) FROM jobs j {clause}", params).fetchone()[0]
@@ -337,14 +333,7 @@ class JobStore:
     @staticmethod
     def _count(conn: sqlite3.Connection, status: str | None, user: str | None) -> int:
         """How many jobs (of ``status``, of ``user``): read from job_counts, as cheap with a million as with ten."""
-        where, params = [], []
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        if user is not None:
-            where.append("user = ?")
-            params.append(user)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = _where({"status": status or None, "user": user})
         return conn.execute(f"SELECT COALESCE(SUM(n), 0) FROM job_counts {clause}", params).fetchone()[0]
 
     async def list(self, status: str | None = None, limit: int = 100, offset: int = 0,

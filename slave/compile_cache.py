@@ -73,38 +73,30 @@ class CompileCache:
 
     def fetch(self, key: str, dest: str) -> bool:
         """Copy the artefacts stored under ``key`` into ``dest``; False on a miss."""
-        entry = self._entry(key)
-        try:
-            names = os.listdir(entry)
-            for name in names:
-                # A copy, never a link: a job that rewrote its executable
-                # must not change what the next job runs.  No times copied:
-                # they would tell this job when someone compiled the same program.
-                shutil.copyfile(os.path.join(entry, name), os.path.join(dest, name))
-                shutil.copymode(os.path.join(entry, name), os.path.join(dest, name))
-            os.utime(entry)  # most recently used
-        except OSError as exc:
-            # Absent, or evicted while we copied: compile instead.
-            if not isinstance(exc, FileNotFoundError):
-                log.warning("compile cache entry %s unreadable: %s", key[:12], exc)
-            with self._lock:
-                self.misses += 1
-            return False
-        with self._lock:
-            self.hits += 1
-        return True
+        def copy(path: str, name: str) -> None:
+            # A copy, never a link: a job that rewrote its executable
+            # must not change what the next job runs.  No times copied:
+            # they would tell this job when someone compiled the same program.
+            shutil.copyfile(path, os.path.join(dest, name))
+            shutil.copymode(path, os.path.join(dest, name))
+        return self._visit(key, copy) is not None
 
     def read(self, key: str) -> "dict[str, tuple[bytes, int]] | None":
         """The artefacts stored under ``key`` (name -> (bytes, permission bits)), for a job whose
         directory the slave cannot reach (the warm pool's child writes them); None on a miss."""
+        def load(path: str, name: str) -> tuple[bytes, int]:
+            with open(path, "rb") as f:
+                return f.read(), os.fstat(f.fileno()).st_mode & 0o777
+        return self._visit(key, load)
+
+    def _visit(self, key: str, use) -> dict | None:
+        """``use(path, name)`` for each artefact under ``key``, counted as a hit; None on a miss."""
         entry = self._entry(key)
-        found = {}
         try:
-            for name in os.listdir(entry):
-                with open(os.path.join(entry, name), "rb") as f:
-                    found[name] = (f.read(), os.fstat(f.fileno()).st_mode & 0o777)
+            found = {name: use(os.path.join(entry, name), name) for name in os.listdir(entry)}
             os.utime(entry)  # most recently used
         except OSError as exc:
+            # Absent, or evicted while we read: compile instead.
             if not isinstance(exc, FileNotFoundError):
                 log.warning("compile cache entry %s unreadable: %s", key[:12], exc)
             with self._lock:

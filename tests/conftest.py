@@ -210,3 +210,36 @@ def logs(tmp_path) -> str:
         for name in sorted(os.listdir(log_dir)):
             out.append(f"--- {name}\n{(log_dir / name).read_text()}")
     return "\n".join(out)
+
+
+def users_json(tmp_path, *names: str) -> str:
+    """A ``--users`` file with each of ``names``, whose password is ``<name>-pw``.
+
+    Hashed with argon2's cheapest profile: tests log in often, and the
+    production cost would only slow them down."""
+    import argon2
+
+    from master import auth
+
+    cheap = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+    path = str(tmp_path / "users.json")
+    for name in names:
+        auth.add_user(path, name, f"{name}-pw", hasher=cheap)
+    return path
+
+
+# A job that forks sleepers until the system refuses, then prints how many it made:
+# what a process limit (pids cgroup) must stop short of its cap.
+FORK_UNTIL_REFUSED = """\
+import os, time
+n = 0
+try:
+    while n < 500:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+except BlockingIOError:
+    pass
+print(n)
+"""

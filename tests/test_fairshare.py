@@ -1,25 +1,20 @@
 """Users share the master: fair dispatch on a real cluster, and queued jobs that cost it no memory."""
 from __future__ import annotations
 
-import argon2
 import psutil
 import pytest
 import requests
 
 from distexec_kernel import Cluster, protocol as P
-from master import auth
 
-from conftest import wait_for
+from conftest import users_json, wait_for
 
-CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 SLEEPER = "import time\ntime.sleep(60)\n"
 
 
 @pytest.fixture
 def two_users(make_cluster, tmp_path):
-    path = str(tmp_path / "users.json")
-    for name in ("alice", "bob"):
-        auth.add_user(path, name, f"{name}-pw", hasher=CHEAP)
+    path = users_json(tmp_path, "alice", "bob")
     lc = make_cluster(1, slots=1, languages="python", master_args=["--users", path])
     alice = Cluster(lc.url, user="alice", password="alice-pw")
     bob = Cluster(lc.url, user="bob", password="bob-pw")

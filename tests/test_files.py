@@ -8,15 +8,15 @@ import os
 import subprocess
 import sys
 
-import argon2
 import pytest
 import requests
 
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 from distexec_kernel.files import FilesError, read_paths
-from master import auth
 from slave.collect import matches
+
+from conftest import users_json
 
 T = 90  # seconds a job may take on a loaded machine (Java compiles)
 
@@ -240,13 +240,10 @@ def test_distexec_get_saves_the_files_with_their_folders(cluster, client, tmp_pa
     assert "collected answer.txt (2 bytes)" in r.stderr
 
 
-CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
 
 def test_another_users_artifacts_are_not_found(make_cluster, tmp_path):
-    users = str(tmp_path / "users.json")
-    auth.add_user(users, "alice", "alice-pw", hasher=CHEAP)
-    auth.add_user(users, "bob", "bob-pw", hasher=CHEAP)
+    users = users_json(tmp_path, "alice", "bob")
     lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
     alice, bob = Cluster(lc.url, user="alice", password="alice-pw"), Cluster(lc.url, user="bob", password="bob-pw")
     try:

@@ -15,7 +15,7 @@ from distexec_kernel.cluster import DistexecError
 from distexec_kernel.local import LocalCluster
 from master import auth
 
-from conftest import wait_for
+from conftest import users_json, wait_for
 
 CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 SLEEPER = "import time\ntime.sleep(60)\n"
@@ -26,8 +26,7 @@ def mode(path) -> int:
 
 
 def test_prune_by_hand_keeps_queued_and_running_jobs_and_never_reuses_ids(make_cluster, tmp_path):
-    users = str(tmp_path / "users.json")
-    auth.add_user(users, "alice", "alice-pw", hasher=CHEAP)
+    users = users_json(tmp_path, "alice")
     lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
     with Cluster(lc.url, token=lc.token) as c:
         old = [c.submit(f"print({i})").wait(30) for i in range(3)]

@@ -11,7 +11,7 @@ from master import auth
 from master.app import MAX_BODY_BYTES
 from master.limits import RateLimiter, parse_rate
 
-from conftest import wait_for
+from conftest import users_json, wait_for
 
 CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
@@ -101,10 +101,7 @@ def test_a_user_past_the_rate_gets_429_with_retry_after(make_cluster, tmp_path):
 
 
 def _users(tmp_path) -> str:
-    path = str(tmp_path / "users.json")
-    for name in ("alice", "bob"):
-        auth.add_user(path, name, f"{name}-pw", hasher=CHEAP)
-    return path
+    return users_json(tmp_path, "alice", "bob")
 
 
 def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 
-import argon2
 import psutil
 import pytest
 
@@ -16,9 +15,8 @@ from distexec_kernel import Cluster
 from distexec_kernel.cluster import DistexecError
 from master import auth
 
-from conftest import wait_for
+from conftest import users_json, wait_for
 
-CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 SLEEPER = "import time\ntime.sleep(60)\n"
 
 
@@ -109,10 +107,7 @@ def test_each_bad_input_is_raised_with_its_code_as_over_http(cluster, client):
 
 @pytest.fixture
 def users_file(tmp_path):
-    path = str(tmp_path / "users.json")
-    for name in ("alice", "bob"):
-        auth.add_user(path, name, f"{name}-pw", hasher=CHEAP)
-    return path
+    return users_json(tmp_path, "alice", "bob")
 
 
 def test_queue_full_and_rate_limited_reach_the_caller(make_cluster, users_file):

@@ -29,7 +29,7 @@ from distexec_kernel.local import LocalCluster
 from slave.bwrap import BwrapSandbox, best_sandbox
 from slave.sandbox import Cgroups, Limits, NOBODY, Sandbox
 
-from conftest import wait_for
+from conftest import FORK_UNTIL_REFUSED, wait_for
 
 MEMORY_MB = 128
 MAX_PROCS = 32
@@ -169,20 +169,7 @@ def test_fork_bomb_is_stopped_and_nothing_survives(box_client):
 
 
 def test_processes_per_job_are_capped(box_client):
-    source = textwrap.dedent("""
-        import os, time
-        n = 0
-        try:
-            while n < 500:
-                if os.fork() == 0:
-                    time.sleep(60)
-                    os._exit(0)
-                n += 1
-        except BlockingIOError:
-            pass
-        print(n)
-    """)
-    job = run(box_client, source)
+    job = run(box_client, FORK_UNTIL_REFUSED)
     assert job.status == P.SUCCEEDED, job.record
     # The job's own process counts too; bubblewrap's two do not.
     assert MAX_PROCS - 4 <= int(job.stdout) < MAX_PROCS, job.stdout

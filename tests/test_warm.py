@@ -21,7 +21,7 @@ from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import LocalCluster
 from slave.warm import WARM_UID_BASE
 
-from conftest import wait_for, warm_parents
+from conftest import FORK_UNTIL_REFUSED, wait_for, warm_parents
 
 MEMORY_MB = 128
 MAX_PROCS = 32
@@ -267,20 +267,7 @@ def test_fork_bomb_is_held_by_the_pids_limit(c):
     job = run(c, SH_WHERE + ":(){ :|:& };: 2>/dev/null; sleep 60", "bash", timeout=3)
     assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
     assert job.stdout.startswith("warm\n")
-    source = WHERE + textwrap.dedent("""
-        import os, time
-        n = 0
-        try:
-            while n < 500:
-                if os.fork() == 0:
-                    time.sleep(60)
-                    os._exit(0)
-                n += 1
-        except BlockingIOError:
-            pass
-        print(n)
-    """)
-    job = run(c, source)
+    job = run(c, WHERE + FORK_UNTIL_REFUSED)
     assert job.status == P.SUCCEEDED, job.record
     where, n = job.stdout.split()
     assert where == "warm" and MAX_PROCS - 4 <= int(n) < MAX_PROCS, job.stdout
