@@ -243,3 +243,18 @@ except BlockingIOError:
     pass
 print(n)
 """
+
+# A job that leaves a daemon behind (forked twice, in its own session) and says so
+# once it runs: what must be gone when the job ends.
+DOUBLE_FORKING_DAEMON = """\
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open("daemon.started", "w").close()
+        time.sleep(300)
+    os._exit(0)
+while not os.path.exists("daemon.started"):
+    time.sleep(0.01)
+print("daemon up")
+"""

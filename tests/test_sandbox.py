@@ -29,7 +29,7 @@ from distexec_kernel.local import LocalCluster
 from slave.bwrap import BwrapSandbox, best_sandbox
 from slave.sandbox import Cgroups, Limits, NOBODY, Sandbox
 
-from conftest import FORK_UNTIL_REFUSED, wait_for
+from conftest import DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, wait_for
 
 MEMORY_MB = 128
 MAX_PROCS = 32
@@ -224,19 +224,7 @@ def test_cancel_leaves_no_process(box_client, box):
 
 
 def test_double_forking_daemon_is_gone_after_the_job(box_client, box):
-    source = textwrap.dedent("""
-        import os, time
-        if os.fork() == 0:
-            os.setsid()
-            if os.fork() == 0:
-                open("daemon.started", "w").close()
-                time.sleep(300)
-            os._exit(0)
-        while not os.path.exists("daemon.started"):
-            time.sleep(0.01)
-        print("daemon up")
-    """)
-    job = run(box_client, source)
+    job = run(box_client, DOUBLE_FORKING_DAEMON)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "daemon up\n"), job.record
     # The autouse check: the daemon died with the job's PID namespace.
 

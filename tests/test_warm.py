@@ -21,7 +21,7 @@ from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import LocalCluster
 from slave.warm import WARM_UID_BASE
 
-from conftest import FORK_UNTIL_REFUSED, wait_for, warm_parents
+from conftest import DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, wait_for, warm_parents
 
 MEMORY_MB = 128
 MAX_PROCS = 32
@@ -365,19 +365,7 @@ def test_cancel_and_timeout_end_only_that_job(c):
 
 
 def test_a_daemon_left_by_a_job_is_killed_when_it_ends(c, lc):
-    source = WHERE + textwrap.dedent("""
-        import os, time
-        if os.fork() == 0:
-            os.setsid()
-            if os.fork() == 0:
-                open('/tmp/daemon.started', 'w').close()
-                time.sleep(300)
-            os._exit(0)
-        while not os.path.exists('/tmp/daemon.started'):
-            time.sleep(0.01)
-        print('daemon up')
-    """)
-    job = run(c, source)
+    job = run(c, WHERE + DOUBLE_FORKING_DAEMON)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "warm\ndaemon up\n"), job.record
     wait_for(lambda: not job_processes(lc), 15, "the daemon to be gone")
 
