@@ -1,4 +1,4 @@
-"""Process helpers every role needs: dying with the parent, killing a group.
+"""Process helpers every role needs: dying with the parent, killing a group, writing a whole buffer.
 
 Standard library only (ctypes), so the client's ``distexec up`` and the
 slave share them.
@@ -30,3 +30,10 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd``: ``os.write`` may write less than it is given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 from distexec_kernel import protocol as P
+from distexec_kernel.procs import write_all
 
 log = logging.getLogger("distexec.master.artifacts")
 
@@ -66,9 +67,7 @@ class ArtifactStore:
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if offset else os.O_TRUNC)
         fd = os.open(os.path.join(folder, str(index)), flags, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         finally:
             os.close(fd)
         sizes[index] = have + len(data)

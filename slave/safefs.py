@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import stat
 
+from distexec_kernel.procs import write_all as _write_all
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -159,9 +161,3 @@ def copy_out(src_dir_fd: int, name: str, dest_path: str, max_bytes: int | None =
             os.close(out)
     finally:
         os.close(src)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

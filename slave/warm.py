@@ -22,6 +22,7 @@ import shutil
 import time
 
 from distexec_kernel import languages as L, protocol as P
+from distexec_kernel.procs import write_all
 
 from . import steps
 from .bwrap import WARM_ROOT, BwrapSandbox
@@ -337,9 +338,7 @@ async def _readers(pipes: list[tuple[int, str]], capture: Capture) -> tuple[list
 def _feed(fd: int, data: bytes) -> None:
     """The job's stdin, on a thread: a program that never reads it blocks only this thread."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
     except OSError:
         pass  # it did not read all of its input: its business
     finally:

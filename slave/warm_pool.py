@@ -16,7 +16,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from distexec_kernel.procs import die_with_parent
+from distexec_kernel.procs import die_with_parent, write_all
 
 log = logging.getLogger("distexec.slave.warm")
 
@@ -110,9 +110,7 @@ class Zygote:
         ident = self._next
         memfd = os.memfd_create("distexec-job", os.MFD_CLOEXEC)
         try:
-            view = memoryview(spec)
-            while view:
-                view = view[os.write(memfd, view):]
+            write_all(memfd, spec)
             self._send({"op": "run", "id": ident, "slot": slot}, [memfd] + fds)
         finally:
             os.close(memfd)
