@@ -85,5 +85,10 @@ def test_a_large_batch_does_not_hold_back_another_users_single_job(two_users):
     started = sweep.refresh().counts()
     # At most one of the sweep's jobs went before bob's (the one that took the slot as it freed).
     assert started.get(P.QUEUED, 0) >= 898, started
-    sweep.cancel()
-    assert sweep.wait(60, progress=False).counts().get(P.CANCELLED, 0) >= 890
+    # Warm jobs finish in milliseconds: some ran while we looked.  Every job
+    # not ended when the cancel arrived ends cancelled, but for one a slot
+    # may finish in the same instant.
+    not_ended = alice.cancel_group(sweep.id)
+    counts = sweep.wait(60, progress=False).counts()
+    assert sum(counts.values()) == 900 and set(counts) <= {P.SUCCEEDED, P.CANCELLED}, counts
+    assert counts.get(P.CANCELLED, 0) >= not_ended - 1 and not_ended > 0, (not_ended, counts)
