@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
+import marshal
 import pwd
 import shutil
 import time
@@ -270,7 +270,7 @@ class WarmRunner(Runner):
         oom_before = cg.oom_count()
         started = time.monotonic()
         try:
-            ended = zygote.run(slot, pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL), [stdin_r, out_w, err_w])
+            ended = zygote.run(slot, marshal.dumps(spec), [stdin_r, out_w, err_w])
         except BaseException:
             for fd in (out_r, err_r, stdin_w):
                 if fd is not None:

@@ -102,7 +102,7 @@ class Zygote:
                 pass
 
     def run(self, slot: int, spec: bytes, fds: list[int]) -> asyncio.Future:
-        """Hand a job to ``slot``'s child: ``spec`` (a pickle the child reads) and its stdin, stdout and
+        """Hand a job to ``slot``'s child: ``spec`` (a marshal dump the child reads) and its stdin, stdout and
         stderr.  The future gets ``Ended``, or ZygoteDied."""
         if self.died is not None:
             raise ZygoteDied(self.died)
