@@ -287,6 +287,21 @@ def test_output_flood_hits_the_output_limit(c):
     assert job.stdout.startswith("warm\n") and len(job.stdout.encode()) <= 1 << 20
 
 
+def test_output_under_the_limit_arrives_whole_on_both_streams(c):
+    # Multi-byte characters written in odd-sized pieces: every read may end inside one.
+    job = run(c, WHERE + textwrap.dedent("""
+        import os
+        data = ('é' * 150000).encode() + b'end'
+        for i in range(0, len(data), 4097):
+            os.write(1, data[i:i + 4097])
+            os.write(2, b'\\xc3')  # 'ü', one byte at a time
+            os.write(2, b'\\xbc')
+    """))
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout == "warm\n" + "é" * 150000 + "end", len(job.stdout)
+    assert job.stderr == "ü" * len(range(0, 300003, 4097)), job.stderr[:50]
+
+
 def test_no_network(c, lc):
     source = WHERE + textwrap.dedent("""
         import socket, sys
