@@ -1,10 +1,12 @@
 """The warm pool's parent (a "zygote"): started once per slave inside bubblewrap,
 it never runs user code and forks one fresh child per job.
 
-Run by the slave (slave/warm_pool.py) as ``python3 -u -c <this file> FD CONFIG``
+Run by the slave (slave/warm_pool.py) as ``python3 -u -c <this file> FD CONFIG`` (CONFIG: a
+marshal dump of {root, seccomp}, in hex)
 with the job's interpreter, so a job sees the same ``sys.path`` as a fresh
-``python3 main.py``.  Standard library only, and little of it: every MiB it
-touches makes each fork dearer.  bwrap has already made it root with only
+``python3 main.py``.  Standard library only, and little of it (no json, pickle or
+socket.py: marshal and _socket are built in): every MiB it touches makes each
+fork dearer.  bwrap has already made it root with only
 CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_KILL, in its own PID, IPC, UTS
 and network namespaces, on a read-only system with the secrets hidden.
 
@@ -18,28 +20,27 @@ program the slave built.  Given its job, it makes and enters its 0700
 directory, writes the job's files and runs the job: Python source in a fresh ``__main__``,
 anything else by execve.
 
-Protocol on FD (a SOCK_SEQPACKET socket, one JSON object per message):
-  in:  {"op": "prepare", "slot": S, "spec": {uid, gid, cgroups, disk_bytes, inodes}}: fork a child for
+Protocol on FD (a SOCK_SEQPACKET socket, one message each):
+  in (a marshal dump of a dict; the slave is trusted):
+       {"op": "prepare", "slot": S, "spec": {uid, gid, cgroups, disk_bytes, inodes}}: fork a child for
        slot S now, which isolates itself and waits for its job (the slave sends it when the slot is free)
        {"op": "run", "id": N, "slot": S} with SCM_RIGHTS [spec (memfd, a marshal dump), stdin, stdout, stderr]:
        hand the job to slot S's waiting child (forked now if there is none)
        {"op": "kill", "id": N}
-  out: {"ready": pid} once; {"id": N, "pid": P}; {"id": N, "exit": code, "free": [bytes, inodes, free inodes]
-       or null, "error": null or "why the child could not start", "disk": bool}
+  out (ASCII words, parsed by the slave without eval or unmarshal): "ready PID" once, or "error WHY";
+       "pid N P"; "exit N CODE|- BYTES,INODES,FREE_INODES|- DISK(0|1) WHY-IT-COULD-NOT-START(or empty)"
 EOF on FD: the slave is gone; the zygote exits and bwrap's PID namespace takes every job with it.
 """
 import array
 import ctypes
 import gc
-import json
 import marshal
 import os
 import resource
 import select
 import signal
-import socket
+import _socket as socket  # not socket.py: it imports enum and selectors
 import sys
-import types
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 # Looked up here, once: a lookup in a child would build them again in every child.
@@ -92,14 +93,14 @@ class Zygote:
         gc.collect()
         gc.freeze()
 
-    def send(self, **msg):
+    def send(self, *words):
         try:
-            self.sock.send(json.dumps(msg).encode())
+            self.sock.send(" ".join(map(str, words)).encode())
         except OSError:
             pass  # the slave is gone: the next recv sees EOF
 
     def serve(self):
-        self.send(ready=os.getpid())
+        self.send("ready", os.getpid())
         while True:
             try:
                 readable, _, _ = select.select([self.sock, self.wake_r], [], [])
@@ -126,7 +127,7 @@ class Zygote:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not data:
             return False
-        msg = json.loads(data)
+        msg = marshal.loads(data)
         if msg["op"] == "run" and len(fds) == _FDS:
             self.run(msg["id"], msg["slot"], list(fds))
             return True
@@ -182,12 +183,12 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         if spare is None:
-            self.send(id=job_id, exit=None, free=None, error="no child could be forked", disk=False)
+            self.send("exit", job_id, "-", "-", 0, "no child could be forked")
             return
         status.setblocking(False)
         self.jobs[pid] = (job_id, status)
         self.by_id[job_id] = pid
-        self.send(id=job_id, pid=pid)
+        self.send("pid", job_id, pid)
 
     def reap(self):
         while True:
@@ -224,7 +225,8 @@ class Zygote:
                 disk, error = data[1:2] == b"D", data[2:].decode(errors="replace")
             elif data != b"ok":
                 error = "the job's process ended before it started"
-            self.send(id=job_id, exit=os.waitstatus_to_exitcode(wstatus), free=free, error=error, disk=disk)
+            self.send("exit", job_id, os.waitstatus_to_exitcode(wstatus), ",".join(map(str, free)) if free else "-",
+                      int(disk), error or "")
 
 
 class Child:
@@ -386,7 +388,7 @@ def _close_all_but(keep):
 def run_python(spec, work):
     """What ``python3 -u main.py ARGS`` does, in this fresh process: never returns."""
     path = os.path.join(work, spec["source_name"])
-    main = types.ModuleType("__main__")
+    main = type(sys)("__main__")
     main.__file__ = path
     main.__cached__ = None
     main.__builtins__ = __builtins__
@@ -429,12 +431,12 @@ def _exit_code(exc):
 
 
 def main():
-    fd, config = int(sys.argv[1]), json.loads(sys.argv[2])
+    fd, config = int(sys.argv[1]), marshal.loads(bytes.fromhex(sys.argv[2]))
     zygote = Zygote(fd, config)
     try:
         zygote.setup()
     except OSError as exc:
-        zygote.send(error=f"the warm pool's parent could not start: {exc}")
+        zygote.send("error", f"the warm pool's parent could not start: {exc}")
         return 1
     zygote.serve()
     return 0
