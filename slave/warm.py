@@ -14,11 +14,13 @@ warm job can and cannot do; docs/performance.md ("Warm pool") what it costs.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
+import marshal
 import os
-import pickle
 import pwd
 import shutil
+import signal
 import time
 
 from distexec_kernel import languages as L, protocol as P
@@ -27,8 +29,8 @@ from distexec_kernel.procs import write_all
 from . import steps
 from .bwrap import WARM_ROOT, BwrapSandbox
 from .jobdirs import BYTES_PER_INODE, quota_full
-from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, Capture, Outcome, OutputCallback, ProcessRunner, Runner,
-                     StepResult, _pump, disk_error, hit_disk_limit, run_outcome)
+from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, READ_CHUNK, Capture, Outcome, OutputCallback, ProcessRunner,
+                     Runner, StepResult, disk_error, hit_disk_limit, run_outcome)
 from .sandbox import job_env, rlimits
 from .seccomp import program_bytes
 from .warm_pool import Zygote, ZygoteDied
@@ -60,6 +62,7 @@ class WarmRunner(Runner):
         self.zygote: Zygote | None = None
         self.cgroups: list = []
         self._free: list[int] = []
+        self._emptied: set[int] = set()  # slots whose cgroup was seen empty after their job
         self._said: set[str] = set()
         self._deaths: list[float] = []
         self._restarting: asyncio.Task | None = None
@@ -203,7 +206,9 @@ class WarmRunner(Runner):
     async def _release(self, slot: int) -> None:
         """The slot is free again once nothing of its job is left in its cgroup."""
         cg = self.cgroups[slot]
-        if cg.pids():
+        if slot in self._emptied:
+            self._emptied.discard(slot)
+        elif cg.pids():
             deadline = time.monotonic() + EMPTY_WAIT
 
             def empty() -> bool:
@@ -270,7 +275,7 @@ class WarmRunner(Runner):
         oom_before = cg.oom_count()
         started = time.monotonic()
         try:
-            ended = zygote.run(slot, pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL), [stdin_r, out_w, err_w])
+            ended = zygote.run(slot, marshal.dumps(spec), [stdin_r, out_w, err_w])
         except BaseException:
             for fd in (out_r, err_r, stdin_w):
                 if fd is not None:
@@ -281,7 +286,7 @@ class WarmRunner(Runner):
                 os.close(fd)
         capture = Capture(limits.output_bytes, on_output)
         feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
-        readers, transports = await _readers([(out_r, "stdout"), (err_r, "stderr")], capture)
+        readers = [_Output(out_r, "stdout", capture), _Output(err_r, "stderr", capture)]
         try:
             reason = await steps.supervise(ended, cancel, started + timeout, over=lambda: capture.over)
             if reason is not None:
@@ -291,16 +296,15 @@ class WarmRunner(Runner):
                 if not ended.done():
                     raise ZygoteDied("it did not report a killed job's end")
             result = ended.result()
-            cg.kill_all()  # what the job left running (a daemon) goes with it
-            await asyncio.wait(readers, timeout=DRAIN_AFTER_EXIT)
+            if not _kill_left(cg):  # what the job left running (a daemon) goes with it
+                self._emptied.add(slot)  # nothing can enter it before the slot's next child
+            await asyncio.wait([r.done for r in readers], timeout=DRAIN_AFTER_EXIT)
         finally:
             if not ended.done():
                 zygote.kill(ended)
                 cg.kill_all()
             for r in readers:
-                r.cancel()
-            for t in transports:
-                t.close()
+                r.close()
             if feeder is not None:
                 await asyncio.wait([feeder], timeout=KILL_GRACE)
         if result.error is not None:
@@ -323,16 +327,56 @@ def _native(lang: L.Language) -> bool:
     return lang.artefacts == (L.EXE,) and any("{exe}" in part for part in lang.run)
 
 
-async def _readers(pipes: list[tuple[int, str]], capture: Capture) -> tuple[list, list]:
-    loop = asyncio.get_running_loop()
-    readers, transports = [], []
-    for fd, stream in pipes:
-        reader = asyncio.StreamReader(loop=loop)
-        transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r, loop=loop),
-                                                    os.fdopen(fd, "rb", buffering=0))
-        transports.append(transport)
-        readers.append(asyncio.ensure_future(_pump(reader, stream, capture)))
-    return readers, transports
+class _Output:
+    """One of the job's output pipes, read straight from the event loop into ``capture`` (no transport,
+    stream reader and task per pipe: a warm job is short, and those cost more than it)."""
+
+    def __init__(self, fd: int, stream: str, capture: Capture):
+        self.fd, self.stream, self.capture = fd, stream, capture
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()  # set at EOF
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.capture.feed(self.stream, self.decoder.decode(data), len(data))
+            return
+        tail = self.decoder.decode(b"", final=True)
+        if tail:
+            self.capture.feed(self.stream, tail, len(tail.encode()))
+        self.close()
+        self.done.set_result(None)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _kill_left(cg) -> bool:
+    """Kill what is left in the slot's cgroup; False when it is empty (one read: every process of a
+    job is in each of the slot's cgroups, so one controller's list is enough)."""
+    path = cg.paths.get("pids") or next(iter(cg.paths.values()))
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            pids = [int(x) for x in f.read().split()]
+    except OSError:
+        pids = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return bool(pids)
 
 
 def _feed(fd: int, data: bytes) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import array
 import asyncio
-import json
 import logging
+import marshal
 import os
 import socket
 from dataclasses import dataclass
@@ -62,7 +62,8 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with open(SOURCE) as f:
             source = f.read()
-        command = [self.python, "-u", "-c", source, str(theirs.fileno()), json.dumps(self.config)]
+        command = [self.python, "-u", "-c", source, str(theirs.fileno()),
+                   marshal.dumps(self.config).hex()]
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv_for(command), pass_fds=[theirs.fileno()], env=self.env, stdin=asyncio.subprocess.DEVNULL,
@@ -83,10 +84,11 @@ class Zygote:
             await self.close()
             watcher.cancel()
             raise OSError(f"the warm pool's parent did not start: {exc or 'no answer'}") from None
-        if "error" in hello:
+        kind, _, rest = hello.partition(" ")
+        if kind != "ready":
             await self.close()
-            raise OSError(hello["error"])
-        self.pid = hello["ready"]
+            raise OSError(rest or f"the warm pool's parent said {hello!r}")
+        self.pid = int(rest)
 
     async def _watch(self) -> None:
         code = await self.proc.wait()
@@ -102,7 +104,7 @@ class Zygote:
                 pass
 
     def run(self, slot: int, spec: bytes, fds: list[int]) -> asyncio.Future:
-        """Hand a job to ``slot``'s child: ``spec`` (a pickle the child reads) and its stdin, stdout and
+        """Hand a job to ``slot``'s child: ``spec`` (a marshal dump the child reads) and its stdin, stdout and
         stderr.  The future gets ``Ended``, or ZygoteDied."""
         if self.died is not None:
             raise ZygoteDied(self.died)
@@ -130,7 +132,7 @@ class Zygote:
     def _send(self, msg: dict, fds: list[int]) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            self.sock.sendmsg([json.dumps(msg).encode()], anc)
+            self.sock.sendmsg([marshal.dumps(msg)], anc)
         except BlockingIOError:
             # Its queue is full: it has stopped reading, so it is as good as dead.
             self._die("its socket stopped taking requests")
@@ -151,14 +153,19 @@ class Zygote:
             if not data:
                 self._die("it closed its socket")
                 return
-            msg = json.loads(data)
-            if "ready" in msg or "error" in msg and "id" not in msg:
+            text = data.decode(errors="replace")
+            if text.startswith(("ready ", "error ")):
                 if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(msg)
-            elif "exit" in msg:
-                future = self._pending.pop(msg["id"], None)
+                    self._ready.set_result(text)
+            elif text.startswith("exit "):
+                try:
+                    ident, ended = _ended(text)
+                except ValueError:
+                    self._die(f"it sent {text[:200]!r}")
+                    return
+                future = self._pending.pop(ident, None)
                 if future is not None and not future.done():
-                    future.set_result(Ended(msg["exit"], msg.get("free"), msg.get("error"), msg.get("disk", False)))
+                    future.set_result(ended)
 
     def _die(self, why: str) -> None:
         if self.died is not None:
@@ -183,3 +190,11 @@ class Zygote:
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+def _ended(text: str) -> tuple[int, Ended]:
+    """``exit N CODE|- BYTES,INODES,FREE_INODES|- DISK WHY`` (slave/warm_zygote.py): plain words, parsed
+    without unmarshal or eval, as the parent runs in the sandbox."""
+    _, ident, code, free, disk, why = text.split(" ", 5)
+    sizes = None if free == "-" else [int(x) for x in free.split(",")]
+    return int(ident), Ended(None if code == "-" else int(code), sizes, why or None, disk == "1")

@@ -1,10 +1,12 @@
 """The warm pool's parent (a "zygote"): started once per slave inside bubblewrap,
 it never runs user code and forks one fresh child per job.
 
-Run by the slave (slave/warm_pool.py) as ``python3 -u -c <this file> FD CONFIG``
+Run by the slave (slave/warm_pool.py) as ``python3 -u -c <this file> FD CONFIG`` (CONFIG: a
+marshal dump of {root, seccomp}, in hex)
 with the job's interpreter, so a job sees the same ``sys.path`` as a fresh
-``python3 main.py``.  Standard library only, and little of it: every MiB it
-touches makes each fork dearer.  bwrap has already made it root with only
+``python3 main.py``.  Standard library only, and little of it (no json, pickle or
+socket.py: marshal and _socket are built in): every MiB it touches makes each
+fork dearer.  bwrap has already made it root with only
 CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_KILL, in its own PID, IPC, UTS
 and network namespaces, on a read-only system with the secrets hidden.
 
@@ -18,30 +20,31 @@ program the slave built.  Given its job, it makes and enters its 0700
 directory, writes the job's files and runs the job: Python source in a fresh ``__main__``,
 anything else by execve.
 
-Protocol on FD (a SOCK_SEQPACKET socket, one JSON object per message):
-  in:  {"op": "prepare", "slot": S, "spec": {uid, gid, cgroups, disk_bytes, inodes}}: fork a child for
+Protocol on FD (a SOCK_SEQPACKET socket, one message each):
+  in (a marshal dump of a dict; the slave is trusted):
+       {"op": "prepare", "slot": S, "spec": {uid, gid, cgroups, disk_bytes, inodes}}: fork a child for
        slot S now, which isolates itself and waits for its job (the slave sends it when the slot is free)
-       {"op": "run", "id": N, "slot": S} with SCM_RIGHTS [spec (memfd, a pickle), stdin, stdout, stderr]:
+       {"op": "run", "id": N, "slot": S} with SCM_RIGHTS [spec (memfd, a marshal dump), stdin, stdout, stderr]:
        hand the job to slot S's waiting child (forked now if there is none)
        {"op": "kill", "id": N}
-  out: {"ready": pid} once; {"id": N, "pid": P}; {"id": N, "exit": code, "free": [bytes, inodes, free inodes]
-       or null, "error": null or "why the child could not start", "disk": bool}
+  out (ASCII words, parsed by the slave without eval or unmarshal): "ready PID" once, or "error WHY";
+       "pid N P"; "exit N CODE|- BYTES,INODES,FREE_INODES|- DISK(0|1) WHY-IT-COULD-NOT-START(or empty)"
 EOF on FD: the slave is gone; the zygote exits and bwrap's PID namespace takes every job with it.
 """
 import array
 import ctypes
 import gc
-import json
+import marshal
 import os
-import pickle
 import resource
 import select
 import signal
-import socket
+import _socket as socket  # not socket.py: it imports enum and selectors
 import sys
-import types
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
+# Looked up here, once: a lookup in a child would build them again in every child.
+_MOUNT, _UNSHARE, _PRCTL = _LIBC.mount, _LIBC.unshare, _LIBC.prctl
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 1 << 18
 _PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
@@ -59,7 +62,7 @@ def _check(ret, what):
 
 
 def _mount(src, target, fstype, flags, data=None):
-    _check(_LIBC.mount(src and src.encode(), target.encode(), fstype and fstype.encode(), flags,
+    _check(_MOUNT(src and src.encode(), target.encode(), fstype and fstype.encode(), flags,
                        data and data.encode()), f"mount {target}")
 
 
@@ -77,7 +80,7 @@ class Zygote:
 
     def setup(self):
         # Orphans of a job (a daemon it left) come to us, not to bwrap's init: reaped here.
-        _check(_LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
+        _check(_PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
         # Mounted once: a job's uid sees only its own processes.
         _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
         os.makedirs(self.root, 0o755, exist_ok=True)
@@ -90,14 +93,14 @@ class Zygote:
         gc.collect()
         gc.freeze()
 
-    def send(self, **msg):
+    def send(self, *words):
         try:
-            self.sock.send(json.dumps(msg).encode())
+            self.sock.send(" ".join(map(str, words)).encode())
         except OSError:
             pass  # the slave is gone: the next recv sees EOF
 
     def serve(self):
-        self.send(ready=os.getpid())
+        self.send("ready", os.getpid())
         while True:
             try:
                 readable, _, _ = select.select([self.sock, self.wake_r], [], [])
@@ -124,7 +127,7 @@ class Zygote:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if not data:
             return False
-        msg = json.loads(data)
+        msg = marshal.loads(data)
         if msg["op"] == "run" and len(fds) == _FDS:
             self.run(msg["id"], msg["slot"], list(fds))
             return True
@@ -180,12 +183,12 @@ class Zygote:
         for fd in fds:
             os.close(fd)
         if spare is None:
-            self.send(id=job_id, exit=None, free=None, error="no child could be forked", disk=False)
+            self.send("exit", job_id, "-", "-", 0, "no child could be forked")
             return
         status.setblocking(False)
         self.jobs[pid] = (job_id, status)
         self.by_id[job_id] = pid
-        self.send(id=job_id, pid=pid)
+        self.send("pid", job_id, pid)
 
     def reap(self):
         while True:
@@ -222,7 +225,8 @@ class Zygote:
                 disk, error = data[1:2] == b"D", data[2:].decode(errors="replace")
             elif data != b"ok":
                 error = "the job's process ended before it started"
-            self.send(id=job_id, exit=os.waitstatus_to_exitcode(wstatus), free=free, error=error, disk=disk)
+            self.send("exit", job_id, os.waitstatus_to_exitcode(wstatus), ",".join(map(str, free)) if free else "-",
+                      int(disk), error or "")
 
 
 class Child:
@@ -236,7 +240,7 @@ class Child:
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             self.isolate(self.slot)
             stage = "wait"
             data, anc, _, _ = self.status.recvmsg(64, socket.CMSG_SPACE(_FDS * 4))
@@ -247,7 +251,7 @@ class Child:
             if data != b"job" or len(fds) != _FDS:
                 os._exit(0)  # no job after all: the parent is going
             stage = "job"
-            spec = pickle.loads(_read_all(fds[0]))
+            spec = marshal.loads(_read_all(fds[0]))
             self.setup(spec, fds[1:])
             stage = "files"
             work = self.write_files(spec)
@@ -284,7 +288,7 @@ class Child:
             finally:
                 os.close(fd)
         os.setsid()
-        _check(_LIBC.unshare(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
+        _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
         root, size, uid, gid = self.zygote.root, slot["disk_bytes"], slot["uid"], slot["gid"]
         # The job's tmpfs, all of it the job uid's: root here has no CAP_DAC_OVERRIDE or CAP_CHOWN,
@@ -313,7 +317,7 @@ class Child:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-        _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        _check(_PRCTL(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
     def setup(self, spec, stdio):
         """What the job brings: its directory (0700, made as its uid), rlimits, stdio."""
@@ -332,7 +336,8 @@ class Child:
             path = os.path.normpath(os.path.join(self.work, name))
             if not path.startswith(self.work + "/"):
                 raise ValueError(f"bad file name {name!r}")
-            os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+            if "/" in path[len(self.work) + 1:]:  # makedirs' failed mkdir of an existing folder is dear
+                os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, spec["modes"].get(name, 0o644))
             try:
                 view = memoryview(data)
@@ -344,14 +349,24 @@ class Child:
 
     def enter(self, spec):
         os.umask(0o022)
-        os.environ.clear()
-        os.environ.update(spec["env"])
+        if spec["mode"] == "python":  # execve is given the environment; Python's must be the job's
+            _set_environ(spec["env"])
         if self.zygote._fprog.len:
-            _check(_LIBC.prctl(_PR_SET_SECCOMP, 2, ctypes.byref(self.zygote._fprog), 0, 0), "seccomp")
+            _check(_PRCTL(_PR_SET_SECCOMP, 2, ctypes.byref(self.zygote._fprog), 0, 0), "seccomp")
         # The slave reads the tmpfs's free space through this once the job has ended (disk_limit).
         self.status.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.keep]))])
         self.status.close()
         os.close(self.keep)
+
+
+def _set_environ(env):
+    """os.environ = env, changing only what differs: this parent's and a job's differ in a few keys,
+    and every change is a Python-level call with a putenv."""
+    for key in [key for key in os.environ if key not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _read_all(fd):
@@ -373,7 +388,7 @@ def _close_all_but(keep):
 def run_python(spec, work):
     """What ``python3 -u main.py ARGS`` does, in this fresh process: never returns."""
     path = os.path.join(work, spec["source_name"])
-    main = types.ModuleType("__main__")
+    main = type(sys)("__main__")
     main.__file__ = path
     main.__cached__ = None
     main.__builtins__ = __builtins__
@@ -416,12 +431,12 @@ def _exit_code(exc):
 
 
 def main():
-    fd, config = int(sys.argv[1]), json.loads(sys.argv[2])
+    fd, config = int(sys.argv[1]), marshal.loads(bytes.fromhex(sys.argv[2]))
     zygote = Zygote(fd, config)
     try:
         zygote.setup()
     except OSError as exc:
-        zygote.send(error=f"the warm pool's parent could not start: {exc}")
+        zygote.send("error", f"the warm pool's parent could not start: {exc}")
         return 1
     zygote.serve()
     return 0

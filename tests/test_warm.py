@@ -20,6 +20,7 @@ import pytest
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import LocalCluster
 from slave.warm import WARM_UID_BASE
+from slave.warm_pool import _ended
 
 from conftest import DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, wait_for, warm_parents
 
@@ -287,6 +288,21 @@ def test_output_flood_hits_the_output_limit(c):
     assert job.stdout.startswith("warm\n") and len(job.stdout.encode()) <= 1 << 20
 
 
+def test_output_under_the_limit_arrives_whole_on_both_streams(c):
+    # Multi-byte characters written in odd-sized pieces: every read may end inside one.
+    job = run(c, WHERE + textwrap.dedent("""
+        import os
+        data = ('é' * 150000).encode() + b'end'
+        for i in range(0, len(data), 4097):
+            os.write(1, data[i:i + 4097])
+            os.write(2, b'\\xc3')  # 'ü', one byte at a time
+            os.write(2, b'\\xbc')
+    """))
+    assert job.status == P.SUCCEEDED, job.record
+    assert job.stdout == "warm\n" + "é" * 150000 + "end", len(job.stdout)
+    assert job.stderr == "ü" * len(range(0, 300003, 4097)), job.stderr[:50]
+
+
 def test_no_network(c, lc):
     source = WHERE + textwrap.dedent("""
         import socket, sys
@@ -453,3 +469,15 @@ def test_a_killed_slave_takes_its_warm_jobs_with_it(make_cluster):
     for p in alive:
         p.kill()
     assert not alive, alive
+
+
+def test_the_parents_end_message_is_parsed_as_words_and_a_malformed_one_refused():
+    ident, ended = _ended("exit 7 -9 1048576,100,90 0 ")
+    assert (ident, ended.exit_code, ended.free, ended.error, ended.disk) == (7, -9, [1048576, 100, 90], None, False)
+    ident, ended = _ended("exit 8 - - 1 OSError(28, 'No space left') (line 3)\nmore")
+    assert (ident, ended.exit_code, ended.free, ended.disk) == (8, None, None, True)
+    assert ended.error == "OSError(28, 'No space left') (line 3)\nmore"
+    for bad in ("exit 9 0 - 0", "exit x 0 - 0 ", "exit 9 0 1,a 0 "):
+        with pytest.raises(ValueError):
+            _ended(bad)
+
