@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -168,7 +169,9 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 def profile(pid: int, path: str):
     """py-spy sampling the master (collapsed stacks in ``path``; ``pip install py-spy``)."""
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+    # The venv's py-spy (the bench extra), found also when the venv is not on PATH.
+    exe = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or "py-spy"
+    spy = subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
                             "--nonblocking", "-o", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the measured phase starts
     return spy

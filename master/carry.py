@@ -40,7 +40,8 @@ class Carrier:
         """
         for i, d in enumerate(decisions):
             if isinstance(d, J.Save):
-                return asyncio.ensure_future(self._rest(decisions[i + 1:], at_hand, self._save(d.jobs)))
+                rest = decisions[i + 1:]
+                return asyncio.ensure_future(self._rest(rest, at_hand, self._save(d.jobs, _loads(rest, at_hand))))
             if isinstance(d, (J.Load, J.Ack)):
                 return asyncio.ensure_future(self._rest(decisions[i:], at_hand))
             self._do(d)
@@ -53,18 +54,19 @@ class Carrier:
 
     async def _rest(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None,
                     saving: asyncio.Future | None = None) -> None:
+        at_hand = dict(at_hand or {})
         if saving is not None:
-            await saving
-        for d in decisions:
+            at_hand.update(await saving or {})
+        for i, d in enumerate(decisions):
             if isinstance(d, J.Save):
-                await self._save(d.jobs)
+                at_hand.update(await self._save(d.jobs, _loads(decisions[i + 1:], at_hand)) or {})
             elif isinstance(d, J.Load):
-                inputs = (at_hand or {}).get(d.job_id)
-                if inputs is None:
+                if d.job_id not in at_hand:
                     # Saved at submission (that commit came first: one writer, in
-                    # order); read back only now, and dropped once sent.
-                    inputs = await self.store.inputs(d.job_id)
-                await done(self(self.jobs.started(d.job_id, d.dispatch, inputs)))
+                    # order); read back only now, and dropped once sent.  Read with
+                    # the save before it, if any; otherwise in one query for all.
+                    at_hand.update(await self.store.inputs_many(_loads(decisions[i:], at_hand)))
+                await done(self(self.jobs.started(d.job_id, d.dispatch, at_hand.pop(d.job_id))))
             elif isinstance(d, J.Ack):
                 pending = self._saving.get(d.job_id)
                 if pending is not None:
@@ -76,8 +78,9 @@ class Carrier:
             else:
                 self._do(d)
 
-    def _save(self, jobs: tuple[dict, ...]) -> asyncio.Future:
-        saved = self.store.save_many(list(jobs))
+    def _save(self, jobs: tuple[dict, ...], load: list[int]) -> asyncio.Future:
+        """Hand ``jobs`` to the store; the future resolves, once committed, to the inputs of ``load`` (or None)."""
+        saved = self.store.save_many(list(jobs), load)
         ids = [job["id"] for job in jobs]
         for job_id in ids:
             self._saving[job_id] = saved
@@ -114,6 +117,11 @@ class Carrier:
     def _fire(self, job_id: int, token: int) -> None:
         self._timers.pop(job_id, None)
         self.timer_fired(job_id, token)
+
+
+def _loads(decisions: list[J.Decision], at_hand: dict[int, dict] | None) -> list[int]:
+    """The jobs whose inputs ``decisions`` load and that are not at hand: read with the save before them."""
+    return [d.job_id for d in decisions if isinstance(d, J.Load) and d.job_id not in (at_hand or {})]
 
 
 async def done(carrying: asyncio.Future | None) -> None:

@@ -106,9 +106,12 @@ class Master:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Start what the scheduler places now: each job saved running, then announced and sent."""
-        for job_id, uid in self.scheduler.assign():
-            self._carry(self._dispatched(job_id, uid))
+        """Start what the scheduler places now: saved running (one commit), then announced and sent."""
+        self._carry(J.merged(self._assigned()))
+
+    def _assigned(self) -> list[J.Decision]:
+        """The decisions that start every job the scheduler places now (their saves not yet merged)."""
+        return [d for job_id, uid in self.scheduler.assign() for d in self._dispatched(job_id, uid)]
 
     def _dispatched(self, job_id: int, uid: str) -> list[J.Decision]:
         job = self.jobs.job(job_id)
@@ -183,7 +186,7 @@ class Master:
             client.jobs_submitted += len(jobs)
             self.clients.changed()
         decisions = self.jobs.submitted(jobs)
-        decisions += [d for job_id, uid in self.scheduler.assign() for d in self._dispatched(job_id, uid)]
+        decisions += self._assigned()
         # One commit for the whole batch and the starts it allows, before any
         # of it is announced; a job that starts at once is sent with its inputs
         # at hand, saving a read.  The reply tells no state before it is durable.
@@ -355,15 +358,17 @@ class Master:
                 log.warning("job %d: collected file(s) did not arrive whole: %s", job_id, ", ".join(missing))
                 stderr += f"distexec: collected file(s) lost on the way to the master: {', '.join(missing)}\n"
         applied = self.jobs.runs_on(job_id, uid)
-        carrying = self._carry(self.jobs.finished(uid, job_id, msg["exit_code"], msg["error"], msg["stdout"],
-                                                  stderr, rich_outputs(msg.get("outputs")), artifacts))
+        decisions = self.jobs.finished(uid, job_id, msg["exit_code"], msg["error"], msg["stdout"],
+                                       stderr, rich_outputs(msg.get("outputs")), artifacts)
         if applied:
             slave = self.slaves.get(uid)
             if slave is not None:
                 slave.completed += 1
-            self._dispatch()
+            # The jobs its slot lets start share the result's commit: one save, one
+            # carrying-out for both (its acknowledgement waits for that commit either way).
+            decisions += self._assigned()
             self._slaves_changed()
-        await _done(carrying)
+        await _done(self._carry(J.merged(decisions)))
 
     def prune(self, before: str | None = None) -> Awaitable[int]:
         """See ``Retention.prune``."""

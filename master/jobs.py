@@ -392,17 +392,22 @@ def merged(decisions: list[Decision]) -> list[Decision]:
     """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
 
     For decisions taken in one turn (a submission and the starts it allows):
-    a save only moves earlier, so nothing is told before it is durable.  The
-    records stay in order: a job saved twice is written as it was last.
+    a save only moves earlier, so nothing is told before it is durable.  A
+    job saved twice (submitted and started in one turn) is written once, as
+    it was last, with the fields only its first save had (its inputs).
     """
-    saves = [job for d in decisions if isinstance(d, Save) for job in d.jobs]
+    saves: dict[int, dict] = {}
+    for d in decisions:
+        if isinstance(d, Save):
+            for job in d.jobs:
+                saves[job["id"]] = {**saves[job["id"]], **job} if job["id"] in saves else job
     out: list[Decision] = []
     for d in decisions:
         if not isinstance(d, Save):
             out.append(d)
         elif saves:
-            out.append(Save(tuple(saves)))
-            saves = []
+            out.append(Save(tuple(saves.values())))
+            saves = {}
     return out
 
 

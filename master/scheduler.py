@@ -78,6 +78,9 @@ class Scheduler:
         # release_held_sessions) rather than start a new session elsewhere
         # while the old one may still be alive on a slave not yet back.
         self.held_sessions: set[str] = set()
+        # The slaves that take a job now (accepting, a slot free), kept in step
+        # by every change of theirs: assign does not scan every slave.
+        self._open: dict[str, SlaveState] = {}
         self._clock = 0
 
     # -- events ------------------------------------------------------------
@@ -92,17 +95,29 @@ class Scheduler:
             self.running[job_id] = uid
         # Jobs we thought ran there but which it no longer reports stay in
         # self.running until the master settles them with finished().
+        self._open.pop(uid, None)  # a state it replaces
         self.slaves[uid] = state
+        self._recheck(state)
+
+    def _recheck(self, state: SlaveState) -> None:
+        """Keep ``state`` in the open slaves if it takes a job now, out of them otherwise."""
+        if state.accepting and state.free > 0 and self.slaves.get(state.uid) is state:
+            self._open[state.uid] = state
+        elif self._open.get(state.uid) is state:
+            del self._open[state.uid]
 
     def remove_slave(self, uid: str) -> list[int]:
         """A slave left; returns the jobs that were running on it."""
         state = self.slaves.pop(uid, None)
+        if state is not None:
+            self._recheck(state)
         return sorted(j for j, owner in self.running.items() if owner == uid) if state else []
 
     def set_accepting(self, uid: str, accepting: bool) -> None:
         """A draining slave takes no new jobs but keeps the ones it has."""
         if uid in self.slaves:
             self.slaves[uid].accepting = accepting
+            self._recheck(self.slaves[uid])
 
     def enqueue(self, job_id: int, language: str, session: str | None = None,
                 user: str | None = None) -> None:
@@ -150,6 +165,7 @@ class Scheduler:
         self.job_user[job_id] = user
         if uid in self.slaves:
             self.slaves[uid].running.add(job_id)
+            self._recheck(self.slaves[uid])
         if session is not None:
             # Busy until it is settled; the binding comes back when its slave
             # registers and reports the session alive.
@@ -203,6 +219,7 @@ class Scheduler:
         state = self.slaves.get(uid) if uid else None
         if state is not None:
             state.running.discard(job_id)
+            self._recheck(state)
             self._clock += 1
             state.last_active = self._clock
 
@@ -237,7 +254,7 @@ class Scheduler:
         out = []
         running = self.running_by()
         while self.max_jobs is None or len(self.running) < self.max_jobs:
-            open_slaves = [s for s in self.slaves.values() if s.accepting and s.free > 0]
+            open_slaves = list(self._open.values())
             if not open_slaves:
                 break
             pick = self._next_fair(open_slaves, running)
@@ -249,6 +266,7 @@ class Scheduler:
             self._take_queued(job_id)
             running[user] += 1
             best.running.add(job_id)
+            self._recheck(best)
             self.running[job_id] = best.uid
             if session is not None:
                 self.session_slave[session] = best.uid

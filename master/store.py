@@ -13,7 +13,7 @@ WAL lets them proceed while the writer commits.
 A job's inputs (``protocol.INPUT_FIELDS``: source, files, args, stdin) live
 in a table of their own, written once with the job's first save: the master
 keeps only what scheduling needs in memory and reads the inputs back when it
-dispatches (``inputs``).  Later saves carry no inputs and leave them alone.
+dispatches (``inputs_many``).  Later saves carry no inputs and leave them alone.
 
 Retention: ``prune`` deletes the oldest terminal jobs (never queued or
 running ones) older than a date or past a total size.  The database file
@@ -238,9 +238,14 @@ class JobStore:
         """
         return self.save_many([job])
 
-    def save_many(self, jobs: list[dict]) -> asyncio.Future:
-        """``save`` for ``jobs`` in one transaction (a batch: all of it or none of it)."""
-        return self._submit(("save", [_rows(job) for job in jobs]))
+    def save_many(self, jobs: list[dict], load: list[int] | tuple = ()) -> asyncio.Future:
+        """``save`` for ``jobs`` in one transaction (a batch: all of it or none of it).
+
+        ``load``: jobs whose inputs the future resolves to (``inputs_many``),
+        read by the writer right after the commit: a dispatch's save and its
+        read of the inputs cost one trip to a thread, not two.
+        """
+        return self._submit(("save", [_rows(job) for job in jobs], list(load)))
 
     def prune(self, before: str | None = None, keep_bytes: int | None = None) -> asyncio.Future:
         """Delete terminal jobs submitted before ``before`` (RFC 3339), then the
@@ -283,7 +288,7 @@ class JobStore:
         conn.close()
 
     def _run(self, conn: sqlite3.Connection, group: list) -> None:
-        err, result = None, None
+        err, result, loaded = None, None, [None] * len(group)
         try:
             conn.execute("BEGIN")
             if group[0][0][0] == "prune":
@@ -293,6 +298,8 @@ class JobStore:
                 pairs = [pair for op, _, _ in group for pair in op[1]]
                 _insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
             conn.execute("COMMIT")
+            if result is None:
+                loaded = [_inputs_of(conn, op[2]) if op[2] else None for op, _, _ in group]
         except (sqlite3.Error, ValueError) as exc:
             # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
             log.error("history write failed: %s", exc)
@@ -312,10 +319,10 @@ class JobStore:
         # One wake-up of each loop for the whole group, not one per future: under load a
         # commit settles hundreds of saves, and each wake-up is a write to the loop's pipe.
         by_loop: dict = {}
-        for _, loop, fut in group:
-            by_loop.setdefault(loop, []).append(fut)
+        for (_, loop, fut), inputs in zip(group, loaded):
+            by_loop.setdefault(loop, []).append((fut, result if inputs is None else inputs))
         for loop, futs in by_loop.items():
-            loop.call_soon_threadsafe(_settle_all, futs, err, result)
+            loop.call_soon_threadsafe(_settle_all, futs, err)
 
     # -- reads -------------------------------------------------------------
 
@@ -351,17 +358,14 @@ class JobStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._get, job_id)
 
-    def _inputs(self, job_id: int) -> dict:
-        row = self._read_conn().execute("SELECT data FROM inputs WHERE id = ?", (job_id,)).fetchone()
-        return json.loads(row[0]) if row else {}
+    async def inputs_many(self, job_ids: list[int]) -> dict[int, dict]:
+        """Job id -> the inputs saved with it (``protocol.INPUT_FIELDS``; {} if none), in one query.
 
-    async def inputs(self, job_id: int) -> dict:
-        """The inputs saved with the job (``protocol.INPUT_FIELDS``); {} if there are none.
-
-        Read alone, not with the job's record: this runs for every queued job dispatched.
+        Read apart from the jobs' records: this runs for every queued job
+        dispatched, for a whole dispatch pass at once.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._inputs, job_id)
+        return await loop.run_in_executor(self._readers, lambda: _inputs_of(self._read_conn(), list(job_ids)))
 
     def _size(self) -> int:
         conn = self._read_conn()
@@ -414,8 +418,15 @@ def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None)
     return doomed
 
 
-def _settle_all(futs: list[asyncio.Future], err: Exception | None, result=None) -> None:
-    for fut in futs:
+def _inputs_of(conn: sqlite3.Connection, job_ids: list[int]) -> dict[int, dict]:
+    rows = conn.execute("SELECT id, data FROM inputs WHERE id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(job_ids),)).fetchall()
+    found = {job_id: json.loads(data) for job_id, data in rows}
+    return {job_id: found.get(job_id, {}) for job_id in job_ids}
+
+
+def _settle_all(futs: list[tuple[asyncio.Future, object]], err: Exception | None) -> None:
+    for fut, result in futs:
         _settle(fut, err, result)
 
 

@@ -97,8 +97,8 @@ def test_a_submission_and_its_start_are_one_commit_before_anything_is_told():
     out = w.submit(1) + [d for job_id, uid in w.scheduler.assign() for d in w.jobs.dispatched(job_id, uid)]
     merged = J.merged(out)
     assert [type(d) for d in merged] == [J.Save, J.Announce, J.Announce, J.Load]
-    # The submitted record (with its inputs) first, then the running one: the last write wins.
-    assert [(job["status"], "source" in job) for job in merged[0].jobs] == [(P.QUEUED, True), (P.RUNNING, False)]
+    # Written once: as it was last (running), with the inputs only the submitted record had.
+    assert [(job["status"], job["source"]) for job in merged[0].jobs] == [(P.RUNNING, "print(1)")]
     assert [d.msg["job"]["status"] for d in merged[1:3]] == [P.QUEUED, P.RUNNING]
 
 

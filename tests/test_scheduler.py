@@ -134,6 +134,8 @@ events = st.lists(st.one_of(
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("leave"), st.sampled_from(["a", "b", "c"])),
     st.tuples(st.just("join"), st.sampled_from(["a", "b", "c"])),
+    st.tuples(st.just("drain"), st.sampled_from(["a", "b", "c"])),
+    st.tuples(st.just("rejoin"), st.sampled_from(["a", "b", "c"])),
 ), max_size=120)
 
 
@@ -158,15 +160,23 @@ def test_invariants_hold_under_any_event_order(evts, cap):
                 s.finished(j)
         elif kind == "join" and arg not in s.slaves:
             s.add_slave(arg, langs[arg], slots[arg])
+        elif kind == "drain" and arg in s.slaves:
+            s.set_accepting(arg, not s.slaves[arg].accepting)
+        elif kind == "rejoin" and arg in s.slaves:  # registered again before its old connection closed
+            s.add_slave(arg, langs[arg], slots[arg], running=list(s.slaves[arg].running))
         for job_id, uid in s.assign():
             assert job_id not in assigned_once, "a job was placed twice"
             assigned_once.add(job_id)
-            assert uid in s.slaves
+            assert uid in s.slaves and s.slaves[uid].accepting
         assert len(s.running) <= cap
         for uid, state in s.slaves.items():
             assert len(state.running) <= state.slots
             assert all(s.running[j] == uid for j in state.running)
         assert not set(s.queue) & set(s.running)
+        # Nothing left queued that an accepting slave with a free slot could run.
+        if len(s.running) < cap:
+            free = [st_ for st_ in s.slaves.values() if st_.accepting and st_.free > 0]
+            assert not any(lang in st_.languages for lang in s.queue.values() for st_ in free)
 
 
 # -- fair share across users ---------------------------------------------------

@@ -1,0 +1,55 @@
+"""The master carrying out a dispatch: the save, the inputs read back with it, and only then the job_run."""
+from __future__ import annotations
+
+import asyncio
+
+from distexec_kernel import protocol as P
+from master.core import Master
+from master.store import JobStore
+
+
+class Recorder:
+    """A connection's far end that keeps what it was sent."""
+
+    def __init__(self):
+        self.frames: list[dict] = []
+
+    def send(self, msg):
+        self.frames.append(P.decode(msg) if isinstance(msg, str) else msg)
+
+
+def test_a_freed_slot_starts_the_next_job_with_its_inputs_read_back_in_the_results_commit(tmp_path):
+    async def scenario():
+        store = JobStore(str(tmp_path / "history.sqlite3"))
+        master = Master(store)
+        master.start()
+        slave, client = Recorder(), Recorder()
+        master.client_connected(client, None, "127.0.0.1")
+        register = P.make("register", protocol=P.PROTOCOL_VERSION, uid="s1", host="h",
+                          languages=[{"name": "python"}], slots=1, instance="i1")
+        assert not isinstance(master.slave_registered(slave, register), dict)
+        try:
+            first, second, third = await master.submit_batch(
+                [{"source": f"print({i})", "language": "python", "args": [str(i)]} for i in (1, 2, 3)])
+            assert [first["status"], second["status"]] == [P.RUNNING, P.QUEUED]
+            # The queued jobs' inputs are not in memory: they come back from the store.
+            assert "source" not in master.jobs.job(second["id"])
+            await master.job_finished("s1", P.make("job_finished", job_id=first["id"], exit_code=0, error=None,
+                                                   stdout="1\n", stderr=""))
+            runs = [f["job"] for f in slave.frames if f["type"] == "job_run"]
+            assert [(r["id"], r["source"], r["args"]) for r in runs] == [
+                (first["id"], "print(1)", ["1"]), (second["id"], "print(2)", ["2"])]
+            assert slave.frames[-2] == P.make("result_ack", job_id=first["id"])
+            assert slave.frames[-1]["type"] == "job_run"
+            # Both are durable before either was told: the result and the next start.
+            assert (await store.get(first["id"]))["status"] == P.SUCCEEDED
+            assert (await store.get(second["id"]))["status"] == P.RUNNING
+            updates = [(f["job"]["id"], f["job"]["status"]) for f in client.frames if f["type"] == "job_update"]
+            assert updates[-2:] == [(first["id"], P.SUCCEEDED), (second["id"], P.RUNNING)]
+            assert (await store.inputs_many([third["id"], 999]))[third["id"]]["source"] == "print(3)"
+            assert (await store.inputs_many([999])) == {999: {}}
+        finally:
+            master.shutdown()
+            store.close()
+
+    asyncio.run(scenario())
