@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from distexec_kernel import protocol as P
+from master import jobs as J
 from master.core import Master
 from master.store import JobStore
 
@@ -18,17 +20,52 @@ class Recorder:
         self.frames.append(P.decode(msg) if isinstance(msg, str) else msg)
 
 
+@contextlib.contextmanager
+def one_slot_master(tmp_path):
+    """A Master on a real store with one one-slot slave "s1" and one client, both Recorders
+    (in a running event loop)."""
+    store = JobStore(str(tmp_path / "history.sqlite3"))
+    master = Master(store)
+    master.start()
+    slave, client = Recorder(), Recorder()
+    master.client_connected(client, None, "127.0.0.1")
+    register = P.make("register", protocol=P.PROTOCOL_VERSION, uid="s1", host="h",
+                      languages=[{"name": "python"}], slots=1, instance="i1")
+    assert not isinstance(master.slave_registered(slave, register), dict)
+    try:
+        yield master, store, slave, client
+    finally:
+        master.shutdown()
+        store.close()
+
+
+def test_submit_reply_tells_running_only_once_it_is_saved(tmp_path):
+    """The reply to a submission that starts at once says running, and the history says so too."""
+    async def scenario():
+        with one_slot_master(tmp_path) as (master, store, slave, client):
+            reply = await master.submit({"source": "print(1)", "language": "python"})
+            assert reply["status"] == P.RUNNING and reply["source"] == "print(1)"
+            [saved] = store.recent(1)  # read at once, in the reply's turn
+            assert saved["id"] == reply["id"] and saved["status"] == P.RUNNING
+            [run] = [f for f in slave.frames if f["type"] == "job_run"]
+            assert run["job"]["id"] == reply["id"]
+            # Announced in order, each after its save: queued, then running.
+            updates = [f["job"]["status"] for f in client.frames if f["type"] == "job_update"]
+            assert updates == [P.QUEUED, P.RUNNING]
+            # A cancel now reaches the slave; its report settles the job, acknowledged once saved.
+            await master.cancel(reply["id"])
+            assert slave.frames[-1] == P.make("job_cancel", job_id=reply["id"])
+            await master.job_finished("s1", P.make("job_finished", job_id=reply["id"], exit_code=None,
+                                                   error=J.cancelled(), stdout="", stderr=""))
+            assert slave.frames[-1] == P.make("result_ack", job_id=reply["id"])
+            assert (await store.get(reply["id"]))["status"] == P.CANCELLED
+
+    asyncio.run(scenario())
+
+
 def test_a_freed_slot_starts_the_next_job_with_its_inputs_read_back_in_the_results_commit(tmp_path):
     async def scenario():
-        store = JobStore(str(tmp_path / "history.sqlite3"))
-        master = Master(store)
-        master.start()
-        slave, client = Recorder(), Recorder()
-        master.client_connected(client, None, "127.0.0.1")
-        register = P.make("register", protocol=P.PROTOCOL_VERSION, uid="s1", host="h",
-                          languages=[{"name": "python"}], slots=1, instance="i1")
-        assert not isinstance(master.slave_registered(slave, register), dict)
-        try:
+        with one_slot_master(tmp_path) as (master, store, slave, client):
             first, second, third = await master.submit_batch(
                 [{"source": f"print({i})", "language": "python", "args": [str(i)]} for i in (1, 2, 3)])
             assert [first["status"], second["status"]] == [P.RUNNING, P.QUEUED]
@@ -48,8 +85,5 @@ def test_a_freed_slot_starts_the_next_job_with_its_inputs_read_back_in_the_resul
             assert updates[-2:] == [(first["id"], P.SUCCEEDED), (second["id"], P.RUNNING)]
             assert (await store.inputs_many([third["id"], 999]))[third["id"]]["source"] == "print(3)"
             assert (await store.inputs_many([999])) == {999: {}}
-        finally:
-            master.shutdown()
-            store.close()
 
     asyncio.run(scenario())
