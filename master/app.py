@@ -18,7 +18,7 @@ from .auth import UNAUTHORIZED, Auth, Identity, bearer
 from .core import Master
 from .limits import Gate, RateLimited
 from .refusals import http_status
-from .sockets import PING_INTERVAL, PING_TIMEOUT, ClientSocket, SlaveSocket
+from .sockets import PING_INTERVAL, PING_TIMEOUT, ClientSocket, SlaveSocket, SubmitLedger
 
 log = logging.getLogger("distexec.master.app")
 
@@ -366,7 +366,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/api/languages", LanguagesHandler, args),
             (r"/api/sessions", SessionsHandler, args),
             (r"/api/sessions/([^/]+)", SessionHandler, args),
-            (r"/ws/client", ClientSocket, args),
+            (r"/ws/client", ClientSocket, {**args, "ledger": SubmitLedger()}),
             (r"/ws/slave", SlaveSocket, args),
             (r".*", NotFoundHandler, args),
         ],

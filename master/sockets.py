@@ -11,7 +11,6 @@ import asyncio
 import collections
 import logging
 import time
-import weakref
 
 import tornado.websocket
 
@@ -61,16 +60,6 @@ class SubmitLedger:
         if self._answers.get(key) is done:
             body = done.result()
             self._answers[key] = {"job_id": body["job"]["id"]} if body["job"] is not None else body
-
-
-_ledgers: "weakref.WeakKeyDictionary[Master, SubmitLedger]" = weakref.WeakKeyDictionary()
-
-
-def ledger_of(master: Master) -> SubmitLedger:
-    ledger = _ledgers.get(master)
-    if ledger is None:
-        ledger = _ledgers[master] = SubmitLedger()
-    return ledger
 
 
 class _Socket(tornado.websocket.WebSocketHandler):
@@ -129,6 +118,10 @@ class _Socket(tornado.websocket.WebSocketHandler):
 class ClientSocket(_Socket):
     handlers = {"submit": "on_submit", "cancel": "on_cancel"}
 
+    def initialize(self, master: Master, auth: Auth, gate: Gate, ledger: SubmitLedger) -> None:
+        super().initialize(master, auth, gate)
+        self.ledger = ledger  # one per application, shared by all its client channels
+
     def prepare(self):
         self._token = bearer(self)
         self.identity = self.auth.identify(self._token)
@@ -164,7 +157,7 @@ class ClientSocket(_Socket):
         """
         ref = msg.get("ref")
         key = (self.identity.user, ref) if ref else None
-        ledger = ledger_of(self.master)
+        ledger = self.ledger
         first = ledger.get(key) if key else None
         if first is None:
             answer = asyncio.ensure_future(self._submit(msg["request"]))
