@@ -258,3 +258,28 @@ while not os.path.exists("daemon.started"):
     time.sleep(0.01)
 print("daemon up")
 """
+
+
+# Small limits for the modules that test them (sandbox, warm pool); the disk under the
+# memory limit, since a job's files live in a tmpfs that counts against its memory too.
+SMALL_MEMORY_MB, SMALL_MAX_PROCS, SMALL_DISK_MB = 128, 32, 64
+
+
+def small_limits_cluster(box: str, slots: int, *slave_flags: str, **kwargs) -> LocalCluster:
+    """One slave under the small limits (1 MiB of output), its job root, home and logs in ``box``
+    (which holds ``jobs/`` and ``home/``); not started."""
+    return LocalCluster(1, slots=slots, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
+                        slave_args=["--memory-limit", str(SMALL_MEMORY_MB), "--output-limit", "1",
+                                    "--max-procs", str(SMALL_MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
+                                    "--disk-limit", str(SMALL_DISK_MB), *slave_flags], **kwargs)
+
+# A job that tries to read each path it is given and says, per path, what it read or why not.
+READ_EACH_ARG = """\
+import os, sys
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            print(path, "READ", f.read())
+    except OSError as exc:
+        print(path, type(exc).__name__)
+"""

@@ -25,16 +25,13 @@ import psutil
 import pytest
 
 from distexec_kernel import Cluster, protocol as P
-from distexec_kernel.local import LocalCluster
 from slave.bwrap import BwrapSandbox, best_sandbox
 from slave.sandbox import Cgroups, Limits, NOBODY, Sandbox
 
-from conftest import DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, wait_for
+from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, SMALL_DISK_MB, SMALL_MAX_PROCS, SMALL_MEMORY_MB,
+                      READ_EACH_ARG, small_limits_cluster, wait_for)
 
-MEMORY_MB = 128
-MAX_PROCS = 32
-# Under the memory limit: a job's files live in a tmpfs, which counts against its memory too.
-DISK_MB = 64
+MEMORY_MB, MAX_PROCS, DISK_MB = SMALL_MEMORY_MB, SMALL_MAX_PROCS, SMALL_DISK_MB
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +46,7 @@ def box():
 
 @pytest.fixture(scope="module")
 def lc(box):
-    cluster = LocalCluster(1, slots=2, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
-                           slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1",
-                                       "--max-procs", str(MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
-                                       "--disk-limit", str(DISK_MB), "--no-warm"])
+    cluster = small_limits_cluster(box, 2, "--no-warm")
     cluster.start()
     yield cluster
     cluster.stop()
@@ -310,14 +304,7 @@ def test_job_cannot_read_the_slaves_files(box_client, lc, box):
     uid_files = [n for n in os.listdir(home) if n.endswith(".uid")]
     assert uid_files, os.listdir(home)
     slave_pid = lc.slaves[0].pid
-    source = textwrap.dedent("""
-        import os, sys
-        for path in sys.argv[1:]:
-            try:
-                with open(path) as f:
-                    print(path, "READ", f.read())
-            except OSError as exc:
-                print(path, type(exc).__name__)
+    source = READ_EACH_ARG + textwrap.dedent("""
         print("home listing", os.path.exists(os.path.dirname(sys.argv[1])) and os.listdir(os.path.dirname(sys.argv[1])))
     """)
     paths = [secret_file, os.path.join(home, uid_files[0]), f"/proc/{slave_pid}/environ", "/etc/shadow",

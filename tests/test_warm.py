@@ -18,15 +18,13 @@ import psutil
 import pytest
 
 from distexec_kernel import Cluster, protocol as P
-from distexec_kernel.local import LocalCluster
 from slave.warm import WARM_UID_BASE
 from slave.warm_pool import _ended
 
-from conftest import DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, wait_for, warm_parents
+from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, SMALL_DISK_MB, SMALL_MAX_PROCS, SMALL_MEMORY_MB,
+                      READ_EACH_ARG, small_limits_cluster, wait_for, warm_parents)
 
-MEMORY_MB = 128
-MAX_PROCS = 32
-DISK_MB = 64
+MEMORY_MB, MAX_PROCS, DISK_MB = SMALL_MEMORY_MB, SMALL_MAX_PROCS, SMALL_DISK_MB
 SLOTS = 2
 WARM_UIDS = range(WARM_UID_BASE, WARM_UID_BASE + SLOTS)
 # First line of every probe's output: where it ran.
@@ -45,11 +43,7 @@ def box():
 
 @pytest.fixture(scope="module")
 def lc(box):
-    cluster = LocalCluster(1, slots=SLOTS, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
-                           languages="python,bash,sh,c,ruby",
-                           slave_args=["--memory-limit", str(MEMORY_MB), "--output-limit", "1", "--max-procs",
-                                       str(MAX_PROCS), "--workdir", os.path.join(box, "jobs"),
-                                       "--disk-limit", str(DISK_MB), "--warm"])
+    cluster = small_limits_cluster(box, SLOTS, "--warm", languages="python,bash,sh,c,ruby")
     cluster.start()
     yield cluster
     cluster.stop()
@@ -234,6 +228,51 @@ def test_interpreter_state_a_job_changes_does_not_reach_the_next(c):
     assert job.stdout == "warm\n3 False None False\n[1]\nno evil\n", job.stdout
 
 
+def test_links_and_fifos_a_job_leaves_reach_neither_the_next_job_nor_the_host(c, box):
+    """Root never writes where a warm job can: the next job's files are written by its own uid
+    into a tmpfs made for it.  Planted symlinks, FIFOs and hard links under the names the next
+    job uses, in each writable place, must neither redirect its files nor block it, on any slot."""
+    target = os.path.join(box, "root-only")
+    with open(target, "w") as f:
+        f.write("host\n")
+    os.chmod(target, 0o600)
+    plant = WHERE + textwrap.dedent(f"""
+        import os, time
+        for d in ('.', '/tmp', '/var/tmp', '/dev/shm'):
+            os.symlink({target!r}, os.path.join(d, 'data.txt'))
+            os.mkfifo(os.path.join(d, 'in.fifo'))
+            with open(os.path.join(d, 'own'), 'w') as f:
+                f.write('planted')
+            os.link(os.path.join(d, 'own'), os.path.join(d, 'linked.txt'))  # links stay within one mount
+        os.symlink('/tmp', 'sub')  # a folder of the next job's, sent elsewhere
+        print(sorted(os.listdir('.')), flush=True)
+        time.sleep(0.5)  # both slots busy at once: each slot's uid plants
+    """)
+    planters = [c.submit(plant, timeout=30) for _ in range(SLOTS)]
+    for job in planters:
+        job.wait(90)
+        assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+        assert job.stdout == "warm\n['data.txt', 'in.fifo', 'linked.txt', 'main.py', 'own', 'sub']\n", job.stdout
+    check = WHERE + textwrap.dedent("""
+        import os
+        names = ('data.txt', 'sub/inner.txt', 'in.fifo', 'linked.txt')
+        print(*[open(name).read().strip() for name in names],
+              any(os.path.islink(name) for name in ('data.txt', 'sub')), {os.stat(n).st_nlink for n in names},
+              sorted(os.listdir('.')), [sorted(os.listdir(d)) for d in ('/tmp', '/var/tmp', '/dev/shm')])
+    """)
+    files = {"data.txt": "fresh\n", "sub/inner.txt": "inner\n", "in.fifo": "plain\n", "linked.txt": "mine\n"}
+    checks = [c.submit(check, files=files, timeout=30) for _ in range(SLOTS)]  # side by side, every slot
+    checks += [c.submit(check, files=files, timeout=30) for _ in range(2)]
+    for job in checks:
+        job.wait(90)
+        assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+        assert job.stdout == ("warm\nfresh inner plain mine False {1} "
+                              "['data.txt', 'in.fifo', 'linked.txt', 'main.py', 'sub'] [[], [], []]\n"), job.stdout
+    with open(target) as f:
+        assert f.read() == "host\n"
+    assert os.stat(target).st_uid == 0 and os.stat(target).st_mode & 0o777 == 0o600
+
+
 def test_random_differs_between_warm_jobs(c):
     source = WHERE + "import random, uuid; print(random.random(), uuid.uuid4())"
     outs = {run(c, source).stdout for _ in range(3)}
@@ -324,15 +363,8 @@ def test_no_secret_is_readable(c, lc, box):
     with open(secret_file, "w") as f:
         f.write(f'{{"token": "{lc.token}", "slave_secret": "{lc.secret}"}}')
     os.chmod(secret_file, 0o644)
-    source = WHERE + textwrap.dedent("""
-        import os, sys
-        print(sorted(k for k in os.environ if 'DISTEXEC' in k))
-        for path in sys.argv[1:]:
-            try:
-                with open(path) as f:
-                    print(path, "READ", f.read())
-            except OSError as exc:
-                print(path, type(exc).__name__)
+    source = WHERE + "import os\nprint(sorted(k for k in os.environ if 'DISTEXEC' in k))\n" + READ_EACH_ARG + \
+        textwrap.dedent("""
         print(os.path.exists(os.path.dirname(sys.argv[1])) and os.listdir(os.path.dirname(sys.argv[1])))
         print(os.listdir(sys.argv[-1]) if os.path.isdir(sys.argv[-1]) else 'no jobs folder')
     """)
