@@ -46,6 +46,10 @@ WARM_UID_BASE = 60100
 # The parent is restarted after it dies, unless it died this often within RESTART_WINDOW seconds.
 MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
 EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
+# A job still running this long (seconds) has its slot's next child forked now, so that the child is
+# isolated and waiting when the job ends (jobs ending together, say a wave of sleepers, then do not all
+# wait for forks at once).  Shorter jobs do without: a fork beside them would slow them down.
+PREPARE_AHEAD = 0.02
 
 
 class ChildFailed(Exception):
@@ -63,6 +67,7 @@ class WarmRunner(Runner):
         self.cgroups: list = []
         self._free: list[int] = []
         self._emptied: set[int] = set()  # slots whose cgroup was seen empty after their job
+        self._oom: dict[int, int] = {}  # slot -> its cgroup's OOM count, read after its last job
         self._said: set[str] = set()
         self._deaths: list[float] = []
         self._restarting: asyncio.Task | None = None
@@ -222,6 +227,12 @@ class WarmRunner(Runner):
                 log.error("warm pool: slot %d still holds processes %s; not used again", slot, sorted(cg.pids()))
                 return
         self._free.append(slot)
+        # After the job's result has gone out (the caller sends it in this same step): off its path.
+        asyncio.get_running_loop().call_soon(self._settle, slot)
+
+    def _settle(self, slot: int) -> None:
+        if slot in self._free:  # else a job has it already, and read the count itself
+            self._oom[slot] = self.cgroups[slot].oom_count()
         self._prepare(slot)
 
     def _restart_soon(self) -> None:
@@ -272,7 +283,9 @@ class WarmRunner(Runner):
         stdin_r, stdin_w = os.pipe() if stdin is not None else (self._devnull, None)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        oom_before = cg.oom_count()
+        oom_before = self._oom.pop(slot, None)
+        if oom_before is None:
+            oom_before = cg.oom_count()
         started = time.monotonic()
         try:
             ended = zygote.run(slot, marshal.dumps(spec), [stdin_r, out_w, err_w])
@@ -284,6 +297,7 @@ class WarmRunner(Runner):
         finally:
             for fd in (out_w, err_w) + ((stdin_r,) if stdin_w is not None else ()):
                 os.close(fd)
+        ahead = asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare, slot)
         capture = Capture(limits.output_bytes, on_output)
         feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
         readers = [_Output(out_r, "stdout", capture), _Output(err_r, "stderr", capture)]
@@ -300,6 +314,7 @@ class WarmRunner(Runner):
                 self._emptied.add(slot)  # nothing can enter it before the slot's next child
             await asyncio.wait([r.done for r in readers], timeout=DRAIN_AFTER_EXIT)
         finally:
+            ahead.cancel()
             if not ended.done():
                 zygote.kill(ended)
                 cg.kill_all()

@@ -10,15 +10,17 @@ fork dearer.  bwrap has already made it root with only
 CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_KILL, in its own PID, IPC, UTS
 and network namespaces, on a read-only system with the secrets hidden.
 
-Each child is forked ahead, for a slot whose previous job has ended, and
-isolates itself before any job is given to it: its own mount
-and IPC namespaces; a tmpfs of the disk limit holding its directory, /tmp,
-/var/tmp, /dev/shm and /run/lock; the cgroup tree hidden; a memory+pids cgroup
-from the slave's pool; rlimits; a new session; the slot's own uid (so
-concurrent jobs cannot signal or trace each other); no_new_privs; the seccomp
-program the slave built.  Given its job, it makes and enters its 0700
-directory, writes the job's files and runs the job: Python source in a fresh ``__main__``,
-anything else by execve.
+Each child is forked ahead, for a slot (while the slot's job runs, or
+once it has ended), and isolates itself before any job is given to it: a new
+session; its own mount and IPC namespaces; a tmpfs of the disk limit holding
+its directory, /tmp, /var/tmp, /dev/shm and /run/lock; the cgroup tree hidden.
+It stays root while it waits, so that the slot's running job (same uid as the
+next one) can neither signal nor trace it.  Given its job, it joins the slot's
+memory+pids cgroup (through descriptors opened before the tree was hidden),
+takes the slot's own uid (so concurrent jobs cannot signal or trace each
+other), no_new_privs, rlimits and the seccomp program the slave built; makes
+and enters its 0700 directory, writes the job's files and runs the job:
+Python source in a fresh ``__main__``, anything else by execve.
 
 Protocol on FD (a SOCK_SEQPACKET socket, one message each):
   in (a marshal dump of a dict; the slave is trusted):
@@ -251,6 +253,7 @@ class Child:
             if data != b"job" or len(fds) != _FDS:
                 os._exit(0)  # no job after all: the parent is going
             stage = "job"
+            self.become(self.slot)
             spec = marshal.loads(_read_all(fds[0]))
             self.setup(spec, fds[1:])
             stage = "files"
@@ -280,13 +283,9 @@ class Child:
 
     def isolate(self, slot):
         """What does not depend on the job: done before it comes."""
-        pid = str(os.getpid()).encode()
-        for path in slot["cgroups"]:  # first: every process of the job is born inside
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
+        # Opened now, written at the job's start (become): the tree is hidden below, and a child waiting
+        # in the slot's cgroup would count against, and be killed with, the job still running there.
+        self.join = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in slot["cgroups"]]
         os.setsid()
         _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
@@ -313,7 +312,15 @@ class Child:
         self.zygote.sock.detach()
         for _, other in list(self.zygote.jobs.values()) + list(self.zygote.spares.values()):
             other.detach()
-        _close_all_but((self.status.fileno(), self.keep))
+        _close_all_but((self.status.fileno(), self.keep, *self.join))
+
+    def become(self, slot):
+        """The job's own: the slot's cgroup (first: every process of the job is born inside), its uid."""
+        pid = str(os.getpid()).encode()
+        for fd in self.join:
+            os.write(fd, pid)
+            os.close(fd)
+        uid, gid = slot["uid"], slot["gid"]
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
