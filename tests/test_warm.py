@@ -188,6 +188,38 @@ def test_two_warm_jobs_at_once_cannot_see_or_signal_each_other(c):
     assert first.status == P.CANCELLED, first.record
 
 
+def test_the_child_waiting_for_a_slots_next_job_is_out_of_its_running_jobs_reach(c, lc):
+    """A job running past a moment has its slot's next child forked beside it, as root: the job (same
+    uid as the next one) cannot signal it, even with kill(-1), and the next jobs run warm.  (kill(-1)
+    says 0 whenever some other process is in its PID namespace, signalled or not: seen from outside.)"""
+    job = c.submit(WHERE + textwrap.dedent("""
+        import os, signal, time
+        print('started', flush=True)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                try:
+                    os.kill(-1, sig)  # every process this uid may signal, but itself
+                except OSError:
+                    pass
+            time.sleep(0.01)
+        print('done')
+    """), timeout=60)
+    wait_for(lambda: "started" in job.stdout, 20, "the job to start")
+    # Both slots have a waiting child while the job runs: its own slot's was forked beside it.
+    waiting = lambda: [p for p in warm_parents(lc.slaves[0].pid) if p.uids().real == 0 and p.cwd() == "/"
+                       and p.parent().name() != "bwrap"]
+    wait_for(lambda: len(waiting()) == SLOTS, 10, "a waiting child for each slot")
+    before = {p.pid for p in waiting()}
+    assert job.wait(60).status == P.SUCCEEDED, job.record
+    assert job.stdout.splitlines() == ["warm", "started", "done"], job.stdout
+    assert before <= {p.pid for p in waiting()}, "a waiting child died under the job's signals"
+    for p in waiting():
+        assert p.status() != psutil.STATUS_STOPPED
+    for _ in range(2 * SLOTS):
+        assert run(c, WHERE).stdout == "warm\n"
+
+
 def test_interpreter_state_a_job_changes_does_not_reach_the_next(c):
     tamper = WHERE + textwrap.dedent("""
         import builtins, os, random, sys
