@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import getpass
 import itertools
+import json
 import secrets
 import socket
 import threading
@@ -189,12 +190,13 @@ class Cluster:
                 # A new id if the old one was still taken (our old connection not yet closed).
                 self._http.headers["X-Distexec-Client"] = self._events.client_id
             # Submissions sent on the old connection and not answered: the master may or may
-            # not have them.  Same refs again, in order: it answers a known ref with its job.
+            # not have them.  Same refs again, in order, marked as sent again: it answers a
+            # known ref with its job, also one it made just before it restarted.
             with self._lock:
                 unanswered = [msg for msg, _, _ in self._pending.values()]
             events = self._events
             for msg in unanswered if events is not None else ():
-                events.send(msg)
+                events.send(P.encode({**json.loads(msg), "again": True}))
             # Events may have been missed while away: have every waiter re-read.
             with self._lock:
                 jobs = [j for s in self._watched.values() for j in s]

@@ -141,7 +141,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
     "result_ack": {"job_id": (int, True)},
     "session_end": {"session": (str, True), "user": (_OPT_STR, True), "reason": (str, False)},
     # client -> master
-    "submit": {"request": (dict, True), "ref": (_OPT_STR, False)},
+    "submit": {"request": (dict, True), "ref": (_OPT_STR, False), "again": (bool, False)},
     "cancel": {"job_id": (int, True), "ref": (_OPT_STR, False)},
     # master -> client
     "welcome": {"client_id": (str, True), "version": (str, True)},

@@ -141,13 +141,15 @@ class Master:
     # -- submission --------------------------------------------------------
 
     async def submit(self, request: dict, *, client_id: str | None = None,
-                     user: str | None = None) -> dict:
+                     user: str | None = None, ref: str | None = None) -> dict:
         """Validate and record a submission; returns the job (maybe rejected).
 
         Raises ProtocolError for a bad request; a program that does not parse
         or that no slave can run is a *rejected job*, kept in the history.
+        ``ref``: the client's own for a WebSocket submission, kept with the job
+        (``JobStore.id_of_ref``: sent again after a restart, it finds this job).
         """
-        [job] = await self._submit_checked([self.admission.check(request)], client_id, user, group=None)
+        [job] = await self._submit_checked([self.admission.check(request)], client_id, user, group=None, ref=ref)
         return job
 
     async def submit_batch(self, requests: list, *, client_id: str | None = None,
@@ -163,7 +165,7 @@ class Master:
         return await self._submit_checked(subs, client_id, user, group=f"g{self._next_id}")
 
     async def _submit_checked(self, subs: list[dict], client_id: str | None, user: str | None,
-                              group: str | None) -> list[dict]:
+                              group: str | None, ref: str | None = None) -> list[dict]:
         for language in {sub["language"] for sub in subs}:
             await self.admission.await_returning_slaves(language, self.slaves)
         client = self.clients.get(client_id)
@@ -175,6 +177,8 @@ class Master:
             job = P.new_job(self._next_id, sub, client_id=client_id, user=owner)
             self._next_id += 1
             job["group"] = group
+            if ref is not None:
+                job["ref"] = ref
             # The batch's earlier items count (sessions per user).
             active = chain(self.jobs.jobs(), (j for j in jobs if j["status"] == P.QUEUED))
             rejection = self.admission.rejection(job) or self.sessions.refusal(job, active, self.slaves)

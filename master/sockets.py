@@ -160,7 +160,7 @@ class ClientSocket(_Socket):
         ledger = self.ledger
         first = ledger.get(key) if key else None
         if first is None:
-            answer = asyncio.ensure_future(self._submit(msg["request"]))
+            answer = asyncio.ensure_future(self._submit(msg["request"], ref, bool(msg.get("again"))))
             if key:
                 ledger.put(key, answer)
             answer.add_done_callback(lambda done: self.send(P.make("submit_reply", ref=ref, **done.result())))
@@ -170,7 +170,7 @@ class ClientSocket(_Socket):
         self._answering.add(answer)  # the loop keeps only weak references to tasks
         answer.add_done_callback(self._answering.discard)
 
-    async def _submit(self, request: dict) -> dict:
+    async def _submit(self, request: dict, ref: str | None, again: bool) -> dict:
         """``{"job"}`` or ``{"error"}``: what a submit_reply carries, as the HTTP path would answer."""
         try:
             # Checked again per submission, as each HTTP request is: an expired
@@ -178,8 +178,15 @@ class ClientSocket(_Socket):
             identity = self.auth.identify(self._token)
             if identity is None:
                 return {"job": None, "error": P.error("unauthorized", UNAUTHORIZED, status=401)}
+            if again and ref:
+                # Sent again after a reconnect, with a ref the ledger does not know: this master may have
+                # restarted after committing it, before its answer went out.  The job it made, not a second.
+                made = await self.master.store.id_of_ref(self.user, ref)
+                job = await self.master.get_job(made, user=self.identity.owner) if made is not None else None
+                if job is not None:
+                    return {"job": job}
             self.gate.check_submit(identity)
-            job = await self.master.submit(request, client_id=self.info.id, user=self.user)
+            job = await self.master.submit(request, client_id=self.info.id, user=self.user, ref=ref)
         except P.ProtocolError as exc:
             return {"job": None, "error": {**exc.to_dict(), "status": http_status(exc)}}
         except Exception:

@@ -117,6 +117,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE jobs SET size = length(CAST(data AS BLOB))")
     if "grp" not in columns:  # the batch a job came in (JOB "group"), for GET /api/jobs?group=
         conn.execute("ALTER TABLE jobs ADD COLUMN grp TEXT")
+    if "ref" not in columns:  # the client's ref of a WebSocket submission: a resend after a crash finds its job
+        conn.execute("ALTER TABLE jobs ADD COLUMN ref TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_ref ON jobs(user, ref) WHERE ref IS NOT NULL")
     conn.execute("CREATE INDEX IF NOT EXISTS jobs_grp ON jobs(grp, id) WHERE grp IS NOT NULL")
     # A user's page of history (GET /api/jobs as a non-admin), newest first, without a scan.
     conn.execute("CREATE INDEX IF NOT EXISTS jobs_user ON jobs(user, id)")
@@ -146,7 +149,7 @@ def _rows(job: dict) -> tuple[tuple, tuple | None]:
     rest, inputs = _split(job)
     data = json.dumps(rest, ensure_ascii=False)
     row = (job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
-           job["submitted_at"], job.get("group"), data, len(data))
+           job["submitted_at"], job.get("group"), job.get("ref"), data, len(data))
     if not inputs:
         return row, None
     text = json.dumps(inputs, ensure_ascii=False)
@@ -161,11 +164,11 @@ def _write(conn: sqlite3.Connection, rest: dict, inputs: dict) -> None:
 def _insert(conn: sqlite3.Connection, rows: list[tuple], input_rows: list[tuple]) -> None:
     # An upsert, not INSERT OR REPLACE: a replace deletes the row without firing the
     # delete trigger (job_counts), and rewrites every index entry of it.
-    conn.executemany("INSERT INTO jobs (id, status, language, client_id, user, submitted_at, grp, data, size)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    conn.executemany("INSERT INTO jobs (id, status, language, client_id, user, submitted_at, grp, ref, data, size)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
                      " language = excluded.language, client_id = excluded.client_id, user = excluded.user,"
-                     " submitted_at = excluded.submitted_at, grp = excluded.grp, data = excluded.data,"
-                     " size = excluded.size", rows)
+                     " submitted_at = excluded.submitted_at, grp = excluded.grp, ref = excluded.ref,"
+                     " data = excluded.data, size = excluded.size", rows)
     if input_rows:
         conn.executemany("INSERT OR REPLACE INTO inputs (id, data, size) VALUES (?, ?, ?)", input_rows)
 
@@ -357,6 +360,14 @@ class JobStore:
         """The job with its inputs, or None."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._get, job_id)
+
+    async def id_of_ref(self, user: str | None, ref: str) -> int | None:
+        """The job ``user`` submitted under ``ref`` on the WebSocket, if it was committed."""
+        def find() -> int | None:
+            row = self._read_conn().execute("SELECT id FROM jobs WHERE user IS ? AND ref = ? ORDER BY id DESC LIMIT 1",
+                                            (user, ref)).fetchone()
+            return row[0] if row else None
+        return await asyncio.get_running_loop().run_in_executor(self._readers, find)
 
     async def inputs_many(self, job_ids: list[int]) -> dict[int, dict]:
         """Job id -> the inputs saved with it (``protocol.INPUT_FIELDS``; {} if none), in one query.

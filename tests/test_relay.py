@@ -11,7 +11,7 @@ import signal
 import psutil
 import pytest
 
-from distexec_kernel import Cluster
+from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master import auth
 
@@ -302,3 +302,39 @@ def test_a_very_large_submission_goes_over_http(client):
     assert job.wait(120).stdout == f"{7 << 20} {2 << 20}\n"
     assert client.submit("print('small again')").wait(60).stdout == "small again\n"
     assert log == [("POST", "/api/jobs")]  # the small one went on the WebSocket
+
+
+def test_a_submission_sent_again_to_a_restarted_master_gets_the_job_it_made_before(make_cluster, users_file):
+    """The master committed the job, then died before its answer went out: the submission is sent
+    again (same ref, marked "again") to the restarted master, which answers with that job, not a
+    second one.  The ref is the user's own: the same ref from another user is another job.  (Logins
+    do not outlive a restart, so each user logs in again; the admin token's client resends by itself.)"""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_file])
+    body = {"source": "print('once')", "language": "python"}
+
+    def ask(user: str, ref: str) -> dict:
+        with Cluster(lc.url, user=user, password=f"{user}-pw") as c:
+            replies: list[dict] = []
+            c.subscribe(lambda m: replies.append(m) if m["type"] == "submit_reply" else None)
+            c._events.send(P.make("submit", request=body, ref=ref, again=True))
+            job = wait_for(lambda: next((m for m in replies if m["ref"] == ref), None), 30, f"{user}'s answer")["job"]
+            assert c.job(job["id"]).wait(60).stdout == "once\n"
+            return {**job, "history": [r["id"] for r in history(c)]}
+
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice:
+        replies: list[dict] = []
+        alice.subscribe(lambda m: replies.append(m) if m["type"] == "submit_reply" else None)
+        alice._events.send(P.make("submit", request=body, ref="r-1"))
+        made = wait_for(lambda: next((m for m in replies if m["ref"] == "r-1"), None), 30, "the answer")["job"]
+        assert made["ref"] == "r-1"
+        assert alice.job(made["id"]).wait(60).stdout == "once\n"
+    lc.restart_master()
+    again = ask("alice", "r-1")
+    assert again["id"] == made["id"] and again["status"] == "succeeded", again
+    assert again["history"] == [made["id"]]
+    other = ask("bob", "r-1")
+    assert other["id"] != made["id"] and other["user"] == "bob"
+    # A ref nobody used, sent "again" (the master never read it): made now, once.
+    fresh = ask("alice", "r-2")
+    assert fresh["id"] not in (made["id"], other["id"])
+    assert fresh["history"] == [fresh["id"], made["id"]]
