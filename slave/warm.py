@@ -67,7 +67,10 @@ class WarmRunner(Runner):
         self.cgroups: list = []
         self._free: list[int] = []
         self._emptied: set[int] = set()  # slots whose cgroup was seen empty after their job
-        self._oom: dict[int, int] = {}  # slot -> its cgroup's OOM count, read after its last job
+        # Each slot has two cgroups, used in turns: the child waiting for the slot's next job joins the
+        # other one ahead (a join can take milliseconds), never the one its running job is in.
+        self._next: dict[int, int] = {}  # slot -> which of its two cgroups its next job uses
+        self._oom: dict[int, int] = {}  # cgroup index -> its OOM count, read after its last job
         self._said: set[str] = set()
         self._deaths: list[float] = []
         self._restarting: asyncio.Task | None = None
@@ -80,8 +83,8 @@ class WarmRunner(Runner):
         self.why_off = self._why_not_here()
         if self.why_off is None:
             try:
-                self.cgroups = self.fresh.sandbox.cgroups.pool(self.slots, self.fresh.limits)
-                self._free = list(range(len(self.cgroups)))
+                self.cgroups = self.fresh.sandbox.cgroups.pool(2 * self.slots, self.fresh.limits)
+                self._free = list(range(len(self.cgroups) // 2))
                 await self._start_zygote()
             except OSError as exc:
                 self.why_off = str(exc)
@@ -122,8 +125,12 @@ class WarmRunner(Runner):
         jobdirs, limits = self.fresh.jobdirs, self.fresh.limits
         disk = jobdirs.disk_limit_mb << 20 if jobdirs.disk_limit_mb else limits.memory_bytes
         uid = WARM_UID_BASE + slot
-        return {"uid": uid, "gid": uid, "cgroups": list(self.cgroups[slot].join_paths()), "disk_bytes": disk,
+        return {"uid": uid, "gid": uid, "cgroups": list(self._cg(slot, self._next.get(slot, 0)).join_paths()),
+                "disk_bytes": disk,
                 "inodes": max(1024, disk // BYTES_PER_INODE)}
+
+    def _cg(self, slot: int, turn: int):
+        return self.cgroups[2 * slot + turn]
 
     def _prepare(self, slot: int) -> None:
         # Forked and isolated while the slot is free: the next job waits for none of it.
@@ -133,7 +140,7 @@ class WarmRunner(Runner):
     def describe(self) -> str:
         if self.why_off is not None:
             return f"warm pool: off ({self.why_off}); {self.fresh.describe()}"
-        uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) - 1}"
+        uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) // 2 - 1}"
         return (f"warm pool: {', '.join(SERVED)} jobs (and compiled programs the compile cache holds) are "
                 f"forked from a parent started once in bubblewrap, "
                 f"each in its own mount and IPC namespaces, tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
@@ -172,8 +179,10 @@ class WarmRunner(Runner):
                 log.info("warm pool: %s; such jobs run in a fresh process", why)
             return await self.fresh.run(job, on_output, cancel)
         slot = self._free.pop()
+        turn = self._next.get(slot, 0)
+        self._next[slot] = 1 - turn  # the slot's next child is prepared in the other cgroup
         try:
-            return await self._run(self.zygote, slot, job, on_output, cancel, artefacts)
+            return await self._run(self.zygote, slot, turn, job, on_output, cancel, artefacts)
         except ChildFailed as exc:
             # Nothing of the job ran; the parent is fine.
             log.warning("warm pool: %s; it runs in a fresh process", exc)
@@ -187,7 +196,7 @@ class WarmRunner(Runner):
             outcome.stderr = note + outcome.stderr
             return outcome
         finally:
-            await self._release(slot)
+            await self._release(slot, turn)
 
     def _why_not(self, job: dict) -> str | None:
         if self.why_off is not None:
@@ -208,9 +217,9 @@ class WarmRunner(Runner):
             return "its parent is restarting"
         return None
 
-    async def _release(self, slot: int) -> None:
-        """The slot is free again once nothing of its job is left in its cgroup."""
-        cg = self.cgroups[slot]
+    async def _release(self, slot: int, turn: int) -> None:
+        """The slot is free again once nothing of its job is left in its job's cgroup."""
+        cg = self._cg(slot, turn)
         if slot in self._emptied:
             self._emptied.discard(slot)
         elif cg.pids():
@@ -228,11 +237,11 @@ class WarmRunner(Runner):
                 return
         self._free.append(slot)
         # After the job's result has gone out (the caller sends it in this same step): off its path.
-        asyncio.get_running_loop().call_soon(self._settle, slot)
+        asyncio.get_running_loop().call_soon(self._settle, slot, turn)
 
-    def _settle(self, slot: int) -> None:
-        if slot in self._free:  # else a job has it already, and read the count itself
-            self._oom[slot] = self.cgroups[slot].oom_count()
+    def _settle(self, slot: int, turn: int) -> None:
+        # The count its job left, before the cgroup's next job (two turns on) compares against it.
+        self._oom[2 * slot + turn] = self._cg(slot, turn).oom_count()
         self._prepare(slot)
 
     def _restart_soon(self) -> None:
@@ -256,7 +265,7 @@ class WarmRunner(Runner):
             self.why_off = str(exc)
             log.error("warm pool: off (%s); every job runs in a fresh process", exc)
 
-    async def _run(self, zygote: Zygote, slot: int, job: dict, on_output: OutputCallback,
+    async def _run(self, zygote: Zygote, slot: int, turn: int, job: dict, on_output: OutputCallback,
                    cancel: asyncio.Event, artefacts: dict | None) -> Outcome:
         fresh, limits, jobdirs = self.fresh, self.fresh.limits, self.fresh.jobdirs
         lang = L.get(job["language"])
@@ -275,7 +284,7 @@ class WarmRunner(Runner):
             argv = fresh._argv(lang, lang.run, fields) + list(job.get("args") or [])
             argv[0] = shutil.which(argv[0]) or argv[0]
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
-        cg = self.cgroups[slot]
+        cg = self._cg(slot, turn)
         spec = {"mode": mode, "source": job["source"], "source_name": source_name, "args": list(job.get("args") or []),
                 "argv": argv, "files": files, "env": job_env(work, dict(lang.env)),
                 "rlimits": rlimits(limits, timeout), "dirname": dirname, "modes": modes}
@@ -283,7 +292,7 @@ class WarmRunner(Runner):
         stdin_r, stdin_w = os.pipe() if stdin is not None else (self._devnull, None)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        oom_before = self._oom.pop(slot, None)
+        oom_before = self._oom.pop(2 * slot + turn, None)
         if oom_before is None:
             oom_before = cg.oom_count()
         started = time.monotonic()

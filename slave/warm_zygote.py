@@ -12,13 +12,14 @@ and network namespaces, on a read-only system with the secrets hidden.
 
 Each child is forked ahead, for a slot (while the slot's job runs, or
 once it has ended), and isolates itself before any job is given to it: a new
-session; its own mount and IPC namespaces; a tmpfs of the disk limit holding
-its directory, /tmp, /var/tmp, /dev/shm and /run/lock; the cgroup tree hidden.
-It stays root while it waits, so that the slot's running job (same uid as the
-next one) can neither signal nor trace it.  Given its job, it joins the slot's
-memory+pids cgroup (through descriptors opened before the tree was hidden),
-takes the slot's own uid (so concurrent jobs cannot signal or trace each
-other), no_new_privs, rlimits and the seccomp program the slave built; makes
+session; the memory+pids cgroup of the slot's next job (a slot has two, used
+in turns, so the running job's holds none of it); its own mount and IPC
+namespaces; a tmpfs of the disk limit holding its directory, /tmp, /var/tmp,
+/dev/shm and /run/lock; the cgroup tree hidden.  It stays root while it
+waits, so that the slot's running job (same uid as the next one) can neither
+signal nor trace it.  Given its job, it takes the slot's own uid (so
+concurrent jobs cannot signal or trace each other), no_new_privs, rlimits
+and the seccomp program the slave built; makes
 and enters its 0700 directory, writes the job's files and runs the job:
 Python source in a fresh ``__main__``, anything else by execve.
 
@@ -283,9 +284,16 @@ class Child:
 
     def isolate(self, slot):
         """What does not depend on the job: done before it comes."""
-        # Opened now, written at the job's start (become): the tree is hidden below, and a child waiting
-        # in the slot's cgroup would count against, and be killed with, the job still running there.
-        self.join = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in slot["cgroups"]]
+        pid = str(os.getpid()).encode()
+        # First: every process of the job is born inside.  The next job's cgroup, not the running job's
+        # (a slot has two, used in turns): a join can wait out an RCU grace period, milliseconds, so it is
+        # done here, ahead, where no job waits for it.
+        for path in slot["cgroups"]:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
         os.setsid()
         _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
@@ -312,14 +320,10 @@ class Child:
         self.zygote.sock.detach()
         for _, other in list(self.zygote.jobs.values()) + list(self.zygote.spares.values()):
             other.detach()
-        _close_all_but((self.status.fileno(), self.keep, *self.join))
+        _close_all_but((self.status.fileno(), self.keep))
 
     def become(self, slot):
-        """The job's own: the slot's cgroup (first: every process of the job is born inside), its uid."""
-        pid = str(os.getpid()).encode()
-        for fd in self.join:
-            os.write(fd, pid)
-            os.close(fd)
+        """The job's own uid, taken only now: while it waits, the slot's running job has that uid."""
         uid, gid = slot["uid"], slot["gid"]
         os.setgroups([])
         os.setresgid(gid, gid, gid)
