@@ -124,15 +124,12 @@ class Zygote:
             data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(_FDS * 4))
         except InterruptedError:
             return True
-        fds = array.array("i")
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        fds = _fds_of(anc)
         if not data:
             return False
         msg = marshal.loads(data)
         if msg["op"] == "run" and len(fds) == _FDS:
-            self.run(msg["id"], msg["slot"], list(fds))
+            self.run(msg["id"], msg["slot"], fds)
             return True
         for fd in fds:
             os.close(fd)
@@ -210,26 +207,37 @@ class Zygote:
                 continue  # an orphan of some job, reaped
             job_id, status = job
             del self.by_id[job_id]
-            error, free, disk = None, None, False
-            try:
-                data, anc, _, _ = status.recvmsg(4096, socket.CMSG_SPACE(4))
-            except OSError:
-                data, anc = b"", []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fd = int.from_bytes(payload[:4], sys.byteorder)
-                    try:
-                        st = os.fstatvfs(fd)  # the job's tmpfs, kept alive by this descriptor
-                        free = [st.f_bavail * st.f_frsize, st.f_files, st.f_favail]
-                    finally:
+            error, free, disk, started, held = None, None, False, False, []
+            while True:  # "ns" (isolated), then "ok" (the job starts) or "E..." (it could not)
+                try:
+                    data, anc, _, _ = status.recvmsg(4096, socket.CMSG_SPACE(2 * 4))
+                except OSError:
+                    break
+                if not data:
+                    break
+                fds = _fds_of(anc)
+                if data == b"ns":
+                    held += fds
+                elif data == b"ok":
+                    started = True
+                    for fd in fds:
+                        try:
+                            st = os.fstatvfs(fd)  # the job's tmpfs, kept alive by this descriptor
+                            free = [st.f_bavail * st.f_frsize, st.f_files, st.f_favail]
+                        finally:
+                            os.close(fd)
+                else:
+                    for fd in fds:
                         os.close(fd)
+                    if data.startswith(b"E"):
+                        disk, error = data[1:2] == b"D", data[2:].decode(errors="replace")
             status.close()
-            if data.startswith(b"E"):
-                disk, error = data[1:2] == b"D", data[2:].decode(errors="replace")
-            elif data != b"ok":
+            if error is None and not started:
                 error = "the job's process ended before it started"
             self.send("exit", job_id, os.waitstatus_to_exitcode(wstatus), ",".join(map(str, free)) if free else "-",
                       int(disk), error or "")
+            for fd in held:  # the job's namespaces end here, its end told already
+                os.close(fd)
 
 
 class Child:
@@ -247,10 +255,7 @@ class Child:
             self.isolate(self.slot)
             stage = "wait"
             data, anc, _, _ = self.status.recvmsg(64, socket.CMSG_SPACE(_FDS * 4))
-            fds = array.array("i")
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            fds = _fds_of(anc)
             if data != b"job" or len(fds) != _FDS:
                 os._exit(0)  # no job after all: the parent is going
             stage = "job"
@@ -296,6 +301,14 @@ class Child:
                 os.close(fd)
         os.setsid()
         _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
+        # Held by the parent (in flight on the status socket until it reaps this child), so that tearing
+        # them down is not part of this process's exit: a mount namespace's end waits out an RCU grace
+        # period, milliseconds between the job's end and its parent hearing of it (measured: exit to
+        # reaped p50 1.1-1.6 -> 0.65-0.8 ms, p90 4-5 -> 1-2.3 ms, 60 mounts).
+        ns = [os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in ("mnt", "ipc")]
+        self.status.sendmsg([b"ns"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", ns))])
+        for fd in ns:
+            os.close(fd)
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
         root, size, uid, gid = self.zygote.root, slot["disk_bytes"], slot["uid"], slot["gid"]
         # The job's tmpfs, all of it the job uid's: root here has no CAP_DAC_OVERRIDE or CAP_CHOWN,
@@ -368,6 +381,14 @@ class Child:
         self.status.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.keep]))])
         self.status.close()
         os.close(self.keep)
+
+
+def _fds_of(anc):
+    fds = array.array("i")
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
 
 
 def _set_environ(env):
