@@ -26,12 +26,13 @@ Python source in a fresh ``__main__``, anything else by execve.
 Protocol on FD (a SOCK_SEQPACKET socket, one message each):
   in (a marshal dump of a dict; the slave is trusted):
        {"op": "prepare", "slot": S, "spec": {uid, gid, cgroups, disk_bytes, inodes}}: fork a child for
-       slot S now, which isolates itself and waits for its job (the slave sends it when the slot is free)
+       slot S now (unless one waits already), which isolates itself and waits for the slot's next job (the
+       slave sends it once the slot's job has run a while, or has ended)
        {"op": "run", "id": N, "slot": S} with SCM_RIGHTS [spec (memfd, a marshal dump), stdin, stdout, stderr]:
        hand the job to slot S's waiting child (forked now if there is none)
        {"op": "kill", "id": N}
   out (ASCII words, parsed by the slave without eval or unmarshal): "ready PID" once, or "error WHY";
-       "pid N P"; "exit N CODE|- BYTES,INODES,FREE_INODES|- DISK(0|1) WHY-IT-COULD-NOT-START(or empty)"
+       "exit N CODE|- BYTES,INODES,FREE_INODES|- DISK(0|1) WHY-IT-COULD-NOT-START(or empty)"
 EOF on FD: the slave is gone; the zygote exits and bwrap's PID namespace takes every job with it.
 """
 import array
@@ -188,7 +189,6 @@ class Zygote:
         status.setblocking(False)
         self.jobs[pid] = (job_id, status)
         self.by_id[job_id] = pid
-        self.send("pid", job_id, pid)
 
     def reap(self):
         while True:
