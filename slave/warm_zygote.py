@@ -36,6 +36,7 @@ Protocol on FD (a SOCK_SEQPACKET socket, one message each):
 EOF on FD: the slave is gone; the zygote exits and bwrap's PID namespace takes every job with it.
 """
 import array
+import atexit  # every job's end runs its handlers: imported once here, not in each child
 import ctypes
 import gc
 import marshal
@@ -444,7 +445,6 @@ def run_python(spec, work):
     try:
         if "threading" in sys.modules:
             sys.modules["threading"]._shutdown()
-        import atexit
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
