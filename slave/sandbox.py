@@ -80,6 +80,7 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "JAVA_HOME", "GOROOT")
 # only the backstop for the runner's wall-clock timeout, so it must never fire
 # first for an honest multi-threaded program.
 CPU_MARGIN = 5
+CORES = os.cpu_count() or 1  # read once: os.cpu_count() reads /sys at each call, and rlimits() runs per job
 
 # bubblewrap's own processes in the step's pids cgroup (the outer bwrap and the
 # namespace's init): they do not count against the job's --max-procs.
@@ -105,7 +106,7 @@ def rlimits(limits: Limits, timeout: float | None, nproc: bool = False) -> list[
     out = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
            (resource.RLIMIT_FSIZE, size, size)]
     if timeout:
-        cpu = math.ceil(timeout * (os.cpu_count() or 1)) + CPU_MARGIN
+        cpu = math.ceil(timeout * CORES) + CPU_MARGIN
         out.append((resource.RLIMIT_CPU, cpu, cpu + 1))
     if nproc:
         out.append((resource.RLIMIT_NPROC, limits.max_procs, limits.max_procs))
