@@ -304,6 +304,60 @@ def test_a_very_large_submission_goes_over_http(client):
     assert log == [("POST", "/api/jobs")]  # the small one went on the WebSocket
 
 
+def test_the_historys_size_is_kept_by_the_store_through_every_change(tmp_path):
+    """Pruning to --keep-mb reads the history's size from a total the store keeps (a SUM over a
+    million rows held the writer back half a second): it must match a real sum after inserts with
+    inputs, saves that change a record's size, pruning by date and by size, and a reopen."""
+    import asyncio
+    import sqlite3
+
+    from master.store import JobStore
+
+    path = str(tmp_path / "history.sqlite3")
+
+    def job(job_id: int, status: str, out: str = "", files: dict | None = None) -> dict:
+        j = P.new_job(job_id, {"source": "print(1)", "language": "python", "files": files or {}, "args": [],
+                               "stdin": None}, client_id=None, user="alice")
+        j.update(status=status, stdout=out)
+        return j
+
+    def truth() -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return sum(conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {t}").fetchone()[0] for t in ("jobs", "inputs"))
+        finally:
+            conn.close()
+
+    async def scenario() -> None:
+        store = JobStore(path)
+        try:
+            await store.save_many([job(i, P.QUEUED, files={"data.txt": "x" * (100 * i)}) for i in range(1, 41)])
+            assert await store.size() == truth() > 40 * 100
+            # Saved again: bigger records (output), inputs saved again with other sizes.
+            await store.save_many([job(i, P.SUCCEEDED, out="y" * (50 * i), files={"d": "z" * i}) for i in range(1, 31)])
+            assert await store.size() == truth()
+            assert await store.prune(before="9999-01-01T00:00:00Z") == 30  # terminal ones only
+            assert await store.size() == truth()
+            await store.save_many([job(i, P.SUCCEEDED, out="w" * 3000) for i in range(41, 61)])
+            keep = truth() // 2
+            assert await store.prune(keep_bytes=keep) > 0
+            assert await store.size() == truth() <= keep
+        finally:
+            store.close()
+        # A history written before the total existed is summed once when opened.
+        conn = sqlite3.connect(path)
+        conn.execute("DROP TABLE totals")
+        conn.commit()
+        conn.close()
+        store = JobStore(path)
+        try:
+            assert await store.size() == truth() > 0
+        finally:
+            store.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_submission_sent_again_to_a_restarted_master_gets_the_job_it_made_before(make_cluster, users_file):
     """The master committed the job, then died before its answer went out: the submission is sent
     again (same ref, marked "again") to the restarted master, which answers with that job, not a
