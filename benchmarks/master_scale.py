@@ -101,8 +101,8 @@ class FakeSlaves:
         self._conns.append(conn)
         conn.write_message(P.encode(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=f"load{index:04d}", host="load",
-            languages=[{"name": "python", "version": "3"}], slots=1, instance=f"load{index}")))
-        reply = P.decode(await conn.read_message())
+            languages=[{"name": "python", "version": "3"}], slots=1, instance=f"load{index}", batch=True)))
+        reply = P.decode_batch(await conn.read_message())[0]
         if not reply.get("ok"):
             raise SystemExit(f"slave refused: {reply}")
         self.registered += 1
@@ -113,12 +113,12 @@ class FakeSlaves:
             text = await conn.read_message()
             if text is None:
                 return
-            msg = P.decode(text)
-            if msg["type"] == "job_run":
-                if self.running.is_set():
-                    self._finish(conn, msg["job"]["id"])
-                else:
-                    self._held.append((conn, msg["job"]["id"]))
+            for msg in P.decode_batch(text):  # a batch frame, as a slave reads them
+                if msg["type"] == "job_run":
+                    if self.running.is_set():
+                        self._finish(conn, msg["job"]["id"])
+                    else:
+                        self._held.append((conn, msg["job"]["id"]))
 
     def _finish(self, conn, job_id: int) -> None:
         conn.write_message(P.encode(P.make("job_finished", job_id=job_id, exit_code=0, error=None,
