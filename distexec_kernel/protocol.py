@@ -234,6 +234,10 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+# Made once: json.loads with options builds a decoder per call (every frame comes through here).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def loads(text: str | bytes):
     """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone
     surrogates, nesting at most ``MAX_JSON_DEPTH`` deep.
@@ -246,7 +250,7 @@ def loads(text: str | bytes):
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8")
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = _DECODER.decode(text)
     except RecursionError:
         # The parser is recursive: past the interpreter's depth it gives up
         # before our own check below can run.
