@@ -199,15 +199,20 @@ class ClientSocket(_Socket):
         ledger = self.ledger
         first = ledger.get(key) if key else None
         if first is None:
-            answer = asyncio.ensure_future(self._submit(msg["request"]))
+            answer = asyncio.ensure_future(self._answer(msg["request"], ref))
             if key:
                 ledger.put(key, answer)
-            answer.add_done_callback(lambda done: self.send(P.make("submit_reply", ref=ref, **done.result())))
         else:
             # Sent again after a reconnect: the same job, not a second one.
             answer = asyncio.ensure_future(self._reply_again(first, ref))
         self._answering.add(answer)  # the loop keeps only weak references to tasks
         answer.add_done_callback(self._answering.discard)
+
+    async def _answer(self, request: dict, ref: str | None) -> dict:
+        """Submit and reply; the reply is sent in the turn the job is announced, so both share a frame."""
+        body = await self._submit(request)
+        self.send(P.make("submit_reply", ref=ref, **body))
+        return body
 
     async def _submit(self, request: dict) -> dict:
         """``{"job"}`` or ``{"error"}``: what a submit_reply carries, as the HTTP path would answer."""
