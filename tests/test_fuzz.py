@@ -125,6 +125,25 @@ def test_decode_returns_a_valid_message_or_raises_protocol_error(frame):
 
 
 @FAST
+@given(st.text(max_size=200) | st.binary(max_size=200) | json_values.map(_dumps)
+       | st.lists(messages().map(_dumps) | json_values.map(_dumps), max_size=5).map(lambda xs: "[" + ",".join(xs) + "]"))
+def test_decode_batch_returns_valid_messages_and_errors_never_raises(frame):
+    out = P.decode_batch(frame)
+    assert out or P.loads(frame) == []  # an empty batch is no message, and no error
+    for item in out:
+        if isinstance(item, P.ProtocolError):
+            assert item.code in ("bad_json", "bad_message", "unknown_type", "too_large") and item.message
+        else:
+            assert P.validate(item) is item and item["type"] in P.MESSAGES
+
+
+@FAST
+@given(st.lists(valid_messages(), min_size=1, max_size=5))
+def test_valid_messages_survive_a_batch_in_order(msgs):
+    assert P.decode_batch(P.encode_batch([P.encode(m) for m in msgs])) == msgs
+
+
+@FAST
 @given(valid_messages())
 def test_a_valid_message_survives_encode_and_decode(msg):
     assert P.validate(msg) is msg
