@@ -95,16 +95,20 @@ class _Socket(tornado.websocket.WebSocketHandler):
         if self.closed:
             return
         text = msg if isinstance(msg, str) else P.encode(msg)
-        if not self.batches:
-            self._write(text)
-            return
         if not self._outbox:
+            if not self.batches:
+                self._write(text)
+                return
             asyncio.get_running_loop().call_soon(self._flush_outbox)
         self._outbox.append(text)
 
     def _flush_outbox(self) -> None:
         """Write what ``send`` gathered, in order: one frame per batch of up to BATCH_CHARS."""
         texts, self._outbox = self._outbox, []
+        if not self.batches:  # it registered again, without batches, since these were gathered
+            for text in texts:
+                self._write(text)
+            return
         start, size = 0, 0
         for i, text in enumerate(texts):
             if size and size + len(text) > BATCH_CHARS:
