@@ -227,6 +227,23 @@ def encode_batch(texts: list[str]) -> str:
     return "[" + ",".join(texts) + "]"
 
 
+def batch_frames(texts: list[str], limit: int) -> list[str]:
+    """Frames for ``texts`` (``encode``d messages), in order, for a receiver that reads batches.
+
+    A batch ends before it passes ``limit`` characters (a larger message goes
+    alone); a message alone goes as itself, not as a batch of one.
+    """
+    frames, start, size = [], 0, 0
+    for i, text in enumerate(texts):
+        if size and size + len(text) > limit:
+            frames.append(texts[start] if i - start == 1 else encode_batch(texts[start:i]))
+            start, size = i, 0
+        size += len(text) + 1
+    if start < len(texts):
+        frames.append(texts[start] if len(texts) - start == 1 else encode_batch(texts[start:]))
+    return frames
+
+
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 

@@ -109,17 +109,8 @@ class _Socket(tornado.websocket.WebSocketHandler):
             for text in texts:
                 self._write(text)
             return
-        start, size = 0, 0
-        for i, text in enumerate(texts):
-            if size and size + len(text) > BATCH_CHARS:
-                self._write_batch(texts[start:i])
-                start, size = i, 0
-            size += len(text) + 1
-        if start < len(texts):
-            self._write_batch(texts[start:])
-
-    def _write_batch(self, texts: list[str]) -> None:
-        self._write(texts[0] if len(texts) == 1 else P.encode_batch(texts))
+        for frame in P.batch_frames(texts, BATCH_CHARS):
+            self._write(frame)
 
     def _write(self, text: str) -> None:
         if self.closed:

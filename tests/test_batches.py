@@ -37,6 +37,18 @@ def test_a_batch_decodes_to_its_messages_in_order_and_a_bad_one_stands_alone():
         P.decode(text)
 
 
+def test_batch_frames_keep_order_and_stop_short_of_the_limit():
+    texts = [P.encode(P.make("job_cancel", job_id=i)) for i in range(10)]  # 31-32 characters each
+    frames = P.batch_frames(texts, 100)
+    assert [m for f in frames for m in P.decode_batch(f)] == [P.decode(t) for t in texts]
+    assert all(len(f) <= 100 for f in frames) and all(f.startswith("[") for f in frames[:-1])
+    big = P.encode(P.make("job_cancel", job_id=10, ref="x" * 200))
+    # A message past the limit goes alone, as itself; a lone message is never a batch of one.
+    assert P.batch_frames([texts[0], big, texts[1]], 100) == [texts[0], big, texts[1]]
+    assert P.batch_frames([texts[0]], 100) == [texts[0]]
+    assert P.batch_frames([], 100) == []
+
+
 # -- clients ----------------------------------------------------------------------
 
 def test_a_client_hears_each_committed_state_of_a_job_once_in_order(make_cluster):
