@@ -1,7 +1,7 @@
 """The master at scale: CPU per job with a long queue and many slaves; listing with a long history.
 
     .venv/bin/python benchmarks/master_scale.py [--slaves 100] [--queued 10000] [--jobs 2000]
-                                                [--history 1000,1000000]
+                                                [--latency 300] [--history 1000,1000000]
 
 Part 1, CPU per job.  A real master (its own process); this script opens
 ``--slaves`` real slave WebSocket connections to it, each a light load
@@ -15,6 +15,11 @@ over that dispatch + finish, divided by the jobs, against issue 12's
 <= 200 us target.  At least ``--queued`` jobs stay queued throughout.  It also
 reports the master's CPU per submission, in batches and pipelined one by one
 on the client's WebSocket.
+
+Part 1b, the relay's latency.  ``--latency`` jobs one at a time, submitted
+on the client's WebSocket, through two such slaves answering at once: submit
+-> answered and submit -> result as the client sees them, with no sandbox or
+process in the way (``profile_job.py`` times real jobs hop by hop).
 
 Part 2, a long history.  For each size in ``--history``, a history store is
 filled directly through ``master/store.py`` (``JobStore.save_many``, in bulk),
@@ -83,6 +88,7 @@ class FakeSlaves:
         self.running = threading.Event()
         self.finished = 0
         self.registered = 0
+        self.batch_frames = 0  # frames that held several messages (a master that batches)
         self._held: list[tuple] = []  # (conn, job_id) received while holding
         self._loop = asyncio.new_event_loop()
         self._conns: list = []
@@ -101,8 +107,8 @@ class FakeSlaves:
         self._conns.append(conn)
         conn.write_message(P.encode(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=f"load{index:04d}", host="load",
-            languages=[{"name": "python", "version": "3"}], slots=1, instance=f"load{index}")))
-        reply = P.decode(await conn.read_message())
+            languages=[{"name": "python", "version": "3"}], slots=1, instance=f"load{index}", batch=True)))
+        reply = P.decode_batch(await conn.read_message())[0]
         if not reply.get("ok"):
             raise SystemExit(f"slave refused: {reply}")
         self.registered += 1
@@ -113,12 +119,13 @@ class FakeSlaves:
             text = await conn.read_message()
             if text is None:
                 return
-            msg = P.decode(text)
-            if msg["type"] == "job_run":
-                if self.running.is_set():
-                    self._finish(conn, msg["job"]["id"])
-                else:
-                    self._held.append((conn, msg["job"]["id"]))
+            self.batch_frames += text.startswith("[")
+            for msg in P.decode_batch(text):  # a batch frame, as a slave reads them
+                if msg["type"] == "job_run":
+                    if self.running.is_set():
+                        self._finish(conn, msg["job"]["id"])
+                    else:
+                        self._held.append((conn, msg["job"]["id"]))
 
     def _finish(self, conn, job_id: int) -> None:
         conn.write_message(P.encode(P.make("job_finished", job_id=job_id, exit_code=0, error=None,
@@ -288,6 +295,47 @@ def part_history(sizes: list[int], repeat: int) -> None:
                   f" {failed * 1000:>12.1f} ms {rss:>7.0f} MiB")
 
 
+def part_latency(args) -> None:
+    """One job at a time, from a client's submit to its result, through slaves that answer at once:
+    the relay alone (the master, its commits, the hops), no sandbox or process."""
+    with tempfile.TemporaryDirectory(prefix="distexec-relay-") as tmp:
+        lc = LocalCluster(0, home=tmp, log_dir=os.path.join(tmp, "logs"), master_args=NO_CAPS)
+        with lc:
+            pid = lc.master.pid
+            slaves = FakeSlaves(lc.url, lc.secret, 2)
+            slaves.run()
+            c = Cluster(lc.url, token=lc.token)
+            try:
+                for _ in range(20):
+                    c.submit("pass").wait(60)  # warm
+                answered, ended = [], []
+                spy = profile(pid, args.profile + ".latency") if args.profile else None
+                c0 = cpu_seconds(pid)
+                for _ in range(args.latency):
+                    t0 = time.perf_counter()
+                    job = c.submit("pass")
+                    job.id  # the master's answer
+                    t1 = time.perf_counter()
+                    job.wait(60)
+                    answered.append(t1 - t0)
+                    ended.append(time.perf_counter() - t0)
+                cpu = (cpu_seconds(pid) - c0) / args.latency
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
+            finally:
+                c.close()
+                slaves.close()
+
+    def p(values: list[float], q: float) -> float:
+        return sorted(values)[int(q * (len(values) - 1))] * 1000
+
+    print(f"{args.latency} jobs one at a time through 2 slaves that answer at once (the relay alone): "
+          f"submit -> answered p50 {p(answered, .5):.2f} ms, p90 {p(answered, .9):.2f} ms; "
+          f"submit -> result p50 {p(ended, .5):.2f} ms, p90 {p(ended, .9):.2f} ms; "
+          f"{cpu * 1e6:.0f} us of master CPU per job; {slaves.batch_frames} batch frames to the slaves")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--slaves", type=int, default=100)
@@ -296,11 +344,15 @@ def main() -> int:
     p.add_argument("--history", default="1000,1000000", help="history sizes to compare (comma-separated)")
     p.add_argument("--repeat", type=int, default=30, help="timed requests per listing")
     p.add_argument("--skip-cpu", action="store_true")
-    p.add_argument("--profile", metavar="FILE", help="py-spy's collapsed stacks of the master while it dispatches")
+    p.add_argument("--profile", metavar="FILE", help="py-spy's collapsed stacks of the master while it dispatches "
+                   "(and in FILE.latency, while it runs jobs one at a time)")
     p.add_argument("--skip-history", action="store_true")
+    p.add_argument("--latency", type=int, default=300, help="jobs run one at a time for the relay's latency (0: skip)")
     args = p.parse_args()
     if not args.skip_cpu:
         part_cpu(args)
+    if args.latency:
+        part_latency(args)
     if not args.skip_history:
         part_history([int(x) for x in args.history.split(",") if x], args.repeat)
     return 0

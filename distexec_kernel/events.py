@@ -54,6 +54,7 @@ class EventStream:
     def _request(self) -> tornado.httpclient.HTTPRequest:
         query = {k: v for k, v in (("client_id", self.client_id), ("user", self.user),
                                    ("host", self.host)) if v}
+        query["batch"] = "1"  # read_frames reads batch frames
         url = config.ws_url(self.url) + "/ws/client" + ("?" + urlencode(query) if query else "")
         self._sent_token = self.token
         return wsclient.request(url, self.token, self.cafile)

@@ -8,6 +8,7 @@ client's ``Job`` share.  Standard library only, like ``protocol``.
 from __future__ import annotations
 
 import datetime as _dt
+import time as _time
 
 # --- job states -----------------------------------------------------------
 
@@ -69,7 +70,9 @@ ERROR_STATUS = {
 
 def now() -> str:
     """RFC 3339 UTC with millisecond precision, as every job time is."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # As datetime's isoformat(timespec="milliseconds") would write it, in half the time.
+    seconds, ns = divmod(_time.time_ns(), 1_000_000_000)
+    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + ".%03dZ" % (ns // 1_000_000)
 
 
 def parse_time(text: str | None) -> _dt.datetime | None:
@@ -121,9 +124,12 @@ SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr", "outputs")
 SMALL_OUTPUT_CHARS = 64 << 10
 
 
+_SUMMARY_OMIT = frozenset(SUMMARY_OMIT)
+
+
 def summary(job: dict) -> dict:
     """A job without its bulky fields, for live status events."""
-    return {k: v for k, v in job.items() if k not in SUMMARY_OMIT}
+    return {k: v for k, v in job.items() if k not in _SUMMARY_OMIT}
 
 
 def update_of(job: dict) -> dict:

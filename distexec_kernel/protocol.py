@@ -2,7 +2,8 @@
 
 Master, slave and client all import this module, so it depends on the
 standard library only.  Every WebSocket frame is one JSON object with a
-``type`` field; ``MESSAGES`` below says, for each type, which fields it
+``type`` field, or, to a receiver that asked for it, a *batch*: a JSON array
+of such objects, in order (``encode_batch``, ``decode_batch``); ``MESSAGES`` below says, for each type, which fields it
 carries and of which JSON type.  ``decode`` checks a received frame against
 that table, so a handler only ever sees well-formed messages.  The message
 set is described in prose in ``docs/protocol.md``.  The job record, its
@@ -101,6 +102,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "running": (list, False),  # job ids still running here (after a master restart)
         "results": (list, False),  # job_finished messages not yet acknowledged
         "draining": (bool, False),
+        "batch": (bool, False),  # it reads batch frames (arrays of messages)
         "sessions": (list, False),  # the Python sessions alive here: [{"user", "name"}]
         "max_sessions_per_user": (int, False),  # its --max-sessions-per-user
         "instance": (str, False),  # new with each slave process: tells a reconnect from a restart
@@ -164,6 +166,9 @@ INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
 
 def _type_ok(value, expected) -> bool:
     kinds = expected if isinstance(expected, tuple) else (expected,)
+    t = type(value)
+    if t is not int and t in kinds:  # the common case, before the exact rules below
+        return True
     if isinstance(value, bool):
         return bool in kinds
     if int in kinds and isinstance(value, int):
@@ -209,8 +214,34 @@ def validate(msg) -> dict:
     return msg
 
 
+# One encoder, made once: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(msg: dict) -> str:
-    return json.dumps(msg, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(msg)
+
+
+def encode_batch(texts: list[str]) -> str:
+    """One batch frame of messages already ``encode``d, in order (for a receiver that reads batches)."""
+    return "[" + ",".join(texts) + "]"
+
+
+def batch_frames(texts: list[str], limit: int) -> list[str]:
+    """Frames for ``texts`` (``encode``d messages), in order, for a receiver that reads batches.
+
+    A batch ends before it passes ``limit`` characters (a larger message goes
+    alone); a message alone goes as itself, not as a batch of one.
+    """
+    frames, start, size = [], 0, 0
+    for i, text in enumerate(texts):
+        if size and size + len(text) > limit:
+            frames.append(texts[start] if i - start == 1 else encode_batch(texts[start:i]))
+            start, size = i, 0
+        size += len(text) + 1
+    if start < len(texts):
+        frames.append(texts[start] if len(texts) - start == 1 else encode_batch(texts[start:]))
+    return frames
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -218,6 +249,10 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+# Made once: json.loads with options builds a decoder per call (every frame comes through here).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def loads(text: str | bytes):
@@ -232,7 +267,7 @@ def loads(text: str | bytes):
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8")
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = _DECODER.decode(text)
     except RecursionError:
         # The parser is recursive: past the interpreter's depth it gives up
         # before our own check below can run.
@@ -262,13 +297,35 @@ def _check_depth(value) -> None:
 
 def decode(text: str | bytes) -> dict:
     """Parse and validate one frame; raises ProtocolError on anything wrong."""
+    return validate(_parse(text))
+
+
+def decode_batch(text: str | bytes) -> list[dict | ProtocolError]:
+    """Parse a frame that may be a batch: its messages in order, each checked on its own.
+
+    A malformed message is returned as its ProtocolError in its place (the
+    others stand); a frame that is not JSON at all is one ProtocolError.
+    """
+    try:
+        value = _parse(text)
+    except ProtocolError as exc:
+        return [exc]
+    out: list[dict | ProtocolError] = []
+    for msg in value if isinstance(value, list) else (value,):
+        try:
+            out.append(validate(msg))
+        except ProtocolError as exc:
+            out.append(exc)
+    return out
+
+
+def _parse(text: str | bytes):
     if len(text) > MAX_MESSAGE_BYTES:
         raise ProtocolError("too_large", f"message over {MAX_MESSAGE_BYTES} bytes")
     try:
-        msg = loads(text)
+        return loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"not JSON: {exc}") from None
-    return validate(msg)
 
 
 # --- submissions ----------------------------------------------------------

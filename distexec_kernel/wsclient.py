@@ -91,20 +91,20 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
 
 async def read_frames(conn: Connection, handle: Callable[[dict], None], *, log: logging.Logger,
                       on_bad: Callable[[P.ProtocolError], None] | None = None) -> None:
-    """Hand each well-formed message to ``handle`` until the connection closes.
+    """Hand each well-formed message to ``handle``, in order, until the connection closes.
 
-    A malformed frame is logged (and passed to ``on_bad``, to answer it) and
-    skipped: one bad frame never ends the connection.
+    A frame may be a batch (an array of messages: the receiver asked for them).
+    A malformed message is logged (and passed to ``on_bad``, to answer it) and
+    skipped: one bad message never ends the connection.
     """
     while True:
         text = await conn.read_message()
         if text is None:
             return
-        try:
-            msg = P.decode(text)
-        except P.ProtocolError as exc:
-            log.warning("bad message from the master: %s", exc.message)
-            if on_bad is not None:
-                on_bad(exc)
-            continue
-        handle(msg)
+        for msg in P.decode_batch(text):
+            if isinstance(msg, P.ProtocolError):
+                log.warning("bad message from the master: %s", msg.message)
+                if on_bad is not None:
+                    on_bad(msg)
+                continue
+            handle(msg)

@@ -7,7 +7,7 @@ to act on one, that a master crash could lose.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Coroutine
 
 from distexec_kernel import protocol as P
 
@@ -38,12 +38,29 @@ class Carrier:
         left) to be awaited by whoever must answer only once it is done.
         ``at_hand``: job id -> inputs of jobs being submitted (their ``Load`` reads nothing).
         """
+        rest = self._begin(decisions, at_hand)
+        return asyncio.ensure_future(rest) if rest is not None else None
+
+    async def run(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None = None) -> None:
+        """``self(decisions, at_hand)`` for a caller that waits for all of it, awaited at once.
+
+        The same order and the same turn for the first part; the rest runs in
+        the caller's task rather than one of its own, so what the caller does
+        next (a submit_reply) happens in the turn that carries out the last
+        decision, and goes out in the same frame as its announcement.
+        """
+        rest = self._begin(decisions, at_hand)
+        if rest is not None:
+            await rest
+
+    def _begin(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None) -> Coroutine | None:
+        """Carry out what comes before the first save (handing that save over); the rest, to run."""
         for i, d in enumerate(decisions):
             if isinstance(d, J.Save):
                 rest = decisions[i + 1:]
-                return asyncio.ensure_future(self._rest(rest, at_hand, self._save(d.jobs, _loads(rest, at_hand))))
+                return self._rest(rest, at_hand, self._save(d.jobs, _loads(rest, at_hand)))
             if isinstance(d, (J.Load, J.Ack)):
-                return asyncio.ensure_future(self._rest(decisions[i:], at_hand))
+                return self._rest(decisions[i:], at_hand)
             self._do(d)
         return None
 

@@ -195,7 +195,7 @@ class Master:
         # of it is announced; a job that starts at once is sent with its inputs
         # at hand, saving a read.  The reply tells no state before it is durable.
         replies = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
-        await _done(self._carry(J.merged(decisions), {job["id"]: {k: job[k] for k in P.INPUT_FIELDS} for job in jobs}))
+        await self._carry.run(J.merged(decisions), {job["id"]: {k: job[k] for k in P.INPUT_FIELDS} for job in jobs})
         return [{**reply, **{k: job[k] for k in P.INPUT_FIELDS}} for reply, job in zip(replies, jobs)]
 
     # -- cancel ------------------------------------------------------------
@@ -372,7 +372,7 @@ class Master:
             # carrying-out for both (its acknowledgement waits for that commit either way).
             decisions += self._assigned()
             self._slaves_changed()
-        await _done(self._carry(J.merged(decisions)))
+        await self._carry.run(J.merged(decisions))
 
     def prune(self, before: str | None = None) -> Awaitable[int]:
         """See ``Retention.prune``."""

@@ -204,13 +204,16 @@ class Lifecycle:
                                      for j in jobs)]
 
     def dispatched(self, job_id: int, uid: str, note: str | None = None) -> list[Decision]:
-        """The scheduler placed the job on ``uid``: saved as running, announced, then sent (``Load``)."""
+        """The scheduler placed the job on ``uid``: saved as running, then sent (``Load``), then announced.
+
+        The slave first: the job waits for its job_run, nobody for the announcement.
+        """
         rec = self.records[job_id]
         self._seq += 1
         rec.dispatch, rec.sent_to, rec.note = self._seq, NEVER, note
         rec.job.update(status=P.RUNNING, slave_uid=uid, started_at=P.now(),
                        attempts=(rec.job.get("attempts") or 0) + 1)
-        return [Save((rec.job,)), _update(rec.job), Load(job_id, rec.dispatch)]
+        return [Save((rec.job,)), Load(job_id, rec.dispatch), _update(rec.job)]
 
     def started(self, job_id: int, dispatch: int, inputs: dict) -> list[Decision]:
         """The job's record is durable and its inputs at hand: the job_run goes out, if still current.
@@ -391,24 +394,41 @@ class Lifecycle:
 def merged(decisions: list[Decision]) -> list[Decision]:
     """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
 
-    For decisions taken in one turn (a submission and the starts it allows):
-    a save only moves earlier, so nothing is told before it is durable.  A
-    job saved twice (submitted and started in one turn) is written once, as
-    it was last, with the fields only its first save had (its inputs).
+    For decisions taken in one turn (a submission and the starts it allows,
+    a result and the start its slot allows): a save only moves earlier, so
+    nothing is told before it is durable.  A job saved twice (submitted and
+    started in one turn) is written once, as it was last, with the fields only
+    its first save had (its inputs); and announced once, as it was last: the
+    state it passed through in the turn (queued) was never committed.  After
+    the commit, what goes to slaves (``Load``, ``Send``) comes first: a job
+    waits for its job_run, nobody for an announcement.
     """
     saves: dict[int, dict] = {}
-    for d in decisions:
+    last_update: dict[int, int] = {}  # job id -> index of its last job_update
+    for i, d in enumerate(decisions):
         if isinstance(d, Save):
             for job in d.jobs:
                 saves[job["id"]] = {**saves[job["id"]], **job} if job["id"] in saves else job
-    out: list[Decision] = []
-    for d in decisions:
-        if not isinstance(d, Save):
-            out.append(d)
-        elif saves:
-            out.append(Save(tuple(saves.values())))
-            saves = {}
-    return out
+        elif _updated(d) is not None:
+            last_update[_updated(d)] = i
+    if not saves:
+        return list(decisions)
+    first = next(i for i, d in enumerate(decisions) if isinstance(d, Save))
+    to_slaves: list[Decision] = []
+    rest: list[Decision] = []
+    for i, d in enumerate(decisions[first + 1:], first + 1):
+        if isinstance(d, (Load, Send)):
+            to_slaves.append(d)
+        elif not isinstance(d, Save) and (_updated(d) is None or last_update[_updated(d)] == i):
+            rest.append(d)
+    return [*decisions[:first], Save(tuple(saves.values())), *to_slaves, *rest]
+
+
+def _updated(d: Decision) -> int | None:
+    """The job a ``job_update`` announcement is of (None: another decision)."""
+    if isinstance(d, Announce) and d.msg["type"] == "job_update":
+        return d.msg["job"]["id"]
+    return None
 
 
 def _update(job: dict) -> Announce:

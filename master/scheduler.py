@@ -67,6 +67,9 @@ class Scheduler:
         # until the slave comes back or the grace period ends): it still
         # counts against max_jobs.
         self.running: dict[int, str] = {}
+        # User -> how many of ``running`` are theirs, kept in step by _start and _stop
+        # (assign reads it for every placement).
+        self._running_by: Counter[str | None] = Counter()
         # Session bookkeeping: job id -> session name (queued or running jobs
         # of a session), session -> the slave it lives on, and session -> the
         # one job of it running now.
@@ -92,7 +95,7 @@ class Scheduler:
         state = SlaveState(uid, frozenset(languages), max(0, slots), last_active=self._clock)
         for job_id in running:
             state.running.add(job_id)
-            self.running[job_id] = uid
+            self._start(job_id, uid)
         # Jobs we thought ran there but which it no longer reports stay in
         # self.running until the master settles them with finished().
         self._open.pop(uid, None)  # a state it replaces
@@ -129,7 +132,7 @@ class Scheduler:
     def requeue_front(self, job_id: int, language: str, session: str | None = None,
                       user: str | None = None) -> None:
         """A job to retry goes back at the head: it has waited already."""
-        self.running.pop(job_id, None)
+        self._stop(job_id)
         self._add_queued(job_id, language, user)
         self.queue.move_to_end(job_id, last=False)
         if session is not None:
@@ -161,8 +164,9 @@ class Scheduler:
     def mark_running(self, job_id: int, uid: str, session: str | None = None,
                      user: str | None = None) -> None:
         """Count a job as running on ``uid`` (restored after a master restart)."""
-        self.running[job_id] = uid
+        self._stop(job_id)  # counted again under ``user``
         self.job_user[job_id] = user
+        self._start(job_id, uid)
         if uid in self.slaves:
             self.slaves[uid].running.add(job_id)
             self._recheck(self.slaves[uid])
@@ -211,7 +215,7 @@ class Scheduler:
 
     def finished(self, job_id: int) -> None:
         """A running job ended, however it ended."""
-        uid = self.running.pop(job_id, None)
+        uid = self._stop(job_id)
         session = self.job_session.pop(job_id, None)
         self.job_user.pop(job_id, None)
         if session is not None and self.session_running.get(session) == job_id:
@@ -239,7 +243,23 @@ class Scheduler:
 
     def running_by(self) -> Counter:
         """User -> number of their jobs counted as running."""
-        return Counter(self.job_user.get(j) for j in self.running)
+        return Counter(self._running_by)
+
+    def _start(self, job_id: int, uid: str) -> None:
+        """Count ``job_id`` as running on ``uid`` (under its user as ``job_user`` says now)."""
+        if job_id not in self.running:
+            self._running_by[self.job_user.get(job_id)] += 1
+        self.running[job_id] = uid
+
+    def _stop(self, job_id: int) -> str | None:
+        """Count ``job_id`` as running no more; the slave it was counted on, if it was."""
+        uid = self.running.pop(job_id, None)
+        if uid is not None:
+            user = self.job_user.get(job_id)
+            self._running_by[user] -= 1
+            if not self._running_by[user]:
+                del self._running_by[user]
+        return uid
 
     def can_run(self, language: str) -> bool:
         return any(language in s.languages for s in self.slaves.values())
@@ -267,7 +287,7 @@ class Scheduler:
             running[user] += 1
             best.running.add(job_id)
             self._recheck(best)
-            self.running[job_id] = best.uid
+            self._start(job_id, best.uid)
             if session is not None:
                 self.session_slave[session] = best.uid
                 self.session_running[session] = job_id

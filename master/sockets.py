@@ -25,6 +25,9 @@ log = logging.getLogger("distexec.master.app")
 
 PING_INTERVAL = 2.0  # seconds; a dead peer is noticed within PING_INTERVAL + PING_TIMEOUT
 PING_TIMEOUT = 2.0  # tornado caps it at the interval
+# A batch frame ends before it passes this many characters (a larger message goes alone):
+# far under the receivers' MAX_MESSAGE_BYTES, and a long burst is parsed a piece at a time.
+BATCH_CHARS = 256 << 10
 
 
 # Answers to WebSocket submissions kept, per master, so a client that sends a
@@ -78,6 +81,11 @@ class _Socket(tornado.websocket.WebSocketHandler):
         self.auth = auth
         self.gate = gate
         self.closed = False
+        # A peer that reads batch frames (it said so) gets the messages of one
+        # loop turn in one frame: one write, one send syscall, one frame to
+        # parse, instead of one each per message (see docs/performance.md).
+        self.batches = False
+        self._outbox: list[str] = []
 
     def check_origin(self, origin: str) -> bool:
         # Auth is by token, never by cookie, so cross-origin pages gain nothing.
@@ -86,10 +94,35 @@ class _Socket(tornado.websocket.WebSocketHandler):
     def send(self, msg: dict | str) -> None:
         if self.closed:
             return
+        text = msg if isinstance(msg, str) else P.encode(msg)
+        if not self._outbox:
+            if not self.batches:
+                self._write(text)
+                return
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+        self._outbox.append(text)
+
+    def _flush_outbox(self) -> None:
+        """Write what ``send`` gathered, in order: one frame per batch of up to BATCH_CHARS."""
+        texts, self._outbox = self._outbox, []
+        if not self.batches:  # it registered again, without batches, since these were gathered
+            for text in texts:
+                self._write(text)
+            return
+        for frame in P.batch_frames(texts, BATCH_CHARS):
+            self._write(frame)
+
+    def _write(self, text: str) -> None:
+        if self.closed:
+            return
         try:
-            self.write_message(msg if isinstance(msg, str) else P.encode(msg))
+            self.write_message(text)
         except tornado.websocket.WebSocketClosedError:
             self.closed = True
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self._flush_outbox()  # what was sent before the close goes first
+        super().close(code, reason)
 
     def reply_error(self, code: str, message: str) -> None:
         log.warning("%s %s: %s", self.__class__.__name__, self.request.remote_ip, message)
@@ -132,6 +165,7 @@ class ClientSocket(_Socket):
 
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
+        self.batches = self.get_query_argument("batch", None) == "1"
         # The host is the address this connection comes from; what the client
         # says its host is (?host=) is a label only.
         host = self.request.remote_ip or "?"
@@ -160,15 +194,20 @@ class ClientSocket(_Socket):
         ledger = self.ledger
         first = ledger.get(key) if key else None
         if first is None:
-            answer = asyncio.ensure_future(self._submit(msg["request"], ref, bool(msg.get("again"))))
+            answer = asyncio.ensure_future(self._answer(msg["request"], ref, bool(msg.get("again"))))
             if key:
                 ledger.put(key, answer)
-            answer.add_done_callback(lambda done: self.send(P.make("submit_reply", ref=ref, **done.result())))
         else:
             # Sent again after a reconnect: the same job, not a second one.
             answer = asyncio.ensure_future(self._reply_again(first, ref))
         self._answering.add(answer)  # the loop keeps only weak references to tasks
         answer.add_done_callback(self._answering.discard)
+
+    async def _answer(self, request: dict, ref: str | None, again: bool) -> dict:
+        """Submit and reply; the reply is sent in the turn the job is announced, so both share a frame."""
+        body = await self._submit(request, ref, again)
+        self.send(P.make("submit_reply", ref=ref, **body))
+        return body
 
     async def _submit(self, request: dict, ref: str | None, again: bool) -> dict:
         """``{"job"}`` or ``{"error"}``: what a submit_reply carries, as the HTTP path would answer."""
@@ -241,6 +280,7 @@ class SlaveSocket(_Socket):
             # One connection, one slave: a second UID would leave the first registered with no one behind it.
             raise P.ProtocolError("already_registered", f"this connection is slave {self.uid}; "
                                   f"connect again to register as {msg['uid']}")
+        self.batches = bool(msg.get("batch"))
         result = self.master.slave_registered(self, msg)
         if isinstance(result, dict):
             self.send(P.make("register_reply", ok=False, error=result))

@@ -171,14 +171,18 @@ def _split(job: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in job.items() if k not in inputs} if inputs else job), inputs
 
 
+# Made once: json.dumps with options builds an encoder per call (a save is on the event loop).
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def _rows(job: dict) -> tuple[tuple, tuple | None]:
     rest, inputs = _split(job)
-    data = json.dumps(rest, ensure_ascii=False)
+    data = _ENCODER.encode(rest)
     row = (job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
            job["submitted_at"], job.get("group"), job.get("ref"), data, len(data))
     if not inputs:
         return row, None
-    text = json.dumps(inputs, ensure_ascii=False)
+    text = _ENCODER.encode(inputs)
     return row, (job["id"], text, len(text))
 
 

@@ -114,7 +114,7 @@ class Slave:
             slots=self.slots, running=sorted({*self.running, *with_files}),
             results=[r for j, r in self.unacked.items() if j not in self.unacked_blobs],
             draining=self.draining, sessions=self._session_names(), instance=self.instance,
-            **self._session_cap()))
+            batch=True, **self._session_cap()))  # read_frames reads batch frames
         for job_id in with_files:
             asyncio.ensure_future(self._send_result(job_id, conn))
         try:

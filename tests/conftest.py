@@ -5,13 +5,19 @@ needs its own cluster shape builds one with ``make_cluster``.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import threading
 import time
 
 import psutil
 import pytest
+import tornado.httpclient
+import tornado.websocket
 
+from distexec_kernel import config, protocol as P
 from distexec_kernel.local import LocalCluster
 
 
@@ -200,6 +206,69 @@ def client(cluster):
     c = Cluster(cluster.url, token=cluster.token)
     yield c
     c.close()
+
+
+class Socket:
+    """A blocking WebSocket client on its own event loop thread, for driving the master from a test."""
+
+    BROADCAST = {"job_update", "job_output", "slaves_changed", "clients_changed", "welcome",
+                 "job_run", "job_cancel"}
+
+    def __init__(self, url: str, path: str, token: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        req = tornado.httpclient.HTTPRequest(config.ws_url(url) + path,
+                                             headers={"Authorization": f"Bearer {token}"}, connect_timeout=10)
+        self.conn = self._run(lambda: tornado.websocket.websocket_connect(req, max_message_size=P.MAX_MESSAGE_BYTES))
+        self.probes = 0
+
+    def _run(self, make, timeout: float = 20.0):
+        """Run ``make()`` (which returns an awaitable) on the socket's loop and wait for its result."""
+        async def wrap():
+            return await make()
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
+
+    def send(self, frame) -> None:
+        self._run(lambda: self.conn.write_message(frame, binary=isinstance(frame, bytes)))
+
+    def recv(self, timeout: float = 20.0):
+        return json.loads(self.recv_text(timeout))
+
+    def recv_text(self, timeout: float = 20.0) -> str:
+        """The next frame as it came (a message, or a batch of them for a peer that asked)."""
+        text = self._run(lambda: asyncio.wait_for(self.conn.read_message(), timeout), timeout + 5)
+        assert text is not None, f"the master closed the connection ({self.conn.close_code} {self.conn.close_reason})"
+        return text
+
+    def exchange(self, frame) -> list[dict]:
+        """Send ``frame``, then a probe; return the replies that came for ``frame`` (not broadcasts)."""
+        self.probes += 1
+        probe = f"probe-{self.probes}"
+        self.send(frame)
+        self.send(json.dumps({"type": probe}))
+        replies = []
+        while True:
+            msg = self.recv()
+            if msg["type"] == "error" and repr(probe) in msg["error"]["message"]:
+                return replies
+            if msg["type"] not in self.BROADCAST:
+                replies.append(msg)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+
+        async def shut():
+            self.conn.close()
+            while await asyncio.wait_for(self.conn.read_message(), 10) is not None:
+                pass
+        try:
+            self._run(shut)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
 
 
 def logs(tmp_path) -> str:

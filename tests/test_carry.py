@@ -11,13 +11,16 @@ from master.store import JobStore
 
 
 class Recorder:
-    """A connection's far end that keeps what it was sent."""
+    """A connection's far end that keeps what it was sent (and, in ``log``, shared, in what order)."""
 
-    def __init__(self):
+    def __init__(self, name: str, log: list[tuple[str, str]]):
+        self.name = name
+        self.log = log
         self.frames: list[dict] = []
 
     def send(self, msg):
         self.frames.append(P.decode(msg) if isinstance(msg, str) else msg)
+        self.log.append((self.name, self.frames[-1]["type"]))
 
 
 @contextlib.contextmanager
@@ -27,7 +30,8 @@ def one_slot_master(tmp_path):
     store = JobStore(str(tmp_path / "history.sqlite3"))
     master = Master(store)
     master.start()
-    slave, client = Recorder(), Recorder()
+    log: list[tuple[str, str]] = []
+    slave, client = Recorder("slave", log), Recorder("client", log)
     master.client_connected(client, None, "127.0.0.1")
     register = P.make("register", protocol=P.PROTOCOL_VERSION, uid="s1", host="h",
                       languages=[{"name": "python"}], slots=1, instance="i1")
@@ -49,9 +53,10 @@ def test_submit_reply_tells_running_only_once_it_is_saved(tmp_path):
             assert saved["id"] == reply["id"] and saved["status"] == P.RUNNING
             [run] = [f for f in slave.frames if f["type"] == "job_run"]
             assert run["job"]["id"] == reply["id"]
-            # Announced in order, each after its save: queued, then running.
+            # Announced once, as committed (its queued state never was), after the job_run went.
             updates = [f["job"]["status"] for f in client.frames if f["type"] == "job_update"]
-            assert updates == [P.QUEUED, P.RUNNING]
+            assert updates == [P.RUNNING]
+            assert slave.log[-2:] == [("slave", "job_run"), ("client", "job_update")]
             # A cancel now reaches the slave; its report settles the job, acknowledged once saved.
             await master.cancel(reply["id"])
             assert slave.frames[-1] == P.make("job_cancel", job_id=reply["id"])
@@ -76,8 +81,9 @@ def test_a_freed_slot_starts_the_next_job_with_its_inputs_read_back_in_the_resul
             runs = [f["job"] for f in slave.frames if f["type"] == "job_run"]
             assert [(r["id"], r["source"], r["args"]) for r in runs] == [
                 (first["id"], "print(1)", ["1"]), (second["id"], "print(2)", ["2"])]
-            assert slave.frames[-2] == P.make("result_ack", job_id=first["id"])
-            assert slave.frames[-1]["type"] == "job_run"
+            # The next job's job_run first (it waits for it), then the result's acknowledgement.
+            assert slave.frames[-2]["type"] == "job_run"
+            assert slave.frames[-1] == P.make("result_ack", job_id=first["id"])
             # Both are durable before either was told: the result and the next start.
             assert (await store.get(first["id"]))["status"] == P.SUCCEEDED
             assert (await store.get(second["id"]))["status"] == P.RUNNING

@@ -298,11 +298,14 @@ def test_channels_refuse_the_other_credential(cluster):
     asyncio.run(go())
 
 
-def test_slave_with_wrong_protocol_version_is_refused(cluster):
+@pytest.mark.parametrize("batch", [False, True])
+def test_slave_with_wrong_protocol_version_is_refused(cluster, batch):
+    """Also when it reads batches: the master's messages gathered for the turn go out before its close."""
     async def go():
         conn = await _ws(cluster.url, cluster.secret, "/ws/slave")
         conn.write_message(json.dumps({"type": "register", "protocol": P.PROTOCOL_VERSION + 41, "uid": "old",
-                                       "host": "h", "languages": [{"name": "python"}], "slots": 1}))
+                                       "host": "h", "languages": [{"name": "python"}], "slots": 1,
+                                       "batch": batch}))
         reply = await _read(conn)
         assert reply["type"] == "register_reply" and reply["ok"] is False
         assert reply["error"]["code"] == "protocol_mismatch"

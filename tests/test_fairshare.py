@@ -82,9 +82,11 @@ def test_a_large_batch_does_not_hold_back_another_users_single_job(two_users):
     mine = bob.submit("print('bob')", name="bob's")
     alice.cancel(busy.id)  # the slot frees
     assert mine.wait(60).status == P.SUCCEEDED
-    started = sweep.refresh().counts()
     # At most one of the sweep's jobs went before bob's (the one that took the slot as it freed).
-    assert started.get(P.QUEUED, 0) >= 898, started
+    # Read from the start times: the slave gets its next job before the client hears that bob's
+    # ended, so how many left the queue by the time we look says nothing of the order.
+    went_before = [j.id for j in sweep.refresh() if j.started_at is not None and j.started_at < mine.started_at]
+    assert len(went_before) <= 1, (went_before, mine.started_at)
     # Warm jobs finish in milliseconds: some ran while we looked.  Every job
     # not ended when the cancel arrived ends cancelled, but for one a slot
     # may finish in the same instant.

@@ -8,19 +8,17 @@ closed, and afterwards the master still runs a normal job.
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import argon2
 import pytest
 import requests
-import tornado.httpclient
-import tornado.websocket
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from distexec_kernel import Cluster, config, protocol as P
+from distexec_kernel import Cluster, protocol as P
 from master import auth
+
+from conftest import Socket
 
 FAST = settings(max_examples=150, deadline=None)
 LIVE = settings(max_examples=100, deadline=None,
@@ -127,6 +125,25 @@ def test_decode_returns_a_valid_message_or_raises_protocol_error(frame):
 
 
 @FAST
+@given(st.text(max_size=200) | st.binary(max_size=200) | json_values.map(_dumps)
+       | st.lists(messages().map(_dumps) | json_values.map(_dumps), max_size=5).map(lambda xs: "[" + ",".join(xs) + "]"))
+def test_decode_batch_returns_valid_messages_and_errors_never_raises(frame):
+    out = P.decode_batch(frame)
+    assert out or P.loads(frame) == []  # an empty batch is no message, and no error
+    for item in out:
+        if isinstance(item, P.ProtocolError):
+            assert item.code in ("bad_json", "bad_message", "unknown_type", "too_large") and item.message
+        else:
+            assert P.validate(item) is item and item["type"] in P.MESSAGES
+
+
+@FAST
+@given(st.lists(valid_messages(), min_size=1, max_size=5))
+def test_valid_messages_survive_a_batch_in_order(msgs):
+    assert P.decode_batch(P.encode_batch([P.encode(m) for m in msgs])) == msgs
+
+
+@FAST
 @given(valid_messages())
 def test_a_valid_message_survives_encode_and_decode(msg):
     assert P.validate(msg) is msg
@@ -198,65 +215,6 @@ def test_integers_past_64_bits_are_refused_not_looked_up(make_cluster):
 
 
 # --- the live master ----------------------------------------------------------
-
-
-class Socket:
-    """A blocking WebSocket client on its own event loop thread, for driving the master from a test."""
-
-    BROADCAST = {"job_update", "job_output", "slaves_changed", "clients_changed", "welcome",
-                 "job_run", "job_cancel"}
-
-    def __init__(self, url: str, path: str, token: str):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        req = tornado.httpclient.HTTPRequest(config.ws_url(url) + path,
-                                             headers={"Authorization": f"Bearer {token}"}, connect_timeout=10)
-        self.conn = self._run(lambda: tornado.websocket.websocket_connect(req, max_message_size=P.MAX_MESSAGE_BYTES))
-        self.probes = 0
-
-    def _run(self, make, timeout: float = 20.0):
-        """Run ``make()`` (which returns an awaitable) on the socket's loop and wait for its result."""
-        async def wrap():
-            return await make()
-        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
-
-    def send(self, frame) -> None:
-        self._run(lambda: self.conn.write_message(frame, binary=isinstance(frame, bytes)))
-
-    def recv(self, timeout: float = 20.0):
-        text = self._run(lambda: asyncio.wait_for(self.conn.read_message(), timeout), timeout + 5)
-        assert text is not None, f"the master closed the connection ({self.conn.close_code} {self.conn.close_reason})"
-        return json.loads(text)
-
-    def exchange(self, frame) -> list[dict]:
-        """Send ``frame``, then a probe; return the replies that came for ``frame`` (not broadcasts)."""
-        self.probes += 1
-        probe = f"probe-{self.probes}"
-        self.send(frame)
-        self.send(json.dumps({"type": probe}))
-        replies = []
-        while True:
-            msg = self.recv()
-            if msg["type"] == "error" and repr(probe) in msg["error"]["message"]:
-                return replies
-            if msg["type"] not in self.BROADCAST:
-                replies.append(msg)
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-
-        async def shut():
-            self.conn.close()
-            while await asyncio.wait_for(self.conn.read_message(), 10) is not None:
-                pass
-        try:
-            self._run(shut)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 @pytest.fixture

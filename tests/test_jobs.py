@@ -77,18 +77,19 @@ def test_submission_is_saved_then_announced_and_queued():
     assert "source" not in w.jobs.job(1) and list(w.scheduler.queue) == [1]
 
 
-def test_dispatch_saves_running_before_it_announces_and_sends():
+def test_dispatch_saves_running_before_it_sends_and_announces():
     w = World()
     w.connect()
     w.submit(1)
     [(job_id, uid)] = w.scheduler.assign()
     out = w.jobs.dispatched(job_id, uid, note="session lost")
-    assert [type(d) for d in out] == [J.Save, J.Announce, J.Load]
+    # The slave first: the job waits for its job_run, nobody for the announcement.
+    assert [type(d) for d in out] == [J.Save, J.Load, J.Announce]
     assert statuses(out) == [P.RUNNING] and saved(out)[0]["attempts"] == 1
-    [run] = sent(w.jobs.started(1, out[2].dispatch, {"source": "print(2)"}), "job_run")
+    [run] = sent(w.jobs.started(1, out[1].dispatch, {"source": "print(2)"}), "job_run")
     assert run["job"]["source"] == "print(2)" and run["job"]["session_note"] == "session lost"
     # A second start of the same dispatch sends nothing more.
-    assert w.jobs.started(1, out[2].dispatch, {"source": "print(2)"}) == []
+    assert w.jobs.started(1, out[1].dispatch, {"source": "print(2)"}) == []
 
 
 def test_a_submission_and_its_start_are_one_commit_before_anything_is_told():
@@ -96,10 +97,26 @@ def test_a_submission_and_its_start_are_one_commit_before_anything_is_told():
     w.connect()
     out = w.submit(1) + [d for job_id, uid in w.scheduler.assign() for d in w.jobs.dispatched(job_id, uid)]
     merged = J.merged(out)
-    assert [type(d) for d in merged] == [J.Save, J.Announce, J.Announce, J.Load]
-    # Written once: as it was last (running), with the inputs only the submitted record had.
+    assert [type(d) for d in merged] == [J.Save, J.Load, J.Announce]
+    # Written once: as it was last (running), with the inputs only the submitted record had;
+    # announced once, as written (its queued state was never committed).
     assert [(job["status"], job["source"]) for job in merged[0].jobs] == [(P.RUNNING, "print(1)")]
-    assert [d.msg["job"]["status"] for d in merged[1:3]] == [P.QUEUED, P.RUNNING]
+    assert merged[2].msg["job"]["status"] == P.RUNNING
+
+
+def test_merged_sends_to_slaves_first_and_announces_each_job_once_as_committed():
+    """A result and the start its slot allows, plus a submission queued behind: one save,
+    the job_run first, then every job's last state in the order decided."""
+    w = one_running()
+    out = w.finish("a", 1) + w.submit(2)
+    out += [d for job_id, uid in w.scheduler.assign() for d in w.jobs.dispatched(job_id, uid)]
+    merged = J.merged(out)
+    assert [type(d) for d in merged] == [J.Discard, J.Save, J.Load, J.Announce, J.Ack, J.Announce]
+    assert [job["id"] for job in merged[1].jobs] == [1, 2] and merged[2].job_id == 2
+    assert [(d.msg["job"]["id"], d.msg["job"]["status"]) for d in merged if isinstance(d, J.Announce)] == [
+        (1, P.SUCCEEDED), (2, P.RUNNING)]
+    # Nothing saved: nothing moves.
+    assert J.merged(merged[3:]) == merged[3:]
 
 
 def test_cancel_of_a_queued_job():

@@ -334,8 +334,9 @@ def test_a_burst_coalesces_and_ends_consistent(panel, client):
     wait_for(lambda: {i: lab[0] for i, lab in rows(panel).items()} == want, T, "the panel matches the master")
     elapsed = time.monotonic() - started
     events = panel.events - events_before
-    # Each job makes at least three events (queued, running, finished), plus slaves_changed.
-    assert events >= 3 * n
+    # Each job makes two or three events (queued unless it started at once, running, finished),
+    # plus slaves_changed.
+    assert events >= 2 * n
     assert len(option_syncs) == panel.renders["jobs"] - renders_before
     # At most one re-render per flush interval, however many events came in it
     # (how many events share a flush depends on how fast the cluster runs them).

@@ -1,4 +1,6 @@
 """The scheduler, fed events with no I/O: every decision it makes, checked."""
+from collections import Counter
+
 from hypothesis import given, settings, strategies as st
 
 from master.scheduler import Scheduler
@@ -130,6 +132,8 @@ def test_reregistered_slave_keeps_its_running_jobs():
 
 events = st.lists(st.one_of(
     st.tuples(st.just("enqueue"), st.sampled_from(["python", "c"])),
+    st.tuples(st.just("enqueue_for"), st.sampled_from(["alice", "bob"])),
+    st.tuples(st.just("retry"), st.integers(0, 50)),
     st.tuples(st.just("finish"), st.integers(0, 50)),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("leave"), st.sampled_from(["a", "b", "c"])),
@@ -151,6 +155,14 @@ def test_invariants_hold_under_any_event_order(evts, cap):
         if kind == "enqueue":
             s.enqueue(next_id, arg)
             next_id += 1
+        elif kind == "enqueue_for":
+            s.enqueue(next_id, "python", user=arg)
+            next_id += 1
+        elif kind == "retry" and arg in s.running:  # its slave was lost: back at the head, as jobs.py does
+            user = s.job_user.get(arg)
+            s.finished(arg)
+            s.requeue_front(arg, "python", user=user)
+            assigned_once.discard(arg)
         elif kind == "finish" and arg in s.running:
             s.finished(arg)
         elif kind == "cancel":
@@ -173,6 +185,7 @@ def test_invariants_hold_under_any_event_order(evts, cap):
             assert len(state.running) <= state.slots
             assert all(s.running[j] == uid for j in state.running)
         assert not set(s.queue) & set(s.running)
+        assert s.running_by() == Counter(s.job_user.get(j) for j in s.running)  # kept in step, not counted
         # Nothing left queued that an accepting slave with a free slot could run.
         if len(s.running) < cap:
             free = [st_ for st_ in s.slaves.values() if st_.accepting and st_.free > 0]
