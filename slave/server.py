@@ -27,6 +27,8 @@ from .warm import WarmRunner
 log = logging.getLogger("distexec.slave")
 
 REGISTERED = "distexec slave registered:"
+# Longest a first start's toolchain detection waits for the first registration (see detect_rest).
+DETECT_AFTER = 2.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,13 +106,25 @@ async def start(args: argparse.Namespace) -> Slave:
         limits.file_size_mb = args.disk_limit
     sandbox = best_sandbox(limits, args.sandbox)
     # Asked through the sandbox: a language is offered only if it works for a job.
-    chains = await toolchains.detect_toolchains(
-        only, cache_path=toolchains.default_cache_path(), sandbox=sandbox, limits=limits)
+    detector = toolchains.Detector(cache_path=toolchains.default_cache_path(), sandbox=sandbox, limits=limits)
+    chains, later = {}, []
+    for lang in toolchains.wanted(only):
+        settled, tc = detector.remembered(lang)
+        if tc is not None:
+            chains[lang.name] = tc
+        elif not settled:
+            later.append(lang)
+    # What nothing remembers: the first few asked now, the others once registered (detect_rest).
+    now = [lang for lang in later if lang.name in toolchains.FIRST]
+    later = [lang for lang in later if lang.name not in toolchains.FIRST]
+    if now:
+        chains.update(await detector.detect(now))
+    # Both shared with the runner and the agent, and completed in place by detect_rest.
     found = {name: tc.version for name, tc in chains.items()}
+    programs = {name: tc.programs for name, tc in chains.items()}
     cache = (CompileCache(os.path.join(config.home(), "cache", "compile"), args.compile_cache << 20)
              if args.compile_cache > 0 else None)
-    runner = ProcessRunner(sandbox, limits, found, jobdirs=jobdirs, compile_cache=cache,
-                           programs={name: tc.programs for name, tc in chains.items()})
+    runner = ProcessRunner(sandbox, limits, found, jobdirs=jobdirs, compile_cache=cache, programs=programs)
     slots = args.slots or os.cpu_count() or 1
     if args.warm or (args.warm is None and isinstance(sandbox, BwrapSandbox)):
         # Python, sh and bash jobs forked from a parent started once; the rest (and all, should it fail) fresh.
@@ -120,19 +134,49 @@ async def start(args: argparse.Namespace) -> Slave:
         # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).
         runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,
                                                      max_per_user=args.max_sessions_per_user))
-    log.info("slave %s: %s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages")
+    log.info("slave %s: %s%s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages",
+             f"; still asking: {', '.join(lang.name for lang in later)}" if later else "")
     log.info("%s", runner.describe())
 
-    announced = False
+    registered = asyncio.Event()
 
     def on_registered(slave: Slave) -> None:
-        nonlocal announced
-        if not announced:
-            announced = True
+        if not registered.is_set():
+            registered.set()
             print(f"{REGISTERED} {slave.uid} {endpoint.url}", flush=True)
 
-    return Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
-                 cafile=endpoint.cafile, on_registered=on_registered)
+    slave = Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
+                  cafile=endpoint.cafile, on_registered=on_registered, detecting=bool(later))
+    if later:
+        slave.detection = asyncio.ensure_future(detect_rest(detector, later, found, programs, slave, registered))
+    return slave
+
+
+async def detect_rest(detector: toolchains.Detector, langs: list, found: dict[str, str],
+                      programs: dict[str, dict[str, str]], slave: Slave, registered: asyncio.Event) -> None:
+    """Ask the toolchains a first start did not wait for, then offer what answered.
+
+    Until then the slave registers as ``detecting``: the master queues a job
+    for a language no slave offers yet instead of refusing it.  The asking
+    waits for the first registration (or DETECT_AFTER), so that its JVM and
+    compilers do not hold up the slave's and the master's own start.
+    """
+    try:
+        await asyncio.wait_for(registered.wait(), DETECT_AFTER)
+    except asyncio.TimeoutError:
+        pass  # no master yet: ask anyway, a register then carries it all
+    try:
+        chains = await detector.detect(langs)
+    except Exception:  # a bug here must not leave the master waiting on us forever
+        log.exception("toolchain detection failed; offering what was found before")
+        chains = {}
+    # The programs first: a job for a language is sent only once it is offered.
+    programs.update({name: tc.programs for name, tc in chains.items()})
+    found.update({name: tc.version for name, tc in chains.items()})
+    if chains:
+        log.info("slave %s now also offers: %s", slave.uid,
+                 ", ".join(f"{n} {tc.version}" for n, tc in sorted(chains.items())))
+    slave.languages_changed(detecting=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
             for _, cancel in list(slave.running.values()):
                 cancel.set()
             await asyncio.gather(*(t for t, _ in list(slave.running.values())), return_exceptions=True)
+            if slave.detection is not None:
+                slave.detection.cancel()
+                await asyncio.gather(slave.detection, return_exceptions=True)
             await slave.runner.close()
 
     try:

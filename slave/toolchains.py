@@ -7,8 +7,9 @@ when given one, through the slave's sandbox.  So a rustup proxy under
 ``rustc`` on PATH (Debian's /usr/bin/rustc), and the runner is told the
 absolute path of each program that answered.
 
-Every toolchain is asked at once, so start-up waits for the slowest one only
-(``javac -version`` starts a JVM: about 0.5 s).  With a ``cache_path`` the
+Every toolchain is asked at once, so detection waits for the slowest one only
+(``javac -version`` starts a JVM: about 0.5 s); a slave does not wait even
+for that before it registers (``slave/server.py``).  With a ``cache_path`` the
 answers are kept (refusals too, for a shorter while), keyed by the programs'
 paths, sizes and modification times, so a slave started again on the same
 machine asks nothing; a replaced compiler has a new identity and is asked again.
@@ -31,6 +32,10 @@ from .sandbox import Limits, Sandbox, job_env
 log = logging.getLogger("distexec.slave.toolchains")
 
 DETECT_TIMEOUT = 15.0
+# What a slave with nothing remembered asks before it registers: the
+# languages of the warm pool, which answer in tens of milliseconds.  The rest
+# (a JVM takes half a second) it asks after, and tells the master then.
+FIRST = ("python", "sh", "bash")
 # Even an unchanged binary is asked again after this long: a toolchain
 # manager's proxy stays the same file while the toolchain behind it changes.
 CACHE_TTL = 24 * 3600.0
@@ -131,6 +136,9 @@ async def _ask(lang: L.Language, programs: dict[str, str], sandbox: Sandbox | No
             await proc.wait()
             log.warning("%s: %s did not answer within %g s", lang.name, program, DETECT_TIMEOUT)
             return None, False
+        except asyncio.CancelledError:
+            proc.kill()  # the slave stops while detecting: leave no probe behind
+            raise
     except OSError as exc:
         log.warning("%s: %s could not be started: %s", lang.name, program, exc)
         return None, False
@@ -177,6 +185,92 @@ def _save(path: str, data: dict) -> None:
         log.warning("could not keep toolchain versions in %s: %s", path, exc)
 
 
+def wanted(only: list[str] | None = None) -> list[L.Language]:
+    """The languages to look for: all, or ``only`` (``--languages``; aliases allowed).
+
+    An unknown name is a ``ValueError``.
+    """
+    names = [L.canonical(n) for n in only] if only else list(L.LANGUAGES)
+    unknown = [n for n in names if n not in L.LANGUAGES]
+    if unknown:
+        raise ValueError(f"unknown language(s): {', '.join(unknown)}; known: {', '.join(L.LANGUAGES)}")
+    return [L.LANGUAGES[n] for n in dict.fromkeys(names)]
+
+
+class Detector:
+    """Finds toolchains, remembering answers in ``cache_path`` (see the module's docstring).
+
+    ``remembered`` answers from the cache alone, at once; ``detect`` asks
+    what it must.  A slave uses both to register before the slow toolchains
+    (a JVM, a rustup proxy) have answered, and to learn them afterwards.
+    """
+
+    def __init__(self, *, cache_path: str | None = None, sandbox: Sandbox | None = None,
+                 limits: Limits | None = None):
+        self.cache_path = cache_path
+        self.sandbox = sandbox
+        self.limits = limits or Limits()
+        self._sandbox_name = type(sandbox).__name__ if sandbox is not None else "none"
+        self._cached = _load(cache_path)
+        self._fresh: dict[str, dict] = {}
+        self._now = time.time()
+
+    def _choices(self, lang: L.Language):
+        """(programs, cache key, remembered entry or None) for each candidate, in PATH order."""
+        if not lang.version:
+            return
+        for first in candidates(lang.version[0]):
+            programs = _resolve(lang, first)
+            if programs is None:
+                continue
+            try:
+                key = json.dumps(_identity(programs, lang, self._sandbox_name))
+            except OSError:
+                continue
+            hit = self._cached.get(key)
+            fresh = isinstance(hit, dict) and self._now - float(hit.get("at", 0)) < _ttl(hit)
+            yield programs, key, hit if fresh else None
+
+    def remembered(self, lang: L.Language) -> tuple[bool, Toolchain | None]:
+        """Whether the cache alone settles ``lang`` (no program left to ask), and its toolchain if it works."""
+        for programs, _, hit in self._choices(lang):
+            if hit is None:
+                return False, None
+            if hit.get("version") is not None:
+                return True, Toolchain(lang.name, hit["version"], programs)
+        return True, None
+
+    async def _one(self, lang: L.Language) -> Toolchain | None:
+        for programs, key, hit in self._choices(lang):
+            # Failures are kept too: a rustup proxy that cannot work for a job is not asked again.
+            if hit is not None:
+                version = hit.get("version")
+            else:
+                version, keep = await _ask(lang, programs, self.sandbox, self.limits)
+                if keep:
+                    self._fresh[key] = {"language": lang.name, "version": version, "at": self._now}
+            if version is not None:
+                return Toolchain(lang.name, version, programs)
+        return None
+
+    async def detect(self, langs: list[L.Language]) -> dict[str, Toolchain]:
+        """Language name -> ``Toolchain`` for those of ``langs`` that work here, asking at once
+        every program the cache does not settle; new answers are written to the cache."""
+        started = time.monotonic()
+        asked = len(self._fresh)
+        results = await asyncio.gather(*(self._one(lang) for lang in langs))
+        found = {lang.name: tc for lang, tc in zip(langs, results) if tc is not None}
+        missing = [lang.name for lang, tc in zip(langs, results) if tc is None]
+        log.info("toolchains found in %.3f s (%d asked, the rest remembered)%s", time.monotonic() - started,
+                 len(self._fresh) - asked, f"; not available here: {', '.join(missing)}" if missing else "")
+        if self.cache_path and len(self._fresh) > asked:
+            # Entries of binaries long gone or too old to trust are dropped.
+            kept = {k: v for k, v in self._cached.items()
+                    if isinstance(v, dict) and self._now - float(v.get("at", 0)) < _ttl(v)}
+            _save(self.cache_path, {**kept, **self._fresh})
+        return found
+
+
 async def detect_toolchains(only: list[str] | None = None, *, cache_path: str | None = None,
                             sandbox: Sandbox | None = None,
                             limits: Limits | None = None) -> dict[str, Toolchain]:
@@ -186,52 +280,8 @@ async def detect_toolchains(only: list[str] | None = None, *, cache_path: str | 
     an unknown name is a ``ValueError``.  A language whose programs are not
     on PATH (PowerShell on most Linux machines) is left out with one log line.
     """
-    wanted = [L.canonical(n) for n in only] if only else list(L.LANGUAGES)
-    unknown = [n for n in wanted if n not in L.LANGUAGES]
-    if unknown:
-        raise ValueError(f"unknown language(s): {', '.join(unknown)}; known: {', '.join(L.LANGUAGES)}")
-    langs = [L.LANGUAGES[n] for n in dict.fromkeys(wanted)]
-    limits = limits or Limits()
-    sandbox_name = type(sandbox).__name__ if sandbox is not None else "none"
-    cached = _load(cache_path)
-    fresh: dict[str, dict] = {}
-    now = time.time()
-
-    async def one(lang: L.Language) -> Toolchain | None:
-        if not lang.version:
-            return None
-        for first in candidates(lang.version[0]):
-            programs = _resolve(lang, first)
-            if programs is None:
-                continue
-            try:
-                key = json.dumps(_identity(programs, lang, sandbox_name))
-            except OSError:
-                continue
-            # Failures are kept too: a rustup proxy that cannot work for a job is not asked again.
-            hit = cached.get(key)
-            if isinstance(hit, dict) and now - float(hit.get("at", 0)) < _ttl(hit):
-                version = hit.get("version")
-            else:
-                version, keep = await _ask(lang, programs, sandbox, limits)
-                if keep:
-                    fresh[key] = {"language": lang.name, "version": version, "at": now}
-            if version is not None:
-                return Toolchain(lang.name, version, programs)
-        return None
-
-    started = time.monotonic()
-    results = await asyncio.gather(*(one(lang) for lang in langs))
-    found = {lang.name: tc for lang, tc in zip(langs, results) if tc is not None}
-    missing = [lang.name for lang, tc in zip(langs, results) if tc is None]
-    log.info("toolchains found in %.3f s (%d asked, the rest remembered)%s", time.monotonic() - started,
-             len(fresh), f"; not available here: {', '.join(missing)}" if missing else "")
-    if cache_path and fresh:
-        # Entries of binaries long gone or too old to trust are dropped.
-        kept = {k: v for k, v in cached.items()
-                if isinstance(v, dict) and now - float(v.get("at", 0)) < _ttl(v)}
-        _save(cache_path, {**kept, **fresh})
-    return found
+    langs = wanted(only)
+    return await Detector(cache_path=cache_path, sandbox=sandbox, limits=limits).detect(langs)
 
 
 async def detect(only: list[str] | None = None, **kwargs) -> dict[str, str]:

@@ -1,0 +1,139 @@
+"""Where ``distexec up`` spends its time before the first result (issue 12: <= 1 s).
+
+    .venv/bin/python benchmarks/startup.py [--runs 5] [--slaves 2] [--slots 2]
+
+Each run starts a master and slaves as ``distexec up`` does
+(``LocalCluster``), with a fresh ``$DISTEXEC_HOME`` (no toolchain answers
+kept from before, as on a first start), then submits one trivial Python job
+as ``benchmarks/vs_peers.py`` does.  Printed, medians over the runs:
+
+- master ready: its process started -> it printed its ready line;
+- slaves registered: the slaves' processes started -> the last one printed
+  its registered line (they start with the master, in parallel);
+- all languages: -> the last slave's whole toolchain detection ended (from
+  its log; a slave that registers before it knows every language says so);
+- client + first job: ``Cluster(...)`` connected and ``submit("pass").wait()``;
+- total: ``LocalCluster(...).start()`` -> first result (issue 12's figure).
+
+Two baselines run in the same turns, so figures from a busy machine compare:
+a bare ``python3 -c pass`` and ``python3 -c "import tornado.web"``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distexec_kernel import Cluster  # noqa: E402
+from distexec_kernel.local import MASTER_READY, SLAVE_REGISTERED, LocalCluster  # noqa: E402
+
+DETECTED = re.compile(r"toolchains found in ([0-9.]+) s")
+
+
+def interpreter(code: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t0
+
+
+def one_run(slaves: int, slots: int, keep: bool) -> dict:
+    home = tempfile.mkdtemp(prefix="distexec-startup-")
+    env_cache = os.environ.pop("DISTEXEC_TOOLCHAIN_CACHE", None)  # a first start knows nothing
+    logs = os.path.join(home, "logs")
+    times: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        lc = LocalCluster(slaves, slots=slots, home=home, log_dir=logs)
+
+        # Each child's line is waited for in its own thread, so each time is
+        # when that child printed it, not when the one before it was read.
+        def wait(name, child, prefix):
+            child.wait_line(prefix, 60)
+            times[name] = time.perf_counter() - t0
+
+        try:
+            lc.spawn_master()
+            children = [lc.spawn_slave() for _ in range(slaves)]
+            spawned = time.perf_counter() - t0
+            threads = [threading.Thread(target=wait, args=("master", lc.master, MASTER_READY))]
+            threads += [threading.Thread(target=wait, args=(f"slave{i}", c, SLAVE_REGISTERED))
+                        for i, c in enumerate(children)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            missing = {"master", *(f"slave{i}" for i in range(slaves))} - set(times)
+            if missing:
+                raise RuntimeError(f"not ready: {sorted(missing)}; see {logs}")
+            ready = time.perf_counter() - t0
+            with Cluster(lc.url, token=lc.token) as c:
+                connected = time.perf_counter() - t0
+                job = c.submit("pass")
+                job.wait(60)
+                assert job.status == "succeeded", job.status
+            done = time.perf_counter() - t0
+            # The slaves' whole detection, from their logs, before they stop.
+            detect = []
+            deadline = time.monotonic() + 30
+            while len(detect) < slaves and time.monotonic() < deadline:
+                detect = []
+                for i in range(1, slaves + 1):
+                    try:
+                        with open(os.path.join(logs, f"slave-{i}.log")) as f:
+                            m = DETECTED.findall(f.read())
+                    except OSError:
+                        m = []
+                    if m:
+                        detect.append(float(m[-1]))
+                if len(detect) < slaves:
+                    time.sleep(0.05)
+        finally:
+            lc.stop()
+        return {
+            "spawn": spawned,
+            "master ready": times["master"],
+            "slaves registered": max(v for k, v in times.items() if k.startswith("slave")),
+            "detection (in slave)": max(detect) if detect else float("nan"),
+            "client connected": connected - ready,
+            "first job": done - connected,
+            "total": done,
+        }
+    finally:
+        if env_cache is not None:
+            os.environ["DISTEXEC_TOOLCHAIN_CACHE"] = env_cache
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--slaves", type=int, default=2)
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--keep", action="store_true", help="keep each run's home (logs under <home>/logs)")
+    args = p.parse_args()
+    rows: dict[str, list[float]] = {}
+    for i in range(args.runs):
+        # Baselines in the same turn as the run they stand beside.
+        rows.setdefault("python3 -c pass", []).append(interpreter("pass"))
+        rows.setdefault("python3 -c 'import tornado.web'", []).append(interpreter("import tornado.web"))
+        for k, v in one_run(args.slaves, args.slots, args.keep).items():
+            rows.setdefault(k, []).append(v)
+        print(f"run {i + 1}: total {rows['total'][-1]:.3f} s", file=sys.stderr, flush=True)
+    print(f"\n{args.slaves} slave(s) x {args.slots} slot(s), fresh home each run, medians of {args.runs}"
+          f" (from LocalCluster.start() unless said)")
+    for k, v in rows.items():
+        print(f"  {k:<34} {statistics.median(v) * 1000:8.0f} ms   (min {min(v) * 1000:.0f}, max {max(v) * 1000:.0f})")
+
+
+if __name__ == "__main__":
+    main()
