@@ -23,6 +23,9 @@ from .procs import die_with_parent
 
 MASTER_READY = "distexec master ready at"
 SLAVE_REGISTERED = "distexec slave registered:"
+# A slave on a first start registers before its slow toolchains have answered;
+# this line says it knows them all (slave/server.py).
+SLAVE_LANGUAGES = "distexec slave languages:"
 
 
 def _die_with_parent() -> None:
@@ -109,8 +112,11 @@ class LocalCluster:
                  port: int = 0, host: str = "127.0.0.1", home: str | None = None,
                  languages: str | None = None, db: str | None = None, master_args: list[str] = (),
                  slave_args: list[str] = (), log_dir: str | None = None, stderr=None,
-                 token: str | None = None, secret: str | None = None, tls: bool = False):
+                 token: str | None = None, secret: str | None = None, tls: bool = False,
+                 wait_languages: bool = False):
         self.n_slaves = slaves
+        # start() returns only once the master knows every slave's whole list of languages.
+        self.wait_languages = wait_languages
         self.slots = slots
         self.max_jobs = max_jobs
         self.host = host
@@ -189,7 +195,26 @@ class LocalCluster:
     def start_slave(self, *extra: str, timeout: float = 30.0) -> Child:
         child = self.spawn_slave(*extra)
         child.uid = child.wait_line(SLAVE_REGISTERED, timeout).split()[0]
+        if self.wait_languages:
+            self._wait_languages([child], timeout)
         return child
+
+    def _wait_languages(self, children: list[Child], timeout: float) -> None:
+        """Until each slave has said it knows all its languages, and the master shows none detecting."""
+        deadline = time.monotonic() + timeout
+        for child in children:
+            child.wait_line(SLAVE_LANGUAGES, max(0.0, deadline - time.monotonic()))
+        # The slave printed its line after sending the list; the master may not have read it yet.
+        uids = {child.uid for child in children}
+        while True:
+            resp = requests.get(self.url + "/api/slaves", timeout=5, verify=self.cafile or True,
+                                headers={"Authorization": f"Bearer {self.token}"})
+            resp.raise_for_status()
+            if not any(s["detecting"] for s in resp.json()["slaves"] if s["uid"] in uids):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the master still sees slaves detecting toolchains after {timeout} s")
+            time.sleep(0.01)
 
     def start(self, timeout: float = 30.0) -> "LocalCluster":
         self.spawn_master()
@@ -198,6 +223,8 @@ class LocalCluster:
             self.master.wait_line(MASTER_READY, timeout)
             for child in pending:
                 child.uid = child.wait_line(SLAVE_REGISTERED, timeout).split()[0]
+            if self.wait_languages:
+                self._wait_languages(pending, timeout)
         except BaseException:
             self.stop()
             raise

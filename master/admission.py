@@ -114,7 +114,7 @@ class Admission:
         """Once no connected slave is detecting: the jobs queued meanwhile whose language none
         of them offers, each with the refusal it would have had at once (the caller fails them)."""
         pending, self._awaiting_detection = self._awaiting_detection, {}
-        return [(job_id, self._unsupported(language, " (the slaves' toolchain detection ended without it)"))
+        return [(job_id, self._unsupported(language, " (and no slave is still detecting its toolchains)"))
                 for job_id, language in pending.items() if not self.scheduler.can_run(language)]
 
     def _unsupported(self, language: str, why: str = "") -> dict:

@@ -27,8 +27,10 @@ from .warm import WarmRunner
 log = logging.getLogger("distexec.slave")
 
 REGISTERED = "distexec slave registered:"
+# Printed once the slave is registered and knows all its languages (detect_rest).
+LANGUAGES_KNOWN = "distexec slave languages:"
 # Longest a first start's toolchain detection waits for the first registration (see detect_rest).
-DETECT_AFTER = 2.0
+DETECT_AFTER = 5.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,6 +146,8 @@ async def start(args: argparse.Namespace) -> Slave:
         if not registered.is_set():
             registered.set()
             print(f"{REGISTERED} {slave.uid} {endpoint.url}", flush=True)
+            if not slave.detecting:
+                say_languages(slave)
 
     slave = Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
                   cafile=endpoint.cafile, on_registered=on_registered, detecting=bool(later))
@@ -177,6 +181,12 @@ async def detect_rest(detector: toolchains.Detector, langs: list, found: dict[st
         log.info("slave %s now also offers: %s", slave.uid,
                  ", ".join(f"{n} {tc.version}" for n, tc in sorted(chains.items())))
     slave.languages_changed(detecting=False)
+    if registered.is_set():
+        say_languages(slave)
+
+
+def say_languages(slave: Slave) -> None:
+    print(f"{LANGUAGES_KNOWN} {slave.uid} {','.join(sorted(slave.toolchains)) or '-'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,6 +137,7 @@ def shared_cluster(tmp_path_factory, name: str, slaves: int = 2, *, start_timeou
             mp.delenv(var, raising=False)
         kwargs.setdefault("home", str(home))
         kwargs.setdefault("log_dir", str(base / "logs"))
+        kwargs.setdefault("wait_languages", True)
         lc = LocalCluster(slaves, **kwargs)
         try:
             lc.start(timeout=start_timeout)
@@ -177,6 +178,7 @@ def make_cluster(home, tmp_path):
     def make(slaves: int = 2, **kwargs) -> LocalCluster:
         kwargs.setdefault("log_dir", str(tmp_path / "logs"))
         kwargs.setdefault("home", str(home))
+        kwargs.setdefault("wait_languages", True)  # tests expect every language offered once started
         lc = LocalCluster(slaves, **kwargs)
         made.append(lc)
         return lc.start()
