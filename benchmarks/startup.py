@@ -45,14 +45,14 @@ def interpreter(code: str) -> float:
     return time.perf_counter() - t0
 
 
-def one_run(slaves: int, slots: int, keep: bool) -> dict:
+def one_run(slaves: int, slots: int, keep: bool, languages: str | None = None) -> dict:
     home = tempfile.mkdtemp(prefix="distexec-startup-")
     env_cache = os.environ.pop("DISTEXEC_TOOLCHAIN_CACHE", None)  # a first start knows nothing
     logs = os.path.join(home, "logs")
     times: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
-        lc = LocalCluster(slaves, slots=slots, home=home, log_dir=logs)
+        lc = LocalCluster(slaves, slots=slots, home=home, log_dir=logs, languages=languages)
 
         # Each child's line is waited for in its own thread, so each time is
         # when that child printed it, not when the one before it was read.
@@ -120,13 +120,14 @@ def main() -> None:
     p.add_argument("--slaves", type=int, default=2)
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep each run's home (logs under <home>/logs)")
+    p.add_argument("--languages", default=None, help="the slaves' --languages (default: all found)")
     args = p.parse_args()
     rows: dict[str, list[float]] = {}
     for i in range(args.runs):
         # Baselines in the same turn as the run they stand beside.
         rows.setdefault("python3 -c pass", []).append(interpreter("pass"))
         rows.setdefault("python3 -c 'import tornado.web'", []).append(interpreter("import tornado.web"))
-        for k, v in one_run(args.slaves, args.slots, args.keep).items():
+        for k, v in one_run(args.slaves, args.slots, args.keep, args.languages).items():
             rows.setdefault(k, []).append(v)
         print(f"run {i + 1}: total {rows['total'][-1]:.3f} s", file=sys.stderr, flush=True)
     print(f"\n{args.slaves} slave(s) x {args.slots} slot(s), fresh home each run, medians of {args.runs}"

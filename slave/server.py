@@ -170,7 +170,7 @@ async def detect_rest(detector: toolchains.Detector, langs: list, found: dict[st
     except asyncio.TimeoutError:
         pass  # no master yet: ask anyway, a register then carries it all
     try:
-        chains = await detector.detect(langs)
+        chains = await detector.detect(langs, background=True)
     except Exception:  # a bug here must not leave the master waiting on us forever
         log.exception("toolchain detection failed; offering what was found before")
         chains = {}
