@@ -49,7 +49,8 @@ class Slave:
         self.on_registered = on_registered
         # Still asking toolchains: ``toolchains`` will grow (languages_changed tells the master).
         self.detecting = detecting
-        self.detection: asyncio.Future | None = None
+        # What the start left running (slave/server.py): cancelled when the slave stops.
+        self.tasks: list[asyncio.Future] = []
         self.conn: tornado.websocket.WebSocketClientConnection | None = None
         self.running: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}
         self.unacked: dict[int, dict] = {}

@@ -27,8 +27,8 @@ from .warm import WarmRunner
 log = logging.getLogger("distexec.slave")
 
 REGISTERED = "distexec slave registered:"
-# Printed once the slave is registered and knows all its languages (detect_rest).
-LANGUAGES_KNOWN = "distexec slave languages:"
+# Printed once the slave is registered, knows all its languages and its warm pool is up (or off): fully_started.
+COMPLETE = "distexec slave complete:"
 # Longest a first start's toolchain detection waits for the first registration, and how
 # long after it it starts (see detect_rest).
 DETECT_AFTER = 5.0
@@ -130,17 +130,18 @@ async def start(args: argparse.Namespace) -> Slave:
              if args.compile_cache > 0 else None)
     runner = ProcessRunner(sandbox, limits, found, jobdirs=jobdirs, compile_cache=cache, programs=programs)
     slots = args.slots or os.cpu_count() or 1
+    warm = None
     if args.warm or (args.warm is None and isinstance(sandbox, BwrapSandbox)):
         # Python, sh and bash jobs forked from a parent started once; the rest (and all, should it fail) fresh.
-        runner = WarmRunner(runner, slots)
-        await runner.start()
+        # Started while the slave connects and registers: a job that comes first waits for it.
+        runner = warm = WarmRunner(runner, slots)
+        warm.start_soon()
     if "python" in found:
         # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).
         runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,
                                                      max_per_user=args.max_sessions_per_user))
     log.info("slave %s: %s%s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages",
              f"; still asking: {', '.join(lang.name for lang in later)}" if later else "")
-    log.info("%s", runner.describe())
 
     registered = asyncio.Event()
 
@@ -148,14 +149,27 @@ async def start(args: argparse.Namespace) -> Slave:
         if not registered.is_set():
             registered.set()
             print(f"{REGISTERED} {slave.uid} {endpoint.url}", flush=True)
-            if not slave.detecting:
-                say_languages(slave)
 
     slave = Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
                   cafile=endpoint.cafile, on_registered=on_registered, detecting=bool(later))
-    if later:
-        slave.detection = asyncio.ensure_future(detect_rest(detector, later, found, programs, slave, registered))
+    detection = (asyncio.ensure_future(detect_rest(detector, later, found, programs, slave, registered))
+                 if later else None)
+    slave.tasks += [t for t in (detection, asyncio.ensure_future(fully_started(slave, warm, registered, detection)))
+                    if t is not None]
     return slave
+
+
+async def fully_started(slave: Slave, warm: WarmRunner | None, registered: asyncio.Event,
+                        detection: asyncio.Future | None) -> None:
+    """Describe the runner once its warm pool is up (or off), and say when the slave is all there:
+    registered, its warm pool up, every language known (``COMPLETE``)."""
+    if warm is not None:
+        await warm.started()
+    log.info("%s", slave.runner.describe())
+    await registered.wait()
+    if detection is not None:
+        await asyncio.wait([detection])
+    print(f"{COMPLETE} {slave.uid} {','.join(sorted(slave.toolchains)) or '-'}", flush=True)
 
 
 async def detect_rest(detector: toolchains.Detector, langs: list, found: dict[str, str],
@@ -187,12 +201,6 @@ async def detect_rest(detector: toolchains.Detector, langs: list, found: dict[st
         log.info("slave %s now also offers: %s", slave.uid,
                  ", ".join(f"{n} {tc.version}" for n, tc in sorted(chains.items())))
     slave.languages_changed(detecting=False)
-    if registered.is_set():
-        say_languages(slave)
-
-
-def say_languages(slave: Slave) -> None:
-    print(f"{LANGUAGES_KNOWN} {slave.uid} {','.join(sorted(slave.toolchains)) or '-'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +225,9 @@ def run(args: argparse.Namespace) -> int:
             for _, cancel in list(slave.running.values()):
                 cancel.set()
             await asyncio.gather(*(t for t, _ in list(slave.running.values())), return_exceptions=True)
-            if slave.detection is not None:
-                slave.detection.cancel()
-                await asyncio.gather(slave.detection, return_exceptions=True)
+            for task in slave.tasks:
+                task.cancel()
+            await asyncio.gather(*slave.tasks, return_exceptions=True)
             await slave.runner.close()
 
     try:

@@ -62,7 +62,7 @@ def slave_entry(client: Cluster) -> dict:
 
 
 def test_a_first_start_registers_before_detection_ends_and_then_offers_c(make_cluster, cold_cache, tmp_path):
-    lc = make_cluster(1, slots=1, languages="python,c", wait_languages=False)
+    lc = make_cluster(1, slots=1, languages="python,c", wait_complete=False)
     with Cluster(lc.url, token=lc.token) as c:
         # The master heard the slave first as detecting, with python alone.
         master_log = (tmp_path / "logs" / "master.log").read_text()
@@ -81,7 +81,7 @@ def test_jobs_wait_for_detection_and_an_absent_language_is_refused_after_it(make
     gates = gated(tmp_path, monkeypatch)
     # No sandbox: the gate scripts live under /tmp, which a sandboxed probe does not see.
     lc = make_cluster(1, slots=1, languages="python,c,powershell", slave_args=["--sandbox", "none"],
-                      wait_languages=False)
+                      wait_complete=False)
     with Cluster(lc.url, token=lc.token) as c:
         entry = slave_entry(c)
         assert entry["detecting"] and entry["languages"] == ["python"]
@@ -116,7 +116,7 @@ def test_a_slave_stopped_while_detecting_leaves_no_probe_and_its_queued_job_is_r
     import psutil
 
     gated(tmp_path, monkeypatch)
-    lc = make_cluster(1, slots=1, languages="python,c", slave_args=["--sandbox", "none"], wait_languages=False)
+    lc = make_cluster(1, slots=1, languages="python,c", slave_args=["--sandbox", "none"], wait_complete=False)
     slave_pid = lc.slaves[0].pid
     with Cluster(lc.url, token=lc.token) as c:
         job = c.submit(C_HELLO, language="c")
