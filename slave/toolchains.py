@@ -41,10 +41,9 @@ DETECT_TIMEOUT = 15.0
 # languages of the warm pool, which answer in tens of milliseconds.  The rest
 # (a JVM takes half a second) it asks after, and tells the master then.
 FIRST = ("python", "sh", "bash")
-# Those later probes run at this niceness: the slave's first jobs, and the
-# master and slaves still starting beside them, come first on a small machine
-# (at nice 0 they made a first trivial job take 0.2 s instead of 0.02 s).
-# They get longer to answer, as a busy machine gives them little CPU.
+# Those later probes run at this niceness, so the jobs running meanwhile come
+# first (a JVM's start is half a second of both cores of a small machine); as
+# a busy machine then gives them little CPU, they get longer to answer.
 LATER_NICE = 10
 LATER_TIMEOUT = 60.0
 # Even an unchanged binary is asked again after this long: a toolchain
