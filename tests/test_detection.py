@@ -15,6 +15,7 @@ slave's PATH are small scripts that wait on a FIFO when asked
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 
@@ -132,3 +133,16 @@ def test_a_slave_stopped_while_detecting_leaves_no_probe_and_its_queued_job_is_r
     for p in alive:
         p.kill()
     assert not alive, f"probes left running: {alive}"
+
+
+def test_slaves_starting_together_ask_each_toolchain_once(make_cluster, cold_cache, tmp_path):
+    # They take turns (a lock beside the cache): the second finds the first one's answers.
+    lc = make_cluster(2, slots=1, languages="python,c")
+    asked = []
+    for name in ("slave-1.log", "slave-2.log"):
+        text = (tmp_path / "logs" / name).read_text()
+        asked += [int(n) for n in re.findall(r"toolchains found in [0-9.]+ s \((\d+) asked", text)]
+    # python (before registering) and gcc (after), once each, by whichever slave came first.
+    assert sum(asked) == 2, logs(tmp_path)
+    with Cluster(lc.url, token=lc.token) as c:
+        assert all(sorted(s["languages"]) == ["c", "python"] for s in c.slaves())
