@@ -18,7 +18,7 @@ from .agent import FatalSlaveError, Slave
 from .compile_cache import CompileCache
 from .jobdirs import JobDirs
 from .runner import ProcessRunner
-from .bwrap import BwrapSandbox, best_sandbox
+from .bwrap import BwrapSandbox, sandbox_to_check
 from .sandbox import Limits
 from .routing import RoutingRunner
 from .sessions import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, SessionRunner
@@ -108,21 +108,21 @@ async def start(args: argparse.Namespace) -> Slave:
     if jobdirs.limited:
         # One file may fill the quota, no more: past it SIGXFSZ, classified disk_limit.
         limits.file_size_mb = args.disk_limit
-    sandbox = best_sandbox(limits, args.sandbox)
-    # Asked through the sandbox: a language is offered only if it works for a job.
-    detector = toolchains.Detector(cache_path=toolchains.default_cache_path(), sandbox=sandbox, limits=limits)
-    chains, later = {}, []
-    for lang in toolchains.wanted(only):
-        settled, tc = detector.remembered(lang)
-        if tc is not None:
-            chains[lang.name] = tc
-        elif not settled:
-            later.append(lang)
-    # What nothing remembers: the first few asked now, the others once registered (detect_rest).
-    now = [lang for lang in later if lang.name in toolchains.FIRST]
-    later = [lang for lang in later if lang.name not in toolchains.FIRST]
-    if now:
-        chains.update(await detector.detect(now))
+    langs = toolchains.wanted(only)
+    sandbox, check = sandbox_to_check(limits, args.sandbox)
+    if check is None:
+        detector, chains, later = await detect_first(langs, sandbox, limits)
+    else:
+        # Bubblewrap is probed while the first toolchains are asked through it (their answers
+        # kept only if it works); should it not, they are asked through its replacement.
+        probed, first = await asyncio.gather(asyncio.to_thread(check),
+                                             detect_first(langs, sandbox, limits, keep=False))
+        if probed is sandbox:
+            detector, chains, later = first
+            detector.keep_answers()
+        else:
+            detector, chains, later = await detect_first(langs, probed, limits)
+        sandbox = probed
     # Both shared with the runner and the agent, and completed in place by detect_rest.
     found = {name: tc.version for name, tc in chains.items()}
     programs = {name: tc.programs for name, tc in chains.items()}
@@ -157,6 +157,28 @@ async def start(args: argparse.Namespace) -> Slave:
     slave.tasks += [t for t in (detection, asyncio.ensure_future(fully_started(slave, warm, registered, detection)))
                     if t is not None]
     return slave
+
+
+async def detect_first(langs: list, sandbox, limits: Limits,
+                       keep: bool = True) -> tuple[toolchains.Detector, dict, list]:
+    """What the slave registers with: the toolchains the cache settles, and python, sh and
+    bash asked now; also the languages left to ask (``detect_rest``) and the detector.
+
+    Asked through the sandbox: a language is offered only if it works for a job.
+    """
+    detector = toolchains.Detector(cache_path=toolchains.default_cache_path(), sandbox=sandbox, limits=limits,
+                                   keep=keep)
+    chains, later = {}, []
+    for lang in langs:
+        settled, tc = detector.remembered(lang)
+        if tc is not None:
+            chains[lang.name] = tc
+        elif not settled:
+            later.append(lang)
+    now = [lang for lang in later if lang.name in toolchains.FIRST]
+    if now:
+        chains.update(await detector.detect(now))
+    return detector, chains, [lang for lang in later if lang.name not in toolchains.FIRST]
 
 
 async def fully_started(slave: Slave, warm: WarmRunner | None, registered: asyncio.Event,

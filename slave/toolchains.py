@@ -17,7 +17,6 @@ machine asks nothing; a replaced compiler has a new identity and is asked again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import logging
@@ -316,8 +315,10 @@ class Detector:
     """
 
     def __init__(self, *, cache_path: str | None = None, sandbox: Sandbox | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, keep: bool = True):
         self.cache_path = cache_path
+        # False: answers are written only by keep_answers (the sandbox is still being probed).
+        self.keep = keep
         self.sandbox = sandbox
         self.limits = limits or Limits()
         self._sandbox_name = type(sandbox).__name__ if sandbox is not None else "none"
@@ -367,12 +368,26 @@ class Detector:
         """Language name -> ``Toolchain`` for those of ``langs`` that work here, asking at once
         every program the cache does not settle; new answers are written to the cache.
 
-        ``background``: nobody waits on it; the probes yield the CPU (LATER_NICE)."""
+        ``background``: nobody waits on it; the probes yield the CPU (LATER_NICE), and
+        slaves of one machine take turns (``_CacheLock``)."""
         started = time.monotonic()
-        async with _CacheLock(self.cache_path) if self.cache_path else contextlib.nullcontext():
-            if self.cache_path:
-                self._cached = _load(self.cache_path)  # what others asked while we waited
+        if not (background and self.cache_path):
             return await self._detect(langs, background, started)
+        async with _CacheLock(self.cache_path):
+            self._cached = _load(self.cache_path)  # what others asked while we waited
+            return await self._detect(langs, background, started)
+
+    def keep_answers(self) -> None:
+        """Write the answers held back (``keep=False``) to the cache, and the next ones as they come."""
+        self.keep = True
+        self._save()
+
+    def _save(self) -> None:
+        if self.cache_path and self.keep and self._fresh:
+            # Entries of binaries long gone or too old to trust are dropped.
+            kept = {k: v for k, v in self._cached.items()
+                    if isinstance(v, dict) and self._now - float(v.get("at", 0)) < _ttl(v)}
+            _save(self.cache_path, {**kept, **self._fresh})
 
     async def _detect(self, langs: list[L.Language], background: bool, started: float) -> dict[str, Toolchain]:
         asked = len(self._fresh)
@@ -386,11 +401,8 @@ class Detector:
         missing = [lang.name for lang, tc in zip(langs, results) if tc is None]
         log.info("toolchains found in %.3f s (%d asked, the rest remembered)%s", time.monotonic() - started,
                  len(self._fresh) - asked, f"; not available here: {', '.join(missing)}" if missing else "")
-        if self.cache_path and len(self._fresh) > asked:
-            # Entries of binaries long gone or too old to trust are dropped.
-            kept = {k: v for k, v in self._cached.items()
-                    if isinstance(v, dict) and self._now - float(v.get("at", 0)) < _ttl(v)}
-            _save(self.cache_path, {**kept, **self._fresh})
+        if len(self._fresh) > asked:
+            self._save()
         return found
 
 
