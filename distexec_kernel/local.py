@@ -23,6 +23,9 @@ from .procs import die_with_parent
 
 MASTER_READY = "distexec master ready at"
 SLAVE_REGISTERED = "distexec slave registered:"
+# A slave registers before its warm pool is up and, on a first start, before its
+# slow toolchains have answered; this line says it has all of it (slave/server.py).
+SLAVE_COMPLETE = "distexec slave complete:"
 
 
 def _die_with_parent() -> None:
@@ -109,8 +112,12 @@ class LocalCluster:
                  port: int = 0, host: str = "127.0.0.1", home: str | None = None,
                  languages: str | None = None, db: str | None = None, master_args: list[str] = (),
                  slave_args: list[str] = (), log_dir: str | None = None, stderr=None,
-                 token: str | None = None, secret: str | None = None, tls: bool = False):
+                 token: str | None = None, secret: str | None = None, tls: bool = False,
+                 wait_complete: bool = False):
         self.n_slaves = slaves
+        # start() returns only once every slave has all of it: its warm pool up (or off), and
+        # the master knowing its whole list of languages.
+        self.wait_complete = wait_complete
         self.slots = slots
         self.max_jobs = max_jobs
         self.host = host
@@ -189,7 +196,26 @@ class LocalCluster:
     def start_slave(self, *extra: str, timeout: float = 30.0) -> Child:
         child = self.spawn_slave(*extra)
         child.uid = child.wait_line(SLAVE_REGISTERED, timeout).split()[0]
+        if self.wait_complete:
+            self._wait_complete([child], timeout)
         return child
+
+    def _wait_complete(self, children: list[Child], timeout: float) -> None:
+        """Until each slave has said it is complete, and the master shows none detecting."""
+        deadline = time.monotonic() + timeout
+        for child in children:
+            child.wait_line(SLAVE_COMPLETE, max(0.0, deadline - time.monotonic()))
+        # The slave printed its line after sending the list; the master may not have read it yet.
+        uids = {child.uid for child in children}
+        while True:
+            resp = requests.get(self.url + "/api/slaves", timeout=5, verify=self.cafile or True,
+                                headers={"Authorization": f"Bearer {self.token}"})
+            resp.raise_for_status()
+            if not any(s["detecting"] for s in resp.json()["slaves"] if s["uid"] in uids):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the master still sees slaves detecting toolchains after {timeout} s")
+            time.sleep(0.01)
 
     def start(self, timeout: float = 30.0) -> "LocalCluster":
         self.spawn_master()
@@ -198,6 +224,8 @@ class LocalCluster:
             self.master.wait_line(MASTER_READY, timeout)
             for child in pending:
                 child.uid = child.wait_line(SLAVE_REGISTERED, timeout).split()[0]
+            if self.wait_complete:
+                self._wait_complete(pending, timeout)
         except BaseException:
             self.stop()
             raise

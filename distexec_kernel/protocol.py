@@ -27,7 +27,8 @@ from .job_record import (  # noqa: F401  (re-exported: the protocol is read as o
 
 # 2: a session is named by its user and its name, as two fields, never one joined string.
 # 3: files in folders and as bytes, collect and job_artifact frames, a result's outputs.
-PROTOCOL_VERSION = 3
+# 4: a slave registers while still detecting (`detecting`) and sends `languages` when done.
+PROTOCOL_VERSION = 4
 
 # --- limits on what the master accepts ------------------------------------
 
@@ -106,7 +107,10 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "sessions": (list, False),  # the Python sessions alive here: [{"user", "name"}]
         "max_sessions_per_user": (int, False),  # its --max-sessions-per-user
         "instance": (str, False),  # new with each slave process: tells a reconnect from a restart
+        "detecting": (bool, False),  # still asking toolchains: ``languages`` messages will follow
     },
+    # slave -> master: its languages changed (a detection ended); the whole list
+    "languages": {"languages": (list, True), "detecting": (bool, True)},
     # slave -> master, and master -> client with the chunk's offset in the stream
     "job_output": {
         "job_id": (int, True),

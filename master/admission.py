@@ -47,6 +47,9 @@ class Admission:
                 self._expected.setdefault(job["slave_uid"], set()).add(job["language"])
         self._rejoin_until = 0.0
         self._joined: asyncio.Event | None = None
+        # Jobs queued for a language no slave offered, while a slave was still
+        # detecting its toolchains: job id -> language (see rejection, unplaceable).
+        self._awaiting_detection: dict[int, str] = {}
 
     def start(self, lost_grace: float) -> None:
         """Open the rejoin window; call with the loop running."""
@@ -85,8 +88,13 @@ class Admission:
                                   "drop 'session' to run it as a fresh process")
         return sub
 
-    def rejection(self, job: dict) -> dict | None:
-        """Why the job is rejected (it does not parse, or no connected slave runs its language), or None."""
+    def rejection(self, job: dict, detecting: bool = False) -> dict | None:
+        """Why the job is rejected (it does not parse, or no connected slave runs its language), or None.
+
+        ``detecting``: a connected slave is still asking its toolchains.  A
+        job for a language none offers yet is then queued, not refused; it
+        is judged again when detection ends (``unplaceable``).
+        """
         if job.get("session") is not None:  # a session cell is IPython (magics, !cmd); sessions are Python only
             detail = L.check_session_syntax(job["source"])
         else:
@@ -96,12 +104,24 @@ class Admission:
             return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),
                            column=detail.get("column"), text=detail.get("text"))
         if not self.scheduler.can_run(job["language"]):
-            available = sorted(self.scheduler.languages())
-            names = ", ".join(available) if available else "none (no slave is connected)"
-            return P.error(P.UNSUPPORTED_LANGUAGE,
-                           f"no connected slave runs {job['language']!r}; available: {names}",
-                           available=available)
+            if detecting:
+                self._awaiting_detection[job["id"]] = job["language"]
+                return None
+            return self._unsupported(job["language"])
         return None
+
+    def unplaceable(self) -> list[tuple[int, dict]]:
+        """Once no connected slave is detecting: the jobs queued meanwhile whose language none
+        of them offers, each with the refusal it would have had at once (the caller fails them)."""
+        pending, self._awaiting_detection = self._awaiting_detection, {}
+        return [(job_id, self._unsupported(language, " (and no slave is still detecting its toolchains)"))
+                for job_id, language in pending.items() if not self.scheduler.can_run(language)]
+
+    def _unsupported(self, language: str, why: str = "") -> dict:
+        available = sorted(self.scheduler.languages())
+        names = ", ".join(available) if available else "none (no slave is connected)"
+        return P.error(P.UNSUPPORTED_LANGUAGE, f"no connected slave runs {language!r}{why}; available: {names}",
+                       available=available)
 
     def queue_room(self, user: str | None) -> int:
         """How many more jobs ``user`` may queue now (per-user cap and global cap)."""

@@ -181,7 +181,8 @@ class Master:
                 job["ref"] = ref
             # The batch's earlier items count (sessions per user).
             active = chain(self.jobs.jobs(), (j for j in jobs if j["status"] == P.QUEUED))
-            rejection = self.admission.rejection(job) or self.sessions.refusal(job, active, self.slaves)
+            rejection = (self.admission.rejection(job, detecting=self._detecting())
+                         or self.sessions.refusal(job, active, self.slaves))
             if rejection is not None:
                 job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
                 bound_rejected(job)
@@ -247,9 +248,9 @@ class Master:
         # The same slave may reconnect before its old connection is seen closed:
         # its `running` and `results` say what became of its jobs, so none is
         # lost here; the old connection's close is then ignored.
-        langs = [lang for lang in msg["languages"] if isinstance(lang, dict) and isinstance(lang.get("name"), str)]
+        langs = _languages_of(msg)
         info = SlaveInfo(uid, msg["host"], langs, msg["slots"], peer, draining=bool(msg.get("draining")),
-                         instance=msg.get("instance"))
+                         instance=msg.get("instance"), detecting=bool(msg.get("detecting")))
         self.slaves[uid] = info
         peer.send(P.make("register_reply", ok=True, slave_uid=uid))
         self.admission.slave_joined()
@@ -270,11 +271,41 @@ class Master:
         for end in self.sessions.reconcile(uid, P.session_keys_of(msg.get("sessions")),
                                            msg.get("max_sessions_per_user")):
             peer.send(end)
-        log.info("slave %s registered from %s: %s, %d slot(s)", uid, msg["host"],
-                 ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"])
+        log.info("slave %s registered from %s: %s, %d slot(s)%s", uid, msg["host"],
+                 ", ".join(lang["name"] for lang in langs) or "no languages", msg["slots"],
+                 "; still detecting toolchains" if info.detecting else "")
+        self._settle_detection()
         self._slaves_changed()
         self._dispatch()
         return info
+
+    def slave_languages(self, uid: str, msg: dict) -> None:
+        """A slave's languages changed (it ended its toolchain detection): place what now can run."""
+        info = self.slaves.get(uid)
+        if info is None:
+            return
+        info.languages = _languages_of(msg)
+        info.detecting = msg["detecting"]
+        self.scheduler.set_languages(uid, [lang["name"] for lang in info.languages])
+        log.info("slave %s now offers: %s%s", uid, ", ".join(lang["name"] for lang in info.languages) or "no languages",
+                 "; still detecting toolchains" if info.detecting else "")
+        self._settle_detection()
+        self._slaves_changed()
+        self._dispatch()
+
+    def _detecting(self) -> bool:
+        return any(s.detecting for s in self.slaves.values())
+
+    def _settle_detection(self) -> None:
+        """When no connected slave is detecting any more, fail the jobs queued for a language
+        that detection did not bring: none of them would ever start."""
+        if self._detecting() or self.jobs.stopping:
+            return  # a stopping master's slaves leave: its queue is the next master's
+        for job_id, err in self.admission.unplaceable():
+            job = self.jobs.job(job_id)
+            if job is not None and job["status"] == P.QUEUED:
+                log.info("job %d: %s", job_id, err["message"])
+                self._carry(self.jobs.dropped(job_id, err))
 
     def slave_disconnected(self, uid: str, peer: Peer, leaving: bool = False) -> None:
         """The connection closed; ``leaving``: the slave said it stops, so it will not reconnect."""
@@ -289,6 +320,7 @@ class Master:
             # queued): a slave back in time reports them alive, and nothing is lost.
             asyncio.get_running_loop().call_later(grace, self._sessions_grace_expired, uid, grace)
         log.info("slave %s disconnected", uid)
+        self._settle_detection()
         self._slaves_changed()
         self._dispatch()
 
@@ -400,6 +432,11 @@ class Master:
         await self._carry.durable([j["id"] for j in jobs])
         # A running job's output so far lives in memory, not yet in the store.
         return [{**j, **self.jobs.job(j["id"])} if self.jobs.job(j["id"]) else j for j in jobs], total
+
+
+def _languages_of(msg: dict) -> list[dict]:
+    """The well-formed entries of a ``register`` or ``languages`` message's list."""
+    return [lang for lang in msg["languages"] if isinstance(lang, dict) and isinstance(lang.get("name"), str)]
 
 
 def _visible(job: dict | None, owner: str | None) -> bool:

@@ -109,6 +109,11 @@ class Scheduler:
         elif self._open.get(state.uid) is state:
             del self._open[state.uid]
 
+    def set_languages(self, uid: str, languages: Iterable[str]) -> None:
+        """A connected slave's languages changed (its toolchain detection ended)."""
+        if uid in self.slaves:
+            self.slaves[uid].languages = frozenset(languages)
+
     def remove_slave(self, uid: str) -> list[int]:
         """A slave left; returns the jobs that were running on it."""
         state = self.slaves.pop(uid, None)

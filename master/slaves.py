@@ -21,6 +21,7 @@ class SlaveInfo:
     completed: int = 0
     draining: bool = False
     instance: str | None = None  # the slave process's id, new at each slave start
+    detecting: bool = False  # still asking toolchains: its languages may grow
 
 
 def slave_list(slaves: dict[str, SlaveInfo], scheduler: Scheduler) -> list[dict]:
@@ -31,7 +32,7 @@ def slave_list(slaves: dict[str, SlaveInfo], scheduler: Scheduler) -> list[dict]
         "slots": s.slots,
         "running": len(scheduler.slaves[s.uid].running) if s.uid in scheduler.slaves else 0,
         "completed": s.completed, "connected_at": s.connected_at, "last_seen": s.last_seen,
-        "draining": s.draining,
+        "draining": s.draining, "detecting": s.detecting,
     } for s in slaves.values()]
 
 

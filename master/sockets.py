@@ -261,7 +261,7 @@ class ClientSocket(_Socket):
 class SlaveSocket(_Socket):
     handlers = {"register": "on_register", "job_output": "on_job_output",
                 "job_finished": "on_job_finished", "job_artifact": "on_job_artifact", "draining": "on_draining",
-                "session_ended": "on_session_ended"}
+                "session_ended": "on_session_ended", "languages": "on_languages"}
 
     def prepare(self):
         if not self.auth.slave_ok(bearer(self)):
@@ -308,6 +308,9 @@ class SlaveSocket(_Socket):
 
     async def on_session_ended(self, msg: dict) -> None:
         self.master.session_ended(self._registered(), msg)
+
+    async def on_languages(self, msg: dict) -> None:
+        self.master.slave_languages(self._registered(), msg)
 
     def on_close(self) -> None:
         super().on_close()

@@ -37,7 +37,7 @@ class FatalSlaveError(Exception):
 class Slave:
     def __init__(self, master_url: str, secret: str, uid: str, host: str, slots: int,
                  toolchains: dict[str, str], runner: Runner, *, cafile: str | None = None,
-                 on_registered=None):
+                 on_registered=None, detecting: bool = False):
         self.ws_url = config.ws_url(master_url) + "/ws/slave"
         self.secret = secret
         self.uid = uid
@@ -47,6 +47,10 @@ class Slave:
         self.runner = runner
         self.cafile = cafile
         self.on_registered = on_registered
+        # Still asking toolchains: ``toolchains`` will grow (languages_changed tells the master).
+        self.detecting = detecting
+        # What the start left running (slave/server.py): cancelled when the slave stops.
+        self.tasks: list[asyncio.Future] = []
         self.conn: tornado.websocket.WebSocketClientConnection | None = None
         self.running: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}
         self.unacked: dict[int, dict] = {}
@@ -110,11 +114,11 @@ class Slave:
         with_files = sorted(self.unacked_blobs)
         self._send(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
-            languages=[{"name": n, "version": v} for n, v in sorted(self.toolchains.items())],
+            languages=self._languages(),
             slots=self.slots, running=sorted({*self.running, *with_files}),
             results=[r for j, r in self.unacked.items() if j not in self.unacked_blobs],
-            draining=self.draining, sessions=self._session_names(), instance=self.instance,
-            batch=True, **self._session_cap()))  # read_frames reads batch frames
+            draining=self.draining, detecting=self.detecting, sessions=self._session_names(),
+            instance=self.instance, batch=True, **self._session_cap()))  # read_frames reads batch frames
         for job_id in with_files:
             asyncio.ensure_future(self._send_result(job_id, conn))
         try:
@@ -185,6 +189,14 @@ class Slave:
     def on_session_end(self, msg: dict) -> None:
         asyncio.ensure_future(self.runner.end_session(P.session_key(msg["user"], msg["session"]),
                                                       msg.get("reason") or "ended by the master"))
+
+    def _languages(self) -> list[dict]:
+        return [{"name": n, "version": v} for n, v in sorted(self.toolchains.items())]
+
+    def languages_changed(self, detecting: bool) -> None:
+        """``toolchains`` changed (a detection ended): tell the master, now or at the next register."""
+        self.detecting = detecting
+        self._send(P.make("languages", languages=self._languages(), detecting=detecting))
 
     def _session_names(self) -> list[dict]:
         return [{"user": user, "name": name} for user, name in self.runner.session_names()]

@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 import psutil
 
@@ -356,6 +357,14 @@ def best_sandbox(limits: Limits, mode: str = "auto") -> Sandbox:
     isolation (and says so), ``bwrap`` raises ValueError instead, ``none``
     does not try bubblewrap (cgroups and the system-call filter still apply).
     """
+    box, check = sandbox_to_check(limits, mode)
+    return box if check is None else check()
+
+
+def sandbox_to_check(limits: Limits, mode: str = "auto") -> tuple[Sandbox, Callable[[], Sandbox] | None]:
+    """``best_sandbox`` in two steps: the sandbox to use if it works, and the check that
+    probes it (None: nothing to probe), which returns it or the fallback (or raises
+    ValueError, see ``best_sandbox``).  The slave probes while it does other work."""
     try:
         cgroups = Cgroups()
     except OSError as exc:
@@ -378,9 +387,15 @@ def best_sandbox(limits: Limits, mode: str = "auto") -> Sandbox:
         # checkout or virtualenv under /tmp would otherwise vanish behind the job's private /tmp.
         box = BwrapSandbox(cgroups, limits=limits, seccomp=no_seccomp is None, expose=(sys.prefix,))
         box.why_no_seccomp = no_seccomp
-        why = box.probe(limits)
-        if why is None:
-            return box
+
+        def check() -> Sandbox:
+            why = box.probe(limits)
+            return box if why is None else _fallback(cgroups, limits, mode, why, no_seccomp)
+        return box, check
+    return _fallback(cgroups, limits, mode, why, no_seccomp), None
+
+
+def _fallback(cgroups, limits: Limits, mode: str, why: str, no_seccomp: str | None) -> Sandbox:
     if mode == "bwrap":
         raise ValueError(f"--sandbox bwrap: bubblewrap cannot isolate jobs here: {why}")
     log.warning("no sandbox: %s", why)

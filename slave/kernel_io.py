@@ -24,9 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import zmq
-import zmq.asyncio
-
 log = logging.getLogger("distexec.slave.sessions")
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -37,6 +34,8 @@ MESSAGE_MARGIN = 64 << 10  # a message's header and JSON quoting around its outp
 
 def make_client(conn_file: str, max_message: int):
     """An AsyncKernelClient on a zmq context of its own whose sockets are bounded (see module doc)."""
+    # zmq and jupyter_client load with the first session, not with every slave (tens of ms of a start).
+    import zmq.asyncio
     from jupyter_client.asynchronous import AsyncKernelClient
 
     ctx = zmq.asyncio.Context()
@@ -75,6 +74,7 @@ class IopubPump:
         self.handler: Callable[[dict], None] | None = None
         self.dropped = 0
         self.oversized = False  # a message past max_message was refused during the current cell
+        import zmq
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
 
@@ -85,6 +85,7 @@ class IopubPump:
         self.cell_id, self.handler = None, None
 
     async def _read(self) -> None:
+        import zmq
         session = self.client.session
         while True:
             try:
@@ -111,6 +112,7 @@ class IopubPump:
             handler(msg)
 
     async def _watch(self) -> None:
+        import zmq
         from zmq.utils.monitor import parse_monitor_message
 
         while True:
@@ -135,6 +137,7 @@ class IopubPump:
                 return  # closed meanwhile
 
     def close(self) -> None:
+        import zmq
         for t in self._tasks:
             t.cancel()
         try:
@@ -203,6 +206,7 @@ async def answer_input(kc, msg_id: str, lines, feed: Callable[[str, str], None])
 
 
 async def iopub_settled(kc, most: float = 0.2) -> None:
+    import zmq
     deadline = time.monotonic() + most
     socket = kc.iopub_channel.socket
     while time.monotonic() < deadline:

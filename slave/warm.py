@@ -74,9 +74,20 @@ class WarmRunner(Runner):
         self._said: set[str] = set()
         self._deaths: list[float] = []
         self._restarting: asyncio.Task | None = None
+        self._starting: asyncio.Task | None = None
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     # -- start, stop, describe ------------------------------------------------------
+
+    def start_soon(self) -> None:
+        """``start`` in the background, so the slave registers meanwhile; a job that comes
+        first waits for it (``started``)."""
+        self._starting = asyncio.ensure_future(self.start())
+
+    async def started(self) -> None:
+        """Return once a ``start_soon`` has ended, whichever way."""
+        if self._starting is not None and not self._starting.done():
+            await asyncio.wait([self._starting])
 
     async def start(self) -> None:
         """Start the pool's parent; if it cannot run here, say why and serve every job fresh."""
@@ -148,6 +159,9 @@ class WarmRunner(Runner):
                 f"{self.fresh.describe()}")
 
     async def close(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            await asyncio.wait([self._starting])
         if self._restarting is not None:
             self._restarting.cancel()
         if self.zygote is not None:
@@ -160,6 +174,7 @@ class WarmRunner(Runner):
     # -- a job ------------------------------------------------------------------------
 
     async def run(self, job: dict, on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
+        await self.started()
         why = self._why_not(job)
         artefacts = None
         if why is None and L.get(job["language"]).compile:

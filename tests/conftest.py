@@ -143,6 +143,7 @@ def shared_cluster(tmp_path_factory, name: str, slaves: int = 2, *, start_timeou
             mp.delenv(var, raising=False)
         kwargs.setdefault("home", str(home))
         kwargs.setdefault("log_dir", str(base / "logs"))
+        kwargs.setdefault("wait_complete", True)
         lc = LocalCluster(slaves, **kwargs)
         try:
             lc.start(timeout=start_timeout)
@@ -183,6 +184,8 @@ def make_cluster(home, tmp_path):
     def make(slaves: int = 2, **kwargs) -> LocalCluster:
         kwargs.setdefault("log_dir", str(tmp_path / "logs"))
         kwargs.setdefault("home", str(home))
+        # Tests expect every language offered and the warm pool up once started.
+        kwargs.setdefault("wait_complete", True)
         lc = LocalCluster(slaves, **kwargs)
         made.append(lc)
         return lc.start()
@@ -337,6 +340,7 @@ SMALL_MEMORY_MB, SMALL_MAX_PROCS, SMALL_DISK_MB = 128, 32, 64
 def small_limits_cluster(box: str, slots: int, *slave_flags: str, **kwargs) -> LocalCluster:
     """One slave under the small limits (1 MiB of output), its job root, home and logs in ``box``
     (which holds ``jobs/`` and ``home/``); not started."""
+    kwargs.setdefault("wait_complete", True)
     return LocalCluster(1, slots=slots, home=os.path.join(box, "home"), log_dir=os.path.join(box, "logs"),
                         slave_args=["--memory-limit", str(SMALL_MEMORY_MB), "--output-limit", "1",
                                     "--max-procs", str(SMALL_MAX_PROCS), "--workdir", os.path.join(box, "jobs"),

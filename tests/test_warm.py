@@ -515,6 +515,16 @@ def test_no_warm_runs_every_job_fresh(make_cluster):
     assert (job.status, job.stdout) == (P.SUCCEEDED, "fresh\n"), job.record
 
 
+def test_a_job_sent_as_soon_as_the_slave_registers_waits_for_the_warm_pool(make_cluster, tmp_path):
+    # The pool's parent starts while the slave registers: the first job must still run warm.
+    other = make_cluster(1, slots=1, languages="python", wait_complete=False)
+    with Cluster(other.url, token=other.token) as client:
+        job = client.submit(WHERE + "print('first')").wait(60)
+    assert job.status == P.SUCCEEDED, job.error
+    assert job.stdout == "warm\nfirst\n"
+    assert "parent ready" in (tmp_path / "logs" / "slave-1.log").read_text()
+
+
 def test_a_killed_slave_takes_its_warm_jobs_with_it(make_cluster):
     other = make_cluster(1, slots=1, languages="python,bash")
     with Cluster(other.url, token=other.token) as client:

@@ -49,7 +49,7 @@ def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     home = work / "distexec-home"
     home.mkdir()
-    cluster = LocalCluster(2, slots=2, home=str(home), log_dir=str(work / "logs")).start()
+    cluster = LocalCluster(2, slots=2, home=str(home), log_dir=str(work / "logs"), wait_complete=True).start()
     server = browser = pw = None
     try:
         with Cluster(cluster.url, token=cluster.token) as c:
