@@ -202,6 +202,8 @@ class LocalCluster:
 
     def _wait_complete(self, children: list[Child], timeout: float) -> None:
         """Until each slave has said it is complete, and the master shows none detecting."""
+        if not children:
+            return  # no slave to wait for (and no request to a master whose URL may not be ours to guess)
         deadline = time.monotonic() + timeout
         for child in children:
             child.wait_line(SLAVE_COMPLETE, max(0.0, deadline - time.monotonic()))
