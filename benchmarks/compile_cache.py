@@ -50,7 +50,7 @@ def main() -> int:
     langs = [x.strip() for x in args.langs.split(",") if x.strip()]
     home = tempfile.mkdtemp(prefix="distexec-bench-")
     # One slave, one slot: every job meets the same cache, one at a time.
-    with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs")) as lc:
+    with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), wait_complete=True) as lc:
         with Cluster(lc.url, token=lc.token) as c:
             print(f"{'language':10} {'cold median':>12} {'warm median':>12} {'cold/warm':>10}"
                   f"   ({args.runs} jobs each)")

@@ -60,7 +60,8 @@ def machine_busy() -> float:
 
 def one_burst(jobs: int, slaves: int, slots: int) -> dict[str, float]:
     home = tempfile.mkdtemp(prefix="distexec-bench-")
-    lc = LocalCluster(slaves, slots=slots, home=home, log_dir=os.path.join(home, "logs")).start()
+    lc = LocalCluster(slaves, slots=slots, home=home, log_dir=os.path.join(home, "logs"),
+                      wait_complete=True).start()
     try:
         with Cluster(lc.url, token=lc.token) as c:
             for _ in range(20):

@@ -57,7 +57,7 @@ def main() -> int:
     users = os.path.join(home, "users.json")
     auth.add_user(users, "alice", "alice-pw")
     lc = LocalCluster(args.slaves, slots=args.slots, languages="python", home=home, log_dir=os.path.join(home, "logs"),
-                      master_args=["--max-queued-per-user", "0", "--users", users, "--rate", "0"])
+                      master_args=["--max-queued-per-user", "0", "--users", users, "--rate", "0"], wait_complete=True)
     lc.start()
     try:
         with Cluster(lc.url, token=lc.token) as c:

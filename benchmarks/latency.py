@@ -74,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["DISTEXEC_HOME"] = home
         t0 = time.perf_counter()
-        lc = LocalCluster(args.slaves, home=home).start()
+        lc = LocalCluster(args.slaves, home=home, wait_complete=True).start()
         start_up = time.perf_counter() - t0
         try:
             with Cluster(lc.url, token=lc.token) as c:

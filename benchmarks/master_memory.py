@@ -43,7 +43,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="distexec-mem-") as tmp:
         lc = LocalCluster(1, slots=1, languages="python", home=tmp, log_dir=os.path.join(tmp, "logs"),
-                          master_args=["--max-queued-per-user", "0", "--max-queue", "0"])
+                          master_args=["--max-queued-per-user", "0", "--max-queue", "0"], wait_complete=True)
         with lc:
             with Cluster(lc.url, token=lc.token, events=False) as c:
                 busy = c.submit("import time\ntime.sleep(3600)", timeout=3600)

@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=50, help="jobs of each kind (default 50)")
     args = p.parse_args()
     home = tempfile.mkdtemp(prefix="distexec-bench-")
-    with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs")) as lc:
+    with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), wait_complete=True) as lc:
         with Cluster(lc.url, token=lc.token) as c:
             timed(c)  # first process start: page cache
             cold = timed(c, session="bench")

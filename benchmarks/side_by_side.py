@@ -20,7 +20,7 @@ def trivial_job_times(slave_args: list[list[str]], n: int, *, languages: str | N
 
     home = tempfile.mkdtemp(prefix="distexec-bench-home-")
     clusters = [LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), languages=languages,
-                             slave_args=args) for args in slave_args]
+                             slave_args=args, wait_complete=True) for args in slave_args]
     clients = []
     try:
         for lc in clusters:

@@ -200,6 +200,12 @@ class LocalCluster:
             self._wait_complete([child], timeout)
         return child
 
+    def until_complete(self, timeout: float = 60.0) -> "LocalCluster":
+        """Wait until every slave is complete (all its toolchains asked, its warm pool up): what a
+        measurement of steady running waits for after a start (``distexec up`` does not)."""
+        self._wait_complete(self.slaves, timeout)
+        return self
+
     def _wait_complete(self, children: list[Child], timeout: float) -> None:
         """Until each slave has said it is complete, and the master shows none detecting."""
         if not children:
