@@ -65,35 +65,26 @@ END;
 CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs BEGIN
     UPDATE job_counts SET n = n - 1 WHERE user = COALESCE(OLD.user, '') AND status = OLD.status;
 END;
--- The history's size (its records and inputs, as JSON text), kept by triggers too:
--- pruning to --keep-mb reads it at each pass, in the store's writer, where a SUM over
--- a million rows held every commit back for half a second.
-CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS jobs_bytes_insert AFTER INSERT ON jobs BEGIN
-    UPDATE totals SET n = n + NEW.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_bytes_delete AFTER DELETE ON jobs BEGIN
-    UPDATE totals SET n = n - OLD.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_bytes_update AFTER UPDATE OF size ON jobs WHEN OLD.size != NEW.size BEGIN
-    UPDATE totals SET n = n + NEW.size - OLD.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS inputs_bytes_insert AFTER INSERT ON inputs BEGIN
-    UPDATE totals SET n = n + NEW.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS inputs_bytes_delete AFTER DELETE ON inputs BEGIN
-    UPDATE totals SET n = n - OLD.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS inputs_bytes_update AFTER UPDATE OF size ON inputs WHEN OLD.size != NEW.size BEGIN
-    UPDATE totals SET n = n + NEW.size - OLD.size WHERE name = 'bytes';
-END;
 CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF status, user ON jobs
     WHEN OLD.status IS NOT NEW.status OR OLD.user IS NOT NEW.user BEGIN
     UPDATE job_counts SET n = n - 1 WHERE user = COALESCE(OLD.user, '') AND status = OLD.status;
     INSERT INTO job_counts VALUES (COALESCE(NEW.user, ''), NEW.status, 1)
         ON CONFLICT (user, status) DO UPDATE SET n = n + 1;
 END;
-"""
+-- The history's size (its records and inputs, as JSON text), kept by triggers too:
+-- pruning to --keep-mb reads it at each pass, in the store's writer, where a SUM over
+-- a million rows held every commit back for half a second.
+CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+""" + "".join(f"""
+CREATE TRIGGER IF NOT EXISTS {table}_bytes_insert AFTER INSERT ON {table} BEGIN
+    UPDATE totals SET n = n + NEW.size WHERE name = 'bytes';
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_bytes_delete AFTER DELETE ON {table} BEGIN
+    UPDATE totals SET n = n - OLD.size WHERE name = 'bytes';
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_bytes_update AFTER UPDATE OF size ON {table} WHEN OLD.size != NEW.size BEGIN
+    UPDATE totals SET n = n + NEW.size - OLD.size WHERE name = 'bytes';
+END;""" for table in ("jobs", "inputs"))
 
 # Pruning never touches these (nor anything else not terminal).
 _UNFINISHED = (P.QUEUED, P.RUNNING)
