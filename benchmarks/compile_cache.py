@@ -48,21 +48,21 @@ def main() -> int:
     p.add_argument("--langs", default="c,java", help=f"comma-separated, of {', '.join(PROGRAMS)}")
     args = p.parse_args()
     langs = [x.strip() for x in args.langs.split(",") if x.strip()]
-    home = tempfile.mkdtemp(prefix="distexec-bench-")
-    # One slave, one slot: every job meets the same cache, one at a time.
-    with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), wait_complete=True) as lc:
-        with Cluster(lc.url, token=lc.token) as c:
-            print(f"{'language':10} {'cold median':>12} {'warm median':>12} {'cold/warm':>10}"
-                  f"   ({args.runs} jobs each)")
-            for lang in langs:
-                timed(c, lang, "warm-up")  # first JVM/compiler start, page cache
-                cold = [timed(c, lang, uuid.uuid4().hex) for _ in range(args.runs)]
-                tag = uuid.uuid4().hex
-                timed(c, lang, tag)  # fills the cache
-                warm = [timed(c, lang, tag) for _ in range(args.runs)]
-                mc, mw = statistics.median(cold), statistics.median(warm)
-                print(f"{lang:10} {mc * 1000:10.1f} ms {mw * 1000:10.1f} ms {mc / mw:9.1f}x", flush=True)
-    return 0
+    with tempfile.TemporaryDirectory(prefix="distexec-bench-") as home:
+        # One slave, one slot: every job meets the same cache, one at a time.
+        with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), wait_complete=True) as lc:
+            with Cluster(lc.url, token=lc.token) as c:
+                print(f"{'language':10} {'cold median':>12} {'warm median':>12} {'cold/warm':>10}"
+                      f"   ({args.runs} jobs each)")
+                for lang in langs:
+                    timed(c, lang, "warm-up")  # first JVM/compiler start, page cache
+                    cold = [timed(c, lang, uuid.uuid4().hex) for _ in range(args.runs)]
+                    tag = uuid.uuid4().hex
+                    timed(c, lang, tag)  # fills the cache
+                    warm = [timed(c, lang, tag) for _ in range(args.runs)]
+                    mc, mw = statistics.median(cold), statistics.median(warm)
+                    print(f"{lang:10} {mc * 1000:10.1f} ms {mw * 1000:10.1f} ms {mc / mw:9.1f}x", flush=True)
+        return 0
 
 
 if __name__ == "__main__":

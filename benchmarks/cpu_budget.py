@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def one_burst(jobs: int, slaves: int, slots: int) -> dict[str, float]:
             assert all(j.status == "succeeded" for j in submitted)
     finally:
         lc.stop()
+        shutil.rmtree(home, ignore_errors=True)
     per_job = {k: (after[k] - before[k]) / jobs for k in before}
     per_job["other"] = per_job.pop("machine") - sum(per_job.values())
     per_job["jobs/s"] = jobs / wall

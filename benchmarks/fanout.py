@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -94,6 +95,7 @@ def main() -> int:
                   f"(fair share: it takes the next free slot, not a place behind the batch)")
     finally:
         lc.stop()
+        shutil.rmtree(home, ignore_errors=True)
     return 0
 
 

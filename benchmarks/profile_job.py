@@ -60,7 +60,8 @@ def main() -> int:
         "submit -> on the master", "submit -> answered", "queued -> dispatched",
         "dispatched -> result on the master", "result -> client", "total")}
     with tempfile.TemporaryDirectory(prefix="distexec-profile-") as tmp:
-        lc = LocalCluster(args.slaves, slots=args.slots, home=tmp, log_dir=os.path.join(tmp, "logs"), wait_complete=True)
+        lc = LocalCluster(args.slaves, slots=args.slots, home=tmp, log_dir=os.path.join(tmp, "logs"),
+                          wait_complete=True)
         with lc, Cluster(lc.url, token=lc.token) as c:
             for _ in range(10):
                 c.submit("pass").wait(60)  # warm: compile caches, connections

@@ -37,23 +37,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=50, help="jobs of each kind (default 50)")
     args = p.parse_args()
-    home = tempfile.mkdtemp(prefix="distexec-bench-")
-    with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), wait_complete=True) as lc:
-        with Cluster(lc.url, token=lc.token) as c:
-            timed(c)  # first process start: page cache
-            cold = timed(c, session="bench")
-            fresh, warm = [], []
-            for _ in range(args.jobs):
-                fresh.append(timed(c))
-                warm.append(timed(c, session="bench"))
-    f, w = statistics.median(fresh), statistics.median(warm)
-    print(f"{'':22} {'median':>9} {'p90':>9}   ({args.jobs} jobs each, 1 slave, 1 slot)")
-    for name, xs in (("fresh process", fresh), ("warm session", warm)):
-        xs = sorted(xs)
-        print(f"{name:22} {statistics.median(xs) * 1e3:8.1f}ms {xs[int(len(xs) * 0.9)] * 1e3:8.1f}ms")
-    print(f"{'session cold start':22} {cold * 1e3:8.1f}ms")
-    print(f"fresh / warm: {f / w:.1f}x")
-    return 0
+    with tempfile.TemporaryDirectory(prefix="distexec-bench-") as home:
+        with LocalCluster(1, slots=1, home=home, log_dir=os.path.join(home, "logs"), wait_complete=True) as lc:
+            with Cluster(lc.url, token=lc.token) as c:
+                timed(c)  # first process start: page cache
+                cold = timed(c, session="bench")
+                fresh, warm = [], []
+                for _ in range(args.jobs):
+                    fresh.append(timed(c))
+                    warm.append(timed(c, session="bench"))
+        f, w = statistics.median(fresh), statistics.median(warm)
+        print(f"{'':22} {'median':>9} {'p90':>9}   ({args.jobs} jobs each, 1 slave, 1 slot)")
+        for name, xs in (("fresh process", fresh), ("warm session", warm)):
+            xs = sorted(xs)
+            print(f"{name:22} {statistics.median(xs) * 1e3:8.1f}ms {xs[int(len(xs) * 0.9)] * 1e3:8.1f}ms")
+        print(f"{'session cold start':22} {cold * 1e3:8.1f}ms")
+        print(f"fresh / warm: {f / w:.1f}x")
+        return 0
 
 
 if __name__ == "__main__":

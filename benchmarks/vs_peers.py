@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def bench_distexec(n: int, burst: int) -> dict:
             assert all(j.status == "succeeded" for j in jobs)
     finally:
         lc.stop()
+        shutil.rmtree(home, ignore_errors=True)
     return {"start": start, "lat": lat, "rate": rate, "c_lat": c_lat, "c_bare": bare_c(n)}
 
 
@@ -103,6 +105,7 @@ def bench_sleepers(count: int, seconds: float, slots: int = 8) -> dict:
             assert all(j.status == "succeeded" for j in jobs)
     finally:
         lc.stop()
+        shutil.rmtree(home, ignore_errors=True)
     waves = -(-count // (2 * slots))
     return {"wall": wall, "ideal": waves * seconds}
 

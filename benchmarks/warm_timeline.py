@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,7 @@ async def bench(n: int, against: str | None) -> None:
                                           cwd=os.path.dirname(warm_pool.SOURCE)).stdout
     tmp = tempfile.mkdtemp(prefix="distexec-timeline-")
     pools = {}
+    caches: list[str] = []
     for name, source in sources.items():
         path = os.path.join(tmp, f"{len(pools)}.py")
         with open(path, "w") as f:
@@ -125,12 +127,13 @@ async def bench(n: int, against: str | None) -> None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 2)  # the parent inherits this process's stderr
         try:
-            warm, _ = await runners(2)
+            warm, fresh = await runners(2)
         finally:
             os.dup2(saved, 2)
             os.close(fd)
             os.close(saved)
         pools[name] = (warm, log, {"run": [], "jobs": []})
+        caches.append(fresh.compile_cache.root)
     try:
         ids = iter(range(1, 1 << 30))
         for warm, log, out in pools.values():
@@ -151,6 +154,8 @@ async def bench(n: int, against: str | None) -> None:
         runs = sorted(out["run"])
         print(f"  {name}: " + "; ".join(cells)
               + f"; Runner.run {statistics.median(runs) * 1e6:.0f} / {runs[int(len(runs) * 0.9)] * 1e6:.0f}")
+    for path in [tmp, *caches]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
