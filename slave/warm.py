@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import logging
 import marshal
 import os
@@ -50,6 +51,7 @@ EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
 # isolated and waiting when the job ends (jobs ending together, say a wave of sleepers, then do not all
 # wait for forks at once).  Shorter jobs do without: a fork beside them would slow them down.
 PREPARE_AHEAD = 0.02
+PROGRAMS_BYTES = 32 << 20  # compiled programs kept in memory for warm runs
 
 
 class ChildFailed(Exception):
@@ -76,6 +78,9 @@ class WarmRunner(Runner):
         self._restarting: asyncio.Task | None = None
         self._starting: asyncio.Task | None = None
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        # The compile cache's programs last run warm, in memory (most recent last): the same program
+        # run again skips a thread's round trip and the disk.  Bounded by PROGRAMS_BYTES.
+        self._programs: collections.OrderedDict[str, dict] = collections.OrderedDict()
 
     # -- start, stop, describe ------------------------------------------------------
 
@@ -181,7 +186,13 @@ class WarmRunner(Runner):
             fresh = self.fresh
             lang = L.get(job["language"])
             key = fresh.cache_key(lang, job, lang.source_name(job["source"]))
-            artefacts = await asyncio.to_thread(fresh.compile_cache.read, key)
+            artefacts = self._programs.get(key)
+            if artefacts is not None:
+                self._programs.move_to_end(key)
+            else:
+                artefacts = await asyncio.to_thread(fresh.compile_cache.read, key)
+                if artefacts is not None:
+                    self._keep_program(key, artefacts)
             if artefacts is None:
                 why = "a compiled program not in the compile cache yet"
             else:
@@ -212,6 +223,12 @@ class WarmRunner(Runner):
             return outcome
         finally:
             await self._release(slot, turn)
+
+    def _keep_program(self, key: str, artefacts: dict) -> None:
+        self._programs[key] = artefacts
+        size = lambda: sum(len(data) for a in self._programs.values() for data, _ in a.values())  # noqa: E731
+        while len(self._programs) > 1 and size() > PROGRAMS_BYTES:
+            self._programs.popitem(last=False)
 
     def _why_not(self, job: dict) -> str | None:
         if self.why_off is not None:

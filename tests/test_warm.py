@@ -485,6 +485,8 @@ def test_a_cached_compiled_program_runs_warm(c, box):
     assert again.status == P.SUCCEEDED, again.record
     cwd, uid = again.stdout.split()
     assert cwd.startswith("/run/distexec/job") and int(uid) in WARM_UIDS, again.stdout
+    # Run warm once, the program is kept in memory too: warm again with the disk's copy gone.
+    shutil.rmtree(os.path.join(box, "home", "cache", "compile"))
     # Signals are told as for a fresh process.
     crash = run(c, C_PROGRAM, "c", timeout=60, args=["crash"])
     assert crash.status == P.FAILED and crash.error["code"] == P.SIGNAL, crash.record
