@@ -226,9 +226,9 @@ class WarmRunner(Runner):
 
     def _keep_program(self, key: str, artefacts: dict) -> None:
         self._programs[key] = artefacts
-        size = lambda: sum(len(data) for a in self._programs.values() for data, _ in a.values())  # noqa: E731
-        while len(self._programs) > 1 and size() > PROGRAMS_BYTES:
-            self._programs.popitem(last=False)
+        total = sum(_bytes_of(a) for a in self._programs.values())
+        while len(self._programs) > 1 and total > PROGRAMS_BYTES:
+            total -= _bytes_of(self._programs.popitem(last=False)[1])
 
     def _why_not(self, job: dict) -> str | None:
         if self.why_off is not None:
@@ -375,6 +375,10 @@ class WarmRunner(Runner):
         full = result.free is not None and quota_full(*result.free)
         return run_outcome(step, capture, job, limits, lang, source_name, jobdirs,
                            lambda: hit_disk_limit(step, full, True))
+
+
+def _bytes_of(artefacts: dict) -> int:
+    return sum(len(data) for data, _ in artefacts.values())
 
 
 def _native(lang: L.Language) -> bool:
