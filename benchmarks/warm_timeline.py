@@ -12,15 +12,19 @@ and splits each job's time in the pool with ``CLOCK_MONOTONIC`` stamps
 - set-up: the child takes its uid, makes its directory, writes the files,
   sets its limits -> the job starts;
 - run: the job's code (compile and exec ``pass``, exit handlers);
-- exit: the child's ``os._exit`` -> its parent woken to reap it;
-- reap: woken -> the end sent to the slave;
+- exit: the job's end -> its parent woken by it (before 2026-11-30: the child's
+  ``os._exit`` -> woken to reap it; since: the child's "done", written just
+  before it exits);
+- tell: woken -> the end sent to the slave;
 
 and ``Runner.run`` whole (job in, outcome out).  The stamps come from a copy
 of ``slave/warm_zygote.py`` with a few lines added (this script adds them,
 and fails if the places it adds them to have changed), so nothing of this
 is in the pool itself.  ``--against REV`` also runs the parent of that git
 revision, the two taking turns of 50 jobs: the machines are shared and
-noisy, compare within one run.  Needs root (bubblewrap, cgroups).
+noisy, compare within one run.  Only a parent that speaks this slave's
+protocol compares fairly: before 2026-11-30 (the "gone" message) an older
+parent makes this slave wait 0.2 s for each slot's release.  Needs root (bubblewrap, cgroups).
 """
 from __future__ import annotations
 
@@ -43,37 +47,43 @@ from warm import runners  # noqa: E402
 TURN = 50
 GAP = 0.005
 
-# (where, what to add after it): the stamps, written to the parent's stderr (S) or the job's (E).
-PATCHES = [
-    ("    def run(self, job_id, slot, fds):\n",
-     "        import time as _t\n        self.t_run = getattr(self, 't_run', {})\n"
-     "        self.t_run[job_id] = _t.monotonic_ns()\n"),
-    ("            if self.wake_r in readable:\n",
-     "                import time as _t; self.t_wake = _t.monotonic_ns()\n"),
-    ('            spec = marshal.loads(_read_all(fds[0]))\n',
-     "            import time as _t; spec['_got'] = _t.monotonic_ns()\n"),
+# Each place to stamp, as alternatives (this tree's parent, then older ones, for --against): (where, what
+# to add after it, or before it), the stamps written to the parent's stderr (S) or the job's (J, R, X).
+AFTER = [
+    [("    def run(self, job_id, slot, fds):\n",
+      "        import time as _t\n        self.t_run = getattr(self, 't_run', {})\n"
+      "        self.t_run[job_id] = _t.monotonic_ns()\n")],
+    [("                readable, _, _ = select.select([self.sock, self.wake_r, *self.watched], [], [])\n",
+      "                import time as _t; self.t_wake = _t.monotonic_ns()\n"),
+     ("            if self.wake_r in readable:\n", "                import time as _t; self.t_wake = _t.monotonic_ns()\n")],
+    [('            spec = marshal.loads(_read_all(fds[0]))\n',
+      "            import time as _t; spec['_got'] = _t.monotonic_ns()\n")],
+    [('int(job.disk), job.error or "")\n',
+      "        import time as _t\n"
+      "        os.write(2, b'S %d %d %d %d\\n' % (job.id, self.t_run.pop(job.id, 0), self.t_wake, _t.monotonic_ns()))\n"),
+     ('int(disk), error or "")\n',
+      "            import time as _t\n"
+      "            os.write(2, b'S %d %d %d %d\\n' % (job_id, self.t_run.pop(job_id, 0), self.t_wake,"
+      " _t.monotonic_ns()))\n")],
 ]
 BEFORE = [
-    ("    os._exit(code)\n", "    import time as _t\n    os.write(2, b'X %d\\n' % _t.monotonic_ns())\n"),
-    ("        exec(compile(spec", "        import time as _t\n"
-     "        os.write(2, b'J %d\\nR %d\\n' % (spec['_got'], _t.monotonic_ns()))\n"),
+    [("    _done(done, code)\n", "    import time as _t\n    os.write(2, b'X %d\\n' % _t.monotonic_ns())\n"),
+     ("    os._exit(code)\n", "    import time as _t\n    os.write(2, b'X %d\\n' % _t.monotonic_ns())\n")],
+    [("        exec(compile(spec", "        import time as _t\n"
+      "        os.write(2, b'J %d\\nR %d\\n' % (spec['_got'], _t.monotonic_ns()))\n")],
 ]
-SENT = ('int(disk), error or "")\n',
-        "            import time as _t\n"
-        "            os.write(2, b'S %d %d %d %d\\n' % (job_id, self.t_run.pop(job_id, 0), self.t_wake,"
-        " _t.monotonic_ns()))\n")
 
 
 def stamped(source: str) -> str:
-    for where, add in PATCHES + [SENT]:
-        if where not in source:
-            raise SystemExit(f"warm_timeline: the parent's source changed; no {where.strip()!r} to stamp after")
-        source = source.replace(where, where + add, 1)
-    for where, add in BEFORE:
-        if where not in source:
-            raise SystemExit(f"warm_timeline: the parent's source changed; no {where.strip()!r} to stamp before")
-        at = source.index(where)
-        source = source[:at] + add + source[at:]
+    for after, places in [(True, AFTER), (False, BEFORE)]:
+        for alternatives in places:
+            found = [(where, add) for where, add in alternatives if where in source]
+            if not found:
+                raise SystemExit(f"warm_timeline: the parent's source changed; no {alternatives[0][0].strip()!r}"
+                                 " to stamp at")
+            where, add = found[0]
+            at = source.index(where) + (len(where) if after else 0)
+            source = source[:at] + add + source[at:]
     return source
 
 
@@ -97,23 +107,26 @@ def stages(parent_log: str, jobs: list) -> dict[str, list[float]]:
                 _, job_id, t_run, t_wake, t_sent = line.split()
                 sent[int(job_id)] = (int(t_run), int(t_wake), int(t_sent))
     # The parent numbers the jobs by the slave's order of hand-over (Zygote.run's idents): 1, 2, ...
-    out: dict[str, list[float]] = {k: [] for k in ("handoff", "set-up", "run", "exit", "reap")}
+    out: dict[str, list[float]] = {k: [] for k in ("handoff", "set-up", "run", "exit", "tell")}
     for ident, (_, st) in enumerate(jobs, 1):
         if ident not in sent or not all(k in st for k in ("J", "R", "X")):
             continue
         t_run, t_wake, t_sent = sent[ident]
         for name, a, b in (("handoff", t_run, st["J"]), ("set-up", st["J"], st["R"]), ("run", st["R"], st["X"]),
-                           ("exit", st["X"], t_wake), ("reap", t_wake, t_sent)):
+                           ("exit", st["X"], t_wake), ("tell", t_wake, t_sent)):
             out[name].append((b - a) / 1e3)
     return out
 
 
 async def bench(n: int, against: str | None) -> None:
-    sources = {"this tree": open(warm_pool.SOURCE).read()}
+    here = os.path.dirname(warm_pool.SOURCES[0])
+    sources = {"this tree": "\n".join(open(path).read() for path in warm_pool.SOURCES)}
     if against:
-        sources[against] = subprocess.run(["git", "show", f"{against}:slave/warm_zygote.py"], check=True,
-                                          capture_output=True, text=True,
-                                          cwd=os.path.dirname(warm_pool.SOURCE)).stdout
+        def show(name: str) -> str:
+            return subprocess.run(["git", "show", f"{against}:slave/{name}"], capture_output=True, text=True,
+                                  cwd=here).stdout
+        # Before 2026-11-30 the parent was one file, warm_zygote.py.
+        sources[against] = show("warm_child.py") + "\n" + show("warm_zygote.py")
     tmp = tempfile.mkdtemp(prefix="distexec-timeline-")
     pools = {}
     caches: list[str] = []
@@ -122,7 +135,7 @@ async def bench(n: int, against: str | None) -> None:
         with open(path, "w") as f:
             f.write(stamped(source))
         log = os.path.join(tmp, f"{len(pools)}.log")
-        warm_pool.SOURCE = path
+        warm_pool.SOURCES = [path]
         saved = os.dup(2)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(fd, 2)  # the parent inherits this process's stderr

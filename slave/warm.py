@@ -51,6 +51,10 @@ EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
 # isolated and waiting when the job ends (jobs ending together, say a wave of sleepers, then do not all
 # wait for forks at once).  Shorter jobs do without: a fork beside them would slow them down.
 PREPARE_AHEAD = 0.02
+# Seconds for a job's process to be reaped after it said it ended (its exit takes about a millisecond;
+# longer with much memory to free), before it is killed like anything else left in its cgroup.
+GONE_WAIT = 0.2
+PIPES_CLOSE = 0.01  # seconds for a job's output pipes to close after its end, before what holds them is killed
 PROGRAMS_BYTES = 32 << 20  # compiled programs kept in memory for warm runs
 
 
@@ -68,7 +72,9 @@ class WarmRunner(Runner):
         self.zygote: Zygote | None = None
         self.cgroups: list = []
         self._free: list[int] = []
-        self._emptied: set[int] = set()  # slots whose cgroup was seen empty after their job
+        # Slots whose job has ended, its result gone out, while its process is still being reaped
+        # and its cgroup checked empty (_release): the next job on this slave waits for one.
+        self._releasing: set[asyncio.Task] = set()
         # Each slot has two cgroups, used in turns: the child waiting for the slot's next job joins the
         # other one ahead (a join can take milliseconds), never the one its running job is in.
         self._next: dict[int, int] = {}  # slot -> which of its two cgroups its next job uses
@@ -171,6 +177,8 @@ class WarmRunner(Runner):
             self._restarting.cancel()
         if self.zygote is not None:
             await self.zygote.close()
+        if self._releasing:  # each empties its cgroup (its child died with the parent): before they go
+            await asyncio.wait(set(self._releasing), timeout=EMPTY_WAIT)
         for cg in self.cgroups:
             await asyncio.to_thread(self.fresh.sandbox.cgroups.release, cg)
         os.close(self._devnull)
@@ -197,6 +205,12 @@ class WarmRunner(Runner):
                 why = "a compiled program not in the compile cache yet"
             else:
                 log.info("job %s: compile cache hit (%s, %s), run warm", job["id"], lang.name, key[:12])
+        deadline = time.monotonic() + EMPTY_WAIT
+        while why is None and not self._free and self._releasing and time.monotonic() < deadline:
+            # The master counts a slot free once its job's result is in; here it is free once that
+            # job's process is reaped, a millisecond or so later.
+            await asyncio.wait(set(self._releasing), timeout=deadline - time.monotonic(),
+                               return_when=asyncio.FIRST_COMPLETED)
         if why is None and not self._free:
             why = "no free slot"  # never with the agent's slot count; said, not hidden
         if why is not None:
@@ -207,8 +221,9 @@ class WarmRunner(Runner):
         slot = self._free.pop()
         turn = self._next.get(slot, 0)
         self._next[slot] = 1 - turn  # the slot's next child is prepared in the other cgroup
+        gone: list[asyncio.Future] = []  # the child's reaping (_run), which the slot's release awaits
         try:
-            return await self._run(self.zygote, slot, turn, job, on_output, cancel, artefacts)
+            return await self._run(self.zygote, slot, turn, job, on_output, cancel, artefacts, gone)
         except ChildFailed as exc:
             # Nothing of the job ran; the parent is fine.
             log.warning("warm pool: %s; it runs in a fresh process", exc)
@@ -222,7 +237,11 @@ class WarmRunner(Runner):
             outcome.stderr = note + outcome.stderr
             return outcome
         finally:
-            await self._release(slot, turn)
+            # After the result: a Python job says it ended just before its process exits, and the
+            # exit (its memory torn down) is no part of the job's time.
+            task = asyncio.ensure_future(self._release(slot, turn, gone[0] if gone else None))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
 
     def _keep_program(self, key: str, artefacts: dict) -> None:
         self._programs[key] = artefacts
@@ -249,12 +268,16 @@ class WarmRunner(Runner):
             return "its parent is restarting"
         return None
 
-    async def _release(self, slot: int, turn: int) -> None:
-        """The slot is free again once nothing of its job is left in its job's cgroup."""
+    async def _release(self, slot: int, turn: int, gone: asyncio.Future | None) -> None:
+        """The slot is free again once its job's process has been reaped and nothing of the job (a
+        daemon it left) is in its job's cgroup: the slot's next job has the same uid."""
+        if gone is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(gone), GONE_WAIT)
+            except (ZygoteDied, asyncio.TimeoutError):
+                pass  # not gone yet (a job that said "done" and went on, say): killed below
         cg = self._cg(slot, turn)
-        if slot in self._emptied:
-            self._emptied.discard(slot)
-        elif cg.pids():
+        if _kill_left(cg):
             deadline = time.monotonic() + EMPTY_WAIT
 
             def empty() -> bool:
@@ -267,13 +290,9 @@ class WarmRunner(Runner):
             if not await asyncio.to_thread(empty):
                 log.error("warm pool: slot %d still holds processes %s; not used again", slot, sorted(cg.pids()))
                 return
-        self._free.append(slot)
-        # After the job's result has gone out (the caller sends it in this same step): off its path.
-        asyncio.get_running_loop().call_soon(self._settle, slot, turn)
-
-    def _settle(self, slot: int, turn: int) -> None:
         # The count its job left, before the cgroup's next job (two turns on) compares against it.
-        self._oom[2 * slot + turn] = self._cg(slot, turn).oom_count()
+        self._oom[2 * slot + turn] = cg.oom_count()
+        self._free.append(slot)
         self._prepare(slot)
 
     def _restart_soon(self) -> None:
@@ -298,7 +317,7 @@ class WarmRunner(Runner):
             log.error("warm pool: off (%s); every job runs in a fresh process", exc)
 
     async def _run(self, zygote: Zygote, slot: int, turn: int, job: dict, on_output: OutputCallback,
-                   cancel: asyncio.Event, artefacts: dict | None) -> Outcome:
+                   cancel: asyncio.Event, artefacts: dict | None, gone: list) -> Outcome:
         fresh, limits, jobdirs = self.fresh, self.fresh.limits, self.fresh.jobdirs
         lang = L.get(job["language"])
         mode = SERVED.get(lang.name, "exec")
@@ -338,6 +357,7 @@ class WarmRunner(Runner):
         finally:
             for fd in (out_w, err_w) + ((stdin_r,) if stdin_w is not None else ()):
                 os.close(fd)
+        gone.append(ended.gone)
         ahead = asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare, slot)
         capture = Capture(limits.output_bytes, on_output)
         feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
@@ -351,9 +371,12 @@ class WarmRunner(Runner):
                 if not ended.done():
                     raise ZygoteDied("it did not report a killed job's end")
             result = ended.result()
-            if not _kill_left(cg):  # what the job left running (a daemon) goes with it
-                self._emptied.add(slot)  # nothing can enter it before the slot's next child
-            await asyncio.wait([r.done for r in readers], timeout=DRAIN_AFTER_EXIT)
+            # Its output has ended with it, unless something it left (a daemon) holds the pipes: that
+            # goes now (all it left goes once the slot is released).
+            await asyncio.wait([r.done for r in readers], timeout=PIPES_CLOSE)
+            if not all(r.done.done() for r in readers):
+                _kill_left(cg)
+                await asyncio.wait([r.done for r in readers], timeout=DRAIN_AFTER_EXIT)
         finally:
             ahead.cancel()
             if not ended.done():

@@ -1,4 +1,4 @@
-"""The slave's side of the warm pool's parent (slave/warm_zygote.py): start it in
+"""The slave's side of the warm pool's parent (slave/warm_zygote.py, slave/warm_child.py): start it in
 bubblewrap, hand it jobs, hear how they end.
 
 A SOCK_SEQPACKET socket pair connects the two: one message per request or
@@ -20,7 +20,9 @@ from distexec_kernel.procs import die_with_parent, write_all
 
 log = logging.getLogger("distexec.slave.warm")
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_zygote.py")
+# The pool's parent: one program made of these files, in this order (the child's code, then the parent's).
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("warm_child.py",
+                                                                                         "warm_zygote.py")]
 START_TIMEOUT = 30.0  # seconds for bwrap and the interpreter to say they are ready
 STOP_GRACE = 5.0
 
@@ -53,6 +55,7 @@ class Zygote:
         self.died: str | None = None
         self.pid: int | None = None  # the parent's pid inside its PID namespace
         self._pending: dict[int, asyncio.Future] = {}
+        self._gone: dict[int, asyncio.Future] = {}
         self._ready: asyncio.Future | None = None
         self._next = 0
 
@@ -60,8 +63,7 @@ class Zygote:
         """Start the parent and wait until it is ready; raises OSError saying why not."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with open(SOURCE) as f:
-            source = f.read()
+        source = "\n".join(_read(path) for path in SOURCES)
         command = [self.python, "-u", "-c", source, str(theirs.fileno()),
                    marshal.dumps(self.config).hex()]
         try:
@@ -116,9 +118,14 @@ class Zygote:
             self._send({"op": "run", "id": ident, "slot": slot}, [memfd] + fds)
         finally:
             os.close(memfd)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         future.ident = ident
+        # Set once the child has been reaped (its "exit" may come before: a Python job says it ended
+        # just before its process exits); None, or ZygoteDied.
+        future.gone = loop.create_future()
         self._pending[ident] = future
+        self._gone[ident] = future.gone
         return future
 
     def kill(self, future: asyncio.Future) -> None:
@@ -166,6 +173,15 @@ class Zygote:
                 future = self._pending.pop(ident, None)
                 if future is not None and not future.done():
                     future.set_result(ended)
+            elif text.startswith("gone "):
+                try:
+                    ident = int(text[5:])
+                except ValueError:
+                    self._die(f"it sent {text[:200]!r}")
+                    return
+                gone = self._gone.pop(ident, None)
+                if gone is not None and not gone.done():
+                    gone.set_result(None)
 
     def _die(self, why: str) -> None:
         if self.died is not None:
@@ -175,11 +191,12 @@ class Zygote:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
-        for future in [self._ready, *self._pending.values()]:
+        for future in [self._ready, *self._pending.values(), *self._gone.values()]:
             if future is not None and not future.done():
                 future.set_exception(ZygoteDied(why))
                 future.exception()  # retrieved: nobody may be waiting any more
         self._pending.clear()
+        self._gone.clear()
 
     async def close(self) -> None:
         """Stop the parent: it exits when its socket closes, and its PID namespace takes every job along."""
@@ -190,6 +207,11 @@ class Zygote:
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _ended(text: str) -> tuple[int, Ended]:

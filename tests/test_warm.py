@@ -313,8 +313,19 @@ def test_random_differs_between_warm_jobs(c):
 
 def test_the_job_cannot_reach_the_parent_or_its_socket(c):
     source = WHERE + textwrap.dedent("""
-        import os, signal
-        print(sorted(os.listdir('/proc/self/fd')))
+        import os, signal, stat, fcntl
+        kinds = []
+        for fd in sorted(int(n) for n in os.listdir('/proc/self/fd')):
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                continue  # listdir's own, closed
+            if fd > 2:
+                writes = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+                kinds.append('socket' if stat.S_ISSOCK(mode) else 'pipe-w' if stat.S_ISFIFO(mode) and writes else
+                             oct(mode))
+        # Its own "done" pipe's write end only (warm_zygote.run_python): no socket to its parent
+        print(kinds)
         for pid in (1, 2):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -328,7 +339,7 @@ def test_the_job_cannot_reach_the_parent_or_its_socket(c):
     job = run(c, source)
     assert job.status == P.SUCCEEDED, job.record
     assert job.stdout.splitlines() == [
-        "warm", "['0', '1', '2', '3']", "1 PermissionError", "2 PermissionError", "False False []",
+        "warm", "['pipe-w']", "1 PermissionError", "2 PermissionError", "False False []",
         "['0000000000000000', '1', '2']"], job.stdout
 
 
@@ -442,6 +453,56 @@ def test_cancel_and_timeout_end_only_that_job(c):
     other = c.submit(steady, timeout=60)
     assert spinner.wait(60).error["code"] == P.TIMEOUT, spinner.record
     assert other.wait(60).status == P.SUCCEEDED and other.stdout == "warm\ndone\n", other.record
+
+
+# A Python job says it ended on a pipe just before its process exits (warm_zygote.run_python); the job
+# holds that pipe's write end, so it can say so itself, early, or write anything there.
+DONE_PIPE = textwrap.dedent("""
+    import fcntl, os, stat
+    done = [fd for fd in range(3, 256) if _is_pipe_w(fd)]
+
+    def _say(data):
+        os.write(done[0], data)
+""").replace("_is_pipe_w(fd)", "(lambda fd: os.path.exists(f'/proc/self/fd/{fd}') and stat.S_ISFIFO(os.fstat(fd).st_mode)"
+             " and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY)(fd)")
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["output-open", "output-closed"])
+def test_a_job_that_says_it_ended_and_goes_on_is_killed_before_its_slot_runs_again(c, lc, quiet):
+    # It says "done 0" early, then tries to kill every process of its uid for 3 s: a job given its
+    # slot (same uid) before it is dead would be killed.  With its output closed, nothing else
+    # makes the slave kill it at its "end": the slot's release must.
+    liar = WHERE + DONE_PIPE + textwrap.dedent(f"""
+        import signal, sys, time
+        print('lying', flush=True)
+        if {quiet}:
+            os.close(1)
+            os.close(2)
+        _say(b'done 0')
+        end = time.time() + 3
+        while time.time() < end:
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except OSError:
+                pass
+        sys.exit(5)
+    """)
+    job = c.submit(liar, timeout=30)
+    assert job.wait(60).status == P.SUCCEEDED and job.exit_code == 0 and job.stdout == "warm\nlying\n", job.record
+    followers = [c.submit(WHERE + "import time; time.sleep(1); print('alive')", timeout=30) for _ in range(SLOTS)]
+    for f in followers:
+        assert f.wait(60).status == P.SUCCEEDED and f.stdout == "warm\nalive\n", f.record
+    wait_for(lambda: not job_processes(lc), 15, "the lying job to be gone")
+
+
+def test_what_a_job_writes_on_its_done_pipe_is_no_more_than_its_exit_code(c):
+    for said, code in [(b"nonsense", 3), (b"done -1", 4), (b"done 12345", 6), (b"done 7 8", 9), (b"x" * 60000, 10)]:
+        job = run(c, WHERE + DONE_PIPE + f"os.set_blocking(done[0], False)\ntry:\n    _say({said!r})\n"
+                  f"except BlockingIOError:\n    pass\nraise SystemExit({code})")
+        assert (job.exit_code, job.stdout) == (code, "warm\n"), (said, job.record)
+    # Its own exit code, said early, is taken: the job could have exited with it.
+    job = run(c, WHERE + DONE_PIPE + "_say(b'done 42')\nraise SystemExit(1)")
+    assert job.exit_code == 42, job.record
 
 
 def test_a_daemon_left_by_a_job_is_killed_when_it_ends(c, lc):
