@@ -17,8 +17,8 @@ signal nor trace it.  Given its job, it takes the slot's own uid (so
 concurrent jobs cannot signal or trace each other), no_new_privs, rlimits
 and the seccomp program the slave built; makes
 and enters its 0700 directory, writes the job's files and runs the job:
-Python source in a fresh ``__main__``, anything else by execve.  A Python job
-says it ended on a pipe just before its process exits (``_done``).
+Python source in a fresh ``__main__``, anything else as its own child (spawned).
+It says the job ended on a pipe just before its process exits (``_done``).
 """
 import array
 import atexit  # every job's end runs its handlers: imported once by the parent, not in each child
@@ -93,13 +93,7 @@ class Child:
                 os._exit(126)
         if spec["mode"] == "python":
             run_python(spec, work, self.done)
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)  # Python ignores these; an exec'd program must not
-        try:
-            os.execve(spec["argv"][0], spec["argv"], spec["env"])
-        except OSError as exc:
-            os.write(2, f"distexec: cannot run {spec['argv'][0]}: {exc.strerror}\n".encode())
-        os._exit(127)
+        run_program(spec, self.done)
 
     def isolate(self, slot):
         """What does not depend on the job: done before it comes."""
@@ -199,11 +193,8 @@ class Child:
         self.status.sendmsg([b"ok"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.keep]))])
         self.status.close()
         os.close(self.keep)
-        if spec["mode"] == "python":
-            st = os.fstat(self.done_w)
-            self.done = (self.done_w, st.st_dev, st.st_ino)
-        else:
-            os.close(self.done_w)
+        st = os.fstat(self.done_w)
+        self.done = (self.done_w, st.st_dev, st.st_ino)
 
 
 def _fds_of(anc):
@@ -292,6 +283,44 @@ def _done(done, code):
             os.write(fd, b"done %d" % code)
     except OSError:
         pass  # the job closed it: its end is heard when it is reaped
+
+
+def run_program(spec, done):
+    """Run the job's program as this process's own child and say its end: never returns.
+
+    Spawned (a vfork: this interpreter's memory is neither copied for it nor torn down before it
+    starts, as an execve here would do), the program starts sooner, and its end is told before this
+    process's exit frees that memory.  This process ignores the signals a job may send its own
+    process group: they are the program's to take."""
+    try:
+        pid = os.posix_spawn(spec["argv"][0], spec["argv"], spec["env"], setsigdef=_PROGRAM_DEFAULTS)
+    except OSError as exc:
+        os.write(2, f"distexec: cannot run {spec['argv'][0]}: {exc.strerror}\n".encode())
+        _done(done, 127)
+        os._exit(127)
+    for sig in _IGNORABLE:
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):  # ended the same way, for the parent to see when it reaps this process
+        sig = os.WTERMSIG(status)
+        if sig in _IGNORABLE:
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is not to end (none of the program's could be)
+    code = os.waitstatus_to_exitcode(status)
+    _done(done, code)
+    os._exit(code)
+
+
+# Python ignores these; a program must not.
+_PROGRAM_DEFAULTS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
+# What the process waiting for a program ignores (SIGCHLD: its wait needs it).
+_IGNORABLE = [sig for sig in signal.Signals if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
 
 
 def _exit_code(exc):

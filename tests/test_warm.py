@@ -143,6 +143,23 @@ def test_each_warm_job_is_a_new_process_in_a_directory_of_its_own(c):
             job.stdout.split()[:2] == ["warm", "main." + lang], job.stdout
 
 
+def test_a_warm_programs_exit_code_and_signals_are_its_own(c):
+    """A program (sh, bash, C) runs as its warm child's own child (warm_child.run_program): its exit
+    code and the signal that killed it are reported as a fresh process's would be, and the signals it
+    sends its own process group reach it alone."""
+    job = run(c, SH_WHERE + "exit 7", "sh")
+    assert (job.status, job.exit_code, job.stdout) == (P.FAILED, 7, "warm\n"), job.record
+    job = run(c, SH_WHERE + "kill -SEGV $$", "bash")
+    assert job.error["code"] == P.SIGNAL and "SIGSEGV" in job.error["message"] and job.stdout == "warm\n", job.record
+    # It ignores TERM and sends TERM to its whole process group: what waits for it ignores that too.
+    job = run(c, SH_WHERE + "trap '' TERM; kill -TERM 0; echo alive", "sh")
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "warm\nalive\n"), job.record
+    crash = "#include <stdio.h>\nint main(void) { puts(\"up\"); fflush(stdout); return *(volatile int *)0; }\n"
+    run(c, crash, "c")  # compiled (fresh), into the compile cache
+    job = run(c, crash, "c")
+    assert job.error["code"] == P.SIGNAL and "SIGSEGV" in job.error["message"] and job.stdout == "up\n", job.record
+
+
 def test_two_warm_jobs_at_once_cannot_see_or_signal_each_other(c):
     first = c.submit(WHERE + textwrap.dedent("""
         import os, time
