@@ -2,10 +2,10 @@
 bwrap, setpriv and an interpreter's start each time.
 
 ``WarmRunner`` sits in front of the fresh-process runner.  A parent started
-once per slave inside bubblewrap (slave/warm_zygote.py, spoken to through
-slave/warm_pool.py) forks one child per job; the child isolates itself and
-runs the job: Python source in a fresh ``__main__``, ``sh``/``bash`` by
-execve.  Each slot of the slave has its own uid and its own memory+pids
+once per slave inside bubblewrap (slave/warm_zygote.py and warm_child.py, spoken
+to through slave/warm_pool.py) forks one child per job; the child isolates itself
+and runs the job: Python source in a fresh ``__main__``, ``sh``/``bash`` spawned
+and waited for.  Each slot of the slave has its own uid and its own memory+pids
 cgroup, made once.  A job the pool cannot serve (another language, files to
 collect, no bubblewrap, the parent down) runs in a fresh process, and the
 log says why, once per reason.  docs/sandbox.md ("The warm path") says what a
@@ -38,7 +38,7 @@ from .warm_pool import Zygote, ZygoteDied
 
 log = logging.getLogger("distexec.slave.warm")
 
-# How each language runs in a warm child: its source exec'd in a fresh __main__, or its program exec'd.
+# How each language runs in a warm child: its source exec'd in a fresh __main__, or its program spawned.
 # Compiled programs (C, C++, Go, Rust: ``_native``) run warm too, once the compile cache holds them.
 SERVED = {"python": "python", "sh": "exec", "bash": "exec"}
 # Each slot's jobs run as WARM_UID_BASE + slot (uid and gid), as isolate gives each box its own uid:
