@@ -251,6 +251,30 @@ def slave_socket(bare_master):
     sock.close()
 
 
+def test_what_a_slave_connection_says_before_registering_counts_for_nothing(bare_master):
+    """A languages message (protocol 4: a slave's toolchains found after it registered), output or a
+    result from a connection that never registered: each refused as not_registered, none offering a
+    language or touching a job; the connection can still register after."""
+    sock = Socket(bare_master.url, "/ws/slave", bare_master.secret)
+    try:
+        early = [P.make("languages", languages=[{"name": "ruby", "version": "3.1"}], detecting=False),
+                 P.make("job_output", job_id=1, stream="stdout", data="x"),
+                 P.make("job_finished", job_id=1, exit_code=0, error=None, stdout="", stderr="")]
+        for msg in early:
+            replies = sock.exchange(P.encode(msg))
+            assert [(r["type"], r["error"]["code"]) for r in replies] == [("error", "not_registered")], (msg, replies)
+        names = [lang["name"] for lang in requests.get(bare_master.url + "/api/languages", timeout=20,
+                                                       headers={"Authorization": f"Bearer {bare_master.token}"}).json()["languages"]]
+        assert "ruby" not in names, names
+        sock.send(P.encode(P.make("register", protocol=P.PROTOCOL_VERSION, uid="late-slave", host="fuzz",
+                                  languages=[], slots=1)))
+        while (reply := sock.recv())["type"] != "register_reply":
+            pass
+        assert reply["ok"] is True
+    finally:
+        sock.close()
+
+
 @LIVE
 @given(frame=frames)
 def test_every_client_frame_gets_a_reply_and_the_connection_lives(client_socket, frame):
