@@ -118,7 +118,9 @@ def new_job(job_id: int, submission: dict, *, client_id: str | None, user: str |
     return job
 
 
-SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr", "outputs")
+# Bulky fields, and ``ref`` (the submitting client's own key for its submission, answered in its
+# submit_reply: nothing another listener needs, in every event).
+SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr", "outputs", "ref")
 # A finished job's event carries its whole output up to this size, so a client
 # that waited for it needs no request to read the result.
 SMALL_OUTPUT_CHARS = 64 << 10
