@@ -276,7 +276,8 @@ def loads(text: str | bytes):
         # The parser is recursive: past the interpreter's depth it gives up
         # before our own check below can run.
         raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
-    _check_depth(value)
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # fewer openers cannot nest deeper: no walk
+        _check_depth(value)
     # Only an escape can make a surrogate (frames are decoded strictly), so only then pay for the check.
     if _SURROGATE_ESCAPE.search(text):
         try:
