@@ -194,7 +194,7 @@ class Child:
         self.status.close()
         os.close(self.keep)
         st = os.fstat(self.done_w)
-        self.done = (self.done_w, st.st_dev, st.st_ino)
+        self.done = (self.done_w, st.st_dev, st.st_ino, os.getpid())
 
 
 def _fds_of(anc):
@@ -263,7 +263,8 @@ def run_python(spec, work, done):
         code = _exit_code(exc)
     except BaseException:
         code = code or 120
-    _done(done, code)
+    if os.getpid() == done[3]:  # not a process the job forked that ran on to the end of its code
+        _done(done, code)
     os._exit(code)
 
 
@@ -275,7 +276,7 @@ def _done(done, code):
         os.close(2)
     except OSError:
         pass
-    fd, dev, ino = done
+    fd, dev, ino, _ = done
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) == (dev, ino):  # not a file the job opened under that number

@@ -512,6 +512,20 @@ def test_a_job_that_says_it_ended_and_goes_on_is_killed_before_its_slot_runs_aga
     wait_for(lambda: not job_processes(lc), 15, "the lying job to be gone")
 
 
+def test_a_process_the_job_forks_that_runs_to_the_end_of_its_code_does_not_end_the_job(c):
+    # The forked child reaches the end of the script first; the job ends when its own process does.
+    job = run(c, WHERE + textwrap.dedent("""
+        import os, time
+        if os.fork() == 0:
+            print('child', flush=True)
+        else:
+            os.wait()
+            time.sleep(0.3)
+            print('parent')
+    """))
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "warm\nchild\nparent\n"), job.record
+
+
 def test_what_a_job_writes_on_its_done_pipe_is_no_more_than_its_exit_code(c):
     for said, code in [(b"nonsense", 3), (b"done -1", 4), (b"done 12345", 6), (b"done 7 8", 9), (b"x" * 60000, 10)]:
         job = run(c, WHERE + DONE_PIPE + f"os.set_blocking(done[0], False)\ntry:\n    _say({said!r})\n"
