@@ -293,14 +293,16 @@ def run_program(spec, done):
     starts, as an execve here would do), the program starts sooner, and its end is told before this
     process's exit frees that memory.  This process ignores the signals a job may send its own
     process group: they are the program's to take."""
+    # Ignored before the spawn (a program may signal its group at once), and back to their defaults in
+    # the program, as an execve from here gave it (Python ignores SIGPIPE and SIGXFSZ; a program must not).
+    for sig in _IGNORABLE:
+        signal.signal(sig, signal.SIG_IGN)
     try:
-        pid = os.posix_spawn(spec["argv"][0], spec["argv"], spec["env"], setsigdef=_PROGRAM_DEFAULTS)
+        pid = os.posix_spawn(spec["argv"][0], spec["argv"], spec["env"], setsigdef=_IGNORABLE)
     except OSError as exc:
         os.write(2, f"distexec: cannot run {spec['argv'][0]}: {exc.strerror}\n".encode())
         _done(done, 127)
         os._exit(127)
-    for sig in _IGNORABLE:
-        signal.signal(sig, signal.SIG_IGN)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -318,8 +320,6 @@ def run_program(spec, done):
     os._exit(code)
 
 
-# Python ignores these; a program must not.
-_PROGRAM_DEFAULTS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
 # What the process waiting for a program ignores (SIGCHLD: its wait needs it).
 _IGNORABLE = [sig for sig in signal.Signals if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)]
 
