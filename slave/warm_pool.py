@@ -164,24 +164,16 @@ class Zygote:
             if text.startswith(("ready ", "error ")):
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(text)
-            elif text.startswith("exit "):
+            elif text.startswith(("exit ", "gone ")):
+                exit = text.startswith("exit ")
                 try:
-                    ident, ended = _ended(text)
+                    ident, value = _ended(text) if exit else (int(text[5:]), None)
                 except ValueError:
                     self._die(f"it sent {text[:200]!r}")
                     return
-                future = self._pending.pop(ident, None)
+                future = (self._pending if exit else self._gone).pop(ident, None)
                 if future is not None and not future.done():
-                    future.set_result(ended)
-            elif text.startswith("gone "):
-                try:
-                    ident = int(text[5:])
-                except ValueError:
-                    self._die(f"it sent {text[:200]!r}")
-                    return
-                gone = self._gone.pop(ident, None)
-                if gone is not None and not gone.done():
-                    gone.set_result(None)
+                    future.set_result(value)
 
     def _die(self, why: str) -> None:
         if self.died is not None:
