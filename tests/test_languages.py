@@ -769,14 +769,17 @@ def make_runner(tmp_path, languages: list[str]):
 
     from slave.runner import ProcessRunner
     from slave.bwrap import best_sandbox
+    from slave.jobdirs import JobDirs
     from slave.sandbox import Limits
 
     limits = Limits()
     sandbox = best_sandbox(limits)
     chains = asyncio.run(toolchains.detect_toolchains(languages, sandbox=sandbox, limits=limits))
     cache = CompileCache(str(tmp_path / "cache"))
+    # Its job folders in tmp_path (a runner built by hand would leave its own in /tmp).
     runner = ProcessRunner(sandbox, limits, {n: t.version for n, t in chains.items()}, compile_cache=cache,
-                           programs={n: t.programs for n, t in chains.items()})
+                           programs={n: t.programs for n, t in chains.items()},
+                           jobdirs=JobDirs("runner", str(tmp_path)))
     return runner, cache
 
 
