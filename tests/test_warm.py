@@ -514,6 +514,22 @@ def test_a_job_that_says_it_ended_and_goes_on_is_killed_before_its_slot_runs_aga
     wait_for(lambda: not job_processes(lc), 15, "the lying job to be gone")
 
 
+def test_a_fifo_the_job_puts_under_its_done_pipes_number_never_gets_the_done(c):
+    # The job closes its "done" pipe and puts a FIFO at that number; a reader it forked prints what
+    # lands there.  The end is written only to the pipe the child made (same device and inode), so
+    # nothing lands, and the end is heard when the process is reaped.
+    job = run(c, WHERE + DONE_PIPE + textwrap.dedent("""
+        os.mkfifo('planted')
+        fd = os.open('planted', os.O_RDWR)
+        os.dup2(fd, done[0])
+        if os.fork() == 0:
+            print('got', os.read(fd, 64), flush=True)
+            os._exit(0)
+        print('main', flush=True)
+    """), timeout=30)
+    assert (job.status, job.exit_code, job.stdout) == (P.SUCCEEDED, 0, "warm\nmain\n"), job.record
+
+
 def test_a_process_the_job_forks_that_runs_to_the_end_of_its_code_does_not_end_the_job(c):
     # The forked child reaches the end of the script first; the job ends when its own process does.
     job = run(c, WHERE + textwrap.dedent("""
