@@ -1,11 +1,15 @@
 """The job history, in SQLite.
 
-Writes go to one writer thread so that a slow disk never stalls the event
-loop.  The writer takes everything queued since its last commit and commits
-it as one transaction ("group commit"): under load many status changes share
-one fsync, and when idle a single change is committed at once, with no timer
-adding latency.  ``save`` resolves only after the commit, so the master can
-announce a change after it is durable.
+Saves are committed on the event loop when it goes idle: everything saved
+in one turn of the loop is one transaction ("group commit"), committed at the
+start of the next turn, with no timer adding latency and no hand-off to a
+thread and back (each a wake-up, dear on these machines: 0.5-0.8 ms of a
+trivial job's 9, docs/performance.md).  ``save`` resolves only after the commit, so the master can
+announce a change after it is durable.  A commit writes the WAL and does not
+sync it (``synchronous=NORMAL``); what can wait on the disk goes to the
+writer thread: the WAL's checkpoints (the loop's connection makes none
+itself), pruning, and any save made while one of those is in the thread, so
+that the loop never waits for the thread's lock and saves keep their order.
 
 Reads (history pages) run on a small thread pool with their own connections;
 WAL lets them proceed while the writer commits.
@@ -25,101 +29,24 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
 
-from distexec_kernel import config, protocol as P
+from distexec_kernel import protocol as P
 
 from .artifacts import ArtifactStore, root_for
+from .store_schema import SCHEMA, connect, private_file
 
 log = logging.getLogger("distexec.master.store")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    status TEXT NOT NULL,
-    language TEXT NOT NULL,
-    client_id TEXT,
-    user TEXT,
-    submitted_at TEXT NOT NULL,
-    -- before data: reading it never walks the overflow pages of a big record
-    size INTEGER NOT NULL DEFAULT 0,
-    data TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
-CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at);
-CREATE TABLE IF NOT EXISTS inputs (id INTEGER PRIMARY KEY, data TEXT NOT NULL, size INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- How many jobs each user has in each state, kept by triggers: a history page's
--- total is read here, not counted over a million rows (COUNT(*) walks them all).
--- A job with no user counts under ''.
-CREATE TABLE IF NOT EXISTS job_counts (
-    user TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (user, status)
-) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs BEGIN
-    INSERT INTO job_counts VALUES (COALESCE(NEW.user, ''), NEW.status, 1)
-        ON CONFLICT (user, status) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs BEGIN
-    UPDATE job_counts SET n = n - 1 WHERE user = COALESCE(OLD.user, '') AND status = OLD.status;
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF status, user ON jobs
-    WHEN OLD.status IS NOT NEW.status OR OLD.user IS NOT NEW.user BEGIN
-    UPDATE job_counts SET n = n - 1 WHERE user = COALESCE(OLD.user, '') AND status = OLD.status;
-    INSERT INTO job_counts VALUES (COALESCE(NEW.user, ''), NEW.status, 1)
-        ON CONFLICT (user, status) DO UPDATE SET n = n + 1;
-END;
--- The history's size (its records and inputs, as JSON text), kept by triggers too:
--- pruning to --keep-mb reads it at each pass, in the store's writer, where a SUM over
--- a million rows held every commit back for half a second.
-CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-""" + "".join(f"""
-CREATE TRIGGER IF NOT EXISTS {table}_bytes_insert AFTER INSERT ON {table} BEGIN
-    UPDATE totals SET n = n + NEW.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS {table}_bytes_delete AFTER DELETE ON {table} BEGIN
-    UPDATE totals SET n = n - OLD.size WHERE name = 'bytes';
-END;
-CREATE TRIGGER IF NOT EXISTS {table}_bytes_update AFTER UPDATE OF size ON {table} WHEN OLD.size != NEW.size BEGIN
-    UPDATE totals SET n = n + NEW.size - OLD.size WHERE name = 'bytes';
-END;""" for table in ("jobs", "inputs"))
 
 # Pruning never touches these (nor anything else not terminal).
 _UNFINISHED = (P.QUEUED, P.RUNNING)
 _TERMINAL_ONLY = "status NOT IN (?, ?)"
-SIDE_FILES = ("-wal", "-shm", "-journal")
 
-
-def _connect(path: str, creating: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    if creating:
-        # Must come before anything is written; a no-op on an existing file.
-        # Lets prune hand freed pages back to the disk.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode survives a process crash; only an OS crash can
-    # lose the last commits, which is the usual trade for a history store.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
-
-
-def _private_file(path: str) -> None:
-    """Create the database file 0600 before SQLite does (it would use the umask: 0644).
-
-    SQLite gives its -wal and -shm files the database file's mode; side files
-    left by an older version are narrowed here too.
-    """
-    config.private_dir(os.path.dirname(os.path.abspath(path)))
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for name in (path, *(path + side for side in SIDE_FILES)):
-        try:
-            if os.stat(name).st_mode & 0o077:
-                os.chmod(name, 0o600)
-        except FileNotFoundError:
-            pass
+# Jobs saved on the loop between two checkpoints: a job's save writes at most about 8 pages
+# (its row, its indexes, its inputs, the counts), so about SQLite's own default of 1,000 pages.
+CHECKPOINT_ROWS = 125
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -213,14 +140,18 @@ class JobStore:
     def __init__(self, path: str):
         self.path = path
         if path != ":memory:":
-            _private_file(path)
-        conn = _connect(path, creating=True)
+            private_file(path)
+        conn = connect(path, creating=True)
         conn.executescript(SCHEMA)
         conn.execute("BEGIN")
         _migrate(conn)
         conn.execute("COMMIT")
         conn.close()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: list = []  # saves of this turn of the loop, committed at the next
+        self._in_thread = 0  # writes handed to the writer thread and not settled yet
+        self._rows = 0  # jobs saved on the loop since its last checkpoint
+        self._conn: sqlite3.Connection | None = None  # the event loop's own
         self._writer = threading.Thread(target=self._write_loop, name="distexec-db-writer", daemon=True)
         self._writer.start()
         self._local = threading.local()
@@ -233,7 +164,7 @@ class JobStore:
     def _read_conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = _connect(self.path)
+            conn = self._local.conn = connect(self.path)
         return conn
 
     def max_id(self) -> int:
@@ -268,8 +199,8 @@ class JobStore:
         """``save`` for ``jobs`` in one transaction (a batch: all of it or none of it).
 
         ``load``: jobs whose inputs the future resolves to (``inputs_many``),
-        read by the writer right after the commit: a dispatch's save and its
-        read of the inputs cost one trip to a thread, not two.
+        read right after the commit on the same connection: a dispatch's save
+        and its read of the inputs cost one step, not two.
         """
         return self._submit(("save", [_rows(job) for job in jobs], list(load)))
 
@@ -284,11 +215,45 @@ class JobStore:
     def _submit(self, op: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.put((op, loop, fut))
+        if op[0] == "prune":  # after the saves before it, which go first to keep their order
+            pending, self._pending = self._pending, []
+            self._to_thread(pending + [(op, loop, fut)])
+            return fut
+        if not self._pending:
+            loop.call_soon(self._commit_pending)
+        self._pending.append((op, loop, fut))
         return fut
 
+    def _commit_pending(self, checkpoint: bool = True) -> None:
+        group, self._pending = self._pending, []
+        if not group:
+            return
+        if self._in_thread:  # after what the thread holds, never beside it
+            self._to_thread(group)
+            return
+        if self._conn is None:
+            self._conn = connect(self.path)
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread's work, below
+        self._run(self._conn, group, inline=True)
+        self._rows += sum(len(op[1]) for op, _, _ in group)
+        if checkpoint and self._rows >= CHECKPOINT_ROWS:
+            # In the thread, with the saves that come meanwhile after it (so it completes, and the
+            # thread's next commit starts the WAL again from its beginning: it stays this size).
+            self._rows = 0
+            loop = asyncio.get_running_loop()
+            self._to_thread([(("checkpoint",), loop, loop.create_future())])
+
+    def _to_thread(self, items: list) -> None:
+        self._in_thread += len(items)
+        for item in items:
+            self._queue.put(item)
+
+    def _thread_settled(self, futs: list, err: Exception | None) -> None:
+        self._in_thread -= len(futs)
+        _settle_all(futs, err)
+
     def _write_loop(self) -> None:
-        conn = _connect(self.path)
+        conn = connect(self.path)
         while True:
             item = self._queue.get()
             if item is None:
@@ -305,15 +270,23 @@ class JobStore:
                 batch.append(nxt)
             # Saves in a row share one transaction; a prune has one of its own.
             while batch:
+                if batch[0][0][0] == "checkpoint":
+                    _, loop, fut = batch.pop(0)
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error as exc:
+                        log.warning("could not checkpoint the history's WAL: %s", exc)
+                    loop.call_soon_threadsafe(self._thread_settled, [(fut, None)], None)
+                    continue
                 if batch[0][0][0] == "prune":
                     group, batch = batch[:1], batch[1:]
                 else:
-                    n = next((i for i, b in enumerate(batch) if b[0][0] == "prune"), len(batch))
+                    n = next((i for i, b in enumerate(batch) if b[0][0] != "save"), len(batch))
                     group, batch = batch[:n], batch[n:]
                 self._run(conn, group)
         conn.close()
 
-    def _run(self, conn: sqlite3.Connection, group: list) -> None:
+    def _run(self, conn: sqlite3.Connection, group: list, inline: bool = False) -> None:
         err, result, loaded = None, None, [None] * len(group)
         try:
             conn.execute("BEGIN")
@@ -342,13 +315,13 @@ class JobStore:
                 conn.execute("PRAGMA incremental_vacuum")
             except sqlite3.Error as exc:
                 log.warning("could not hand freed pages back after pruning: %s", exc)
-        # One wake-up of each loop for the whole group, not one per future: under load a
+        settled = [(fut, result if inputs is None else inputs) for (_, _, fut), inputs in zip(group, loaded)]
+        if inline:
+            _settle_all(settled, err)
+            return
+        # One wake-up of the loop for the whole group, not one per future: under load a
         # commit settles hundreds of saves, and each wake-up is a write to the loop's pipe.
-        by_loop: dict = {}
-        for (_, loop, fut), inputs in zip(group, loaded):
-            by_loop.setdefault(loop, []).append((fut, result if inputs is None else inputs))
-        for loop, futs in by_loop.items():
-            loop.call_soon_threadsafe(_settle_all, futs, err)
+        group[0][1].call_soon_threadsafe(self._thread_settled, settled, err)
 
     # -- reads -------------------------------------------------------------
 
@@ -410,8 +383,11 @@ class JobStore:
         return await loop.run_in_executor(self._readers, self._size)
 
     def close(self) -> None:
+        self._commit_pending(checkpoint=False)  # saved in this turn: committed before the store goes
         self._queue.put(None)
         self._writer.join(timeout=10)
+        if self._conn is not None:
+            self._conn.close()
         self._readers.shutdown(wait=True)
         self.artifacts.close()
 

@@ -1,0 +1,89 @@
+"""The history's SQLite tables and triggers, and how its file and connections are opened."""
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from distexec_kernel import config
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    language TEXT NOT NULL,
+    client_id TEXT,
+    user TEXT,
+    submitted_at TEXT NOT NULL,
+    -- before data: reading it never walks the overflow pages of a big record
+    size INTEGER NOT NULL DEFAULT 0,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
+CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at);
+CREATE TABLE IF NOT EXISTS inputs (id INTEGER PRIMARY KEY, data TEXT NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- How many jobs each user has in each state, kept by triggers: a history page's
+-- total is read here, not counted over a million rows (COUNT(*) walks them all).
+-- A job with no user counts under ''.
+CREATE TABLE IF NOT EXISTS job_counts (
+    user TEXT NOT NULL, status TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (user, status)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO job_counts VALUES (COALESCE(NEW.user, ''), NEW.status, 1)
+        ON CONFLICT (user, status) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE user = COALESCE(OLD.user, '') AND status = OLD.status;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF status, user ON jobs
+    WHEN OLD.status IS NOT NEW.status OR OLD.user IS NOT NEW.user BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE user = COALESCE(OLD.user, '') AND status = OLD.status;
+    INSERT INTO job_counts VALUES (COALESCE(NEW.user, ''), NEW.status, 1)
+        ON CONFLICT (user, status) DO UPDATE SET n = n + 1;
+END;
+-- The history's size (its records and inputs, as JSON text), kept by triggers too:
+-- pruning to --keep-mb reads it at each pass, in the store's writer, where a SUM over
+-- a million rows held every commit back for half a second.
+CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+""" + "".join(f"""
+CREATE TRIGGER IF NOT EXISTS {table}_bytes_insert AFTER INSERT ON {table} BEGIN
+    UPDATE totals SET n = n + NEW.size WHERE name = 'bytes';
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_bytes_delete AFTER DELETE ON {table} BEGIN
+    UPDATE totals SET n = n - OLD.size WHERE name = 'bytes';
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_bytes_update AFTER UPDATE OF size ON {table} WHEN OLD.size != NEW.size BEGIN
+    UPDATE totals SET n = n + NEW.size - OLD.size WHERE name = 'bytes';
+END;""" for table in ("jobs", "inputs"))
+
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def connect(path: str, creating: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    if creating:
+        # Must come before anything is written; a no-op on an existing file.
+        # Lets prune hand freed pages back to the disk.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode survives a process crash; only an OS crash can
+    # lose the last commits, which is the usual trade for a history store.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def private_file(path: str) -> None:
+    """Create the database file 0600 before SQLite does (it would use the umask: 0644).
+
+    SQLite gives its -wal and -shm files the database file's mode; side files
+    left by an older version are narrowed here too.
+    """
+    config.private_dir(os.path.dirname(os.path.abspath(path)))
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, *(path + side for side in SIDE_FILES)):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,87 @@
+"""The history store's commits: on the event loop when it goes idle, and in the writer thread for
+what can wait on the disk (checkpoints, pruning), in the order the master asked for them."""
+import asyncio
+import os
+import sqlite3
+
+from distexec_kernel import protocol as P
+from master.store import CHECKPOINT_ROWS, JobStore
+
+
+def job(job_id: int, status: str = P.QUEUED, **fields) -> dict:
+    j = P.new_job(job_id, {"source": "print('x')" * 20, "language": "python", "files": {}, "args": [],
+                           "stdin": None}, client_id=None, user="alice")
+    j["status"] = status
+    j.update(fields)
+    return j
+
+
+def ids(path: str) -> list[int]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT id FROM jobs ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_the_wal_stays_small_while_the_loop_commits_job_after_job(tmp_path):
+    """The loop's connection makes no checkpoint itself; the writer thread does, every
+    CHECKPOINT_ROWS jobs. Without them the WAL grows by every page ever written (about 150 MiB here)."""
+    path = str(tmp_path / "history.sqlite3")
+
+    async def scenario() -> int:
+        store = JobStore(path)
+        try:
+            largest = 0
+            for i in range(1, 20 * CHECKPOINT_ROWS):
+                await store.save(job(i))
+                await store.save(job(i, P.SUCCEEDED, stdout="y" * 200))
+                largest = max(largest, os.stat(path + "-wal").st_size)
+            return largest
+        finally:
+            store.close()
+
+    largest = asyncio.run(scenario())
+    assert largest < 12 << 20, f"the WAL grew to {largest >> 20} MiB"
+    assert ids(path) == list(range(1, 20 * CHECKPOINT_ROWS))
+
+
+def test_saves_and_a_prune_are_committed_in_the_order_they_were_asked(tmp_path):
+    """A prune runs in the writer thread: saves asked before it in the same turn go first (it sees
+    them), saves asked while it runs go after it (it cannot delete them), and the loop never waits."""
+    path = str(tmp_path / "history.sqlite3")
+    old = "2000-01-01T00:00:00.000Z"
+
+    async def scenario() -> tuple[int, int]:
+        store = JobStore(path)
+        try:
+            await store.save_many([job(i, P.SUCCEEDED, submitted_at=old) for i in (1, 2)])
+            # Same turn: job 3 saved as terminal and old, then the prune, then job 2 saved again.
+            before = store.save(job(3, P.SUCCEEDED, submitted_at=old))
+            prune = store.prune(before="2001-01-01T00:00:00Z")
+            after = store.save(job(2, P.SUCCEEDED, submitted_at=old, stdout="again"))
+            pruned = await prune
+            await asyncio.gather(before, after)
+            # And once the thread is idle, the loop commits again.
+            await store.save(job(4))
+            got = await store.get(2)
+            return pruned, got["stdout"]
+        finally:
+            store.close()
+
+    pruned, stdout = asyncio.run(scenario())
+    assert pruned == 3  # 1, 2 and 3: job 3's save came before it
+    assert stdout == "again" and ids(path) == [2, 4]  # job 2's came after it
+
+
+def test_saves_made_in_the_last_turn_are_committed_by_close(tmp_path):
+    path = str(tmp_path / "history.sqlite3")
+
+    async def scenario() -> None:
+        store = JobStore(path)
+        await store.save(job(1))
+        store.save(job(2))  # not awaited: the master's shutdown closes the store in the same turn
+        store.close()
+
+    asyncio.run(scenario())
+    assert ids(path) == [1, 2]
