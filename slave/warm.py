@@ -218,7 +218,9 @@ class WarmRunner(Runner):
                 self._said.add(why)
                 log.info("warm pool: %s; such jobs run in a fresh process", why)
             return await self.fresh.run(job, on_output, cancel)
-        slot = self._free.pop()
+        # The slot free the longest: its next child has had the most time to be forked and isolated
+        # (the slot freed last is forking its own right now).
+        slot = self._free.pop(0)
         turn = self._next.get(slot, 0)
         self._next[slot] = 1 - turn  # the slot's next child is prepared in the other cgroup
         gone: list[asyncio.Future] = []  # the child's reaping (_run), which the slot's release awaits

@@ -143,6 +143,25 @@ def test_each_warm_job_is_a_new_process_in_a_directory_of_its_own(c):
             job.stdout.split()[:2] == ["warm", "main." + lang], job.stdout
 
 
+def test_jobs_one_after_another_take_turns_on_the_slots(c):
+    """The next job goes to the slot free the longest, whose child was forked and isolated ahead, not
+    to the slot just freed (its child is being forked then): one after another, the two uids alternate."""
+    uids = []
+    for _ in range(4):
+        job = run(c, WHERE + "import os; print(os.getuid())")
+        assert job.status == P.SUCCEEDED and job.stdout.startswith("warm\n"), job.record
+        uids.append(int(job.stdout.split()[1]))
+    assert uids[0] != uids[1] and uids == uids[:2] * 2, uids
+
+
+def test_a_jobs_main_module_is_its_own(c):
+    """What a child runs while it waits for its job (a rehearsal of the job's path, to take its page
+    copies ahead) leaves nothing in the job's __main__ and prints nothing."""
+    job = run(c, "print(sorted(k for k in globals() if not k.startswith('__')), "
+                 "__import__('sys').modules['__main__'].__dict__ is globals(), __name__)")
+    assert job.status == P.SUCCEEDED and job.stdout == "[] True __main__\n" and job.stderr == "", job.record
+
+
 def test_a_warm_programs_exit_code_and_signals_are_its_own(c):
     """A program (sh, bash, C) runs as its warm child's own child (warm_child.run_program): its exit
     code and the signal that killed it are reported as a fresh process's would be, and the signals it
