@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import resource
 import shutil
@@ -54,9 +55,13 @@ def summary(ts: list[float]) -> tuple[float, float]:
     return statistics.median(ts) * 1000, ts[max(0, int(len(ts) * 0.9) - 1)] * 1000
 
 
+_POOLS = itertools.count()
+
+
 async def runners(slots: int) -> tuple[WarmRunner, ProcessRunner]:
     limits = Limits()
-    jobdirs = JobDirs(f"bench-warm-{os.getpid()}", None, 1024)
+    # A folder per pool (warm_timeline.py --against starts two): a second under one name would fall back.
+    jobdirs = JobDirs(f"bench-warm-{os.getpid()}-{next(_POOLS)}", None, 1024)
     limits.file_size_mb = 1024
     box = best_sandbox(limits, "bwrap")
     chains = await toolchains.detect_toolchains(["python", "sh", "c"], sandbox=box, limits=limits)

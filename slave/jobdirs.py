@@ -203,6 +203,9 @@ class JobDirs:
         self._remove_leftovers(self.root, "kept for later jobs")
         try:
             os.unlink(os.path.join(self.root, LOCK_NAME))
+        except OSError:
+            pass  # a fallback folder (another slave held ours) has none: it goes all the same
+        try:
             os.rmdir(self.root)
         except OSError:
             pass
