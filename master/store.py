@@ -4,15 +4,16 @@ Saves are committed on the event loop when it goes idle: everything saved
 in one turn of the loop is one transaction ("group commit"), committed at the
 start of the next turn, with no timer adding latency and no hand-off to a
 thread and back (each a wake-up, dear on these machines: 0.5-0.8 ms of a
-trivial job's 9, docs/performance.md).  ``save`` resolves only after the commit, so the master can
-announce a change after it is durable.  A commit writes the WAL and does not
-sync it (``synchronous=NORMAL``); what can wait on the disk goes to the
-writer thread: the WAL's checkpoints (the loop's connection makes none
-itself), pruning, and any save made while one of those is in the thread, so
-that the loop never waits for the thread's lock and saves keep their order.
+trivial job's 9, docs/performance.md).  ``save`` resolves only after the
+commit, so the master can announce a change after it is durable.  A commit
+writes the WAL and does not sync it (``synchronous=NORMAL``); what can wait
+on the disk goes to the writer thread: the WAL's checkpoints (the loop's
+connection makes none itself), pruning, and any save made while one of those
+is in the thread, so that the loop never waits for the thread's lock and
+saves keep their order.
 
 Reads (history pages) run on a small thread pool with their own connections;
-WAL lets them proceed while the writer commits.
+WAL lets them proceed while a commit is written.
 
 A job's inputs (``protocol.INPUT_FIELDS``: source, files, args, stdin) live
 in a table of their own, written once with the job's first save: the master

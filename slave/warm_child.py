@@ -12,11 +12,11 @@ session; the memory+pids cgroup of the slot's next job (a slot has two, used
 in turns, so the running job's holds none of it); its own mount and IPC
 namespaces; a tmpfs of the disk limit holding its directory, /tmp, /var/tmp,
 /dev/shm and /run/lock; the cgroup tree hidden; then it rehearses the job's
-path once (_rehearse), so that its page copies are made before the job comes.  It stays root while it
-waits, so that the slot's running job (same uid as the next one) can neither
-signal nor trace it.  Given its job, it takes the slot's own uid (so
-concurrent jobs cannot signal or trace each other), no_new_privs, rlimits
-and the seccomp program the slave built; makes
+path once (_rehearse), so that its page copies are made before the job comes.
+It stays root while it waits, so that the slot's running job (same uid as
+the next one) can neither signal nor trace it.  Given its job, it takes the
+slot's own uid (so concurrent jobs cannot signal or trace each other),
+no_new_privs, rlimits and the seccomp program the slave built; makes
 and enters its 0700 directory, writes the job's files and runs the job:
 Python source in a fresh ``__main__``, anything else as its own child (spawned).
 It says the job ended on a pipe just before its process exits (``_done``).
