@@ -1,13 +1,17 @@
 """distexec against ipyparallel and Dask, in one run on one machine.
 
     .venv/bin/pip install -e '.[bench]'      # ipyparallel and dask[distributed]
-    .venv/bin/python benchmarks/vs_peers.py [--jobs 100] [--burst 1000] [--sleepers 64]
+    .venv/bin/python benchmarks/vs_peers.py [--jobs 100] [--burst 1000] [--rounds 5] [--bursts 2] [--sleepers 64]
 
 For each system, two local workers (distexec: the default configuration,
 sandbox and limits on, 2 slaves x 2 slots): time from start to the first
 result, the median latency of a trivial task run one after another, and the
 throughput of a burst of trivial tasks submitted one by one and then all
-waited for (``Cluster.submit``; ``apply_async``; ``Client.submit``).  Then
+waited for (``Cluster.submit``; ``apply_async``; ``Client.submit``).  The
+three stay up and take turns (the p50 in ``--rounds``, the burst in
+``--bursts``): on a shared machine the load drifts by a third within minutes,
+and one system's phase after another's handed that drift to one of them
+(before 2026-11-30, one run's p50 ratio swung from 0.71x to 1.13x).  Then
 distexec alone: 64 jobs sleeping 0.25 s on 2 slaves x 8 slots against the
 ideal wall time; and a cached C program's job (compiled once by the cluster,
 then run from its compile cache) against the same program compiled here and
@@ -46,32 +50,43 @@ def timed(fn, n: int) -> list[float]:
     return out
 
 
-def bench_distexec(n: int, burst: int) -> dict:
-    from distexec_kernel import Cluster
-    from distexec_kernel.local import LocalCluster
+class Distexec:
+    """A local distexec cluster (2 slaves x 2 slots, the default configuration), kept up across rounds."""
 
-    home = tempfile.mkdtemp(prefix="distexec-bench-")
-    t0 = time.perf_counter()
-    lc = LocalCluster(2, slots=2, home=home).start()
-    try:
-        with Cluster(lc.url, token=lc.token) as c:
-            c.submit("pass").wait(60)
-            start = time.perf_counter() - t0
-            lc.until_complete()  # the rest measures steady running, not the slaves' start
-            timed(lambda: c.submit("pass").wait(60), 10)
-            lat = timed(lambda: c.submit("pass").wait(60), n)
-            c.submit(C_PROGRAM, language="c").wait(120)  # compiled once, then from the compile cache
-            c_lat = timed(lambda: c.submit(C_PROGRAM, language="c").wait(60), n)
-            t1 = time.perf_counter()
-            jobs = [c.submit("pass") for _ in range(burst)]
-            for j in jobs:
-                j.wait(600)
-            rate = burst / (time.perf_counter() - t1)
-            assert all(j.status == "succeeded" for j in jobs)
-    finally:
-        lc.stop()
-        shutil.rmtree(home, ignore_errors=True)
-    return {"start": start, "lat": lat, "rate": rate, "c_lat": c_lat, "c_bare": bare_c(n)}
+    name = "distexec"
+
+    def start(self) -> float:
+        from distexec_kernel import Cluster
+        from distexec_kernel.local import LocalCluster
+
+        self.home = tempfile.mkdtemp(prefix="distexec-bench-")
+        t0 = time.perf_counter()
+        self.lc = LocalCluster(2, slots=2, home=self.home).start()
+        self.c = Cluster(self.lc.url, token=self.lc.token)
+        self.c.submit("pass").wait(60)
+        start = time.perf_counter() - t0
+        self.lc.until_complete()  # the rest measures steady running, not the slaves' start
+        return start
+
+    def trivial(self) -> None:
+        self.c.submit("pass").wait(60)
+
+    def burst(self, n: int) -> None:
+        jobs = [self.c.submit("pass") for _ in range(n)]
+        for j in jobs:
+            j.wait(600)
+        assert all(j.status == "succeeded" for j in jobs)
+
+    def cached_c(self, n: int) -> list[float]:
+        self.c.submit(C_PROGRAM, language="c").wait(120)  # compiled once, then from the compile cache
+        return timed(lambda: self.c.submit(C_PROGRAM, language="c").wait(60), n)
+
+    def close(self) -> None:
+        try:
+            self.c.close()
+            self.lc.stop()
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 C_PROGRAM = "int main(void) { return 0; }\n"
@@ -120,48 +135,94 @@ def _epoch(text: str) -> float:
     return P.parse_time(text).timestamp()
 
 
-def bench_ipyparallel(n: int, burst: int) -> dict:
-    import ipyparallel as ipp
+class Ipyparallel:
+    """Two ipyparallel engines, tasks through a load-balanced view."""
 
-    t0 = time.perf_counter()
-    cluster = ipp.Cluster(n=2, log_level=40)
-    rc = cluster.start_and_connect_sync()
-    try:
-        rc.wait_for_engines(2, timeout=120)
-        view = rc.load_balanced_view()
-        view.apply_sync(nothing)
-        start = time.perf_counter() - t0
-        timed(lambda: view.apply_sync(nothing), 10)
-        lat = timed(lambda: view.apply_sync(nothing), n)
-        t1 = time.perf_counter()
-        results = [view.apply_async(nothing) for _ in range(burst)]
-        for r in results:
+    name = "ipyparallel"
+
+    def start(self) -> float:
+        import ipyparallel as ipp
+
+        t0 = time.perf_counter()
+        self.cluster = ipp.Cluster(n=2, log_level=40)
+        self.rc = self.cluster.start_and_connect_sync()
+        self.rc.wait_for_engines(2, timeout=120)
+        self.view = self.rc.load_balanced_view()
+        self.view.apply_sync(nothing)
+        return time.perf_counter() - t0
+
+    def trivial(self) -> None:
+        self.view.apply_sync(nothing)
+
+    def burst(self, n: int) -> None:
+        for r in [self.view.apply_async(nothing) for _ in range(n)]:
             r.get(600)
-        rate = burst / (time.perf_counter() - t1)
-    finally:
-        rc.close()
-        cluster.stop_cluster_sync()
-    return {"start": start, "lat": lat, "rate": rate}
+
+    def close(self) -> None:
+        self.rc.close()
+        self.cluster.stop_cluster_sync()
 
 
-def bench_dask(n: int, burst: int) -> dict:
-    from distributed import Client, LocalCluster
+class Dask:
+    """Two Dask worker processes, one thread each."""
 
-    t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = Client(cluster)
+    name = "dask"
+
+    def start(self) -> float:
+        from distributed import Client, LocalCluster
+
+        t0 = time.perf_counter()
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        self.client = Client(self.cluster)
+        self.client.submit(nothing, pure=False).result()
+        return time.perf_counter() - t0
+
+    def trivial(self) -> None:
+        self.client.submit(nothing, pure=False).result()
+
+    def burst(self, n: int) -> None:
+        self.client.gather([self.client.submit(nothing, pure=False) for _ in range(n)])
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+def compare(systems: list, n: int, burst: int, rounds: int, bursts: int) -> dict:
+    """Each system's start; then ``rounds`` turns in which every system (in an order that rotates)
+    times ``n / rounds`` trivial tasks one after another; then ``bursts`` turns of a burst of ``burst``.
+    The machine's load drifts within a run: taking turns spreads the drift over every system, where
+    one system's phase after another's would give it to one of them."""
+    results, up = {}, []
     try:
-        client.submit(nothing, pure=False).result()
-        start = time.perf_counter() - t0
-        timed(lambda: client.submit(nothing, pure=False).result(), 10)
-        lat = timed(lambda: client.submit(nothing, pure=False).result(), n)
-        t1 = time.perf_counter()
-        client.gather([client.submit(nothing, pure=False) for _ in range(burst)])
-        rate = burst / (time.perf_counter() - t1)
+        for system in systems:  # one at a time: each starts beside the ones already up, idle
+            try:
+                results[system.name] = {"start": system.start(), "lat": [], "rounds": [], "secs": 0.0}
+            except ImportError as exc:
+                print(f"{system.name}: not installed ({exc.name}); skipped")
+                continue
+            up.append(system)
+            timed(system.trivial, 10)
+        per = max(1, n // rounds)
+        for turn in range(rounds):
+            for system in up[turn % len(up):] + up[:turn % len(up)]:
+                lat = timed(system.trivial, per)
+                results[system.name]["lat"] += lat
+                results[system.name]["rounds"].append(statistics.median(lat))
+        for turn in range(bursts):
+            for system in up[turn % len(up):] + up[:turn % len(up)]:
+                t0 = time.perf_counter()
+                system.burst(burst)
+                results[system.name]["secs"] += time.perf_counter() - t0
+        for system in up:
+            r = results[system.name]
+            r["rate"] = burst * bursts / r["secs"]
+            if hasattr(system, "cached_c"):
+                r["c_lat"], r["c_bare"] = system.cached_c(n), bare_c(n)
     finally:
-        client.close()
-        cluster.close()
-    return {"start": start, "lat": lat, "rate": rate}
+        for system in up:
+            system.close()
+    return results
 
 
 def verdict(ok: bool | None) -> str:
@@ -174,7 +235,9 @@ def targets(results: dict, sleep: dict | None) -> list[tuple[str, str, str]]:
     rows = []
     if d and ipp:
         ratio = statistics.median(d["lat"]) / statistics.median(ipp["lat"])
-        rows.append(("p50 trivial job, distexec / ipyparallel <= 0.6", f"{ratio:.2f}x", verdict(ratio <= 0.6)))
+        turns = sorted(a / b for a, b in zip(d["rounds"], ipp["rounds"]))
+        rows.append(("p50 trivial job, distexec / ipyparallel <= 0.6",
+                     f"{ratio:.2f}x (rounds {turns[0]:.2f}-{turns[-1]:.2f}x)", verdict(ratio <= 0.6)))
         ratio = d["rate"] / ipp["rate"]
         rows.append(("1,000-job throughput, distexec / ipyparallel >= 1.8", f"{ratio:.2f}x", verdict(ratio >= 1.8)))
     if d and dask:
@@ -198,18 +261,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=100, help="trivial tasks timed one after another (p50)")
     p.add_argument("--burst", type=int, default=1000, help="trivial tasks submitted one by one, then waited for")
+    p.add_argument("--rounds", type=int, default=5, help="turns the systems take at the p50 (jobs/rounds each)")
+    p.add_argument("--bursts", type=int, default=2, help="turns the systems take at the burst")
     p.add_argument("--sleepers", type=int, default=64, help="distexec jobs sleeping 0.25 s on 2 x 8 slots (0: skip)")
     p.add_argument("--only", default="distexec,ipyparallel,dask", help="systems to run, comma-separated")
     args = p.parse_args()
-    results = {}
     wanted = args.only.split(",")
-    for name, fn in (("distexec", bench_distexec), ("ipyparallel", bench_ipyparallel), ("dask", bench_dask)):
-        if name not in wanted:
-            continue
-        try:
-            results[name] = fn(args.jobs, args.burst)
-        except ImportError as exc:
-            print(f"{name}: not installed ({exc.name}); skipped")
+    systems = [cls() for cls in (Distexec, Ipyparallel, Dask) if cls.name in wanted]
+    results = compare(systems, args.jobs, args.burst, args.rounds, args.bursts)
     sleep = bench_sleepers(args.sleepers, 0.25) if args.sleepers and "distexec" in wanted else None
     base = results.get("distexec")
     print(f"\n{'system':<12} {'start->first result':>20} {'p50 trivial task':>17} {'burst jobs/s':>13}"
@@ -218,7 +277,8 @@ def main() -> None:
         p50 = statistics.median(r["lat"])
         ratio = f"{p50 / statistics.median(base['lat']):.2f}x" if base else "-"
         print(f"{name:<12} {r['start']:>18.2f} s {p50 * 1000:>14.1f} ms {r['rate']:>13.0f} {ratio:>16}")
-    print(f"\nburst: {args.burst} trivial tasks submitted one by one, then all waited for")
+    print(f"\np50: {args.rounds} rounds, the systems taking turns; burst: {args.burst} trivial tasks submitted "
+          f"one by one, then all waited for, {args.bursts} turns each")
     print("\nissue 12 targets")
     for what, measured, mark in targets(results, sleep):
         print(f"  {mark:<5} {what:<58} {measured}")
