@@ -126,7 +126,7 @@ def bench_sleepers(count: int, seconds: float, slots: int = 8) -> dict:
     # the cluster takes to start 2 x slots jobs; each job's own path (dispatch -> result, less its sleep).
     starts = sorted(_epoch(j.started_at) for j in jobs)
     path = [_epoch(j.finished_at) - _epoch(j.started_at) - seconds for j in jobs]
-    return {"wall": wall, "ideal": waves * seconds, "spread": starts[2 * slots - 1] - starts[0],
+    return {"wall": wall, "ideal": waves * seconds, "spread": starts[min(count, 2 * slots) - 1] - starts[0],
             "path": statistics.median(path)}
 
 
