@@ -47,15 +47,24 @@ WARM_UID_BASE = 60100
 # The parent is restarted after it dies, unless it died this often within RESTART_WINDOW seconds.
 MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
 EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
-# A job still running this long (seconds) has its slot's next child forked now, so that the child is
+# A job still running this long (seconds) has its slot's next child forked, so that the child is
 # isolated and waiting when the job ends (jobs ending together, say a wave of sleepers, then do not all
-# wait for forks at once).  Shorter jobs do without: a fork beside them would slow them down.
+# wait for forks at once).  Shorter jobs do without: a fork beside them would slow them down.  So would
+# a fork beside the other jobs this slave starts and ends: it waits until the slave has started or ended
+# none for as long, or until PREPARE_AHEAD_LAST after the job's start (ahead_wait).
 PREPARE_AHEAD = 0.02
+PREPARE_AHEAD_LAST = 0.1
 # Seconds for a job's process to be reaped after it said it ended (its exit takes about a millisecond;
 # longer with much memory to free), before it is killed like anything else left in its cgroup.
 GONE_WAIT = 0.2
 PIPES_CLOSE = 0.01  # seconds for a job's output pipes to close after its end, before what holds them is killed
 PROGRAMS_BYTES = 32 << 20  # compiled programs kept in memory for warm runs
+
+
+def ahead_wait(now: float, started: float, busy_at: float) -> float:
+    """Seconds a running job's slot's next child waits before it is forked (0: now), for a job that
+    started at ``started`` on a slave that last started or ended a job at ``busy_at``."""
+    return max(0.0, min(busy_at + PREPARE_AHEAD - now, started + PREPARE_AHEAD_LAST - now))
 
 
 class ChildFailed(Exception):
@@ -80,6 +89,7 @@ class WarmRunner(Runner):
         self._next: dict[int, int] = {}  # slot -> which of its two cgroups its next job uses
         self._oom: dict[int, int] = {}  # cgroup index -> its OOM count, read after its last job
         self._said: set[str] = set()
+        self._busy_at = 0.0  # when a job last started or ended here (monotonic)
         self._deaths: list[float] = []
         self._restarting: asyncio.Task | None = None
         self._starting: asyncio.Task | None = None
@@ -158,6 +168,13 @@ class WarmRunner(Runner):
         # Forked and isolated while the slot is free: the next job waits for none of it.
         if self.zygote is not None:
             self.zygote.prepare(slot, self._slot_spec(slot))
+
+    def _prepare_ahead(self, slot: int, started: float, ahead: list) -> None:
+        wait = ahead_wait(time.monotonic(), started, self._busy_at)
+        if wait > 0:
+            ahead.append(asyncio.get_running_loop().call_later(wait, self._prepare_ahead, slot, started, ahead))
+            return
+        self._prepare(slot)
 
     def describe(self) -> str:
         if self.why_off is not None:
@@ -360,7 +377,9 @@ class WarmRunner(Runner):
             for fd in (out_w, err_w) + ((stdin_r,) if stdin_w is not None else ()):
                 os.close(fd)
         gone.append(ended.gone)
-        ahead = asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare, slot)
+        self._busy_at = started
+        ahead: list[asyncio.TimerHandle] = []  # the timer forking the slot's next child, as it is moved on
+        ahead.append(asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare_ahead, slot, started, ahead))
         capture = Capture(limits.output_bytes, on_output)
         feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
         readers = [_Output(out_r, "stdout", capture), _Output(err_r, "stderr", capture)]
@@ -380,7 +399,8 @@ class WarmRunner(Runner):
                 _kill_left(cg)
                 await asyncio.wait([r.done for r in readers], timeout=DRAIN_AFTER_EXIT)
         finally:
-            ahead.cancel()
+            ahead[-1].cancel()
+            self._busy_at = time.monotonic()
             if not ended.done():
                 zygote.kill(ended)
                 cg.kill_all()

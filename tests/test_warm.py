@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from distexec_kernel import Cluster, protocol as P
-from slave.warm import WARM_UID_BASE
+from slave.warm import PREPARE_AHEAD, PREPARE_AHEAD_LAST, WARM_UID_BASE, ahead_wait
 from slave.warm_pool import _ended
 
 from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, SMALL_DISK_MB, SMALL_MAX_PROCS, SMALL_MEMORY_MB,
@@ -256,6 +256,21 @@ def test_the_child_waiting_for_a_slots_next_job_is_out_of_its_running_jobs_reach
         assert p.status() != psutil.STATUS_STOPPED
     for _ in range(2 * SLOTS):
         assert run(c, WHERE).stdout == "warm\n"
+
+
+def test_a_long_jobs_next_child_waits_for_a_quiet_slave_but_not_for_ever():
+    """When to fork a running job's slot's next child: once the slave has started or ended no job for
+    PREPARE_AHEAD (a fork would slow those down), and by PREPARE_AHEAD_LAST after the start even if it
+    never goes quiet.  (That the child is then there while the job runs: the test above.)"""
+    start, step = 1000.0, PREPARE_AHEAD
+    assert ahead_wait(start + step, start, busy_at=start) == 0  # nothing else happened since it started
+    # Another job started (or ended) 5 ms ago: wait until 20 ms after that.
+    assert ahead_wait(start + step, start, busy_at=start + step - 0.005) == pytest.approx(step - 0.005)
+    # Busy right up to the last moment: at PREPARE_AHEAD_LAST, the fork waits no longer.
+    last = start + PREPARE_AHEAD_LAST
+    assert ahead_wait(last - 0.01, start, busy_at=last - 0.011) == pytest.approx(0.01)
+    assert ahead_wait(last, start, busy_at=last - 0.001) == 0
+    assert ahead_wait(last + 1, start, busy_at=last + 1) == 0
 
 
 def test_interpreter_state_a_job_changes_does_not_reach_the_next(c):
