@@ -220,14 +220,18 @@ def part_cpu(args) -> None:
                       f"{done / (t1 - t0):.0f} jobs/s; idle master {idle * 100:.1f}% CPU (subtracted)")
                 print(f"  by thread: {thread_split(th0, th1, done)}")
                 # Pipelined submissions on the client's WebSocket, one job each.
-                n = min(1000, args.jobs)
+                n = args.pipelined
+                opened = listener._events.connections
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
                 jobs = [listener.submit("pass") for _ in range(n)]
                 for job in jobs:
                     job.id  # the master's answer
                 c1, t1 = cpu_seconds(pid), time.perf_counter()
+                # A channel dropped mid-burst (before 2026-11-30: the master's pong-only ping timeout)
+                # makes the client send every unanswered submission again.
+                dropped = listener._events.connections - opened
                 print(f"{n} single submissions pipelined on the WebSocket: {(c1 - c0) / n * 1e6:.0f} us of master "
-                      f"CPU per job ({n / (t1 - t0):.0f} jobs/s acknowledged)")
+                      f"CPU per job ({n / (t1 - t0):.0f} jobs/s acknowledged); the channel dropped {dropped} time(s)")
                 print(f"master RSS with ~{args.queued + n} queued: {rss_mib(pid):.0f} MiB")
             finally:
                 listener.close()
@@ -347,6 +351,7 @@ def main() -> int:
     p.add_argument("--profile", metavar="FILE", help="py-spy's collapsed stacks of the master while it dispatches "
                    "(and in FILE.latency, while it runs jobs one at a time)")
     p.add_argument("--skip-history", action="store_true")
+    p.add_argument("--pipelined", type=int, default=1000, help="single submissions pipelined on the WebSocket")
     p.add_argument("--latency", type=int, default=300, help="jobs run one at a time for the relay's latency (0: skip)")
     args = p.parse_args()
     if not args.skip_cpu:

@@ -38,6 +38,7 @@ class EventStream:
         self.host = host
         self.cafile = cafile
         self.client_id: str | None = None
+        self.connections = 0  # how many times the channel has been opened (welcomed): 1 unless it dropped
         self.connected = threading.Event()
         self.refused: str | None = None
         self._loop = asyncio.new_event_loop()
@@ -96,6 +97,7 @@ class EventStream:
     def _handle(self, msg: dict) -> None:
         if msg["type"] == "welcome":
             self.client_id = msg["client_id"]
+            self.connections += 1
             self.connected.set()
             if self.on_connect is not None:
                 self.on_connect(True)

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 import tornado.httpclient
 import tornado.websocket
 
-from . import protocol as P
+from . import liveness, protocol as P
 
 Connection = tornado.websocket.WebSocketClientConnection
 
@@ -48,6 +48,9 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
                          refused_401: Callable[[], str | None] | None = None) -> None:
     """Connect, ``serve`` the connection until it closes, and again, until ``stopping`` is set.
 
+    The connection is given up when nothing has come from the master for
+    ``ping_interval + ping_timeout`` seconds (``liveness``: not only a late pong).
+
     Raises ``Refused`` on a 401 (unless ``refused_401`` returns None: the
     credentials changed meanwhile, try again) and on a certificate that does
     not verify.  Everything else (refused connection, timeouts, a dropped
@@ -57,9 +60,9 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
     backoff = first
     while not stopping.is_set():
         try:
+            # Tornado pings; whether the master is still there is ours to judge, from anything it sends.
             conn = await tornado.websocket.websocket_connect(
-                make_request(), max_message_size=P.MAX_MESSAGE_BYTES,
-                ping_interval=ping_interval, ping_timeout=ping_timeout)
+                make_request(), max_message_size=P.MAX_MESSAGE_BYTES, ping_interval=ping_interval, ping_timeout=0)
         except tornado.httpclient.HTTPClientError as exc:
             if exc.code == 401:
                 message = refused_401() if refused_401 is not None else "the master refused the credentials (401)"
@@ -76,9 +79,18 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
             # Small frames that each wait for an answer: with Nagle's algorithm on
             # (tornado's default), each waited up to 40 ms for a delayed ACK.
             conn.protocol.set_nodelay(True)
+            conn.hearing = hearing = liveness.Hearing()
+            conn.on_ping = conn.on_pong = hearing.heard
+
+            def silent(seconds: float, conn=conn) -> None:
+                log.warning("nothing from the master for %.1f s: reconnecting", seconds)
+                conn.close()
+            watching = asyncio.ensure_future(liveness.watch(hearing, ping_interval, ping_interval + ping_timeout,
+                                                            silent))
             try:
                 await serve(conn)
             finally:
+                watching.cancel()
                 conn.close()
             if stopping.is_set():
                 break
@@ -97,10 +109,13 @@ async def read_frames(conn: Connection, handle: Callable[[dict], None], *, log: 
     A malformed message is logged (and passed to ``on_bad``, to answer it) and
     skipped: one bad message never ends the connection.
     """
+    hearing = getattr(conn, "hearing", None)
     while True:
         text = await conn.read_message()
         if text is None:
             return
+        if hearing is not None:
+            hearing.heard()
         for msg in P.decode_batch(text):
             if isinstance(msg, P.ProtocolError):
                 log.warning("bad message from the master: %s", msg.message)

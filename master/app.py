@@ -18,7 +18,7 @@ from .auth import UNAUTHORIZED, Auth, Identity, bearer
 from .core import Master
 from .limits import Gate, RateLimited
 from .refusals import http_status
-from .sockets import PING_INTERVAL, PING_TIMEOUT, ClientSocket, SlaveSocket, SubmitLedger
+from .sockets import PING_INTERVAL, ClientSocket, SlaveSocket, SubmitLedger
 
 log = logging.getLogger("distexec.master.app")
 
@@ -371,7 +371,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r".*", NotFoundHandler, args),
         ],
         websocket_ping_interval=PING_INTERVAL,
-        websocket_ping_timeout=PING_TIMEOUT,
+        websocket_ping_timeout=0,  # a late pong is no silence: the sockets judge (distexec_kernel/liveness.py)
         websocket_max_message_size=P.MAX_MESSAGE_BYTES,
         max_body_size=MAX_BODY_BYTES,
     )

@@ -14,7 +14,7 @@ import time
 
 import tornado.websocket
 
-from distexec_kernel import protocol as P
+from distexec_kernel import liveness, protocol as P
 
 from .auth import UNAUTHORIZED, Auth, bearer
 from .core import Master
@@ -23,8 +23,10 @@ from .refusals import http_status
 
 log = logging.getLogger("distexec.master.app")
 
-PING_INTERVAL = 2.0  # seconds; a dead peer is noticed within PING_INTERVAL + PING_TIMEOUT
-PING_TIMEOUT = 2.0  # tornado caps it at the interval
+# Seconds.  Tornado sends a ping every PING_INTERVAL; a peer from which nothing at all (a message,
+# a ping, a pong) has come for PING_INTERVAL + PING_TIMEOUT is dropped (distexec_kernel/liveness.py).
+PING_INTERVAL = 2.0
+PING_TIMEOUT = 2.0
 # A batch frame ends before it passes this many characters (a larger message goes alone):
 # far under the receivers' MAX_MESSAGE_BYTES, and a long burst is parsed a piece at a time.
 BATCH_CHARS = 256 << 10
@@ -86,6 +88,23 @@ class _Socket(tornado.websocket.WebSocketHandler):
         # parse, instead of one each per message (see docs/performance.md).
         self.batches = False
         self._outbox: list[str] = []
+        self.hearing = liveness.Hearing()
+        self._watching: asyncio.Future | None = None
+
+    def hear(self) -> None:
+        """Start judging whether the peer is still there (from ``open``)."""
+        self._watching = asyncio.ensure_future(
+            liveness.watch(self.hearing, PING_INTERVAL, PING_INTERVAL + PING_TIMEOUT, self._silent))
+
+    def _silent(self, seconds: float) -> None:
+        log.warning("%s %s: nothing for %.1f s; closing", self.__class__.__name__, self.request.remote_ip, seconds)
+        self.close(reason="nothing heard")  # not 1001: that says a slave stops for good (on_close)
+
+    def on_ping(self, data: bytes) -> None:
+        self.hearing.heard()
+
+    def on_pong(self, data: bytes) -> None:
+        self.hearing.heard()
 
     def check_origin(self, origin: str) -> bool:
         # Auth is by token, never by cookie, so cross-origin pages gain nothing.
@@ -129,6 +148,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
         self.send(P.make("error", error=P.error(code, message)))
 
     async def on_message(self, text) -> None:
+        self.hearing.heard()
         try:
             msg = P.decode(text)
         except P.ProtocolError as exc:
@@ -146,6 +166,8 @@ class _Socket(tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         self.closed = True
+        if self._watching is not None:
+            self._watching.cancel()
 
 
 class ClientSocket(_Socket):
@@ -165,6 +187,7 @@ class ClientSocket(_Socket):
 
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
+        self.hear()
         self.batches = self.get_query_argument("batch", None) == "1"
         # The host is the address this connection comes from; what the client
         # says its host is (?host=) is a label only.
@@ -269,9 +292,11 @@ class SlaveSocket(_Socket):
 
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
+        self.hear()
         self.uid: str | None = None
 
     def on_pong(self, data: bytes) -> None:
+        super().on_pong(data)
         if self.uid:
             self.master.slave_seen(self.uid)
 

@@ -141,6 +141,24 @@ def test_slave_that_drops_its_connection_and_comes_back_keeps_its_job(make_clust
         assert job.stdout == "started\ndone\n" and job.attempts == 1
 
 
+def test_a_slave_gives_up_on_a_silent_master_and_comes_back_when_it_runs_again(make_cluster, tmp_path):
+    """A master that stops sending anything (SIGSTOP: no TCP close) is noticed by its slave, which has
+    heard nothing for its PING_INTERVAL + PING_TIMEOUT (distexec_kernel/liveness.py), and reconnects
+    once the master runs again; jobs then run as before."""
+    lc = make_cluster(1, slots=1, languages="python")
+    uid = lc.slaves[0].uid
+    with connect(lc) as c:
+        assert c.submit("print(1)").wait(30).stdout == "1\n"
+        os.kill(lc.master.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: "nothing from the master for" in logs(tmp_path), 15, "the slave to notice the silence")
+        finally:
+            os.kill(lc.master.pid, signal.SIGCONT)
+        wait_for(lambda: slave_uids(c) == {uid}, 20, "the slave to register again")
+        job = c.submit("print(2)").wait(30)
+        assert job.status == P.SUCCEEDED and job.stdout == "2\n", (job.record, logs(tmp_path))
+
+
 def test_retries_run_out(make_cluster):
     """retries=1 allows one more run, not two: a second loss fails the job."""
     lc = make_cluster(2, slots=1)

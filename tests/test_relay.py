@@ -18,6 +18,9 @@ from master import auth
 from conftest import users_json, wait_for
 
 SLEEPER = "import time\ntime.sleep(60)\n"
+# Pipelined submissions that take the master longer to read through than its pings allowed for a pong
+# (2 s): with 10,000 the test failed 3 runs of 3 before the change, with 6,000 1 run of 2.
+BURST = 10000
 
 
 def request_log(c: Cluster) -> list[tuple[str, str]]:
@@ -192,6 +195,22 @@ def test_a_reconnect_mid_burst_neither_loses_nor_doubles_a_submission(make_clust
         assert [j.stdout for j in jobs] == [f"{i}\n" for i in range(12)]
         assert len({j.id for j in jobs}) == 12
         assert len(history(c)) == 13
+
+
+def test_a_long_burst_keeps_the_channel_up_and_sends_nothing_twice(make_cluster):
+    """A master working through thousands of pipelined submissions reads the client's pong behind
+    them, late: that is no silence (distexec_kernel/liveness.py).  Before, its ping timeout dropped
+    the channel mid-burst, and the client sent every unanswered submission again."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queued-per-user", "20000"])
+    with Cluster(lc.url, token=lc.token) as c:
+        blocker = c.submit(SLEEPER)  # holds the one slot: the burst stays queued, nothing runs
+        wait_for(lambda: c.job(blocker.id).status == P.RUNNING, 30, "the blocker to start")
+        events = c._events
+        opened = events.connections
+        jobs = [c.submit("pass") for _ in range(BURST)]
+        assert [j.status for j in jobs] == [P.QUEUED] * BURST  # each answered (status waits for it)
+        assert events.connections == opened, "the event channel dropped during the burst"
+        assert len({j.id for j in jobs}) == BURST
 
 
 def test_pending_submissions_fail_clearly_when_the_client_closes(make_cluster):
