@@ -127,8 +127,10 @@ class SessionBook:
         the smallest ``--max-sessions-per-user`` of the ``connected`` slaves.
         """
         key = session_of(job)
+        if key is None:  # most jobs: no walk over the slaves' caps for them
+            return None
         caps = [cap for uid, cap in self.caps.items() if uid in connected and isinstance(cap, int)]
-        if key is None or not caps:
+        if not caps:
             return None
         user, cap = key[0], min(caps)
         mine = {name for u, name in self.live if u == user}
