@@ -82,11 +82,15 @@ class Distexec:
         return timed(lambda: self.c.submit(C_PROGRAM, language="c").wait(60), n)
 
     def close(self) -> None:
+        # Also after a start that failed half-way (each close below): what it made goes.
         try:
-            self.c.close()
-            self.lc.stop()
+            if hasattr(self, "c"):
+                self.c.close()
+            if hasattr(self, "lc"):
+                self.lc.stop()
         finally:
-            shutil.rmtree(self.home, ignore_errors=True)
+            if hasattr(self, "home"):
+                shutil.rmtree(self.home, ignore_errors=True)
 
 
 C_PROGRAM = "int main(void) { return 0; }\n"
@@ -159,8 +163,10 @@ class Ipyparallel:
             r.get(600)
 
     def close(self) -> None:
-        self.rc.close()
-        self.cluster.stop_cluster_sync()
+        if hasattr(self, "rc"):
+            self.rc.close()
+        if hasattr(self, "cluster"):
+            self.cluster.stop_cluster_sync()
 
 
 class Dask:
@@ -184,8 +190,10 @@ class Dask:
         self.client.gather([self.client.submit(nothing, pure=False) for _ in range(n)])
 
     def close(self) -> None:
-        self.client.close()
-        self.cluster.close()
+        if hasattr(self, "client"):
+            self.client.close()
+        if hasattr(self, "cluster"):
+            self.cluster.close()
 
 
 def compare(systems: list, n: int, burst: int, rounds: int, bursts: int) -> dict:
@@ -197,10 +205,14 @@ def compare(systems: list, n: int, burst: int, rounds: int, bursts: int) -> dict
     try:
         for system in systems:  # one at a time: each starts beside the ones already up, idle
             try:
-                results[system.name] = {"start": system.start(), "lat": [], "rounds": [], "secs": 0.0}
-            except ImportError as exc:
+                started = system.start()
+            except ImportError as exc:  # raised before it starts anything
                 print(f"{system.name}: not installed ({exc.name}); skipped")
                 continue
+            except BaseException:
+                system.close()  # what a start that failed half-way left running
+                raise
+            results[system.name] = {"start": started, "lat": [], "rounds": [], "secs": 0.0}
             up.append(system)
             timed(system.trivial, 10)
         per = max(1, n // rounds)

@@ -90,6 +90,7 @@ class WarmRunner(Runner):
         self._oom: dict[int, int] = {}  # cgroup index -> its OOM count, read after its last job
         self._said: set[str] = set()
         self._busy_at = 0.0  # when a job last started or ended here (monotonic)
+        self._ahead: dict[int, asyncio.TimerHandle] = {}  # slot -> the timer forking its next child beside its job
         self._deaths: list[float] = []
         self._restarting: asyncio.Task | None = None
         self._starting: asyncio.Task | None = None
@@ -169,10 +170,10 @@ class WarmRunner(Runner):
         if self.zygote is not None:
             self.zygote.prepare(slot, self._slot_spec(slot))
 
-    def _prepare_ahead(self, slot: int, started: float, ahead: list) -> None:
+    def _prepare_ahead(self, slot: int, started: float) -> None:
         wait = ahead_wait(time.monotonic(), started, self._busy_at)
         if wait > 0:
-            ahead.append(asyncio.get_running_loop().call_later(wait, self._prepare_ahead, slot, started, ahead))
+            self._ahead[slot] = asyncio.get_running_loop().call_later(wait, self._prepare_ahead, slot, started)
             return
         self._prepare(slot)
 
@@ -378,8 +379,7 @@ class WarmRunner(Runner):
                 os.close(fd)
         gone.append(ended.gone)
         self._busy_at = started
-        ahead: list[asyncio.TimerHandle] = []  # the timer forking the slot's next child, as it is moved on
-        ahead.append(asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare_ahead, slot, started, ahead))
+        self._ahead[slot] = asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare_ahead, slot, started)
         capture = Capture(limits.output_bytes, on_output)
         feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
         readers = [_Output(out_r, "stdout", capture), _Output(err_r, "stderr", capture)]
@@ -399,7 +399,7 @@ class WarmRunner(Runner):
                 _kill_left(cg)
                 await asyncio.wait([r.done for r in readers], timeout=DRAIN_AFTER_EXIT)
         finally:
-            ahead[-1].cancel()
+            self._ahead.pop(slot).cancel()
             self._busy_at = time.monotonic()
             if not ended.done():
                 zygote.kill(ended)
