@@ -27,7 +27,8 @@ EXE = "main.bin"
 # off; this wrapper does, and keeps $0 and __FILE__ the script's name.
 _RUBY_SYNC = "STDOUT.sync = STDERR.sync = true; $0 = ARGV.shift; load($0)"
 # Compiled C/C++ programs block-buffer stdout on a pipe; stdbuf (coreutils)
-# makes it line-buffered so the notebook sees lines as they are printed.
+# makes it line-buffered so the notebook sees lines as they are printed (the
+# slave sets stdbuf's variables itself and skips its exec: slave/stdbuf.py).
 _LINE_BUFFERED = ("stdbuf", "-oL", "-eL")
 # A JVM that starts and compiles fast: one GC thread, the quick JIT tier.
 _FAST_JVM = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto")

@@ -23,7 +23,7 @@ import psutil
 from distexec_kernel import languages as L, protocol as P
 from distexec_kernel.procs import kill_group
 
-from . import safefs, steps
+from . import safefs, stdbuf, steps
 from .collect import collect as collect_files
 from .jobdirs import JobDir, JobDirs
 from .sandbox import Limits, Sandbox
@@ -205,7 +205,8 @@ class ProcessRunner(Runner):
             if refused is not None:
                 return refused
 
-        argv = self._argv(lang, lang.run, fields) + list(job.get("args") or [])
+        env = dict(env)
+        argv = self.run_argv(lang, fields, env) + list(job.get("args") or [])
         stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
         capture = Capture(self.limits.output_bytes, on_output)
         step = await self._step(argv, jobdir, env, stdin, job["timeout"], cancel, capture)
@@ -217,6 +218,10 @@ class ProcessRunner(Runner):
         argv = L.fill(template, fields)
         argv[0] = self.programs.get(lang.name, {}).get(argv[0], argv[0])
         return argv
+
+    def run_argv(self, lang: L.Language, fields: dict, env: dict) -> list[str]:
+        """The run step's command; ``env``, the step's own, may gain what stdbuf would set (slave/stdbuf.py)."""
+        return stdbuf.direct(self._argv(lang, lang.run, fields), env)
 
     def cache_key(self, lang: L.Language, job: dict, source_name: str, argv: list[str] | None = None) -> str:
         """The compile cache's key of this job's compile step (``argv``: its command, if made already)."""

@@ -350,14 +350,16 @@ class WarmRunner(Runner):
         modes = {}
         for name, (data, perms) in (artefacts or {}).items():  # a compiled program from the cache
             files[name], modes[name] = data, perms
+        env = dict(lang.env)
         if mode == "exec":
             fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
-            argv = fresh._argv(lang, lang.run, fields) + list(job.get("args") or [])
-            argv[0] = shutil.which(argv[0]) or argv[0]
+            argv = fresh.run_argv(lang, fields, env) + list(job.get("args") or [])
+            if "/" not in argv[0]:  # spawned, not exec'd by a shell: no PATH search of its own
+                argv[0] = shutil.which(argv[0]) or argv[0]
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
         cg = self._cg(slot, turn)
         spec = {"mode": mode, "source": job["source"], "source_name": source_name, "args": list(job.get("args") or []),
-                "argv": argv, "files": files, "env": job_env(work, dict(lang.env)),
+                "argv": argv, "files": files, "env": job_env(work, env),
                 "rlimits": rlimits(limits, timeout), "dirname": dirname, "modes": modes}
         stdin = job.get("stdin")
         stdin_r, stdin_w = os.pipe() if stdin is not None else (self._devnull, None)

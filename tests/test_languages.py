@@ -25,7 +25,7 @@ import pytest
 
 from distexec_kernel import Cluster, languages as L, protocol as P
 from distexec_kernel.local import LocalCluster
-from slave import toolchains
+from slave import stdbuf, toolchains
 from slave.compile_cache import CompileCache
 
 from conftest import module_cluster, wait_for
@@ -440,6 +440,23 @@ def test_detection_passes_over_a_toolchain_that_fails_in_a_job_environment(monke
         assert chains["ruby"].programs["ruby"] == shutil.which("ruby", path=os.environ["PATH"].split(":", 1)[1])
     # Its refusal is remembered: the second start did not ask it again.
     assert len(calls.read_text().splitlines()) == 1
+
+
+def test_stdbuf_becomes_its_preload_library_in_the_environment_or_stays(tmp_path):
+    lib = stdbuf.library("/usr/bin/stdbuf")
+    assert lib is not None and os.path.isfile(lib)  # coreutils' own, installed with it
+    env = {"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}
+    assert stdbuf.direct(["/usr/bin/stdbuf", "-oL", "-eL", "./main.bin", "x"], env) == ["./main.bin", "x"]
+    assert env == {"LD_PRELOAD": f"{lib}:/opt/other.so", "PATH": "/bin", "_STDBUF_O": "L", "_STDBUF_E": "L"}
+    # What it cannot say the same way is left to stdbuf itself, the environment untouched.
+    for argv in (["/usr/bin/stdbuf", "-o0", "./main.bin"], ["/usr/bin/stdbuf", "-oL"], ["./main.bin"]):
+        env = {}
+        assert stdbuf.direct(list(argv), env) == argv and env == {}
+    lonely = tmp_path / "bin" / "stdbuf"  # a stdbuf with no library installed beside it
+    lonely.parent.mkdir()
+    lonely.write_text("")
+    env = {}
+    assert stdbuf.direct([str(lonely), "-oL", "./main.bin"], env) == [str(lonely), "-oL", "./main.bin"] and env == {}
 
 
 def test_detection_answers_are_cached_by_binary_identity(monkeypatch, tmp_path):

@@ -640,6 +640,32 @@ def test_a_cached_compiled_program_runs_warm(c, box):
     assert crash.error["signal"] == "SIGSEGV" and crash.stdout.startswith("/run/distexec/job"), crash.record
 
 
+STREAMING_C = textwrap.dedent("""
+    #include <stdio.h>
+    #include <unistd.h>
+    int main(void) {
+        char b[4096];
+        printf("%s\\n", getcwd(b, sizeof b));
+        fprintf(stderr, "on stderr\\n");
+        sleep(60);
+        return 0;
+    }
+""")
+
+
+def test_a_cached_compiled_programs_lines_stream_while_it_runs_warm(c, box):
+    # No fflush: a C program's stdout on a pipe is line-buffered by the slave (stdbuf's library,
+    # set in the environment; slave/stdbuf.py), warm as in a fresh process.
+    for warm in (False, True):
+        job = c.submit(STREAMING_C, language="c", timeout=120)
+        # Before its end: it sleeps 60 s.
+        wait_for(lambda: job.stdout.endswith("\n") and "on stderr" in job.stderr, 30, "the first lines")
+        assert job.stdout.startswith("/run/distexec/job" if warm else os.path.join(box, "jobs")), job.stdout
+        job.cancel()
+        job.wait(30)
+        assert job.status == P.CANCELLED, job.record
+
+
 def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, lc, box):
     parent = zygote(lc)
     job = c.submit(WHERE + "import time; print('up', flush=True); time.sleep(2); print('done')", timeout=60)
