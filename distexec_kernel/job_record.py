@@ -68,11 +68,19 @@ ERROR_STATUS = {
 }
 
 
+_second: tuple[int, str] = (-1, "")  # the last second ``now`` wrote, and how: one tuple, so threads agree
+
+
 def now() -> str:
     """RFC 3339 UTC with millisecond precision, as every job time is."""
-    # As datetime's isoformat(timespec="milliseconds") would write it, in half the time.
+    # As datetime's isoformat(timespec="milliseconds") would write it; the second's part is made
+    # once per second (the master stamps several times per job, thousands of jobs a second).
+    global _second
     seconds, ns = divmod(_time.time_ns(), 1_000_000_000)
-    return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)) + ".%03dZ" % (ns // 1_000_000)
+    made = _second
+    if made[0] != seconds:
+        made = _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
+    return "%s.%03dZ" % (made[1], ns // 1_000_000)
 
 
 def parse_time(text: str | None) -> _dt.datetime | None:

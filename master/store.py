@@ -112,11 +112,12 @@ def _write(conn: sqlite3.Connection, rest: dict, inputs: dict) -> None:
 
 def _insert(conn: sqlite3.Connection, rows: list[tuple], input_rows: list[tuple]) -> None:
     # An upsert, not INSERT OR REPLACE: a replace deletes the row without firing the
-    # delete trigger (job_counts), and rewrites every index entry of it.
+    # delete trigger (job_counts), and rewrites every index entry of it.  A later save
+    # sets only what can change after a job is made: SQLite rewrites the index entries
+    # of every column an UPDATE sets, changed or not, and the others (language, client,
+    # user, submission time, group, ref) are given once, when the job is made.
     conn.executemany("INSERT INTO jobs (id, status, language, client_id, user, submitted_at, grp, ref, data, size)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
-                     " language = excluded.language, client_id = excluded.client_id, user = excluded.user,"
-                     " submitted_at = excluded.submitted_at, grp = excluded.grp, ref = excluded.ref,"
                      " data = excluded.data, size = excluded.size", rows)
     if input_rows:
         # An upsert too: a replace's delete would not fire the delete trigger (totals).

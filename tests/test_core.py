@@ -61,6 +61,19 @@ def test_hello_job_record(client, cluster):
     assert "." in job.submitted_at and job.submitted_at.endswith("Z")  # at least ms precision, UTC
 
 
+def test_job_times_are_right_across_a_seconds_end(monkeypatch):
+    # now() makes each second's text once: the millisecond after a second's end must carry the next second.
+    from datetime import datetime, timezone
+
+    from distexec_kernel import job_record
+    start = 1_796_000_000 * 10**9
+    for ns in (start + 998_700_000, start + 999_999_999, start + 1_000_000_000, start + 1_000_001_000,
+               start + 59 * 10**9 + 3_000_000, start + 999_000_000):  # and back (a clock set back)
+        monkeypatch.setattr(job_record._time, "time_ns", lambda ns=ns: ns)
+        expected = datetime.fromtimestamp(ns // 10**6 / 1000, timezone.utc).isoformat(timespec="milliseconds")
+        assert P.now() == expected.replace("+00:00", "Z")
+
+
 def test_files_and_stdin(client):
     src = "import sys\nprint(open('data.txt').read().strip(), sys.stdin.read().upper())"
     job = client.submit(src, files={"data.txt": "from a file\n"}, stdin="from stdin").wait(30)
