@@ -8,9 +8,10 @@ same trivial job N times each, taking turns of 10 jobs, and print the median and
 percentile of ``Runner.run`` (job in, outcome out), the ratio, and the CPU
 time per job (this process, the fresh jobs' processes, the warm pool's
 parent and its children: less at the mercy of the machine's load).  Jobs:
-Python ``pass``, Python printing a line, ``sh`` ``true``, and a C program
+Python ``pass``, Python printing a line, ``sh`` ``true``, a C program
 from the compile cache (the fresh runner copies it into the job's directory
-and runs it in bubblewrap; the warm one writes it into the child's tmpfs).  Also the
+and runs it in bubblewrap; the warm one writes it into the child's tmpfs), an
+empty JavaScript and Ruby program, and an empty Java class from the cache.  Also the
 throughput of two jobs in flight at once (2 slots), warm against fresh.
 
 With ``--cluster``, also a trivial Python job end to end (submit to result)
@@ -47,7 +48,8 @@ from side_by_side import trivial_job_times  # noqa: E402
 
 BLOCK = 10
 JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("sh", "true", "sh true"),
-        ("c", "int main(void) { return 0; }", "C, cached")]
+        ("c", "int main(void) { return 0; }", "C, cached"), ("javascript", "", "javascript"), ("ruby", "", "ruby"),
+        ("java", "public class Main { public static void main(String[] a) {} }", "Java, cached")]
 
 
 def summary(ts: list[float]) -> tuple[float, float]:
@@ -64,7 +66,7 @@ async def runners(slots: int) -> tuple[WarmRunner, ProcessRunner]:
     jobdirs = JobDirs(f"bench-warm-{os.getpid()}-{next(_POOLS)}", None, 1024)
     limits.file_size_mb = 1024
     box = best_sandbox(limits, "bwrap")
-    chains = await toolchains.detect_toolchains(["python", "sh", "c"], sandbox=box, limits=limits)
+    chains = await toolchains.detect_toolchains(["python", "sh", "c", "javascript", "ruby", "java"], sandbox=box, limits=limits)
     cache = CompileCache(tempfile.mkdtemp(prefix="distexec-bench-cache-"))
     fresh = ProcessRunner(box, limits, {n: tc.version for n, tc in chains.items()}, jobdirs=jobdirs,
                           programs={n: tc.programs for n, tc in chains.items()}, compile_cache=cache)

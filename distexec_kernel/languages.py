@@ -58,6 +58,11 @@ class Language:
     # Glob patterns of what the compile step makes: what the compile cache keeps.
     artefacts: tuple[str, ...] = (EXE,)
     run: tuple[str, ...] = ()
+    # Options that tell the run step's runtime the job's memory limit, put after the program's name
+    # where the runtime cannot read the limit from the job's cgroup (the warm pool's children do not
+    # show the cgroup tree): the JVM and Node size their heaps from it.  {memory_bytes} and
+    # {half_memory_mib} are filled in.
+    memory_options: tuple[str, ...] = ()
     # Extra environment for compile and run steps.
     env: tuple[tuple[str, str], ...] = ()
     # Seconds the compile step may take, apart from the job's own timeout.
@@ -183,6 +188,7 @@ LANGUAGES: dict[str, Language] = {
             compile=("javac", *(f"-J{o}" for o in _FAST_JVM), "-encoding", "UTF-8", "{source}"),
             artefacts=("*.class",),
             run=("java", "-XX:+UseSerialGC", "-Xshare:auto", "-cp", ".", "{main}"),
+            memory_options=("-XX:MaxRAM={memory_bytes}",),  # the heap it gives itself in the limit's cgroup
             # javac: "Main.java:3: error: ..." then the line and a caret under the column.
             locations=(r"^{file}:(?P<line>\d+): error:", r"^{file}:(?P<line>\d+):",
                        r"\({file}:(?P<line>\d+)\)"),
@@ -202,6 +208,7 @@ LANGUAGES: dict[str, Language] = {
             source="main.js",
             version=("node", "--version"),
             run=("node", "{source}"),
+            memory_options=("--max-old-space-size={half_memory_mib}",),  # about what it takes in the cgroup
             # "/dir/main.js:3" above a syntax error; "(/dir/main.js:3:9)" in a stack.
             locations=(r"(?:^|[\s(/]){file}:(?P<line>\d+)(?::(?P<col>\d+))?",),
             display_name="JavaScript", mimetype="text/javascript", codemirror_mode="javascript",

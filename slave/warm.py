@@ -38,9 +38,11 @@ from .warm_pool import Zygote, ZygoteDied
 
 log = logging.getLogger("distexec.slave.warm")
 
-# How each language runs in a warm child: its source exec'd in a fresh __main__, or its program spawned.
-# Compiled programs (C, C++, Go, Rust: ``_native``) run warm too, once the compile cache holds them.
-SERVED = {"python": "python", "sh": "exec", "bash": "exec"}
+# How each language runs in a warm child: its source exec'd in a fresh __main__, or its program spawned
+# (a compiled language's once the compile cache holds it).  Not PowerShell: .NET sizes its heap from
+# the cgroup tree, which a warm child does not show, and no registry here offers it to test a remedy.
+SERVED = {"python": "python", "sh": "exec", "bash": "exec", "javascript": "exec", "ruby": "exec",
+          "c": "exec", "cpp": "exec", "go": "exec", "rust": "exec", "java": "exec"}
 # Each slot's jobs run as WARM_UID_BASE + slot (uid and gid), as isolate gives each box its own uid:
 # concurrent jobs then cannot signal, trace or read each other.  Checked to be no account here.
 WARM_UID_BASE = 60100
@@ -181,8 +183,9 @@ class WarmRunner(Runner):
         if self.why_off is not None:
             return f"warm pool: off ({self.why_off}); {self.fresh.describe()}"
         uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) // 2 - 1}"
-        return (f"warm pool: {', '.join(SERVED)} jobs (and compiled programs the compile cache holds) are "
-                f"forked from a parent started once in bubblewrap, "
+        compiled = [name for name in SERVED if L.get(name).compile]
+        return (f"warm pool: {', '.join(n for n in SERVED if n not in compiled)} jobs and the "
+                f"{', '.join(compiled)} programs the compile cache holds are forked from a parent started once in bubblewrap, "
                 f"each in its own mount and IPC namespaces, tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
                 f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end; other jobs: "
                 f"{self.fresh.describe()}")
@@ -275,12 +278,10 @@ class WarmRunner(Runner):
         lang = L.get(job["language"])
         if lang is None or lang.name not in self.fresh.toolchains:
             return "a language this slave does not run"  # the fresh runner says so, as an error
-        if lang.compile and not _native(lang):
+        if lang.name not in SERVED:
             return f"language {lang.name} not served warm"
         if lang.compile and self.fresh.compile_cache is None:
             return "no compile cache (compiled programs run warm from it)"
-        if lang.name not in SERVED and not lang.compile:
-            return f"language {lang.name} not served warm"
         if job.get("collect"):
             return "jobs that collect files are not served warm"
         if self.zygote is None or self.zygote.died is not None:
@@ -354,6 +355,8 @@ class WarmRunner(Runner):
         if mode == "exec":
             fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
             argv = fresh.run_argv(lang, fields, env) + list(job.get("args") or [])
+            argv[1:1] = L.fill(lang.memory_options, {"memory_bytes": str(limits.memory_bytes),
+                                                     "half_memory_mib": str(limits.memory_bytes >> 21)})
             if "/" not in argv[0]:  # spawned, not exec'd by a shell: no PATH search of its own
                 argv[0] = shutil.which(argv[0]) or argv[0]
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT
@@ -426,12 +429,6 @@ class WarmRunner(Runner):
 
 def _bytes_of(artefacts: dict) -> int:
     return sum(len(data) for data, _ in artefacts.values())
-
-
-def _native(lang: L.Language) -> bool:
-    """A compiled language whose program is one native executable (C, C++, Go, Rust): exec'd warm.
-    Not the JVM: it sizes its heap from the cgroup tree, which a warm child does not show."""
-    return lang.artefacts == (L.EXE,) and any("{exe}" in part for part in lang.run)
 
 
 class _Output:

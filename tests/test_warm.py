@@ -43,7 +43,7 @@ def box():
 
 @pytest.fixture(scope="module")
 def lc(box):
-    cluster = small_limits_cluster(box, SLOTS, "--warm", languages="python,bash,sh,c,ruby")
+    cluster = small_limits_cluster(box, SLOTS, "--warm", languages="python,bash,sh,c,ruby,javascript,java")
     cluster.start()
     yield cluster
     cluster.stop()
@@ -109,10 +109,10 @@ def nothing_left(request, lc):
 # -- what runs where ------------------------------------------------------------------
 
 
-def test_the_slave_says_python_sh_and_bash_run_warm(c, box):
+def test_the_slave_says_which_languages_run_warm(c, box):
     text = slave_log(box)
-    assert "warm pool: python, sh, bash jobs (and compiled programs the compile cache holds) are forked from a " \
-           "parent started once in bubblewrap" in text, text
+    assert "warm pool: python, sh, bash, javascript, ruby jobs and the c, cpp, go, rust, java programs the " \
+           "compile cache holds are forked from a parent started once in bubblewrap" in text, text
     assert "parent ready" in text, text
 
 
@@ -598,11 +598,12 @@ def test_a_daemon_left_by_a_job_is_killed_when_it_ends(c, lc):
 # -- falling back to a fresh process -----------------------------------------------------------
 
 
-def test_a_language_the_pool_does_not_serve_runs_fresh_and_the_log_says_why(c, box):
-    job = run(c, "puts Dir.pwd", "ruby", timeout=60)
-    assert job.status == P.SUCCEEDED, job.record
-    assert job.stdout.startswith(os.path.join(box, "jobs")), job.stdout
-    assert "warm pool: language ruby not served warm" in slave_log(box)
+def test_a_job_the_pool_does_not_serve_runs_fresh_and_the_log_says_why(c, box):
+    # Its directory dies with a warm child: a job that collects files runs in a fresh process.
+    job = run(c, WHERE + "open('kept.txt', 'w').write('kept')", collect=["kept.txt"])
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "fresh\n"), job.record
+    assert [a["name"] for a in job.artifacts] == ["kept.txt"] and job.artifact("kept.txt") == b"kept", job.record
+    assert "warm pool: jobs that collect files are not served warm" in slave_log(box)
 
 
 C_PROGRAM = textwrap.dedent("""
@@ -664,6 +665,49 @@ def test_a_cached_compiled_programs_lines_stream_while_it_runs_warm(c, box):
         job.cancel()
         job.wait(30)
         assert job.status == P.CANCELLED, job.record
+
+
+# Where each ran, its pid and uid, and what its runtime takes as its heap's limit.
+PROBES = {
+    "javascript": ("const v8 = require('v8');\n"
+                   "console.log(process.cwd(), process.pid, process.getuid(), v8.getHeapStatistics().heap_size_limit);",
+                   None),
+    "ruby": ("puts [Dir.pwd, Process.pid, Process.uid, 0].join(' ')", None),
+    # The uid from /proc: the JDK's UnixSystem says 0 for a uid with no account (a slot's).
+    "java": ("import java.nio.file.*;\n"
+             "public class Main { public static void main(String[] a) throws Exception {\n"
+             "  String uid = Files.readAllLines(Paths.get(\"/proc/self/status\")).stream()\n"
+             "    .filter(l -> l.startsWith(\"Uid:\")).findFirst().get().split(\"\\\\s+\")[1];\n"
+             "  System.out.println(Paths.get(\"\").toAbsolutePath() + \" \" + ProcessHandle.current().pid()\n"
+             "    + \" \" + uid + \" \" + Runtime.getRuntime().maxMemory());\n"
+             "} }\n", "compiled first in a fresh process"),
+}
+
+
+@pytest.mark.parametrize("language", sorted(PROBES))
+def test_javascript_ruby_and_cached_java_run_warm_each_in_a_new_process_told_its_memory_limit(c, box, language):
+    source, first = PROBES[language]
+    runs = [run(c, source, language, timeout=120) for _ in range(3)]
+    assert all(job.status == P.SUCCEEDED for job in runs), [job.record for job in runs]
+    seen = [job.stdout.split() for job in runs]
+    if first:  # not in the compile cache yet: its first run is a fresh process's, its heap sized by the cgroup
+        assert seen[0][0].startswith(os.path.join(box, "jobs")), seen
+        fresh_heap, seen = int(seen[0][3]), seen[1:]
+    assert all(cwd.startswith("/run/distexec/job") and int(uid) in WARM_UIDS for cwd, _, uid, _ in seen), seen
+    assert len({cwd for cwd, *_ in seen}) == len(seen), seen  # a directory of its own
+    assert len({(cwd, pid) for cwd, pid, *_ in seen}) == len(seen), seen
+    heaps = {int(heap) for *_, heap in seen}
+    if language == "java":  # the heap a warm JVM gives itself is the one it gives itself in a fresh job
+        assert heaps == {fresh_heap}, (heaps, fresh_heap)
+    if language == "javascript":  # not the machine's memory: within the job's limit
+        assert all(0 < heap < SMALL_MEMORY_MB << 20 for heap in heaps), heaps
+
+
+def test_a_warm_node_that_outgrows_its_limit_ends_with_a_clear_error(c):
+    job = run(c, "const a = []; for (;;) a.push(new Array(1 << 20).fill(1.5));", "javascript", timeout=60)
+    assert job.status == P.FAILED, job.record
+    # Node's own heap limit (set from the job's) or the cgroup's: either says it was memory.
+    assert "heap out of memory" in job.stderr or job.error["code"] == P.MEMORY_LIMIT, job.record
 
 
 def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, lc, box):
