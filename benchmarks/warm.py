@@ -60,17 +60,18 @@ def summary(ts: list[float]) -> tuple[float, float]:
 _POOLS = itertools.count()
 
 
-async def runners(slots: int) -> tuple[WarmRunner, ProcessRunner]:
+async def runners(slots: int, imports: list[str] = ()) -> tuple[WarmRunner, ProcessRunner]:
     limits = Limits()
     # A folder per pool (warm_timeline.py --against starts two): a second under one name would fall back.
     jobdirs = JobDirs(f"bench-warm-{os.getpid()}-{next(_POOLS)}", None, 1024)
     limits.file_size_mb = 1024
     box = best_sandbox(limits, "bwrap")
-    chains = await toolchains.detect_toolchains(["python", "sh", "c", "javascript", "ruby", "java"], sandbox=box, limits=limits)
+    chains = await toolchains.detect_toolchains(["python", "sh", "c", "javascript", "ruby", "java"], sandbox=box,
+                                                limits=limits)
     cache = CompileCache(tempfile.mkdtemp(prefix="distexec-bench-cache-"))
     fresh = ProcessRunner(box, limits, {n: tc.version for n, tc in chains.items()}, jobdirs=jobdirs,
                           programs={n: tc.programs for n, tc in chains.items()}, compile_cache=cache)
-    warm = WarmRunner(fresh, slots)
+    warm = WarmRunner(fresh, slots, imports=list(imports))
     await warm.start()
     if warm.why_off:
         raise SystemExit(f"the warm pool is off here: {warm.why_off}")

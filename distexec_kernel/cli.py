@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8765)
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--languages", default=None)
+    sp.add_argument("--warm-imports", default=None, metavar="MODULES",
+                    help="Python modules each slave's warm pool imports once, for every Python job (e.g. numpy)")
     sp.add_argument("--db", default=None)
     sp.add_argument("--tls", action="store_true",
                     help="serve https/wss with a self-signed certificate kept in $DISTEXEC_HOME/tls")

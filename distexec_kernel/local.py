@@ -280,6 +280,7 @@ def run_local_cluster(args) -> int:
     master_args = ["--db", args.db] if args.db else []
     lc = LocalCluster(args.slaves, slots=args.slots, max_jobs=args.max_jobs, port=args.port,
                       host=args.host, languages=args.languages, master_args=master_args, stderr=None,
+                      slave_args=["--warm-imports", args.warm_imports] if getattr(args, "warm_imports", None) else [],
                       tls=getattr(args, "tls", False))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

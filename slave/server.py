@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -62,8 +63,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None,
                    help="run python, sh and bash jobs forked from a warm parent, each still fresh, isolated and "
                         "limited (default: on with the bubblewrap sandbox); see docs/sandbox.md")
+    p.add_argument("--warm-imports", type=module_names, default=[], metavar="MODULES",
+                   help="Python modules the warm pool imports once, for every Python job to find imported "
+                        "(comma-separated, e.g. numpy,pandas; default none); see docs/sandbox.md")
     p.add_argument("--compile-cache", type=int, default=256, metavar="MiB",
                    help="compiled programs kept under $DISTEXEC_HOME/cache/compile (default 256; 0: none)")
+
+
+def module_names(text: str) -> list[str]:
+    """``--warm-imports``: comma-separated dotted module names (nothing else reaches an import)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name, re.ASCII)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not a module name: {', '.join(map(repr, bad))}")
+    return list(dict.fromkeys(names))
 
 
 _uid_lock = None  # kept open for the life of the process: the lock is the claim
@@ -134,7 +147,7 @@ async def start(args: argparse.Namespace) -> Slave:
     if args.warm or (args.warm is None and isinstance(sandbox, BwrapSandbox)):
         # Python, sh and bash jobs forked from a parent started once; the rest (and all, should it fail) fresh.
         # Started while the slave connects and registers: a job that comes first waits for it.
-        runner = warm = WarmRunner(runner, slots)
+        runner = warm = WarmRunner(runner, slots, imports=args.warm_imports)
         warm.start_soon()
     if "python" in found:
         # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).

@@ -14,7 +14,6 @@ warm job can and cannot do; docs/performance.md ("Warm pool") what it costs.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
 import logging
 import marshal
@@ -25,12 +24,12 @@ import signal
 import time
 
 from distexec_kernel import languages as L, protocol as P
-from distexec_kernel.procs import write_all
 
 from . import steps
 from .bwrap import WARM_ROOT, BwrapSandbox
+from .job_pipes import OutputPipe, feed
 from .jobdirs import BYTES_PER_INODE, quota_full
-from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, READ_CHUNK, Capture, Outcome, OutputCallback, ProcessRunner,
+from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, Capture, Outcome, OutputCallback, ProcessRunner,
                      Runner, StepResult, disk_error, hit_disk_limit, run_outcome)
 from .sandbox import job_env, rlimits
 from .seccomp import program_bytes
@@ -74,11 +73,12 @@ class ChildFailed(Exception):
 
 
 class WarmRunner(Runner):
-    """Python, sh and bash jobs forked from a warm parent; everything else to ``fresh``."""
+    """The jobs of SERVED forked from a warm parent; everything else to ``fresh``."""
 
-    def __init__(self, fresh: ProcessRunner, slots: int):
+    def __init__(self, fresh: ProcessRunner, slots: int, imports: list[str] | tuple = ()):
         self.fresh = fresh
         self.slots = max(1, slots)
+        self.imports = list(imports)  # modules imported once in the parent, for every Python job
         self.why_off: str | None = None  # the pool is off for good, and why
         self.zygote: Zygote | None = None
         self.cgroups: list = []
@@ -148,8 +148,20 @@ class WarmRunner(Runner):
         dirs = [path for cg in self.cgroups for path in cg.paths.values()]
         zygote = Zygote(lambda command: box.zygote_argv(command, self.fresh.jobdirs.root, dirs, limits), python,
                         job_env(WARM_ROOT, dict(L.get("python").env)),
-                        {"root": WARM_ROOT, "seccomp": program_bytes().hex() if box.seccomp else ""})
-        await zygote.start()
+                        {"root": WARM_ROOT, "seccomp": program_bytes().hex() if box.seccomp else "",
+                         "imports": self.imports})
+        try:
+            await zygote.start()
+        except OSError as exc:
+            if not self.imports:
+                raise
+            log.error("warm pool: %s; it starts again without --warm-imports", exc)
+            self.imports = []
+            return await self._start_zygote()
+        for refused in zygote.refused:
+            name, _, why = refused.partition(" ")
+            self.imports = [n for n in self.imports if n != name]
+            log.warning("warm pool: --warm-imports %s not imported (%s); jobs import it themselves", name, why)
         self.zygote = zygote
         for slot in self._free:
             self._prepare(slot)
@@ -185,9 +197,12 @@ class WarmRunner(Runner):
         uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) // 2 - 1}"
         compiled = [name for name in SERVED if L.get(name).compile]
         return (f"warm pool: {', '.join(n for n in SERVED if n not in compiled)} jobs and the "
-                f"{', '.join(compiled)} programs the compile cache holds are forked from a parent started once in bubblewrap, "
+                f"{', '.join(compiled)} programs the compile cache holds are forked from a parent started once "
+                f"in bubblewrap, "
                 f"each in its own mount and IPC namespaces, tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
-                f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end; other jobs: "
+                f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end"
+                f"{'; imported once for every Python job: ' + ', '.join(self.imports) if self.imports else ''}"
+                f"; other jobs: "
                 f"{self.fresh.describe()}")
 
     async def close(self) -> None:
@@ -386,8 +401,8 @@ class WarmRunner(Runner):
         self._busy_at = started
         self._ahead[slot] = asyncio.get_running_loop().call_later(PREPARE_AHEAD, self._prepare_ahead, slot, started)
         capture = Capture(limits.output_bytes, on_output)
-        feeder = asyncio.ensure_future(asyncio.to_thread(_feed, stdin_w, stdin.encode())) if stdin_w else None
-        readers = [_Output(out_r, "stdout", capture), _Output(err_r, "stderr", capture)]
+        feeder = asyncio.ensure_future(asyncio.to_thread(feed, stdin_w, stdin.encode())) if stdin_w else None
+        readers = [OutputPipe(out_r, "stdout", capture), OutputPipe(err_r, "stderr", capture)]
         try:
             reason = await steps.supervise(ended, cancel, started + timeout, over=lambda: capture.over)
             if reason is not None:
@@ -431,41 +446,6 @@ def _bytes_of(artefacts: dict) -> int:
     return sum(len(data) for data, _ in artefacts.values())
 
 
-class _Output:
-    """One of the job's output pipes, read straight from the event loop into ``capture`` (no transport,
-    stream reader and task per pipe: a warm job is short, and those cost more than it)."""
-
-    def __init__(self, fd: int, stream: str, capture: Capture):
-        self.fd, self.stream, self.capture = fd, stream, capture
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.loop = asyncio.get_running_loop()
-        self.done = self.loop.create_future()  # set at EOF
-        os.set_blocking(fd, False)
-        self.loop.add_reader(fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.capture.feed(self.stream, self.decoder.decode(data), len(data))
-            return
-        tail = self.decoder.decode(b"", final=True)
-        if tail:
-            self.capture.feed(self.stream, tail, len(tail.encode()))
-        self.close()
-        self.done.set_result(None)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-
-
 def _kill_left(cg) -> bool:
     """Kill what is left in the slot's cgroup; False when it is empty (one read: every process of a
     job is in each of the slot's cgroups, so one controller's list is enough)."""
@@ -481,13 +461,3 @@ def _kill_left(cg) -> bool:
         except ProcessLookupError:
             pass
     return bool(pids)
-
-
-def _feed(fd: int, data: bytes) -> None:
-    """The job's stdin, on a thread: a program that never reads it blocks only this thread."""
-    try:
-        write_all(fd, data)
-    except OSError:
-        pass  # it did not read all of its input: its business
-    finally:
-        os.close(fd)

@@ -57,6 +57,7 @@ class Zygote:
         self._pending: dict[int, asyncio.Future] = {}
         self._gone: dict[int, asyncio.Future] = {}
         self._ready: asyncio.Future | None = None
+        self.refused: list[str] = []  # "MODULE WHY" for each module it was to import and could not
         self._next = 0
 
     async def start(self) -> None:
@@ -164,6 +165,8 @@ class Zygote:
             if text.startswith(("ready ", "error ")):
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(text)
+            elif text.startswith("refused "):
+                self.refused.append(text[len("refused "):])
             elif text.startswith(("exit ", "gone ")):
                 exit = text.startswith("exit ")
                 try:

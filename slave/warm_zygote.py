@@ -15,7 +15,8 @@ Protocol on FD (a SOCK_SEQPACKET socket, one message each):
        {"op": "run", "id": N, "slot": S} with SCM_RIGHTS [spec (memfd, a marshal dump), stdin, stdout, stderr]:
        hand the job to slot S's waiting child (forked now if there is none)
        {"op": "kill", "id": N}
-  out (ASCII words, parsed by the slave without eval or unmarshal): "ready PID" once, or "error WHY";
+  out (ASCII words, parsed by the slave without eval or unmarshal): "ready PID" once, or "error WHY"
+       (before it, "refused MODULE WHY" for each of the modules to import that failed);
        "exit N CODE|- BYTES,INODES,FREE_INODES|- DISK(0|1) WHY-IT-COULD-NOT-START(or empty)": the job has
        ended (a Python job says so itself, just before its process exits; anything else, when it is reaped);
        "gone N": its process has been reaped, after its "exit" (the slot's cgroup can be checked then)
@@ -44,6 +45,7 @@ class Zygote:
         self.watched = {}  # fd -> pid: a running job's status socket, until its EOF; a Python job's "done" pipe
         self.slots = {}  # slot -> what its children need before their job (uid, cgroups, disk)
         self.spares = {}  # slot -> (pid, status socket): a child isolated ahead, waiting for its job
+        self.imports = config.get("imports") or []  # modules every Python job finds imported (--warm-imports)
 
     def setup(self):
         # Orphans of a job (a daemon it left) come to us, not to bwrap's init: reaped here.
@@ -53,6 +55,7 @@ class Zygote:
         os.makedirs(self.root, 0o755, exist_ok=True)
         # The parser's and the AST types' first use is dear; paid here once, not in every child.
         compile("pass", "<warm>", "exec")
+        self.refused = _preload(self.imports)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -67,6 +70,8 @@ class Zygote:
             pass  # the slave is gone: the next recv sees EOF
 
     def serve(self):
+        for name, why in self.refused:
+            self.send("refused", name, why)
         self.send("ready", os.getpid())
         while True:
             try:
@@ -243,6 +248,28 @@ class Zygote:
                 os.close(job.tmpfs)
                 job.tmpfs = None
         self.send("exit", job.id, code, ",".join(map(str, free)) if free else "-", int(job.disk), job.error or "")
+
+
+def _preload(names):
+    """Import ``names`` once for every job: each child has them in sys.modules from its start, their
+    pages shared copy-on-write with this process and its other children, so what a job changes in one
+    reaches no other job.  Returns [(name, why)] for those that failed (the rest are served); raises
+    OSError if they started a thread, which a fork would not copy into the children."""
+    refused = []
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p]  # not this process's current directory, whatever it holds
+    try:
+        for name in names:
+            try:
+                __import__(name)
+            except BaseException as exc:  # not there, or broken: the pool serves without it
+                refused.append((name, f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]))
+    finally:
+        sys.path[:] = saved
+    threads = len(os.listdir("/proc/self/task"))
+    if threads > 1:
+        raise OSError(f"importing {', '.join(names)} started {threads - 1} thread(s), which no child would have")
+    return refused
 
 
 class _Job:

@@ -479,7 +479,8 @@ def test_cli_errors_are_one_line(cluster, tmp_path, monkeypatch):
 
 def test_distexec_up_starts_and_stops_everything(home):
     proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "up", "--slaves", "2", "--port", "0",
-                             "--slots", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             "--slots", "1", "--warm-imports", "decimal"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = ""
         deadline = time.monotonic() + 60
@@ -496,7 +497,8 @@ def test_distexec_up_starts_and_stops_everything(home):
             assert info["token"] not in cmdline and info["slave_secret"] not in cmdline
         with Cluster() as c:  # found through the connection file
             assert len(c.slaves()) == 2
-            assert c.submit("print('up')").wait(30).stdout == "up\n"
+            # decimal imported by the slaves' warm pools (--warm-imports), not by the job
+            assert c.submit("import sys; print('up', 'decimal' in sys.modules)").wait(30).stdout == "up True\n"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         gone, alive = psutil.wait_procs(children, timeout=10)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import textwrap
 
@@ -732,6 +734,57 @@ def test_no_warm_runs_every_job_fresh(make_cluster):
     with Cluster(other.url, token=other.token) as client:
         job = run(client, WHERE)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "fresh\n"), job.record
+
+
+def test_modules_the_pool_imports_once_are_in_each_job_and_what_a_job_changes_in_them_stays_its_own(
+        make_cluster, tmp_path):
+    # decimal is imported by nothing else at a Python job's start: here only because the pool did.
+    other = make_cluster(1, slots=1, languages="python",
+                         slave_args=["--warm-imports", "decimal,json,no_such_module_here"])
+    log = (tmp_path / "logs" / "slave-1.log").read_text()
+    assert "imported once for every Python job: decimal, json;" in log, log
+    assert "--warm-imports no_such_module_here not imported (ModuleNotFoundError" in log, log
+    with Cluster(other.url, token=other.token) as client:
+        first = run(client, WHERE + textwrap.dedent("""
+            import sys
+            print('decimal' in sys.modules, 'json' in sys.modules)
+            import decimal, json
+            json.dumps = lambda *a, **k: 'tampered'
+            decimal.getcontext().prec = 3
+            decimal.MARK = 'left by the first job'
+        """))
+        assert (first.status, first.stdout) == (P.SUCCEEDED, "warm\nTrue True\n"), first.record
+        second = run(client, WHERE + textwrap.dedent("""
+            import decimal, json
+            print(json.dumps([1]), decimal.getcontext().prec, hasattr(decimal, 'MARK'))
+        """))
+        assert (second.status, second.stdout) == (P.SUCCEEDED, "warm\n[1] 28 False\n"), second.record
+
+
+def test_an_import_that_starts_a_thread_is_refused_and_the_current_directory_is_not_searched(tmp_path):
+    # The parent's own import step (slave/warm_zygote.py), run on its own: a fork copies only the
+    # thread that forks, so a module that starts one cannot be shared with the children.
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "threaded.py").write_text("import threading, time\n"
+                                         "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    (tmp_path / "planted.py").write_text("raise SystemExit('imported from the current directory')\n")
+    probe = textwrap.dedent("""
+        import sys
+        from slave.warm_zygote import _preload
+        print(_preload(['planted', 'json']))
+        sys.path.append(sys.argv[1])
+        try:
+            _preload(['threaded'])
+        except OSError as exc:
+            print(exc)
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "mods")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": repo})
+    assert out.returncode == 0, out.stderr
+    refused, why = out.stdout.splitlines()
+    assert refused == "[('planted', \"ModuleNotFoundError: No module named 'planted'\")]", out.stdout
+    assert why == "importing threaded started 1 thread(s), which no child would have", out.stdout
 
 
 def test_a_job_sent_as_soon_as_the_slave_registers_waits_for_the_warm_pool(make_cluster, tmp_path):
