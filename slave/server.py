@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=DEFAULT_TTL, metavar="S",
                    help=f"seconds an idle Python session (--session) lives (default {DEFAULT_TTL:g})")
     p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None,
-                   help="run python, sh and bash jobs forked from a warm parent, each still fresh, isolated and "
-                        "limited (default: on with the bubblewrap sandbox); see docs/sandbox.md")
+                   help="run python, sh, bash, javascript and ruby jobs and cached compiled programs forked from a "
+                        "warm parent, each still fresh, isolated and limited (default: on with the bubblewrap "
+                        "sandbox); see docs/sandbox.md")
     p.add_argument("--warm-imports", type=module_names, default=[], metavar="MODULES",
                    help="Python modules the warm pool imports once, for every Python job to find imported "
                         "(comma-separated, e.g. numpy,pandas; default none); see docs/sandbox.md")
@@ -145,7 +146,7 @@ async def start(args: argparse.Namespace) -> Slave:
     slots = args.slots or os.cpu_count() or 1
     warm = None
     if args.warm or (args.warm is None and isinstance(sandbox, BwrapSandbox)):
-        # Python, sh and bash jobs forked from a parent started once; the rest (and all, should it fail) fresh.
+        # The pool's languages forked from a parent started once; the rest (and all, should it fail) fresh.
         # Started while the slave connects and registers: a job that comes first waits for it.
         runner = warm = WarmRunner(runner, slots, imports=args.warm_imports)
         warm.start_soon()
