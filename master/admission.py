@@ -39,13 +39,14 @@ class Admission:
         # submission is refused, not queued (see queue_room).  None: no cap.
         self.max_queue = max_queue
         self.max_queued_per_user = max_queued_per_user
-        # Slaves that ran jobs before this start, with their languages, and a
-        # wake-up for submissions waiting on them (see await_returning_slaves).
+        # Slaves expected back, with their languages and until when (loop time), and a wake-up
+        # for submissions waiting on them (see await_returning_slaves): those that ran jobs before
+        # this start, and any that drops its connection without saying it stops (expect_back).
         self._expected: dict[str, set[str]] = {}
         for job in store.recent(REJOIN_HISTORY):
             if job.get("slave_uid"):
                 self._expected.setdefault(job["slave_uid"], set()).add(job["language"])
-        self._rejoin_until = 0.0
+        self._until: dict[str, float] = {}
         self._joined: asyncio.Event | None = None
         # Jobs queued for a language no slave offered, while a slave was still
         # detecting its toolchains: job id -> language (see rejection, unplaceable).
@@ -53,7 +54,14 @@ class Admission:
 
     def start(self, lost_grace: float) -> None:
         """Open the rejoin window; call with the loop running."""
-        self._rejoin_until = asyncio.get_running_loop().time() + min(lost_grace, REJOIN_WINDOW)
+        until = asyncio.get_running_loop().time() + min(lost_grace, REJOIN_WINDOW)
+        self._until = dict.fromkeys(self._expected, until)
+
+    def expect_back(self, uid: str, languages: Collection[str], within: float) -> None:
+        """``uid`` dropped its connection without saying it stops: for ``within`` seconds, a
+        submission for a language only it offered waits for it instead of being refused."""
+        self._expected[uid] = set(languages)
+        self._until[uid] = asyncio.get_running_loop().time() + min(within, REJOIN_WINDOW)
 
     def slave_joined(self) -> None:
         """Wake the submissions waiting for returning slaves, to look again."""
@@ -62,19 +70,24 @@ class Admission:
             self._joined = None
 
     async def await_returning_slaves(self, language: str, connected: Collection[str]) -> None:
-        """Right after a restart, give the slaves that ran ``language`` a moment to reconnect.
+        """Give the slaves expected back that ran ``language`` a moment to reconnect.
 
-        Without this, a submission that arrives between a master restart and
-        its slaves' return would be rejected as unsupported.  Bounded by
-        REJOIN_WINDOW; a master with no history never waits.
+        Without this, a submission that arrives between a master restart (or a
+        slave's dropped connection) and the slaves' return would be rejected as
+        unsupported.  Bounded by REJOIN_WINDOW; a master with no history and no
+        dropped slave never waits.
         """
         loop = asyncio.get_running_loop()
-        while (not self.scheduler.can_run(language) and loop.time() < self._rejoin_until
-               and any(language in langs and uid not in connected for uid, langs in self._expected.items())):
+        while not self.scheduler.can_run(language):
+            now = loop.time()
+            until = max((self._until.get(uid, 0.0) for uid, langs in self._expected.items()
+                         if language in langs and uid not in connected), default=0.0)
+            if until <= now:
+                return
             if self._joined is None:
                 self._joined = asyncio.Event()
             try:
-                await asyncio.wait_for(self._joined.wait(), self._rejoin_until - loop.time())
+                await asyncio.wait_for(self._joined.wait(), until - now)
             except asyncio.TimeoutError:
                 return
 

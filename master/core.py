@@ -314,6 +314,8 @@ class Master:
             return
         del self.slaves[uid]
         grace = min(self.lost_grace, RECONNECT_GRACE)
+        if not leaving:
+            self.admission.expect_back(uid, [lang["name"] for lang in info.languages], grace)
         self._carry(self.jobs.slave_lost(uid, leaving, grace))
         if not self.jobs.stopping and uid in self.scheduler.session_slave.values():
             # Its sessions wait as long as its jobs do (their next jobs stay

@@ -154,9 +154,38 @@ def test_a_slave_gives_up_on_a_silent_master_and_comes_back_when_it_runs_again(m
             wait_for(lambda: "nothing from the master for" in logs(tmp_path), 15, "the slave to notice the silence")
         finally:
             os.kill(lc.master.pid, signal.SIGCONT)
-        wait_for(lambda: slave_uids(c) == {uid}, 20, "the slave to register again")
+        # Submitted at once: the master may still list the slave's old connection, or have dropped it
+        # before the slave is back; either way the job waits for the slave and runs.
         job = c.submit("print(2)").wait(30)
         assert job.status == P.SUCCEEDED and job.stdout == "2\n", (job.record, logs(tmp_path))
+        wait_for(lambda: logs(tmp_path).count("registered with") >= 2, 20, "the slave to register again")
+        assert slave_uids(c) == {uid}
+
+
+def test_a_job_for_a_slave_that_dropped_its_connection_waits_for_it_a_while(make_cluster):
+    """A slave cut off (the master drops it) without saying it stops is expected back: a job for a
+    language only it runs waits for it, not refused at once; if it stays away, the refusal comes."""
+    lc = make_cluster(1, slots=1, languages="python")
+    slave = lc.slaves[0]
+    with connect(lc) as c:
+        os.kill(slave.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: not c.slaves(), 15, "the master to drop the silent slave")
+            job = c.submit("print('waited')")  # pipelined: the master holds it while the slave is away
+        finally:
+            os.kill(slave.pid, signal.SIGCONT)
+        job.wait(30)
+        assert (job.status, job.stdout) == (P.SUCCEEDED, "waited\n"), job.record
+        os.kill(slave.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: not c.slaves(), 15, "the master to drop the silent slave again")
+            t0 = time.monotonic()
+            refused = c.submit("print('nobody')").wait(30)
+            waited = time.monotonic() - t0
+        finally:
+            os.kill(slave.pid, signal.SIGCONT)
+        assert refused.status == P.REJECTED and refused.error["code"] == P.UNSUPPORTED_LANGUAGE, refused.record
+        assert 1.0 < waited < 10, f"refused after {waited:.1f} s"  # waited for it, but not for ever
 
 
 def test_retries_run_out(make_cluster):
