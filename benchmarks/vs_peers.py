@@ -175,9 +175,13 @@ class Dask:
     name = "dask"
 
     def start(self) -> float:
+        import dask
         from distributed import Client, LocalCluster
 
         t0 = time.perf_counter()
+        # Its scheduler's and workers' scratch space (dask-scratch-space), removed at close.
+        self.scratch = tempfile.mkdtemp(prefix="distexec-bench-dask-")
+        dask.config.set({"temporary-directory": self.scratch})
         self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
         self.client = Client(self.cluster)
         self.client.submit(nothing, pure=False).result()
@@ -190,10 +194,14 @@ class Dask:
         self.client.gather([self.client.submit(nothing, pure=False) for _ in range(n)])
 
     def close(self) -> None:
-        if hasattr(self, "client"):
-            self.client.close()
-        if hasattr(self, "cluster"):
-            self.cluster.close()
+        try:
+            if hasattr(self, "client"):
+                self.client.close()
+            if hasattr(self, "cluster"):
+                self.cluster.close()
+        finally:
+            if hasattr(self, "scratch"):
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def compare(systems: list, n: int, burst: int, rounds: int, bursts: int) -> dict:

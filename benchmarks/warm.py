@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import itertools
 import os
 import resource
@@ -68,7 +69,9 @@ async def runners(slots: int, imports: list[str] = ()) -> tuple[WarmRunner, Proc
     box = best_sandbox(limits, "bwrap")
     chains = await toolchains.detect_toolchains(["python", "sh", "c", "javascript", "ruby", "java"], sandbox=box,
                                                 limits=limits)
-    cache = CompileCache(tempfile.mkdtemp(prefix="distexec-bench-cache-"))
+    cache_dir = tempfile.mkdtemp(prefix="distexec-bench-cache-")
+    atexit.register(shutil.rmtree, cache_dir, True)  # the pools' compile cache goes with this process
+    cache = CompileCache(cache_dir)
     fresh = ProcessRunner(box, limits, {n: tc.version for n, tc in chains.items()}, jobdirs=jobdirs,
                           programs={n: tc.programs for n, tc in chains.items()}, compile_cache=cache)
     warm = WarmRunner(fresh, slots, imports=list(imports))
