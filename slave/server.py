@@ -150,6 +150,9 @@ async def start(args: argparse.Namespace) -> Slave:
         # Started while the slave connects and registers: a job that comes first waits for it.
         runner = warm = WarmRunner(runner, slots, imports=args.warm_imports)
         warm.start_soon()
+    elif args.warm_imports:
+        log.warning("--warm-imports %s ignored: no warm pool here (%s); each job imports for itself",
+                    ",".join(args.warm_imports), "--no-warm" if args.warm is False else "no bubblewrap sandbox")
     if "python" in found:
         # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).
         runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,

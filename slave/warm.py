@@ -370,8 +370,9 @@ class WarmRunner(Runner):
         if mode == "exec":
             fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
             argv = fresh.run_argv(lang, fields, env) + list(job.get("args") or [])
-            argv[1:1] = L.fill(lang.memory_options, {"memory_bytes": str(limits.memory_bytes),
-                                                     "half_memory_mib": str(limits.memory_bytes >> 21)})
+            if lang.memory_options:
+                argv[1:1] = L.fill(lang.memory_options, {"memory_bytes": str(limits.memory_bytes),
+                                                         "half_memory_mib": str(limits.memory_bytes >> 21)})
             if "/" not in argv[0]:  # spawned, not exec'd by a shell: no PATH search of its own
                 argv[0] = shutil.which(argv[0]) or argv[0]
         timeout = job.get("timeout") or P.DEFAULT_TIMEOUT

@@ -729,11 +729,14 @@ def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, l
              30, "a new parent")
 
 
-def test_no_warm_runs_every_job_fresh(make_cluster):
-    other = make_cluster(1, slots=1, languages="python", slave_args=["--no-warm"])
+def test_no_warm_runs_every_job_fresh(make_cluster, tmp_path):
+    other = make_cluster(1, slots=1, languages="python", slave_args=["--no-warm", "--warm-imports", "decimal"])
     with Cluster(other.url, token=other.token) as client:
         job = run(client, WHERE)
     assert (job.status, job.stdout) == (P.SUCCEEDED, "fresh\n"), job.record
+    # Asked for imports it has no pool for: said, not silently dropped.
+    assert "--warm-imports decimal ignored: no warm pool here (--no-warm)" in \
+        (tmp_path / "logs" / "slave-1.log").read_text()
 
 
 def test_modules_the_pool_imports_once_are_in_each_job_and_what_a_job_changes_in_them_stays_its_own(
