@@ -90,7 +90,6 @@ def stable_uid() -> str:
     lock on its file, so the next slave started on the host takes the next one.
     """
     global _uid_lock
-    os.makedirs(config.home(), exist_ok=True)
     n = 0
     while True:
         path = os.path.join(config.home(), f"slave-{n}.uid")
@@ -114,6 +113,9 @@ async def start(args: argparse.Namespace) -> Slave:
     if not endpoint.slave_secret:
         raise config.ConnectionConfigError("no slave secret: give --secret or DISTEXEC_SLAVE_SECRET")
     only = [x for x in args.languages.split(",") if x.strip()] if args.languages else None
+    # Private before anything is put there (the compile cache holds users' programs), also on a
+    # host that runs slaves only: no master made it 0700 there.
+    config.ensure_home()
     uid = args.uid or stable_uid()
     # Its own folder, cleared of what an earlier run of this slave left (jobdirs.py).
     jobdirs = JobDirs(uid, args.workdir, args.disk_limit)

@@ -160,3 +160,17 @@ def test_pruning_a_job_deletes_its_collected_files(make_cluster, home):
         assert os.path.isdir(folder)
         assert c.prune(before="2999-01-01") >= 1
         wait_for(lambda: not os.path.exists(folder), 15, "the pruned job's files to go")
+
+
+def test_a_slave_alone_on_its_host_makes_its_home_private(make_cluster, tmp_path):
+    # No master ever ran on this host: the slave is the first to make $DISTEXEC_HOME, and the
+    # compile cache it keeps there holds users' programs.
+    lc = make_cluster(0, slots=1, languages="c")
+    home = tmp_path / "slave-host" / "home"
+    lc.home = str(home)  # the slave's environment is made from it (LocalCluster._env)
+    lc.start_slave()
+    with Cluster(lc.url, token=lc.token) as c:
+        job = c.submit('#include <stdio.h>\nint main(void) { puts("mine"); return 0; }', language="c").wait(60)
+    assert job.status == P.SUCCEEDED and job.stdout == "mine\n"
+    assert mode(home) == 0o700
+    assert [p for p in (home / "cache" / "compile").rglob("*") if p.is_file()]  # the program is kept in there
