@@ -170,12 +170,35 @@ def _each_args(path: str) -> list[list[str]]:
     out = []
     for number, line in enumerate(lines, 1):
         try:
-            words = shlex.split(line, comments=True)
+            words = shlex.split(_uncommented(line))
         except ValueError as exc:
             raise SystemExit(f"distexec: {path}, line {number}: {exc}")
         if words:
             out.append(words)
     return out
+
+
+def _uncommented(line: str) -> str:
+    """``line`` without its comment: as in a shell, a ``#`` starts one only at the start of a word,
+    outside quotes (shlex's ``comments=True`` takes ``a#b`` for ``a`` and a comment)."""
+    quote, escaped, word_start = None, False, True
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped = word_start = False
+        elif quote == "'":
+            quote = None if ch == "'" else quote
+        elif quote == '"':
+            escaped, quote = ch == "\\", None if ch == '"' else quote
+        elif ch == "\\":
+            escaped = True
+            word_start = False
+        elif ch in "'\"":
+            quote, word_start = ch, False
+        elif ch == "#" and word_start:
+            return line[:i]
+        else:
+            word_start = ch in " \t"
+    return line
 
 
 def _submit_each(args, source: str, language: str, stdin: str | None, files: dict | None = None) -> int:

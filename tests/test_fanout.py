@@ -223,6 +223,18 @@ def cli(lc, *argv, timeout=120) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout)
 
 
+@pytest.mark.parametrize("line", ["a#b c", "a b #c d", '"#x" y', "x '#' z", "  # only", "a\\#b #c", 'x""#y',
+                                  '"a\\"#" b', "a\t#b", "tab\tsep'a b'#c", "#"])
+def test_submit_each_splits_a_line_as_bash_does(tmp_path, line):
+    from distexec_kernel.cli import _each_args
+    each = tmp_path / "each.txt"
+    each.write_text(line + "\n")
+    # "-" first: printf with no word left prints its format once all the same.
+    bash = subprocess.run(["bash", "-c", f"printf '%s\\0' - {line}"], capture_output=True, text=True, check=True)
+    words = bash.stdout.split("\0")[1:-1]
+    assert _each_args(str(each)) == ([words] if words else [])
+
+
 def test_submit_each_prints_outputs_in_order_and_exits_by_the_jobs(lc, tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_text(FLAKY)
