@@ -401,3 +401,45 @@ def test_clients_are_shown_as_the_server_sees_them_and_only_to_their_owner(user_
     finally:
         for c in (alice, bob, admin):
             c.close()
+
+
+def test_a_master_started_by_hand_makes_its_own_secrets_or_takes_its_flags(home):
+    """`distexec master` with no token or secret in its environment (what a user runs by hand)."""
+    from distexec_kernel.local import MASTER_READY, SLAVE_REGISTERED, Child
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET", "DISTEXEC_URL")}
+    master_argv = [sys.executable, "-m", "master", "--host", "127.0.0.1", "--port", "0"]
+    started: list[Child] = []
+
+    def start(name, argv, ready):
+        child = Child(name, argv, env, subprocess.DEVNULL)
+        started.append(child)
+        return child.wait_line(ready, 60)
+
+    try:
+        url = start("master", master_argv, MASTER_READY).split()[0]
+        made = json.loads((home / "connection.json").read_text())
+        token, secret = made["token"], made["slave_secret"]
+        assert made["url"] == url and len(token) >= 32 and len(secret) >= 32 and token != secret
+        assert get(url, "/api/jobs", None).status_code == 401 and get(url, "/api/jobs", token).status_code == 200
+        assert ws_status(url, "/ws/slave", secret) == 101 and ws_status(url, "/ws/slave", token) == 401
+        start("slave", [sys.executable, "-m", "slave", "--master", url, "--secret", secret, "--slots", "1",
+                        "--languages", "python"], SLAVE_REGISTERED)
+        with Cluster() as c:  # all it needs, from the connection file
+            assert c.submit("print(6 * 7)").wait(60).stdout == "42\n"
+        for child in reversed(started):
+            child.stop()
+        started.clear()
+
+        # Started again: new secrets, unless given.
+        url = start("master", master_argv, MASTER_READY).split()[0]
+        again = json.loads((home / "connection.json").read_text())
+        assert again["token"] != token and again["slave_secret"] != secret
+        started.pop().stop()
+        url = start("master", master_argv + ["--token", "t" * 40, "--slave-secret", "s" * 40], MASTER_READY).split()[0]
+        given = json.loads((home / "connection.json").read_text())
+        assert (given["token"], given["slave_secret"]) == ("t" * 40, "s" * 40)
+        assert get(url, "/api/jobs", "t" * 40).status_code == 200 and get(url, "/api/jobs", token).status_code == 401
+        assert ws_status(url, "/ws/slave", "s" * 40) == 101 and ws_status(url, "/ws/slave", secret) == 401
+    finally:
+        for child in reversed(started):
+            child.stop()
