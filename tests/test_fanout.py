@@ -1,9 +1,12 @@
 """Fan-out: batches, groups, ``Cluster.map``, ``%%remote --map`` and ``submit --each``, on a real cluster."""
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 
 import psutil
@@ -205,6 +208,45 @@ def test_magic_map_fails_the_cell_with_the_first_failure(shell):
     assert "3 is a multiple of 3" in cap.stderr  # the first failure's own words
     text = cap.stdout + cap.stderr
     assert "✅ 4 · ❌ 2 · 🚫 0 · 6 jobs" in text and "nonzero_exit" in text
+
+
+def test_interrupting_a_magic_map_cancels_the_group(lc, shell, c):
+    # The bar's module imported before: an interrupt landing in its first import leaves a .pyc open (a warning).
+    importlib.import_module("tqdm.auto")
+
+    shell.user_ns["items"] = list(range(6))  # 4 slots: 4 run, 2 wait
+    shell.user_ns.pop("interrupted", None)
+    main = threading.main_thread().ident
+    errors = []
+
+    def interrupt_once_running():
+        # The cell has its group (-o) and is waiting on it; four of its jobs run.
+        try:
+            group = wait_for(lambda: shell.user_ns.get("interrupted"), 60, "the group to be submitted")
+            wait_for(lambda: c.jobs_page(group=group.id, status=P.RUNNING)[1] == 4, 60, "four of them to run")
+        except AssertionError as exc:
+            errors.append(exc)
+            return
+        signal.pthread_kill(main, signal.SIGINT)  # what a kernel interrupt is
+
+    t = threading.Thread(target=interrupt_once_running)
+    t.start()
+    # The jobs' own timeout bounds the test if the interrupt never comes.
+    result, cap = run(shell, "%%remote --map items -o interrupted --timeout 60\n" + SLEEPER)
+    t.join()
+    assert not errors, errors
+    assert not result.success
+    assert type(result.error_in_exec).__name__ == "RemoteGroupFailed" and result.error_in_exec.interrupted
+    gid = shell.user_ns["interrupted"].id
+    assert f"group {gid} was cancelled on the master" in cap.stdout + cap.stderr
+    # From the master's side: every job of the group ended cancelled (none had finished), none left waiting or
+    # running, well before the jobs' own timeout would end them.
+    jobs = wait_for(lambda: (page := c.jobs_page(group=gid, limit=100)[0]) and
+                    all(j["status"] in P.TERMINAL for j in page) and page, 20, "the group's jobs to end")
+    assert len(jobs) == 6
+    assert Counter(j["status"] for j in jobs) == {P.CANCELLED: 6}, [(j["id"], j["status"]) for j in jobs]
+    assert all(j["error"]["code"] == P.CANCELLED_CODE for j in jobs)
+    wait_for(lambda: not _job_processes(lc), 30, "the cancelled jobs' processes to be gone")
 
 
 def test_magic_map_refuses_what_is_not_there_or_not_iterable(shell):

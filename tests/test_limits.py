@@ -138,6 +138,60 @@ def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path)
             c.close()
 
 
+def test_a_batch_past_the_per_user_cap_is_refused_whole(make_cluster, tmp_path):
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-per-user", "3", "--users", _users(tmp_path)])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    admin = Cluster(lc.url, token=lc.token)
+    try:
+        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
+        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        first = alice.submit("print('queued')", name="first")
+        assert first.status == P.QUEUED  # one of her 3 is taken: 2 more fit
+
+        def over(n: int, name: str) -> list[dict]:
+            return [{"source": f"print({i})", "language": "python", "name": name} for i in range(n)]
+
+        def names() -> list[str]:
+            return [j.name for j in admin.jobs(limit=100)]
+
+        total = admin.jobs_page()[1]
+        # Over HTTP: 3 would take her to 4 waiting; the answer names the cap and that 2 would fit.
+        resp = post_job(lc.url, alice.token, json=over(3, "http-batch"))
+        assert resp.status_code == 429, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == "queue_full"
+        assert "at most 3 may wait per user" in err["message"] and "--max-queued-per-user" in err["message"]
+        assert "2 more would fit" in err["message"], err["message"]
+        # Through the Python API, both ways in.
+        with pytest.raises(DistexecError) as raised:
+            alice.submit_many(over(5, "many-batch"))
+        assert (raised.value.status, raised.value.code) == (429, "queue_full")
+        assert "at most 3 may wait per user" in str(raised.value) and "2 more would fit" in str(raised.value)
+        with pytest.raises(DistexecError) as raised:
+            alice.map("import sys\nprint(sys.argv[1])", range(3), name="map-batch")
+        assert (raised.value.status, raised.value.code) == (429, "queue_full")
+        assert "2 more would fit" in str(raised.value)
+        # Nothing of them was queued or kept, not even in part.
+        assert admin.jobs_page()[1] == total
+        assert not {"http-batch", "many-batch", "map-batch"} & set(names())
+        queued, _ = alice.jobs_page(status=P.QUEUED, limit=100)
+        assert [j["id"] for j in queued] == [first.id]
+        # Nor counted against her: a batch of exactly what fits is taken whole...
+        fits = alice.submit_many([dict(source="print('fits')", name="fits") for _ in range(2)])
+        assert [j.status for j in fits] == [P.QUEUED, P.QUEUED]
+        # ...and then not one more fits, while another user's batch is not affected.
+        with pytest.raises(DistexecError) as raised:
+            alice.map("print(1)", [0], name="one-more")
+        assert raised.value.status == 429 and "0 more would fit" in str(raised.value)
+        assert [j.status for j in bob.map("print(1)", range(3), name="bob")] == [P.QUEUED] * 3
+        assert "one-more" not in names()
+    finally:
+        for c in (alice, bob, admin):
+            c.close()
+
+
 def test_the_global_safety_cap_still_answers_503(make_cluster):
     lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queue", "1"])
     with Cluster(lc.url, token=lc.token) as c:
