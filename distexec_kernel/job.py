@@ -253,6 +253,15 @@ class Job:
         finally:
             self._cluster._unwatch(self)
 
+    def cancel_and_wait(self, cancel_wait: float = 10.0) -> None:
+        """What an interrupt does to a job: cancel it and wait up to ``cancel_wait`` s for its end,
+        never raising (another interrupt included): the caller shows it as it stands."""
+        try:
+            self.cancel()
+            self.wait(timeout=cancel_wait)
+        except (DistexecError, TimeoutError, KeyboardInterrupt):
+            pass  # the master still has the cancel request
+
     def follow(self, write: Callable[[str, str], None], cancel_wait: float = 10.0) -> bool:
         """Hand the output to ``write(stream, text)`` in this thread as it comes, until the job ends.
 
@@ -272,11 +281,7 @@ class Job:
             for stream, text in self.iter_output():
                 emit(stream, text)
         except KeyboardInterrupt:
-            try:
-                self.cancel()
-                self.wait(timeout=cancel_wait)
-            except (DistexecError, TimeoutError, KeyboardInterrupt):
-                pass  # shown as it stands; the master still has the cancel request
+            self.cancel_and_wait(cancel_wait)
             record = self.record
             for stream in P.STREAMS:
                 rest = (record.get(stream) or "")[written[stream]:]

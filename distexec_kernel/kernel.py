@@ -22,7 +22,7 @@ import uuid
 from ipykernel.kernelbase import Kernel
 from traitlets import Unicode
 
-from . import __version__, cells, config, display as D, languages as L, protocol as P
+from . import __version__, cells, config, display as D, interrupts, languages as L, protocol as P
 from .cluster import Cluster, DistexecError, Job
 from .outputs import rich_outputs
 
@@ -163,14 +163,18 @@ class DistexecKernel(Kernel):
             return self._error(NO_CLUSTER, msg, [msg])
         session = cell.session or self.session_name
         try:
-            job = cluster.submit(cell.source, language=self.lang.name, files=files or None,
-                                 args=cell.args or None, stdin=cell.stdin, timeout=cell.timeout,
-                                 name=f"{self.lang.name} cell {self.execution_count}", session=session)
-            job.id  # the master's answer to the (pipelined) submission: a refusal is raised here
+            with interrupts.held() as interrupt:
+                job = cluster.submit(cell.source, language=self.lang.name, files=files or None,
+                                     args=cell.args or None, stdin=cell.stdin, timeout=cell.timeout,
+                                     name=f"{self.lang.name} cell {self.execution_count}", session=session)
+                job.id  # the master's answer to the (pipelined) submission: a refusal is raised here
         except DistexecError as exc:
             return self._error(exc.code or "DistexecError", str(exc), [f"{exc.code}: {exc}"])
         job_box.append(job)
         self._session_used |= session is not None and session == self.session_name
+        if interrupt.pressed:  # while it was being submitted: cancelled, as it would be a moment later
+            job.cancel_and_wait()
+            return self._failed(job.record, True)
         if cell.no_wait:
             if not silent:
                 self._show(D.status_bundle(job.record))

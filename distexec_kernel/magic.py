@@ -24,7 +24,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from . import config, display as D, languages, outputs as O, protocol as P
+from . import config, display as D, interrupts, languages, outputs as O, protocol as P
 from .cells import seconds
 from .cluster import Cluster, DistexecError, Job
 from .group import item_args
@@ -112,10 +112,11 @@ class RemoteMagics(Magics):
             raise UsageError("%%remote: the cell is empty: write the program below the %%remote line")
         if args.map:
             return self._map(cell, args)
-        job = self.cluster.submit(cell, language=args.language, files=read_files(args.file) or None,
-                                  args=args.arg or None, stdin=args.stdin, timeout=args.timeout,
-                                  name=args.name, session=args.session, collect=args.collect or None)
-        return self._after_submit(job, args.no_wait, args.output)
+        with interrupts.held() as interrupt:
+            job = self.cluster.submit(cell, language=args.language, files=read_files(args.file) or None,
+                                      args=args.arg or None, stdin=args.stdin, timeout=args.timeout,
+                                      name=args.name, session=args.session, collect=args.collect or None)
+        return self._after_submit(job, args.no_wait, args.output, interrupt.pressed)
 
     # -- %remote ------------------------------------------------------------------
 
@@ -173,12 +174,13 @@ class RemoteMagics(Magics):
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"%remote run --timeout: {exc}") from None
         source = read_source(path)
-        job = self.cluster.submit(source, language=language, args=prog_args or None, timeout=timeout,
-                                  name=opts.get("name") or os.path.basename(path),
-                                  files=read_files(opts.get("file", [])) or None,
-                                  stdin=opts.get("stdin"), session=opts.get("session"),
-                                  collect=opts.get("collect") or None)
-        return self._after_submit(job, "no-wait" in opts, opts.get("o"))
+        with interrupts.held() as interrupt:
+            job = self.cluster.submit(source, language=language, args=prog_args or None, timeout=timeout,
+                                      name=opts.get("name") or os.path.basename(path),
+                                      files=read_files(opts.get("file", [])) or None,
+                                      stdin=opts.get("stdin"), session=opts.get("session"),
+                                      collect=opts.get("collect") or None)
+        return self._after_submit(job, "no-wait" in opts, opts.get("o"), interrupt.pressed)
 
     def _cmd_jobs(self, rest):
         a = parse_command("jobs", rest, (("--status",), dict(choices=P.STATES)),
@@ -226,9 +228,12 @@ class RemoteMagics(Magics):
 
     # -- shared by %%remote and %remote run ---------------------------------------
 
-    def _after_submit(self, job: Job, no_wait: bool, output: str | None):
+    def _after_submit(self, job: Job, no_wait: bool, output: str | None, interrupted: bool = False):
         if output:
             self.shell.user_ns[output] = job
+        if interrupted:  # while it was being submitted: the job is cancelled, as it would be a moment later
+            job.cancel_and_wait()
+            raise RemoteJobFailed(job, interrupted=True)
         if no_wait:
             return job  # shown by show_job as a live status line
         self._follow(job)
@@ -263,20 +268,18 @@ class RemoteMagics(Magics):
         subs = [dict(source=cell, language=args.language, files=files, args=[*args.arg, *item_args(item)],
                      stdin=args.stdin, timeout=args.timeout, name=args.name, collect=args.collect or None)
                 for item in items]
-        group = self.cluster.submit_many(subs)
+        with interrupts.held() as interrupt:
+            group = self.cluster.submit_many(subs)
         if args.output:
             self.shell.user_ns[args.output] = group
+        if interrupt.pressed:  # while the batch was being sent: what the master made is cancelled all the same
+            _interrupted(group)
         if args.no_wait:
             return group
         try:
             group.wait(progress=True)
         except KeyboardInterrupt:
-            try:
-                group.cancel()
-                group.wait(timeout=10, progress=False)
-            except (DistexecError, TimeoutError, KeyboardInterrupt):
-                pass  # shown as it stands; the master still has the cancel request
-            raise RemoteGroupFailed(group, interrupted=True) from None
+            _interrupted(group)
         if group.failed:
             first = group.failed[0]
             if first.stderr:
@@ -366,3 +369,13 @@ def unload_ipython_extension(ipython) -> None:
 def magics_of(ipython) -> RemoteMagics | None:
     """The loaded ``RemoteMagics`` of a shell (its cluster, its status widgets)."""
     return _loaded.get(id(ipython))
+
+
+def _interrupted(group) -> None:
+    """An interrupted ``--map`` cell: its group cancelled (its jobs' end awaited a while), the cell failed."""
+    try:
+        group.cancel()
+        group.wait(timeout=10, progress=False)
+    except (DistexecError, TimeoutError, KeyboardInterrupt):
+        pass  # shown as it stands; the master still has the cancel request
+    raise RemoteGroupFailed(group, interrupted=True) from None

@@ -249,6 +249,55 @@ def test_interrupting_a_magic_map_cancels_the_group(lc, shell, c):
     wait_for(lambda: not _job_processes(lc), 30, "the cancelled jobs' processes to be gone")
 
 
+def test_an_interrupt_while_a_map_is_being_sent_cancels_what_the_master_made(lc, shell, c):
+    importlib.import_module("tqdm.auto")  # as above
+    run(shell, "%remote slaves")  # the cell's cluster connected before the master is frozen
+    shell.user_ns["items"] = list(range(6))
+    shell.user_ns.pop("held", None)
+    name = f"held-{os.getpid()}"
+    main = threading.main_thread().ident
+    errors = []
+
+    def sending() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name == "submit_many":
+                return True
+            frame = frame.f_back
+        return False
+
+    def interrupt_while_sending():
+        # The master frozen, the batch's request waits for its answer: the interrupt comes in that wait.
+        try:
+            wait_for(sending, 60, "the cell to be sending its batch")
+            signal.pthread_kill(main, signal.SIGINT)
+        except AssertionError as exc:
+            errors.append(exc)
+        finally:
+            os.kill(lc.master.pid, signal.SIGCONT)
+
+    os.kill(lc.master.pid, signal.SIGSTOP)
+    t = threading.Thread(target=interrupt_while_sending)
+    t.start()
+    try:
+        result, cap = run(shell, f"%%remote --map items -o held --name {name} --timeout 60\n" + SLEEPER)
+        t.join()
+        assert not errors, errors
+        # Not a bare KeyboardInterrupt out of the request, leaving a group nobody holds: the group came,
+        # and was cancelled, as an interrupt a moment later would have done.
+        assert type(result.error_in_exec).__name__ == "RemoteGroupFailed" and result.error_in_exec.interrupted
+        gid = shell.user_ns["held"].id
+        jobs = wait_for(lambda: (page := c.jobs_page(group=gid, limit=100)[0]) and
+                        all(j["status"] in P.TERMINAL for j in page) and page, 20, "the group's jobs to end")
+        assert len(jobs) == 6 and {j["status"] for j in jobs} == {P.CANCELLED}
+    finally:
+        os.kill(lc.master.pid, signal.SIGCONT)
+        t.join()
+        for job in c.jobs_page(limit=500)[0]:  # what an unheld interrupt left running, not to hold the slots
+            if job["name"] == name and job["status"] not in P.TERMINAL:
+                c.cancel(job["id"])
+
+
 def test_magic_map_refuses_what_is_not_there_or_not_iterable(shell):
     shell.user_ns["number"] = 7
     for line, words in (("--map nowhere", "no variable 'nowhere'"), ("--map number", "not an iterable"),

@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 from pathlib import Path
 
 import jupyter_kernel_test as jkt
 import nbformat
+import psutil
 import pytest
 from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
@@ -233,6 +235,41 @@ def test_interrupt_cancels_the_running_job(c_kernel, world):
     # The kernel lives on.
     _, reply, out = run(kc, '#include <stdio.h>\nint main(void) { puts("after"); return 0; }\n')
     assert reply["status"] == "ok" and out.startswith("after\n")
+
+
+def _unread_by_master(lc, pid: int) -> bool:
+    """Whether the master has bytes from process ``pid`` it has not read yet (its socket's receive queue)."""
+    port = int(lc.url.rsplit(":", 1)[1])
+    theirs = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr and c.raddr.port == port}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                local, remote, rx = fields[1], fields[2], fields[4].split(":")[1]
+                if (int(local.rsplit(":", 1)[1], 16) == port and int(remote.rsplit(":", 1)[1], 16) in theirs
+                        and int(rx, 16) > 0):
+                    return True
+    return False
+
+
+def test_an_interrupt_while_the_master_answers_the_submission_cancels_the_job(c_kernel, world):
+    km, kc = c_kernel
+    run(kc, "int main(void) { return 0; }\n")  # connected to the master before it is frozen
+    os.kill(world.master.pid, signal.SIGSTOP)
+    try:
+        msg_id = kc.execute("%timeout 60\n#include <unistd.h>\nint main(void) { sleep(60); return 0; }\n")
+        # The cell's submission waits in the frozen master's socket: the kernel waits for its answer.
+        wait_for(lambda: _unread_by_master(world, km.provisioner.process.pid), JOB_WAIT, "the submission to be sent")
+        km.interrupt_kernel()
+    finally:
+        os.kill(world.master.pid, signal.SIGCONT)
+    got, reply = collect(kc, msg_id)
+    content = reply["content"]
+    # Not a KeyboardInterrupt that left the job it submitted running, unseen: the job came and was cancelled.
+    assert content["status"] == "error" and content["ename"] == P.CANCELLED_CODE, content
+    job_id = int(re.search(r"job (\d+)", " ".join(content["traceback"])).group(1))
+    with Cluster(world.url, token=world.token, events=False) as master:
+        assert master.job(job_id).wait(timeout=20).status == P.CANCELLED
 
 
 def test_python_kernel_keeps_state_in_its_session(world):
