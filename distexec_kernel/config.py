@@ -1,11 +1,13 @@
 """Where a cluster is: $DISTEXEC_HOME, the connection file, the environment."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
 import sys
 import secrets
+import stat
 from dataclasses import dataclass
 
 
@@ -13,17 +15,32 @@ def home() -> str:
     return os.path.expanduser(os.environ.get("DISTEXEC_HOME") or "~/.distexec")
 
 
+# What distexec keeps in its home: a folder holding nothing else is its own.
+HOME_ENTRIES = ("connection.json", "users.json", "history.sqlite3*", "history-artifacts", "tls", "cache",
+                "slave-*.uid", "*.tmp")
+
+
 def private_dir(path: str) -> str:
     """Make ``path`` (and missing parents) a directory only its owner can enter: 0700.
 
-    A directory of ours that exists with wider modes (made by an older
-    version) is narrowed; one owned by someone else is left as it is.
+    One that exists with wider modes is narrowed only when it is distexec's
+    own (holding nothing but its files: made by an older version).  Any other
+    folder is left as it is, with a warning: ``DISTEXEC_HOME=/tmp`` must not
+    make /tmp 0700 for every other user (the files distexec writes are 0600
+    each wherever they are).
     """
     path = os.path.abspath(path)
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.stat(path)
-    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+    if st.st_uid != os.getuid() or not st.st_mode & 0o077:
+        return path
+    if not st.st_mode & stat.S_ISVTX and all(any(fnmatch.fnmatchcase(name, pattern) for pattern in HOME_ENTRIES)
+                                             for name in os.listdir(path)):
         os.chmod(path, 0o700)
+    else:
+        logging.getLogger("distexec").warning(
+            "%s is open to others (mode %o) and is not distexec's own folder: left as it is; distexec's files "
+            "in it are private (0600) all the same", path, stat.S_IMODE(st.st_mode))
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from distexec_kernel import config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,7 +78,8 @@ def private_file(path: str) -> None:
     SQLite gives its -wal and -shm files the database file's mode; side files
     left by an older version are narrowed here too.
     """
-    config.private_dir(os.path.dirname(os.path.abspath(path)))
+    # Made private if missing; a folder given with --db is the admin's choice, left as it is.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     for name in (path, *(path + side for side in SIDE_FILES)):
         try:

@@ -47,7 +47,10 @@ class CompileCache:
         self.misses = 0
         self.stores = 0
         self._lock = threading.Lock()
-        os.makedirs(root, exist_ok=True)
+        # Users' compiled programs: for root alone, also where $DISTEXEC_HOME is a folder others can enter.
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        if os.stat(root).st_mode & 0o077:
+            os.chmod(root, 0o700)  # made by an older version
         self._sweep()
 
     def describe(self) -> str:

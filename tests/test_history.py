@@ -174,3 +174,25 @@ def test_a_slave_alone_on_its_host_makes_its_home_private(make_cluster, tmp_path
     assert job.status == P.SUCCEEDED and job.stdout == "mine\n"
     assert mode(home) == 0o700
     assert [p for p in (home / "cache" / "compile").rglob("*") if p.is_file()]  # the program is kept in there
+
+
+def test_folders_that_are_not_distexecs_own_are_never_narrowed(make_cluster, tmp_path, monkeypatch):
+    # DISTEXEC_HOME=/srv, --db /tmp/history.sqlite3: chmod 0700 there would lock every other user out.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp
+    theirs = tmp_path / "srv"
+    theirs.mkdir()
+    os.chmod(theirs, 0o755)
+    (theirs / "their-data").write_text("x")
+    monkeypatch.setenv("DISTEXEC_HOME", str(theirs))
+    lc = make_cluster(1, slots=1, languages="c", home=str(theirs), db=str(shared / "history.sqlite3"))
+    with Cluster(lc.url, token=lc.token) as c:
+        job = c.submit('#include <stdio.h>\nint main(void) { puts("mine"); return 0; }', language="c").wait(60)
+    assert job.status == P.SUCCEEDED
+    assert mode(shared) == 0o1777 and mode(theirs) == 0o755
+    # What distexec keeps there is private all the same.
+    assert mode(shared / "history.sqlite3") == 0o600 and mode(theirs / "connection.json") == 0o600
+    cache = theirs / "cache" / "compile"
+    assert mode(cache) == 0o700 and [p for p in cache.rglob("*") if p.is_file()]
+    assert "is not distexec's own folder: left as it is" in (tmp_path / "logs" / "master.log").read_text()
