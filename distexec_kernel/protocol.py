@@ -38,6 +38,9 @@ MAX_FILES = 64
 MAX_ARGS = 256
 MAX_STDIN_BYTES = 8 << 20
 MAX_NAME_CHARS = 200
+# A language's name or alias (the longest known is 10 characters); a ``ref`` (a client's uuid).  Both
+# are kept with the job, also when it is rejected: bounded like a name.
+MAX_LANGUAGE_CHARS = 64
 MAX_TIMEOUT = 24 * 3600.0
 DEFAULT_TIMEOUT = 300.0
 MAX_RETRIES = 10
@@ -215,6 +218,8 @@ def validate(msg) -> dict:
                 "bad_message", f"{msg_type}: field {field!r} must be {_type_name(expected)}")
     if "stream" in spec and msg["stream"] not in STREAMS:
         raise ProtocolError("bad_message", f"{msg_type}: stream must be stdout or stderr")
+    if isinstance(msg.get("ref"), str) and len(msg["ref"]) > MAX_NAME_CHARS:
+        raise ProtocolError("bad_message", f"{msg_type}: field 'ref' is over {MAX_NAME_CHARS} characters")
     return msg
 
 
@@ -378,6 +383,8 @@ def check_submission(body) -> dict:
         out[field] = value
     if not out["language"].strip():
         _bad("field 'language' must not be empty")
+    if len(out["language"]) > MAX_LANGUAGE_CHARS:
+        _bad(f"field 'language' is over {MAX_LANGUAGE_CHARS} characters")
     if len(out["source"].encode()) > MAX_SOURCE_BYTES:
         raise ProtocolError("too_large", f"source is over {MAX_SOURCE_BYTES} bytes")
     if out["name"] is not None and len(out["name"]) > MAX_NAME_CHARS:

@@ -27,6 +27,9 @@ log = logging.getLogger("distexec.master.app")
 # a ping, a pong) has come for PING_INTERVAL + PING_TIMEOUT is dropped (distexec_kernel/liveness.py).
 PING_INTERVAL = 2.0
 PING_TIMEOUT = 2.0
+# Frames written to a peer and not yet taken by it: past this the peer is closed (it reconnects and
+# reads again).  A client that never reads would otherwise grow the master's memory without bound.
+MAX_UNSENT_BYTES = 32 << 20
 # A batch frame ends before it passes this many characters (a larger message goes alone):
 # far under the receivers' MAX_MESSAGE_BYTES, and a long burst is parsed a piece at a time.
 BATCH_CHARS = 256 << 10
@@ -138,6 +141,12 @@ class _Socket(tornado.websocket.WebSocketHandler):
             self.write_message(text)
         except tornado.websocket.WebSocketClosedError:
             self.closed = True
+            return
+        if _unsent(self.ws_connection) > MAX_UNSENT_BYTES:
+            log.warning("%s %s: over %d MiB written and not read; closing", self.__class__.__name__,
+                        self.request.remote_ip, MAX_UNSENT_BYTES >> 20)
+            self.closed = True  # nothing more queued for it; the close frame waits behind the rest
+            self.ws_connection.stream.close()
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self._flush_outbox()  # what was sent before the close goes first
@@ -170,6 +179,12 @@ class _Socket(tornado.websocket.WebSocketHandler):
             self._watching.cancel()
 
 
+def _unsent(conn) -> int:
+    """Bytes written to the connection's stream and not yet sent (tornado keeps no public count)."""
+    stream = getattr(conn, "stream", None)
+    return getattr(stream, "_total_write_index", 0) - getattr(stream, "_total_write_done_index", 0)
+
+
 class ClientSocket(_Socket):
     handlers = {"submit": "on_submit", "cancel": "on_cancel"}
 
@@ -200,6 +215,7 @@ class ClientSocket(_Socket):
                                                  account=self.identity.user,
                                                  label=self.get_query_argument("host", None))
         self._expiry = None
+        self._recheck_later()
         if self.identity.expires_at is not None:
             # A login token's channel ends with the token; reconnecting then needs a new login.
             delay = max(0.0, self.identity.expires_at - time.time())
@@ -270,14 +286,35 @@ class ClientSocket(_Socket):
         self.send(P.make("submit_reply", ref=ref, **body))
 
     async def on_cancel(self, msg: dict) -> None:
-        job = await self.master.cancel(msg["job_id"], user=self.identity.owner)
-        err = None if job else P.error("not_found", f"no job {msg['job_id']}")
+        identity = self.auth.identify(self._token)  # as now, not as when the channel opened
+        if identity is None:
+            job, err = None, P.error("unauthorized", UNAUTHORIZED, status=401)
+        else:
+            job = await self.master.cancel(msg["job_id"], user=identity.owner)
+            err = None if job else P.error("not_found", f"no job {msg['job_id']}")
         self.send(P.make("cancel_reply", job=job, error=err, ref=msg.get("ref")))
+
+    def _recheck_later(self) -> None:
+        self._rechecking = asyncio.get_running_loop().call_later(PING_INTERVAL, self._recheck)
+
+    def _recheck(self) -> None:
+        """The channel's identity, checked again: a user removed from the users file, or no longer an
+        admin, must not go on hearing what it no longer may (every user's jobs, for a former admin).
+        Closed, the client reconnects as what its token now stands for, if anything."""
+        if self.closed:
+            return
+        identity = self.auth.identify(self._token)
+        if identity is None or identity.admin != self.identity.admin:
+            log.info("client %s: its login changed or ended; closing its channel", self.info.id)
+            self.close(4001, "login changed")
+            return
+        self._recheck_later()
 
     def on_close(self) -> None:
         super().on_close()
-        if getattr(self, "_expiry", None) is not None:
-            self._expiry.cancel()
+        for timer in (getattr(self, "_expiry", None), getattr(self, "_rechecking", None)):
+            if timer is not None:
+                timer.cancel()
         self.master.client_disconnected(self.info.id)
 
 

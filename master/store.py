@@ -97,8 +97,11 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False)
 def _rows(job: dict) -> tuple[tuple, tuple | None]:
     rest, inputs = _split(job)
     data = _ENCODER.encode(rest)
+    # Its collected files (kept beside the history) count towards --keep-mb: a few lines of listing
+    # each in the record, up to the cap on what a job may keep on the master's disk.
+    size = len(data) + sum(a.get("size", 0) for a in rest.get("artifacts") or ())
     row = (job["id"], job["status"], job["language"], job.get("client_id"), job.get("user"),
-           job["submitted_at"], job.get("group"), job.get("ref"), data, len(data))
+           job["submitted_at"], job.get("group"), job.get("ref"), data, size)
     if not inputs:
         return row, None
     text = _ENCODER.encode(inputs)

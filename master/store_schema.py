@@ -40,7 +40,8 @@ CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF status, user ON j
     INSERT INTO job_counts VALUES (COALESCE(NEW.user, ''), NEW.status, 1)
         ON CONFLICT (user, status) DO UPDATE SET n = n + 1;
 END;
--- The history's size (its records and inputs, as JSON text), kept by triggers too:
+-- The history's size (its records and inputs, as JSON text, and the files its jobs collected,
+-- counted in their records' size), kept by triggers too:
 -- pruning to --keep-mb reads it at each pass, in the store's writer, where a SUM over
 -- a million rows held every commit back for half a second.
 CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;

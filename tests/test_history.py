@@ -196,3 +196,16 @@ def test_folders_that_are_not_distexecs_own_are_never_narrowed(make_cluster, tmp
     cache = theirs / "cache" / "compile"
     assert mode(cache) == 0o700 and [p for p in cache.rglob("*") if p.is_file()]
     assert "is not distexec's own folder: left as it is" in (tmp_path / "logs" / "master.log").read_text()
+
+
+def test_collected_files_count_towards_the_historys_size_bound(make_cluster):
+    # 0.5 MiB: two jobs' 300 KB files are over it, one is not (their records are a few hundred bytes).
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--keep-mb", "0.5", "--prune-interval", "0.2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        make = "open('out.bin', 'wb').write(b'x' * 300_000)"
+        first = c.submit(make, collect=["out.bin"]).wait(60)
+        assert first.status == P.SUCCEEDED and len(first.artifact("out.bin")) == 300_000
+        second = c.submit(make, collect=["out.bin"]).wait(60)
+        assert second.status == P.SUCCEEDED
+        wait_for(lambda: first.id not in {j.id for j in c.jobs()}, 20, "the older job and its file to be pruned")
+        assert second.id in {j.id for j in c.jobs()} and len(c.job(second.id).artifact("out.bin")) == 300_000

@@ -1,15 +1,25 @@
 """Input limits: body and source sizes (413), submission rate (429), queue per user (429) and in all (503), JSON depth (400)."""
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import os
+import socket
+import threading
+
 import argon2
 import pytest
 import requests
+import tornado.httpclient
+import tornado.websocket
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master import auth
 from master.app import MAX_BODY_BYTES
 from master.limits import RateLimiter, parse_rate
+from master.sockets import MAX_UNSENT_BYTES
 
 from conftest import users_json, wait_for
 
@@ -58,6 +68,9 @@ def test_oversized_bodies_and_sources_get_a_json_413(make_cluster):
     resp = post_job(lc.url, lc.token, json={"source": "#" * (P.MAX_SOURCE_BYTES + 1), "language": "python"})
     assert resp.status_code == 413
     assert resp.json()["error"] == {"code": "too_large", "message": f"source is over {P.MAX_SOURCE_BYTES} bytes"}
+    # A language name past any real one: it would be kept in the rejected job, and repeated in its error.
+    resp = post_job(lc.url, lc.token, json={"source": "1", "language": "q" * (P.MAX_LANGUAGE_CHARS + 1)})
+    assert resp.status_code == 400 and "'language' is over 64 characters" in resp.json()["error"]["message"]
     # None of it created a job, and the master still answers.
     resp = requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {lc.token}"}, timeout=20)
     assert resp.json()["total"] == 0
@@ -284,3 +297,79 @@ def test_a_websocket_frame_over_the_limit_closes_only_that_connection(make_clust
         assert bystander._events_connected()
         assert bystander.client_id in [cl["id"] for cl in bystander.clients()]
         assert bystander.submit("print(1)").status == P.REJECTED  # no slave here
+
+
+def test_a_submit_whose_ref_is_over_the_bound_is_refused_and_kept_nowhere(make_cluster):
+    """A ref is kept with what it answers (for a resend after a reconnect): bounded like a name."""
+    lc = make_cluster(0)
+
+    async def talk() -> list[dict]:
+        req = tornado.httpclient.HTTPRequest(config.ws_url(lc.url) + "/ws/client",
+                                             headers={"Authorization": f"Bearer {lc.token}"})
+        conn = await tornado.websocket.websocket_connect(req)
+        got = []
+        for ref in ("r" * (P.MAX_NAME_CHARS + 1), "short"):
+            conn.write_message(json.dumps({"type": "submit", "ref": ref, "request": {"source": "1", "language": "python"}}))
+            while True:
+                msg = P.decode(await asyncio.wait_for(conn.read_message(), 20))
+                if msg["type"] in ("error", "submit_reply"):
+                    got.append(msg)
+                    break
+        conn.close()
+        return got
+
+    refused, answered = asyncio.run(talk())
+    assert refused["type"] == "error" and refused["error"]["code"] == "bad_message"
+    assert "'ref' is over 200 characters" in refused["error"]["message"]
+    assert answered["type"] == "submit_reply" and answered["ref"] == "short" and answered["job"]["id"]
+    jobs = requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {lc.token}"}, timeout=20).json()
+    assert jobs["total"] == 1  # the short one only
+
+
+def _never_reading_client(url: str, token: str) -> socket.socket:
+    """A /ws/client channel opened by hand that never reads what the master writes (a small receive
+    buffer, so the master's side fills soon)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws/client HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: nothing of the frames after the answer is read
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_a_client_that_never_reads_is_closed_before_the_master_holds_too_much(make_cluster):
+    lc = make_cluster(1, slots=2, languages="python")
+    slow = _never_reading_client(lc.url, lc.token)  # the admin token: it is sent every job's output
+    stop = threading.Event()
+
+    def keep_pinging():
+        # What keeps a silent client from being dropped as gone: it pings (a masked, empty ping frame).
+        while not stop.wait(0.5):
+            try:
+                slow.sendall(b"\x89\x80" + os.urandom(4))
+            except OSError:
+                return
+    pinger = threading.Thread(target=keep_pinging)
+    pinger.start()
+    try:
+        with Cluster(lc.url, token=lc.token) as c:
+            assert len(c.clients()) == 2
+            # Twice the bound of output, in lines, streamed to every client allowed to see it.
+            lines = "import sys\nfor i in range(60):\n    sys.stdout.write('x' * (1 << 18) + '\\n')\n"
+            mib = 60 * (1 << 18) >> 20
+            jobs = [c.submit(lines) for _ in range(2 * (MAX_UNSENT_BYTES >> 20) // mib + 1)]
+            assert all(j.wait(120).status == P.SUCCEEDED for j in jobs)
+            wait_for(lambda: len(c.clients()) == 1, 30, "the client that never reads to be closed")
+            with open(os.path.join(lc.log_dir, "master.log")) as f:
+                assert "written and not read; closing" in f.read()
+            assert c.submit("print('still here')").wait(60).stdout == "still here\n"
+    finally:
+        stop.set()
+        slow.close()
+        pinger.join()

@@ -6,16 +6,22 @@ tests can tell which path a submission took and that no result was fetched.
 """
 from __future__ import annotations
 
+import asyncio
 import signal
 
+import argon2
 import psutil
 import pytest
+import tornado.httpclient
+import tornado.websocket
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master import auth
 
 from conftest import users_json, wait_for
+
+CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
 SLEEPER = "import time\ntime.sleep(60)\n"
 # Pipelined submissions that take the master longer to read through than its pings allowed for a pong
@@ -148,6 +154,58 @@ def test_a_user_removed_while_connected_is_refused_on_the_websocket(make_cluster
             job.wait(30)
         assert err.value.status == 401 and "log in again" in str(err.value)
         assert log == []  # refused on the WebSocket, as a POST would have been
+
+
+def test_an_admin_demoted_while_connected_hears_only_its_own_jobs_after(make_cluster, tmp_path):
+    users = users_json(tmp_path, "alice")
+    auth.add_user(users, "boss", "boss-pw", admin=True, hasher=CHEAP)
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="boss", password="boss-pw") as boss:
+        heard: list[dict] = []
+        boss.subscribe(heard.append)
+
+        def heard_of(job_id: int) -> bool:
+            return any(m.get("type") == "job_update" and m["job"]["id"] == job_id for m in list(heard))
+
+        seen = alice.submit("print(1)").wait(60)
+        wait_for(lambda: heard_of(seen.id), 20, "boss, an admin, to hear of alice's job")
+        auth.add_user(users, "boss", "boss-pw", admin=False, hasher=CHEAP)
+        # Its channel is closed, and opened again as what its login now is.
+        wait_for(lambda: {"type": "connection", "connected": False} in heard, 20, "boss's channel to close")
+        back = heard.index({"type": "connection", "connected": False})
+        wait_for(lambda: {"type": "connection", "connected": True} in heard[back:], 20, "boss to reconnect")
+        hidden = alice.submit("print(2)").wait(60)
+        own = boss.submit("print(3)").wait(60)
+        wait_for(lambda: heard_of(own.id), 20, "boss to hear of its own job")
+        assert not heard_of(hidden.id)
+
+
+def test_a_cancel_on_the_websocket_is_judged_by_the_login_as_it_is_now(make_cluster, tmp_path):
+    users = users_json(tmp_path, "alice")
+    auth.add_user(users, "boss", "boss-pw", admin=True, hasher=CHEAP)
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="boss", password="boss-pw") as boss:
+        sleeper = alice.submit(SLEEPER)
+        wait_for(lambda: sleeper.status == "running", 30, "alice's job to run")
+
+        async def cancel_after_demotion() -> dict:
+            req = tornado.httpclient.HTTPRequest(config.ws_url(lc.url) + "/ws/client",
+                                                 headers={"Authorization": f"Bearer {boss.token}"})
+            conn = await tornado.websocket.websocket_connect(req)
+            # Demoted once the channel is open, well within its first re-check (PING_INTERVAL).
+            auth.add_user(users, "boss", "boss-pw", admin=False, hasher=CHEAP)
+            conn.write_message(P.encode(P.make("cancel", job_id=sleeper.id, ref="c1")))
+            while (msg := P.decode(await asyncio.wait_for(conn.read_message(), 20)))["type"] != "cancel_reply":
+                pass
+            conn.close()
+            return msg
+
+        reply = asyncio.run(cancel_after_demotion())
+        assert reply["job"] is None and reply["error"]["code"] == "not_found"
+        assert alice.job(sleeper.id).status == "running"
+        sleeper.cancel()
 
 
 def _stopped(pid: int) -> bool:
