@@ -375,8 +375,15 @@ class Cluster:
         return job
 
     def jobs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
-        body = self._get("/api/jobs", status=status, limit=limit, offset=offset)
-        return [Job(self, j) for j in body["jobs"]]
+        """Up to ``limit`` jobs, newest first, from the ``offset``-th.  Read in as many pages as the
+        master gives them in (a page holds fewer jobs when they are large)."""
+        records: list[dict] = []
+        while len(records) < limit:
+            body = self._get("/api/jobs", status=status, limit=limit - len(records), offset=offset + len(records))
+            records += body["jobs"]
+            if not body["jobs"] or offset + len(records) >= body["total"]:
+                break
+        return [Job(self, j) for j in records]
 
     def jobs_page(self, status: str | None = None, limit: int = 100, offset: int = 0,
                   summary: bool = False, group: str | None = None) -> tuple[list[dict], int]:

@@ -163,10 +163,9 @@ class JobsHandler(ApiHandler):
         limit = self.int_arg("limit", 100, 1, 1000)
         offset = self.int_arg("offset", 0, 0, 1 << 40)
         group = self.get_query_argument("group", None) or None
-        jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner, group=group)
-        if self.get_query_argument("summary", "") in ("1", "true"):
-            # A history page for a table: no sources or outputs, which can be megabytes each.
-            jobs = [P.summary(j) for j in jobs]
+        # summary: a history page for a table, with no sources or outputs (megabytes each).
+        jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner, group=group,
+                                                  summary=self.get_query_argument("summary", "") in ("1", "true"))
         self.send_json({"jobs": jobs, "total": total})
 
     @_protocol_errors

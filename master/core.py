@@ -428,12 +428,14 @@ class Master:
         job = {**(stored or {}), **active} if active is not None else stored
         return job if _visible(job, user) else None
 
-    async def list_jobs(self, status: str | None, limit: int, offset: int,
-                        user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
-        jobs, total = await self.store.list(status, limit, offset, user, group=group)
+    async def list_jobs(self, status: str | None, limit: int, offset: int, user: str | None = None,
+                        group: str | None = None, summary: bool = False) -> tuple[list[dict], int]:
+        """See ``JobStore.list``; ``summary``: without the bulky fields (job_record.summary)."""
+        jobs, total = await self.store.list(status, limit, offset, user, group=group, summary=summary)
         await self._carry.durable([j["id"] for j in jobs])
         # A running job's output so far lives in memory, not yet in the store.
-        return [{**j, **self.jobs.job(j["id"])} if self.jobs.job(j["id"]) else j for j in jobs], total
+        jobs = [{**j, **self.jobs.job(j["id"])} if self.jobs.job(j["id"]) else j for j in jobs]
+        return ([P.summary(j) for j in jobs] if summary else jobs), total
 
 
 def _languages_of(msg: dict) -> list[dict]:

@@ -134,6 +134,12 @@ def _where(equal: dict) -> tuple[str, list]:
     return ("WHERE " + " AND ".join(f"{column} = ?" for column in used) if used else ""), list(used.values())
 
 
+# What a page read with ``summary`` leaves in SQLite (job_record.SUMMARY_OMIT's fields kept in the record;
+# the others are inputs, not read at all then).
+_BULKY = ", ".join(f"'$.{k}'" for k in P.SUMMARY_OMIT if k not in P.INPUT_FIELDS)
+PAGE_BYTES = 64 << 20
+
+
 def _merge(data: str, inputs: str | None) -> dict:
     job = json.loads(data)
     if inputs is not None:
@@ -330,16 +336,25 @@ class JobStore:
 
     # -- reads -------------------------------------------------------------
 
-    def _list(self, status: str | None, limit: int, offset: int, user: str | None, group: str | None = None):
+    def _list(self, status: str | None, limit: int, offset: int, user: str | None, group: str | None = None,
+              summary: bool = False):
         clause, params = _where({"j.grp": group, "j.status": status or None, "j.user": user})
         conn = self._read_conn()
         if group is not None:  # a batch: at most MAX_BATCH rows, through its index
             total = conn.execute(f"SELECT COUNT(*) FROM jobs j {clause}", params).fetchone()[0]
         else:
             total = self._count(conn, status, user)
-        rows = conn.execute(f"SELECT j.data, i.data FROM jobs j LEFT JOIN inputs i ON i.id = j.id {clause} "
-                            "ORDER BY j.id DESC LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
-        return [_merge(*r) for r in rows], total
+        if summary:  # without its bulky fields (16 MiB of output each, at most), left in SQLite
+            query = f"SELECT json_remove(j.data, {_BULKY}), NULL FROM jobs j {clause}"
+        else:
+            query = f"SELECT j.data, i.data FROM jobs j LEFT JOIN inputs i ON i.id = j.id {clause}"
+        jobs, held = [], 0
+        for data, inputs in conn.execute(query + " ORDER BY j.id DESC LIMIT ? OFFSET ?", [*params, limit, offset]):
+            held += len(data) + len(inputs or "")
+            if jobs and held > PAGE_BYTES:
+                break  # a shorter page: the next starts at offset + len(jobs)
+            jobs.append(_merge(data, inputs))
+        return jobs, total
 
     @staticmethod
     def _count(conn: sqlite3.Connection, status: str | None, user: str | None) -> int:
@@ -348,9 +363,13 @@ class JobStore:
         return conn.execute(f"SELECT COALESCE(SUM(n), 0) FROM job_counts {clause}", params).fetchone()[0]
 
     async def list(self, status: str | None = None, limit: int = 100, offset: int = 0,
-                   user: str | None = None, group: str | None = None) -> tuple[list[dict], int]:
+                   user: str | None = None, group: str | None = None,
+                   summary: bool = False) -> tuple[list[dict], int]:
+        """A page of jobs, newest first, and how many match.  Fewer than ``limit`` when they are
+        large: a page holds at most PAGE_BYTES of records (and at least one), so that one request for
+        a thousand jobs of 16 MiB of output each cannot take the master's memory."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._list, status, limit, offset, user, group)
+        return await loop.run_in_executor(self._readers, self._list, status, limit, offset, user, group, summary)
 
     def _get(self, job_id: int) -> dict | None:
         row = self._read_conn().execute("SELECT j.data, i.data FROM jobs j LEFT JOIN inputs i ON i.id = j.id "

@@ -20,6 +20,7 @@ from master import auth
 from master.app import MAX_BODY_BYTES
 from master.limits import RateLimiter, parse_rate
 from master.sockets import MAX_UNSENT_BYTES
+from master.store import PAGE_BYTES
 
 from conftest import users_json, wait_for
 
@@ -373,3 +374,34 @@ def test_a_client_that_never_reads_is_closed_before_the_master_holds_too_much(ma
         stop.set()
         slow.close()
         pinger.join()
+
+
+def test_a_page_of_large_jobs_is_cut_to_its_byte_bound_and_the_rest_follows(make_cluster):
+    """GET /api/jobs?limit=1000 of jobs with 16 MiB of output each would build gigabytes in the master."""
+    lc = make_cluster(1, slots=2, languages="python")
+    big = "import sys\nfor i in range(60):\n    sys.stdout.write('x' * (1 << 18) + '\\n')\n"  # 15 MiB
+    with Cluster(lc.url, token=lc.token) as c:
+        jobs = [c.submit(big) for _ in range(PAGE_BYTES // (15 << 20) + 2)]
+        assert all(j.wait(120).status == P.SUCCEEDED for j in jobs)
+        every = {j.id for j in jobs} | {c.submit("print('small')").wait(60).id}
+
+    def page(**query) -> dict:
+        resp = requests.get(lc.url + "/api/jobs", params={"limit": 1000, **query}, timeout=60,
+                            headers={"Authorization": f"Bearer {lc.token}"})
+        assert resp.status_code == 200
+        return resp.json()
+
+    first = page()
+    assert first["total"] == len(every) and 0 < len(first["jobs"]) < len(every)
+    assert sum(len(j["stdout"]) for j in first["jobs"]) <= PAGE_BYTES
+    seen = [j["id"] for j in first["jobs"]]
+    while len(seen) < first["total"]:  # the rest, page by page, from where the last ended
+        more = page(offset=len(seen))["jobs"]
+        assert more
+        seen += [j["id"] for j in more]
+    assert sorted(seen) == sorted(every)
+    # A summary page (the panel's) leaves the output in the store: all of them in one page.
+    summary = page(summary=1)["jobs"]
+    assert {j["id"] for j in summary} == every and not any("stdout" in j or "source" in j for j in summary)
+    with Cluster(lc.url, token=lc.token) as c:  # the Python API reads on until it has what was asked
+        assert {j.id for j in c.jobs(limit=1000)} == every and len(c.jobs(limit=2)) == 2
