@@ -250,7 +250,13 @@ class Lifecycle:
         if not self.runs_on(job_id, uid):
             # A job that runs again elsewhere keeps its new slave's chunks.
             return ([] if job_id in self.records else [Discard(job_id)]) + [Ack(uid, job_id)]
-        return self._settle(self.records[job_id], exit_code, error, stdout, stderr,
+        rec = self.records[job_id]
+        if ((error or {}).get("code") == P.SLAVE_LOST and not rec.cancel
+                and (rec.job.get("attempts") or 0) <= (rec.job.get("retries") or 0)):
+            # The slave gave up on it (its drain deadline passed): as with a slave that went away,
+            # a job with retries left runs again elsewhere (without, it ends with what it printed).
+            return self._lose(rec, error.get("message") or "its slave stopped") + [Ack(uid, job_id)]
+        return self._settle(rec, exit_code, error, stdout, stderr,
                             outputs=outputs, artifacts=artifacts) + [Ack(uid, job_id)]
 
     def cancel(self, job_id: int) -> list[Decision]:
@@ -304,9 +310,11 @@ class Lifecycle:
             if rec.timer:
                 rec.timer = 0
                 out.append(ClearTimer(rec.job["id"]))
-        # Jobs it still runs that were settled meanwhile (e.g. failed as lost): stop them.
+        # Jobs it still runs that were settled meanwhile (e.g. failed as lost): stop them.  And the
+        # cancels it may not have had: one sent into a connection that had died unnoticed is lost.
         mine = {rec.job["id"] for rec in ours}
-        out += [Send(uid, P.make("job_cancel", job_id=j)) for j in sorted(running - mine)]
+        stop = (running - mine) | {rec.job["id"] for rec in ours if rec.cancel and rec.job["id"] in running}
+        out += [Send(uid, P.make("job_cancel", job_id=j)) for j in sorted(stop)]
         # Jobs it ran for us that it neither runs nor reports: lost with the slave.
         for rec in ours:
             if rec.job["id"] not in running and rec.job["id"] not in reported:

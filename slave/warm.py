@@ -411,8 +411,13 @@ class WarmRunner(Runner):
                 cg.kill_all()
                 await asyncio.wait([ended], timeout=KILL_GRACE)
                 if not ended.done():
-                    raise ZygoteDied("it did not report a killed job's end")
-            result = ended.result()
+                    # Its processes slow to die (I/O, memory reclaim), or the parent stuck: the job
+                    # ends as it was ended (run again, a timed-out job would take its whole time
+                    # again); the parent, which should have told, is started anew all the same.
+                    log.warning("warm pool: no word of job %s's end %g s after it was killed; its parent "
+                                "starts again", job["id"], KILL_GRACE)
+                    self._restart_soon()
+            result = ended.result() if ended.done() else None
             # Its output has ended with it, unless something it left (a daemon) holds the pipes: that
             # goes now (all it left goes once the slot is released).
             await asyncio.wait([r.done for r in readers], timeout=PIPES_CLOSE)
@@ -429,6 +434,9 @@ class WarmRunner(Runner):
                 r.close()
             if feeder is not None:
                 await asyncio.wait([feeder], timeout=KILL_GRACE)
+        if result is None:  # killed, its end never told: see above
+            step = StepResult(None, reason, time.monotonic() - started)
+            return run_outcome(step, capture, job, limits, lang, source_name, jobdirs, lambda: False)
         if result.error is not None:
             if result.disk:
                 return Outcome(None, disk_error(jobdirs, "the job's files do not fit in"))

@@ -587,6 +587,18 @@ def test_a_drain_that_runs_out_of_time_says_the_slave_stopped(make_cluster):
         assert lc.slaves[0].proc.wait(15) == 0
 
 
+def test_a_job_with_retries_whose_slave_drains_out_of_time_waits_for_another(make_cluster):
+    lc = make_cluster(1, slave_args=["--drain-timeout", "1"])
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["60"], retries=1)
+        started(c, job)
+        lc.slaves[0].send_signal(signal.SIGTERM)
+        # Not failed: as with a slave that went away, its one retry runs it on the next slave.
+        wait_for(lambda: c.job(job.id).status == P.QUEUED, 30, "the job to be queued again")
+        assert c.job(job.id).record["attempts"] == 1 and lc.slaves[0].proc.wait(15) == 0
+        c.cancel(job.id)
+
+
 def test_idle_slave_drains_at_once_while_its_master_is_down(make_cluster):
     """Nothing to finish and nobody to confirm the draining: SIGTERM exits now, not at the deadline."""
     lc = make_cluster(1)

@@ -237,6 +237,30 @@ def test_a_slave_back_with_a_job_settled_meanwhile_is_told_to_stop_it():
     assert sent(w.connect(running=[1]), "job_cancel") == [P.make("job_cancel", job_id=1)]
 
 
+def test_a_cancel_sent_into_a_dead_connection_is_sent_again_when_the_slave_is_back():
+    w = one_running()
+    # Written to a connection that had died, the master not knowing yet: the slave never gets it.
+    assert sent(w.jobs.cancel(1), "job_cancel") == [P.make("job_cancel", job_id=1)]
+    w.jobs.slave_lost("a", leaving=False, grace=3.0)
+    back = w.connect(running=[1])  # back within the grace, still running it
+    assert sent(back, "job_cancel") == [P.make("job_cancel", job_id=1)]
+    assert statuses(w.finish("a", 1, err=J.cancelled())) == [P.CANCELLED]
+
+
+def test_a_job_its_draining_slave_gave_up_on_runs_again_if_it_has_retries():
+    gave_up = P.error(P.SLAVE_LOST, "the slave was stopped (its drain deadline passed) before the job ended")
+    w = World()
+    w.connect()
+    w.submit(1, retries=1)
+    w.run(1)
+    out = w.finish("a", 1, err=gave_up, stdout="partial\n")
+    [job] = saved(out)
+    assert job["status"] == P.QUEUED and job["attempts"] == 1 and out[-1] == J.Ack("a", 1)
+    w.run(1)  # its one retry used: this time the result stands, with what it printed
+    [job] = saved(w.finish("a", 1, err=gave_up, stdout="partial\n"))
+    assert job["status"] == P.FAILED and job["error"]["code"] == P.SLAVE_LOST and job["stdout"] == "partial\n"
+
+
 def test_restart_resume():
     w = World()
     running = dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1, stdout="before\n")

@@ -8,6 +8,7 @@ its directory, under /run/distexec inside the pool's parent.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -91,6 +92,14 @@ def zygote(lc) -> psutil.Process:
     found = [p for p in warm_parents(lc.slaves[0].pid) if p.name() != "bwrap" and p.parent().name() == "bwrap"]
     assert len(found) == 1, found
     return found[0]
+
+
+def another_parent(lc, old: psutil.Process) -> bool:
+    """Whether the pool has a parent other than ``old`` (processes come and go meanwhile)."""
+    try:
+        return zygote(lc).pid != old.pid
+    except (AssertionError, psutil.Error):
+        return False
 
 
 def run(c, source: str, language: str = "python", timeout: float = 30, **kwargs):
@@ -724,9 +733,26 @@ def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, l
     assert "ran again in a fresh process" in job.stderr
     assert "its parent died" in slave_log(box)
     # The autouse check waits for a job to run warm again: a new parent.
-    wait_for(lambda: [p for p in warm_parents(lc.slaves[0].pid)
-                      if p.name() != "bwrap" and p.parent().name() == "bwrap" and p.pid != parent.pid],
-             30, "a new parent")
+    wait_for(lambda: another_parent(lc, parent), 30, "a new parent")
+
+
+def test_a_killed_job_whose_end_goes_untold_ends_as_killed_and_does_not_run_again(c, lc, box):
+    parent = zygote(lc)
+    job = c.submit(WHERE + "import time; print('up', flush=True); time.sleep(30)", timeout=2)
+    wait_for(lambda: "up" in job.stdout, 20, "the job to start")
+    # Frozen, the parent cannot tell the job's end once it is killed at its timeout, as when the job's
+    # processes are slow to die.
+    parent.send_signal(signal.SIGSTOP)
+    try:
+        job.wait(60)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent.send_signal(signal.SIGCONT)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
+    # Ended as it was ended: not run again, whole, for another timeout, with a note of a parent's death.
+    assert job.stdout == "warm\nup\n" and "ran again" not in job.stderr, job.record
+    assert "no word of job" in slave_log(box)
+    wait_for(lambda: another_parent(lc, parent), 30, "a new parent")
 
 
 def test_no_warm_runs_every_job_fresh(make_cluster, tmp_path):
