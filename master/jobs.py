@@ -129,6 +129,9 @@ class JobRecord:
     note: str | None = None  # told to the slave with the job_run (its session was lost)
     timer: int = 0  # the armed grace timer's token; 0: none
     why: str = ""  # what the timer's expiry means
+    # Requeued after its slave was lost: that slave and when the job started there.  Should the
+    # slave come back still running it before it is sent anywhere else, that run goes on.
+    lost_run: tuple[str, str | None] | None = None
 
     @property
     def running(self) -> bool:
@@ -210,7 +213,7 @@ class Lifecycle:
         """
         rec = self.records[job_id]
         self._seq += 1
-        rec.dispatch, rec.sent_to, rec.note = self._seq, NEVER, note
+        rec.dispatch, rec.sent_to, rec.note, rec.lost_run = self._seq, NEVER, note, None
         rec.job.update(status=P.RUNNING, slave_uid=uid, started_at=P.now(),
                        attempts=(rec.job.get("attempts") or 0) + 1)
         return [Save((rec.job,)), Load(job_id, rec.dispatch), _update(rec.job)]
@@ -247,9 +250,10 @@ class Lifecycle:
         duplicate) only acknowledged, once what settled it is durable.  The slave says
         whether its kill or the program's own end came first: a job that finished before
         a cancel reached it keeps its result."""
-        if not self.runs_on(job_id, uid):
+        if not self.runs_on(job_id, uid) and not self._taken_back(uid, self.slaves.get(uid), job_id):
             # A job that runs again elsewhere keeps its new slave's chunks.
             return ([] if job_id in self.records else [Discard(job_id)]) + [Ack(uid, job_id)]
+        # (Taken back: requeued when its slave was lost, that slave ran it to its end meanwhile.)
         rec = self.records[job_id]
         if ((error or {}).get("code") == P.SLAVE_LOST and not rec.cancel
                 and (rec.job.get("attempts") or 0) <= (rec.job.get("retries") or 0)):
@@ -306,13 +310,15 @@ class Lifecycle:
         self.scheduler.set_accepting(uid, not draining)
         self.slaves[uid] = instance
         out: list[Decision] = []
+        for job_id in sorted(running):
+            out += self._taken_back(uid, instance, job_id)
         for rec in ours:
             if rec.timer:
                 rec.timer = 0
                 out.append(ClearTimer(rec.job["id"]))
         # Jobs it still runs that were settled meanwhile (e.g. failed as lost): stop them.  And the
         # cancels it may not have had: one sent into a connection that had died unnoticed is lost.
-        mine = {rec.job["id"] for rec in ours}
+        mine = {rec.job["id"] for rec in self._on(uid)}
         stop = (running - mine) | {rec.job["id"] for rec in ours if rec.cancel and rec.job["id"] in running}
         out += [Send(uid, P.make("job_cancel", job_id=j)) for j in sorted(stop)]
         # Jobs it ran for us that it neither runs nor reports: lost with the slave.
@@ -320,6 +326,22 @@ class Lifecycle:
             if rec.job["id"] not in running and rec.job["id"] not in reported:
                 out += self._lose(rec, "the slave restarted and no longer has this job", instance=instance)
         return out
+
+    def _taken_back(self, uid: str, instance: str | None, job_id: int) -> list[Decision]:
+        """A job requeued when ``uid`` was lost, and still waiting, that ``uid`` says it still runs: that
+        run goes on, as if the slave had come back in time.  Sent there again instead, the new run
+        would meet the old one (the slave would refuse it, and the old one's end would settle it)."""
+        rec = self.records.get(job_id)
+        if (rec is None or rec.running or rec.lost_run is None or rec.lost_run[0] != uid
+                or session_of(rec.job) is not None or not self.scheduler.dequeue(job_id)):
+            return []
+        job = rec.job
+        rec.sent_to, rec.output_gap = instance, True  # what it printed before is not in memory: the result brings it
+        job.update(status=P.RUNNING, slave_uid=uid, started_at=rec.lost_run[1])
+        rec.lost_run = None
+        self.scheduler.mark_running(job_id, uid, user=job.get("user"))
+        log.info("job %d: slave %s came back still running it; that run goes on", job_id, uid)
+        return [Save((job,)), _update(job)]
 
     def timer_fired(self, job_id: int, token: int) -> list[Decision]:
         rec = self.records.get(job_id)
@@ -373,6 +395,7 @@ class Lifecycle:
             job["attempts"] = max(0, (job.get("attempts") or 0) - 1)
             why += ", before it started"
         out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
+        rec.lost_run = None if never_ran else (job["slave_uid"], job.get("started_at"))
         rec.timer, rec.dispatch, rec.sent_to, rec.output_gap, rec.note = 0, 0, NEVER, False, None
         job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
         self.scheduler.requeue_front(job["id"], job["language"], session_of(job), user=job.get("user"))

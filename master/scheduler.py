@@ -168,7 +168,8 @@ class Scheduler:
 
     def mark_running(self, job_id: int, uid: str, session: str | None = None,
                      user: str | None = None) -> None:
-        """Count a job as running on ``uid`` (restored after a master restart)."""
+        """Count a job as running on ``uid`` (restored after a master restart, or taken back from the
+        queue when the slave it was lost with comes back still running it)."""
         self._stop(job_id)  # counted again under ``user``
         self.job_user[job_id] = user
         self._start(job_id, uid)

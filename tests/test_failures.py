@@ -599,6 +599,24 @@ def test_a_job_with_retries_whose_slave_drains_out_of_time_waits_for_another(mak
         c.cancel(job.id)
 
 
+def test_a_slave_frozen_past_its_grace_goes_on_with_the_job_it_still_runs(make_cluster):
+    """Cut off longer than the grace, the job requeued (a retry left) but not sent anywhere yet: the
+    slave comes back still running it, and that run is the job's, not a second one meeting the first."""
+    lc = make_cluster(1, slots=1)
+    slave = lc.slaves[0]
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["20"], retries=1, timeout=90)
+        started(c, job)
+        slave.send_signal(signal.SIGSTOP)  # its job runs on: the slave alone is frozen
+        try:
+            wait_for(lambda: c.job(job.id).status == P.QUEUED, 30, "the job to be requeued past the grace")
+        finally:
+            slave.send_signal(signal.SIGCONT)
+        wait_for(lambda: c.job(job.id).status == P.RUNNING, 30, "the slave to come back with it")
+        job.wait(60)
+        assert (job.status, job.stdout, job.record["attempts"]) == (P.SUCCEEDED, "started\ndone\n", 1), job.record
+
+
 def test_idle_slave_drains_at_once_while_its_master_is_down(make_cluster):
     """Nothing to finish and nobody to confirm the draining: SIGTERM exits now, not at the deadline."""
     lc = make_cluster(1)

@@ -261,6 +261,50 @@ def test_a_job_its_draining_slave_gave_up_on_runs_again_if_it_has_retries():
     assert job["status"] == P.FAILED and job["error"]["code"] == P.SLAVE_LOST and job["stdout"] == "partial\n"
 
 
+def test_a_slave_back_after_its_grace_still_running_a_requeued_job_goes_on_running_it():
+    w = World()
+    w.connect()
+    w.submit(1, retries=1)
+    w.run(1)
+    started = w.jobs.job(1)["started_at"]
+    [timer] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
+    assert statuses(w.jobs.timer_fired(1, timer.token)) == [P.QUEUED]  # no other slave: it waits
+    back = w.connect(running=[1])  # the same slave, cut off longer than the grace, still running it
+    assert not sent(back, "job_cancel")  # not cancelled there, nor sent there again to meet itself
+    [job] = saved(back)
+    assert (job["status"], job["slave_uid"], job["attempts"], job["started_at"]) == (P.RUNNING, "a", 1, started)
+    assert w.place() == [] and w.scheduler.running == {1: "a"}
+    assert statuses(w.finish("a", 1)) == [P.SUCCEEDED]
+
+
+def test_a_slave_back_after_its_grace_with_the_result_of_a_requeued_job_settles_it():
+    w = World()
+    w.connect()
+    w.submit(1, retries=1)
+    w.run(1)
+    [timer] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
+    w.jobs.timer_fired(1, timer.token)
+    w.connect(running=[], reported=[1])  # it ended there meanwhile: its result comes next
+    [job] = saved(w.finish("a", 1, stdout="ran once\n"))
+    assert (job["status"], job["stdout"], job["attempts"]) == (P.SUCCEEDED, "ran once\n", 1)
+    assert w.place() == [] and not w.scheduler.queue  # not run a second time
+
+
+def test_a_slave_back_with_a_job_that_runs_elsewhere_now_is_told_to_stop_its_copy():
+    w = World()
+    w.connect("a")
+    w.submit(1, retries=1)
+    w.run(1)
+    [timer] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
+    w.jobs.timer_fired(1, timer.token)
+    w.connect("b")
+    w.run(1)  # on b now
+    back = w.connect("a", running=[1])
+    assert sent(back, "job_cancel") == [P.make("job_cancel", job_id=1)] and not saved(back)
+    assert not saved(w.finish("a", 1, err=J.cancelled()))  # a's copy's end settles nothing
+    assert statuses(w.finish("b", 1)) == [P.SUCCEEDED]
+
+
 def test_restart_resume():
     w = World()
     running = dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1, stdout="before\n")
