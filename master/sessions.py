@@ -91,8 +91,10 @@ class SessionBook:
         for job_id in queued:
             job = job_of(job_id)
             if job is not None:
+                # A job back in the queue for a retry had run: it was lost with its session, not before.
+                when = "while this job ran" if job.get("attempts") else "before this job ran"
                 failed.append((job_id, P.error(
-                    P.SLAVE_LOST, f"session {P.session_label(session_of(job))} was lost before this job ran: "
+                    P.SLAVE_LOST, f"session {P.session_label(session_of(job))} was lost {when}: "
                                   f"its slave {uid} {how}; the next job of {job['session']!r} starts a new session")))
         if names:
             log.info("slave %s %s: session(s) lost: %s", uid, how, ", ".join(map(P.session_label, names)))

@@ -395,7 +395,8 @@ def test_a_lost_slave_loses_its_session_clearly(make_cluster, tmp_path):
     with Cluster(lc.url, token=lc.token) as c:
         first = run(c, "x = 1", session="lost")
         assert first.status == P.SUCCEEDED, first.stderr
-        running = c.submit("print('started', flush=True)\nimport time\ntime.sleep(120)", session="lost")
+        # A retry left: requeued when its slave is lost, then failed with its session all the same.
+        running = c.submit("print('started', flush=True)\nimport time\ntime.sleep(120)", session="lost", retries=1)
         wait_for(lambda: c.job(running.id).stdout == "started\n", WAIT, "the session job to start")
         queued = c.submit("print(x)", session="lost")
         assert c.job(queued.id).status == P.QUEUED  # the session is busy
@@ -411,6 +412,8 @@ def test_a_lost_slave_loses_its_session_clearly(make_cluster, tmp_path):
             assert job.status == P.FAILED, logs(tmp_path)
             assert job.error["code"] == P.SLAVE_LOST
             assert "lost" in job.error["message"] and "'lost" in job.error["message"]
+        assert "lost while this job ran" in running.error["message"], running.error
+        assert "lost before this job ran" in queued.error["message"], queued.error
         assert not c.sessions()
         nxt = run(c, "x = 2\nprint(x)", session="lost")
         assert nxt.status == P.SUCCEEDED, nxt.stderr
