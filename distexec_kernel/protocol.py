@@ -38,8 +38,8 @@ MAX_FILES = 64
 MAX_ARGS = 256
 MAX_STDIN_BYTES = 8 << 20
 MAX_NAME_CHARS = 200
-# A language's name or alias (the longest known is 10 characters); a ``ref`` (a client's uuid).  Both
-# are kept with the job, also when it is rejected: bounded like a name.
+# A language's name or alias (the longest known is 10 characters): kept by a job, also a rejected
+# one, and repeated in its error.  (A ``ref``, a client's uuid kept for resends, is bounded like a name.)
 MAX_LANGUAGE_CHARS = 64
 MAX_TIMEOUT = 24 * 3600.0
 DEFAULT_TIMEOUT = 300.0

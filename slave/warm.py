@@ -417,6 +417,7 @@ class WarmRunner(Runner):
                     log.warning("warm pool: no word of job %s's end %g s after it was killed; its parent "
                                 "starts again", job["id"], KILL_GRACE)
                     self._restart_soon()
+                    ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # known, not logged
             result = ended.result() if ended.done() else None
             # Its output has ended with it, unless something it left (a daemon) holds the pipes: that
             # goes now (all it left goes once the slot is released).
