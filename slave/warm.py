@@ -149,7 +149,7 @@ class WarmRunner(Runner):
         zygote = Zygote(lambda command: box.zygote_argv(command, self.fresh.jobdirs.root, dirs, limits), python,
                         job_env(WARM_ROOT, dict(L.get("python").env)),
                         {"root": WARM_ROOT, "seccomp": program_bytes().hex() if box.seccomp else "",
-                         "imports": self.imports})
+                         "imports": self.imports, "netns": not limits.allow_network})
         try:
             await zygote.start()
         except OSError as exc:
@@ -199,7 +199,8 @@ class WarmRunner(Runner):
         return (f"warm pool: {', '.join(n for n in SERVED if n not in compiled)} jobs and the "
                 f"{', '.join(compiled)} programs the compile cache holds are forked from a parent started once "
                 f"in bubblewrap, "
-                f"each in its own mount and IPC namespaces, tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
+                f"each in its own mount, IPC{'' if self.fresh.limits.allow_network else ' and network'} namespaces, "
+                f"tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
                 f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end"
                 f"{'; imported once for every Python job: ' + ', '.join(self.imports) if self.imports else ''}"
                 f"; other jobs: "

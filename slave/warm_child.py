@@ -24,17 +24,20 @@ It says the job ended on a pipe just before its process exits (``_done``).
 import array
 import atexit  # every job's end runs its handlers: imported once by the parent, not in each child
 import ctypes
+import fcntl
 import marshal
 import os
 import resource
 import signal
+import struct
 import _socket as socket  # not socket.py: it imports enum and selectors
 import sys
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 # Looked up here, once: a lookup in a child would build them again in every child.
 _MOUNT, _UNSHARE, _PRCTL = _LIBC.mount, _LIBC.unshare, _LIBC.prctl
-_CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
+_SIOCSIFFLAGS, _IFF_UP, _IFF_LOOPBACK, _IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 1 << 18
 _PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
 _FDS = 4  # spec, stdin, stdout, stderr
@@ -110,7 +113,12 @@ class Child:
             finally:
                 os.close(fd)
         os.setsid()
-        _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
+        # Its own network namespace too (without network: only a loopback of its own).  Shared, one
+        # job's loopback server (a notebook's, a test's) was open to every other user's job, and
+        # /proc/net listed it for them.
+        _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC | (_CLONE_NEWNET if self.zygote.netns else 0)), "unshare")
+        if self.zygote.netns:
+            _loopback_up()
         # Held by the parent (in flight on the status socket until it reaps this child), so that tearing
         # them down is not part of this process's exit: a mount namespace's end waits out an RCU grace
         # period, milliseconds between the job's end and its parent hearing of it (measured: exit to
@@ -199,6 +207,15 @@ class Child:
         self.done = (self.done_w, st.st_dev, st.st_ino, os.getpid())
 
 
+def _loopback_up():
+    """``ip link set lo up`` in this new network namespace, as bwrap does for a fresh job's."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", _IFF_UP | _IFF_LOOPBACK | _IFF_RUNNING))
+    finally:
+        sock.close()
+
+
 def _rehearse():
     """The job's path once without a job (our code only, in a module of its own), while this child
     waits for one: the pages that path writes, shared with the parent since the fork, are copied now
@@ -268,6 +285,8 @@ def run_python(spec, work, done):
     sys.path[0] = work
     if "random" in sys.modules:  # never the same sequence in two jobs
         sys.modules["random"].seed()
+    if "numpy.random" in sys.modules:  # numpy's global generator too (--warm-imports numpy, pandas...)
+        sys.modules["numpy.random"].seed()
     code = 0
     try:
         exec(compile(spec["source"], path, "exec"), main.__dict__)

@@ -46,6 +46,7 @@ class Zygote:
         self.slots = {}  # slot -> what its children need before their job (uid, cgroups, disk)
         self.spares = {}  # slot -> (pid, status socket): a child isolated ahead, waiting for its job
         self.imports = config.get("imports") or []  # modules every Python job finds imported (--warm-imports)
+        self.netns = config.get("netns", False)  # a network namespace per child (no network)
 
     def setup(self):
         # Orphans of a job (a daemon it left) come to us, not to bwrap's init: reaped here.

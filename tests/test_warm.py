@@ -449,6 +449,39 @@ def test_output_under_the_limit_arrives_whole_on_both_streams(c):
     assert job.stderr == "ü" * len(range(0, 300003, 4097)), job.stderr[:50]
 
 
+def test_a_warm_jobs_loopback_is_its_own(c):
+    """Another user's job serving on 127.0.0.1 (a notebook's server, a test's) is neither listed
+    (/proc/net) nor reachable from a job beside it; a job's own loopback works."""
+    server = c.submit(WHERE + textwrap.dedent("""
+        import socket, time
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+        u = socket.socket(socket.AF_UNIX); u.bind("\\0distexec-test-abstract"); u.listen()
+        print(s.getsockname()[1], flush=True)
+        time.sleep(60)
+    """), timeout=90)
+    wait_for(lambda: len(server.stdout.splitlines()) == 2, 20, "the server job to listen")
+    assert server.stdout.startswith("warm\n")
+    port = server.stdout.splitlines()[1]
+    probe = run(c, WHERE + textwrap.dedent("""
+        import socket, sys
+        port = int(sys.argv[1])
+        print(f":{port:04X} " in open("/proc/net/tcp").read(), "distexec-test-abstract" in open("/proc/net/unix").read())
+        for family, address in ((socket.AF_INET, ("127.0.0.1", port)), (socket.AF_UNIX, "\\0distexec-test-abstract")):
+            try:
+                socket.socket(family).connect(address)
+                print("reached")
+            except OSError as exc:
+                print(type(exc).__name__)
+        mine = socket.socket(); mine.bind(("127.0.0.1", 0)); mine.listen()
+        socket.create_connection(mine.getsockname(), timeout=5)
+        print("own loopback works")
+    """), args=[port])
+    server.cancel()
+    assert probe.status == P.SUCCEEDED, probe.record
+    assert probe.stdout.splitlines() == ["warm", "False False", "ConnectionRefusedError", "ConnectionRefusedError",
+                                         "own loopback works"], probe.stdout
+
+
 def test_no_network(c, lc):
     source = WHERE + textwrap.dedent("""
         import socket, sys
@@ -788,6 +821,16 @@ def test_modules_the_pool_imports_once_are_in_each_job_and_what_a_job_changes_in
             print(json.dumps([1]), decimal.getcontext().prec, hasattr(decimal, 'MARK'))
         """))
         assert (second.status, second.stdout) == (P.SUCCEEDED, "warm\n[1] 28 False\n"), second.record
+
+
+def test_numpy_imported_once_by_the_pool_draws_a_different_sequence_in_each_job(make_cluster):
+    # numpy.random's global generator is seeded at its import: in the parent, once, for every child.
+    other = make_cluster(1, slots=1, languages="python", slave_args=["--warm-imports", "numpy"])
+    with Cluster(other.url, token=other.token) as client:
+        source = WHERE + "import sys\nprint('numpy' in sys.modules)\nimport numpy\nprint(list(numpy.random.randint(0, 2**31, 4)))"
+        outs = [run(client, source) for _ in range(3)]
+    assert all(o.status == P.SUCCEEDED and o.stdout.startswith("warm\nTrue\n") for o in outs), [o.record for o in outs]
+    assert len({o.stdout for o in outs}) == 3, [o.stdout for o in outs]
 
 
 def test_an_import_that_starts_a_thread_is_refused_and_the_current_directory_is_not_searched(tmp_path):
