@@ -35,7 +35,7 @@ import sys
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 # Looked up here, once: a lookup in a child would build them again in every child.
-_MOUNT, _UNSHARE, _PRCTL = _LIBC.mount, _LIBC.unshare, _LIBC.prctl
+_MOUNT, _UNSHARE, _PRCTL, _SETNS = _LIBC.mount, _LIBC.unshare, _LIBC.prctl, _LIBC.setns
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 _SIOCSIFFLAGS, _IFF_UP, _IFF_LOOPBACK, _IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 1 << 18
@@ -113,12 +113,13 @@ class Child:
             finally:
                 os.close(fd)
         os.setsid()
-        # Its own network namespace too (without network: only a loopback of its own).  Shared, one
-        # job's loopback server (a notebook's, a test's) was open to every other user's job, and
-        # /proc/net listed it for them.
-        _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC | (_CLONE_NEWNET if self.zygote.netns else 0)), "unshare")
-        if self.zygote.netns:
-            _loopback_up()
+        # Its slot's network namespace (without network: only a loopback), which no job running beside
+        # it shares.  Shared by the whole pool, one job's loopback server (a notebook's, a test's) was
+        # open to every other user's job, and /proc/net listed it for them.  Made once per slot by the
+        # parent (warm_zygote.py), joined here: made per job, it cost a third of the pool's throughput.
+        if slot.get("netns") is not None:
+            _check(_SETNS(slot["netns"], _CLONE_NEWNET), "setns")
+        _check(_UNSHARE(_CLONE_NEWNS | _CLONE_NEWIPC), "unshare")
         # Held by the parent (in flight on the status socket until it reaps this child), so that tearing
         # them down is not part of this process's exit: a mount namespace's end waits out an RCU grace
         # period, milliseconds between the job's end and its parent hearing of it (measured: exit to
@@ -208,7 +209,7 @@ class Child:
 
 
 def _loopback_up():
-    """``ip link set lo up`` in this new network namespace, as bwrap does for a fresh job's."""
+    """``ip link set lo up`` in this process's (new) network namespace, as bwrap does for a fresh job's."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", _IFF_UP | _IFF_LOOPBACK | _IFF_RUNNING))

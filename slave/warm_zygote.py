@@ -29,8 +29,9 @@ import signal
 import sys
 
 if "Child" not in globals():  # read on its own (a linter, a test), not after warm_child.py as the slave runs it
-    from slave.warm_child import (_FDS, _MS_NODEV, _MS_NOEXEC, _MS_NOSUID, _PR_SET_CHILD_SUBREAPER, _PRCTL,  # noqa: F401
-                                  Child, _SockFprog, _check, _fds_of, _mount, array, ctypes, marshal, socket)
+    from slave.warm_child import (_CLONE_NEWNET, _FDS, _MS_NODEV, _MS_NOEXEC, _MS_NOSUID,  # noqa: F401
+                                  _PR_SET_CHILD_SUBREAPER, _PRCTL, _SETNS, _UNSHARE, Child, _SockFprog, _check,
+                                  _fds_of, _loopback_up, _mount, array, ctypes, marshal, socket)
 
 
 class Zygote:
@@ -46,7 +47,8 @@ class Zygote:
         self.slots = {}  # slot -> what its children need before their job (uid, cgroups, disk)
         self.spares = {}  # slot -> (pid, status socket): a child isolated ahead, waiting for its job
         self.imports = config.get("imports") or []  # modules every Python job finds imported (--warm-imports)
-        self.netns = config.get("netns", False)  # a network namespace per child (no network)
+        self.netns = config.get("netns", False)  # a network namespace per slot (no network)
+        self.nets = {}  # slot -> a descriptor of its network namespace, made once
 
     def setup(self):
         # Orphans of a job (a daemon it left) come to us, not to bwrap's init: reaped here.
@@ -109,6 +111,8 @@ class Zygote:
             os.close(fd)
         if msg["op"] == "prepare":
             self.slots[msg["slot"]] = msg["spec"]
+            if self.netns:
+                msg["spec"]["netns"] = self.net_of(msg["slot"])
             if msg["slot"] not in self.spares:
                 self.spare(msg["slot"])
         elif msg["op"] == "kill":
@@ -120,6 +124,21 @@ class Zygote:
                     except OSError:
                         pass
         return True
+
+    def net_of(self, slot):
+        """The slot's own network namespace (a loopback only): made once, by stepping into a new one
+        and back.  Its jobs run one after another, each killed whole before the next, so what one
+        leaves there (nothing: only its sockets, closed with it) meets no other user's job."""
+        if slot not in self.nets:
+            home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_UNSHARE(_CLONE_NEWNET), "unshare")
+                _loopback_up()
+                self.nets[slot] = os.open("/proc/self/ns/net", os.O_RDONLY)
+            finally:
+                _check(_SETNS(home, _CLONE_NEWNET), "setns")
+                os.close(home)
+        return self.nets[slot]
 
     def spare(self, slot):
         """Fork a child for ``slot`` that isolates itself now and waits for its job (latency)."""
