@@ -3,9 +3,9 @@ it never runs user code and forks one fresh child per job (slave/warm_child.py).
 
 Run by the slave (slave/warm_pool.py) after warm_child.py, as one program:
 ``python3 -u -c <warm_child.py + this file> FD CONFIG`` (CONFIG: a marshal dump of
-{root, seccomp}, in hex), with the job's interpreter.  bwrap has already made it root
-with only CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_KILL, in its own PID, IPC, UTS
-and network namespaces, on a read-only system with the secrets hidden.
+{root, seccomp, imports, netns}, in hex), with the job's interpreter.  bwrap has already made
+it root with only CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_KILL and CAP_NET_ADMIN, in its own
+PID, IPC, UTS and network namespaces, on a read-only system with the secrets hidden.
 
 Protocol on FD (a SOCK_SEQPACKET socket, one message each):
   in (a marshal dump of a dict; the slave is trusted):
