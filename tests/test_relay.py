@@ -156,10 +156,15 @@ def test_a_user_removed_while_connected_is_refused_on_the_websocket(make_cluster
         assert log == []  # refused on the WebSocket, as a POST would have been
 
 
-def test_an_admin_demoted_while_connected_hears_only_its_own_jobs_after(make_cluster, tmp_path):
+def _alice_and_boss(make_cluster, tmp_path):
+    """A cluster whose users are alice and boss, an admin: (its users file, the cluster)."""
     users = users_json(tmp_path, "alice")
     auth.add_user(users, "boss", "boss-pw", admin=True, hasher=CHEAP)
-    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    return users, make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+
+
+def test_an_admin_demoted_while_connected_hears_only_its_own_jobs_after(make_cluster, tmp_path):
+    users, lc = _alice_and_boss(make_cluster, tmp_path)
     with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
             Cluster(lc.url, user="boss", password="boss-pw") as boss:
         heard: list[dict] = []
@@ -182,9 +187,7 @@ def test_an_admin_demoted_while_connected_hears_only_its_own_jobs_after(make_clu
 
 
 def test_a_cancel_on_the_websocket_is_judged_by_the_login_as_it_is_now(make_cluster, tmp_path):
-    users = users_json(tmp_path, "alice")
-    auth.add_user(users, "boss", "boss-pw", admin=True, hasher=CHEAP)
-    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    users, lc = _alice_and_boss(make_cluster, tmp_path)
     with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
             Cluster(lc.url, user="boss", password="boss-pw") as boss:
         sleeper = alice.submit(SLEEPER)
