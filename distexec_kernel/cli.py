@@ -71,7 +71,11 @@ def _read_password(user: str, from_stdin: bool, confirm: bool = True) -> str:
 def cmd_user(args) -> int:
     from master import auth
     if not args.users:
-        config.ensure_home()  # before the users file is written there: 0700
+        try:
+            config.ensure_home()  # before the users file is written there: 0700
+        except config.UnsafeFolderError as exc:
+            print(f"distexec: {exc}", file=sys.stderr)
+            return 2
     path = args.users or auth.default_users_path()
     if args.action != "list" and not args.name:
         raise SystemExit(f"distexec user {args.action}: give a user NAME")

@@ -20,27 +20,51 @@ HOME_ENTRIES = ("connection.json", "users.json", "history.sqlite3*", "history-ar
                 "slave-*.uid", "*.tmp")
 
 
-def private_dir(path: str) -> str:
+class UnsafeFolderError(OSError, ValueError):
+    """A folder distexec would keep its secrets in that another user could read through or write."""
+
+
+def private_dir(path: str, dedicated: bool = False) -> str:
     """Make ``path`` (and missing parents) a directory only its owner can enter: 0700.
 
     One that exists with wider modes is narrowed only when it is distexec's
-    own (holding nothing but its files: made by an older version).  Any other
-    folder is left as it is, with a warning: ``DISTEXEC_HOME=/tmp`` must not
-    make /tmp 0700 for every other user (the files distexec writes are 0600
-    each wherever they are).
+    own: holding nothing but its files (made by an older version), or
+    ``dedicated`` (a folder distexec made for one thing, such as its compile
+    cache).  A folder others may only read (``/srv``) is left as it is, with
+    a warning: distexec's files in it are 0600 each.  Refused
+    (``UnsafeFolderError``), where another user could redirect or plant what
+    root writes: a symbolic link not made by this user, a folder of another
+    user's, or one others can write (``/tmp``: its names are anyone's).
+    Checked on the opened folder, not its name, so a swap in between is moot.
     """
     path = os.path.abspath(path)
     os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.getuid() or not st.st_mode & 0o077:
-        return path
-    if not st.st_mode & stat.S_ISVTX and all(any(fnmatch.fnmatchcase(name, pattern) for pattern in HOME_ENTRIES)
-                                             for name in os.listdir(path)):
-        os.chmod(path, 0o700)
-    else:
-        logging.getLogger("distexec").warning(
-            "%s is open to others (mode %o) and is not distexec's own folder: left as it is; distexec's files "
-            "in it are private (0600) all the same", path, stat.S_IMODE(st.st_mode))
+    link = os.lstat(path)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != os.getuid():
+        raise UnsafeFolderError(f"{path} is a symbolic link of uid {link.st_uid}: distexec does not follow "
+                                f"another user's link to keep its files")
+    # O_DIRECTORY: a FIFO or anything else planted there fails at once, rather than waiting for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise UnsafeFolderError(f"{path} belongs to uid {st.st_uid}: distexec keeps its files only in "
+                                    f"a folder of its own user's")
+        if not st.st_mode & 0o077:
+            return path
+        ours = dedicated or all(any(fnmatch.fnmatchcase(name, pattern) for pattern in HOME_ENTRIES)
+                                for name in os.listdir(fd))
+        if ours and not st.st_mode & stat.S_ISVTX:
+            os.fchmod(fd, 0o700)
+        elif st.st_mode & 0o022:
+            raise UnsafeFolderError(f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): anyone "
+                                    f"could plant names where distexec writes; choose a folder of its own")
+        else:
+            logging.getLogger("distexec").warning(
+                "%s is readable by others (mode %o) and is not distexec's own folder: left as it is; "
+                "distexec's files in it are private (0600) all the same", path, stat.S_IMODE(st.st_mode))
+    finally:
+        os.close(fd)
     return path
 
 

@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 
+from distexec_kernel import config
+
 from . import safefs
 
 log = logging.getLogger("distexec.slave.compile_cache")
@@ -47,10 +49,8 @@ class CompileCache:
         self.misses = 0
         self.stores = 0
         self._lock = threading.Lock()
-        # Users' compiled programs: for root alone, also where $DISTEXEC_HOME is a folder others can enter.
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        if os.stat(root).st_mode & 0o077:
-            os.chmod(root, 0o700)  # made by an older version
+        # Users' compiled programs: for root alone, also where $DISTEXEC_HOME is a folder others can read.
+        config.private_dir(root, dedicated=True)
         self._sweep()
 
     def describe(self) -> str:

@@ -10,7 +10,7 @@ import argon2
 import pytest
 import requests
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 from distexec_kernel.local import LocalCluster
 from master import auth
@@ -209,3 +209,61 @@ def test_collected_files_count_towards_the_historys_size_bound(make_cluster):
         assert second.status == P.SUCCEEDED
         wait_for(lambda: first.id not in {j.id for j in c.jobs()}, 20, "the older job and its file to be pruned")
         assert second.id in {j.id for j in c.jobs()} and len(c.job(second.id).artifact("out.bin")) == 300_000
+
+
+def test_a_home_another_user_can_redirect_or_write_is_refused_and_left_as_it_is(tmp_path):
+    """$DISTEXEC_HOME in a folder others can write (as root, with protected_symlinks off, as here):
+    root must not follow their symbolic link, hang on their FIFO, or keep its secrets where they write."""
+    target = tmp_path / "roots-empty-folder"  # what a planted link points root at: narrowed, it would break
+    target.mkdir(mode=0o755)
+    os.chmod(target, 0o755)
+    planted = tmp_path / "planted-home"
+    planted.symlink_to(target)
+    os.lchown(planted, 65534, 65534)  # made by another user
+    with pytest.raises(config.UnsafeFolderError, match="symbolic link of uid 65534"):
+        config.private_dir(str(planted))
+    assert mode(target) == 0o755
+
+    fifo = tmp_path / "fifo-home"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):  # at once: no open that waits for a writer
+        config.private_dir(str(fifo))
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp: anyone may plant names (links) where distexec would write
+    with pytest.raises(config.UnsafeFolderError, match="writable by others"):
+        config.private_dir(str(shared))
+    assert mode(shared) == 0o1777
+    # What a person sees: one line, for the master, a slave and the CLI alike.
+    env = dict(os.environ, DISTEXEC_HOME=str(shared), DISTEXEC_SLAVE_SECRET="s")
+    for argv in (["-m", "master", "--port", "0"], ["-m", "slave", "--master", "http://127.0.0.1:1"],
+                 ["-m", "distexec_kernel.cli", "user", "add", "bob", "--password-stdin"]):
+        done = subprocess.run([sys.executable, *argv], env=env, input="pw\n", capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0 and "is writable by others" in done.stderr, (argv, done.stderr)
+        assert "Traceback" not in done.stderr, (argv, done.stderr)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(config.UnsafeFolderError, match="belongs to uid 65534"):
+        config.private_dir(str(theirs))
+
+    # A home moved elsewhere with a link of its own user's: followed, and made private.
+    real = tmp_path / "disk2-home"
+    real.mkdir(mode=0o755)
+    os.chmod(real, 0o755)
+    moved = tmp_path / "moved-home"
+    moved.symlink_to(real)
+    assert config.private_dir(str(moved)) == str(moved) and mode(real) == 0o700
+
+
+def test_the_compile_cache_folder_is_narrowed_whatever_it_holds(tmp_path):
+    from slave.compile_cache import CompileCache
+    home = config.private_dir(str(tmp_path / "home"))
+    root = os.path.join(home, "cache", "compile")
+    os.makedirs(os.path.join(root, "ab"), mode=0o755)  # an older version's, with an entry
+    os.chmod(root, 0o755)
+    CompileCache(root, 1 << 20)
+    assert mode(root) == 0o700
