@@ -3,15 +3,17 @@
 The kernel runs the user's code, so everything it sends is hostile input to
 the slave (root, in no cgroup).  Three bounds:
 
-- every socket refuses a message part larger than ``max_message`` (zmq's
-  MAXMSGSIZE: the peer is disconnected; the pump connects iopub again) and queues at most
-  ``QUEUED_MESSAGES`` messages (RCVHWM; past it the kernel's side drops or waits);
+- every socket reaches the kernel through a ``zmtp_relay.Relay``, which cuts
+  a message larger than ``max_message`` in all (libzmq's own MAXMSGSIZE,
+  also set, bounds each frame only), and queues at most ``QUEUED_MESSAGES``
+  messages (RCVHWM; past it the kernel's side drops or waits); libzmq
+  connects again after a cut;
 - the iopub channel is read all the time by ``IopubPump``: a cell's own
   messages go to that cell's handler, everything else (a thread an earlier
   cell started, printing after that cell returned) is dropped unread, so
   nothing piles up in the slave between cells;
-- a message refused as too large during a cell ends that cell with
-  ``output_limit`` (``IopubPump.oversized``), as more output than the limit.
+- a message cut as too large during a cell, on any socket, ends that cell
+  with ``output_limit`` (``IopubPump.cut``), as more output than the limit.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ QUEUED_MESSAGES = 32  # per socket (zmq RCVHWM): with max_message, what a slow s
 MESSAGE_MARGIN = 64 << 10  # a message's header and JSON quoting around its output
 
 
-def make_client(conn_file: str, max_message: int):
-    """An AsyncKernelClient on a zmq context of its own whose sockets are bounded (see module doc)."""
+def make_client(connection: dict, max_message: int):
+    """An AsyncKernelClient for ``connection`` (a connection file's fields, kept by the slave: the
+    kernel could rewrite its file) on a zmq context of its own whose sockets are bounded (see module doc)."""
     # zmq and jupyter_client load with the first session, not with every slave (tens of ms of a start).
     import zmq.asyncio
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -43,7 +46,7 @@ def make_client(conn_file: str, max_message: int):
     ctx.setsockopt(zmq.RCVHWM, QUEUED_MESSAGES)
     ctx.setsockopt(zmq.LINGER, 0)
     client = AsyncKernelClient(context=ctx)
-    client.load_connection_file(conn_file)
+    client.load_connection_info(connection)
     client.allow_stdin = True
     return client
 
@@ -73,10 +76,8 @@ class IopubPump:
         self.cell_id: str | None = None
         self.handler: Callable[[dict], None] | None = None
         self.dropped = 0
-        self.oversized = False  # a message past max_message was refused during the current cell
-        import zmq
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
+        self.oversized = False  # a message past max_message was cut during the current cell
+        self._read_task = asyncio.ensure_future(self._read())
 
     def start_cell(self, msg_id: str, handler: Callable[[dict], None]) -> None:
         self.cell_id, self.handler, self.oversized = msg_id, handler, False
@@ -111,40 +112,13 @@ class IopubPump:
                 continue
             handler(msg)
 
-    async def _watch(self) -> None:
-        import zmq
-        from zmq.utils.monitor import parse_monitor_message
-
-        while True:
-            try:
-                event = parse_monitor_message(await self._monitor.recv_multipart())
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            if self.cell_id is not None:
-                # The kernel is ours alone: on ipc it disconnects only for a message over MAXMSGSIZE.
-                self.oversized = True
-            # zmq does not reconnect after refusing a message: connect again, for the next ones.
-            endpoint = event["endpoint"].decode()
-            try:
-                self.socket.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass
-            try:
-                self.socket.connect(endpoint)
-            except zmq.ZMQError:
-                return  # closed meanwhile
+    def cut(self) -> None:
+        """A relay cut a message of the kernel's as too large: the current cell's, for all we know."""
+        if self.cell_id is not None:
+            self.oversized = True
 
     def close(self) -> None:
-        import zmq
-        for t in self._tasks:
-            t.cancel()
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(linger=0)
+        self._read_task.cancel()
 
 
 @dataclass

@@ -49,6 +49,7 @@ class Session:
     spawn: object = None  # the sandbox's Spawn, for its cleanup
     jobdir: JobDir | None = None  # its directory, on its disk quota
     pump: IopubPump | None = None  # reads (and drops what is not a cell's) on iopub
+    relays: list = field(default_factory=list)  # zmtp_relay.Relay per socket, between the client and the kernel
     own_pids: frozenset = frozenset()  # the kernel and its sandbox wrappers: all else is a cell's leftover
     ended_reason: str | None = None  # set once it is ended, for a cell still running then
     # (args, stdin) the kernel's sys.argv / sys.stdin were last set to.
@@ -237,7 +238,7 @@ class CellRunner:
     async def _read_cell(self, session: Session, msg_id: str, idle: asyncio.Future, state: CellState) -> None:
         """Wait until the cell is done: the kernel idle again on iopub, and its reply on shell.
 
-        Either may come alone: a message refused as too large (kernel_io)
+        Either may come alone: a message cut as too large (zmtp_relay)
         drops the iopub connection for a moment, and the idle status with it.
         """
         reply = asyncio.ensure_future(_shell_reply(session.client, msg_id, state))

@@ -49,6 +49,7 @@ from .kernel_io import MESSAGE_MARGIN, IopubPump, close_client, make_client, unt
 from .runner import Outcome, OutputCallback, Capture
 from .sandbox import Limits, Sandbox
 from .session_cells import CELL_CPUS, CellRunner, Session, _ignore
+from .zmtp_relay import Relay
 
 log = logging.getLogger("distexec.slave.sessions")
 
@@ -56,6 +57,8 @@ DEFAULT_TTL = 1800.0  # seconds an idle session lives
 KERNEL_START_TIMEOUT = 60.0  # a loaded 2-core machine can take a few seconds
 CONNECTION_FILE = ".distexec-kernel.json"
 SOCKET_PREFIX = ".distexec-k"  # ipc sockets .distexec-k-1 ... -5
+RELAY_PREFIX = "k"  # the relays' sockets k-1 ... -4, beside the job's work/ (zmtp_relay)
+RELAYED = ("shell", "iopub", "stdin", "control")  # no heartbeat: see _start
 MAX_IPC_PATH = 100  # sun_path is 108 bytes; leave room for "-N"
 DEFAULT_MAX_SESSIONS = 4  # per user: --max-sessions-per-user
 # Between cells a session's kernel is capped at a tenth of a core (CELL_CPUS while a
@@ -221,7 +224,7 @@ class SessionRunner:
             await asyncio.to_thread(self.jobdirs.remove, jobdir)
             raise RuntimeError(f"the session's socket path {ipc!r} is longer than {MAX_IPC_PATH} bytes: "
                                "start the slave with a shorter --workdir")
-        write_connection_file(conn_file, ip=ipc, transport="ipc", kernel_name="python3")
+        _, connection = write_connection_file(conn_file, ip=ipc, transport="ipc", kernel_name="python3")
         # No JPY_PARENT_PID: inside a PID namespace the kernel's parent is pid 1,
         # which ipykernel's poller takes for "the parent died".  PDEATHSIG (and
         # bubblewrap's --die-with-parent) do that job.  No timeout: the CPU-time
@@ -243,11 +246,24 @@ class SessionRunner:
         finally:
             log_file.close()
         # No message larger than the output limit could be: see kernel_io.
-        client = make_client(conn_file, self.limits.output_bytes + MESSAGE_MARGIN)
+        max_message = self.limits.output_bytes + MESSAGE_MARGIN
+        # The client's sockets are the relays', in the job's top folder: the slave's, out of the kernel's sight.
+        relayed = os.path.join(jobdir.top, RELAY_PREFIX)
+        client = make_client({**connection, "ip": relayed}, max_message)
+        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir)
+        session.relays = [Relay(f"{relayed}-{connection[ch + '_port']}", f"{ipc}-{connection[ch + '_port']}",
+                                max_message, lambda pid: pid in _pids(spawn, proc.pid), KERNEL_START_TIMEOUT,
+                                on_cut=lambda: session.pump and session.pump.cut())
+                          for ch in RELAYED]
+        try:
+            for relay in session.relays:
+                await relay.start()
+        except BaseException:
+            await self._dispose(session)
+            raise
         # No heartbeat channel: we hold the process and see it exit, and the
         # heartbeat misreports a kernel still starting on a loaded machine.
         client.start_channels(hb=False)
-        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir)
         ready = asyncio.ensure_future(asyncio.wait_for(until_ready(client), KERNEL_START_TIMEOUT))
         exited = asyncio.ensure_future(proc.wait())
         try:
@@ -315,6 +331,8 @@ class SessionRunner:
         if session.pump is not None:
             session.pump.close()
         close_client(session.client)
+        for relay in session.relays:
+            await relay.close()
         kill_group(session.proc.pid)
         if session.proc.returncode is None:
             try:
@@ -340,12 +358,16 @@ class SessionRunner:
                     await self._end(session, f"idle for more than {self.ttl:g} s", notify=True)
 
 def _session_pids(session: Session) -> set[int]:
-    """Every process of the session: its cgroup, or (without one) the kernel and its descendants."""
-    cg = getattr(session.spawn, "cgroup", None)
+    return _pids(session.spawn, session.proc.pid)
+
+
+def _pids(spawn, kernel: int) -> set[int]:
+    """Every process of a session: its cgroup, or (without one) the kernel and its descendants."""
+    cg = getattr(spawn, "cgroup", None)
     if cg is not None and cg.pids():
         return cg.pids()
     try:
-        root = psutil.Process(session.proc.pid)
+        root = psutil.Process(kernel)
         return {root.pid} | {p.pid for p in root.children(recursive=True)}
     except psutil.Error:
         return set()
