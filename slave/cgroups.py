@@ -252,6 +252,18 @@ class JobCgroup:
             except ProcessLookupError:
                 pass
 
+    def clear(self, wait: float = 1.0) -> bool:
+        """Kill every process here and wait until they have left; the cgroup stays.  True when empty."""
+        deadline = time.monotonic() + wait
+        delay = 0.0005
+        while self.pids():
+            if time.monotonic() >= deadline:
+                return False
+            self.kill_all()
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
+
     def destroy(self, wait: float = 1.0) -> bool:
         """Kill every process of the step, then remove the cgroups.  True when gone.
 

@@ -198,18 +198,22 @@ class ProcessRunner(Runner):
             raise
         fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
         env = dict(lang.env)
+        # Both steps in one cgroup: what the compiler leaves in the job's tmpfs stays under the job's limit.
+        cgroup = await asyncio.to_thread(self.sandbox.job_cgroup, self.limits) if lang.compile else None
+        try:
+            if lang.compile:
+                refused = await self._compile(jobdir, lang, job, source_name,
+                                              self._argv(lang, lang.compile, fields), env, cancel, cgroup)
+                if refused is not None:
+                    return refused
 
-        if lang.compile:
-            refused = await self._compile(jobdir, lang, job, source_name, self._argv(lang, lang.compile, fields),
-                                          env, cancel)
-            if refused is not None:
-                return refused
-
-        env = dict(env)
-        argv = self.run_argv(lang, fields, env) + list(job.get("args") or [])
-        stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
-        capture = Capture(self.limits.output_bytes, on_output)
-        step = await self._step(argv, jobdir, env, stdin, job["timeout"], cancel, capture)
+            env = dict(env)
+            argv = self.run_argv(lang, fields, env) + list(job.get("args") or [])
+            stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
+            capture = Capture(self.limits.output_bytes, on_output)
+            step = await self._step(argv, jobdir, env, stdin, job["timeout"], cancel, capture, cgroup)
+        finally:
+            await asyncio.to_thread(self.sandbox.release_job_cgroup, cgroup)
         return run_outcome(step, capture, job, self.limits, lang, source_name, self.jobdirs,
                            lambda: _hit_disk_limit(step, jobdir))
 
@@ -233,7 +237,7 @@ class ProcessRunner(Runner):
         return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
 
     async def _compile(self, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
-                       argv: list[str], env: dict, cancel: asyncio.Event) -> Outcome | None:
+                       argv: list[str], env: dict, cancel: asyncio.Event, cgroup=None) -> Outcome | None:
         """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
 
         Returns None on success, else how the job ended (compile_error, cancelled).
@@ -246,7 +250,7 @@ class ProcessRunner(Runner):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
                 return None
         capture = Capture(self.limits.output_bytes, None)
-        step = await self._step(argv, jobdir, env, None, lang.compile_timeout, cancel, capture)
+        step = await self._step(argv, jobdir, env, None, lang.compile_timeout, cancel, capture, cgroup)
         if step.reason == "cancelled":
             return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
         if step.reason is None and step.returncode != 0 and _hit_disk_limit(step, jobdir):
@@ -270,10 +274,11 @@ class ProcessRunner(Runner):
         return None
 
     async def _step(self, argv: list[str], jobdir: JobDir, env: dict, stdin: bytes | None,
-                    timeout: float, cancel: asyncio.Event, capture: Capture) -> StepResult:
+                    timeout: float, cancel: asyncio.Event, capture: Capture, cgroup=None) -> StepResult:
+        """One step in a fresh sandboxed process; ``cgroup``: the job's, to share (else one of the step's own)."""
         started = time.monotonic()
         spawn = await asyncio.to_thread(self.sandbox.command, argv, jobdir.path, env, self.limits, timeout=timeout,
-                                        tmpdirs=jobdir.sandbox_tmp)
+                                        tmpdirs=jobdir.sandbox_tmp, within=cgroup)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *spawn.argv, cwd=spawn.cwd, env=spawn.env,

@@ -71,6 +71,9 @@ class Spawn:
     cgroup: "JobCgroup | None" = None
     # False when the kernel holds the memory limit (cgroup): the runner's RSS poll is then redundant.
     watch_memory: bool = True
+    # The cgroup is the job's, shared by its steps (``command(within=...)``): freed by the runner.
+    shared_cgroup: bool = False
+    oom_before: int = 0  # the cgroup's OOM kills when the step began
 
 
 # Only these reach a job: never the slave's secret or the user's tokens.
@@ -218,26 +221,42 @@ class Sandbox:
     def _extra_procs(self) -> int:
         return 0
 
+    def job_cgroup(self, limits: Limits) -> "JobCgroup | None":
+        """One cgroup for every step of a job (``command(within=...)``), freed with ``release_job_cgroup``.
+
+        What a compile step writes into the job's tmpfs is charged to the
+        cgroup it ran in; a cgroup of its own, removed after it, would leave
+        those pages charged to nobody's limit while the program runs.
+        """
+        return self.cgroups.create(limits, self._extra_procs()) if self.cgroups else None
+
+    def release_job_cgroup(self, cgroup: "JobCgroup | None") -> None:
+        if cgroup is not None:
+            self.cgroups.release(cgroup)
+
     def command(self, argv: list[str], workdir: str, extra_env: dict[str, str], limits: Limits,
-                timeout: float | None = None, tmpdirs: dict[str, str] | None = None) -> Spawn:
+                timeout: float | None = None, tmpdirs: dict[str, str] | None = None,
+                within: "JobCgroup | None" = None) -> Spawn:
         """What to spawn for one step (``argv`` run in ``workdir``).
 
         ``timeout`` (seconds of wall clock the runner allows) sets the CPU-time
         backstop.  ``tmpdirs``: sandbox path (``/tmp``, ``/dev/shm``) -> host
         directory to show there instead of a private tmpfs (the job's disk
-        quota, see jobdirs.py).  Every Spawn must be given back to ``cleanup``
-        once its process has exited or been killed.
+        quota, see jobdirs.py).  ``within``: the job's cgroup (``job_cgroup``)
+        for the step to join, rather than one of its own.  Every Spawn must be
+        given back to ``cleanup`` once its process has exited or been killed.
         """
-        cgroup = self.cgroups.create(limits, self._extra_procs()) if self.cgroups else None
+        cgroup = within or (self.cgroups.create(limits, self._extra_procs()) if self.cgroups else None)
         try:
             wrapped = self._wrap(argv, workdir, limits, cgroup, tmpdirs or {})
         except BaseException:
-            if cgroup:
+            if cgroup and not within:
                 self.cgroups.release(cgroup)
             raise
         return Spawn(wrapped, workdir, job_env(workdir, extra_env),
                      _preexec(limits, timeout, cgroup, self._nproc_rlimit(), self.seccomp), cgroup=cgroup,
-                     watch_memory=not (cgroup and "memory" in cgroup.paths))
+                     watch_memory=not (cgroup and "memory" in cgroup.paths), shared_cgroup=within is not None,
+                     oom_before=within.oom_count() if within else 0)
 
     def kill(self, spawn: Spawn, pid: int) -> None:
         """Kill the step now (timeout, cancel, a limit).  ``pid`` is the spawned
@@ -246,9 +265,13 @@ class Sandbox:
 
     def memory_exceeded(self, spawn: Spawn) -> bool:
         """After the step ended: did the kernel kill a process of it for its memory?"""
-        return bool(spawn.cgroup and spawn.cgroup.oom_killed())
+        return bool(spawn.cgroup and spawn.cgroup.oom_count() > spawn.oom_before)
 
     def cleanup(self, spawn: Spawn) -> None:
         """Kill whatever is left of the step and free what ``command`` took."""
-        if spawn.cgroup is not None:
+        if spawn.cgroup is None:
+            return
+        if not spawn.shared_cgroup:
             self.cgroups.release(spawn.cgroup)
+        elif not spawn.cgroup.clear():
+            log.warning("a step's processes would not leave the cgroup %s", spawn.cgroup.paths)

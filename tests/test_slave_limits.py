@@ -256,6 +256,34 @@ def test_what_a_job_plants_in_its_directory_never_reaches_the_host(disk_lc, tmp_
     assert (victim / "keep.txt").read_text() == "keep"
 
 
+# A program whose compile leaves 150 MiB in the job's tmpfs (non-zero data: no sparse file), then
+# touches HEAP MiB.  Each size is its own source, so no run finds the program in the compile cache.
+BIG_BINARY = textwrap.dedent("""
+    #include <stdio.h>
+    #include <stdlib.h>
+    __asm__(".data\\n.globl big\\nbig: .fill 157286400,1,1\\n.text\\n");
+    extern char big[];
+    int main(void) {
+        size_t n = (size_t)HEAP << 20;
+        volatile char *p = malloc(n);
+        for (size_t i = 0; i < n; i += 4096) p[i] = 1;
+        printf("%d\\n", big[0]);
+        return 0;
+    }
+""")
+
+
+def test_what_the_compiler_leaves_counts_against_the_programs_memory(make_cluster):
+    lc = make_cluster(1, slots=1, languages="c", slave_args=["--memory-limit", "512", "--no-warm"])
+    with Cluster(lc.url, token=lc.token) as c:
+        # 150 MiB of program + 300 MiB of heap: under 512.
+        fits = run(c, BIG_BINARY.replace("HEAP", "300"), language="c")
+        assert fits.status == P.SUCCEEDED and fits.stdout == "1\n", (fits.error, fits.stderr)
+        # 150 + 400: over it, though each part alone is under (a cgroup per step counted 400).
+        over = run(c, BIG_BINARY.replace("HEAP", "400"), language="c")
+        assert over.status == P.FAILED and over.error["code"] == P.MEMORY_LIMIT, (over.error, over.stderr)
+
+
 # -- the slave's folder: leftovers of an earlier run ------------------------------------
 
 def test_a_restarted_slave_removes_what_its_killed_run_left(make_cluster):
