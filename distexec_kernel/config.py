@@ -24,14 +24,15 @@ class UnsafeFolderError(OSError, ValueError):
     """A folder distexec would keep its secrets in that another user could read through or write."""
 
 
-def private_dir(path: str, dedicated: bool = False) -> str:
+def private_dir(path: str, dedicated: bool = False, narrow: bool = True) -> str:
     """Make ``path`` (and missing parents) a directory only its owner can enter: 0700.
 
     One that exists with wider modes is narrowed only when it is distexec's
     own: holding nothing but its files (made by an older version), or
     ``dedicated`` (a folder distexec made for one thing, such as its compile
-    cache).  A folder others may only read (``/srv``) is left as it is, with
-    a warning: distexec's files in it are 0600 each.  Refused
+    cache); never with ``narrow=False`` (a folder an admin named).  A folder
+    others may only read (``/srv``) is left as it is, with a warning:
+    distexec's files in it are 0600 each.  Refused
     (``UnsafeFolderError``), where another user could redirect or plant what
     root writes: a symbolic link not made by this user, a folder of another
     user's, or one others can write (``/tmp``: its names are anyone's).
@@ -52,8 +53,8 @@ def private_dir(path: str, dedicated: bool = False) -> str:
                                     f"a folder of its own user's")
         if not st.st_mode & 0o077:
             return path
-        ours = dedicated or all(any(fnmatch.fnmatchcase(name, pattern) for pattern in HOME_ENTRIES)
-                                for name in os.listdir(fd))
+        ours = narrow and (dedicated or all(any(fnmatch.fnmatchcase(name, pattern) for pattern in HOME_ENTRIES)
+                                            for name in os.listdir(fd)))
         if ours and not st.st_mode & stat.S_ISVTX:
             os.fchmod(fd, 0o700)
         elif st.st_mode & 0o022:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sqlite3
 
+from distexec_kernel.config import private_dir
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,8 +81,10 @@ def private_file(path: str) -> None:
     SQLite gives its -wal and -shm files the database file's mode; side files
     left by an older version are narrowed here too.
     """
-    # Made private if missing; a folder given with --db is the admin's choice, left as it is.
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    # Made private if missing.  One given with --db is the admin's choice and left as it
+    # is, but not one others can write: they could plant a link where root writes (the
+    # -wal beside the database, say) and have it write through it.
+    private_dir(os.path.dirname(os.path.abspath(path)), narrow=False)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     for name in (path, *(path + side for side in SIDE_FILES)):
         try:

@@ -177,25 +177,48 @@ def test_a_slave_alone_on_its_host_makes_its_home_private(make_cluster, tmp_path
 
 
 def test_folders_that_are_not_distexecs_own_are_never_narrowed(make_cluster, tmp_path, monkeypatch):
-    # DISTEXEC_HOME=/srv, --db /tmp/history.sqlite3: chmod 0700 there would lock every other user out.
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(shared, 0o1777)  # as /tmp
+    # DISTEXEC_HOME=/srv, --db /srv/data/history.sqlite3: chmod 0700 there would lock every other user out.
     theirs = tmp_path / "srv"
     theirs.mkdir()
     os.chmod(theirs, 0o755)
     (theirs / "their-data").write_text("x")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)
     monkeypatch.setenv("DISTEXEC_HOME", str(theirs))
-    lc = make_cluster(1, slots=1, languages="c", home=str(theirs), db=str(shared / "history.sqlite3"))
+    lc = make_cluster(1, slots=1, languages="c", home=str(theirs), db=str(data / "history.sqlite3"))
     with Cluster(lc.url, token=lc.token) as c:
         job = c.submit('#include <stdio.h>\nint main(void) { puts("mine"); return 0; }', language="c").wait(60)
     assert job.status == P.SUCCEEDED
-    assert mode(shared) == 0o1777 and mode(theirs) == 0o755
+    assert mode(data) == 0o755 and mode(theirs) == 0o755
     # What distexec keeps there is private all the same.
-    assert mode(shared / "history.sqlite3") == 0o600 and mode(theirs / "connection.json") == 0o600
+    assert mode(data / "history.sqlite3") == 0o600 and mode(theirs / "connection.json") == 0o600
     cache = theirs / "cache" / "compile"
     assert mode(cache) == 0o700 and [p for p in cache.rglob("*") if p.is_file()]
     assert "is not distexec's own folder: left as it is" in (tmp_path / "logs" / "master.log").read_text()
+
+
+def test_a_history_in_a_folder_others_can_write_is_refused(tmp_path):
+    """--db /tmp/history.sqlite3, as root: anyone could plant history.sqlite3-wal there as a link to
+    a file of root's, which the master would then chmod, and SQLite open, through it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp
+    victim = tmp_path / "roots-file"
+    victim.write_text("root's\n")
+    os.chmod(victim, 0o644)
+    planted = shared / "history.sqlite3-wal"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)  # another user's
+    done = subprocess.run([sys.executable, "-m", "master", "--port", "0", "--db", str(shared / "history.sqlite3")],
+                          env=dict(os.environ, DISTEXEC_HOME=str(tmp_path / "home")), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "is writable by others" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    # Before: root chmod-ed the link's target 0600 (it narrows side files), /etc/passwd as well as this.
+    assert victim.read_text() == "root's\n" and mode(victim) == 0o644
+    assert not (shared / "history.sqlite3").exists()
+    assert mode(shared) == 0o1777
 
 
 def test_collected_files_count_towards_the_historys_size_bound(make_cluster):
