@@ -31,7 +31,9 @@ SIGNATURE = 10  # 0xFF, 8 bytes, 0x7F: the part of a greeting each side sends be
 GREETING = 64
 MORE, LONG, COMMAND = 1, 2, 4
 MAX_COMMAND = 64 << 10  # READY and PING carry a socket type, an identity, a context: a few hundred bytes
-CHUNK = 64 << 10
+MAX_FRAMES = 1024  # per message: a Jupyter message has a handful, plus a widget's binary buffers
+# Read at a time, then parsed without a pause: 16 KiB of the tiniest frames is ~10 ms of the slave's loop.
+CHUNK = 16 << 10
 CONNECT_RETRY = 0.005  # seconds between tries while the kernel has not bound its socket yet
 
 
@@ -52,6 +54,51 @@ async def _read(reader: asyncio.StreamReader, n: int) -> bytes:
         raise EOFError from exc
 
 
+class Frames:
+    """The kernel's ZMTP 3 frames after the greeting, read as they come: how much of each chunk may go on."""
+
+    def __init__(self, max_message: int):
+        self.max_message = max_message
+        self.message = 0  # bytes of the message being received, over its frames so far
+        self.body = 0  # bytes of the current frame's body still to come
+        self.more = False  # the current frame has the MORE flag: its message goes on after it
+        self.frames = 0  # frames of the message being received, so far
+
+    def feed(self, buf: bytes) -> tuple[int, Refused | None]:
+        """How many bytes of ``buf`` are whole frame parts within the bound (the rest is a header cut
+        short, to come again with the next chunk), and what broke the bound there, if anything did."""
+        pos, end = 0, len(buf)
+        while pos < end:
+            if self.body:
+                step = min(self.body, end - pos)
+                pos += step
+                self.body -= step
+                if not self.body and not self.more:
+                    self.message = self.frames = 0
+                continue
+            flags = buf[pos]
+            if flags & ~(MORE | LONG | COMMAND):
+                return pos, Refused(f"frame flags {flags:#x}")
+            head = 9 if flags & LONG else 2
+            if end - pos < head:
+                break
+            size = int.from_bytes(buf[pos + 1:pos + head], "big")
+            if flags & COMMAND and (size > MAX_COMMAND or flags & MORE):
+                return pos, Refused(f"a command of {size} bytes")
+            if self.message + size > self.max_message:
+                return pos, Refused(f"a message of more than {self.max_message} bytes")
+            if self.frames == MAX_FRAMES:
+                return pos, Refused(f"a message of more than {MAX_FRAMES} frames")
+            self.message += size
+            self.frames += 1
+            self.more = bool(flags & MORE)
+            self.body = size
+            pos += head
+            if not size and not self.more:
+                self.message = self.frames = 0
+        return pos, None
+
+
 async def kernel_to_slave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_message: int) -> None:
     """Forward ZMTP 3 from the kernel, cutting (``Refused``) a message past ``max_message`` bytes in all."""
     # The greeting in the pieces libzmq sends it in: each side waits for the other's
@@ -66,27 +113,22 @@ async def kernel_to_slave(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.write(version)
     writer.write(await _read(reader, GREETING - SIGNATURE - 1))
     await writer.drain()
-    message = 0  # bytes of the message being received, over its frames so far
+    # Frames are parsed a chunk at a time, not awaited one by one: a kernel sending
+    # tiny frames costs the slave a pass over bytes, not a coroutine step each.
+    frames = Frames(max_message)
+    pending = b""  # a frame header cut short by the end of the last chunk (at most 8 bytes)
     while True:
-        flags = (await _read(reader, 1))[0]
-        if flags & ~(MORE | LONG | COMMAND):
-            raise Refused(f"frame flags {flags:#x}")
-        size_bytes = await _read(reader, 8 if flags & LONG else 1)
-        size = int.from_bytes(size_bytes, "big")
-        message += size
-        if flags & COMMAND and (size > MAX_COMMAND or flags & MORE):
-            raise Refused(f"a command of {size} bytes")
-        if message > max_message:
-            raise Refused(f"a message of more than {max_message} bytes")
-        writer.write(bytes([flags]) + size_bytes)
-        while size:
-            part = await _read(reader, min(size, CHUNK))
-            size -= len(part)
-            writer.write(part)
-            await writer.drain()
-        if not flags & MORE:
-            message = 0
+        data = await reader.read(CHUNK)
+        if not data:
+            raise EOFError
+        buf = pending + data if pending else data
+        whole, refused = frames.feed(buf)
+        writer.write(buf[:whole])
         await writer.drain()
+        if refused is not None:
+            raise refused
+        pending = buf[whole:]
+        await asyncio.sleep(0)  # data already buffered would not yield: a turn for the slave's other work
 
 
 async def slave_to_kernel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

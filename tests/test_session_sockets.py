@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from distexec_kernel import Cluster, protocol as P
-from slave.zmtp_relay import GREETING, Refused, kernel_to_slave
+from slave.zmtp_relay import GREETING, MAX_FRAMES, Frames, Refused, kernel_to_slave
 
 from conftest import wait_for
 
@@ -79,6 +79,34 @@ def test_a_message_of_many_frames_past_the_bound_is_cut_before_its_bytes_go_on()
     out, ended = _relay(head + _frame(b"b" * 300, more=True) + _frame(b"c"), max_message=500)
     assert isinstance(ended, Refused) and "more than 500 bytes" in str(ended)
     assert out == head  # not one byte of the frame that broke the bound
+
+
+def _byte_by_byte(stream: bytes, max_message: int) -> tuple[bytes, Refused | None]:
+    """What ``Frames`` lets through when the stream comes one byte at a time (headers cut anywhere)."""
+    frames, pending, passed = Frames(max_message), b"", b""
+    for i in range(len(stream)):
+        buf = pending + stream[i:i + 1]
+        whole, refused = frames.feed(buf)
+        passed += buf[:whole]
+        if refused is not None:
+            return passed, refused
+        pending = buf[whole:]
+        assert len(pending) <= 8
+    return passed, None
+
+
+def test_frames_cut_anywhere_are_read_as_whole_ones():
+    ok = (_frame(b"a" * 300, more=True) + _frame(b"") + _frame(b"b" * 200) + _frame(b"", more=True)
+          + _frame(b"c" * 500, more=True) + _frame(b"d"))
+    assert _byte_by_byte(ok, 501) == (ok, None)
+    first = _frame(b"a" * 300, more=True)
+    passed, refused = _byte_by_byte(first + _frame(b"b" * 301), 600)
+    assert passed == first and "more than 600 bytes" in str(refused)
+    # Frames are counted too: empty ones cost the slave a pass each, and no Jupyter message has thousands.
+    many = _frame(b"", more=True) * MAX_FRAMES
+    passed, refused = _byte_by_byte(many + _frame(b""), 1 << 20)
+    assert passed == many and f"more than {MAX_FRAMES} frames" in str(refused)
+    assert _byte_by_byte(many[2:] + _frame(b"") + many, 1 << 20) == (many[2:] + _frame(b"") + many, None)
 
 
 @pytest.mark.parametrize("stream, why", [
