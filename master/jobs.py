@@ -192,7 +192,7 @@ class Lifecycle:
                 self.scheduler.enqueue(job["id"], job["language"], key, user=job.get("user"))
             else:
                 self.scheduler.mark_running(job["id"], job["slave_uid"], key, user=job.get("user"))
-                rec.output_gap, rec.sent_to = True, None
+                rec.output_gap, rec.sent_to, rec.cancel = True, None, bool(job.get("cancel_requested"))
                 out += self._arm(rec, grace, f"its slave did not come back within {grace:g} s")
         return out
 
@@ -274,8 +274,10 @@ class Lifecycle:
             return self._settle(rec, None, cancelled())
         if rec.cancel:
             return []
-        rec.cancel = True
-        return [Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id))]
+        # Saved too: should the slave not get it (a connection dead unnoticed) and the master
+        # restart before the slave is back, the next master sends it again (resume, slave_back).
+        rec.cancel = rec.job["cancel_requested"] = True
+        return [Save((rec.job,)), Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id))]
 
     def dropped(self, job_id: int, error: dict) -> list[Decision]:
         """A queued job taken off the queue by the scheduler (its session was lost): it fails."""
@@ -409,6 +411,7 @@ class Lifecycle:
         """The job's one terminal state: it leaves the records (terminal jobs live in the store only)."""
         job = rec.job
         del self.records[job["id"]]
+        job.pop("cancel_requested", None)  # the record's own fields only, once it has ended
         if job["status"] == P.QUEUED:
             self.scheduler.dequeue(job["id"])
         self.scheduler.finished(job["id"])

@@ -142,10 +142,13 @@ def test_cancel_during_dispatch_settles_at_once_and_the_job_is_never_sent():
 def test_cancel_of_a_sent_job_waits_for_the_slave():
     w = one_running()
     out = w.jobs.cancel(1)
-    assert sent(out, "job_cancel") == [P.make("job_cancel", job_id=1)] and not saved(out)
+    assert sent(out, "job_cancel") == [P.make("job_cancel", job_id=1)]
+    [job] = saved(out)  # still running, the request kept for a master that restarts
+    assert job["status"] == P.RUNNING and job["cancel_requested"] is True
     assert w.jobs.cancel(1) == []  # told once
     out = w.finish("a", 1, err=J.cancelled())
     assert statuses(out) == [P.CANCELLED] and out[-1] == J.Ack("a", 1)
+    assert "cancel_requested" not in saved(out)[0]
 
 
 def test_finish_after_cancel_keeps_the_result_the_slave_reached_first():
@@ -245,6 +248,22 @@ def test_a_cancel_sent_into_a_dead_connection_is_sent_again_when_the_slave_is_ba
     back = w.connect(running=[1])  # back within the grace, still running it
     assert sent(back, "job_cancel") == [P.make("job_cancel", job_id=1)]
     assert statuses(w.finish("a", 1, err=J.cancelled())) == [P.CANCELLED]
+
+
+def test_a_cancel_the_slave_never_got_outlives_a_master_restart():
+    w = one_running()
+    # Into a dead connection, then the master restarts before the slave is back.
+    [job] = saved(w.jobs.cancel(1))
+    after = World()
+    after.jobs.resume([dict(job)], grace=30.0)
+    back = after.connect(running=[1])
+    assert sent(back, "job_cancel") == [P.make("job_cancel", job_id=1)]
+    # Had it ended meanwhile, its report still settles it as the slave saw it.
+    assert statuses(after.finish("a", 1, err=J.cancelled())) == [P.CANCELLED]
+    # And a slave that never comes back: the job ends cancelled, not lost.
+    again = World()
+    timer = next(d for d in again.jobs.resume([dict(job)], grace=30.0) if isinstance(d, J.SetTimer))
+    assert statuses(again.jobs.timer_fired(1, timer.token)) == [P.CANCELLED]
 
 
 def test_a_job_its_draining_slave_gave_up_on_runs_again_if_it_has_retries():
