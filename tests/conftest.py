@@ -21,6 +21,15 @@ from distexec_kernel import config, protocol as P
 from distexec_kernel.local import LocalCluster
 
 
+async def close_ws(conn, closed_by_peer: bool = False) -> None:
+    """Close a tornado WebSocket and wait for the peer's side of the close, so that no socket
+    outlives the event loop (``asyncio.run`` ends it: an open one is a ResourceWarning, an error
+    here, in whichever later test the collector happens to find it)."""
+    conn.close()
+    while not closed_by_peer and await asyncio.wait_for(conn.read_message(), 10) is not None:
+        pass
+
+
 def wait_for(predicate, timeout: float = 15.0, what: str = "condition", interval: float = 0.02):
     """Poll ``predicate`` until it returns a truthy value, or fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,7 @@ from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master import auth
 
-from conftest import wait_for
+from conftest import close_ws, wait_for
 
 SLEEPER = "import time\ntime.sleep(60)\n"
 # Real Argon2id, with the cheapest parameters: the default costs ~1 s per login on a loaded 2-core box.
@@ -37,10 +37,7 @@ def ws_status(url: str, path: str, token: str | None) -> int:
             conn = await tornado.websocket.websocket_connect(req)
         except tornado.httpclient.HTTPClientError as exc:
             return exc.code
-        conn.close()
-        # Let the close handshake finish, so the socket is closed before the loop is.
-        while await asyncio.wait_for(conn.read_message(), 10) is not None:
-            pass
+        await close_ws(conn)
         return 101
     return asyncio.run(attempt())
 
@@ -375,9 +372,7 @@ def test_clients_are_shown_as_the_server_sees_them_and_only_to_their_owner(user_
             conn = await tornado.websocket.websocket_connect(req)
             welcome = P.decode(await asyncio.wait_for(conn.read_message(), 10))
             listed = {cl["id"]: cl for cl in admin.clients()}
-            conn.close()
-            while await asyncio.wait_for(conn.read_message(), 10) is not None:
-                pass
+            await close_ws(conn)
             return {"id": welcome["client_id"], **listed[welcome["client_id"]]}
 
         spoofed = asyncio.run(claim("host=" + quote("trusted.example\x1b[2J")))

@@ -20,7 +20,7 @@ import tornado.websocket
 from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 
-from conftest import wait_for
+from conftest import close_ws, wait_for
 
 
 def api(cluster, method, path, token="default", **kwargs):
@@ -290,13 +290,6 @@ async def _ws(url, token, path):
     return await tornado.websocket.websocket_connect(req)
 
 
-async def _close(conn, closed_by_peer=False):
-    """Close and wait for the master's side, so no socket outlives the event loop."""
-    conn.close()
-    while not closed_by_peer and await asyncio.wait_for(conn.read_message(), 10) is not None:
-        pass
-
-
 async def _read(conn, timeout=10):
     text = await asyncio.wait_for(conn.read_message(), timeout)
     return None if text is None else json.loads(text)
@@ -326,7 +319,7 @@ def test_slave_with_wrong_protocol_version_is_refused(cluster, batch):
         # And the master closes the connection (whatever else it sent first).
         while await _read(conn, timeout=30) is not None:
             pass
-        await _close(conn, closed_by_peer=True)
+        await close_ws(conn, closed_by_peer=True)
     asyncio.run(go())
     assert "old" not in {s["uid"] for s in api(cluster, "GET", "/api/slaves").json()["slaves"]}
 
@@ -358,7 +351,7 @@ def test_malformed_messages_get_an_error_and_the_connection_lives(cluster):
             if reply["type"] == "submit_reply":
                 break
         assert reply["ref"] == "r1" and reply["job"]["status"] in (P.QUEUED, P.RUNNING)
-        await _close(conn)
+        await close_ws(conn)
     asyncio.run(go())
 
 
@@ -374,7 +367,7 @@ def test_submit_over_websocket_with_bad_request_gets_error_reply(cluster):
         # The answer to a submit is a submit_reply, so the sender can match it by its ref.
         assert reply["ref"] == "bad" and reply["job"] is None
         assert reply["error"]["code"] == "bad_request" and "source" in reply["error"]["message"]
-        await _close(conn)
+        await close_ws(conn)
     asyncio.run(go())
 
 

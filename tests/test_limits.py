@@ -22,7 +22,7 @@ from master.limits import RateLimiter, parse_rate
 from master.sockets import MAX_UNSENT_BYTES
 from master.store import PAGE_BYTES
 
-from conftest import users_json, wait_for
+from conftest import close_ws, users_json, wait_for
 
 CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
@@ -251,7 +251,7 @@ def test_deeply_nested_json_is_a_400_not_a_500(make_cluster):
                     got.append(msg)
             return got
         finally:
-            conn.close()
+            await close_ws(conn)
 
     error, reply = asyncio.run(over_the_websocket())
     assert error["error"]["code"] == "bad_json" and "deeper than" in error["error"]["message"]
@@ -316,7 +316,7 @@ def test_a_submit_whose_ref_is_over_the_bound_is_refused_and_kept_nowhere(make_c
                 if msg["type"] in ("error", "submit_reply"):
                     got.append(msg)
                     break
-        conn.close()
+        await close_ws(conn)
         return got
 
     refused, answered = asyncio.run(talk())

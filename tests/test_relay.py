@@ -19,7 +19,7 @@ from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master import auth
 
-from conftest import users_json, wait_for
+from conftest import close_ws, users_json, wait_for
 
 CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
@@ -202,7 +202,7 @@ def test_a_cancel_on_the_websocket_is_judged_by_the_login_as_it_is_now(make_clus
             conn.write_message(P.encode(P.make("cancel", job_id=sleeper.id, ref="c1")))
             while (msg := P.decode(await asyncio.wait_for(conn.read_message(), 20)))["type"] != "cancel_reply":
                 pass
-            conn.close()
+            await close_ws(conn)
             return msg
 
         reply = asyncio.run(cancel_after_demotion())
