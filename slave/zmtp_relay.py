@@ -145,16 +145,19 @@ class Relay:
 
     ``ours(pid)`` says whether a process listening at ``target`` is the
     session's; ``on_cut()`` is called when a connection is cut for what the
-    kernel sent.
+    kernel sent, ``on_refused()`` when ``target`` led to another process
+    (the session should end: its client would connect again and again).
     """
 
     def __init__(self, listen: str, target: str, max_message: int, ours: Callable[[int], bool],
-                 connect_within: float, on_cut: Callable[[], object] | None = None):
+                 connect_within: float, on_cut: Callable[[], object] | None = None,
+                 on_refused: Callable[[], object] | None = None):
         self.listen, self.target = listen, target
         self.max_message = max_message
         self.ours = ours
         self.connect_within = connect_within
         self.on_cut = on_cut
+        self.on_refused = on_refused
         self.server: asyncio.base_events.Server | None = None
         self._closed = False
         # Each link's task and its open streams.  Closed, not cancelled: asyncio's
@@ -191,6 +194,8 @@ class Relay:
             if not self.ours(pid):
                 sock.close()
                 log.warning("session socket %s leads to process %d, not the session's: refused", self.target, pid)
+                if self.on_refused is not None:
+                    self.on_refused()
                 return None
             return await asyncio.open_unix_connection(sock=sock)
         return None
