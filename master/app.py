@@ -175,7 +175,8 @@ class JobsHandler(ApiHandler):
         self.request.body = b"".join(self._chunks)
         self._chunks = []
         body = self.json_body()
-        self.gate.check_submit(self.identity)
+        # A batch counts what it holds (one beyond P.MAX_BATCH: it is refused for its size anyway).
+        self.gate.check_submit(self.identity, min(len(body), P.MAX_BATCH + 1) if isinstance(body, list) else 1)
         # The header only links the job to a client of the same account, never another's.
         client_id = self.master.client_of(self.request.headers.get("X-Distexec-Client"), self.identity.user)
         if isinstance(body, list):

@@ -52,15 +52,21 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: str) -> float:
-        """Spend one token of ``key``; returns 0.0 if allowed, else the seconds until one is available."""
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens of ``key``; returns 0.0 if allowed, else the seconds until it is.
+
+        Allowed with one token left, whatever ``cost``: a batch larger than
+        what is left (or than the burst) goes through and leaves the bucket in
+        debt, so the next submission waits until the batch is paid for.  The
+        rate holds on average, and no batch is refused for its size alone.
+        """
         if self.rate is None:
             return 0.0
         now = self.clock()
         tokens, at = self._buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
         if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
+            self._buckets[key] = (tokens - cost, now)
             if len(self._buckets) > MAX_KEYS:
                 self._forget_full(now)
             return 0.0
@@ -81,8 +87,8 @@ class Gate:
         self.submissions = RateLimiter(submit_rate, submit_burst)
         self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)
 
-    def check_submit(self, ident: "Identity") -> None:
-        """Raise ``rate_limited`` if ``ident`` submits faster than allowed.
+    def check_submit(self, ident: "Identity", jobs: int = 1) -> None:
+        """Raise ``rate_limited`` if ``ident`` submits faster than allowed; a batch counts its ``jobs``.
 
         Keyed by the authenticated user, not the client id a request names,
         which anyone can make up.  Admins are not limited: they run the
@@ -91,7 +97,7 @@ class Gate:
         """
         if ident.admin:
             return
-        wait = self.submissions.take(ident.user)
+        wait = self.submissions.take(ident.user, jobs)
         if wait:
             raise RateLimited(f"too many submissions from {ident.user!r}: at most "
                               f"{self.submissions.rate:g}/s (burst {self.submissions.burst:g}); "

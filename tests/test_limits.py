@@ -43,6 +43,11 @@ def test_token_bucket_allows_a_burst_then_the_rate():
     now[0] += 60
     assert [rl.take("a") for _ in range(4)][:3] == [0.0, 0.0, 0.0]  # refilled to the burst, not beyond
     assert RateLimiter(None).take("a") == 0.0
+    # A batch pays for what it holds: with one token left it goes through, past the burst, in debt...
+    assert rl.take("c", 10) == 0.0
+    assert rl.take("c") == pytest.approx((1 - (3 - 10)) / 2.0)  # ...and the next waits until it is paid
+    now[0] += 4.0
+    assert rl.take("c") == 0.0
 
 
 def test_parse_rate():
@@ -51,6 +56,20 @@ def test_parse_rate():
     for bad in ("fast", "5/week", "-1/s", "inf"):
         with pytest.raises(ValueError):
             parse_rate(bad)
+
+
+def test_a_batch_counts_against_the_rate_as_the_jobs_it_holds(make_cluster, tmp_path):
+    """A batch used to cost one token: 50 batches a second of 10,000 jobs each passed a 50/s limit."""
+    users = str(tmp_path / "users.json")
+    auth.add_user(users, "alice", "pw", hasher=CHEAP)
+    lc = make_cluster(0, master_args=["--users", users, "--rate", "1/s", "--burst", "4"])
+    token = requests.post(lc.url + "/api/login", json={"user": "alice", "password": "pw"}, timeout=20).json()["token"]
+    body = {"source": "print(1)", "language": "python"}
+    batch = post_job(lc.url, token, json=[body] * 20)
+    assert batch.status_code == 201 and len(batch.json()["jobs"]) == 20  # past the burst: taken, in debt
+    after = post_job(lc.url, token, json=body)
+    assert after.status_code == 429 and after.json()["error"]["code"] == "rate_limited"
+    assert int(after.headers["Retry-After"]) >= 15  # 16 tokens owed at 1/s
 
 
 def test_oversized_bodies_and_sources_get_a_json_413(make_cluster):
