@@ -33,6 +33,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 
 from distexec_kernel import protocol as P
 
@@ -48,6 +49,10 @@ _TERMINAL_ONLY = "status NOT IN (?, ?)"
 # Jobs saved on the loop between two checkpoints: a job's save writes at most about 8 pages
 # (its row, its indexes, its inputs, the counts), so about SQLite's own default of 1,000 pages.
 CHECKPOINT_ROWS = 125
+# A commit that failed for want of disk is tried again, every RETRY_FIRST..RETRY_MAX s, for this long.
+RETRY_FOR = 600.0
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0
+TRANSIENT_CODES = frozenset({5, 6, 10, 13})  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (and its kinds), SQLITE_FULL
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -163,6 +168,7 @@ class JobStore:
         self._in_thread = 0  # writes handed to the writer thread and not settled yet
         self._rows = 0  # jobs saved on the loop since its last checkpoint
         self._conn: sqlite3.Connection | None = None  # the event loop's own
+        self._closing = False  # close() gives up a commit being tried again: the master is going
         self._writer = threading.Thread(target=self._write_loop, name="distexec-db-writer", daemon=True)
         self._writer.start()
         self._local = threading.local()
@@ -298,26 +304,26 @@ class JobStore:
         conn.close()
 
     def _run(self, conn: sqlite3.Connection, group: list, inline: bool = False) -> None:
-        err, result, loaded = None, None, [None] * len(group)
-        try:
-            conn.execute("BEGIN")
-            if group[0][0][0] == "prune":
-                pruned = _prune(conn, *group[0][0][1])
-                result = len(pruned)
-            else:
-                pairs = [pair for op, _, _ in group for pair in op[1]]
-                _insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
-            conn.execute("COMMIT")
-            if result is None:
-                loaded = [_inputs_of(conn, op[2]) if op[2] else None for op, _, _ in group]
-        except (sqlite3.Error, ValueError) as exc:
-            # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
-            log.error("history write failed: %s", exc)
-            err = exc
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        """Commit ``group``; settle its futures (with the error if it failed for good).
+
+        A commit that failed for want of disk (full, an I/O error, locked) is
+        tried again on the writer thread until it succeeds, for up to
+        ``RETRY_FOR`` seconds: every write after it queues behind it, so the
+        history's order holds, and nothing it holds is announced meanwhile.
+        """
+        deadline, delay = time.monotonic() + RETRY_FOR, RETRY_FIRST
+        while True:
+            err, result, loaded, pruned = _attempt(conn, group)
+            if err is None or not _transient(err) or self._closing or time.monotonic() > deadline:
+                break
+            if inline:  # the loop never sleeps: the thread tries again, and what comes next goes behind it
+                log.error("history write failed: %s; trying again for up to %g s", err, RETRY_FOR)
+                self._to_thread(group)
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+        if err is not None:
+            log.error("history write failed: %s", err)
         if result and err is None:
             # A pruned job's collected files go with it, once its deletion is committed.
             for job_id in pruned:
@@ -408,6 +414,7 @@ class JobStore:
 
     def close(self) -> None:
         self._commit_pending(checkpoint=False)  # saved in this turn: committed before the store goes
+        self._closing = True
         self._queue.put(None)
         self._writer.join(timeout=10)
         if self._conn is not None:
@@ -459,6 +466,36 @@ def _inputs_of(conn: sqlite3.Connection, job_ids: list[int]) -> dict[int, dict]:
                         (json.dumps(job_ids),)).fetchall()
     found = {job_id: json.loads(data) for job_id, data in rows}
     return {job_id: found.get(job_id, {}) for job_id in job_ids}
+
+
+def _attempt(conn: sqlite3.Connection, group: list) -> tuple:
+    """One transaction for ``group`` (saves, or one prune): (error, prune's count, inputs read, pruned ids)."""
+    err, result, loaded, pruned = None, None, [None] * len(group), []
+    try:
+        conn.execute("BEGIN")
+        if group[0][0][0] == "prune":
+            pruned = _prune(conn, *group[0][0][1])
+            result = len(pruned)
+        else:
+            pairs = [pair for op, _, _ in group for pair in op[1]]
+            _insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
+        conn.execute("COMMIT")
+        if result is None:
+            loaded = [_inputs_of(conn, op[2]) if op[2] else None for op, _, _ in group]
+    except (sqlite3.Error, ValueError) as exc:
+        # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
+        err = exc
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+    return err, result, loaded, pruned
+
+
+def _transient(exc: Exception) -> bool:
+    """A failure the disk may recover from (full, an I/O error, busy or locked): worth trying again."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in TRANSIENT_CODES
 
 
 def _settle_all(futs: list[tuple[asyncio.Future, object]], err: Exception | None) -> None:

@@ -2,6 +2,7 @@
 what can wait on the disk (checkpoints, pruning), in the order the master asked for them."""
 import asyncio
 import os
+import subprocess
 import sqlite3
 
 from distexec_kernel import protocol as P
@@ -85,3 +86,47 @@ def test_saves_made_in_the_last_turn_are_committed_by_close(tmp_path):
 
     asyncio.run(scenario())
     assert ids(path) == [1, 2]
+
+
+def _fill(folder) -> None:
+    """Write into ``folder`` until its file system has no space left."""
+    with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 << 10))
+        except OSError:
+            pass
+
+
+def test_a_commit_that_fails_for_want_of_disk_is_tried_again_in_order_until_it_succeeds(tmp_path):
+    """A disk full under the history (or an I/O error): the save waited for (a job's end, before it
+    is announced) used to fail for good, the job left running in the history until a restart."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(disk)], check=True)
+    try:
+        path = str(disk / "history.sqlite3")
+
+        async def scenario() -> None:
+            store = JobStore(path)
+            try:
+                await store.save(job(1))
+                _fill(disk)
+                ran = store.save(job(1, P.RUNNING, stdout="z" * 300_000))
+                await asyncio.sleep(0.3)  # a later turn: its own commit, behind the failed one
+                ended = store.save(job(1, P.SUCCEEDED, stdout="done"))
+                await asyncio.sleep(1.0)
+                assert not ran.done() and not ended.done()  # tried again; nothing settled meanwhile
+                os.unlink(disk / "filler")
+                await asyncio.wait_for(asyncio.gather(ran, ended), 30)
+            finally:
+                store.close()
+
+        asyncio.run(scenario())
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("SELECT status FROM jobs WHERE id = 1").fetchone()[0] == P.SUCCEEDED
+        finally:
+            conn.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
