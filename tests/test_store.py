@@ -2,11 +2,15 @@
 what can wait on the disk (checkpoints, pruning), in the order the master asked for them."""
 import asyncio
 import os
-import subprocess
 import sqlite3
+import subprocess
 
-from distexec_kernel import protocol as P
+import pytest
+
+from distexec_kernel import Cluster, protocol as P
 from master.store import CHECKPOINT_ROWS, JobStore
+
+from conftest import wait_for
 
 
 def job(job_id: int, status: str = P.QUEUED, **fields) -> dict:
@@ -98,35 +102,54 @@ def _fill(folder) -> None:
             pass
 
 
-def test_a_commit_that_fails_for_want_of_disk_is_tried_again_in_order_until_it_succeeds(tmp_path):
-    """A disk full under the history (or an I/O error): the save waited for (a job's end, before it
-    is announced) used to fail for good, the job left running in the history until a restart."""
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB file system of its own (a tmpfs), to fill up."""
     disk = tmp_path / "small"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(disk)], check=True)
-    try:
-        path = str(disk / "history.sqlite3")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
 
-        async def scenario() -> None:
-            store = JobStore(path)
-            try:
-                await store.save(job(1))
-                _fill(disk)
-                ran = store.save(job(1, P.RUNNING, stdout="z" * 300_000))
-                await asyncio.sleep(0.3)  # a later turn: its own commit, behind the failed one
-                ended = store.save(job(1, P.SUCCEEDED, stdout="done"))
-                await asyncio.sleep(1.0)
-                assert not ran.done() and not ended.done()  # tried again; nothing settled meanwhile
-                os.unlink(disk / "filler")
-                await asyncio.wait_for(asyncio.gather(ran, ended), 30)
-            finally:
-                store.close()
 
-        asyncio.run(scenario())
-        conn = sqlite3.connect(path)
+def test_a_commit_that_fails_for_want_of_disk_is_tried_again_in_order_until_it_succeeds(small_disk):
+    """A disk full under the history (or an I/O error): the save waited for (a job's end, before it
+    is announced) used to fail for good, the job left running in the history until a restart."""
+    path = str(small_disk / "history.sqlite3")
+
+    async def scenario() -> None:
+        store = JobStore(path)
         try:
-            assert conn.execute("SELECT status FROM jobs WHERE id = 1").fetchone()[0] == P.SUCCEEDED
+            await store.save(job(1))
+            _fill(small_disk)
+            ran = store.save(job(1, P.RUNNING, stdout="z" * 300_000))
+            await asyncio.sleep(0.3)  # a later turn: its own commit, behind the failed one
+            ended = store.save(job(1, P.SUCCEEDED, stdout="done"))
+            await asyncio.sleep(1.0)
+            assert not ran.done() and not ended.done()  # tried again; nothing settled meanwhile
+            os.unlink(small_disk / "filler")
+            await asyncio.wait_for(asyncio.gather(ran, ended), 30)
         finally:
-            conn.close()
+            store.close()
+
+    asyncio.run(scenario())
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT status FROM jobs WHERE id = 1").fetchone()[0] == P.SUCCEEDED
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
+        conn.close()
+
+
+def test_a_job_that_ends_while_the_historys_disk_is_full_is_told_once_there_is_room(make_cluster, small_disk,
+                                                                                     tmp_path):
+    lc = make_cluster(1, slots=1, languages="python", db=str(small_disk / "history.sqlite3"))
+    master_log = tmp_path / "logs" / "master.log"
+    with Cluster(lc.url, token=lc.token) as c:
+        job = c.submit("import time\ntime.sleep(3)\nprint('ended')")
+        wait_for(lambda: job.status == P.RUNNING, 60, "the job to start")
+        _fill(small_disk)  # before its end, which then cannot be written
+        wait_for(lambda: "history write failed" in master_log.read_text(), 60, "the end's commit to fail")
+        assert job.status == P.RUNNING  # not told before it is durable
+        os.unlink(small_disk / "filler")
+        assert job.wait(60).status == P.SUCCEEDED and job.stdout == "ended\n"
+        assert c.job(job.id).status == P.SUCCEEDED  # as the history has it
