@@ -58,12 +58,18 @@ def test_parse_rate():
             parse_rate(bad)
 
 
-def test_a_batch_counts_against_the_rate_as_the_jobs_it_holds(make_cluster, tmp_path):
-    """A batch used to cost one token: 50 batches a second of 10,000 jobs each passed a 50/s limit."""
+def _alice_at_one_a_second(make_cluster, tmp_path):
+    """A master limiting its users to --rate 1/s --burst 4, and the token of its user alice."""
     users = str(tmp_path / "users.json")
     auth.add_user(users, "alice", "pw", hasher=CHEAP)
     lc = make_cluster(0, master_args=["--users", users, "--rate", "1/s", "--burst", "4"])
-    token = requests.post(lc.url + "/api/login", json={"user": "alice", "password": "pw"}, timeout=20).json()["token"]
+    return lc, requests.post(lc.url + "/api/login", json={"user": "alice", "password": "pw"},
+                             timeout=20).json()["token"]
+
+
+def test_a_batch_counts_against_the_rate_as_the_jobs_it_holds(make_cluster, tmp_path):
+    """A batch used to cost one token: 50 batches a second of 10,000 jobs each passed a 50/s limit."""
+    lc, token = _alice_at_one_a_second(make_cluster, tmp_path)
     body = {"source": "print(1)", "language": "python"}
     batch = post_job(lc.url, token, json=[body] * 20)
     assert batch.status_code == 201 and len(batch.json()["jobs"]) == 20  # past the burst: taken, in debt
@@ -98,10 +104,7 @@ def test_oversized_bodies_and_sources_get_a_json_413(make_cluster):
 
 
 def test_a_user_past_the_rate_gets_429_with_retry_after(make_cluster, tmp_path):
-    users = str(tmp_path / "users.json")
-    auth.add_user(users, "alice", "pw", hasher=CHEAP)
-    lc = make_cluster(0, master_args=["--users", users, "--rate", "1/s", "--burst", "4"])
-    token = requests.post(lc.url + "/api/login", json={"user": "alice", "password": "pw"}, timeout=20).json()["token"]
+    lc, token = _alice_at_one_a_second(make_cluster, tmp_path)
     body = {"source": "print(1)", "language": "python"}
     codes = [post_job(lc.url, token, json=body) for _ in range(10)]
     assert [r.status_code for r in codes[:4]] == [201] * 4
