@@ -39,12 +39,9 @@ from distexec_kernel import protocol as P
 
 from .artifacts import ArtifactStore, root_for
 from .store_schema import SCHEMA, connect, private_file
+from .store_tx import UNFINISHED, attempt, inputs_of, insert, total_bytes, transient
 
 log = logging.getLogger("distexec.master.store")
-
-# Pruning never touches these (nor anything else not terminal).
-_UNFINISHED = (P.QUEUED, P.RUNNING)
-_TERMINAL_ONLY = "status NOT IN (?, ?)"
 
 # Jobs saved on the loop between two checkpoints: a job's save writes at most about 8 pages
 # (its row, its indexes, its inputs, the counts), so about SQLite's own default of 1,000 pages.
@@ -52,7 +49,6 @@ CHECKPOINT_ROWS = 125
 # A commit that failed for want of disk is tried again, every RETRY_FIRST..RETRY_MAX s, for this long.
 RETRY_FOR = 600.0
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
-TRANSIENT_CODES = frozenset({5, 6, 10, 13})  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (and its kinds), SQLITE_FULL
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -81,7 +77,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     # Unfinished jobs of an older version keep their inputs inside the record:
     # move them out, since the master now saves those records without them.
     rows = conn.execute("SELECT id, data FROM jobs WHERE status IN (?, ?) AND id NOT IN "
-                        "(SELECT id FROM inputs)", _UNFINISHED).fetchall()
+                        "(SELECT id FROM inputs)", UNFINISHED).fetchall()
     for job_id, data in rows:
         job = json.loads(data)
         rest, inputs = _split(job)
@@ -115,22 +111,7 @@ def _rows(job: dict) -> tuple[tuple, tuple | None]:
 
 def _write(conn: sqlite3.Connection, rest: dict, inputs: dict) -> None:
     row, input_row = _rows({**rest, **inputs})
-    _insert(conn, [row], [input_row] if input_row else [])
-
-
-def _insert(conn: sqlite3.Connection, rows: list[tuple], input_rows: list[tuple]) -> None:
-    # An upsert, not INSERT OR REPLACE: a replace deletes the row without firing the
-    # delete trigger (job_counts), and rewrites every index entry of it.  A later save
-    # sets only what can change after a job is made: SQLite rewrites the index entries
-    # of every column an UPDATE sets, changed or not, and the others (language, client,
-    # user, submission time, group, ref) are given once, when the job is made.
-    conn.executemany("INSERT INTO jobs (id, status, language, client_id, user, submitted_at, grp, ref, data, size)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
-                     " data = excluded.data, size = excluded.size", rows)
-    if input_rows:
-        # An upsert too: a replace's delete would not fire the delete trigger (totals).
-        conn.executemany("INSERT INTO inputs (id, data, size) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                         " data = excluded.data, size = excluded.size", input_rows)
+    insert(conn, [row], [input_row] if input_row else [])
 
 
 def _where(equal: dict) -> tuple[str, list]:
@@ -194,7 +175,7 @@ class JobStore:
     def unfinished(self) -> list[dict]:
         """Queued and running jobs, oldest first, without their inputs: what a restarted master resumes."""
         rows = self._read_conn().execute(
-            "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id", _UNFINISHED).fetchall()
+            "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id", UNFINISHED).fetchall()
         return [_split(json.loads(r[0]))[0] for r in rows]
 
     def recent(self, limit: int) -> list[dict]:
@@ -313,8 +294,8 @@ class JobStore:
         """
         deadline, delay = time.monotonic() + RETRY_FOR, RETRY_FIRST
         while True:
-            err, result, loaded, pruned = _attempt(conn, group)
-            if err is None or not _transient(err) or self._closing or time.monotonic() > deadline:
+            err, result, loaded, pruned = attempt(conn, group)
+            if err is None or not transient(err) or self._closing or time.monotonic() > deadline:
                 break
             if inline:  # the loop never sleeps: the thread tries again, and what comes next goes behind it
                 log.error("history write failed: %s; trying again for up to %g s", err, RETRY_FOR)
@@ -402,10 +383,10 @@ class JobStore:
         dispatched, for a whole dispatch pass at once.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, lambda: _inputs_of(self._read_conn(), list(job_ids)))
+        return await loop.run_in_executor(self._readers, lambda: inputs_of(self._read_conn(), list(job_ids)))
 
     def _size(self) -> int:
-        return _bytes(self._read_conn())
+        return total_bytes(self._read_conn())
 
     async def size(self) -> int:
         """About how many bytes the jobs take (their JSON text), which ``keep_bytes`` bounds."""
@@ -421,81 +402,6 @@ class JobStore:
             self._conn.close()
         self._readers.shutdown(wait=True)
         self.artifacts.close()
-
-
-def _prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) -> list[int]:
-    """Delete terminal jobs (see ``JobStore.prune``); returns their ids."""
-    doomed: list[int] = []
-    if before is not None:
-        doomed += [r[0] for r in conn.execute(
-            f"SELECT id FROM jobs WHERE {_TERMINAL_ONLY} AND submitted_at < ?", (*_UNFINISHED, before))]
-    if keep_bytes is not None:
-        gone = set(doomed)
-        total = _bytes(conn)
-        total -= sum(r[0] for r in conn.execute(
-            "SELECT j.size + COALESCE(i.size, 0) FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
-            "WHERE j.id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)))
-        if total > keep_bytes:
-            for job_id, size in conn.execute(
-                    f"SELECT j.id, j.size + COALESCE(i.size, 0) FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
-                    f"WHERE j.{_TERMINAL_ONLY} ORDER BY j.id", _UNFINISHED):
-                if job_id in gone:
-                    continue
-                doomed.append(job_id)
-                total -= size
-                if total <= keep_bytes:
-                    break
-    if not doomed:
-        return []
-    ids = json.dumps(doomed)
-    conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-    conn.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-    # Ids are never given twice, also when the newest jobs are the ones pruned.
-    conn.execute("INSERT INTO meta (key, value) VALUES ('max_pruned_id', ?) ON CONFLICT(key) DO UPDATE "
-                 "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(max(doomed)),))
-    return doomed
-
-
-def _bytes(conn: sqlite3.Connection) -> int:
-    """The history's size: kept by triggers (the totals table), one row read."""
-    return conn.execute("SELECT n FROM totals WHERE name = 'bytes'").fetchone()[0]
-
-
-def _inputs_of(conn: sqlite3.Connection, job_ids: list[int]) -> dict[int, dict]:
-    rows = conn.execute("SELECT id, data FROM inputs WHERE id IN (SELECT value FROM json_each(?))",
-                        (json.dumps(job_ids),)).fetchall()
-    found = {job_id: json.loads(data) for job_id, data in rows}
-    return {job_id: found.get(job_id, {}) for job_id in job_ids}
-
-
-def _attempt(conn: sqlite3.Connection, group: list) -> tuple:
-    """One transaction for ``group`` (saves, or one prune): (error, prune's count, inputs read, pruned ids)."""
-    err, result, loaded, pruned = None, None, [None] * len(group), []
-    try:
-        conn.execute("BEGIN")
-        if group[0][0][0] == "prune":
-            pruned = _prune(conn, *group[0][0][1])
-            result = len(pruned)
-        else:
-            pairs = [pair for op, _, _ in group for pair in op[1]]
-            _insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
-        conn.execute("COMMIT")
-        if result is None:
-            loaded = [_inputs_of(conn, op[2]) if op[2] else None for op, _, _ in group]
-    except (sqlite3.Error, ValueError) as exc:
-        # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
-        err = exc
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
-    return err, result, loaded, pruned
-
-
-def _transient(exc: Exception) -> bool:
-    """A failure the disk may recover from (full, an I/O error, busy or locked): worth trying again."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in TRANSIENT_CODES
 
 
 def _settle_all(futs: list[tuple[asyncio.Future, object]], err: Exception | None) -> None:
