@@ -184,11 +184,18 @@ class SessionRunner:
         """
         if not session.alive or session.ended_reason is not None:
             return 0
-        killed, gone = await asyncio.to_thread(_kill_strays, session)
+        cgroup = getattr(session.spawn, "cgroup", None)
+        # With a cgroup, its process list is read on the loop (one small file), and the
+        # thread, which may wait for processes to die, is used only when there is one to
+        # kill; without, finding them is a walk of /proc.  The cap below is a file write.
+        if cgroup is None or _strays(session):
+            killed, gone = await asyncio.to_thread(_kill_strays, session)
+        else:
+            killed, gone = 0, True
         if not gone and self.sessions.get(session.key) is session:
             await self._end(session, "a process it left running could not be stopped", notify=True)
-        elif session.spawn is not None and session.spawn.cgroup is not None:
-            await asyncio.to_thread(session.spawn.cgroup.set_cpus, IDLE_CPUS)
+        elif cgroup is not None:
+            cgroup.set_cpus(IDLE_CPUS)
         return killed
     async def close(self) -> None:
         """End every session: no kernel outlives the slave."""
@@ -383,13 +390,17 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _strays(session: Session) -> set[int]:
+    return {p for p in _session_pids(session) - session.own_pids if not _zombie(p)}
+
+
 def _kill_strays(session: Session) -> tuple[int, bool]:
     """SIGKILL what is not the kernel's own until nothing else is left; (how many, whether all are gone)."""
     killed: set[int] = set()
     deadline = time.monotonic() + STOP_STRAYS_WITHIN
     delay = 0.001
     while True:
-        strays = {p for p in _session_pids(session) - session.own_pids if not _zombie(p)}
+        strays = _strays(session)
         if not strays:
             return len(killed), True
         if time.monotonic() > deadline:
