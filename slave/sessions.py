@@ -262,7 +262,7 @@ class SessionRunner:
                                 max_message, lambda pid: pid in _pids(spawn, proc.pid), KERNEL_START_TIMEOUT,
                                 on_cut=lambda: session.pump and session.pump.cut(),
                                 on_refused=lambda: asyncio.ensure_future(self._end_current(
-                                    session, "one of its kernel's sockets led to another process")))
+                                    session, "one of its kernel's sockets was replaced by something else")))
                           for ch in RELAYED]
         try:
             for relay in session.relays:

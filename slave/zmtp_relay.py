@@ -13,7 +13,10 @@ passes as it is.
 The kernel owns the folder of its sockets, so the name the relay connects to
 may be a link to another Unix socket of the host.  Before it forwards a byte
 the relay checks who listens there (``SO_PEERCRED``) and refuses anything
-but the session's own processes.
+but the session's own processes, and a name that is no socket (a FIFO).
+A hard link to another socket reaches that socket's process, as a symbolic
+link does, and is refused the same way (on a job's tmpfs, the slave's
+default, it cannot even be made: links stay within one file system).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import struct
 import time
 from typing import Callable
@@ -140,13 +144,21 @@ async def slave_to_kernel(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         await writer.drain()
 
 
+def _not_a_socket(path: str) -> bool:
+    """``path`` names something that is not a socket (stat does not open it: a FIFO cannot block it)."""
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False  # not there (yet), or a link to nothing
+
+
 class Relay:
     """Listens at ``listen`` (in a folder of the slave's) and joins each connection to ``target`` (the kernel's).
 
     ``ours(pid)`` says whether a process listening at ``target`` is the
     session's; ``on_cut()`` is called when a connection is cut for what the
-    kernel sent, ``on_refused()`` when ``target`` led to another process
-    (the session should end: its client would connect again and again).
+    kernel sent, ``on_refused()`` when ``target`` led to another process or
+    to no socket (the session should end: its client would connect again and again).
     """
 
     def __init__(self, listen: str, target: str, max_message: int, ours: Callable[[int], bool],
@@ -186,6 +198,8 @@ class Relay:
                 await asyncio.get_running_loop().sock_connect(sock, self.target)
             except OSError:
                 sock.close()
+                if _not_a_socket(self.target):
+                    return self._refuse("is not a socket")  # a FIFO or a file in its place: no use waiting
                 if time.monotonic() > deadline:
                     return None
                 await asyncio.sleep(CONNECT_RETRY)  # the kernel has not bound it yet
@@ -193,12 +207,14 @@ class Relay:
             pid = peer_pid(sock)
             if not self.ours(pid):
                 sock.close()
-                log.warning("session socket %s leads to process %d, not the session's: refused", self.target, pid)
-                if self.on_refused is not None:
-                    self.on_refused()
-                return None
+                return self._refuse(f"leads to process {pid}, not the session's")
             return await asyncio.open_unix_connection(sock=sock)
         return None
+
+    def _refuse(self, why: str) -> None:
+        log.warning("session socket %s %s: refused", self.target, why)
+        if self.on_refused is not None:
+            self.on_refused()
 
     async def _link(self, slave_r: asyncio.StreamReader, slave_w: asyncio.StreamWriter) -> None:
         writers = self._links[asyncio.current_task()] = [slave_w]
