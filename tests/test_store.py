@@ -123,10 +123,10 @@ def test_a_commit_that_fails_for_want_of_disk_is_tried_again_in_order_until_it_s
             await store.save(job(1))
             _fill(small_disk)
             ran = store.save(job(1, P.RUNNING, stdout="z" * 300_000))
-            await asyncio.sleep(0.3)  # a later turn: its own commit, behind the failed one
-            ended = store.save(job(1, P.SUCCEEDED, stdout="done"))
-            await asyncio.sleep(1.0)
-            assert not ran.done() and not ended.done()  # tried again; nothing settled meanwhile
+            await asyncio.sleep(0)  # one turn: its commit runs, and fails for want of disk
+            ended = store.save(job(1, P.SUCCEEDED, stdout="done"))  # its own commit, behind the failed one
+            await asyncio.sleep(0)
+            assert not ran.done() and not ended.done()  # being tried again: nothing settled with an error
             os.unlink(small_disk / "filler")
             await asyncio.wait_for(asyncio.gather(ran, ended), 30)
         finally:
