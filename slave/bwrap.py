@@ -305,7 +305,7 @@ class BwrapSandbox(Sandbox):
         """
         args: list[str] = []
         made: set[str] = set()
-        for path in sorted((cgroup.paths if cgroup else {}).values()):
+        for path in cgroup.dirs() if cgroup else ():
             if not _under(path, CGROUP_ROOT):
                 continue
             args += BwrapSandbox._parents(path, [CGROUP_ROOT], made)

@@ -1,6 +1,13 @@
-"""Per-step cgroups (v1 ``memory`` and ``pids``, and ``cpu`` for a step with a
+"""Per-step cgroups (``memory`` and ``pids``, and ``cpu`` for a step with a
 CPU cap: a session's kernel): the memory and process limits of a job step, how its OOM kill is seen, and how every process of it is found
 and killed, even ones that left its process group.
+
+Each controller is used where the machine mounts it: a cgroup v1 hierarchy of
+its own, else the unified (v2) hierarchy, the only one on Debian 12, Ubuntu
+22.04 and later.  What differs between the two is here and nowhere else: the
+files a limit is written to, where an OOM kill is counted, how a controller is
+made available below (v2: each parent's ``cgroup.subtree_control``), and that
+one v2 directory holds every controller.
 """
 from __future__ import annotations
 
@@ -30,8 +37,15 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _v1_mounts() -> dict[str, str]:
-    """controller -> mount point, for the cgroup v1 hierarchies of this machine."""
+# Where each version keeps a controller's limit.
+_LIMIT_FILE = {1: {"memory": "memory.limit_in_bytes", "pids": "pids.max", "cpu": "cpu.cfs_quota_us"},
+               2: {"memory": "memory.max", "pids": "pids.max", "cpu": "cpu.max"}}
+UNIFIED = "(v2)"  # the key of the v2 mount in ``_mounts()``'s answer (no v1 option is named so)
+
+
+def _mounts() -> dict[str, str]:
+    """controller -> mount point for the cgroup v1 hierarchies of this machine, and
+    ``UNIFIED`` -> the cgroup2 mount point if there is one."""
     found = {}
     try:
         with open("/proc/self/mounts") as f:
@@ -40,51 +54,84 @@ def _v1_mounts() -> dict[str, str]:
                 if len(parts) >= 4 and parts[2] == "cgroup":
                     for opt in parts[3].split(","):
                         found.setdefault(opt, parts[1])
+                elif len(parts) >= 3 and parts[2] == "cgroup2":
+                    found.setdefault(UNIFIED, parts[1])
     except OSError:
         pass
     return found
 
 
+def _enable(top: str, ctrl: str, below: list[str]) -> None:
+    """Make ``ctrl`` usable in the children of ``below`` (each made if missing, inside the one
+    before), under the v2 mount ``top``: a cgroup gives its children a controller in its
+    ``cgroup.subtree_control``, and only one its own parent gave it."""
+    for path in [top] + below:
+        os.makedirs(path, exist_ok=True)
+        control = os.path.join(path, "cgroup.subtree_control")
+        if ctrl not in _read(control).split():
+            _write(control, "+" + ctrl)
+
+
 class Cgroups:
-    """The slave's cgroup v1 subtree (``<mount>/distexec/slave-<pid>-<n>``) for
+    """The slave's cgroup subtree (``<mount>/distexec/slave-<pid>-<n>``) for
     the ``memory`` and ``pids`` controllers, one child cgroup per step.
 
     Created only where we may write (root, or a delegated subtree); a
     controller that cannot be used is left out of ``base`` and ``missing``
-    says why.
+    says why.  ``unified``: the controllers on the v2 hierarchy.
     """
 
     # cpu only for steps whose Limits name ``cpus``: a job holds a slot, a session's kernel does not.
     CONTROLLERS = ("memory", "pids", "cpu")
-    _PROBE = {"memory": "memory.limit_in_bytes", "pids": "pids.max", "cpu": "cpu.cfs_quota_us"}
 
     def __init__(self, mounts: dict[str, str] | None = None):
         self.base: dict[str, str] = {}
         self.missing: dict[str, str] = {}
+        self.unified: frozenset[str] = frozenset()
         self._counter = itertools.count(1)
         self._leftovers: list[JobCgroup] = []
         # Steps are set up and cleaned up on worker threads, several at once.
         self._lock = threading.Lock()
-        mounts = _v1_mounts() if mounts is None else mounts
+        mounts = _mounts() if mounts is None else mounts
         instance = next(_instances)
+        v2 = mounts.get(UNIFIED)
+        try:
+            offered = set(_read(os.path.join(v2, "cgroup.controllers")).split()) if v2 else set()
+        except OSError:
+            offered = set()
         for ctrl in self.CONTROLLERS:
-            mount = mounts.get(ctrl)
+            mount = mounts.get(ctrl) or (v2 if ctrl in offered else None)
             if mount is None:
-                self.missing[ctrl] = "no cgroup v1 hierarchy mounted (cgroup v2 is not supported yet)"
+                self.missing[ctrl] = "no cgroup hierarchy offers it (v1 or v2)"
                 continue
+            version = 1 if mounts.get(ctrl) else 2
             top = os.path.join(mount, "distexec")
             base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
             try:
-                os.makedirs(base, exist_ok=True)
-                probe = os.path.join(base, "probe")
+                if version == 2:
+                    # Only a cgroup without processes of its own may pass a controller on (the
+                    # mount's root excepted): ours hold none, the steps below them hold them all.
+                    _enable(mount, ctrl, [top, base])
+                else:
+                    os.makedirs(base, exist_ok=True)
+                probe = os.path.join(base, f"probe-{ctrl}")  # on v2 one directory holds them all
                 os.mkdir(probe)
-                _write(os.path.join(probe, self._PROBE[ctrl]), "1000")
-                os.rmdir(probe)
+                try:
+                    _write(os.path.join(probe, _LIMIT_FILE[version][ctrl]),
+                           "1000" if ctrl != "cpu" or version == 1 else f"1000 {CPU_PERIOD_US}")
+                finally:
+                    os.rmdir(probe)
             except OSError as exc:
-                self.missing[ctrl] = f"cannot create cgroups under {mount}: {exc.strerror}"
+                why = f"cannot create cgroups under {mount} (cgroup v{version}): {exc.strerror}"
+                if version == 2 and exc.errno == errno.EBUSY:
+                    why += (" (a cgroup holding processes cannot pass controllers on; in a container, move"
+                            " its processes into a child cgroup first)")
+                self.missing[ctrl] = why
                 continue
             self.base[ctrl] = base
-            _reap_stale(top)
+            if version == 2:
+                self.unified |= {ctrl}
+            _reap_stale(top, version == 2)
 
     @property
     def memory(self) -> bool:
@@ -105,16 +152,19 @@ class Cgroups:
         self._retry_leftovers()
         name = name or f"job-{next(self._counter)}"
         cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()
-                        if ctrl != "cpu" or limits.cpus is not None})
+                        if ctrl != "cpu" or limits.cpus is not None}, unified=self.unified)
         try:
-            for ctrl, path in cg.paths.items():
+            for path in cg.dirs():
                 os.mkdir(path)
+            for ctrl, path in cg.paths.items():
                 if ctrl == "memory":
-                    _write(os.path.join(path, "memory.limit_in_bytes"), str(limits.memory_bytes))
-                    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
-                    if os.path.exists(memsw):
-                        # Swap would let a job go past its limit, only slower.
-                        _write(memsw, str(limits.memory_bytes))
+                    v2 = ctrl in self.unified
+                    _write(os.path.join(path, _LIMIT_FILE[2 if v2 else 1][ctrl]), str(limits.memory_bytes))
+                    # Swap would let a job go past its limit, only slower.
+                    swap, value = (("memory.swap.max", "0") if v2 else
+                                   ("memory.memsw.limit_in_bytes", str(limits.memory_bytes)))
+                    if os.path.exists(os.path.join(path, swap)):
+                        _write(os.path.join(path, swap), value)
                 elif ctrl == "cpu":
                     cg.set_cpus(limits.cpus)
                 else:
@@ -163,7 +213,7 @@ _instances = itertools.count(1)
 CPU_PERIOD_US = 100_000
 
 
-def _reap_stale(top: str) -> None:
+def _reap_stale(top: str, v2: bool) -> None:
     """Remove what slaves that died without cleaning up left under ``top``.
 
     Best effort: slaves starting together may reap the same directory.
@@ -183,7 +233,7 @@ def _reap_stale(top: str) -> None:
         try:
             for job in os.listdir(base):
                 if os.path.isdir(os.path.join(base, job)):
-                    JobCgroup({"x": os.path.join(base, job)}).destroy()
+                    JobCgroup({"x": os.path.join(base, job)}, unified=frozenset({"x"} if v2 else ())).destroy()
             os.rmdir(base)
         except OSError:
             pass
@@ -201,17 +251,21 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class JobCgroup:
-    """One step's cgroups: controller -> directory."""
+    """One step's cgroups: controller -> directory (on v2 one directory for all of them)."""
 
     paths: dict[str, str]
     gone: bool = field(default=False)
+    unified: frozenset = frozenset()  # the controllers whose directory is on the v2 hierarchy
+
+    def dirs(self) -> list[str]:
+        return sorted(set(self.paths.values()))
 
     def join_paths(self) -> tuple[str, ...]:
-        return tuple(os.path.join(p, "cgroup.procs") for p in self.paths.values())
+        return tuple(os.path.join(p, "cgroup.procs") for p in self.dirs())
 
     def pids(self) -> set[int]:
         found: set[int] = set()
-        for path in self.paths.values():
+        for path in self.dirs():
             try:
                 found.update(int(x) for x in _read(os.path.join(path, "cgroup.procs")).split())
             except OSError:
@@ -221,9 +275,17 @@ class JobCgroup:
     def set_cpus(self, cpus: float) -> None:
         """Cap the step at ``cpus`` cores (CFS quota over a 100 ms period); no-op without a cpu cgroup."""
         path = self.paths.get("cpu")
-        if path is not None:
+        if path is None:
+            return
+        quota = max(1000, int(cpus * CPU_PERIOD_US))
+        if "cpu" in self.unified:
+            _write(os.path.join(path, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+        else:
             _write(os.path.join(path, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-            _write(os.path.join(path, "cpu.cfs_quota_us"), str(max(1000, int(cpus * CPU_PERIOD_US))))
+            _write(os.path.join(path, "cpu.cfs_quota_us"), str(quota))
+
+    def unified_dirs(self) -> set[str]:
+        return {self.paths[ctrl] for ctrl in self.unified if ctrl in self.paths}
 
     def oom_killed(self) -> bool:
         """True if the kernel killed a process of this step for going past the memory limit."""
@@ -236,7 +298,9 @@ class JobCgroup:
         if path is None:
             return 0
         try:
-            for line in _read(os.path.join(path, "memory.oom_control")).splitlines():
+            # v2: the cgroup's own kills and those below it, none here (a step's cgroup is a leaf).
+            events = "memory.events" if "memory" in self.unified else "memory.oom_control"
+            for line in _read(os.path.join(path, events)).splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
                     return int(value)
@@ -246,6 +310,12 @@ class JobCgroup:
             return 0
 
     def kill_all(self) -> None:
+        for path in self.unified_dirs():
+            try:
+                # v2 (Linux 5.14+): every process, also those forked meanwhile, in one write.
+                _write(os.path.join(path, "cgroup.kill"), "1")
+            except OSError:
+                pass
         for pid in self.pids():
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -277,7 +347,7 @@ class JobCgroup:
         while True:
             self.kill_all()
             left = {}
-            for ctrl, path in self.paths.items():
+            for path in self.dirs():
                 try:
                     os.rmdir(path)
                 except FileNotFoundError:
@@ -285,8 +355,8 @@ class JobCgroup:
                 except OSError as exc:
                     if exc.errno != errno.EBUSY:
                         log.warning("cannot remove cgroup %s: %s", path, exc)
-                    left[ctrl] = path
-            self.paths = left
+                    left[path] = True
+            self.paths = {ctrl: path for ctrl, path in self.paths.items() if path in left}
             if not left:
                 self.gone = True
                 return True
