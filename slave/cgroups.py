@@ -72,6 +72,15 @@ def _enable(top: str, ctrl: str, below: list[str]) -> None:
             _write(control, "+" + ctrl)
 
 
+def _holds_processes(mount: str) -> bool:
+    """True if the v2 mount's root is a cgroup with processes of its own that is not the hierarchy's
+    root (which is exempt, and has no ``cgroup.type``): a container's, in a cgroup namespace."""
+    try:
+        return os.path.exists(os.path.join(mount, "cgroup.type")) and bool(_read(os.path.join(mount, "cgroup.procs")).split())
+    except OSError:
+        return False
+
+
 class Cgroups:
     """The slave's cgroup subtree (``<mount>/distexec/slave-<pid>-<n>``) for
     the ``memory`` and ``pids`` controllers, one child cgroup per step.
@@ -105,6 +114,10 @@ class Cgroups:
                 self.missing[ctrl] = "no cgroup hierarchy offers it (v1 or v2)"
                 continue
             version = 1 if mounts.get(ctrl) else 2
+            if version == 2 and _holds_processes(mount):
+                self.missing[ctrl] = (f"the cgroup v2 root seen here ({mount}, a container's) holds processes, so it"
+                                      " cannot pass controllers on: move them into a child cgroup first")
+                continue
             top = os.path.join(mount, "distexec")
             base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
             try:
@@ -122,11 +135,7 @@ class Cgroups:
                 finally:
                     os.rmdir(probe)
             except OSError as exc:
-                why = f"cannot create cgroups under {mount} (cgroup v{version}): {exc.strerror}"
-                if version == 2 and exc.errno == errno.EBUSY:
-                    why += (" (a cgroup holding processes cannot pass controllers on; in a container, move"
-                            " its processes into a child cgroup first)")
-                self.missing[ctrl] = why
+                self.missing[ctrl] = f"cannot create cgroups under {mount} (cgroup v{version}): {exc.strerror}"
                 continue
             self.base[ctrl] = base
             if version == 2:

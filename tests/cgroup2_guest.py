@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from slave import toolchains  # noqa: E402
 from slave.bwrap import best_sandbox  # noqa: E402
@@ -42,10 +43,18 @@ JOBS = {
 }
 
 
+# A slave in a container with a cgroup namespace of its own: the hierarchy's root it sees holds
+# processes (its own), so it cannot pass controllers on.
+IN_A_CONTAINER = ("mkdir /sys/fs/cgroup/container && echo $$ > /sys/fs/cgroup/container/cgroup.procs && "
+                  "exec unshare --cgroup --mount sh -c 'umount /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" -c "
+                  "\"import json, sys; sys.path.insert(0, sys.argv[1]); from slave.cgroups import Cgroups; "
+                  "print(json.dumps(Cgroups().missing))\" \"$1\"' \"$0\" \"$1\"")
+
+
 # A slave's cgroups made, a process started in a job cgroup, then the slave gone without cleaning up.
 DIES_HOLDING_A_JOB = (
     "import os, subprocess, sys\n"
-    f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+    f"sys.path.insert(0, {ROOT!r})\n"
     "from slave.cgroups import Cgroups\nfrom slave.sandbox import Limits\n"
     "cg = Cgroups().create(Limits())\n"
     "p = subprocess.Popen(['sleep', '600'], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
@@ -117,6 +126,9 @@ async def main(result_path: str) -> None:
         r["dead_slave"]["job_alive_before"] = _alive(job)
         Cgroups().close()
         r["dead_slave"]["job_alive_after"] = _alive(job)
+    inside = subprocess.run(["sh", "-c", IN_A_CONTAINER, sys.executable, ROOT],
+                            capture_output=True, text=True, timeout=120)
+    r["container"] = {"stdout": inside.stdout, "stderr": inside.stderr[-2000:]}
     top = "/sys/fs/cgroup/distexec"
     r["left_cgroups"] = [d for d, _, _ in os.walk(top) if d != top]
     with open(result_path, "w") as f:

@@ -89,3 +89,11 @@ def test_a_dead_slaves_job_is_killed_and_its_cgroups_removed_by_the_next_slave(g
     assert dead.get("job_alive_before") is True, dead
     assert dead["job_alive_after"] is False
     assert guest["left_cgroups"] == []
+
+
+def test_in_a_container_whose_cgroup_root_holds_processes_the_slave_says_what_to_do(guest):
+    missing = json.loads(guest["container"]["stdout"] or "null")
+    assert missing is not None, guest["container"]
+    assert set(missing) == {"memory", "pids", "cpu"}
+    assert all("holds processes" in why and "move them into a child cgroup first" in why
+               for why in missing.values()), missing
