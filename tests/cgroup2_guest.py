@@ -26,7 +26,7 @@ from slave.sandbox import Limits  # noqa: E402
 from slave.warm import WarmRunner  # noqa: E402
 
 MEMORY_MB = 96
-PROCS = 12
+PROCS = 40  # the JVM starts ~20 threads
 
 JOBS = {
     # Which cgroup the job is in, as the JVM and Node look it up, and the limit they would read there.
@@ -34,7 +34,7 @@ JOBS = {
              "try:\n    print(open('/sys/fs/cgroup' + path + '/memory.max').read().strip())\n"
              "except OSError as exc:\n    print('unreadable', exc.errno)",
     "hog": "b = bytearray(400 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('survived')",
-    "bomb": "import os, time\nborn = 0\nfor _ in range(60):\n    try:\n        if os.fork() == 0:\n"
+    "bomb": f"import os, time\nborn = 0\nfor _ in range({2 * PROCS}):\n    try:\n        if os.fork() == 0:\n"
             "            time.sleep(5)\n            os._exit(0)\n        born += 1\n    except OSError:\n        break\n"
             "print(born)",
     # A process that leaves the job's process group and session, and outlives it.
@@ -70,8 +70,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def run(runner, job_id: int, source: str) -> dict:
-    out = await runner.run({"id": job_id, "language": "python", "source": source, "timeout": 60},
+# What the JVM and Node make of the cgroup a fresh job is in (a warm job's are told on their command line).
+RUNTIMES = {
+    "jvm": "java -XshowSettings:system -version 2>&1 | grep -i -e 'provider' -e 'memory limit'",
+    "node": "node -e 'console.log(process.constrainedMemory())'",
+}
+
+
+async def run(runner, job_id: int, source: str, language: str = "python") -> dict:
+    out = await runner.run({"id": job_id, "language": language, "source": source, "timeout": 120},
                            lambda *_: None, asyncio.Event())
     return {"exit_code": out.exit_code, "error": (out.error or {}).get("code"), "stdout": out.stdout,
             "stderr": out.stderr[-2000:]}
@@ -97,7 +104,7 @@ async def main(result_path: str) -> None:
     r["unified"] = sorted(getattr(cgroups, "unified", ()))  # (a tree before v2 has none)
     r["missing"] = cgroups.missing
     r["describe"] = box.describe()
-    chains = await toolchains.detect_toolchains(["python"], sandbox=box, limits=limits)
+    chains = await toolchains.detect_toolchains(["python", "sh"], sandbox=box, limits=limits)
     fresh = ProcessRunner(box, limits, {n: tc.version for n, tc in chains.items()},
                           jobdirs=JobDirs("vm-cgroup2", None, 64),
                           programs={n: tc.programs for n, tc in chains.items()})
@@ -112,6 +119,7 @@ async def main(result_path: str) -> None:
         while daemons() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         r[name]["daemons_left"] = daemons()
+    r["runtimes"] = {name: await run(fresh, next(ids), source, "sh") for name, source in RUNTIMES.items()}
     # A session kernel's CPU cap.
     capped = cgroups.create(Limits(cpus=0.5))
     r["cpu.max"] = open(os.path.join(capped.paths["cpu"], "cpu.max")).read().strip()

@@ -59,6 +59,12 @@ def test_a_fresh_jobs_own_cgroup_and_its_memory_limit_are_shown_to_it(guest):
     assert int(limit) == MEMORY_MB << 20
 
 
+def test_the_jvm_and_node_in_a_fresh_job_read_its_memory_limit(guest):
+    jvm, node = guest["runtimes"]["jvm"], guest["runtimes"]["node"]
+    assert "cgroupv2" in jvm["stdout"] and f"Memory Limit: {MEMORY_MB}.00M" in jvm["stdout"], jvm
+    assert node["stdout"].strip() == str(MEMORY_MB << 20), node
+
+
 @pytest.mark.parametrize("runner", ["fresh", "warm"])
 def test_memory_hog_is_killed_by_the_kernel_and_told_as_memory_limit(guest, runner):
     hog = guest[runner]["hog"]
