@@ -98,7 +98,7 @@ class CellRunner:
             kc.execute(setup, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
             session.io_state = (args, stdin)
         if session.spawn is not None and session.spawn.cgroup is not None:
-            session.spawn.cgroup.set_cpus(CELL_CPUS)  # two writes to cgroup files: no thread needed
+            session.spawn.cgroup.set_cpus(CELL_CPUS)  # a write or two to cgroup files: no thread needed
         msg_id = kc.execute(job["source"], silent=False, store_history=True, allow_stdin=True,
                             stop_on_error=False)
         lines = iter((stdin or "").splitlines())

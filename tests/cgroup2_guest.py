@@ -17,7 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from slave import toolchains  # noqa: E402
+from slave import sessions, toolchains  # noqa: E402
 from slave.bwrap import best_sandbox  # noqa: E402
 from slave.cgroups import Cgroups  # noqa: E402
 from slave.jobdirs import JobDirs  # noqa: E402
@@ -78,8 +78,11 @@ RUNTIMES = {
 
 
 async def run(runner, job_id: int, source: str, language: str = "python") -> dict:
-    out = await runner.run({"id": job_id, "language": language, "source": source, "timeout": 120},
-                           lambda *_: None, asyncio.Event())
+    return await run_job(runner, {"id": job_id, "language": language, "source": source, "timeout": 120})
+
+
+async def run_job(runner, job: dict) -> dict:
+    out = await runner.run(job, lambda *_: None, asyncio.Event())
     return {"exit_code": out.exit_code, "error": (out.error or {}).get("code"), "stdout": out.stdout,
             "stderr": out.stderr[-2000:]}
 
@@ -120,7 +123,19 @@ async def main(result_path: str) -> None:
             await asyncio.sleep(0.05)
         r[name]["daemons_left"] = daemons()
     r["runtimes"] = {name: await run(fresh, next(ids), source, "sh") for name, source in RUNTIMES.items()}
-    # A session kernel's CPU cap.
+    # A session: its kernel in a cgroup of its own, its state kept from cell to cell, capped at a core
+    # while a cell runs; a cell past the memory limit ends it.
+    session = sessions.SessionRunner(box, limits, fresh.jobdirs)
+    cells = {"define": "x = 41", "use": "print(x + 1)",
+             "cap": "path = open('/proc/self/cgroup').read().strip().partition('::')[2]\n"
+                    "print(path)\nprint(open('/sys/fs/cgroup' + path + '/cpu.max').read().strip())",
+             "hog": JOBS["hog"]}
+    r["session"] = {}
+    for name, source in cells.items():
+        job = {"id": next(ids), "user": "u", "session": "s", "source": source, "timeout": 120, "language": "python"}
+        r["session"][name] = await run_job(session, job)
+    await session.close()
+    # A session kernel's CPU cap, as written.
     capped = cgroups.create(Limits(cpus=0.5))
     r["cpu.max"] = open(os.path.join(capped.paths["cpu"], "cpu.max")).read().strip()
     cgroups.release(capped)

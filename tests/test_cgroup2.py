@@ -86,7 +86,15 @@ def test_a_daemon_a_job_leaves_is_killed(guest, runner):
     assert guest[runner]["daemons_left"] == 0
 
 
-def test_a_session_kernels_cpu_cap_is_written_as_cpu_max(guest):
+def test_a_session_keeps_its_state_runs_a_cell_capped_at_a_core_and_ends_past_its_memory(guest):
+    cells = guest["session"]
+    assert cells["define"]["error"] is None and cells["use"]["stdout"] == "42\n", cells
+    path, cap = cells["cap"]["stdout"].split("\n")[:2]
+    assert path.startswith("/distexec/slave-") and cap == "100000 100000"  # 1 core (CELL_CPUS)
+    assert cells["hog"]["error"] == "memory_limit" and "session was ended" in cells["hog"]["stderr"]
+
+
+def test_a_cpu_cap_is_written_as_cpu_max(guest):
     assert guest["cpu.max"] == "50000 100000"
 
 
