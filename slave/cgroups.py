@@ -333,15 +333,7 @@ class JobCgroup:
 
     def clear(self, wait: float = 1.0) -> bool:
         """Kill every process here and wait until they have left; the cgroup stays.  True when empty."""
-        deadline = time.monotonic() + wait
-        delay = 0.0005
-        while self.pids():
-            if time.monotonic() >= deadline:
-                return False
-            self.kill_all()
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return True
+        return self._killing_until(lambda: not self.pids(), wait)
 
     def destroy(self, wait: float = 1.0) -> bool:
         """Kill every process of the step, then remove the cgroups.  True when gone.
@@ -351,25 +343,32 @@ class JobCgroup:
         """
         if self.gone:
             return True
+        self.kill_all()
+        self.gone = self._killing_until(self._remove, wait)
+        return self.gone
+
+    def _remove(self) -> bool:
+        left = set()
+        for path in self.dirs():
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    log.warning("cannot remove cgroup %s: %s", path, exc)
+                left.add(path)
+        self.paths = {ctrl: path for ctrl, path in self.paths.items() if path in left}
+        return not left
+
+    def _killing_until(self, done, wait: float) -> bool:
+        """Kill what is here until ``done()``, backing off, for up to ``wait`` seconds; True once done."""
         deadline = time.monotonic() + wait
         delay = 0.0005
-        while True:
-            self.kill_all()
-            left = {}
-            for path in self.dirs():
-                try:
-                    os.rmdir(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        log.warning("cannot remove cgroup %s: %s", path, exc)
-                    left[path] = True
-            self.paths = {ctrl: path for ctrl, path in self.paths.items() if path in left}
-            if not left:
-                self.gone = True
-                return True
+        while not done():
             if time.monotonic() >= deadline:
                 return False
+            self.kill_all()
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+        return True
