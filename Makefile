@@ -12,5 +12,6 @@ lab: setup
 	.venv/bin/python -m pip install -q jupyterlab
 	./scripts/demo.sh --lab
 
-test: setup
+test:
+	./scripts/setup.sh --tests
 	.venv/bin/python -m pytest

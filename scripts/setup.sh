@@ -2,10 +2,13 @@
 # Set up everything distexec needs on a fresh machine: system packages
 # (toolchains, sandbox), a virtual environment in .venv, the project and its
 # test dependencies.  Safe to run again; it only adds what is missing.
+# --tests: also the system packages only the tests need (scripts/apt-packages-tests.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want=$(grep -v '^\s*#' scripts/apt-packages.txt | grep -v '^\s*$' || true)
+lists=scripts/apt-packages.txt
+[ "${1:-}" = "--tests" ] && lists="$lists scripts/apt-packages-tests.txt"
+want=$(cat $lists | grep -v '^\s*#' | grep -v '^\s*$' || true)
 if [ -n "$want" ] && command -v apt-get >/dev/null; then
   missing=$(for p in $want; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then

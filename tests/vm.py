@@ -53,7 +53,7 @@ def missing() -> str | None:
     """Why no machine can be booted here (a package not installed), or None."""
     for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")):
         if shutil.which(tool) is None:
-            return f"{tool} is missing (Debian: {package}; scripts/apt-packages.txt lists it)"
+            return f"{tool} is missing (Debian: {package}; scripts/apt-packages-tests.txt lists it)"
     if not _kernels():
         return "no kernel in /boot with its modules (Debian: linux-image-amd64)"
     return None

@@ -3,7 +3,7 @@
 JupyterLab runs from this venv on a free loopback port with a known token
 and its own temporary home, config, data, runtime and settings folders, so
 nothing of the machine's own Jupyter setup is read or written.  Chromium is
-Debian's (``/usr/bin/chromium``, from scripts/apt-packages.txt), driven by
+Debian's (``/usr/bin/chromium``, from scripts/apt-packages-tests.txt), driven by
 Playwright for Python: Playwright never downloads a browser here.
 
 The page gets the JupyterLab application as ``window.jupyterapp``

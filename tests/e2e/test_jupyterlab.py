@@ -45,7 +45,7 @@ T = 60_000  # ms: generous, for a 2-core machine shared with the cluster and the
 def lab(tmp_path_factory):
     """The cluster (with some history), JupyterLab, and one Chromium page, all stopped at the end."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"no {CHROMIUM}: scripts/setup.sh installs Debian's chromium (scripts/apt-packages.txt)")
+        pytest.fail(f"no {CHROMIUM}: scripts/setup.sh installs Debian's chromium (scripts/apt-packages-tests.txt)")
     work = tmp_path_factory.mktemp("e2e")
     home = work / "distexec-home"
     home.mkdir()
