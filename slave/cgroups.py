@@ -76,9 +76,32 @@ def _holds_processes(mount: str) -> bool:
     """True if the v2 mount's root is a cgroup with processes of its own that is not the hierarchy's
     root (which is exempt, and has no ``cgroup.type``): a container's, in a cgroup namespace."""
     try:
-        return os.path.exists(os.path.join(mount, "cgroup.type")) and bool(_read(os.path.join(mount, "cgroup.procs")).split())
+        return (os.path.exists(os.path.join(mount, "cgroup.type"))
+                and bool(_read(os.path.join(mount, "cgroup.procs")).split()))
     except OSError:
         return False
+
+
+def _vacate(mount: str) -> str | None:
+    """Move the processes of a container's cgroup root into ``<mount>/init``, as Docker-in-Docker's
+    entry point does, so that the root may pass controllers on.  None once it is empty, else why not."""
+    leaf = os.path.join(mount, "init")
+    try:
+        os.makedirs(leaf, exist_ok=True)
+        for _ in range(10):  # a process forked meanwhile is born in the root: read again
+            pids = _read(os.path.join(mount, "cgroup.procs")).split()
+            if not pids:
+                log.info("cgroups: moved this container's processes into %s, so that its root can pass the"
+                         " controllers on to the jobs' cgroups", leaf)
+                return None
+            for pid in pids:
+                try:
+                    _write(os.path.join(leaf, "cgroup.procs"), pid)
+                except ProcessLookupError:
+                    pass  # gone meanwhile
+        return "processes keep being born there"
+    except OSError as exc:
+        return exc.strerror
 
 
 class Cgroups:
@@ -108,16 +131,21 @@ class Cgroups:
             offered = set(_read(os.path.join(v2, "cgroup.controllers")).split()) if v2 else set()
         except OSError:
             offered = set()
+        if v2 and offered & set(self.CONTROLLERS) and _holds_processes(v2):
+            why_not = _vacate(v2)
+            if why_not is not None:
+                for ctrl in offered.intersection(self.CONTROLLERS).difference(mounts):
+                    self.missing[ctrl] = (f"the cgroup v2 root seen here ({v2}, a container's) holds processes, so"
+                                          f" it cannot pass controllers on, and moving them into a child cgroup"
+                                          f" failed: {why_not}")
         for ctrl in self.CONTROLLERS:
+            if ctrl in self.missing:
+                continue
             mount = mounts.get(ctrl) or (v2 if ctrl in offered else None)
             if mount is None:
                 self.missing[ctrl] = "no cgroup hierarchy offers it (v1 or v2)"
                 continue
             version = 1 if mounts.get(ctrl) else 2
-            if version == 2 and _holds_processes(mount):
-                self.missing[ctrl] = (f"the cgroup v2 root seen here ({mount}, a container's) holds processes, so it"
-                                      " cannot pass controllers on: move them into a child cgroup first")
-                continue
             top = os.path.join(mount, "distexec")
             base = os.path.join(top, f"slave-{os.getpid()}-{instance}")
             try:

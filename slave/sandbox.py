@@ -178,12 +178,12 @@ class Sandbox:
         cg, lim = self.cgroups, self.limits
         parts = []
         if cg and cg.memory:
-            parts.append(f"memory {lim.memory_mb} MiB per job by cgroup")
+            parts.append(f"memory {lim.memory_mb} MiB per job by cgroup{' v2' * ('memory' in cg.unified)}")
         else:
             why = cg.missing.get("memory") if cg else "cgroups not used"
             parts.append(f"memory {lim.memory_mb} MiB per job polled every 50 ms (no memory cgroup: {why})")
         if cg and cg.pids:
-            parts.append(f"{lim.max_procs} processes per job by cgroup")
+            parts.append(f"{lim.max_procs} processes per job by cgroup{' v2' * ('pids' in cg.unified)}")
         elif self._nproc_rlimit():
             parts.append(f"{lim.max_procs} processes by RLIMIT_NPROC, shared by every job of uid "
                          f"{self.job_uid} (no pids cgroup)")

@@ -44,11 +44,23 @@ JOBS = {
 
 
 # A slave in a container with a cgroup namespace of its own: the hierarchy's root it sees holds
-# processes (its own), so it cannot pass controllers on.
+# processes (its own, and a sleeper of the container's), which have to move before it can pass
+# controllers on.
 IN_A_CONTAINER = ("mkdir /sys/fs/cgroup/container && echo $$ > /sys/fs/cgroup/container/cgroup.procs && "
-                  "exec unshare --cgroup --mount sh -c 'umount /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" -c "
-                  "\"import json, sys; sys.path.insert(0, sys.argv[1]); from slave.cgroups import Cgroups; "
-                  "print(json.dumps(Cgroups().missing))\" \"$1\"' \"$0\" \"$1\"")
+                  "exec unshare --cgroup --mount sh -c 'umount /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup"
+                  " && (sleep 600 >/dev/null 2>&1 &) && exec \"$0\" -c \"$1\" \"$2\"' \"$0\" \"$1\" \"$2\"")
+CONTAINER_SLAVE = """import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from slave.cgroups import Cgroups
+cgroups = Cgroups()
+sleepers = {int(pid): open(f"/proc/{pid}/cgroup").read().strip() for pid in filter(str.isdigit, os.listdir("/proc"))
+            if open(f"/proc/{pid}/cmdline", "rb").read() == b"sleep\\0" + b"600\\0"}
+print(json.dumps({"missing": cgroups.missing, "unified": sorted(cgroups.unified),
+                  "slave": open("/proc/self/cgroup").read().strip(), "sleeper": list(sleepers.values())}))
+for pid in sleepers:
+    os.kill(pid, signal.SIGKILL)
+cgroups.close()
+"""
 
 
 # A slave's cgroups made, a process started in a job cgroup, then the slave gone without cleaning up.
@@ -149,7 +161,7 @@ async def main(result_path: str) -> None:
         r["dead_slave"]["job_alive_before"] = _alive(job)
         Cgroups().close()
         r["dead_slave"]["job_alive_after"] = _alive(job)
-    inside = subprocess.run(["sh", "-c", IN_A_CONTAINER, sys.executable, ROOT],
+    inside = subprocess.run(["sh", "-c", IN_A_CONTAINER, sys.executable, CONTAINER_SLAVE, ROOT],
                             capture_output=True, text=True, timeout=120)
     r["container"] = {"stdout": inside.stdout, "stderr": inside.stderr[-2000:]}
     top = "/sys/fs/cgroup/distexec"
