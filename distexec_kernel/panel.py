@@ -36,7 +36,7 @@ import ipywidgets as W
 from . import display as D, panel_html as H, protocol as P
 from .panel_jobs import editor_request, editor_timeout, is_unnamed, rerun_request
 from .panel_model import PAGE_SIZE, PanelModel, Task
-from .panel_views import ClusterView, DetailView, EditorView, JobsView
+from .panel_views import NOT_OFFERED, ClusterView, DetailView, EditorView, JobsView
 
 log = logging.getLogger("distexec.panel")
 
@@ -424,9 +424,10 @@ class JobPanel(W.VBox):
             edit = self.model.edit
         dd = self.editor.language
         options = [(f"{lang['name']} {lang.get('version') or ''}".strip(), lang["name"]) for lang in langs]
+        # What the user chose (or a job loaded into the editor) stays chosen, marked if no slave runs it.
         want = edit["language"] if edit else (dd.value or "python")
-        if edit and not any(v == want for _, v in options):
-            options.append((f"{want} (no slave runs it now)", want))
+        if (edit or dd.value) and not any(v == want for _, v in options):
+            options.append((f"{want} {NOT_OFFERED}", want))
         if tuple(options) != tuple(dd.options):
             self.renders["languages"] += 1
             dd.options = options

@@ -2,8 +2,24 @@
 from __future__ import annotations
 
 import ipywidgets as W
+from traitlets import validate
 
 from . import panel_html as H, protocol as P
+
+NOT_OFFERED = "(no slave runs it now)"
+
+
+class LanguageDropdown(W.Dropdown):
+    """The editor's language.  A name the slaves do not offer, or not yet (the panel loads them in
+    the background), is kept and marked rather than refused: a notebook that sets it right after
+    making the panel must not fail on the moment the list arrives."""
+
+    @validate("value")
+    def _validate_value(self, proposal):
+        value = proposal.value
+        if value is not None and value not in self._options_values:
+            self.options = tuple(self.options) + ((f"{value} {NOT_OFFERED}", value),)
+        return value
 
 
 class JobsView:
@@ -53,7 +69,7 @@ class EditorView:
 
     def __init__(self):
         wide = W.Layout(width="100%")
-        self.language = W.Dropdown(options=[], description="language")
+        self.language = LanguageDropdown(options=[], description="language")
         self.name = W.Text(placeholder="optional", description="name")
         self.source = W.Textarea(placeholder="the program", rows=14, layout=wide)
         self.source.add_class("distexec-code")

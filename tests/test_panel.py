@@ -435,3 +435,19 @@ def test_the_detail_lists_collected_files_and_shows_images(panel, client):
     wait_for(lambda: "<img" in panel.detail.header.value, T, "the image in the detail")
     header = panel.detail.header.value
     assert "data:image/png;base64,iVBOR" in header and "notes.txt" in header and header.count("<img") == 1
+
+
+def test_a_language_set_before_or_without_a_slave_for_it_is_kept_and_marked(client):
+    # A notebook sets the editor's language right after making the panel, while the slaves' languages
+    # load in the background: the dropdown refused ("Invalid selection") whatever was not listed yet.
+    p = JobPanel(client)
+    try:
+        p.editor.language.value = "cobol"  # no slave runs it, loaded or not
+        assert p.editor.language.value == "cobol"
+        assert ("cobol (no slave runs it now)", "cobol") in p.editor.language.options
+        p.editor.language.value = "python"
+        wait_for(lambda: any(v == "python" and "no slave" not in label for label, v in p.editor.language.options),
+                 T, "languages loaded")
+        assert p.editor.language.value == "python"
+    finally:
+        p.close()
