@@ -128,7 +128,7 @@ MANY_FRAMES = textwrap.dedent("""
     kernel = get_ipython().kernel
     chunk = b"z" * (1 << 20)
     kernel.iopub_thread.schedule(lambda: kernel.iopub_thread.socket.send_multipart([chunk] * 400, copy=False))
-    time.sleep(3)
+    time.sleep(60)  # a deadline, not a wait: the relay's cut ends the cell within a second or two
     print("sent")
 """)
 
