@@ -221,6 +221,8 @@ def part_cpu(args) -> None:
                 print(f"  by thread: {thread_split(th0, th1, done)}")
                 # Pipelined submissions on the client's WebSocket, one job each.
                 n = args.pipelined
+                if n <= 0:
+                    return
                 opened = listener._events.connections
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
                 jobs = [listener.submit("pass") for _ in range(n)]

@@ -103,19 +103,33 @@ def cmd_user(args) -> int:
     return 0
 
 
-def cmd_submit(args) -> int:
+def _read_text(path: str, what: str) -> str:
+    """A text file the user named (``-``: this command's stdin), or exit with why it cannot be sent."""
     try:
-        with open(args.file) as f:
-            source = f.read()
+        if path == "-":
+            return sys.stdin.buffer.read().decode()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
     except OSError as exc:
-        raise SystemExit(f"distexec: cannot read {args.file}: {exc.strerror}")
+        raise SystemExit(f"distexec: cannot read {path}: {exc.strerror}")
+    except UnicodeDecodeError as exc:
+        # The protocol carries a program and its stdin as text; files (--file) may be bytes.
+        raise SystemExit(f"distexec: {what} {'(stdin)' if path == '-' else path} is not UTF-8 text "
+                         f"(byte {exc.start}); send binary data with --file")
+
+
+def cmd_submit(args) -> int:
+    dashes = [what for what, path in (("the program", args.file), ("--stdin-file", args.stdin_file),
+                                      ("--each", args.each)) if path == "-"]
+    if len(dashes) > 1:
+        raise SystemExit(f"distexec: only one of {' and '.join(dashes)} can be read from stdin (-)")
+    if args.file == "-" and not args.lang:
+        raise SystemExit("distexec: a program read from stdin (-) needs --lang")
+    source = _read_text(args.file, "the program")
     language = args.lang or L.from_filename(args.file)
     if not language:
         raise SystemExit(f"distexec: cannot tell the language of {args.file}; give --lang")
-    stdin = None
-    if args.stdin_file:
-        with open(args.stdin_file) as f:
-            stdin = f.read()
+    stdin = _read_text(args.stdin_file, "the stdin file") if args.stdin_file else None
     from .files import FilesError, read_paths
     try:
         files = read_paths(args.file_) if args.file_ else None
@@ -125,21 +139,26 @@ def cmd_submit(args) -> int:
         return _submit_each(args, source, language, stdin, files)
     with _cluster(args, events=not args.no_wait) as c:
         job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
-                       name=args.name or os.path.basename(args.file), retries=args.retries, files=files,
+                       name=_job_name(args), retries=args.retries, files=files,
                        collect=args.collect or None)
         if args.no_wait:
             print(job.id)
             return 0
+        line_open = False  # the last text shown left its line unfinished, on a terminal
         try:
             for stream, text in job.iter_output():
                 out = sys.stdout if stream == "stdout" else sys.stderr
                 out.write(text if args.raw else display.clean(text))
                 out.flush()
+                if text:
+                    line_open = not text.endswith("\n") and out.isatty()
         except KeyboardInterrupt:
             job.cancel()
             print(f"\ndistexec: cancelled job {job.id}", file=sys.stderr)
             return 130
         record = job.record
+    if line_open and sys.stderr.isatty():
+        print(file=sys.stderr)  # the status line on a line of its own, as a shell's prompt would be
     for meta in record.get("artifacts") or []:
         _show(f"collected {meta['name']} ({meta['size']} bytes): distexec get {record['id']} -o DIR", args.raw,
               sys.stderr)
@@ -150,6 +169,10 @@ def cmd_submit(args) -> int:
         if caret:
             _show(caret, args.raw, sys.stderr)
     return _exit_code(record)
+
+
+def _job_name(args) -> str:
+    return args.name or ("stdin" if args.file == "-" else os.path.basename(args.file))
 
 
 def _exit_code(record: dict) -> int:
@@ -166,11 +189,7 @@ def _exit_code(record: dict) -> int:
 def _each_args(path: str) -> list[list[str]]:
     """One job's arguments per line of ``path``, split as a shell would; blank lines and # comments skipped."""
     import shlex
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise SystemExit(f"distexec: cannot read {path}: {exc.strerror}")
+    lines = _read_text(path, "the arguments file").splitlines()
     out = []
     for number, line in enumerate(lines, 1):
         try:
@@ -212,7 +231,7 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
     failure in input order (as ``submit`` would for that job alone).
     """
     each = _each_args(args.each)
-    name = args.name or os.path.basename(args.file)
+    name = _job_name(args)
     subs = [dict(source=source, language=language, args=[*args.arg, *words], stdin=stdin, timeout=args.timeout,
                  name=name, retries=args.retries, files=files, collect=args.collect or None) for words in each]
     with _cluster(args, events=not args.no_wait) as c:
@@ -279,10 +298,22 @@ def cmd_get(args) -> int:
     return 0
 
 
+CANCEL_WAIT = 10.0  # seconds the CLI waits for the slave to confirm a running job's end
+
+
 def cmd_cancel(args) -> int:
-    with _cluster(args) as c:
-        job = c.cancel(args.job_id).record
-    _show(display.status_line(job))
+    with _cluster(args, events=True) as c:
+        job = c.cancel(args.job_id)
+        if job.status != P.CANCELLED and job.done:
+            print(f"distexec: job {job.id} had already ended", file=sys.stderr)
+        elif not job.done:
+            # A running job ends when its slave has killed it: show that end, not "running".
+            try:
+                job = c.job(job.id).wait(CANCEL_WAIT)
+            except TimeoutError:
+                print(f"distexec: cancel asked; job {job.id} has not ended yet (its slave may be away)",
+                      file=sys.stderr)
+    _show(display.status_line(job.record))
     return 0
 
 
@@ -392,11 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("slave", help="run a slave (`distexec slave --help` for its options)", add_help=False)
 
     sp = sub.add_parser("submit", help="run a file on the cluster; prints its output, exits with its code")
-    sp.add_argument("file")
+    sp.add_argument("file", help="the program (-: read it from stdin, with --lang)")
     sp.add_argument("--lang", default=None, help="language (default: from the file extension)")
     sp.add_argument("--timeout", type=float, default=None)
     sp.add_argument("--arg", action="append", default=[], help="an argument for the program (repeat)")
-    sp.add_argument("--stdin-file", default=None)
+    sp.add_argument("--stdin-file", default=None, metavar="FILE",
+                    help="the program's stdin (-: this command's stdin); without it the program's stdin is empty")
     sp.add_argument("--name", default=None)
     sp.add_argument("--retries", type=int, default=0)
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return")

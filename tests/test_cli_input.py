@@ -1,0 +1,103 @@
+"""The CLI at a terminal: stdin in, bad input files, the status line's place, what a cancel shows."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+
+from conftest import module_cluster, wait_for
+
+lc = module_cluster("cli-input", 1, slots=2)
+
+DOUBLE = "import sys\nprint(int(sys.stdin.read()) * 2)\n"
+
+
+def cli(lc, *args, input=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *args, "--url", lc.url, "--token", lc.token],
+                          capture_output=True, text=True, timeout=timeout, input=input)
+
+
+def assert_refused(r, *words):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+def test_stdin_and_program_from_this_commands_stdin(lc, tmp_path):
+    prog = tmp_path / "double.py"
+    prog.write_text(DOUBLE)
+    r = cli(lc, "submit", str(prog), "--stdin-file", "-", input="21\n")
+    assert r.returncode == 0 and r.stdout == "42\n", r.stderr
+    r = cli(lc, "submit", "-", "--lang", "python", input="print('from a pipe')\n")
+    assert r.returncode == 0 and r.stdout == "from a pipe\n", r.stderr
+    listed = json.loads(cli(lc, "jobs", "--json", "--limit", "1").stdout)["jobs"][0]
+    assert listed["name"] == "stdin" and listed["language"] == "python"
+
+
+def test_bad_input_files_are_refused_in_one_line(lc, tmp_path):
+    prog = tmp_path / "double.py"
+    prog.write_text(DOUBLE)
+    assert_refused(cli(lc, "submit", str(prog), "--stdin-file", str(tmp_path / "missing")), "cannot read", "missing")
+    assert_refused(cli(lc, "submit", str(prog), "--stdin-file", str(tmp_path)), "cannot read")
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(b"\x00\xe8\xff" * 10)
+    assert_refused(cli(lc, "submit", str(prog), "--stdin-file", str(binary)), "not UTF-8", "--file")
+    latin = tmp_path / "latin.py"
+    latin.write_bytes("print('caf\xe9')\n".encode("latin-1"))
+    assert_refused(cli(lc, "submit", str(latin)), "not UTF-8", "latin.py")
+    assert_refused(cli(lc, "submit", str(prog), "--each", str(binary)), "not UTF-8")
+    assert_refused(cli(lc, "submit", "-", input="print(1)"), "needs --lang")
+    assert_refused(cli(lc, "submit", "-", "--lang", "python", "--stdin-file", "-", input="x"),
+                   "only one of", "stdin (-)")
+    # None of them reached the master.
+    jobs = json.loads(cli(lc, "jobs", "--json", "--limit", "1000").stdout)["jobs"]
+    assert not [j for j in jobs if j["name"] in ("latin.py",) or j["status"] == "rejected"]
+
+
+def test_status_line_starts_its_own_line_on_a_terminal(lc, tmp_path):
+    prog = tmp_path / "nonl.py"
+    prog.write_text("import sys\nsys.stdout.write('no newline')\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "submit", str(prog), "--url", lc.url,
+                             "--token", lc.token], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child has closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(30) == 0
+    text = seen.decode()
+    assert "no newline\r\n✅ job" in text, repr(text)
+
+    # Not on a terminal the output stays byte for byte what the program wrote.
+    r = cli(lc, "submit", str(prog))
+    assert r.stdout == "no newline" and r.stderr.startswith("✅ job"), (r.stdout, r.stderr)
+
+
+def test_cancel_shows_the_end_not_running(lc, tmp_path):
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    job_id = int(cli(lc, "submit", str(slow), "--no-wait").stdout)
+    wait_for(lambda: "started" in cli(lc, "show", str(job_id)).stdout, 30, "the job to start")
+    r = cli(lc, "cancel", str(job_id))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"🚫 job {job_id}") and "cancelled" in r.stdout, r.stdout
+
+    quick = tmp_path / "quick.py"
+    quick.write_text("print('done')\n")
+    r = cli(lc, "submit", str(quick))
+    ended = json.loads(cli(lc, "jobs", "--json", "--limit", "1").stdout)["jobs"][0]["id"]
+    r = cli(lc, "cancel", str(ended))
+    assert r.returncode == 0 and f"job {ended} had already ended" in r.stderr
+    assert r.stdout.startswith(f"✅ job {ended}"), r.stdout
