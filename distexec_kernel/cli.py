@@ -492,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SERVERS:
-        return SERVERS[argv[0]](argv[1:])
+        try:
+            return SERVERS[argv[0]](argv[1:])
+        except KeyboardInterrupt:  # a Ctrl-C before the server set its own handlers
+            return 130
     args = build_parser().parse_args(argv)
     from .cluster import DistexecError
     try:

@@ -40,6 +40,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds, before anything starts: slaves started beside a master
+    that cannot bind would meet the other server's master (and its refusal of their secret)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    try:
+        # As the master binds (SO_REUSEADDR): a port left in TIME_WAIT by a stopped master is free.
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno)} (another master, or another "
+                           f"`distexec up`?); choose a port with --port") from None
+
+
 class Child:
     """A child process whose stdout lines are read in a thread, to wait on."""
 
@@ -226,6 +238,7 @@ class LocalCluster:
             time.sleep(0.01)
 
     def start(self, timeout: float = 30.0) -> "LocalCluster":
+        check_port_free(self.host, self.port)
         self.spawn_master()
         pending = [self.spawn_slave() for _ in range(self.n_slaves)]
         try:

@@ -101,3 +101,36 @@ def test_cancel_shows_the_end_not_running(lc, tmp_path):
     r = cli(lc, "cancel", str(ended))
     assert r.returncode == 0 and f"job {ended} had already ended" in r.stderr
     assert r.stdout.startswith(f"✅ job {ended}"), r.stdout
+
+
+def test_up_on_a_port_in_use_says_so_and_starts_nothing(home):
+    import socket
+
+    import psutil
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "up", "--slaves", "2", "--port",
+                                 str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err and "--port" in err, err
+    assert "Traceback" not in err and "slave" not in err, err
+    assert not [p for p in psutil.process_iter(["cmdline"]) if f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_servers_stopped_while_starting_exit_quietly(home):
+    import signal
+
+    for role, argv in (("slave", ["--master", "http://127.0.0.1:1", "--secret", "s"]), ("master", ["--port", "0"])):
+        proc = subprocess.Popen([sys.executable, "-m", role, *argv], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(0.15)  # a moment into its imports: the window this test is about, not a wait for a state
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, (role, err)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (role, proc.returncode, err)
