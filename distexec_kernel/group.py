@@ -9,6 +9,7 @@ reconnect, a quiet channel).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import Counter
@@ -149,15 +150,17 @@ class JobGroup(Sequence):
 
     # -- actions ---------------------------------------------------------------------
 
-    def wait(self, timeout: float | None = None, progress: bool = True) -> "JobGroup":
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> "JobGroup":
         """Block until every job has ended; returns the group.  ``TimeoutError`` if ``timeout`` passes.
 
         ``progress``: a live bar with the counts per state (an ipywidgets bar
-        in a notebook, a text bar on a terminal's stderr).  Interrupting the
-        wait (Ctrl-C) leaves the jobs running; call ``cancel()`` to stop them.
+        in a notebook, a text bar on stderr).  By default (None) it is drawn
+        in a notebook and on a terminal, not into a log file or a pipe.
+        Interrupting the wait (Ctrl-C) leaves the jobs running; call
+        ``cancel()`` to stop them.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = _bar(len(self)) if progress and len(self) else None
+        bar = _bar(len(self), progress) if progress is not False and len(self) else None
         # Read once at the start: events between the submission's answer and our subscription are not lost.
         last_refresh = float("-inf")
         try:
@@ -225,8 +228,13 @@ class JobGroup(Sequence):
             self._unsubscribe = None
 
 
-def _bar(total: int):
-    """tqdm's bar for where we are: its notebook widget in a notebook, text on stderr elsewhere."""
+def _bar(total: int, asked: bool | None = None):
+    """tqdm's bar for where we are: its notebook widget in a notebook, text on stderr elsewhere;
+    unless ``asked``, none where stderr is not a terminal (a script's log keeps no carriage returns)."""
     from tqdm.auto import tqdm
 
+    notebook = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto in a notebook only
+    in_notebook = notebook is not None and issubclass(tqdm, notebook.tqdm_notebook)
+    if asked is None and not in_notebook and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return None
     return tqdm(total=total, unit="job", desc="jobs", leave=True, dynamic_ncols=True)

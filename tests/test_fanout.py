@@ -124,6 +124,9 @@ def test_progress_counts_match_the_final_states(c, capsys):
     assert final == {P.SUCCEEDED: 4, P.FAILED: 2}
     assert "6/6" in bar and "✅ 4 · ❌ 2 · 🚫 0" in bar
     assert group.summary().startswith("✅ 4 · ❌ 2 · 🚫 0 · 6 jobs · ")
+    # By default no bar where stderr is not a terminal (here, captured: a script's log file).
+    c.map(FLAKY, range(1, 3)).wait(120)
+    assert "jobs:" not in capsys.readouterr().err
 
 
 def test_retries_apply_per_job_when_a_slave_is_lost(make_cluster):
