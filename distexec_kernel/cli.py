@@ -21,7 +21,7 @@ def _cluster(args, events: bool = False):
     if user:
         password = _read_password(user, args.password_stdin, confirm=False)
     return Cluster(getattr(args, "url", None), getattr(args, "token", None), user=user, password=password,
-                   events=events)
+                   cafile=getattr(args, "cafile", None), events=events)
 
 
 def _print_json(obj) -> None:
@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--token", default=None, help="client token (default: DISTEXEC_TOKEN or the connection file)")
         sp.add_argument("--user", default=None, help="log in as this user (asks the password) instead of a token")
         sp.add_argument("--password-stdin", action="store_true", help="with --user: read the password from stdin")
+        sp.add_argument("--cafile", default=None, metavar="PEM",
+                        help="verify an https master with this certificate (default: DISTEXEC_CAFILE or the "
+                             "connection file's, else the system's CAs)")
 
     sp = sub.add_parser("up", help="start a master and local slaves; Ctrl-C stops all")
     sp.add_argument("--slaves", type=int, default=2)

@@ -131,6 +131,7 @@ class RemoteMagics(Magics):
 
         %remote connect [URL] [--token T]     use another master (default: the connection file)
         %remote connect [URL] --user NAME     log in as NAME (asks for the password)
+        %remote connect URL --cafile PEM      verify an https master with this certificate
         %remote run FILE [--lang L] [ARGS...]  submit a file; the language comes from its extension;
                                               also --timeout S, --name N, --file PATH, --stdin TEXT,
                                               --collect PAT, --session NAME, --no-wait, -o NAME, as for %%remote;
@@ -146,12 +147,13 @@ class RemoteMagics(Magics):
 
     def _cmd_connect(self, rest):
         a = parse_command("connect", rest, (("url",), dict(nargs="?")), (("--token",), {}),
-                      (("--user",), dict(help="log in as this user; the password is asked for")))
+                          (("--user",), dict(help="log in as this user; the password is asked for")),
+                          (("--cafile",), dict(help="the certificate to verify an https master with")))
         if a.user:
             # getpass reads through the kernel's input request, never echoing the password.
-            new = Cluster(a.url, user=a.user, password=getpass.getpass(f"password for {a.user}: "))
+            new = Cluster(a.url, user=a.user, password=getpass.getpass(f"password for {a.user}: "), cafile=a.cafile)
         else:
-            new = Cluster(a.url, token=a.token)
+            new = Cluster(a.url, token=a.token, cafile=a.cafile)
         self.close()
         self._cluster = new
         slaves = new.slaves()

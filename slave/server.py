@@ -42,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=None, help="most jobs run at once here (default: CPU count)")
     p.add_argument("--uid", default=None, help="this slave's UID (default: one kept under $DISTEXEC_HOME)")
     p.add_argument("--languages", default=None, help="comma-separated languages to offer (default: all found)")
-    p.add_argument("--secret", default=None, help="the master's slave secret")
+    p.add_argument("--secret", default=None, help="the master's slave secret (better: DISTEXEC_SLAVE_SECRET, "
+                   "which `ps` does not show)")
+    p.add_argument("--cafile", default=None, metavar="PEM",
+                   help="verify a wss/https master with this certificate (default: DISTEXEC_CAFILE or the "
+                        "connection file's, else the system's CAs)")
     p.add_argument("--memory-limit", type=int, default=1024, metavar="MiB", help="per job (default 1024)")
     p.add_argument("--output-limit", type=int, default=16, metavar="MiB", help="stdout+stderr per job (default 16)")
     p.add_argument("--max-procs", type=int, default=64, help="processes per job (default 64)")
@@ -170,7 +174,7 @@ async def start(args: argparse.Namespace) -> Slave:
             print(f"{REGISTERED} {slave.uid} {endpoint.url}", flush=True)
 
     slave = Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
-                  cafile=endpoint.cafile, on_registered=on_registered, detecting=bool(later))
+                  cafile=args.cafile or endpoint.cafile, on_registered=on_registered, detecting=bool(later))
     detection = (asyncio.ensure_future(detect_rest(detector, later, found, programs, slave, registered))
                  if later else None)
     slave.tasks += [t for t in (detection, asyncio.ensure_future(fully_started(slave, warm, registered, detection)))

@@ -198,3 +198,36 @@ def test_a_ca_signed_certificate_puts_its_ca_in_the_connection_file(make_cluster
     lc.stop()
     make_cluster(0, master_args=["--certfile", leaf, "--keyfile", key])
     assert "cafile" not in config.read_connection()
+
+
+def test_cafile_options_of_the_cli_the_magic_and_the_slave(tls_cluster, stranger, tmp_path, monkeypatch):
+    # A student's machine: no connection file, no DISTEXEC_CAFILE; the master's certificate given by hand.
+    empty = tmp_path / "student-home"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTEXEC_")}
+    env["DISTEXEC_HOME"] = str(empty)
+    cli = [sys.executable, "-m", "distexec_kernel.cli", "jobs", "--url", tls_cluster.url, "--token", tls_cluster.token]
+    refused = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "TLS verification failed" in refused.stderr
+    done = subprocess.run(cli + ["--cafile", tls_cluster.cafile], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+    monkeypatch.setenv("DISTEXEC_HOME", str(empty))
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_CAFILE"):
+        monkeypatch.delenv(var, raising=False)
+    from IPython.utils.capture import capture_output
+
+    from conftest import magic_shell
+    with magic_shell() as shell:
+        with capture_output() as cap:
+            result = shell.run_cell(f"%remote connect {tls_cluster.url} --token {tls_cluster.token} "
+                                    f"--cafile {tls_cluster.cafile}")
+        assert result.success and f"connected to {tls_cluster.url}" in cap.stdout, cap.stdout
+
+    # The slave's flag wins over DISTEXEC_CAFILE: given a stranger's certificate, it refuses the master.
+    slave = subprocess.run([sys.executable, "-m", "slave", "--master", tls_cluster.url, "--languages", "python",
+                            "--cafile", stranger],
+                           env=dict(env, DISTEXEC_CAFILE=tls_cluster.cafile, DISTEXEC_SLAVE_SECRET=tls_cluster.secret),
+                           capture_output=True, text=True, timeout=60)
+    assert slave.returncode == 2 and "cannot verify the master's TLS certificate" in slave.stderr, slave.stderr
