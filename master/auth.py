@@ -11,8 +11,10 @@ Three kinds of credential, never interchangeable:
 - the **slave secret**: opens ``/ws/slave`` only.
 
 Passwords are hashed with Argon2id (argon2-cffi), never by code of ours.
-Login tokens live in the master's memory only: a restarted master asks its
-users to log in again, which is the price of keeping no token at rest.
+Login tokens are kept only as SHA-256 digests, in memory and in a 0600
+file beside the history (``logins_file``), so that a restarted master (an
+upgrade in the middle of a class) still knows its users' logins: a digest
+of a 256-bit random token opens nothing, at rest or in a memory dump.
 """
 from __future__ import annotations
 
@@ -92,12 +94,16 @@ def load_users(path: str) -> dict[str, dict]:
 
 
 def save_users(path: str, users: dict[str, dict]) -> None:
+    _save_private(path, {"users": users})
+
+
+def _save_private(path: str, data: dict) -> None:
     """Write the file with mode 0600 from the start, atomically (no window where others read it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"users": users}, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 
@@ -156,11 +162,12 @@ class Auth:
     """Checks every credential the master is shown.  A client token never opens /ws/slave and vice versa."""
 
     def __init__(self, token: str, slave_secret: str, *, users_file: str | None = None,
-                 token_ttl: float = DEFAULT_TOKEN_TTL):
+                 token_ttl: float = DEFAULT_TOKEN_TTL, logins_file: str | None = None):
         self.token = token
         self.slave_secret = slave_secret
         self.users_file = users_file
         self.token_ttl = token_ttl
+        self.logins_file = logins_file
         self._users: dict[str, dict] = {}
         self._users_stamp: tuple | None = None
         self._sessions: dict[str, Identity] = {}
@@ -169,6 +176,41 @@ class Auth:
         if users_file:
             load_users(users_file)  # a bad file stops the master at start, with its reason
             self._reload()
+            self._load_logins()
+
+    # -- logins kept across a restart --------------------------------------
+
+    def _load_logins(self) -> None:
+        """The logins an earlier master gave, still valid, of users still in the file."""
+        if not self.logins_file:
+            return
+        try:
+            with open(self.logins_file) as f:
+                saved = json.load(f)["logins"]
+            now = time.time()
+            for key, entry in saved.items():
+                user, expires = entry["user"], float(entry["expires_at"])
+                if expires > now and user in self._users and re.fullmatch(r"[0-9a-f]{64}", key):
+                    self._sessions[key] = Identity(user, bool(self._users[user].get("admin")), expires)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Only a convenience: without it, people log in again.
+            log.warning("cannot read the saved logins %s (%s); people log in again", self.logins_file, exc)
+            return
+        if self._sessions:
+            log.info("%d login(s) kept from before the restart", len(self._sessions))
+
+    def _save_logins(self) -> None:
+        """Under the lock: the digests of the valid logins, for the next master."""
+        if not self.logins_file:
+            return
+        try:
+            _save_private(self.logins_file, {"logins": {
+                key: {"user": ident.user, "expires_at": ident.expires_at} for key, ident in self._sessions.items()}})
+        except OSError as exc:
+            log.warning("cannot save the logins to %s (%s); a restart will ask people to log in again",
+                        self.logins_file, exc)
 
     # -- the users file ----------------------------------------------------
 
@@ -242,6 +284,7 @@ class Auth:
         with self._lock:
             self._prune()
             self._sessions[_digest(token)] = ident
+            self._save_logins()
         return {"token": token, "expires_at": rfc3339(expires), "user": user, "admin": ident.admin}
 
     def _prune(self) -> None:

@@ -5,6 +5,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -231,6 +232,38 @@ def test_removing_a_user_ends_their_logins_without_a_restart(user_cluster, users
     # A user added while the master runs can log in at once.
     auth.add_user(users_file, "dave", "dave-pw", hasher=CHEAP)
     assert login(user_cluster.url, "dave", "dave-pw").status_code == 200
+
+
+def test_logins_outlive_a_master_restart_as_digests_only(make_cluster, users_file, home):
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_file])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    try:
+        job = alice.submit("print('before')")
+        assert job.wait(60).stdout == "before\n"
+        bob = login(lc.url, "bob", "bob-pw").json()["token"]
+        saved = home / "logins.json"
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+        text = saved.read_text()
+        assert alice.token not in text and bob not in text  # digests, never a usable token
+        assert auth.remove_user(users_file, "bob")  # while the master is down, say
+
+        lc.restart_master(signal.SIGTERM)  # an upgrade in the middle of a class
+        # Alice's notebook rides the restart: same token, her event channel back, her history hers.
+        wait_for(alice._events_connected, 30, "alice's event channel to come back")
+        assert [j.id for j in alice.jobs()] == [job.id]
+        assert alice.submit("print('after')").wait(60).stdout == "after\n"
+        assert get(lc.url, "/api/jobs", bob).status_code == 401  # removed meanwhile: not kept
+        assert get(lc.url, "/api/jobs", "x" + alice.token[1:]).status_code == 401
+    finally:
+        alice.close()
+    # Expired logins are neither accepted nor kept.
+    lc.master.stop(signal.SIGTERM)
+    lc.start_master("--token-ttl", "0.5")
+    short = login(lc.url, "boss", "boss-pw").json()["token"]
+    wait_for(lambda: get(lc.url, "/api/jobs", short).status_code == 401, 15, "the short login to expire")
+    lc.restart_master(signal.SIGTERM)
+    assert get(lc.url, "/api/jobs", short).status_code == 401
+    assert get(lc.url, "/api/jobs", login(lc.url, "boss", "boss-pw").json()["token"]).status_code == 200
 
 
 def test_a_master_without_users_file_refuses_logins(make_cluster):
