@@ -2,39 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-from . import config, display, languages as L, protocol as P
-
-# Exit codes of `distexec submit` for jobs that have no exit code of their own,
-# following the shell's conventions (timeout(1) uses 124).
-EXIT_FOR_ERROR = {P.TIMEOUT: 124, P.CANCELLED_CODE: 130, P.SYNTAX_ERROR: 2, P.UNSUPPORTED_LANGUAGE: 2,
-                  P.COMPILE_ERROR: 1}
-
-
-def _cluster(args, events: bool = False):
-    from .cluster import Cluster
-    user = getattr(args, "user", None)
-    password = None
-    if user:
-        password = _read_password(user, args.password_stdin, confirm=False)
-    return Cluster(getattr(args, "url", None), getattr(args, "token", None), user=user, password=password,
-                   cafile=getattr(args, "cafile", None), events=events)
-
-
-def _print_json(obj) -> None:
-    # JSON escapes C0 controls itself; DEL and C1 (e.g. U+009B, a one-character CSI) it leaves raw.
-    text = json.dumps(obj, indent=2, ensure_ascii=False)
-    print("".join(f"\\u{ord(ch):04x}" if 0x7f <= ord(ch) < 0xa0 else ch for ch in text)
-          if any(0x7f <= ord(ch) < 0xa0 for ch in text) else text)
-
-
-def _show(text: str, raw: bool = False, file=None) -> None:
-    """Print text that may come from a job: control characters neutralised unless ``raw``."""
-    print(text if raw else display.clean(text), file=file or sys.stdout)
-
+from . import config, display, protocol as P
+from .cli_base import cluster_of, print_json, read_password, show
+from .cli_submit import cmd_submit
 
 def cmd_up(args) -> int:
     from .local import run_local_cluster
@@ -57,17 +29,6 @@ def _slave(argv: list[str]) -> int:
 SERVERS = {"master": _master, "slave": _slave}
 
 
-def _read_password(user: str, from_stdin: bool, confirm: bool = True) -> str:
-    if from_stdin:
-        # One line, so `echo pw | distexec user add NAME --password-stdin` works in scripts.
-        return sys.stdin.readline().rstrip("\r\n")
-    import getpass
-    first = getpass.getpass(f"password for {user}: ")
-    if confirm and getpass.getpass("again: ") != first:
-        raise SystemExit("distexec: the passwords differ")
-    return first
-
-
 def cmd_user(args) -> int:
     from master import auth
     if not args.users:
@@ -83,7 +44,7 @@ def cmd_user(args) -> int:
         if args.action == "list":
             users = auth.load_users(path)
             if args.json:
-                _print_json({"users": [{"name": n, "admin": bool(u.get("admin"))} for n, u in sorted(users.items())]})
+                print_json({"users": [{"name": n, "admin": bool(u.get("admin"))} for n, u in sorted(users.items())]})
             else:
                 for name, entry in sorted(users.items()):
                     print(f"{name}{' (admin)' if entry.get('admin') else ''}")
@@ -95,7 +56,7 @@ def cmd_user(args) -> int:
             print(f"removed {args.name} from {path}")
             return 0
         auth.check_user_name(args.name)
-        new = auth.add_user(path, args.name, _read_password(args.name, args.password_stdin), admin=args.admin)
+        new = auth.add_user(path, args.name, read_password(args.name, args.password_stdin), admin=args.admin)
     except (ValueError, auth.UsersFileError) as exc:
         print(f"distexec: {exc}", file=sys.stderr)
         return 2
@@ -103,186 +64,32 @@ def cmd_user(args) -> int:
     return 0
 
 
-def _read_text(path: str, what: str) -> str:
-    """A text file the user named (``-``: this command's stdin), or exit with why it cannot be sent."""
-    try:
-        if path == "-":
-            return sys.stdin.buffer.read().decode()
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
-        raise SystemExit(f"distexec: cannot read {path}: {exc.strerror}")
-    except UnicodeDecodeError as exc:
-        # The protocol carries a program and its stdin as text; files (--file) may be bytes.
-        raise SystemExit(f"distexec: {what} {'(stdin)' if path == '-' else path} is not UTF-8 text "
-                         f"(byte {exc.start}); send binary data with --file")
-
-
-def cmd_submit(args) -> int:
-    dashes = [what for what, path in (("the program", args.file), ("--stdin-file", args.stdin_file),
-                                      ("--each", args.each)) if path == "-"]
-    if len(dashes) > 1:
-        raise SystemExit(f"distexec: only one of {' and '.join(dashes)} can be read from stdin (-)")
-    if args.file == "-" and not args.lang:
-        raise SystemExit("distexec: a program read from stdin (-) needs --lang")
-    source = _read_text(args.file, "the program")
-    language = args.lang or L.from_filename(args.file)
-    if not language:
-        raise SystemExit(f"distexec: cannot tell the language of {args.file}; give --lang")
-    stdin = _read_text(args.stdin_file, "the stdin file") if args.stdin_file else None
-    from .files import FilesError, read_paths
-    try:
-        files = read_paths(args.file_) if args.file_ else None
-    except FilesError as exc:
-        raise SystemExit(f"distexec: {exc}")
-    if args.each:
-        return _submit_each(args, source, language, stdin, files)
-    with _cluster(args, events=not args.no_wait) as c:
-        job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
-                       name=_job_name(args), retries=args.retries, files=files,
-                       collect=args.collect or None)
-        if args.no_wait:
-            print(job.id)
-            return 0
-        line_open = False  # the last text shown left its line unfinished, on a terminal
-        try:
-            for stream, text in job.iter_output():
-                out = sys.stdout if stream == "stdout" else sys.stderr
-                out.write(text if args.raw else display.clean(text))
-                out.flush()
-                if text:
-                    line_open = not text.endswith("\n") and out.isatty()
-        except KeyboardInterrupt:
-            job.cancel()
-            print(f"\ndistexec: cancelled job {job.id}", file=sys.stderr)
-            return 130
-        record = job.record
-    if line_open and sys.stderr.isatty():
-        print(file=sys.stderr)  # the status line on a line of its own, as a shell's prompt would be
-    for meta in record.get("artifacts") or []:
-        _show(f"collected {meta['name']} ({meta['size']} bytes): distexec get {record['id']} -o DIR", args.raw,
-              sys.stderr)
-    _show(display.status_line(record), args.raw, sys.stderr)
-    err = record.get("error")
-    if err and err.get("code") == P.SYNTAX_ERROR:
-        caret = display.syntax_caret(err)
-        if caret:
-            _show(caret, args.raw, sys.stderr)
-    return _exit_code(record)
-
-
-def _job_name(args) -> str:
-    return args.name or ("stdin" if args.file == "-" else os.path.basename(args.file))
-
-
-def _exit_code(record: dict) -> int:
-    """The shell's exit code for a job: its own, 128+N for signal N, else one for its error code."""
-    if record["status"] == P.SUCCEEDED:
-        return 0
-    if record.get("exit_code") is not None and record["exit_code"] > 0:
-        return record["exit_code"]
-    if record.get("exit_code") is not None and record["exit_code"] < 0:
-        return 128 - record["exit_code"]
-    return EXIT_FOR_ERROR.get((record.get("error") or {}).get("code"), 1)
-
-
-def _each_args(path: str) -> list[list[str]]:
-    """One job's arguments per line of ``path``, split as a shell would; blank lines and # comments skipped."""
-    import shlex
-    lines = _read_text(path, "the arguments file").splitlines()
-    out = []
-    for number, line in enumerate(lines, 1):
-        try:
-            words = shlex.split(_uncommented(line))
-        except ValueError as exc:
-            raise SystemExit(f"distexec: {path}, line {number}: {exc}")
-        if words:
-            out.append(words)
-    return out
-
-
-def _uncommented(line: str) -> str:
-    """``line`` without its comment: as in a shell, a ``#`` starts one only at the start of a word,
-    outside quotes (shlex's ``comments=True`` takes ``a#b`` for ``a`` and a comment)."""
-    quote, escaped, word_start = None, False, True
-    for i, ch in enumerate(line):
-        if escaped:
-            escaped = word_start = False
-        elif quote == "'":
-            quote = None if ch == "'" else quote
-        elif quote == '"':
-            escaped, quote = ch == "\\", None if ch == '"' else quote
-        elif ch == "\\":
-            escaped = True
-            word_start = False
-        elif ch in "'\"":
-            quote, word_start = ch, False
-        elif ch == "#" and word_start:
-            return line[:i]
-        else:
-            word_start = ch in " \t"
-    return line
-
-
-def _submit_each(args, source: str, language: str, stdin: str | None, files: dict | None = None) -> int:
-    """``submit FILE --each ARGS_FILE``: one job per line, a progress bar, outputs in order.
-
-    Exits 0 if every job succeeded, else with the exit code of the first
-    failure in input order (as ``submit`` would for that job alone).
-    """
-    each = _each_args(args.each)
-    name = _job_name(args)
-    subs = [dict(source=source, language=language, args=[*args.arg, *words], stdin=stdin, timeout=args.timeout,
-                 name=name, retries=args.retries, files=files, collect=args.collect or None) for words in each]
-    with _cluster(args, events=not args.no_wait) as c:
-        group = c.submit_many(subs)
-        if args.no_wait:
-            print(group.id or "")
-            return 0
-        try:
-            group.wait(progress=sys.stderr.isatty() or args.progress)
-        except KeyboardInterrupt:
-            group.cancel()
-            print(f"\ndistexec: cancelled group {group.id}", file=sys.stderr)
-            return 130
-    shown = (lambda text: text) if args.raw else display.clean
-    for job in group:
-        sys.stdout.write(shown(job.stdout or ""))
-        if job.stderr:
-            sys.stderr.write(shown(job.stderr))
-    sys.stdout.flush()
-    print(group.summary(), file=sys.stderr)
-    for job in group.failed:
-        _show(display.status_line(job.record), args.raw, sys.stderr)
-    return _exit_code(group.failed[0].record) if group.failed else 0
-
-
 def cmd_jobs(args) -> int:
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         jobs, total = c.jobs_page(status=args.status, limit=args.limit, summary=not args.json)
     if args.json:
-        _print_json({"jobs": jobs, "total": total})
+        print_json({"jobs": jobs, "total": total})
     else:
-        _show(display.jobs_text(jobs))
+        show(display.jobs_text(jobs))
         if total > len(jobs):
             print(f"({len(jobs)} of {total} shown; --limit for more)")
     return 0
 
 
 def cmd_show(args) -> int:
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         job = c.job(args.job_id).record
     if args.json:
-        _print_json(job)
+        print_json(job)
     else:
-        _show(display.job_detail_text(job), args.raw)
+        show(display.job_detail_text(job), args.raw)
     return 0
 
 
 def cmd_get(args) -> int:
     """``distexec get ID [NAME...] [-o DIR]``: a job's collected files, written under DIR with their folders."""
     from .files import FilesError
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         job = c.job(args.job_id)
         if not job.artifacts and not args.names:
             print(f"distexec: job {args.job_id} has no collected files"
@@ -302,7 +109,7 @@ CANCEL_WAIT = 10.0  # seconds the CLI waits for the slave to confirm a running j
 
 
 def cmd_cancel(args) -> int:
-    with _cluster(args, events=True) as c:
+    with cluster_of(args, events=True) as c:
         job = c.cancel(args.job_id)
         if job.status != P.CANCELLED and job.done:
             print(f"distexec: job {job.id} had already ended", file=sys.stderr)
@@ -313,36 +120,36 @@ def cmd_cancel(args) -> int:
             except TimeoutError:
                 print(f"distexec: cancel asked; job {job.id} has not ended yet (its slave may be away)",
                       file=sys.stderr)
-    _show(display.status_line(job.record))
+    show(display.status_line(job.record))
     return 0
 
 
 def cmd_slaves(args) -> int:
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         slaves = c.slaves()
-    _print_json({"slaves": slaves}) if args.json else _show(display.slaves_text(slaves))
+    print_json({"slaves": slaves}) if args.json else show(display.slaves_text(slaves))
     return 0
 
 
 def cmd_clients(args) -> int:
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         clients = c.clients()
-    _print_json({"clients": clients}) if args.json else _show(display.clients_text(clients))
+    print_json({"clients": clients}) if args.json else show(display.clients_text(clients))
     return 0
 
 
 def cmd_prune(args) -> int:
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         count = c.prune(before=args.before)
     print(f"pruned {count} job(s)")
     return 0
 
 
 def cmd_languages(args) -> int:
-    with _cluster(args) as c:
+    with cluster_of(args) as c:
         langs = c.languages()
     if args.json:
-        _print_json({"languages": langs})
+        print_json({"languages": langs})
     else:
         for lang in langs:
             print(f"{lang['name']:<12} {lang.get('version') or '?':<12} on {lang['slaves']} slave(s)")

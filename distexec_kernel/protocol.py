@@ -329,17 +329,9 @@ def decode_batch(text: str | bytes) -> list[dict | ProtocolError]:
     return out
 
 
-def size_text(n: int) -> str:
-    """A limit as people read it: ``1 MiB (1048576 bytes)``."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit} ({n} bytes)"
-    return f"{n} bytes"
-
-
 def _parse(text: str | bytes):
     if len(text) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("too_large", f"message over {size_text(MAX_MESSAGE_BYTES)}")
+        raise ProtocolError("too_large", f"message over {MAX_MESSAGE_BYTES >> 20} MiB")
     try:
         return loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -394,7 +386,7 @@ def check_submission(body) -> dict:
     if len(out["language"]) > MAX_LANGUAGE_CHARS:
         _bad(f"field 'language' is over {MAX_LANGUAGE_CHARS} characters")
     if len(out["source"].encode()) > MAX_SOURCE_BYTES:
-        raise ProtocolError("too_large", f"source is over {size_text(MAX_SOURCE_BYTES)}")
+        raise ProtocolError("too_large", f"source is over {MAX_SOURCE_BYTES >> 20} MiB")
     if out["name"] is not None and len(out["name"]) > MAX_NAME_CHARS:
         _bad(f"field 'name' is over {MAX_NAME_CHARS} characters")
     files = out["files"] or {}
@@ -405,14 +397,14 @@ def check_submission(body) -> dict:
         check_file_name(fname)
         total += len(file_bytes(content, fname))
     if total > MAX_FILES_BYTES:
-        raise ProtocolError("too_large", f"files are over {size_text(MAX_FILES_BYTES)} in all")
+        raise ProtocolError("too_large", f"files are over {MAX_FILES_BYTES >> 20} MiB in all")
     out["files"] = files
     args = out["args"] or []
     if len(args) > MAX_ARGS or not all(isinstance(a, str) for a in args):
         _bad(f"field 'args' must be a list of at most {MAX_ARGS} strings")
     out["args"] = args
     if out["stdin"] is not None and len(out["stdin"].encode()) > MAX_STDIN_BYTES:
-        raise ProtocolError("too_large", f"stdin is over {size_text(MAX_STDIN_BYTES)}")
+        raise ProtocolError("too_large", f"stdin is over {MAX_STDIN_BYTES >> 20} MiB")
     timeout = out["timeout"]
     if timeout is not None and not (0 < timeout <= MAX_TIMEOUT):
         _bad(f"field 'timeout' must be between 0 and {MAX_TIMEOUT:g} seconds")

@@ -320,7 +320,7 @@ def cli(lc, *argv, timeout=120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("line", ["a#b c", "a b #c d", '"#x" y', "x '#' z", "  # only", "a\\#b #c", 'x""#y',
                                   '"a\\"#" b', "a\t#b", "tab\tsep'a b'#c", "#"])
 def test_submit_each_splits_a_line_as_bash_does(tmp_path, line):
-    from distexec_kernel.cli import _each_args
+    from distexec_kernel.cli_submit import _each_args
     each = tmp_path / "each.txt"
     each.write_text(line + "\n")
     # "-" first: printf with no word left prints its format once all the same.
