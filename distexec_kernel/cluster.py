@@ -83,7 +83,14 @@ class Cluster:
                 self.login(user, password)
             # Fail fast and clearly if the master is not there or the token is wrong.
             self._get("/api/health")
-            self._get("/api/slaves")
+            try:
+                self._get("/api/slaves")
+            except DistexecError as exc:
+                if exc.status == 401 and not self.token and endpoint.withheld:
+                    raise DistexecError(f"{exc}; the connection file's token is for {endpoint.withheld}, "
+                                        f"not sent to {self.url}: give this master's token or log in",
+                                        exc.code, exc.status) from None
+                raise
             if events:
                 self._open_events(connect_timeout)
         except BaseException:

@@ -116,6 +116,7 @@ class Endpoint:
     token: str | None
     slave_secret: str | None = None
     cafile: str | None = None
+    withheld: str | None = None  # the connection file's URL, whose credentials were not sent to ``url``
 
 
 def http_url(url: str) -> str:
@@ -136,18 +137,27 @@ def ws_url(url: str) -> str:
 
 
 def resolve(url: str | None = None, token: str | None = None, secret: str | None = None) -> Endpoint:
-    """Explicit arguments, then DISTEXEC_URL/TOKEN/SLAVE_SECRET, then the connection file."""
+    """Explicit arguments, then DISTEXEC_URL/TOKEN/SLAVE_SECRET, then the connection file.
+
+    The connection file's token and slave secret go only to the master it names: sent to
+    whatever other URL was given (a typo, a URL pasted from elsewhere), the local admin token
+    or slave secret would be handed to that server.
+    """
     info = read_connection()
     url = url or os.environ.get("DISTEXEC_URL") or info.get("url")
     if not url:
         raise ConnectionConfigError(
             f"no cluster found: start one with `distexec up`, or give a URL "
             f"(DISTEXEC_URL, or the connection file {connection_path()})")
+    url = http_url(url)
+    ours = bool(info.get("url")) and http_url(info["url"]) == url
     return Endpoint(
-        url=http_url(url),
-        token=token or os.environ.get("DISTEXEC_TOKEN") or info.get("token"),
-        slave_secret=secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or info.get("slave_secret"),
+        url=url,
+        token=token or os.environ.get("DISTEXEC_TOKEN") or (info.get("token") if ours else None),
+        slave_secret=secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or (info.get("slave_secret") if ours else None),
         cafile=os.environ.get("DISTEXEC_CAFILE") or info.get("cafile"),
+        withheld=info["url"] if info.get("url") and not ours and (info.get("token") or info.get("slave_secret"))
+        else None,
     )
 
 

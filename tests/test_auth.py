@@ -471,3 +471,47 @@ def test_a_master_started_by_hand_makes_its_own_secrets_or_takes_its_flags(home)
     finally:
         for child in reversed(started):
             child.stop()
+
+
+def test_the_connection_files_credentials_go_to_its_own_master_only(make_cluster, home):
+    """A URL given by hand (a typo, one pasted from elsewhere) never receives the local admin token
+    or slave secret: a server there learns nothing it could use on our master."""
+    import http.server
+    import threading
+
+    lc = make_cluster(0)
+    seen: list[str] = []
+
+    class Capture(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(str(self.headers))
+            body = json.dumps({"error": {"code": "unauthorized", "message": "who are you"}}).encode()
+            self.send_response(401 if self.path != "/api/health" else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET", "DISTEXEC_URL")}
+    try:
+        with pytest.raises(DistexecError) as err:
+            Cluster(other)
+        assert err.value.status == 401 and f"token is for {lc.url}, not sent to {other}" in str(err.value)
+        cli = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "jobs", "--url", other], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 2 and "not sent to" in cli.stderr, cli.stderr
+        slave = subprocess.run([sys.executable, "-m", "slave", "--master", other.replace("http", "ws")], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert slave.returncode == 2 and f"the connection file's is for {lc.url}" in slave.stderr, slave.stderr
+        assert seen and not [h for h in seen if lc.token in h or lc.secret in h]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with Cluster(lc.url, events=False) as c:  # its own master: the file's token, as always
+        assert c.token == lc.token and c.jobs() == []
