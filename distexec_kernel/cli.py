@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config, display, protocol as P
@@ -27,6 +28,35 @@ def _slave(argv: list[str]) -> int:
 # parser: the role alone knows its options, and every other command (`jobs`,
 # `submit`, their --help) loads no server code (store, SQLite, argon2, sandbox).
 SERVERS = {"master": _master, "slave": _slave}
+
+
+def cmd_login(args) -> int:
+    """Log in once; the token is kept for this account's commands, kernels and notebooks."""
+    import time
+
+    from .cluster import Cluster
+    password = read_password(args.user, args.password_stdin, confirm=False)
+    with Cluster(args.url, user=args.user, password=password, cafile=args.cafile, events=False) as c:
+        info = {"url": c.url, "user": args.user, "token": c.token, "expires_at": c.login_info["expires_at"],
+                "expires_epoch": P.parse_time(c.login_info["expires_at"]).timestamp()}
+    if args.cafile:
+        info["cafile"] = os.path.abspath(args.cafile)
+    path = config.write_connection(info, config.login_path())
+    until = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["expires_epoch"]))
+    print(f"logged in to {info['url']} as {args.user} until {until}; kept in {path} for this account's "
+          f"commands, kernels and notebooks (`distexec logout` forgets it)")
+    return 0
+
+
+def cmd_logout(args) -> int:
+    path = config.login_path()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        print("distexec: not logged in", file=sys.stderr)
+        return 1
+    print(f"logged out: {path} removed")
+    return 0
 
 
 def cmd_user(args) -> int:
@@ -216,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_user)
+
+    sp = sub.add_parser("login", help="log in to a master once, for this account's commands, kernels, notebooks")
+    sp.add_argument("url", help="the master, e.g. https://master.lab:8765")
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
+    sp.add_argument("--cafile", default=None, metavar="PEM", help="verify an https master with this certificate")
+    sp.set_defaults(func=cmd_login)
+    sp = sub.add_parser("logout", help="forget the login `distexec login` kept")
+    sp.set_defaults(func=cmd_logout)
 
     sp = sub.add_parser("kernel", help="install, list or remove the Jupyter kernels (one per language)")
     sp.add_argument("action", choices=("install", "list", "remove"))

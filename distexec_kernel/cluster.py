@@ -86,10 +86,8 @@ class Cluster:
             try:
                 self._get("/api/slaves")
             except DistexecError as exc:
-                if exc.status == 401 and not self.token and endpoint.withheld:
-                    raise DistexecError(f"{exc}; the connection file's token is for {endpoint.withheld}, "
-                                        f"not sent to {self.url}: give this master's token or log in",
-                                        exc.code, exc.status) from None
+                if exc.status == 401 and not self.token and endpoint.unsent:
+                    raise DistexecError(f"{exc}; {endpoint.unsent}", exc.code, exc.status) from None
                 raise
             if events:
                 self._open_events(connect_timeout)

@@ -8,6 +8,7 @@ import os
 import sys
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 
 
@@ -116,7 +117,7 @@ class Endpoint:
     token: str | None
     slave_secret: str | None = None
     cafile: str | None = None
-    withheld: str | None = None  # the connection file's URL, whose credentials were not sent to ``url``
+    unsent: str | None = None  # why a file's token was not sent to ``url``, for the refusal's message
 
 
 def http_url(url: str) -> str:
@@ -136,28 +137,42 @@ def ws_url(url: str) -> str:
     return ("wss://" + url[8:]) if url.startswith("https://") else ("ws://" + url[7:])
 
 
-def resolve(url: str | None = None, token: str | None = None, secret: str | None = None) -> Endpoint:
-    """Explicit arguments, then DISTEXEC_URL/TOKEN/SLAVE_SECRET, then the connection file.
+def login_path() -> str:
+    """Where ``distexec login`` keeps a login token for this account (0600, like the connection file)."""
+    return os.path.join(home(), "login.json")
 
-    The connection file's token and slave secret go only to the master it names: sent to
-    whatever other URL was given (a typo, a URL pasted from elsewhere), the local admin token
-    or slave secret would be handed to that server.
+
+def resolve(url: str | None = None, token: str | None = None, secret: str | None = None) -> Endpoint:
+    """Explicit arguments, then DISTEXEC_URL/TOKEN/SLAVE_SECRET, then the login file (``distexec
+    login``), then the connection file.
+
+    A file's token and slave secret go only to the master it names: sent to whatever other URL
+    was given (a typo, a URL pasted from elsewhere), the local admin token or slave secret would
+    be handed to that server.
     """
-    info = read_connection()
-    url = url or os.environ.get("DISTEXEC_URL") or info.get("url")
+    login, conn = read_connection(login_path()), read_connection()
+    files = [f for f in (login, conn) if f.get("url")]
+    url = url or os.environ.get("DISTEXEC_URL") or (files[0]["url"] if files else None)
     if not url:
         raise ConnectionConfigError(
-            f"no cluster found: start one with `distexec up`, or give a URL "
-            f"(DISTEXEC_URL, or the connection file {connection_path()})")
+            f"no cluster found: start one with `distexec up`, log in to one with `distexec login URL --user "
+            f"NAME`, or give a URL (DISTEXEC_URL, or the connection file {connection_path()})")
     url = http_url(url)
-    ours = bool(info.get("url")) and http_url(info["url"]) == url
+    mine = next((f for f in files if http_url(f["url"]) == url), {})
+    unsent = None
+    file_token = mine.get("token")
+    if mine is login and login.get("expires_epoch", 0) <= time.time():
+        file_token = None
+        unsent = f"the login of {login.get('user')} to {url} has expired: run `distexec login` again"
+    elif not mine and files and (files[0].get("token") or files[0].get("slave_secret")):
+        which = "login file" if files[0] is login else "connection file"
+        unsent = f"the {which}'s credentials are for {files[0]['url']}, not sent to {url}"
     return Endpoint(
         url=url,
-        token=token or os.environ.get("DISTEXEC_TOKEN") or (info.get("token") if ours else None),
-        slave_secret=secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or (info.get("slave_secret") if ours else None),
-        cafile=os.environ.get("DISTEXEC_CAFILE") or info.get("cafile"),
-        withheld=info["url"] if info.get("url") and not ours and (info.get("token") or info.get("slave_secret"))
-        else None,
+        token=token or os.environ.get("DISTEXEC_TOKEN") or file_token,
+        slave_secret=secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or mine.get("slave_secret"),
+        cafile=os.environ.get("DISTEXEC_CAFILE") or mine.get("cafile") or conn.get("cafile"),
+        unsent=unsent,
     )
 
 

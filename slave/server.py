@@ -115,9 +115,8 @@ def stable_uid() -> str:
 async def start(args: argparse.Namespace) -> Slave:
     endpoint = config.resolve(args.master, None, args.secret)
     if not endpoint.slave_secret:
-        withheld = (f" (the connection file's is for {endpoint.withheld}, not sent to {endpoint.url})"
-                    if endpoint.withheld else "")
-        raise config.ConnectionConfigError(f"no slave secret{withheld}: give --secret or DISTEXEC_SLAVE_SECRET")
+        unsent = f" ({endpoint.unsent})" if endpoint.unsent else ""
+        raise config.ConnectionConfigError(f"no slave secret{unsent}: give --secret or DISTEXEC_SLAVE_SECRET")
     only = [x for x in args.languages.split(",") if x.strip()] if args.languages else None
     # Private before anything is put there (the compile cache holds users' programs), also on a
     # host that runs slaves only: no master made it 0700 there.

@@ -502,16 +502,51 @@ def test_the_connection_files_credentials_go_to_its_own_master_only(make_cluster
     try:
         with pytest.raises(DistexecError) as err:
             Cluster(other)
-        assert err.value.status == 401 and f"token is for {lc.url}, not sent to {other}" in str(err.value)
+        assert err.value.status == 401 and f"credentials are for {lc.url}, not sent to {other}" in str(err.value)
         cli = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "jobs", "--url", other], env=env,
                              capture_output=True, text=True, timeout=60)
         assert cli.returncode == 2 and "not sent to" in cli.stderr, cli.stderr
         slave = subprocess.run([sys.executable, "-m", "slave", "--master", other.replace("http", "ws")], env=env,
                                capture_output=True, text=True, timeout=60)
-        assert slave.returncode == 2 and f"the connection file's is for {lc.url}" in slave.stderr, slave.stderr
+        assert slave.returncode == 2 and f"credentials are for {lc.url}, not sent" in slave.stderr, slave.stderr
         assert seen and not [h for h in seen if lc.token in h or lc.secret in h]
     finally:
         server.shutdown()
         server.server_close()
     with Cluster(lc.url, events=False) as c:  # its own master: the file's token, as always
         assert c.token == lc.token and c.jobs() == []
+
+
+def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster, tmp_path, monkeypatch):
+    student = tmp_path / "student-home"  # a person's own account: no connection file, no environment
+    monkeypatch.setenv("DISTEXEC_HOME", str(student))
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_CAFILE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def cli(*argv, input=None):
+        return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv], input=input,
+                              capture_output=True, text=True, timeout=60)
+    assert cli("login", user_cluster.url, "--user", "alice", "--password-stdin", input="wrong\n").returncode == 2
+    assert not (student / "login.json").exists()
+    done = cli("login", user_cluster.url, "--user", "alice", "--password-stdin", input="alice-pw\n")
+    assert done.returncode == 0 and f"logged in to {user_cluster.url} as alice" in done.stdout, done.stderr
+    kept = student / "login.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(student.stat().st_mode) == 0o700
+
+    prog = tmp_path / "who.py"
+    prog.write_text("print('hello')\n")
+    assert cli("submit", str(prog)).stdout == "hello\n"
+    mine = get(user_cluster.url, "/api/jobs", user_cluster.token).json()["jobs"][0]
+    assert mine["user"] == "alice" and mine["name"] == "who.py"
+    with Cluster(events=False) as c:  # what a notebook's magic and the language kernels do
+        assert c.token == json.loads(kept.read_text())["token"] and [j.id for j in c.jobs()] == [mine["id"]]
+
+    saved = json.loads(kept.read_text())
+    kept.write_text(json.dumps(dict(saved, expires_epoch=1.0)))  # as it is once its time has passed
+    late = cli("jobs")
+    assert late.returncode == 2 and "the login of alice" in late.stderr and "distexec login" in late.stderr
+    kept.write_text(json.dumps(saved))
+    assert cli("logout").returncode == 0 and not kept.exists()
+    gone = cli("jobs")
+    assert gone.returncode == 2 and "no cluster found" in gone.stderr and "Traceback" not in gone.stderr
+    assert cli("logout").returncode == 1
