@@ -41,6 +41,8 @@ def main() -> int:
     lc.start()
     print(f"cluster up: master {lc.url}, slaves {', '.join(s.uid for s in lc.slaves)}", flush=True)
     print(f"connection file: {config.connection_path()}")
+    # The notebook and JupyterLab run against this cluster, also for an account logged in elsewhere.
+    os.environ.update(DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token)
     lab = None
     try:
         nb = nbformat.read(args.notebook, as_version=4)
