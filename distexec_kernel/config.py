@@ -18,7 +18,7 @@ def home() -> str:
 
 # What distexec keeps in its home: a folder holding nothing else is its own.
 HOME_ENTRIES = ("connection.json", "users.json", "history.sqlite3*", "history-artifacts", "tls", "cache",
-                "slave-*.uid", "*.tmp")
+                "slave-*.uid", "*.tmp", "login.json", "logins.json")
 
 
 class UnsafeFolderError(OSError, ValueError):

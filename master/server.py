@@ -72,10 +72,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     token = args.token or os.environ.get("DISTEXEC_TOKEN") or config.new_secret()
     secret = args.slave_secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or config.new_secret()
     db = args.db or os.path.join(config.ensure_home(), "history.sqlite3")
+    store = JobStore(db)  # first: it refuses a folder others could plant names in
     # The logins beside the history: they are the master's state, as it is (docs/security.md).
     auth = Auth(token, secret, users_file=args.users, token_ttl=args.token_ttl,
                 logins_file=os.path.join(os.path.dirname(os.path.abspath(db)), "logins.json"))
-    store = JobStore(db)
     master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace,
                     max_queue=args.max_queue or None, max_queued_per_user=args.max_queued_per_user or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
