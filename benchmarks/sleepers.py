@@ -33,7 +33,8 @@ def main() -> None:
     for _ in range(args.runs):
         r = bench_sleepers(args.count, args.sleep)
         print(f"{args.count} x {args.sleep:g} s on 2 x 8 slots: wall {r['wall']:.3f} s, "
-              f"{r['wall'] / r['ideal']:.3f}x the ideal; first wave's starts spread over {r['spread'] * 1000:.0f} ms; "
+              f"{r['wall'] / r['ideal']:.3f}x the ideal; first wave's starts spread over {r['spread'] * 1000:.0f} ms "
+              f"(its submissions taken in over {r['intake'] * 1000:.0f} ms); "
               f"path less the sleep p50 {r['path'] * 1000:.1f} ms", flush=True)
 
 
