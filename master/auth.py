@@ -38,6 +38,11 @@ from distexec_kernel import config
 log = logging.getLogger("distexec.master.auth")
 
 DEFAULT_TOKEN_TTL = 12 * 3600.0
+# Logins one user may hold at once; past it their oldest ends.  Each login is kept (in memory and in
+# the logins file, rewritten at each login) until it expires, so without a bound one user logging in
+# again and again would grow both for everyone.  A command given --user logs in for itself: 100
+# leaves a notebook's login alive through many of them.
+MAX_LOGINS_PER_USER = 100
 ADMIN = "admin"  # the name the admin token acts under; no user file entry may take it
 # No '@', ':' or '/': a user's name never has to be told apart from what it is joined to.
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -162,12 +167,14 @@ class Auth:
     """Checks every credential the master is shown.  A client token never opens /ws/slave and vice versa."""
 
     def __init__(self, token: str, slave_secret: str, *, users_file: str | None = None,
-                 token_ttl: float = DEFAULT_TOKEN_TTL, logins_file: str | None = None):
+                 token_ttl: float = DEFAULT_TOKEN_TTL, logins_file: str | None = None,
+                 max_logins_per_user: int = MAX_LOGINS_PER_USER):
         self.token = token
         self.slave_secret = slave_secret
         self.users_file = users_file
         self.token_ttl = token_ttl
         self.logins_file = logins_file
+        self.max_logins_per_user = max_logins_per_user
         self._users: dict[str, dict] = {}
         self._users_stamp: tuple | None = None
         self._sessions: dict[str, Identity] = {}
@@ -284,6 +291,9 @@ class Auth:
         with self._lock:
             self._prune()
             self._sessions[_digest(token)] = ident
+            theirs = sorted((v.expires_at, k) for k, v in self._sessions.items() if v.user == user)
+            for _, key in theirs[:max(0, len(theirs) - self.max_logins_per_user)]:
+                del self._sessions[key]
             self._save_logins()
         return {"token": token, "expires_at": rfc3339(expires), "user": user, "admin": ident.admin}
 

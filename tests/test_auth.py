@@ -550,3 +550,21 @@ def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster,
     gone = cli("jobs")
     assert gone.returncode == 2 and "no cluster found" in gone.stderr and "Traceback" not in gone.stderr
     assert cli("logout").returncode == 1
+
+
+def test_one_user_holds_a_bounded_number_of_logins(tmp_path, users_file):
+    """Logging in again and again grows neither the master's memory nor the logins file past a
+    bound per user; the oldest login ends, the others (and other users') stay, across a restart."""
+    saved = tmp_path / "logins.json"
+
+    def master_auth():  # as `distexec master --users FILE` builds it, with a bound of 3
+        return auth.Auth("admin-token", "slave-secret", users_file=users_file, logins_file=str(saved),
+                         max_logins_per_user=3)
+    a = master_auth()
+    tokens = [a.login("alice", "alice-pw")["token"] for _ in range(5)]
+    bob = a.login("bob", "bob-pw")["token"]
+    assert [a.identify(t) is not None for t in tokens] == [False, False, True, True, True]
+    assert a.identify(bob).user == "bob"
+    assert len(json.loads(saved.read_text())["logins"]) == 4
+    restarted = master_auth()
+    assert [restarted.identify(t) is not None for t in tokens + [bob]] == [False, False, True, True, True, True]
