@@ -93,11 +93,54 @@ def save_artifacts(job, directory: str, names: list[str] | None = None) -> list[
         except P.ProtocolError as exc:
             raise FilesError(exc.message) from None
         dest = os.path.join(directory, *name.split("/"))
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(dest, "wb") as f:
-            f.write(job.artifact(name))
+        try:
+            _write_beneath(directory, name.split("/"), job.artifact(name))
+        except OSError as exc:
+            raise FilesError(f"cannot write {dest}: {exc.strerror}") from None
         written.append(dest)
     return written
+
+
+def _write_beneath(directory: str, parts: list[str], data: bytes) -> None:
+    """Write ``data`` at ``directory/parts...`` without following a link below ``directory``.
+
+    The folder may be shared (a project's, a class's): a link, FIFO or hard link someone planted
+    there must not turn this write (as root, often) into one of a file they chose.  Each folder is
+    entered with O_NOFOLLOW; the file is written under a name of its own and renamed over the
+    entry, so what stood there (a hard link to another file, a FIFO) is replaced, never written to.
+    """
+    try:  # the folder named is the caller's choice, followed if it is a link; below it nothing is
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileExistsError, NotADirectoryError):
+        raise FilesError(f"{directory} is not a folder") from None
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:  # ELOOP: a link; ENOTDIR: a file or a FIFO
+                raise FilesError(f"{os.path.join(directory, *parts[:i + 1])} is not a folder (a link or a file): "
+                                 f"not written through; remove it or choose another folder") from None
+            os.close(fd)
+            fd = sub
+        tmp = f".{parts[-1]}.{os.getpid()}.{os.urandom(4).hex()}.part"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+            os.replace(tmp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
 
 
 def human_size(size: int) -> str:

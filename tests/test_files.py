@@ -240,6 +240,32 @@ def test_distexec_get_saves_the_files_with_their_folders(cluster, client, tmp_pa
     assert "collected answer.txt (2 bytes)" in r.stderr
 
 
+def test_saving_collected_files_writes_through_no_link_planted_in_the_folder(client, tmp_path):
+    """The folder files are saved into may be shared (a class's): what another user planted there (a
+    link, a hard link, a FIFO) must not make this write (as root, often) land in a file they chose."""
+    job = client.submit("import os\nos.makedirs('out', exist_ok=True)\nopen('out/r.txt', 'w').write('job')\n"
+                        "open('p.png', 'w').write('png')\n", collect=["out/**", "p.png"]).wait(T)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file").write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "out").symlink_to(victim)
+    with pytest.raises(FilesError, match="out is not a folder"):
+        job.save_artifacts(str(shared))
+    assert os.listdir(victim) == ["file"]
+    (shared / "out").unlink()
+    os.link(victim / "file", shared / "p.png")  # a hard link to a file the saver may write
+    os.mkfifo(shared / "out-fifo")
+    (shared / "out").mkdir()
+    os.mkfifo(shared / "out" / "r.txt")  # a FIFO: opening it to write would wait for a reader
+    assert sorted(job.save_artifacts(str(shared))) == [str(shared / "out" / "r.txt"), str(shared / "p.png")]
+    assert (victim / "file").read_text() == "precious"  # the entry was replaced, the file it shared kept
+    assert (shared / "p.png").read_text() == "png" and (shared / "out" / "r.txt").read_text() == "job"
+    assert sorted(os.listdir(shared)) == ["out", "out-fifo", "p.png"]  # no temporary file left
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FilesError, match="is not a folder"):
+        job.save_artifacts(str(tmp_path / "a-file"))
 
 
 def test_another_users_artifacts_are_not_found(make_cluster, tmp_path):
