@@ -9,6 +9,7 @@ caps (``MAX_FILES`` files, ``MAX_FILES_BYTES`` in all, ``MAX_FILE_DEPTH`` levels
 from __future__ import annotations
 
 import os
+import stat
 
 from . import protocol as P
 
@@ -42,7 +43,11 @@ def read_paths(paths: list[str]) -> dict:
             if len(files) >= P.MAX_FILES:
                 raise FilesError(f"more than {P.MAX_FILES} files (at {name!r}): send fewer, or an archive")
             try:
-                with open(full, "rb") as f:
+                # O_NONBLOCK: a FIFO in the folder fails the check below instead of waiting for a writer.
+                fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise FilesError(f"{full} is not a regular file (a FIFO, a device or a socket): not sent")
                     data = f.read(P.MAX_FILES_BYTES + 1)
             except OSError as exc:
                 raise FilesError(f"cannot read {full}: {exc.strerror}") from None

@@ -83,6 +83,30 @@ def test_a_local_folder_becomes_files_under_its_name(tmp_path):
         read_paths([str(tmp_path / "many")])
 
 
+def test_a_fifo_in_a_folder_sent_is_refused_at_once(tmp_path):
+    """A named pipe (a running program's, or planted) must not hang `--file DIR` waiting for a writer."""
+    import threading
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.csv").write_text("a,b\n")
+    os.mkfifo(tmp_path / "data" / "pipe")
+    outcome: list = []
+
+    def send():
+        try:
+            outcome.append(read_paths([str(tmp_path / "data")]))
+        except FilesError as exc:
+            outcome.append(exc)
+    reader = threading.Thread(target=send, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock it, then fail
+        with open(tmp_path / "data" / "pipe", "w"):
+            pass
+        pytest.fail("read_paths waited on the FIFO")
+    assert isinstance(outcome[0], FilesError) and "pipe is not a regular file" in str(outcome[0])
+
+
 # --- files in, on a real cluster ----------------------------------------------------
 
 def test_folders_and_binary_files_reach_the_job(client, tmp_path):
