@@ -159,7 +159,8 @@ class DistexecKernel(Kernel):
             cluster = self._connect()
         except (DistexecError, config.ConnectionConfigError) as exc:
             msg = (f"no distexec cluster to run this {self.lang.display_name} cell: {exc}. Start one with "
-                   f"`distexec up`, or set DISTEXEC_URL and DISTEXEC_TOKEN, then run the cell again.")
+                   f"`distexec up`, log in to one with `distexec login URL --user NAME` (in a terminal), or set "
+                   f"DISTEXEC_URL and DISTEXEC_TOKEN, then run the cell again.")
             return self._error(NO_CLUSTER, msg, [msg])
         session = cell.session or self.session_name
         try:
@@ -169,6 +170,14 @@ class DistexecKernel(Kernel):
                                      name=f"{self.lang.name} cell {self.execution_count}", session=session)
                 job.id  # the master's answer to the (pipelined) submission: a refusal is raised here
         except DistexecError as exc:
+            if exc.status == 401:
+                # The login expired (or the master no longer takes the token): the next cell connects
+                # anew, so a login made meanwhile (`distexec login`) serves it with no kernel restart.
+                self._cluster = None
+                cluster.close()
+                msg = (f"{exc}. Log in again (`distexec login URL --user NAME` in a terminal), then run the "
+                       f"cell again.")
+                return self._error(exc.code or "unauthorized", msg, [msg])
             return self._error(exc.code or "DistexecError", str(exc), [f"{exc.code}: {exc}"])
         job_box.append(job)
         self._session_used |= session is not None and session == self.session_name

@@ -10,6 +10,7 @@ cluster through DISTEXEC_URL / DISTEXEC_TOKEN, as a user's would.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -331,6 +332,48 @@ def test_no_slave_for_the_language_is_said(tmp_path, monkeypatch):
             km.shutdown_kernel(now=True)
     assert reply["status"] == "error" and reply["ename"] == P.UNSUPPORTED_LANGUAGE
     assert "python" in out, out
+
+
+def test_a_kernel_logged_in_with_distexec_login_takes_a_new_login_without_a_restart(tmp_path, monkeypatch):
+    """On a shared master with logins: a person's kernels run as them through `distexec login`, and
+    once that login has expired, logging in again in a terminal serves the next cell."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from conftest import users_json
+    student = tmp_path / "student-home"
+    users = users_json(tmp_path, "alice")
+    with LocalCluster(1, slots=1, home=str(tmp_path / "master-home"), log_dir=str(tmp_path / "logs"),
+                      languages="c", master_args=["--users", users, "--token-ttl", "6"]) as lc:
+        for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("DISTEXEC_HOME", str(student))
+
+        def login() -> str:
+            done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "login", lc.url, "--user", "alice",
+                                   "--password-stdin"], input="alice-pw\n", capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0, done.stderr
+            return json.loads((student / "login.json").read_text())["token"]
+        first = login()
+        km, kc = start("distexec-c")
+        try:
+            _, reply, out = run(kc, '#include <stdio.h>\nint main(void) { puts("as alice"); return 0; }\n')
+            assert reply["status"] == "ok" and "as alice" in out, out
+            jobs = requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {lc.token}"}, timeout=20)
+            assert jobs.json()["jobs"][0]["user"] == "alice"
+            wait_for(lambda: requests.get(lc.url + "/api/jobs", headers={"Authorization": f"Bearer {first}"},
+                                          timeout=20).status_code == 401, 30, "the login to expire")
+            _, reply, out = run(kc, "int main(void) { return 0; }\n")
+            assert reply["status"] == "error" and "distexec login" in out, out
+            login()
+            _, reply, out = run(kc, '#include <stdio.h>\nint main(void) { puts("again"); return 0; }\n')
+            assert reply["status"] == "ok" and "again" in out, out
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
 
 
 # -- notebooks --------------------------------------------------------------------------------
