@@ -61,6 +61,7 @@ class RemoteMagics(Magics):
     def __init__(self, shell, cluster: Cluster | None = None):
         super().__init__(shell)
         self._cluster = cluster
+        self._by_hand = cluster is not None  # given, or made by %remote connect: never dropped for another
         self.status_widgets: dict[int, object] = {}
 
     # -- the cluster ------------------------------------------------------------
@@ -76,6 +77,12 @@ class RemoteMagics(Magics):
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+    def refused(self) -> None:
+        """The master refused the token (a login expired): a cluster found by default is dropped, so the
+        next cell finds it anew and takes a login made meanwhile (`distexec login`)."""
+        if not self._by_hand:
+            self.close()
 
     # -- %%remote ---------------------------------------------------------------
 
@@ -156,6 +163,7 @@ class RemoteMagics(Magics):
             new = Cluster(a.url, token=a.token, cafile=a.cafile)
         self.close()
         self._cluster = new
+        self._by_hand = True
         slaves = new.slaves()
         langs = sorted({lang for s in slaves for lang in s["languages"]})
         print(f"connected to {new.url} as client {new.client_id} · {len(slaves)} slave(s) · "
@@ -350,8 +358,12 @@ def load_ipython_extension(ipython) -> None:
         return
     magics = RemoteMagics(ipython)
     ipython.register_magics(magics)
+    def shown(shell, etype, value, tb, tb_offset=None):
+        if isinstance(value, DistexecError) and value.status == 401:
+            magics.refused()
+        return show_error(shell, etype, value, tb, tb_offset)
     ipython.set_custom_exc((RemoteJobFailed, RemoteGroupFailed, DistexecError, config.ConnectionConfigError),
-                           show_error)
+                           shown)
     ipython.display_formatter.ipython_display_formatter.for_type(Job, magics.show_job)
     _loaded[id(ipython)] = magics
 

@@ -48,7 +48,11 @@ def error_lines(exc: BaseException) -> list[str]:
     the same: the job's status line, its error code and message, where it points.
     """
     if not isinstance(exc, RemoteError):
-        return [f"{type(exc).__name__}: {exc}"]
+        lines = [f"{type(exc).__name__}: {exc}"]
+        if getattr(exc, "status", None) == 401:
+            lines.append("log in again: `distexec login URL --user NAME` in a terminal (the next cell takes it), "
+                         "or `%remote connect URL --user NAME`")
+        return lines
     if isinstance(exc, RemoteGroupFailed):
         failed = exc.group.failed
         head = [exc.summary, f"{len(failed)} of {len(exc.group)} jobs did not succeed; the first, "

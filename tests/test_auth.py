@@ -568,3 +568,36 @@ def test_one_user_holds_a_bounded_number_of_logins(tmp_path, users_file):
     assert len(json.loads(saved.read_text())["logins"]) == 4
     restarted = master_auth()
     assert [restarted.identify(t) is not None for t in tokens + [bob]] == [False, False, True, True, True, True]
+
+
+def test_a_notebook_takes_a_new_distexec_login_at_its_next_cell(make_cluster, users_file, tmp_path, monkeypatch):
+    from IPython.utils.capture import capture_output
+
+    from conftest import magic_shell
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_file, "--token-ttl", "4"])
+    student = tmp_path / "student-home"
+    monkeypatch.setenv("DISTEXEC_HOME", str(student))
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+
+    def login() -> str:
+        done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "login", lc.url, "--user", "alice",
+                               "--password-stdin"], input="alice-pw\n", capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads((student / "login.json").read_text())["token"]
+
+    def cell(shell, code):
+        with capture_output() as cap:
+            result = shell.run_cell(code)
+        return result.success, cap.stdout + cap.stderr
+
+    first = login()
+    with magic_shell() as shell:
+        ok, out = cell(shell, "%%remote\nprint('as alice')\n")
+        assert ok and "as alice" in out, out
+        wait_for(lambda: get(lc.url, "/api/jobs", first).status_code == 401, 30, "the login to expire")
+        ok, out = cell(shell, "%%remote\nprint('late')\n")
+        assert not ok and "distexec login" in out, out
+        login()
+        ok, out = cell(shell, "%%remote\nprint('again')\n")
+        assert ok and "again" in out, out
