@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import threading
 import time
 
@@ -114,6 +115,34 @@ def job_processes_of(slave_pid: int) -> list[psutil.Process]:
         return []
     pool = {p.pid for p in warm_parents(slave_pid)}
     return [p for p in under if p.pid not in pool]
+
+
+# A job that waits for its test to release it (release_jobs), not a fixed time its test must fit its steps
+# into: no slower than the steps, and no race on a loaded machine.  SIGUSR1 is blocked first, so a release
+# sent before the job waits is kept for it; the 300 s are only the job's own deadline.
+HOLD = "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+UNTIL_RELEASED = "signal.sigtimedwait({signal.SIGUSR1}, 300)\n"
+
+
+def held_jobs(slave_pid: int) -> list[psutil.Process]:
+    """That slave's job processes waiting in UNTIL_RELEASED (the kernel function they sleep in)."""
+    held = []
+    for p in job_processes_of(slave_pid):
+        try:
+            with open(f"/proc/{p.pid}/wchan") as f:
+                if "sigtimedwait" in f.read():
+                    held.append(p)
+        except OSError:
+            pass
+    return held
+
+
+def release_jobs(*slave_pids: int, timeout: float = 30.0) -> None:
+    """Once a job of those slaves waits in UNTIL_RELEASED, let every such job go on."""
+    held = wait_for(lambda: [p for pid in slave_pids for p in held_jobs(pid)], timeout,
+                    "a held job to wait for its release")
+    for p in held:
+        p.send_signal(signal.SIGUSR1)
 
 
 def assert_gone(procs: list[psutil.Process], what: str = "processes", timeout: float = 15.0) -> None:

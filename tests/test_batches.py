@@ -15,7 +15,7 @@ import tornado.websocket
 
 from distexec_kernel import Cluster, config, protocol as P
 
-from conftest import Socket, wait_for
+from conftest import HOLD, UNTIL_RELEASED, Socket, release_jobs, wait_for
 
 T = 120
 
@@ -58,10 +58,11 @@ def test_a_client_hears_each_committed_state_of_a_job_once_in_order(make_cluster
     with Cluster(lc.url, token=lc.token) as c:
         seen: list[tuple[int, str]] = []
         c.subscribe(lambda m: seen.append((m["job"]["id"], m["job"]["status"])) if m["type"] == "job_update" else None)
-        first = c.submit("import time\ntime.sleep(1)\n")
+        first = c.submit(HOLD + UNTIL_RELEASED)
         assert first.status == P.RUNNING  # the submit_reply says what was committed
         second = c.submit("print(2)")
         assert second.status == P.QUEUED  # the one slot is taken
+        release_jobs(lc.slaves[0].pid)
         assert first.wait(T).status == second.wait(T).status == P.SUCCEEDED
         wait_for(lambda: (second.id, P.SUCCEEDED) in seen, 20, "the second job's last event")
         assert [s for j, s in seen if j == first.id] == [P.RUNNING, P.SUCCEEDED]

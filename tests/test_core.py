@@ -20,7 +20,7 @@ import tornado.websocket
 from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 
-from conftest import close_ws, wait_for
+from conftest import HOLD, UNTIL_RELEASED, close_ws, release_jobs, wait_for
 
 
 def api(cluster, method, path, token="default", **kwargs):
@@ -199,11 +199,12 @@ def test_history_and_queued_jobs_survive_a_master_restart(make_cluster):
     lc = make_cluster(1, slots=1)
     with Cluster(lc.url, token=lc.token) as c:
         done = c.submit("print('kept')").wait(30)
-        blocker = c.submit("import time\ntime.sleep(1.5)\nprint('blocker done')")
+        blocker = c.submit(HOLD + UNTIL_RELEASED + "print('blocker done')")
         waiting = [c.submit(f"print({i} * 7)") for i in range(3)]
         wait_for(lambda: c.job(blocker.id).status == P.RUNNING, what="blocker running")
         assert all(c.job(j.id).status == P.QUEUED for j in waiting)
     lc.restart_master(signal.SIGKILL)
+    release_jobs(lc.slaves[0].pid)  # the blocker ends once the new master is up
     with Cluster(lc.url, token=lc.token) as c:
         old = c.job(done.id)
         assert old.status == P.SUCCEEDED and old.stdout == "kept\n"

@@ -24,7 +24,7 @@ import tornado.websocket
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import free_port
 
-from conftest import assert_gone, logs, wait_for
+from conftest import HOLD, UNTIL_RELEASED, assert_gone, logs, release_jobs, wait_for
 
 GRACE = 3.0  # --lost-grace for these tests: long enough for a slave to come back, short to wait out
 
@@ -340,7 +340,7 @@ def test_wait_keeps_its_own_deadline_while_the_master_hangs(make_cluster):
 def test_cli_submit_waits_across_a_master_restart(make_cluster, tmp_path, home):
     lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
     prog = tmp_path / "slow.py"
-    prog.write_text("import time\nprint('begin', flush=True)\ntime.sleep(2.5)\nprint('end')\n")
+    prog.write_text(HOLD + "print('begin', flush=True)\n" + UNTIL_RELEASED + "print('end')\n")
     env = dict(os.environ, DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token, DISTEXEC_HOME=str(home))
     cli = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "submit", str(prog)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -348,6 +348,7 @@ def test_cli_submit_waits_across_a_master_restart(make_cluster, tmp_path, home):
         with connect(lc) as c:
             wait_for(lambda: any(j.status == P.RUNNING for j in c.jobs()), 20, "the job to run")
         lc.restart_master(signal.SIGKILL)
+        release_jobs(lc.slaves[0].pid)  # it ends once the new master is up
         out, err = cli.communicate(timeout=40)
     finally:
         if cli.poll() is None:

@@ -337,18 +337,19 @@ def test_collected_files_finished_while_the_master_was_down_reach_the_next_one(m
     import psutil
     import signal
 
-    from conftest import job_processes_of, logs, wait_for
+    from conftest import HOLD, UNTIL_RELEASED, job_processes_of, logs, release_jobs, wait_for
     lc = make_cluster(1, slots=1, languages="python", master_args=["--lost-grace", "60"])
     c = Cluster(lc.url, token=lc.token)
     try:
         # 5 MiB: two job_artifact frames.
-        job = c.submit("import os, time\ntime.sleep(3)\nopen('big.bin', 'wb').write(b'x' * (5 << 20))\n",
+        job = c.submit(HOLD + UNTIL_RELEASED + "open('big.bin', 'wb').write(b'x' * (5 << 20))\n",
                        collect=["big.bin"], name="across")
         slave = psutil.Process(lc.slaves[0].proc.pid)
         wait_for(lambda: job_processes_of(slave.pid), 30, "the job's process to start")
     finally:
         c.close()
     lc.master.stop(signal.SIGKILL)
+    release_jobs(slave.pid)  # it ends with no master
     # The job's processes are the slave's children: once they are gone, its result waits for a master.
     wait_for(lambda: not job_processes_of(slave.pid), 30, "the job to end with no master")
     lc.start_master()

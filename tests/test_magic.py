@@ -21,7 +21,7 @@ from IPython.utils.capture import capture_output
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.magic import RemoteJobFailed, magics_of
 
-from conftest import magic_shell, module_cluster, wait_for
+from conftest import HOLD, UNTIL_RELEASED, magic_shell, module_cluster, release_jobs, wait_for
 
 
 lc = module_cluster("magic", 2, slots=2)
@@ -180,12 +180,12 @@ def test_interrupt_cancels_the_remote_job(shell, master):
     assert job["status"] == P.CANCELLED and job["error"]["code"] == P.CANCELLED_CODE
 
 
-def test_no_wait_returns_at_once_with_a_handle_and_live_status(shell, master):
+def test_no_wait_returns_at_once_with_a_handle_and_live_status(shell, master, lc):
     t0 = time.monotonic()
-    result, cap = run(shell, "%%remote --no-wait -o h\nimport time\ntime.sleep(2.5)\nprint('done late')\n")
+    result, cap = run(shell, "%%remote --no-wait -o h\n" + HOLD + UNTIL_RELEASED + "print('done late')\n")
     elapsed = time.monotonic() - t0
     assert result.success
-    assert elapsed < 2.0, elapsed  # it did not wait for the 2.5 s job
+    assert elapsed < 2.0, elapsed  # it did not wait for the job, held until released below
     h = shell.user_ns["h"]
     assert result.result is h and not h.done
     assert re.match(rf"[🕓⏳] job {h.id} · python", displayed_text(cap))
@@ -194,6 +194,7 @@ def test_no_wait_returns_at_once_with_a_handle_and_live_status(shell, master):
     # Another cell runs while it is still going.
     other, _ = run(shell, "%%remote\nprint('meanwhile')\n")
     assert other.success and not master.job(h.id).done
+    release_jobs(*(s.pid for s in lc.slaves))
     shell.run_cell("h.wait(timeout=20)")
     assert h.status == P.SUCCEEDED and h.stdout == "done late\n"
     wait_for(lambda: "✅" in widget.value, what="the status widget to show ✅")

@@ -25,7 +25,7 @@ from nbclient.exceptions import CellExecutionError
 
 from distexec_kernel import Cluster, protocol as P
 
-from conftest import module_cluster, wait_for
+from conftest import HOLD, UNTIL_RELEASED, module_cluster, release_jobs, wait_for
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The notebooks of the python3 kernel; those of our own kernels (kernelspec
@@ -317,12 +317,13 @@ def test_kernel_interrupt_cancels_the_job(kernel, kernel_cluster):
         assert master.job(job.id).wait(timeout=20).status == P.CANCELLED
 
 
-def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel):
+def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel, kernel_cluster):
     km, kc = kernel
     t0 = time.monotonic()
-    msgs, reply = run_in(kc, "%%remote --no-wait -o h\nimport time\ntime.sleep(2.5)\nprint('late')\n")
+    msgs, reply = run_in(kc, "%%remote --no-wait -o h\n" + HOLD + UNTIL_RELEASED + "print('late')\n")
     assert reply["content"]["status"] == "ok"
     assert time.monotonic() - t0 < 2.5, "the cell waited for the job"
+    release_jobs(*(s.pid for s in kernel_cluster.slaves))
     shown = [m for _, m in msgs if m["msg_type"] == "display_data"]
     assert len(shown) == 1
     model_id = shown[0]["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]

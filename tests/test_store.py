@@ -10,7 +10,7 @@ import pytest
 from distexec_kernel import Cluster, protocol as P
 from master.store import CHECKPOINT_ROWS, JobStore
 
-from conftest import wait_for
+from conftest import HOLD, UNTIL_RELEASED, release_jobs, wait_for
 
 
 def job(job_id: int, status: str = P.QUEUED, **fields) -> dict:
@@ -145,9 +145,10 @@ def test_a_job_that_ends_while_the_historys_disk_is_full_is_told_once_there_is_r
     lc = make_cluster(1, slots=1, languages="python", db=str(small_disk / "history.sqlite3"))
     master_log = tmp_path / "logs" / "master.log"
     with Cluster(lc.url, token=lc.token) as c:
-        job = c.submit("import time\ntime.sleep(3)\nprint('ended')")
+        job = c.submit(HOLD + UNTIL_RELEASED + "print('ended')")
         wait_for(lambda: job.status == P.RUNNING, 60, "the job to start")
         _fill(small_disk)  # before its end, which then cannot be written
+        release_jobs(lc.slaves[0].pid)
         wait_for(lambda: "history write failed" in master_log.read_text(), 60, "the end's commit to fail")
         assert job.status == P.RUNNING  # not told before it is durable
         os.unlink(small_disk / "filler")
