@@ -224,11 +224,15 @@ def part_cpu(args) -> None:
                 if n <= 0:
                     return
                 opened = listener._events.connections
+                spy = profile(pid, args.profile + ".pipelined") if args.profile else None
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
                 jobs = [listener.submit("pass") for _ in range(n)]
                 for job in jobs:
                     job.id  # the master's answer
                 c1, t1 = cpu_seconds(pid), time.perf_counter()
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
                 # A channel dropped mid-burst (before 2026-11-30: the master's pong-only ping timeout)
                 # makes the client send every unanswered submission again.
                 dropped = listener._events.connections - opened

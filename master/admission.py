@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Collection
+from typing import Callable, Collection
 
 from distexec_kernel import languages as L, protocol as P
 
@@ -101,10 +101,10 @@ class Admission:
                                   "drop 'session' to run it as a fresh process")
         return sub
 
-    def rejection(self, job: dict, detecting: bool = False) -> dict | None:
+    def rejection(self, job: dict, detecting: Callable[[], bool] = lambda: False) -> dict | None:
         """Why the job is rejected (it does not parse, or no connected slave runs its language), or None.
 
-        ``detecting``: a connected slave is still asking its toolchains.  A
+        ``detecting()``: a connected slave is still asking its toolchains.  A
         job for a language none offers yet is then queued, not refused; it
         is judged again when detection ends (``unplaceable``).
         """
@@ -117,7 +117,7 @@ class Admission:
             return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),
                            column=detail.get("column"), text=detail.get("text"))
         if not self.scheduler.can_run(job["language"]):
-            if detecting:
+            if detecting():
                 self._awaiting_detection[job["id"]] = job["language"]
                 return None
             return self._unsupported(job["language"])

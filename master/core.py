@@ -13,7 +13,6 @@ import asyncio
 import base64
 import binascii
 import logging
-from itertools import chain
 from typing import Awaitable
 
 from distexec_kernel import protocol as P
@@ -149,8 +148,34 @@ class Master:
         ``ref``: the client's own for a WebSocket submission, kept with the job
         (``JobStore.id_of_ref``: sent again after a restart, it finds this job).
         """
-        [job] = await self._submit_checked([self.admission.check(request)], client_id, user, group=None, ref=ref)
+        [job] = await self.submit_each([(request, ref)], client_id=client_id, user=user)
+        if isinstance(job, P.ProtocolError):
+            raise job
         return job
+
+    async def submit_each(self, requests: list[tuple[dict, str | None]], *, client_id: str | None = None,
+                          user: str | None = None) -> list[dict | P.ProtocolError]:
+        """Independent submissions ``(request, ref)`` that came together (a client's pipelined burst):
+        each judged as ``submit`` would, in order, as if one after another; one commit for all of them
+        and the starts they allow.  Each item is the job or the ProtocolError that refused it."""
+        out: list[dict | P.ProtocolError] = []
+        for request, _ in requests:
+            try:
+                out.append(self.admission.check(request))
+            except P.ProtocolError as exc:
+                out.append(exc)
+        owner = await self._rejoined([sub for sub in out if isinstance(sub, dict)], client_id, user)
+        jobs, decisions = [], []
+        for i, (sub, (_, ref)) in enumerate(zip(out, requests)):
+            if isinstance(sub, dict):
+                try:  # after the last await: nothing else is queued between this check and the enqueue
+                    self.admission.check_room(owner)
+                except QueueFull as exc:
+                    out[i] = exc
+                    continue
+                jobs.append(self._record(sub, client_id, owner, None, ref, decisions))
+        saved = iter(await self._commit_submitted(jobs, decisions, client_id))
+        return [item if isinstance(item, P.ProtocolError) else next(saved) for item in out]
 
     async def submit_batch(self, requests: list, *, client_id: str | None = None,
                            user: str | None = None) -> list[dict]:
@@ -162,39 +187,47 @@ class Master:
         subs = P.check_batch(requests, self.admission.check)
         if not subs:
             return []
-        return await self._submit_checked(subs, client_id, user, group=f"g{self._next_id}")
+        owner = await self._rejoined(subs, client_id, user)
+        self.admission.check_room(owner, len(subs))  # after the last await, as in submit_each
+        group, decisions = f"g{self._next_id}", []
+        jobs = [self._record(sub, client_id, owner, group, None, decisions) for sub in subs]
+        return await self._commit_submitted(jobs, decisions, client_id)
 
-    async def _submit_checked(self, subs: list[dict], client_id: str | None, user: str | None,
-                              group: str | None, ref: str | None = None) -> list[dict]:
+    async def _rejoined(self, subs: list[dict], client_id: str | None, user: str | None) -> str | None:
+        """Once the slaves expected back for these languages have had their moment: the jobs' owner."""
         for language in {sub["language"] for sub in subs}:
             await self.admission.await_returning_slaves(language, self.slaves)
         client = self.clients.get(client_id)
-        owner = user or (client.user if client is not None else None)
-        # After the last await: nothing else is queued between this check and the enqueue.
-        self.admission.check_room(owner, len(subs))
-        jobs: list[dict] = []
-        for sub in subs:
-            job = P.new_job(self._next_id, sub, client_id=client_id, user=owner)
-            self._next_id += 1
-            job["group"] = group
-            if ref is not None:
-                job["ref"] = ref
-            # The batch's earlier items count (sessions per user).
-            active = chain(self.jobs.jobs(), (j for j in jobs if j["status"] == P.QUEUED))
-            rejection = (self.admission.rejection(job, detecting=self._detecting())
-                         or self.sessions.refusal(job, active, self.slaves))
-            if rejection is not None:
-                job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
-                bound_rejected(job)
-            jobs.append(job)
+        return user or (client.user if client is not None else None)
+
+    def _record(self, sub: dict, client_id: str | None, owner: str | None, group: str | None,
+                ref: str | None, decisions: list[J.Decision]) -> dict:
+        """A new job, queued or rejected at once; what that decides is added to ``decisions``."""
+        job = P.new_job(self._next_id, sub, client_id=client_id, user=owner)
+        self._next_id += 1
+        job["group"] = group
+        if ref is not None:
+            job["ref"] = ref
+        # The jobs recorded before it in this turn are active already (sessions per user).
+        rejection = (self.admission.rejection(job, detecting=self._detecting)
+                     or self.sessions.refusal(job, self.jobs.jobs(), self.slaves))
+        if rejection is not None:
+            job.update(status=P.REJECTED, error=rejection, finished_at=P.now())
+            bound_rejected(job)
+        decisions += self.jobs.submitted([job])
+        return job
+
+    async def _commit_submitted(self, jobs: list[dict], decisions: list[J.Decision],
+                                client_id: str | None) -> list[dict]:
+        """Commit new jobs with the starts they allow, before any of them is announced; the jobs as
+        they then are.  A job that starts at once is sent with its inputs at hand, saving a read."""
+        if not jobs:
+            return []
+        client = self.clients.get(client_id)
         if client is not None:
             client.jobs_submitted += len(jobs)
             self.clients.changed()
-        decisions = self.jobs.submitted(jobs)
         decisions += self._assigned()
-        # One commit for the whole batch and the starts it allows, before any
-        # of it is announced; a job that starts at once is sent with its inputs
-        # at hand, saving a read.  The reply tells no state before it is durable.
         replies = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
         await self._carry.run(J.merged(decisions), {job["id"]: {k: job[k] for k in P.INPUT_FIELDS} for job in jobs})
         return [{**reply, **{k: job[k] for k in P.INPUT_FIELDS}} for reply, job in zip(replies, jobs)]

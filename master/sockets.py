@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import time
+from typing import Awaitable, NamedTuple
 
 import tornado.websocket
 
@@ -33,6 +34,8 @@ MAX_UNSENT_BYTES = 32 << 20
 # A batch frame ends before it passes this many characters (a larger message goes alone):
 # far under the receivers' MAX_MESSAGE_BYTES, and a long burst is parsed a piece at a time.
 BATCH_CHARS = 256 << 10
+# Frames of one peer handled in a row, at most, before the loop turns for the others.
+INLINE_FRAMES = 64
 
 
 # Answers to WebSocket submissions kept, per master, so a client that sends a
@@ -42,7 +45,7 @@ LEDGER_SIZE = 20_000
 
 
 class SubmitLedger:
-    """Recent WebSocket submissions by (user, ref), oldest first: the task still answering one,
+    """Recent WebSocket submissions by (user, ref), oldest first: the answer still to come (a future),
     then, once answered, only the job's id or the refusal (never the job's inputs: a
     submission may carry megabytes of files).
 
@@ -70,6 +73,18 @@ class SubmitLedger:
             self._answers[key] = {"job_id": body["job"]["id"]} if body["job"] is not None else body
 
 
+class Intake(NamedTuple):
+    """A submission taken in on a client's channel, until it is answered."""
+    request: dict
+    ref: str | None
+    again: bool  # sent again after a reconnect
+    answer: asyncio.Future  # resolves to what its submit_reply carries
+
+
+def _refused(exc: P.ProtocolError) -> dict:
+    return {"job": None, "error": {**exc.to_dict(), "status": http_status(exc)}}
+
+
 class _Socket(tornado.websocket.WebSocketHandler):
     """Common part of both channels: JSON frames checked against the protocol table.
 
@@ -91,6 +106,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
         # parse, instead of one each per message (see docs/performance.md).
         self.batches = False
         self._outbox: list[str] = []
+        self._inline = 0  # frames handled in a row without the loop turning (on_message)
         self.hearing = liveness.Hearing()
         self._watching: asyncio.Future | None = None
 
@@ -156,7 +172,11 @@ class _Socket(tornado.websocket.WebSocketHandler):
         log.warning("%s %s: %s", self.__class__.__name__, self.request.remote_ip, message)
         self.send(P.make("error", error=P.error(code, message)))
 
-    async def on_message(self, text) -> None:
+    def on_message(self, text) -> Awaitable[None] | None:
+        """Handle one frame.  A handler that completes at once (most do) runs here and returns None, so
+        tornado reads the next frame in the same turn of the loop: a pipelined burst is taken in with
+        no turn per frame.  One that must wait (a result's commit) returns its coroutine, which tornado
+        awaits before reading on: that peer's later frames stay behind it."""
         self.hearing.heard()
         try:
             msg = P.decode(text)
@@ -166,12 +186,31 @@ class _Socket(tornado.websocket.WebSocketHandler):
         if name is None:
             return self.reply_error("unexpected_type", f"{msg['type']!r} is not accepted on this channel")
         try:
-            await getattr(self, name)(msg)
-        except P.ProtocolError as exc:
-            self.reply_error(exc.code, exc.message)
-        except Exception:  # never let one message take the connection down
-            log.exception("%s message failed", self.__class__.__name__)
-            self.reply_error("internal_error", "the master failed to handle this message")
+            waiting = getattr(self, name)(msg)
+        except Exception as exc:
+            return self._failed(exc)
+        if waiting is not None:
+            return self._awaited(waiting)
+        self._inline += 1
+        if self._inline >= INLINE_FRAMES:
+            # Let the loop turn: a peer that keeps sending must not keep the others waiting.
+            self._inline = 0
+            return asyncio.sleep(0)
+        return None
+
+    async def _awaited(self, waiting: Awaitable[None]) -> None:
+        self._inline = 0
+        try:
+            await waiting
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, P.ProtocolError):
+            return self.reply_error(exc.code, exc.message)
+        # Never let one message take the connection down.
+        log.error("%s message failed", self.__class__.__name__, exc_info=exc)
+        self.reply_error("internal_error", "the master failed to handle this message")
 
     def on_close(self) -> None:
         self.closed = True
@@ -199,6 +238,7 @@ class ClientSocket(_Socket):
             raise tornado.web.HTTPError(401, reason="Unauthorized")
         self.user = self.identity.user
         self._answering: set[asyncio.Future] = set()
+        self._intake: list[Intake] = []  # submissions taken in this turn, answered together (on_submit)
 
     def open(self) -> None:
         self.set_nodelay(True)  # see _Socket's note on small frames
@@ -222,56 +262,75 @@ class ClientSocket(_Socket):
             self._expiry = asyncio.get_running_loop().call_later(
                 delay, lambda: self.close(4001, "token expired"))
 
-    async def on_submit(self, msg: dict) -> None:
-        """Start the submission and return at once: tornado reads the next frame only after this
-        returns, and a client pipelines its submissions, so they are committed together.
-
-        The answer to a submit is always a submit_reply with its ref, so the sender can match it.
+    def on_submit(self, msg: dict) -> None:
+        """Take a submission in, to be answered with the others this turn of the loop brings (a client
+        pipelines them): judged together, one commit.  Sent again after a reconnect, it gets the answer
+        it had.  The answer to a submit is always a submit_reply with its ref, so the sender can match it.
         """
         ref = msg.get("ref")
         key = (self.identity.user, ref) if ref else None
-        ledger = self.ledger
-        first = ledger.get(key) if key else None
-        if first is None:
-            answer = asyncio.ensure_future(self._answer(msg["request"], ref, bool(msg.get("again"))))
-            if key:
-                ledger.put(key, answer)
-        else:
+        first = self.ledger.get(key) if key else None
+        if first is not None:
             # Sent again after a reconnect: the same job, not a second one.
-            answer = asyncio.ensure_future(self._reply_again(first, ref))
-        self._answering.add(answer)  # the loop keeps only weak references to tasks
-        answer.add_done_callback(self._answering.discard)
+            self._track(asyncio.ensure_future(self._reply_again(first, ref)))
+            return
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        if key:
+            self.ledger.put(key, answer)
+        if not self._intake:
+            loop.call_soon(self._take_in)
+        self._intake.append(Intake(msg["request"], ref, bool(msg.get("again")), answer))
 
-    async def _answer(self, request: dict, ref: str | None, again: bool) -> dict:
-        """Submit and reply; the reply is sent in the turn the job is announced, so both share a frame."""
-        body = await self._submit(request, ref, again)
-        self.send(P.make("submit_reply", ref=ref, **body))
-        return body
+    def _take_in(self) -> None:
+        items, self._intake = self._intake, []
+        self._track(asyncio.ensure_future(self._answer(items)))
 
-    async def _submit(self, request: dict, ref: str | None, again: bool) -> dict:
-        """``{"job"}`` or ``{"error"}``: what a submit_reply carries, as the HTTP path would answer."""
+    def _track(self, task: asyncio.Future) -> None:
+        self._answering.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, items: list[Intake]) -> None:
+        """Submit and reply; each reply is sent in the turn its job is announced, so both share a frame."""
         try:
-            # Checked again per submission, as each HTTP request is: an expired
-            # login or a user removed from the users file submits no more.
-            identity = self.auth.identify(self._token)
-            if identity is None:
-                return {"job": None, "error": P.error("unauthorized", UNAUTHORIZED, status=401)}
-            if again and ref:
-                # Sent again after a reconnect, with a ref the ledger does not know: this master may have
-                # restarted after committing it, before its answer went out.  The job it made, not a second.
-                made = await self.master.store.id_of_ref(self.user, ref)
-                job = await self.master.get_job(made, user=self.identity.owner) if made is not None else None
-                if job is not None:
-                    return {"job": job}
-            self.gate.check_submit(identity)
-            job = await self.master.submit(request, client_id=self.info.id, user=self.user, ref=ref)
-        except P.ProtocolError as exc:
-            return {"job": None, "error": {**exc.to_dict(), "status": http_status(exc)}}
+            bodies = await self._submit(items)
         except Exception:
             log.exception("submission failed")
-            return {"job": None, "error": P.error("internal_error", "the master failed to handle this submission",
-                                                  status=500)}
-        return {"job": job}
+            bodies = [{"job": None, "error": P.error("internal_error", "the master failed to handle this "
+                                                     "submission", status=500)}] * len(items)
+        for item, body in zip(items, bodies):
+            self.send(P.make("submit_reply", ref=item.ref, **body))
+            item.answer.set_result(body)
+
+    async def _submit(self, items: list[Intake]) -> list[dict]:
+        """``{"job"}`` or ``{"error"}`` for each: what its submit_reply carries, as the HTTP path would answer."""
+        # Checked again for each turn's submissions, as each HTTP request is: an expired
+        # login or a user removed from the users file submits no more.
+        identity = self.auth.identify(self._token)
+        if identity is None:
+            return [{"job": None, "error": P.error("unauthorized", UNAUTHORIZED, status=401)}] * len(items)
+        bodies: list[dict | None] = [None] * len(items)
+        fresh: list[int] = []
+        for i, item in enumerate(items):
+            if item.again and item.ref:
+                # Sent again after a reconnect, with a ref the ledger does not know: this master may have
+                # restarted after committing it, before its answer went out.  The job it made, not a second.
+                made = await self.master.store.id_of_ref(self.user, item.ref)
+                job = await self.master.get_job(made, user=self.identity.owner) if made is not None else None
+                if job is not None:
+                    bodies[i] = {"job": job}
+                    continue
+            try:
+                self.gate.check_submit(identity)
+            except P.ProtocolError as exc:
+                bodies[i] = _refused(exc)
+                continue
+            fresh.append(i)
+        made = await self.master.submit_each([(items[i].request, items[i].ref) for i in fresh],
+                                             client_id=self.info.id, user=self.user)
+        for i, result in zip(fresh, made):
+            bodies[i] = _refused(result) if isinstance(result, P.ProtocolError) else {"job": result}
+        return bodies
 
     async def _reply_again(self, first: asyncio.Future | dict, ref: str) -> None:
         body = dict(await asyncio.shield(first)) if isinstance(first, asyncio.Future) else first
@@ -337,7 +396,7 @@ class SlaveSocket(_Socket):
         if self.uid:
             self.master.slave_seen(self.uid)
 
-    async def on_register(self, msg: dict) -> None:
+    def on_register(self, msg: dict) -> None:
         if self.uid is not None and msg["uid"] != self.uid:
             # One connection, one slave: a second UID would leave the first registered with no one behind it.
             raise P.ProtocolError("already_registered", f"this connection is slave {self.uid}; "
@@ -356,22 +415,22 @@ class SlaveSocket(_Socket):
             raise P.ProtocolError("not_registered", "send register first")
         return self.uid
 
-    async def on_job_output(self, msg: dict) -> None:
+    def on_job_output(self, msg: dict) -> None:
         self.master.job_output(self._registered(), msg)
 
-    async def on_job_artifact(self, msg: dict) -> None:
+    def on_job_artifact(self, msg: dict) -> None:
         self.master.job_artifact(self._registered(), msg)
 
     async def on_job_finished(self, msg: dict) -> None:
         await self.master.job_finished(self._registered(), msg)
 
-    async def on_draining(self, msg: dict) -> None:
+    def on_draining(self, msg: dict) -> None:
         self.master.slave_draining(self._registered())
 
-    async def on_session_ended(self, msg: dict) -> None:
+    def on_session_ended(self, msg: dict) -> None:
         self.master.session_ended(self._registered(), msg)
 
-    async def on_languages(self, msg: dict) -> None:
+    def on_languages(self, msg: dict) -> None:
         self.master.slave_languages(self._registered(), msg)
 
     def on_close(self) -> None:

@@ -143,6 +143,48 @@ def test_queue_full_and_rate_limited_reach_the_caller(make_cluster, users_file):
             job.cancel()
 
 
+def test_a_burst_taken_in_at_once_is_still_judged_submission_by_submission(make_cluster, users_file):
+    """The master answers the submissions one read brings together, with one commit; each keeps the
+    answer it would have had alone, in order: a bad request, a program that does not parse, a full
+    queue, a ref sent twice.  Nothing is lost and nothing is made twice."""
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--users", users_file, "--max-queued-per-user", "3"])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice:
+        holder = alice.submit(SLEEPER)
+        wait_for(lambda: holder.status == "running", 30, "the sleeper to hold the only slot")
+        replies: dict[str, list[dict]] = {}
+        alice.subscribe(lambda m: replies.setdefault(m["ref"], []).append(m) if m["type"] == "submit_reply" else 0)
+        ok = {"source": SLEEPER, "language": "python"}
+        burst = [("q1", ok), ("bad", {**ok, "colour": "red"}), ("syntax", {**ok, "source": "def ("}),
+                 ("q2", ok), ("q1", ok), ("cobol", {**ok, "language": "cobol"}), ("q3", ok), ("full", ok)]
+
+        def send_all():  # on the channel's own loop, in one go: the frames leave back to back
+            for ref, request in burst:
+                alice._events.send(P.make("submit", request=request, ref=f"burst-{ref}"))
+        alice._events._loop.call_soon_threadsafe(send_all)
+        wait_for(lambda: sum(map(len, replies.values())) == len(burst), 30, "an answer to every frame")
+        first = {ref[len("burst-"):]: answers[0] for ref, answers in replies.items()}
+        queued = [first[r]["job"] for r in ("q1", "q2", "q3")]
+        assert [j["status"] for j in queued] == ["queued"] * 3
+        assert [j["id"] for j in queued] == sorted(j["id"] for j in queued)  # in the order sent
+        # The ref sent twice names the same job both times.
+        assert [a["job"]["id"] for a in replies["burst-q1"]] == [queued[0]["id"]] * 2
+        assert (first["bad"]["job"], first["bad"]["error"]["code"], first["bad"]["error"]["status"]) == \
+            (None, "bad_request", 400)
+        assert "colour" in first["bad"]["error"]["message"]
+        assert first["syntax"]["job"]["status"] == "rejected"
+        assert first["syntax"]["job"]["error"]["code"] == "syntax_error"
+        assert first["cobol"]["job"]["error"]["code"] == "unsupported_language"
+        # Past the 3 queued (a rejected job waits for nothing: it takes no place in the queue).
+        assert (first["full"]["job"], first["full"]["error"]["code"]) == (None, "queue_full")
+        assert "at most 3 may wait per user" in first["full"]["error"]["message"]
+        made = {r["id"] for r in history(alice)}
+        assert made == {holder.id, *(j["id"] for j in queued), first["syntax"]["job"]["id"],
+                        first["cobol"]["job"]["id"]}
+        for job_id in made:
+            alice.job(job_id).cancel()
+
+
 def test_a_user_removed_while_connected_is_refused_on_the_websocket(make_cluster, users_file):
     lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_file])
     with Cluster(lc.url, user="alice", password="alice-pw") as alice:
