@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from . import config, display, protocol as P
 from .cli_base import cluster_of, print_json, read_password, show
@@ -35,6 +36,7 @@ def cmd_login(args) -> int:
     import time
 
     from .cluster import Cluster
+    config.warn_cleartext(args.url)
     password = read_password(args.user, args.password_stdin, confirm=False)
     with Cluster(args.url, user=args.user, password=password, cafile=args.cafile, events=False) as c:
         info = {"url": c.url, "user": args.user, "token": c.token, "expires_at": c.login_info["expires_at"],
@@ -346,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # a Ctrl-C before the server set its own handlers
             return 130
     args = build_parser().parse_args(argv)
+    # A warning meant for a person at a terminal: one line, not Python's file and line.
+    warnings.formatwarning = lambda message, *_, **__: f"distexec: warning: {message}\n"
     from .cluster import DistexecError
     try:
         return args.func(args)

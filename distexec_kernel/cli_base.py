@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import display
+from . import config, display
 
 
 def cluster_of(args, events: bool = False):
@@ -13,6 +13,7 @@ def cluster_of(args, events: bool = False):
     user = getattr(args, "user", None)
     password = None
     if user:
+        config.warn_cleartext(getattr(args, "url", None))
         password = read_password(user, args.password_stdin, confirm=False)
     return Cluster(getattr(args, "url", None), getattr(args, "token", None), user=user, password=password,
                    cafile=getattr(args, "cafile", None), events=events)

@@ -115,6 +115,7 @@ class Cluster:
         Returns ``{"token", "expires_at", "user", "admin"}``.  Call it again
         when the token has expired (requests then fail with status 401).
         """
+        config.warn_cleartext(self.url)
         self._http.headers.pop("Authorization", None)
         info = self._post("/api/login", {"user": user, "password": password})
         self.token = info["token"]

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import json
 import logging
 import os
 import sys
 import secrets
+import socket
 import stat
 import time
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 
 
@@ -174,6 +178,41 @@ def resolve(url: str | None = None, token: str | None = None, secret: str | None
         cafile=os.environ.get("DISTEXEC_CAFILE") or mine.get("cafile") or conn.get("cafile"),
         unsent=unsent,
     )
+
+
+class CleartextWarning(UserWarning):
+    """A password about to go over plain http to another machine."""
+
+
+_warned_cleartext: set[str] = set()
+
+
+def cleartext(url: str) -> bool:
+    """Whether ``url`` is plain http to another machine: what goes there (a password, a token) crosses
+    the network unencrypted.  Loopback stays on this machine; a name is judged by what it resolves to."""
+    parts = urllib.parse.urlsplit(http_url(url))
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    try:
+        infos = socket.getaddrinfo(parts.hostname, None)
+    except OSError:
+        return False  # unknown: the request itself will say it cannot reach it
+    return any(not ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def warn_cleartext(url: str | None) -> None:
+    """Before a login to ``url`` (None: the one configured), warn once per master and process if the
+    password would cross the network unencrypted.  Called before the password is asked for."""
+    try:
+        url = resolve(url).url
+    except ConnectionConfigError:
+        return  # no master named: the login will say so
+    if url in _warned_cleartext or not cleartext(url):
+        return
+    _warned_cleartext.add(url)
+    warnings.warn(CleartextWarning(
+        f"{url} is plain http to another machine: your password and the login token will cross the network "
+        "unencrypted. Ask for the master's https:// address (docs/deploy.md)."), stacklevel=3)
 
 
 def setup_logging() -> None:

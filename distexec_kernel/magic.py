@@ -157,6 +157,7 @@ class RemoteMagics(Magics):
                           (("--user",), dict(help="log in as this user; the password is asked for")),
                           (("--cafile",), dict(help="the certificate to verify an https master with")))
         if a.user:
+            config.warn_cleartext(a.url)
             # getpass reads through the kernel's input request, never echoing the password.
             new = Cluster(a.url, user=a.user, password=getpass.getpass(f"password for {a.user}: "), cafile=a.cafile)
         else:
@@ -358,6 +359,7 @@ def load_ipython_extension(ipython) -> None:
         return
     magics = RemoteMagics(ipython)
     ipython.register_magics(magics)
+
     def shown(shell, etype, value, tb, tb_offset=None):
         if isinstance(value, DistexecError) and value.status == 401:
             magics.refused()
