@@ -29,6 +29,9 @@ class UnsafeFolderError(OSError, ValueError):
     """A folder distexec would keep its secrets in that another user could read through or write."""
 
 
+_told_readable: set[str] = set()
+
+
 def private_dir(path: str, dedicated: bool = False, narrow: bool = True) -> str:
     """Make ``path`` (and missing parents) a directory only its owner can enter: 0700.
 
@@ -65,7 +68,8 @@ def private_dir(path: str, dedicated: bool = False, narrow: bool = True) -> str:
         elif st.st_mode & 0o022:
             raise UnsafeFolderError(f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): anyone "
                                     f"could plant names where distexec writes; choose a folder of its own")
-        else:
+        elif path not in _told_readable:  # once per folder: a master checks its home for each file it keeps
+            _told_readable.add(path)
             logging.getLogger("distexec").warning(
                 "%s is readable by others (mode %o) and is not distexec's own folder: left as it is; "
                 "distexec's files in it are private (0600) all the same", path, stat.S_IMODE(st.st_mode))

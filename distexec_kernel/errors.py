@@ -42,7 +42,14 @@ class RemoteError(DistexecError):
 
 def tls_refusal(url: str, exc: Exception) -> str:
     """A short, useful message for a certificate this client could not verify."""
-    found = re.search(r"certificate verify failed: ([^(\]']+)", str(exc))
+    # OpenSSL's reason ends before " (_ssl.c:NNN)"; it may quote the name it checked ('127.0.0.1').
+    found = (re.search(r"certificate verify failed: (.+?)\.? \(_ssl", str(exc))
+             or re.search(r"certificate verify failed: ([^(\]]+)", str(exc)))
     reason = found.group(1).strip() if found else str(exc)
-    return (f"TLS verification failed for {url}: {reason}; refusing to talk to it. Give the master's "
-            f"certificate as the CA file (cafile=..., DISTEXEC_CAFILE, or the connection file's \"cafile\")")
+    if "mismatch" in reason:  # a trusted certificate, for another name: no CA file would help
+        advice = ("Reach the master by a name its certificate was issued for (on the master's machine: "
+                  "its --url)")
+    else:
+        advice = ("Give the master's certificate as the CA file (cafile=..., DISTEXEC_CAFILE, or the "
+                  "connection file's \"cafile\")")
+    return f"TLS verification failed for {url}: {reason}; refusing to talk to it. {advice}"

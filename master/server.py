@@ -10,6 +10,7 @@ import os
 import signal
 import ssl
 import sys
+import urllib.parse
 
 import tornado.httpserver
 import tornado.netutil
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slave-secret", default=None, help="secret slaves present (default: a random one)")
     p.add_argument("--certfile", default=None, help="TLS certificate (serve https/wss)")
     p.add_argument("--keyfile", default=None, help="TLS private key")
+    p.add_argument("--url", default=None, metavar="URL",
+                   help="the address clients and slaves reach this master at (e.g. https://master.lab:8765), "
+                        "written in the connection file for this machine's commands (default: from --host and "
+                        "the port); with a certificate, a name it was issued for")
     p.add_argument("--cafile", default=None,
                    help="CA certificate clients should verify the master with, written to the connection file "
                         "(default: --certfile if it is self-signed, else none: the system's CAs)")
@@ -93,6 +98,18 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     scheme = "https" if ssl_ctx else "http"
     host = args.host if ":" not in args.host else f"[{args.host}]"
     url = f"{scheme}://{host}:{port}"
+    if args.url:
+        given = urllib.parse.urlsplit(config.http_url(args.url))
+        if given.scheme != scheme or not given.hostname:
+            raise SystemExit(f"distexec master: --url {args.url} must be a {scheme}:// address: this master "
+                             f"serves {scheme}" + (" (--certfile)" if ssl_ctx else " (no --certfile)"))
+        url = f"{scheme}://{given.netloc}"
+    if ssl_ctx:
+        names = certificate_names(args.certfile)
+        if not names_host(names, urllib.parse.urlsplit(url).hostname):
+            log.warning("the connection file names %s, which the certificate does not (it is for %s): this "
+                        "machine's commands would refuse it; give --url with one of those names", url,
+                        ", ".join(names) or "no name")
     if not ssl_ctx and not ipaddress.ip_address(sockets[0].getsockname()[0]).is_loopback:
         log.warning("serving plain http on %s: tokens, passwords and programs cross the network unencrypted; "
                     "use --certfile/--keyfile (or `distexec up --tls`)", args.host)
@@ -129,6 +146,39 @@ def _amount(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {text}")
     return value
+
+
+def certificate_names(certfile: str) -> list[str]:
+    """The names and addresses the (first) certificate in ``certfile`` is valid for (its SubjectAltName)."""
+    from cryptography import x509
+    with open(certfile, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
+
+
+def names_host(names: list[str], host: str | None) -> bool:
+    """Whether a certificate valid for ``names`` verifies for ``host`` (as clients check: an address must be
+    listed as one; a name may match a one-label wildcard)."""
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        host = host.lower().rstrip(".")
+        return any(n.lower() == host or (n.startswith("*.") and host.partition(".")[2] == n[2:].lower()
+                                         and "." in n[2:]) for n in names)
+    return any(_address(n) == address for n in names)
+
+
+def _address(name: str):
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
 
 
 def _self_signed(certfile: str) -> bool:

@@ -1,6 +1,7 @@
 """The history's bounds: retention, pruning by hand, rejected jobs kept small, private files."""
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -196,6 +197,22 @@ def test_folders_that_are_not_distexecs_own_are_never_narrowed(make_cluster, tmp
     cache = theirs / "cache" / "compile"
     assert mode(cache) == 0o700 and [p for p in cache.rglob("*") if p.is_file()]
     assert "is not distexec's own folder: left as it is" in (tmp_path / "logs" / "master.log").read_text()
+
+
+def test_a_folder_left_readable_is_told_of_once(tmp_path, caplog):
+    """A master keeps its connection file, history and logins in its home, each checked: a lab's home
+    left 0755 (useradd's default) was told of three times in a row at each start."""
+    home = tmp_path / "var-lib-distexec"
+    home.mkdir()
+    os.chmod(home, 0o755)
+    (home / ".profile").write_text("# useradd's\n")  # not distexec's own folder: left as it is
+    with caplog.at_level(logging.WARNING, logger="distexec"):
+        for _ in range(3):
+            assert config.private_dir(str(home)) == str(home)
+    told = [r.getMessage() for r in caplog.records if "readable by others" in r.getMessage()]
+    assert told == [f"{home} is readable by others (mode 755) and is not distexec's own folder: left as it is; "
+                    "distexec's files in it are private (0600) all the same"]
+    assert mode(home) == 0o755
 
 
 def test_a_history_in_a_folder_others_can_write_is_refused(tmp_path):

@@ -231,3 +231,35 @@ def test_cafile_options_of_the_cli_the_magic_and_the_slave(tls_cluster, stranger
                            env=dict(env, DISTEXEC_CAFILE=tls_cluster.cafile, DISTEXEC_SLAVE_SECRET=tls_cluster.secret),
                            capture_output=True, text=True, timeout=60)
     assert slave.returncode == 2 and "cannot verify the master's TLS certificate" in slave.stderr, slave.stderr
+
+
+def test_the_connection_file_names_the_master_as_its_certificate_does(make_cluster, home, tmp_path):
+    """A lab master's certificate names the address people use (master.lab), not the one it listens on
+    (0.0.0.0): the connection file must carry that name (--url), or the admin's own commands on that
+    machine are refused. The master says so at start, and the refusal says what is wrong."""
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    make_self_signed(cert, key, names=("localhost",))  # a name only, as master.lab would be
+    lc = make_cluster(0, master_args=["--certfile", cert, "--keyfile", key])
+    https = lc.url.replace("http://", "https://")
+    log = (tmp_path / "logs" / "master.log").read_text()
+    assert f"the connection file names {https}, which the certificate does not (it is for localhost)" in log
+    with pytest.raises(DistexecError) as refused:
+        Cluster(events=False)  # the connection file's URL, verified with its CA file
+    assert "certificate is not valid for '127.0.0.1'" in str(refused.value)  # the name it checked, whole
+    assert "a name its certificate was issued for" in str(refused.value) and "--url" in str(refused.value)
+    lc.stop()
+    log = (tmp_path / "logs" / "master.log").read_text()
+
+    port = free_port()
+    named = f"https://localhost:{port}"
+    make_cluster(0, port=port, master_args=["--certfile", cert, "--keyfile", key, "--url", named])
+    assert config.read_connection()["url"] == named
+    with Cluster(events=False) as c:
+        assert c.url == named and c.languages() == []
+    assert "which the certificate does not" not in (tmp_path / "logs" / "master.log").read_text()[len(log):]
+
+    # A --url that does not match what the master serves is refused at start.
+    wrong = subprocess.run([sys.executable, "-m", "master", "--port", "0", "--certfile", cert, "--keyfile", key,
+                            "--url", "http://localhost:1", "--no-connection-file"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "DISTEXEC_HOME": str(home)})
+    assert wrong.returncode != 0 and "--url http://localhost:1 must be a https:// address" in wrong.stderr
