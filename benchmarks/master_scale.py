@@ -202,7 +202,7 @@ def part_cpu(args) -> None:
                 idle0, it0 = cpu_seconds(pid), time.perf_counter()
                 time.sleep(1.0)
                 idle = (cpu_seconds(pid) - idle0) / (time.perf_counter() - it0)
-                start = slaves.finished
+                start, batched = slaves.finished, slaves.batch_frames
                 spy = profile(pid, args.profile) if args.profile else None
                 c0, t0, th0 = cpu_seconds(pid), time.perf_counter(), thread_cpu(pid)
                 slaves.run()
@@ -218,7 +218,8 @@ def part_cpu(args) -> None:
                 print(f"dispatch + finish of {done} jobs, >= {args.queued} queued, {args.slaves} slaves: "
                       f"{per_job * 1e6:.0f} us of master CPU per job (target <= 200 us: {verdict}); "
                       f"{done / (t1 - t0):.0f} jobs/s; idle master {idle * 100:.1f}% CPU (subtracted)")
-                print(f"  by thread: {thread_split(th0, th1, done)}")
+                print(f"  by thread: {thread_split(th0, th1, done)}; {slaves.batch_frames - batched} batch frames "
+                      f"to the slaves (a result's acknowledgement and the next job_run in one)")
                 # Pipelined submissions on the client's WebSocket, one job each.
                 n = args.pipelined
                 if n <= 0:
