@@ -43,21 +43,31 @@ def cmd_login(args) -> int:
                 "expires_epoch": P.parse_time(c.login_info["expires_at"]).timestamp()}
     if args.cafile:
         info["cafile"] = os.path.abspath(args.cafile)
-    path = config.write_connection(info, config.login_path())
+    others = [entry for entry in config.read_logins() if config.http_url(entry["url"]) != info["url"]]
+    path = config.write_logins([info, *others])
     until = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["expires_epoch"]))
-    print(f"logged in to {info['url']} as {args.user} until {until}; kept in {path} for this account's "
-          f"commands, kernels and notebooks (`distexec logout` forgets it)")
+    print(f"logged in to {info['url']} as {args.user} until {until}; kept in {path}: the default master "
+          f"for this account's commands, kernels and notebooks (`distexec logout` forgets it)")
+    if others:
+        print(f"still logged in to {', '.join(entry['url'] for entry in others)}, for commands given its URL")
     return 0
 
 
 def cmd_logout(args) -> int:
-    path = config.login_path()
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        print("distexec: not logged in", file=sys.stderr)
+    """Forget one master's login (``URL``), or all of them."""
+    logins = config.read_logins()
+    if args.url is None:
+        gone, kept = logins, []
+    else:
+        url = config.http_url(args.url)
+        gone = [entry for entry in logins if config.http_url(entry["url"]) == url]
+        kept = [entry for entry in logins if entry not in gone]
+    if not gone:
+        print(f"distexec: not logged in{f' to {args.url}' if args.url else ''}", file=sys.stderr)
         return 1
-    print(f"logged out: {path} removed")
+    config.write_logins(kept)
+    print(f"logged out of {', '.join(entry['url'] for entry in gone)}"
+          + (f"; the default is now {kept[0]['url']}" if kept else ""))
     return 0
 
 
@@ -255,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
     sp.add_argument("--cafile", default=None, metavar="PEM", help="verify an https master with this certificate")
     sp.set_defaults(func=cmd_login)
-    sp = sub.add_parser("logout", help="forget the login `distexec login` kept")
+    sp = sub.add_parser("logout", help="forget the logins `distexec login` kept (or one master's)")
+    sp.add_argument("url", nargs="?", default=None, help="forget only this master's login")
     sp.set_defaults(func=cmd_logout)
 
     sp = sub.add_parser("kernel", help="install, list or remove the Jupyter kernels (one per language)")

@@ -146,20 +146,41 @@ def ws_url(url: str) -> str:
 
 
 def login_path() -> str:
-    """Where ``distexec login`` keeps a login token for this account (0600, like the connection file)."""
+    """Where ``distexec login`` keeps this account's login tokens (0600, like the connection file)."""
     return os.path.join(home(), "login.json")
+
+
+def read_logins() -> list[dict]:
+    """``distexec login``'s logins, one per master, the newest first (the default master)."""
+    data = read_connection(login_path())
+    if data.get("url"):  # written before several were kept: one login
+        return [data]
+    return [entry for entry in data.get("logins", []) if isinstance(entry, dict) and entry.get("url")]
+
+
+def write_logins(logins: list[dict]) -> str:
+    """Keep ``logins`` (newest first); with none left, the file goes.  Its path."""
+    path = login_path()
+    if logins:
+        return write_connection({"logins": logins}, path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return path
 
 
 def resolve(url: str | None = None, token: str | None = None, secret: str | None = None) -> Endpoint:
     """Explicit arguments, then DISTEXEC_URL/TOKEN/SLAVE_SECRET, then the login file (``distexec
-    login``), then the connection file.
+    login``: the newest login's master by default, each master's own login for its URL), then the
+    connection file.
 
     A file's token and slave secret go only to the master it names: sent to whatever other URL
     was given (a typo, a URL pasted from elsewhere), the local admin token or slave secret would
     be handed to that server.
     """
-    login, conn = read_connection(login_path()), read_connection()
-    files = [f for f in (login, conn) if f.get("url")]
+    logins, conn = read_logins(), read_connection()
+    files = [*logins, conn] if conn.get("url") else logins
     url = url or os.environ.get("DISTEXEC_URL") or (files[0]["url"] if files else None)
     if not url:
         raise ConnectionConfigError(
@@ -169,11 +190,11 @@ def resolve(url: str | None = None, token: str | None = None, secret: str | None
     mine = next((f for f in files if http_url(f["url"]) == url), {})
     unsent = None
     file_token = mine.get("token")
-    if mine is login and login.get("expires_epoch", 0) <= time.time():
+    if any(mine is login for login in logins) and mine.get("expires_epoch", 0) <= time.time():
         file_token = None
-        unsent = f"the login of {login.get('user')} to {url} has expired: run `distexec login` again"
+        unsent = f"the login of {mine.get('user')} to {url} has expired: run `distexec login` again"
     elif not mine and files and (files[0].get("token") or files[0].get("slave_secret")):
-        which = "login file" if files[0] is login else "connection file"
+        which = "login file" if files[0] is not conn else "connection file"
         unsent = f"the {which}'s credentials are for {files[0]['url']}, not sent to {url}"
     return Endpoint(
         url=url,

@@ -307,13 +307,13 @@ def run_local_cluster(args) -> int:
     print(f"distexec cluster ready in {time.monotonic() - t0:.2f} s: master {lc.url}, "
           f"{len(lc.slaves)} slave(s) [{uids}]; connection file {config.connection_path()}", flush=True)
     try:
-        login = config.read_connection(config.login_path())
+        logins = config.read_logins()
     except config.ConnectionConfigError:
-        login = {}
-    if login.get("url"):
-        print(f"note: this account is logged in to {login['url']} (distexec login): commands, notebooks and "
-              f"kernels go there unless given this cluster's URL; `distexec logout` makes this one the default",
-              flush=True)
+        logins = []
+    if logins:
+        print(f"note: this account is logged in to {logins[0]['url']} (distexec login): commands, notebooks "
+              f"and kernels go there unless given this cluster's URL; `distexec logout` makes this one the "
+              f"default", flush=True)
     print("Ctrl-C stops the master and the slaves.", flush=True)
     try:
         while not stop.is_set():

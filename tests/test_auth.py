@@ -539,10 +539,11 @@ def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster,
     mine = get(user_cluster.url, "/api/jobs", user_cluster.token).json()["jobs"][0]
     assert mine["user"] == "alice" and mine["name"] == "who.py"
     with Cluster(events=False) as c:  # what a notebook's magic and the language kernels do
-        assert c.token == json.loads(kept.read_text())["token"] and [j.id for j in c.jobs()] == [mine["id"]]
+        assert c.token == json.loads(kept.read_text())["logins"][0]["token"]
+        assert [j.id for j in c.jobs()] == [mine["id"]]
 
     saved = json.loads(kept.read_text())
-    kept.write_text(json.dumps(dict(saved, expires_epoch=1.0)))  # as it is once its time has passed
+    kept.write_text(json.dumps({"logins": [dict(saved["logins"][0], expires_epoch=1.0)]}))  # once its time passed
     late = cli("jobs")
     assert late.returncode == 2 and "the login of alice" in late.stderr and "distexec login" in late.stderr
     kept.write_text(json.dumps(saved))
@@ -550,6 +551,59 @@ def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster,
     gone = cli("jobs")
     assert gone.returncode == 2 and "no cluster found" in gone.stderr and "Traceback" not in gone.stderr
     assert cli("logout").returncode == 1
+
+
+def test_distexec_login_keeps_one_login_per_master(make_cluster, users_file, tmp_path, monkeypatch):
+    """A person in two courses: logged in to both masters at once, the newest the default, each
+    master's token sent to it alone; logout forgets one master's login, or all of them.  A login
+    file from before (one login) is still read."""
+    first = make_cluster(0, master_args=["--users", users_file], home=str(tmp_path / "first"))
+    second = make_cluster(0, master_args=["--users", users_file], home=str(tmp_path / "second"))
+    student = tmp_path / "student-home"
+    monkeypatch.setenv("DISTEXEC_HOME", str(student))
+    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_CAFILE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def cli(*argv, input=None):
+        return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv], input=input,
+                              capture_output=True, text=True, timeout=60)
+
+    def login(lc, user):
+        done = cli("login", lc.url, "--user", user, "--password-stdin", input=f"{user}-pw\n")
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def who(**kwargs) -> str:  # the user the master sees, through what a notebook or kernel uses
+        with Cluster(events=False, **kwargs) as c:
+            return c._post("/api/jobs", {"source": "pass", "language": "python"})["user"]
+
+    login(first, "alice")
+    out = login(second, "bob")
+    assert f"still logged in to {first.url}" in out
+    assert who() == "bob" and who(url=first.url) == "alice"  # the newest is the default; each its own
+    mine = cli("jobs", "--url", first.url)
+    assert mine.returncode == 0 and mine.stdout.count("rejected") == 1, mine.stdout + mine.stderr  # alice's
+    login(first, "alice")  # again: the default now
+    assert who() == "alice"
+    logins = json.loads((student / "login.json").read_text())["logins"]
+    assert [entry["url"] for entry in logins] == [first.url, second.url]  # one each, newest first
+
+    done = cli("logout", first.url)
+    assert done.returncode == 0 and f"the default is now {second.url}" in done.stdout
+    assert who() == "bob"
+    with pytest.raises(DistexecError) as refused:
+        who(url=first.url)  # its login forgotten; the other master's token is not sent there
+    assert refused.value.status == 401 and f"credentials are for {second.url}, not sent to" in str(refused.value)
+    assert cli("logout", first.url).returncode == 1
+    assert cli("logout").returncode == 0 and not (student / "login.json").exists()
+
+    # A login file written before several were kept.
+    login(second, "bob")
+    [entry] = json.loads((student / "login.json").read_text())["logins"]
+    (student / "login.json").write_text(json.dumps(entry))
+    assert who() == "bob"
+    login(first, "alice")
+    assert who() == "alice" and who(url=second.url) == "bob"
 
 
 def test_one_user_holds_a_bounded_number_of_logins(tmp_path, users_file):
@@ -584,7 +638,7 @@ def test_a_notebook_takes_a_new_distexec_login_at_its_next_cell(make_cluster, us
         done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "login", lc.url, "--user", "alice",
                                "--password-stdin"], input="alice-pw\n", capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        return json.loads((student / "login.json").read_text())["token"]
+        return json.loads((student / "login.json").read_text())["logins"][0]["token"]
 
     def cell(shell, code):
         with capture_output() as cap:

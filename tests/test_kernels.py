@@ -356,7 +356,7 @@ def test_a_kernel_logged_in_with_distexec_login_takes_a_new_login_without_a_rest
                                    "--password-stdin"], input="alice-pw\n", capture_output=True, text=True,
                                   timeout=60)
             assert done.returncode == 0, done.stderr
-            return json.loads((student / "login.json").read_text())["token"]
+            return json.loads((student / "login.json").read_text())["logins"][0]["token"]
         first = login()
         km, kc = start("distexec-c")
         try:
