@@ -517,15 +517,23 @@ def test_the_connection_files_credentials_go_to_its_own_master_only(make_cluster
         assert c.token == lc.token and c.jobs() == []
 
 
-def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster, tmp_path, monkeypatch):
-    student = tmp_path / "student-home"  # a person's own account: no connection file, no environment
-    monkeypatch.setenv("DISTEXEC_HOME", str(student))
+@pytest.fixture
+def student(tmp_path, monkeypatch):
+    """A person's own account: its own $DISTEXEC_HOME, no connection file, no environment."""
+    path = tmp_path / "student-home"
+    monkeypatch.setenv("DISTEXEC_HOME", str(path))
     for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_CAFILE"):
         monkeypatch.delenv(var, raising=False)
+    return path
 
-    def cli(*argv, input=None):
-        return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv], input=input,
-                              capture_output=True, text=True, timeout=60)
+
+def cli(*argv, input=None) -> subprocess.CompletedProcess:
+    """``distexec ARGV...`` in a process of its own, as a person types it."""
+    return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv], input=input,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster, student):
     assert cli("login", user_cluster.url, "--user", "alice", "--password-stdin", input="wrong\n").returncode == 2
     assert not (student / "login.json").exists()
     done = cli("login", user_cluster.url, "--user", "alice", "--password-stdin", input="alice-pw\n")
@@ -533,7 +541,7 @@ def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster,
     kept = student / "login.json"
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and stat.S_IMODE(student.stat().st_mode) == 0o700
 
-    prog = tmp_path / "who.py"
+    prog = student.parent / "who.py"
     prog.write_text("print('hello')\n")
     assert cli("submit", str(prog)).stdout == "hello\n"
     mine = get(user_cluster.url, "/api/jobs", user_cluster.token).json()["jobs"][0]
@@ -553,20 +561,12 @@ def test_distexec_login_serves_this_accounts_commands_until_logout(user_cluster,
     assert cli("logout").returncode == 1
 
 
-def test_distexec_login_keeps_one_login_per_master(make_cluster, users_file, tmp_path, monkeypatch):
+def test_distexec_login_keeps_one_login_per_master(make_cluster, users_file, tmp_path, student):
     """A person in two courses: logged in to both masters at once, the newest the default, each
     master's token sent to it alone; logout forgets one master's login, or all of them.  A login
     file from before (one login) is still read."""
     first = make_cluster(0, master_args=["--users", users_file], home=str(tmp_path / "first"))
     second = make_cluster(0, master_args=["--users", users_file], home=str(tmp_path / "second"))
-    student = tmp_path / "student-home"
-    monkeypatch.setenv("DISTEXEC_HOME", str(student))
-    for var in ("DISTEXEC_URL", "DISTEXEC_TOKEN", "DISTEXEC_CAFILE"):
-        monkeypatch.delenv(var, raising=False)
-
-    def cli(*argv, input=None):
-        return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv], input=input,
-                              capture_output=True, text=True, timeout=60)
 
     def login(lc, user):
         done = cli("login", lc.url, "--user", user, "--password-stdin", input=f"{user}-pw\n")
