@@ -657,75 +657,78 @@ def test_a_notebook_takes_a_new_distexec_login_at_its_next_cell(make_cluster, us
         assert ok and "again" in out, out
 
 
-def _off_loopback_address() -> str:
-    """An address of this machine's own that is not loopback (traffic to it is judged as leaving)."""
+@pytest.fixture
+def far_url():
+    """Makes http:// URLs off loopback, a new one each call, where a connection is refused at once: a
+    port bound, never listening, on this machine's own non-loopback address; on a machine with no such
+    address, TEST-NET-1 (192.0.2.0/24), which has no route there and fails as fast."""
     import ipaddress
     import socket
 
     import psutil
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
-                return a.address
-    pytest.skip("this machine has no address but loopback")
+    own = next((a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback), None)
+    bound: list[socket.socket] = []
+    ports = iter(range(9, 100))
+
+    def make() -> str:
+        if own is None:
+            return f"http://192.0.2.1:{next(ports)}"
+        sock = socket.socket()
+        sock.bind((own, 0))
+        bound.append(sock)
+        return f"http://{own}:{sock.getsockname()[1]}"
+    yield make
+    for sock in bound:
+        sock.close()
 
 
 def test_a_password_for_plain_http_to_another_machine_is_warned_of_before_it_is_asked(user_cluster, home,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, far_url):
     """A student given an http:// address off the machine is told, before typing the password, that it
     would cross the network unencrypted: by the CLI, the magic's connect and the Python API alike.
     Loopback and https are quiet."""
-    import socket
     import warnings
 
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
 
-    address = _off_loopback_address()
-    closed = socket.socket()  # bound, never listening: a connection there is refused at once
-    closed.bind((address, 0))
+    far = far_url()
+    assert config.cleartext(far)
+    for near in (user_cluster.url, user_cluster.url.replace("127.0.0.1", "localhost"), "http://[::1]:9",
+                 far.replace("http://", "https://")):
+        assert not config.cleartext(near), near
+    # The CLI: one line on stderr, before it reads the password (it then cannot reach the master).
+    done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "login", far, "--user", "alice",
+                           "--password-stdin"], input="alice-pw\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot reach" in done.stderr, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("distexec: warning:")]
+    assert len(warned) == 1 and far in warned[0] and "unencrypted" in warned[0] and "https://" in warned[0]
+    assert done.stderr.index("distexec: warning:") < done.stderr.index("cannot reach")
+    # Python: a CleartextWarning, once per master in a process.
+    with pytest.warns(config.CleartextWarning, match="unencrypted"):
+        with pytest.raises(DistexecError):
+            Cluster(far, user="alice", password="alice-pw", events=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", config.CleartextWarning)
+        with pytest.raises(DistexecError):
+            Cluster(far, user="alice", password="alice-pw", events=False)  # told already
+        # A login on this machine warns of nothing.
+        with Cluster(user_cluster.url, user="alice", password="alice-pw", events=False) as c:
+            assert c.user == "alice"
+    # %remote connect: the warning comes before getpass asks.
+    far = far_url()
+    asked = []
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": asked.append(len(caught)) or "alice-pw")
+    shell = InteractiveShell.instance()
     try:
-        far = f"http://{address}:{closed.getsockname()[1]}"
-        assert config.cleartext(far)
-        for near in (user_cluster.url, user_cluster.url.replace("127.0.0.1", "localhost"), "http://[::1]:9",
-                     f"https://{address}:9"):
-            assert not config.cleartext(near), near
-        # The CLI: one line on stderr, before it reads the password (it then cannot reach the master).
-        done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "login", far, "--user", "alice",
-                               "--password-stdin"], input="alice-pw\n", capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and "cannot reach" in done.stderr, done.stderr
-        warned = [line for line in done.stderr.splitlines() if line.startswith("distexec: warning:")]
-        assert len(warned) == 1 and far in warned[0] and "unencrypted" in warned[0] and "https://" in warned[0]
-        assert done.stderr.index("distexec: warning:") < done.stderr.index("cannot reach")
-        # Python: a CleartextWarning, once per master in a process.
-        with pytest.warns(config.CleartextWarning, match="unencrypted"):
+        shell.run_line_magic("load_ext", "distexec_kernel")
+        with warnings.catch_warnings(record=True) as caught, capture_output():
+            warnings.simplefilter("always")
             with pytest.raises(DistexecError):
-                Cluster(far, user="alice", password="alice-pw", events=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", config.CleartextWarning)
-            with pytest.raises(DistexecError):
-                Cluster(far, user="alice", password="alice-pw", events=False)  # told already
-            # A login on this machine warns of nothing.
-            with Cluster(user_cluster.url, user="alice", password="alice-pw", events=False) as c:
-                assert c.user == "alice"
-        # %remote connect: the warning comes before getpass asks.
-        other = socket.socket()
-        other.bind((address, 0))
-        far = f"http://{address}:{other.getsockname()[1]}"
-        asked = []
-        monkeypatch.setattr("getpass.getpass", lambda prompt="": asked.append(len(caught)) or "alice-pw")
-        shell = InteractiveShell.instance()
-        try:
-            shell.run_line_magic("load_ext", "distexec_kernel")
-            with warnings.catch_warnings(record=True) as caught, capture_output():
-                warnings.simplefilter("always")
-                with pytest.raises(DistexecError):
-                    shell.run_line_magic("remote", f"connect {far} --user alice")
-            assert asked == [1]  # one warning out already when the password was asked for
-            assert caught[0].category is config.CleartextWarning and far in str(caught[0].message)
-        finally:
-            other.close()
-            shell.run_line_magic("unload_ext", "distexec_kernel")
-            InteractiveShell.clear_instance()
+                shell.run_line_magic("remote", f"connect {far} --user alice")
+        assert asked == [1]  # one warning out already when the password was asked for
+        assert caught[0].category is config.CleartextWarning and far in str(caught[0].message)
     finally:
-        closed.close()
+        shell.run_line_magic("unload_ext", "distexec_kernel")
+        InteractiveShell.clear_instance()
