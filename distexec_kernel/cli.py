@@ -47,7 +47,7 @@ def cmd_login(args) -> int:
     path = config.write_logins([info, *others])
     until = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["expires_epoch"]))
     print(f"logged in to {info['url']} as {args.user} until {until}; kept in {path}: the default master "
-          f"for this account's commands, kernels and notebooks (`distexec logout` forgets it)")
+          f"for this account's commands, kernels and notebooks (`distexec logout {info['url']}` forgets it)")
     if others:
         print(f"still logged in to {', '.join(entry['url'] for entry in others)}, for commands given its URL")
     return 0
