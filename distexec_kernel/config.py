@@ -177,7 +177,7 @@ def resolve(url: str | None = None, token: str | None = None, secret: str | None
 
     A file's token and slave secret go only to the master it names: sent to whatever other URL
     was given (a typo, a URL pasted from elsewhere), the local admin token or slave secret would
-    be handed to that server.
+    be handed to that server.  Its CA file, too, is only for the master it names.
     """
     logins, conn = read_logins(), read_connection()
     files = [*logins, conn] if conn.get("url") else logins
@@ -187,7 +187,8 @@ def resolve(url: str | None = None, token: str | None = None, secret: str | None
             f"no cluster found: start one with `distexec up`, log in to one with `distexec login URL --user "
             f"NAME`, or give a URL (DISTEXEC_URL, or the connection file {connection_path()})")
     url = http_url(url)
-    mine = next((f for f in files if http_url(f["url"]) == url), {})
+    named = [f for f in files if http_url(f["url"]) == url]
+    mine = named[0] if named else {}
     unsent = None
     file_token = mine.get("token")
     if any(mine is login for login in logins) and mine.get("expires_epoch", 0) <= time.time():
@@ -200,7 +201,9 @@ def resolve(url: str | None = None, token: str | None = None, secret: str | None
         url=url,
         token=token or os.environ.get("DISTEXEC_TOKEN") or file_token,
         slave_secret=secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or mine.get("slave_secret"),
-        cafile=os.environ.get("DISTEXEC_CAFILE") or mine.get("cafile") or conn.get("cafile"),
+        # A login without a CA file (a CA-signed master: the system's CAs) must not borrow the
+        # connection file's self-signed certificate of another master: that could only refuse it.
+        cafile=os.environ.get("DISTEXEC_CAFILE") or next((f["cafile"] for f in named if f.get("cafile")), None),
         unsent=unsent,
     )
 

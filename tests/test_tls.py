@@ -200,6 +200,39 @@ def test_a_ca_signed_certificate_puts_its_ca_in_the_connection_file(make_cluster
     assert "cafile" not in config.read_connection()
 
 
+def test_a_login_without_a_ca_file_does_not_borrow_another_masters(make_cluster, home, tmp_path):
+    """A student logged in to a lab master with a CA-signed certificate (the system's CAs verify it)
+    who also runs `distexec up --tls` at home: the home cluster's self-signed certificate is for the
+    home master only, not for the lab's."""
+    import time
+
+    ca, leaf, key = _ca_and_leaf(tmp_path)
+    lab = make_cluster(0, master_args=["--certfile", leaf, "--keyfile", key])
+    lab_url = lab.url.replace("http://", "https://")
+    at_home = make_cluster(0, tls=True)
+    assert config.read_connection()["cafile"] == at_home.cafile
+    config.write_logins([{"url": lab_url, "user": "admin", "token": lab.token,
+                          "expires_epoch": time.time() + 3600}])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTEXEC_")}
+    # The lab's CA stands for the system's CAs: requests reads the one, OpenSSL (tornado) the other.
+    env.update(DISTEXEC_HOME=str(home), REQUESTS_CA_BUNDLE=ca, SSL_CERT_FILE=ca)
+
+    def jobs(*url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "jobs", *url], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    for done in (jobs(), jobs("--url", lab_url)):  # the newest login, then the lab named
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    # The home master is still verified against its own certificate, named by the connection file.
+    home_jobs = jobs("--url", at_home.url)
+    assert home_jobs.returncode == 0, home_jobs.stderr
+    # And a CA file given for the lab's login is used for the lab alone.
+    config.write_logins([{"url": lab_url, "user": "admin", "token": lab.token, "cafile": ca,
+                          "expires_epoch": time.time() + 3600}])
+    assert config.resolve(lab_url).cafile == ca and config.resolve(at_home.url).cafile == at_home.cafile
+    assert config.resolve("https://127.0.0.1:1").cafile is None
+
+
 def test_cafile_options_of_the_cli_the_magic_and_the_slave(tls_cluster, stranger, tmp_path, monkeypatch):
     # A student's machine: no connection file, no DISTEXEC_CAFILE; the master's certificate given by hand.
     empty = tmp_path / "student-home"
