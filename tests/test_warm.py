@@ -24,8 +24,9 @@ from distexec_kernel import Cluster, protocol as P
 from slave.warm import PREPARE_AHEAD, PREPARE_AHEAD_LAST, WARM_UID_BASE, ahead_wait
 from slave.warm_pool import _ended
 
-from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, SMALL_DISK_MB, SMALL_MAX_PROCS, SMALL_MEMORY_MB,
-                      READ_EACH_ARG, small_limits_cluster, wait_for, warm_parents)
+from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, HOLD, SMALL_DISK_MB, SMALL_MAX_PROCS, SMALL_MEMORY_MB,
+                      READ_EACH_ARG, UNTIL_RELEASED, held_jobs, release_jobs, small_limits_cluster, wait_for,
+                      warm_parents)
 
 MEMORY_MB, MAX_PROCS, DISK_MB = SMALL_MEMORY_MB, SMALL_MAX_PROCS, SMALL_DISK_MB
 SLOTS = 2
@@ -541,17 +542,20 @@ def test_disk_limit(c):
 # -- ending a job ends only that job ---------------------------------------------------------
 
 
-def test_cancel_and_timeout_end_only_that_job(c):
-    steady = WHERE + "import time; time.sleep(3); print('done')"
+def test_cancel_and_timeout_end_only_that_job(c, lc):
+    # The other job waits until the victim has ended, however long that takes here.
+    steady = WHERE + HOLD + UNTIL_RELEASED + "print('done')"
     victim = c.submit(WHERE + "import time; time.sleep(300)", timeout=120)
-    other = c.submit(steady, timeout=60)
+    other = c.submit(steady, timeout=120)
     wait_for(lambda: victim.stdout and other.stdout, 20, "both jobs to start")
     victim.cancel()
     assert victim.wait(60).status == P.CANCELLED, victim.record
+    release_jobs(lc.slaves[0].pid)
     assert other.wait(60).status == P.SUCCEEDED and other.stdout == "warm\ndone\n", other.record
     spinner = c.submit(WHERE + "while True: pass", timeout=2)
-    other = c.submit(steady, timeout=60)
+    other = c.submit(steady, timeout=120)
     assert spinner.wait(60).error["code"] == P.TIMEOUT, spinner.record
+    release_jobs(lc.slaves[0].pid)
     assert other.wait(60).status == P.SUCCEEDED and other.stdout == "warm\ndone\n", other.record
 
 
@@ -589,7 +593,12 @@ def test_a_job_that_says_it_ended_and_goes_on_is_killed_before_its_slot_runs_aga
     """)
     job = c.submit(liar, timeout=30)
     assert job.wait(60).status == P.SUCCEEDED and job.exit_code == 0 and job.stdout == "warm\nlying\n", job.record
-    followers = [c.submit(WHERE + "import time; time.sleep(1); print('alive')", timeout=30) for _ in range(SLOTS)]
+    # Both followers alive at once in the liar's slots, before either goes on: one given its slot too
+    # early is killed on the spot.
+    followers = [c.submit(WHERE + HOLD + UNTIL_RELEASED + "print('alive')", timeout=60) for _ in range(SLOTS)]
+    wait_for(lambda: len(held_jobs(lc.slaves[0].pid)) == SLOTS or all(f.done for f in followers), 30,
+             "both followers to wait for their release")
+    release_jobs(lc.slaves[0].pid)
     for f in followers:
         assert f.wait(60).status == P.SUCCEEDED and f.stdout == "warm\nalive\n", f.record
     wait_for(lambda: not job_processes(lc), 15, "the lying job to be gone")
@@ -759,9 +768,10 @@ def test_a_warm_node_that_outgrows_its_limit_ends_with_a_clear_error(c):
 
 def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, lc, box):
     parent = zygote(lc)
-    job = c.submit(WHERE + "import time; print('up', flush=True); time.sleep(2); print('done')", timeout=60)
+    job = c.submit(WHERE + HOLD + "print('up', flush=True)\n" + UNTIL_RELEASED + "print('done')", timeout=60)
     wait_for(lambda: "up" in job.stdout, 20, "the job to start")
     parent.send_signal(signal.SIGKILL)
+    release_jobs(lc.slaves[0].pid)  # its run again, fresh
     job.wait(60)
     assert job.status == P.SUCCEEDED, job.record
     # Its first run died with the parent; it ran again, whole, in a fresh process.
