@@ -1,8 +1,9 @@
 """Compiled programs kept between jobs, so running the same program again skips its compile.
 
-An entry is a directory named by a key: the SHA-256 of the language, its
-toolchain version, the compiler's argv and every file of the job that the
-compiler could read (the source, headers and other job files).  It holds the
+An entry is a directory named by a key: the SHA-256 of the user the job is
+recorded under, the language, its toolchain version, the compiler's argv and
+every file of the job that the compiler could read (the source, headers and
+other job files).  It holds the
 compile step's artefacts: one executable, or a set of ``.class`` files.
 
 Safe under concurrent jobs and concurrent slaves sharing one directory:
@@ -36,7 +37,7 @@ log = logging.getLogger("distexec.slave.compile_cache")
 DEFAULT_MAX_BYTES = 256 << 20
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_KEY_FORMAT = 1  # bump when what goes into a key changes
+_KEY_FORMAT = 2  # bump when what goes into a key changes (2: the owner)
 
 
 class CompileCache:
@@ -57,10 +58,17 @@ class CompileCache:
         return f"compile cache {self.root} (at most {self.max_bytes >> 20} MiB)"
 
     @staticmethod
-    def key(language: str, version: str, argv: list[str], files: dict[str, str | bytes]) -> str:
-        """The key of one compile: the same key means the same artefacts."""
+    def key(language: str, version: str, argv: list[str], files: dict[str, str | bytes],
+            owner: str | None = None) -> str:
+        """The key of one compile: the same key means the same artefacts.
+
+        ``owner``: the user the job is recorded under.  Each user has their own entries: a hit is
+        quicker than a compile, so a shared entry would tell one user that another had compiled
+        the very program they submit.
+        """
         h = hashlib.sha256()
-        header = {"format": _KEY_FORMAT, "language": language, "version": version, "argv": list(argv)}
+        header = {"format": _KEY_FORMAT, "owner": owner, "language": language, "version": version,
+                  "argv": list(argv)}
         h.update(json.dumps(header, sort_keys=True).encode())
         for name in sorted(files):
             data = files[name]

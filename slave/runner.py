@@ -234,7 +234,7 @@ class ProcessRunner(Runner):
             argv = self._argv(lang, lang.compile, fields)
         inputs = P.files_of(job)
         inputs[source_name] = job["source"].encode()
-        return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs)
+        return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs, job.get("user"))
 
     async def _compile(self, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
                        argv: list[str], env: dict, cancel: asyncio.Event, cgroup=None) -> Outcome | None:

@@ -380,6 +380,33 @@ def test_session_names_cannot_reach_another_users_session(make_cluster, tmp_path
             c.close()
 
 
+def test_one_users_compiled_programs_are_not_anothers_cache_hits(make_cluster, users_file):
+    # A hit is quicker than a compile: shared, it would tell bob that alice had compiled his exact program.
+    import uuid
+
+    lc = make_cluster(1, slots=2, languages="c", master_args=["--users", users_file])
+    tag = uuid.uuid4().hex
+    source = f'#include <stdio.h>\nint main(void) {{ puts("{tag}"); return 0; }}\n'
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    try:
+        ran = [(who, who.submit(source, language="c").wait(120)) for who in (alice, alice, bob, bob)]
+    finally:
+        alice.close()
+        bob.close()
+    assert all(job.stdout == f"{tag}\n" for _, job in ran), [job.record for _, job in ran]
+
+    def logs() -> str:
+        return "".join(Path(lc.log_dir, name).read_text() for name in os.listdir(lc.log_dir) if name.startswith("slave"))
+    text = wait_for(lambda: all(f"job {job.id}: compile" in logs() for _, job in ran) and logs(), 30,
+                    "each job's compile or cache hit in the slave's log")
+    compiled = [f"job {job.id}: compiled c" in text for _, job in ran]
+    hit = [f"job {job.id}: compile cache hit" in text for _, job in ran]
+    assert (compiled, hit) == ([True, False, True, False], [False, True, False, True]), text
+    entries = [n for n in os.listdir(os.path.join(lc.home, "cache", "compile")) if not n.startswith(".")]
+    assert len(entries) == 2, entries
+
+
 def test_clients_are_shown_as_the_server_sees_them_and_only_to_their_owner(user_cluster):
     import socket
     from urllib.parse import quote

@@ -493,7 +493,9 @@ def test_cache_key_covers_language_version_argv_and_every_file():
                 CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}", "a.h": "y"}),
                 CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}"}),
                 CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}a.h", "": "x"}),
-                }) == 8
+                CompileCache.key("c", "12.2.0", ["gcc", "-O2", "main.c"], {"main.c": "int main(){}", "a.h": "x"},
+                                 "alice"),
+                }) == 9
 
 
 def make_artefacts(d, names: dict[str, bytes]) -> str:
