@@ -40,3 +40,12 @@ async def watch(hearing: Hearing, every: float, limit: float, close: Callable[[f
         if silent > limit:
             close(silent)
             return
+
+
+def drop(protocol) -> None:
+    """End a silent peer's connection now, after the close frame ``close()`` sent (for a peer only
+    slow to read).  Tornado's ``close()`` then waits 5 s for the peer's own close frame, which a
+    frozen or unreachable peer never sends: it was dropped 5 s after it was judged gone.  Tornado
+    has no public call for this; ``_abort`` is what it uses itself when that wait runs out."""
+    if protocol is not None:
+        protocol._abort()

@@ -84,7 +84,9 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
 
             def silent(seconds: float, conn=conn) -> None:
                 log.warning("nothing from the master for %.1f s: reconnecting", seconds)
+                protocol = conn.protocol
                 conn.close()
+                liveness.drop(protocol)
             watching = asyncio.ensure_future(liveness.watch(hearing, ping_interval, ping_interval + ping_timeout,
                                                             silent))
             try:

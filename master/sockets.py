@@ -117,7 +117,9 @@ class _Socket(tornado.websocket.WebSocketHandler):
 
     def _silent(self, seconds: float) -> None:
         log.warning("%s %s: nothing for %.1f s; closing", self.__class__.__name__, self.request.remote_ip, seconds)
+        protocol = self.ws_connection
         self.close(reason="nothing heard")  # not 1001: that says a slave stops for good (on_close)
+        liveness.drop(protocol)
 
     def on_ping(self, data: bytes) -> None:
         self.hearing.heard()
