@@ -15,10 +15,12 @@ a kernel interrupt raises KeyboardInterrupt here, which cancels the job.
 """
 from __future__ import annotations
 
+import atexit
 import sys
 import time
 import uuid
 
+from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 from traitlets import Unicode
 
@@ -264,15 +266,34 @@ class DistexecKernel(Kernel):
         return {"status": "ok", "restart": restart}
 
 
+class DistexecKernelApp(IPKernelApp):
+    """Exits on a shutdown request, rather than hanging until the front end kills it.
+
+    ipykernel's control thread, once the shutdown is handled, flushes stdout through the IOPub
+    thread and waits for it (up to 10 s).  Meanwhile the main loop has stopped and
+    ``IPKernelApp.close`` (an atexit handler) stops that IOPub thread, then joins the control
+    thread: the flush is never done, and jupyter_client killed the kernel after 2.6 s, two
+    shutdowns in three.  IPython's kernel has atexit handlers of its own that give the flush
+    time; this one lets the control thread end first (atexit runs the last registered first).
+    """
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        atexit.register(self._control_thread_done)
+
+    def _control_thread_done(self) -> None:
+        thread = getattr(self, "control_thread", None)
+        if thread is not None and thread.is_alive():
+            thread.join(timeout=5)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m distexec_kernel.kernel --language L -f CONNECTION_FILE``."""
-    from ipykernel.kernelapp import IPKernelApp
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--language" in argv:
         i = argv.index("--language")
         argv[i:i + 2] = [f"--DistexecKernel.language_name={argv[i + 1]}"] if i + 1 < len(argv) else []
-    IPKernelApp.launch_instance(argv=argv, kernel_class=DistexecKernel)
+    DistexecKernelApp.launch_instance(argv=argv, kernel_class=DistexecKernel)
 
 
 if __name__ == "__main__":

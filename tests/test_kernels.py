@@ -294,6 +294,20 @@ def test_python_kernel_keeps_state_in_its_session(world):
                  what="the kernel's session to end")
 
 
+@pytest.mark.parametrize("name", ["distexec-c", "distexec-python"])
+def test_a_kernel_asked_to_shut_down_exits_on_its_own(world, name):
+    # It hung on ipykernel's last flush, two shutdowns in three, until Jupyter killed it (2.6 s later).
+    for _ in range(3):
+        km, kc = start(name)
+        proc = km.provisioner.process
+        try:
+            kc.shutdown()
+            assert proc.wait(timeout=4) == 0
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
+
 def test_kernel_info_tells_the_clusters_toolchain_version(c_kernel, world):
     km, kc = c_kernel
     kc.kernel_info()
