@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import argon2
 import psutil
@@ -324,6 +325,10 @@ def test_pending_submissions_fail_clearly_when_the_client_closes(make_cluster):
         wait_for(lambda: _stopped(lc.master.pid), 10, "the master to stop")
         job = c.submit("pass")
         assert job.pending
+        t0 = time.monotonic()
+        c.close()
+        # Not held the 5 s tornado gives a peer to answer the close: a stopped master never does.
+        assert time.monotonic() - t0 < 3
     finally:
         c.close()
         lc.master.send_signal(signal.SIGCONT)
