@@ -222,13 +222,14 @@ def test_master_restart_while_a_job_runs(make_cluster, sig, tmp_path):
     slave = lc.slaves[0]
     with connect(lc) as c:
         done_before = c.submit("print('history')").wait(15)
-        job = c.submit(SLEEPER, args=["2"], name="survivor")
+        job = c.submit(HELD, name="survivor")
         started(c, job)
         lc.restart_master(sig)
         c2 = connect(lc)
         try:
             j = c2.job(job.id)
             assert j.status == P.RUNNING  # the history kept it, waiting for its slave
+            release_jobs(slave.pid)
             j.wait(20)
             assert j.status == P.SUCCEEDED, (j.record, logs(tmp_path))
             assert j.attempts == 1 and j.slave_uid == slave.uid
@@ -303,7 +304,7 @@ def test_running_job_whose_slave_never_returns_is_lost_after_the_grace(make_clus
 def test_waiting_client_gets_its_result_across_a_master_restart(make_cluster):
     lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
     with connect(lc) as c:
-        job = c.submit(SLEEPER, args=["2"])
+        job = c.submit(HELD)
         started(c, job)
         outcome = {}
 
@@ -316,6 +317,7 @@ def test_waiting_client_gets_its_result_across_a_master_restart(make_cluster):
         t = threading.Thread(target=waiter)
         t.start()
         lc.restart_master(signal.SIGKILL)
+        release_jobs(lc.slaves[0].pid)  # it ends once the new master is up
         t.join(45)
         assert not t.is_alive()
         assert "error" not in outcome, outcome
@@ -566,7 +568,7 @@ def test_cancel_between_dispatch_and_start(raw_slave):
 def test_sigterm_drains_the_slave(make_cluster):
     lc = make_cluster(2, slots=2)
     with connect(lc) as c:
-        job = c.submit(SLEEPER, args=["2"], name="finishing")
+        job = c.submit(HELD, name="finishing")
         started(c, job)
         draining = child_of(lc, c.job(job.id).slave_uid)
         draining.send_signal(signal.SIGTERM)
@@ -576,6 +578,7 @@ def test_sigterm_drains_the_slave(make_cluster):
         for j in later:
             assert j.wait(20).status == P.SUCCEEDED
             assert j.slave_uid != draining.uid
+        release_jobs(draining.pid)  # the draining slave's job ends only now
         assert job.wait(20).status == P.SUCCEEDED, job.record
         assert job.stdout.endswith("done\n") and job.slave_uid == draining.uid
         assert draining.proc.wait(15) == 0

@@ -16,7 +16,7 @@ from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master.scheduler import Scheduler
 
-from conftest import assert_gone, logs, shared_cluster, wait_for
+from conftest import HOLD, UNTIL_RELEASED, assert_gone, logs, release_jobs, shared_cluster, wait_for
 
 WAIT = 60  # seconds a job may take: a session's first job starts a kernel on a loaded machine
 
@@ -491,7 +491,7 @@ def test_a_queued_session_job_waits_for_its_slave_across_a_master_restart(make_c
         assert first.status == P.SUCCEEDED, first.stderr
         home = next(s for s in lc.slaves if s.uid == first.slave_uid)
         # Fill both slaves, queue the session's next job for its own, then free the other.
-        sleepers = [c.submit("print('started', flush=True)\nimport time\ntime.sleep(5)") for _ in range(2)]
+        sleepers = [c.submit(HOLD + "print('started', flush=True)\n" + UNTIL_RELEASED) for _ in range(2)]
         for j in sleepers:
             wait_for(lambda: c.job(j.id).stdout == "started\n", WAIT, "the sleepers to start")
         queued = c.submit("print(kept)", session="q")
@@ -508,6 +508,7 @@ def test_a_queued_session_job_waits_for_its_slave_across_a_master_restart(make_c
             wait_for(lambda: len(c.slaves()) == 1, WAIT, "the other slave to register")
             assert c.job(queued.id).status == P.QUEUED
             os.kill(home.pid, signal.SIGCONT)
+            release_jobs(home.pid)  # the sleeper that holds the session's slave
             job = c.job(queued.id).wait(WAIT)
             assert job.status == P.SUCCEEDED, job.stderr
             assert job.stdout == "mine\n" and job.slave_uid == home.uid
