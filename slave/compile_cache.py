@@ -3,8 +3,8 @@
 An entry is a directory named by a key: the SHA-256 of the user the job is
 recorded under, the language, its toolchain version, the compiler's argv and
 every file of the job that the compiler could read (the source, headers and
-other job files).  It holds the
-compile step's artefacts: one executable, or a set of ``.class`` files.
+other job files).  It holds the compile step's artefacts: one executable, or
+a set of ``.class`` files.
 
 Safe under concurrent jobs and concurrent slaves sharing one directory:
 an entry is written in a private temporary directory and renamed into place
