@@ -18,12 +18,10 @@ from urllib.parse import urlencode
 import tornado.httpclient
 import tornado.websocket
 
-from . import config, liveness, protocol as P, wsclient
+from . import config, protocol as P, wsclient
 from .errors import tls_refusal
 
 log = logging.getLogger("distexec.client.events")
-# Seconds a closing client waits for the master to answer its close before it drops the connection.
-CLOSE_WAIT = 1.0
 
 
 class EventStream:
@@ -150,13 +148,8 @@ class EventStream:
 
         def stop():
             self._stop.set()
-            conn = self._conn
-            if conn is not None:
-                protocol = conn.protocol
-                conn.close()
-                # Tornado waits 5 s for the master's answer to the close; a frozen or unreachable
-                # master never sends one, and close() (a notebook's, the CLI's at exit) waited that long.
-                self._loop.call_later(CLOSE_WAIT, liveness.drop, protocol)
+            if self._conn is not None:
+                wsclient.close(self._conn)
         try:
             self._loop.call_soon_threadsafe(stop)
         except RuntimeError:

@@ -21,6 +21,19 @@ import tornado.websocket
 from . import liveness, protocol as P
 
 Connection = tornado.websocket.WebSocketClientConnection
+# Seconds a closing client or slave waits for the master to answer its close before it drops the connection.
+CLOSE_WAIT = 1.0
+
+
+def close(conn: Connection, code: int | None = None, reason: str | None = None) -> None:
+    """Close ``conn`` (on its loop's thread), and drop it if the master has not answered in CLOSE_WAIT.
+
+    Tornado waits 5 s for the master's answer to the close; a frozen or unreachable master never
+    sends one, and what waited for the connection to end (``Cluster.close()``, a slave stopping)
+    waited that long."""
+    protocol = conn.protocol
+    conn.close(code, reason)
+    asyncio.get_running_loop().call_later(CLOSE_WAIT, liveness.drop, protocol)
 
 
 class Refused(Exception):

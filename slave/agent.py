@@ -324,4 +324,4 @@ class Slave:
         self._stopping.set()
         if self.conn is not None:
             # "Going away": the master settles our jobs now instead of waiting for a reconnect.
-            self.conn.close(1001, "slave stopping")
+            wsclient.close(self.conn, 1001, "slave stopping")

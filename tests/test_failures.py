@@ -638,6 +638,20 @@ def test_idle_slave_drains_at_once_while_its_master_is_down(make_cluster):
     assert time.monotonic() - t0 < 10
 
 
+def test_a_slave_stopped_while_its_master_is_frozen_exits_at_once(make_cluster):
+    """SIGINT stops a slave now: it says it goes away and does not wait the 5 s tornado gives a
+    frozen master (which never answers) to answer the close."""
+    lc = make_cluster(1)
+    slave = lc.slaves[0]
+    lc.master.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert slave.stop(signal.SIGINT, timeout=20) == 0
+        assert time.monotonic() - t0 < 3  # 5.1 s before
+    finally:
+        lc.master.send_signal(signal.SIGCONT)
+
+
 def test_distexec_up_stops_slaves_then_master(tmp_path, home):
     """Ctrl-C on `distexec up`: the running job is settled in the history before the master goes."""
     db = tmp_path / "up.sqlite3"
