@@ -62,14 +62,14 @@ class ChaosClient(threading.Thread):
                 if not exc.transient or time.monotonic() > deadline:
                     raise
             # The master is away: once it answers again, was the job recorded before the crash?
-            while True:
+            def answered():
                 try:
-                    recorded = [j for j in c.jobs(limit=200) if j.name == name]
-                    break
+                    return ([j for j in c.jobs(limit=200) if j.name == name],)
                 except DistexecError as exc:
-                    if not exc.transient or time.monotonic() > deadline:
+                    if not exc.transient:
                         raise
-                    time.sleep(0.1)
+                    return None
+            [recorded] = wait_for(answered, max(0.0, deadline - time.monotonic()), "the master to answer again")
             if recorded:
                 return c.job(recorded[0].id)
             self.resubmits += 1

@@ -66,7 +66,7 @@ def test_killed_slave_fails_its_running_job_and_others_carry_on(make_cluster, tm
     with connect(lc) as c:
         victim_job = c.submit(SLEEPER, args=["30"], name="victim")
         started(c, victim_job)
-        other = c.submit(SLEEPER, args=["1.5"], name="bystander")
+        other = c.submit(HELD, name="bystander")
         started(c, other)
         victim = child_of(lc, c.job(victim_job.id).slave_uid)
         assert c.job(other.id).slave_uid != victim.uid
@@ -82,6 +82,7 @@ def test_killed_slave_fails_its_running_job_and_others_carry_on(make_cluster, tm
         assert noticed < 8, f"the master took {noticed:.1f} s to settle it"
         assert_gone(orphans, "the killed slave's jobs")
         # The other slave's job is untouched, and new work goes to the survivor.
+        release_jobs(child_of(lc, c.job(other.id).slave_uid).pid)
         assert other.wait(15).status == P.SUCCEEDED, other.record
         assert other.stdout.endswith("done\n")
         after = c.submit("print('after')").wait(15)
@@ -92,10 +93,11 @@ def test_killed_slave_fails_its_running_job_and_others_carry_on(make_cluster, tm
 def test_killed_slave_job_with_retries_runs_again_elsewhere(make_cluster):
     lc = make_cluster(2, slots=1)
     with connect(lc) as c:
-        job = c.submit(SLEEPER, args=["1"], name="retried", retries=1)
+        job = c.submit(HELD, name="retried", retries=1)
         started(c, job)
         victim = child_of(lc, c.job(job.id).slave_uid)
         orphans = kill_slave(victim)
+        release_jobs(*(s.pid for s in lc.slaves if s is not victim))  # its second run
         job.wait(20)
         assert job.status == P.SUCCEEDED, job.record
         assert job.attempts == 2 and job.retries == 1
@@ -246,13 +248,14 @@ def test_master_restart_while_a_job_runs(make_cluster, sig, tmp_path):
 def test_master_restart_while_jobs_wait(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, master_args=["--lost-grace", "20"])
     with connect(lc) as c:
-        first = c.submit(SLEEPER, args=["1.5"], name="first")
+        first = c.submit(HELD, name="first")  # holds the one slot across the restart
         started(c, first)
         queued = [c.submit(f"print({i} * 7)", name=f"queued {i}") for i in range(3)]
         assert all(c.job(j.id).status == P.QUEUED for j in queued)
         lc.restart_master(signal.SIGKILL)
         with connect(lc) as c2:
             assert [c2.job(j.id).status for j in queued] == [P.QUEUED] * 3
+            release_jobs(lc.slaves[0].pid)
             for i, j in enumerate(queued):
                 j = c2.job(j.id).wait(20)
                 assert j.status == P.SUCCEEDED and j.stdout == f"{i * 7}\n", (j.record, logs(tmp_path))

@@ -19,13 +19,14 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import requests
 
 from distexec_kernel.local import free_port
+
+from conftest import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -97,17 +98,18 @@ class JupyterLab:
         return resp.json() if resp.content else None
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"JupyterLab exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 self.api("GET", "/api/status")
-                return
+                return True
             except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab not ready within {timeout} s:\n{self.log()}") from None
-                time.sleep(0.2)
+                return False
+        try:
+            wait_for(ready, timeout, "JupyterLab to answer", interval=0.2)
+        except AssertionError:
+            raise RuntimeError(f"JupyterLab not ready within {timeout} s:\n{self.log()}") from None
 
     def kernelspecs(self) -> set[str]:
         return set(self.api("GET", "/api/kernelspecs")["kernelspecs"])
