@@ -43,7 +43,7 @@ def cmd_login(args) -> int:
                 "expires_epoch": P.parse_time(c.login_info["expires_at"]).timestamp()}
     if args.cafile:
         info["cafile"] = os.path.abspath(args.cafile)
-    others = [entry for entry in config.read_logins() if config.http_url(entry["url"]) != info["url"]]
+    _, others = config.logins_of(info["url"])
     path = config.write_logins([info, *others])
     until = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["expires_epoch"]))
     print(f"logged in to {info['url']} as {args.user} until {until}; kept in {path}: the default master "
@@ -55,13 +55,7 @@ def cmd_login(args) -> int:
 
 def cmd_logout(args) -> int:
     """Forget one master's login (``URL``), or all of them."""
-    logins = config.read_logins()
-    if args.url is None:
-        gone, kept = logins, []
-    else:
-        url = config.http_url(args.url)
-        gone = [entry for entry in logins if config.http_url(entry["url"]) == url]
-        kept = [entry for entry in logins if entry not in gone]
+    gone, kept = (config.read_logins(), []) if args.url is None else config.logins_of(args.url)
     if not gone:
         print(f"distexec: not logged in{f' to {args.url}' if args.url else ''}", file=sys.stderr)
         return 1

@@ -158,6 +158,13 @@ def read_logins() -> list[dict]:
     return [entry for entry in data.get("logins", []) if isinstance(entry, dict) and entry.get("url")]
 
 
+def logins_of(url: str) -> tuple[list[dict], list[dict]]:
+    """The logins to ``url``'s master and the others, each the newest first."""
+    url = http_url(url)
+    logins = read_logins()
+    return ([e for e in logins if http_url(e["url"]) == url], [e for e in logins if http_url(e["url"]) != url])
+
+
 def write_logins(logins: list[dict]) -> str:
     """Keep ``logins`` (newest first); with none left, the file goes.  Its path."""
     path = login_path()

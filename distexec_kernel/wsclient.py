@@ -25,15 +25,15 @@ Connection = tornado.websocket.WebSocketClientConnection
 CLOSE_WAIT = 1.0
 
 
-def close(conn: Connection, code: int | None = None, reason: str | None = None) -> None:
-    """Close ``conn`` (on its loop's thread), and drop it if the master has not answered in CLOSE_WAIT.
+def close(conn: Connection, code: int | None = None, reason: str | None = None, wait: float = CLOSE_WAIT) -> None:
+    """Close ``conn`` (on its loop's thread), and drop it if the master has not answered in ``wait`` s.
 
     Tornado waits 5 s for the master's answer to the close; a frozen or unreachable master never
-    sends one, and what waited for the connection to end (``Cluster.close()``, a slave stopping)
-    waited that long."""
+    sends one, and what waited for the connection to end (``Cluster.close()``, a slave stopping,
+    a reconnection) waited that long."""
     protocol = conn.protocol
     conn.close(code, reason)
-    asyncio.get_running_loop().call_later(CLOSE_WAIT, liveness.drop, protocol)
+    asyncio.get_running_loop().call_later(wait, liveness.drop, protocol)
 
 
 class Refused(Exception):
@@ -97,9 +97,7 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
 
             def silent(seconds: float, conn=conn) -> None:
                 log.warning("nothing from the master for %.1f s: reconnecting", seconds)
-                protocol = conn.protocol
-                conn.close()
-                liveness.drop(protocol)
+                close(conn, wait=0)  # it was judged gone: no answer to wait for
             watching = asyncio.ensure_future(liveness.watch(hearing, ping_interval, ping_interval + ping_timeout,
                                                             silent))
             try:
