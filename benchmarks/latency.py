@@ -36,7 +36,7 @@ def baseline(n: int) -> list[float]:
 
 
 # A program that does nothing, per language: what is left is distexec's cost.
-TRIVIAL = {"python": "pass", "sh": "true", "c": "int main(void) { return 0; }"}
+TRIVIAL = {"python": "pass", "bash": "true", "c": "int main(void) { return 0; }"}
 
 
 def sequential(c: Cluster, n: int, language: str = "python") -> list[float]:

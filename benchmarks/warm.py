@@ -8,7 +8,7 @@ same trivial job N times each, taking turns of 10 jobs, and print the median and
 percentile of ``Runner.run`` (job in, outcome out), the ratio, and the CPU
 time per job (this process, the fresh jobs' processes, the warm pool's
 parent and its children: less at the mercy of the machine's load).  Jobs:
-Python ``pass``, Python printing a line, ``sh`` ``true``, a C program
+Python ``pass``, Python printing a line, ``bash`` ``true``, a C program
 from the compile cache (the fresh runner copies it into the job's directory
 and runs it in bubblewrap; the warm one writes it into the child's tmpfs), an
 empty JavaScript and Ruby program, and an empty Java class from the cache.  Also the
@@ -48,7 +48,7 @@ from slave.warm import WarmRunner  # noqa: E402
 from side_by_side import trivial_job_times  # noqa: E402
 
 BLOCK = 10
-JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("sh", "true", "sh true"),
+JOBS = [("python", "pass", "python pass"), ("python", "print('hello')", "python print"), ("bash", "true", "bash true"),
         ("c", "int main(void) { return 0; }", "C, cached"), ("javascript", "", "javascript"), ("ruby", "", "ruby"),
         ("java", "public class Main { public static void main(String[] a) {} }", "Java, cached")]
 
@@ -67,7 +67,7 @@ async def runners(slots: int, imports: list[str] = ()) -> tuple[WarmRunner, Proc
     jobdirs = JobDirs(f"bench-warm-{os.getpid()}-{next(_POOLS)}", None, 1024)
     limits.file_size_mb = 1024
     box = best_sandbox(limits, "bwrap")
-    chains = await toolchains.detect_toolchains(["python", "sh", "c", "javascript", "ruby", "java"], sandbox=box,
+    chains = await toolchains.detect_toolchains(["python", "bash", "c", "javascript", "ruby", "java"], sandbox=box,
                                                 limits=limits)
     cache_dir = tempfile.mkdtemp(prefix="distexec-bench-cache-")
     atexit.register(shutil.rmtree, cache_dir, True)  # the pools' compile cache goes with this process
@@ -161,7 +161,7 @@ async def bench_runners(n: int) -> None:
 
 
 def bench_clusters(n: int) -> None:
-    times = trivial_job_times([["--warm"], ["--no-warm"]], n, languages="python,sh")
+    times = trivial_job_times([["--warm"], ["--no-warm"]], n, languages="python,bash")
     print(f"{n} trivial Python jobs per cluster (1 slave, 1 slot), submit to result; milliseconds")
     (w50, w90), (f50, f90) = summary(times[0]), summary(times[1])
     print(f"--warm    median {w50:7.2f}  p90 {w90:7.2f}")

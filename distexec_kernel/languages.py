@@ -236,8 +236,9 @@ LANGUAGES: dict[str, Language] = {
         ),
         Language(
             name="bash",
-            aliases=("shell",),
-            extensions=(".bash",),
+            # The contract stores ``sh`` under bash: POSIX scripts run the same in bash.
+            aliases=("shell", "sh"),
+            extensions=(".bash", ".sh"),
             source="main.bash",
             version=("bash", "--version"),
             run=("bash", "{source}"),
@@ -246,20 +247,6 @@ LANGUAGES: dict[str, Language] = {
             keywords=_words(
                 "case do done elif else esac fi for function if in local read return select then until "
                 "while echo printf export declare set shift test exit"),
-        ),
-        Language(
-            name="sh",
-            aliases=(),
-            extensions=(".sh",),
-            source="main.sh",
-            # dash has no --version; the package manager is the only honest source.
-            version=("sh", "-c", "echo posix-sh 1.0"),
-            run=("sh", "{source}"),
-            locations=(r"{file}: (?:line )?(?P<line>\d+):",),
-            display_name="sh", mimetype="text/x-sh", codemirror_mode="shell", pygments_lexer="sh",
-            keywords=_words(
-                "case do done elif else esac fi for if in read return then until while echo printf export "
-                "set shift test exit"),
         ),
         Language(
             name="go",

@@ -88,7 +88,7 @@ class RemoteMagics(Magics):
 
     @magic_arguments("%remote")
     @argument("language", nargs="?", default="python",
-              help="language of the cell (python, bash, sh, c, ...; aliases like py, js work)")
+              help="language of the cell (python, bash, c, ...; aliases like py, js, sh work)")
     @argument("--timeout", type=seconds, help="seconds the job may run; past that it fails with `timeout`")
     @argument("--name", help="a name for the job in the history")
     @argument("--file", action="append", default=[], metavar="PATH",

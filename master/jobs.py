@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Union
 
-from distexec_kernel import protocol as P
+from distexec_kernel import languages as L, protocol as P
 
 from .scheduler import Scheduler
 
@@ -183,6 +183,8 @@ class Lifecycle:
         """
         out: list[Decision] = []
         for job in jobs:
+            # A name that has since become an alias (``sh``) is queued under its main name.
+            job["language"] = L.canonical(job["language"])
             rec = self.records[job["id"]] = JobRecord(job)
             key = session_of(job)
             if key is not None:

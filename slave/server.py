@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=DEFAULT_TTL, metavar="S",
                    help=f"seconds an idle Python session (--session) lives (default {DEFAULT_TTL:g})")
     p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=None,
-                   help="run python, sh, bash, javascript and ruby jobs and cached compiled programs forked from a "
+                   help="run python, bash, javascript and ruby jobs and cached compiled programs forked from a "
                         "warm parent, each still fresh, isolated and limited (default: on with the bubblewrap "
                         "sandbox); see docs/sandbox.md")
     p.add_argument("--warm-imports", type=module_names, default=[], metavar="MODULES",
@@ -185,7 +185,7 @@ async def start(args: argparse.Namespace) -> Slave:
 
 async def detect_first(langs: list, sandbox, limits: Limits,
                        keep: bool = True) -> tuple[toolchains.Detector, dict, list]:
-    """What the slave registers with: the toolchains the cache settles, and python, sh and
+    """What the slave registers with: the toolchains the cache settles, and python and
     bash asked now; also the languages left to ask (``detect_rest``) and the detector.
 
     Asked through the sandbox: a language is offered only if it works for a job.

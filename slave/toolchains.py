@@ -39,7 +39,7 @@ DETECT_TIMEOUT = 15.0
 # What a slave with nothing remembered asks before it registers: the
 # languages of the warm pool, which answer in tens of milliseconds.  The rest
 # (a JVM takes half a second) it asks after, and tells the master then.
-FIRST = ("python", "sh", "bash")
+FIRST = ("python", "bash")
 # Those later probes run at this niceness, so the jobs running meanwhile come
 # first (a JVM's start is half a second of both cores of a small machine); as
 # a busy machine then gives them little CPU, they get longer to answer.

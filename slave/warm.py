@@ -4,7 +4,7 @@ bwrap, setpriv and an interpreter's start each time.
 ``WarmRunner`` sits in front of the fresh-process runner.  A parent started
 once per slave inside bubblewrap (slave/warm_zygote.py and warm_child.py, spoken
 to through slave/warm_pool.py) forks one child per job; the child isolates itself
-and runs the job: Python source in a fresh ``__main__``, ``sh``/``bash`` spawned
+and runs the job: Python source in a fresh ``__main__``, ``bash`` (also ``sh``, its alias) spawned
 and waited for.  Each slot of the slave has its own uid and its own memory+pids
 cgroup, made once.  A job the pool cannot serve (another language, files to
 collect, no bubblewrap, the parent down) runs in a fresh process, and the
@@ -40,7 +40,7 @@ log = logging.getLogger("distexec.slave.warm")
 # How each language runs in a warm child: its source exec'd in a fresh __main__, or its program spawned
 # (a compiled language's once the compile cache holds it).  Not PowerShell: .NET sizes its heap from
 # the cgroup tree, which a warm child does not show, and no registry here offers it to test a remedy.
-SERVED = {"python": "python", "sh": "exec", "bash": "exec", "javascript": "exec", "ruby": "exec",
+SERVED = {"python": "python", "bash": "exec", "javascript": "exec", "ruby": "exec",
           "c": "exec", "cpp": "exec", "go": "exec", "rust": "exec", "java": "exec"}
 # Each slot's jobs run as WARM_UID_BASE + slot (uid and gid), as isolate gives each box its own uid:
 # concurrent jobs then cannot signal, trace or read each other.  Checked to be no account here.

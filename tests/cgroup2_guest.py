@@ -121,7 +121,7 @@ async def main(result_path: str) -> None:
     r["unified"] = sorted(getattr(cgroups, "unified", ()))  # (a tree before v2 has none)
     r["missing"] = cgroups.missing
     r["describe"] = box.describe()
-    chains = await toolchains.detect_toolchains(["python", "sh"], sandbox=box, limits=limits)
+    chains = await toolchains.detect_toolchains(["python", "bash"], sandbox=box, limits=limits)
     fresh = ProcessRunner(box, limits, {n: tc.version for n, tc in chains.items()},
                           jobdirs=JobDirs("vm-cgroup2", None, 64),
                           programs={n: tc.programs for n, tc in chains.items()})
@@ -136,7 +136,7 @@ async def main(result_path: str) -> None:
         while daemons() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         r[name]["daemons_left"] = daemons()
-    r["runtimes"] = {name: await run(fresh, next(ids), source, "sh") for name, source in RUNTIMES.items()}
+    r["runtimes"] = {name: await run(fresh, next(ids), source, "bash") for name, source in RUNTIMES.items()}
     # A session: its kernel in a cgroup of its own, its state kept from cell to cell, capped at a core
     # while a cell runs; a cell past the memory limit ends it.
     session = sessions.SessionRunner(box, limits, fresh.jobdirs)

@@ -1,6 +1,6 @@
 """A slave on a first start registers before its slow toolchains have answered.
 
-It asks python, sh and bash, registers with them as ``detecting``, asks the
+It asks python and bash, registers with them as ``detecting``, asks the
 rest and then sends the master its whole list (``languages``).  Meanwhile
 the master queues a job for a language no slave offers yet instead of
 refusing it; once no slave is detecting, such a job whose language none

@@ -342,6 +342,16 @@ def test_restart_resume():
     assert sent(w.run(2), "job_run")
 
 
+def test_a_job_queued_under_a_name_that_is_now_an_alias_runs_under_its_main_name():
+    # A history from before ``sh`` became bash's alias: after the restart, bash slaves take it.
+    w = World()
+    w.jobs.resume([dict(new(1), language="sh")], grace=30.0)
+    assert w.jobs.slave_back("b", "i1", ["bash"], 1, False, set(), set()) == []
+    [load] = w.place()
+    [run] = sent(w.jobs.started(1, load.dispatch, {"source": "echo hi"}), "job_run")
+    assert run["job"]["language"] == "bash" and w.scheduler.running == {1: "b"}
+
+
 def test_resumed_job_whose_slave_never_returns_is_lost():
     w = World()
     out = w.jobs.resume([dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1)], grace=30.0)

@@ -122,13 +122,6 @@ public class Echo {
         "bad": "echo x\necho y\nif then\n",
         "stream": "echo ready\nsleep 60\n",
     },
-    "sh": {
-        "hello": "echo hello\n",
-        "echo": "IFS='|'\necho \"args=$*\"\ncat\n",
-        "fail": "echo before\necho oops >&2\nexit 3\n",
-        "bad": "echo x\necho y\nif then\n",
-        "stream": "echo ready\nsleep 60\n",
-    },
     "go": {
         "hello": 'package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println("hello")\n}\n',
         "echo": '''package main
@@ -242,7 +235,7 @@ def test_every_language_has_programs():
 
 @pytest.mark.parametrize("alias,name", [
     ("py", "python"), ("python3", "python"), ("c++", "cpp"), ("cpp", "cpp"), ("cxx", "cpp"),
-    ("js", "javascript"), ("node", "javascript"), ("sh", "sh"), ("shell", "bash"), ("rs", "rust"),
+    ("js", "javascript"), ("node", "javascript"), ("sh", "bash"), ("shell", "bash"), ("rs", "rust"),
     ("golang", "go"), ("rb", "ruby"), ("ps1", "powershell"), ("pwsh", "powershell"), ("C", "c"),
     (" Java ", "java"),
 ])
@@ -269,7 +262,7 @@ def test_no_alias_names_two_languages():
 
 @pytest.mark.parametrize("path,name", [
     ("prog.rs", "rust"), ("a/b/x.cpp", "cpp"), ("x.cc", "cpp"), ("Main.java", "java"), ("app.js", "javascript"),
-    ("mod.mjs", "javascript"), ("t.rb", "ruby"), ("main.go", "go"), ("x.c", "c"), ("run.sh", "sh"),
+    ("mod.mjs", "javascript"), ("t.rb", "ruby"), ("main.go", "go"), ("x.c", "c"), ("run.sh", "bash"),
     ("run.bash", "bash"), ("s.ps1", "powershell"), ("nb.PY", "python"), ("notes.txt", None), ("Makefile", None),
 ])
 def test_from_filename(path, name):
@@ -352,9 +345,6 @@ puts )
 \tfrom -e:1:in `<main>'
 """
 BASH_ERROR = "main.bash: line 3: syntax error near unexpected token `then'\nmain.bash: line 3: `if then'\n"
-DASH_ERROR = 'main.sh: 3: Syntax error: "then" unexpected\n'
-
-
 @pytest.mark.parametrize("lang,source,text,where", [
     ("c", "main.c", GCC_WARN_THEN_ERROR, {"line": 4, "column": 16}),
     ("cpp", "main.cpp", GPP_ERROR, {"line": 3, "column": 11}),
@@ -365,7 +355,6 @@ DASH_ERROR = 'main.sh: 3: Syntax error: "then" unexpected\n'
     ("javascript", "main.js", NODE_ERROR, {"line": 3, "column": 9}),
     ("ruby", "main.rb", RUBY_ERROR, {"line": 3, "column": 6}),
     ("bash", "main.bash", BASH_ERROR, {"line": 3}),
-    ("sh", "main.sh", DASH_ERROR, {"line": 3}),
 ])
 def test_locate_per_toolchain(lang, source, text, where):
     assert L.locate(L.LANGUAGES[lang], text, source) == where
@@ -397,7 +386,7 @@ def test_detection_skips_a_missing_toolchain_cleanly(monkeypatch, tmp_path):
     # A PATH with no pwsh on it: PowerShell is simply not offered.
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     found = run_async(toolchains.detect(["powershell", "sh"]))
-    assert found.keys() == {"sh"}
+    assert found.keys() == {"bash"}
 
 
 def test_detection_restricts_and_rejects_unknown_names():
