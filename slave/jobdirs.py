@@ -60,13 +60,21 @@ class JobDir:
 
     def full(self) -> bool:
         """True if the job's tmpfs has (almost) no space or no inode left: it hit its disk limit."""
+        st = self._statvfs()
+        return st is not None and quota_full(st.f_bavail * st.f_frsize, st.f_files, st.f_favail)
+
+    def used(self) -> int | None:
+        """Bytes the job's files take in its tmpfs (None: not on one of its own)."""
+        st = self._statvfs()
+        return None if st is None else (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def _statvfs(self) -> os.statvfs_result | None:
         if not self.limited:
-            return False
+            return None
         try:
-            st = os.statvfs(self.top)
+            return os.statvfs(self.top)
         except OSError:
-            return False
-        return quota_full(st.f_bavail * st.f_frsize, st.f_files, st.f_favail)
+            return None
 
 
 def quota_full(free_bytes: int, inodes: int, free_inodes: int) -> bool:

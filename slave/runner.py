@@ -215,7 +215,7 @@ class ProcessRunner(Runner):
         finally:
             await asyncio.to_thread(self.sandbox.release_job_cgroup, cgroup)
         return run_outcome(step, capture, job, self.limits, lang, source_name, self.jobdirs,
-                           lambda: _hit_disk_limit(step, jobdir))
+                           lambda: _hit_disk_limit(step, jobdir), jobdir.used)
 
     def _argv(self, lang: L.Language, template: tuple[str, ...], fields: dict) -> list[str]:
         # The program that answered at detection, not whatever PATH finds first.
@@ -328,13 +328,17 @@ class ProcessRunner(Runner):
 
 
 def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, lang: L.Language,
-                source_name: str, jobdirs: JobDirs, hit_disk_limit: Callable[[], bool]) -> Outcome:
+                source_name: str, jobdirs: JobDirs, hit_disk_limit: Callable[[], bool],
+                files_bytes: Callable[[], int | None] = lambda: None) -> Outcome:
     """How a job's run step ended: a limit, a signal, an exit code, the disk quota
-    (``hit_disk_limit``, asked only of a step that failed), a line to point at."""
+    (``hit_disk_limit``, asked only of a step that failed; ``files_bytes``, what its files
+    took, only of one killed at its memory limit), a line to point at."""
     out, err = capture.text("stdout"), capture.text("stderr")
     error = _classify(step, job, limits)
     if error is not None and error["code"] in (P.NONZERO_EXIT, P.SIGNAL) and hit_disk_limit():
         error = disk_error(jobdirs, "wrote more than")
+    elif error is not None and error["code"] == P.MEMORY_LIMIT:
+        error = files_filled_memory(files_bytes(), limits, jobdirs) or error
     if error is not None and error["code"] == P.NONZERO_EXIT:
         # An interpreter's syntax or runtime error names a line: point the notebook at it.
         error.update(L.locate(lang, err, source_name, job["source"]))
@@ -356,6 +360,21 @@ def hit_disk_limit(step: StepResult, full: bool, limited: bool) -> bool:
 def disk_error(jobdirs: JobDirs, what: str) -> dict:
     return P.error(P.DISK_LIMIT, f"{what} the disk limit of {jobdirs.disk_limit_mb} MiB (its directory and /tmp "
                                  f"together)")
+
+
+def files_filled_memory(used: int | None, limits: Limits, jobdirs: JobDirs) -> dict | None:
+    """The error of a job killed at its memory limit when its files took half of it or more.
+
+    Its files are in a tmpfs, charged to its memory: with the defaults (1024 MiB
+    each) a job writing a big file meets the memory limit just before the disk
+    limit, and what it has to change is what it writes, so it says that.
+    """
+    if used is None or used * 2 < limits.memory_bytes:
+        return None
+    return P.error(P.DISK_LIMIT, f"its files ({used >> 20} MiB in its directory and /tmp) filled its memory: "
+                                 f"a job's files are kept in memory, and with its processes they went past the "
+                                 f"memory limit of {limits.memory_bytes >> 20} MiB (the disk limit is "
+                                 f"{jobdirs.disk_limit_mb} MiB)")
 
 
 def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:

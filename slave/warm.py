@@ -28,10 +28,10 @@ from distexec_kernel import languages as L, protocol as P
 from . import steps
 from .bwrap import WARM_ROOT, BwrapSandbox
 from .job_pipes import OutputPipe, feed
-from .jobdirs import BYTES_PER_INODE, quota_full
+from .jobdirs import BYTES_PER_INODE, JobDirs, quota_full
 from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, Capture, Outcome, OutputCallback, ProcessRunner,
                      Runner, StepResult, disk_error, hit_disk_limit, run_outcome)
-from .sandbox import job_env, rlimits
+from .sandbox import Limits, job_env, rlimits
 from .seccomp import program_bytes
 from .warm_pool import Zygote, ZygoteDied
 
@@ -170,7 +170,7 @@ class WarmRunner(Runner):
     def _slot_spec(self, slot: int) -> dict:
         """What a slot's child needs before its job comes."""
         jobdirs, limits = self.fresh.jobdirs, self.fresh.limits
-        disk = jobdirs.disk_limit_mb << 20 if jobdirs.disk_limit_mb else limits.memory_bytes
+        disk = _tmpfs_bytes(jobdirs, limits)
         uid = WARM_UID_BASE + slot
         return {"uid": uid, "gid": uid, "cgroups": list(self._cg(slot, self._next.get(slot, 0)).join_paths()),
                 "disk_bytes": disk,
@@ -450,8 +450,14 @@ class WarmRunner(Runner):
             reason = "memory_limit"
         step = StepResult(result.exit_code, reason, time.monotonic() - started)
         full = result.free is not None and quota_full(*result.free)
+        used = None if result.free is None else _tmpfs_bytes(jobdirs, limits) - result.free[0]
         return run_outcome(step, capture, job, limits, lang, source_name, jobdirs,
-                           lambda: hit_disk_limit(step, full, True))
+                           lambda: hit_disk_limit(step, full, True), lambda: used)
+
+
+def _tmpfs_bytes(jobdirs: JobDirs, limits: Limits) -> int:
+    """The size of a warm child's tmpfs (its directory, /tmp and /dev/shm)."""
+    return jobdirs.disk_limit_mb << 20 if jobdirs.disk_limit_mb else limits.memory_bytes
 
 
 def _bytes_of(artefacts: dict) -> int:

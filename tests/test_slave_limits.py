@@ -193,6 +193,22 @@ def test_a_job_writing_twice_its_disk_limit_fails_disk_limit(disk_lc):
         assert both.status == P.FAILED and both.error["code"] == P.DISK_LIMIT, (both.error, both.stderr)
 
 
+@pytest.mark.parametrize("warm", ["--warm", "--no-warm"])
+def test_files_that_fill_a_jobs_memory_are_its_disk_limit(make_cluster, warm):
+    """The defaults give memory and disk 1024 MiB each, and a job's files are in memory: a big file
+    meets the memory limit just before the disk limit.  What the job must change is what it writes."""
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--memory-limit", "64", "--disk-limit", "64", warm])
+    with Cluster(lc.url, token=lc.token) as c:
+        job = run(c, WRITE, args=[".", "100"])
+        assert job.status == P.FAILED and job.error["code"] == P.DISK_LIMIT, (job.error, job.stderr)
+        message = job.error["message"]
+        assert "filled its memory" in message and "memory limit of 64 MiB" in message, message
+        assert int(re.search(r"its files \((\d+) MiB", message).group(1)) >= 32, message
+        # Memory the program itself holds is still its memory limit.
+        hog = run(c, "x = bytearray(100 << 20)\nx[::4096] = b'1' * len(x[::4096])\nprint('held')")
+        assert hog.status == P.FAILED and hog.error["code"] == P.MEMORY_LIMIT, (hog.error, hog.stderr)
+
+
 def test_the_disk_limit_is_a_tmpfs_not_the_hosts_disk(fresh_disk_lc):
     with Cluster(fresh_disk_lc.url, token=fresh_disk_lc.token) as c:
         job = c.submit(WRITE.replace('print("wrote", mib)', textwrap.dedent("""
