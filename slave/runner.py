@@ -342,7 +342,7 @@ def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, l
     if error is not None and error["code"] == P.NONZERO_EXIT:
         # An interpreter's syntax or runtime error names a line: point the notebook at it.
         error.update(L.locate(lang, err, source_name, job["source"]))
-    return Outcome(step.returncode, error, out, err)
+    return Outcome(steps.job_exit_code(step.returncode), error, out, err)
 
 
 def _hit_disk_limit(step: StepResult, jobdir: JobDir) -> bool:

@@ -72,13 +72,20 @@ def limit_error(reason: str, timeout: float, memory_bytes: int, output_bytes: in
 
 def exit_error(code: int | None) -> dict | None:
     """The error of a process that ended with ``code`` by itself (None: it succeeded)."""
+    code = job_exit_code(code)
     if code is not None and code < 0:
         return signal_error(-code)
-    if code is not None and code > 128 and code - 128 in SIGNALS_SEEN_AS_EXIT:
-        return signal_error(code - 128)
     if code:
         return P.error(P.NONZERO_EXIT, f"exited with code {code}")
     return None
+
+
+def job_exit_code(code: int | None) -> int | None:
+    """The exit code a job reports: a death by signal N is -N, as Python's subprocess says, whether
+    the process was the sandbox's child (which reports 128+N) or a warm child reaped directly."""
+    if code is not None and code > 128 and code - 128 in SIGNALS_SEEN_AS_EXIT:
+        return 128 - code
+    return code
 
 
 def signal_error(signum: int) -> dict:

@@ -101,6 +101,26 @@ def test_killed_by_signal(client):
     assert "SIGSEGV" in job.error["message"]
 
 
+SEGFAULTS = {
+    "python": "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)",
+    "bash": "kill -SEGV $$",
+    "c": "int main(void) { return *(volatile int *)0; }",
+}
+
+
+@pytest.mark.parametrize("warm", ["--warm", "--no-warm"])
+def test_a_death_by_signal_is_minus_its_number_in_every_language(make_cluster, warm):
+    """Whatever stood between the slave and the program (bwrap reports 128+N, a warm child is reaped
+    directly), the job's exit code is -N, as Python's subprocess says; the CLI's is 128+N."""
+    lc = make_cluster(1, slots=1, languages="python,bash,c", slave_args=[warm])
+    with Cluster(lc.url, token=lc.token) as c:
+        for lang, source in SEGFAULTS.items():
+            for _ in range(2 if lang == "c" else 1):  # the second run of a C program is the cached one
+                job = c.submit(source, language=lang).wait(60)
+                assert job.error["code"] == P.SIGNAL and "SIGSEGV" in job.error["message"], job.record
+                assert job.exit_code == -int(signal.SIGSEGV), (lang, job.record)
+
+
 def test_timeout(client):
     t0 = time.monotonic()
     job = client.submit("import time\nprint('start', flush=True)\ntime.sleep(60)", timeout=1).wait(30)
