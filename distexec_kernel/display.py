@@ -215,6 +215,13 @@ def sessions_html(sessions: list[dict]) -> str:
     return _html_table(SESSION_HEADERS, session_rows(sessions), "no sessions")
 
 
+def error_text(err: dict) -> str:
+    """An error's message with the line it names, said once (a syntax error's message says it already)."""
+    message = err.get("message") or ""
+    line = err.get("line")
+    return message + (f" (line {line})" if line and f"line {line}" not in message else "")
+
+
 def job_detail_text(job: dict) -> str:
     err = job.get("error")
     lines = [
@@ -229,8 +236,7 @@ def job_detail_text(job: dict) -> str:
         f"exit code: {job.get('exit_code') if job.get('exit_code') is not None else '-'}",
     ]
     if err:
-        where = f" (line {err['line']})" if err.get("line") else ""
-        lines.append(f"error:     {err.get('code')}: {err.get('message')}{where}")
+        lines.append(f"error:     {err.get('code')}: {error_text(err)}")
     for stream in ("stdout", "stderr"):
         text = job.get(stream) or ""
         if text:

@@ -63,7 +63,6 @@ def state_html(status: str | None) -> str:
 def detail_html(job: dict) -> str:
     """The selected job's facts as a small table, two facts a line."""
     err = job.get("error") or {}
-    where = f" (line {err['line']})" if err.get("line") else ""
     rows = [
         ("status", None),
         ("job", f"{job['id']} · {display_name(job)}"),
@@ -83,7 +82,7 @@ def detail_html(job: dict) -> str:
              for k, v in rows]
     body = "".join("<tr>" + "".join(cells[i:i + 2]) + "</tr>" for i in range(0, len(cells), 2))
     if err:
-        body += f"<tr><th>error</th><td colspan='3'>{esc((err.get('message') or '') + where)}</td></tr>"
+        body += f"<tr><th>error</th><td colspan='3'>{esc(D.error_text(err))}</td></tr>"
     return f"<table>{body}</table>"
 
 

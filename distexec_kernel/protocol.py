@@ -407,7 +407,7 @@ def check_submission(body) -> dict:
         raise ProtocolError("too_large", f"stdin is over {MAX_STDIN_BYTES >> 20} MiB")
     timeout = out["timeout"]
     if timeout is not None and not (0 < timeout <= MAX_TIMEOUT):
-        _bad(f"field 'timeout' must be between 0 and {MAX_TIMEOUT:g} seconds")
+        _bad(f"field 'timeout' must be more than 0 and at most {MAX_TIMEOUT:g} seconds, not {timeout!r}")
     out["timeout"] = float(timeout) if timeout is not None else DEFAULT_TIMEOUT
     retries = out["retries"] or 0
     if not 0 <= retries <= MAX_RETRIES:

@@ -288,6 +288,11 @@ def test_bad_requests_get_400_with_a_reason(cluster, body, code):
     assert r.json()["error"]["message"]
 
 
+def test_a_timeout_of_zero_is_refused_saying_what_is_allowed():
+    with pytest.raises(P.ProtocolError, match=r"more than 0 and at most 86400 seconds, not 0$"):
+        P.check_submission({"source": "x", "language": "python", "timeout": 0})
+
+
 def test_oversized_source_gets_413(cluster):
     r = api(cluster, "POST", "/api/jobs", json={"source": "#" * (P.MAX_SOURCE_BYTES + 1), "language": "python"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"

@@ -153,6 +153,15 @@ def test_the_detail_names_the_client_as_the_cluster_tab_does():
     assert D.identity("c7", None) == "c7" and D.identity(None, None) == "-"
 
 
+def test_the_line_an_error_names_is_said_once():
+    rejected = job(4, P.REJECTED, error={"code": P.SYNTAX_ERROR, "message": "invalid syntax (line 2)", "line": 2})
+    failed = job(5, P.FAILED, error={"code": P.NONZERO_EXIT, "message": "exited with code 1", "line": 3})
+    for text in (H.detail_html(rejected), D.job_detail_text(rejected)):
+        assert "invalid syntax (line 2)" in text and "(line 2) (line 2)" not in text, text
+    for text in (H.detail_html(failed), D.job_detail_text(failed)):
+        assert "exited with code 1 (line 3)" in text, text
+
+
 # -- 8: the small things -------------------------------------------------------------------
 
 def test_counts_are_singular_for_one():
