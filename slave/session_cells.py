@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -32,6 +33,20 @@ SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 # A session's kernel is capped at one core while a cell runs (what a slot is
 # worth); sessions.py caps it lower between cells.
 CELL_CPUS = 1.0
+
+
+# An object's default repr (``<Figure size 640x480 with 1 Axes>``, ``<IPython.core.display.HTML object>``).
+_PLACEHOLDER = re.compile(r"<[^\n]*>")
+
+
+def placeholder(data: dict) -> bool:
+    """Whether a rich output's ``text/plain`` only stands in for what its other types show.
+
+    It is left out of stdout: a notebook shows the figure or the HTML where a local
+    cell's output shows no such line, and a terminal learns nothing from it.
+    """
+    text = data.get("text/plain")
+    return isinstance(text, str) and len(data) > 1 and _PLACEHOLDER.fullmatch(text.strip()) is not None
 
 
 @dataclass
@@ -212,7 +227,7 @@ class CellRunner:
             elif kind in ("execute_result", "display_data", "update_display_data"):
                 data = content.get("data") or {}
                 text = data.get("text/plain")
-                if text is not None:  # terminals and plain clients read this in stdout, as before
+                if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
                     text += "\n"
                     capture.feed("stdout", text, len(text.encode()))
                 if kind != "update_display_data" and isinstance(data, dict):
