@@ -25,10 +25,7 @@ from .job_record import (  # noqa: F401  (re-exported: the protocol is read as o
     parse_time, session_key, session_keys_of, session_label, status_of, summary, update_of,
 )
 
-# 2: a session is named by its user and its name, as two fields, never one joined string.
-# 3: files in folders and as bytes, collect and job_artifact frames, a result's outputs.
-# 4: a slave registers while still detecting (`detecting`) and sends `languages` when done.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # what each version brought: docs/protocol.md, "Versioning"
 
 # --- limits on what the master accepts ------------------------------------
 
@@ -121,6 +118,8 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "data": (str, True),
         "offset": (int, False),
     },
+    # slave -> master, after each register: a running job's whole output so far (docs/protocol.md)
+    "job_output_so_far": {"job_id": (int, True), "stdout": (str, True), "stderr": (str, True)},
     "job_finished": {
         "job_id": (int, True),
         "exit_code": (_OPT_INT, True),

@@ -410,6 +410,9 @@ class Master:
     def job_output(self, uid: str, msg: dict) -> None:
         self._carry(self.jobs.output(uid, msg["job_id"], msg["stream"], msg["data"]))
 
+    def job_output_so_far(self, uid: str, msg: dict) -> None:
+        self._carry(self.jobs.output_so_far(uid, msg["job_id"], msg["stdout"], msg["stderr"]))
+
     def job_artifact(self, uid: str, msg: dict) -> None:
         """A chunk of a running job's collected file, ahead of its result; staged until the result comes."""
         if not self.jobs.runs_on(msg["job_id"], uid):

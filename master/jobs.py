@@ -246,6 +246,25 @@ class Lifecycle:
         return [Announce(P.make("job_output", job_id=job_id, stream=stream, offset=offset, data=data),
                          rec.job.get("user"))]
 
+    def output_so_far(self, uid: str, job_id: int, stdout: str, stderr: str) -> list[Decision]:
+        """A running job's whole output so far, from its slave just registered again: it replaces what
+        is held (a restarted master holds none; chunks sent into a dead connection were lost), and the
+        live relay goes on from there.  Clients are sent what they may lack, placed by offset."""
+        rec = self.records.get(job_id)
+        if rec is None or not self.runs_on(job_id, uid):
+            return []
+        out: list[Decision] = []
+        for stream, text in (("stdout", stdout), ("stderr", stderr)):
+            text, held = text[:self.live_output_cap], rec.job[stream]
+            # Only the new tail when what is held is its start (nothing was lost); else all of it.
+            offset = len(held) if not rec.output_gap and text.startswith(held) else 0
+            rec.job[stream] = text
+            if len(text) > offset:
+                out.append(Announce(P.make("job_output", job_id=job_id, stream=stream, offset=offset,
+                                           data=text[offset:]), rec.job.get("user")))
+        rec.output_gap = False
+        return out
+
     def finished(self, uid: str, job_id: int, exit_code: int | None, error: dict | None, stdout: str,
                  stderr: str, outputs: list | None = None, artifacts: list | None = None) -> list[Decision]:
         """A slave's result.  Applied if the job runs there; otherwise (settled already, a

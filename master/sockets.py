@@ -380,7 +380,7 @@ class ClientSocket(_Socket):
 
 
 class SlaveSocket(_Socket):
-    handlers = {"register": "on_register", "job_output": "on_job_output",
+    handlers = {"register": "on_register", "job_output": "on_job_output", "job_output_so_far": "on_job_output_so_far",
                 "job_finished": "on_job_finished", "job_artifact": "on_job_artifact", "draining": "on_draining",
                 "session_ended": "on_session_ended", "languages": "on_languages"}
 
@@ -419,6 +419,9 @@ class SlaveSocket(_Socket):
 
     def on_job_output(self, msg: dict) -> None:
         self.master.job_output(self._registered(), msg)
+
+    def on_job_output_so_far(self, msg: dict) -> None:
+        self.master.job_output_so_far(self._registered(), msg)
 
     def on_job_artifact(self, msg: dict) -> None:
         self.master.job_artifact(self._registered(), msg)

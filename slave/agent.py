@@ -65,6 +65,9 @@ class Slave:
         # Jobs the slave itself killed on its way out (not a user's cancel).
         self._stopped_jobs: set[int] = set()
         self._pending_output: dict[tuple[int, str], list[str]] = {}
+        # Each running job's output so far, sent again after a register (job_output_so_far); the
+        # same strings as its Capture's parts, so it costs references, not copies.
+        self._so_far: dict[int, dict[str, list[str]]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -119,6 +122,7 @@ class Slave:
             results=[r for j, r in self.unacked.items() if j not in self.unacked_blobs],
             draining=self.draining, detecting=self.detecting, sessions=self._session_names(),
             instance=self.instance, batch=True, **self._session_cap()))  # read_frames reads batch frames
+        self._send_output_so_far()
         for job_id in with_files:
             asyncio.ensure_future(self._send_result(job_id, conn))
         try:
@@ -216,7 +220,10 @@ class Slave:
     async def _run(self, job: dict, cancel: asyncio.Event) -> None:
         job_id = job["id"]
 
+        so_far = self._so_far[job_id] = {"stdout": [], "stderr": []}
+
         def on_output(stream: str, data: str) -> None:
+            so_far[stream].append(data)
             self._pending_output.setdefault((job_id, stream), []).append(data)
             if self._flush_handle is None:
                 self._flush_handle = asyncio.get_running_loop().call_later(OUTPUT_FLUSH, self._flush_output)
@@ -238,6 +245,7 @@ class Slave:
             outcome.error = P.error(P.SLAVE_LOST, "the slave was stopped (its drain deadline passed) "
                                                   "before the job ended")
         self._flush_output()
+        self._so_far.pop(job_id, None)
         result = outcome.message(job_id)
         self.unacked[job_id] = result
         if outcome.blobs:
@@ -275,6 +283,19 @@ class Slave:
         pending, self._pending_output = self._pending_output, {}
         for (job_id, stream), parts in pending.items():
             self._send(P.make("job_output", job_id=job_id, stream=stream, data="".join(parts)))
+
+    def _send_output_so_far(self) -> None:
+        """After a register: each running job's whole output, which the master puts in place of its own.
+
+        Chunks sent into a connection that had died were lost, and a restarted master
+        holds none: without this its live output would have a hole until the result.
+        The chunks still pending are in it, so they are not sent too.
+        """
+        for job_id, streams in self._so_far.items():
+            for stream in streams:
+                self._pending_output.pop((job_id, stream), None)
+            self._send(P.make("job_output_so_far", job_id=job_id, stdout="".join(streams["stdout"]),
+                              stderr="".join(streams["stderr"])))
 
     def _check_idle(self) -> None:
         if not self.running and not self.unacked:

@@ -231,6 +231,8 @@ def test_master_restart_while_a_job_runs(make_cluster, sig, tmp_path):
         try:
             j = c2.job(job.id)
             assert j.status == P.RUNNING  # the history kept it, waiting for its slave
+            # Once its slave is back, the new master shows what the job printed before the restart.
+            wait_for(lambda: c2.job(job.id).stdout == "started\n", 15, "the output so far after the restart")
             release_jobs(slave.pid)
             j.wait(20)
             assert j.status == P.SUCCEEDED, (j.record, logs(tmp_path))

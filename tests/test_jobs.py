@@ -352,6 +352,29 @@ def test_a_job_queued_under_a_name_that_is_now_an_alias_runs_under_its_main_name
     assert run["job"]["language"] == "bash" and w.scheduler.running == {1: "b"}
 
 
+def test_a_slave_back_sends_its_jobs_output_so_far_and_the_relay_goes_on_from_it():
+    # After a restart the master holds none of a running job's output: the slave's copy replaces it,
+    # sent whole to the clients (placed by offset, so what they have is not repeated).
+    w = World()
+    w.jobs.resume([dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1)], grace=30.0)
+    w.connect(running=[1])
+    assert w.jobs.output("a", 1, "stdout", "lost?") == []  # not placeable before the copy comes
+    out = w.jobs.output_so_far("a", 1, "started\n", "")
+    assert [d.msg for d in of_type(out, J.Announce)] == [
+        P.make("job_output", job_id=1, stream="stdout", offset=0, data="started\n")]
+    assert w.jobs.job(1)["stdout"] == "started\n"
+    [more] = w.jobs.output("a", 1, "stdout", "more\n")
+    assert (more.msg["offset"], more.msg["data"]) == (8, "more\n")
+    # A reconnect to the same master: what it holds is the copy's start, so only the rest goes out
+    # (chunks sent into the dead connection were lost).
+    w.connect(running=[1])
+    [rest] = w.jobs.output_so_far("a", 1, "started\nmore\nlost\n", "oops\n")[:1]
+    assert (rest.msg["offset"], rest.msg["data"]) == (13, "lost\n")
+    assert w.jobs.job(1)["stderr"] == "oops\n"
+    # Another slave's copy, or a settled job's, changes nothing.
+    assert w.jobs.output_so_far("b", 1, "x", "y") == [] and w.jobs.output_so_far("a", 9, "x", "y") == []
+
+
 def test_resumed_job_whose_slave_never_returns_is_lost():
     w = World()
     out = w.jobs.resume([dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1)], grace=30.0)
