@@ -29,7 +29,7 @@ from typing import Callable
 
 import requests
 
-from . import config, files as F, protocol as P
+from . import config, files as F, protocol as P, submission
 from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal  # noqa: F401 (the API's names)
 from .events import EventStream
 from .group import JobGroup, item_args
@@ -457,7 +457,7 @@ def _check_locally(body: dict) -> None:
     is refused in its answer, raised by the job's first use.
     """
     try:
-        P.check_submission(body)
+        submission.check(body)
     except P.ProtocolError as exc:
         status = 413 if exc.code == "too_large" else 400
         raise DistexecError(f"{exc.message} (HTTP {status})", code=exc.code, status=status) from None

@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Callable, Collection
 
-from distexec_kernel import languages as L, protocol as P
+from distexec_kernel import languages as L, protocol as P, submission
 
 from .scheduler import Scheduler
 
@@ -94,7 +94,7 @@ class Admission:
     @staticmethod
     def check(request) -> dict:
         """The submission ``request`` checked and its language made canonical; ProtocolError if bad."""
-        sub = P.check_submission(request)
+        sub = submission.check(request)
         sub["language"] = L.canonical(sub["language"])
         if sub["session"] is not None and sub["language"] != "python":
             raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "

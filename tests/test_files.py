@@ -162,6 +162,12 @@ def test_bad_file_names_are_refused_before_any_job(client):
         with pytest.raises(DistexecError) as err:
             client.submit("print(1)", files={name: "x"})
         assert err.value.status == 400 and "file name" in str(err.value)
+    # A file named as the program's own would be replaced by it, unseen.
+    for source, lang, own in (("print(1)", "py", "main.py"), ("public class Hi {}", "java", "Hi.java")):
+        with pytest.raises(DistexecError) as err:
+            client.submit(source, language=lang, files={own: "x", "other.txt": "y"})
+        assert err.value.status == 400 and f"file name '{own}' is the program's own file" in str(err.value)
+    assert client.submit("print(open('main.py.txt').read())", files={"main.py.txt": "z"}).wait(60).stdout == "z\n"
 
 
 # --- files out ---------------------------------------------------------------------

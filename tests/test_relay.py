@@ -81,6 +81,7 @@ BAD_INPUTS = [
     (dict(source="pass", language=" "), "bad_request", 400),
     (dict(source="pass", files={"../escape.py": "x"}), "bad_request", 400),
     (dict(source="pass", collect=["/etc/*"]), "bad_request", 400),
+    (dict(source="pass", language="py", files={"main.py": "x"}), "bad_request", 400),  # the program's own file
     (dict(source="x" * ((1 << 20) + 1)), "too_large", 413),
 ]
 
