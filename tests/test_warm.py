@@ -771,7 +771,9 @@ def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, l
     job = c.submit(WHERE + HOLD + "print('up', flush=True)\n" + UNTIL_RELEASED + "print('done')", timeout=60)
     wait_for(lambda: "up" in job.stdout, 20, "the job to start")
     parent.send_signal(signal.SIGKILL)
-    release_jobs(lc.slaves[0].pid)  # its run again, fresh
+    # Released only once it runs again, fresh: the first run's child, still dying, may be held too.
+    wait_for(lambda: "fresh\nup\n" in c.job(job.id).stdout, 30, "the job to run again, fresh")
+    release_jobs(lc.slaves[0].pid)
     job.wait(60)
     assert job.status == P.SUCCEEDED, job.record
     # Its first run died with the parent; it ran again, whole, in a fresh process.
