@@ -331,11 +331,13 @@ def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, l
                 source_name: str, jobdirs: JobDirs, hit_disk_limit: Callable[[], bool],
                 files_bytes: Callable[[], int | None] = lambda: None) -> Outcome:
     """How a job's run step ended: a limit, a signal, an exit code, the disk quota
-    (``hit_disk_limit``, asked only of a step that failed; ``files_bytes``, what its files
+    (``hit_disk_limit``, asked of a step that ended by itself; ``files_bytes``, what its files
     took, only of one killed at its memory limit), a line to point at."""
     out, err = capture.text("stdout"), capture.text("stderr")
     error = _classify(step, job, limits)
-    if error is not None and error["code"] in (P.NONZERO_EXIT, P.SIGNAL) and hit_disk_limit():
+    if (error is None or error["code"] in (P.NONZERO_EXIT, P.SIGNAL)) and hit_disk_limit():
+        # Also when it exits 0: what it meant to write was refused (ENOSPC), so its results
+        # are likely short, and the contract has a job past its disk limit fail.
         error = disk_error(jobdirs, "wrote more than")
     elif error is not None and error["code"] == P.MEMORY_LIMIT:
         error = files_filled_memory(files_bytes(), limits, jobdirs) or error

@@ -209,6 +209,32 @@ def test_files_that_fill_a_jobs_memory_are_its_disk_limit(make_cluster, warm):
         assert hog.status == P.FAILED and hog.error["code"] == P.MEMORY_LIMIT, (hog.error, hog.stderr)
 
 
+CAUGHT = textwrap.dedent("""
+    import os, sys
+    try:
+        with open("big", "wb") as f:
+            for _ in range(32):
+                f.write(b"0" * (1 << 20))
+    except OSError as exc:
+        print("caught", exc.strerror, flush=True)
+    if sys.argv[1:] == ["free"]:
+        os.remove("big")
+""")
+
+
+@pytest.mark.parametrize("cluster", ["disk_lc", "fresh_disk_lc"])
+def test_a_job_that_exits_0_with_its_disk_full_fails_disk_limit(request, cluster):
+    """Past its disk limit a job fails, also when it caught the error: what it wrote is short."""
+    lc = request.getfixturevalue(cluster)
+    with Cluster(lc.url, token=lc.token) as c:
+        job = run(c, CAUGHT)
+        assert job.status == P.FAILED and job.error["code"] == P.DISK_LIMIT and job.exit_code == 0, job.record
+        assert job.stdout == "caught No space left on device\n"
+        # One that freed the space before it ended is judged by its exit.
+        freed = run(c, CAUGHT, args=["free"])
+        assert freed.status == P.SUCCEEDED and freed.stdout == job.stdout, freed.record
+
+
 def test_the_disk_limit_is_a_tmpfs_not_the_hosts_disk(fresh_disk_lc):
     with Cluster(fresh_disk_lc.url, token=fresh_disk_lc.token) as c:
         job = c.submit(WRITE.replace('print("wrote", mib)', textwrap.dedent("""
