@@ -71,12 +71,12 @@ ERROR_STATUS = {
 _second: tuple[int, str] = (-1, "")  # the last second ``now`` wrote, and how: one tuple, so threads agree
 
 
-def now() -> str:
-    """RFC 3339 UTC with millisecond precision, as every job time is."""
+def now(ago: float = 0.0) -> str:
+    """RFC 3339 UTC with millisecond precision, as every job time is (``ago`` seconds before now)."""
     # As datetime's isoformat(timespec="milliseconds") would write it; the second's part is made
     # once per second (the master stamps several times per job, thousands of jobs a second).
     global _second
-    seconds, ns = divmod(_time.time_ns(), 1_000_000_000)
+    seconds, ns = divmod(_time.time_ns() - int(ago * 1e9), 1_000_000_000)
     made = _second
     if made[0] != seconds:
         made = _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))

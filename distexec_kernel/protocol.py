@@ -130,6 +130,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
         "outputs": (list, False),
         # collected files: [{"name", "size", "sha256", "mime"}]; their bytes came before, in job_artifact frames
         "artifacts": (list, False),
+        "ended_ago": (_NUM, False),  # seconds since the job ended, as the slave sends it
     },
     # slave -> master, before the job's job_finished: ``data`` (base64) is
     # bytes ``offset``.. of the job's artifact number ``index``

@@ -433,7 +433,7 @@ class Master:
                 stderr += f"distexec: collected file(s) lost on the way to the master: {', '.join(missing)}\n"
         applied = self.jobs.runs_on(job_id, uid)
         decisions = self.jobs.finished(uid, job_id, msg["exit_code"], msg["error"], msg["stdout"],
-                                       stderr, rich_outputs(msg.get("outputs")), artifacts)
+                                       stderr, rich_outputs(msg.get("outputs")), artifacts, msg.get("ended_ago"))
         if applied:
             slave = self.slaves.get(uid)
             if slave is not None:

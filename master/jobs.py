@@ -22,12 +22,15 @@ check the decisions, with no sockets, store or event loop.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable
 
 from distexec_kernel import languages as L, protocol as P
 
+# The decisions are read as ``J.Save`` and so on, as before they had a module of their own.
+from .decisions import Ack, Announce, ClearTimer, Decision, Discard, Load, Save, Send, SetTimer  # noqa: F401
 from .scheduler import Scheduler
 
 log = logging.getLogger("distexec.master")
@@ -35,6 +38,8 @@ log = logging.getLogger("distexec.master")
 # Output kept in memory for a running job, per stream; the slave enforces
 # the real limit and sends the whole output at the end.
 LIVE_OUTPUT_CAP = 16 << 20
+# A result older than this when it reaches the master waited for it: its end is then told by the slave.
+LATE_RESULT = 0.5
 
 
 class _Never:
@@ -45,68 +50,6 @@ class _Never:
 
 
 NEVER = _Never()
-
-
-# -- decisions ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Save:
-    """Write these records; nothing after this decision is carried out before they are committed.
-
-    The records are the machine's own dicts: the store copies them when handed
-    over, so a decision list is carried out at once, in the event's turn.
-    """
-    jobs: tuple[dict, ...]
-
-
-@dataclass(frozen=True)
-class Announce:
-    """Tell the clients allowed to see ``user``'s jobs (its owner and the admins)."""
-    msg: dict
-    user: str | None
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send ``msg`` to slave ``uid`` on its current connection (dropped if it has none)."""
-    uid: str
-    msg: dict
-
-
-@dataclass(frozen=True)
-class Load:
-    """Fetch the job's inputs, then feed them back with ``started(job_id, dispatch, inputs)``."""
-    job_id: int
-    dispatch: int
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Send ``result_ack`` to ``uid`` once every save of the job handed over so far is committed."""
-    uid: str
-    job_id: int
-
-
-@dataclass(frozen=True)
-class Discard:
-    """Drop the collected-file chunks held for the job (a result that will not come, or came)."""
-    job_id: int
-
-
-@dataclass(frozen=True)
-class SetTimer:
-    """Call ``timer_fired(job_id, token)`` after ``delay`` seconds (replacing the job's timer)."""
-    job_id: int
-    token: int
-    delay: float
-
-
-@dataclass(frozen=True)
-class ClearTimer:
-    job_id: int
-
-
-Decision = Union[Save, Announce, Send, Load, Ack, Discard, SetTimer, ClearTimer]
 
 
 # -- state -------------------------------------------------------------------
@@ -266,11 +209,13 @@ class Lifecycle:
         return out
 
     def finished(self, uid: str, job_id: int, exit_code: int | None, error: dict | None, stdout: str,
-                 stderr: str, outputs: list | None = None, artifacts: list | None = None) -> list[Decision]:
+                 stderr: str, outputs: list | None = None, artifacts: list | None = None,
+                 ended_ago: float | None = None) -> list[Decision]:
         """A slave's result.  Applied if the job runs there; otherwise (settled already, a
         duplicate) only acknowledged, once what settled it is durable.  The slave says
         whether its kill or the program's own end came first: a job that finished before
-        a cancel reached it keeps its result."""
+        a cancel reached it keeps its result; and how long ago it ended (``ended_ago``): a
+        result that waited for this master keeps its end as ``finished_at``."""
         if not self.runs_on(job_id, uid) and not self._taken_back(uid, self.slaves.get(uid), job_id):
             # A job that runs again elsewhere keeps its new slave's chunks.
             return ([] if job_id in self.records else [Discard(job_id)]) + [Ack(uid, job_id)]
@@ -281,8 +226,8 @@ class Lifecycle:
             # The slave gave up on it (its drain deadline passed): as with a slave that went away,
             # a job with retries left runs again elsewhere (without, it ends with what it printed).
             return self._lose(rec, error.get("message") or "its slave stopped") + [Ack(uid, job_id)]
-        return self._settle(rec, exit_code, error, stdout, stderr,
-                            outputs=outputs, artifacts=artifacts) + [Ack(uid, job_id)]
+        return self._settle(rec, exit_code, error, stdout, stderr, outputs=outputs, artifacts=artifacts,
+                            ended_ago=ended_ago) + [Ack(uid, job_id)]
 
     def cancel(self, job_id: int) -> list[Decision]:
         """A user's cancel.  It wins over any later start: a job not yet sent to its
@@ -428,7 +373,7 @@ class Lifecycle:
 
     def _settle(self, rec: JobRecord, exit_code: int | None, err: dict | None, stdout: str | None = None,
                 stderr: str | None = None, *, outputs: list | None = None,
-                artifacts: list | None = None) -> list[Decision]:
+                artifacts: list | None = None, ended_ago: float | None = None) -> list[Decision]:
         """The job's one terminal state: it leaves the records (terminal jobs live in the store only)."""
         job = rec.job
         del self.records[job["id"]]
@@ -436,7 +381,7 @@ class Lifecycle:
         if job["status"] == P.QUEUED:
             self.scheduler.dequeue(job["id"])
         self.scheduler.finished(job["id"])
-        job.update(status=P.status_of(err), error=err, exit_code=exit_code, finished_at=P.now(),
+        job.update(status=P.status_of(err), error=err, exit_code=exit_code, finished_at=_end(job, ended_ago),
                    outputs=outputs or [], artifacts=artifacts or [])
         if stdout is not None:
             job["stdout"] = stdout
@@ -444,6 +389,16 @@ class Lifecycle:
             job["stderr"] = stderr
         out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
         return out + [Discard(job["id"]), Save((job,)), _update(job)]
+
+
+def _end(job: dict, ended_ago: float | None) -> str:
+    """When the job ended: now, or ``ended_ago`` seconds before (a result that waited for the master,
+    across a restart or a reconnect), never before it started."""
+    if not ended_ago or ended_ago < LATE_RESULT:
+        return P.now()
+    started = P.parse_time(job.get("started_at"))
+    ran_for = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds() if started else 0.0
+    return P.now(min(ended_ago, max(0.0, ran_for)))
 
 
 def merged(decisions: list[Decision]) -> list[Decision]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 import uuid
 
 import tornado.httpclient
@@ -56,6 +57,8 @@ class Slave:
         self.unacked: dict[int, dict] = {}
         # The collected files of unacknowledged results: sent again with them.
         self.unacked_blobs: dict[int, list[bytes]] = {}
+        # When each unacknowledged job ended (monotonic): a result sent late says how long ago.
+        self._ended: dict[int, float] = {}
         self.draining = False
         # Sent at each register: the master knows from it that a job we do not
         # list was never received by this process (so it never ran here).
@@ -119,7 +122,7 @@ class Slave:
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=self._languages(),
             slots=self.slots, running=sorted({*self.running, *with_files}),
-            results=[r for j, r in self.unacked.items() if j not in self.unacked_blobs],
+            results=[self._result(j) for j in self.unacked if j not in self.unacked_blobs],
             draining=self.draining, detecting=self.detecting, sessions=self._session_names(),
             instance=self.instance, batch=True, **self._session_cap()))  # read_frames reads batch frames
         self._send_output_so_far()
@@ -187,6 +190,7 @@ class Slave:
 
     def on_result_ack(self, msg: dict) -> None:
         self.unacked.pop(msg["job_id"], None)
+        self._ended.pop(msg["job_id"], None)
         self.unacked_blobs.pop(msg["job_id"], None)
         self._check_idle()
 
@@ -248,6 +252,7 @@ class Slave:
         self._so_far.pop(job_id, None)
         result = outcome.message(job_id)
         self.unacked[job_id] = result
+        self._ended[job_id] = time.monotonic()
         if outcome.blobs:
             self.unacked_blobs[job_id] = outcome.blobs
         self.running.pop(job_id, None)
@@ -263,7 +268,7 @@ class Slave:
         """
         if job_id not in self.unacked_blobs:
             if conn is not None and conn is self.conn and job_id in self.unacked:
-                self._send(self.unacked[job_id])  # at once, as it always went: no file frames to pace
+                self._send(self._result(job_id))  # at once, as it always went: no file frames to pace
             return
         try:
             for index, blob in enumerate(self.unacked_blobs.get(job_id, ())):
@@ -274,9 +279,16 @@ class Slave:
                     await conn.write_message(P.encode(P.make("job_artifact", job_id=job_id, index=index,
                                                              offset=offset, data=data)))
             if conn is not None and conn is self.conn and job_id in self.unacked:
-                await conn.write_message(P.encode(self.unacked[job_id]))
+                await conn.write_message(P.encode(self._result(job_id)))
         except (tornado.websocket.WebSocketClosedError, tornado.iostream.StreamClosedError):
             pass  # the next register sends it all again
+
+    def _result(self, job_id: int) -> dict:
+        """An unacknowledged job_finished, saying how long ago the job ended: one sent after a master
+        restart or a reconnect then keeps its true end (``finished_at``), not when the master heard."""
+        result = self.unacked[job_id]
+        result["ended_ago"] = round(time.monotonic() - self._ended[job_id], 3)
+        return result
 
     def _flush_output(self) -> None:
         self._flush_handle = None

@@ -24,7 +24,7 @@ import tornado.websocket
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.local import free_port
 
-from conftest import HOLD, UNTIL_RELEASED, assert_gone, logs, release_jobs, wait_for
+from conftest import HOLD, UNTIL_RELEASED, assert_gone, job_processes_of, logs, release_jobs, wait_for
 
 GRACE = 3.0  # --lost-grace for these tests: long enough for a slave to come back, short to wait out
 
@@ -284,6 +284,25 @@ def test_submission_right_after_a_restart_waits_for_the_slaves(make_cluster):
         submitter.join(20)
         job = got["job"].wait(20)
         assert job.status == P.SUCCEEDED and job.stdout == "waited\n", job.record
+
+
+def test_a_job_that_ended_while_the_master_was_down_keeps_its_end_time(make_cluster, tmp_path):
+    """Its result waits on the slave for the next master; finished_at is when it ended, not when it was heard."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--lost-grace", "60"])
+    slave = lc.slaves[0]
+    with connect(lc) as c:
+        job = c.submit(HELD, name="ends-alone")
+        started(c, job)
+    lc.master.stop(signal.SIGKILL)
+    release_jobs(slave.pid)
+    wait_for(lambda: not job_processes_of(slave.pid), 30, "the job to end with no master")
+    master_back = time.time()
+    lc.start_master()
+    with connect(lc) as c2:
+        j = c2.job(job.id).wait(30)
+        assert j.status == P.SUCCEEDED, (j.record, logs(tmp_path))
+        ended = P.parse_time(j.finished_at).timestamp()
+        assert P.parse_time(j.started_at).timestamp() <= ended <= master_back, j.record
 
 
 def test_running_job_whose_slave_never_returns_is_lost_after_the_grace(make_cluster, tmp_path):

@@ -375,6 +375,18 @@ def test_a_slave_back_sends_its_jobs_output_so_far_and_the_relay_goes_on_from_it
     assert w.jobs.output_so_far("b", 1, "x", "y") == [] and w.jobs.output_so_far("a", 9, "x", "y") == []
 
 
+def test_a_late_result_keeps_its_end_but_never_before_its_start():
+    w = one_running()
+    started = P.parse_time(w.jobs.job(1)["started_at"])
+    # The slave says it ended an hour ago (a clock or a bug): not before the job started.
+    [job] = saved(w.jobs.finished("a", 1, 0, None, "", "", ended_ago=3600.0))
+    assert started <= P.parse_time(job["finished_at"]) <= P.parse_time(P.now())
+    before = P.parse_time(P.now())
+    w = one_running()
+    [job] = saved(w.jobs.finished("a", 1, 0, None, "", "", ended_ago=0.01))  # on time: now, as before
+    assert P.parse_time(job["finished_at"]) >= before
+
+
 def test_resumed_job_whose_slave_never_returns_is_lost():
     w = World()
     out = w.jobs.resume([dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1)], grace=30.0)
