@@ -38,7 +38,7 @@ log = logging.getLogger("distexec.master")
 # Output kept in memory for a running job, per stream; the slave enforces
 # the real limit and sends the whole output at the end.
 LIVE_OUTPUT_CAP = 16 << 20
-# A result older than this when it reaches the master waited for it: its end is then told by the slave.
+# A result older than this when it reaches the master waited for it: its end is checked against its start.
 LATE_RESULT = 0.5
 
 
@@ -392,10 +392,11 @@ class Lifecycle:
 
 
 def _end(job: dict, ended_ago: float | None) -> str:
-    """When the job ended: now, or ``ended_ago`` seconds before (a result that waited for the master,
-    across a restart or a reconnect), never before it started."""
+    """When the job ended: ``ended_ago`` seconds before now, as its slave says (a result that waited
+    for the master, across a restart or a reconnect, keeps its end), never before it started."""
     if not ended_ago or ended_ago < LATE_RESULT:
-        return P.now()
+        # The job started before its job_run went out, so its end cannot come before its start.
+        return P.now(max(0.0, ended_ago or 0.0))
     started = P.parse_time(job.get("started_at"))
     ran_for = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds() if started else 0.0
     return P.now(min(ended_ago, max(0.0, ran_for)))
