@@ -394,12 +394,13 @@ class Lifecycle:
 def _end(job: dict, ended_ago: float | None) -> str:
     """When the job ended: ``ended_ago`` seconds before now, as its slave says (a result that waited
     for the master, across a restart or a reconnect, keeps its end), never before it started."""
-    if not ended_ago or ended_ago < LATE_RESULT:
-        # The job started before its job_run went out, so its end cannot come before its start.
-        return P.now(max(0.0, ended_ago or 0.0))
-    started = P.parse_time(job.get("started_at"))
-    ran_for = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds() if started else 0.0
-    return P.now(min(ended_ago, max(0.0, ran_for)))
+    ago = max(0.0, ended_ago or 0.0)
+    if ago >= LATE_RESULT:
+        # Only a late one is checked: a prompt result's job started before its job_run went out.
+        started = P.parse_time(job.get("started_at"))
+        ran_for = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds() if started else 0.0
+        ago = min(ago, max(0.0, ran_for))
+    return P.now(ago)
 
 
 def merged(decisions: list[Decision]) -> list[Decision]:
