@@ -218,13 +218,9 @@ class RemoteMagics(Magics):
 
     def _cmd_cancel(self, rest):
         a = parse_command("cancel", rest, (("id",), dict(type=int)))
-        job = self.cluster.cancel(a.id)
-        if not job.done:
-            try:
-                job = self.cluster.job(a.id).wait(timeout=10)
-            except TimeoutError:
-                pass  # the slave is slow to kill it; the status line says where it is
-        print(D.status_line(job.record))
+        # The master answers once the slave has killed a running job; a slave slow
+        # to do it leaves the job shown as it stands (⏳).
+        print(D.status_line(self.cluster.cancel(a.id).record))
 
     def _cmd_show(self, rest):
         a = parse_command("show", rest, (("id",), dict(type=int)))

@@ -244,7 +244,8 @@ class CancelHandler(ApiHandler):
         job = await self.master.cancel(jid, user=self.owner) if jid is not None else None
         if job is None:
             return self.fail(404, "not_found", f"no job {job_id}")
-        self.send_json(job)
+        # Answered with the end the cancel caused, once the slave has killed it.
+        self.send_json(job if job["status"] in P.TERMINAL else await self.master.ended(job))
 
 
 class GroupCancelHandler(ApiHandler):

@@ -27,6 +27,8 @@ class Carrier:
         # Job id -> its last save handed to the store, until committed: a
         # result is acknowledged, and a read answered, only once it is durable.
         self._saving: dict[int, asyncio.Future] = {}
+        # Job id -> futures of those waiting for its end (a cancel answering with the end it caused).
+        self._ending: dict[int, list[asyncio.Future]] = {}
 
     def __call__(self, decisions: list[J.Decision],
                  at_hand: dict[int, dict] | None = None) -> asyncio.Future | None:
@@ -68,6 +70,21 @@ class Carrier:
         """Wait until what memory says of these jobs is committed: a read tells nothing not yet durable."""
         while pending := {self._saving[j] for j in job_ids if j in self._saving}:
             await asyncio.wait(pending)
+
+    async def ended(self, job_id: int, within: float) -> None:
+        """Wait until the job's end is announced (so committed), or ``within`` seconds have passed."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._ending.setdefault(job_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), within)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiters = self._ending.get(job_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._ending[job_id]
 
     async def _rest(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None,
                     saving: asyncio.Future | None = None) -> None:
@@ -112,6 +129,9 @@ class Carrier:
     def _do(self, d: J.Decision) -> None:
         if isinstance(d, J.Announce):
             self.clients.broadcast(d.msg, d.user)
+            if self._ending and d.msg["type"] == "job_update" and d.msg["job"]["status"] in P.TERMINAL:
+                for waiter in self._ending.pop(d.msg["job"]["id"], ()):
+                    waiter.set_result(None)
         elif isinstance(d, J.Send):
             slave = self.slaves.get(d.uid)
             if slave is not None:

@@ -39,6 +39,10 @@ SLAVES_EVENT_DELAY = 0.1  # seconds slave-list changes are gathered before clien
 # a dead one costs its jobs these few seconds more.
 RECONNECT_GRACE = 3.0
 
+# How long a cancel of a running job waits for its slave to kill it before it
+# answers (a kill takes milliseconds; a slave that does not answer is not waited for long).
+CANCEL_WAIT = 5.0
+
 DEFAULT_MAX_QUEUED_PER_USER = 1000
 # A safety cap on all queued jobs together (they cost about 1 KiB of memory
 # each, their inputs being in the store); users meet their own cap first.
@@ -238,7 +242,8 @@ class Master:
         """Cancel in any non-terminal state; a terminal job is returned as it is.
 
         ``user`` limits it to that user's jobs (another's is None, as if absent);
-        None is an admin's cancel.
+        None is an admin's cancel.  A running job is returned still running: it
+        ends when its slave has killed it (``ended``).
         """
         job = self.jobs.job(job_id)
         if job is None:
@@ -250,6 +255,12 @@ class Master:
         self._dispatch()
         await _done(carrying)
         return dict(job)
+
+    async def ended(self, job: dict, within: float = CANCEL_WAIT) -> dict:
+        """``job`` as it is once it has ended (committed), or as it is after ``within`` seconds."""
+        if self.jobs.job(job["id"]) is not None:
+            await self._carry.ended(job["id"], within)
+        return await self.get_job(job["id"]) or job
 
     async def cancel_group(self, group: str, user: str | None = None) -> int | None:
         """Cancel the unfinished jobs of ``group`` that ``user`` may see; how many there were.

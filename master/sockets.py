@@ -353,7 +353,18 @@ class ClientSocket(_Socket):
         else:
             job = await self.master.cancel(msg["job_id"], user=identity.owner)
             err = None if job else P.error("not_found", f"no job {msg['job_id']}")
+        if job is not None and job["status"] not in P.TERMINAL:
+            # Answered with the end the cancel caused, once the slave has killed it, from a task:
+            # the channel's later frames (submissions) are not held behind that kill.
+            return self._track(asyncio.ensure_future(self._answer_cancel(job, msg.get("ref"))))
         self.send(P.make("cancel_reply", job=job, error=err, ref=msg.get("ref")))
+
+    async def _answer_cancel(self, job: dict, ref: str | None) -> None:
+        try:
+            job = await self.master.ended(job)
+        except Exception:
+            log.exception("a cancelled job's end could not be read")  # answered as it was
+        self.send(P.make("cancel_reply", job=job, ref=ref))
 
     def _recheck_later(self) -> None:
         self._rechecking = asyncio.get_running_loop().call_later(PING_INTERVAL, self._recheck)

@@ -162,6 +162,34 @@ def test_cancel_running_job(client):
     assert job.status == P.CANCELLED and job.error["code"] == P.CANCELLED_CODE
 
 
+def test_a_cancel_answers_with_the_end_it_caused(cluster, client):
+    """Over HTTP and over the WebSocket, cancelling a running job answers once its slave has killed
+    it: the job as it ended (cancelled), not still running."""
+    over_http, over_ws = (client.submit("import time\nprint('up', flush=True)\ntime.sleep(60)") for _ in "ab")
+    for job in (over_http, over_ws):
+        wait_for(lambda: client.job(job.id).stdout == "up\n", what=f"job {job.id} to start")
+
+    r = api(cluster, "POST", f"/api/jobs/{over_http.id}/cancel")
+    assert r.status_code == 200
+    answer = r.json()
+    assert (answer["status"], answer["error"]["code"]) == (P.CANCELLED, P.CANCELLED_CODE), answer
+    assert answer["finished_at"] and answer["stdout"] == "up\n"
+
+    async def cancel_on_the_socket():
+        conn = await _ws(cluster.url, cluster.token, "/ws/client")
+        try:
+            conn.write_message(P.encode(P.make("cancel", job_id=over_ws.id, ref="c1")))
+            while (msg := await _read(conn, 20))["type"] != "cancel_reply":
+                pass
+            return msg
+        finally:
+            await close_ws(conn)
+    reply = asyncio.run(cancel_on_the_socket())
+    assert reply["ref"] == "c1" and reply.get("error") is None
+    assert (reply["job"]["status"], reply["job"]["error"]["code"]) == (P.CANCELLED, P.CANCELLED_CODE)
+    assert client.job(over_ws.id).status == P.CANCELLED
+
+
 def test_cancel_queued_job_and_terminal_cancel(make_cluster):
     lc = make_cluster(1, slots=1)
     with Cluster(lc.url, token=lc.token) as c:

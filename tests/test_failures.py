@@ -18,13 +18,14 @@ import time
 
 import psutil
 import pytest
+import requests
 import tornado.httpclient
 import tornado.websocket
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.local import free_port
 
-from conftest import HOLD, UNTIL_RELEASED, assert_gone, job_processes_of, logs, release_jobs, wait_for
+from conftest import HOLD, UNTIL_RELEASED, assert_gone, close_ws, job_processes_of, logs, release_jobs, wait_for
 
 GRACE = 3.0  # --lost-grace for these tests: long enough for a slave to come back, short to wait out
 
@@ -127,6 +128,50 @@ def test_silent_slave_is_noticed_by_pings(make_cluster):
         finally:
             orphans = kill_slave(frozen)
     assert_gone(orphans, "the killed slave's jobs")
+
+
+def test_a_cancel_waits_for_a_silent_slave_a_few_seconds_only(make_cluster):
+    """A cancel answers once the slave has killed the job; a slave that does not answer (SIGSTOP)
+    holds the answer a few seconds only (the job still running), and holds no other frame of the
+    client's channel meanwhile.  The slave, back, kills the job: it ends cancelled."""
+    lc = make_cluster(1, slots=1)
+    slave = lc.slaves[0]
+    headers = {"Authorization": f"Bearer {lc.token}"}
+    with connect(lc) as c:
+        job = c.submit(SLEEPER, args=["60"])
+        started(c, job)
+
+        async def cancel_twice_then_submit() -> tuple[list[str], dict, dict, float]:
+            req = tornado.httpclient.HTTPRequest(config.ws_url(lc.url) + "/ws/client", headers=headers)
+            conn = await tornado.websocket.websocket_connect(req)
+            try:
+                t0 = time.monotonic()
+                over_http = asyncio.create_task(asyncio.to_thread(
+                    requests.post, f"{lc.url}/api/jobs/{job.id}/cancel", headers=headers, timeout=30))
+                conn.write_message(P.encode(P.make("cancel", job_id=job.id, ref="cancel")))
+                conn.write_message(P.encode(P.make("submit", request={"source": "print(1)",
+                                                                      "language": "python"}, ref="next")))
+                order, cancel_reply = [], None
+                while cancel_reply is None:
+                    msg = P.decode(await asyncio.wait_for(conn.read_message(), 30))
+                    if msg["type"] in ("submit_reply", "cancel_reply"):
+                        order.append(msg["ref"])
+                        cancel_reply = msg if msg["type"] == "cancel_reply" else None
+                answered = (await over_http).json()
+                return order, cancel_reply, answered, time.monotonic() - t0
+            finally:
+                await close_ws(conn)
+
+        os.kill(slave.pid, signal.SIGSTOP)
+        try:
+            order, cancel_reply, answered, took = asyncio.run(cancel_twice_then_submit())
+        finally:
+            os.kill(slave.pid, signal.SIGCONT)
+        assert order == ["next", "cancel"]  # the submission was answered while the cancel waited
+        assert cancel_reply["job"]["status"] == P.RUNNING and answered["status"] == P.RUNNING
+        assert 4 < took < 15, f"{took:.1f} s"
+        job.wait(30)
+        assert job.status == P.CANCELLED and job.error["code"] == P.CANCELLED_CODE, job.record
 
 
 def test_slave_that_drops_its_connection_and_comes_back_keeps_its_job(make_cluster):
