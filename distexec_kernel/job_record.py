@@ -132,6 +132,10 @@ SUMMARY_OMIT = ("source", "files", "stdin", "stdout", "stderr", "outputs", "ref"
 # A finished job's event carries its whole output up to this size, so a client
 # that waited for it needs no request to read the result.
 SMALL_OUTPUT_CHARS = 64 << 10
+# The key of a rich output's metadata that says where it came in the job's
+# stdout (``{"stdout_at": characters before it}``): a notebook shows it there,
+# where a local cell would, and without the text/plain stdout also has of it.
+OUTPUT_PLACE = "distexec"
 
 
 _SUMMARY_OMIT = frozenset(SUMMARY_OMIT)

@@ -26,7 +26,7 @@ from traitlets import Unicode
 
 from . import __version__, cells, config, display as D, interrupts, languages as L, protocol as P
 from .cluster import Cluster, DistexecError, Job
-from .outputs import rich_outputs
+from .outputs import in_place, metadata_of, rich_outputs
 
 # After a failed attempt to reach the cluster, kernel_info does not try again
 # for this long (a front end asks for it often; a cell always tries).
@@ -191,16 +191,20 @@ class DistexecKernel(Kernel):
                 self._show(D.status_bundle(job.record))
             return self._ok()
 
+        written = []
+
         def write(stream: str, text: str) -> None:
+            written.append((stream, text))
             if not silent:
-                self.send_response(self.iopub_socket, "stream", {"name": stream, "text": text})
+                self._stream(stream, text)
 
         interrupted = job.follow(write)
         record = job.record
+        if not silent and not interrupted:
+            self._show_outputs(written, record)  # as the magic: a failed cell's displays show too
         if interrupted or record["status"] != P.SUCCEEDED:
             return self._failed(record, interrupted)
         if not silent:
-            self._show_outputs(record)
             self._show(D.status_bundle(record))
         return self._ok()
 
@@ -219,11 +223,21 @@ class DistexecKernel(Kernel):
     def _show(self, bundle: dict) -> None:
         self.send_response(self.iopub_socket, "display_data", {"data": bundle, "metadata": {}})
 
-    def _show_outputs(self, record: dict) -> None:
-        """The job's rich outputs (nbformat-style, from a session's display calls), when it has any."""
-        for out in rich_outputs(record):  # text-only ones came in stdout already
-            content = {"data": out.get("data", {}), "metadata": out.get("metadata", {})}
-            if out.get("output_type") == "execute_result":
+    def _stream(self, stream: str, text: str) -> None:
+        self.send_response(self.iopub_socket, "stream", {"name": stream, "text": text})
+
+    def _show_outputs(self, written: list[tuple[str, str]], record: dict) -> None:
+        """The job's rich outputs (nbformat-style, from a session's display calls), when it has any:
+        the cell redrawn with each where it came (outputs.in_place), or after what was streamed."""
+        redrawn = in_place(written, record)
+        if redrawn is not None:
+            self.send_response(self.iopub_socket, "clear_output", {"wait": True})
+        for kind, item in redrawn if redrawn is not None else [("output", out) for out in rich_outputs(record)]:
+            if kind != "output":
+                self._stream(kind, item)
+                continue
+            content = {"data": item.get("data", {}), "metadata": metadata_of(item)}
+            if item.get("output_type") == "execute_result":
                 content["execution_count"] = self.execution_count
                 self.send_response(self.iopub_socket, "execute_result", content)
             else:

@@ -22,7 +22,7 @@ import sys
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from IPython.display import display
+from IPython.display import clear_output, display
 
 from . import config, display as D, interrupts, languages, outputs as O, protocol as P
 from .cells import seconds
@@ -52,6 +52,12 @@ class Rich:
 
 def _rank(status: str) -> int:
     return 2 if status in P.TERMINAL else 1 if status == P.RUNNING else 0
+
+
+def _write(stream: str, text: str) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()
 
 
 @magics_class
@@ -243,24 +249,36 @@ class RemoteMagics(Magics):
             raise RemoteJobFailed(job, interrupted=True)
         if no_wait:
             return job  # shown by show_job as a live status line
-        self._follow(job)
+        written = self._follow(job)
         # What a local cell would show before its error too: its displays, then the files it made.
-        O.show_outputs(job.record, display)
+        redrawn = O.in_place(written, job.record) if getattr(self.shell, "kernel", None) is not None else None
+        if redrawn is None:  # (a terminal cannot take back what it printed)
+            O.show_outputs(job.record, display)
+        else:
+            clear_output(wait=True)
+            for kind, item in redrawn:
+                if kind == "output":
+                    display(item["data"], raw=True, metadata=O.metadata_of(item) or None)
+                else:
+                    _write(kind, item)
         O.show_artifacts(job, display)
         if job.status != P.SUCCEEDED:
             raise RemoteJobFailed(job)
         display(D.status_bundle(job.record), raw=True)
         return None
 
-    def _follow(self, job: Job) -> None:
-        """Stream the job's output into this cell, from the main thread; Ctrl-C cancels it."""
+    def _follow(self, job: Job) -> list[tuple[str, str]]:
+        """Stream the job's output into this cell, from the main thread; Ctrl-C cancels it.
+        Returns what it wrote, ``(stream, text)`` in order, for the cell to be redrawn."""
+        written = []
+
         def write(stream: str, text: str) -> None:
-            out = sys.stdout if stream == "stdout" else sys.stderr
-            out.write(text)
-            out.flush()
+            written.append((stream, text))
+            _write(stream, text)
 
         if job.follow(write):
             raise RemoteJobFailed(job, interrupted=True) from None
+        return written
 
     def _map(self, cell: str, args: argparse.Namespace):
         """``%%remote --map NAME``: one job per item, a progress bar, a summary line."""

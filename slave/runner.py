@@ -115,6 +115,7 @@ class Capture:
     used: int = 0
     over: bool = False
     outputs: list = field(default_factory=list)  # a session cell's rich outputs, counted in ``used``
+    chars: dict = field(default_factory=lambda: {"stdout": 0, "stderr": 0})  # each stream's length so far
 
     def feed(self, stream: str, data: str, size: int) -> None:
         if self.over:
@@ -125,6 +126,7 @@ class Capture:
         self.used += size
         if data:
             self.parts[stream].append(data)
+            self.chars[stream] += len(data)
             if self.on_output is not None:
                 self.on_output(stream, data)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from distexec_kernel import protocol as P
+from distexec_kernel.job_record import OUTPUT_PLACE
 
 from . import safefs, steps
 from .jobdirs import JobDir, JobDirs
@@ -227,12 +228,15 @@ class CellRunner:
             elif kind in ("execute_result", "display_data", "update_display_data"):
                 data = content.get("data") or {}
                 text = data.get("text/plain")
+                at = capture.chars["stdout"]
                 if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
                     text += "\n"
                     capture.feed("stdout", text, len(text.encode()))
                 if kind != "update_display_data" and isinstance(data, dict):
-                    # The whole bundle travels too, in order, counted against the output limit.
-                    bundle = {"output_type": kind, "data": data, "metadata": content.get("metadata") or {}}
+                    # The whole bundle travels too, in order, counted against the output limit, with
+                    # where it came in stdout: a notebook shows it there (outputs.in_place).
+                    metadata = {**(content.get("metadata") or {}), OUTPUT_PLACE: {"stdout_at": at}}
+                    bundle = {"output_type": kind, "data": data, "metadata": metadata}
                     capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
                     if not capture.over:
                         capture.outputs.append(bundle)

@@ -214,6 +214,41 @@ def magic_shell():
         sh.run_line_magic("unload_ext", "distexec_kernel")
 
 
+# A value whose text (a DataFrame's text table) is not a placeholder: stdout has it, for terminals.
+SHOWN_IN_PLACE = ("from IPython.display import display\n"
+                  "class Table:\n"
+                  "    def _repr_html_(self): return '<b>html table</b>'\n"
+                  "    def __repr__(self): return 'TEXT TABLE'\n"
+                  "print('before')\ndisplay(Table())\nprint('after')\nTable()\n")
+
+
+def visible_outputs(messages: list[dict]) -> list[tuple[str, object]]:
+    """What a Jupyter frontend shows of a cell's iopub ``messages``: ``(stream name, text)`` (consecutive
+    ones joined) and ``(msg_type, data)``, after the ``clear_output`` among them."""
+    shown: list[tuple[str, object]] = []
+    clear_next = False
+    for msg in messages:
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "clear_output":
+            if content.get("wait"):
+                clear_next = True
+            else:
+                shown = []
+            continue
+        if kind not in ("stream", "display_data", "execute_result", "error"):
+            continue
+        if clear_next:
+            shown, clear_next = [], False
+        if kind == "stream":
+            if shown and shown[-1][0] == content["name"]:
+                shown[-1] = (content["name"], shown[-1][1] + content["text"])
+            else:
+                shown.append((content["name"], content["text"]))
+        else:
+            shown.append((kind, content.get("data") or content.get("ename")))
+    return shown
+
+
 @pytest.fixture
 def make_cluster(home, tmp_path):
     """Build and start a LocalCluster; all of them are stopped at the end of the test."""

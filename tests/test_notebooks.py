@@ -25,7 +25,7 @@ from nbclient.exceptions import CellExecutionError
 
 from distexec_kernel import Cluster, protocol as P
 
-from conftest import HOLD, UNTIL_RELEASED, module_cluster, release_jobs, wait_for
+from conftest import HOLD, SHOWN_IN_PLACE, UNTIL_RELEASED, module_cluster, release_jobs, visible_outputs, wait_for
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 # The notebooks of the python3 kernel; those of our own kernels (kernelspec
@@ -171,8 +171,12 @@ def check_rich(nb, cluster: Cluster) -> None:
     figure = shown(cell(nb, "%%remote --session plots\n%matplotlib inline"))
     assert [base64.b64decode(d["image/png"])[:8] for d in figure if "image/png" in d] == [png], figure
     assert STATUS_OK.search(figure[-1]["text/plain"])
-    table = [d for d in shown(cell(nb, "%%remote --session plots\nimport pandas")) if "<table" in d.get("text/html", "")]
+    frame = cell(nb, "%%remote --session plots\nimport pandas")
+    table = [d for d in shown(frame) if "<table" in d.get("text/html", "")]
     assert len(table) == 1 and "sin x" in table[0]["text/html"]
+    # As a local cell: the HTML table alone, not the text table streamed above it too.
+    assert [o.output_type for o in frame.outputs] == ["display_data", "display_data"], frame.outputs
+    assert "distexec" not in frame.outputs[0].metadata  # where it came in stdout: ours, not shown
     stats = cell(nb, "%%remote --file data/")
     assert "500 values, mean 10." in text_of(stats) and "out/summary.csv" in text_of(stats)
     made = cell(nb, "%%remote --session plots --file data/")
@@ -285,6 +289,23 @@ def test_kernel_streams_output_live_into_the_running_cell(kernel):
     assert STATUS_OK.match(status[0][1]["content"]["data"]["text/plain"])
     first_tick = next(t for t, m in streams if "tick 0" in m["content"]["text"])
     assert status[0][0] - first_tick > 0.8, "output arrived all at the end, not live"
+
+
+def test_a_session_cells_rich_outputs_show_in_place_without_their_text(kernel, kernel_cluster):
+    km, kc = kernel
+    msgs, reply = run_in(kc, "%%remote --session in-place\n" + SHOWN_IN_PLACE, timeout=120)
+    assert reply["content"]["status"] == "ok"
+    shown = visible_outputs([m for _, m in msgs])
+    assert [(kind, item if kind == "stdout" else item["text/plain"][:1] if "✅" in item["text/plain"]
+             else item["text/html"])
+            for kind, item in shown] == [("stdout", "before\n"), ("display_data", "<b>html table</b>"),
+                                         ("stdout", "after\n"), ("display_data", "<b>html table</b>"),
+                                         ("display_data", "✅")], shown
+    # Terminals and plain clients still read the text in stdout.
+    with Cluster(kernel_cluster.url, token=kernel_cluster.token) as c:
+        [record] = c.jobs_page(limit=1)[0]
+        assert c.job(record["id"]).stdout == "before\nTEXT TABLE\nafter\nTEXT TABLE\n"
+        c.end_session("in-place")
 
 
 def test_kernel_failed_job_gives_an_error_reply(kernel):

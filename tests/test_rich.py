@@ -11,7 +11,7 @@ from IPython.utils.capture import capture_output
 from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 
-from conftest import magic_shell, module_cluster
+from conftest import SHOWN_IN_PLACE, magic_shell, module_cluster, visible_outputs
 
 T = 120  # a session's first cell starts a kernel; importing matplotlib there takes seconds more
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -197,6 +197,25 @@ def test_the_python_kernel_shows_a_sessions_rich_outputs(lc, tmp_path, monkeypat
             got.append(msg)
         results = [m["content"] for m in got if m["msg_type"] == "execute_result"]
         assert [r["data"].get("text/html") for r in results] == ["<i>it</i>"], got
+
+        # A value whose text is not a placeholder (a DataFrame's): shown in place, its text not also.
+        msg_id = kc.execute(SHOWN_IN_PLACE)
+        reply = kc.get_shell_msg(timeout=T)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=T)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        got = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=10)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+            got.append(msg)
+        shown = [(kind, item if kind == "stdout" else item.get("text/html", "")[:3])
+                 for kind, item in visible_outputs(got)]
+        assert shown == [("stdout", "before\n"), ("display_data", "<b>"), ("stdout", "after\n"),
+                         ("execute_result", "<b>"), ("display_data", "<di")], got
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
@@ -216,3 +235,24 @@ def test_session_syntax_check_never_raises():
     check()
     assert L.check_session_syntax("%%bash\nls -l\n") is None
     assert L.check_session_syntax("x = 1\ny = (\n")["line"] == 2
+
+
+def _place(out: dict, at: int) -> dict:
+    return {**out, "metadata": {"distexec": {"stdout_at": at}}}
+
+
+def test_a_redrawn_cell_keeps_what_it_cannot_place():
+    from distexec_kernel.outputs import in_place
+    table = {"output_type": "execute_result", "data": {"text/plain": "T\n1", "text/html": "<table/>"}}
+    figure = {"output_type": "display_data", "data": {"text/plain": "<Figure>", "image/png": "iVBO"}}
+    # The text split over chunks, stderr between: each output in its place, its text once.
+    written = [("stdout", "a\n"), ("stderr", "warn\n"), ("stdout", "T"), ("stdout", "\n1\nb\n")]
+    assert in_place(written, {"outputs": [_place(figure, 2), _place(table, 2)]}) == [
+        ("stdout", "a\n"), ("stderr", "warn\n"), ("output", _place(figure, 2)), ("output", _place(table, 2)),
+        ("stdout", "b\n")]
+    # Stdout cut short (the output limit): the text is not where it should be, so it stays.
+    assert in_place([("stdout", "a\nT")], {"outputs": [_place(table, 2)]}) == [
+        ("stdout", "a\n"), ("output", _place(table, 2)), ("stdout", "T")]
+    # An output that does not say where it came (a job from before): nothing is redrawn.
+    assert in_place(written, {"outputs": [table]}) is None
+    assert in_place(written, {"outputs": []}) is None
