@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (DistexecError, config.ConnectionConfigError) as exc:
         print(f"distexec: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            # A script reading --json still gets one document: the error, as the API gives it.
+            print_json({"error": {"code": getattr(exc, "code", None) or "no_connection", "message": str(exc)}})
         return 2
     except KeyboardInterrupt:
         return 130

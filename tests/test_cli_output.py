@@ -71,6 +71,24 @@ def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):
     assert TITLE + "err" in raw_submit.stderr
 
 
+def test_json_commands_print_one_document_also_when_they_fail(cluster):
+    from distexec_kernel.local import free_port
+
+    missing = run(cluster, "show", "99999", "--json")
+    assert missing.returncode == 2 and "99999" in missing.stderr
+    assert json.loads(missing.stdout)["error"]["code"] == "not_found", missing.stdout
+
+    class Away:
+        url, token = f"http://127.0.0.1:{free_port()}", cluster.token  # nothing listens there
+    for argv in (("jobs", "--json"), ("slaves", "--json"), ("clients", "--json")):
+        away = run(Away, *argv)
+        assert away.returncode == 2 and away.stderr.startswith("distexec: "), away.stderr
+        error = json.loads(away.stdout)["error"]
+        assert error["code"] == "unreachable" and error["message"] in away.stderr, (argv, away.stdout)
+    # Without --json, stdout stays empty: the reason is on stderr only.
+    assert run(Away, "jobs").stdout == ""
+
+
 SERVER_MODULES = ("master", "slave", "sqlite3", "argon2", "psutil")
 
 
