@@ -92,6 +92,23 @@ def new_secret() -> str:
     return secrets.token_hex(24)
 
 
+def kept_credentials() -> tuple[str | None, str | None]:
+    """The client token and slave secret of this home's connection file, if it has one.
+
+    A master restarted with no ``--token``/``--slave-secret`` keeps them, so the
+    slaves that keep trying to reconnect, and the notebooks and panels still
+    open, get back in; a new pair is made only when there was none (delete the
+    file, or give new ones, to change them).
+    """
+    try:
+        info = read_connection()
+    except ConnectionConfigError:
+        return None, None
+    token, secret = info.get("token"), info.get("slave_secret")
+    return (token if isinstance(token, str) and token else None,
+            secret if isinstance(secret, str) and secret else None)
+
+
 def write_connection(info: dict, path: str | None = None) -> str:
     """Write the connection file with mode 0600 from the start (no window where others can read it)."""
     path = path or connection_path()

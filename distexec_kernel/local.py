@@ -291,7 +291,8 @@ def run_local_cluster(args) -> int:
     """``distexec up``: start, report, wait for Ctrl-C, stop in order."""
     t0 = time.monotonic()
     master_args = ["--db", args.db] if args.db else []
-    lc = LocalCluster(args.slaves, slots=args.slots, max_jobs=args.max_jobs, port=args.port,
+    token, secret = config.kept_credentials()  # as a master restarted alone: open notebooks get back in
+    lc = LocalCluster(args.slaves, slots=args.slots, max_jobs=args.max_jobs, port=args.port, token=token, secret=secret,
                       host=args.host, languages=args.languages, master_args=master_args, stderr=None,
                       slave_args=["--warm-imports", args.warm_imports] if getattr(args, "warm_imports", None) else [],
                       tls=getattr(args, "tls", False))

@@ -74,8 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    token = args.token or os.environ.get("DISTEXEC_TOKEN") or config.new_secret()
-    secret = args.slave_secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or config.new_secret()
+    kept_token, kept_secret = (None, None) if args.no_connection_file else config.kept_credentials()
+    token = args.token or os.environ.get("DISTEXEC_TOKEN") or kept_token or config.new_secret()
+    secret = args.slave_secret or os.environ.get("DISTEXEC_SLAVE_SECRET") or kept_secret or config.new_secret()
     db = args.db or os.path.join(config.ensure_home(), "history.sqlite3")
     store = JobStore(db)  # first: it refuses a folder others could plant names in
     # The logins beside the history: they are the master's state, as it is (docs/security.md).

@@ -460,9 +460,9 @@ def test_clients_are_shown_as_the_server_sees_them_and_only_to_their_owner(user_
 
 def test_a_master_started_by_hand_makes_its_own_secrets_or_takes_its_flags(home):
     """`distexec master` with no token or secret in its environment (what a user runs by hand)."""
-    from distexec_kernel.local import MASTER_READY, SLAVE_REGISTERED, Child
+    from distexec_kernel.local import MASTER_READY, SLAVE_REGISTERED, Child, free_port
     env = {k: v for k, v in os.environ.items() if k not in ("DISTEXEC_TOKEN", "DISTEXEC_SLAVE_SECRET", "DISTEXEC_URL")}
-    master_argv = [sys.executable, "-m", "master", "--host", "127.0.0.1", "--port", "0"]
+    master_argv = [sys.executable, "-m", "master", "--host", "127.0.0.1", "--port", str(free_port())]
     started: list[Child] = []
 
     def start(name, argv, ready):
@@ -481,14 +481,23 @@ def test_a_master_started_by_hand_makes_its_own_secrets_or_takes_its_flags(home)
                         "--languages", "python"], SLAVE_REGISTERED)
         with Cluster() as c:  # all it needs, from the connection file
             assert c.submit("print(6 * 7)").wait(60).stdout == "42\n"
+            # Restarted by hand: it keeps its connection file's secrets, so the slave started with
+            # them registers again and this very client (its token, its event channel) goes on.
+            started.pop(0).stop()
+            start("master", master_argv, MASTER_READY)
+            again = json.loads((home / "connection.json").read_text())
+            assert (again["token"], again["slave_secret"]) == (token, secret)
+            wait_for(lambda: len(c.slaves()) == 1, 30, "the slave to register with the restarted master")
+            assert c.submit("print(7 * 6)").wait(60).stdout == "42\n"
         for child in reversed(started):
             child.stop()
         started.clear()
 
-        # Started again: new secrets, unless given.
+        # With no connection file to keep them from: new secrets.
+        (home / "connection.json").unlink()
         url = start("master", master_argv, MASTER_READY).split()[0]
-        again = json.loads((home / "connection.json").read_text())
-        assert again["token"] != token and again["slave_secret"] != secret
+        fresh = json.loads((home / "connection.json").read_text())
+        assert fresh["token"] != token and fresh["slave_secret"] != secret
         started.pop().stop()
         url = start("master", master_argv + ["--token", "t" * 40, "--slave-secret", "s" * 40], MASTER_READY).split()[0]
         given = json.loads((home / "connection.json").read_text())

@@ -722,36 +722,45 @@ def test_a_slave_stopped_while_its_master_is_frozen_exits_at_once(make_cluster):
 
 
 def test_distexec_up_stops_slaves_then_master(tmp_path, home):
-    """Ctrl-C on `distexec up`: the running job is settled in the history before the master goes."""
+    """Ctrl-C on `distexec up`: the running job is settled in the history before the master goes.
+    Started again, it keeps its token: a client left open (a notebook's) goes on."""
     db = tmp_path / "up.sqlite3"
     port = free_port()
     log = open(tmp_path / "up.log", "w")
-    up = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "up", "--slaves", "1", "--port", str(port),
-                           "--db", str(db)], stdout=subprocess.PIPE, stderr=log, text=True,
-                          env=dict(os.environ, DISTEXEC_HOME=str(home)))
-    try:
+    ups = []
+
+    def start_up() -> subprocess.Popen:
+        up = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "up", "--slaves", "1", "--port",
+                               str(port), "--db", str(db)], stdout=subprocess.PIPE, stderr=log, text=True,
+                              env=dict(os.environ, DISTEXEC_HOME=str(home)))
+        ups.append(up)
         line = up.stdout.readline()
         assert "ready" in line, line
+        return up
+
+    try:
+        up = start_up()
         with Cluster() as c:
             job = c.submit(SLEEPER, args=["30"])
             started(c, job)
-        children = psutil.Process(up.pid).children(recursive=True)
-        up.send_signal(signal.SIGINT)
-        assert up.wait(30) == 0
-        assert_gone(children, "distexec up's master, slaves and jobs")
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        up.stdout.close()
-        log.close()
-    # A master started on the same history finds the job settled, not running.
-    from distexec_kernel.local import LocalCluster
-    lc = LocalCluster(0, db=str(db), home=str(home), log_dir=str(tmp_path / "logs"))
-    lc.start()
-    try:
-        with connect(lc) as c:
+            children = psutil.Process(up.pid).children(recursive=True)
+            up.send_signal(signal.SIGINT)
+            assert up.wait(30) == 0
+            assert_gone(children, "distexec up's master, slaves and jobs")
+
+            start_up()
+            # The master started on the same history finds the job settled, not running.
             j = c.job(job.id)
             assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+            assert c.submit("print(6 * 7)").wait(60).stdout == "42\n"
     finally:
-        lc.stop()
+        for up in ups:
+            if up.poll() is None:
+                up.send_signal(signal.SIGINT)
+                try:
+                    up.wait(30)
+                except subprocess.TimeoutExpired:
+                    up.kill()
+                    up.wait()
+            up.stdout.close()
+        log.close()
