@@ -151,6 +151,7 @@ class RemoteMagics(Magics):
                                               `--` ends these options (the rest go to the program)
         %remote jobs [--status S] [--limit N] the job history, newest first
         %remote slaves | clients | sessions   who is connected, the persistent sessions
+        %remote sessions --end NAME...        end sessions (their variables go)
         %remote show ID                       one job, with its output
         %remote cancel ID                     cancel a job
         %remote panel                         the ipywidgets job panel
@@ -218,7 +219,17 @@ class RemoteMagics(Magics):
         return Rich(D.clients_html(clients), D.clients_text(clients))
 
     def _cmd_sessions(self, rest):
-        parse_command("sessions", rest)
+        a = parse_command("sessions", rest, (("--end",), dict(nargs="+", metavar="NAME", default=[],
+                                                               help="end these sessions (their variables go)")))
+        for name in a.end:
+            try:
+                self.cluster.end_session(name)
+            except DistexecError as exc:
+                if exc.status != 404:
+                    raise
+                print(f"no session {name} to end")
+            else:
+                print(f"ended session {name}")
         sessions = self.cluster.sessions()
         return Rich(D.sessions_html(sessions), D.sessions_text(sessions))
 

@@ -142,7 +142,7 @@ class SessionBook:
         return P.error(P.SESSION_LIMIT, f"session {key[1]!r} would be session {len(mine) + 1} of "
                        f"{'user ' + repr(user) if user else 'this user'}: at most {cap} at once "
                        f"(--max-sessions-per-user); open: {', '.join(sorted(mine))}; end one first "
-                       f"(%remote sessions, Cluster.end_session, DELETE /api/sessions/NAME)", limit=cap)
+                       f"(%remote sessions --end NAME, Cluster.end_session, DELETE /api/sessions/NAME)", limit=cap)
 
     def list(self, owner: str | None = None) -> list[dict]:
         """Live sessions, oldest first; ``owner`` limits them to that user's."""

@@ -36,6 +36,8 @@ SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 CELL_CPUS = 1.0
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
 # An object's default repr (``<Figure size 640x480 with 1 Axes>``, ``<IPython.core.display.HTML object>``).
 _PLACEHOLDER = re.compile(r"<[^\n]*>")
 
@@ -226,7 +228,11 @@ class CellRunner:
                 text = content.get("text", "")
                 capture.feed(stream, text, len(text.encode()))
             elif kind in ("execute_result", "display_data", "update_display_data"):
+                # A widget's view names a model that lives in the session's kernel only: no notebook
+                # could draw it, so its text (a progress bar's line) stands alone.
                 data = content.get("data") or {}
+                if isinstance(data, dict) and WIDGET_VIEW in data:
+                    data = {k: v for k, v in data.items() if k != WIDGET_VIEW}
                 text = data.get("text/plain")
                 at = capture.chars["stdout"]
                 if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
@@ -247,6 +253,10 @@ class CellRunner:
                     lines = CELL_LINE.findall(tb)
                     state.line = int(lines[-1]) if lines else None
                     capture.feed("stderr", tb, len(tb.encode()))
+                elif exit_code(state.evalue) == 1 and state.evalue not in ("1", None):
+                    # sys.exit("message"): Python prints the message on stderr, as a fresh job shows it.
+                    said = f"{state.evalue}\n"
+                    capture.feed("stderr", said, len(said.encode()))
             elif kind == "status" and content.get("execution_state") == "idle" and not idle.done():
                 idle.set_result(None)
 

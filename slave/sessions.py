@@ -174,7 +174,7 @@ class SessionRunner:
             return None
         return P.error(P.SESSION_LIMIT, f"{P.session_label(name)} would be session {len(mine) + 1} of its user: "
                        f"at most {self.max_per_user} (--max-sessions-per-user); open now: {', '.join(mine)}; "
-                       f"end one first (%remote sessions, DELETE /api/sessions/NAME)")
+                       f"end one first (%remote sessions --end NAME, DELETE /api/sessions/NAME)")
 
     async def _stop_strays(self, session: Session) -> int:
         """Kill every process of the session but the kernel's own; how many there were.

@@ -322,6 +322,11 @@ def test_sessions_keep_variables_and_are_listed(shell):
     row = next(line for line in repr(sessions).splitlines() if line.startswith(name + " "))
     assert row.split()[-1] == "2" and " python " in row  # two jobs so far
     assert f"<td style='text-align:left'>{name}</td>" in sessions._repr_html_()
+    result, cap = run(shell, f"%remote sessions --end {name} nb-none")
+    assert result.success and cap.stdout.startswith(f"ended session {name}\nno session nb-none to end\n")
+    assert f"{name} " not in repr(result.result)
+    result, cap = run(shell, f"%%remote --session {name}\nprint(counter)\n")
+    assert not result.success and "NameError" in cap.stderr  # its variables went with it
 
 
 def test_a_remote_error_raised_in_a_cell_reads_like_a_failed_cell(shell):

@@ -89,8 +89,11 @@ def check_quickstart(nb, cluster: Cluster) -> None:
     assert "succeeded 'slow job done\\n'" in text_of(cell(nb, "slow.wait("))
     assert "stored 10 squares\n" in text_of(cell(nb, "%%remote --session demo\ndata ="))
     assert "still here: their sum is 285\n" in text_of(cell(nb, "%%remote --session demo\nprint("))
-    sessions = text_of(cell(nb, "%remote sessions"))
+    [listing] = [c for c in nb.cells if c.cell_type == "code" and c.source.strip() == "%remote sessions"]
+    sessions = text_of(listing)
     assert re.search(r"^demo +\S+ +\S+ +python .* 2$", sessions, re.M), sessions
+    ended = text_of(cell(nb, "%remote sessions --end demo"))
+    assert ended.startswith("ended session demo\n") and not re.search(r"^demo ", ended, re.M), ended
     history = text_of(cell(nb, "%remote jobs"))
     ids = [int(m) for m in re.findall(r"^\S+\s+(\d+)\s", history, re.M)]
     assert len(ids) >= 5 and ids == sorted(ids, reverse=True)
@@ -187,6 +190,7 @@ def check_rich(nb, cluster: Cluster) -> None:
     assert re.search(r"^count,mean,stdev\n500,10\.\d+,", listing, re.M), listing
     assert re.search(r"^histogram\.png \d+ image/png$", listing, re.M), listing
     assert "starts with b'\\x89PNG'" in listing, listing
+    assert text_of(cell(nb, "%remote sessions --end plots")).startswith("ended session plots\n")
 
 
 CHECKS = {"quickstart.ipynb": check_quickstart, "multilang.ipynb": check_multilang,

@@ -100,6 +100,20 @@ def test_a_matplotlib_figure_and_a_dataframe_come_back_as_png_and_html(c):
     assert "sq" in table["data"]["text/plain"]
 
 
+def test_a_widget_comes_back_as_its_text_and_an_exit_message_is_said(c):
+    """A widget's view names a model that lives in the session's kernel: no notebook could draw it."""
+    name = session()
+    job = c.submit("import ipywidgets as w\nw.IntSlider(value=3)", session=name).wait(T)
+    assert job.status == P.SUCCEEDED, job.stderr
+    assert [sorted(o["data"]) for o in job.outputs] == [["text/plain"]], job.outputs
+    assert "IntSlider(value=3)" in job.stdout
+    # sys.exit("message") says its message on stderr, as Python (and a fresh job) does.
+    job = c.submit("import sys\nsys.exit('custom exit message')", session=name).wait(T)
+    assert (job.status, job.exit_code, job.stderr) == (P.FAILED, 1, "custom exit message\n"), job.record
+    job = c.submit("import sys\nsys.exit(3)", session=name).wait(T)
+    assert (job.exit_code, job.stderr) == (3, ""), job.record
+
+
 def test_ipython_syntax_is_accepted_in_sessions_and_refused_in_plain_jobs(c):
     name = session()
     job = c.submit("%matplotlib inline\n!echo hi from the shell\nfiles = !ls\nx = 5\nx?\n%time y = x * 2\nprint(y)",
