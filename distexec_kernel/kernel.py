@@ -160,9 +160,13 @@ class DistexecKernel(Kernel):
         try:
             cluster = self._connect()
         except (DistexecError, config.ConnectionConfigError) as exc:
-            msg = (f"no distexec cluster to run this {self.lang.display_name} cell: {exc}. Start one with "
-                   f"`distexec up`, log in to one with `distexec login URL --user NAME` (in a terminal), or set "
-                   f"DISTEXEC_URL and DISTEXEC_TOKEN, then run the cell again.")
+            said = str(exc).rstrip(".")
+            # "no cluster found" already says how to get one: the advice once, not twice.
+            advice = ("" if "`distexec up`" in said else
+                      " Start one with `distexec up`, log in to one with `distexec login URL --user NAME` (in a "
+                      "terminal), or set DISTEXEC_URL and DISTEXEC_TOKEN.")
+            msg = (f"no distexec cluster to run this {self.lang.display_name} cell: {said}.{advice} "
+                   f"Then run the cell again.")
             return self._error(NO_CLUSTER, msg, [msg])
         session = cell.session or self.session_name
         try:

@@ -196,8 +196,8 @@ class PanelModel:
         status = job.get("status")
         err = job.get("error") or {}
         text = f"{P.ICONS.get(status, '?')} {'submitted ' if submitted else ''}job {job['id']}: {status}"
-        if err:
-            text += f": {err.get('code')}: {err.get('message')}"
+        if err:  # the code only where it says more than the status ("cancelled: cancelled: ..." did not)
+            text += (f": {err.get('code')}" if err.get("code") != status else "") + f": {D.error_text(err)}"
         self.note = text
         self.note_job = None if status in P.TERMINAL else job["id"]
         self.mark("title")

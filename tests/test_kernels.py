@@ -331,6 +331,17 @@ def test_no_cluster_is_said_in_the_first_cell(monkeypatch, tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+    # No cluster named anywhere: how to get one is said once.
+    monkeypatch.delenv("DISTEXEC_URL")
+    monkeypatch.setenv("DISTEXEC_HOME", str(tmp_path / "empty-home"))
+    km, kc = start("distexec-c")
+    try:
+        _, reply, out = run(kc, "int main(void) { return 0; }\n")
+        assert reply["ename"] == "no_cluster" and "no cluster found" in out
+        assert out.count("distexec up") == 1, out
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def test_no_slave_for_the_language_is_said(tmp_path, monkeypatch):

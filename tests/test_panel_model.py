@@ -120,7 +120,7 @@ def test_a_cancel_note_follows_the_job_even_if_its_end_came_first():
     m = loaded(PanelModel(), [job(3, P.RUNNING)])
     m.say("cancel of job 3 requested", about=3)
     m.on_event(update(job(3, P.CANCELLED, error={"code": "cancelled", "message": "by a user"})))
-    assert m.note == "🚫 job 3: cancelled: cancelled: by a user"
+    assert m.note == "🚫 job 3: cancelled: by a user"
     m.on_event(update(job(4, P.CANCELLED)))
     m.say("cancel of job 4 requested", about=4)  # the answer came after the event
     assert m.note.startswith("🚫 job 4: cancelled")
