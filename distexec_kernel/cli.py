@@ -134,10 +134,10 @@ def cmd_get(args) -> int:
         try:
             written = job.save_artifacts(args.output, args.names or None)
         except FilesError as exc:
-            print(f"distexec: {exc}", file=sys.stderr)
+            show(f"distexec: {exc}", file=sys.stderr)
             return 1
-    for path in written:
-        print(path)
+    for path in written:  # a name a job chose: no escape sequence reaches the terminal, no line is faked
+        print(display.clean_name(path))
     return 0
 
 

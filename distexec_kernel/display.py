@@ -18,9 +18,17 @@ from . import protocol as P
 _CONTROLS = {cp: f"\\x{cp:02x}" for cp in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if cp not in (0x09, 0x0a)}
 
 
+_NAME_CONTROLS = {**_CONTROLS, 0x09: "\\x09", 0x0a: "\\x0a"}
+
+
 def clean(text: str) -> str:
     """``text`` with terminal control characters neutralised (see _CONTROLS); for a terminal."""
     return text.translate(_CONTROLS)
+
+
+def clean_name(name: str) -> str:
+    """A name a job chose (a file's) for a terminal, on one line: a newline in it cannot fake another."""
+    return name.translate(_NAME_CONTROLS)
 
 
 def short_uid(uid: str | None, n: int = 8) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
 import uuid
 
@@ -147,7 +148,7 @@ class Slave:
         if self.conn is None:
             return
         try:
-            self.conn.write_message(P.encode(msg))
+            self.conn.write_message(_utf8(P.encode(msg)))
         except tornado.websocket.WebSocketClosedError:
             self.conn = None
 
@@ -279,7 +280,7 @@ class Slave:
                     await conn.write_message(P.encode(P.make("job_artifact", job_id=job_id, index=index,
                                                              offset=offset, data=data)))
             if conn is not None and conn is self.conn and job_id in self.unacked:
-                await conn.write_message(P.encode(self._result(job_id)))
+                await conn.write_message(_utf8(P.encode(self._result(job_id))))
         except (tornado.websocket.WebSocketClosedError, tornado.iostream.StreamClosedError):
             pass  # the next register sends it all again
 
@@ -358,3 +359,16 @@ class Slave:
         if self.conn is not None:
             # "Going away": the master settles our jobs now instead of waiting for a reconnect.
             wsclient.close(self.conn, 1001, "slave stopping")
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8, a lone surrogate (a name or output from a job's world that was not
+    UTF-8) as U+FFFD.  Else tornado's own encoding raises inside the sending task, the result
+    is never sent, and the job stays running on the master, its slot taken, for good."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text).encode("utf-8")

@@ -16,6 +16,7 @@ import hashlib
 import mimetypes
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 
 from distexec_kernel import protocol as P
@@ -25,6 +26,9 @@ from . import safefs
 # The session kernel's own files in its directory (connection file, sockets, log): never the job's output.
 PRIVATE_PREFIX = ".distexec-"
 NOTE_NAMES = 10  # names listed in the note per reason; the rest are counted
+# Collecting is root's work after the job's end, outside its limits and its slot's timeout: it
+# stops after this long (a job may leave 200,000 files, and up to 64 patterns of many ``**``).
+COLLECT_SECONDS = 10.0
 
 
 @dataclass
@@ -59,7 +63,9 @@ def matches(pattern: str, name: str) -> bool:
     with ``.`` (``.cache``, ``.ipython`` in a session's home) is matched
     only by a pattern part that starts with ``.`` too.
     """
-    pats, parts = pattern.split("/"), name.split("/")
+    pats, parts = _parts(pattern), name.split("/")
+    if len(pats) - pats.count("**") > len(parts):
+        return False  # more parts to match one each than the name has (a pattern of many parts)
 
     @functools.lru_cache(maxsize=None)  # a pattern of many ``**`` would otherwise take exponential time
     def match(i: int, j: int) -> bool:
@@ -74,10 +80,23 @@ def matches(pattern: str, name: str) -> bool:
     return match(0, 0)
 
 
-def _candidates(root_fd: int):
-    """Every non-folder entry under ``root_fd`` as a relative path, sorted; links are listed, not followed."""
+@functools.lru_cache(maxsize=256)
+def _parts(pattern: str) -> tuple[str, ...]:
+    """A pattern's parts, a run of ``**`` as one (``**/**`` matches what ``**`` does)."""
+    out: list[str] = []
+    for part in pattern.split("/"):
+        if not (part == "**" and out and out[-1] == "**"):
+            out.append(part)
+    return tuple(out)
+
+
+def _candidates(root_fd: int, deadline: float) -> tuple[list[str], bool]:
+    """Every non-folder entry under ``root_fd`` as a relative path, sorted; links are listed, not followed.
+    And whether the walk got through before ``deadline`` (time.monotonic())."""
     names = []
     for dirpath, dirnames, filenames, fd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
+        if time.monotonic() > deadline:
+            return sorted(names), False
         rel = "" if dirpath == "." else dirpath[2:] + "/"
         if not rel:
             dirnames[:] = [d for d in dirnames if not d.startswith(PRIVATE_PREFIX)]
@@ -89,25 +108,35 @@ def _candidates(root_fd: int):
                 names.append(rel + name)
         if rel.count("/") >= P.MAX_FILE_DEPTH:
             dirnames[:] = []  # deeper than a job file may be named: not collected
-    return sorted(names)
+    return sorted(names), True
 
 
 def collect(workdir: str, patterns: list[str], max_files: int = P.MAX_ARTIFACTS,
-            max_bytes: int = P.MAX_ARTIFACT_BYTES) -> Collected:
+            max_bytes: int = P.MAX_ARTIFACT_BYTES, seconds: float = COLLECT_SECONDS) -> Collected:
     """Read the regular files under ``workdir`` matching ``patterns``, within the caps.
 
     Run once the job's processes are gone (a fresh job) or its cell has
-    ended (a session); never raises for what the job left behind.
+    ended (a session); never raises for what the job left behind, and
+    stops after ``seconds``, noting that the rest was not looked at.
     """
     out = Collected()
+    deadline = time.monotonic() + seconds
     try:
         root_fd = safefs.open_dir(workdir)
     except OSError:
         return out
     try:
         used = 0
-        for name in _candidates(root_fd):
+        names, walked = _candidates(root_fd, deadline)
+        unlooked = 0
+        for looked, name in enumerate(names):
+            if time.monotonic() > deadline:
+                unlooked = len(names) - looked
+                break
             if not any(matches(p, name) for p in patterns):
+                continue
+            if not _utf8(name):
+                out.leave_out("a name that is not UTF-8", shown_name(name))
                 continue
             try:
                 fd, st = safefs.open_regular(root_fd, name)
@@ -131,9 +160,25 @@ def collect(workdir: str, patterns: list[str], max_files: int = P.MAX_ARTIFACTS,
             out.blobs.append(data)
             out.meta.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                              "mime": mime_of(name)})
+        if unlooked or not walked:
+            out.leave_out(f"not looked at (collecting stops after {seconds:g} s)",
+                          f"{unlooked} file(s)" + ("" if walked else " and those not listed yet"))
     finally:
         os.close(root_fd)
     return out
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8 (surrogate escapes)
+        return False
+
+
+def shown_name(name: str) -> str:
+    """A file name that is not UTF-8, said with its stray bytes as ``\\xff``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read(fd: int, most: int) -> bytes | None:

@@ -71,6 +71,19 @@ def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):
     assert TITLE + "err" in raw_submit.stderr
 
 
+def test_get_prints_a_collected_names_controls_escaped_on_one_line(cluster, tmp_path):
+    program = tmp_path / "names.py"
+    program.write_text(f"open({TITLE + CSI + chr(10) + 'fake line.txt'!r}, 'w').write('hi')\n")
+    done = run(cluster, "submit", str(program), "--collect", "*.txt")
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(run(cluster, "jobs", "--json", "--limit", "1").stdout)["jobs"][0]["id"]
+    got = run(cluster, "get", str(job_id), "-o", str(tmp_path / "out"))
+    assert got.returncode == 0, got.stderr
+    assert_clean(got.stdout)
+    assert got.stdout.count("\n") == 1 and "\\x1b]0;pwned\\x07\\x9b2J\\x0afake line.txt" in got.stdout
+    assert (tmp_path / "out" / (TITLE + CSI + "\nfake line.txt")).read_text() == "hi"
+
+
 def test_json_commands_print_one_document_also_when_they_fail(cluster):
     from distexec_kernel.local import free_port
 
