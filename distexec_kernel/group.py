@@ -189,6 +189,10 @@ class JobGroup(Sequence):
                         self._cond.wait(wait)
         finally:
             if bar is not None:
+                if hasattr(bar, "container") and set(self.counts()) - {P.SUCCEEDED}:
+                    # The notebook bar turns red where a job failed or was cancelled (tqdm
+                    # colours a full bar green), as the summary line's ❌ and 🚫 say.
+                    bar.display(bar_style="danger", check_delay=False)
                 bar.close()
         self._fetch_outputs()
         return self

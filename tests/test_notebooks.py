@@ -312,6 +312,19 @@ def test_a_session_cells_rich_outputs_show_in_place_without_their_text(kernel, k
         c.end_session("in-place")
 
 
+def test_a_groups_bar_is_red_when_a_job_failed_and_green_when_all_succeeded(kernel):
+    km, kc = kernel
+
+    def styles(code: str) -> list[str]:
+        msgs, _ = run_in(kc, code, timeout=120)
+        return [m["content"]["data"]["state"]["bar_style"] for _, m in msgs if m["msg_type"] == "comm_msg"
+                and "bar_style" in m["content"]["data"].get("state", {})]
+
+    run_in(kc, "items = [0, 1, 2]")
+    assert styles("%%remote --map items\nimport sys\nsys.exit(int(sys.argv[1]) == 1)\n")[-1] == "danger"
+    assert styles("%%remote --map items\nimport sys\nprint(sys.argv[1])\n")[-1] == "success"
+
+
 def test_kernel_failed_job_gives_an_error_reply(kernel):
     km, kc = kernel
     msgs, reply = run_in(kc, "%%remote\nprint(undefined_name)\n")
