@@ -102,7 +102,7 @@ class Cluster:
         if not self._events.connected.wait(connect_timeout):
             raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
         if self._events.refused:
-            raise DistexecError(self._events.refused, status=401)
+            raise DistexecError(self._events.refused, status=self._events.refused_status or 401)
         self._http.headers["X-Distexec-Client"] = self._events.client_id
 
     @property

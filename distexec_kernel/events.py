@@ -41,6 +41,7 @@ class EventStream:
         self.connections = 0  # how many times the channel has been opened (welcomed): 1 unless it dropped
         self.connected = threading.Event()
         self.refused: str | None = None
+        self.refused_status: int | None = None
         self._loop = asyncio.new_event_loop()
         # Bound to no loop until first awaited (Python >= 3.10), so it can be made here.
         self._stop = asyncio.Event()
@@ -71,15 +72,22 @@ class EventStream:
         # A token replaced by a new login meanwhile is no refusal: the next attempt carries it.
         return "the master refused the token (401)" if self.token == self._sent_token else None
 
+    def _refused_429(self) -> str | None:
+        # Said at once to a client opening its first channel; a reconnecting one waits for a free one.
+        return (None if self.connections else
+                "the master refuses another event channel for this user (429): it holds as many as the master "
+                "allows (--max-clients-per-user); close a notebook, panel or kernel, or Cluster.close() one")
+
     async def _run(self) -> None:
         try:
             await wsclient.stay_connected(self._request, self._serve, self._stop, log=log,
-                                          refused_401=self._refused_401)
+                                          refused_401=self._refused_401, refused_429=self._refused_429)
         except wsclient.Refused as exc:
             if exc.cause is not None:
                 self.refused = tls_refusal(self.url, exc.cause)
             else:
                 self.refused = str(exc)
+            self.refused_status = exc.status
             self.connected.set()  # wake whoever waits for the first connect
             if self.on_refused is not None:
                 self.on_refused(self.refused, exc.status)

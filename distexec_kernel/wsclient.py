@@ -58,15 +58,17 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
                          serve: Callable[[Connection], Awaitable[None]], stopping: asyncio.Event, *,
                          log: logging.Logger, first: float = 0.05, most: float = 3.0,
                          ping_interval: float = 5.0, ping_timeout: float = 5.0,
-                         refused_401: Callable[[], str | None] | None = None) -> None:
+                         refused_401: Callable[[], str | None] | None = None,
+                         refused_429: Callable[[], str | None] | None = None) -> None:
     """Connect, ``serve`` the connection until it closes, and again, until ``stopping`` is set.
 
     The connection is given up when nothing has come from the master for
     ``ping_interval + ping_timeout`` seconds (``liveness``: not only a late pong).
 
     Raises ``Refused`` on a 401 (unless ``refused_401`` returns None: the
-    credentials changed meanwhile, try again) and on a certificate that does
-    not verify.  Everything else (refused connection, timeouts, a dropped
+    credentials changed meanwhile, try again), on a 429 if ``refused_429``
+    returns a message (else it is retried: a channel of that user may close),
+    and on a certificate that does not verify.  Everything else (refused connection, timeouts, a dropped
     socket) is retried after ``first``, doubling up to ``most`` seconds,
     each wait jittered so that many peers do not come back in step.
     """
@@ -81,7 +83,14 @@ async def stay_connected(make_request: Callable[[], tornado.httpclient.HTTPReque
                 message = refused_401() if refused_401 is not None else "the master refused the credentials (401)"
                 if message is not None:
                     raise Refused(message, 401) from None
-            log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
+            if exc.code == 429:  # this user holds as many channels as the master allows: one may close
+                message = refused_429() if refused_429 is not None else None
+                if message is not None:
+                    raise Refused(message, 429) from None
+                log.warning("the master refuses another event channel for this user (429: too many open); "
+                            "retrying in %.2f s", backoff)
+            else:
+                log.debug("master not reachable (%s); retrying in %.2f s", exc, backoff)
         except ssl.SSLCertVerificationError as exc:
             # Not a passing failure: the certificate will not verify next time either.
             raise Refused(f"cannot verify the master's TLS certificate ({exc.verify_message})", cause=exc) from None

@@ -20,7 +20,7 @@ from distexec_kernel import protocol as P
 from . import jobs as J
 from .admission import Admission, QueueFull, bound_rejected
 from .carry import Carrier, done as _done
-from .clients import ClientBook, ClientInfo, Coalesced, Peer
+from .clients import DEFAULT_MAX_CLIENTS_PER_USER, ClientBook, ClientInfo, Coalesced, Peer
 from .retention import Retention
 from .scheduler import Scheduler
 from .sessions import SessionBook
@@ -59,12 +59,13 @@ class Master:
                  max_queue: int | None = DEFAULT_MAX_QUEUE,
                  max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
                  keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
-                 prune_interval: float = PRUNE_INTERVAL):
+                 prune_interval: float = PRUNE_INTERVAL,
+                 max_clients_per_user: int | None = DEFAULT_MAX_CLIENTS_PER_USER):
         self.store = store
         self.scheduler = Scheduler(max_jobs)
         self.jobs = J.Lifecycle(self.scheduler)
         self.sessions = SessionBook(self.scheduler)
-        self.clients = ClientBook()
+        self.clients = ClientBook(max_clients_per_user)
         self.retention = Retention(store, keep_days, keep_mb, prune_interval)
         self.admission = Admission(self.scheduler, store, max_queue, max_queued_per_user)
         self.lost_grace = lost_grace

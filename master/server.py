@@ -19,8 +19,8 @@ from distexec_kernel import config
 
 from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
-from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_PER_USER,
-                   PRUNE_INTERVAL, Master)
+from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_CLIENTS_PER_USER, DEFAULT_MAX_QUEUE,
+                   DEFAULT_MAX_QUEUED_PER_USER, PRUNE_INTERVAL, Master)
 from .limits import DEFAULT_BURST, DEFAULT_RATE, Gate, parse_rate
 from .store import JobStore
 
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-per-user", type=_count, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
                    help="most jobs one user (the admin token counts as one) may have waiting; past it their "
                         f"submission gets 429 queue_full (default {DEFAULT_MAX_QUEUED_PER_USER}; 0 = no cap)")
+    p.add_argument("--max-clients-per-user", type=_count, default=DEFAULT_MAX_CLIENTS_PER_USER, metavar="N",
+                   help="event channels (notebooks, panels, kernels) one user may hold open, not admins; past it "
+                        f"another is refused with 429 (default {DEFAULT_MAX_CLIENTS_PER_USER}; 0 = no cap)")
     p.add_argument("--max-queue", type=_count, default=DEFAULT_MAX_QUEUE, metavar="N",
                    help=f"safety cap on all waiting jobs together; past it a submission gets 503 "
                         f"(default {DEFAULT_MAX_QUEUE}; 0 = no cap)")
@@ -84,6 +87,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                 logins_file=os.path.join(os.path.dirname(os.path.abspath(db)), "logins.json"))
     master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace,
                     max_queue=args.max_queue or None, max_queued_per_user=args.max_queued_per_user or None,
+                    max_clients_per_user=args.max_clients_per_user or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
                     prune_interval=args.prune_interval)
     app = make_app(master, auth, Gate(args.rate, args.burst))

@@ -238,6 +238,11 @@ class ClientSocket(_Socket):
         self.identity = self.auth.identify(self._token)
         if self.identity is None:
             raise tornado.web.HTTPError(401, reason="Unauthorized")
+        # Admins are not capped: they run the cluster (benchmarks, drivers), as for the submission rate.
+        full = None if self.identity.admin else self.master.clients.room_for(self.identity.user)
+        if full:
+            log.warning("client channel refused: %s", full)
+            raise tornado.web.HTTPError(429, reason="Too Many Event Channels")
         self.user = self.identity.user
         self._answering: set[asyncio.Future] = set()
         self._intake: list[Intake] = []  # submissions taken in this turn, answered together (on_submit)
