@@ -47,6 +47,27 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def map_outputs(stdouts: list[str], most: int = 10, lines: int = 20) -> str:
+    """What a ``--map`` cell shows of its jobs' outputs, as ipyparallel's ``%%px`` does of its
+    engines': each non-empty stdout under its input's index (``[3] 9``), the first ``most`` of
+    them, each to its last ``lines`` lines; then how many more there are and where to read them."""
+    parts, more = [], 0
+    for index, out in enumerate(stdouts):
+        if not out:
+            continue
+        if len(parts) == most:
+            more += 1
+            continue
+        kept = out.splitlines(keepends=True)
+        if len(kept) > lines:
+            kept = [f"[... {len(kept) - lines} earlier lines]\n"] + kept[-lines:]
+        text = "".join(kept) if kept[-1].endswith("\n") else "".join(kept) + "\n"
+        parts.append(f"[{index}] {text}" if len(kept) == 1 else f"[{index}]\n{text}")
+    if more:
+        parts.append(f"[... {plural(more, 'more output')}: -o NAME keeps the group, NAME.results() has them all]\n")
+    return "".join(parts)
+
+
 def duration(job: dict) -> float | None:
     start, end = P.parse_time(job.get("started_at")), P.parse_time(job.get("finished_at"))
     if start and end:

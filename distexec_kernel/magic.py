@@ -316,6 +316,7 @@ class RemoteMagics(Magics):
             group.wait(progress=True)
         except KeyboardInterrupt:
             _interrupted(group)
+        _write("stdout", D.map_outputs([job.stdout or "" for job in group]))
         if group.failed:
             first = group.failed[0]
             if first.stderr:

@@ -199,6 +199,7 @@ def test_magic_map_shows_a_summary_and_keeps_the_group(shell):
     assert result.success, cap.stderr
     shown = "\n".join(o.data.get("text/plain", "") for o in cap.outputs)
     assert "✅ 3 · ❌ 0 · 🚫 0 · 3 jobs · " in shown
+    assert cap.stdout == "[0] 1\n[1] 4\n[2] 9\n"  # each job's output under its input's index
     assert shell.user_ns["squares"].results() == ["1\n", "4\n", "9\n"]
 
 
@@ -209,8 +210,20 @@ def test_magic_map_fails_the_cell_with_the_first_failure(shell):
     assert type(result.error_in_exec).__name__ == "RemoteGroupFailed"
     assert result.error_in_exec.job.args == ["3"]
     assert "3 is a multiple of 3" in cap.stderr  # the first failure's own words
+    assert cap.stdout.startswith("[0] 1\n[1] 2\n[3] 4\n[4] 5\n")  # the outputs of those that succeeded
     text = cap.stdout + cap.stderr
     assert "✅ 4 · ❌ 2 · 🚫 0 · 6 jobs" in text and "nonzero_exit" in text
+
+
+def test_a_map_shows_the_first_outputs_each_to_its_last_lines():
+    from distexec_kernel.display import map_outputs
+    outs = ["", "one\n", "a\nb\n", "no newline"] + [f"{i}\n" for i in range(4, 30)]
+    shown = map_outputs(outs, most=3)
+    assert shown == ("[1] one\n[2]\na\nb\n[3] no newline\n"
+                     "[... 26 more outputs: -o NAME keeps the group, NAME.results() has them all]\n")
+    long = map_outputs(["".join(f"{i}\n" for i in range(100))], lines=2)
+    assert long == "[0]\n[... 98 earlier lines]\n98\n99\n"
+    assert map_outputs(["", ""]) == ""
 
 
 def test_interrupting_a_magic_map_cancels_the_group(lc, shell, c):
