@@ -24,6 +24,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.parse
 import weakref
 from typing import Callable
 
@@ -139,7 +140,7 @@ class Cluster:
         except requests.exceptions.SSLError as exc:
             raise DistexecError(tls_refusal(self.url, exc)) from None
         except requests.exceptions.ConnectionError:
-            raise DistexecError(f"cannot reach the distexec master at {self.url}", code=UNREACHABLE) from None
+            raise DistexecError(self._unreachable(), code=UNREACHABLE) from None
         except requests.exceptions.Timeout:
             raise DistexecError(f"the master at {self.url} did not answer in time", code=UNREACHABLE) from None
         try:
@@ -153,6 +154,14 @@ class Cluster:
                                 status=resp.status_code)
         return body
 
+    def _unreachable(self) -> str:
+        # On this machine nothing listening means no master started (or one stopped: its
+        # connection file stays, to keep its token for the next start).
+        here = urllib.parse.urlsplit(self.url).hostname in ("127.0.0.1", "localhost", "::1")
+        return (f"cannot reach the distexec master at {self.url}"
+                + (": none is running there; start one with `distexec up`" if here else
+                   ": is it running, and is the address right?"))
+
     def _download(self, path: str, timeout: float = 120.0) -> bytes:
         """The raw body of a GET (an artifact's bytes); errors as ``_call`` raises them."""
         try:
@@ -160,7 +169,7 @@ class Cluster:
         except requests.exceptions.SSLError as exc:
             raise DistexecError(tls_refusal(self.url, exc)) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
-            raise DistexecError(f"cannot reach the distexec master at {self.url}", code=UNREACHABLE) from None
+            raise DistexecError(self._unreachable(), code=UNREACHABLE) from None
         if resp.status_code >= 400:
             try:
                 err = resp.json().get("error") or {}

@@ -98,8 +98,9 @@ def test_json_commands_print_one_document_also_when_they_fail(cluster):
         assert away.returncode == 2 and away.stderr.startswith("distexec: "), away.stderr
         error = json.loads(away.stdout)["error"]
         assert error["code"] == "unreachable" and error["message"] in away.stderr, (argv, away.stdout)
-    # Without --json, stdout stays empty: the reason is on stderr only.
-    assert run(Away, "jobs").stdout == ""
+    # Without --json, stdout stays empty: the reason is on stderr only, with what to do.
+    away = run(Away, "jobs")
+    assert away.stdout == "" and "none is running there; start one with `distexec up`" in away.stderr
 
 
 SERVER_MODULES = ("master", "slave", "sqlite3", "argon2", "psutil")
