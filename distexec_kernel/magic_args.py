@@ -22,6 +22,9 @@ class UsageParser(argparse.ArgumentParser):
     def exit(self, status=0, message=None):
         raise UsageError(message or self.format_help())
 
+    def print_help(self, file=None):
+        pass  # --help: the help comes once, through exit's UsageError, not printed before it too
+
 
 def parse_line(magic, line: str) -> argparse.Namespace:
     """Parse a magic's line with shell quoting.

@@ -91,6 +91,10 @@ def test_help_comes_from_magic_arguments(shell):
         assert option in cap.stdout
     result, cap = run(shell, "%remote?")
     assert "%remote COMMAND" in cap.stdout and "%remote run FILE" in cap.stdout and "connect" in cap.stdout
+    # A command's own --help: its help once.
+    result, cap = run(shell, "%remote sessions --help")
+    assert (cap.stdout + cap.stderr).count("usage: %remote sessions") == 1, cap.stdout + cap.stderr
+    assert "--end NAME" in cap.stdout + cap.stderr
 
 
 def test_output_streams_live_and_ends_with_a_status_line(shell, master):
