@@ -1,6 +1,7 @@
 """Pure functions on one job, as the panel shows and edits it: no widgets, no I/O, no state."""
 from __future__ import annotations
 
+import base64
 import shlex
 
 from . import display as D, protocol as P
@@ -83,16 +84,19 @@ def editor_request(*, language: str, source: str, args: str, uploads, carried: d
     """A submission from what the editor holds; ``ValueError`` says what is wrong with it."""
     if not language:
         raise ValueError("choose a language (no connected slave offers one yet?)")
+    if not source.strip():
+        raise ValueError("the program is empty: write it in the editor")  # as %%remote refuses an empty cell
     try:
         argv = shlex.split(args)
     except ValueError as exc:
         raise ValueError(f"arguments: {exc}") from None
     files = dict(carried)
     for upload in uploads:
+        data = bytes(upload["content"])
         try:
-            files[upload["name"]] = bytes(upload["content"]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"file {upload['name']!r} is not UTF-8 text") from None
+            files[upload["name"]] = data.decode("utf-8")
+        except UnicodeDecodeError:  # an image, a data file: sent as bytes, as the API takes them
+            files[upload["name"]] = {"base64": base64.b64encode(data).decode("ascii")}
     if timeout < 0:
         raise ValueError("timeout must be positive (0: the master's default)")
     return {"source": source, "language": language, "files": files or None, "args": argv or None,

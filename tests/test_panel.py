@@ -206,10 +206,9 @@ def test_editor_refusals_show_in_the_panel(panel, client):
     panel.run_button.click()
     wait_for(lambda: "arguments" in panel.message.value and panel.message.value.startswith("⚠"), T, "args error")
     ed.args.value = ""
-    ed.files.value = (upload("b.bin", b"\xff\xfe"),)
+    ed.source.value = "  \n"
     panel.run_button.click()
-    wait_for(lambda: "not UTF-8" in panel.message.value, T, "upload error")
-    ed.files.value = ()
+    wait_for(lambda: "the program is empty" in panel.message.value, T, "empty program error")
     ed.source.value = "x" * (P.MAX_SOURCE_BYTES + 1)  # the master refuses it: no job at all
     panel.run_button.click()
     wait_for(lambda: panel.message.value.startswith("⚠ submit") and "over" in panel.message.value, T,
@@ -223,10 +222,11 @@ def test_editor_refusals_show_in_the_panel(panel, client):
 
 
 def test_uploaded_files_go_with_the_job(panel, client):
-    panel.editor.files.value = (upload("up.txt", b"uploaded"),)
-    job_id = run_in_editor(panel, "print(open('up.txt').read())")
+    panel.editor.files.value = (upload("up.txt", b"uploaded"), upload("b.bin", b"\xff\xfe"))
+    job_id = run_in_editor(panel, "print(open('up.txt').read(), open('b.bin', 'rb').read())")
     wait_for(lambda: icon(panel, job_id) == "✅", T, "✅")
-    assert client.job(job_id).files == {"up.txt": "uploaded"}
+    assert client.job(job_id).files == {"up.txt": "uploaded", "b.bin": {"base64": "//4="}}
+    assert client.job(job_id).stdout == "uploaded b'\\xff\\xfe'\n"
 
 
 def cell(value: str) -> str:

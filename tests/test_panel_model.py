@@ -192,10 +192,12 @@ def test_the_editor_request_checks_what_was_typed():
     req = editor_request(**ok)
     assert req["args"] == ["a", "b c"] and req["timeout"] is None and req["name"] == "n" and req["files"] == {"f": "x"}
     for bad, msg in [({"language": ""}, "choose a language"), ({"args": "'open"}, "arguments"),
-                     ({"timeout": -1.0}, "timeout"),
-                     ({"uploads": ({"name": "b", "content": b"\xff"},)}, "not UTF-8")]:
+                     ({"timeout": -1.0}, "timeout"), ({"source": " \n"}, "the program is empty")]:
         with pytest.raises(ValueError, match=msg):
             editor_request(**{**ok, **bad})
+    # A file that is not text (an image, data) goes as bytes, as the API takes them.
+    req = editor_request(**{**ok, "uploads": ({"name": "b.bin", "content": b"\xff\x00"},)})
+    assert req["files"] == {"f": "x", "b.bin": {"base64": "/wA="}}
 
 
 # -- escaping: a job's text never becomes markup -------------------------------------------
