@@ -29,7 +29,9 @@ from typing import Callable
 log = logging.getLogger("distexec.slave.sessions")
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CELL_LINE = re.compile(r"Cell In\[\d+\], line (\d+)")
+# A traceback's frame in a cell: "Cell In[6], line 5" (6: the kernel's count, not the notebook's).
+CELL_LINE = re.compile(r"Cell In\[(\d+)\], line (\d+)")
+CELL_NAME = re.compile(r"Cell In\[(\d+)\]")
 QUEUED_MESSAGES = 32  # per socket (zmq RCVHWM): with max_message, what a slow slave may hold
 MESSAGE_MARGIN = 64 << 10  # a message's header and JSON quoting around its output
 
@@ -123,6 +125,8 @@ class IopubPump:
 
 @dataclass
 class CellState:
+    job_id: int | None = None
+    count: int | None = None  # the kernel's execution count of this cell
     ename: str | None = None
     evalue: str | None = None
     line: int | None = None

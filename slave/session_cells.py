@@ -23,7 +23,7 @@ from distexec_kernel.job_record import OUTPUT_PLACE
 
 from . import safefs, steps
 from .jobdirs import JobDir, JobDirs
-from .kernel_io import ANSI, CELL_LINE, CellState, IopubPump, answer_input, exit_code
+from .kernel_io import ANSI, CELL_LINE, CELL_NAME, CellState, IopubPump, answer_input, exit_code
 from .runner import Outcome, Capture, watch_memory, disk_error
 from .sandbox import Limits, Sandbox
 
@@ -34,6 +34,12 @@ SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 # A session's kernel is capped at one core while a cell runs (what a slot is
 # worth); sessions.py caps it lower between cells.
 CELL_CPUS = 1.0
+
+
+def _cell_name(session: Session, count: int, as_said: str) -> str:
+    """``Cell In[6]`` as the user knows it: the job that ran it (the notebook's In[] differs)."""
+    job_id = session.cells.get(count)
+    return as_said if job_id is None else f"Cell of job {job_id}"
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -72,6 +78,8 @@ class Session:
     ended_reason: str | None = None  # set once it is ended, for a cell still running then
     # (args, stdin) the kernel's sys.argv / sys.stdin were last set to.
     io_state: tuple | None = None
+    # The kernel's execution count -> the job that ran that cell: a traceback names jobs, not In[N].
+    cells: dict = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -120,7 +128,7 @@ class CellRunner:
         msg_id = kc.execute(job["source"], silent=False, store_history=True, allow_stdin=True,
                             stop_on_error=False)
         lines = iter((stdin or "").splitlines())
-        state = CellState()
+        state = CellState(job_id=job.get("id"))
         # Registered before anything awaits: the pump must not drop the cell's first messages.
         idle = self._watch_cell(session, msg_id, capture, state)
         reader = asyncio.ensure_future(self._read_cell(session, msg_id, idle, state))
@@ -246,12 +254,18 @@ class CellRunner:
                     capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
                     if not capture.over:
                         capture.outputs.append(bundle)
+            elif kind == "execute_input":
+                state.count = content.get("execution_count")
+                if isinstance(state.count, int) and state.job_id is not None:
+                    session.cells[state.count] = state.job_id
             elif kind == "error":
                 state.ename, state.evalue = content.get("ename"), content.get("evalue")
                 if state.ename != "SystemExit":
                     tb = ANSI.sub("", "\n".join(content.get("traceback") or [])) + "\n"
-                    lines = CELL_LINE.findall(tb)
-                    state.line = int(lines[-1]) if lines else None
+                    # The line is this cell's own (a frame of an earlier cell's function is not).
+                    lines = [int(line) for count, line in CELL_LINE.findall(tb) if int(count) == state.count]
+                    state.line = lines[-1] if lines else None
+                    tb = CELL_NAME.sub(lambda m: _cell_name(session, int(m.group(1)), m.group(0)), tb)
                     capture.feed("stderr", tb, len(tb.encode()))
                 elif exit_code(state.evalue) == 1 and state.evalue not in ("1", None):
                     # sys.exit("message"): Python prints the message on stderr, as a fresh job shows it.

@@ -273,6 +273,13 @@ def test_an_exception_fails_the_job_and_the_session_survives(py_client):
     assert "\x1b[" not in bad.stderr  # plain text, no terminal colours
     after = run(py_client, "print(kept)", session="e")
     assert after.status == P.SUCCEEDED and after.stdout == "still here\n"
+    # A traceback names the jobs whose cells its frames are in (the kernel's In[N] is not the
+    # notebook's), and the error's line is the failing cell's own.
+    defined = run(py_client, "def f():\n    return 1 / 0", session="e")
+    called = run(py_client, "x = 1\nf()", session="e")
+    assert called.status == P.FAILED and called.error["line"] == 2, called.error
+    assert f"Cell of job {called.id}, line 2" in called.stderr, called.stderr
+    assert f"Cell of job {defined.id}, line 2, in f" in called.stderr and "Cell In[" not in called.stderr
     code = run(py_client, "import sys; sys.exit(3)", session="e")
     assert code.status == P.FAILED and code.exit_code == 3 and code.error["code"] == P.NONZERO_EXIT
     assert run(py_client, "import sys; sys.exit(0)", session="e").status == P.SUCCEEDED
