@@ -195,8 +195,10 @@ def test_the_python_kernel_shows_a_sessions_rich_outputs(lc, tmp_path, monkeypat
     monkeypatch.setenv("DISTEXEC_URL", lc.url)
     monkeypatch.setenv("DISTEXEC_TOKEN", lc.token)
     km, kc = start_new_kernel(kernel_name="distexec-python", startup_timeout=60)
-    try:
-        msg_id = kc.execute("from IPython.display import HTML\nHTML('<i>it</i>')")
+
+    def execute(code: str) -> list[dict]:
+        """Run a cell; its iopub messages up to idle, once its reply says it went well."""
+        msg_id = kc.execute(code)
         reply = kc.get_shell_msg(timeout=T)
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=T)
@@ -207,25 +209,16 @@ def test_the_python_kernel_shows_a_sessions_rich_outputs(lc, tmp_path, monkeypat
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
+                return got
             got.append(msg)
+
+    try:
+        got = execute("from IPython.display import HTML\nHTML('<i>it</i>')")
         results = [m["content"] for m in got if m["msg_type"] == "execute_result"]
         assert [r["data"].get("text/html") for r in results] == ["<i>it</i>"], got
 
         # A value whose text is not a placeholder (a DataFrame's): shown in place, its text not also.
-        msg_id = kc.execute(SHOWN_IN_PLACE)
-        reply = kc.get_shell_msg(timeout=T)
-        while reply["parent_header"].get("msg_id") != msg_id:
-            reply = kc.get_shell_msg(timeout=T)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        got = []
-        while True:
-            msg = kc.get_iopub_msg(timeout=10)
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-            got.append(msg)
+        got = execute(SHOWN_IN_PLACE)
         shown = [(kind, item if kind == "stdout" else item.get("text/html", "")[:3])
                  for kind, item in visible_outputs(got)]
         assert shown == [("stdout", "before\n"), ("display_data", "<b>"), ("stdout", "after\n"),
