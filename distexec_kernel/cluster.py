@@ -284,8 +284,11 @@ class Cluster:
             _settle(ack, error)
 
     def _on_refused(self, reason: str, status: int | None) -> None:
-        """The event channel gave up for good (a 401, a certificate): unanswered submissions fail with it."""
+        """The event channel gave up for good (a 401, a certificate): unanswered submissions fail with it,
+        and listeners (a panel) hear that it will not come back by itself."""
         self._fail_pending(DistexecError(f"{reason}; the submission was not confirmed", status=status))
+        for listener in list(self._listeners):
+            listener({"type": "connection", "connected": False, "refused": reason})
 
     def _watchers(self, job_id) -> list[Job]:
         with self._lock:

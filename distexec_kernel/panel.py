@@ -412,10 +412,10 @@ class JobPanel(W.VBox):
     def _render_title(self) -> None:
         m = self.model
         with m.lock:
-            connected, note = m.connected, m.note
+            connected, note, refused = m.connected, m.note, m.refused is not None
             n_slaves, n_clients, total = len(m.slaves), len(m.clients), m.total
         self.title.value = H.title_html(self.cluster.url, m.me(self.cluster.client_id), connected, total,
-                                        n_slaves, n_clients)
+                                        n_slaves, n_clients, refused)
         self.message.value = note
 
     def _render_languages(self) -> None:

@@ -94,8 +94,9 @@ def output_html(text: str, length: int) -> str:
     return pre(note + text)
 
 
-def title_html(url: str, me: str, connected: bool, total: int, slaves: int, clients: int) -> str:
-    state = "🟢 connected" if connected else "🔴 disconnected, reconnecting…"
+def title_html(url: str, me: str, connected: bool, total: int, slaves: int, clients: int,
+               refused: bool = False) -> str:
+    state = "🟢 connected" if connected else "🔴 refused" if refused else "🔴 disconnected, reconnecting…"
     return (f"<b>distexec</b> · {esc(url)} · client {esc(me)} · {state} · {D.plural(total, 'job')}"
             f" · {D.plural(slaves, 'slave')} · {D.plural(clients, 'client')}")
 

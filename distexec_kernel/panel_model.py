@@ -81,6 +81,7 @@ class PanelModel:
         self.clients: list[dict] = []
         self.languages: list[dict] = []
         self.connected = True
+        self.refused: str | None = None  # why the master refused the event channel for good
         self.filter = ("", "")
         self.page = 0
         self.loading_more = False
@@ -167,6 +168,12 @@ class PanelModel:
             if kind == "connection":
                 was, self.connected = self.connected, msg["connected"]
                 self.mark("title")
+                if msg.get("refused"):
+                    # Not a blip: "reconnecting…" would wait for ever.
+                    self.refused = msg["refused"]
+                    self.say(f"⚠ the master refused this panel's connection: {msg['refused']}; log in again "
+                             f"(`distexec login` in a terminal, or %remote connect), then open a new panel")
+                    return []
                 if msg["connected"] and not was:
                     # Events were missed while away: read everything again.
                     self.say("reconnected to the master; history re-read")

@@ -451,3 +451,20 @@ def test_a_language_set_before_or_without_a_slave_for_it_is_kept_and_marked(clie
         assert p.editor.language.value == "python"
     finally:
         p.close()
+
+
+def test_a_panel_whose_login_is_removed_says_it_was_refused(make_cluster, make_panel, tmp_path):
+    from master import auth
+
+    from conftest import users_json
+    users = users_json(tmp_path, "alice")
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    try:
+        p = make_panel(alice)
+        assert "🟢 connected" in p.title.value
+        auth.remove_user(users, "alice")  # the master closes her channel at its next check; no way back
+        wait_for(lambda: "refused this panel's connection" in p.message.value, T, "the refusal in the panel")
+        assert "🔴 refused" in p.title.value and "reconnecting" not in p.title.value
+    finally:
+        alice.close()

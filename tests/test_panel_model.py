@@ -126,6 +126,18 @@ def test_a_cancel_note_follows_the_job_even_if_its_end_came_first():
     assert m.note.startswith("🚫 job 4: cancelled")
 
 
+def test_a_refused_channel_says_so_instead_of_reconnecting_for_ever():
+    from distexec_kernel.panel_html import title_html
+    m = loaded(PanelModel())
+    m.on_event({"type": "connection", "connected": False})
+    assert m.refused is None and "reconnecting" in title_html("u", "c1", m.connected, 0, 0, 0, m.refused is not None)
+    m.on_event({"type": "connection", "connected": False, "refused": "the master refused the token (401)"})
+    assert m.note.startswith("⚠ the master refused this panel's connection: the master refused the token (401)")
+    assert "log in again" in m.note
+    title = title_html("u", "c1", m.connected, 0, 0, 0, m.refused is not None)
+    assert "🔴 refused" in title and "reconnecting" not in title
+
+
 def test_a_rejected_submission_is_final_at_once():
     m = loaded(PanelModel())
     m.submitted(job(9, P.REJECTED, error={"code": "syntax_error", "message": "invalid syntax"}), m.seq)
