@@ -135,6 +135,11 @@ def remove_user(path: str, name: str) -> bool:
     return True
 
 
+def _password_id(entry: dict) -> str:
+    """A short digest of a user's stored password hash (salted: a new one each time it is set)."""
+    return hashlib.sha256(str(entry.get("password")).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who a request comes from.  ``admin`` sees and cancels every job."""
@@ -142,6 +147,9 @@ class Identity:
     user: str
     admin: bool
     expires_at: float | None = None  # epoch seconds; None for the admin token
+    # A login's: which password it was given for (``_password_id``).  A new password, or the
+    # user removed and added again (a new person, maybe), ends the logins of the old one.
+    password_id: str | None = None
 
     @property
     def owner(self) -> str | None:
@@ -196,9 +204,11 @@ class Auth:
                 saved = json.load(f)["logins"]
             now = time.time()
             for key, entry in saved.items():
-                user, expires = entry["user"], float(entry["expires_at"])
-                if expires > now and user in self._users and re.fullmatch(r"[0-9a-f]{64}", key):
-                    self._sessions[key] = Identity(user, bool(self._users[user].get("admin")), expires)
+                user, expires, password_id = entry["user"], float(entry["expires_at"]), entry.get("password")
+                if (expires > now and user in self._users and re.fullmatch(r"[0-9a-f]{64}", key)
+                        and password_id == _password_id(self._users[user])):
+                    self._sessions[key] = Identity(user, bool(self._users[user].get("admin")), expires,
+                                                   password_id)
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -214,7 +224,8 @@ class Auth:
             return
         try:
             _save_private(self.logins_file, {"logins": {
-                key: {"user": ident.user, "expires_at": ident.expires_at} for key, ident in self._sessions.items()}})
+                key: {"user": ident.user, "expires_at": ident.expires_at, "password": ident.password_id}
+                for key, ident in self._sessions.items()}})
         except OSError as exc:
             log.warning("cannot save the logins to %s (%s); a restart will ask people to log in again",
                         self.logins_file, exc)
@@ -255,12 +266,14 @@ class Auth:
                 return None
             self._reload()
             entry = self._users.get(ident.user)
-            # Removing a user from the file ends their logins at once.
-            if ident.expires_at <= time.time() or entry is None:
+            # Removing a user from the file, or changing their password, ends their logins at once.
+            if ident.expires_at <= time.time() or entry is None or _password_id(entry) != ident.password_id:
                 del self._sessions[key]
+                self._save_logins()
                 return None
             if bool(entry.get("admin")) != ident.admin:
-                ident = self._sessions[key] = Identity(ident.user, bool(entry.get("admin")), ident.expires_at)
+                ident = self._sessions[key] = Identity(ident.user, bool(entry.get("admin")), ident.expires_at,
+                                                       ident.password_id)
         return ident
 
     def slave_ok(self, presented: str | None) -> bool:
@@ -287,7 +300,7 @@ class Auth:
             return None
         token = secrets.token_urlsafe(32)
         expires = time.time() + self.token_ttl
-        ident = Identity(user, bool(entry.get("admin")), expires)
+        ident = Identity(user, bool(entry.get("admin")), expires, _password_id(entry))
         with self._lock:
             self._prune()
             self._sessions[_digest(token)] = ident

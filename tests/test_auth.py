@@ -234,6 +234,20 @@ def test_removing_a_user_ends_their_logins_without_a_restart(user_cluster, users
     assert login(user_cluster.url, "dave", "dave-pw").status_code == 200
 
 
+def test_a_new_password_or_a_user_made_again_ends_the_old_logins(user_cluster, users_file):
+    # A stolen token outlived a password reset for up to --token-ttl, and a name made again for
+    # someone else inherited the old person's logins.
+    old = login(user_cluster.url, "alice", "alice-pw").json()["token"]
+    auth.add_user(users_file, "alice", "new-pw", hasher=CHEAP)  # "updated alice"
+    assert get(user_cluster.url, "/api/jobs", old).status_code == 401
+    assert login(user_cluster.url, "alice", "alice-pw").status_code == 401
+    fresh = login(user_cluster.url, "alice", "new-pw").json()["token"]
+    assert get(user_cluster.url, "/api/jobs", fresh).status_code == 200
+    assert auth.remove_user(users_file, "alice")
+    auth.add_user(users_file, "alice", "new-pw", hasher=CHEAP)  # the same password, set again
+    assert get(user_cluster.url, "/api/jobs", fresh).status_code == 401
+
+
 def test_logins_outlive_a_master_restart_as_digests_only(make_cluster, users_file, home):
     lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_file])
     alice = Cluster(lc.url, user="alice", password="alice-pw")
@@ -246,6 +260,8 @@ def test_logins_outlive_a_master_restart_as_digests_only(make_cluster, users_fil
         text = saved.read_text()
         assert alice.token not in text and bob not in text  # digests, never a usable token
         assert auth.remove_user(users_file, "bob")  # while the master is down, say
+        boss = login(lc.url, "boss", "boss-pw").json()["token"]
+        auth.add_user(users_file, "boss", "other-pw", hasher=CHEAP)  # so is a new password
 
         lc.restart_master(signal.SIGTERM)  # an upgrade in the middle of a class
         # Alice's notebook rides the restart: same token, her event channel back, her history hers.
@@ -253,17 +269,18 @@ def test_logins_outlive_a_master_restart_as_digests_only(make_cluster, users_fil
         assert [j.id for j in alice.jobs()] == [job.id]
         assert alice.submit("print('after')").wait(60).stdout == "after\n"
         assert get(lc.url, "/api/jobs", bob).status_code == 401  # removed meanwhile: not kept
+        assert get(lc.url, "/api/jobs", boss).status_code == 401  # given for the old password: not kept
         assert get(lc.url, "/api/jobs", "x" + alice.token[1:]).status_code == 401
     finally:
         alice.close()
     # Expired logins are neither accepted nor kept.
     lc.master.stop(signal.SIGTERM)
     lc.start_master("--token-ttl", "0.5")
-    short = login(lc.url, "boss", "boss-pw").json()["token"]
+    short = login(lc.url, "boss", "other-pw").json()["token"]
     wait_for(lambda: get(lc.url, "/api/jobs", short).status_code == 401, 15, "the short login to expire")
     lc.restart_master(signal.SIGTERM)
     assert get(lc.url, "/api/jobs", short).status_code == 401
-    assert get(lc.url, "/api/jobs", login(lc.url, "boss", "boss-pw").json()["token"]).status_code == 200
+    assert get(lc.url, "/api/jobs", login(lc.url, "boss", "other-pw").json()["token"]).status_code == 200
 
 
 def test_a_master_without_users_file_refuses_logins(make_cluster):
