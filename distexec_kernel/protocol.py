@@ -207,7 +207,7 @@ def validate(msg) -> dict:
         raise ProtocolError("bad_message", "a message needs a string 'type'")
     spec = MESSAGES.get(msg_type)
     if spec is None:
-        raise ProtocolError("unknown_type", f"unknown message type {msg_type!r}")
+        raise ProtocolError("unknown_type", f"unknown message type {msg_type[:64]!r}")  # (a type may be 64 MiB)
     for field, (expected, required) in spec.items():
         if field not in msg:
             if required:

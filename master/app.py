@@ -9,12 +9,13 @@ import json
 import logging
 import math
 
+import tornado.log
 import tornado.web
 import tornado.websocket
 
 from distexec_kernel import __version__, protocol as P
 
-from .auth import UNAUTHORIZED, Auth, Identity, bearer
+from .auth import UNAUTHORIZED, Auth, Identity, bearer, redacted
 from .core import Master
 from .limits import Gate, RateLimited
 from .refusals import http_status
@@ -188,7 +189,10 @@ class JobsHandler(ApiHandler):
 
 
 def _job_id(text: str) -> int | None:
-    """The id in a URL, or None if no job can have it (past 64 bits: SQLite cannot even look)."""
+    """The id in a URL, or None if no job can have it (past 64 bits: SQLite cannot even look).
+    Its length first: int() of over 4,300 digits raises (Python's guard), which was a 500."""
+    if len(text) > len(str(P.INT_MAX)):
+        return None
     value = int(text)
     return value if value <= P.INT_MAX else None
 
@@ -350,6 +354,16 @@ class NotFoundHandler(ApiHandler):
 
 # --- WebSockets -------------------------------------------------------------
 
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log line, with a ``?token=`` (a WebSocket's) never written out."""
+    status = handler.get_status()
+    access = tornado.log.access_log
+    write = access.info if status < 400 else access.warning if status < 500 else access.error
+    req = handler.request
+    write("%d %s %s (%s) %.2fms", status, req.method, redacted(req.uri or ""), req.remote_ip,
+          1000.0 * req.request_time())
+
+
 def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.web.Application:
     args = {"master": master, "auth": auth, "gate": gate or Gate()}
     return tornado.web.Application(
@@ -371,6 +385,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/ws/slave", SlaveSocket, args),
             (r".*", NotFoundHandler, args),
         ],
+        log_function=_log_request,
         websocket_ping_interval=PING_INTERVAL,
         websocket_ping_timeout=0,  # a late pong is no silence: the sockets judge (distexec_kernel/liveness.py)
         websocket_max_message_size=P.MAX_MESSAGE_BYTES,

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 import argon2
+import tornado.websocket
 
 from distexec_kernel import config
 
@@ -324,5 +325,16 @@ def bearer(handler) -> str | None:
     header = handler.request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    # Browsers cannot set headers on a WebSocket: accept ?token= there.
-    return handler.get_query_argument("token", None)
+    # Browsers cannot set headers on a WebSocket: accept ?token= there, and only there (a URL
+    # with a token ends up in logs and browser histories; an API request can send the header).
+    if isinstance(handler, tornado.websocket.WebSocketHandler):
+        return handler.get_query_argument("token", None)
+    return None
+
+
+def redacted(uri: str) -> str:
+    """``uri`` with the value of any ``token`` in its query hidden: what the access log writes."""
+    if "token=" not in uri:
+        return uri
+    path, _, query = uri.partition("?")
+    return path + "?" + "&".join("token=…" if part.startswith("token=") else part for part in query.split("&"))

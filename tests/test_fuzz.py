@@ -193,6 +193,31 @@ def test_a_lone_surrogate_in_a_job_field_does_not_break_the_history(make_cluster
     assert requests.get(lc.url + f"/api/jobs/{resp.json()['id']}", headers=headers, timeout=20).json()["name"] == "ok"
 
 
+def test_what_a_user_sends_reaches_the_log_bounded_and_without_tokens(make_cluster, tmp_path):
+    """A job id of 5,000 digits (a 500 and a traceback per request), a message type of 8 MiB
+    (logged whole: two took the log 17 MB), and ?token= on an API request (a token in the log)."""
+    lc = make_cluster(0)
+    headers = {"Authorization": f"Bearer {lc.token}"}
+    nines = "9" * 5000
+    for path in (f"/api/jobs/{nines}", f"/api/jobs/{nines}/artifacts/x"):
+        assert requests.get(lc.url + path, headers=headers, timeout=20).status_code == 404
+    assert requests.post(f"{lc.url}/api/jobs/{nines}/cancel", headers=headers, timeout=20).status_code == 404
+    sock = Socket(lc.url, "/ws/client", lc.token)
+    try:
+        assert sock.recv()["type"] == "welcome"
+        replies = sock.exchange(json.dumps({"type": "A" * (8 << 20)}))
+        assert [r["error"]["code"] for r in replies] == ["unknown_type"]
+        assert len(replies[0]["error"]["message"]) < 200
+    finally:
+        sock.close()
+    # The token is for WebSocket upgrades only (a browser's); an API request names it in a header.
+    assert requests.get(f"{lc.url}/api/jobs?token={lc.token}", timeout=20).status_code == 401
+    assert requests.get(f"{lc.url}/api/jobs?limit=x&token={lc.token}", headers=headers, timeout=20).status_code == 400
+    master_log = (tmp_path / "logs" / "master.log").read_text()
+    assert lc.token not in master_log and "token=…" in master_log
+    assert "Traceback" not in master_log and len(master_log) < 100_000, len(master_log)
+
+
 def test_integers_past_64_bits_are_refused_not_looked_up(make_cluster):
     # A job id of 10**30 reached SQLite (OverflowError): 500 over HTTP, internal_error on the WebSocket.
     lc = make_cluster(0)
