@@ -72,7 +72,8 @@ def _hiding_root(jobroot: str) -> str:
 # The warm pool's parent keeps these and no other capability (bwrap as root keeps all
 # unless told): mounts, the switch to a slot's uid, and killing a job.
 # CAP_NET_ADMIN: it brings up the loopback of each slot's network namespace (warm_zygote.net_of).
-ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_NET_ADMIN")
+# CAP_SETPCAP: to empty its bounding set once started (warm_child._drop_spare_capabilities).
+ZYGOTE_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_NET_ADMIN", "CAP_SETPCAP")
 # Where each warm child mounts its own tmpfs (inside the parent's private /run).
 WARM_ROOT = "/run/distexec"
 

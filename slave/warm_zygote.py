@@ -31,7 +31,8 @@ import sys
 if "Child" not in globals():  # read on its own (a linter, a test), not after warm_child.py as the slave runs it
     from slave.warm_child import (_CLONE_NEWNET, _FDS, _MS_NODEV, _MS_NOEXEC, _MS_NOSUID,  # noqa: F401
                                   _PR_SET_CHILD_SUBREAPER, _PRCTL, _SETNS, _UNSHARE, Child, _SockFprog, _check,
-                                  _fds_of, _loopback_up, _mount, array, ctypes, marshal, socket)
+                                  _drop_spare_capabilities, _fds_of, _loopback_up, _mount, array, ctypes, marshal,
+                                  socket)
 
 
 class Zygote:
@@ -55,6 +56,7 @@ class Zygote:
         _check(_PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
         # Mounted once: a job's uid sees only its own processes.
         _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
+        _drop_spare_capabilities()
         os.makedirs(self.root, 0o755, exist_ok=True)
         # The parser's and the AST types' first use is dear; paid here once, not in every child.
         compile("pass", "<warm>", "exec")
