@@ -440,10 +440,11 @@ class Cluster:
         """The live Python sessions (``submit(..., session=NAME)``): name, slave_uid, created_at, last_used, jobs."""
         return self._get("/api/sessions")["sessions"]
 
-    def end_session(self, name: str) -> dict:
-        """End session ``name``: its interpreter and variables go; the next job of that name starts afresh."""
-        from urllib.parse import quote
-        return self._call("DELETE", f"/api/sessions/{quote(name, safe='')}")
+    def end_session(self, name: str, user: str | None = None) -> dict:
+        """End session ``name``: its interpreter and variables go; the next job of that name starts afresh.
+        ``user``: another user's session (for an admin)."""
+        query = f"?user={urllib.parse.quote(user, safe='')}" if user else ""
+        return self._call("DELETE", f"/api/sessions/{urllib.parse.quote(name, safe='')}{query}")
 
     def close(self) -> None:
         if self._events is not None:

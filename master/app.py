@@ -338,10 +338,14 @@ class SessionsHandler(ApiHandler):
 
 class SessionHandler(ApiHandler):
     def delete(self, name: str) -> None:
-        """End the caller's session NAME: its interpreter and variables go."""
-        ended = self.master.end_session(name, self.user)
+        """End the caller's session NAME: its interpreter and variables go.  An admin ends another
+        user's with ``?user=NAME`` (a runaway session would otherwise live until it idles out)."""
+        user = self.get_query_argument("user", None) or self.user
+        if user != self.user and self.owner is not None:
+            return self.fail(403, "forbidden", "only an admin may end another user's session")
+        ended = self.master.end_session(name, user)
         if ended is None:
-            return self.fail(404, "not_found", f"no session {name!r}")
+            return self.fail(404, "not_found", f"no session {name!r}" + (f" of {user!r}" if user != self.user else ""))
         self.send_json(ended)
 
 

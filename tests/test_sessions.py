@@ -623,3 +623,23 @@ def test_the_kernel_log_is_read_without_following_a_link(tmp_path):
     os.unlink(workdir / ".distexec-kernel.log")
     (workdir / ".distexec-kernel.log").write_text("x" * 5000 + "the end")
     assert SessionRunner._kernel_log(str(workdir)).endswith("the end")
+
+
+def test_an_admin_ends_another_users_session_and_a_user_cannot(make_cluster, tmp_path):
+    # A runaway session lived until it idled out: only its owner could end it.
+    from conftest import users_json
+    lc = make_cluster(1, slots=2, languages="python", master_args=["--users", users_json(tmp_path, "alice", "bob")])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="bob", password="bob-pw") as bob, Cluster(lc.url, token=lc.token) as admin:
+        assert alice.submit("kept = 1", session="work").wait(120).status == P.SUCCEEDED
+        with pytest.raises(DistexecError) as exc:
+            bob.end_session("work", user="alice")
+        assert exc.value.status == 403
+        with pytest.raises(DistexecError) as exc:
+            bob.end_session("work")  # his own "work": there is none
+        assert exc.value.status == 404
+        assert [s["name"] for s in alice.sessions()] == ["work"]
+        assert admin.end_session("work", user="alice")["name"] == "work"
+        wait_for(lambda: not alice.sessions(), 20, "alice's session to end")
+        after = alice.submit("print(kept)", session="work").wait(120)
+        assert after.status == P.FAILED and "NameError" in after.stderr
