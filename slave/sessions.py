@@ -66,6 +66,9 @@ DEFAULT_MAX_SESSIONS = 4  # per user: --max-sessions-per-user
 # after it returned is all that runs.
 IDLE_CPUS = 0.1
 STOP_STRAYS_WITHIN = 5.0  # seconds to see a cell's leftover processes gone, else the session ends
+# Between cells, how often an idle session is looked at for a process one of its threads started
+# after its cell ended (a thread that sleeps, then starts a 200 MiB spinner, with the slot free).
+STRAY_CHECK_EVERY = 1.0
 # Tasks (threads) ipykernel and zmq run for themselves: 11 measured with
 # ipykernel 7.  They are added to --max-procs, which stays the cells' own budget.
 KERNEL_TASKS = 16
@@ -358,13 +361,21 @@ class SessionRunner:
             self._reaper = asyncio.ensure_future(self._reap())
 
     async def _reap(self) -> None:
-        """End sessions idle for longer than the TTL."""
+        """End sessions idle for longer than the TTL; stop what an idle one starts between its cells."""
         while self.sessions:
-            await asyncio.sleep(max(0.05, min(self.ttl / 4, 30.0)))
+            await asyncio.sleep(max(0.05, min(self.ttl / 4, STRAY_CHECK_EVERY)))
             now = time.monotonic()
             for session in list(self.sessions.values()):
-                if not session.lock.locked() and now - session.last_used > self.ttl:
+                if session.lock.locked():
+                    continue  # a cell runs: its own end stops what it leaves
+                if now - session.last_used > self.ttl:
                     await self._end(session, f"idle for more than {self.ttl:g} s", notify=True)
+                elif session.alive and _strays(session):
+                    async with session.lock:
+                        stopped = await self._stop_strays(session)
+                    if stopped:
+                        log.warning("session %s: stopped %d process(es) started between its cells",
+                                    P.session_label(session.key), stopped)
 
 def _session_pids(session: Session) -> set[int]:
     return _pids(session.spawn, session.proc.pid)

@@ -643,3 +643,20 @@ def test_an_admin_ends_another_users_session_and_a_user_cannot(make_cluster, tmp
         wait_for(lambda: not alice.sessions(), 20, "alice's session to end")
         after = alice.submit("print(kept)", session="work").wait(120)
         assert after.status == P.FAILED and "NameError" in after.stderr
+
+
+def test_a_process_a_session_starts_between_its_cells_is_stopped(make_cluster, tmp_path):
+    # The end-of-cell sweep missed a process a thread started after the cell: a 200 MiB spinner
+    # lived on, its slot shown free, until the next cell ended.
+    lc = make_cluster(1, slots=1, languages="python")
+    late = ("import subprocess, threading, time\n"
+            "def later():\n    time.sleep(0.5)\n    subprocess.Popen(['sleep', '61.25'])\n"
+            "threading.Thread(target=later, daemon=True).start()\n")
+    with Cluster(lc.url, token=lc.token) as c:
+        job = c.submit(late, session="late").wait(120)
+        assert job.status == P.SUCCEEDED and "left running" not in job.stderr, job.record
+        wait_for(lambda: "stopped 1 process(es) started between its cells" in logs(tmp_path), 20,
+                 "the slave to stop the late process")
+        assert not [p for p in psutil.process_iter(["cmdline"]) if "61.25" in (p.info["cmdline"] or [])]
+        after = c.submit("print('still here')", session="late").wait(60)
+        assert after.stdout == "still here\n" and "left running" not in after.stderr  # the session lives on
