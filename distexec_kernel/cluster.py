@@ -31,7 +31,7 @@ from typing import Callable
 import requests
 
 from . import config, files as F, protocol as P, submission
-from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal  # noqa: F401 (the API's names)
+from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal, unreachable  # noqa: F401 (the API's names)
 from .events import EventStream
 from .group import JobGroup, item_args
 from .job import Job
@@ -140,7 +140,7 @@ class Cluster:
         except requests.exceptions.SSLError as exc:
             raise DistexecError(tls_refusal(self.url, exc)) from None
         except requests.exceptions.ConnectionError:
-            raise DistexecError(self._unreachable(), code=UNREACHABLE) from None
+            raise DistexecError(unreachable(self.url), code=UNREACHABLE) from None
         except requests.exceptions.Timeout:
             raise DistexecError(f"the master at {self.url} did not answer in time", code=UNREACHABLE) from None
         try:
@@ -154,14 +154,6 @@ class Cluster:
                                 status=resp.status_code)
         return body
 
-    def _unreachable(self) -> str:
-        # On this machine nothing listening means no master started (or one stopped: its
-        # connection file stays, to keep its token for the next start).
-        here = urllib.parse.urlsplit(self.url).hostname in ("127.0.0.1", "localhost", "::1")
-        return (f"cannot reach the distexec master at {self.url}"
-                + (": none is running there; start one with `distexec up`" if here else
-                   ": is it running, and is the address right?"))
-
     def _download(self, path: str, timeout: float = 120.0) -> bytes:
         """The raw body of a GET (an artifact's bytes); errors as ``_call`` raises them."""
         try:
@@ -169,7 +161,7 @@ class Cluster:
         except requests.exceptions.SSLError as exc:
             raise DistexecError(tls_refusal(self.url, exc)) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
-            raise DistexecError(self._unreachable(), code=UNREACHABLE) from None
+            raise DistexecError(unreachable(self.url), code=UNREACHABLE) from None
         if resp.status_code >= 400:
             try:
                 err = resp.json().get("error") or {}

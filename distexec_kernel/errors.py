@@ -6,6 +6,7 @@ these exceptions only here, at the edge a person's code sees.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +39,15 @@ class RemoteError(DistexecError):
         super().__init__(f"job {job.id} {job.status}: [{err.get('code')}] {err.get('message')}",
                          code=err.get("code"))
         self.job = job
+
+
+def unreachable(url: str) -> str:
+    """What to say of a master nothing answers at: on this machine, none was started (or one
+    stopped: its connection file stays, to keep its token for the next start)."""
+    here = urllib.parse.urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+    return (f"cannot reach the distexec master at {url}"
+            + (": none is running there; start one with `distexec up`" if here else
+               ": is it running, and is the address right?"))
 
 
 def tls_refusal(url: str, exc: Exception) -> str:
