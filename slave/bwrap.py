@@ -10,6 +10,7 @@ cgroup tree hidden; the program runs as ``nobody`` with no capabilities.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pwd
@@ -112,6 +113,11 @@ class BwrapSandbox(Sandbox):
     @property
     def file_owner(self) -> tuple[int, int] | None:
         return (self.uid, self.gid) if os.getuid() == 0 else None
+
+    def for_uid(self, uid: int) -> "BwrapSandbox":
+        box = copy.copy(self)  # the same cgroups and hidden paths; another uid and gid
+        box.uid = box.gid = uid
+        return box
 
     def describe(self) -> str:
         net = ("network allowed (--allow-network)" if self.limits.allow_network

@@ -167,6 +167,10 @@ class Sandbox:
         """(uid, gid) that files the slave writes for a running job are handed to; None: leave them."""
         return None
 
+    def for_uid(self, uid: int) -> "Sandbox":
+        """This sandbox with its processes run as ``uid`` (a session's own); without isolation, itself."""
+        return self
+
     def describe(self) -> str:
         """What isolation and which limits are in force, in one line for the start-up log."""
         why = f" ({self.why_not})" if self.why_not else ""

@@ -80,6 +80,8 @@ class Session:
     io_state: tuple | None = None
     # The kernel's execution count -> the job that ran that cell: a traceback names jobs, not In[N].
     cells: dict = field(default_factory=dict)
+    box: object = None  # the sandbox it runs in, as its own uid (sessions.SESSION_UID_BASE)
+    uid: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -104,7 +106,8 @@ class CellRunner:
             # The kernel (the job's uid) owns this directory and may have planted
             # links or FIFOs under these names: see safefs.  Off the loop, too.
             try:
-                await asyncio.to_thread(safefs.write_files, session.workdir, files, self.sandbox.file_owner)
+                await asyncio.to_thread(safefs.write_files, session.workdir, files,
+                                        (session.box or self.sandbox).file_owner)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     return self._outcome(None, disk_error(self.jobdirs, "the job's files do not fit in the "

@@ -660,3 +660,30 @@ def test_a_process_a_session_starts_between_its_cells_is_stopped(make_cluster, t
         assert not [p for p in psutil.process_iter(["cmdline"]) if "61.25" in (p.info["cmdline"] or [])]
         after = c.submit("print('still here')", session="late").wait(60)
         assert after.stdout == "still here\n" and "left running" not in after.stderr  # the session lives on
+
+
+INOTIFY_ALL = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nheld = []\n"
+               "while len(held) < 100000 and (fd := libc.inotify_init1(0)) >= 0:\n    held.append(fd)\n"
+               "print(len(held), ctypes.get_errno())\n")
+
+
+def test_a_session_runs_as_its_own_uid_and_cannot_take_nobodys_quotas(make_cluster):
+    # All sessions and fresh jobs ran as nobody and shared its per-uid kernel quotas: one session
+    # holding every inotify instance (or POSIX message queue) refused them to every other job.
+    lc = make_cluster(1, slots=2, languages="python", slave_args=["--no-warm"])
+    with Cluster(lc.url, token=lc.token) as c:
+        uid = "import os\nprint(os.getuid(), os.getgid())"
+        first = c.submit(uid, session="one").wait(120).stdout.split()
+        second = c.submit(uid, session="two").wait(120).stdout.split()
+        fresh = c.submit(uid).wait(60).stdout.split()
+        assert fresh == ["65534", "65534"]
+        assert first[0] == first[1] and second[0] == second[1], (first, second)
+        assert len({first[0], second[0], fresh[0]}) == 3, (first, second, fresh)
+        hog = c.submit(INOTIFY_ALL, session="one").wait(120)
+        held, errno = map(int, hog.stdout.split())
+        assert held >= 16 and errno == 24, hog.stdout  # EMFILE: its uid's instances are all taken
+        others = [c.submit(INOTIFY_ALL.replace("100000", "4")).wait(60),
+                  c.submit(INOTIFY_ALL.replace("100000", "4"), session="two").wait(120)]
+        assert [o.stdout for o in others] == ["4 0\n", "4 0\n"], [o.record for o in others]
+        third = c.submit(uid, session="three").wait(120).stdout.split()
+        assert third[0] not in (first[0], second[0], "65534"), third
