@@ -123,9 +123,20 @@ def add_user(path: str, name: str, password: str, admin: bool = False,
     check_user_name(name)
     users = load_users(path)
     new = name not in users
-    users[name] = {"password": hash_password(password, hasher), "admin": bool(admin)}
+    # The same password given again (to change only the admin flag) keeps its hash, and so the
+    # user's logins; a new one is hashed anew, which ends them (Identity.password_id).
+    old = users.get(name, {}).get("password")
+    kept = old if old is not None and _matches(old, password) else None
+    users[name] = {"password": kept or hash_password(password, hasher), "admin": bool(admin)}
     save_users(path, users)
     return new
+
+
+def _matches(stored: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
 
 
 def remove_user(path: str, name: str) -> bool:
