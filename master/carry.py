@@ -76,9 +76,7 @@ class Carrier:
         waiter = asyncio.get_running_loop().create_future()
         self._ending.setdefault(job_id, []).append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), within)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait([waiter], timeout=within)
         finally:
             waiters = self._ending.get(job_id, [])
             if waiter in waiters:

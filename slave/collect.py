@@ -135,7 +135,7 @@ def collect(workdir: str, patterns: list[str], max_files: int = P.MAX_ARTIFACTS,
                 break
             if not any(matches(p, name) for p in patterns):
                 continue
-            if not _utf8(name):
+            if not _is_utf8(name):
                 out.leave_out("a name that is not UTF-8", shown_name(name))
                 continue
             try:
@@ -168,7 +168,7 @@ def collect(workdir: str, patterns: list[str], max_files: int = P.MAX_ARTIFACTS,
     return out
 
 
-def _utf8(name: str) -> bool:
+def _is_utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
         return True

@@ -81,7 +81,6 @@ class Session:
     # The kernel's execution count -> the job that ran that cell: a traceback names jobs, not In[N].
     cells: dict = field(default_factory=dict)
     box: object = None  # the sandbox it runs in, as its own uid (sessions.SESSION_UID_BASE)
-    uid: int | None = None
 
     @property
     def alive(self) -> bool:

@@ -270,7 +270,7 @@ class SessionRunner:
         # The client's sockets are the relays', in the job's top folder: the slave's, out of the kernel's sight.
         relayed = os.path.join(jobdir.top, RELAY_PREFIX)
         client = make_client({**connection, "ip": relayed}, max_message)
-        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir, box=box, uid=uid)
+        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir, box=box)
         session.relays = [Relay(f"{relayed}-{connection[ch + '_port']}", f"{ipc}-{connection[ch + '_port']}",
                                 max_message, lambda pid: pid in _pids(spawn, proc.pid), KERNEL_START_TIMEOUT,
                                 on_cut=lambda: session.pump and session.pump.cut(),
@@ -365,7 +365,8 @@ class SessionRunner:
         await asyncio.to_thread(self.sandbox.cleanup, session.spawn)
         if session.jobdir is not None:
             await asyncio.to_thread(self.jobdirs.remove, session.jobdir)
-        self._uids.discard(session.uid)  # its processes are gone (cleanup): the next session may take it
+        if session.box is not None:  # its processes are gone (cleanup): the next session may take its uid
+            self._uids.discard(session.box.job_uid)
 
     def _take_uid(self) -> int | None:
         """A uid for a new session's kernel, none of another's; None (nobody) where it runs unisolated."""
@@ -391,7 +392,7 @@ class SessionRunner:
                     continue  # a cell runs: its own end stops what it leaves
                 if now - session.last_used > self.ttl:
                     await self._end(session, f"idle for more than {self.ttl:g} s", notify=True)
-                elif session.alive and _strays(session):
+                elif session.alive and await _any_strays(session):
                     async with session.lock:
                         stopped = await self._stop_strays(session)
                     if stopped:
@@ -428,6 +429,14 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return True
+
+
+async def _any_strays(session: Session) -> bool:
+    """Whether anything but the kernel's own runs in the session: its cgroup's list read here (one
+    small file); without a cgroup, a walk of /proc, in a thread (the loop answers the pings)."""
+    if getattr(session.spawn, "cgroup", None) is not None:
+        return bool(_strays(session))
+    return bool(await asyncio.to_thread(_strays, session))
 
 
 def _strays(session: Session) -> set[int]:

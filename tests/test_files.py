@@ -231,12 +231,18 @@ def test_collect_keeps_regular_files_and_names_what_it_left_out(client):
 
 def test_a_collected_name_that_is_not_utf8_is_left_out_and_the_job_still_ends(client):
     # It made the result unsendable: the job stayed running, its slot taken, past any timeout or cancel.
-    src = "open(bytes([0xff]) + b'x', 'w').write('x')\nopen('fine.txt', 'w').write('ok')\n"
+    # Also under such names: a link to /etc/passwd, a FIFO, a hard link. Left out by name, never opened.
+    src = ("import os\nopen(bytes([0xff]) + b'x', 'w').write('x')\nopen('fine.txt', 'w').write('ok')\n"
+           "os.symlink('/etc/passwd', b'\\xfelx')\nos.mkfifo(b'\\xfdfx')\n"
+           "open('twin', 'w').write('t')\nos.link('twin', b'\\xfchx')\n")
     for session in (None, "collect-utf8"):
         job = client.submit(src, collect=["*x", "*.txt"], session=session, timeout=30).wait(T)
         assert job.status == P.SUCCEEDED, (job.record, session)
         assert [a["name"] for a in job.artifacts] == ["fine.txt"]
-        assert "a name that is not UTF-8: \\xffx" in job.stderr, job.stderr
+        for name in ("\\xfchx", "\\xfdfx", "\\xfelx", "\\xffx"):
+            assert name in job.stderr, job.stderr
+        assert "a name that is not UTF-8: \\xfchx, \\xfdfx, \\xfelx, \\xffx" in job.stderr, job.stderr
+        assert "root:" not in json.dumps(job.record)
     client.end_session("collect-utf8")
 
 
