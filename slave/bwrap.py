@@ -4,7 +4,8 @@
 mount, PID, IPC, UTS and (unless ``--allow-network``) network namespace: the
 system read-only, /tmp private, only the job's directory writable; the
 slave's $DISTEXEC_HOME, its user's home, the other jobs' directories and the
-cgroup tree hidden; the program runs as ``nobody`` with no capabilities.
+cgroup tree hidden; the program runs as a uid of the job's own (uids.py) with
+no capabilities.
 ``best_sandbox`` probes it once at slave start and falls back to the plain
 ``Sandbox`` (sandbox.py) where it cannot run, saying why.
 """
@@ -27,6 +28,7 @@ import psutil
 from distexec_kernel import config
 from distexec_kernel.procs import kill_group
 
+from . import uids
 from .cgroups import Cgroups, JobCgroup, _read
 from .sandbox import BWRAP_PROCS, CGROUP_ROOT, NOBODY, Limits, Sandbox, Spawn
 from .seccomp import seccomp_available
@@ -85,12 +87,13 @@ TOOLCHAIN_HOMES = (".cargo", ".rustup", ".pyenv", ".nvm", ".sdkman", ".ghcup", "
 
 
 class BwrapSandbox(Sandbox):
-    """Each step in bubblewrap namespaces, as ``nobody``, seeing a read-only system.
+    """Each step in bubblewrap namespaces, as an unprivileged uid, seeing a read-only system.
 
     bwrap runs as root without a user namespace (a user namespace would map
     ``nobody`` inside to root outside, the owner of every system file); the
-    job drops to uid/gid 65534 with no capabilities and no_new_privs through
-    util-linux's ``setpriv`` once its mounts are in place.
+    job drops to ``uid`` (``nobody`` unless ``for_uid`` gave it one of its own:
+    the runners do) with no capabilities and no_new_privs through util-linux's
+    ``setpriv`` once its mounts are in place.
     """
 
     name = "bubblewrap"
@@ -123,7 +126,9 @@ class BwrapSandbox(Sandbox):
         net = ("network allowed (--allow-network)" if self.limits.allow_network
                else "no network (own network namespace)")
         shown = f" except the toolchains {', '.join(self.expose)}" if self.expose else ""
-        return (f"isolation: bubblewrap; jobs run as uid {self.uid} without capabilities, in their own "
+        uid = (f"a uid of its own ({uids.FIRST}-{uids.FIRST + uids.COUNT - 1}, {self.uid} once all are taken)"
+               if self.file_owner is not None else f"uid {self.uid}")
+        return (f"isolation: bubblewrap; each job runs as {uid} without capabilities, in its own "
                 f"PID, mount, IPC and UTS namespaces; {net}; read-only system, private /tmp, only the "
                 f"job's directory writable; hidden: {', '.join(_outermost(self.secrets))}{shown} and the "
                 f"other jobs' directories; " + self._describe_limits())
@@ -169,7 +174,7 @@ class BwrapSandbox(Sandbox):
         return "every process of a job is killed at its end (PID namespace)"
 
     def _nproc_rlimit(self) -> bool:
-        # Without a pids cgroup: per real uid, so shared by every job running as nobody.
+        # Without a pids cgroup: per real uid, each job's own (uids.py) unless all were taken.
         return not (self.cgroups and self.cgroups.pids)
 
     def kill(self, spawn: Spawn, pid: int) -> None:

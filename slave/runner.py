@@ -23,7 +23,7 @@ import psutil
 from distexec_kernel import languages as L, protocol as P
 from distexec_kernel.procs import kill_group
 
-from . import safefs, stdbuf, steps
+from . import safefs, stdbuf, steps, uids
 from .collect import collect as collect_files
 from .jobdirs import JobDir, JobDirs
 from .sandbox import Limits, Sandbox
@@ -172,20 +172,24 @@ class ProcessRunner(Runner):
         except OSError as exc:
             log.exception("job %s: no directory for it", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
+        # A uid of the job's own, not one every fresh job shares (uids.py).
+        box, held = await asyncio.to_thread(uids.own_box, self.sandbox)
         try:
-            outcome = await self._run_in(jobdir, lang, job, on_output, cancel)
+            outcome = await self._run_in(box, jobdir, lang, job, on_output, cancel)
             # Files out, before the directory goes: the job's processes are all gone by now.
             return await outcome.collect(jobdir.path, job.get("collect"), on_output)
         except OSError as exc:
             log.exception("job %s could not be run", job["id"])
             return Outcome(None, P.error(P.INTERNAL_ERROR, f"the slave could not run the job: {exc}"))
         finally:
+            if held is not None:  # each step's clean-up killed all that ran as it
+                held.release()
             # Off the event loop, like every step's set-up and clean-up: a Go
             # build cache is thousands of files, and a loop busy deleting them
             # answers no pings (the master then takes the slave for dead).
             await asyncio.to_thread(self.jobdirs.remove, jobdir)
 
-    async def _run_in(self, jobdir: JobDir, lang: L.Language, job: dict,
+    async def _run_in(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         workdir = jobdir.path
         source_name = lang.source_name(job["source"])
@@ -204,7 +208,7 @@ class ProcessRunner(Runner):
         cgroup = await asyncio.to_thread(self.sandbox.job_cgroup, self.limits) if lang.compile else None
         try:
             if lang.compile:
-                refused = await self._compile(jobdir, lang, job, source_name,
+                refused = await self._compile(box, jobdir, lang, job, source_name,
                                               self._argv(lang, lang.compile, fields), env, cancel, cgroup)
                 if refused is not None:
                     return refused
@@ -213,7 +217,7 @@ class ProcessRunner(Runner):
             argv = self.run_argv(lang, fields, env) + list(job.get("args") or [])
             stdin = (job.get("stdin") or "").encode() if job.get("stdin") is not None else None
             capture = Capture(self.limits.output_bytes, on_output)
-            step = await self._step(argv, jobdir, env, stdin, job["timeout"], cancel, capture, cgroup)
+            step = await self._step(box, argv, jobdir, env, stdin, job["timeout"], cancel, capture, cgroup)
         finally:
             await asyncio.to_thread(self.sandbox.release_job_cgroup, cgroup)
         return run_outcome(step, capture, job, self.limits, lang, source_name, self.jobdirs,
@@ -238,7 +242,7 @@ class ProcessRunner(Runner):
         inputs[source_name] = job["source"].encode()
         return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs, job.get("user"))
 
-    async def _compile(self, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
+    async def _compile(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
                        argv: list[str], env: dict, cancel: asyncio.Event, cgroup=None) -> Outcome | None:
         """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
 
@@ -252,7 +256,7 @@ class ProcessRunner(Runner):
                 log.info("job %s: compile cache hit (%s, %s)", job["id"], lang.name, key[:12])
                 return None
         capture = Capture(self.limits.output_bytes, None)
-        step = await self._step(argv, jobdir, env, None, lang.compile_timeout, cancel, capture, cgroup)
+        step = await self._step(box, argv, jobdir, env, None, lang.compile_timeout, cancel, capture, cgroup)
         if step.reason == "cancelled":
             return Outcome(None, P.error(P.CANCELLED_CODE, "cancelled by a user"))
         if step.reason is None and step.returncode != 0 and _hit_disk_limit(step, jobdir):
@@ -275,11 +279,11 @@ class ProcessRunner(Runner):
                 log.warning("job %s: could not keep the compiled program: %s", job["id"], exc)
         return None
 
-    async def _step(self, argv: list[str], jobdir: JobDir, env: dict, stdin: bytes | None,
+    async def _step(self, box: Sandbox, argv: list[str], jobdir: JobDir, env: dict, stdin: bytes | None,
                     timeout: float, cancel: asyncio.Event, capture: Capture, cgroup=None) -> StepResult:
         """One step in a fresh sandboxed process; ``cgroup``: the job's, to share (else one of the step's own)."""
         started = time.monotonic()
-        spawn = await asyncio.to_thread(self.sandbox.command, argv, jobdir.path, env, self.limits, timeout=timeout,
+        spawn = await asyncio.to_thread(box.command, argv, jobdir.path, env, self.limits, timeout=timeout,
                                         tmpdirs=jobdir.sandbox_tmp, within=cgroup)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -288,7 +292,7 @@ class ProcessRunner(Runner):
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True, preexec_fn=spawn.preexec)
         except BaseException:
-            await asyncio.to_thread(self.sandbox.cleanup, spawn)
+            await asyncio.to_thread(box.cleanup, spawn)
             raise
         reason: str | None = None
         try:
@@ -307,7 +311,7 @@ class ProcessRunner(Runner):
                 if watcher is not None:
                     watcher.cancel()
             if reason is not None:
-                self.sandbox.kill(spawn, proc.pid)
+                box.kill(spawn, proc.pid)
                 # The sandbox's kill lets its wrapper exit by itself; should it not, the whole group goes.
                 if not (await asyncio.wait([exited], timeout=KILL_GRACE))[0]:
                     kill_group(proc.pid)
@@ -319,13 +323,13 @@ class ProcessRunner(Runner):
                 r.cancel()
             if reason is None and capture.over:
                 reason = "output_limit"
-            if reason is None and proc.returncode != 0 and self.sandbox.memory_exceeded(spawn):
+            if reason is None and proc.returncode != 0 and box.memory_exceeded(spawn):
                 reason = "memory_limit"  # the kernel's OOM killer, inside the job's cgroup
         finally:
             if proc.returncode is None:
                 kill_group(proc.pid)
                 await proc.wait()
-            await asyncio.to_thread(self.sandbox.cleanup, spawn)
+            await asyncio.to_thread(box.cleanup, spawn)
         return StepResult(proc.returncode, reason, time.monotonic() - started)
 
 

@@ -11,7 +11,7 @@ Two sandboxes, the strongest that works is picked once at slave start
   mount, PID, IPC, UTS and (unless ``--allow-network``) network namespace; the
   system is read-only, /tmp is private, only the job's directory is writable;
   the slave's $DISTEXEC_HOME, its user's home and the other jobs' directories
-  are hidden; the program runs as ``nobody`` with no capabilities.
+  are hidden; the program runs as a uid of its own (uids.py) with no capabilities.
 - ``Sandbox``: the fallback when bubblewrap is missing or refused: a clean
   environment, a process group and resource limits only.
 
@@ -19,8 +19,8 @@ Both put each step in its own cgroup (``cgroups.py``: v1 ``memory`` and ``pids``
 kernel offers them: that is what enforces the memory and process limits and
 what lets cleanup kill every process of the step, even ones that left the
 process group.  Without cgroups the runner falls back to polling the job's
-memory with psutil, and the process limit is RLIMIT_NPROC (shared by all
-jobs of one uid) or nothing.  Both install a seccomp filter (``seccomp.py``, x86_64) that
+memory with psutil, and the process limit is RLIMIT_NPROC (of the job's own
+uid) or nothing.  Both install a seccomp filter (``seccomp.py``, x86_64) that
 refuses new user namespaces and a few other kernel interfaces.
 docs/sandbox.md says what a job can and cannot do.
 """
@@ -189,8 +189,7 @@ class Sandbox:
         if cg and cg.pids:
             parts.append(f"{lim.max_procs} processes per job by cgroup{' v2' * ('pids' in cg.unified)}")
         elif self._nproc_rlimit():
-            parts.append(f"{lim.max_procs} processes by RLIMIT_NPROC, shared by every job of uid "
-                         f"{self.job_uid} (no pids cgroup)")
+            parts.append(f"{lim.max_procs} processes by RLIMIT_NPROC of the job's own uid (no pids cgroup)")
         else:
             why = cg.missing.get("pids") if cg else "cgroups not used"
             parts.append(f"processes NOT limited (no pids cgroup: {why})")

@@ -249,6 +249,21 @@ async def detect_rest(detector: toolchains.Detector, langs: list, found: dict[st
     slave.languages_changed(detecting=False)
 
 
+def unignore_for_children() -> None:
+    """Keep ignoring what this process was started ignoring (nohup's SIGHUP, say), by a handler doing
+    nothing: an ignored signal stays ignored through exec, in every job, where a handled one is back
+    to its default.  SIGPIPE and SIGXFSZ are Python's own, put back for each child it spawns."""
+    for sig in signal.Signals:
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ):
+            continue
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _nothing)
+
+
+def _nothing(signum, frame) -> None:
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="distexec slave", description="Run a distexec slave.")
     add_arguments(p)
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     config.setup_logging()
+    unignore_for_children()
 
     async def runner() -> None:
         slave = await start(args)

@@ -80,7 +80,8 @@ class Session:
     io_state: tuple | None = None
     # The kernel's execution count -> the job that ran that cell: a traceback names jobs, not In[N].
     cells: dict = field(default_factory=dict)
-    box: object = None  # the sandbox it runs in, as its own uid (sessions.SESSION_UID_BASE)
+    box: object = None  # the sandbox it runs in, as its own uid
+    uid: object = None  # that uid's hold (uids.Uid), released once the kernel is gone
 
     @property
     def alive(self) -> bool:

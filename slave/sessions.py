@@ -33,7 +33,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import pwd
 import signal
 import sys
 import time
@@ -44,7 +43,7 @@ import psutil
 from distexec_kernel import protocol as P
 from distexec_kernel.procs import die_with_parent, kill_group
 
-from . import safefs
+from . import safefs, uids
 from .jobdirs import JobDirs
 from .kernel_io import MESSAGE_MARGIN, IopubPump, close_client, make_client, until_ready
 from .runner import Outcome, OutputCallback, Capture
@@ -62,11 +61,6 @@ RELAY_PREFIX = "k"  # the relays' sockets k-1 ... -4, beside the job's work/ (zm
 RELAYED = ("shell", "iopub", "stdin", "control")  # no heartbeat: see _start
 MAX_IPC_PATH = 100  # sun_path is 108 bytes; leave room for "-N"
 DEFAULT_MAX_SESSIONS = 4  # per user: --max-sessions-per-user
-# Each session's kernel runs as a uid of its own (as each warm slot's jobs do), not as nobody: the
-# kernel's per-uid quotas (inotify instances, POSIX message queues) were shared with every fresh job
-# and every other user's session on the host, and one session could hold them all for as long as it
-# lived.  Checked to be no account here; past this range (400 sessions on one slave), nobody.
-SESSION_UID_BASE, SESSION_UIDS = 60400, 400
 # Between cells a session's kernel is capped at a tenth of a core (CELL_CPUS while a
 # cell runs): the slave counts its slot free then, and what a cell's threads do
 # after it returned is all that runs.
@@ -103,7 +97,6 @@ class SessionRunner:
         self.ttl = ttl
         self.max_per_user = max_per_user
         self.sessions: dict[tuple, Session] = {}
-        self._uids: set[int] = set()  # those sessions hold (see SESSION_UID_BASE)
         # Why a session of that key ended here, for the note in the next job's stderr.
         self.ended: dict[tuple, str] = {}
         # Called with (key, reason) when a session ends on its own (idle,
@@ -247,12 +240,14 @@ class SessionRunner:
         # bubblewrap's --die-with-parent) do that job.  No timeout: the CPU-time
         # backstop is per job, and a kernel outlives many jobs.
         limits = dataclasses.replace(self.limits, max_procs=self.limits.max_procs + KERNEL_TASKS, cpus=CELL_CPUS)
-        uid = self._take_uid()
-        box = self.sandbox.for_uid(uid) if uid is not None else self.sandbox
+        # A uid of its own, as each job's: the kernel's per-uid quotas (inotify instances, POSIX message
+        # queues) were shared with every other job and session, and one session could hold them all.
+        box, held = uids.own_box(self.sandbox)
         try:
             spawn = box.command(kernel_argv(conn_file), workdir, {}, limits, tmpdirs=jobdir.sandbox_tmp)
         except BaseException:
-            self._uids.discard(uid)
+            if held is not None:
+                held.release()
             await asyncio.to_thread(self.jobdirs.remove, jobdir)
             raise
 
@@ -270,7 +265,7 @@ class SessionRunner:
         # The client's sockets are the relays', in the job's top folder: the slave's, out of the kernel's sight.
         relayed = os.path.join(jobdir.top, RELAY_PREFIX)
         client = make_client({**connection, "ip": relayed}, max_message)
-        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir, box=box)
+        session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir, box=box, uid=held)
         session.relays = [Relay(f"{relayed}-{connection[ch + '_port']}", f"{ipc}-{connection[ch + '_port']}",
                                 max_message, lambda pid: pid in _pids(spawn, proc.pid), KERNEL_START_TIMEOUT,
                                 on_cut=lambda: session.pump and session.pump.cut(),
@@ -365,18 +360,8 @@ class SessionRunner:
         await asyncio.to_thread(self.sandbox.cleanup, session.spawn)
         if session.jobdir is not None:
             await asyncio.to_thread(self.jobdirs.remove, session.jobdir)
-        if session.box is not None:  # its processes are gone (cleanup): the next session may take its uid
-            self._uids.discard(session.box.job_uid)
-
-    def _take_uid(self) -> int | None:
-        """A uid for a new session's kernel, none of another's; None (nobody) where it runs unisolated."""
-        if self.sandbox.file_owner is None:
-            return None
-        for uid in range(SESSION_UID_BASE, SESSION_UID_BASE + SESSION_UIDS):
-            if uid not in self._uids and not _account(uid):
-                self._uids.add(uid)
-                return uid
-        return None
+        if session.uid is not None:  # its processes are gone (cleanup): another job may take its uid
+            session.uid.release()
 
     def _arm_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -398,14 +383,6 @@ class SessionRunner:
                     if stopped:
                         log.warning("session %s: stopped %d process(es) started between its cells",
                                     P.session_label(session.key), stopped)
-
-def _account(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
-
 
 def _session_pids(session: Session) -> set[int]:
     return _pids(session.spawn, session.proc.pid)

@@ -18,14 +18,13 @@ import collections
 import logging
 import marshal
 import os
-import pwd
 import shutil
 import signal
 import time
 
 from distexec_kernel import languages as L, protocol as P
 
-from . import steps
+from . import steps, uids
 from .bwrap import WARM_ROOT, BwrapSandbox
 from .job_pipes import OutputPipe, feed
 from .jobdirs import BYTES_PER_INODE, JobDirs, quota_full
@@ -42,9 +41,6 @@ log = logging.getLogger("distexec.slave.warm")
 # the cgroup tree, which a warm child does not show, and no registry here offers it to test a remedy.
 SERVED = {"python": "python", "bash": "exec", "javascript": "exec", "ruby": "exec",
           "c": "exec", "cpp": "exec", "go": "exec", "rust": "exec", "java": "exec"}
-# Each slot's jobs run as WARM_UID_BASE + slot (uid and gid), as isolate gives each box its own uid:
-# concurrent jobs then cannot signal, trace or read each other.  Checked to be no account here.
-WARM_UID_BASE = 60100
 # The parent is restarted after it dies, unless it died this often within RESTART_WINDOW seconds.
 MAX_RESTARTS, RESTART_WINDOW = 5, 60.0
 EMPTY_WAIT = 5.0  # seconds for a slot's cgroup to empty after its job
@@ -82,6 +78,7 @@ class WarmRunner(Runner):
         self.why_off: str | None = None  # the pool is off for good, and why
         self.zygote: Zygote | None = None
         self.cgroups: list = []
+        self.uids: list[uids.Uid] = []  # slot -> its jobs' uid, held while the pool lives
         self._free: list[int] = []
         # Slots whose job has ended, its result gone out, while its process is still being reaped
         # and its cgroup checked empty (_release): the next job on this slave waits for one.
@@ -118,11 +115,17 @@ class WarmRunner(Runner):
         self.why_off = self._why_not_here()
         if self.why_off is None:
             try:
+                # Each slot's jobs run as a uid of the slot's own (uids.py): concurrent jobs then cannot
+                # signal, trace or read each other, nor share a per-uid quota.
+                while len(self.uids) < self.slots:
+                    self.uids.append(uids.take())
                 self.cgroups = self.fresh.sandbox.cgroups.pool(2 * self.slots, self.fresh.limits)
                 self._free = list(range(len(self.cgroups) // 2))
                 await self._start_zygote()
             except OSError as exc:
                 self.why_off = str(exc)
+                for held in self.uids:
+                    held.release()
         if self.why_off is not None:
             log.warning("warm pool: off (%s); every job runs in a fresh process", self.why_off)
 
@@ -134,12 +137,6 @@ class WarmRunner(Runner):
             return "no memory and pids cgroups"
         if "python" not in self.fresh.toolchains:
             return "no python3 for its parent"
-        for slot in range(self.slots):
-            try:
-                name = pwd.getpwuid(WARM_UID_BASE + slot).pw_name
-            except KeyError:
-                continue
-            return f"uid {WARM_UID_BASE + slot}, meant for a slot's jobs, is the account {name!r}"
         return None
 
     async def _start_zygote(self) -> None:
@@ -171,7 +168,7 @@ class WarmRunner(Runner):
         """What a slot's child needs before its job comes."""
         jobdirs, limits = self.fresh.jobdirs, self.fresh.limits
         disk = _tmpfs_bytes(jobdirs, limits)
-        uid = WARM_UID_BASE + slot
+        uid = self.uids[slot].uid
         return {"uid": uid, "gid": uid, "cgroups": list(self._cg(slot, self._next.get(slot, 0)).join_paths()),
                 "disk_bytes": disk,
                 "inodes": max(1024, disk // BYTES_PER_INODE)}
@@ -194,7 +191,7 @@ class WarmRunner(Runner):
     def describe(self) -> str:
         if self.why_off is not None:
             return f"warm pool: off ({self.why_off}); {self.fresh.describe()}"
-        uids = f"{WARM_UID_BASE}-{WARM_UID_BASE + len(self.cgroups) // 2 - 1}"
+        held = ", ".join(str(u.uid) for u in self.uids)
         compiled = [name for name in SERVED if L.get(name).compile]
         return (f"warm pool: {', '.join(n for n in SERVED if n not in compiled)} jobs and the "
                 f"{', '.join(compiled)} programs the compile cache holds are forked from a parent started once "
@@ -202,7 +199,7 @@ class WarmRunner(Runner):
                 f"each in its own mount and IPC namespaces"
                 f"{'' if self.fresh.limits.allow_network else ' and the network namespace of its slot'}, "
                 f"tmpfs (its directory, /tmp, /var/tmp, /dev/shm), "
-                f"cgroup and seccomp filter, as its slot's uid ({uids}), killed whole at its end"
+                f"cgroup and seccomp filter, as its slot's uid ({held}), killed whole at its end"
                 f"{'; imported once for every Python job: ' + ', '.join(self.imports) if self.imports else ''}"
                 f"; other jobs: "
                 f"{self.fresh.describe()}")
@@ -219,6 +216,8 @@ class WarmRunner(Runner):
             await asyncio.wait(set(self._releasing), timeout=EMPTY_WAIT)
         for cg in self.cgroups:
             await asyncio.to_thread(self.fresh.sandbox.cgroups.release, cg)
+        for held in self.uids:  # nothing runs as them now (the cgroups emptied, or kept)
+            held.release()
         os.close(self._devnull)
         await self.fresh.close()
 

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from distexec_kernel import Cluster, protocol as P
+from slave import uids
 from slave.bwrap import BwrapSandbox, best_sandbox
 from slave.sandbox import Cgroups, Limits, NOBODY, Sandbox
 
@@ -117,11 +118,11 @@ def test_slave_says_which_isolation_is_in_force(box_client, box):
     assert f"{MAX_PROCS} processes per job by cgroup" in text, text
 
 
-def test_job_runs_as_nobody_without_capabilities(box_client):
+def test_job_runs_as_a_uid_of_its_own_without_capabilities(box_client):
     job = run(box_client, "id -u; id -g; grep ^Cap /proc/self/status | tr '\\n' ' '; echo; echo $$", "bash")
     assert job.status == P.SUCCEEDED, job.record
     uid, gid, caps, pid = job.stdout.splitlines()
-    assert (uid, gid) == (str(NOBODY), str(NOBODY))
+    assert uid == gid and int(uid) in range(uids.FIRST, uids.FIRST + uids.COUNT), (uid, gid)
     assert caps.split() == ["CapInh:", "0" * 16, "CapPrm:", "0" * 16, "CapEff:", "0" * 16, "CapBnd:", "0" * 16,
                             "CapAmb:", "0" * 16], caps
     # Its own PID namespace: bwrap's init is 1, the job's first process is 2.

@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from distexec_kernel import Cluster, protocol as P
-from slave.warm import PREPARE_AHEAD, PREPARE_AHEAD_LAST, WARM_UID_BASE, ahead_wait
+from slave import uids as job_uids
+from slave.warm import PREPARE_AHEAD, PREPARE_AHEAD_LAST, ahead_wait
 from slave.warm_pool import _ended
 
 from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, HOLD, SMALL_DISK_MB, SMALL_MAX_PROCS, SMALL_MEMORY_MB,
@@ -30,7 +31,7 @@ from conftest import (DOUBLE_FORKING_DAEMON, FORK_UNTIL_REFUSED, HOLD, SMALL_DIS
 
 MEMORY_MB, MAX_PROCS, DISK_MB = SMALL_MEMORY_MB, SMALL_MAX_PROCS, SMALL_DISK_MB
 SLOTS = 2
-WARM_UIDS = range(WARM_UID_BASE, WARM_UID_BASE + SLOTS)
+WARM_UIDS = range(job_uids.FIRST, job_uids.FIRST + job_uids.COUNT)  # each slot takes one of them (slave/uids.py)
 # First line of every probe's output: where it ran.
 WHERE = "import os as _os; print('warm' if _os.getcwd().startswith('/run/distexec/job') else 'fresh', flush=True)\n"
 SH_WHERE = 'case "$PWD" in /run/distexec/job*) echo warm;; *) echo fresh;; esac\n'
