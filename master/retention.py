@@ -15,6 +15,8 @@ from distexec_kernel import protocol as P
 
 log = logging.getLogger("distexec.master")
 
+SIZE_CHECK_EVERY = 2.0  # seconds between two looks at the finished history's size (one small read)
+
 
 class Retention:
     def __init__(self, store, keep_days: float | None, keep_mb: float | None, interval: float):
@@ -36,7 +38,9 @@ class Retention:
     async def prune(self, before: str | None = None) -> int:
         """Delete terminal jobs: those submitted before ``before`` (an ISO date or
         time, UTC unless it says), or with None, those past ``keep_days`` and
-        then the oldest past ``keep_mb``.  Queued and running jobs stay.
+        then, past ``keep_mb`` of finished history, the oldest of the users who
+        keep the most (each user's share: store_tx.share).  Queued and running
+        jobs stay, and are not counted.
         Returns how many were deleted.
         """
         if before is not None:
@@ -54,12 +58,19 @@ class Retention:
         return count
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
             try:
-                await self.prune()
+                # A pass every interval (ages, and the bound), and one as soon as the finished history
+                # is past --keep-mb: one user storing 70 MB/s would otherwise fill the disk in between.
+                if loop.time() >= due or (self.keep_mb is not None
+                                          and await self.store.finished_size() > self.keep_mb * (1 << 20)):
+                    due = loop.time() + self.interval
+                    await self.prune()
             except Exception:  # a failed pass is logged by the store; the next one may work
                 log.exception("pruning the history failed")
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(min(self.interval, SIZE_CHECK_EVERY))
 
 
 def _utc_text(text: str) -> str:

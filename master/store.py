@@ -77,6 +77,13 @@ def _migrate(conn: sqlite3.Connection) -> None:
         # A history from before the totals table: summed once; the triggers keep it from now on.
         conn.execute("INSERT INTO totals (name, n) VALUES ('bytes', (SELECT COALESCE(SUM(size), 0) FROM jobs)"
                      " + (SELECT COALESCE(SUM(size), 0) FROM inputs))")
+    if conn.execute("SELECT 1 FROM meta WHERE key = 'user_bytes'").fetchone() is None:
+        # A history from before the per-user sizes: summed once; the triggers keep them from now on.
+        conn.execute("DELETE FROM user_bytes")
+        conn.execute("INSERT INTO user_bytes SELECT COALESCE(j.user, ''), SUM(j.size + COALESCE(i.size, 0)) "
+                     "FROM jobs j LEFT JOIN inputs i ON i.id = j.id WHERE j.status NOT IN (?, ?) GROUP BY 1",
+                     UNFINISHED)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('user_bytes', '1')")
     # Unfinished jobs of an older version keep their inputs inside the record:
     # move them out, since the master now saves those records without them.
     rows = conn.execute("SELECT id, data FROM jobs WHERE status IN (?, ?) AND id NOT IN "
@@ -206,8 +213,9 @@ class JobStore:
         return self._submit(("save", [_rows(job) for job in jobs], list(load)))
 
     def prune(self, before: str | None = None, keep_bytes: int | None = None) -> asyncio.Future:
-        """Delete terminal jobs submitted before ``before`` (RFC 3339), then the
-        oldest terminal jobs until all jobs take at most ``keep_bytes``.
+        """Delete terminal jobs submitted before ``before`` (RFC 3339), then, until
+        the terminal jobs take at most ``keep_bytes``, the oldest of the users
+        who keep the most (``store_tx.share``).
 
         Queued and running jobs are never deleted.  Resolves to the number deleted.
         """
@@ -313,7 +321,8 @@ class JobStore:
             for job_id in pruned:
                 self.artifacts.delete(job_id)
             try:
-                conn.execute("PRAGMA incremental_vacuum")
+                # As a script: stepped once, as execute() does, it frees a single page.
+                conn.executescript("PRAGMA incremental_vacuum;")
             except sqlite3.Error as exc:
                 log.warning("could not hand freed pages back after pruning: %s", exc)
         settled = [(fut, result if inputs is None else inputs) for (_, _, fut), inputs in zip(group, loaded)]
@@ -390,6 +399,12 @@ class JobStore:
 
     def _size(self) -> int:
         return total_bytes(self._read_conn())
+
+    async def finished_size(self) -> int:
+        """How many bytes the finished jobs take, which ``keep_bytes`` bounds: one small table summed."""
+        def read() -> int:
+            return self._read_conn().execute("SELECT COALESCE(SUM(n), 0) FROM user_bytes").fetchone()[0]
+        return await asyncio.get_running_loop().run_in_executor(self._readers, read)
 
     async def size(self) -> int:
         """About how many bytes the jobs take (their JSON text), which ``keep_bytes`` bounds."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
+from distexec_kernel import protocol as P
 from distexec_kernel.config import private_dir
 
 
@@ -58,6 +59,41 @@ CREATE TRIGGER IF NOT EXISTS {table}_bytes_update AFTER UPDATE OF size ON {table
     UPDATE totals SET n = n + NEW.size - OLD.size WHERE name = 'bytes';
 END;""" for table in ("jobs", "inputs"))
 
+# Each user's finished history (the records, inputs and collected files of their jobs that pruning may
+# take), kept by triggers: what --keep-mb bounds and shares out among users (store_tx.prune), read
+# without a scan.  A job's inputs are saved after its record, and deleted after it.
+_FINISHED = f"NOT IN ('{P.QUEUED}', '{P.RUNNING}')"
+_INPUTS_OF = "COALESCE((SELECT size FROM inputs WHERE id = {row}.id), 0)"
+SCHEMA += f"""
+CREATE TABLE IF NOT EXISTS user_bytes (user TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS jobs_user_bytes_insert AFTER INSERT ON jobs WHEN NEW.status {_FINISHED} BEGIN
+    INSERT INTO user_bytes VALUES (COALESCE(NEW.user, ''), NEW.size + {_INPUTS_OF.format(row="NEW")})
+        ON CONFLICT (user) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_user_bytes_delete AFTER DELETE ON jobs WHEN OLD.status {_FINISHED} BEGIN
+    UPDATE user_bytes SET n = n - OLD.size - {_INPUTS_OF.format(row="OLD")} WHERE user = COALESCE(OLD.user, '');
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_user_bytes_update AFTER UPDATE OF status, size, user ON jobs
+    WHEN OLD.status {_FINISHED} OR NEW.status {_FINISHED} BEGIN
+    UPDATE user_bytes SET n = n - OLD.size - {_INPUTS_OF.format(row="OLD")}
+        WHERE OLD.status {_FINISHED} AND user = COALESCE(OLD.user, '');
+    INSERT INTO user_bytes SELECT COALESCE(NEW.user, ''), NEW.size + {_INPUTS_OF.format(row="NEW")}
+        WHERE NEW.status {_FINISHED} ON CONFLICT (user) DO UPDATE SET n = n + excluded.n;
+END;
+CREATE TRIGGER IF NOT EXISTS inputs_user_bytes_insert AFTER INSERT ON inputs BEGIN
+    UPDATE user_bytes SET n = n + NEW.size
+        WHERE user = (SELECT COALESCE(user, '') FROM jobs WHERE id = NEW.id AND status {_FINISHED});
+END;
+CREATE TRIGGER IF NOT EXISTS inputs_user_bytes_delete AFTER DELETE ON inputs BEGIN
+    UPDATE user_bytes SET n = n - OLD.size
+        WHERE user = (SELECT COALESCE(user, '') FROM jobs WHERE id = OLD.id AND status {_FINISHED});
+END;
+CREATE TRIGGER IF NOT EXISTS inputs_user_bytes_update AFTER UPDATE OF size ON inputs WHEN OLD.size != NEW.size BEGIN
+    UPDATE user_bytes SET n = n + NEW.size - OLD.size
+        WHERE user = (SELECT COALESCE(user, '') FROM jobs WHERE id = NEW.id AND status {_FINISHED});
+END;
+"""
+
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
@@ -72,6 +108,9 @@ def connect(path: str, creating: bool = False) -> sqlite3.Connection:
     # lose the last commits, which is the usual trade for a history store.
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
+    # The WAL is cut back to this after each checkpoint: a big prune's pages would otherwise keep it
+    # that size on the disk for good.
+    conn.execute("PRAGMA journal_size_limit=67108864")
     return conn
 
 

@@ -32,33 +32,54 @@ def prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) 
     """Delete terminal jobs (see ``JobStore.prune``); returns their ids."""
     doomed: list[int] = []
     if before is not None:
-        doomed += [r[0] for r in conn.execute(
-            f"SELECT id FROM jobs WHERE {TERMINAL_ONLY} AND submitted_at < ?", (*UNFINISHED, before))]
+        doomed += _delete(conn, [r[0] for r in conn.execute(
+            f"SELECT id FROM jobs WHERE {TERMINAL_ONLY} AND submitted_at < ?", (*UNFINISHED, before))])
     if keep_bytes is not None:
-        gone = set(doomed)
-        total = total_bytes(conn)
-        total -= sum(r[0] for r in conn.execute(
-            "SELECT j.size + COALESCE(i.size, 0) FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
-            "WHERE j.id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)))
-        if total > keep_bytes:
-            for job_id, size in conn.execute(
+        sizes = dict(conn.execute("SELECT user, n FROM user_bytes WHERE n > 0"))
+        level = share(list(sizes.values()), keep_bytes)
+        for user, size in sizes.items():
+            if size <= level:
+                continue
+            # Their oldest first, down to the level: one user's excess never costs another's history.
+            mine = []
+            for job_id, job_size in conn.execute(
                     f"SELECT j.id, j.size + COALESCE(i.size, 0) FROM jobs j LEFT JOIN inputs i ON i.id = j.id "
-                    f"WHERE j.{TERMINAL_ONLY} ORDER BY j.id", UNFINISHED):
-                if job_id in gone:
-                    continue
-                doomed.append(job_id)
-                total -= size
-                if total <= keep_bytes:
+                    f"WHERE j.user IS ? AND j.{TERMINAL_ONLY} ORDER BY j.id", (user or None, *UNFINISHED)):
+                mine.append(job_id)
+                size -= job_size
+                if size <= level:
                     break
+            doomed += _delete(conn, mine)
     if not doomed:
         return []
-    ids = json.dumps(doomed)
-    conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-    conn.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
     # Ids are never given twice, also when the newest jobs are the ones pruned.
     conn.execute("INSERT INTO meta (key, value) VALUES ('max_pruned_id', ?) ON CONFLICT(key) DO UPDATE "
                  "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(max(doomed)),))
     return doomed
+
+
+def share(sizes: list[int], keep: int) -> float:
+    """How much finished history each user may keep so that all of it fits in ``keep`` bytes: users
+    under that level keep all of theirs, the rest are cut to it (max-min fair; inf: nothing to cut)."""
+    if sum(sizes) <= keep:
+        return float("inf")
+    below = 0
+    ordered = sorted(sizes)
+    for n, size in enumerate(ordered):
+        level = (keep - below) / (len(ordered) - n)
+        if size > level:
+            return max(level, 0.0)
+        below += size
+    return float("inf")
+
+
+def _delete(conn: sqlite3.Connection, job_ids: list[int]) -> list[int]:
+    if job_ids:
+        ids = json.dumps(job_ids)
+        # The record before its inputs: the triggers count a finished job's inputs from its record.
+        conn.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+        conn.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+    return job_ids
 
 
 def total_bytes(conn: sqlite3.Connection) -> int:

@@ -91,6 +91,42 @@ def test_retention_prunes_the_oldest_finished_jobs_past_the_size_bound(make_clus
         wait_for(lambda: pending.status == P.SUCCEEDED, 30, "the queued job to run and succeed")
 
 
+def test_the_size_bound_is_shared_out_so_one_users_flood_prunes_their_own_history(make_cluster, tmp_path):
+    # Pruning past --keep-mb took the oldest finished jobs whoever owned them: one user storing big
+    # outputs erased everyone else's history, and the queued jobs' inputs (never pruned) were counted,
+    # so each pass deleted every finished job.  No pass is due here (an hour): the size is watched.
+    users = users_json(tmp_path, "alice", "bob")
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--users", users, "--keep-mb", "0.25", "--prune-interval", "3600"])
+    with Cluster(lc.url, token=lc.token) as admin, \
+            Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="bob", password="bob-pw") as bob:
+        bobs = bob.submit("print('b' * 20000)").wait(60)
+        assert bobs.status == P.SUCCEEDED
+        busy = alice.submit(SLEEPER, timeout=60)
+        wait_for(lambda: alice.job(busy.id).status == P.RUNNING, 20, "alice's sleeper to run")
+        queued = alice.submit("import sys\nprint(len(sys.stdin.read()))", stdin="s" * 400_000)
+        assert alice.job(queued.id).status == P.QUEUED  # read back: the master holds it
+        assert admin.prune() == 0  # 400 KB of queued inputs, over the bound: not counted, nothing taken
+        alice.cancel(busy.id)
+        assert queued.wait(60).stdout == "400000\n"
+        floods = [alice.submit("print('a' * 60000)").wait(60) for _ in range(2)]
+
+        def kept() -> set[int]:
+            return {j.id for j in admin.jobs(limit=100)}
+        wait_for(lambda: queued.id not in kept(), 20, "alice's oldest big job to be pruned")
+        assert bobs.id in kept() and floods[-1].id in kept(), kept()
+        assert bob.job(bobs.id).stdout == "b" * 20000 + "\n"
+
+
+def test_the_share_of_the_bound_cuts_the_biggest_users_to_one_level():
+    from master.store_tx import share
+    assert share([3, 10, 400], 100) == 87  # the two small users keep all; the big one is cut to the rest
+    assert share([60, 60], 100) == 50
+    assert share([30, 40], 100) == float("inf")  # under the bound: nothing to cut
+    assert share([], 0) == float("inf")
+
+
 def test_retention_by_age(make_cluster):
     # 0.00002 days is 1.7 s.
     lc = make_cluster(1, slots=1, languages="python", master_args=["--keep-days", "0.00002",

@@ -433,9 +433,10 @@ def test_a_very_large_submission_goes_over_http(client):
 
 
 def test_the_historys_size_is_kept_by_the_store_through_every_change(tmp_path):
-    """Pruning to --keep-mb reads the history's size from a total the store keeps (a SUM over a
-    million rows held the writer back half a second): it must match a real sum after inserts with
-    inputs, saves that change a record's size, pruning by date and by size, and a reopen."""
+    """Pruning to --keep-mb reads the history's size from totals the store keeps (a SUM over a
+    million rows held the writer back half a second): the whole and each user's finished part must
+    match a real sum after inserts with inputs, saves that change a record's size or status, pruning
+    by date and by size, and a reopen."""
     import asyncio
     import sqlite3
 
@@ -443,43 +444,64 @@ def test_the_historys_size_is_kept_by_the_store_through_every_change(tmp_path):
 
     path = str(tmp_path / "history.sqlite3")
 
-    def job(job_id: int, status: str, out: str = "", files: dict | None = None) -> dict:
+    def job(job_id: int, status: str, out: str = "", files: dict | None = None, user: str | None = "alice") -> dict:
         j = P.new_job(job_id, {"source": "print(1)", "language": "python", "files": files or {}, "args": [],
-                               "stdin": None}, client_id=None, user="alice")
+                               "stdin": None}, client_id=None, user=user)
         j.update(status=status, stdout=out)
         return j
 
-    def truth() -> int:
+    def query(sql: str) -> list:
         conn = sqlite3.connect(path)
         try:
-            return sum(conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {t}").fetchone()[0] for t in ("jobs", "inputs"))
+            return conn.execute(sql).fetchall()
         finally:
             conn.close()
+
+    def truth() -> int:
+        return sum(query(f"SELECT COALESCE(SUM(size), 0) FROM {t}")[0][0] for t in ("jobs", "inputs"))
+
+    def finished() -> dict:
+        return dict(query("SELECT COALESCE(j.user, ''), SUM(j.size + COALESCE(i.size, 0)) FROM jobs j "
+                          "LEFT JOIN inputs i ON i.id = j.id WHERE j.status NOT IN ('queued', 'running') GROUP BY 1"))
+
+    async def agree(store) -> None:
+        assert await store.size() == truth()
+        assert dict(query("SELECT user, n FROM user_bytes WHERE n != 0")) == finished()
+        assert await store.finished_size() == sum(finished().values())
 
     async def scenario() -> None:
         store = JobStore(path)
         try:
             await store.save_many([job(i, P.QUEUED, files={"data.txt": "x" * (100 * i)}) for i in range(1, 41)])
-            assert await store.size() == truth() > 40 * 100
+            assert truth() > 40 * 100 and finished() == {}
+            await agree(store)
             # Saved again: bigger records (output), inputs saved again with other sizes.
             await store.save_many([job(i, P.SUCCEEDED, out="y" * (50 * i), files={"d": "z" * i}) for i in range(1, 31)])
-            assert await store.size() == truth()
-            assert await store.prune(before="9999-01-01T00:00:00Z") == 30  # terminal ones only
-            assert await store.size() == truth()
+            await agree(store)
+            await store.save_many([job(i, P.FAILED, out="v" * i, user=None) for i in range(61, 65)])
+            await agree(store)
+            assert await store.prune(before="9999-01-01T00:00:00Z") == 34  # terminal ones only
+            await agree(store)
             await store.save_many([job(i, P.SUCCEEDED, out="w" * 3000) for i in range(41, 61)])
-            keep = truth() // 2
+            keep = sum(finished().values()) // 2
             assert await store.prune(keep_bytes=keep) > 0
-            assert await store.size() == truth() <= keep
+            await agree(store)
+            assert 0 < sum(finished().values()) <= keep
+            # The pages it freed went back to the disk (a PRAGMA stepped once freed one page).
+            assert query("PRAGMA freelist_count") == [(0,)]
         finally:
             store.close()
-        # A history written before the total existed is summed once when opened.
+        # A history written before the totals existed is summed once when opened.
         conn = sqlite3.connect(path)
         conn.execute("DROP TABLE totals")
+        conn.execute("DELETE FROM user_bytes")
+        conn.execute("DELETE FROM meta WHERE key = 'user_bytes'")
         conn.commit()
         conn.close()
         store = JobStore(path)
         try:
-            assert await store.size() == truth() > 0
+            assert truth() > 0 and finished()
+            await agree(store)
         finally:
             store.close()
 
