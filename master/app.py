@@ -267,9 +267,12 @@ class LoginHandler(ApiHandler):
 
     @_protocol_errors
     async def post(self) -> None:
-        wait = self.gate.logins.take(self.request.remote_ip or "?")
+        # Failed attempts only are counted: a class behind one address (a NAT, a JupyterHub) logging
+        # in at nine o'clock is not refused, and a flood of guesses is cut off before hashing.
+        address = self.request.remote_ip or "?"
+        wait = self.gate.logins.take(address)
         if wait:
-            raise RateLimited(f"too many login attempts from this address; retry in {wait:.1f} s", wait)
+            raise RateLimited(f"too many failed login attempts from this address; retry in {wait:.1f} s", wait)
         body = self.json_body()
         if not (isinstance(body, dict) and isinstance(body.get("user"), str)
                 and isinstance(body.get("password"), str)):
@@ -279,6 +282,8 @@ class LoginHandler(ApiHandler):
         loop = asyncio.get_running_loop()
         # Argon2 takes tens of milliseconds on purpose: keep it off the event loop.
         session = await loop.run_in_executor(None, self.auth.login, body["user"], body["password"])
+        if session is not None:
+            self.gate.logins.give_back(address)
         if session is None:
             log.warning("failed login for %r from %s", body["user"][:64], self.request.remote_ip)
             return self.fail(401, "login_failed", "wrong user name or password")

@@ -73,6 +73,12 @@ class RateLimiter:
         self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
 
+    def give_back(self, key: str, cost: float = 1.0) -> None:
+        """Return ``cost`` tokens ``take`` spent (up to the burst)."""
+        if self.rate is not None and key in self._buckets:
+            tokens, at = self._buckets[key]
+            self._buckets[key] = (min(self.burst, tokens + cost), at)
+
     def _forget_full(self, now: float) -> None:
         # A bucket that has refilled is the same as no bucket: drop those.
         for key in [k for k, (t, at) in self._buckets.items()
