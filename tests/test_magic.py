@@ -190,7 +190,7 @@ def test_no_wait_returns_at_once_with_a_handle_and_live_status(shell, master, lc
     result, cap = run(shell, "%%remote --no-wait -o h\n" + HOLD + UNTIL_RELEASED + "print('done late')\n")
     elapsed = time.monotonic() - t0
     assert result.success
-    assert elapsed < 2.0, elapsed  # it did not wait for the job, held until released below
+    assert elapsed < 15, elapsed  # it did not wait for the job, held until released below (a loaded CI is slow)
     h = shell.user_ns["h"]
     assert result.result is h and not h.done
     assert re.match(rf"[🕓⏳] job {h.id} · python", displayed_text(cap))
