@@ -125,7 +125,8 @@ async def bench(n: int, against: str | None) -> None:
         def show(name: str) -> str:
             return subprocess.run(["git", "show", f"{against}:slave/{name}"], capture_output=True, text=True,
                                   cwd=here).stdout
-        # Before 2026-11-30 the parent was one file, warm_zygote.py.
+        # Before 2026-11-30 the parent was one file, warm_zygote.py; before 2026-12-02 it took its program
+        # and config on its command line, so an older commit's parent does not start here.
         sources[against] = show("warm_child.py") + "\n" + show("warm_zygote.py")
     tmp = tempfile.mkdtemp(prefix="distexec-timeline-")
     pools = {}

@@ -1,8 +1,8 @@
 """One warm job's process, forked by the warm pool's parent (slave/warm_zygote.py).
 
 The slave runs the two files as one program, this one first (slave/warm_pool.py):
-``python3 -u -c <this file + warm_zygote.py> FD CONFIG``, so a job sees the same
-``sys.path`` as a fresh ``python3 main.py``.  Standard library only, and little of it
+``python3 -u - FD`` with the program on stdin, so a job sees the same ``sys.path`` as a
+fresh ``python3 main.py``.  Standard library only, and little of it
 (no json, pickle or socket.py: marshal and _socket are built in): every MiB the
 parent touches makes each fork dearer.
 
@@ -308,6 +308,7 @@ def run_python(spec, work, done):
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
     sys.argv = [spec["source_name"]] + list(spec["args"])
+    sys.orig_argv = sys.orig_argv[:2] + sys.argv  # [python3, -u, main.py, ARGS], not the parent's
     sys.path[0] = work
     if "random" in sys.modules:  # never the same sequence in two jobs
         sys.modules["random"].seed()

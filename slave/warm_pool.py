@@ -64,18 +64,22 @@ class Zygote:
         """Start the parent and wait until it is ready; raises OSError saying why not."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        source = "\n".join(_read(path) for path in SOURCES)
-        command = [self.python, "-u", "-c", source, str(theirs.fileno()),
-                   marshal.dumps(self.config).hex()]
+        # The program on stdin and its config as the first message: on the command line, both showed in
+        # every `ps` of the slave (~40 KiB a parent).
+        source = "\n".join(_read(path) for path in SOURCES).encode()
+        command = [self.python, "-u", "-", str(theirs.fileno())]
         try:
+            ours.send(marshal.dumps(self.config))
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv_for(command), pass_fds=[theirs.fileno()], env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                *self.argv_for(command), pass_fds=[theirs.fileno()], env=self.env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         except OSError:
             ours.close()
             raise
         finally:
             theirs.close()
+        self.proc.stdin.write(source)
+        self.proc.stdin.close()  # its end: the interpreter reads to it, then runs the program
         ours.setblocking(False)
         self.sock = ours
         self._ready = loop.create_future()

@@ -1,9 +1,10 @@
 """The warm pool's parent (a "zygote"): started once per slave inside bubblewrap,
 it never runs user code and forks one fresh child per job (slave/warm_child.py).
 
-Run by the slave (slave/warm_pool.py) after warm_child.py, as one program:
-``python3 -u -c <warm_child.py + this file> FD CONFIG`` (CONFIG: a marshal dump of
-{root, seccomp, imports, netns}, in hex), with the job's interpreter.  bwrap has already made
+Run by the slave (slave/warm_pool.py) after warm_child.py, as one program read from stdin:
+``python3 -u - FD``, with the job's interpreter; the first message on FD is its CONFIG (a marshal
+dump of {root, seccomp, imports, netns}).  Neither is on its command line, which ``ps`` shows
+every admin of the slave (tens of KiB of source there made ``ps aux`` unreadable).  bwrap has already made
 it root with only CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID, CAP_KILL and CAP_NET_ADMIN, in its own
 PID, IPC, UTS and network namespaces, on a read-only system with the secrets hidden.
 
@@ -36,8 +37,9 @@ if "Child" not in globals():  # read on its own (a linter, a test), not after wa
 
 
 class Zygote:
-    def __init__(self, fd, config):
+    def __init__(self, fd):
         self.sock = socket.socket(fileno=fd)
+        config = marshal.loads(self.sock.recv(1 << 20))  # sent before this process started
         self.root = config["root"]  # where each child mounts its tmpfs
         program = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else b""
         self._filter = ctypes.create_string_buffer(program, len(program) or 1)
@@ -307,8 +309,7 @@ class _Job:
 
 
 def main():
-    fd, config = int(sys.argv[1]), marshal.loads(bytes.fromhex(sys.argv[2]))
-    zygote = Zygote(fd, config)
+    zygote = Zygote(int(sys.argv[1]))
     try:
         zygote.setup()
     except OSError as exc:

@@ -97,7 +97,8 @@ def warm_parents(slave_pid: int) -> list[psutil.Process]:
     for p in under:
         try:
             cmd = p.cmdline()
-            if cmd[1:3] == ["-u", "-c"] and "warm pool's parent" in cmd[3] and p.parent().name() == "bwrap":
+            # `python3 -u - FD` (its program on stdin, slave/warm_pool.py) right under bwrap.
+            if cmd[1:3] == ["-u", "-"] and len(cmd) == 4 and cmd[3].isdigit() and p.parent().name() == "bwrap":
                 found.append(p)
                 found += [a for a in p.parents() if a.name() == "bwrap" and a.pid != slave_pid]
                 found += [k for k in p.children() if k.cmdline() == cmd and k.cwd() == "/"]

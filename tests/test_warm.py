@@ -175,6 +175,16 @@ def test_a_jobs_main_module_is_its_own(c):
     assert job.status == P.SUCCEEDED and job.stdout == "[] True __main__\n" and job.stderr == "", job.record
 
 
+def test_the_pools_command_lines_stay_short_and_a_jobs_argv_is_a_fresh_ones(c, lc):
+    """The parent's program and config reach it on stdin and its socket: on its command line they made
+    every `ps` of the slave host tens of KiB a pool (and a job's sys.orig_argv held them)."""
+    parent = zygote(lc)
+    assert parent.cmdline()[1:3] == ["-u", "-"] and len(parent.cmdline()) == 4, parent.cmdline()
+    assert sum(len(a) + 1 for a in parent.parent().cmdline()) < 8000  # bwrap's own arguments, then those
+    job = run(c, WHERE + "import sys\nprint(sys.argv, sys.orig_argv[1:])", args=["a b"])
+    assert job.stdout == "warm\n['main.py', 'a b'] ['-u', 'main.py', 'a b']\n", job.record
+
+
 def test_a_warm_programs_exit_code_and_signals_are_its_own(c):
     """A program (sh, bash, C) runs as its warm child's own child (warm_child.run_program): its exit
     code and the signal that killed it are reported as a fresh process's would be, and the signals it
