@@ -154,7 +154,9 @@ class Admission:
             fits = max(0, self.max_queued_per_user - mine)
             raise QueueFull(f"{user or 'this user'} has {mine} job(s) waiting, and at most "
                             f"{self.max_queued_per_user} may wait per user (--max-queued-per-user); "
-                            f"{fits} more would fit: try again when some have run")
+                            f"{fits} more would fit: " + (
+                                f"send the {count} in parts of at most {self.max_queued_per_user}"
+                                if count > self.max_queued_per_user else "try again when some have run"))
         raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
                         f"--max-queue): try again when some have run", status=503)
 

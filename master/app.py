@@ -177,14 +177,19 @@ class JobsHandler(ApiHandler):
         self._chunks = []
         body = self.json_body()
         # A batch counts what it holds (one beyond P.MAX_BATCH: it is refused for its size anyway).
-        self.gate.check_submit(self.identity, min(len(body), P.MAX_BATCH + 1) if isinstance(body, list) else 1)
+        cost = min(len(body), P.MAX_BATCH + 1) if isinstance(body, list) else 1
+        self.gate.check_submit(self.identity, cost)
         # The header only links the job to a client of the same account, never another's.
         client_id = self.master.client_of(self.request.headers.get("X-Distexec-Client"), self.identity.user)
-        if isinstance(body, list):
-            # A batch: all of it or none of it, one group, one commit.
-            jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user)
-            return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None}, 201)
-        job = await self.master.submit(body, client_id=client_id, user=self.user)
+        try:
+            if isinstance(body, list):
+                # A batch: all of it or none of it, one group, one commit.
+                jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user)
+                return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None}, 201)
+            job = await self.master.submit(body, client_id=client_id, user=self.user)
+        except P.ProtocolError:
+            self.gate.refund_submit(self.identity, cost)  # refused whole: nothing of it was queued
+            raise
         self.send_json(job, 201)
 
 
@@ -267,23 +272,27 @@ class LoginHandler(ApiHandler):
 
     @_protocol_errors
     async def post(self) -> None:
-        # Failed attempts only are counted: a class behind one address (a NAT, a JupyterHub) logging
-        # in at nine o'clock is not refused, and a flood of guesses is cut off before hashing.
+        # Failed attempts only are counted (Gate.check_login): a class behind one address logging in at
+        # nine o'clock is not refused, and a flood of guesses is cut off before hashing.
         address = self.request.remote_ip or "?"
-        wait = self.gate.logins.take(address)
-        if wait:
-            raise RateLimited(f"too many failed login attempts from this address; retry in {wait:.1f} s", wait)
-        body = self.json_body()
-        if not (isinstance(body, dict) and isinstance(body.get("user"), str)
-                and isinstance(body.get("password"), str)):
-            raise P.ProtocolError("bad_request", 'the body must be {"user": NAME, "password": PASSWORD}')
+        self.gate.check_login(address)  # refused at once: no wait for a turn
+        try:
+            body = self.json_body()
+            if not (isinstance(body, dict) and isinstance(body.get("user"), str)
+                    and isinstance(body.get("password"), str)):
+                raise P.ProtocolError("bad_request", 'the body must be {"user": NAME, "password": PASSWORD}')
+        except P.ProtocolError:
+            self.gate.login_failed(address)
+            raise
         if not self.auth.logins_enabled:
             return self.fail(401, "login_failed", "this master has no user logins (start it with --users FILE)")
         loop = asyncio.get_running_loop()
-        # Argon2 takes tens of milliseconds on purpose: keep it off the event loop.
-        session = await loop.run_in_executor(None, self.auth.login, body["user"], body["password"])
-        if session is not None:
-            self.gate.logins.give_back(address)
+        async with self.gate.login_turns:
+            self.gate.check_login(address)  # the failures made while it waited count
+            # Argon2 takes tens of milliseconds on purpose: keep it off the event loop.
+            session = await loop.run_in_executor(None, self.auth.login, body["user"], body["password"])
+            if session is None:
+                self.gate.login_failed(address)  # within its turn: the next in line sees it
         if session is None:
             log.warning("failed login for %r from %s", body["user"][:64], self.request.remote_ip)
             return self.fail(401, "login_failed", "wrong user name or password")

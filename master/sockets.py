@@ -342,6 +342,8 @@ class ClientSocket(_Socket):
         made = await self.master.submit_each([(items[i].request, items[i].ref) for i in fresh],
                                              client_id=self.info.id, user=self.user)
         for i, result in zip(fresh, made):
+            if isinstance(result, P.ProtocolError):
+                self.gate.refund_submit(identity, 1)  # refused: nothing was queued
             bodies[i] = _refused(result) if isinstance(result, P.ProtocolError) else {"job": result}
         return bodies
 

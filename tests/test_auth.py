@@ -5,11 +5,13 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import argon2
@@ -138,6 +140,39 @@ def test_a_class_logging_in_from_one_address_is_not_refused_but_failures_are(use
         assert login(user_cluster.url, "boss", "boss-pw").status_code == 200
     codes = [login(user_cluster.url, "boss", "wrong").status_code for _ in range(16)]
     assert codes[0] == 401 and 429 in codes, codes
+
+
+def test_a_class_logging_in_at_the_same_moment_gets_in_and_a_flood_of_guesses_is_cut_off(make_cluster, tmp_path):
+    """Thirty students behind one address calling Cluster(user=...) in the same second: each attempt took
+    a token of the address's budget until its hash was done, so 19 of 30 got "too many failed login
+    attempts" (none had failed), and the master hashed all of them at once (34 -> 429 MiB)."""
+    users = str(tmp_path / "users.json")
+    auth.add_user(users, "teacher", "teacher-pw")  # the real cost, 64 MiB a hash
+    for i in range(30):
+        auth.add_user(users, f"s{i}", f"s{i}-pw", hasher=CHEAP)
+    lc = make_cluster(0, master_args=["--users", users])
+
+    def peak_mib() -> float:
+        with open(f"/proc/{lc.master.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+    before = peak_mib()
+    with ThreadPoolExecutor(30) as pool:
+        teacher = list(pool.map(lambda _: login(lc.url, "teacher", "teacher-pw").status_code, range(12)))
+        students = list(pool.map(lambda i: login(lc.url, f"s{i}", f"s{i}-pw").status_code, range(30)))
+    assert teacher == [200] * 12 and students == [200] * 30, (teacher, students)
+    # Two hashes at once, 64 MiB each; twelve at once (the executor's threads on a bigger host) is 768.
+    assert peak_mib() - before < 3 * 64, (before, peak_mib())
+    # Guesses are still counted, also sent all at once: past the budget (10 failures, 5 more a second)
+    # they are refused at their turn, before hashing, each refusal saying when to come back.
+    with ThreadPoolExecutor(40) as pool:
+        guesses = list(pool.map(lambda i: login(lc.url, f"s{i % 30}", "wrong"), range(40)))
+    codes = [r.status_code for r in guesses]
+    assert set(codes) == {401, 429} and codes.count(401) <= 10 + 2 + 5 * 3, codes  # 3 s is far more than it takes
+    refused = next(r for r in guesses if r.status_code == 429)
+    assert re.search(r"retry in (0\.\d[1-9]|[1-9][\d.]*) s", refused.json()["error"]["message"]), refused.text
+    # One address's guesses do not lock out the students there for long: the budget comes back.
+    wait_for(lambda: login(lc.url, "s0", "s0-pw").status_code == 200, 10, "the budget to come back")
 
 
 def test_slave_secret_and_client_tokens_never_open_the_other_channel(user_cluster):

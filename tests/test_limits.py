@@ -228,6 +228,45 @@ def test_a_batch_past_the_per_user_cap_is_refused_whole(make_cluster, tmp_path):
             c.close()
 
 
+def test_a_submission_refused_whole_costs_nothing_of_the_rate(make_cluster, tmp_path):
+    """A refused batch used to spend its jobs' tokens: a student whose map of 2,000 was refused for the
+    queue's cap (nothing queued) was then rate-limited for 38 s, as after a malformed batch of 1,000."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=[
+        "--users", _users(tmp_path), "--rate", "1/min", "--burst", "4", "--max-queued-per-user", "3"])
+    admin = Cluster(lc.url, token=lc.token)
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    try:
+        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
+        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        body = {"source": "print(1)", "language": "python"}
+        too_many = post_job(lc.url, alice.token, json=[body] * 500)
+        assert too_many.status_code == 429 and too_many.json()["error"]["code"] == "queue_full"
+        # Not "try again when some have run": it never would fit whole.
+        assert "send the 500 in parts of at most 3" in too_many.json()["error"]["message"], too_many.text
+        malformed = post_job(lc.url, alice.token, json=[body] * 100 + [{"source": 1}])
+        assert malformed.status_code == 400 and "100" in malformed.json()["error"]["message"], malformed.text
+        with pytest.raises(DistexecError) as raised:
+            alice.map("print(1)", range(5))
+        assert raised.value.code == "queue_full"
+        # Her 4 tokens (one a minute after) are all there: 3 jobs fill her queue...
+        assert [post_job(lc.url, alice.token, json=body).status_code for _ in range(3)] == [201] * 3
+        # ...the next ones, over the WebSocket, are refused for the queue and cost nothing either...
+        for _ in range(3):
+            with pytest.raises(DistexecError) as raised:
+                alice.submit("print(1)").id
+            assert raised.value.code == "queue_full", raised.value
+        # ...so once one of hers has gone, her fourth token takes another; then the rate holds.
+        alice.cancel(alice.jobs(status=P.QUEUED)[0].id)
+        assert alice.submit("print('room')").status == P.QUEUED
+        alice.cancel(alice.jobs(status=P.QUEUED)[0].id)
+        late = post_job(lc.url, alice.token, json=body)
+        assert late.status_code == 429 and late.json()["error"]["code"] == "rate_limited", late.text
+        admin.cancel(busy.id)
+    finally:
+        alice.close()
+        admin.close()
+
+
 def test_the_global_safety_cap_still_answers_503(make_cluster):
     lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queue", "1"])
     with Cluster(lc.url, token=lc.token) as c:
