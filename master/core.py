@@ -60,9 +60,10 @@ class Master:
                  max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
                  keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
                  prune_interval: float = PRUNE_INTERVAL,
-                 max_clients_per_user: int | None = DEFAULT_MAX_CLIENTS_PER_USER):
+                 max_clients_per_user: int | None = DEFAULT_MAX_CLIENTS_PER_USER,
+                 max_running_per_user: int | None = None):
         self.store = store
-        self.scheduler = Scheduler(max_jobs)
+        self.scheduler = Scheduler(max_jobs, max_running_per_user)
         self.jobs = J.Lifecycle(self.scheduler)
         self.sessions = SessionBook(self.scheduler)
         self.clients = ClientBook(max_clients_per_user)

@@ -15,7 +15,9 @@ Policy:
   slaves are all full) does not hold back a job of another language behind
   it (nor another user's job);
 - at most ``max_jobs`` jobs run across the cluster, and at most ``slots`` on
-  each slave;
+  each slave; at most ``max_running_per_user`` of one user's (a class on a
+  few slots: one student's endless loops cannot take them all, since fair
+  share only acts when a slot frees);
 - a job goes to the slave that runs its language with the fewest running
   jobs relative to its slots; ties go to the slave idle the longest;
 - a session (a persistent interpreter, ``session=NAME``) lives on one slave:
@@ -52,8 +54,9 @@ class SlaveState:
 
 
 class Scheduler:
-    def __init__(self, max_jobs: int | None = None):
+    def __init__(self, max_jobs: int | None = None, max_running_per_user: int | None = None):
         self.max_jobs = max_jobs
+        self.max_running_per_user = max_running_per_user
         self.slaves: dict[str, SlaveState] = {}
         # job id -> language, in arrival order.
         self.queue: OrderedDict[int, str] = OrderedDict()
@@ -312,9 +315,15 @@ class Scheduler:
         # Sessions whose next job cannot start now: their later jobs wait too.
         held: set[str] = set()
         fewest = min((running.get(u, 0) for u in self._queued_by), default=0)
+        cap = self.max_running_per_user
         for job_id, language in self.queue.items():
             user = self.job_user.get(job_id)
             if user in seen:
+                continue
+            if cap is not None and running.get(user, 0) >= cap:
+                seen.add(user)  # their jobs wait for one of theirs to end (a session's too)
+                if len(seen) == len(self._queued_by):
+                    break
                 continue
             session = self.job_session.get(job_id)
             if session is not None and (session in held or session in self.session_running

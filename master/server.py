@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-per-user", type=_count, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
                    help="most jobs one user (the admin token counts as one) may have waiting; past it their "
                         f"submission gets 429 queue_full (default {DEFAULT_MAX_QUEUED_PER_USER}; 0 = no cap)")
+    p.add_argument("--max-running-per-user", type=_count, default=0, metavar="N",
+                   help="most jobs of one user (the admin token counts as one) running at once; the others wait "
+                        "their turn, however many slots are free (default 0 = no cap: one user may use them all)")
     p.add_argument("--max-clients-per-user", type=_count, default=DEFAULT_MAX_CLIENTS_PER_USER, metavar="N",
                    help="event channels (notebooks, panels, kernels) one user may hold open, not admins; past it "
                         f"another is refused with 429 (default {DEFAULT_MAX_CLIENTS_PER_USER}; 0 = no cap)")
@@ -88,6 +91,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace,
                     max_queue=args.max_queue or None, max_queued_per_user=args.max_queued_per_user or None,
                     max_clients_per_user=args.max_clients_per_user or None,
+                    max_running_per_user=args.max_running_per_user or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
                     prune_interval=args.prune_interval)
     app = make_app(master, auth, Gate(args.rate, args.burst))

@@ -41,6 +41,26 @@ def test_one_users_long_queue_does_not_hold_anothers_job_behind_it(two_users):
     assert [s[2] for s in starts[1:]] == [j.id for j in backlog]
 
 
+def test_a_user_at_the_running_cap_leaves_free_slots_to_the_others(make_cluster, tmp_path):
+    """A class on 2 x 2 slots: four endless loops from one student took every slot, and fair share only
+    acts when one frees.  With --max-running-per-user 1 the others' jobs start at once."""
+    path = users_json(tmp_path, "alice", "bob")
+    lc = make_cluster(1, slots=3, languages="python", master_args=["--users", path, "--max-running-per-user", "1"])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="bob", password="bob-pw") as bob:
+        loops = [alice.submit("while True: pass", timeout=60, name=f"loop {i}") for i in range(3)]
+        wait_for(lambda: alice.job(loops[0].id).status == P.RUNNING, 20, "alice's first loop to start")
+        mine = bob.submit("print('bob')")
+        assert mine.wait(30).stdout == "bob\n"  # a slot of the three was hers to take no more
+        assert [alice.job(j.id).status for j in loops] == [P.RUNNING, P.QUEUED, P.QUEUED]
+        wait_for(lambda: bob.slaves()[0]["running"] == 1, 10, "two of the three slots to be free")
+        alice.cancel(loops[0].id)  # hers ends: her next one takes its turn
+        wait_for(lambda: alice.job(loops[1].id).status == P.RUNNING, 20, "alice's second loop to start")
+        assert alice.job(loops[2].id).status == P.QUEUED
+        for job in loops[1:]:
+            alice.cancel(job.id)
+
+
 def test_queued_jobs_keep_their_inputs_in_the_store_not_in_master_memory(make_cluster):
     lc = make_cluster(1, slots=1, languages="python")
     master = psutil.Process(lc.master.pid)

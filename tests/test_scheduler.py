@@ -144,9 +144,9 @@ events = st.lists(st.one_of(
 
 
 @settings(max_examples=200, deadline=None)
-@given(events, st.integers(1, 5))
-def test_invariants_hold_under_any_event_order(evts, cap):
-    s = Scheduler(max_jobs=cap)
+@given(events, st.integers(1, 5), st.one_of(st.none(), st.integers(1, 3)))
+def test_invariants_hold_under_any_event_order(evts, cap, per_user):
+    s = Scheduler(max_jobs=cap, max_running_per_user=per_user)
     slots = {"a": 1, "b": 2, "c": 3}
     langs = {"a": ["python"], "b": ["python", "c"], "c": ["c"]}
     next_id = 0
@@ -176,20 +176,26 @@ def test_invariants_hold_under_any_event_order(evts, cap):
             s.set_accepting(arg, not s.slaves[arg].accepting)
         elif kind == "rejoin" and arg in s.slaves:  # registered again before its old connection closed
             s.add_slave(arg, langs[arg], slots[arg], running=list(s.slaves[arg].running))
+        before = s.running_by()
         for job_id, uid in s.assign():
             assert job_id not in assigned_once, "a job was placed twice"
             assigned_once.add(job_id)
             assert uid in s.slaves and s.slaves[uid].accepting
+            user = s.job_user.get(job_id)
+            assert per_user is None or before[user] < per_user, "a user past the cap was given a slot"
+            before[user] += 1
         assert len(s.running) <= cap
         for uid, state in s.slaves.items():
             assert len(state.running) <= state.slots
             assert all(s.running[j] == uid for j in state.running)
         assert not set(s.queue) & set(s.running)
         assert s.running_by() == Counter(s.job_user.get(j) for j in s.running)  # kept in step, not counted
-        # Nothing left queued that an accepting slave with a free slot could run.
+        # Nothing left queued that an accepting slave with a free slot could run (but a user's at the cap).
         if len(s.running) < cap:
             free = [st_ for st_ in s.slaves.values() if st_.accepting and st_.free > 0]
-            assert not any(lang in st_.languages for lang in s.queue.values() for st_ in free)
+            runnable = [lang for j, lang in s.queue.items()
+                        if per_user is None or s.running_by()[s.job_user.get(j)] < per_user]
+            assert not any(lang in st_.languages for lang in runnable for st_ in free)
 
 
 # -- fair share across users ---------------------------------------------------
@@ -230,6 +236,23 @@ def test_at_equal_share_turns_go_round_the_users_in_queue_order():
     # first, in queue order; then whoever was served least recently; within
     # a user, first in, first out.
     assert order == [1, 2, 4, 3, 5, 6]
+
+
+def test_a_user_at_the_running_cap_waits_with_slots_free_and_others_go_first():
+    s = Scheduler(max_running_per_user=2)
+    s.add_slave("a", ["python"], 4)
+    for j in range(1, 5):  # alice's endless loops, one per slot
+        s.enqueue(j, "python", user="alice")
+    assert s.assign() == [(1, "a"), (2, "a")]  # two slots stay free for the others
+    s.enqueue(5, "python", user="bob")
+    s.enqueue(6, "python", user="bob")
+    s.enqueue(7, "python", user="bob")
+    assert s.assign() == [(5, "a"), (6, "a")]
+    s.finished(5)
+    assert s.assign() == [(7, "a")]  # bob's own turn: alice is still at her cap
+    s.finished(1)
+    assert s.assign() == [(3, "a")]
+    assert s.running_by() == Counter({"alice": 2, "bob": 2})
 
 
 def test_a_user_whose_language_is_busy_does_not_block_others():
