@@ -33,8 +33,10 @@ class QueueFull(P.ProtocolError):
 class Admission:
     window = REJOIN_WINDOW
 
-    def __init__(self, scheduler: Scheduler, store, max_queue: int | None, max_queued_per_user: int | None):
+    def __init__(self, scheduler: Scheduler, store, max_queue: int | None, max_queued_per_user: int | None,
+                 max_timeout: float | None = None):
         self.scheduler = scheduler
+        self.max_timeout = max_timeout  # the longest a job may ask to run (None: P.MAX_TIMEOUT)
         # Most jobs waiting at once, per user and in all; past either a
         # submission is refused, not queued (see queue_room).  None: no cap.
         self.max_queue = max_queue
@@ -91,10 +93,14 @@ class Admission:
             except asyncio.TimeoutError:
                 return
 
-    @staticmethod
-    def check(request) -> dict:
+    def check(self, request) -> dict:
         """The submission ``request`` checked and its language made canonical; ProtocolError if bad."""
         sub = submission.check(request)
+        if self.max_timeout is not None and sub["timeout"] > self.max_timeout:
+            if request.get("timeout") is not None:
+                raise P.ProtocolError("bad_request", f"field 'timeout' is at most {self.max_timeout:g} seconds on "
+                                      f"this cluster (--max-timeout), not {sub['timeout']:g}")
+            sub["timeout"] = self.max_timeout  # the default, cut to the cluster's
         sub["language"] = L.canonical(sub["language"])
         if sub["session"] is not None and sub["language"] != "python":
             raise P.ProtocolError("bad_request", f"sessions run Python only, not {sub['language']!r}: "

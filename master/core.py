@@ -61,14 +61,14 @@ class Master:
                  keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
                  prune_interval: float = PRUNE_INTERVAL,
                  max_clients_per_user: int | None = DEFAULT_MAX_CLIENTS_PER_USER,
-                 max_running_per_user: int | None = None):
+                 max_running_per_user: int | None = None, max_timeout: float | None = None):
         self.store = store
         self.scheduler = Scheduler(max_jobs, max_running_per_user)
         self.jobs = J.Lifecycle(self.scheduler)
         self.sessions = SessionBook(self.scheduler)
         self.clients = ClientBook(max_clients_per_user)
         self.retention = Retention(store, keep_days, keep_mb, prune_interval)
-        self.admission = Admission(self.scheduler, store, max_queue, max_queued_per_user)
+        self.admission = Admission(self.scheduler, store, max_queue, max_queued_per_user, max_timeout)
         self.lost_grace = lost_grace
         self.slaves: dict[str, SlaveInfo] = {}
         self._next_id = store.max_id() + 1

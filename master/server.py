@@ -15,7 +15,7 @@ import urllib.parse
 import tornado.httpserver
 import tornado.netutil
 
-from distexec_kernel import config
+from distexec_kernel import config, protocol as P
 
 from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running-per-user", type=_count, default=0, metavar="N",
                    help="most jobs of one user (the admin token counts as one) running at once; the others wait "
                         "their turn, however many slots are free (default 0 = no cap: one user may use them all)")
+    p.add_argument("--max-timeout", type=_amount, default=0, metavar="SECONDS",
+                   help="the longest a job may ask to run; a longer timeout is refused (400) and the default "
+                        f"({P.DEFAULT_TIMEOUT:g} s) is cut to it (default 0 = {P.MAX_TIMEOUT:g} s)")
     p.add_argument("--max-clients-per-user", type=_count, default=DEFAULT_MAX_CLIENTS_PER_USER, metavar="N",
                    help="event channels (notebooks, panels, kernels) one user may hold open, not admins; past it "
                         f"another is refused with 429 (default {DEFAULT_MAX_CLIENTS_PER_USER}; 0 = no cap)")
@@ -92,6 +95,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                     max_queue=args.max_queue or None, max_queued_per_user=args.max_queued_per_user or None,
                     max_clients_per_user=args.max_clients_per_user or None,
                     max_running_per_user=args.max_running_per_user or None,
+                    max_timeout=args.max_timeout or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
                     prune_interval=args.prune_interval)
     app = make_app(master, auth, Gate(args.rate, args.burst))

@@ -267,6 +267,24 @@ def test_a_submission_refused_whole_costs_nothing_of_the_rate(make_cluster, tmp_
         admin.close()
 
 
+def test_a_cluster_caps_how_long_a_job_may_ask_to_run(make_cluster):
+    """A student could ask for a day (timeout up to 86,400 s) and hold a slot as long: a teacher's
+    --max-timeout refuses a longer ask, and cuts the default (300 s) to it."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-timeout", "2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        with pytest.raises(DistexecError) as raised:
+            c.submit("print(1)", timeout=3600).id
+        assert raised.value.status == 400 and "at most 2 seconds on this cluster (--max-timeout)" in str(raised.value)
+        resp = post_job(lc.url, lc.token, json=[{"source": "print(1)", "language": "python", "timeout": 2.5}])
+        assert resp.status_code == 400 and "item 0" in resp.text and "--max-timeout" in resp.text, resp.text
+        assert c.submit("print('ok')", timeout=2).wait(30).stdout == "ok\n"
+        loop = c.submit("while True: pass")  # no timeout asked: the cluster's
+        assert loop.timeout == 2
+        loop.wait(30)
+        assert loop.status == P.FAILED and loop.error["code"] == P.TIMEOUT, loop.record
+        assert c.jobs_page()[1] == 2  # the refused ones made no job
+
+
 def test_the_global_safety_cap_still_answers_503(make_cluster):
     lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queue", "1"])
     with Cluster(lc.url, token=lc.token) as c:
