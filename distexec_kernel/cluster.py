@@ -32,7 +32,7 @@ import requests
 
 from . import config, files as F, protocol as P, submission
 from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal, unreachable  # noqa: F401 (the API's names)
-from .events import EventStream
+from .events import EventStream, weakly
 from .group import JobGroup, item_args
 from .job import Job
 
@@ -97,9 +97,13 @@ class Cluster:
             raise
 
     def _open_events(self, connect_timeout: float) -> None:
-        self._events = EventStream(self.url, self.token, self._on_event, user=self.user,
+        # Its thread holds this object weakly, and the channel closes when this object goes: a notebook
+        # cell run again (c = Cluster(...)) left each earlier client's channel open, until the user's cap
+        # of channels (--max-clients-per-user) refused the next one and only a kernel restart helped.
+        self._events = EventStream(self.url, self.token, weakly(self._on_event), user=self.user,
                                    host=socket.gethostname(), cafile=self._cafile,
-                                   on_connect=self._on_connect, on_refused=self._on_refused)
+                                   on_connect=weakly(self._on_connect), on_refused=weakly(self._on_refused))
+        self._closer = weakref.finalize(self, self._events.close)
         if not self._events.connected.wait(connect_timeout):
             raise DistexecError(f"no event channel from {self.url} within {connect_timeout} s")
         if self._events.refused:
@@ -440,6 +444,7 @@ class Cluster:
 
     def close(self) -> None:
         if self._events is not None:
+            self._closer.detach()
             self._events.close()
             self._events = None
         self._fail_pending(DistexecError("the client was closed before the master answered the submission"))

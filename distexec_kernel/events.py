@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import threading
+import weakref
 from typing import Callable
 from urllib.parse import urlencode
 
@@ -162,4 +163,16 @@ class EventStream:
             self._loop.call_soon_threadsafe(stop)
         except RuntimeError:
             return
-        self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:  # its client collected in it: it ends on its own
+            self._thread.join(timeout=5)
+
+
+def weakly(method: Callable) -> Callable:
+    """``method``, called through a weak reference to its object (nothing once that is gone): a
+    callback that does not keep its client alive from the event thread."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        return bound(*args) if bound is not None else None
+    return call

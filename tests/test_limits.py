@@ -445,6 +445,28 @@ def test_one_user_holds_a_bounded_number_of_event_channels(make_cluster, tmp_pat
             c.close()
 
 
+def test_a_client_let_go_without_close_closes_its_channel(make_cluster, tmp_path):
+    """A notebook cell `c = Cluster(...)` run again: each earlier client's event thread kept it alive and
+    its channel open, so the 3rd run here (the 65th by default) was refused until the kernel restarted."""
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-clients-per-user", "2", "--users", _users(tmp_path)])
+    admin = Cluster(lc.url, token=lc.token)
+    try:
+        for _ in range(6):
+            c = Cluster(lc.url, user="alice", password="alice-pw")  # the cell, run again
+            wait_for(lambda: sum(x["user"] == "alice" for x in admin.clients()) == 1, 10,
+                     "the master to see the earlier client's channel closed")
+        # A client held only by its job lives as long as the job is used: the one-liner works.
+        assert Cluster(lc.url, user="alice", password="alice-pw").submit("print(2)").wait(30).stdout == "2\n"
+        job = c.submit("import time\ntime.sleep(0.5)\nprint(3)")
+        del c
+        assert job.wait(30).stdout == "3\n" and job.status == P.SUCCEEDED  # its events still came
+        del job
+        wait_for(lambda: not [x for x in admin.clients() if x["user"] == "alice"], 10, "alice's channels to close")
+    finally:
+        admin.close()
+
+
 def test_a_client_that_never_reads_is_closed_before_the_master_holds_too_much(make_cluster):
     lc = make_cluster(1, slots=2, languages="python")
     slow = _never_reading_client(lc.url, lc.token)  # the admin token: it is sent every job's output
