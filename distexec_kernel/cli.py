@@ -102,7 +102,7 @@ def cmd_user(args) -> int:
 
 def cmd_jobs(args) -> int:
     with cluster_of(args) as c:
-        jobs, total = c.jobs_page(status=args.status, limit=args.limit, summary=not args.json)
+        jobs, total = c.jobs_page(status=args.status, limit=args.limit, summary=not args.json, user=args.of)
     if args.json:
         print_json({"jobs": jobs, "total": total})
     else:
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("jobs", help="the job history, newest first")
     sp.add_argument("--status", choices=P.STATES, default=None)
     sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--of", default=None, metavar="NAME", help="only this user's jobs (for an admin)")
     sp.add_argument("--json", action="store_true")
     client_opts(sp)
     sp.set_defaults(func=cmd_jobs)

@@ -399,16 +399,16 @@ class Cluster:
                 break
         return [Job(self, j) for j in records]
 
-    def jobs_page(self, status: str | None = None, limit: int = 100, offset: int = 0,
-                  summary: bool = False, group: str | None = None) -> tuple[list[dict], int]:
+    def jobs_page(self, status: str | None = None, limit: int = 100, offset: int = 0, summary: bool = False,
+                  group: str | None = None, user: str | None = None) -> tuple[list[dict], int]:
         """One page of history as records, newest first, and the total count.
 
         ``summary=True`` leaves out source, files, stdin, stdout and stderr:
         what a table of jobs needs, at a fraction of the size.  ``group``:
-        only that batch's jobs.
+        only that batch's jobs; ``user``: only that user's (for an admin).
         """
         body = self._get("/api/jobs", status=status, limit=limit, offset=offset,
-                         summary="1" if summary else None, group=group)
+                         summary="1" if summary else None, group=group, user=user)
         return body["jobs"], body["total"]
 
     def cancel(self, job_id: int) -> Job:

@@ -213,11 +213,20 @@ def session_rows(sessions: list[dict]) -> list[list[str]]:
 
 
 def jobs_text(jobs: list[dict]) -> str:
-    return _table(JOB_HEADERS, job_rows(jobs)) if jobs else "no jobs"
+    return _table(*_with_users(jobs)) if jobs else "no jobs"
 
 
 def jobs_html(jobs: list[dict]) -> str:
-    return _html_table(JOB_HEADERS, job_rows(jobs), "no jobs")
+    return _html_table(*_with_users(jobs), "no jobs")
+
+
+def _with_users(jobs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The jobs' table, with whose each is when they are not all one user's (an admin's view)."""
+    rows = job_rows(jobs)
+    if len({j.get("user") for j in jobs}) < 2:
+        return JOB_HEADERS, rows
+    return (JOB_HEADERS[:2] + ["user"] + JOB_HEADERS[2:],
+            [row[:2] + [j.get("user") or ""] + row[2:] for row, j in zip(rows, jobs)])
 
 
 def slaves_text(slaves: list[dict]) -> str:

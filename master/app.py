@@ -164,8 +164,12 @@ class JobsHandler(ApiHandler):
         limit = self.int_arg("limit", 100, 1, 1000)
         offset = self.int_arg("offset", 0, 0, 1 << 40)
         group = self.get_query_argument("group", None) or None
+        # ?user=NAME: an admin's view of one person's jobs (a teacher's of one student's).
+        whose = self.get_query_argument("user", None) or self.owner
+        if whose != self.owner and self.owner is not None:
+            return self.fail(403, "forbidden", "only an admin may list another user's jobs")
         # summary: a history page for a table, with no sources or outputs (megabytes each).
-        jobs, total = await self.master.list_jobs(status, limit, offset, user=self.owner, group=group,
+        jobs, total = await self.master.list_jobs(status, limit, offset, user=whose, group=group,
                                                   summary=self.get_query_argument("summary", "") in ("1", "true"))
         self.send_json({"jobs": jobs, "total": total})
 

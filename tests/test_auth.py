@@ -365,6 +365,16 @@ def test_cli_commands_log_in_with_user(user_cluster, home, tmp_path):
     assert [(j["user"], j["stdout"]) for j in jobs] == [("alice", "alice via the cli\n")]  # not bob's
     refused = cli("show", str(bobs.id))
     assert refused.returncode == 2 and f"no job {bobs.id}" in refused.stderr
+    refused = cli("jobs", "--of", "bob")
+    assert refused.returncode == 2 and "only an admin may list another user's jobs" in refused.stderr
+    # A teacher's view: whose each job is, and one student's alone.
+    admin = [sys.executable, "-m", "distexec_kernel.cli", "jobs", "--url", user_cluster.url, "--token",
+             user_cluster.token]
+    table = subprocess.run(admin, capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert table[0].split()[:3] == ["id", "user", "name"], table
+    assert sorted(line.split()[2] for line in table[2:]) == ["alice", "bob"], table
+    bobs_only = subprocess.run(admin + ["--of", "bob", "--json"], capture_output=True, text=True, timeout=60)
+    assert [j["id"] for j in json.loads(bobs_only.stdout)["jobs"]] == [bobs.id], bobs_only
 
 
 def test_a_refused_token_keeps_the_connection_alive(user_cluster):
