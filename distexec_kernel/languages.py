@@ -73,6 +73,8 @@ class Language:
     locations: tuple[str, ...] = ()
     # Python tracebacks list the innermost frame last; everyone else first.
     location_last: bool = False
+    # Why a run failed, as its runtime says it on stderr (see ``reason``): a regex with a group ``reason``.
+    reason: str | None = None
     # What a Jupyter kernel of this language tells the front end (language_info),
     # so a notebook is highlighted and exported as this language.
     display_name: str = ""
@@ -134,6 +136,7 @@ LANGUAGES: dict[str, Language] = {
             # -u: output reaches the notebook line by line, not at exit.
             run=("python3", "-u", "{source}"),
             locations=(r'File "(?:[^"]*/)?{file}", line (?P<line>\d+)',),
+            reason=r"^Traceback \(most recent call last\):\n(?:[ \t].*\n)*(?P<reason>\S.*)",
             location_last=True,
             display_name="Python", mimetype="text/x-python", codemirror_mode="python", pygments_lexer="python3",
             blocks="python",
@@ -192,6 +195,7 @@ LANGUAGES: dict[str, Language] = {
             # javac: "Main.java:3: error: ..." then the line and a caret under the column.
             locations=(r"^{file}:(?P<line>\d+): error:", r"^{file}:(?P<line>\d+):",
                        r"\({file}:(?P<line>\d+)\)"),
+            reason=r'^Exception in thread "[^"\n]*" (?P<reason>\S.*)',
             display_name="Java", mimetype="text/x-java", codemirror_mode="clike", pygments_lexer="java",
             blocks="braces",
             keywords=_words(
@@ -211,6 +215,7 @@ LANGUAGES: dict[str, Language] = {
             memory_options=("--max-old-space-size={half_memory_mib}",),  # about what it takes in the cgroup
             # "/dir/main.js:3" above a syntax error; "(/dir/main.js:3:9)" in a stack.
             locations=(r"(?:^|[\s(/]){file}:(?P<line>\d+)(?::(?P<col>\d+))?",),
+            reason=r"^(?P<reason>[A-Za-z_$][\w$.]*(?: \[\w+\])?: .*)\n {4}at ",  # "TypeError: x" over its stack
             display_name="JavaScript", mimetype="text/javascript", codemirror_mode="javascript",
             pygments_lexer="javascript",
             blocks="braces",
@@ -228,6 +233,7 @@ LANGUAGES: dict[str, Language] = {
             version=("ruby", "--version"),
             run=("ruby", "-e", _RUBY_SYNC, "{source}"),
             locations=(r"(?:^|[\s:]){file}:(?P<line>\d+):",),
+            reason=r"^[^\s:]*:\d+:in [`'][^'\n]*': (?P<reason>.+)$",  # "main.rb:1:in `<main>': x (ArgumentError)"
             display_name="Ruby", mimetype="text/x-ruby", codemirror_mode="ruby", pygments_lexer="ruby",
             keywords=_words(
                 "BEGIN END alias and begin break case class def defined? do else elsif end ensure false for "
@@ -420,6 +426,24 @@ def locate(lang: Language | None, diagnostics: str, source_name: str | None = No
         if 1 <= where["line"] <= len(lines) and lines[where["line"] - 1].strip():
             where["text"] = lines[where["line"] - 1]
     return where
+
+
+REASON_TAIL = 1 << 16  # the end of stderr, where a runtime says why it stopped
+REASON_CHARS = 300
+
+
+def reason(lang: Language | None, diagnostics: str) -> str | None:
+    """Why a run failed in one line, as its runtime put it in ``diagnostics`` (its stderr): the
+    uncaught exception (``ValueError: bad input 13``), the last one said.  None if it said none."""
+    if lang is None or lang.reason is None:
+        return None
+    found = None
+    for found in re.finditer(lang.reason, diagnostics[-REASON_TAIL:], re.M):
+        pass
+    if found is None:
+        return None
+    text = found.group("reason").strip()
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "…"
 
 
 def _locate(lang: Language | None, diagnostics: str, source_name: str | None) -> dict:

@@ -348,8 +348,12 @@ def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, l
     elif error is not None and error["code"] == P.MEMORY_LIMIT:
         error = files_filled_memory(files_bytes(), limits, jobdirs) or error
     if error is not None and error["code"] == P.NONZERO_EXIT:
-        # An interpreter's syntax or runtime error names a line: point the notebook at it.
+        # An interpreter's syntax or runtime error names a line: point the notebook at it; and what it
+        # raised, said in the message (a RemoteError from results() said only "exited with code 1").
         error.update(L.locate(lang, err, source_name, job["source"]))
+        why = L.reason(lang, err)
+        if why:
+            error["message"] += f": {why}"
     return Outcome(steps.job_exit_code(step.returncode), error, out, err)
 
 

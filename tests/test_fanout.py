@@ -116,6 +116,16 @@ def test_partial_failure_names_the_first_failure_in_input_order(c):
     assert mixed[0] == "1\n" and isinstance(mixed[2], RemoteError) and "3 is a multiple" in mixed[2].job.stderr
 
 
+def test_a_failure_says_what_the_program_raised(c):
+    """A sweep's RemoteError said only "exited with code 1": what was raised was in the job's stderr alone."""
+    group = c.map("import sys\nn = int(sys.argv[1])\nif n == 2:\n    raise ValueError(f'bad input {n}')\n",
+                  range(3)).wait(120, progress=False)
+    with pytest.raises(RemoteError) as info:
+        group.results()
+    assert str(info.value) == f"job {group[2].id} failed: [nonzero_exit] exited with code 1: ValueError: bad input 2"
+    assert group[2].error["line"] == 4  # and where, as before
+
+
 def test_progress_counts_match_the_final_states(c, capsys):
     group = c.map(FLAKY, range(1, 7))
     group.wait(120, progress=True)

@@ -360,6 +360,54 @@ def test_locate_per_toolchain(lang, source, text, where):
     assert L.locate(L.LANGUAGES[lang], text, source) == where
 
 
+# Uncaught errors, as each runtime printed them on this machine.
+PY_CHAINED = """Traceback (most recent call last):
+  File "/run/distexec/job1/main.py", line 3, in <module>
+    1/0
+    ~^~
+ZeroDivisionError: division by zero
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File "/run/distexec/job1/main.py", line 5, in <module>
+    raise Bad("bad input\\nsecond line") from e
+Bad: bad input
+second line
+"""
+JAVA_UNCAUGHT = 'Exception in thread "main" java.lang.IllegalStateException: bad input 13\n\tat Main.main(Main.java:1)\n'
+NODE_UNCAUGHT = """/run/distexec/job2/main.js:1
+function f(){ throw new TypeError("bad input 13"); }
+              ^
+
+TypeError: bad input 13
+    at f (/run/distexec/job2/main.js:1:21)
+    at Object.<anonymous> (/run/distexec/job2/main.js:2:1)
+
+Node.js v20.20.2
+"""
+RUBY_UNCAUGHT = "main.rb:1:in `<main>': bad input 13 (ArgumentError)\n\tfrom -e:1:in `load'\n\tfrom -e:1:in `<main>'\n"
+
+
+@pytest.mark.parametrize("lang,text,why", [
+    ("python", PY_TRACEBACK, "ValueError: boom"),
+    ("python", "some output\n" + PY_CHAINED, "Bad: bad input"),  # the last raised, its first line
+    ("python", "oops\n", None),  # sys.exit(3) after a print: nothing raised
+    ("java", JAVA_UNCAUGHT, "java.lang.IllegalStateException: bad input 13"),
+    ("javascript", NODE_UNCAUGHT, "TypeError: bad input 13"),
+    ("ruby", RUBY_UNCAUGHT, "bad input 13 (ArgumentError)"),
+    ("c", GCC_WARN_THEN_ERROR, None),  # a compiled program's runtime says nothing of the kind
+])
+def test_reason_is_what_the_runtime_said_it_raised(lang, text, why):
+    assert L.reason(L.LANGUAGES[lang], text) == why
+
+
+def test_reason_is_one_bounded_line():
+    long = "Traceback (most recent call last):\n  File \"main.py\", line 1\nValueError: " + "x" * 5000 + "\n"
+    why = L.reason(L.LANGUAGES["python"], long)
+    assert why.startswith("ValueError: xxx") and len(why) == L.REASON_CHARS + 1 and why.endswith("…")
+
+
 def test_locate_adds_the_source_line():
     source = "#include <stdio.h>\nint main(void) {\n  int x = ;\n}\n"
     assert L.locate(L.LANGUAGES["cpp"], GPP_ERROR, "main.cpp", source) == \
@@ -630,6 +678,7 @@ def test_runtime_error_exit_code(submitted, lang):
     job = result(submitted, lang, "fail")
     assert job.status == P.FAILED, job.record
     assert job.error["code"] == P.NONZERO_EXIT and job.exit_code == 3
+    assert job.error["message"] == "exited with code 3"  # "oops" on stderr is not a reason
     assert job.stdout == "before\n" and "oops" in job.stderr
 
 
