@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import platform
 import re
 import signal
 import socket
@@ -164,6 +165,12 @@ async def start(args: argparse.Namespace) -> Slave:
         # Jobs that name a session run in that session's kernel, the rest as above (warm or fresh).
         runner = RoutingRunner(runner, SessionRunner(sandbox, limits, jobdirs, ttl=args.session_ttl,
                                                      max_per_user=args.max_sessions_per_user))
+        jobs_python = programs["python"].get("python3")
+        if jobs_python and os.path.realpath(jobs_python) != os.path.realpath(sys.executable):
+            # A package a notebook imports in a session cell, then fails to find in its c.map: say why, once.
+            log.warning("python sessions run in %s (Python %s: sessions need ipykernel), fresh python jobs in %s "
+                        "(Python %s): a module installed for one is not there for the other (docs/sessions.md)",
+                        sys.executable, platform.python_version(), jobs_python, found["python"])
     log.info("slave %s: %s%s", uid, ", ".join(f"{n} {v}" for n, v in sorted(found.items())) or "no languages",
              f"; still asking: {', '.join(lang.name for lang in later)}" if later else "")
 

@@ -230,6 +230,18 @@ def test_variables_live_from_one_job_to_the_next(py_client):
     assert second.slave_uid == first.slave_uid
 
 
+def test_the_slave_says_when_sessions_and_jobs_run_different_pythons(py_client, py_cluster):
+    """A session's kernel needs ipykernel, so it runs in the slave's own interpreter; fresh jobs run the
+    python3 detected on PATH.  A researcher imported pandas in a session, then not in a map: the slave's
+    log now says so whenever the two differ (and only then)."""
+    probe = "import os, sys\nprint(os.path.realpath(sys.executable))"
+    fresh = run(py_client, probe).stdout
+    session = run(py_client, probe, session="which-python").stdout
+    with open(os.path.join(py_cluster.log_dir, "slave-1.log")) as f:
+        said = "a module installed for one is not there for the other" in f.read()
+    assert said == (fresh != session), (fresh, session)
+
+
 def test_sessions_are_independent_and_plain_jobs_are_fresh(py_client):
     assert run(py_client, "x = 'a'", session="a").status == P.SUCCEEDED
     assert run(py_client, "x = 'b'", session="b").status == P.SUCCEEDED
