@@ -66,6 +66,11 @@ class EventStream:
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._run())
+        except Exception:
+            if threading.main_thread().is_alive():
+                raise
+            # The program ended under this (daemon) thread while it reconnected to a master that is gone:
+            # its resolver's executor went with it.  Nobody is left to tell: a traceback here was noise.
         finally:
             self._loop.close()
 

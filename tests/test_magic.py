@@ -341,3 +341,32 @@ def test_a_remote_error_raised_in_a_cell_reads_like_a_failed_cell(shell):
     assert type(result.error_in_exec).__name__ == "RemoteError"
     assert re.match(rf"❌ job {shell.user_ns['bad'].id} · python · slave \S+ · ", cap.stdout)
     assert "nonzero_exit: exited with code 5" in cap.stdout and "Traceback" not in cap.stdout
+
+
+EXIT_WHILE_RECONNECTING = """
+import os, sys, time
+from distexec_kernel.local import LocalCluster
+from IPython.testing.globalipapp import start_ipython
+lc = LocalCluster(1, slots=1, home=sys.argv[1]).start()
+os.environ["DISTEXEC_URL"], os.environ["DISTEXEC_TOKEN"] = lc.url, lc.token
+ip = start_ipython()
+ip.run_line_magic("load_ext", "distexec_kernel")
+ip.run_cell("%%remote\\nprint('hi')\\n")
+lc.stop()  # the notebook's client now reconnects to a master that is gone
+time.sleep(0.2)
+print("exiting", flush=True)
+"""
+
+
+def test_a_program_ending_while_its_client_reconnects_prints_no_traceback(tmp_path):
+    """A research-group audit: after %%remote, a program (a script, nbconvert) ending once its master
+    had stopped printed `Exception in thread distexec-events ... cannot schedule new futures after
+    shutdown` in most runs: the event thread, reconnecting, met the interpreter's end."""
+    import os
+    import subprocess
+    import sys
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_WHILE_RECONNECTING, str(tmp_path)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "DISTEXEC_HOME": str(tmp_path)})
+        assert done.returncode == 0 and "exiting" in done.stdout, done.stderr
+        assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
