@@ -137,8 +137,9 @@ def importing_the_server(pid: int) -> bool:
 
 
 def test_servers_stopped_while_starting_exit_quietly(home):
-    """A Ctrl-C before a server has set its own handlers: Python's KeyboardInterrupt, which the
-    server's entry point turns into a quiet exit 130 (no traceback)."""
+    """A Ctrl-C before a server has set its own handlers: a quiet exit 130 (no traceback).  While its
+    modules import, by a handler of its entry point's (a KeyboardInterrupt there could be swallowed by
+    the import machinery, and the server went on starting); after, Python's KeyboardInterrupt."""
     import signal
 
     sigterm = 1 << (signal.SIGTERM - 1)
