@@ -716,7 +716,7 @@ def test_a_slave_stopped_while_its_master_is_frozen_exits_at_once(make_cluster):
     try:
         t0 = time.monotonic()
         assert slave.stop(signal.SIGINT, timeout=20) == 0
-        assert time.monotonic() - t0 < 3  # 5.1 s before
+        assert time.monotonic() - t0 < 4.5  # 5.1 s before (tornado's wait for the close); 0.5 s at rest
     finally:
         lc.master.send_signal(signal.SIGCONT)
 

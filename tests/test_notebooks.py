@@ -360,7 +360,8 @@ def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel, kernel_clust
     t0 = time.monotonic()
     msgs, reply = run_in(kc, "%%remote --no-wait -o h\n" + HOLD + UNTIL_RELEASED + "print('late')\n")
     assert reply["content"]["status"] == "ok"
-    assert time.monotonic() - t0 < 2.5, "the cell waited for the job"
+    # The job is held until released below: a cell that waited for it would not be back at all.
+    assert time.monotonic() - t0 < 15, "the cell waited for the job"
     release_jobs(*(s.pid for s in kernel_cluster.slaves))
     shown = [m for _, m in msgs if m["msg_type"] == "display_data"]
     assert len(shown) == 1
