@@ -93,7 +93,8 @@ def cpu_used(warm: WarmRunner) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     for p in psutil.Process(warm.zygote.proc.pid).children(recursive=True):
         try:
-            if p.cmdline()[1:3] == ["-u", "-"] and p.parent().name() == "bwrap":  # the parent (warm_pool.py)
+            parent = p.parent()
+            if p.cmdline()[1:3] == ["-u", "-"] and parent is not None and parent.name() == "bwrap":  # warm_pool.py
                 with open(f"/proc/{p.pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime

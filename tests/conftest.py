@@ -85,6 +85,13 @@ def no_mounts_left_behind():
         jobdirs._remove(root)
 
 
+def parent_name(p: psutil.Process) -> str:
+    """The name of ``p``'s parent; "" once that has gone (psutil then gives None: a parent being replaced
+    while a test looks, as a warm pool's after its parent was killed)."""
+    parent = p.parent()
+    return parent.name() if parent is not None else ""
+
+
 def warm_parents(slave_pid: int) -> list[psutil.Process]:
     """The warm pool's parent of that slave (slave/warm_zygote.py), the bwrap processes above it and the
     children it forked ahead for free slots (still in "/", waiting for a job): they live as long as the
@@ -98,7 +105,7 @@ def warm_parents(slave_pid: int) -> list[psutil.Process]:
         try:
             cmd = p.cmdline()
             # `python3 -u - FD` (its program on stdin, slave/warm_pool.py) right under bwrap.
-            if cmd[1:3] == ["-u", "-"] and len(cmd) == 4 and cmd[3].isdigit() and p.parent().name() == "bwrap":
+            if cmd[1:3] == ["-u", "-"] and len(cmd) == 4 and cmd[3].isdigit() and parent_name(p) == "bwrap":
                 found.append(p)
                 found += [a for a in p.parents() if a.name() == "bwrap" and a.pid != slave_pid]
                 found += [k for k in p.children() if k.cmdline() == cmd and k.cwd() == "/"]
