@@ -347,14 +347,18 @@ EXIT_WHILE_RECONNECTING = """
 import os, sys, time
 from distexec_kernel.local import LocalCluster
 from IPython.testing.globalipapp import start_ipython
+from distexec_kernel.magic import magics_of
 lc = LocalCluster(1, slots=1, home=sys.argv[1]).start()
 os.environ["DISTEXEC_URL"], os.environ["DISTEXEC_TOKEN"] = lc.url, lc.token
 ip = start_ipython()
 ip.run_line_magic("load_ext", "distexec_kernel")
 ip.run_cell("%%remote\\nprint('hi')\\n")
+client = magics_of(ip).cluster
 lc.stop()  # the notebook's client now reconnects to a master that is gone
-time.sleep(0.2)
-print("exiting", flush=True)
+deadline = time.monotonic() + 30
+while client._events_connected() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("exiting" if not client._events_connected() else "still connected", flush=True)
 """
 
 
