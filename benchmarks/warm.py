@@ -44,6 +44,7 @@ from slave.jobdirs import JobDirs  # noqa: E402
 from slave.runner import ProcessRunner  # noqa: E402
 from slave.sandbox import Limits  # noqa: E402
 from slave.warm import WarmRunner  # noqa: E402
+from slave.warm_pool import PARENT_FLAGS  # noqa: E402
 
 from side_by_side import trivial_job_times  # noqa: E402
 
@@ -94,7 +95,7 @@ def cpu_used(warm: WarmRunner) -> float:
     for p in psutil.Process(warm.zygote.proc.pid).children(recursive=True):
         try:
             parent = p.parent()
-            if p.cmdline()[1:3] == ["-u", "-"] and parent is not None and parent.name() == "bwrap":  # warm_pool.py
+            if p.cmdline()[1:3] == PARENT_FLAGS and parent is not None and parent.name() == "bwrap":
                 with open(f"/proc/{p.pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime

@@ -67,8 +67,7 @@ class RateLimiter:
         if self.rate is None:
             return 0.0
         now = self.clock()
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        tokens = self._tokens(key, now)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - cost, now)
             if len(self._buckets) > MAX_KEYS:
@@ -81,10 +80,13 @@ class RateLimiter:
         """What ``take`` would answer, spending nothing."""
         if self.rate is None:
             return 0.0
-        now = self.clock()
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        tokens = self._tokens(key, self.clock())
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def _tokens(self, key: str, now: float) -> float:
+        """``key``'s tokens at ``now``: what it had, refilled at the rate up to the burst."""
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
 
     def give_back(self, key: str, cost: float = 1.0) -> None:
         """Return ``cost`` tokens ``take`` spent (up to the burst)."""

@@ -344,7 +344,9 @@ class ClientSocket(_Socket):
         for i, result in zip(fresh, made):
             if isinstance(result, P.ProtocolError):
                 self.gate.refund_submit(identity, 1)  # refused: nothing was queued
-            bodies[i] = _refused(result) if isinstance(result, P.ProtocolError) else {"job": result}
+                bodies[i] = _refused(result)
+            else:
+                bodies[i] = {"job": result}
         return bodies
 
     async def _reply_again(self, first: asyncio.Future | dict, ref: str) -> None:

@@ -23,6 +23,9 @@ log = logging.getLogger("distexec.slave.warm")
 # The pool's parent: one program made of these files, in this order (the child's code, then the parent's).
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("warm_child.py",
                                                                                          "warm_zygote.py")]
+# The parent's interpreter flags: its program on stdin (``-``), then FD.  Also how its process is told
+# apart from the jobs' (tests, benchmarks/warm.py).
+PARENT_FLAGS = ["-u", "-"]
 START_TIMEOUT = 30.0  # seconds for bwrap and the interpreter to say they are ready
 STOP_GRACE = 5.0
 
@@ -67,7 +70,7 @@ class Zygote:
         # The program on stdin and its config as the first message: on the command line, both showed in
         # every `ps` of the slave (~40 KiB a parent).
         source = "\n".join(_read(path) for path in SOURCES).encode()
-        command = [self.python, "-u", "-", str(theirs.fileno())]
+        command = [self.python, *PARENT_FLAGS, str(theirs.fileno())]
         try:
             ours.send(marshal.dumps(self.config))
             self.proc = await asyncio.create_subprocess_exec(

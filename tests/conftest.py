@@ -20,6 +20,7 @@ import tornado.websocket
 
 from distexec_kernel import config, protocol as P
 from distexec_kernel.local import LocalCluster
+from slave.warm_pool import PARENT_FLAGS
 
 
 async def close_ws(conn, closed_by_peer: bool = False) -> None:
@@ -105,7 +106,7 @@ def warm_parents(slave_pid: int) -> list[psutil.Process]:
         try:
             cmd = p.cmdline()
             # `python3 -u - FD` (its program on stdin, slave/warm_pool.py) right under bwrap.
-            if cmd[1:3] == ["-u", "-"] and len(cmd) == 4 and cmd[3].isdigit() and parent_name(p) == "bwrap":
+            if cmd[1:3] == PARENT_FLAGS and len(cmd) == 4 and cmd[3].isdigit() and parent_name(p) == "bwrap":
                 found.append(p)
                 found += [a for a in p.parents() if a.name() == "bwrap" and a.pid != slave_pid]
                 found += [k for k in p.children() if k.cmdline() == cmd and k.cwd() == "/"]
