@@ -33,6 +33,7 @@ import requests
 from . import config, files as F, protocol as P, submission
 from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal, unreachable  # noqa: F401 (the API's names)
 from .events import EventStream, weakly
+from .feeding import submit_in_parts
 from .group import JobGroup, item_args
 from .job import Job
 
@@ -68,6 +69,7 @@ class Cluster:
         self._watched: dict[int, "weakref.WeakSet[Job]"] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[dict], None]] = []
+        self._feeders: weakref.WeakSet = weakref.WeakSet()  # groups' parts still to send (feeding.py)
         self._events: EventStream | None = None
         # Pipelined submissions the master has not answered yet, by ref, oldest first.
         self._pending: dict[str, tuple[str, Job, concurrent.futures.Future]] = {}
@@ -155,7 +157,7 @@ class Cluster:
             err = (body or {}).get("error") if isinstance(body, dict) else None
             err = err or {"code": "http_error", "message": resp.reason}
             raise DistexecError(f"{err.get('message')} (HTTP {resp.status_code})", code=err.get("code"),
-                                status=resp.status_code)
+                                status=resp.status_code, details=err)
         return body
 
     def _download(self, path: str, timeout: float = 120.0) -> bytes:
@@ -333,11 +335,14 @@ class Cluster:
         return job
 
     def submit_many(self, submissions: list[dict]) -> JobGroup:
-        """Submit a batch in one request: a ``JobGroup`` of the jobs, in the same order.
+        """Submit a batch as one group: a ``JobGroup`` of the jobs, in the same order.
 
         Each item takes ``submit``'s keyword arguments (``source`` required).
-        All or nothing: a bad item refuses the whole batch (``DistexecError``
-        naming its index), as does a batch past the queue's cap.
+        A bad item refuses the whole batch (``DistexecError`` naming its
+        index). What the master does not take at once (past 10,000 in a
+        request, or past the user's room in the queue) is sent in parts as
+        the user's jobs start (``feeding.py``); a queue with no room at all
+        refuses the batch, and nothing of it is queued.
         """
         if isinstance(submissions, (str, bytes, dict)):
             raise TypeError("submit_many takes a list of submissions (dicts of submit()'s arguments)")
@@ -349,10 +354,7 @@ class Cluster:
                 items.append(_submission(**sub))
             except TypeError as exc:
                 raise TypeError(f"submission {index}: {exc}") from None
-        if not items:
-            return JobGroup(self, None, [])
-        body = self._post("/api/jobs", items)
-        return JobGroup(self, body.get("group"), [Job(self, record) for record in body["jobs"]])
+        return submit_in_parts(self, items) if items else JobGroup(self, None, [])
 
     def map(self, source: str, inputs, language: str = "python", via: str = "args", **submit_kwargs) -> JobGroup:
         """One job of ``source`` per input, as a ``JobGroup`` in input order.
@@ -369,13 +371,9 @@ class Cluster:
             raise TypeError(f"map needs an iterable of inputs, not {type(inputs).__name__}") from None
         if isinstance(inputs, (str, bytes)):
             raise TypeError("map needs an iterable of inputs, not a single string: wrap it in a list")
-        subs = []
-        for item in items:
-            if via == "args":
-                subs.append(dict(submit_kwargs, source=source, language=language, args=item_args(item)))
-            else:
-                subs.append(dict(submit_kwargs, source=source, language=language, stdin=str(item)))
-        return self.submit_many(subs)
+        return self.submit_many([dict(submit_kwargs, source=source, language=language,
+                                      **({"args": item_args(item)} if via == "args" else {"stdin": str(item)}))
+                                 for item in items])
 
     def cancel_group(self, group_id: str) -> int:
         """Cancel the group's jobs that have not ended; returns how many there were."""
@@ -443,6 +441,8 @@ class Cluster:
         return self._call("DELETE", f"/api/sessions/{urllib.parse.quote(name, safe='')}{query}")
 
     def close(self) -> None:
+        for feeder in list(self._feeders):
+            feeder.stop()  # what a map had not sent yet ends cancelled
         if self._events is not None:
             self._closer.detach()
             self._events.close()

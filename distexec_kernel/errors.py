@@ -20,10 +20,12 @@ UNREACHABLE = "unreachable"
 class DistexecError(Exception):
     """A request the master refused, or a master that cannot be reached."""
 
-    def __init__(self, message: str, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str, code: str | None = None, status: int | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.code = code
         self.status = status
+        self.details = details or {}  # the refusal's other fields: a full queue's "room", a rate's "retry_after"
 
     @property
     def transient(self) -> bool:

@@ -57,11 +57,13 @@ class JobGroup(Sequence):
         self._cluster = cluster
         self.id = group_id
         self._jobs = jobs
-        self._by_id = {job.id: job for job in jobs}
+        self._by_id = {job.id: job for job in jobs if not job.pending}
         self._cond = threading.Condition()
         self._changed = 0  # bumped by each event of the group, to wake waiters
         self._stale = False
-        self._have_outputs = all(j.done for j in jobs)  # a batch refused whole comes back rejected
+        self._have_outputs = all(not j.pending and j.done for j in jobs)
+        self._feeder = None  # sends the jobs still pending: those past one batch or the queue's room (feeding.py)
+        self._early: dict[int, dict] = {}  # events of a part's jobs that came before its answer
         self.started = time.monotonic()
         self._unsubscribe = cluster.subscribe(self._on_event) if not self._have_outputs else None
 
@@ -80,20 +82,20 @@ class JobGroup(Sequence):
 
     def counts(self) -> dict[str, int]:
         """Status -> how many jobs of the group are in it now."""
-        return dict(Counter(job.status for job in self._jobs))
+        return dict(Counter(P.QUEUED if job.pending else job.status for job in self._jobs))  # not sent: waits
 
     @property
     def done(self) -> bool:
-        return all(job.done for job in self._jobs)
+        return all(not job.pending and job.done for job in self._jobs)
 
     @property
     def failed(self) -> list["Job"]:
         """The jobs that ended in any way but success (failed, rejected, cancelled), in input order."""
-        return [job for job in self._jobs if job.done and job.status != P.SUCCEEDED]
+        return [job for job in self._jobs if not job.pending and job.done and job.status != P.SUCCEEDED]
 
     @property
     def succeeded(self) -> list["Job"]:
-        return [job for job in self._jobs if job.status == P.SUCCEEDED]
+        return [job for job in self._jobs if not job.pending and job.status == P.SUCCEEDED]
 
     def summary(self) -> str:
         """``✅ 30 · ❌ 2 · 🚫 0 · 32 jobs · 1.4 s``: the line the magic ends with."""
@@ -103,15 +105,31 @@ class JobGroup(Sequence):
 
     def _on_event(self, msg: dict) -> None:
         if msg["type"] == "job_update":
-            job = self._by_id.get(msg["job"].get("id"))
-            if job is None:
-                return
+            with self._cond:  # as _sent registers a part: an event of it is applied or kept, not lost
+                job = self._by_id.get(msg["job"].get("id"))
+                if job is None:
+                    if self._feeder is not None and self.id is not None and msg["job"].get("group") == self.id:
+                        self._early.setdefault(msg["job"]["id"], {}).update(msg["job"])
+                    return
             job._apply_update(msg["job"])
         elif msg["type"] == "connection":
             self._stale = True  # events may have been missed while away
         else:
             return
         with self._cond:
+            self._changed += 1
+            self._cond.notify_all()
+
+    def _sent(self, jobs: list["Job"]) -> None:
+        """A part of the group reached the master (feeding.py): follow its jobs from now on."""
+        with self._cond:
+            for job in jobs:
+                self._by_id[job.id] = job
+                early = self._early.pop(job.id, None)
+                if early is not None:
+                    job._apply_update(early)
+            if not any(job.pending for job in self._jobs):
+                self._early.clear()
             self._changed += 1
             self._cond.notify_all()
 
@@ -167,7 +185,8 @@ class JobGroup(Sequence):
             while True:
                 with self._cond:
                     seen = self._changed
-                if self._stale or time.monotonic() - last_refresh > REFRESH_EVERY:
+                # A large group's listing is a page per thousand jobs: re-read as often per job, not per group.
+                if self._stale or time.monotonic() - last_refresh > REFRESH_EVERY * max(1, len(self) // PAGE):
                     self.refresh()
                     last_refresh = time.monotonic()
                 counts = self.counts()
@@ -219,7 +238,10 @@ class JobGroup(Sequence):
         return out
 
     def cancel(self) -> "JobGroup":
-        """Cancel every job of the group that has not ended (queued ones never start)."""
+        """Cancel every job of the group that has not ended (queued ones never start, those not sent
+        yet are not sent)."""
+        if self._feeder is not None:
+            self._feeder.stop()
         if self.id is not None and not self.done:
             self._cluster.cancel_group(self.id)
             self.refresh()

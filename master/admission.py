@@ -25,9 +25,14 @@ REJOIN_HISTORY = 1000
 class QueueFull(P.ProtocolError):
     """A submission past a queue cap; ``status`` is the HTTP status it gets."""
 
-    def __init__(self, message: str, status: int = 429):
+    def __init__(self, message: str, status: int = 429, room: int = 0, cap: int | None = None):
         super().__init__("queue_full", message)
         self.status = status
+        self.room = room  # how many would fit now: a client sending a large map in parts sends that many
+        self.cap = cap
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "room": self.room, "cap": self.cap}
 
 
 class Admission:
@@ -162,9 +167,11 @@ class Admission:
                             f"{self.max_queued_per_user} may wait per user (--max-queued-per-user); "
                             f"{fits} more would fit: " + (
                                 f"send the {count} in parts of at most {self.max_queued_per_user}"
-                                if count > self.max_queued_per_user else "try again when some have run"))
+                                if count > self.max_queued_per_user else "try again when some have run"),
+                            room=self.queue_room(user), cap=self.max_queued_per_user)
         raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
-                        f"--max-queue): try again when some have run", status=503)
+                        f"--max-queue): try again when some have run", status=503,
+                        room=self.queue_room(user), cap=self.max_queue)
 
 
 def bound_rejected(job: dict) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 
 import tornado.log
 import tornado.web
@@ -57,9 +58,9 @@ class ApiHandler(tornado.web.RequestHandler):
         if self.needs_auth and not self.authenticate():
             return self.fail(401, "unauthorized", UNAUTHORIZED)
 
-    def fail(self, status: int, code: str, message: str) -> None:
+    def fail(self, status: int, code: str, message: str, **extra) -> None:
         self.set_status(status)
-        self.finish({"error": {"code": code, "message": message}})
+        self.finish({"error": P.error(code, message, **extra)})
 
     def write_error(self, status_code: int, **kwargs) -> None:
         reason = self._reason or "error"
@@ -97,7 +98,8 @@ def _protocol_errors(method):
             if isinstance(exc, RateLimited):
                 self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
             status = http_status(exc)
-            self.fail(status, exc.code, exc.message)
+            extra = {k: v for k, v in exc.to_dict().items() if k not in ("code", "message")}
+            self.fail(status, exc.code, exc.message, **extra)
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -185,16 +187,25 @@ class JobsHandler(ApiHandler):
         self.gate.check_submit(self.identity, cost)
         # The header only links the job to a client of the same account, never another's.
         client_id = self.master.client_of(self.request.headers.get("X-Distexec-Client"), self.identity.user)
+        # ?group=G: a batch joins the user's group G (a map too large for one batch, or for the queue's
+        # cap, sent in parts: one group all the same).
+        join = self.get_query_argument("group", None) or None
         try:
+            if join is not None and (not isinstance(body, list) or not GROUP_ID.fullmatch(join)):
+                raise P.ProtocolError("bad_request", "group= joins a batch (a JSON list) to one of your groups "
+                                                     "(an id such as g42)")
             if isinstance(body, list):
                 # A batch: all of it or none of it, one group, one commit.
-                jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user)
+                jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user, group=join)
                 return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None}, 201)
             job = await self.master.submit(body, client_id=client_id, user=self.user)
         except P.ProtocolError:
             self.gate.refund_submit(self.identity, cost)  # refused whole: nothing of it was queued
             raise
         self.send_json(job, 201)
+
+
+GROUP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _job_id(text: str) -> int | None:
@@ -396,7 +407,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r"/api/jobs/(\d+)", JobHandler, args),
             (r"/api/jobs/(\d+)/cancel", CancelHandler, args),
             (r"/api/jobs/(\d+)/artifacts/(.+)", ArtifactHandler, args),
-            (r"/api/groups/([A-Za-z0-9_-]{1,64})/cancel", GroupCancelHandler, args),
+            (r"/api/groups/(" + GROUP_ID.pattern + ")/cancel", GroupCancelHandler, args),
             (r"/api/slaves", SlavesHandler, args),
             (r"/api/clients", ClientsHandler, args),
             (r"/api/prune", PruneHandler, args),

@@ -184,18 +184,21 @@ class Master:
         return [item if isinstance(item, P.ProtocolError) else next(saved) for item in out]
 
     async def submit_batch(self, requests: list, *, client_id: str | None = None,
-                           user: str | None = None) -> list[dict]:
+                           user: str | None = None, group: str | None = None) -> list[dict]:
         """Record a batch as one group, all or nothing: every item is checked before any is queued.
 
-        The jobs get consecutive ids in the batch's order and share ``group``;
-        they are committed together and queued in order.
+        The jobs get consecutive ids in the batch's order and share a group:
+        a new one, or ``group``, one of the owner's (a 404 otherwise); they
+        are committed together and queued in order.
         """
         subs = P.check_batch(requests, self.admission.check)
         if not subs:
             return []
         owner = await self._rejoined(subs, client_id, user)
+        if group is not None and not await self.store.has_group(owner, group):
+            raise P.ProtocolError("not_found", f"no group {group} of yours to add jobs to")
         self.admission.check_room(owner, len(subs))  # after the last await, as in submit_each
-        group, decisions = f"g{self._next_id}", []
+        group, decisions = group or f"g{self._next_id}", []
         jobs = [self._record(sub, client_id, owner, group, None, decisions) for sub in subs]
         return await self._commit_submitted(jobs, decisions, client_id)
 

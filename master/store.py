@@ -388,6 +388,13 @@ class JobStore:
             return row[0] if row else None
         return await asyncio.get_running_loop().run_in_executor(self._readers, find)
 
+    async def has_group(self, user: str | None, group: str) -> bool:
+        """Whether ``user`` has a job in ``group`` (committed: a group's first batch is, before its answer)."""
+        def find() -> bool:
+            return self._read_conn().execute("SELECT 1 FROM jobs WHERE grp = ? AND user IS ? LIMIT 1",
+                                             (group, user)).fetchone() is not None
+        return await asyncio.get_running_loop().run_in_executor(self._readers, find)
+
     async def inputs_many(self, job_ids: list[int]) -> dict[int, dict]:
         """Job id -> the inputs saved with it (``protocol.INPUT_FIELDS``; {} if none), in one query.
 

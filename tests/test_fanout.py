@@ -97,6 +97,26 @@ def test_map_results_come_in_input_order(c):
     assert len({j.slave_uid for j in group}) == 2  # spread over both slaves
 
 
+def test_a_map_past_one_batch_is_sent_in_parts_as_one_group(lc, c, monkeypatch):
+    # The client's parts made small (the master takes up to 10,000 in one request, as before).
+    monkeypatch.setattr(P, "MAX_BATCH", 4)
+    inputs = list(range(10))
+    group = c.map(SQUARE, inputs, name="parts")
+    assert len(group) == 10
+    assert group.results(timeout=120) == [f"{n * n}\n" for n in inputs]
+    ids = [j.id for j in group]
+    assert ids == sorted(ids) and {j.group for j in group} == {group.id}
+    listed, total = c.jobs_page(group=group.id, limit=100)
+    assert total == 10 and sorted(j["id"] for j in listed) == ids
+    # A part joins only a group of the same user, and only as a batch.
+    r = requests.post(lc.url + f"/api/jobs?group={group.id}", json={"source": "print(1)", "language": "python"},
+                      headers={"Authorization": f"Bearer {lc.token}"}, timeout=30)
+    assert r.status_code == 400 and "batch" in r.json()["error"]["message"]
+    r = requests.post(lc.url + "/api/jobs?group=g999999999", json=[{"source": "print(1)", "language": "python"}],
+                      headers={"Authorization": f"Bearer {lc.token}"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
 def test_map_by_stdin_and_tuples_as_arguments(c):
     by_stdin = c.map("print(input()[::-1])", ["abc", "xyz"], via="stdin")
     assert by_stdin.results(timeout=60) == ["cba\n", "zyx\n"]

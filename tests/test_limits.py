@@ -174,7 +174,7 @@ def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path)
             c.close()
 
 
-def test_a_batch_past_the_per_user_cap_is_refused_whole(make_cluster, tmp_path):
+def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_in_parts(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-per-user", "3", "--users", _users(tmp_path)])
     alice = Cluster(lc.url, user="alice", password="alice-pw")
@@ -200,32 +200,71 @@ def test_a_batch_past_the_per_user_cap_is_refused_whole(make_cluster, tmp_path):
         assert err["code"] == "queue_full"
         assert "at most 3 may wait per user" in err["message"] and "--max-queued-per-user" in err["message"]
         assert "2 more would fit" in err["message"], err["message"]
-        # Through the Python API, both ways in.
-        with pytest.raises(DistexecError) as raised:
-            alice.submit_many(over(5, "many-batch"))
-        assert (raised.value.status, raised.value.code) == (429, "queue_full")
-        assert "at most 3 may wait per user" in str(raised.value) and "2 more would fit" in str(raised.value)
-        with pytest.raises(DistexecError) as raised:
-            alice.map("import sys\nprint(sys.argv[1])", range(3), name="map-batch")
-        assert (raised.value.status, raised.value.code) == (429, "queue_full")
-        assert "2 more would fit" in str(raised.value)
-        # Nothing of them was queued or kept, not even in part.
-        assert admin.jobs_page()[1] == total
-        assert not {"http-batch", "many-batch", "map-batch"} & set(names())
+        assert (err["room"], err["cap"]) == (2, 3)  # for a client to send that many
+        # Nothing of it was queued or kept, not even in part.
+        assert admin.jobs_page()[1] == total and "http-batch" not in names()
+        # The Python API sends what fits at once and the rest as her jobs start: one group, in input order.
+        group = alice.submit_many(over(5, "many-batch"))
+        assert len(group) == 5 and group.counts() == {P.QUEUED: 5}
+        assert [j.pending for j in group] == [False, False, True, True, True]
         queued, _ = alice.jobs_page(status=P.QUEUED, limit=100)
-        assert [j["id"] for j in queued] == [first.id]
-        # Nor counted against her: a batch of exactly what fits is taken whole...
-        fits = alice.submit_many([dict(source="print('fits')", name="fits") for _ in range(2)])
-        assert [j.status for j in fits] == [P.QUEUED, P.QUEUED]
-        # ...and then not one more fits, while another user's batch is not affected.
+        assert len(queued) == 3  # her cap, not one more
+        # With no room at all, a batch is refused whole, as before; another user's is not affected.
         with pytest.raises(DistexecError) as raised:
             alice.map("print(1)", [0], name="one-more")
-        assert raised.value.status == 429 and "0 more would fit" in str(raised.value)
+        assert (raised.value.status, raised.value.code) == (429, "queue_full")
+        assert "0 more would fit" in str(raised.value) and raised.value.details["room"] == 0
         assert [j.status for j in bob.map("print(1)", range(3), name="bob")] == [P.QUEUED] * 3
         assert "one-more" not in names()
+        admin.cancel(busy.id)
+        assert group.results(timeout=120) == [f"{i}\n" for i in range(5)]
+        ids = [j.id for j in group]
+        assert ids == sorted(ids) and {j.group for j in group} == {group.id}
+        listed, count = alice.jobs_page(group=group.id, limit=100)
+        assert count == 5 and sorted(j["id"] for j in listed) == ids
     finally:
         for c in (alice, bob, admin):
             c.close()
+
+
+def test_cancelling_a_group_still_being_sent_stops_what_was_not_sent(make_cluster, tmp_path):
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-per-user", "2", "--users", _users(tmp_path)])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    try:
+        group = alice.map("import time\ntime.sleep(60)", range(8), timeout=60)
+        # One runs, two wait on the master (her cap), the rest wait here.
+        wait_for(lambda: alice.jobs_page(status=P.RUNNING)[1] == 1 and alice.jobs_page(status=P.QUEUED)[1] == 2,
+                 30, "one of hers running and two queued")
+        wait_for(lambda: group.counts() == {P.QUEUED: 7, P.RUNNING: 1}, 30, "the group to count them so")
+        # Another user cannot add jobs to her group.
+        resp = post_job(lc.url, bob.token, params={"group": group.id}, json=[{"source": "print(1)", "language": "python"}])
+        assert resp.status_code == 404, resp.text
+        group.cancel()
+        group.wait(60, progress=False)
+        assert group.counts() == {P.CANCELLED: 8}
+        sent = [j for j in group if j.id is not None]
+        assert len(sent) == 3 and all(j.error["code"] == P.CANCELLED_CODE for j in group)
+        assert all("before it was sent" in j.error["message"] for j in group if j.id is None)
+        group._feeder.join(10)
+        assert not group._feeder.is_alive()
+        listed, count = alice.jobs_page(group=group.id, limit=100)
+        assert count == 3 and {j["status"] for j in listed} == {P.CANCELLED}
+        assert alice.submit("print('after')").wait(60).stdout == "after\n"
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_group_sent_in_parts_waits_out_the_rate_limit(make_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "MAX_BATCH", 4)
+    lc = make_cluster(1, slots=2, languages="python",
+                      master_args=["--users", _users(tmp_path), "--rate", "10/s", "--burst", "4"])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice:
+        group = alice.map("import sys\nprint(sys.argv[1])", range(12))
+        assert group.results(timeout=120) == [f"{n}\n" for n in range(12)]
+        assert {j.group for j in group} == {group.id}
 
 
 def test_a_submission_refused_whole_costs_nothing_of_the_rate(make_cluster, tmp_path):
@@ -245,9 +284,6 @@ def test_a_submission_refused_whole_costs_nothing_of_the_rate(make_cluster, tmp_
         assert "send the 500 in parts of at most 3" in too_many.json()["error"]["message"], too_many.text
         malformed = post_job(lc.url, alice.token, json=[body] * 100 + [{"source": 1}])
         assert malformed.status_code == 400 and "100" in malformed.json()["error"]["message"], malformed.text
-        with pytest.raises(DistexecError) as raised:
-            alice.map("print(1)", range(5))
-        assert raised.value.code == "queue_full"
         # Her 4 tokens (one a minute after) are all there: 3 jobs fill her queue...
         assert [post_job(lc.url, alice.token, json=body).status_code for _ in range(3)] == [201] * 3
         # ...the next ones, over the WebSocket, are refused for the queue and cost nothing either...
