@@ -476,7 +476,7 @@ def _check_locally(body: dict) -> None:
 def _refusal(err: dict) -> DistexecError:
     """A submit_reply's error as the HTTP path raises it: same code, status and message."""
     status = err.get("status") or 400
-    return DistexecError(f"{err.get('message')} (HTTP {status})", code=err.get("code"), status=status)
+    return DistexecError(f"{err.get('message')} (HTTP {status})", code=err.get("code"), status=status, details=err)
 
 
 def _settle(fut: concurrent.futures.Future, error: Exception | None) -> None:

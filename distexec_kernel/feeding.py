@@ -23,7 +23,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from . import protocol as P
-from .errors import DistexecError
+from .errors import UNREACHABLE, DistexecError
 from .group import REFRESH_EVERY, JobGroup
 from .job import Job
 
@@ -35,8 +35,8 @@ RATE_LIMITED = "rate_limited"
 # A part is at least this share of the user's cap (or all that is left): not one request per job
 # that starts, while the queue still holds three quarters of the user's jobs.
 PART_OF_CAP = 4
-LONGEST_PAUSE = 60.0
-LEAVES_QUEUE = frozenset({P.RUNNING, P.CANCELLED, P.REJECTED})  # the longest a rate limit's retry_after is waited in one go
+LONGEST_PAUSE = 60.0  # the longest a rate limit's retry_after is waited in one go
+LEAVES_QUEUE = frozenset({P.RUNNING, P.CANCELLED, P.REJECTED})
 
 
 def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
@@ -88,6 +88,8 @@ class Feeder(threading.Thread):
         self._left_queue = 0  # jobs seen leaving the queue (events): room that may have come
         self._moved = threading.Condition()
         self._full = full
+        self._landed = len(group) - len(unsent)  # the group's jobs the master has
+        self._unsure = False  # the last part went out and its answer did not come back
         self._unsubscribe = cluster.subscribe(self._on_event)
 
     def _on_event(self, msg: dict) -> None:
@@ -110,18 +112,8 @@ class Feeder(threading.Thread):
                     part = [self._unsent[i] for i in range(want)]
                     with self._moved:
                         self._left_queue = 0
-                    try:
-                        body = self._cluster._post(f"/api/jobs?group={self._group.id}", [s for s, _ in part])
-                    except DistexecError as exc:
-                        refusal = exc
-                    else:
-                        refusal = None
-                        for _ in part:
-                            self._unsent.popleft()
-                        for (_, job), record in zip(part, body["jobs"]):
-                            job._acknowledge(record)
-                            job._ack.set_result(None)
-                        self._group._sent([job for _, job in part])
+                    refusal = self._send(part)
+                    if refusal is None:
                         size = None
                         continue
                 size = self._pause(refusal)
@@ -135,6 +127,32 @@ class Feeder(threading.Thread):
             raise
         finally:
             self._unsubscribe()
+
+    def _send(self, part: list[tuple[dict, Job]]) -> DistexecError | None:
+        """Send ``part`` (or find it sent: a lost answer); its refusal, or None once its jobs are settled."""
+        try:
+            if self._unsure:
+                # The last part's answer was lost (a master restart, a dropped connection): if the group
+                # grew by that much, it was taken; sending it again would run each job twice.
+                records = sorted(self._group._records(summary=True), key=lambda r: r["id"])
+                self._unsure, taken = 0, len(records) - self._landed
+                if taken == len(part):
+                    return self._settle(part, records[-taken:])
+            body = self._cluster._post(f"/api/jobs?group={self._group.id}", [s for s, _ in part])
+        except DistexecError as exc:
+            self._unsure = exc.code == UNREACHABLE
+            return exc
+        return self._settle(part, body["jobs"])
+
+    def _settle(self, part: list[tuple[dict, Job]], records: list[dict]) -> None:
+        for _ in part:
+            self._unsent.popleft()
+        for (_, job), record in zip(part, records):
+            job._acknowledge(record)
+            job._ack.set_result(None)
+        self._landed += len(part)
+        self._group._sent([job for _, job in part])
+        return None
 
     def _pause(self, refusal: DistexecError) -> int | None:
         """Wait as ``refusal`` asks; how many to send next (0: as many as fit), None: give up."""

@@ -113,7 +113,9 @@ class Job:
     def __repr__(self) -> str:
         ack = self._ack
         if ack is not None and not ack.done():
-            return "<Job (submitted, not yet answered)>"
+            # No deadline: a map's job kept in the client until the queue has room (feeding.py).
+            return ("<Job (submitted, not yet answered)>" if self._ack_deadline
+                    else "<Job (not sent yet: the queue is full)>")
         if ack is not None and ack.exception() is not None:
             return f"<Job refused: {ack.exception()}>"
         return f"<Job {self.id} {self.language} {self.icon} {self.status}>"

@@ -117,6 +117,31 @@ def test_a_map_past_one_batch_is_sent_in_parts_as_one_group(lc, c, monkeypatch):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
+def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
+    """A part the master took whose answer never came back (a dropped connection): the feeder finds it
+    in the group's listing instead of sending it again, which would run each of its jobs twice."""
+    import concurrent.futures
+
+    from distexec_kernel.feeding import Feeder
+    from distexec_kernel.group import JobGroup
+    from distexec_kernel.job import Job
+
+    first = post(lc, [{"source": SQUARE, "language": "python", "args": ["1"]}]).json()
+    subs = [{"source": SQUARE, "language": "python", "args": [str(n)]} for n in (2, 3)]
+    waiting = [Job(c, None, ack=concurrent.futures.Future()) for _ in subs]
+    group = JobGroup(c, first["group"], [Job(c, first["jobs"][0])] + waiting)
+    # The part went out and was taken; its answer was lost.
+    taken = requests.post(lc.url + f"/api/jobs?group={group.id}", json=subs, timeout=30,
+                          headers={"Authorization": f"Bearer {lc.token}"}).json()["jobs"]
+    feeder = Feeder(c, group, list(zip(subs, waiting)), None)
+    feeder._unsure = True
+    group._feeder = feeder
+    feeder.start()
+    assert group.results(timeout=120) == ["1\n", "4\n", "9\n"]
+    assert [j.id for j in group[1:]] == [j["id"] for j in taken]
+    assert c.jobs_page(group=group.id)[1] == 3  # not 5
+
+
 def test_map_by_stdin_and_tuples_as_arguments(c):
     by_stdin = c.map("print(input()[::-1])", ["abc", "xyz"], via="stdin")
     assert by_stdin.results(timeout=60) == ["cba\n", "zyx\n"]

@@ -239,7 +239,8 @@ def test_cancelling_a_group_still_being_sent_stops_what_was_not_sent(make_cluste
                  30, "one of hers running and two queued")
         wait_for(lambda: group.counts() == {P.QUEUED: 7, P.RUNNING: 1}, 30, "the group to count them so")
         # Another user cannot add jobs to her group.
-        resp = post_job(lc.url, bob.token, params={"group": group.id}, json=[{"source": "print(1)", "language": "python"}])
+        resp = post_job(lc.url, bob.token, params={"group": group.id},
+                        json=[{"source": "print(1)", "language": "python"}])
         assert resp.status_code == 404, resp.text
         group.cancel()
         group.wait(60, progress=False)
