@@ -148,6 +148,18 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
     with cluster_of(args, events=not args.no_wait) as c:
         group = c.submit_many(subs)
         if args.no_wait:
+            # This process's end would end the parts not sent yet: they go first (queue's room).
+            try:
+                if any(job.pending for job in group):
+                    print(f"distexec: sending the rest of the {len(group)} jobs as the queue has room",
+                          file=sys.stderr)
+                group.wait_sent()
+            except KeyboardInterrupt:
+                c.close()
+                sent = sum(job.id is not None for job in group)
+                print(f"\ndistexec: stopped sending: {sent} of {len(group)} jobs sent, in group {group.id}",
+                      file=sys.stderr)
+                return 130
             print(group.id or "")
             return 0
         try:

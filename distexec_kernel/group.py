@@ -216,6 +216,18 @@ class JobGroup(Sequence):
         self._fetch_outputs()
         return self
 
+    def wait_sent(self, timeout: float | None = None) -> "JobGroup":
+        """Block until every job has reached the master (a group sent in parts, ``feeding.py``), not
+        until they end: what a process that leaves right after submitting must wait for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (left := sum(job.pending for job in self._jobs)):
+                wait = REFRESH_EVERY if deadline is None else min(REFRESH_EVERY, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError(f"group {self.id}: {left} job(s) not sent after {timeout} s")
+                self._cond.wait(wait)
+        return self
+
     def results(self, errors: str = "raise", timeout: float | None = None) -> list:
         """The stdouts in input order, once all have ended.
 

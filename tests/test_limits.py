@@ -6,6 +6,8 @@ import base64
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import argon2
@@ -256,6 +258,24 @@ def test_cancelling_a_group_still_being_sent_stops_what_was_not_sent(make_cluste
     finally:
         alice.close()
         bob.close()
+
+
+def test_submit_each_without_waiting_sends_every_part_before_it_exits(make_cluster, tmp_path):
+    """``submit --each --no-wait`` printed the group's id and left: the parts not sent yet went with it."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queued-per-user", "2"])
+    prog, each = tmp_path / "prog.py", tmp_path / "each.txt"
+    prog.write_text("import sys\nprint(sys.argv[1])\n")
+    each.write_text("".join(f"{n}\n" for n in range(8)))
+    env = dict(os.environ, DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token)
+    done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "submit", str(prog), "--each", str(each),
+                           "--no-wait"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "sending the rest of the 8 jobs" in done.stderr
+    gid = done.stdout.strip()
+    with Cluster(lc.url, token=lc.token) as c:
+        jobs = wait_for(lambda: (page := c.jobs_page(group=gid, limit=100)[0]) and
+                        all(j["status"] in P.TERMINAL for j in page) and page, 60, "the group's jobs to end")
+        assert sorted(j["stdout"] for j in jobs) == [f"{n}\n" for n in range(8)]
 
 
 def test_a_group_sent_in_parts_waits_out_the_rate_limit(make_cluster, tmp_path, monkeypatch):
