@@ -155,7 +155,7 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
                           file=sys.stderr)
                 group.wait_sent()
             except KeyboardInterrupt:
-                c.close()
+                group.stop_sending()
                 sent = sum(job.id is not None for job in group)
                 print(f"\ndistexec: stopped sending: {sent} of {len(group)} jobs sent, in group {group.id}",
                       file=sys.stderr)

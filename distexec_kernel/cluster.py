@@ -337,13 +337,10 @@ class Cluster:
     def submit_many(self, submissions: list[dict]) -> JobGroup:
         """Submit a batch as one group: a ``JobGroup`` of the jobs, in the same order.
 
-        Each item takes ``submit``'s keyword arguments (``source`` required).
-        A bad item refuses the whole batch (``DistexecError`` naming its
-        index). What the master does not take at once (past 10,000 in a
-        request, or past the user's room in the queue) is sent in parts as
-        the user's jobs start (``feeding.py``); a queue with no room at all
-        refuses the batch, and nothing of it is queued.
-        """
+        Each item takes ``submit``'s keyword arguments (``source`` required). A bad item refuses
+        the whole batch (``DistexecError`` naming its index). What the master does not take at once
+        (past 10,000 in a request, or the user's room in the queue) is sent in parts as the user's
+        jobs start (``feeding.py``); with no room at all the batch is refused, nothing queued."""
         if isinstance(submissions, (str, bytes, dict)):
             raise TypeError("submit_many takes a list of submissions (dicts of submit()'s arguments)")
         items = []
@@ -377,8 +374,9 @@ class Cluster:
 
     def cancel_group(self, group_id: str) -> int:
         """Cancel the group's jobs that have not ended; returns how many there were."""
-        from urllib.parse import quote
-        return self._post(f"/api/groups/{quote(group_id, safe='')}/cancel")["cancelled"]
+        for feeder in [f for f in self._feeders if f.group_id == group_id]:
+            feeder.stop()  # first: no part of it lands after the master's cancel
+        return self._post(f"/api/groups/{urllib.parse.quote(group_id, safe='')}/cancel")["cancelled"]
 
     def job(self, job_id: int) -> Job:
         job = Job(self, self._get(f"/api/jobs/{int(job_id)}"))
@@ -442,7 +440,7 @@ class Cluster:
 
     def close(self) -> None:
         for feeder in list(self._feeders):
-            feeder.stop()  # what a map had not sent yet ends cancelled
+            feeder.finish()  # a map's parts not sent yet go first (a Ctrl-C: they end cancelled)
         if self._events is not None:
             self._closer.detach()
             self._events.close()

@@ -1,22 +1,28 @@
 """A batch too large for one request, or for the queue's cap, sent in parts: one ``JobGroup`` all the same.
 
 ``Cluster.submit_many`` (so ``map``, the magic's ``--map`` and ``submit
---each``) sends at once what the master takes: at most ``MAX_BATCH`` jobs,
-and no more than the user's room under ``--max-queued-per-user``. The rest
-waits here, in the client, and a thread sends it in parts as the user's jobs
-leave the queue, each part joining the first one's group (``POST
-/api/jobs?group=G``). So a map of 50,000 holds no more of the master's memory,
-nor of the queue ahead of other people, than one of 1,000, and its author
-still gets every job's handle at once, in input order: a job not sent yet
-reads as queued in the group's counts, and its own fields wait for it to be
-sent, as a pipelined ``submit``'s wait for the master's answer.
+--each``) sends at once what the master takes: at most ``MAX_BATCH`` jobs
+(and ``PART_BYTES`` of JSON), and no more than the user's room under
+``--max-queued-per-user``. The rest waits here, in the client, and a thread
+sends it in parts as the user's jobs leave the queue, each part joining the
+first one's group (``POST /api/jobs?group=G``; each answer says the room
+left). So a map of 50,000 holds no more of the master's memory, nor of the
+queue ahead of other people, than one of 1,000, and its author still gets
+every job's handle at once, in input order: a job not sent yet reads as
+queued with no id, and what needs the master (``wait()``, ``refresh()``)
+waits until it is sent.
 
-If the client goes (the kernel restarts), what it had not sent is never
-sent; the master's history holds what was.
+Nothing is dropped quietly: ``Cluster.close()`` (the end of a ``with``)
+waits until all is sent, and so does the interpreter's exit (the thread is
+not a daemon). A cancel of the group, from this client or any other (the
+panel's), ends the jobs not sent as cancelled. A login that expires on the
+way is waited for (``Cluster.login`` again) for ``LOGIN_WAIT`` seconds.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import sys
 import threading
 import time
 from collections import deque
@@ -32,10 +38,15 @@ if TYPE_CHECKING:
 
 QUEUE_FULL = "queue_full"
 RATE_LIMITED = "rate_limited"
+GROUP_CANCELLED = "group_cancelled"
 # A part is at least this share of the user's cap (or all that is left): not one request per job
 # that starts, while the queue still holds three quarters of the user's jobs.
 PART_OF_CAP = 4
+PART_BYTES = 8 << 20  # of JSON in one request: the master takes 32 MiB
 LONGEST_PAUSE = 60.0  # the longest a rate limit's retry_after is waited in one go
+LOGIN_WAIT = 3600.0  # how long an expired login is waited for before the rest is given up
+# With the event channel up, jobs leaving the queue are heard: the backstop can be rarer.
+QUIET_BACKSTOP = 5 * REFRESH_EVERY
 LEAVES_QUEUE = frozenset({P.RUNNING, P.CANCELLED, P.REJECTED})
 
 
@@ -45,21 +56,22 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
     Raises as a batch does when not even one job fits (a full queue) or the
     first part is refused: then nothing of it was queued.
     """
-    first, full = items[:P.MAX_BATCH], None
+    first = items[:_part_size(items, P.MAX_BATCH)]
     try:
         body = cluster._post("/api/jobs", first)
     except DistexecError as exc:
         if not _room(exc):
             raise
-        first, full = items[:_room(exc)], exc
+        first = items[:min(_room(exc), len(first))]
         body = cluster._post("/api/jobs", first)
     jobs = [Job(cluster, record) for record in body["jobs"]]
     rest = items[len(first):]
     if not rest:
         return JobGroup(cluster, body.get("group"), jobs)
-    waiting = [Job(cluster, None, ack=concurrent.futures.Future()) for _ in rest]
+    waiting = [Job(cluster, dict(sub, id=None, status=P.QUEUED, group=body["group"]),
+                   ack=concurrent.futures.Future(), unsent=True) for sub in rest]
     group = JobGroup(cluster, body["group"], jobs + waiting)
-    group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), full)
+    group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), body.get("room"), body.get("cap"))
     cluster._feeders.add(group._feeder)
     group._feeder.start()
     return group
@@ -71,13 +83,26 @@ def _room(exc: DistexecError) -> int:
     return room if isinstance(room, int) and room > 0 else 0
 
 
+def _part_size(items, most: int) -> int:
+    """How many of ``items`` (at least one) go in one request: at most ``most``, and PART_BYTES of JSON."""
+    total = 0
+    for n, item in enumerate(items):
+        if n == most:
+            return n
+        total += len(json.dumps(item))
+        if total > PART_BYTES and n:
+            return n
+    return len(items)
+
+
 class Feeder(threading.Thread):
     """Sends a group's remaining submissions as the user's queue has room; stops on ``stop()``."""
 
     def __init__(self, cluster: "Cluster", group: JobGroup, unsent: list[tuple[dict, Job]],
-                 full: DistexecError | None):
-        """``full``: the refusal that cut the first part to the room left (the queue is full now)."""
-        super().__init__(name=f"distexec-feed-{group.id}", daemon=True)
+                 room: int | None, cap: int | None):
+        """``room``, ``cap``: what the first part's answer said of the user's queue (None: no word)."""
+        # Not a daemon: a script's exit waits for what it submitted to be sent, as before parts.
+        super().__init__(name=f"distexec-feed-{group.id}")
         self._cluster = cluster
         self._group = group
         self._unsent = deque(unsent)
@@ -85,15 +110,19 @@ class Feeder(threading.Thread):
         # reaches every job the master made.
         self._lock = threading.Lock()
         self._stopped = False
-        self._left_queue = 0  # jobs seen leaving the queue (events): room that may have come
+        self._left_queue = 0  # jobs seen leaving the queue (events) since the last answer came
         self._moved = threading.Condition()
-        self._full = full
+        self._room, self._cap = room, cap
         self._landed = len(group) - len(unsent)  # the group's jobs the master has
-        self._unsure = False  # the last part went out and its answer did not come back
+        self._unsure = 0  # the size of the last part if it went out and its answer did not come back
         self._unsubscribe = cluster.subscribe(self._on_event)
 
+    @property
+    def group_id(self) -> str | None:
+        return self._group.id
+
     def _on_event(self, msg: dict) -> None:
-        # A job leaves the queue as it starts, or is cancelled while waiting (a rare double count of a
+        # A job leaves the queue as it starts, or is cancelled while waiting (a double count of a
         # running job cancelled only costs a refused part, which tells the true room).
         if msg["type"] == "job_update" and msg["job"].get("status") in LEAVES_QUEUE or msg["type"] == "connection":
             with self._moved:
@@ -102,24 +131,24 @@ class Feeder(threading.Thread):
 
     def run(self) -> None:
         try:
-            # None: as much as one batch holds
-            size = self._room_for(0, self._full.details.get("cap")) if self._full else None
             while True:
                 with self._lock:
                     if self._stopped or not self._unsent:
-                        return
-                    want = min(len(self._unsent), P.MAX_BATCH, size or P.MAX_BATCH)
-                    part = [self._unsent[i] for i in range(want)]
-                    with self._moved:
-                        self._left_queue = 0
-                    refusal = self._send(part)
-                    if refusal is None:
-                        size = None
-                        continue
-                size = self._pause(refusal)
-                if size is None:
+                        break
+                size = self._room_for()
+                with self._lock:
+                    if self._stopped:
+                        break
+                    part = [self._unsent[i] for i in range(min(size, len(self._unsent)))]
+                    refusal = self._send(part[:_part_size([sub for sub, _ in part], size)])
+                if refusal is not None and not self._pause(refusal):
                     with self._lock:
-                        self._end(P.REJECTED, {"code": refusal.code or "refused", "message": f"not sent: {refusal}"})
+                        if refusal.code == GROUP_CANCELLED:  # by this user elsewhere (the panel, another client)
+                            self._end(P.CANCELLED, {"code": P.CANCELLED_CODE,
+                                                    "message": "cancelled before it was sent (its group was)"})
+                        else:
+                            self._end(P.REJECTED, {"code": refusal.code or "refused",
+                                                   "message": f"not sent: {refusal}"})
                     return
         except BaseException as exc:  # the thread's end must not leave jobs that read as queued forever
             with self._lock:
@@ -127,22 +156,51 @@ class Feeder(threading.Thread):
             raise
         finally:
             self._unsubscribe()
+        with self._lock:  # stopped: what a stop() interrupted before it could end them, ends here
+            self._end(P.CANCELLED, {"code": P.CANCELLED_CODE, "message": "cancelled before it was sent"})
+
+    def _room_for(self) -> int:
+        """Wait until the room the last answer told, and the jobs seen leaving the queue since, make a
+        part worth sending (a quarter of the cap, or all that is left), or a while (then try: the answer
+        tells the room); how many to send."""
+        if self._room is None:
+            return P.MAX_BATCH  # no word of the room: a refusal will tell it
+        cap = self._cap if isinstance(self._cap, int) and self._cap > 0 else P.MAX_BATCH
+        enough = max(1, min(len(self._unsent), cap // PART_OF_CAP))
+        backstop = QUIET_BACKSTOP if self._cluster._events_connected() else REFRESH_EVERY
+        deadline = time.monotonic() + backstop
+        with self._moved:
+            while not self._stopped and self._room + self._left_queue < enough and time.monotonic() < deadline:
+                self._moved.wait(deadline - time.monotonic())
+            return min(P.MAX_BATCH, max(enough, self._room + self._left_queue))
 
     def _send(self, part: list[tuple[dict, Job]]) -> DistexecError | None:
-        """Send ``part`` (or find it sent: a lost answer); its refusal, or None once its jobs are settled."""
+        """Send ``part`` (or find the last one sent: a lost answer); its refusal, or None once settled."""
         try:
             if self._unsure:
                 # The last part's answer was lost (a master restart, a dropped connection): if the group
-                # grew by that much, it was taken; sending it again would run each job twice.
+                # grew by that much, it was taken; sending it again would run each of its jobs twice.
                 records = sorted(self._group._records(summary=True), key=lambda r: r["id"])
-                self._unsure, taken = 0, len(records) - self._landed
-                if taken == len(part):
-                    return self._settle(part, records[-taken:])
+                lost, self._unsure = self._unsure, 0
+                if len(records) - self._landed == lost:
+                    self._room = None  # unknown: the next answer tells it
+                    return self._settle([self._unsent[i] for i in range(lost)], records[-lost:])
             body = self._cluster._post(f"/api/jobs?group={self._group.id}", [s for s, _ in part])
         except DistexecError as exc:
-            self._unsure = exc.code == UNREACHABLE
+            self._heard_room()
+            if exc.code == UNREACHABLE and not self._unsure:
+                self._unsure = len(part)
+            if exc.code == QUEUE_FULL:
+                self._room, self._cap = _room(exc), exc.details.get("cap", self._cap)
             return exc
+        self._heard_room()
+        self._room, self._cap = body.get("room"), body.get("cap", self._cap)
         return self._settle(part, body["jobs"])
+
+    def _heard_room(self) -> None:
+        # The answer's room counts the jobs that left the queue before it: count only those after.
+        with self._moved:
+            self._left_queue = 0
 
     def _settle(self, part: list[tuple[dict, Job]], records: list[dict]) -> None:
         for _ in part:
@@ -154,27 +212,28 @@ class Feeder(threading.Thread):
         self._group._sent([job for _, job in part])
         return None
 
-    def _pause(self, refusal: DistexecError) -> int | None:
-        """Wait as ``refusal`` asks; how many to send next (0: as many as fit), None: give up."""
+    def _pause(self, refusal: DistexecError) -> bool:
+        """Wait as ``refusal`` asks, True; False: the rest cannot be sent."""
         if refusal.code == QUEUE_FULL:
-            return self._room_for(_room(refusal), refusal.details.get("cap"))
+            return True  # _room_for waits for the room
+        if refusal.status == 401:
+            return self._await_login(refusal)
         if refusal.code == RATE_LIMITED or refusal.transient:
             pause = refusal.details.get("retry_after")
             pause = pause if isinstance(pause, (int, float)) and pause > 0 else REFRESH_EVERY
             with self._moved:
                 self._moved.wait_for(lambda: self._stopped, min(pause, LONGEST_PAUSE))
-            return 0
-        return None
+            return True
+        return False
 
-    def _room_for(self, room: int, cap) -> int:
-        """Wait until ``room`` and the jobs seen leaving the queue since make a part worth sending
-        (a quarter of the cap, or all that is left), or a while (then try: the answer tells the room)."""
-        enough = max(1, min(len(self._unsent), (cap if isinstance(cap, int) else P.MAX_BATCH) // PART_OF_CAP))
-        deadline = time.monotonic() + REFRESH_EVERY
+    def _await_login(self, refusal: DistexecError) -> bool:
+        """The login expired (or was revoked) on the way: wait for ``Cluster.login`` to give a new one."""
+        token = self._cluster.token
+        print(f"distexec: {refusal}; {len(self._unsent)} job(s) of group {self._group.id} are not sent yet: "
+              f"log in again (Cluster.login) within {LOGIN_WAIT / 60:g} min to send them", file=sys.stderr)
         with self._moved:
-            while not self._stopped and room + self._left_queue < enough and time.monotonic() < deadline:
-                self._moved.wait(deadline - time.monotonic())
-            return max(enough, room + self._left_queue)
+            return self._moved.wait_for(lambda: self._stopped or self._cluster.token != token, LOGIN_WAIT) \
+                and not self._stopped
 
     def stop(self) -> None:
         """Send nothing more; what was not sent ends cancelled (a part on its way lands first)."""
@@ -183,6 +242,19 @@ class Feeder(threading.Thread):
             self._moved.notify_all()
         with self._lock:
             self._end(P.CANCELLED, {"code": P.CANCELLED_CODE, "message": "cancelled before it was sent"})
+
+    def finish(self, say: bool = True) -> None:
+        """Wait until all is sent (what ``Cluster.close`` does); a Ctrl-C meanwhile stops it and goes on."""
+        if not self.is_alive():
+            return
+        if say:
+            print(f"distexec: sending the {len(self._unsent)} job(s) of group {self._group.id} not sent yet "
+                  f"(Ctrl-C cancels them)", file=sys.stderr)
+        try:
+            self.join()
+        except KeyboardInterrupt:
+            self.stop()
+            raise
 
     def _end(self, status: str, error: dict) -> None:
         """Settle every job not sent with a record of our own (``id`` None): the group can end."""

@@ -216,6 +216,12 @@ class JobGroup(Sequence):
         self._fetch_outputs()
         return self
 
+    def stop_sending(self) -> "JobGroup":
+        """Send nothing more of the group (those not sent end cancelled); those sent run on."""
+        if self._feeder is not None:
+            self._feeder.stop()
+        return self
+
     def wait_sent(self, timeout: float | None = None) -> "JobGroup":
         """Block until every job has reached the master (a group sent in parts, ``feeding.py``), not
         until they end: what a process that leaves right after submitting must wait for."""
@@ -252,8 +258,7 @@ class JobGroup(Sequence):
     def cancel(self) -> "JobGroup":
         """Cancel every job of the group that has not ended (queued ones never start, those not sent
         yet are not sent)."""
-        if self._feeder is not None:
-            self._feeder.stop()
+        self.stop_sending()
         if self.id is not None and not self.done:
             self._cluster.cancel_group(self.id)
             self.refresh()

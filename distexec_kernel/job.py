@@ -28,11 +28,14 @@ class Job:
     """A handle on one job, kept up to date by the cluster's event channel."""
 
     def __init__(self, cluster: "Cluster", record: dict | None, ack: concurrent.futures.Future | None = None,
-                 ack_deadline: float | None = None):
+                 ack_deadline: float | None = None, unsent: bool = False):
         """``ack``: the master's answer to a pipelined submission, still to come; ``record`` is None then.
 
         ``ack_deadline`` (``time.monotonic()``): when to give up waiting for
         it (the future is then failed, see ``Cluster._ack_expired``).
+        ``unsent``: a job of a group kept in the client until the queue has
+        room (``feeding.py``): ``record`` is its submission, read as queued
+        with no id, at once; what needs the master waits until it is sent.
         """
         self._cluster = cluster
         self._record = dict(record or {})
@@ -42,13 +45,15 @@ class Job:
         self._output_listeners: list[Callable[[str, str], None]] = []
         self._stale = False
         self._news = 0.0  # when the event channel last told us something of this job
+        self._unsent = unsent
 
     # -- record ----------------------------------------------------------------
 
     def __getattr__(self, name):
         record = self.__dict__.get("_record")
         if record is not None and name in P.JOB_FIELDS:
-            self._acked()
+            if not self.__dict__.get("_unsent"):
+                self._acked()
             return self._record.get(name)
         raise AttributeError(name)
 
@@ -88,17 +93,20 @@ class Job:
         """The master accepted the submission: ``record`` is the job as it was queued (event thread)."""
         with self._cond:
             self._record = dict(record)
+            self._unsent = False
             self._cond.notify_all()
 
     @property
     def record(self) -> dict:
-        self._acked()
+        if not self._unsent:
+            self._acked()
         with self._cond:
             return dict(self._record)
 
     @property
     def done(self) -> bool:
-        self._acked()
+        if not self._unsent:
+            self._acked()
         return self._record.get("status") in P.TERMINAL
 
     @property
@@ -113,9 +121,7 @@ class Job:
     def __repr__(self) -> str:
         ack = self._ack
         if ack is not None and not ack.done():
-            # No deadline: a map's job kept in the client until the queue has room (feeding.py).
-            return ("<Job (submitted, not yet answered)>" if self._ack_deadline
-                    else "<Job (not sent yet: the queue is full)>")
+            return "<Job (not sent yet: the queue is full)>" if self._unsent else "<Job (submitted, not yet answered)>"
         if ack is not None and ack.exception() is not None:
             return f"<Job refused: {ack.exception()}>"
         return f"<Job {self.id} {self.language} {self.icon} {self.status}>"

@@ -20,6 +20,8 @@ from .scheduler import Scheduler
 REJOIN_WINDOW = 10.0
 # How much of the history tells which slaves (and languages) to expect back.
 REJOIN_HISTORY = 1000
+# Cancelled groups remembered, so a client still sending a large map in parts is told to stop.
+CANCELLED_GROUPS_KEPT = 10_000
 
 
 class QueueFull(P.ProtocolError):
@@ -58,6 +60,8 @@ class Admission:
         # Jobs queued for a language no slave offered, while a slave was still
         # detecting its toolchains: job id -> language (see rejection, unplaceable).
         self._awaiting_detection: dict[int, str] = {}
+        self.store = store
+        self._cancelled_groups: dict[str, None] = {}  # oldest first, at most CANCELLED_GROUPS_KEPT
 
     def start(self, lost_grace: float) -> None:
         """Open the rejoin window; call with the loop running."""
@@ -146,6 +150,24 @@ class Admission:
         names = ", ".join(available) if available else "none (no slave is connected)"
         return P.error(P.UNSUPPORTED_LANGUAGE, f"no connected slave runs {language!r}{why}; available: {names}",
                        available=available)
+
+    async def check_join(self, owner: str | None, group: str) -> None:
+        """Refuse a batch joining ``group`` unless it is ``owner``'s and was not cancelled (a map still
+        being sent in parts stops there, whoever cancelled it). Not remembered across a restart."""
+        if not await self.store.has_group(owner, group):
+            raise P.ProtocolError("not_found", f"no group {group} of yours to add jobs to")
+        if group in self._cancelled_groups:
+            raise P.ProtocolError("group_cancelled", f"group {group} was cancelled: it takes no more jobs")
+
+    def group_cancelled(self, group: str) -> None:
+        self._cancelled_groups[group] = None
+        if len(self._cancelled_groups) > CANCELLED_GROUPS_KEPT:
+            del self._cancelled_groups[next(iter(self._cancelled_groups))]
+
+    def room_of(self, user: str | None) -> dict:
+        """What a batch's answer tells its sender of the queue: how many more fit now, and the cap."""
+        cap = self.max_queued_per_user if self.max_queued_per_user is not None else self.max_queue
+        return {"room": self.queue_room(user), "cap": cap}
 
     def queue_room(self, user: str | None) -> int:
         """How many more jobs ``user`` may queue now (per-user cap and global cap)."""

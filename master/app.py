@@ -197,7 +197,8 @@ class JobsHandler(ApiHandler):
             if isinstance(body, list):
                 # A batch: all of it or none of it, one group, one commit.
                 jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user, group=join)
-                return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None}, 201)
+                return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None,
+                                       **self.master.admission.room_of(self.user)}, 201)
             job = await self.master.submit(body, client_id=client_id, user=self.user)
         except P.ProtocolError:
             self.gate.refund_submit(self.identity, cost)  # refused whole: nothing of it was queued

@@ -195,8 +195,8 @@ class Master:
         if not subs:
             return []
         owner = await self._rejoined(subs, client_id, user)
-        if group is not None and not await self.store.has_group(owner, group):
-            raise P.ProtocolError("not_found", f"no group {group} of yours to add jobs to")
+        if group is not None:
+            await self.admission.check_join(owner, group)
         self.admission.check_room(owner, len(subs))  # after the last await, as in submit_each
         group, decisions = group or f"g{self._next_id}", []
         jobs = [self._record(sub, client_id, owner, group, None, decisions) for sub in subs]
@@ -270,14 +270,13 @@ class Master:
     async def cancel_group(self, group: str, user: str | None = None) -> int | None:
         """Cancel the unfinished jobs of ``group`` that ``user`` may see; how many there were.
 
-        None if ``user`` has no job in that group at all (a 404, as for a job).
-        The queued ones leave the queue first, all at once, so none of them
-        starts while the running ones are being stopped.
+        None if ``user`` has no job in that group at all (a 404, as for a job). The queued ones
+        leave the queue first, all at once, so none starts while the running ones are stopped.
         """
         mine = [j for j in self.jobs.jobs() if j.get("group") == group and _visible(j, user)]
-        if not mine:
-            _, total = await self.store.list(None, 1, 0, user, group=group)
-            return 0 if total else None
+        if not mine and not (await self.store.list(None, 1, 0, user, group=group))[1]:
+            return None
+        self.admission.group_cancelled(group)  # a client still sending it in parts is told so
         queued = [j["id"] for j in mine if j["status"] == P.QUEUED]
         carrying = [self._carry(self.jobs.cancel(job_id)) for job_id in queued]
         carrying += [self._carry(self.jobs.cancel(j["id"])) for j in mine if j["id"] not in queued]

@@ -119,7 +119,8 @@ def test_a_map_past_one_batch_is_sent_in_parts_as_one_group(lc, c, monkeypatch):
 
 def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
     """A part the master took whose answer never came back (a dropped connection): the feeder finds it
-    in the group's listing instead of sending it again, which would run each of its jobs twice."""
+    in the group's listing instead of sending it again, which would run each of its jobs twice; also
+    when the next part it would send is larger than the lost one (the audit's case)."""
     import concurrent.futures
 
     from distexec_kernel.feeding import Feeder
@@ -127,19 +128,21 @@ def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
     from distexec_kernel.job import Job
 
     first = post(lc, [{"source": SQUARE, "language": "python", "args": ["1"]}]).json()
-    subs = [{"source": SQUARE, "language": "python", "args": [str(n)]} for n in (2, 3)]
-    waiting = [Job(c, None, ack=concurrent.futures.Future()) for _ in subs]
+    subs = [{"source": SQUARE, "language": "python", "args": [str(n)]} for n in range(2, 7)]
+    waiting = [Job(c, dict(sub, id=None, status=P.QUEUED), ack=concurrent.futures.Future(), unsent=True)
+               for sub in subs]
     group = JobGroup(c, first["group"], [Job(c, first["jobs"][0])] + waiting)
-    # The part went out and was taken; its answer was lost.
-    taken = requests.post(lc.url + f"/api/jobs?group={group.id}", json=subs, timeout=30,
+    assert [j.id for j in waiting] == [None] * 5 and {j.status for j in waiting} == {P.QUEUED}  # at once
+    # A part of two went out and was taken; its answer was lost.
+    taken = requests.post(lc.url + f"/api/jobs?group={group.id}", json=subs[:2], timeout=30,
                           headers={"Authorization": f"Bearer {lc.token}"}).json()["jobs"]
-    feeder = Feeder(c, group, list(zip(subs, waiting)), None)
-    feeder._unsure = True
+    feeder = Feeder(c, group, list(zip(subs, waiting)), None, None)
+    feeder._unsure = 2
     group._feeder = feeder
     feeder.start()
-    assert group.results(timeout=120) == ["1\n", "4\n", "9\n"]
-    assert [j.id for j in group[1:]] == [j["id"] for j in taken]
-    assert c.jobs_page(group=group.id)[1] == 3  # not 5
+    assert group.results(timeout=120) == [f"{n * n}\n" for n in range(1, 7)]
+    assert [j.id for j in group[1:3]] == [j["id"] for j in taken]
+    assert c.jobs_page(group=group.id)[1] == 6  # not 8
 
 
 def test_map_by_stdin_and_tuples_as_arguments(c):

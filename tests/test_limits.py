@@ -278,6 +278,70 @@ def test_submit_each_without_waiting_sends_every_part_before_it_exits(make_clust
         assert sorted(j["stdout"] for j in jobs) == [f"{n}\n" for n in range(8)]
 
 
+def test_a_group_cancelled_elsewhere_stops_being_sent(make_cluster, tmp_path):
+    """The panel's "cancel group" (another Cluster of hers) cancelled what the master had, and the
+    feeder went on sending the rest, which ran."""
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-per-user", "2", "--users", _users(tmp_path)])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    panel = Cluster(lc.url, user="alice", password="alice-pw")
+    try:
+        group = alice.map("import time\ntime.sleep(60)", range(8), timeout=60)
+        wait_for(lambda: alice.jobs_page(status=P.RUNNING)[1] == 1 and alice.jobs_page(status=P.QUEUED)[1] == 2,
+                 30, "one of hers running and two queued")
+        assert panel.cancel_group(group.id) == 3
+        group.wait(60, progress=False)
+        assert group.counts() == {P.CANCELLED: 8}
+        assert all("before it was sent (its group was)" in j.error["message"] for j in group if j.id is None)
+        listed, count = alice.jobs_page(group=group.id, limit=100)
+        assert count == 3 and {j["status"] for j in listed} == {P.CANCELLED}
+        # The master takes nothing more into a cancelled group.
+        resp = post_job(lc.url, alice.token, params={"group": group.id},
+                        json=[{"source": "print(1)", "language": "python"}])
+        assert resp.status_code == 409 and resp.json()["error"]["code"] == "group_cancelled", resp.text
+    finally:
+        alice.close()
+        panel.close()
+
+
+def test_closing_the_client_sends_what_was_not_sent_first(make_cluster):
+    """A script's ``with Cluster(...) as c: c.map(...)`` ended with the map's parts not sent cancelled."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queued-per-user", "2"])
+    with Cluster(lc.url, token=lc.token) as c:
+        group = c.map("import sys\nprint(sys.argv[1])", range(8))
+        assert any(j.pending for j in group)
+    assert not any(j.pending for j in group) and all(j.id is not None for j in group)
+    with Cluster(lc.url, token=lc.token) as c:
+        jobs = wait_for(lambda: (page := c.jobs_page(group=group.id, limit=100)[0]) and
+                        all(j["status"] in P.TERMINAL for j in page) and page, 60, "the group's jobs to end")
+    assert sorted(j["stdout"] for j in jobs) == [f"{n}\n" for n in range(8)]
+
+
+def test_a_login_that_expires_while_a_group_is_sent_is_waited_for(make_cluster, tmp_path, capfd):
+    lc = make_cluster(1, slots=1, languages="python", master_args=[
+        "--max-queued-per-user", "1", "--users", _users(tmp_path), "--token-ttl", "3"])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    try:
+        group = alice.map("import time\ntime.sleep(0.5)", range(12), timeout=30)
+        wait_for(lambda: "log in again" in capfd.readouterr().err, 30, "the feeder to ask for a new login")
+        assert any(j.pending for j in group)
+
+        def sent() -> bool:
+            if "log in again" in capfd.readouterr().err:  # each new login lasts 3 s too
+                alice.login("alice", "alice-pw")
+            return not any(j.pending for j in group)
+
+        alice.login("alice", "alice-pw")
+        wait_for(sent, 60, "the rest to be sent")
+        with Cluster(lc.url, token=lc.token) as admin:
+            jobs = wait_for(lambda: (page := admin.jobs_page(group=group.id, limit=100)[0]) and
+                            all(j["status"] in P.TERMINAL for j in page) and page, 60, "the group's jobs to end")
+        assert len(jobs) == 12 and {j["status"] for j in jobs} == {P.SUCCEEDED}
+    finally:
+        alice.login("alice", "alice-pw")
+        alice.close()
+
+
 def test_a_group_sent_in_parts_waits_out_the_rate_limit(make_cluster, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "MAX_BATCH", 4)
     lc = make_cluster(1, slots=2, languages="python",
