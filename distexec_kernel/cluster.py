@@ -438,9 +438,11 @@ class Cluster:
         query = f"?user={urllib.parse.quote(user, safe='')}" if user else ""
         return self._call("DELETE", f"/api/sessions/{urllib.parse.quote(name, safe='')}{query}")
 
-    def close(self) -> None:
+    def close(self, stop_sending: bool = False) -> None:
+        """Close the channel; a map's parts not sent yet go first (a Ctrl-C, or ``stop_sending``:
+        they are not sent, and end cancelled)."""
         for feeder in list(self._feeders):
-            feeder.finish()  # a map's parts not sent yet go first (a Ctrl-C: they end cancelled)
+            feeder.stop() if stop_sending else feeder.finish()
         if self._events is not None:
             self._closer.detach()
             self._events.close()
@@ -451,8 +453,8 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *_) -> None:
+        self.close(stop_sending=kind is not None)  # a block that failed or was interrupted: not sent
 
     def __repr__(self) -> str:
         return f"<Cluster {self.url} client {self.client_id}>"

@@ -315,6 +315,16 @@ def test_closing_the_client_sends_what_was_not_sent_first(make_cluster):
         jobs = wait_for(lambda: (page := c.jobs_page(group=group.id, limit=100)[0]) and
                         all(j["status"] in P.TERMINAL for j in page) and page, 60, "the group's jobs to end")
     assert sorted(j["stdout"] for j in jobs) == [f"{n}\n" for n in range(8)]
+    # A block that fails (or is interrupted) sends nothing more of it; what was sent runs on.
+    with pytest.raises(RuntimeError):
+        with Cluster(lc.url, token=lc.token) as c:
+            group = c.map("import time\ntime.sleep(60)", range(6), timeout=60)
+            raise RuntimeError("the script failed")
+    sent = [j for j in group if j.id is not None]
+    assert 2 <= len(sent) < 6 and {j.status for j in group if j.id is None} == {P.CANCELLED}
+    with Cluster(lc.url, token=lc.token) as c:
+        assert c.jobs_page(group=group.id)[1] == len(sent)
+        c.cancel_group(group.id)
 
 
 def test_a_login_that_expires_while_a_group_is_sent_is_waited_for(make_cluster, tmp_path, capfd):
