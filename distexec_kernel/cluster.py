@@ -454,7 +454,7 @@ class Cluster:
         return self
 
     def __exit__(self, kind, *_) -> None:
-        self.close(stop_sending=kind is not None)  # a block that failed or was interrupted: not sent
+        self.close(stop_sending=kind is not None and not issubclass(kind, SystemExit))  # failed: not sent
 
     def __repr__(self) -> str:
         return f"<Cluster {self.url} client {self.client_id}>"

@@ -13,18 +13,22 @@ queued with no id, and what needs the master (``wait()``, ``refresh()``)
 waits until it is sent.
 
 Nothing is dropped quietly: ``Cluster.close()`` (the end of a ``with``)
-waits until all is sent, and so does the interpreter's exit (the thread is
-not a daemon). A cancel of the group, from this client or any other (the
-panel's), ends the jobs not sent as cancelled. A login that expires on the
-way is waited for (``Cluster.login`` again) for ``LOGIN_WAIT`` seconds.
+waits until all is sent, and so does the interpreter's exit (``atexit``),
+saying so, unless the master has been unreachable for ``GIVE_UP_AT_EXIT``
+seconds. A cancel of the group, from this client or any other (the panel's),
+ends the jobs not sent as cancelled. A login that expires on the way is
+waited for (``Cluster.login`` again) for ``LOGIN_WAIT`` seconds; a master
+unreachable for ``UNREACHABLE_WAIT`` seconds ends the rest rejected.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import json
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -48,6 +52,8 @@ LOGIN_WAIT = 3600.0  # how long an expired login is waited for before the rest i
 # With the event channel up, jobs leaving the queue are heard: the backstop can be rarer.
 QUIET_BACKSTOP = 5 * REFRESH_EVERY
 LEAVES_QUEUE = frozenset({P.RUNNING, P.CANCELLED, P.REJECTED})
+UNREACHABLE_WAIT = 600.0  # a master away this long: the rest is given up (rejected)
+GIVE_UP_AT_EXIT = 30.0  # close() and the interpreter's exit stop waiting for a master away this long
 
 
 def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
@@ -73,6 +79,7 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
     group = JobGroup(cluster, body["group"], jobs + waiting)
     group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), body.get("room"), body.get("cap"))
     cluster._feeders.add(group._feeder)
+    _feeders.add(group._feeder)
     group._feeder.start()
     return group
 
@@ -101,8 +108,9 @@ class Feeder(threading.Thread):
     def __init__(self, cluster: "Cluster", group: JobGroup, unsent: list[tuple[dict, Job]],
                  room: int | None, cap: int | None):
         """``room``, ``cap``: what the first part's answer said of the user's queue (None: no word)."""
-        # Not a daemon: a script's exit waits for what it submitted to be sent, as before parts.
-        super().__init__(name=f"distexec-feed-{group.id}")
+        # A daemon, waited for at exit (_finish_all): a script's exit sends what it submitted, as before
+        # parts, but a master that is gone does not hold the process forever.
+        super().__init__(name=f"distexec-feed-{group.id}", daemon=True)
         self._cluster = cluster
         self._group = group
         self._unsent = deque(unsent)
@@ -115,6 +123,8 @@ class Feeder(threading.Thread):
         self._room, self._cap = room, cap
         self._landed = len(group) - len(unsent)  # the group's jobs the master has
         self._unsure = 0  # the size of the last part if it went out and its answer did not come back
+        self._away_since: float | None = None  # the master unreachable since (monotonic), or None
+        self._awaiting_login = False
         self._unsubscribe = cluster.subscribe(self._on_event)
 
     @property
@@ -188,12 +198,17 @@ class Feeder(threading.Thread):
             body = self._cluster._post(f"/api/jobs?group={self._group.id}", [s for s, _ in part])
         except DistexecError as exc:
             self._heard_room()
+            if exc.code == UNREACHABLE and self._away_since is None:
+                self._away_since = time.monotonic()
+            elif exc.code != UNREACHABLE:
+                self._away_since = None
             if exc.code == UNREACHABLE and not self._unsure:
                 self._unsure = len(part)
             if exc.code == QUEUE_FULL:
                 self._room, self._cap = _room(exc), exc.details.get("cap", self._cap)
             return exc
         self._heard_room()
+        self._away_since = None
         self._room, self._cap = body.get("room"), body.get("cap", self._cap)
         return self._settle(part, body["jobs"])
 
@@ -218,6 +233,8 @@ class Feeder(threading.Thread):
             return True  # _room_for waits for the room
         if refusal.status == 401:
             return self._await_login(refusal)
+        if refusal.code == UNREACHABLE and time.monotonic() - (self._away_since or time.monotonic()) > UNREACHABLE_WAIT:
+            return False
         if refusal.code == RATE_LIMITED or refusal.transient:
             pause = refusal.details.get("retry_after")
             pause = pause if isinstance(pause, (int, float)) and pause > 0 else REFRESH_EVERY
@@ -231,9 +248,15 @@ class Feeder(threading.Thread):
         token = self._cluster.token
         print(f"distexec: {refusal}; {len(self._unsent)} job(s) of group {self._group.id} are not sent yet: "
               f"log in again (Cluster.login) within {LOGIN_WAIT / 60:g} min to send them", file=sys.stderr)
-        with self._moved:
-            return self._moved.wait_for(lambda: self._stopped or self._cluster.token != token, LOGIN_WAIT) \
-                and not self._stopped
+        self._awaiting_login = True
+        try:
+            deadline = time.monotonic() + LOGIN_WAIT
+            with self._moved:  # Cluster.login says nothing to us: look every REFRESH_EVERY s
+                while not self._stopped and self._cluster.token == token and time.monotonic() < deadline:
+                    self._moved.wait(min(REFRESH_EVERY, deadline - time.monotonic()))
+                return not self._stopped and self._cluster.token != token
+        finally:
+            self._awaiting_login = False
 
     def stop(self) -> None:
         """Send nothing more; what was not sent ends cancelled (a part on its way lands first)."""
@@ -243,15 +266,23 @@ class Feeder(threading.Thread):
         with self._lock:
             self._end(P.CANCELLED, {"code": P.CANCELLED_CODE, "message": "cancelled before it was sent"})
 
-    def finish(self, say: bool = True) -> None:
-        """Wait until all is sent (what ``Cluster.close`` does); a Ctrl-C meanwhile stops it and goes on."""
-        if not self.is_alive():
+    def finish(self) -> None:
+        """Wait until all is sent (``Cluster.close``, the interpreter's exit); a Ctrl-C meanwhile stops
+        it and goes on, as does a master away for GIVE_UP_AT_EXIT s or a login to make again."""
+        if not self.is_alive() or not self._unsent:
             return
-        if say:
-            print(f"distexec: sending the {len(self._unsent)} job(s) of group {self._group.id} not sent yet "
-                  f"(Ctrl-C cancels them)", file=sys.stderr)
+        print(f"distexec: sending the {len(self._unsent)} job(s) of group {self._group.id} not sent yet "
+              f"(Ctrl-C cancels them)", file=sys.stderr)
         try:
-            self.join()
+            while self.is_alive():
+                self.join(REFRESH_EVERY)
+                away = self._away_since is not None and time.monotonic() - self._away_since > GIVE_UP_AT_EXIT
+                if away or self._awaiting_login:
+                    left = len(self._unsent)
+                    self.stop()
+                    print(f"distexec: {left} job(s) of group {self._group.id} not sent: "
+                          f"{'the master is unreachable' if away else 'the login expired'}", file=sys.stderr)
+                    return
         except KeyboardInterrupt:
             self.stop()
             raise
@@ -265,3 +296,16 @@ class Feeder(threading.Thread):
             if not job._ack.done():
                 job._ack.set_result(None)
         self._group._sent([])
+
+
+_feeders: "weakref.WeakSet[Feeder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_all() -> None:
+    """At the interpreter's exit: what scripts submitted goes before it ends (see Feeder.finish)."""
+    for feeder in list(_feeders):
+        try:
+            feeder.finish()
+        except KeyboardInterrupt:
+            pass  # stopped: each is cancelled in turn by its own Ctrl-C, or all by a kill

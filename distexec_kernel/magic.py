@@ -79,16 +79,17 @@ class RemoteMagics(Magics):
             self._cluster = Cluster()
         return self._cluster
 
-    def close(self) -> None:
+    def close(self, stop_sending: bool = False) -> None:
         if self._cluster is not None:
-            self._cluster.close()
+            self._cluster.close(stop_sending=stop_sending)
             self._cluster = None
 
     def refused(self) -> None:
         """The master refused the token (a login expired): a cluster found by default is dropped, so the
-        next cell finds it anew and takes a login made meanwhile (`distexec login`)."""
+        next cell finds it anew and takes a login made meanwhile (`distexec login`). Its maps' parts
+        not sent yet could not be sent with that token: they end cancelled, at once."""
         if not self._by_hand:
-            self.close()
+            self.close(stop_sending=True)
 
     # -- %%remote ---------------------------------------------------------------
 

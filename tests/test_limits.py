@@ -5,6 +5,8 @@ import asyncio
 import base64
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -325,6 +327,35 @@ def test_closing_the_client_sends_what_was_not_sent_first(make_cluster):
     with Cluster(lc.url, token=lc.token) as c:
         assert c.jobs_page(group=group.id)[1] == len(sent)
         c.cancel_group(group.id)
+
+
+def test_a_script_exits_once_its_map_is_sent_and_gives_up_on_a_master_that_is_gone(make_cluster, tmp_path):
+    """The feeder thread must not hold a script's (or pytest's) exit forever when the master is gone."""
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--max-queued-per-user", "2"])
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\nfrom distexec_kernel import Cluster, feeding\n"
+        "feeding.GIVE_UP_AT_EXIT = 2\n"
+        "c = Cluster(sys.argv[1], token=sys.argv[2])\n"
+        "g = c.map('import time\\ntime.sleep(int(__import__(\"sys\").argv[1]))', [60] * 6, timeout=60)\n"
+        "print(g.id, flush=True)\n"
+        "sys.stdin.readline()\n")  # exits once told: the master is gone by then
+    proc = subprocess.Popen([sys.executable, str(script), lc.url, lc.token], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip().startswith("g")
+        os.kill(lc.master.pid, signal.SIGKILL)  # gone (stopping the slaves first would fail its jobs)
+        lc.master.proc.wait(30)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        said = re.findall(r"sending the (\d) job\(s\)|(\d) job\(s\) of group g\d+ not sent: the master is unreachable",
+                          err)
+        assert len(said) == 2 and said[0][0] == said[1][1] and int(said[0][0]) >= 3, (err, said)
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_a_login_that_expires_while_a_group_is_sent_is_waited_for(make_cluster, tmp_path, capfd):
