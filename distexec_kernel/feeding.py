@@ -185,30 +185,27 @@ class Feeder(threading.Thread):
             return min(P.MAX_BATCH, max(enough, self._room + self._left_queue))
 
     def _send(self, part: list[tuple[dict, Job]]) -> DistexecError | None:
-        """Send ``part`` (or find the last one sent: a lost answer); its refusal, or None once settled."""
+        """Send ``part``, keyed by its place in the group (``master/parts.py``): a part whose answer was
+        lost (a master frozen or restarting, a dropped connection) is sent again as it was, with the
+        same key, and taken once. Its refusal, or None once its jobs are settled."""
+        if self._unsure:
+            part = [self._unsent[i] for i in range(self._unsure)]
         try:
-            if self._unsure:
-                # The last part's answer was lost (a master restart, a dropped connection): if the group
-                # grew by that much, it was taken; sending it again would run each of its jobs twice.
-                records = sorted(self._group._records(summary=True), key=lambda r: r["id"])
-                lost, self._unsure = self._unsure, 0
-                if len(records) - self._landed == lost:
-                    self._room = None  # unknown: the next answer tells it
-                    return self._settle([self._unsent[i] for i in range(lost)], records[-lost:])
-            body = self._cluster._post(f"/api/jobs?group={self._group.id}", [s for s, _ in part])
+            body = self._cluster._post(f"/api/jobs?group={self._group.id}&part={self._landed}",
+                                       [s for s, _ in part])
         except DistexecError as exc:
             self._heard_room()
             if exc.code == UNREACHABLE and self._away_since is None:
                 self._away_since = time.monotonic()
             elif exc.code != UNREACHABLE:
                 self._away_since = None
-            if exc.code == UNREACHABLE and not self._unsure:
-                self._unsure = len(part)
+            # Unanswered (or a proxy's 5xx): perhaps taken, so the same part goes again, with its key.
+            self._unsure = len(part) if exc.transient else 0
             if exc.code == QUEUE_FULL:
                 self._room, self._cap = _room(exc), exc.details.get("cap", self._cap)
             return exc
         self._heard_room()
-        self._away_since = None
+        self._away_since, self._unsure = None, 0
         self._room, self._cap = body.get("room"), body.get("cap", self._cap)
         return self._settle(part, body["jobs"])
 

@@ -196,7 +196,8 @@ class JobsHandler(ApiHandler):
                                                      "(an id such as g42)")
             if isinstance(body, list):
                 # A batch: all of it or none of it, one group, one commit.
-                jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user, group=join)
+                jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user, group=join,
+                                                      part=self.int_arg("part", None, 0, P.INT_MAX) if join else None)
                 return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None,
                                        **self.master.admission.room_of(self.user)}, 201)
             job = await self.master.submit(body, client_id=client_id, user=self.user)

@@ -17,7 +17,7 @@ from typing import Awaitable
 
 from distexec_kernel import protocol as P
 
-from . import jobs as J
+from . import jobs as J, parts
 from .admission import Admission, QueueFull, bound_rejected
 from .carry import Carrier, done as _done
 from .clients import DEFAULT_MAX_CLIENTS_PER_USER, ClientBook, ClientInfo, Coalesced, Peer
@@ -161,9 +161,9 @@ class Master:
 
     async def submit_each(self, requests: list[tuple[dict, str | None]], *, client_id: str | None = None,
                           user: str | None = None) -> list[dict | P.ProtocolError]:
-        """Independent submissions ``(request, ref)`` that came together (a client's pipelined burst):
-        each judged as ``submit`` would, in order, as if one after another; one commit for all of them
-        and the starts they allow.  Each item is the job or the ProtocolError that refused it."""
+        """Independent submissions ``(request, ref)`` that came together (a client's pipelined burst), each
+        judged as ``submit`` would, in order; one commit for all and the starts they allow. Each item is
+        the job or the ProtocolError that refused it."""
         out: list[dict | P.ProtocolError] = []
         for request, _ in requests:
             try:
@@ -183,23 +183,24 @@ class Master:
         saved = iter(await self._commit_submitted(jobs, decisions, client_id))
         return [item if isinstance(item, P.ProtocolError) else next(saved) for item in out]
 
-    async def submit_batch(self, requests: list, *, client_id: str | None = None,
-                           user: str | None = None, group: str | None = None) -> list[dict]:
+    async def submit_batch(self, requests: list, *, client_id: str | None = None, user: str | None = None,
+                           group: str | None = None, part: int | None = None) -> list[dict]:
         """Record a batch as one group, all or nothing: every item is checked before any is queued.
 
-        The jobs get consecutive ids in the batch's order and share a group:
-        a new one, or ``group``, one of the owner's (a 404 otherwise); they
-        are committed together and queued in order.
-        """
+        The jobs get consecutive ids in the batch's order and share a group: a new one, or ``group``, one
+        of the owner's (a 404 otherwise), ``part`` keying it (``parts.py``); committed together, in order."""
         subs = P.check_batch(requests, self.admission.check)
         if not subs:
             return []
         owner = await self._rejoined(subs, client_id, user)
         if group is not None:
             await self.admission.check_join(owner, group)
+        if (keys := parts.refs(group, part, len(subs))) and (made := await parts.taken(self, owner, keys)):
+            return made  # sent again: taken once
         self.admission.check_room(owner, len(subs))  # after the last await, as in submit_each
         group, decisions = group or f"g{self._next_id}", []
-        jobs = [self._record(sub, client_id, owner, group, None, decisions) for sub in subs]
+        jobs = [self._record(sub, client_id, owner, group, keys[i] if keys else None, decisions)
+                for i, sub in enumerate(subs)]
         return await self._commit_submitted(jobs, decisions, client_id)
 
     async def _rejoined(self, subs: list[dict], client_id: str | None, user: str | None) -> str | None:

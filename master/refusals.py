@@ -6,7 +6,7 @@ from __future__ import annotations
 from distexec_kernel import protocol as P
 
 STATUS_FOR_CODE = {"too_large": 413, "rate_limited": 429, "queue_full": 429, "forbidden": 403,
-                   "not_found": 404, "group_cancelled": 409}
+                   "not_found": 404, "group_cancelled": 409, "conflict": 409}
 
 
 def http_status(exc: P.ProtocolError) -> int:

@@ -118,9 +118,9 @@ def test_a_map_past_one_batch_is_sent_in_parts_as_one_group(lc, c, monkeypatch):
 
 
 def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
-    """A part the master took whose answer never came back (a dropped connection): the feeder finds it
-    in the group's listing instead of sending it again, which would run each of its jobs twice; also
-    when the next part it would send is larger than the lost one (the audit's case)."""
+    """A part the master took whose answer never came back (a frozen master, a dropped connection): the
+    feeder sends the same part again with the same key and the master answers with the jobs it made,
+    instead of running each twice; also when the next part would have been larger (an audit's case)."""
     import concurrent.futures
 
     from distexec_kernel.feeding import Feeder
@@ -133,8 +133,8 @@ def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
                for sub in subs]
     group = JobGroup(c, first["group"], [Job(c, first["jobs"][0])] + waiting)
     assert [j.id for j in waiting] == [None] * 5 and {j.status for j in waiting} == {P.QUEUED}  # at once
-    # A part of two went out and was taken; its answer was lost.
-    taken = requests.post(lc.url + f"/api/jobs?group={group.id}", json=subs[:2], timeout=30,
+    # A part of two (keyed by its place in the group, 1) went out and was taken; its answer was lost.
+    taken = requests.post(lc.url + f"/api/jobs?group={group.id}&part=1", json=subs[:2], timeout=30,
                           headers={"Authorization": f"Bearer {lc.token}"}).json()["jobs"]
     feeder = Feeder(c, group, list(zip(subs, waiting)), None, None)
     feeder._unsure = 2
@@ -143,6 +143,15 @@ def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
     assert group.results(timeout=120) == [f"{n * n}\n" for n in range(1, 7)]
     assert [j.id for j in group[1:3]] == [j["id"] for j in taken]
     assert c.jobs_page(group=group.id)[1] == 6  # not 8
+    # The master's side alone: the same keyed part twice is taken once; one that runs past what was
+    # taken under its key (positions 5 and 6 of a group of 6) is a conflict, not an answer with others.
+    again = requests.post(lc.url + f"/api/jobs?group={group.id}&part=1", json=subs[:2], timeout=30,
+                          headers={"Authorization": f"Bearer {lc.token}"})
+    assert again.status_code == 201 and [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in taken]
+    other = requests.post(lc.url + f"/api/jobs?group={group.id}&part=5", json=subs[:2], timeout=30,
+                          headers={"Authorization": f"Bearer {lc.token}"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "conflict", other.text
+    assert c.jobs_page(group=group.id)[1] == 6
 
 
 def test_map_by_stdin_and_tuples_as_arguments(c):
