@@ -33,7 +33,7 @@ import requests
 from . import config, files as F, protocol as P, submission
 from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal, unreachable  # noqa: F401 (the API's names)
 from .events import EventStream, weakly
-from .feeding import submit_in_parts
+from .feeding import feeders, submit_in_parts
 from .group import JobGroup, item_args
 from .job import Job
 
@@ -69,7 +69,6 @@ class Cluster:
         self._watched: dict[int, "weakref.WeakSet[Job]"] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[dict], None]] = []
-        self._feeders: weakref.WeakSet = weakref.WeakSet()  # groups' parts still to send (feeding.py)
         self._events: EventStream | None = None
         # Pipelined submissions the master has not answered yet, by ref, oldest first.
         self._pending: dict[str, tuple[str, Job, concurrent.futures.Future]] = {}
@@ -374,7 +373,7 @@ class Cluster:
 
     def cancel_group(self, group_id: str) -> int:
         """Cancel the group's jobs that have not ended; returns how many there were."""
-        for feeder in [f for f in self._feeders if f.group_id == group_id]:
+        for feeder in [f for f in feeders(self) if f.group_id == group_id]:
             feeder.stop()  # first: no part of it lands after the master's cancel
         return self._post(f"/api/groups/{urllib.parse.quote(group_id, safe='')}/cancel")["cancelled"]
 
@@ -441,7 +440,7 @@ class Cluster:
     def close(self, stop_sending: bool = False) -> None:
         """Close the channel; a map's parts not sent yet go first (a Ctrl-C, or ``stop_sending``:
         they are not sent, and end cancelled)."""
-        for feeder in list(self._feeders):
+        for feeder in feeders(self):
             feeder.stop() if stop_sending else feeder.finish()
         if self._events is not None:
             self._closer.detach()

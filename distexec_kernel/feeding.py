@@ -28,7 +28,6 @@ import json
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -54,6 +53,7 @@ QUIET_BACKSTOP = 5 * REFRESH_EVERY
 LEAVES_QUEUE = frozenset({P.RUNNING, P.CANCELLED, P.REJECTED})
 UNREACHABLE_WAIT = 600.0  # a master away this long: the rest is given up (rejected)
 GIVE_UP_AT_EXIT = 30.0  # close() and the interpreter's exit stop waiting for a master away this long
+NOT_SENT = {"code": P.CANCELLED_CODE, "message": "cancelled before it was sent"}  # what a stop leaves
 
 
 def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
@@ -78,8 +78,6 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
                    ack=concurrent.futures.Future(), unsent=True) for sub in rest]
     group = JobGroup(cluster, body["group"], jobs + waiting)
     group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), body.get("room"), body.get("cap"))
-    cluster._feeders.add(group._feeder)
-    _feeders.add(group._feeder)
     group._feeder.start()
     return group
 
@@ -154,8 +152,7 @@ class Feeder(threading.Thread):
                 if refusal is not None and not self._pause(refusal):
                     with self._lock:
                         if refusal.code == GROUP_CANCELLED:  # by this user elsewhere (the panel, another client)
-                            self._end(P.CANCELLED, {"code": P.CANCELLED_CODE,
-                                                    "message": "cancelled before it was sent (its group was)"})
+                            self._end(P.CANCELLED, dict(NOT_SENT, message=NOT_SENT["message"] + " (its group was)"))
                         else:
                             self._end(P.REJECTED, {"code": refusal.code or "refused",
                                                    "message": f"not sent: {refusal}"})
@@ -167,7 +164,7 @@ class Feeder(threading.Thread):
         finally:
             self._unsubscribe()
         with self._lock:  # stopped: what a stop() interrupted before it could end them, ends here
-            self._end(P.CANCELLED, {"code": P.CANCELLED_CODE, "message": "cancelled before it was sent"})
+            self._end(P.CANCELLED, NOT_SENT)
 
     def _room_for(self) -> int:
         """Wait until the room the last answer told, and the jobs seen leaving the queue since, make a
@@ -261,7 +258,7 @@ class Feeder(threading.Thread):
             self._stopped = True
             self._moved.notify_all()
         with self._lock:
-            self._end(P.CANCELLED, {"code": P.CANCELLED_CODE, "message": "cancelled before it was sent"})
+            self._end(P.CANCELLED, NOT_SENT)
 
     def finish(self) -> None:
         """Wait until all is sent (``Cluster.close``, the interpreter's exit); a Ctrl-C meanwhile stops
@@ -288,20 +285,22 @@ class Feeder(threading.Thread):
         """Settle every job not sent with a record of our own (``id`` None): the group can end."""
         while self._unsent:
             sub, job = self._unsent.popleft()
-            job._acknowledge(dict(sub, id=None, status=status, error=error, group=self._group.id,
+            job._acknowledge(dict(sub, id=None, status=status, error=dict(error), group=self._group.id,
                                   stdout="", stderr="", attempts=0))
             if not job._ack.done():
                 job._ack.set_result(None)
         self._group._sent([])
 
 
-_feeders: "weakref.WeakSet[Feeder]" = weakref.WeakSet()
+def feeders(cluster: "Cluster | None" = None) -> list[Feeder]:
+    """The feeders still sending (of ``cluster``, or of any): the live threads are the registry."""
+    return [t for t in threading.enumerate() if isinstance(t, Feeder) and cluster in (None, t._cluster)]
 
 
 @atexit.register
 def _finish_all() -> None:
     """At the interpreter's exit: what scripts submitted goes before it ends (see Feeder.finish)."""
-    for feeder in list(_feeders):
+    for feeder in feeders():
         try:
             feeder.finish()
         except KeyboardInterrupt:

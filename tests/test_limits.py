@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -231,16 +232,26 @@ def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_
             c.close()
 
 
-def test_cancelling_a_group_still_being_sent_stops_what_was_not_sent(make_cluster, tmp_path):
+@contextlib.contextmanager
+def _feeding_sleepers(make_cluster, tmp_path, second: str):
+    """One slot, a cap of 2, and alice's map of 8 sleepers: one running, two queued on the master, the
+    rest kept in her client; with a second client, ``second``'s (a user of users.json)."""
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-per-user", "2", "--users", _users(tmp_path)])
     alice = Cluster(lc.url, user="alice", password="alice-pw")
-    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    other = Cluster(lc.url, user=second, password=f"{second}-pw")
     try:
         group = alice.map("import time\ntime.sleep(60)", range(8), timeout=60)
-        # One runs, two wait on the master (her cap), the rest wait here.
         wait_for(lambda: alice.jobs_page(status=P.RUNNING)[1] == 1 and alice.jobs_page(status=P.QUEUED)[1] == 2,
                  30, "one of hers running and two queued")
+        yield lc, alice, other, group
+    finally:
+        alice.close(stop_sending=True)
+        other.close()
+
+
+def test_cancelling_a_group_still_being_sent_stops_what_was_not_sent(make_cluster, tmp_path):
+    with _feeding_sleepers(make_cluster, tmp_path, "bob") as (lc, alice, bob, group):
         wait_for(lambda: group.counts() == {P.QUEUED: 7, P.RUNNING: 1}, 30, "the group to count them so")
         # Another user cannot add jobs to her group.
         resp = post_job(lc.url, bob.token, params={"group": group.id},
@@ -257,9 +268,6 @@ def test_cancelling_a_group_still_being_sent_stops_what_was_not_sent(make_cluste
         listed, count = alice.jobs_page(group=group.id, limit=100)
         assert count == 3 and {j["status"] for j in listed} == {P.CANCELLED}
         assert alice.submit("print('after')").wait(60).stdout == "after\n"
-    finally:
-        alice.close()
-        bob.close()
 
 
 def test_submit_each_without_waiting_sends_every_part_before_it_exits(make_cluster, tmp_path):
@@ -283,14 +291,7 @@ def test_submit_each_without_waiting_sends_every_part_before_it_exits(make_clust
 def test_a_group_cancelled_elsewhere_stops_being_sent(make_cluster, tmp_path):
     """The panel's "cancel group" (another Cluster of hers) cancelled what the master had, and the
     feeder went on sending the rest, which ran."""
-    lc = make_cluster(1, slots=1, languages="python",
-                      master_args=["--max-queued-per-user", "2", "--users", _users(tmp_path)])
-    alice = Cluster(lc.url, user="alice", password="alice-pw")
-    panel = Cluster(lc.url, user="alice", password="alice-pw")
-    try:
-        group = alice.map("import time\ntime.sleep(60)", range(8), timeout=60)
-        wait_for(lambda: alice.jobs_page(status=P.RUNNING)[1] == 1 and alice.jobs_page(status=P.QUEUED)[1] == 2,
-                 30, "one of hers running and two queued")
+    with _feeding_sleepers(make_cluster, tmp_path, "alice") as (lc, alice, panel, group):
         assert panel.cancel_group(group.id) == 3
         group.wait(60, progress=False)
         assert group.counts() == {P.CANCELLED: 8}
@@ -301,9 +302,6 @@ def test_a_group_cancelled_elsewhere_stops_being_sent(make_cluster, tmp_path):
         resp = post_job(lc.url, alice.token, params={"group": group.id},
                         json=[{"source": "print(1)", "language": "python"}])
         assert resp.status_code == 409 and resp.json()["error"]["code"] == "group_cancelled", resp.text
-    finally:
-        alice.close()
-        panel.close()
 
 
 def test_closing_the_client_sends_what_was_not_sent_first(make_cluster):
