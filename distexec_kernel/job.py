@@ -128,8 +128,15 @@ class Job:
 
     # -- updates (from the event thread) ---------------------------------------
 
+    def _older(self, record: dict) -> bool:
+        """``record`` was read before the end we already know of: a job ends once (the master never
+        moves a terminal job), so a listing or GET answered before its last event cannot undo it."""
+        return self._record.get("status") in P.TERMINAL and record.get("status", P.QUEUED) not in P.TERMINAL
+
     def _apply_update(self, summary: dict) -> None:
         with self._cond:
+            if self._older(summary):
+                return
             self._news = time.monotonic()
             was_queued = self._record.get("status") == P.QUEUED
             before = {stream: self._record.get(stream) or "" for stream in P.STREAMS}
@@ -163,6 +170,8 @@ class Job:
 
     def _replace(self, record: dict) -> None:
         with self._cond:
+            if self._older(record):
+                return  # (still stale if it was: the next read is answered after the end)
             self._record = dict(record)
             self._stale = False
             self._cond.notify_all()
