@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from . import protocol as P
 from .errors import UNREACHABLE, DistexecError
 from .group import REFRESH_EVERY, JobGroup
-from .job import Job
+from .job import Job, sharing_inputs
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -70,12 +70,13 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
             raise
         first = items[:min(_room(exc), len(first))]
         body = cluster._post("/api/jobs", first)
-    jobs = [Job(cluster, record) for record in body["jobs"]]
+    cond = threading.Condition()  # the group's jobs change together, in the event thread: one lock for all
+    jobs = [Job(cluster, sharing_inputs(record, sub), cond=cond) for record, sub in zip(body["jobs"], first)]
     rest = items[len(first):]
     if not rest:
         return JobGroup(cluster, body.get("group"), jobs)
     waiting = [Job(cluster, dict(sub, id=None, status=P.QUEUED, group=body["group"]),
-                   ack=concurrent.futures.Future(), unsent=True) for sub in rest]
+                   ack=concurrent.futures.Future(), unsent=True, cond=cond) for sub in rest]
     group = JobGroup(cluster, body["group"], jobs + waiting)
     group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), body.get("room"), body.get("cap"))
     group._feeder.start()
@@ -214,7 +215,7 @@ class Feeder(threading.Thread):
     def _settle(self, part: list[tuple[dict, Job]], records: list[dict]) -> None:
         for _ in part:
             self._unsent.popleft()
-        for (_, job), record in zip(part, records):
+        for (sub, job), record in zip(part, records):
             job._acknowledge(record)
             job._ack.set_result(None)
         self._landed += len(part)

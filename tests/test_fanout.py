@@ -113,6 +113,17 @@ def test_a_listing_read_before_the_jobs_ended_does_not_undo_their_ends(c, monkey
     assert all(job.wait(0).status == P.SUCCEEDED for job in group)
 
 
+def test_a_maps_jobs_hold_one_copy_of_its_program(c, monkeypatch):
+    # A copy each was 2 KB a job for a 2 KB program, the client's largest cost in a map of thousands.
+    monkeypatch.setattr(P, "MAX_BATCH", 4)  # also the parts sent after the first
+    source = SQUARE + "# " + "x" * 2000 + "\n"
+    group = c.map(source, range(6))
+    group.refresh(summary=False)  # the full records read again: the same program, kept once
+    group.wait(120)
+    assert [j.stdout for j in group] == [f"{n * n}\n" for n in range(6)]
+    assert group[0].source == source and all(job.source is group[0].source for job in group)
+
+
 def test_a_map_past_one_batch_is_sent_in_parts_as_one_group(lc, c, monkeypatch):
     # The client's parts made small (the master takes up to 10,000 in one request, as before).
     monkeypatch.setattr(P, "MAX_BATCH", 4)
