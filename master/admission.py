@@ -14,6 +14,7 @@ from typing import Callable, Collection
 from distexec_kernel import languages as L, protocol as P, submission
 
 from .scheduler import Scheduler
+from .store_tx import CANCELLED_GROUPS_KEPT
 
 # After a start, how long a submission for a language only absent slaves ran
 # waits for them to reconnect before it is rejected (they retry within seconds).
@@ -21,7 +22,6 @@ REJOIN_WINDOW = 10.0
 # How much of the history tells which slaves (and languages) to expect back.
 REJOIN_HISTORY = 1000
 # Cancelled groups remembered, so a client still sending a large map in parts is told to stop.
-CANCELLED_GROUPS_KEPT = 10_000
 
 
 class QueueFull(P.ProtocolError):
@@ -61,7 +61,8 @@ class Admission:
         # detecting its toolchains: job id -> language (see rejection, unplaceable).
         self._awaiting_detection: dict[int, str] = {}
         self.store = store
-        self._cancelled_groups: dict[str, None] = {}  # oldest first, at most CANCELLED_GROUPS_KEPT
+        # Oldest first, at most CANCELLED_GROUPS_KEPT, as the store keeps them across restarts.
+        self._cancelled_groups: dict[str, None] = dict.fromkeys(store.cancelled_groups())
 
     def start(self, lost_grace: float) -> None:
         """Open the rejoin window; call with the loop running."""
@@ -153,16 +154,21 @@ class Admission:
 
     async def check_join(self, owner: str | None, group: str) -> None:
         """Refuse a batch joining ``group`` unless it is ``owner``'s and was not cancelled (a map still
-        being sent in parts stops there, whoever cancelled it). Not remembered across a restart."""
+        being sent in parts stops there, whoever cancelled it, also after a restart)."""
         if not await self.store.has_group(owner, group):
             raise P.ProtocolError("not_found", f"no group {group} of yours to add jobs to")
+        self._check_open(group)
+
+    def _check_open(self, group: str | None) -> None:
         if group in self._cancelled_groups:
             raise P.ProtocolError("group_cancelled", f"group {group} was cancelled: it takes no more jobs")
 
-    def group_cancelled(self, group: str) -> None:
+    def group_cancelled(self, group: str) -> asyncio.Future:
+        """From now on ``group`` takes no more jobs; the future resolves once that is durable."""
         self._cancelled_groups[group] = None
         if len(self._cancelled_groups) > CANCELLED_GROUPS_KEPT:
             del self._cancelled_groups[next(iter(self._cancelled_groups))]
+        return self.store.group_cancelled(group)
 
     def room_of(self, user: str | None) -> dict:
         """What a batch's answer tells its sender of the queue: how many more fit now, and the cap."""
@@ -178,8 +184,10 @@ class Admission:
             room.append(self.max_queue - len(self.scheduler.queue))
         return max(0, min(room)) if room else P.INT_MAX
 
-    def check_room(self, user: str | None, count: int = 1) -> None:
-        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none)."""
+    def check_room(self, user: str | None, count: int = 1, joining: str | None = None) -> None:
+        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none);
+        ``group_cancelled`` if ``joining`` a group cancelled since ``check_join`` said it was open."""
+        self._check_open(joining)
         if self.queue_room(user) >= count:
             return
         mine = self.scheduler.queued_by(user)

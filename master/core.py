@@ -197,7 +197,7 @@ class Master:
             await self.admission.check_join(owner, group)
         if (keys := parts.refs(group, part, len(subs))) and (made := await parts.taken(self, owner, keys)):
             return made  # sent again: taken once
-        self.admission.check_room(owner, len(subs))  # after the last await, as in submit_each
+        self.admission.check_room(owner, len(subs), group)  # after the last await, as in submit_each
         group, decisions = group or f"g{self._next_id}", []
         jobs = [self._record(sub, client_id, owner, group, keys[i] if keys else None, decisions)
                 for i, sub in enumerate(subs)]
@@ -277,12 +277,12 @@ class Master:
         mine = [j for j in self.jobs.jobs() if j.get("group") == group and _visible(j, user)]
         if not mine and not (await self.store.list(None, 1, 0, user, group=group))[1]:
             return None
-        self.admission.group_cancelled(group)  # a client still sending it in parts is told so
+        marked = self.admission.group_cancelled(group)  # a client still sending it in parts is told so
         queued = [j["id"] for j in mine if j["status"] == P.QUEUED]
         carrying = [self._carry(self.jobs.cancel(job_id)) for job_id in queued]
         carrying += [self._carry(self.jobs.cancel(j["id"])) for j in mine if j["id"] not in queued]
         self._dispatch()
-        await asyncio.gather(*map(_done, carrying))
+        await asyncio.gather(marked, *map(_done, carrying))
         return len(mine)
 
     # -- slaves ------------------------------------------------------------

@@ -188,6 +188,10 @@ class JobStore:
             "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id", UNFINISHED).fetchall()
         return [_split(json.loads(r[0]))[0] for r in rows]
 
+    def cancelled_groups(self) -> list[str]:
+        """The groups remembered as cancelled, oldest first."""
+        return [r[0] for r in self._read_conn().execute("SELECT grp FROM cancelled_groups ORDER BY rowid")]
+
     def recent(self, limit: int) -> list[dict]:
         """The newest ``limit`` jobs, newest first: which slaves a restarted master may expect back."""
         rows = self._read_conn().execute("SELECT data FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
@@ -210,7 +214,11 @@ class JobStore:
         read right after the commit on the same connection: a dispatch's save
         and its read of the inputs cost one step, not two.
         """
-        return self._submit(("save", [_rows(job) for job in jobs], list(load)))
+        return self._submit(("save", [_rows(job) for job in jobs], list(load), ()))
+
+    def group_cancelled(self, group: str) -> asyncio.Future:
+        """Remember that ``group`` was cancelled (the newest CANCELLED_GROUPS_KEPT); resolves once committed."""
+        return self._submit(("save", [], [], (group,)))
 
     def prune(self, before: str | None = None, keep_bytes: int | None = None) -> asyncio.Future:
         """Delete terminal jobs submitted before ``before`` (RFC 3339), then, until

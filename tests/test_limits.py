@@ -298,10 +298,16 @@ def test_a_group_cancelled_elsewhere_stops_being_sent(make_cluster, tmp_path):
         assert all("before it was sent (its group was)" in j.error["message"] for j in group if j.id is None)
         listed, count = alice.jobs_page(group=group.id, limit=100)
         assert count == 3 and {j["status"] for j in listed} == {P.CANCELLED}
-        # The master takes nothing more into a cancelled group.
-        resp = post_job(lc.url, alice.token, params={"group": group.id},
-                        json=[{"source": "print(1)", "language": "python"}])
-        assert resp.status_code == 409 and resp.json()["error"]["code"] == "group_cancelled", resp.text
+        # The master takes nothing more into a cancelled group, also once restarted (a feeder that was
+        # away meanwhile would send its next part then).
+        for restarted in (False, True):
+            if restarted:
+                lc.restart_master()
+            with Cluster(lc.url, user="alice", password="alice-pw") as again:
+                resp = post_job(lc.url, again.token, params={"group": group.id},
+                                json=[{"source": "print(1)", "language": "python"}])
+            assert resp.status_code == 409 and resp.json()["error"]["code"] == "group_cancelled", resp.text
+        assert alice.jobs_page(group=group.id)[1] == 3
 
 
 def test_closing_the_client_sends_what_was_not_sent_first(make_cluster):

@@ -93,6 +93,28 @@ def test_saves_made_in_the_last_turn_are_committed_by_close(tmp_path):
     assert ids(path) == [1, 2]
 
 
+def test_cancelled_groups_are_kept_across_a_restart_the_newest_only(tmp_path, monkeypatch):
+    import master.store_tx as tx
+    monkeypatch.setattr(tx, "CANCELLED_GROUPS_KEPT", 3)
+    path = str(tmp_path / "history.sqlite3")
+
+    async def scenario() -> None:
+        store = JobStore(path)
+        await store.save(job(1))
+        for n in range(5):  # with saves in the same commit, as the master's cancel makes them
+            store.save(job(10 + n, P.CANCELLED))
+            await store.group_cancelled(f"g{n}")
+        await store.group_cancelled("g4")  # twice: kept once
+        store.close()
+
+    asyncio.run(scenario())
+    reopened = JobStore(path)  # as a restarted master reads them
+    try:
+        assert reopened.cancelled_groups() == ["g2", "g3", "g4"] and ids(path) == [1, 10, 11, 12, 13, 14]
+    finally:
+        reopened.close()
+
+
 def _fill(folder) -> None:
     """Write into ``folder`` until its file system has no space left."""
     with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
