@@ -61,6 +61,7 @@ class Admission:
         # detecting its toolchains: job id -> language (see rejection, unplaceable).
         self._awaiting_detection: dict[int, str] = {}
         self.store = store
+        self._last_parsed: tuple = (None, None)  # (what was parsed, what that said): see rejection
         # Oldest first, at most CANCELLED_GROUPS_KEPT, as the store keeps them across restarts.
         self._cancelled_groups: dict[str, None] = dict.fromkeys(store.cancelled_groups())
 
@@ -124,10 +125,12 @@ class Admission:
         job for a language none offers yet is then queued, not refused; it
         is judged again when detection ends (``unplaceable``).
         """
-        if job.get("session") is not None:  # a session cell is IPython (magics, !cmd); sessions are Python only
-            detail = L.check_session_syntax(job["source"])
-        else:
-            detail = L.check_syntax(job["language"], job["source"])
+        key = (job.get("session") is not None, job["language"], job["source"])
+        if key != self._last_parsed[0]:  # a map's jobs share their program: parsed once, not 10,000 times
+            # A session cell is IPython (magics, !cmd); sessions are Python only.
+            self._last_parsed = (key, L.check_session_syntax(job["source"]) if key[0]
+                                 else L.check_syntax(job["language"], job["source"]))
+        detail = self._last_parsed[1]
         if detail is not None:
             where = f" (line {detail['line']})" if detail.get("line") else ""
             return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),

@@ -69,10 +69,12 @@ def test_a_bad_item_refuses_the_whole_batch_naming_its_index(lc, c):
 
 
 def test_a_program_that_does_not_parse_is_a_rejected_job_of_the_group(lc, c):
-    group = c.submit_many([dict(source="print(1)"), dict(source="print(("), dict(source="print(3)")])
-    assert [j.status for j in group][1] == P.REJECTED
-    assert group.wait(60, progress=False).counts() == {P.SUCCEEDED: 2, P.REJECTED: 1}
-    assert [type(r) for r in group.results(errors="return")] == [str, RemoteError, str]
+    # (The master parses a program once for the jobs in a row that share it.)
+    group = c.submit_many([dict(source=s) for s in ("print(1)", "print((", "print((", "print(1)", "print(3)")])
+    assert [j.status for j in group][1:3] == [P.REJECTED] * 2
+    assert group.wait(60, progress=False).counts() == {P.SUCCEEDED: 3, P.REJECTED: 2}
+    assert [type(r) for r in group.results(errors="return")] == [str, RemoteError, RemoteError, str, str]
+    assert group[2].error["code"] == P.SYNTAX_ERROR and "line 1" in group[2].error["message"]
 
 
 def test_an_empty_map_is_an_empty_group_and_a_non_iterable_is_refused(c):
