@@ -213,9 +213,9 @@ class Cluster:
             with self._lock:
                 jobs = [j for s in self._watched.values() for j in s]
             for job in jobs:
-                with job._cond:
+                with job._lock:
                     job._stale = True
-                    job._cond.notify_all()
+                    job._notify()
         for listener in list(self._listeners):
             listener({"type": "connection", "connected": connected})
 

@@ -70,13 +70,12 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
             raise
         first = items[:min(_room(exc), len(first))]
         body = cluster._post("/api/jobs", first)
-    cond = threading.Condition()  # the group's jobs change together, in the event thread: one lock for all
-    jobs = [Job(cluster, sharing_inputs(record, sub), cond=cond) for record, sub in zip(body["jobs"], first)]
+    jobs = [Job(cluster, sharing_inputs(record, sub)) for record, sub in zip(body["jobs"], first)]
     rest = items[len(first):]
     if not rest:
         return JobGroup(cluster, body.get("group"), jobs)
     waiting = [Job(cluster, dict(sub, id=None, status=P.QUEUED, group=body["group"]),
-                   ack=concurrent.futures.Future(), unsent=True, cond=cond) for sub in rest]
+                   ack=concurrent.futures.Future(), unsent=True) for sub in rest]
     group = JobGroup(cluster, body["group"], jobs + waiting)
     group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), body.get("room"), body.get("cap"))
     group._feeder.start()
@@ -114,8 +113,9 @@ class Feeder(threading.Thread):
         self._group = group
         self._unsent = deque(unsent)
         # Held while a part is on its way: stop() waits for its answer, so a cancel that follows
-        # reaches every job the master made.
-        self._lock = threading.Lock()
+        # reaches every job the master made.  Re-entered by an output listener of the group's that
+        # stops the sending as the part's early events are applied (in this thread, lock held).
+        self._lock = threading.RLock()
         self._stopped = False
         self._left_queue = 0  # jobs seen leaving the queue (events) since the last answer came
         self._moved = threading.Condition()

@@ -37,7 +37,7 @@ class Job:
     """A handle on one job, kept up to date by the cluster's event channel."""
 
     def __init__(self, cluster: "Cluster", record: dict | None, ack: concurrent.futures.Future | None = None,
-                 ack_deadline: float | None = None, unsent: bool = False, cond: threading.Condition | None = None):
+                 ack_deadline: float | None = None, unsent: bool = False):
         """``ack``: the master's answer to a pipelined submission, still to come; ``record`` is None then.
 
         ``ack_deadline`` (``time.monotonic()``): when to give up waiting for
@@ -45,14 +45,13 @@ class Job:
         ``unsent``: a job of a group kept in the client until the queue has
         room (``feeding.py``): ``record`` is its submission, read as queued
         with no id, at once; what needs the master waits until it is sent.
-        ``cond``: a lock and condition shared with other jobs (those of a group: a thousandth of
-        a kilobyte-sized ``Condition`` each).
         """
         self._cluster = cluster
         self._record = dict(record or {})
         self._ack = ack
         self._ack_deadline = ack_deadline
-        self._cond = cond or threading.Condition()
+        self._lock = threading.RLock()
+        self._waiting: threading.Condition | None = None  # made by the first waiter (see _cond)
         self._output_listeners: list[Callable[[str, str], None]] = []
         self._stale = False
         self._news = 0.0  # when the event channel last told us something of this job
@@ -102,16 +101,16 @@ class Job:
 
     def _acknowledge(self, record: dict) -> None:
         """The master accepted the submission: ``record`` is the job as it was queued (event thread)."""
-        with self._cond:
+        with self._lock:
             self._record = sharing_inputs(dict(record), self._record)
             self._unsent = False
-            self._cond.notify_all()
+            self._notify()
 
     @property
     def record(self) -> dict:
         if not self._unsent:
             self._acked()
-        with self._cond:
+        with self._lock:
             return dict(self._record)
 
     @property
@@ -137,6 +136,21 @@ class Job:
             return f"<Job refused: {ack.exception()}>"
         return f"<Job {self.id} {self.language} {self.icon} {self.status}>"
 
+    @property
+    def _cond(self) -> threading.Condition:
+        """What a waiter of this job waits on, over its lock: made at the first wait, as most jobs
+        of a large group are never waited on one by one (a ``Condition`` is about a kilobyte)."""
+        if self._waiting is None:
+            with self._lock:
+                if self._waiting is None:
+                    self._waiting = threading.Condition(self._lock)
+        return self._waiting
+
+    def _notify(self) -> None:
+        """Wake this job's waiters, if any (with the lock held)."""
+        if self._waiting is not None:
+            self._waiting.notify_all()
+
     # -- updates (from the event thread) ---------------------------------------
 
     def _older(self, record: dict) -> bool:
@@ -145,7 +159,7 @@ class Job:
         return self._record.get("status") in P.TERMINAL and record.get("status", P.QUEUED) not in P.TERMINAL
 
     def _apply_update(self, summary: dict) -> None:
-        with self._cond:
+        with self._lock:
             if self._older(summary):
                 return
             self._news = time.monotonic()
@@ -164,10 +178,10 @@ class Job:
                     if text is not None and text.startswith(before[stream]) and len(text) > len(before[stream]):
                         for listener in list(self._output_listeners):
                             listener(stream, text[len(before[stream]):])
-            self._cond.notify_all()
+            self._notify()
 
     def _apply_output(self, stream: str, offset: int, data: str) -> None:
-        with self._cond:
+        with self._lock:
             self._news = time.monotonic()
             current = self._record.get(stream) or ""
             if offset > len(current):
@@ -177,15 +191,15 @@ class Job:
                 self._record[stream] = current + new
                 for listener in list(self._output_listeners):
                     listener(stream, new)
-            self._cond.notify_all()
+            self._notify()
 
     def _replace(self, record: dict) -> None:
-        with self._cond:
+        with self._lock:
             if self._older(record):
                 return  # (still stale if it was: the next read is answered after the end)
             self._record = sharing_inputs(dict(record), self._record)
             self._stale = False
-            self._cond.notify_all()
+            self._notify()
 
     # -- actions -----------------------------------------------------------------
 
@@ -239,7 +253,7 @@ class Job:
         self._cluster._watch(self)
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     stale = self._stale
                 # Re-read only when told to, or when the channel has been quiet a while:
                 # while events flow, a long job's output is not downloaded again and again.
@@ -254,7 +268,7 @@ class Job:
                         # The master is away (restarting): keep waiting for it until our
                         # own deadline; the event channel's reconnect wakes us early.
                     last_refresh = time.monotonic()
-                with self._cond:
+                with self._lock:
                     if self._record.get("attempts") != attempt:
                         # Run again (retry after a lost slave): its output starts over.
                         attempt = self._record.get("attempts")

@@ -21,7 +21,6 @@ from .store_tx import CANCELLED_GROUPS_KEPT
 REJOIN_WINDOW = 10.0
 # How much of the history tells which slaves (and languages) to expect back.
 REJOIN_HISTORY = 1000
-# Cancelled groups remembered, so a client still sending a large map in parts is told to stop.
 
 
 class QueueFull(P.ProtocolError):
@@ -62,8 +61,11 @@ class Admission:
         self._awaiting_detection: dict[int, str] = {}
         self.store = store
         self._last_parsed: tuple = (None, None)  # (what was parsed, what that said): see rejection
-        # Oldest first, at most CANCELLED_GROUPS_KEPT, as the store keeps them across restarts.
-        self._cancelled_groups: dict[str, None] = dict.fromkeys(store.cancelled_groups())
+        # Each user's cancelled groups, oldest first, at most CANCELLED_GROUPS_KEPT, as the store keeps
+        # them across restarts: a client still sending a large map in parts is told to stop.
+        self._cancelled_groups: dict[str | None, dict[str, None]] = {}
+        for group, user in store.cancelled_groups():
+            self._cancelled_groups.setdefault(user, {})[group] = None
 
     def start(self, lost_grace: float) -> None:
         """Open the rejoin window; call with the loop running."""
@@ -125,10 +127,10 @@ class Admission:
         job for a language none offers yet is then queued, not refused; it
         is judged again when detection ends (``unplaceable``).
         """
-        key = (job.get("session") is not None, job["language"], job["source"])
+        key = (job.get("user"), job.get("session") is not None, job["language"], job["source"])
         if key != self._last_parsed[0]:  # a map's jobs share their program: parsed once, not 10,000 times
             # A session cell is IPython (magics, !cmd); sessions are Python only.
-            self._last_parsed = (key, L.check_session_syntax(job["source"]) if key[0]
+            self._last_parsed = (key, L.check_session_syntax(job["source"]) if key[1]
                                  else L.check_syntax(job["language"], job["source"]))
         detail = self._last_parsed[1]
         if detail is not None:
@@ -156,22 +158,19 @@ class Admission:
                        available=available)
 
     async def check_join(self, owner: str | None, group: str) -> None:
-        """Refuse a batch joining ``group`` unless it is ``owner``'s and was not cancelled (a map still
-        being sent in parts stops there, whoever cancelled it, also after a restart)."""
+        """Refuse a batch joining ``group`` unless it is ``owner``'s (whether it still takes jobs is
+        ``check_room``'s: a part sent again is answered with the jobs it made, cancelled or not)."""
         if not await self.store.has_group(owner, group):
             raise P.ProtocolError("not_found", f"no group {group} of yours to add jobs to")
-        self._check_open(group)
 
-    def _check_open(self, group: str | None) -> None:
-        if group in self._cancelled_groups:
-            raise P.ProtocolError("group_cancelled", f"group {group} was cancelled: it takes no more jobs")
-
-    def group_cancelled(self, group: str) -> asyncio.Future:
-        """From now on ``group`` takes no more jobs; the future resolves once that is durable."""
-        self._cancelled_groups[group] = None
-        if len(self._cancelled_groups) > CANCELLED_GROUPS_KEPT:
-            del self._cancelled_groups[next(iter(self._cancelled_groups))]
-        return self.store.group_cancelled(group)
+    def group_cancelled(self, group: str, owner: str | None) -> asyncio.Future:
+        """From now on ``owner``'s ``group`` takes no more jobs (a map still being sent in parts stops
+        there, whoever cancelled it, also after a restart); the future resolves once that is durable."""
+        mine = self._cancelled_groups.setdefault(owner, {})
+        mine[group] = None
+        if len(mine) > CANCELLED_GROUPS_KEPT:
+            del mine[next(iter(mine))]
+        return self.store.group_cancelled(group, owner)
 
     def room_of(self, user: str | None) -> dict:
         """What a batch's answer tells its sender of the queue: how many more fit now, and the cap."""
@@ -189,8 +188,9 @@ class Admission:
 
     def check_room(self, user: str | None, count: int = 1, joining: str | None = None) -> None:
         """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none);
-        ``group_cancelled`` if ``joining`` a group cancelled since ``check_join`` said it was open."""
-        self._check_open(joining)
+        ``group_cancelled`` if ``joining`` a group of theirs that was cancelled."""
+        if joining in self._cancelled_groups.get(user, ()):
+            raise P.ProtocolError("group_cancelled", f"group {joining} was cancelled: it takes no more jobs")
         if self.queue_room(user) >= count:
             return
         mine = self.scheduler.queued_by(user)

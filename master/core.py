@@ -275,9 +275,9 @@ class Master:
         leave the queue first, all at once, so none starts while the running ones are stopped.
         """
         mine = [j for j in self.jobs.jobs() if j.get("group") == group and _visible(j, user)]
-        if not mine and not (await self.store.list(None, 1, 0, user, group=group))[1]:
+        if not (known := mine or (await self.store.list(None, 1, 0, user, group=group))[0]):
             return None
-        marked = self.admission.group_cancelled(group)  # a client still sending it in parts is told so
+        marked = self.admission.group_cancelled(group, known[0].get("user"))  # parts still coming: refused
         queued = [j["id"] for j in mine if j["status"] == P.QUEUED]
         carrying = [self._carry(self.jobs.cancel(job_id)) for job_id in queued]
         carrying += [self._carry(self.jobs.cancel(j["id"])) for j in mine if j["id"] not in queued]

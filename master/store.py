@@ -64,6 +64,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE jobs ADD COLUMN grp TEXT")
     if "ref" not in columns:  # the client's ref of a WebSocket submission: a resend after a crash finds its job
         conn.execute("ALTER TABLE jobs ADD COLUMN ref TEXT")
+    if "user" not in {row[1] for row in conn.execute("PRAGMA table_info(cancelled_groups)")}:
+        conn.execute("ALTER TABLE cancelled_groups ADD COLUMN user TEXT")  # (a history of 2026-12-02's)
+    conn.execute("CREATE INDEX IF NOT EXISTS cancelled_groups_user ON cancelled_groups(user)")
     conn.execute("CREATE INDEX IF NOT EXISTS jobs_ref ON jobs(user, ref) WHERE ref IS NOT NULL")
     conn.execute("CREATE INDEX IF NOT EXISTS jobs_grp ON jobs(grp, id) WHERE grp IS NOT NULL")
     # A user's page of history (GET /api/jobs as a non-admin), newest first, without a scan.
@@ -188,9 +191,9 @@ class JobStore:
             "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id", UNFINISHED).fetchall()
         return [_split(json.loads(r[0]))[0] for r in rows]
 
-    def cancelled_groups(self) -> list[str]:
-        """The groups remembered as cancelled, oldest first."""
-        return [r[0] for r in self._read_conn().execute("SELECT grp FROM cancelled_groups ORDER BY rowid")]
+    def cancelled_groups(self) -> list[tuple[str, str | None]]:
+        """The groups remembered as cancelled and their owners, oldest first."""
+        return self._read_conn().execute("SELECT grp, user FROM cancelled_groups ORDER BY rowid").fetchall()
 
     def recent(self, limit: int) -> list[dict]:
         """The newest ``limit`` jobs, newest first: which slaves a restarted master may expect back."""
@@ -216,9 +219,10 @@ class JobStore:
         """
         return self._submit(("save", [_rows(job) for job in jobs], list(load), ()))
 
-    def group_cancelled(self, group: str) -> asyncio.Future:
-        """Remember that ``group`` was cancelled (the newest CANCELLED_GROUPS_KEPT); resolves once committed."""
-        return self._submit(("save", [], [], (group,)))
+    def group_cancelled(self, group: str, user: str | None) -> asyncio.Future:
+        """Remember that ``user``'s ``group`` was cancelled (their newest CANCELLED_GROUPS_KEPT); resolves
+        once committed."""
+        return self._submit(("save", [], [], ((group, user),)))
 
     def prune(self, before: str | None = None, keep_bytes: int | None = None) -> asyncio.Future:
         """Delete terminal jobs submitted before ``before`` (RFC 3339), then, until

@@ -24,8 +24,9 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at);
 CREATE TABLE IF NOT EXISTS inputs (id INTEGER PRIMARY KEY, data TEXT NOT NULL, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Groups cancelled, newest last (rowid): a map still being sent in parts is refused after a restart too.
-CREATE TABLE IF NOT EXISTS cancelled_groups (grp TEXT PRIMARY KEY);
+-- Groups cancelled, with their owner, newest last (rowid): a map still being sent in parts is refused
+-- after a restart too.
+CREATE TABLE IF NOT EXISTS cancelled_groups (grp TEXT PRIMARY KEY, user TEXT);
 -- How many jobs each user has in each state, kept by triggers: a history page's
 -- total is read here, not counted over a million rows (COUNT(*) walks them all).
 -- A job with no user counts under ''.

@@ -10,7 +10,7 @@ from distexec_kernel import protocol as P
 # Pruning never touches these (nor anything else not terminal).
 UNFINISHED = (P.QUEUED, P.RUNNING)
 TERMINAL_ONLY = "status NOT IN (?, ?)"
-CANCELLED_GROUPS_KEPT = 10_000  # the newest; a part of an older one is taken (its sender stopped long ago)
+CANCELLED_GROUPS_KEPT = 10_000  # a user's newest; a part of an older one is taken (its sender stopped long ago)
 TRANSIENT_CODES = frozenset({5, 6, 10, 13})  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (and its kinds), SQLITE_FULL
 
 
@@ -106,11 +106,12 @@ def attempt(conn: sqlite3.Connection, group: list) -> tuple:
         else:
             pairs = [pair for op, _, _ in group for pair in op[1]]
             insert(conn, [row for row, _ in pairs], [inputs for _, inputs in pairs if inputs is not None])
-            cancelled = [(grp,) for op, _, _ in group for grp in op[3]]
-            if cancelled:
-                conn.executemany("INSERT OR IGNORE INTO cancelled_groups (grp) VALUES (?)", cancelled)
-                conn.execute("DELETE FROM cancelled_groups WHERE rowid <= (SELECT MAX(rowid) FROM cancelled_groups)"
-                             " - ?", (CANCELLED_GROUPS_KEPT,))
+            for grp, user in (pair for op, _, _ in group for pair in op[3]):
+                conn.execute("INSERT OR IGNORE INTO cancelled_groups (grp, user) VALUES (?, ?)", (grp, user))
+                # A user's own newest: cancelling many groups of one's own pushes out none of another's.
+                conn.execute("DELETE FROM cancelled_groups WHERE user IS ?1 AND rowid NOT IN (SELECT rowid FROM "
+                             "cancelled_groups WHERE user IS ?1 ORDER BY rowid DESC LIMIT ?2)",
+                             (user, CANCELLED_GROUPS_KEPT))
         conn.execute("COMMIT")
         if result is None:
             loaded = [inputs_of(conn, op[2]) if op[2] else None for op, _, _ in group]

@@ -181,6 +181,14 @@ def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
                           headers={"Authorization": f"Bearer {lc.token}"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "conflict", other.text
     assert c.jobs_page(group=group.id)[1] == 6
+    # Once the group is cancelled, a part it took is still answered with its jobs; a new one is refused.
+    c.cancel_group(group.id)
+    again = requests.post(lc.url + f"/api/jobs?group={group.id}&part=1", json=subs[:2], timeout=30,
+                          headers={"Authorization": f"Bearer {lc.token}"})
+    assert again.status_code == 201 and [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in taken]
+    new = requests.post(lc.url + f"/api/jobs?group={group.id}&part=6", json=subs[:1], timeout=30,
+                        headers={"Authorization": f"Bearer {lc.token}"})
+    assert new.status_code == 409 and new.json()["error"]["code"] == "group_cancelled", new.text
 
 
 def test_map_by_stdin_and_tuples_as_arguments(c):

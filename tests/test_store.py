@@ -93,7 +93,7 @@ def test_saves_made_in_the_last_turn_are_committed_by_close(tmp_path):
     assert ids(path) == [1, 2]
 
 
-def test_cancelled_groups_are_kept_across_a_restart_the_newest_only(tmp_path, monkeypatch):
+def test_cancelled_groups_are_kept_across_a_restart_each_users_newest_only(tmp_path, monkeypatch):
     import master.store_tx as tx
     monkeypatch.setattr(tx, "CANCELLED_GROUPS_KEPT", 3)
     path = str(tmp_path / "history.sqlite3")
@@ -101,18 +101,35 @@ def test_cancelled_groups_are_kept_across_a_restart_the_newest_only(tmp_path, mo
     async def scenario() -> None:
         store = JobStore(path)
         await store.save(job(1))
-        for n in range(5):  # with saves in the same commit, as the master's cancel makes them
+        await store.group_cancelled("g0", "bob")
+        for n in range(1, 6):  # with saves in the same commit, as the master's cancel makes them
             store.save(job(10 + n, P.CANCELLED))
-            await store.group_cancelled(f"g{n}")
-        await store.group_cancelled("g4")  # twice: kept once
+            await store.group_cancelled(f"g{n}", "alice")
+        await store.group_cancelled("g5", "alice")  # twice: kept once
         store.close()
 
     asyncio.run(scenario())
     reopened = JobStore(path)  # as a restarted master reads them
     try:
-        assert reopened.cancelled_groups() == ["g2", "g3", "g4"] and ids(path) == [1, 10, 11, 12, 13, 14]
+        # Alice's many cancels pushed out her own oldest, not bob's.
+        assert reopened.cancelled_groups() == [("g0", "bob"), ("g3", "alice"), ("g4", "alice"), ("g5", "alice")]
+        assert ids(path) == [1, 11, 12, 13, 14, 15]
     finally:
         reopened.close()
+
+
+def test_a_history_with_the_first_cancelled_groups_table_is_brought_up_to_date(tmp_path):
+    path = str(tmp_path / "history.sqlite3")
+    JobStore(path).close()
+    conn = sqlite3.connect(path)
+    conn.executescript("DROP TABLE cancelled_groups; CREATE TABLE cancelled_groups (grp TEXT PRIMARY KEY);"
+                       "INSERT INTO cancelled_groups VALUES ('g7');")
+    conn.close()
+    store = JobStore(path)
+    try:
+        assert store.cancelled_groups() == [("g7", None)]
+    finally:
+        store.close()
 
 
 def _fill(folder) -> None:
