@@ -33,6 +33,7 @@ PAGE = 1000  # the master's largest page of GET /api/jobs
 # at 2,000 jobs).  1,000 jobs: every 20 ms.
 RECOUNT_PER_JOB = 20e-6
 RECOUNT_MOST = 0.05
+BAR_EVERY = 0.1  # the progress bar is drawn at most this often (in a notebook each draw is a message)
 
 # The order the counts are shown in: what a person watches first.
 SHOWN = (P.SUCCEEDED, P.FAILED, P.REJECTED, P.CANCELLED, P.RUNNING, P.QUEUED)
@@ -199,7 +200,7 @@ class JobGroup(Sequence):
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _bar(len(self), progress) if progress is not False and len(self) else None
         # Read once at the start: events between the submission's answer and our subscription are not lost.
-        last_refresh = float("-inf")
+        last_refresh = drawn = float("-inf")
         try:
             while True:
                 with self._cond:
@@ -210,7 +211,8 @@ class JobGroup(Sequence):
                     last_refresh = time.monotonic()
                 counts, counted = self.counts(), time.monotonic()
                 ended = sum(counts.get(s, 0) for s in P.TERMINAL)
-                if bar is not None:
+                if bar is not None and (ended == len(self) or counted - drawn >= BAR_EVERY):
+                    drawn = counted
                     bar.n = ended
                     bar.set_postfix_str(describe_counts(counts), refresh=False)
                     bar.refresh()

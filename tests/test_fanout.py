@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import psutil
@@ -231,6 +232,17 @@ def test_progress_counts_match_the_final_states(c, capsys):
     # By default no bar where stderr is not a terminal (here, captured: a script's log file).
     c.map(FLAKY, range(1, 3)).wait(120)
     assert "jobs:" not in capsys.readouterr().err
+
+
+def test_the_progress_bar_is_drawn_a_few_times_a_second_not_at_each_event(c, capsys):
+    # In a notebook each draw is a widget message to the browser: a map of thousands sent thousands.
+    from distexec_kernel.group import BAR_EVERY
+    t0 = time.monotonic()
+    group = c.map("pass", range(300)).wait(120, progress=True)
+    took = time.monotonic() - t0
+    bar = capsys.readouterr().err
+    assert group.counts() == {P.SUCCEEDED: 300} and "300/300" in bar
+    assert bar.count("\r") <= took / BAR_EVERY + 5, (bar.count("\r"), took)
 
 
 def test_retries_apply_per_job_when_a_slave_is_lost(make_cluster):
