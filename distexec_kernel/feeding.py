@@ -215,7 +215,7 @@ class Feeder(threading.Thread):
     def _settle(self, part: list[tuple[dict, Job]], records: list[dict]) -> None:
         for _ in part:
             self._unsent.popleft()
-        for (sub, job), record in zip(part, records):
+        for (_, job), record in zip(part, records):
             job._acknowledge(record)
             job._ack.set_result(None)
         self._landed += len(part)
