@@ -45,6 +45,9 @@ GROUP_CANCELLED = "group_cancelled"
 # A part is at least this share of the user's cap (or all that is left): not one request per job
 # that starts, while the queue still holds three quarters of the user's jobs.
 PART_OF_CAP = 4
+# The parts leave a tenth of the user's cap free: their own next cell or job is queued, not refused
+# queue_full, while a large map of theirs is being sent.
+LEFT_FREE_OF_CAP = 10
 PART_BYTES = 8 << 20  # of JSON in one request: the master takes 32 MiB
 LONGEST_PAUSE = 60.0  # the longest a rate limit's retry_after is waited in one go
 LOGIN_WAIT = 3600.0  # how long an expired login is waited for before the rest is given up
@@ -68,7 +71,7 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
     except DistexecError as exc:
         if not _room(exc):
             raise
-        first = items[:min(_room(exc), len(first))]
+        first = items[:min(max(1, _room(exc) - _left_free(exc.details.get("cap"))), len(first))]
         body = cluster._post("/api/jobs", first)
     jobs = [Job(cluster, sharing_inputs(record, sub)) for record, sub in zip(body["jobs"], first)]
     rest = items[len(first):]
@@ -80,6 +83,11 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
     group._feeder = Feeder(cluster, group, list(zip(rest, waiting)), body.get("room"), body.get("cap"))
     group._feeder.start()
     return group
+
+
+def _left_free(cap) -> int:
+    """How much of the user's room the parts leave to their other submissions."""
+    return cap // LEFT_FREE_OF_CAP if isinstance(cap, int) and cap > 0 else 0
 
 
 def _room(exc: DistexecError) -> int:
@@ -178,9 +186,13 @@ class Feeder(threading.Thread):
         backstop = QUIET_BACKSTOP if self._cluster._events_connected() else REFRESH_EVERY
         deadline = time.monotonic() + backstop
         with self._moved:
-            while not self._stopped and self._room + self._left_queue < enough and time.monotonic() < deadline:
+            while not self._stopped and self._free() < enough and time.monotonic() < deadline:
                 self._moved.wait(deadline - time.monotonic())
-            return min(P.MAX_BATCH, max(enough, self._room + self._left_queue))
+            # Past the backstop with too little room heard of: a small part, whose answer tells the room.
+            return min(P.MAX_BATCH, self._free()) if self._free() >= enough else max(1, min(enough, self._free()))
+
+    def _free(self) -> int:
+        return self._room + self._left_queue - _left_free(self._cap)
 
     def _send(self, part: list[tuple[dict, Job]]) -> DistexecError | None:
         """Send ``part``, keyed by its place in the group (``master/parts.py``): a part whose answer was

@@ -232,6 +232,21 @@ def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_
             c.close()
 
 
+def test_a_map_being_sent_in_parts_leaves_room_for_its_authors_next_job(make_cluster, tmp_path):
+    """A notebook's large map filled its author's queue to the cap, and their next cell was refused queue_full."""
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-per-user", "20", "--users", _users(tmp_path)])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice:
+        group = alice.map("import time\ntime.sleep(60)", range(60), timeout=60)
+        wait_for(lambda: alice.jobs_page(status=P.RUNNING)[1] == 1, 30, "one of hers running")
+        assert sum(not j.pending for j in group) == 18  # a tenth of her cap left free
+        assert alice.jobs_page(status=P.QUEUED)[1] == 17
+        cell = alice.submit("print('my next cell')")
+        assert cell.status == P.QUEUED, cell.record
+        group.cancel()  # (the cell is not of the group: it runs)
+        assert cell.wait(60).stdout == "my next cell\n"
+
+
 @contextlib.contextmanager
 def _feeding_sleepers(make_cluster, tmp_path, second: str):
     """One slot, a cap of 2, and alice's map of 8 sleepers: one running, two queued on the master, the
