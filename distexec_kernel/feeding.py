@@ -188,8 +188,9 @@ class Feeder(threading.Thread):
         with self._moved:
             while not self._stopped and self._free() < enough and time.monotonic() < deadline:
                 self._moved.wait(deadline - time.monotonic())
+            free = self._free()
             # Past the backstop with too little room heard of: a small part, whose answer tells the room.
-            return min(P.MAX_BATCH, self._free()) if self._free() >= enough else max(1, min(enough, self._free()))
+            return min(P.MAX_BATCH, free) if free >= enough else max(1, free)
 
     def _free(self) -> int:
         return self._room + self._left_queue - _left_free(self._cap)

@@ -17,7 +17,8 @@ from IPython.utils.capture import capture_output
 
 from distexec_kernel import Cluster, JobGroup, RemoteError, protocol as P
 
-from conftest import job_processes_of, magic_shell, module_cluster, wait_for
+from conftest import (HOLD, UNTIL_RELEASED, held_jobs, job_processes_of, magic_shell, module_cluster, release_jobs,
+                      wait_for)
 
 SQUARE = "import sys\nn = int(sys.argv[1])\nprint(n * n)\n"
 FLAKY = "import sys\nn = int(sys.argv[1])\nif n % 3 == 0:\n    sys.exit(f'{n} is a multiple of 3')\nprint(n)\n"
@@ -33,9 +34,10 @@ def c(lc):
         yield client
 
 
-def post(lc, body) -> requests.Response:
-    return requests.post(lc.url + "/api/jobs", json=body, headers={"Authorization": f"Bearer {lc.token}"},
-                         timeout=60)
+def post(lc, body, **params) -> requests.Response:
+    """``POST /api/jobs`` as the admin; ``params``: the query (``group``, ``part``)."""
+    return requests.post(lc.url + "/api/jobs", json=body, params=params,
+                         headers={"Authorization": f"Bearer {lc.token}"}, timeout=60)
 
 
 # --- the batch endpoint ----------------------------------------------------------
@@ -100,13 +102,16 @@ def test_map_results_come_in_input_order(c):
     assert len({j.slave_uid for j in group}) == 2  # spread over both slaves
 
 
-def test_a_listing_read_before_the_jobs_ended_does_not_undo_their_ends(c, monkeypatch):
+def test_a_listing_read_before_the_jobs_ended_does_not_undo_their_ends(lc, c, monkeypatch):
     # A waiter's listing is answered while events keep coming: applied after them, it once put jobs
     # back to running with no event left to end them, and a map waited for the next backstop re-read
     # (4 s for 2,000 jobs: half the throughput of the same jobs submitted one by one).
-    group = c.map("import time\ntime.sleep(0.5)\n", range(4))
+    group = c.map(HOLD + UNTIL_RELEASED, range(4))
     early, full = group._records(summary=True), group._records(summary=False)
-    assert {r["status"] for r in early + full} <= {P.QUEUED, P.RUNNING}  # read while none had ended
+    assert {r["status"] for r in early + full} <= {P.QUEUED, P.RUNNING}  # held: none can have ended
+    slaves = [s.pid for s in lc.slaves]
+    wait_for(lambda: sum(len(held_jobs(pid)) for pid in slaves) == 4, 60, "the 4 jobs to wait for their release")
+    release_jobs(*slaves)
     group.wait(120)
     assert group.counts() == {P.SUCCEEDED: 4}
     for summary, answer in ((True, early), (False, full)):
@@ -139,11 +144,9 @@ def test_a_map_past_one_batch_is_sent_in_parts_as_one_group(lc, c, monkeypatch):
     listed, total = c.jobs_page(group=group.id, limit=100)
     assert total == 10 and sorted(j["id"] for j in listed) == ids
     # A part joins only a group of the same user, and only as a batch.
-    r = requests.post(lc.url + f"/api/jobs?group={group.id}", json={"source": "print(1)", "language": "python"},
-                      headers={"Authorization": f"Bearer {lc.token}"}, timeout=30)
+    r = post(lc, {"source": "print(1)", "language": "python"}, group=group.id)
     assert r.status_code == 400 and "batch" in r.json()["error"]["message"]
-    r = requests.post(lc.url + "/api/jobs?group=g999999999", json=[{"source": "print(1)", "language": "python"}],
-                      headers={"Authorization": f"Bearer {lc.token}"}, timeout=30)
+    r = post(lc, [{"source": "print(1)", "language": "python"}], group="g999999999")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
@@ -164,8 +167,7 @@ def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
     group = JobGroup(c, first["group"], [Job(c, first["jobs"][0])] + waiting)
     assert [j.id for j in waiting] == [None] * 5 and {j.status for j in waiting} == {P.QUEUED}  # at once
     # A part of two (keyed by its place in the group, 1) went out and was taken; its answer was lost.
-    taken = requests.post(lc.url + f"/api/jobs?group={group.id}&part=1", json=subs[:2], timeout=30,
-                          headers={"Authorization": f"Bearer {lc.token}"}).json()["jobs"]
+    taken = post(lc, subs[:2], group=group.id, part=1).json()["jobs"]
     feeder = Feeder(c, group, list(zip(subs, waiting)), None, None)
     feeder._unsure = 2
     group._feeder = feeder
@@ -175,20 +177,16 @@ def test_a_part_whose_answer_was_lost_is_not_sent_twice(lc, c):
     assert c.jobs_page(group=group.id)[1] == 6  # not 8
     # The master's side alone: the same keyed part twice is taken once; one that runs past what was
     # taken under its key (positions 5 and 6 of a group of 6) is a conflict, not an answer with others.
-    again = requests.post(lc.url + f"/api/jobs?group={group.id}&part=1", json=subs[:2], timeout=30,
-                          headers={"Authorization": f"Bearer {lc.token}"})
+    again = post(lc, subs[:2], group=group.id, part=1)
     assert again.status_code == 201 and [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in taken]
-    other = requests.post(lc.url + f"/api/jobs?group={group.id}&part=5", json=subs[:2], timeout=30,
-                          headers={"Authorization": f"Bearer {lc.token}"})
+    other = post(lc, subs[:2], group=group.id, part=5)
     assert other.status_code == 409 and other.json()["error"]["code"] == "conflict", other.text
     assert c.jobs_page(group=group.id)[1] == 6
     # Once the group is cancelled, a part it took is still answered with its jobs; a new one is refused.
     c.cancel_group(group.id)
-    again = requests.post(lc.url + f"/api/jobs?group={group.id}&part=1", json=subs[:2], timeout=30,
-                          headers={"Authorization": f"Bearer {lc.token}"})
+    again = post(lc, subs[:2], group=group.id, part=1)
     assert again.status_code == 201 and [j["id"] for j in again.json()["jobs"]] == [j["id"] for j in taken]
-    new = requests.post(lc.url + f"/api/jobs?group={group.id}&part=6", json=subs[:1], timeout=30,
-                        headers={"Authorization": f"Bearer {lc.token}"})
+    new = post(lc, subs[:1], group=group.id, part=6)
     assert new.status_code == 409 and new.json()["error"]["code"] == "group_cancelled", new.text
 
 
