@@ -13,6 +13,7 @@ from typing import Callable, Collection
 
 from distexec_kernel import languages as L, protocol as P, submission
 
+from .parsing import Syntax
 from .scheduler import Scheduler
 from .store_tx import CANCELLED_GROUPS_KEPT
 
@@ -60,7 +61,7 @@ class Admission:
         # detecting its toolchains: job id -> language (see rejection, unplaceable).
         self._awaiting_detection: dict[int, str] = {}
         self.store = store
-        self._last_parsed: tuple = (None, None)  # (what was parsed, what that said): see rejection
+        self.syntax = Syntax()  # large programs parsed ahead (``syntax.ahead``), off the loop
         # Each user's cancelled groups, oldest first, at most CANCELLED_GROUPS_KEPT, as the store keeps
         # them across restarts: a client still sending a large map in parts is told to stop.
         self._cancelled_groups: dict[str | None, dict[str, None]] = {}
@@ -127,12 +128,7 @@ class Admission:
         job for a language none offers yet is then queued, not refused; it
         is judged again when detection ends (``unplaceable``).
         """
-        key = (job.get("user"), job.get("session") is not None, job["language"], job["source"])
-        if key != self._last_parsed[0]:  # a map's jobs share their program: parsed once, not 10,000 times
-            # A session cell is IPython (magics, !cmd); sessions are Python only.
-            self._last_parsed = (key, L.check_session_syntax(job["source"]) if key[1]
-                                 else L.check_syntax(job["language"], job["source"]))
-        detail = self._last_parsed[1]
+        detail = self.syntax.detail(job.get("user"), job)
         if detail is not None:
             where = f" (line {detail['line']})" if detail.get("line") else ""
             return P.error(P.SYNTAX_ERROR, detail["message"] + where, line=detail.get("line"),

@@ -33,19 +33,16 @@ log = logging.getLogger("distexec.master")
 
 SLAVES_EVENT_DELAY = 0.1  # seconds slave-list changes are gathered before clients hear of them
 
-# How long the jobs of a slave whose connection dropped wait for it to come
-# back before they are lost.  A live slave reconnects within a fraction of a
-# second (a network blip, a ping timeout on a loaded machine) and reports them;
-# a dead one costs its jobs these few seconds more.
+# How long the jobs of a slave whose connection dropped wait for it to come back before they are lost. A live
+# slave reconnects within a fraction of a second (a network blip, a ping timeout on a loaded machine) and
+# reports them; a dead one costs its jobs these few seconds more.
 RECONNECT_GRACE = 3.0
 
-# How long a cancel of a running job waits for its slave to kill it before it
-# answers (a kill takes milliseconds; a slave that does not answer is not waited for long).
+# How long a cancel of a running job waits for its slave to kill it (milliseconds) before it answers.
 CANCEL_WAIT = 5.0
 
 DEFAULT_MAX_QUEUED_PER_USER = 1000
-# A safety cap on all queued jobs together (they cost about 1 KiB of memory
-# each, their inputs being in the store); users meet their own cap first.
+# A safety cap on all queued jobs (about 1 KiB of memory each, their inputs in the store); users meet theirs first.
 DEFAULT_MAX_QUEUE = 100_000
 DEFAULT_KEEP_DAYS = 90.0
 DEFAULT_KEEP_MB = 10_000.0
@@ -105,6 +102,7 @@ class Master:
         """
         self._carry(self.jobs.stop())
         self.retention.stop()
+        self.admission.syntax.close()
 
     def _timer_fired(self, job_id: int, token: int) -> None:
         self._carry(self.jobs.timer_fired(job_id, token))
@@ -204,11 +202,13 @@ class Master:
         return await self._commit_submitted(jobs, decisions, client_id)
 
     async def _rejoined(self, subs: list[dict], client_id: str | None, user: str | None) -> str | None:
-        """Once the slaves expected back for these languages have had their moment: the jobs' owner."""
+        """Once returning slaves had their moment and large programs were parsed off the loop: the jobs' owner."""
         for language in {sub["language"] for sub in subs}:
             await self.admission.await_returning_slaves(language, self.slaves)
         client = self.clients.get(client_id)
-        return user or (client.user if client is not None else None)
+        owner = user or (client.user if client is not None else None)
+        await self.admission.syntax.ahead(owner, subs)
+        return owner
 
     def _record(self, sub: dict, client_id: str | None, owner: str | None, group: str | None,
                 ref: str | None, decisions: list[J.Decision]) -> dict:
