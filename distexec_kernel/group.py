@@ -166,14 +166,15 @@ class JobGroup(Sequence):
         """Re-read the group's jobs from the master (one listing, not a request per job)."""
         if self.id is None:
             return self
+        asked = time.monotonic()
         for record in self._records(summary):
             job = self._by_id.get(record["id"])
             if job is None:
                 continue
             if summary:
-                job._apply_update(record)
+                job._apply_update(record, asked)
             else:
-                job._replace(record)
+                job._replace(record, asked)
         self._stale = False
         return self
 

@@ -33,6 +33,14 @@ def sharing_inputs(record: dict, known: dict) -> dict:
     return record
 
 
+def _progress(record: dict) -> int:
+    """How far along a job's record is: queued, running, queued again for a retry, running again..., ended."""
+    status = record.get("status", P.QUEUED)
+    if status in P.TERMINAL:
+        return 1 << 30
+    return 2 * (record.get("attempts") or 0) - (status == P.RUNNING)
+
+
 class Job:
     """A handle on one job, kept up to date by the cluster's event channel."""
 
@@ -153,16 +161,22 @@ class Job:
 
     # -- updates (from the event thread) ---------------------------------------
 
-    def _older(self, record: dict) -> bool:
-        """``record`` was read before the end we already know of: a job ends once (the master never
-        moves a terminal job), so a listing or GET answered before its last event cannot undo it."""
-        return self._record.get("status") in P.TERMINAL and record.get("status", P.QUEUED) not in P.TERMINAL
+    def _older(self, record: dict, asked_at: float | None = None) -> bool:
+        """``record`` says less than we know.  A job ends once (the master never moves a terminal job),
+        so nothing undoes its end.  And a read (a GET, a listing: ``asked_at``, when it was asked) that
+        an event overtook cannot move the job back (running to queued, wiping its live output); the
+        events come in order, so only a read can be late."""
+        if self._record.get("status") in P.TERMINAL and record.get("status", P.QUEUED) not in P.TERMINAL:
+            return True
+        return asked_at is not None and self._news > asked_at and _progress(record) < _progress(self._record)
 
-    def _apply_update(self, summary: dict) -> None:
+    def _apply_update(self, summary: dict, asked_at: float | None = None) -> None:
+        """An event's summary, or (``asked_at`` given) a listing's record of this job."""
         with self._lock:
-            if self._older(summary):
+            if self._older(summary, asked_at):
                 return
-            self._news = time.monotonic()
+            if asked_at is None:
+                self._news = time.monotonic()
             was_queued = self._record.get("status") == P.QUEUED
             before = {stream: self._record.get(stream) or "" for stream in P.STREAMS}
             self._record.update(summary)
@@ -193,10 +207,11 @@ class Job:
                     listener(stream, new)
             self._notify()
 
-    def _replace(self, record: dict) -> None:
+    def _replace(self, record: dict, asked_at: float) -> None:
+        """The job as a read asked at ``asked_at`` (``time.monotonic()``) found it."""
         with self._lock:
-            if self._older(record):
-                return  # (still stale if it was: the next read is answered after the end)
+            if self._older(record, asked_at):
+                return  # (still stale if it was: the next read is answered later)
             self._record = sharing_inputs(dict(record), self._record)
             self._stale = False
             self._notify()
@@ -206,12 +221,14 @@ class Job:
     def refresh(self, timeout: float = 30.0) -> "Job":
         """Re-read the job from the master; ``timeout`` bounds the HTTP request."""
         self._acked()
-        self._replace(self._cluster._call("GET", f"/api/jobs/{self.id}", timeout=timeout))
+        asked = time.monotonic()
+        self._replace(self._cluster._call("GET", f"/api/jobs/{self.id}", timeout=timeout), asked)
         return self
 
     def cancel(self) -> "Job":
         self._acked()
-        self._replace(self._cluster._post(f"/api/jobs/{self.id}/cancel"))
+        asked = time.monotonic()
+        self._replace(self._cluster._post(f"/api/jobs/{self.id}/cancel"), asked)
         return self
 
     # -- files out ---------------------------------------------------------------

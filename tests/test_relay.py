@@ -20,7 +20,7 @@ from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master import auth
 
-from conftest import close_ws, users_json, wait_for
+from conftest import HOLD, UNTIL_RELEASED, close_ws, release_jobs, users_json, wait_for
 
 CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
@@ -545,3 +545,27 @@ def test_a_submission_sent_again_to_a_restarted_master_gets_the_job_it_made_befo
     fresh = ask("alice", "r-2")
     assert fresh["id"] not in (made["id"], other["id"])
     assert fresh["history"] == [fresh["id"], made["id"]]
+
+
+def test_a_read_answered_before_an_event_does_not_move_the_job_back(make_cluster):
+    """A GET or a listing asked while a job was queued, answered after the events of its start and output,
+    leaves the job running with its output (it moved it back to queued, its output wiped)."""
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        blocker = c.submit(HOLD + UNTIL_RELEASED)
+        job = c.submit(HOLD + "print('started', flush=True)\n" + UNTIL_RELEASED)
+        wait_for(lambda: blocker.status == P.RUNNING, 30, "the blocker to take the one slot")
+        asked = time.monotonic()
+        late = c._call("GET", f"/api/jobs/{job.id}")  # the job as it is now: queued
+        listed = c._call("GET", "/api/jobs", params={"limit": 50})["jobs"]
+        assert late["status"] == P.QUEUED
+        release_jobs(lc.slaves[0].proc.pid)  # the blocker ends; the job starts and prints
+        wait_for(lambda: job.record.get("stdout") == "started\n", 30, "the job's output event")
+        job._replace(late, asked)  # as if that read's answer came only now
+        [summary] = [r for r in listed if r["id"] == job.id]
+        job._apply_update(summary, asked)
+        assert job.status == P.RUNNING and job.record["stdout"] == "started\n"
+        # A read asked after the events is applied: here, the job's end.
+        release_jobs(lc.slaves[0].proc.pid)
+        assert job.wait(30).status == P.SUCCEEDED and job.stdout == "started\n"
+        assert job.refresh().status == P.SUCCEEDED
