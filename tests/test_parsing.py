@@ -51,7 +51,8 @@ def test_a_users_large_programs_do_not_hold_another_users_job(two_users):
     batch: list = []
 
     def submit_batch():
-        group = alice.submit_many([{"source": BIG}, {"source": BIG + "x = (\n"}, {"source": BIG + "print(len('ok'))\n"}])
+        group = alice.submit_many([{"source": BIG}, {"source": BIG + "x = (\n"},
+                                   {"source": BIG + "print(len('ok'))\n"}])
         batch.extend(group[i] for i in range(len(group)))
         answered.set()
     sender = threading.Thread(target=submit_batch)
@@ -78,7 +79,8 @@ def test_a_parser_that_dies_rejects_that_program_and_the_next_is_judged_again(cl
     psutil.Process(pids[0]).kill()
     sender.join(90)
     job = first[0]
-    assert job.status == P.REJECTED and job.error["code"] == P.SYNTAX_ERROR and "parser failed" in job.error["message"], job.error
+    assert job.status == P.REJECTED and job.error["code"] == P.SYNTAX_ERROR, job.error
+    assert "parser failed" in job.error["message"], job.error
     again = client.submit(BIG + "print('judged')\n").wait(60)
     assert again.status == P.SUCCEEDED and again.stdout == "judged\n", again.error
     bad = client.submit(BIG + "def f(:\n").wait(60)
