@@ -1,6 +1,7 @@
-"""How long one user's large programs hold another user's trivial jobs while the master parses them.
+"""How long one user's large submissions hold another user's trivial jobs on the master.
 
     .venv/bin/python benchmarks/parse_stall.py [--programs 4] [--runs 1]
+    .venv/bin/python benchmarks/parse_stall.py --stdin 7 --programs 32 [--master-args="--read-rate 0"]
 
 A local cluster of 1 slave x 2 slots with two users.  Alice submits a batch
 of ``--programs`` Python programs of about 1 MiB each (``ast.parse`` takes a
@@ -8,7 +9,11 @@ second or more of CPU per program here); meanwhile Bob submits trivial jobs
 one after another (30 ms apart, under the default rate) and waits for each.  Prints how long Alice's batch took to
 be answered, and Bob's job latency while it was pending (p50 and max).  Run
 it in turns with an older tree (``cd /tmp/old && PYTHONPATH=$PWD ...``) to
-compare: the machines are shared and noisy.
+compare: the machines are shared and noisy.  With ``--stdin MIB`` Alice's
+programs are trivial and each carries MIB of stdin instead (what the master
+reads, decodes and stores, not what it parses), sent one by one on her
+WebSocket; ``--master-args`` passes flags to the master (``--read-rate 0``:
+no read rate).
 """
 from __future__ import annotations
 
@@ -41,10 +46,10 @@ def users_file(folder: str) -> str:
     return path
 
 
-def run(programs: int) -> dict:
+def run(programs: int, stdin_mib: float, master_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="distexec-bench-") as home:
         lc = LocalCluster(1, slots=2, languages="python", home=home, log_dir=os.path.join(home, "logs"),
-                          wait_complete=True, master_args=["--users", users_file(home)]).start()
+                          wait_complete=True, master_args=["--users", users_file(home)] + master_args).start()
         try:
             alice = Cluster(lc.url, user="alice", password="alice-pw")
             bob = Cluster(lc.url, user="bob", password="bob-pw")
@@ -54,9 +59,16 @@ def run(programs: int) -> dict:
 
             def submit():
                 t0 = time.perf_counter()
-                alice.submit_many([{"source": BIG + f"y = {i}\n"} for i in range(programs)])
-                took.append(time.perf_counter() - t0)
-                done.set()
+                try:
+                    if stdin_mib:
+                        data = "x" * int(stdin_mib * (1 << 20))
+                        for job in [alice.submit("pass", stdin=data) for _ in range(programs)]:
+                            job.id  # read and answered
+                    else:
+                        alice.submit_many([{"source": BIG + f"y = {i}\n"} for i in range(programs)])
+                    took.append(time.perf_counter() - t0)
+                finally:
+                    done.set()
             sender = threading.Thread(target=submit)
             sender.start()
             time.sleep(0.05)  # alice's batch on its way first: what is measured is bob's jobs behind it
@@ -67,6 +79,8 @@ def run(programs: int) -> dict:
                 latencies.append(time.perf_counter() - t0)
                 time.sleep(0.03)  # under the master's default rate per user (50 submissions/s)
             sender.join()
+            if not took:
+                raise SystemExit("alice's submissions failed (see above)")
             alice.close()
             bob.close()
         finally:
@@ -78,11 +92,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--programs", type=int, default=4, help="alice's programs of 1 MiB")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--stdin", type=float, default=0, metavar="MIB", help="trivial programs with this much stdin")
+    p.add_argument("--master-args", default="", help="more flags for the master")
     args = p.parse_args()
     logging.disable(logging.INFO)
     for _ in range(args.runs):
-        r = run(args.programs)
-        print(f"alice's {args.programs} x 1 MiB answered in {r['batch']:.2f} s; meanwhile bob's {r['n']} trivial "
+        r = run(args.programs, args.stdin, args.master_args.split())
+        what = f"{args.stdin:g} MiB of stdin" if args.stdin else "1 MiB of source"
+        print(f"alice's {args.programs} x {what} answered in {r['batch']:.2f} s; meanwhile bob's {r['n']} trivial "
               f"job(s): p50 {r['p50'] * 1000:.1f} ms, max {r['max'] * 1000:.1f} ms", flush=True)
 
 

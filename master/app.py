@@ -181,6 +181,7 @@ class JobsHandler(ApiHandler):
             return  # no valid token, or answered 413 while the body came in
         self.request.body = b"".join(self._chunks)
         self._chunks = []
+        await self.gate.read_turn(self.identity, len(self.request.body))
         body = self.json_body()
         # A batch counts what it holds (one beyond P.MAX_BATCH: it is refused for its size anyway).
         cost = min(len(body), P.MAX_BATCH + 1) if isinstance(body, list) else 1

@@ -1,4 +1,4 @@
-"""How much one client may ask of the master: submission and login rates.
+"""How much one client may ask of the master: submission, read and login rates.
 
 A token bucket per key (a user name, or an address for logins): ``burst``
 submissions at once, then ``rate`` per second.  Pure bookkeeping with an
@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 
 DEFAULT_RATE = 50.0
 DEFAULT_BURST = 100
+# What the master reads of one user's submissions, in MiB per second and at once.  Each MiB costs the master's
+# loop (decoding 3 ms, storing, sending on to a slave) what every other user's jobs and events wait on: one
+# user pipelining 7 MiB submissions took another's trivial jobs from 5 to 107 ms at p50 (parse_stall.py).
+DEFAULT_READ_RATE = 16.0
+DEFAULT_READ_BURST = 32.0
 # Failed logins per address: a few per second is plenty for people who mistype, and a
 # password-guessing flood is cut off before it costs a hash.
 LOGIN_RATE = 5.0
@@ -104,8 +109,11 @@ class RateLimiter:
 class Gate:
     """The per-client limits the handlers apply before calling ``Master``."""
 
-    def __init__(self, submit_rate: float | None = None, submit_burst: float | None = None):
+    def __init__(self, submit_rate: float | None = None, submit_burst: float | None = None,
+                 read_rate: float | None = None, read_burst: float = DEFAULT_READ_BURST):
         self.submissions = RateLimiter(submit_rate, submit_burst)
+        # Bytes of submissions read, per user (MiB/s and MiB given): a user past it is read later, not refused.
+        self.reads = RateLimiter(read_rate * (1 << 20) if read_rate else None, read_burst * (1 << 20))
         self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)  # failures only
         self.login_turns = asyncio.Semaphore(LOGIN_HASHES_AT_ONCE)  # first come, first hashed
 
@@ -140,6 +148,20 @@ class Gate:
             raise RateLimited(f"too many submissions from {ident.user!r}: at most "
                               f"{per} (burst {self.submissions.burst:g}); "
                               f"retry in {_seconds(wait)}", wait)
+
+    def read_wait(self, ident: "Identity | None", size: int) -> float:
+        """Seconds before ``size`` more bytes of ``ident``'s submissions are read: 0, spent now, while the
+        user is within the read rate (a message larger than what is left goes, leaving a debt); else how
+        long to wait, spending nothing.  The handler then stops reading that user's connection (its own
+        later messages wait behind), while every other user's are read as ever.  Admins are not held."""
+        if ident is None or ident.admin:
+            return 0.0
+        return self.reads.take(ident.user, size)
+
+    async def read_turn(self, ident: "Identity | None", size: int) -> None:
+        """Wait until ``size`` more bytes of ``ident``'s submissions may be read (``read_wait``)."""
+        while wait := self.read_wait(ident, size):
+            await asyncio.sleep(wait)
 
     def refund_submit(self, ident: "Identity", jobs: int = 1) -> None:
         """Give back what ``check_submit`` spent on a submission refused whole (too large, malformed,

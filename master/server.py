@@ -21,7 +21,7 @@ from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
 from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_CLIENTS_PER_USER, DEFAULT_MAX_QUEUE,
                    DEFAULT_MAX_QUEUED_PER_USER, PRUNE_INTERVAL, Master)
-from .limits import DEFAULT_BURST, DEFAULT_RATE, Gate, parse_rate
+from .limits import DEFAULT_BURST, DEFAULT_RATE, DEFAULT_READ_BURST, DEFAULT_READ_RATE, Gate, parse_rate
 from .store import JobStore
 
 log = logging.getLogger("distexec.master")
@@ -55,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"submissions per second per user, not admins (default {DEFAULT_RATE:g}/s; 0 = no limit)")
     p.add_argument("--burst", type=int, default=DEFAULT_BURST,
                    help=f"submissions a user may send at once before --rate applies (default {DEFAULT_BURST})")
+    p.add_argument("--read-rate", type=parse_rate, default=DEFAULT_READ_RATE, metavar="MiB/s",
+                   help="MiB of submissions per second the master reads for one user, not admins; a user past "
+                        f"it is read later, not refused (default {DEFAULT_READ_RATE:g}/s; 0 = no limit)")
+    p.add_argument("--read-burst", type=float, default=DEFAULT_READ_BURST, metavar="MiB",
+                   help=f"MiB of submissions read for a user at once before --read-rate applies "
+                        f"(default {DEFAULT_READ_BURST})")
     p.add_argument("--max-queued-per-user", type=_count, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
                    help="most jobs one user (the admin token counts as one) may have waiting; past it their "
                         f"submission gets 429 queue_full (default {DEFAULT_MAX_QUEUED_PER_USER}; 0 = no cap)")
@@ -98,7 +104,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                     max_timeout=args.max_timeout or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
                     prune_interval=args.prune_interval)
-    app = make_app(master, auth, Gate(args.rate, args.burst))
+    app = make_app(master, auth, Gate(args.rate, args.burst, args.read_rate, args.read_burst))
     ssl_ctx = None
     if args.certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -184,8 +184,27 @@ class _Socket(tornado.websocket.WebSocketHandler):
         """Handle one frame.  A handler that completes at once (most do) runs here and returns None, so
         tornado reads the next frame in the same turn of the loop: a pipelined burst is taken in with
         no turn per frame.  One that must wait (a result's commit) returns its coroutine, which tornado
-        awaits before reading on: that peer's later frames stay behind it."""
+        awaits before reading on: that peer's later frames stay behind it.  So does a frame of a user past
+        the read rate (``Gate.read_wait``), decoded only once its turn comes."""
         self.hearing.heard()
+        wait = self._read_wait(len(text))
+        if wait:
+            return self._read_later(text, wait)
+        return self._handle(text)
+
+    def _read_wait(self, size: int) -> float:
+        return 0.0  # a slave's frames: the master's own cluster
+
+    async def _read_later(self, text: str, wait: float) -> None:
+        while wait:
+            await asyncio.sleep(wait)
+            self.hearing.heard()  # we are the ones not reading: the peer is not silent
+            wait = self._read_wait(len(text))
+        waiting = self._handle(text)
+        if waiting is not None:
+            await waiting
+
+    def _handle(self, text: str) -> Awaitable[None] | None:
         try:
             msg = P.decode(text)
         except P.ProtocolError as exc:
@@ -274,6 +293,9 @@ class ClientSocket(_Socket):
             delay = max(0.0, self.identity.expires_at - time.time())
             self._expiry = asyncio.get_running_loop().call_later(
                 delay, lambda: self.close(4001, "token expired"))
+
+    def _read_wait(self, size: int) -> float:
+        return self.gate.read_wait(self.identity, size)
 
     def on_submit(self, msg: dict) -> None:
         """Take a submission in, to be answered with the others this turn of the loop brings (a client

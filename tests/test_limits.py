@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import argon2
 import pytest
@@ -709,3 +710,31 @@ def test_a_page_of_large_jobs_is_cut_to_its_byte_bound_and_the_rest_follows(make
     assert {j["id"] for j in summary} == every and not any("stdout" in j or "source" in j for j in summary)
     with Cluster(lc.url, token=lc.token) as c:  # the Python API reads on until it has what was asked
         assert {j.id for j in c.jobs(limit=1000)} == every and len(c.jobs(limit=2)) == 2
+
+
+def test_a_user_past_the_read_rate_is_read_later_while_others_are_read_at_once(make_cluster, tmp_path):
+    """Large submissions of one user are read at its --read-rate (the master's CPU is everyone's), never refused;
+    another user's submissions meanwhile are read as they come."""
+    lc = make_cluster(1, slots=2, languages="python",
+                      master_args=["--users", users_json(tmp_path, "alice", "bob"), "--read-rate", "1",
+                                   "--read-burst", "1"])
+    big = "x" * (900 << 10)  # 0.9 MiB of stdin each: 3 of them take alice past 2 MiB
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, \
+            Cluster(lc.url, user="bob", password="bob-pw") as bob:
+        start = time.monotonic()
+        mine = [alice.submit("import sys; print(len(sys.stdin.read()))", stdin=big) for _ in range(3)]
+        theirs = bob.submit("print('bob')").wait(60)
+        assert theirs.status == P.SUCCEEDED
+        # Bob's job was read, run and reported while alice's last submission still waited to be read.
+        assert mine[2].pending, "alice's third submission was read before bob's job ended"
+        done = [job.wait(60) for job in mine]
+        took = time.monotonic() - start
+        assert [job.stdout for job in done] == [f"{len(big)}\n"] * 3
+        # 1 MiB at once, then 1 MiB/s: the first two are read at once (the second leaves a debt of 0.8 MiB),
+        # the third 0.8 s later.
+        assert took >= 0.7, took
+        # HTTP submissions are read at the same rate, from the same account.
+        start = time.monotonic()
+        r = requests.post(lc.url + "/api/jobs", json={"source": "pass", "language": "python", "stdin": big},
+                          headers={"Authorization": f"Bearer {alice.token}"}, timeout=60)
+        assert r.status_code == 201 and time.monotonic() - start >= 0.4
