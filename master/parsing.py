@@ -31,6 +31,9 @@ log = logging.getLogger("distexec.master")
 INLINE_BYTES = 4 << 10  # programs of a submission up to this much in all are parsed on the loop (~5 ms)
 PART_BYTES = 1 << 20  # what the worker parses for one user before the next user's turn
 PART_TIMEOUT = 30.0  # seconds for one part; the largest program parses in under 4 s
+# The worker ends once idle this long: a large program's tree left it 400 MiB it would hold for good
+# (CPython keeps what it freed), and it starts again in about 0.1 s.
+IDLE_STOP = 60.0
 KEPT_BYTES = 64 << 20  # programs parsed ahead whose answer is kept for the jobs they become
 WORKER_MEMORY = 2 << 30  # address space of the worker: a 1 MiB program's tree takes about 400 MiB
 _HEADER = struct.Struct(">I")
@@ -114,6 +117,7 @@ class Worker:
         self._proc: asyncio.subprocess.Process | None = None
         self._waiting: collections.OrderedDict[str | None, collections.deque] = collections.OrderedDict()
         self._serving: asyncio.Task | None = None
+        self._idle: asyncio.TimerHandle | None = None  # stops the worker (IDLE_STOP)
 
     async def parse(self, user: str | None, items: list[tuple]) -> list[dict | None]:
         """``check`` of each ``(session, language, source)``, in the worker."""
@@ -128,6 +132,9 @@ class Worker:
         parts.append(part)
         futures = [loop.create_future() for _ in parts]
         self._waiting.setdefault(user, collections.deque()).extend(zip(parts, futures))
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         if self._serving is None or self._serving.done():
             self._serving = asyncio.ensure_future(self._serve())
         out: list[dict | None] = []
@@ -154,6 +161,8 @@ class Worker:
                 answers = [_unparsed("Python's parser failed on it")] * len(part)
             if not fut.cancelled():
                 fut.set_result(answers)
+        # Nothing waits (a parse that comes meanwhile cancels this first): no race with a request.
+        self._idle = asyncio.get_running_loop().call_later(IDLE_STOP, self._stop)
 
     async def _ask(self, part: list[tuple]) -> list[dict | None]:
         # Blocking pipes in a thread: the worker answers in one write, and a kill (timeout, close) ends the read.
@@ -173,6 +182,8 @@ class Worker:
     def close(self) -> None:
         if self._serving is not None:
             self._serving.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
         self._stop()
 
 

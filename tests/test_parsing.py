@@ -130,3 +130,24 @@ def test_a_parse_past_its_time_is_rejected_and_the_worker_starts_again(monkeypat
     slow, fine = asyncio.run(run())
     assert "took over 0.05 s to parse" in slow[0]["message"]
     assert fine[0]["line"] == 1 and fine[1] is None
+
+
+def test_the_worker_ends_once_idle_and_starts_again_when_needed(monkeypatch):
+    monkeypatch.setattr(parsing, "IDLE_STOP", 0.05)
+
+    async def run():
+        worker = parsing.Worker()
+        try:
+            first = await worker.parse("alice", [(False, "python", "pass\n")])
+            proc = worker._proc
+            deadline = asyncio.get_running_loop().time() + 10
+            while worker._proc is not None and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            again = await worker.parse("alice", [(False, "python", "def f(:\n")])
+        finally:
+            worker.close()
+        return first, proc, again
+    first, proc, again = asyncio.run(run())
+    assert first == [None]
+    assert proc.poll() is not None, "the idle worker still runs"
+    assert again[0]["line"] == 1
