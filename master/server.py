@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"it is read later, not refused (default {DEFAULT_READ_RATE:g}/s; 0 = no limit)")
     p.add_argument("--read-burst", type=float, default=DEFAULT_READ_BURST, metavar="MiB",
                    help=f"MiB of submissions read for a user at once before --read-rate applies "
-                        f"(default {DEFAULT_READ_BURST})")
+                        f"(default {DEFAULT_READ_BURST:g})")
     p.add_argument("--max-queued-per-user", type=_count, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
                    help="most jobs one user (the admin token counts as one) may have waiting; past it their "
                         f"submission gets 429 queue_full (default {DEFAULT_MAX_QUEUED_PER_USER}; 0 = no cap)")
