@@ -20,7 +20,7 @@ DEFAULT_RATE = 50.0
 DEFAULT_BURST = 100
 # What the master reads of one user's submissions, in MiB per second and at once.  Each MiB costs the master's
 # loop (decoding 3 ms, storing, sending on to a slave) what every other user's jobs and events wait on: one
-# user pipelining 7 MiB submissions took another's trivial jobs from 5 to 107 ms at p50 (parse_stall.py).
+# user pipelining 7 MiB submissions took another's trivial jobs from 5 ms to 0.1-0.7 s at p50 (parse_stall.py).
 DEFAULT_READ_RATE = 16.0
 DEFAULT_READ_BURST = 32.0
 # Failed logins per address: a few per second is plenty for people who mistype, and a
