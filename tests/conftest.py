@@ -148,10 +148,27 @@ def held_jobs(slave_pid: int) -> list[psutil.Process]:
 
 def release_jobs(*slave_pids: int, timeout: float = 30.0) -> None:
     """Once a job of those slaves waits in UNTIL_RELEASED, let every such job go on."""
-    held = wait_for(lambda: [p for pid in slave_pids for p in held_jobs(pid)], timeout,
-                    "a held job to wait for its release")
+    held = wait_for(lambda: held_by(*slave_pids), timeout, "a held job to wait for its release")
     for p in held:
         p.send_signal(signal.SIGUSR1)
+
+
+def held_by(*slave_pids: int) -> list[psutil.Process]:
+    """The held jobs (UNTIL_RELEASED) of all those slaves."""
+    return [p for pid in slave_pids for p in held_jobs(pid)]
+
+
+def release_until_done(jobs, *slave_pids: int, timeout: float = 60.0) -> None:
+    """Let every held job of those slaves go on, again as the next ones start held, until all of ``jobs``
+    (client Jobs) have ended."""
+    def ended() -> bool:
+        for p in held_by(*slave_pids):
+            try:
+                p.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
+        return all(job.done for job in jobs)
+    wait_for(ended, timeout, "the held jobs to be let go and end")
 
 
 def assert_gone(procs: list[psutil.Process], what: str = "processes", timeout: float = 15.0) -> None:

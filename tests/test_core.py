@@ -20,7 +20,7 @@ import tornado.websocket
 from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.cluster import DistexecError
 
-from conftest import HOLD, UNTIL_RELEASED, close_ws, release_jobs, wait_for
+from conftest import HOLD, UNTIL_RELEASED, close_ws, held_by, held_jobs, release_jobs, release_until_done, wait_for
 
 
 def api(cluster, method, path, token="default", **kwargs):
@@ -212,8 +212,13 @@ def test_cancel_queued_job_and_terminal_cancel(make_cluster):
 
 def test_max_jobs_cap_and_slots_are_never_exceeded(make_cluster):
     lc = make_cluster(2, slots=3, max_jobs=4)
+    pids = [s.proc.pid for s in lc.slaves]
     with Cluster(lc.url, token=lc.token) as c:
-        jobs = [c.submit("import time\ntime.sleep(0.4)") for _ in range(14)]
+        jobs = [c.submit(HOLD + UNTIL_RELEASED) for _ in range(14)]
+        # The first four run together and hold their slots: the cap is reached, and none is let past it.
+        wait_for(lambda: len(held_by(*pids)) == 4, 30, "four jobs to run at once")
+        assert len(c.jobs(status=P.RUNNING)) == 4
+        release_until_done(jobs, *pids)
         for j in jobs:
             j.wait(60)
         assert all(j.status == P.SUCCEEDED for j in jobs), [j.record for j in jobs]
@@ -227,8 +232,11 @@ def test_max_jobs_cap_and_slots_are_never_exceeded(make_cluster):
 
 def test_per_slave_slots_without_a_cap(make_cluster):
     lc = make_cluster(2, slots=2)
+    pids = [s.proc.pid for s in lc.slaves]
     with Cluster(lc.url, token=lc.token) as c:
-        jobs = [c.submit("import time\ntime.sleep(0.3)") for _ in range(10)]
+        jobs = [c.submit(HOLD + UNTIL_RELEASED) for _ in range(10)]
+        wait_for(lambda: [len(held_jobs(pid)) for pid in pids] == [2, 2], 30, "each slave's two slots taken")
+        release_until_done(jobs, *pids)
         for j in jobs:
             j.wait(60)
         per_slave = {}
@@ -458,11 +466,13 @@ def test_live_events_reach_every_client(cluster):
         b.close()
 
 
-def test_output_streams_before_the_job_ends(client):
-    job = client.submit("import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.4)")
+def test_output_streams_before_the_job_ends(client, cluster):
+    job = client.submit(HOLD + "print(0, flush=True)\n" + UNTIL_RELEASED + "print(1)\nprint(2)\n")
     seen = []
     for stream, text in job.iter_output(timeout=30):
         seen.append((text, job.status))
+        if len(seen) == 1:  # the job waits for this: its first line came while it ran
+            release_jobs(*(s.proc.pid for s in cluster.slaves))
     assert "".join(t for t, _ in seen) == "0\n1\n2\n"
     assert seen[0][1] == P.RUNNING  # the first chunk came while the job still ran
 

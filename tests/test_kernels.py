@@ -28,7 +28,7 @@ from nbclient.exceptions import CellExecutionError
 from distexec_kernel import Cluster, cli, kernelspec, protocol as P
 from distexec_kernel.local import LocalCluster, free_port
 
-from conftest import shared_cluster, wait_for
+from conftest import release_jobs, shared_cluster, wait_for
 from test_notebooks import collect, text_of
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -209,12 +209,20 @@ def test_timeout_fails_the_cell_with_its_code(c_kernel):
     assert reply["status"] == "error" and reply["ename"] == P.TIMEOUT, out
 
 
+# A C program that waits for its test to let it go (conftest's HOLD and UNTIL_RELEASED, in C).
+C_UNTIL_RELEASED = ("#include <signal.h>\n#include <time.h>\nint main(void) {\n"
+                    "  sigset_t s; sigemptyset(&s); sigaddset(&s, SIGUSR1); sigprocmask(SIG_BLOCK, &s, 0);\n"
+                    "  struct timespec t = {300, 0}; sigtimedwait(&s, 0, &t);\n  return 0;\n}\n")
+
+
 def test_no_wait_returns_at_once(c_kernel, world):
     km, kc = c_kernel
-    _, reply, out = run(kc, "%no-wait\n#include <unistd.h>\nint main(void) { sleep(1); return 0; }\n")
+    _, reply, out = run(kc, "%no-wait\n" + C_UNTIL_RELEASED)
     assert reply["status"] == "ok"
     job_id = int(re.search(r"job (\d+)", out).group(1))
     with Cluster(world.url, token=world.token) as c:
+        assert c.job(job_id).status in (P.QUEUED, P.RUNNING)  # the cell ended; the job waits on
+        release_jobs(*(s.proc.pid for s in world.slaves), timeout=JOB_WAIT)
         assert c.job(job_id).wait(timeout=JOB_WAIT).status == P.SUCCEEDED
 
 

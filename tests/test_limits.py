@@ -28,7 +28,7 @@ from master.limits import RateLimiter, parse_rate
 from master.sockets import MAX_UNSENT_BYTES
 from master.store import PAGE_BYTES
 
-from conftest import close_ws, users_json, wait_for
+from conftest import HOLD, UNTIL_RELEASED, close_ws, release_jobs, users_json, wait_for
 
 CHEAP = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
@@ -640,8 +640,9 @@ def test_a_client_let_go_without_close_closes_its_channel(make_cluster, tmp_path
                      "the master to see the earlier client's channel closed")
         # A client held only by its job lives as long as the job is used: the one-liner works.
         assert Cluster(lc.url, user="alice", password="alice-pw").submit("print(2)").wait(30).stdout == "2\n"
-        job = c.submit("import time\ntime.sleep(0.5)\nprint(3)")
+        job = c.submit(HOLD + UNTIL_RELEASED + "print(3)")
         del c
+        release_jobs(lc.slaves[0].proc.pid)  # it ends only now, after its client was let go
         assert job.wait(30).stdout == "3\n" and job.status == P.SUCCEEDED  # its events still came
         del job
         wait_for(lambda: not [x for x in admin.clients() if x["user"] == "alice"], 10, "alice's channels to close")

@@ -97,23 +97,34 @@ def test_help_comes_from_magic_arguments(shell):
     assert "--end NAME" in cap.stdout + cap.stderr
 
 
-def test_output_streams_live_and_ends_with_a_status_line(shell, master):
+def test_output_streams_live_and_ends_with_a_status_line(shell, master, lc):
     name = f"live-{uuid.uuid4().hex[:6]}"
     rec = Recorder()
-    cell = (f"%%remote --name {name}\nimport sys, time\n"
-            "for i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.3)\n"
+    cell = (f"%%remote --name {name}\nimport sys\n" + HOLD +
+            "for i in range(2):\n    print('line', i, flush=True)\n" + UNTIL_RELEASED +
+            "for i in range(2, 4):\n    print('line', i, flush=True)\n"
             "print('to stderr', file=sys.stderr)\n")
+    live = threading.Event()
+
+    def release_once_shown():
+        # The job waits until its first lines are in the cell: only live output lets it end.
+        try:
+            wait_for(lambda: "line 1" in "".join(text for _, text in rec.chunks), 30, "the first lines in the cell")
+            live.set()
+        finally:
+            release_jobs(*(s.proc.pid for s in lc.slaves))
+    releaser = threading.Thread(target=release_once_shown)
+    releaser.start()
     with capture_output() as cap, redirect_stdout(rec):
         result = shell.run_cell(cell)
+    releaser.join()
     assert result.success, cap.stdout
     job = last_job_named(master, name)
     out = "".join(text for _, text in rec.chunks)
     assert out == "line 0\nline 1\nline 2\nline 3\n"
     assert "to stderr" in cap.stderr
-    # Live, not at the end: the first line was in the cell while the job still had ~1 s to run.
-    first = next(t for t, text in rec.chunks if "line 0" in text)
-    finished = P.parse_time(job["finished_at"]).timestamp()
-    assert finished - first > 0.6, (finished - first, rec.chunks)
+    # Live, not at the end: the first lines were in the cell while the job still waited.
+    assert live.is_set(), rec.chunks
     status = displayed_text(cap)
     assert re.fullmatch(rf"✅ job {job['id']} · python · slave \S+… · \d+\.\d+ s", status), status
     assert job["slave_uid"][:8] in status

@@ -19,7 +19,7 @@ from distexec_kernel import Cluster, protocol as P
 from distexec_kernel import panel as panel_mod
 from distexec_kernel.panel import JobPanel
 
-from conftest import wait_for
+from conftest import HOLD, UNTIL_RELEASED, release_jobs, wait_for
 
 T = 20.0  # generous: the 2 cores are shared with the cluster and other tests
 
@@ -83,9 +83,11 @@ def test_run_from_editor_streams_to_success(panel, client, cluster):
     panel.job_list.observe(lambda change: history.append({v: lab for lab, v in change["new"]}), "options")
 
     job_id = run_in_editor(
-        panel, "import sys, time\nprint('hello', sys.argv[1:], flush=True)\ntime.sleep(1.0)\n", args="a 'b c'")
+        panel, HOLD + "import sys\nprint('hello', sys.argv[1:], flush=True)\n" + UNTIL_RELEASED, args="a 'b c'")
     # In the list at once, from the submit's answer, not a later event.
-    assert icon(panel, job_id) in ("🕓", "⏳", "✅")
+    assert icon(panel, job_id) in ("🕓", "⏳")
+    wait_for(lambda: icon(panel, job_id) == "⏳", T, "row ⏳ while the job waits")
+    release_jobs(*(s.proc.pid for s in cluster.slaves))
     wait_for(lambda: icon(panel, job_id) == "✅", T, "row ✅")
     seen = [h[job_id][0] for h in history if job_id in h]
     assert seen[0] in ("🕓", "⏳") and seen[-1] == "✅", seen
@@ -128,13 +130,16 @@ def pre_text(widget) -> str:
     return html.unescape(value[value.index(">") + 1:value.rindex("</pre>")]) if "<pre" in value else ""
 
 
-def test_selected_mid_run_the_output_is_whole_and_not_doubled(panel, client):
-    job = client.submit("import time\nfor i in range(8):\n    print('tick', i, flush=True)\n    time.sleep(0.25)\n",
-                        name="ticker")
-    wait_for(lambda: "tick 1" in (client.job(job.id).stdout or ""), T, "the job half way")
+def test_selected_mid_run_the_output_is_whole_and_not_doubled(panel, client, cluster):
+    job = client.submit(HOLD + "for i in range(4):\n    print('tick', i, flush=True)\n" + UNTIL_RELEASED +
+                        "for i in range(4, 8):\n    print('tick', i, flush=True)\n", name="ticker")
+    wait_for(lambda: "tick 3" in (client.job(job.id).stdout or "") and icon(panel, job.id) == "⏳", T,
+             "the job half way, and in the list")
     panel.job_list.value = job.id  # a click while it runs: output so far, then the rest live
-    wait_for(lambda: "tick 2" in pre_text(panel.detail.stdout) and icon(panel, job.id) == "⏳", T,
-             "live output of the selected job")
+    wait_for(lambda: "tick 3" in pre_text(panel.detail.stdout) and icon(panel, job.id) == "⏳", T,
+             "the selected job's output so far")
+    release_jobs(*(s.proc.pid for s in cluster.slaves))
+    wait_for(lambda: "tick 5" in pre_text(panel.detail.stdout), T, "the rest of its output, live")
     wait_for(lambda: icon(panel, job.id) == "✅", T, "✅")
     want = "".join(f"tick {i}\n" for i in range(8))
     assert job.wait(T).stdout == want

@@ -16,7 +16,8 @@ from distexec_kernel import Cluster, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master.scheduler import Scheduler
 
-from conftest import HOLD, UNTIL_RELEASED, assert_gone, logs, release_jobs, shared_cluster, wait_for
+from conftest import (HOLD, UNTIL_RELEASED, assert_gone, held_jobs, logs, release_jobs, release_until_done,
+                      shared_cluster, wait_for)
 
 WAIT = 60  # seconds a job may take: a session's first job starts a kernel on a loaded machine
 
@@ -260,8 +261,11 @@ def test_a_session_stays_on_its_slave_and_runs_its_jobs_in_order(py_client, py_c
     assert first.status == P.SUCCEEDED, first.stderr
     # Submitted back to back, without waiting: they queue and run one at a time, in order.
     jobs = [py_client.submit(f"seen.append({i}); print(len(seen))", session="order") for i in range(12)]
-    # Plain jobs meanwhile spread over both slaves (long enough to overlap, however loaded the machine).
-    plain = [py_client.submit("import time\ntime.sleep(0.5)\nprint('plain')") for _ in range(6)]
+    # Plain jobs meanwhile spread over both slaves: they run at once, held until each slave has one.
+    plain = [py_client.submit(HOLD + UNTIL_RELEASED + "print('plain')") for _ in range(6)]
+    pids = [s.proc.pid for s in py_cluster.slaves]
+    wait_for(lambda: all(held_jobs(pid) for pid in pids), WAIT, "plain jobs running on both slaves")
+    release_until_done(plain, *pids, timeout=WAIT)
     for j in jobs + plain:
         j.wait(WAIT)
     assert [j.status for j in jobs] == [P.SUCCEEDED] * 12, [j.stderr for j in jobs]
@@ -595,16 +599,21 @@ def test_job_files_replace_what_a_cell_planted_and_never_write_through_it(py_cli
         assert again.stdout == "kept\n"  # the other name kept its content: no write went through the link
 
 
-def test_a_planted_fifo_leaves_the_slave_serving_others(py_client):
+def test_a_planted_fifo_leaves_the_slave_serving_others(py_client, py_cluster):
     """Before, the root open() of a FIFO blocked the slave's loop: the master dropped
     the slave and a bystander's job on it ended slave_lost."""
     planted = run(py_client, "import os\nos.mkfifo('stuck')", session="fifo-bystander")
     assert planted.status == P.SUCCEEDED, planted.stderr
     uid = planted.slave_uid
     before = {s["uid"]: s["connected_at"] for s in py_client.slaves()}
-    bystanders = [py_client.submit("import time\ntime.sleep(0.5)\nprint('ok')") for _ in range(4)]
+    # One bystander on each slave, running (held) while the session's job meets the FIFO; a slot of each
+    # slave is left for that job.
+    bystanders = [py_client.submit(HOLD + UNTIL_RELEASED + "print('ok')") for _ in range(2)]
+    pids = [s.proc.pid for s in py_cluster.slaves]
+    wait_for(lambda: all(held_jobs(pid) for pid in pids), WAIT, "a bystander running on each slave")
     job = run(py_client, "print(open('stuck').read())", session="fifo-bystander", files={"stuck": "x"})
     assert job.status == P.SUCCEEDED and job.stdout == "x\n", (job.error, job.stderr)
+    release_until_done(bystanders, *pids, timeout=WAIT)
     for b in bystanders:
         assert b.wait(WAIT).status == P.SUCCEEDED, b.error
     # The slave never dropped its connection.

@@ -652,9 +652,16 @@ def test_what_a_job_writes_on_its_done_pipe_is_no_more_than_its_exit_code(c):
         job = run(c, WHERE + DONE_PIPE + f"os.set_blocking(done[0], False)\ntry:\n    _say({said!r})\n"
                   f"except BlockingIOError:\n    pass\nraise SystemExit({code})")
         assert (job.exit_code, job.stdout) == (code, "warm\n"), (said, job.record)
-    # Its own exit code, said early, is taken: the job could have exited with it.  (It waits: at once,
-    # its real end's "done 1" could join it on the pipe, and the parent takes neither of the two.)
-    job = run(c, WHERE + DONE_PIPE + "import time\n_say(b'done 42')\ntime.sleep(2)\nraise SystemExit(1)")
+    # Its own exit code, said early, is taken: the job could have exited with it.  (It waits for the parent
+    # to read it: at once, its real end's "done 1" could join it on the pipe, and the parent takes neither.)
+    job = run(c, WHERE + DONE_PIPE + textwrap.dedent("""
+        import struct, termios, time
+        _say(b'done 42')
+        deadline = time.monotonic() + 30
+        while struct.unpack('i', fcntl.ioctl(done[0], termios.FIONREAD, bytes(4)))[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        raise SystemExit(1)
+    """))
     assert job.exit_code == 42, job.record
 
 
