@@ -295,6 +295,19 @@ def make_cluster(home, tmp_path):
 
 
 @pytest.fixture
+def two_users(make_cluster, tmp_path):
+    """A cluster of one one-slot Python slave with logins, and a client each for alice and bob."""
+    from distexec_kernel import Cluster
+
+    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users_json(tmp_path, "alice", "bob")])
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    yield lc, alice, bob
+    alice.close()
+    bob.close()
+
+
+@pytest.fixture
 def cluster(make_cluster):
     """A master and two slaves with two slots each."""
     return make_cluster(2, slots=2)

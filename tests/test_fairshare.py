@@ -12,17 +12,6 @@ from conftest import users_json, wait_for
 SLEEPER = "import time\ntime.sleep(60)\n"
 
 
-@pytest.fixture
-def two_users(make_cluster, tmp_path):
-    path = users_json(tmp_path, "alice", "bob")
-    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", path])
-    alice = Cluster(lc.url, user="alice", password="alice-pw")
-    bob = Cluster(lc.url, user="bob", password="bob-pw")
-    yield lc, alice, bob
-    alice.close()
-    bob.close()
-
-
 def test_one_users_long_queue_does_not_hold_anothers_job_behind_it(two_users):
     lc, alice, bob = two_users
     busy = alice.submit(SLEEPER, timeout=60, name="alice's sleeper")

@@ -5,13 +5,12 @@ import asyncio
 import threading
 
 import psutil
-import pytest
 import requests
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import protocol as P
 from master import parsing
 
-from conftest import users_json, wait_for
+from conftest import wait_for
 
 # About 1 MiB that parses: ast.parse takes a second or more of CPU here.
 BIG = "x = 1\n" * 170_000
@@ -22,17 +21,6 @@ TOO_DEEP = "x = " + "+".join(["1"] * 300_000) + "\n"
 def _worker_pids(master_pid: int) -> list[int]:
     return [p.pid for p in psutil.Process(master_pid).children()
             if "master.parsing" in " ".join(p.cmdline())]
-
-
-@pytest.fixture
-def two_users(make_cluster, tmp_path):
-    path = users_json(tmp_path, "alice", "bob")
-    lc = make_cluster(1, slots=2, languages="python", master_args=["--users", path])
-    alice = Cluster(lc.url, user="alice", password="alice-pw")
-    bob = Cluster(lc.url, user="bob", password="bob-pw")
-    yield lc, alice, bob
-    alice.close()
-    bob.close()
 
 
 def test_a_program_too_deep_to_parse_is_rejected_with_a_clear_error(client):
