@@ -51,6 +51,11 @@ def check(language: str, session: bool, source: str) -> dict | None:
         return _unparsed("Python's parser ran out of memory on it")
 
 
+def _key(user: str | None, job: dict) -> tuple:
+    """What a program's answer depends on: (user, session, language, source); a session cell is IPython."""
+    return user, job.get("session") is not None, job["language"], job["source"]
+
+
 def _unparsed(why: str) -> dict:
     return {"message": f"SyntaxError: {why}", "line": None, "column": None}
 
@@ -70,7 +75,7 @@ class Syntax:
 
     def detail(self, user: str | None, job: dict) -> dict | None:
         """What is wrong with the job's program, or None if it parses."""
-        key = (user, job.get("session") is not None, job["language"], job["source"])
+        key = _key(user, job)
         if key != self._last[0]:
             found = self._known.get(key, self)
             self._last = (key, check(key[2], key[1], key[3]) if found is self else found)
@@ -80,9 +85,8 @@ class Syntax:
         """Parse the programs of ``subs`` (checked submissions of ``user``) now, in the worker when
         they are large in all, so that ``detail`` has their answers.  A user's submissions are
         judged in the order they came: this one waits for their previous one's parse."""
-        keys = list(dict.fromkeys(k for k in ((user, sub.get("session") is not None, sub["language"],
-                                               sub["source"]) for sub in subs)
-                                  if L.canonical(k[2]) in L.SYNTAX_CHECKS and k not in self._known))
+        keys = [k for k in dict.fromkeys(_key(user, sub) for sub in subs)
+                if L.canonical(k[2]) in L.SYNTAX_CHECKS and k not in self._known]
         before, inline = self._ahead.get(user), sum(len(k[3]) for k in keys) <= INLINE_BYTES
         if before is None and inline:
             return  # parsed on the loop by detail, without a turn of the loop
