@@ -302,17 +302,19 @@ class LoginHandler(ApiHandler):
         except P.ProtocolError:
             self.gate.login_failed(address)
             raise
+        user = body["user"]
+        self.gate.check_login(address, user)
         if not self.auth.logins_enabled:
             return self.fail(401, "login_failed", "this master has no user logins (start it with --users FILE)")
         loop = asyncio.get_running_loop()
         async with self.gate.login_turns:
-            self.gate.check_login(address)  # the failures made while it waited count
+            self.gate.check_login(address, user)  # the failures made while it waited count
             # Argon2 takes tens of milliseconds on purpose: keep it off the event loop.
-            session = await loop.run_in_executor(None, self.auth.login, body["user"], body["password"])
+            session = await loop.run_in_executor(None, self.auth.login, user, body["password"])
             if session is None:
-                self.gate.login_failed(address)  # within its turn: the next in line sees it
+                self.gate.login_failed(address, user)  # within its turn: the next in line sees it
         if session is None:
-            log.warning("failed login for %r from %s", body["user"][:64], self.request.remote_ip)
+            log.warning("failed login for %r from %s", user[:64], self.request.remote_ip)
             return self.fail(401, "login_failed", "wrong user name or password")
         self.send_json(session)
 

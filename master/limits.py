@@ -1,6 +1,6 @@
 """How much one client may ask of the master: submission, read and login rates.
 
-A token bucket per key (a user name, or an address for logins): ``burst``
+A token bucket per key (a user name; for failed logins an address, and an address with a name): ``burst``
 submissions at once, then ``rate`` per second.  Pure bookkeeping with an
 injectable clock, so it is tested without sleeping.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Hashable
 
 from distexec_kernel import protocol as P
 
@@ -23,10 +23,17 @@ DEFAULT_BURST = 100
 # user pipelining 7 MiB submissions took another's trivial jobs from 5 ms to 0.1-0.7 s at p50 (parse_stall.py).
 DEFAULT_READ_RATE = 16.0
 DEFAULT_READ_BURST = 32.0
-# Failed logins per address: a few per second is plenty for people who mistype, and a
-# password-guessing flood is cut off before it costs a hash.
+# Failed logins per user name and address: a few per second is plenty for people who mistype, and a
+# password-guessing flood is cut off before it costs a hash.  Keyed by the name too: a class behind one
+# address (a NAT, a JupyterHub) shares it, and one student's retry loop with a wrong password locked
+# every other student there out.
 LOGIN_RATE = 5.0
 LOGIN_BURST = 10
+# Failed logins per address whatever the names: guesses spread over many names (each within its own
+# budget) are cut off too, while a whole class mistyping once each at nine o'clock is not.
+LOGIN_ADDRESS_RATE = 10.0
+LOGIN_ADDRESS_BURST = 30
+LOGIN_NAME_CHARS = 256  # of a name, as a key: a made-up name of megabytes is not kept whole
 # Argon2 hashes at once (64 MiB and tens of ms of CPU each), the others waiting their turn in order:
 # thirty logins at once took the master from 34 to 429 MiB in the default executor's threads.
 LOGIN_HASHES_AT_ONCE = 2
@@ -59,9 +66,9 @@ class RateLimiter:
         self.rate = rate
         self.burst = float(burst if burst is not None else max(1.0, 2 * (rate or 0)))
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: str, cost: float = 1.0) -> float:
+    def take(self, key: Hashable, cost: float = 1.0) -> float:
         """Spend ``cost`` tokens of ``key``; returns 0.0 if allowed, else the seconds until it is.
 
         Allowed with one token left, whatever ``cost``: a batch larger than
@@ -81,19 +88,19 @@ class RateLimiter:
         self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
 
-    def wait(self, key: str) -> float:
+    def wait(self, key: Hashable) -> float:
         """What ``take`` would answer, spending nothing."""
         if self.rate is None:
             return 0.0
         tokens = self._tokens(key, self.clock())
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
-    def _tokens(self, key: str, now: float) -> float:
+    def _tokens(self, key: Hashable, now: float) -> float:
         """``key``'s tokens at ``now``: what it had, refilled at the rate up to the burst."""
         tokens, at = self._buckets.get(key, (self.burst, now))
         return min(self.burst, tokens + (now - at) * self.rate)
 
-    def give_back(self, key: str, cost: float = 1.0) -> None:
+    def give_back(self, key: Hashable, cost: float = 1.0) -> None:
         """Return ``cost`` tokens ``take`` spent (up to the burst)."""
         if self.rate is not None and key in self._buckets:
             tokens, at = self._buckets[key]
@@ -114,22 +121,30 @@ class Gate:
         self.submissions = RateLimiter(submit_rate, submit_burst)
         # Bytes of submissions read, per user (MiB/s and MiB given): a user past it is read later, not refused.
         self.reads = RateLimiter(read_rate * (1 << 20) if read_rate else None, read_burst * (1 << 20))
-        self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)  # failures only
+        self.logins = RateLimiter(LOGIN_RATE, LOGIN_BURST)  # failures only, per (address, user name)
+        self.address_logins = RateLimiter(LOGIN_ADDRESS_RATE, LOGIN_ADDRESS_BURST)  # failures, per address
         self.login_turns = asyncio.Semaphore(LOGIN_HASHES_AT_ONCE)  # first come, first hashed
 
-    def check_login(self, address: str) -> None:
-        """Raise ``rate_limited`` if ``address`` has failed to log in too often of late.
+    def check_login(self, address: str, user: str | None = None) -> None:
+        """Raise ``rate_limited`` if ``address`` has failed to log in too often of late, as ``user`` or
+        under any names (``user`` None: the name is not read yet).
 
         Only failures are counted (``login_failed``), and each attempt is checked again at its turn to
-        hash: a class behind one address (a NAT, a JupyterHub) logging in at once is never refused, and
-        a flood of guesses from one is cut off, costing at most ``LOGIN_HASHES_AT_ONCE`` hashes past
-        the budget."""
-        wait = self.logins.wait(address)
+        hash: a class behind one address (a NAT, a JupyterHub) logging in at once is never refused, one
+        person there sending wrong passwords is refused for their own name only, and a flood of guesses
+        is cut off, costing at most ``LOGIN_HASHES_AT_ONCE`` hashes past the budget."""
+        wait = self.address_logins.wait(address)
         if wait:
             raise RateLimited(f"too many failed login attempts from this address; retry in {_seconds(wait)}", wait)
+        wait = self.logins.wait(_login_key(address, user)) if user is not None else 0.0
+        if wait:
+            raise RateLimited(f"too many failed login attempts as {user[:64]!r} from this address; "
+                              f"retry in {_seconds(wait)}", wait)
 
-    def login_failed(self, address: str) -> None:
-        self.logins.take(address)
+    def login_failed(self, address: str, user: str | None = None) -> None:
+        self.address_logins.take(address)
+        if user is not None:
+            self.logins.take(_login_key(address, user))
 
     def check_submit(self, ident: "Identity", jobs: int = 1) -> None:
         """Raise ``rate_limited`` if ``ident`` submits faster than allowed; a batch counts its ``jobs``.
@@ -168,6 +183,10 @@ class Gate:
         past the queue's cap): nothing of it was queued, so it costs the user nothing."""
         if not ident.admin:
             self.submissions.give_back(ident.user, jobs)
+
+
+def _login_key(address: str, user: str) -> tuple[str, str]:
+    return address, user[:LOGIN_NAME_CHARS]
 
 
 def _seconds(wait: float) -> str:
