@@ -35,7 +35,7 @@ from .errors import UNREACHABLE, DistexecError, RemoteError, tls_refusal, unreac
 from .events import EventStream, weakly
 from .feeding import feeders, submit_in_parts
 from .group import JobGroup, item_args
-from .job import Job
+from .job import Job, sharing_inputs
 
 __all__ = ["Cluster", "Job", "JobGroup", "DistexecError", "RemoteError", "UNREACHABLE", "tls_refusal"]
 
@@ -221,18 +221,18 @@ class Cluster:
 
     # -- pipelined submissions --------------------------------------------------
 
-    def _submit_ws(self, body: dict) -> Job | None:
-        """Send ``body`` on the event channel; the Job to answer later, or None if the channel is not open."""
+    def _submit_ws(self, body: dict, sent: dict) -> Job | None:
+        """Send ``body`` (checked: ``sent``) on the event channel; the Job to answer later, or None if it's shut."""
         events = self._events
         if events is None or not events.connected.is_set() or events.in_event_thread():
             # (An event listener that submits could never read the answer its own thread brings.)
             return None
         ref = f"{self._ref_prefix}-{next(self._refs)}"
-        msg = P.encode(P.make("submit", request=body, ref=ref))
+        msg = P.encode(P.make("submit", request=body, ref=ref, echo=False))
         if len(msg) > WS_SUBMIT_MAX_CHARS:
             return None  # over HTTP, where a body past the limit gets a clear 413, not a dropped channel
         ack = concurrent.futures.Future()
-        job = Job(self, None, ack=ack, ack_deadline=time.monotonic() + ACK_TIMEOUT)
+        job = Job(self, None, ack=ack, ack_deadline=time.monotonic() + ACK_TIMEOUT, sent=sent)
         with self._lock:
             self._pending[ref] = (msg, job, ack)
         if not events.send(msg):
@@ -323,11 +323,11 @@ class Cluster:
         """Submit one job.  ``files``: a dict (name -> text or bytes), a local file or folder path, or a
         list of paths; ``collect``: globs of files to keep from the job's directory once it ends."""
         body = _submission(source, language, files, args, stdin, timeout, name, retries, session, collect)
-        _check_locally(body)
-        job = self._submit_ws(body)
+        sent = _check_locally(body)
+        job = self._submit_ws(body, sent)
         if job is not None:
             return job  # the master's answer resolves it (job.id, job.wait() wait for it)
-        job = Job(self, self._post("/api/jobs", body))
+        job = Job(self, sharing_inputs(self._post("/api/jobs?echo=0", body), sent))
         # Watch from the start, so output that comes before the first wait() is kept.
         if not job.done:
             self._watch(job)
@@ -459,14 +459,15 @@ class Cluster:
         return f"<Cluster {self.url} client {self.client_id}>"
 
 
-def _check_locally(body: dict) -> None:
-    """Refuse a malformed submission here, at once, as the master would (the same check, the same error).
+def _check_locally(body: dict) -> dict:
+    """``body`` checked here, as the master checks it (its inputs as the master keeps them), a malformed one
+    refused at once with the master's error.
 
     What only the master knows (its queue, the rate, sessions, the token)
     is refused in its answer, raised by the job's first use.
     """
     try:
-        submission.check(body)
+        return submission.check(body)
     except P.ProtocolError as exc:
         status = 413 if exc.code == "too_large" else 400
         raise DistexecError(f"{exc.message} (HTTP {status})", code=exc.code, status=status) from None

@@ -67,12 +67,12 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
     """
     first = items[:_part_size(items, P.MAX_BATCH)]
     try:
-        body = cluster._post("/api/jobs", first)
+        body = cluster._post("/api/jobs?echo=0", first)
     except DistexecError as exc:
         if not _room(exc):
             raise
         first = items[:min(max(1, _room(exc) - _left_free(exc.details.get("cap"))), len(first))]
-        body = cluster._post("/api/jobs", first)
+        body = cluster._post("/api/jobs?echo=0", first)
     jobs = [Job(cluster, sharing_inputs(record, sub)) for record, sub in zip(body["jobs"], first)]
     rest = items[len(first):]
     if not rest:
@@ -202,7 +202,7 @@ class Feeder(threading.Thread):
         if self._unsure:
             part = [self._unsent[i] for i in range(self._unsure)]
         try:
-            body = self._cluster._post(f"/api/jobs?group={self._group.id}&part={self._landed}",
+            body = self._cluster._post(f"/api/jobs?group={self._group.id}&part={self._landed}&echo=0",
                                        [s for s, _ in part])
         except DistexecError as exc:
             self._heard_room()

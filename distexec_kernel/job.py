@@ -25,10 +25,14 @@ REFRESH_EVERY = 2.0
 
 
 def sharing_inputs(record: dict, known: dict) -> dict:
-    """``record`` holding ``known``'s own source and files where they are the same: a map's jobs share
-    one program, not a decoded copy each (2 KB a job for a 2 KB program, 10 KB with a 10 KB one)."""
-    for key in ("source", "files"):
-        if key in known and record.get(key) == known[key]:
+    """``record`` holding ``known``'s inputs where it has none (answered without them: ``P.answer_of``), and
+    ``known``'s own source and files where they are the same: a map's jobs share one program, not a decoded
+    copy each (2 KB a job for a 2 KB program, 10 KB with a 10 KB one)."""
+    for key in P.INPUT_FIELDS:
+        if key not in record:  # as the master keeps an input not given: no files, no args, no stdin
+            value = known.get(key)
+            record[key] = value if value is not None else {"files": {}, "args": []}.get(key)
+        elif key in ("source", "files") and key in known and record[key] == known[key]:
             record[key] = known[key]
     return record
 
@@ -45,7 +49,7 @@ class Job:
     """A handle on one job, kept up to date by the cluster's event channel."""
 
     def __init__(self, cluster: "Cluster", record: dict | None, ack: concurrent.futures.Future | None = None,
-                 ack_deadline: float | None = None, unsent: bool = False):
+                 ack_deadline: float | None = None, unsent: bool = False, sent: dict | None = None):
         """``ack``: the master's answer to a pipelined submission, still to come; ``record`` is None then.
 
         ``ack_deadline`` (``time.monotonic()``): when to give up waiting for
@@ -53,6 +57,8 @@ class Job:
         ``unsent``: a job of a group kept in the client until the queue has
         room (``feeding.py``): ``record`` is its submission, read as queued
         with no id, at once; what needs the master waits until it is sent.
+        ``sent``: the checked submission of a pipelined one, whose answer
+        does not carry its inputs back.
         """
         self._cluster = cluster
         self._record = dict(record or {})
@@ -64,6 +70,7 @@ class Job:
         self._stale = False
         self._news = 0.0  # when the event channel last told us something of this job
         self._unsent = unsent
+        self._sent = sent
 
     # -- record ----------------------------------------------------------------
 
@@ -110,7 +117,8 @@ class Job:
     def _acknowledge(self, record: dict) -> None:
         """The master accepted the submission: ``record`` is the job as it was queued (event thread)."""
         with self._lock:
-            self._record = sharing_inputs(dict(record), self._record)
+            self._record = sharing_inputs(dict(record), self._record or self._sent or {})
+            self._sent = None
             self._unsent = False
             self._notify()
 
@@ -212,7 +220,8 @@ class Job:
         with self._lock:
             if self._older(record, asked_at):
                 return  # (still stale if it was: the next read is answered later)
-            self._record = sharing_inputs(dict(record), self._record)
+            self._record = sharing_inputs(dict(record), self._record or self._sent or {})
+            self._sent = None
             self._stale = False
             self._notify()
 

@@ -139,11 +139,21 @@ OUTPUT_PLACE = "distexec"
 
 
 _SUMMARY_OMIT = frozenset(SUMMARY_OMIT)
+_INPUTS = frozenset(INPUT_FIELDS)
 
 
 def summary(job: dict) -> dict:
     """A job without its bulky fields, for live status events."""
     return {k: v for k, v in job.items() if k not in _SUMMARY_OMIT}
+
+
+def answer_of(job: dict, echo: bool = True) -> dict:
+    """What the answer to a submission carries: the job, or without ``echo`` (its sender keeps what it
+    sent) the job less its inputs while it has not ended; an ended one (a rejected job keeps part of its
+    source only) is told whole.  A map of 10,000 jobs of one 10 KB program was answered with 100 MB."""
+    if echo or job.get("status") in TERMINAL:
+        return job
+    return {k: v for k, v in job.items() if k not in _INPUTS}
 
 
 def update_of(job: dict) -> dict:

@@ -22,7 +22,7 @@ from .job_record import (  # noqa: F401  (re-exported: the protocol is read as o
     INTERNAL_ERROR, JOB_FIELDS, MEMORY_LIMIT, NONZERO_EXIT, OUTPUT_LIMIT, QUEUED, REJECTED,
     REJECTED_SOURCE_BYTES, RUNNING, SESSION_LIMIT, SIGNAL, SLAVE_LOST, SMALL_OUTPUT_CHARS, STATES,
     SUCCEEDED, SUMMARY_OMIT, SYNTAX_ERROR, TERMINAL, TIMEOUT, UNSUPPORTED_LANGUAGE, new_job, now,
-    parse_time, session_key, session_keys_of, session_label, status_of, summary, update_of,
+    answer_of, parse_time, session_key, session_keys_of, session_label, status_of, summary, update_of,
 )
 
 PROTOCOL_VERSION = 5  # what each version brought: docs/protocol.md, "Versioning"
@@ -150,7 +150,7 @@ MESSAGES: dict[str, dict[str, tuple[object, bool]]] = {
     "result_ack": {"job_id": (int, True)},
     "session_end": {"session": (str, True), "user": (_OPT_STR, True), "reason": (str, False)},
     # client -> master
-    "submit": {"request": (dict, True), "ref": (_OPT_STR, False), "again": (bool, False)},
+    "submit": {"request": (dict, True), "ref": (_OPT_STR, False), "again": (bool, False), "echo": (bool, False)},
     "cancel": {"job_id": (int, True), "ref": (_OPT_STR, False)},
     # master -> client
     "welcome": {"client_id": (str, True), "version": (str, True)},

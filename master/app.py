@@ -191,6 +191,8 @@ class JobsHandler(ApiHandler):
         # ?group=G: a batch joins the user's group G (a map too large for one batch, or for the queue's
         # cap, sent in parts: one group all the same).
         join = self.get_query_argument("group", None) or None
+        # ?echo=0: the sender keeps what it sent; the jobs are answered without their inputs.
+        echo = self.get_query_argument("echo", "1") not in ("0", "false")
         try:
             if join is not None and (not isinstance(body, list) or not GROUP_ID.fullmatch(join)):
                 raise P.ProtocolError("bad_request", "group= joins a batch (a JSON list) to one of your groups "
@@ -199,13 +201,14 @@ class JobsHandler(ApiHandler):
                 # A batch: all of it or none of it, one group, one commit.
                 jobs = await self.master.submit_batch(body, client_id=client_id, user=self.user, group=join,
                                                       part=self.int_arg("part", None, 0, P.INT_MAX) if join else None)
-                return self.send_json({"jobs": jobs, "group": jobs[0]["group"] if jobs else None,
+                return self.send_json({"jobs": [P.answer_of(job, echo) for job in jobs],
+                                       "group": jobs[0]["group"] if jobs else None,
                                        **self.master.admission.room_of(self.user)}, 201)
             job = await self.master.submit(body, client_id=client_id, user=self.user)
         except P.ProtocolError:
             self.gate.refund_submit(self.identity, cost)  # refused whole: nothing of it was queued
             raise
-        self.send_json(job, 201)
+        self.send_json(P.answer_of(job, echo), 201)
 
 
 GROUP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

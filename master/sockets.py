@@ -83,6 +83,7 @@ class Intake(NamedTuple):
     ref: str | None
     again: bool  # sent again after a reconnect
     answer: asyncio.Future  # resolves to what its submit_reply carries
+    echo: bool = True  # False: its sender keeps what it sent, the reply need not carry it back
 
 
 def _refused(exc: P.ProtocolError) -> dict:
@@ -315,7 +316,7 @@ class ClientSocket(_Socket):
             self.ledger.put(key, answer)
         if not self._intake:
             loop.call_soon(self._take_in)
-        self._intake.append(Intake(msg["request"], ref, bool(msg.get("again")), answer))
+        self._intake.append(Intake(msg["request"], ref, bool(msg.get("again")), answer, msg.get("echo", True)))
 
     def _take_in(self) -> None:
         items, self._intake = self._intake, []
@@ -334,7 +335,8 @@ class ClientSocket(_Socket):
             bodies = [{"job": None, "error": P.error("internal_error", "the master failed to handle this "
                                                      "submission", status=500)}] * len(items)
         for item, body in zip(items, bodies):
-            self.send(P.make("submit_reply", ref=item.ref, **body))
+            told = body if body["job"] is None else {**body, "job": P.answer_of(body["job"], item.echo)}
+            self.send(P.make("submit_reply", ref=item.ref, **told))
             item.answer.set_result(body)
 
     async def _submit(self, items: list[Intake]) -> list[dict]:

@@ -13,6 +13,7 @@ import time
 import argon2
 import psutil
 import pytest
+import requests
 import tornado.httpclient
 import tornado.websocket
 
@@ -569,3 +570,57 @@ def test_a_read_answered_before_an_event_does_not_move_the_job_back(make_cluster
         release_jobs(lc.slaves[0].proc.pid)
         assert job.wait(30).status == P.SUCCEEDED and job.stdout == "started\n"
         assert job.refresh().status == P.SUCCEEDED
+
+
+def test_a_submission_is_answered_without_the_inputs_its_sender_keeps(cluster, client):
+    """The answer to a submission echoed its inputs back: the 201 of a 7 MiB stdin carried it again, and a
+    map of 10,000 jobs of one 10 KB program was answered with 100 MB.  A sender that keeps what it sent
+    (``echo=0``, ``"echo": false``; the client always does) is answered without them, an ended job
+    (rejected: its source cut) whole; and the client's jobs hold their inputs as the master keeps them."""
+    url, headers = cluster.url, {"Authorization": f"Bearer {cluster.token}"}
+    body = {"source": "import sys\nprint(sys.argv[1], sys.stdin.read(), open('a.txt').read())", "language": "py",
+            "files": {"a.txt": "aaa"}, "stdin": "in", "args": ["x"]}
+    inputs = set(P.INPUT_FIELDS)
+
+    def post(path: str, payload) -> dict:
+        resp = requests.post(url + path, json=payload, headers=headers, timeout=30)
+        assert resp.status_code == 201, resp.text
+        return resp.json()
+
+    lean = post("/api/jobs?echo=0", body)
+    assert lean["id"] and lean["language"] == "python" and not inputs & set(lean), lean
+    full = post("/api/jobs", body)
+    assert {k: full[k] for k in inputs} == {k: body[k] for k in inputs}  # as before, for other clients
+    batch = post("/api/jobs?echo=0", [body, body])["jobs"]
+    assert len(batch) == 2 and not any(inputs & set(job) for job in batch)
+    rejected = post("/api/jobs?echo=0", {"source": "def (", "language": "python"})
+    assert rejected["status"] == "rejected" and rejected["source"] == "def ("
+
+    async def ws_replies() -> list[dict]:
+        req = tornado.httpclient.HTTPRequest(config.ws_url(url) + "/ws/client", headers=headers)
+        conn = await tornado.websocket.websocket_connect(req)
+        for ref, echo in (("lean", {"echo": False}), ("full", {})):
+            conn.write_message(P.encode(P.make("submit", request=body, ref=ref, **echo)))
+        replies = []
+        while len(replies) < 2:
+            msg = P.decode(await asyncio.wait_for(conn.read_message(), 20))
+            if msg["type"] == "submit_reply":
+                replies.append(msg)
+        await close_ws(conn)
+        return replies
+
+    replies = {msg["ref"]: msg["job"] for msg in asyncio.run(ws_replies())}
+    assert not inputs & set(replies["lean"]) and replies["full"]["source"] == body["source"]
+
+    # The client's jobs, pipelined, over HTTP and in a map, hold what the master keeps, and run.
+    log = request_log(client)
+    piped = client.submit(body["source"], files=body["files"], stdin="in", args=["x"])
+    big = client.submit(body["source"], files={"a.txt": "aaa" + " " * (2 << 20)}, stdin="in" + " " * (7 << 20),
+                        args=["x"])  # past what the WebSocket takes: over HTTP
+    mapped = client.map("import sys\nprint(sys.argv[1])", ["m0", "m1"])
+    assert log == [("POST", "/api/jobs"), ("POST", "/api/jobs")]  # the big one and the map
+    for job in (piped, big, *mapped):
+        kept = client.job(job.id).record
+        assert {k: job.record[k] for k in inputs} == {k: kept[k] for k in inputs}, job.id
+    assert piped.wait(60).stdout == "x in aaa\n" and big.wait(120).stdout.startswith("x in")
+    assert mapped.results(timeout=60) == ["m0\n", "m1\n"]
