@@ -65,14 +65,15 @@ def submit_in_parts(cluster: "Cluster", items: list[dict]) -> JobGroup:
     Raises as a batch does when not even one job fits (a full queue) or the
     first part is refused: then nothing of it was queued.
     """
-    first = items[:_part_size(items, P.MAX_BATCH)]
+    size, text = _part(items, P.MAX_BATCH)
+    first = items[:size]
     try:
-        body = cluster._post("/api/jobs?echo=0", first)
+        body = _post(cluster, "/api/jobs?echo=0", text)
     except DistexecError as exc:
         if not _room(exc):
             raise
         first = items[:min(max(1, _room(exc) - _left_free(exc.details.get("cap"))), len(first))]
-        body = cluster._post("/api/jobs?echo=0", first)
+        body = _post(cluster, "/api/jobs?echo=0", _part(first, len(first))[1])
     jobs = [Job(cluster, sharing_inputs(record, sub)) for record, sub in zip(body["jobs"], first)]
     rest = items[len(first):]
     if not rest:
@@ -96,16 +97,21 @@ def _room(exc: DistexecError) -> int:
     return room if isinstance(room, int) and room > 0 else 0
 
 
-def _part_size(items, most: int) -> int:
-    """How many of ``items`` (at least one) go in one request: at most ``most``, and PART_BYTES of JSON."""
-    total = 0
-    for n, item in enumerate(items):
-        if n == most:
-            return n
-        total += len(json.dumps(item))
-        if total > PART_BYTES and n:
-            return n
-    return len(items)
+def _part(subs: list[dict], most: int) -> tuple[int, str]:
+    """How many of ``subs`` (at least one) go in one request, at most ``most`` and PART_BYTES of JSON, and
+    that request's body: each submission encoded once, for its size and for the body (it was twice)."""
+    texts, total = [], 0
+    for sub in subs[:most]:
+        text = json.dumps(sub, allow_nan=False)  # as requests' json= encodes
+        total += len(text) + 1
+        if total > PART_BYTES and texts:
+            break
+        texts.append(text)
+    return len(texts), "[" + ",".join(texts) + "]"
+
+
+def _post(cluster: "Cluster", path: str, text: str) -> dict:
+    return cluster._call("POST", path, data=text.encode(), headers={"Content-Type": "application/json"})
 
 
 class Feeder(threading.Thread):
@@ -157,7 +163,8 @@ class Feeder(threading.Thread):
                     if self._stopped:
                         break
                     part = [self._unsent[i] for i in range(min(size, len(self._unsent)))]
-                    refusal = self._send(part[:_part_size([sub for sub, _ in part], size)])
+                    size, text = _part([sub for sub, _ in part], size)
+                    refusal = self._send(part[:size], text)
                 if refusal is not None and not self._pause(refusal):
                     with self._lock:
                         if refusal.code == GROUP_CANCELLED:  # by this user elsewhere (the panel, another client)
@@ -195,15 +202,15 @@ class Feeder(threading.Thread):
     def _free(self) -> int:
         return self._room + self._left_queue - _left_free(self._cap)
 
-    def _send(self, part: list[tuple[dict, Job]]) -> DistexecError | None:
+    def _send(self, part: list[tuple[dict, Job]], text: str) -> DistexecError | None:
         """Send ``part``, keyed by its place in the group (``master/parts.py``): a part whose answer was
         lost (a master frozen or restarting, a dropped connection) is sent again as it was, with the
         same key, and taken once. Its refusal, or None once its jobs are settled."""
         if self._unsure:
             part = [self._unsent[i] for i in range(self._unsure)]
+            text = _part([s for s, _ in part], len(part))[1]  # all of it: it fit before
         try:
-            body = self._cluster._post(f"/api/jobs?group={self._group.id}&part={self._landed}&echo=0",
-                                       [s for s, _ in part])
+            body = _post(self._cluster, f"/api/jobs?group={self._group.id}&part={self._landed}&echo=0", text)
         except DistexecError as exc:
             self._heard_room()
             if exc.code == UNREACHABLE and self._away_since is None:
