@@ -23,7 +23,7 @@ import pytest
 from distexec_kernel import Cluster
 from distexec_kernel.local import LocalCluster
 
-from conftest import assert_gone
+from conftest import HOLD, UNTIL_RELEASED, assert_gone, release_jobs
 from lab_browser import (CHROMIUM, CLOSE_CURRENT, NOTEBOOK_JSON, OPEN_NOTEBOOK, RUN_ALL, RUN_FROM, SET_THEME, WAIT_RUN,
                          JupyterLab,
                          copy_notebooks, kernel_needed, launch_browser)
@@ -243,11 +243,13 @@ def test_panel_in_the_browser(lab, client):
 
     # A job from outside appears live, with its state in words as well as its icon.
     name = f"outside-{uuid.uuid4().hex[:6]}"
-    job = client.submit("import time\nfor i in range(3):\n    print('outside', i, flush=True)\n    time.sleep(1)\n",
+    # It holds its slot until the panel has shown it running, then is let go.
+    job = client.submit(HOLD + "for i in range(3):\n    print('outside', i, flush=True)\n" + UNTIL_RELEASED,
                         name=name)
     expect(row(panel, job.id)).to_contain_text(re.compile("queued|running"), timeout=T)
     expect(row(panel, job.id)).to_contain_text("running", timeout=T)
     expect(row(panel, job.id)).to_contain_text(name)
+    release_jobs(*(slave.pid for slave in lab["cluster"].slaves))
     expect(row(panel, job.id)).to_contain_text(re.compile(r"^✅\s+ok\s"), timeout=T)
     job.wait(30)
 
