@@ -117,10 +117,14 @@ class Job:
     def _acknowledge(self, record: dict) -> None:
         """The master accepted the submission: ``record`` is the job as it was queued (event thread)."""
         with self._lock:
-            self._record = sharing_inputs(dict(record), self._record or self._sent or {})
-            self._sent = None
+            self._record = self._with_inputs(record)
             self._unsent = False
             self._notify()
+
+    def _with_inputs(self, record: dict) -> dict:
+        """``record`` (from the master) holding the inputs we have: ours, or those we sent (called locked)."""
+        known, self._sent = self._record or self._sent or {}, None
+        return sharing_inputs(dict(record), known)
 
     @property
     def record(self) -> dict:
@@ -220,8 +224,7 @@ class Job:
         with self._lock:
             if self._older(record, asked_at):
                 return  # (still stale if it was: the next read is answered later)
-            self._record = sharing_inputs(dict(record), self._record or self._sent or {})
-            self._sent = None
+            self._record = self._with_inputs(record)
             self._stale = False
             self._notify()
 
