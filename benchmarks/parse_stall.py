@@ -6,10 +6,11 @@
 A local cluster of 1 slave x 2 slots with two users.  Alice submits a batch
 of ``--programs`` Python programs of about 1 MiB each (``ast.parse`` takes a
 second or more of CPU per program here); meanwhile Bob submits trivial jobs
-one after another (30 ms apart, under the default rate) and waits for each.  Prints how long Alice's batch took to
-be answered, and Bob's job latency while it was pending (p50 and max).  Run
-it in turns with an older tree (``cd /tmp/old && PYTHONPATH=$PWD ...``) to
-compare: the machines are shared and noisy.  With ``--stdin MIB`` Alice's
+one after another (30 ms apart, under the default rate) and waits for each.
+Prints how long Alice's batch took to be answered, Bob's job latency while it
+was pending (p50 and max), and the master's CPU time until all her jobs had
+ended.  Run it in turns with an older tree (``cd /tmp/old && PYTHONPATH=$PWD
+...``) to compare: the machines are shared and noisy.  With ``--stdin MIB`` Alice's
 programs are trivial and each carries MIB of stdin instead (what the master
 reads, decodes and stores, not what it parses), sent one by one on her
 WebSocket; ``--master-args`` passes flags to the master (``--read-rate 0``:
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,16 +59,20 @@ def run(programs: int, stdin_mib: float, master_args: list[str]) -> dict:
             bob.submit("pass").wait(60)
             done = threading.Event()
             took: list[float] = []
+            jobs: list = []
+            master = psutil.Process(lc.master.proc.pid)
+            cpu0 = sum(master.cpu_times()[:2])
 
             def submit():
                 t0 = time.perf_counter()
                 try:
                     if stdin_mib:
                         data = "x" * int(stdin_mib * (1 << 20))
-                        for job in [alice.submit("pass", stdin=data) for _ in range(programs)]:
+                        jobs.extend(alice.submit("pass", stdin=data) for _ in range(programs))
+                        for job in jobs:
                             job.id  # read and answered
                     else:
-                        alice.submit_many([{"source": BIG + f"y = {i}\n"} for i in range(programs)])
+                        jobs.extend(alice.submit_many([{"source": BIG + f"y = {i}\n"} for i in range(programs)]))
                     took.append(time.perf_counter() - t0)
                 finally:
                     done.set()
@@ -81,11 +88,15 @@ def run(programs: int, stdin_mib: float, master_args: list[str]) -> dict:
             sender.join()
             if not took:
                 raise SystemExit("alice's submissions failed (see above)")
+            for job in jobs:
+                job.wait(300)
+            cpu = sum(master.cpu_times()[:2]) - cpu0  # her jobs stored, sent to the slave, ended; bob's too
             alice.close()
             bob.close()
         finally:
             lc.stop()
-    return {"batch": took[0], "p50": statistics.median(latencies), "max": max(latencies), "n": len(latencies)}
+    return {"batch": took[0], "p50": statistics.median(latencies), "max": max(latencies), "n": len(latencies),
+            "cpu": cpu}
 
 
 def main() -> None:
@@ -100,7 +111,8 @@ def main() -> None:
         r = run(args.programs, args.stdin, args.master_args.split())
         what = f"{args.stdin:g} MiB of stdin" if args.stdin else "1 MiB of source"
         print(f"alice's {args.programs} x {what} answered in {r['batch']:.2f} s; meanwhile bob's {r['n']} trivial "
-              f"job(s): p50 {r['p50'] * 1000:.1f} ms, max {r['max'] * 1000:.1f} ms", flush=True)
+              f"job(s): p50 {r['p50'] * 1000:.1f} ms, max {r['max'] * 1000:.1f} ms; master CPU until her jobs "
+              f"ended {r['cpu']:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

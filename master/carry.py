@@ -30,39 +30,37 @@ class Carrier:
         # Job id -> futures of those waiting for its end (a cancel answering with the end it caused).
         self._ending: dict[int, list[asyncio.Future]] = {}
 
-    def __call__(self, decisions: list[J.Decision],
-                 at_hand: dict[int, dict] | None = None) -> asyncio.Future | None:
+    def __call__(self, decisions: list[J.Decision]) -> asyncio.Future | None:
         """Carry ``decisions`` out in order; what follows a save waits for its commit.
 
         Everything up to the first save (or load, or acknowledgement) happens
         now, and that save is handed to the store now, so it records the state
         of this very turn; the rest runs in a task, returned (None: nothing
         left) to be awaited by whoever must answer only once it is done.
-        ``at_hand``: job id -> inputs of jobs being submitted (their ``Load`` reads nothing).
         """
-        rest = self._begin(decisions, at_hand)
+        rest = self._begin(decisions)
         return asyncio.ensure_future(rest) if rest is not None else None
 
-    async def run(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None = None) -> None:
-        """``self(decisions, at_hand)`` for a caller that waits for all of it, awaited at once.
+    async def run(self, decisions: list[J.Decision]) -> None:
+        """``self(decisions)`` for a caller that waits for all of it, awaited at once.
 
         The same order and the same turn for the first part; the rest runs in
         the caller's task rather than one of its own, so what the caller does
         next (a submit_reply) happens in the turn that carries out the last
         decision, and goes out in the same frame as its announcement.
         """
-        rest = self._begin(decisions, at_hand)
+        rest = self._begin(decisions)
         if rest is not None:
             await rest
 
-    def _begin(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None) -> Coroutine | None:
+    def _begin(self, decisions: list[J.Decision]) -> Coroutine | None:
         """Carry out what comes before the first save (handing that save over); the rest, to run."""
         for i, d in enumerate(decisions):
             if isinstance(d, J.Save):
                 rest = decisions[i + 1:]
-                return self._rest(rest, at_hand, self._save(d.jobs, _loads(rest, at_hand)))
+                return self._rest(rest, self._save(d.jobs, _loads(rest, {})))
             if isinstance(d, (J.Load, J.Ack)):
-                return self._rest(decisions[i:], at_hand)
+                return self._rest(decisions[i:])
             self._do(d)
         return None
 
@@ -84,9 +82,8 @@ class Carrier:
                 if not waiters:
                     del self._ending[job_id]
 
-    async def _rest(self, decisions: list[J.Decision], at_hand: dict[int, dict] | None,
-                    saving: asyncio.Future | None = None) -> None:
-        at_hand = dict(at_hand or {})
+    async def _rest(self, decisions: list[J.Decision], saving: asyncio.Future | None = None) -> None:
+        at_hand: dict[int, str] = {}  # job id -> its inputs (JSON text), read with a save or on their own
         if saving is not None:
             at_hand.update(await saving or {})
         for i, d in enumerate(decisions):
@@ -96,7 +93,8 @@ class Carrier:
                 if d.job_id not in at_hand:
                     # Saved at submission (that commit came first: one writer, in
                     # order); read back only now, and dropped once sent.  Read with
-                    # the save before it, if any; otherwise in one query for all.
+                    # the save before it, if any (which has them as it wrote them
+                    # if it was their first); otherwise in one query for all.
                     at_hand.update(await self.store.inputs_many(_loads(decisions[i:], at_hand)))
                 await done(self(self.jobs.started(d.job_id, d.dispatch, at_hand.pop(d.job_id))))
             elif isinstance(d, J.Ack):
@@ -154,9 +152,9 @@ class Carrier:
         self.timer_fired(job_id, token)
 
 
-def _loads(decisions: list[J.Decision], at_hand: dict[int, dict] | None) -> list[int]:
+def _loads(decisions: list[J.Decision], at_hand: dict[int, str]) -> list[int]:
     """The jobs whose inputs ``decisions`` load and that are not at hand: read with the save before them."""
-    return [d.job_id for d in decisions if isinstance(d, J.Load) and d.job_id not in (at_hand or {})]
+    return [d.job_id for d in decisions if isinstance(d, J.Load) and d.job_id not in at_hand]
 
 
 async def done(carrying: asyncio.Future | None) -> None:

@@ -229,8 +229,8 @@ class Master:
 
     async def _commit_submitted(self, jobs: list[dict], decisions: list[J.Decision],
                                 client_id: str | None) -> list[dict]:
-        """Commit new jobs with the starts they allow, before any of them is announced; the jobs as
-        they then are.  A job that starts at once is sent with its inputs at hand, saving a read."""
+        """Commit new jobs with the starts they allow, before any of them is announced; the jobs as they
+        then are.  One that starts at once is sent the inputs text its save wrote (store.save_many)."""
         if not jobs:
             return []
         client = self.clients.get(client_id)
@@ -239,7 +239,7 @@ class Master:
             self.clients.changed()
         decisions += self._assigned()
         replies = [dict(self.jobs.job(job["id"]) or job) for job in jobs]
-        await self._carry.run(J.merged(decisions), {job["id"]: {k: job[k] for k in P.INPUT_FIELDS} for job in jobs})
+        await self._carry.run(J.merged(decisions))
         return [{**reply, **{k: job[k] for k in P.INPUT_FIELDS}} for reply, job in zip(replies, jobs)]
 
     # -- cancel ------------------------------------------------------------

@@ -28,7 +28,7 @@ class Announce:
 class Send:
     """Send ``msg`` to slave ``uid`` on its current connection (dropped if it has none)."""
     uid: str
-    msg: dict
+    msg: dict | str  # a str: encoded already (a job_run, its inputs spliced in as stored)
 
 
 @dataclass(frozen=True)

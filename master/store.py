@@ -18,7 +18,8 @@ WAL lets them proceed while a commit is written.
 A job's inputs (``protocol.INPUT_FIELDS``: source, files, args, stdin) live
 in a table of their own, written once with the job's first save: the master
 keeps only what scheduling needs in memory and reads the inputs back when it
-dispatches (``inputs_many``).  Later saves carry no inputs and leave them alone.
+dispatches (``inputs_many``), as the JSON text written, which goes into the
+job_run undecoded.  Later saves carry no inputs and leave them alone.
 
 Retention: ``prune`` deletes the oldest terminal jobs (never queued or
 running ones) older than a date or past a total size.  The database file
@@ -215,7 +216,9 @@ class JobStore:
 
         ``load``: jobs whose inputs the future resolves to (``inputs_many``),
         read right after the commit on the same connection: a dispatch's save
-        and its read of the inputs cost one step, not two.
+        and its read of the inputs cost one step, not two.  A job saved here
+        with its inputs (submitted and started in one turn) is answered with
+        the text just written for it, not read back.
         """
         return self._submit(("save", [_rows(job) for job in jobs], list(load), ()))
 
@@ -407,8 +410,9 @@ class JobStore:
                                              (group, user)).fetchone() is not None
         return await asyncio.get_running_loop().run_in_executor(self._readers, find)
 
-    async def inputs_many(self, job_ids: list[int]) -> dict[int, dict]:
-        """Job id -> the inputs saved with it (``protocol.INPUT_FIELDS``; {} if none), in one query.
+    async def inputs_many(self, job_ids: list[int]) -> dict[int, str]:
+        """Job id -> the inputs saved with it (``protocol.INPUT_FIELDS``), as the text of a JSON object
+        ("{}" if none), in one query.
 
         Read apart from the jobs' records: this runs for every queued job
         dispatched, for a whole dispatch pass at once.

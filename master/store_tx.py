@@ -88,11 +88,15 @@ def total_bytes(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT n FROM totals WHERE name = 'bytes'").fetchone()[0]
 
 
-def inputs_of(conn: sqlite3.Connection, job_ids: list[int]) -> dict[int, dict]:
-    rows = conn.execute("SELECT id, data FROM inputs WHERE id IN (SELECT value FROM json_each(?))",
-                        (json.dumps(job_ids),)).fetchall()
-    found = {job_id: json.loads(data) for job_id, data in rows}
-    return {job_id: found.get(job_id, {}) for job_id in job_ids}
+def inputs_of(conn: sqlite3.Connection, job_ids: list[int], written: list | tuple = ()) -> dict[int, str]:
+    """Job id -> its inputs as saved: the text of a JSON object ("{}" if none), never decoded here (it
+    goes into a job_run as it is).  ``written``: this transaction's input rows, taken as they are."""
+    found = {row[0]: row[1] for row in written if row[0] in job_ids}
+    missing = [job_id for job_id in job_ids if job_id not in found]
+    if missing:
+        found.update(conn.execute("SELECT id, data FROM inputs WHERE id IN (SELECT value FROM json_each(?))",
+                                  (json.dumps(missing),)).fetchall())
+    return {job_id: found.get(job_id, "{}") for job_id in job_ids}
 
 
 def attempt(conn: sqlite3.Connection, group: list) -> tuple:
@@ -114,7 +118,8 @@ def attempt(conn: sqlite3.Connection, group: list) -> tuple:
                              (user, CANCELLED_GROUPS_KEPT))
         conn.execute("COMMIT")
         if result is None:
-            loaded = [inputs_of(conn, op[2]) if op[2] else None for op, _, _ in group]
+            loaded = [inputs_of(conn, op[2], [i for _, i in op[1] if i is not None]) if op[2] else None
+                      for op, _, _ in group]
     except (sqlite3.Error, ValueError) as exc:
         # ValueError: text SQLite cannot take (e.g. a lone surrogate); the writer must live on.
         err = exc

@@ -171,7 +171,8 @@ class Slave:
             self.on_registered(self)
 
     def on_job_run(self, msg: dict) -> None:
-        job = msg["job"]
+        # The master sends the inputs as its store keeps them: an older history's may lack a field.
+        job = {"source": "", "files": {}, "args": [], "stdin": None, **msg["job"]}
         job_id = job.get("id")
         if not isinstance(job_id, int) or job_id in self.running:
             return

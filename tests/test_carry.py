@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 from distexec_kernel import protocol as P
 from master import jobs as J
@@ -17,8 +18,11 @@ class Recorder:
         self.name = name
         self.log = log
         self.frames: list[dict] = []
+        self.sent: list[str] = []  # what was sent encoded already, as it was
 
     def send(self, msg):
+        if isinstance(msg, str):
+            self.sent.append(msg)
         self.frames.append(P.decode(msg) if isinstance(msg, str) else msg)
         self.log.append((self.name, self.frames[-1]["type"]))
 
@@ -89,7 +93,39 @@ def test_a_freed_slot_starts_the_next_job_with_its_inputs_read_back_in_the_resul
             assert (await store.get(second["id"]))["status"] == P.RUNNING
             updates = [(f["job"]["id"], f["job"]["status"]) for f in client.frames if f["type"] == "job_update"]
             assert updates[-2:] == [(first["id"], P.SUCCEEDED), (second["id"], P.RUNNING)]
-            assert (await store.inputs_many([third["id"], 999]))[third["id"]]["source"] == "print(3)"
-            assert (await store.inputs_many([999])) == {999: {}}
+            # As the store keeps them, the text of a JSON object: spliced into a job_run undecoded.
+            assert json.loads((await store.inputs_many([third["id"], 999]))[third["id"]])["source"] == "print(3)"
+            assert (await store.inputs_many([999])) == {999: "{}"}
+
+    asyncio.run(scenario())
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), keys
+    return dict(pairs)
+
+
+def test_a_job_run_carries_the_inputs_as_submitted_whether_started_at_once_or_read_back(tmp_path):
+    """The inputs go into a job_run as the JSON text the store wrote, not decoded and encoded again:
+    text that looks like the message's own end, escapes and any script survive, and no key repeats."""
+    tricky = 'print("}}", "\\\\", "\\u00e9t\\u00e9 \\U0001f600")\n# "},"type":"job_cancel"}'
+    subs = [{"source": tricky, "language": "python", "args": ['"}', "é"], "stdin": "}}\n\\\"{ 😀",
+             "files": {"data/ü.txt": '{"a": "}}"}'}} for _ in range(2)]
+
+    async def scenario():
+        with one_slot_master(tmp_path) as (master, store, slave, client):
+            first, second = await master.submit_batch(subs)
+            assert [first["status"], second["status"]] == [P.RUNNING, P.QUEUED]
+            await master.job_finished("s1", P.make("job_finished", job_id=first["id"], exit_code=0, error=None,
+                                                   stdout="", stderr=""))
+        texts = [t for t in slave.sent if '"job_run"' in t]
+        assert len(texts) == 2  # the first from its submission's save, the second read back
+        for text, job in zip(texts, (first, second)):
+            run = json.loads(text, object_pairs_hook=_no_repeated_keys)
+            assert P.decode(text)["type"] == "job_run" and run["job"]["id"] == job["id"]
+            assert {k: run["job"][k] for k in P.INPUT_FIELDS} == {k: subs[0][k] for k in P.INPUT_FIELDS}
+        # A job saved without inputs (an older history's) is sent none: the slave fills them in.
+        assert json.loads(J._job_run({"id": 9, "language": "python"}, "{}"))["job"]["id"] == 9
 
     asyncio.run(scenario())

@@ -38,7 +38,7 @@ class World:
     def run(self, job_id: int) -> list:
         """Place and send the job; returns the decisions of its start."""
         [load] = [d for d in self.place() if d.job_id == job_id]
-        return self.jobs.started(job_id, load.dispatch, {"source": "print(1)"})
+        return self.jobs.started(job_id, load.dispatch, '{"source": "print(1)"}')
 
     def finish(self, uid: str, job_id: int, err=None, stdout="out\n") -> list:
         return self.jobs.finished(uid, job_id, 0 if err is None else None, err, stdout, "")
@@ -58,7 +58,8 @@ def saved(decisions) -> list[dict]:
 
 
 def sent(decisions, kind: str | None = None) -> list[dict]:
-    return [d.msg for d in decisions if isinstance(d, J.Send) and (kind is None or d.msg["type"] == kind)]
+    msgs = [P.decode(d.msg) if isinstance(d.msg, str) else d.msg for d in decisions if isinstance(d, J.Send)]
+    return [m for m in msgs if kind is None or m["type"] == kind]
 
 
 def statuses(decisions) -> list[str]:
@@ -86,10 +87,10 @@ def test_dispatch_saves_running_before_it_sends_and_announces():
     # The slave first: the job waits for its job_run, nobody for the announcement.
     assert [type(d) for d in out] == [J.Save, J.Load, J.Announce]
     assert statuses(out) == [P.RUNNING] and saved(out)[0]["attempts"] == 1
-    [run] = sent(w.jobs.started(1, out[1].dispatch, {"source": "print(2)"}), "job_run")
+    [run] = sent(w.jobs.started(1, out[1].dispatch, '{"source": "print(2)"}'), "job_run")
     assert run["job"]["source"] == "print(2)" and run["job"]["session_note"] == "session lost"
     # A second start of the same dispatch sends nothing more.
-    assert w.jobs.started(1, out[1].dispatch, {"source": "print(2)"}) == []
+    assert w.jobs.started(1, out[1].dispatch, '{"source": "print(2)"}') == []
 
 
 def test_a_submission_and_its_start_are_one_commit_before_anything_is_told():
@@ -135,7 +136,7 @@ def test_cancel_during_dispatch_settles_at_once_and_the_job_is_never_sent():
     [load] = w.place()
     out = w.jobs.cancel(1)
     assert statuses(out) == [P.CANCELLED] and not sent(out)  # the slave never had it: nothing to tell
-    assert w.jobs.started(1, load.dispatch, {}) == []
+    assert w.jobs.started(1, load.dispatch, "{}") == []
     assert not w.scheduler.running
 
 
@@ -348,7 +349,7 @@ def test_a_job_queued_under_a_name_that_is_now_an_alias_runs_under_its_main_name
     w.jobs.resume([dict(new(1), language="sh")], grace=30.0)
     assert w.jobs.slave_back("b", "i1", ["bash"], 1, False, set(), set()) == []
     [load] = w.place()
-    [run] = sent(w.jobs.started(1, load.dispatch, {"source": "echo hi"}), "job_run")
+    [run] = sent(w.jobs.started(1, load.dispatch, '{"source": "echo hi"}'), "job_run")
     assert run["job"]["language"] == "bash" and w.scheduler.running == {1: "b"}
 
 
@@ -472,13 +473,14 @@ class Events(RuleBasedStateMachine):
                             # The slave kills on job_cancel in this model: nothing finishes first.
                             assert job["status"] == P.CANCELLED, job
             elif isinstance(d, J.Send) and d.uid in self.connected:
-                job_id = d.msg["job"]["id"] if d.msg["type"] == "job_run" else d.msg["job_id"]
-                if d.msg["type"] == "job_run":
+                [msg] = sent([d])
+                job_id = msg["job"]["id"] if msg["type"] == "job_run" else msg["job_id"]
+                if msg["type"] == "job_run":
                     assert job_id not in self.cancelled, "a cancel must win over a later start"
                     self.running[d.uid].add(job_id)
                     self.received[job_id] = self.received.get(job_id, 0) + 1
                     assert self.received[job_id] <= self.retries[job_id] + 1
-                elif d.msg["type"] == "job_cancel" and job_id in self.running[d.uid]:
+                elif msg["type"] == "job_cancel" and job_id in self.running[d.uid]:
                     self.running[d.uid].discard(job_id)
                     self.results[d.uid][job_id] = J.cancelled()
             elif isinstance(d, J.Load):
@@ -532,13 +534,13 @@ class Events(RuleBasedStateMachine):
             self.apply(self.w.jobs.dispatched(job_id, uid))
         while send_now and self.loads:
             load = self.loads.pop()
-            self.apply(self.w.jobs.started(load.job_id, load.dispatch, {"source": "x"}))
+            self.apply(self.w.jobs.started(load.job_id, load.dispatch, '{"source": "x"}'))
 
     @precondition(lambda self: self.loads)
     @rule(data=st.data())
     def start(self, data):
         load = self.loads.pop(data.draw(st.integers(0, len(self.loads) - 1)))
-        self.apply(self.w.jobs.started(load.job_id, load.dispatch, {"source": "x"}))
+        self.apply(self.w.jobs.started(load.job_id, load.dispatch, '{"source": "x"}'))
 
     @precondition(lambda self: any(self.running.values()))
     @rule(data=st.data(), ok=st.booleans())
