@@ -405,7 +405,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
           1000.0 * req.request_time())
 
 
-def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.web.Application:
+def make_app(master: Master, auth: Auth, gate: Gate | None = None,
+             ping_interval: float = PING_INTERVAL) -> tornado.web.Application:
     args = {"master": master, "auth": auth, "gate": gate or Gate()}
     return tornado.web.Application(
         [
@@ -427,7 +428,7 @@ def make_app(master: Master, auth: Auth, gate: Gate | None = None) -> tornado.we
             (r".*", NotFoundHandler, args),
         ],
         log_function=_log_request,
-        websocket_ping_interval=PING_INTERVAL,
+        websocket_ping_interval=ping_interval,  # the sockets' liveness reads it too (self.ping_interval)
         websocket_ping_timeout=0,  # a late pong is no silence: the sockets judge (distexec_kernel/liveness.py)
         websocket_max_message_size=P.MAX_MESSAGE_BYTES,
         max_body_size=MAX_BODY_BYTES,

@@ -16,12 +16,14 @@ import tornado.httpserver
 import tornado.netutil
 
 from distexec_kernel import config, protocol as P
+from distexec_kernel.cells import seconds
 
 from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
 from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_CLIENTS_PER_USER, DEFAULT_MAX_QUEUE,
                    DEFAULT_MAX_QUEUED_PER_USER, PRUNE_INTERVAL, Master)
 from .limits import DEFAULT_BURST, DEFAULT_RATE, DEFAULT_READ_BURST, DEFAULT_READ_RATE, Gate, parse_rate
+from .sockets import PING_INTERVAL
 from .store import JobStore
 
 log = logging.getLogger("distexec.master")
@@ -47,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: --certfile if it is self-signed, else none: the system's CAs)")
     p.add_argument("--lost-grace", type=float, default=30.0,
                    help="seconds a restarted master waits for a running job's slave to come back")
+    p.add_argument("--ping-interval", type=seconds, default=PING_INTERVAL, metavar="SECONDS",
+                   help=f"seconds between pings to each slave and client; one silent for twice that is dropped "
+                        f"(default {PING_INTERVAL:g})")
     p.add_argument("--users", default=None, metavar="FILE",
                    help="users file enabling POST /api/login (manage it with `distexec user add`)")
     p.add_argument("--token-ttl", type=float, default=DEFAULT_TOKEN_TTL, metavar="SECONDS",
@@ -104,7 +109,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                     max_timeout=args.max_timeout or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
                     prune_interval=args.prune_interval)
-    app = make_app(master, auth, Gate(args.rate, args.burst, args.read_rate, args.read_burst))
+    app = make_app(master, auth, Gate(args.rate, args.burst, args.read_rate, args.read_burst), args.ping_interval)
     ssl_ctx = None
     if args.certfile:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -24,10 +24,9 @@ from .refusals import http_status
 
 log = logging.getLogger("distexec.master.app")
 
-# Seconds.  Tornado sends a ping every PING_INTERVAL; a peer from which nothing at all (a message,
-# a ping, a pong) has come for PING_INTERVAL + PING_TIMEOUT is dropped (distexec_kernel/liveness.py).
+# Seconds (the default of --ping-interval).  Tornado sends a ping every interval; a peer from which
+# nothing at all (a message, a ping, a pong) has come for twice that is dropped (distexec_kernel/liveness.py).
 PING_INTERVAL = 2.0
-PING_TIMEOUT = 2.0
 # Frames written to a peer and not yet taken by it: past this the peer is closed (it reconnects and
 # reads again).  A client that never reads would otherwise grow the master's memory without bound.
 MAX_UNSENT_BYTES = 32 << 20
@@ -118,7 +117,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
     def hear(self) -> None:
         """Start judging whether the peer is still there (from ``open``)."""
         self._watching = asyncio.ensure_future(
-            liveness.watch(self.hearing, PING_INTERVAL, PING_INTERVAL + PING_TIMEOUT, self._silent))
+            liveness.watch(self.hearing, self.ping_interval, 2 * self.ping_interval, self._silent))
 
     def _silent(self, seconds: float) -> None:
         log.warning("%s %s: nothing for %.1f s; closing", self.__class__.__name__, self.request.remote_ip, seconds)
@@ -406,7 +405,7 @@ class ClientSocket(_Socket):
         self.send(P.make("cancel_reply", job=job, ref=ref))
 
     def _recheck_later(self) -> None:
-        self._rechecking = asyncio.get_running_loop().call_later(PING_INTERVAL, self._recheck)
+        self._rechecking = asyncio.get_running_loop().call_later(self.ping_interval, self._recheck)
 
     def _recheck(self) -> None:
         """The channel's identity, checked again: a user removed from the users file, or no longer an

@@ -28,8 +28,8 @@ log = logging.getLogger("distexec.slave")
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
 OUTPUT_FLUSH = 0.01  # seconds output chunks are gathered before one message goes out
+# Seconds between pings to the master (--ping-interval); silent for twice that, it is judged gone.
 PING_INTERVAL = 2.0
-PING_TIMEOUT = 2.0
 
 
 class FatalSlaveError(Exception):
@@ -39,7 +39,7 @@ class FatalSlaveError(Exception):
 class Slave:
     def __init__(self, master_url: str, secret: str, uid: str, host: str, slots: int,
                  toolchains: dict[str, str], runner: Runner, *, cafile: str | None = None,
-                 on_registered=None, detecting: bool = False):
+                 on_registered=None, detecting: bool = False, ping_interval: float = PING_INTERVAL):
         self.ws_url = config.ws_url(master_url) + "/ws/slave"
         self.secret = secret
         self.uid = uid
@@ -48,6 +48,7 @@ class Slave:
         self.toolchains = toolchains
         self.runner = runner
         self.cafile = cafile
+        self.ping_interval = ping_interval
         self.on_registered = on_registered
         # Still asking toolchains: ``toolchains`` will grow (languages_changed tells the master).
         self.detecting = detecting
@@ -101,7 +102,7 @@ class Slave:
         try:
             await wsclient.stay_connected(
                 self._request, self._serve, self._stopping, log=log, first=BACKOFF_FIRST, most=BACKOFF_MAX,
-                ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT,
+                ping_interval=self.ping_interval, ping_timeout=self.ping_interval,
                 refused_401=lambda: f"the master at {self.ws_url} refused the slave secret (401): check "
                                     f"--secret or DISTEXEC_SLAVE_SECRET")
         except wsclient.Refused as exc:

@@ -14,9 +14,10 @@ import sys
 import uuid
 
 from distexec_kernel import config
+from distexec_kernel.cells import seconds
 
 from . import toolchains
-from .agent import FatalSlaveError, Slave
+from .agent import PING_INTERVAL, FatalSlaveError, Slave
 from .compile_cache import CompileCache
 from .jobdirs import JobDirs
 from .runner import ProcessRunner
@@ -40,6 +41,9 @@ DETECT_DELAY = 0.5
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", default=None, help="master URL (ws://, http://, wss://, https://); "
                    "default: DISTEXEC_URL or the connection file")
+    p.add_argument("--ping-interval", type=seconds, default=PING_INTERVAL, metavar="SECONDS",
+                   help="seconds between pings to the master; silent for twice that, it is judged gone and the "
+                        f"slave connects again (default {PING_INTERVAL:g})")
     p.add_argument("--slots", type=int, default=None, help="most jobs run at once here (default: CPU count)")
     p.add_argument("--uid", default=None, help="this slave's UID (default: one kept under $DISTEXEC_HOME)")
     p.add_argument("--languages", default=None, help="comma-separated languages to offer (default: all found)")
@@ -182,7 +186,8 @@ async def start(args: argparse.Namespace) -> Slave:
             print(f"{REGISTERED} {slave.uid} {endpoint.url}", flush=True)
 
     slave = Slave(endpoint.url, endpoint.slave_secret, uid, socket.gethostname(), slots, found, runner,
-                  cafile=args.cafile or endpoint.cafile, on_registered=on_registered, detecting=bool(later))
+                  cafile=args.cafile or endpoint.cafile, on_registered=on_registered, detecting=bool(later),
+                  ping_interval=args.ping_interval)
     detection = (asyncio.ensure_future(detect_rest(detector, later, found, programs, slave, registered))
                  if later else None)
     slave.tasks += [t for t in (detection, asyncio.ensure_future(fully_started(slave, warm, registered, detection)))
