@@ -1,8 +1,7 @@
 """What a cell says besides its program: option lines, kept files, completeness, completions.
 
 The kernels (``kernel.py``) read a cell with ``parse``; the ``%%remote``
-magic shares the option values' checks (``seconds``) and the reading of
-local files (``read_text``, ``read_files``).  No Jupyter imports here, so it
+magic shares the reading of local files (``read_text``, ``read_files``).  No Jupyter imports here, so it
 is tested as plain functions.
 
 A kernel cell may start with option lines, which no language of ours would
@@ -28,6 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import languages as L, protocol as P
+from .config import seconds
 
 OPTIONS = {
     "%timeout": "S", "%arg": "A...", "%stdin": "TEXT", "%file": "PATH", "%session": "NAME", "%no-wait": "",
@@ -37,17 +37,6 @@ FILE_CELL = "%%file"
 
 class OptionError(ValueError):
     """A cell's options or local files are wrong; the message says what to write instead."""
-
-
-def seconds(text: str) -> float:
-    """A positive number of seconds (argparse type for --timeout: its name shows in argparse's messages)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
 
 
 def read_text(path: str) -> str:

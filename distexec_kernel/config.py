@@ -1,6 +1,8 @@
-"""Where a cluster is: $DISTEXEC_HOME, the connection file, the environment."""
+"""Where a cluster is: $DISTEXEC_HOME, the connection file, the environment; and a seconds value's check,
+shared by the servers' flags and the client's --timeout."""
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import ipaddress
 import json
@@ -14,6 +16,17 @@ import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds (argparse type for --timeout: its name shows in argparse's messages)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def home() -> str:

@@ -25,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import clear_output, display
 
 from . import config, display as D, interrupts, languages, outputs as O, protocol as P
-from .cells import seconds
+from .config import seconds
 from .cluster import Cluster, DistexecError, Job
 from .group import item_args
 from .magic_args import parse_command, parse_line, read_files, read_source, split_run

@@ -16,7 +16,7 @@ import tornado.httpserver
 import tornado.netutil
 
 from distexec_kernel import config, protocol as P
-from distexec_kernel.cells import seconds
+from distexec_kernel.config import seconds
 
 from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError

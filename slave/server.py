@@ -14,7 +14,7 @@ import sys
 import uuid
 
 from distexec_kernel import config
-from distexec_kernel.cells import seconds
+from distexec_kernel.config import seconds
 
 from . import toolchains
 from .agent import PING_INTERVAL, FatalSlaveError, Slave
