@@ -36,6 +36,8 @@ import sqlite3
 import threading
 import time
 
+import orjson
+
 from distexec_kernel import protocol as P
 
 from .artifacts import ArtifactStore, root_for
@@ -109,9 +111,19 @@ def _split(job: dict) -> tuple[dict, dict]:
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
+def _json(value) -> str:
+    """The history's text of ``value``, by orjson: on the loop, a record's in 0.6 us against the standard
+    library's 4.9, and 7 MiB of stdin's in 5 ms against 26 (docs/performance.md, "The lean relay").
+    What orjson refuses (an integer past 64 bits, say) the standard library writes, as it always did."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _ENCODER.encode(value)
+
+
 def _rows(job: dict) -> tuple[tuple, tuple | None]:
     rest, inputs = _split(job)
-    data = _ENCODER.encode(rest)
+    data = _json(rest)
     # Its collected files (kept beside the history) count towards --keep-mb: a few lines of listing
     # each in the record, up to the cap on what a job may keep on the master's disk.
     size = len(data) + sum(a.get("size", 0) for a in rest.get("artifacts") or ())
@@ -119,7 +131,7 @@ def _rows(job: dict) -> tuple[tuple, tuple | None]:
            job["submitted_at"], job.get("group"), job.get("ref"), data, size)
     if not inputs:
         return row, None
-    text = _ENCODER.encode(inputs)
+    text = _json(inputs)
     return row, (job["id"], text, len(text))
 
 

@@ -52,6 +52,31 @@ def test_the_wal_stays_small_while_the_loop_commits_job_after_job(tmp_path):
     assert ids(path) == list(range(1, 8 * CHECKPOINT_ROWS))
 
 
+def test_records_and_inputs_read_back_as_saved_whichever_encoder_wrote_them(tmp_path):
+    """The history's text is orjson's, and the standard library's for what orjson refuses (here an
+    integer past 64 bits in a record): either way a job reads back as it was saved, and its inputs'
+    text, spliced into a job_run as it is, decodes to the inputs given."""
+    path = str(tmp_path / "history.sqlite3")
+    tricky = 'quote " back \\ nl \n tab \t nul \x00 del \x7f é ✅ \u2028 }},"x":1{'
+    inputs = {"source": "print(1)\n" + tricky, "files": {"a \"b\".txt": tricky}, "args": [tricky, ""], "stdin": tricky}
+    plain = job(1, P.SUCCEEDED, stdout=tricky, exit_code=3, **inputs)
+    odd = job(2, P.FAILED, exit_code=2 ** 70, stderr=tricky, **inputs)
+
+    async def scenario() -> tuple:
+        store = JobStore(path)
+        try:
+            await store.save_many([plain, odd])
+            return await store.get(1), await store.get(2), await store.inputs_many([1, 2])
+        finally:
+            store.close()
+
+    first, second, texts = asyncio.run(scenario())
+    assert first == plain and second == odd
+    assert second["exit_code"] == 2 ** 70
+    for text in texts.values():
+        assert P.loads(text) == inputs
+
+
 def test_saves_and_a_prune_are_committed_in_the_order_they_were_asked(tmp_path):
     """A prune runs in the writer thread: saves asked before it in the same turn go first (it sees
     them), saves asked while it runs go after it (it cannot delete them), and the loop never waits."""
