@@ -78,6 +78,7 @@ class IopubPump:
         self.cell_id: str | None = None
         self.handler: Callable[[dict], None] | None = None
         self.dropped = 0
+        self.heard = 0.0  # when iopub last gave a message, anyone's (monotonic): whether it still flows
         self.oversized = False  # a message past max_message was cut during the current cell
         self._read_task = asyncio.ensure_future(self._read())
 
@@ -95,6 +96,7 @@ class IopubPump:
                 frames = await self.socket.recv_multipart(copy=False)
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
+            self.heard = time.monotonic()
             # A ready message completes the await without yielding: without this
             # a flood would starve the event loop (and the master's pings).
             await asyncio.sleep(0)

@@ -29,7 +29,11 @@ from .sandbox import Limits, Sandbox
 
 INTERRUPT_GRACE = 3.0  # seconds a cell has to stop after SIGINT before the kernel is killed
 REPLY_TIMEOUT = 5.0  # seconds to wait for the shell reply once the cell went idle
-SETTLE_AFTER_REPLY = 1.0  # seconds to wait for the idle status once the reply came
+# Once the reply came, the idle status is waited for while iopub still gives messages (the backlog a
+# thread of an earlier cell flooded it with, this cell's output behind it), until it has been silent
+# this long (seconds), and SETTLE_MOST at most: the status may have been dropped (a cut message).
+SETTLE_AFTER_REPLY = 1.0
+SETTLE_MOST = 10.0
 SESSION_ARGV0 = "main.py"  # what a fresh process job sees as sys.argv[0]
 # A session's kernel is capped at one core while a cell runs (what a slot is
 # worth); sessions.py caps it lower between cells.
@@ -293,9 +297,20 @@ class CellRunner:
             if idle.done():
                 await asyncio.wait([reply], timeout=REPLY_TIMEOUT)
             else:  # output is flushed before the reply; the idle status follows it
-                await asyncio.wait([idle], timeout=SETTLE_AFTER_REPLY)
+                await _settled(session.pump, idle)
         finally:
             reply.cancel()
+
+
+async def _settled(pump, idle: asyncio.Future) -> None:
+    """Wait for ``idle`` while ``pump`` still hears iopub (SETTLE_AFTER_REPLY, SETTLE_MOST): with a fixed
+    second, a cell run beside a flooding thread ended before its own output came, and showed none."""
+    start = time.monotonic()
+    while True:
+        await asyncio.wait([idle], timeout=SETTLE_AFTER_REPLY)
+        now = time.monotonic()
+        if idle.done() or now - pump.heard >= SETTLE_AFTER_REPLY or now - start >= SETTLE_MOST:
+            return
 
 
 def _ignore(stream: str, text: str) -> None:

@@ -116,15 +116,18 @@ def test_a_user_past_max_sessions_gets_session_limit(make_cluster):
 
 # -- finding 5: a kernel floods the slave --------------------------------------------
 
+# Chunks of 64 KiB: the kernel's iopub socket queues up to 1,000 messages (zmq's default high-water
+# mark) while the slave drains them, so 1 MiB ones could fill the session's own memory limit and end it
+# (its memory, counted against its user: not the slave's, which is what this measures).
 FLOOD = textwrap.dedent("""
     import sys, threading
     sent = [0]
     def flood():
-        chunk = "z" * (1 << 20)
+        chunk = "z" * (1 << 16)
         while True:
             sys.stdout.write(chunk)
             sys.stdout.flush()
-            sent[0] += 1
+            sent[0] += len(chunk)
     threading.Thread(target=flood, daemon=True).start()
     print("flooding")
 """)
@@ -146,12 +149,36 @@ def test_a_thread_flooding_after_its_cell_returned_does_not_grow_the_slave(make_
             peak[0] = max(peak[0], slave.memory_info().rss)
             # Later cells work (what the thread prints while one runs is its output, as in Jupyter).
             assert job.status == P.SUCCEEDED, (job.error, job.stderr[-500:])
-            return int(re.search(r"sent=(\d+)", job.stdout).group(1)) >= 300
+            return int(re.search(r"sent=(\d+)", job.stdout).group(1)) >= 200 << 20
 
-        # 300 MiB sent after the cell that started the thread returned.
-        wait_for(flooded_enough, 120, "the thread to send 300 MiB", interval=0.5)
+        # 200 MiB sent after the cell that started the thread returned: twice what the slave may grow by.
+        wait_for(flooded_enough, 120, "the thread to send 200 MiB", interval=0.5)
         grown = (peak[0] - base) >> 20
         assert grown < 100, f"the slave grew by {grown} MiB"
+
+
+BACKLOG = textwrap.dedent("""
+    import sys, threading
+    def flood():
+        chunk = "z" * (1 << 20)
+        for _ in range(400):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    threading.Thread(target=flood, daemon=True).start()
+""")
+
+
+def test_a_cell_behind_an_earlier_threads_backlog_still_gets_its_own_output(make_cluster):
+    """400 MiB printed by a thread of an earlier cell queue on iopub ahead of the next cell's output and
+    its idle status, for longer than a second: the cell's reply comes first, and its output is waited
+    for while iopub still flows (it ended after a fixed second, with no output at all)."""
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "64"])
+    with Cluster(lc.url, token=lc.token) as c:
+        assert run(c, "print('warm')", session="b").status == P.SUCCEEDED
+        assert run(c, BACKLOG, session="b").status == P.SUCCEEDED
+        job = run(c, "print('mine')", session="b")
+        assert job.status == P.SUCCEEDED, (job.error, job.stderr[-500:])
+        assert "mine" in job.stdout, (len(job.stdout), job.stdout[-200:])
 
 
 # -- --disk-limit ----------------------------------------------------------------------
