@@ -13,7 +13,7 @@ import socket
 import sys
 import uuid
 
-from distexec_kernel import config
+from distexec_kernel import config, protocol as P
 from distexec_kernel.config import seconds
 
 from . import toolchains
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="verify a wss/https master with this certificate (default: DISTEXEC_CAFILE or the "
                         "connection file's, else the system's CAs)")
     p.add_argument("--memory-limit", type=int, default=1024, metavar="MiB", help="per job (default 1024)")
-    p.add_argument("--output-limit", type=int, default=16, metavar="MiB", help="stdout+stderr per job (default 16)")
+    p.add_argument("--output-limit", type=output_mib, default=16, metavar="MiB",
+                   help=f"stdout+stderr per job, as sent (default 16, at most {MAX_OUTPUT_MIB})")
     p.add_argument("--max-procs", type=int, default=64, help="processes per job (default 64)")
     p.add_argument("--allow-network", action="store_true", help="let jobs use the network")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
@@ -78,6 +79,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(comma-separated, e.g. numpy,pandas; default none); see docs/sandbox.md")
     p.add_argument("--compile-cache", type=int, default=256, metavar="MiB",
                    help="compiled programs kept under $DISTEXEC_HOME/cache/compile (default 256; 0: none)")
+
+
+# A job's output goes to the master in its job_finished, one message of at most P.MAX_MESSAGE_BYTES: half
+# of it leaves room for the rest (its rich outputs' bundles are counted in the limit, its files' list not).
+MAX_OUTPUT_MIB = P.MAX_MESSAGE_BYTES // 2 >> 20
+
+
+def output_mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if not 0 < value <= MAX_OUTPUT_MIB:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_OUTPUT_MIB} MiB: a job's output is sent to the "
+                                         f"master in one message of at most {P.MAX_MESSAGE_BYTES >> 20} MiB")
+    return value
 
 
 def module_names(text: str) -> list[str]:

@@ -134,7 +134,7 @@ FLOOD = textwrap.dedent("""
 
 
 def test_a_thread_flooding_after_its_cell_returned_does_not_grow_the_slave(make_cluster):
-    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "64"])
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "32"])
     slave = psutil.Process(lc.slaves[0].pid)
     with Cluster(lc.url, token=lc.token) as c:
         assert run(c, "print('warm')", session="f").status == P.SUCCEEDED
@@ -172,13 +172,27 @@ def test_a_cell_behind_an_earlier_threads_backlog_still_gets_its_own_output(make
     """400 MiB printed by a thread of an earlier cell queue on iopub ahead of the next cell's output and
     its idle status, for longer than a second: the cell's reply comes first, and its output is waited
     for while iopub still flows (it ended after a fixed second, with no output at all)."""
-    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "64"])
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "32"])
     with Cluster(lc.url, token=lc.token) as c:
         assert run(c, "print('warm')", session="b").status == P.SUCCEEDED
         assert run(c, BACKLOG, session="b").status == P.SUCCEEDED
         job = run(c, "print('mine')", session="b")
         assert job.status == P.SUCCEEDED, (job.error, job.stderr[-500:])
         assert "mine" in job.stdout, (len(job.stdout), job.stdout[-200:])
+
+
+def test_output_is_counted_as_sent_so_a_job_of_control_characters_cannot_cost_its_slave(make_cluster):
+    """12 MiB of \\x01 is under the default 16 MiB by bytes, and 72 MiB as JSON (\\u0001 each): sent
+    whole, its job_finished passed the master's message limit, the master closed the slave's connection
+    at each try, and the slave was lost to everyone.  Counted as sent, it ends output_limit."""
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        flood = run(c, "import sys\nsys.stdout.write('\\x01' * (12 << 20))")
+        assert flood.status == P.FAILED and flood.error["code"] == P.OUTPUT_LIMIT, flood.error
+        assert 0 < len(flood.stdout) * 6 <= 16 << 20
+        after = run(c, "print('after')")
+        assert after.status == P.SUCCEEDED and after.stdout == "after\n", after.error
+        assert after.slave_uid == flood.slave_uid
 
 
 # -- --disk-limit ----------------------------------------------------------------------
