@@ -35,6 +35,9 @@ MAX_UNSENT_BYTES = 32 << 20
 BATCH_CHARS = 256 << 10
 # Frames of one peer handled in a row, at most, before the loop turns for the others.
 INLINE_FRAMES = 64
+# A client's frame, at most (bytes), as an HTTP body: a job_run is its submission and a little more, and one
+# past the slave's MAX_MESSAGE_BYTES would be refused at each try to send it.  Our client sends more by HTTP.
+CLIENT_FRAME_BYTES = P.MAX_MESSAGE_BYTES // 2
 
 
 # An error told to a peer, and logged, is cut at this length: a bad frame of 64 MiB is not
@@ -99,6 +102,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
     """
 
     handlers: dict[str, str] = {}
+    max_frame = 0  # bytes a frame of this peer may take (0: the app's websocket_max_message_size alone)
 
     def initialize(self, master: Master, auth: Auth, gate: Gate) -> None:
         self.master = master
@@ -204,7 +208,9 @@ class _Socket(tornado.websocket.WebSocketHandler):
         if waiting is not None:
             await waiting
 
-    def _handle(self, text: str) -> Awaitable[None] | None:
+    def _handle(self, text: str | bytes) -> Awaitable[None] | None:
+        if self.max_frame and len(text if isinstance(text, bytes) else text.encode(errors="replace")) > self.max_frame:
+            return self.reply_error("too_large", f"a frame over {self.max_frame >> 20} MiB: submit by HTTP")
         try:
             msg = P.decode(text)
         except P.ProtocolError as exc:
@@ -253,6 +259,7 @@ def _unsent(conn) -> int:
 
 class ClientSocket(_Socket):
     handlers = {"submit": "on_submit", "cancel": "on_cancel"}
+    max_frame = CLIENT_FRAME_BYTES
 
     def initialize(self, master: Master, auth: Auth, gate: Gate, ledger: SubmitLedger) -> None:
         super().initialize(master, auth, gate)
@@ -300,8 +307,7 @@ class ClientSocket(_Socket):
     def on_submit(self, msg: dict) -> None:
         """Take a submission in, to be answered with the others this turn of the loop brings (a client
         pipelines them): judged together, one commit.  Sent again after a reconnect, it gets the answer
-        it had.  The answer to a submit is always a submit_reply with its ref, so the sender can match it.
-        """
+        it had.  The answer to a submit is always a submit_reply with its ref, so the sender can match it."""
         ref = msg.get("ref")
         key = (self.identity.user, ref) if ref else None
         first = self.ledger.get(key) if key else None

@@ -218,6 +218,32 @@ def test_what_a_user_sends_reaches_the_log_bounded_and_without_tokens(make_clust
     assert "Traceback" not in master_log and len(master_log) < 100_000, len(master_log)
 
 
+def test_a_client_frame_is_bounded_so_that_its_job_run_fits_the_slaves_limit(make_cluster):
+    """A job_run is its submission and a little more: a frame near the 64 MiB message limit (8 MiB of
+    stdin is 48 MiB as JSON, with files more still) would make one the slave refuses at each try.  A
+    client's frame is bounded as an HTTP body is, 32 MiB; under it the job runs with all its stdin."""
+    lc = make_cluster(1, slots=1, languages="python")
+    sock = Socket(lc.url, "/ws/client", lc.token)
+    try:
+        assert sock.recv()["type"] == "welcome"
+        program = "import sys\nprint(len(sys.stdin.read()))"
+
+        def frame(ref: str, chars: int) -> str:
+            return json.dumps({"type": "submit", "ref": ref, "request": {
+                "source": program, "language": "python", "stdin": "\x01" * chars}}, ensure_ascii=False)
+        big = sock.exchange(frame("big", 6 << 20))  # 36 MiB as JSON
+        assert [r["error"]["code"] for r in big] == ["too_large"], big
+        sock.send(frame("fits", 4 << 20))  # 24 MiB
+        reply = sock.recv()
+        while reply["type"] != "submit_reply":
+            reply = sock.recv()
+        assert reply["ref"] == "fits" and reply["job"], reply
+        job = Cluster(lc.url, token=lc.token).job(reply["job"]["id"]).wait(60)
+        assert job.status == P.SUCCEEDED and job.stdout == f"{4 << 20}\n", (job.error, job.stderr[-300:])
+    finally:
+        sock.close()
+
+
 def test_integers_past_64_bits_are_refused_not_looked_up(make_cluster):
     # A job id of 10**30 reached SQLite (OverflowError): 500 over HTTP, internal_error on the WebSocket.
     lc = make_cluster(0)
