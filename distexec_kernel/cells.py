@@ -1,8 +1,8 @@
 """What a cell says besides its program: option lines, kept files, completeness, completions.
 
 The kernels (``kernel.py``) read a cell with ``parse``; the ``%%remote``
-magic shares the reading of local files (``read_text``, ``read_files``).  No Jupyter imports here, so it
-is tested as plain functions.
+magic shares the reading of local files (``read_text``, ``read_files``).
+No Jupyter imports here, so it is tested as plain functions.
 
 A kernel cell may start with option lines, which no language of ours would
 accept as its first lines anyway::

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Awaitable, NamedTuple
 
+import tornado.escape
 import tornado.websocket
 
 from distexec_kernel import liveness, protocol as P
@@ -35,8 +36,7 @@ MAX_UNSENT_BYTES = 32 << 20
 BATCH_CHARS = 256 << 10
 # Frames of one peer handled in a row, at most, before the loop turns for the others.
 INLINE_FRAMES = 64
-# A client's frame, at most (bytes), as an HTTP body: a job_run is its submission and a little more, and one
-# past the slave's MAX_MESSAGE_BYTES would be refused at each try to send it.  Our client sends more by HTTP.
+# A client's frame, at most (bytes), as an HTTP body: the job_run it makes must fit the slave's MAX_MESSAGE_BYTES.
 CLIENT_FRAME_BYTES = P.MAX_MESSAGE_BYTES // 2
 
 
@@ -56,8 +56,7 @@ class SubmitLedger:
     submission may carry megabytes of files).
 
     Refs are the client's own (random per client object, then a counter);
-    keyed by the authenticated user too, so nobody reads another's answer.
-    """
+    keyed by the authenticated user too, so nobody reads another's answer."""
 
     def __init__(self, size: int = LEDGER_SIZE):
         self.size = size
@@ -209,7 +208,8 @@ class _Socket(tornado.websocket.WebSocketHandler):
             await waiting
 
     def _handle(self, text: str | bytes) -> Awaitable[None] | None:
-        if self.max_frame and len(text if isinstance(text, bytes) else text.encode(errors="replace")) > self.max_frame:
+        # Encoded to count its bytes only when its length leaves a doubt (4 bytes a character at most).
+        if self.max_frame and len(text) > self.max_frame // 4 and len(tornado.escape.utf8(text)) > self.max_frame:
             return self.reply_error("too_large", f"a frame over {self.max_frame >> 20} MiB: submit by HTTP")
         try:
             msg = P.decode(text)

@@ -670,12 +670,21 @@ def test_a_process_a_session_starts_between_its_cells_is_stopped(make_cluster, t
     # The end-of-cell sweep missed a process a thread started after the cell: a 200 MiB spinner
     # lived on, its slot shown free, until the next cell ended.
     lc = make_cluster(1, slots=1, languages="python")
+    # The thread starts it once the cell is over on the slave: past the end-of-cell sweep, the slave
+    # lowers the session's CPU cap (IDLE_CPUS), which the kernel can read in its own cgroup.
     late = ("import subprocess, threading, time\n"
-            "def later():\n    time.sleep(0.5)\n    subprocess.Popen(['sleep', '61.25'])\n"
+            "cpu = next(l.split(':')[2].strip() for l in open('/proc/self/cgroup') if l.split(':')[1] == 'cpu')\n"
+            "quota = f'/sys/fs/cgroup/cpu{cpu}/cpu.cfs_quota_us'\n"
+            "cell = int(open(quota).read())\n"
+            "def later():\n"
+            "    deadline = time.monotonic() + 60\n"
+            "    while int(open(quota).read()) == cell and time.monotonic() < deadline:\n"
+            "        time.sleep(0.01)\n"
+            "    subprocess.Popen(['sleep', '61.25'])\n"
             "threading.Thread(target=later, daemon=True).start()\n")
     with Cluster(lc.url, token=lc.token) as c:
         job = c.submit(late, session="late").wait(120)
-        assert job.status == P.SUCCEEDED and "left running" not in job.stderr, job.record
+        assert job.status == P.SUCCEEDED and "left running" not in job.stderr, (job.error, job.stderr[-600:])
         wait_for(lambda: "stopped 1 process(es) started between its cells" in logs(tmp_path), 20,
                  "the slave to stop the late process")
         assert not [p for p in psutil.process_iter(["cmdline"]) if "61.25" in (p.info["cmdline"] or [])]
