@@ -28,7 +28,7 @@ import psutil
 from distexec_kernel import config
 from distexec_kernel.procs import kill_group
 
-from . import uids
+from . import accounts, uids
 from .cgroups import Cgroups, JobCgroup, _read
 from .sandbox import BWRAP_PROCS, CGROUP_ROOT, NOBODY, Limits, Sandbox, Spawn
 from .seccomp import seccomp_available
@@ -108,6 +108,19 @@ class BwrapSandbox(Sandbox):
         self.gid = gid
         self.secrets = self._secret_dirs()
         self.expose = self._exposed(expose)
+        self.accounts = self._accounts()
+
+    @staticmethod
+    def _accounts() -> list[str]:
+        """bwrap arguments binding the jobs' own /etc/passwd and /etc/group (accounts.py)."""
+        if os.getuid() != 0:
+            return []  # jobs run as the slave's own uid, an account already
+        try:
+            files = accounts.written()
+        except OSError as exc:
+            log.warning("jobs see the host's accounts, where their uid has no name: %s", exc)
+            return []
+        return [arg for dest, src in files.items() for arg in ("--ro-bind", src, dest)]
 
     @property
     def job_uid(self) -> int:
@@ -220,7 +233,7 @@ class BwrapSandbox(Sandbox):
         size = str(limits.memory_bytes)
         # (destination, bwrap arguments), applied in this order: hiding tmpfs
         # first, then what is shown again inside them, the job's directory last.
-        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *self.accounts]
         # The first word on a path wins: /tmp stays sticky and world-writable
         # when it is also the parent of the job directories.
         tmpfs = {"/tmp": "1777", "/dev/shm": "1777"}
@@ -253,7 +266,7 @@ class BwrapSandbox(Sandbox):
         its tmpfs at ``/run/distexec`` (out of the way of /tmp and /var/tmp,
         which it covers).  The pool's cgroups are bound writable, to be joined.
         """
-        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        args = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *self.accounts]
         tmpfs = {"/tmp": "1777", "/dev/shm": "1777", "/run": "0755"}
         tmpfs.setdefault(_hiding_root(os.path.realpath(jobroot)), "0755")
         for d in self.secrets:

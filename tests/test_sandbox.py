@@ -129,6 +129,44 @@ def test_job_runs_as_a_uid_of_its_own_without_capabilities(box_client):
     assert int(pid) <= 3
 
 
+def test_a_jobs_uid_has_a_name_and_the_hosts_people_are_not_listed(box_client):
+    # Without an account of its own a job's whoami failed and getpass.getuser() raised KeyError.
+    job = run(box_client, "id -u; whoami; id -gn; python3 -c 'import getpass; print(getpass.getuser())'; "
+                          "echo x >> /etc/passwd || echo read-only; cat /etc/passwd /etc/group", "bash")
+    assert job.status == P.SUCCEEDED, job.record
+    uid, who, group, py_who, refused, *lines = job.stdout.splitlines()
+    assert who == group == py_who == f"job{uid}" and refused == "read-only", job.stdout
+    passwd = [line.split(":") for line in lines if line.count(":") == 6]
+    groups = [line.split(":") for line in lines if line.count(":") == 3]
+    assert passwd and groups and len(passwd) + len(groups) == len(lines), lines
+    for entry in passwd + groups:
+        number = int(entry[2])
+        assert number < 1000 or number == NOBODY or number in range(uids.FIRST, uids.FIRST + uids.COUNT), entry
+    assert all(g[3] == "" for g in groups), "a group's members name the host's people"
+
+
+def test_the_accounts_file_keeps_system_accounts_and_drops_peoples(monkeypatch, tmp_path):
+    import pwd
+
+    from slave import accounts
+    host = [pwd.struct_passwd(("root", "x", 0, 0, "root", "/root", "/bin/bash")),
+            pwd.struct_passwd(("alice", "x", 1000, 1000, "Alice", "/home/alice", "/bin/bash")),
+            pwd.struct_passwd(("taken", "x", uids.FIRST + 1, 7, "", "/", "/bin/sh")),
+            pwd.struct_passwd(("nobody", "x", NOBODY, NOBODY, "nobody", "/nonexistent", "/usr/sbin/nologin"))]
+    monkeypatch.setattr(pwd, "getpwall", lambda: host)
+    files = accounts.written(str(tmp_path / "etc"))
+    text = pathlib.Path(files["/etc/passwd"]).read_text()
+    names = [line.split(":")[0] for line in text.splitlines()]
+    assert names[:2] == ["root", "nobody"] and "alice" not in names and "taken" not in names, names
+    assert f"job{uids.FIRST}:x:{uids.FIRST}:{uids.FIRST}:" in text
+    # The uid a host account holds is never a job's (uids.take): it gets no job's name either.
+    assert f"job{uids.FIRST + 1}" not in text and len(names) == 2 + uids.COUNT - 1
+    assert stat.S_IMODE(os.stat(files["/etc/passwd"]).st_mode) == 0o644
+    os.chmod(tmp_path / "etc", 0o777)
+    with pytest.raises(OSError, match="only it may write"):
+        accounts.written(str(tmp_path / "etc"))
+
+
 def test_job_cannot_make_a_user_namespace_or_use_keyrings(box_client):
     # As "root" in a user namespace of its own a job could mount and reach
     # kernel code that container escapes go through; keyrings would be shared

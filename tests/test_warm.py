@@ -387,6 +387,16 @@ def test_links_and_fifos_a_job_leaves_reach_neither_the_next_job_nor_the_host(c,
     assert os.stat(target).st_uid == 0 and os.stat(target).st_mode & 0o777 == 0o600
 
 
+def test_a_warm_jobs_uid_has_a_name(c):
+    job = run(c, WHERE + "import getpass, os, subprocess\n"
+                 "print(getpass.getuser(), os.getuid())\n"
+                 "print(subprocess.run(['whoami'], capture_output=True, text=True).stdout.strip())")
+    assert job.status == P.SUCCEEDED, job.record
+    where, name_uid, who = job.stdout.splitlines()
+    name, uid = name_uid.split()
+    assert where == "warm" and name == who == f"job{uid}", job.stdout
+
+
 def test_random_differs_between_warm_jobs(c):
     source = WHERE + "import random, uuid; print(random.random(), uuid.uuid4())"
     outs = {run(c, source).stdout for _ in range(3)}
