@@ -27,7 +27,6 @@ log = logging.getLogger("distexec.master.app")
 MAX_BODY_BYTES = 32 << 20
 
 
-# HTTP status for the ProtocolError codes that are not a plain 400.
 class ApiHandler(tornado.web.RequestHandler):
     master: Master
     auth: Auth
