@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -41,7 +42,7 @@ import orjson
 from distexec_kernel import protocol as P
 
 from .artifacts import ArtifactStore, root_for
-from .store_schema import SCHEMA, connect, private_file
+from .store_schema import SCHEMA, connect, hold, private_file
 from .store_tx import UNFINISHED, attempt, inputs_of, insert, total_bytes, transient
 
 log = logging.getLogger("distexec.master.store")
@@ -162,8 +163,10 @@ def _merge(data: str, inputs: str | None) -> dict:
 class JobStore:
     def __init__(self, path: str):
         self.path = path
+        self._hold = None
         if path != ":memory:":
             private_file(path)
+            self._hold = hold(path)
         conn = connect(path, creating=True)
         conn.executescript(SCHEMA)
         conn.execute("BEGIN")
@@ -455,6 +458,9 @@ class JobStore:
             self._conn.close()
         self._readers.shutdown(wait=True)
         self.artifacts.close()
+        if self._hold is not None:
+            os.close(self._hold)
+            self._hold = None
 
 
 def _settle_all(futs: list[tuple[asyncio.Future, object]], err: Exception | None) -> None:

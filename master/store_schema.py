@@ -1,6 +1,7 @@
 """The history's SQLite tables and triggers, and how its file and connections are opened."""
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 
@@ -134,3 +135,28 @@ def private_file(path: str) -> None:
                 os.chmod(name, 0o600)
         except FileNotFoundError:
             pass
+
+
+class HistoryInUse(OSError):
+    """Another master holds this history."""
+
+
+def hold(path: str) -> int:
+    """This process's hold on the history at ``path`` (a descriptor to keep open while it is used).
+
+    Two masters on one history each resumed the other's running jobs, gave out the same ids, and failed
+    healthy jobs as slave_lost once their slaves did not come back to them; the second is now refused.
+    A lock file beside the database, flock'd: the kernel lets go when its holder exits or is killed, so
+    a master that crashed never keeps its restart out.  Its pid is written there, for the refusal."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise HistoryInUse(f"the history {path} is in use by another master{by}: stop that one first, or give "
+                           f"this one a history of its own (--db, or another DISTEXEC_HOME)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

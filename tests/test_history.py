@@ -275,6 +275,31 @@ def test_a_history_in_a_folder_others_can_write_is_refused(tmp_path):
     assert mode(shared) == 0o1777
 
 
+def test_a_second_master_on_a_history_in_use_is_refused_and_the_first_goes_on(make_cluster, home):
+    """Before: a second master on the same history resumed the first one's running job, gave out the
+    same ids, failed that job as slave_lost 30 s later and left the connection file naming itself."""
+    lc = make_cluster(1, slots=2, languages="python")
+    with Cluster(lc.url, token=lc.token) as c:
+        running = c.submit(SLEEPER, timeout=60)
+        wait_for(lambda: c.job(running.id).status == P.RUNNING, 20, "the sleeper to run")
+        connection = (home / "connection.json").read_text()
+        for extra in ([], ["--no-connection-file"]):
+            done = subprocess.run([sys.executable, "-m", "master", "--port", "0", *extra],
+                                  env=dict(os.environ, DISTEXEC_HOME=str(home)), capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 1, done.stderr
+            assert f"is in use by another master (pid {lc.master.pid})" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr, done.stderr
+        assert (home / "connection.json").read_text() == connection
+        assert c.submit("print('still the one')").wait(30).stdout == "still the one\n"
+        assert c.job(running.id).status == P.RUNNING
+        c.cancel(running.id)
+    # Killed, it holds nothing: its restart takes the history back.
+    lc.restart_master()
+    with Cluster(lc.url, token=lc.token) as c:
+        assert c.job(running.id).status in (P.RUNNING, P.CANCELLED)
+
+
 def test_collected_files_count_towards_the_historys_size_bound(make_cluster):
     # 0.5 MiB: two jobs' 300 KB files are over it, one is not (their records are a few hundred bytes).
     lc = make_cluster(1, slots=1, languages="python", master_args=["--keep-mb", "0.5", "--prune-interval", "0.2"])
