@@ -5,7 +5,8 @@ takes about 1.2 s here and 400 MiB, a session cell's IPython transform of the
 same 3.5 s.  On the loop, one user's batch of large programs held every
 other user's jobs, events and the slaves' pings for tens of seconds.  So the
 programs of a submission are parsed on the loop only while they are small in
-all (``INLINE_BYTES``); the rest go to a worker process (``python -m
+all (``INLINE_BYTES``, a session cell's size counted once per pass its
+transformer may make: ``_cost``); the rest go to a worker process (``python -m
 master.parsing``), in parts of at most ``PART_BYTES``, the users who wait
 taking turns, so that one user's large batch delays nobody else's by more
 than one part.  A parse past ``PART_TIMEOUT`` or one that kills the worker
@@ -56,6 +57,22 @@ def _key(user: str | None, job: dict) -> tuple:
     return user, job.get("session") is not None, job["language"], job["source"]
 
 
+def _cost(key: tuple) -> int:
+    """What parsing a program costs, in bytes of plain Python that would cost as much.
+
+    A session cell is IPython: its transformer tokenizes the whole cell again for each line it
+    rewrites (``!ls``, ``%time``, ``x?``), so 3.9 KiB of ``a?`` lines took 15 s where plain Python
+    of that size takes 5 ms, and held the loop (the slaves' pings too) all that time.  Each ``!``,
+    ``%``, ``?`` or line starting with an autocall escape (``/``, ``,``, ``;``) may be one more pass.
+    """
+    _, session, _, source = key
+    if not session or len(source) > INLINE_BYTES:
+        return len(source)
+    passes = 1 + source.count("!") + source.count("%") + source.count("?")
+    passes += sum(1 for line in source.splitlines() if line.lstrip()[:1] in ("/", ",", ";"))
+    return len(source) * passes
+
+
 def _unparsed(why: str) -> dict:
     return {"message": f"SyntaxError: {why}", "line": None, "column": None}
 
@@ -87,7 +104,7 @@ class Syntax:
         judged in the order they came: this one waits for their previous one's parse."""
         keys = [k for k in dict.fromkeys(_key(user, sub) for sub in subs)
                 if L.canonical(k[2]) in L.SYNTAX_CHECKS and k not in self._known]
-        before, inline = self._ahead.get(user), sum(len(k[3]) for k in keys) <= INLINE_BYTES
+        before, inline = self._ahead.get(user), sum(map(_cost, keys)) <= INLINE_BYTES
         if before is None and inline:
             return  # parsed on the loop by detail, without a turn of the loop
         loop = asyncio.get_running_loop()

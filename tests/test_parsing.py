@@ -59,6 +59,34 @@ def test_a_users_large_programs_do_not_hold_another_users_job(two_users):
     assert ends[2].stdout == "2\n"
 
 
+def test_a_small_session_cell_that_is_dear_to_transform_is_parsed_off_the_loop(two_users):
+    """IPython's transformer tokenizes a cell again for each line it rewrites: 3.9 KiB of ``a?`` lines
+    took 15 s, parsed on the loop because the cell was small, and held everyone (the slaves' pings too)."""
+    lc, alice, bob = two_users
+    cell = "a?\n" * 700  # 2.1 KB: seconds in the transformer
+    assert parsing._cost((None, True, "python", cell)) > parsing.INLINE_BYTES
+    assert parsing._cost((None, False, "python", cell)) < parsing.INLINE_BYTES  # not a cell: plain Python
+    assert parsing._cost((None, True, "python", "%matplotlib inline\nimport math\nprint(math.pi)\n")) \
+        < parsing.INLINE_BYTES  # an everyday cell stays on the loop, with no trip to the worker
+    answered = threading.Event()
+    jobs: list = []
+
+    def submit_cell():
+        jobs.append(alice.submit(cell, session="help", timeout=120))
+        jobs[0].id  # answered
+        answered.set()
+    sender = threading.Thread(target=submit_cell)
+    sender.start()
+    try:
+        wait_for(lambda: _worker_pids(lc.master.proc.pid), 30, "the master to parse alice's cell")
+        job = bob.submit("print('bob')").wait(60)
+        assert job.status == P.SUCCEEDED and not answered.is_set()
+    finally:
+        sender.join(120)
+    assert answered.is_set()
+    jobs[0].cancel()
+
+
 def test_a_parser_that_dies_rejects_that_program_and_the_next_is_judged_again(client, cluster):
     first: list = []
     sender = threading.Thread(target=lambda: first.append(client.submit(BIG + "print(1)\n").wait(60)))
