@@ -20,7 +20,8 @@ from .auth import UNAUTHORIZED, Auth, Identity, bearer, redacted
 from .core import Master
 from .limits import Gate, RateLimited
 from .refusals import http_status
-from .sockets import PING_INTERVAL, ClientSocket, SlaveSocket, SubmitLedger
+from .ledger import SubmitLedger
+from .sockets import PING_INTERVAL, ClientSocket, SlaveSocket
 
 log = logging.getLogger("distexec.master.app")
 

@@ -10,6 +10,7 @@ only.  An object ``Master`` holds; the master sends job events through
 from __future__ import annotations
 
 import asyncio
+import collections
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +79,7 @@ class ClientBook:
         # account may take the id again (reconnecting) or name it on a request.
         self._issued: dict[str, str | None] = {}
         self._next_client = 1
+        self._held: collections.Counter = collections.Counter()  # account -> its event channels open
         # The clients' "jobs submitted" counts change with every submission.
         self.changed = Coalesced(CLIENTS_EVENT_DELAY, self._send_changed)
 
@@ -97,7 +99,7 @@ class ClientBook:
         """Why ``account`` may not open another event channel now (None: it may)."""
         if self.max_per_user is None:
             return None
-        held = sum(1 for c in self.by_id.values() if c.account == account)
+        held = self._held[account]
         if held < self.max_per_user:
             return None
         return (f"{account!r} holds {held} event channels, the most one user may "
@@ -127,13 +129,22 @@ class ClientBook:
             del self._issued[next(iter(self._issued))]
         info = ClientInfo(cid, user, host, peer, owner=owner, account=account, label=_label(label))
         self.by_id[cid] = info
+        self._held[account] += 1
         peer.send(P.make("welcome", client_id=cid, version=__version__))
         self.changed()
         return info
 
     def client_disconnected(self, cid: str) -> None:
-        if self.by_id.pop(cid, None) is not None:
+        info = self.by_id.pop(cid, None)
+        if info is not None:
+            self._held[info.account] -= 1
+            if not self._held[info.account]:
+                del self._held[info.account]
             self.changed()
+
+    def held_by(self, account: str | None) -> int:
+        """How many event channels ``account`` has open."""
+        return self._held[account]
 
     def client_of(self, cid: str | None, account: str | None) -> str | None:
         """``cid`` if it was issued to ``account`` (a request naming its client), else None."""

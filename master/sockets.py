@@ -8,7 +8,6 @@ connection lives on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import Awaitable, NamedTuple
@@ -20,6 +19,7 @@ from distexec_kernel import liveness, protocol as P
 
 from .auth import UNAUTHORIZED, Auth, bearer
 from .core import Master
+from .ledger import SubmitLedger
 from .limits import Gate
 from .refusals import http_status
 
@@ -30,6 +30,8 @@ log = logging.getLogger("distexec.master.app")
 PING_INTERVAL = 2.0
 # Frames written to a peer and not yet taken by it: past this the peer is closed (it reconnects and
 # reads again).  A client that never reads would otherwise grow the master's memory without bound.
+# A user's channels share it: each event goes to each of them, and 63 channels that never read held
+# 2 GiB of the master's memory for one ordinary user (an audit, 2026-12-03).
 MAX_UNSENT_BYTES = 32 << 20
 # A batch frame ends before it passes this many characters (a larger message goes alone):
 # far under the receivers' MAX_MESSAGE_BYTES, and a long burst is parsed a piece at a time.
@@ -43,40 +45,6 @@ CLIENT_FRAME_BYTES = P.MAX_MESSAGE_BYTES // 2
 # An error told to a peer, and logged, is cut at this length: a bad frame of 64 MiB is not
 # written to the master's log again and again (two took it 17 MB in 0.4 s).
 MAX_ERROR_CHARS = 1000
-
-# Answers to WebSocket submissions kept, per master, so a client that sends a
-# submission again after a reconnect (it had no answer) gets the job made the
-# first time, not a second one.
-LEDGER_SIZE = 20_000
-
-
-class SubmitLedger:
-    """Recent WebSocket submissions by (user, ref), oldest first: the answer still to come (a future),
-    then, once answered, only the job's id or the refusal (never the job's inputs: a
-    submission may carry megabytes of files).
-
-    Refs are the client's own (random per client object, then a counter);
-    keyed by the authenticated user too, so nobody reads another's answer."""
-
-    def __init__(self, size: int = LEDGER_SIZE):
-        self.size = size
-        self._answers: collections.OrderedDict[tuple, asyncio.Future | dict] = collections.OrderedDict()
-
-    def get(self, key: tuple) -> asyncio.Future | dict | None:
-        """The task answering ``key``, or ``{"job_id"}`` / ``{"error"}`` once it has; None if unknown."""
-        return self._answers.get(key)
-
-    def put(self, key: tuple, answer: asyncio.Future) -> None:
-        self._answers[key] = answer
-        answer.add_done_callback(lambda done: self._answered(key, done))
-        while len(self._answers) > self.size:
-            self._answers.popitem(last=False)
-
-    def _answered(self, key: tuple, done: asyncio.Future) -> None:
-        if self._answers.get(key) is done:
-            body = done.result()
-            self._answers[key] = {"job_id": body["job"]["id"]} if body["job"] is not None else body
-
 
 class Intake(NamedTuple):
     """A submission taken in on a client's channel, until it is answered."""
@@ -167,11 +135,15 @@ class _Socket(tornado.websocket.WebSocketHandler):
         except tornado.websocket.WebSocketClosedError:
             self.closed = True
             return
-        if _unsent(self.ws_connection) > MAX_UNSENT_BYTES:
-            log.warning("%s %s: over %d MiB written and not read; closing", self.__class__.__name__,
-                        self.request.remote_ip, MAX_UNSENT_BYTES >> 20)
+        limit = self.unsent_limit()
+        if _unsent(self.ws_connection) > limit:
+            log.warning("%s %s: over %.1f MiB written and not read; closing", self.__class__.__name__,
+                        self.request.remote_ip, limit / (1 << 20))
             self.closed = True  # nothing more queued for it; the close frame waits behind the rest
             self.ws_connection.stream.close()
+
+    def unsent_limit(self) -> int:
+        return MAX_UNSENT_BYTES
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         self._flush_outbox()  # what was sent before the close goes first
@@ -303,6 +275,11 @@ class ClientSocket(_Socket):
 
     def _read_wait(self, size: int) -> float:
         return self.gate.read_wait(self.identity, size)
+
+    def unsent_limit(self) -> int:
+        if self.identity.admin:
+            return MAX_UNSENT_BYTES  # not capped, as their channels are not counted (prepare)
+        return MAX_UNSENT_BYTES // max(1, self.master.clients.held_by(self.identity.user))
 
     def on_submit(self, msg: dict) -> None:
         """Take a submission in, to be answered with the others this turn of the loop brings (a client

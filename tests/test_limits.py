@@ -694,6 +694,39 @@ def test_a_client_that_never_reads_is_closed_before_the_master_holds_too_much(ma
         pinger.join()
 
 
+def test_a_users_channels_that_never_read_share_one_bound(make_cluster, tmp_path):
+    """Each event goes to each of a user's channels, each closed past the bound: 63 channels of one
+    ordinary login that never read held 2 GiB of the master's memory (an audit).  They share it now."""
+    lc = make_cluster(1, slots=2, languages="python", master_args=["--users", _users(tmp_path)])
+    with Cluster(lc.url, user="alice", password="alice-pw") as alice, Cluster(lc.url, token=lc.token) as admin:
+        slow = [_never_reading_client(lc.url, alice.token) for _ in range(16)]
+        stop = threading.Event()
+
+        def keep_pinging():
+            while not stop.wait(0.5):
+                for sock in slow:
+                    try:
+                        sock.sendall(b"\x89\x80" + os.urandom(4))
+                    except OSError:
+                        pass
+        pinger = threading.Thread(target=keep_pinging)
+        pinger.start()
+        try:
+            wait_for(lambda: sum(x["user"] == "alice" for x in admin.clients()) == 17, 20, "alice's channels")
+            # 15 MiB: under the bound for one channel, over its share for 17.
+            lines = "import sys\nfor i in range(60):\n    sys.stdout.write('x' * (1 << 18) + '\\n')\n"
+            job = alice.submit(lines).wait(120)
+            assert job.status == P.SUCCEEDED and len(job.stdout) == 60 * ((1 << 18) + 1), job.record
+            wait_for(lambda: sum(x["user"] == "alice" for x in admin.clients()) == 1, 30,
+                     "alice's channels that never read to be closed")
+            assert alice.submit("print('still here')").wait(60).stdout == "still here\n"
+        finally:
+            stop.set()
+            pinger.join()
+            for sock in slow:
+                sock.close()
+
+
 def test_a_page_of_large_jobs_is_cut_to_its_byte_bound_and_the_rest_follows(make_cluster):
     """GET /api/jobs?limit=1000 of jobs with 16 MiB of output each would build gigabytes in the master."""
     lc = make_cluster(1, slots=2, languages="python")
