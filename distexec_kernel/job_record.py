@@ -102,6 +102,13 @@ JOB_FIELDS = (
 # What a job is run with: the store keeps these apart, and the master holds
 # them in memory only while it hands a job to a slave.
 INPUT_FIELDS = ("source", "files", "args", "stdin")
+
+
+def inputs_chars(job: dict) -> int:
+    """What a job's inputs weigh, in characters (bytes, for text): source, files, arguments and stdin."""
+    return (len(job.get("source") or "") + len(job.get("stdin") or "")
+            + sum(len(name) + len(data) for name, data in (job.get("files") or {}).items())
+            + sum(len(arg) for arg in job.get("args") or ()))
 # A rejected job keeps at most this much of its source, and none of its files or stdin.
 REJECTED_SOURCE_BYTES = 64 << 10
 

@@ -12,6 +12,7 @@ import json
 from typing import Callable, Collection
 
 from distexec_kernel import languages as L, protocol as P, submission
+from distexec_kernel.job_record import inputs_chars
 
 from .parsing import Syntax
 from .scheduler import Scheduler
@@ -22,6 +23,15 @@ from .store_tx import CANCELLED_GROUPS_KEPT
 REJOIN_WINDOW = 10.0
 # How much of the history tells which slaves (and languages) to expect back.
 REJOIN_HISTORY = 1000
+
+DEFAULT_MAX_QUEUED_PER_USER = 1000
+# A safety cap on all queued jobs (about 1 KiB of memory each, their inputs in the store); users meet theirs first.
+DEFAULT_MAX_QUEUE = 100_000
+# MiB of inputs (programs, files, stdin) one user's queued jobs may hold in the history: queued jobs are
+# never pruned, and 25 session cells of 14 MiB each, queued behind one that slept, took the history from
+# 0.1 to 355 MiB past --keep-mb 20 (an audit); at the job cap, a user alone could fill the master's disk.
+DEFAULT_MAX_QUEUED_MB_PER_USER = 1024.0
+MIB = 1 << 20
 
 
 class QueueFull(P.ProtocolError):
@@ -41,8 +51,9 @@ class Admission:
     window = REJOIN_WINDOW
 
     def __init__(self, scheduler: Scheduler, store, max_queue: int | None, max_queued_per_user: int | None,
-                 max_timeout: float | None = None):
+                 max_timeout: float | None = None, max_queued_mb_per_user: float | None = None):
         self.scheduler = scheduler
+        self.max_queued_chars = int(max_queued_mb_per_user * MIB) if max_queued_mb_per_user else None
         self.max_timeout = max_timeout  # the longest a job may ask to run (None: P.MAX_TIMEOUT)
         # Most jobs waiting at once, per user and in all; past either a
         # submission is refused, not queued (see queue_room).  None: no cap.
@@ -182,11 +193,14 @@ class Admission:
             room.append(self.max_queue - len(self.scheduler.queue))
         return max(0, min(room)) if room else P.INT_MAX
 
-    def check_room(self, user: str | None, count: int = 1, joining: str | None = None) -> None:
-        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none);
-        ``group_cancelled`` if ``joining`` a group of theirs that was cancelled."""
+    def check_room(self, user: str | None, count: int = 1, joining: str | None = None,
+                   subs: Collection[dict] = ()) -> None:
+        """Raise QueueFull unless ``user`` may queue ``count`` more jobs (all of them, or none), the
+        submissions ``subs`` (their inputs counted); ``group_cancelled`` if ``joining`` a group of theirs
+        that was cancelled."""
         if joining in self._cancelled_groups.get(user, ()):
             raise P.ProtocolError("group_cancelled", f"group {joining} was cancelled: it takes no more jobs")
+        self._check_chars(user, count, sum(map(inputs_chars, subs)))
         if self.queue_room(user) >= count:
             return
         mine = self.scheduler.queued_by(user)
@@ -201,6 +215,23 @@ class Admission:
         raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
                         f"--max-queue): try again when some have run", status=503,
                         room=self.queue_room(user), cap=self.max_queue)
+
+
+    def _check_chars(self, user: str | None, count: int, chars: int) -> None:
+        cap = self.max_queued_chars
+        if cap is None or not chars:
+            return
+        if chars > cap:
+            raise P.ProtocolError("too_large", f"these jobs' inputs (programs, files, stdin) are {chars / MIB:.1f} MiB, "
+                                  f"more than one user may have waiting ({cap / MIB:g} MiB, --max-queued-mb-per-user)")
+        held = self.scheduler.queued_chars_by(user)
+        if held + chars <= cap:
+            return
+        fits = (cap - held) // max(1, chars // count)
+        raise QueueFull(f"{user or 'this user'} has {held / MIB:.1f} MiB of inputs (programs, files, stdin) in jobs "
+                        f"waiting, and at most {cap / MIB:g} MiB may wait per user (--max-queued-mb-per-user): "
+                        "try again when some have run", room=max(0, min(fits, self.queue_room(user))),
+                        cap=self.max_queued_per_user)
 
 
 def bound_rejected(job: dict) -> None:

@@ -18,7 +18,8 @@ from typing import Awaitable
 from distexec_kernel import protocol as P
 
 from . import jobs as J, parts
-from .admission import Admission, QueueFull, bound_rejected
+from .admission import (DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_MB_PER_USER, DEFAULT_MAX_QUEUED_PER_USER, Admission,
+                        QueueFull, bound_rejected)
 from .carry import Carrier, done as _done
 from .clients import DEFAULT_MAX_CLIENTS_PER_USER, ClientBook, ClientInfo, Coalesced, Peer
 from .retention import Retention
@@ -41,9 +42,6 @@ RECONNECT_GRACE = 3.0
 # How long a cancel of a running job waits for its slave to kill it (milliseconds) before it answers.
 CANCEL_WAIT = 5.0
 
-DEFAULT_MAX_QUEUED_PER_USER = 1000
-# A safety cap on all queued jobs (about 1 KiB of memory each, their inputs in the store); users meet theirs first.
-DEFAULT_MAX_QUEUE = 100_000
 DEFAULT_KEEP_DAYS = 90.0
 DEFAULT_KEEP_MB = 10_000.0
 PRUNE_INTERVAL = 3600.0  # seconds between two passes of the history retention
@@ -55,6 +53,7 @@ class Master:
     def __init__(self, store: JobStore, *, max_jobs: int | None = None, lost_grace: float = 30.0,
                  max_queue: int | None = DEFAULT_MAX_QUEUE,
                  max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
+                 max_queued_mb_per_user: float | None = DEFAULT_MAX_QUEUED_MB_PER_USER,
                  keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
                  prune_interval: float = PRUNE_INTERVAL,
                  max_clients_per_user: int | None = DEFAULT_MAX_CLIENTS_PER_USER,
@@ -65,7 +64,8 @@ class Master:
         self.sessions = SessionBook(self.scheduler)
         self.clients = ClientBook(max_clients_per_user)
         self.retention = Retention(store, keep_days, keep_mb, prune_interval)
-        self.admission = Admission(self.scheduler, store, max_queue, max_queued_per_user, max_timeout)
+        self.admission = Admission(self.scheduler, store, max_queue, max_queued_per_user, max_timeout,
+                                   max_queued_mb_per_user)
         self.lost_grace = lost_grace
         self.slaves: dict[str, SlaveInfo] = {}
         self._next_id = store.max_id() + 1
@@ -74,7 +74,7 @@ class Master:
         self._slaves_changed = Coalesced(SLAVES_EVENT_DELAY, self._send_slaves_changed)
         self._carry = Carrier(store, self.jobs, self.slaves, self.clients, self._timer_fired)
         # Resumed jobs' timers wait for the loop (start).
-        self._resumed = self.jobs.resume(store.unfinished(), lost_grace)
+        self._resumed = self.jobs.resume(store.unfinished(), lost_grace, store.queued_inputs())
         if self.jobs.records:
             log.info("resumed %d unfinished job(s) from the history", len(self.jobs.records))
 
@@ -173,8 +173,8 @@ class Master:
         for i, (sub, (_, ref)) in enumerate(zip(out, requests)):
             if isinstance(sub, dict):
                 try:  # after the last await: nothing else is queued between this check and the enqueue
-                    self.admission.check_room(owner)
-                except QueueFull as exc:
+                    self.admission.check_room(owner, subs=[sub])
+                except P.ProtocolError as exc:  # QueueFull, or too_large for any queue
                     out[i] = exc
                     continue
                 jobs.append(self._record(sub, client_id, owner, None, ref, decisions))
@@ -195,7 +195,7 @@ class Master:
             await self.admission.check_join(owner, group)
         if (keys := parts.refs(group, part, len(subs))) and (made := await parts.taken(self, owner, keys)):
             return made  # sent again: taken once
-        self.admission.check_room(owner, len(subs), group)  # after the last await, as in submit_each
+        self.admission.check_room(owner, len(subs), group, subs)  # after the last await, as in submit_each
         group, decisions = group or f"g{self._next_id}", []
         jobs = [self._record(sub, client_id, owner, group, keys[i] if keys else None, decisions)
                 for i, sub in enumerate(subs)]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from distexec_kernel import languages as L, protocol as P
+from distexec_kernel.job_record import inputs_chars
 
 # The decisions are read as ``J.Save`` and so on, as before they had a module of their own.
 from .decisions import Ack, Announce, ClearTimer, Decision, Discard, Load, Save, Send, SetTimer  # noqa: F401
@@ -118,11 +119,11 @@ class Lifecycle:
 
     # -- events -------------------------------------------------------------
 
-    def resume(self, jobs: Iterable[dict], grace: float) -> list[Decision]:
+    def resume(self, jobs: Iterable[dict], grace: float, chars: dict[int, int] | None = None) -> list[Decision]:
         """After a restart: take back the unfinished jobs of the history.
 
         A running one may still run on its slave: it waits ``grace`` seconds
-        for it to come back and say so.
+        for it to come back and say so.  ``chars``: the queued ones' inputs, as stored.
         """
         out: list[Decision] = []
         for job in jobs:
@@ -134,7 +135,8 @@ class Lifecycle:
                 # Its session may be alive on a slave not back yet: wait for it to say so.
                 self.scheduler.hold_session(key)
             if job["status"] == P.QUEUED:
-                self.scheduler.enqueue(job["id"], job["language"], key, user=job.get("user"))
+                self.scheduler.enqueue(job["id"], job["language"], key, user=job.get("user"),
+                                       chars=(chars or {}).get(job["id"], 0))
             else:
                 self.scheduler.mark_running(job["id"], job["slave_uid"], key, user=job.get("user"))
                 rec.output_gap, rec.sent_to, rec.cancel = True, None, bool(job.get("cancel_requested"))
@@ -147,7 +149,8 @@ class Lifecycle:
             if job["status"] == P.QUEUED:
                 # Memory holds what scheduling needs; the inputs go to the store only.
                 self.records[job["id"]] = JobRecord({k: v for k, v in job.items() if k not in P.INPUT_FIELDS})
-                self.scheduler.enqueue(job["id"], job["language"], session_of(job), user=job.get("user"))
+                self.scheduler.enqueue(job["id"], job["language"], session_of(job), user=job.get("user"),
+                                       chars=inputs_chars(job))
         return [Save(tuple(jobs)), *(_update(self.records[j["id"]].job if j["id"] in self.records else j)
                                      for j in jobs)]
 

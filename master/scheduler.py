@@ -63,6 +63,9 @@ class Scheduler:
         # job id -> its user, for queued and running jobs (None: no user).
         self.job_user: dict[int, str | None] = {}
         self._queued_by: Counter[str | None] = Counter()
+        # User -> the characters of inputs their queued jobs hold in the store; job -> its own, for its life.
+        self._queued_chars: Counter[str | None] = Counter()
+        self.job_chars: dict[int, int] = {}
         # user -> logical time they were last given a slot (one entry per user seen).
         self._served: dict[str | None, int] = {}
         # job id -> slave uid, for every job counted as running.  A job can be
@@ -131,8 +134,9 @@ class Scheduler:
             self._recheck(self.slaves[uid])
 
     def enqueue(self, job_id: int, language: str, session: str | None = None,
-                user: str | None = None) -> None:
-        """Queue a job of ``user``: it waits behind the jobs queued before it."""
+                user: str | None = None, chars: int = 0) -> None:
+        """Queue a job of ``user``: it waits behind the jobs queued before it.  ``chars``: its inputs'."""
+        self.job_chars[job_id] = chars
         self._add_queued(job_id, language, user)
         if session is not None:
             self.job_session[job_id] = session
@@ -149,6 +153,7 @@ class Scheduler:
     def _add_queued(self, job_id: int, language: str, user: str | None) -> None:
         if job_id not in self.queue:
             self._queued_by[user] += 1
+            self._queued_chars[user] += self.job_chars.get(job_id, 0)
         self.queue[job_id] = language
         self.job_user[job_id] = user
 
@@ -157,8 +162,9 @@ class Scheduler:
             return False
         user = self.job_user.get(job_id)
         self._queued_by[user] -= 1
+        self._queued_chars[user] -= self.job_chars.get(job_id, 0)
         if not self._queued_by[user]:
-            del self._queued_by[user]
+            del self._queued_by[user], self._queued_chars[user]
         return True
 
     def dequeue(self, job_id: int) -> bool:
@@ -167,6 +173,7 @@ class Scheduler:
             return False
         self.job_session.pop(job_id, None)
         self.job_user.pop(job_id, None)
+        self.job_chars.pop(job_id, None)
         return True
 
     def mark_running(self, job_id: int, uid: str, session: str | None = None,
@@ -227,6 +234,7 @@ class Scheduler:
         uid = self._stop(job_id)
         session = self.job_session.pop(job_id, None)
         self.job_user.pop(job_id, None)
+        self.job_chars.pop(job_id, None)
         if session is not None and self.session_running.get(session) == job_id:
             del self.session_running[session]
         state = self.slaves.get(uid) if uid else None
@@ -249,6 +257,10 @@ class Scheduler:
     def queued_by(self, user: str | None) -> int:
         """How many jobs of ``user`` wait in the queue."""
         return self._queued_by.get(user, 0)
+
+    def queued_chars_by(self, user: str | None) -> int:
+        """The characters of inputs ``user``'s queued jobs hold."""
+        return self._queued_chars.get(user, 0)
 
     def running_by(self) -> Counter:
         """User -> number of their jobs counted as running."""

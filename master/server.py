@@ -20,8 +20,8 @@ from distexec_kernel.config import seconds
 
 from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
-from .core import (DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_CLIENTS_PER_USER, DEFAULT_MAX_QUEUE,
-                   DEFAULT_MAX_QUEUED_PER_USER, PRUNE_INTERVAL, Master)
+from .admission import DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_MB_PER_USER, DEFAULT_MAX_QUEUED_PER_USER
+from .core import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_CLIENTS_PER_USER, PRUNE_INTERVAL, Master
 from .limits import DEFAULT_BURST, DEFAULT_RATE, DEFAULT_READ_BURST, DEFAULT_READ_RATE, Gate, parse_rate
 from .sockets import PING_INTERVAL
 from .store import JobStore
@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-per-user", type=_count, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
                    help="most jobs one user (the admin token counts as one) may have waiting; past it their "
                         f"submission gets 429 queue_full (default {DEFAULT_MAX_QUEUED_PER_USER}; 0 = no cap)")
+    p.add_argument("--max-queued-mb-per-user", type=_amount, default=DEFAULT_MAX_QUEUED_MB_PER_USER, metavar="MIB",
+                   help="most MiB of inputs (programs, files, stdin) one user's waiting jobs may hold in the "
+                        "history (queued jobs are never pruned); past it their submission gets 429 queue_full "
+                        f"(default {DEFAULT_MAX_QUEUED_MB_PER_USER:g}; 0 = no cap)")
     p.add_argument("--max-running-per-user", type=_count, default=0, metavar="N",
                    help="most jobs of one user (the admin token counts as one) running at once; the others wait "
                         "their turn, however many slots are free (default 0 = no cap: one user may use them all)")
@@ -104,6 +108,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                 logins_file=os.path.join(os.path.dirname(os.path.abspath(db)), "logins.json"))
     master = Master(store, max_jobs=args.max_jobs, lost_grace=args.lost_grace,
                     max_queue=args.max_queue or None, max_queued_per_user=args.max_queued_per_user or None,
+                    max_queued_mb_per_user=args.max_queued_mb_per_user or None,
                     max_clients_per_user=args.max_clients_per_user or None,
                     max_running_per_user=args.max_running_per_user or None,
                     max_timeout=args.max_timeout or None,

@@ -207,6 +207,11 @@ class JobStore:
             "SELECT data FROM jobs WHERE status IN (?, ?) ORDER BY id", UNFINISHED).fetchall()
         return [_split(json.loads(r[0]))[0] for r in rows]
 
+    def queued_inputs(self) -> dict[int, int]:
+        """Queued job id -> the size of its inputs as stored (what a restarted master counts per user)."""
+        return dict(self._read_conn().execute(
+            "SELECT i.id, i.size FROM inputs i JOIN jobs j ON j.id = i.id WHERE j.status = ?", (P.QUEUED,)))
+
     def cancelled_groups(self) -> list[tuple[str, str | None]]:
         """The groups remembered as cancelled and their owners, oldest first."""
         return self._read_conn().execute("SELECT grp, user FROM cancelled_groups ORDER BY rowid").fetchall()

@@ -180,6 +180,47 @@ def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path)
             c.close()
 
 
+def test_the_inputs_a_users_queued_jobs_hold_are_bounded_also_after_a_restart(make_cluster, tmp_path):
+    """Queued jobs are never pruned: an audit queued 25 session cells of 14 MiB behind a sleeping one,
+    355 MiB of history past --keep-mb 20; at the job cap one user could fill the master's disk."""
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-mb-per-user", "1", "--users", _users(tmp_path)])
+    stdin = "x" * (300 << 10)
+    alice = Cluster(lc.url, user="alice", password="alice-pw")
+    bob = Cluster(lc.url, user="bob", password="bob-pw")
+    admin = Cluster(lc.url, token=lc.token)
+    try:
+        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
+        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        waiting = [alice.submit("import sys; print(len(sys.stdin.read()))", stdin=stdin) for _ in range(3)]
+        assert all(j.status == P.QUEUED for j in waiting)
+        total = admin.jobs_page()[1]
+        with pytest.raises(DistexecError) as raised:
+            alice.submit("print('one too many')", stdin=stdin).id
+        assert raised.value.status == 429 and raised.value.code == "queue_full", raised.value
+        assert "MiB of inputs" in str(raised.value) and "--max-queued-mb-per-user" in str(raised.value)
+        with pytest.raises(DistexecError) as raised:  # never fits, however long it waits
+            alice.submit("print(1)", stdin="y" * (1200 << 10)).id
+        assert raised.value.status == 413 and raised.value.code == "too_large", raised.value
+        assert admin.jobs_page()[1] == total
+        assert alice.submit("print('small')").status == P.QUEUED  # a few bytes still fit
+        assert bob.submit("print('bob')", stdin=stdin).status == P.QUEUED  # his own bound
+        # Counted again from the history by a restarted master.
+        lc.restart_master()
+        alice = Cluster(lc.url, user="alice", password="alice-pw")
+        with pytest.raises(DistexecError) as raised:
+            alice.submit("print('still too many')", stdin=stdin).id
+        assert raised.value.code == "queue_full", raised.value
+        alice.cancel(waiting[0].id)  # room again once one of hers leaves the queue
+        again = alice.submit("print('room again')", stdin=stdin)
+        admin.cancel(busy.id)
+        assert again.wait(60).stdout == "room again\n"
+        assert waiting[1].wait(60).stdout == f"{300 << 10}\n"
+    finally:
+        for c in (alice, bob, admin):
+            c.close()
+
+
 def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_in_parts(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-per-user", "3", "--users", _users(tmp_path)])
