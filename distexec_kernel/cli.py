@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from . import config, display, protocol as P
-from .cli_base import cluster_of, print_json, read_password, show
+from .cli_base import cluster_of, print_json, read_password, reader_gone, show, write_output
 from .cli_submit import cmd_submit
 
 def cmd_up(args) -> int:
@@ -118,7 +118,8 @@ def cmd_show(args) -> int:
     if args.json:
         print_json(job)
     else:
-        show(display.job_detail_text(job), args.raw)
+        # It holds the job's output: escaped on a terminal only, as `submit` prints it.
+        write_output(display.job_detail_text(job) + "\n", sys.stdout, args.raw)
     return 0
 
 
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--progress", action="store_true",
                     help="with --each: show the progress bar even when stderr is not a terminal")
     sp.add_argument("--raw", action="store_true",
-                    help="print the job's output as it is, terminal control characters included")
+                    help="print the job's output as it is on a terminal too (redirected to a file or a pipe it "
+                         "always is; on a terminal its control characters are shown as \\x1b...)")
     sp.add_argument("--file", dest="file_", action="append", default=[], metavar="PATH",
                     help="send this local file (under its base name) or folder (under its name) with the job")
     sp.add_argument("--collect", action="append", default=[], metavar="PAT",
@@ -315,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job_id", type=int)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--raw", action="store_true",
-                    help="print the job's name and output as they are, terminal control characters included")
+                    help="print the job's name and output as they are on a terminal too (redirected they "
+                         "always are; on a terminal control characters are shown as \\x1b...)")
     client_opts(sp)
     sp.set_defaults(func=cmd_show)
 
@@ -352,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"distexec: warning: {message}\n"
     from .cluster import DistexecError
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # now, so a reader that left (`| head`) is met below, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return reader_gone()
     except (DistexecError, config.ConnectionConfigError) as exc:
         print(f"distexec: {exc}", file=sys.stderr)
         if getattr(args, "json", False):

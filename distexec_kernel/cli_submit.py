@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import display, languages as L, protocol as P
-from .cli_base import cluster_of, show
+from .cli_base import cluster_of, show, write_output
 
 # Exit codes of `distexec submit` for jobs that have no exit code of their own,
 # following the shell's conventions (timeout(1) uses 124).
@@ -59,7 +59,7 @@ def cmd_submit(args) -> int:
         try:
             for stream, text in job.iter_output():
                 out = sys.stdout if stream == "stdout" else sys.stderr
-                out.write(text if args.raw else display.clean(text))
+                write_output(text, out, args.raw)
                 out.flush()
                 if text:
                     line_open = not text.endswith("\n") and out.isatty()
@@ -168,11 +168,10 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
             group.cancel()
             print(f"\ndistexec: cancelled group {group.id}", file=sys.stderr)
             return 130
-    shown = (lambda text: text) if args.raw else display.clean
     for job in group:
-        sys.stdout.write(shown(job.stdout or ""))
+        write_output(job.stdout or "", sys.stdout, args.raw)
         if job.stderr:
-            sys.stderr.write(shown(job.stderr))
+            write_output(job.stderr, sys.stderr, args.raw)
     sys.stdout.flush()
     print(group.summary(), file=sys.stderr)
     for job in group.failed:
