@@ -49,7 +49,7 @@ def cmd_submit(args) -> int:
     if args.each:
         return _submit_each(args, source, language, stdin, files)
     with cluster_of(args, events=not args.no_wait) as c:
-        job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
+        job = c.submit(source, language=language, args=program_args(args) or None, stdin=stdin, timeout=args.timeout,
                        name=_job_name(args), retries=args.retries, files=files,
                        collect=args.collect or None)
         if args.no_wait:
@@ -80,6 +80,11 @@ def cmd_submit(args) -> int:
         if caret:
             show(caret, args.raw, sys.stderr)
     return _exit_code(record)
+
+
+def program_args(args) -> list[str]:
+    """The program's arguments: the ``--arg`` ones, then those after ``--`` (which may start with -)."""
+    return [*args.arg, *args.program_args]
 
 
 def _job_name(args) -> str:
@@ -143,8 +148,9 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
     """
     each = _each_args(args.each)
     name = _job_name(args)
-    subs = [dict(source=source, language=language, args=[*args.arg, *words], stdin=stdin, timeout=args.timeout,
-                 name=name, retries=args.retries, files=files, collect=args.collect or None) for words in each]
+    subs = [dict(source=source, language=language, args=[*program_args(args), *words], stdin=stdin,
+                 timeout=args.timeout, name=name, retries=args.retries, files=files, collect=args.collect or None)
+            for words in each]
     with cluster_of(args, events=not args.no_wait) as c:
         group = c.submit_many(subs)
         if args.no_wait:
