@@ -6,11 +6,15 @@ the master and slaves can import ``distexec_kernel.protocol`` alone.
 """
 __version__ = "0.1.0"
 
-__all__ = ["Cluster", "Job", "JobGroup", "JobPanel", "RemoteError", "load_ipython_extension"]
+__all__ = ["Cluster", "DistexecError", "Job", "JobGroup", "JobPanel", "RemoteError", "load_ipython_extension"]
 
 
 def __getattr__(name):
-    if name in ("Cluster", "Job", "JobGroup", "RemoteError"):
+    if name in ("DistexecError", "RemoteError"):
+        # From errors.py alone: catching them needs neither requests nor the client.
+        from . import errors
+        return getattr(errors, name)
+    if name in ("Cluster", "Job", "JobGroup"):
         from . import cluster
         return getattr(cluster, name)
     if name == "JobPanel":

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from . import config, display, protocol as P
-from .cli_base import cluster_of, print_json, read_password, show
+from .cli_base import cluster_of, print_json, read_password, reader_gone, show, write_output
 from .cli_submit import cmd_submit
 
 def cmd_up(args) -> int:
@@ -118,7 +118,8 @@ def cmd_show(args) -> int:
     if args.json:
         print_json(job)
     else:
-        show(display.job_detail_text(job), args.raw)
+        # It holds the job's output: escaped on a terminal only, as `submit` prints it.
+        write_output(display.job_detail_text(job) + "\n", sys.stdout, args.raw)
     return 0
 
 
@@ -181,10 +182,7 @@ def cmd_languages(args) -> int:
     if args.json:
         print_json({"languages": langs})
     else:
-        for lang in langs:
-            print(f"{lang['name']:<12} {lang.get('version') or '?':<12} on {lang['slaves']} slave(s)")
-        if not langs:
-            print("no slaves connected")
+        print(display.languages_text(langs))
     return 0
 
 
@@ -211,8 +209,33 @@ def cmd_kernel(args) -> int:
     return 0
 
 
+# A program argument that starts with a dash, `--arg -v`, reads to argparse as an option.
+ARG_HINT = ("; an argument that starts with - is given as --arg=-v, or after -- with the program's others: "
+            "distexec submit FILE [options] -- -v")
+AFTER_DASHES = "; the program's arguments go after --: distexec submit FILE [options] -- ARG..."
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if message.startswith("argument --arg: expected one argument"):
+            message += ARG_HINT
+        super().error(message)
+
+
+def split_program_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``submit``'s words before ``--`` (for its parser) and the program's arguments after it.
+
+    Split by hand: argparse gives a ``nargs="*"`` positional its words only when they
+    come right after FILE, so ``FILE --lang L -- -v`` would be refused.
+    """
+    if argv[:1] == ["submit"] and "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distexec", description="Run programs on a pool of machines.")
+    p = Parser(prog="distexec", description="Run programs on a pool of machines.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_opts(sp):
@@ -225,15 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "connection file's, else the system's CAs)")
 
     sp = sub.add_parser("up", help="start a master and local slaves; Ctrl-C stops all")
-    sp.add_argument("--slaves", type=int, default=2)
-    sp.add_argument("--slots", type=int, default=None)
-    sp.add_argument("--max-jobs", type=int, default=None)
-    sp.add_argument("--port", type=int, default=8765)
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--languages", default=None)
+    sp.add_argument("--slaves", type=int, default=2, help="how many slaves to start here (default 2)")
+    sp.add_argument("--slots", type=int, default=None, help="most jobs each slave runs at once (default: CPU count)")
+    sp.add_argument("--max-jobs", type=int, default=None,
+                    help="most jobs running at once in the whole cluster (default: no limit but the slots)")
+    sp.add_argument("--port", type=int, default=8765, help="the master's port (0 picks a free one; default 8765)")
+    sp.add_argument("--host", default="127.0.0.1", help="the master's address to listen on (default 127.0.0.1)")
+    sp.add_argument("--languages", default=None, metavar="L,...",
+                    help="the languages the slaves offer (default: all they find)")
     sp.add_argument("--warm-imports", default=None, metavar="MODULES",
                     help="Python modules each slave's warm pool imports once, for every Python job (e.g. numpy)")
-    sp.add_argument("--db", default=None)
+    sp.add_argument("--db", default=None, metavar="PATH",
+                    help="the master's history (default $DISTEXEC_HOME/history.sqlite3)")
     sp.add_argument("--tls", action="store_true",
                     help="serve https/wss with a self-signed certificate kept in $DISTEXEC_HOME/tls")
     sp.set_defaults(func=cmd_up)
@@ -272,11 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("master", help="run a master (`distexec master --help` for its options)", add_help=False)
     sub.add_parser("slave", help="run a slave (`distexec slave --help` for its options)", add_help=False)
 
-    sp = sub.add_parser("submit", help="run a file on the cluster; prints its output, exits with its code")
+    sp = sub.add_parser("submit", help="run a file on the cluster; prints its output, exits with its code",
+                        epilog="The program's arguments: --arg A (repeat; --arg=-v for one that starts with -), "
+                               "then any after --: distexec submit FILE [options] -- -v --out x")
     sp.add_argument("file", help="the program (-: read it from stdin, with --lang)")
     sp.add_argument("--lang", default=None, help="language (default: from the file extension)")
     sp.add_argument("--timeout", type=float, default=None)
-    sp.add_argument("--arg", action="append", default=[], help="an argument for the program (repeat)")
+    sp.add_argument("--arg", action="append", default=[], metavar="A",
+                    help="an argument for the program (repeat; --arg=-v for one that starts with -)")
     sp.add_argument("--stdin-file", default=None, metavar="FILE",
                     help="the program's stdin (-: this command's stdin); without it the program's stdin is empty")
     sp.add_argument("--name", default=None)
@@ -288,13 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--progress", action="store_true",
                     help="with --each: show the progress bar even when stderr is not a terminal")
     sp.add_argument("--raw", action="store_true",
-                    help="print the job's output as it is, terminal control characters included")
+                    help="print the job's output as it is on a terminal too (redirected to a file or a pipe it "
+                         "always is; on a terminal its control characters are shown as \\x1b...)")
     sp.add_argument("--file", dest="file_", action="append", default=[], metavar="PATH",
                     help="send this local file (under its base name) or folder (under its name) with the job")
     sp.add_argument("--collect", action="append", default=[], metavar="PAT",
                     help="keep the job's files matching this glob (*.png, out/**); fetch them with `distexec get`")
     client_opts(sp)
-    sp.set_defaults(func=cmd_submit)
+    # main() takes what follows `--` before argparse sees it; the usage still shows it.
+    sp.usage = sp.format_usage().removeprefix("usage: ").rstrip("\n") + " [-- ARG ...]"
+    sp.set_defaults(func=cmd_submit, program_args=[])
 
     sp = sub.add_parser("get", help="save a job's collected files (its --collect), folders kept")
     sp.add_argument("job_id", type=int)
@@ -315,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job_id", type=int)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--raw", action="store_true",
-                    help="print the job's name and output as they are, terminal control characters included")
+                    help="print the job's name and output as they are on a terminal too (redirected they "
+                         "always are; on a terminal control characters are shown as \\x1b...)")
     client_opts(sp)
     sp.set_defaults(func=cmd_show)
 
@@ -347,12 +380,23 @@ def main(argv: list[str] | None = None) -> int:
             return SERVERS[argv[0]](argv[1:])
         except KeyboardInterrupt:  # a Ctrl-C before the server set its own handlers
             return 130
-    args = build_parser().parse_args(argv)
+    argv, after = split_program_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                     + (AFTER_DASHES if args.command == "submit" else ""))
+    if args.command == "submit":
+        args.program_args = after
     # A warning meant for a person at a terminal: one line, not Python's file and line.
     warnings.formatwarning = lambda message, *_, **__: f"distexec: warning: {message}\n"
     from .cluster import DistexecError
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # now, so a reader that left (`| head`) is met below, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return reader_gone()
     except (DistexecError, config.ConnectionConfigError) as exc:
         print(f"distexec: {exc}", file=sys.stderr)
         if getattr(args, "json", False):

@@ -6,7 +6,7 @@ import os
 import sys
 
 from . import display, languages as L, protocol as P
-from .cli_base import cluster_of, show
+from .cli_base import cluster_of, show, write_output
 
 # Exit codes of `distexec submit` for jobs that have no exit code of their own,
 # following the shell's conventions (timeout(1) uses 124).
@@ -49,7 +49,7 @@ def cmd_submit(args) -> int:
     if args.each:
         return _submit_each(args, source, language, stdin, files)
     with cluster_of(args, events=not args.no_wait) as c:
-        job = c.submit(source, language=language, args=args.arg or None, stdin=stdin, timeout=args.timeout,
+        job = c.submit(source, language=language, args=program_args(args) or None, stdin=stdin, timeout=args.timeout,
                        name=_job_name(args), retries=args.retries, files=files,
                        collect=args.collect or None)
         if args.no_wait:
@@ -59,7 +59,7 @@ def cmd_submit(args) -> int:
         try:
             for stream, text in job.iter_output():
                 out = sys.stdout if stream == "stdout" else sys.stderr
-                out.write(text if args.raw else display.clean(text))
+                write_output(text, out, args.raw)
                 out.flush()
                 if text:
                     line_open = not text.endswith("\n") and out.isatty()
@@ -80,6 +80,11 @@ def cmd_submit(args) -> int:
         if caret:
             show(caret, args.raw, sys.stderr)
     return _exit_code(record)
+
+
+def program_args(args) -> list[str]:
+    """The program's arguments: the ``--arg`` ones, then those after ``--`` (which may start with -)."""
+    return [*args.arg, *args.program_args]
 
 
 def _job_name(args) -> str:
@@ -143,8 +148,9 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
     """
     each = _each_args(args.each)
     name = _job_name(args)
-    subs = [dict(source=source, language=language, args=[*args.arg, *words], stdin=stdin, timeout=args.timeout,
-                 name=name, retries=args.retries, files=files, collect=args.collect or None) for words in each]
+    subs = [dict(source=source, language=language, args=[*program_args(args), *words], stdin=stdin,
+                 timeout=args.timeout, name=name, retries=args.retries, files=files, collect=args.collect or None)
+            for words in each]
     with cluster_of(args, events=not args.no_wait) as c:
         group = c.submit_many(subs)
         if args.no_wait:
@@ -168,11 +174,10 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
             group.cancel()
             print(f"\ndistexec: cancelled group {group.id}", file=sys.stderr)
             return 130
-    shown = (lambda text: text) if args.raw else display.clean
     for job in group:
-        sys.stdout.write(shown(job.stdout or ""))
+        write_output(job.stdout or "", sys.stdout, args.raw)
         if job.stderr:
-            sys.stderr.write(shown(job.stderr))
+            write_output(job.stderr, sys.stderr, args.raw)
     sys.stdout.flush()
     print(group.summary(), file=sys.stderr)
     for job in group.failed:

@@ -212,6 +212,12 @@ def session_rows(sessions: list[dict]) -> list[list[str]]:
             for s in sessions]
 
 
+def languages_text(langs: list[dict]) -> str:
+    """What ``distexec languages`` and ``%remote languages`` print: one language a line."""
+    lines = [f"{lang['name']:<12} {lang.get('version') or '?':<12} on {lang['slaves']} slave(s)" for lang in langs]
+    return "\n".join(lines) if lines else "no slaves connected"
+
+
 def jobs_text(jobs: list[dict]) -> str:
     return _table(*_with_users(jobs)) if jobs else "no jobs"
 

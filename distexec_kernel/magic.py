@@ -28,8 +28,11 @@ from . import config, display as D, interrupts, languages, outputs as O, protoco
 from .config import seconds
 from .cluster import Cluster, DistexecError, Job
 from .group import item_args
-from .magic_args import parse_command, parse_line, read_files, read_source, split_run
+from .magic_args import parse_cell_line, parse_command, parse_line, read_files, read_source, split_run
 from .magic_errors import RemoteGroupFailed, RemoteJobFailed, show_error
+
+# The %remote subcommands, each done by its _cmd_<name> method.
+COMMANDS = ("connect", "run", "jobs", "slaves", "clients", "sessions", "languages", "cancel", "show", "panel")
 
 # How many live status widgets the magics keep a reference to (for tests and
 # for re-reading); older ones still update, they are just not listed.
@@ -103,7 +106,8 @@ class RemoteMagics(Magics):
     @argument("--collect", action="append", default=[], metavar="PAT",
               help="keep the job's files matching this glob (*.png, out/**) and show images here (repeatable)")
     @argument("--arg", action="append", default=[], metavar="A",
-              help="a command-line argument for the program (repeatable; --arg=-v for dashes)")
+              help="a command-line argument for the program (repeatable; --arg=-v for one that starts "
+                   "with -); any after -- follow these: %%%%remote bash -- -v -x")
     @argument("--stdin", metavar="TEXT", help="text given to the program on its standard input")
     @argument("--no-wait", action="store_true",
               help="return at once with a live status line; the cell does not wait for the job")
@@ -121,7 +125,7 @@ class RemoteMagics(Magics):
         Interrupting the cell cancels the job.  With --no-wait the cell returns
         the job handle at once and shows its status updating in place.
         """
-        args = parse_line(self.remote_cell, line)
+        args = parse_cell_line(self.remote_cell, line)
         if not cell.strip():
             raise UsageError("%%remote: the cell is empty: write the program below the %%remote line")
         if args.map:
@@ -135,9 +139,7 @@ class RemoteMagics(Magics):
     # -- %remote ------------------------------------------------------------------
 
     @magic_arguments("remote")
-    @argument("command", choices=["connect", "run", "jobs", "slaves", "clients", "sessions", "cancel",
-                                  "panel", "show"],
-              metavar="COMMAND", help="connect | run | jobs | slaves | clients | sessions | cancel | show | panel")
+    @argument("command", choices=COMMANDS, metavar="COMMAND", help=" | ".join(COMMANDS))
     @argument("rest", nargs=argparse.REMAINDER, help="the command's own arguments")
     @line_magic("remote")
     def remote_line(self, line: str):
@@ -152,11 +154,15 @@ class RemoteMagics(Magics):
                                               `--` ends these options (the rest go to the program)
         %remote jobs [--status S] [--limit N] the job history, newest first
         %remote slaves | clients | sessions   who is connected, the persistent sessions
+        %remote languages                     the languages the connected slaves run
         %remote sessions --end NAME...        end sessions (their variables go)
         %remote show ID                       one job, with its output
         %remote cancel ID                     cancel a job
         %remote panel                         the ipywidgets job panel
         """
+        if not line.strip():
+            # argparse would say "required: COMMAND, rest", which names no command.
+            raise UsageError(f"%remote needs a command: {' | '.join(COMMANDS)} (%remote? for help)")
         args = parse_line(self.remote_line, line)
         return getattr(self, f"_cmd_{args.command}")(args.rest)
 
@@ -233,6 +239,10 @@ class RemoteMagics(Magics):
                 print(f"ended session {name}")
         sessions = self.cluster.sessions()
         return Rich(D.sessions_html(sessions), D.sessions_text(sessions))
+
+    def _cmd_languages(self, rest):
+        parse_command("languages", rest)
+        print(D.languages_text(self.cluster.languages()))
 
     def _cmd_cancel(self, rest):
         a = parse_command("cancel", rest, (("id",), dict(type=int)))

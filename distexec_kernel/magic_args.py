@@ -26,17 +26,47 @@ class UsageParser(argparse.ArgumentParser):
         pass  # --help: the help comes once, through exit's UsageError, not printed before it too
 
 
+# A program argument that starts with a dash, `--arg -v`, reads to argparse as an option.
+ARG_HINT = ("; an argument that starts with - is given as --arg=-v, or after -- with the program's others: "
+            "%%remote [LANG] [options] -- -v")
+
+
 def parse_line(magic, line: str) -> argparse.Namespace:
     """Parse a magic's line with shell quoting.
 
     IPython's own ``parse_argstring`` splits in non-POSIX mode and keeps the
     quotes (``--stdin 'a b'`` would send ``'a b'`` with its quotes).
     """
+    return _parse(magic, _words(line))
+
+
+def parse_cell_line(magic, line: str) -> argparse.Namespace:
+    """``%%remote``'s line: its options, then after ``--`` the program's arguments (appended to
+    ``--arg``'s), which may start with a dash.  Cut by hand: argparse would read them as options."""
+    argv = _words(line)
+    after: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, after = argv[:cut], argv[cut + 1:]
+    args = _parse(magic, argv)
+    args.arg = [*args.arg, *after]
+    return args
+
+
+def _words(line: str) -> list[str]:
     try:
-        argv = shlex.split(line)
+        return shlex.split(line)
     except ValueError as exc:
         raise UsageError(f"cannot parse {line!r}: {exc}") from None
-    return magic.parser.parse_args(argv)
+
+
+def _parse(magic, argv: list[str]) -> argparse.Namespace:
+    try:
+        return magic.parser.parse_args(argv)
+    except UsageError as exc:
+        if "argument --arg: expected one argument" not in str(exc):
+            raise
+        raise UsageError(f"{exc}{ARG_HINT}") from None
 
 
 def parse_command(prog: str, rest: list[str], *specs) -> argparse.Namespace:

@@ -205,16 +205,24 @@ class Admission:
             return
         mine = self.scheduler.queued_by(user)
         if self.max_queued_per_user is not None and mine + count > self.max_queued_per_user:
-            fits = max(0, self.max_queued_per_user - mine)
-            raise QueueFull(f"{user or 'this user'} has {mine} job(s) waiting, and at most "
-                            f"{self.max_queued_per_user} may wait per user (--max-queued-per-user); "
-                            f"{fits} more would fit: " + (
-                                f"send the {count} in parts of at most {self.max_queued_per_user}"
-                                if count > self.max_queued_per_user else "try again when some have run"),
-                            room=self.queue_room(user), cap=self.max_queued_per_user)
+            raise QueueFull(self._per_user_refusal(user, mine, count), room=self.queue_room(user),
+                            cap=self.max_queued_per_user)
         raise QueueFull(f"the master's queue is full ({self.max_queue} jobs waiting in all, "
                         f"--max-queue): try again when some have run", status=503,
                         room=self.queue_room(user), cap=self.max_queue)
+
+    def _per_user_refusal(self, user: str | None, mine: int, count: int) -> str:
+        """Why ``count`` more jobs may not wait for ``user``, naming the cap and how many fit now.
+        Parts of the cap are suggested only while some fit: with none, a part would be refused too."""
+        cap = self.max_queued_per_user
+        fits = max(0, cap - mine)
+        head = (f"{user or 'this user'} has {mine} job(s) waiting, and at most {cap} may wait per user "
+                "(--max-queued-per-user); ")
+        if not fits:
+            return head + "the queue is full now, no more fit: try again when some have run" + (
+                f" (the {count} then in parts of at most {cap})" if count > cap else "")
+        return head + f"{fits} more would fit: " + (
+            f"send the {count} in parts of at most {cap}" if count > cap else "try again when some have run")
 
 
     def _check_chars(self, user: str | None, count: int, chars: int) -> None:

@@ -154,3 +154,33 @@ def test_servers_stopped_while_starting_exit_quietly(home):
         _, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, (role, err)
         assert proc.returncode == 130, (role, proc.returncode, err)
+
+
+def submit_with(lc, *argv, after=()):
+    """`distexec submit ARGV... -- AFTER...`: the connection options before the `--`."""
+    cmd = [sys.executable, "-m", "distexec_kernel.cli", "submit", *argv, "--url", lc.url, "--token", lc.token]
+    return subprocess.run([*cmd, "--", *after] if after else cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_program_arguments_may_start_with_a_dash_after_double_dash(lc, tmp_path):
+    prog = tmp_path / "argv.py"
+    prog.write_text("import sys\nprint(sys.argv[1:])\n")
+    r = submit_with(lc, str(prog), "--arg", "a", "--name", "dashes", after=("-v", "--lang", "x", "--", "y"))
+    assert r.returncode == 0 and r.stdout == "['a', '-v', '--lang', 'x', '--', 'y']\n", r.stderr
+    each = tmp_path / "each.txt"
+    each.write_text("1\n-2 three\n")
+    r = submit_with(lc, str(prog), "--each", str(each), after=("-v",))
+    assert r.returncode == 0 and r.stdout == "['-v', '1']\n['-v', '-2', 'three']\n", r.stderr
+    # A dash after --arg reads as an option: the refusal says how to give it.
+    assert_refused(cli(lc, "submit", str(prog), "--arg", "-v"), "--arg: expected one argument", "--arg=-v", "-- -v")
+    assert_refused(cli(lc, "submit", str(prog), "extra"), "unrecognized arguments: extra", "after --")
+
+
+def test_up_explains_each_option():
+    import re
+    done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "up", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--slaves", "--slots", "--max-jobs", "--port", "--host", "--languages", "--db"):
+        # The flag, its metavar, then its help: on that line or, past the column, on the next.
+        assert re.search(rf"^  {flag}(?: \S+)?(?: {{2,}}|\n {{20,}})[^-\s]", done.stdout, re.M), (flag, done.stdout)

@@ -1,9 +1,14 @@
-"""What the CLI prints from jobs cannot drive the terminal: control characters are neutralised."""
+"""What the CLI prints from jobs cannot drive the terminal: control characters are neutralised
+there; redirected to a file or a pipe, a job's output is its program's, byte for byte."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,12 +26,49 @@ CONTROLS = ("\x1b", "\x07", "\x9b", "\r")
 
 
 def run(cluster, *argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
-                           "--token", cluster.token], capture_output=True, text=True, timeout=60)
+    """The CLI with stdout and stderr on pipes; their text as written (no newline translation: a \r stays)."""
+    done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
+                           "--token", cluster.token], capture_output=True, timeout=60)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def on_terminal(cluster, *argv, streams=("stdout", "stderr")) -> tuple[str, subprocess.CompletedProcess]:
+    """Run the CLI with ``streams`` on a terminal (a pty) and the others on pipes: what the
+    terminal showed (its newlines as the terminal sends them, ``\r\n``) and the process."""
+    leader, follower = pty.openpty()
+    where = {name: follower if name in streams else subprocess.PIPE for name in ("stdout", "stderr")}
+    proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
+                             "--token", cluster.token], stdin=subprocess.DEVNULL, **where)
+    os.close(follower)
+    seen, deadline = b"", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], deadline - time.monotonic())[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child has closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, (out or b"").decode(), (err or b"").decode())
+    return seen.decode(), done
 
 
 def assert_clean(text: str) -> None:
     assert not any(c in text for c in CONTROLS), repr(text)
+
+
+def assert_clean_on_terminal(shown: str) -> None:
+    """Clean, but for the \r of the terminal's own \r\n (a raw \r before it stays: \r\r\n)."""
+    assert_clean(shown.replace("\r\n", "\n"))
 
 
 def test_clean_keeps_text_and_shows_controls():
@@ -38,24 +80,24 @@ def test_clean_keeps_text_and_shows_controls():
 def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):
     program = tmp_path / "evil.py"
     program.write_text(PROGRAM)
-    done = run(cluster, "submit", str(program), "--name", NAME)
-    assert done.returncode == 0, done.stderr
-    assert_clean(done.stdout)
-    assert_clean(done.stderr)
-    assert "\\x1b]52;c;ZXZpbA==\\x07out\\x9b2J\n" in done.stdout
-    assert "tab\tand newline kept\n" in done.stdout
-    assert "\\x1b]0;pwned\\x07err" in done.stderr
+    shown, done = on_terminal(cluster, "submit", str(program), "--name", NAME)
+    assert done.returncode == 0, shown
+    assert_clean_on_terminal(shown)
+    assert "\\x1b]52;c;ZXZpbA==\\x07out\\x9b2J\r\n" in shown
+    assert "tab\tand newline kept\r\n" in shown
+    assert "\\x1b]0;pwned\\x07err" in shown
 
+    # A table's layout: its cells are escaped wherever it goes, a pipe too.
     listed = run(cluster, "jobs")
     assert listed.returncode == 0, listed.stderr
     assert_clean(listed.stdout)
     assert "job\\x1b]0;pwned\\x07\\x0dhidden" in listed.stdout
     job_id = json.loads(run(cluster, "jobs", "--json").stdout)["jobs"][0]["id"]
 
-    shown = run(cluster, "show", str(job_id))
-    assert shown.returncode == 0, shown.stderr
-    assert_clean(shown.stdout)
-    assert "name:      job\\x1b]0;pwned\\x07" in shown.stdout
+    shown, done = on_terminal(cluster, "show", str(job_id))
+    assert done.returncode == 0, shown
+    assert_clean_on_terminal(shown)
+    assert "name:      job\\x1b]0;pwned\\x07" in shown
 
     # --json escapes every control character as JSON does (C1 included), and says the same.
     as_json = run(cluster, "show", str(job_id), "--json")
@@ -63,12 +105,63 @@ def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):
     record = json.loads(as_json.stdout)
     assert record["name"] == NAME and record["stdout"].startswith(CLIPBOARD)
 
-    # --raw: the bytes as they are.
-    raw = run(cluster, "show", str(job_id), "--raw")
-    assert TITLE in raw.stdout and CLIPBOARD + "out" + CSI in raw.stdout
-    raw_submit = run(cluster, "submit", str(program), "--raw")
-    assert raw_submit.stdout.startswith(CLIPBOARD + "out" + CSI)
-    assert TITLE + "err" in raw_submit.stderr
+    # --raw: the bytes as they are, on a terminal too.
+    raw, _ = on_terminal(cluster, "show", str(job_id), "--raw")
+    assert TITLE in raw and CLIPBOARD + "out" + CSI in raw
+    raw, done = on_terminal(cluster, "submit", str(program), "--raw")
+    assert done.returncode == 0 and raw.startswith(CLIPBOARD + "out" + CSI), raw
+    assert TITLE + "err" in raw
+
+
+# Colour, tab, CR LF and a NUL, on both streams: what a program's output file may well hold.
+BYTES_OUT = "a\x1b[31mRED\x1b[0m\tb\r\n\x00z\n"
+BYTES_ERR = "e\x1b[1mBOLD\x1b[0m\r\n"
+ESCAPED_OUT = "a\\x1b[31mRED\\x1b[0m\tb\\x0d\r\n\\x00z\r\n"  # as a terminal shows it (its \n is \r\n)
+ESCAPED_ERR = "e\\x1b[1mBOLD\\x1b[0m\\x0d\r\n"
+
+
+def test_redirected_output_is_the_programs_bytes_each_stream_judged_alone(cluster, tmp_path):
+    """`distexec submit prog > out.txt` gives the program's output, as a local run would: only a
+    terminal gets control characters escaped, stdout and stderr each by whether it is one."""
+    program = tmp_path / "colours.sh"
+    program.write_text("printf 'a\\033[31mRED\\033[0m\\tb\\r\\n\\000z\\n'\n"
+                       "printf 'e\\033[1mBOLD\\033[0m\\r\\n' >&2\n")
+    both = run(cluster, "submit", str(program))
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == BYTES_OUT
+    assert both.stderr.startswith(BYTES_ERR + "✅ job"), repr(both.stderr)
+
+    shown, done = on_terminal(cluster, "submit", str(program), streams=("stdout",))
+    assert done.returncode == 0, done.stderr
+    assert shown == ESCAPED_OUT and done.stderr.startswith(BYTES_ERR + "✅ job"), (shown, done.stderr)
+    shown, done = on_terminal(cluster, "submit", str(program), streams=("stderr",))
+    assert done.returncode == 0, shown
+    assert done.stdout == BYTES_OUT and shown.startswith(ESCAPED_ERR + "✅ job"), (done.stdout, shown)
+
+    # `show` prints the job's output too: the same rule.
+    job_id = json.loads(run(cluster, "jobs", "--json", "--limit", "1").stdout)["jobs"][0]["id"]
+    redirected = run(cluster, "show", str(job_id))
+    assert f"--- stdout ---\n{BYTES_OUT.rstrip(chr(10))}\n--- stderr ---\n{BYTES_ERR}" in redirected.stdout
+    shown, _ = on_terminal(cluster, "show", str(job_id))
+    assert "--- stdout ---\r\n" + ESCAPED_OUT.removesuffix("\r\n") + "\r\n--- stderr ---" in shown, shown
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(cluster, tmp_path):
+    """`distexec jobs --json | head`: no BrokenPipeError traceback, the exit status of a tool SIGPIPE stopped."""
+    program = tmp_path / "hello.py"
+    program.write_text("print('hello')\n")
+    assert run(cluster, "submit", str(program)).returncode == 0
+    for argv in (["jobs", "--json"], ["jobs"], ["submit", str(program)]):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before anything is written: every write fails with EPIPE
+        try:
+            done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
+                                   "--token", cluster.token], stdout=write, stderr=subprocess.PIPE, text=True,
+                                  timeout=60)
+        finally:
+            os.close(write)
+        assert done.stderr.count("\n") <= 1 and "Traceback" not in done.stderr, (argv, done.stderr)
+        assert "BrokenPipe" not in done.stderr and done.returncode == 141, (argv, done.returncode, done.stderr)
 
 
 def test_get_prints_a_collected_names_controls_escaped_on_one_line(cluster, tmp_path):

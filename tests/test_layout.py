@@ -119,3 +119,19 @@ def test_protocol_needs_only_the_standard_library():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == repr(["distexec_kernel", "distexec_kernel.job_record", "distexec_kernel.protocol"])
+
+
+def test_every_name_the_docs_import_from_the_package_imports():
+    """README, docs/ and the package's __all__ name what users import from ``distexec_kernel``;
+    each imports in a fresh interpreter (``DistexecError``, which README says submit raises, once did not)."""
+    import re
+    documented = {"DistexecError", "RemoteError", "Job", "JobGroup"}  # named in README and docs as the API's
+    for path in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        for names in re.findall(r"from distexec_kernel import ([\w, ]+)", path.read_text()):
+            documented.update(n.strip() for n in names.split(","))
+    import distexec_kernel
+    names = sorted(documented | set(distexec_kernel.__all__))
+    probe = f"from distexec_kernel import {', '.join(names)}\nprint('ok')"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert documented <= set(distexec_kernel.__all__), documented - set(distexec_kernel.__all__)

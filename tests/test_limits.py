@@ -260,9 +260,17 @@ def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_
         with pytest.raises(DistexecError) as raised:
             alice.map("print(1)", [0], name="one-more")
         assert (raised.value.status, raised.value.code) == (429, "queue_full")
-        assert "0 more would fit" in str(raised.value) and raised.value.details["room"] == 0
+        said = str(raised.value)
+        assert "the queue is full now, no more fit" in said and "at most 3 may wait" in said, said
+        assert raised.value.details["room"] == 0
+        # More than the cap, none fitting now: no parts are offered as if they would fit now.
+        with pytest.raises(DistexecError) as raised:
+            alice.map("print(1)", range(4), name="four-more")
+        said = str(raised.value)
+        assert "the queue is full now, no more fit: try again when some have run" in said, said
+        assert "would fit" not in said and (raised.value.status, raised.value.details["room"]) == (429, 0), said
         assert [j.status for j in bob.map("print(1)", range(3), name="bob")] == [P.QUEUED] * 3
-        assert "one-more" not in names()
+        assert "one-more" not in names() and "four-more" not in names()
         admin.cancel(busy.id)
         assert group.results(timeout=120) == [f"{i}\n" for i in range(5)]
         ids = [j.id for j in group]

@@ -18,7 +18,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, display as D, protocol as P
 from distexec_kernel.magic import RemoteJobFailed, magics_of
 
 from conftest import HOLD, UNTIL_RELEASED, magic_shell, module_cluster, release_jobs, wait_for
@@ -250,6 +250,29 @@ def test_cell_file_arg_and_stdin_options(shell, tmp_path):
                              "import sys, helper\nprint(helper.greet(sys.argv[2]), sys.argv[1], input())\n")
     assert result.success, cap.stdout
     assert "hello world -x from stdin\n" in cap.stdout
+
+
+def test_program_arguments_after_double_dash_and_a_hint_for_a_dash_after_arg(shell):
+    result, cap = run(shell, "%%remote python --arg a --name dashes -- -v --name x\nimport sys\nprint(sys.argv[1:])\n")
+    assert result.success, cap.stdout + cap.stderr
+    assert "['a', '-v', '--name', 'x']\n" in cap.stdout
+    result, cap = run(shell, "%%remote --arg -v\nprint(1)\n")
+    assert not result.success
+    said = cap.stdout + cap.stderr
+    assert "UsageError" in said and "--arg=-v" in said and "-- -v" in said and "Traceback" not in said, said
+    result, cap = run(shell, "%%remote?")
+    assert "%%remote bash -- -v -x" in cap.stdout, cap.stdout
+
+
+def test_bare_remote_names_its_commands_and_languages_is_one(shell, master):
+    result, cap = run(shell, "%remote")
+    said = cap.stdout + cap.stderr
+    assert not result.success and "UsageError" in said, said
+    assert "connect | run | jobs" in said and "languages" in said and "rest" not in said, said
+    result, cap = run(shell, "%remote languages")
+    assert result.success, cap.stdout + cap.stderr
+    assert cap.stdout == D.languages_text(master.languages()) + "\n"
+    assert "python " in cap.stdout and " slave(s)" in cap.stdout
 
 
 def test_timeout_fails_the_cell_with_timeout(shell):
