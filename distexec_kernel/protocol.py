@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 
 from .job_record import (  # noqa: F401  (re-exported: the protocol is read as one namespace)
@@ -254,6 +255,7 @@ def batch_frames(texts: list[str], limit: int) -> list[str]:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _no_constant(name: str):
@@ -265,44 +267,42 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def loads(text: str | bytes):
-    """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone
-    surrogates, nesting at most ``MAX_JSON_DEPTH`` deep.
-
-    Python's json accepts all of these, and each breaks something downstream
-    that is strict: a lone surrogate (``"\\ud800"``) in a job's name cannot be
-    encoded for SQLite and used to kill the master's history writer.
-    Raises ValueError.
-    """
+    """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone surrogates, nesting
+    at most ``MAX_JSON_DEPTH`` deep (``check_value``).  Python's json accepts all of these, and each
+    breaks something downstream that is strict: a lone surrogate (``"\\ud800"``) in a job's name
+    cannot be encoded for SQLite and used to kill the master's history writer.  Raises ValueError."""
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("utf-8")
     try:
         value = _DECODER.decode(text)
-    except RecursionError:
-        # The parser is recursive: past the interpreter's depth it gives up
-        # before our own check below can run.
+    except RecursionError:  # the parser is recursive: past the interpreter's depth, before our check
         raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:  # fewer openers cannot nest deeper: no walk
-        _check_depth(value)
-    # Only an escape can make a surrogate (frames are decoded strictly), so only then pay for the check.
-    if _SURROGATE_ESCAPE.search(text):
-        try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("a string holds a lone UTF-16 surrogate") from None
+    # Fewer openers cannot nest deeper, only an escape makes a surrogate (strict UTF-8): most frames need no walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(text):
+        check_value(value)
     return value
 
 
-def _check_depth(value) -> None:
-    """Raise ValueError if ``value`` nests deeper than MAX_JSON_DEPTH (iteratively: no recursion to exhaust)."""
-    if not isinstance(value, (list, dict)):
-        return
-    stack = [(value, 1)]
+def check_value(value, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Raise ValueError if ``loads`` would refuse ``value`` encoded (deeper than ``max_depth``, NaN or Infinity,
+    a lone surrogate), so a sender can check what its users made (a session's display bundles, MiB) before
+    it sends it: one walk, no encoding, no recursion.  JSON's own types (what json.loads makes, and tuples)
+    are told by exact type: 3x faster than isinstance."""
+    stack = [((value,), 0)]  # (items, how deep the container holding them is)
     while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels")
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (list, dict)))
+        items, depth = stack.pop()
+        for item in items:
+            t = type(item)
+            if t is str:
+                if not item.isascii() and _LONE_SURROGATE.search(item):
+                    raise ValueError("a string holds a lone UTF-16 surrogate")
+            elif t is dict or t is list or t is tuple:
+                if depth >= max_depth:
+                    raise ValueError(f"arrays and objects nest deeper than {max_depth} levels")
+                stack.extend(((item.keys(), depth + 1), (item.values(), depth + 1)) if t is dict
+                             else ((item, depth + 1),))
+            elif t is float and not math.isfinite(item):
+                raise ValueError("NaN or Infinity is not JSON")
 
 
 def decode(text: str | bytes) -> dict:

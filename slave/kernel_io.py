@@ -14,6 +14,11 @@ the slave (root, in no cgroup).  Three bounds:
   nothing piles up in the slave between cells;
 - a message cut as too large during a cell, on any socket, ends that cell
   with ``output_limit`` (``IopubPump.cut``), as more output than the limit.
+
+A cell's message that cannot be handled (JSON too deep for Python's parser,
+fields of a type no kernel of ours sends but a cell may) is skipped: logged,
+said in the cell's stderr, and the pump goes on.  Before, one such message
+ended the pump's task unseen, and the session's cells had no output after it.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ CELL_LINE = re.compile(r"Cell In\[(\d+)\], line (\d+)")
 CELL_NAME = re.compile(r"Cell In\[(\d+)\]")
 QUEUED_MESSAGES = 32  # per socket (zmq RCVHWM): with max_message, what a slow slave may hold
 MESSAGE_MARGIN = 64 << 10  # a message's header and JSON quoting around its output
+# Skipped messages said (in the log, and the cell's stderr) per cell: a cell sending thousands must not
+# flood the slave's log.  The rest are counted, in one line at the cell's end.
+SKIPS_SAID = 5
 
 
 def make_client(connection: dict, max_message: int):
@@ -72,21 +80,30 @@ class IopubPump:
     frames are dropped.  ``dropped`` counts what was thrown away.
     """
 
-    def __init__(self, client):
+    def __init__(self, client, label: str = "?"):
         self.client = client
+        self.label = label  # the session, as the log names it
         self.socket = client.iopub_channel.socket
         self.cell_id: str | None = None
         self.handler: Callable[[dict], None] | None = None
+        self.job_id: int | None = None  # the current cell's, for the log
+        self.say: Callable[[str], None] | None = None  # writes a line to the current cell's stderr
+        self.skipped = 0  # messages of the current cell that could not be handled
         self.dropped = 0
         self.heard = 0.0  # when iopub last gave a message, anyone's (monotonic): whether it still flows
         self.oversized = False  # a message past max_message was cut during the current cell
         self._read_task = asyncio.ensure_future(self._read())
 
-    def start_cell(self, msg_id: str, handler: Callable[[dict], None]) -> None:
+    def start_cell(self, msg_id: str, handler: Callable[[dict], None], job_id: int | None = None,
+                   say: Callable[[str], None] | None = None) -> None:
         self.cell_id, self.handler, self.oversized = msg_id, handler, False
+        self.job_id, self.say, self.skipped = job_id, say, 0
 
     def end_cell(self) -> None:
-        self.cell_id, self.handler = None, None
+        if self.skipped > SKIPS_SAID:
+            log.warning("session %s, job %s: %d more messages of its kernel were skipped", self.label,
+                        self.job_id, self.skipped - SKIPS_SAID)
+        self.cell_id, self.handler, self.job_id, self.say = None, None, None, None
 
     async def _read(self) -> None:
         import zmq
@@ -110,11 +127,33 @@ class IopubPump:
                 if (msg.get("parent_header") or {}).get("msg_id") != self.cell_id:
                     self.dropped += 1
                     continue
-                msg["content"] = session.unpack(msg["content"])
             except (ValueError, TypeError, KeyError, json.JSONDecodeError):
                 self.dropped += 1  # malformed or wrongly signed: the kernel's problem
                 continue
-            handler(msg)
+            except Exception as exc:  # whose it was is unknown; it came while this cell ran
+                self.dropped += 1
+                self._skipped(None, exc)
+                continue
+            try:
+                msg["content"] = session.unpack(msg["content"])
+                handler(msg)
+            except Exception as exc:
+                self.dropped += 1
+                self._skipped(msg.get("msg_type"), exc)
+
+    def _skipped(self, kind, exc: Exception) -> None:
+        """A message of the current cell that could not be handled: log it, and say so in the cell's stderr."""
+        self.skipped += 1
+        if self.skipped > SKIPS_SAID:
+            if self.skipped == SKIPS_SAID + 1 and self.say is not None:
+                self.say("distexec: more messages of the kernel could not be handled; they were skipped too\n")
+            return
+        kind = kind if isinstance(kind, str) else "?"
+        log.warning("session %s, job %s: a %r message of its kernel was skipped", self.label, self.job_id,
+                    kind[:64], exc_info=exc)
+        if self.say is not None:
+            self.say(f"distexec: a {kind[:64]!r} message of the kernel could not be handled and was skipped "
+                     f"({type(exc).__name__}; the slave's log has more)\n")
 
     def cut(self) -> None:
         """A relay cut a message of the kernel's as too large: the current cell's, for all we know."""
@@ -177,6 +216,7 @@ async def answer_input(kc, msg_id: str, lines, feed: Callable[[str, str], None])
         if msg["msg_type"] != "input_request" or msg.get("parent_header", {}).get("msg_id") != msg_id:
             continue
         prompt = msg["content"].get("prompt") or ""
+        prompt = prompt if isinstance(prompt, str) else str(prompt)  # a cell may send a request of its own
         if prompt:
             # What the cell printed before input() was flushed to iopub before
             # this request left, but travels on another socket: let it land first.

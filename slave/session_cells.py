@@ -47,6 +47,12 @@ def _cell_name(session: Session, count: int, as_said: str) -> str:
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# How deep a bundle may nest: the frames that carry it put it 4 levels down (a batch to a client,
+# ``[{"job": {"outputs": [bundle]}}]``; a register's ``results``), and the master refuses a frame past
+# MAX_JSON_DEPTH.  A few levels to spare, so a new envelope does not lose a user's bundle to its refusal.
+BUNDLE_DEPTH = P.MAX_JSON_DEPTH - 8
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object",
+               type(None): "null"}
 
 # An object's default repr (``<Figure size 640x480 with 1 Axes>``, ``<IPython.core.display.HTML object>``).
 _PLACEHOLDER = re.compile(r"<[^\n]*>")
@@ -140,8 +146,7 @@ class CellRunner:
         idle = self._watch_cell(session, msg_id, capture, state)
         reader = asyncio.ensure_future(self._read_cell(session, msg_id, idle, state))
         inputs = asyncio.ensure_future(answer_input(kc, msg_id, lines,
-                                                    lambda stream, text: capture.feed(stream, text,
-                                                                                      len(text.encode()))))
+                                                    lambda stream, text: _feed(capture, stream, text)))
         exited = asyncio.ensure_future(session.proc.wait())
         # Without a memory cgroup the limit is polled; with one, we learn of it when the kernel is killed.
         watcher = (asyncio.ensure_future(watch_memory(session.proc.pid, self.limits.memory_bytes, capture))
@@ -241,48 +246,34 @@ class CellRunner:
             if kind == "stream":
                 stream = "stderr" if content.get("name") == "stderr" else "stdout"
                 text = content.get("text", "")
-                capture.feed(stream, text, len(text.encode()))
+                _feed(capture, stream, text)
             elif kind in ("execute_result", "display_data", "update_display_data"):
-                # A widget's view names a model that lives in the session's kernel only: no notebook
-                # could draw it, so its text (a progress bar's line) stands alone.
-                data = content.get("data") or {}
-                if isinstance(data, dict) and WIDGET_VIEW in data:
-                    data = {k: v for k, v in data.items() if k != WIDGET_VIEW}
-                text = data.get("text/plain")
-                at = capture.chars["stdout"]
-                if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
-                    text += "\n"
-                    capture.feed("stdout", text, len(text.encode()))
-                if kind != "update_display_data" and isinstance(data, dict):
-                    # The whole bundle travels too, in order, counted against the output limit, with
-                    # where it came in stdout: a notebook shows it there (outputs.in_place).
-                    metadata = {**(content.get("metadata") or {}), OUTPUT_PLACE: {"stdout_at": at}}
-                    bundle = {"output_type": kind, "data": data, "metadata": metadata}
-                    capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
-                    if not capture.over:
-                        capture.outputs.append(bundle)
+                _display(kind, content, capture)
             elif kind == "execute_input":
                 state.count = content.get("execution_count")
                 if isinstance(state.count, int) and state.job_id is not None:
                     session.cells[state.count] = state.job_id
             elif kind == "error":
-                state.ename, state.evalue = content.get("ename"), content.get("evalue")
+                # ipykernel sends text; a cell may send an error of its own making, with anything in it.
+                state.ename, state.evalue = (v if v is None or isinstance(v, str) else str(v)
+                                             for v in (content.get("ename"), content.get("evalue")))
                 if state.ename != "SystemExit":
-                    tb = ANSI.sub("", "\n".join(content.get("traceback") or [])) + "\n"
+                    frames = content.get("traceback") or []
+                    frames = frames if isinstance(frames, list) else [frames]
+                    tb = ANSI.sub("", "\n".join(f if isinstance(f, str) else str(f) for f in frames)) + "\n"
                     # The line is this cell's own (a frame of an earlier cell's function is not).
                     lines = [int(line) for count, line in CELL_LINE.findall(tb) if int(count) == state.count]
                     state.line = lines[-1] if lines else None
                     tb = CELL_NAME.sub(lambda m: _cell_name(session, int(m.group(1)), m.group(0)), tb)
-                    capture.feed("stderr", tb, len(tb.encode()))
+                    _feed(capture, "stderr", tb)
                 elif exit_code(state.evalue) == 1 and state.evalue not in ("1", None):
                     # sys.exit("message"): Python prints the message on stderr, as a fresh job shows it.
-                    said = f"{state.evalue}\n"
-                    capture.feed("stderr", said, len(said.encode()))
+                    _feed(capture, "stderr", f"{state.evalue}\n")
             elif kind == "status" and content.get("execution_state") == "idle" and not idle.done():
                 idle.set_result(None)
 
         # Only this cell's messages: what threads of earlier cells print is dropped by the pump.
-        session.pump.start_cell(msg_id, on_message)
+        session.pump.start_cell(msg_id, on_message, state.job_id, lambda line: _feed(capture, "stderr", line))
         return idle
 
     async def _read_cell(self, session: Session, msg_id: str, idle: asyncio.Future, state: CellState) -> None:
@@ -300,6 +291,52 @@ class CellRunner:
                 await _settled(session.pump, idle)
         finally:
             reply.cancel()
+
+
+def _display(kind: str, content: dict, capture: Capture) -> None:
+    """A display message: its ``text/plain`` to stdout, the bundle (not an update's) to the outputs."""
+    data, metadata = content.get("data") or {}, content.get("metadata") or {}
+    if not isinstance(data, dict) or not isinstance(metadata, dict):
+        _feed(capture, "stderr", "distexec: a display output was dropped: its data and metadata are not "
+                                 "JSON objects\n")
+        return
+    # A widget's view names a model that lives in the session's kernel only: no notebook
+    # could draw it, so its text (a progress bar's line) stands alone.
+    data = {k: v for k, v in data.items() if k != WIDGET_VIEW} if WIDGET_VIEW in data else data
+    text = data.get("text/plain")
+    if "text/plain" in data and not isinstance(text, str):
+        # Not text (``display({'text/plain': 5}, raw=True)``): a terminal could not print it, nor a
+        # notebook show it.  Dropped rather than made text: what a cell meant by 5 is its own to say.
+        _feed(capture, "stderr", f"distexec: a display output's text/plain was dropped: it is "
+                                 f"{_JSON_TYPES.get(type(text), 'not JSON')}, not text\n")
+        data, text = {k: v for k, v in data.items() if k != "text/plain"}, None
+        if not data:
+            return
+    at = capture.chars["stdout"]
+    if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
+        text += "\n"
+        _feed(capture, "stdout", text)
+    if kind == "update_display_data":
+        return
+    # The whole bundle travels too, in order, counted against the output limit, with where it came
+    # in stdout: a notebook shows it there (outputs.in_place).
+    bundle = {"output_type": kind, "data": data, "metadata": {**metadata, OUTPUT_PLACE: {"stdout_at": at}}}
+    try:
+        # What the master would refuse, it would refuse in the whole job_finished: the job's result would
+        # be lost, and the job left running.  Checked here, where the bundle alone can go.
+        P.check_value(bundle, BUNDLE_DEPTH)
+    except ValueError as exc:
+        _feed(capture, "stderr", f"distexec: a display output was dropped: {exc}\n")
+        return
+    capture.feed("stdout", "", len(json.dumps(bundle, ensure_ascii=False).encode()))
+    if not capture.over:
+        capture.outputs.append(bundle)
+
+
+def _feed(capture: Capture, stream: str, text: str) -> None:
+    # A lone surrogate (a cell's own JSON escape) is counted, not raised on: the agent sends it as
+    # U+FFFD, 3 bytes as well.  Raised on, it used to end the session's iopub reader.
+    capture.feed(stream, text, len(text.encode(errors="surrogatepass")))
 
 
 async def _settled(pump, idle: asyncio.Future) -> None:

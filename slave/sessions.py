@@ -301,7 +301,7 @@ class SessionRunner:
         if self._closed:
             await self._dispose(session)
             raise RuntimeError("the slave is stopping")
-        session.pump = IopubPump(client)
+        session.pump = IopubPump(client, P.session_label(name))
         session.own_pids = frozenset(await asyncio.to_thread(_session_pids, session))
         if spawn.cgroup is not None:
             await asyncio.to_thread(spawn.cgroup.set_cpus, IDLE_CPUS)

@@ -151,6 +151,26 @@ def test_a_valid_message_survives_encode_and_decode(msg):
 
 
 @FAST
+@given(json_values, st.integers(min_value=0, max_value=P.MAX_JSON_DEPTH + 1))
+def test_check_value_refuses_exactly_what_loads_would(value, levels):
+    """A slave checks a session's display bundles with ``check_value`` before they go into a job_finished:
+    what it passes, the master's ``loads`` must take, or the result is lost and the job runs for ever."""
+    for _ in range(levels):
+        value = [value]
+    try:
+        P.check_value(value)
+        checked = None
+    except ValueError as exc:
+        checked = str(exc)
+    try:
+        P.loads(_dumps(value))  # escaped as a kernel's JSON escapes them (ensure_ascii): surrogates too
+        loaded = None
+    except ValueError as exc:
+        loaded = str(exc)
+    assert (checked is None) == (loaded is None), (checked, loaded)
+
+
+@FAST
 @given(submissions | json_values)
 def test_check_submission_normalises_or_names_the_problem(body):
     try:

@@ -263,3 +263,70 @@ def test_a_redrawn_cell_keeps_what_it_cannot_place():
     # An output that does not say where it came (a job from before): nothing is redrawn.
     assert in_place(written, {"outputs": [table]}) is None
     assert in_place(written, {"outputs": []}) is None
+
+
+# A cell that sends iopub messages of its own making, as any user code may (the kernel's session key is
+# the user's): ``send(kind, content)``, content a dict or already-packed JSON bytes (NaN, escapes...).
+CRAFT = ("k = get_ipython().kernel\n"
+         "def send(kind, content):\n"
+         "    k.session.send(k.iopub_socket, kind, content, parent=k.get_parent())\n")
+DROPPED = "distexec: a display output was dropped: "
+
+
+def slave_log(lc) -> str:
+    with open(f"{lc.log_dir}/slave-1.log") as f:
+        return f.read()
+
+
+def test_a_bundle_the_master_could_not_take_is_dropped_and_said_and_the_session_lives_on(c):
+    """Before: 200 levels of JSON made a job_finished the master refused; the job stayed running for ever."""
+    name = session()
+    src = ("from IPython.display import display\nd = 1\nfor i in range(200): d = [d]\n"
+           "display({'application/json': d}, raw=True)\n"
+           "display({'text/plain': 'deep metadata'}, metadata={'m': d}, raw=True)\n"
+           + CRAFT +
+           "send('display_data', b'{\"data\": {\"application/json\": [NaN]}, \"metadata\": {}}')\n"
+           "send('execute_result', b'{\"data\": {\"text/plain\": \"inf\"}, \"metadata\": {\"x\": -Infinity}}')\n"
+           "send('display_data', b'{\"data\": {\"text/html\": \"<b>\\\\ud800</b>\"}, \"metadata\": {}}')\n"
+           "display({'text/plain': 'fine', 'application/json': {'ok': [1.5]}}, raw=True)\n"
+           "print('after')\n")
+    job = c.submit(src, session=name).wait(60)
+    assert job.status == P.SUCCEEDED, (job.status, job.error, job.stderr)
+    assert [o["data"] for o in job.outputs] == [{"text/plain": "fine", "application/json": {"ok": [1.5]}}]
+    # The text of a dropped bundle still reaches stdout (terminals read it there): it is fine text.
+    assert job.stdout == "deep metadata\ninf\nfine\nafter\n", job.stdout
+    notes = job.stderr.splitlines()
+    assert notes == [DROPPED + "arrays and objects nest deeper than 120 levels"] * 2 + [
+        DROPPED + "NaN or Infinity is not JSON"] * 2 + [DROPPED + "a string holds a lone UTF-16 surrogate"], notes
+    job = c.submit("print(len(str(d)))", session=name).wait(T)
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "401\n"), job.record
+
+
+def test_a_message_the_slave_cannot_handle_is_skipped_said_and_logged(c, lc):
+    """Before: a text/plain of 5 raised inside the session's iopub reader and killed it silently: the
+    cell's own print and every later cell of the session came back with empty stdout."""
+    name = session()
+    job = c.submit("from IPython.display import display\ndisplay({'text/plain': 5}, raw=True)\nprint('after')\n"
+                   "display({'text/plain': ['a'], 'text/html': '<i>5</i>'}, raw=True)", session=name).wait(T)
+    assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+    assert job.stdout == "after\n", job.record
+    said = "distexec: a display output's text/plain was dropped: it is {}, not text\n"
+    assert job.stderr == said.format("a number") + said.format("an array"), job.stderr
+    assert [o["data"] for o in job.outputs] == [{"text/html": "<i>5</i>"}]
+    job = c.submit("print(1)", session=name).wait(T)
+    assert (job.status, job.stdout, job.stderr) == (P.SUCCEEDED, "1\n", ""), job.record
+    # Messages no kernel of ours sends, but a cell may: each is skipped, said, logged; the rest arrive.
+    deep = "[" * 5000 + "]" * 5000  # past Python's own recursion limit when the slave parses it
+    job = c.submit(CRAFT + "send('stream', {'name': 'stdout', 'text': 5})\n"
+                   f"send('display_data', b'{{\"data\": {deep}, \"metadata\": {{}}}}')\n"
+                   "send('error', {'ename': ['E'], 'evalue': {'v': [[1]]}, 'traceback': [1, None]})\n"
+                   "print('still here')", session=name).wait(T)
+    assert job.status == P.FAILED and job.error["code"] == P.NONZERO_EXIT, job.record
+    assert job.error["message"] == "['E']: {'v': [[1]]}", job.error
+    assert job.stdout == "still here\n", job.record
+    notes = [line for line in job.stderr.splitlines() if line.startswith("distexec:")]
+    assert len(notes) == 2 and all("was skipped" in n for n in notes), job.stderr
+    log = slave_log(lc)
+    assert f"job {job.id}" in log and "was skipped" in log, log[-3000:]
+    job = c.submit("print(2)", session=name).wait(T)
+    assert (job.status, job.stdout) == (P.SUCCEEDED, "2\n"), job.record
