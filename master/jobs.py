@@ -30,7 +30,8 @@ from typing import Iterable
 from distexec_kernel import languages as L, protocol as P
 
 # The decisions are read as ``J.Save`` and so on, as before they had a module of their own.
-from .decisions import Ack, Announce, ClearTimer, Decision, Discard, Load, Save, Send, SetTimer  # noqa: F401
+from .decisions import (Ack, Announce, ClearTimer, Decision, Discard, Load, Save, Send, SetTimer,  # noqa: F401
+                        merged)
 from .scheduler import Scheduler
 
 log = logging.getLogger("distexec.master")
@@ -402,46 +403,6 @@ def _end(job: dict, ended_ago: float | None) -> str:
         ran_for = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds() if started else 0.0
         ago = min(ago, max(0.0, ran_for))
     return P.now(ago)
-
-
-def merged(decisions: list[Decision]) -> list[Decision]:
-    """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
-
-    For decisions taken in one turn (a submission and the starts it allows,
-    a result and the start its slot allows): a save only moves earlier, so
-    nothing is told before it is durable.  A job saved twice (submitted and
-    started in one turn) is written once, as it was last, with the fields only
-    its first save had (its inputs); and announced once, as it was last: the
-    state it passed through in the turn (queued) was never committed.  After
-    the commit, what goes to slaves (``Load``, ``Send``) comes first: a job
-    waits for its job_run, nobody for an announcement.
-    """
-    saves: dict[int, dict] = {}
-    last_update: dict[int, int] = {}  # job id -> index of its last job_update
-    for i, d in enumerate(decisions):
-        if isinstance(d, Save):
-            for job in d.jobs:
-                saves[job["id"]] = {**saves[job["id"]], **job} if job["id"] in saves else job
-        elif _updated(d) is not None:
-            last_update[_updated(d)] = i
-    if not saves:
-        return list(decisions)
-    first = next(i for i, d in enumerate(decisions) if isinstance(d, Save))
-    to_slaves: list[Decision] = []
-    rest: list[Decision] = []
-    for i, d in enumerate(decisions[first + 1:], first + 1):
-        if isinstance(d, (Load, Send)):
-            to_slaves.append(d)
-        elif not isinstance(d, Save) and (_updated(d) is None or last_update[_updated(d)] == i):
-            rest.append(d)
-    return [*decisions[:first], Save(tuple(saves.values())), *to_slaves, *rest]
-
-
-def _updated(d: Decision) -> int | None:
-    """The job a ``job_update`` announcement is of (None: another decision)."""
-    if isinstance(d, Announce) and d.msg["type"] == "job_update":
-        return d.msg["job"]["id"]
-    return None
 
 
 def _update(job: dict) -> Announce:

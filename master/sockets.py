@@ -8,7 +8,6 @@ connection lives on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from typing import Awaitable, NamedTuple
@@ -20,6 +19,7 @@ from distexec_kernel import liveness, protocol as P
 
 from .auth import UNAUTHORIZED, Auth, bearer
 from .core import Master
+from .ledger import SubmitLedger
 from .limits import Gate
 from .refusals import http_status
 
@@ -43,40 +43,6 @@ CLIENT_FRAME_BYTES = P.MAX_MESSAGE_BYTES // 2
 # An error told to a peer, and logged, is cut at this length: a bad frame of 64 MiB is not
 # written to the master's log again and again (two took it 17 MB in 0.4 s).
 MAX_ERROR_CHARS = 1000
-
-# Answers to WebSocket submissions kept, per master, so a client that sends a
-# submission again after a reconnect (it had no answer) gets the job made the
-# first time, not a second one.
-LEDGER_SIZE = 20_000
-
-
-class SubmitLedger:
-    """Recent WebSocket submissions by (user, ref), oldest first: the answer still to come (a future),
-    then, once answered, only the job's id or the refusal (never the job's inputs: a
-    submission may carry megabytes of files).
-
-    Refs are the client's own (random per client object, then a counter);
-    keyed by the authenticated user too, so nobody reads another's answer."""
-
-    def __init__(self, size: int = LEDGER_SIZE):
-        self.size = size
-        self._answers: collections.OrderedDict[tuple, asyncio.Future | dict] = collections.OrderedDict()
-
-    def get(self, key: tuple) -> asyncio.Future | dict | None:
-        """The task answering ``key``, or ``{"job_id"}`` / ``{"error"}`` once it has; None if unknown."""
-        return self._answers.get(key)
-
-    def put(self, key: tuple, answer: asyncio.Future) -> None:
-        self._answers[key] = answer
-        answer.add_done_callback(lambda done: self._answered(key, done))
-        while len(self._answers) > self.size:
-            self._answers.popitem(last=False)
-
-    def _answered(self, key: tuple, done: asyncio.Future) -> None:
-        if self._answers.get(key) is done:
-            body = done.result()
-            self._answers[key] = {"job_id": body["job"]["id"]} if body["job"] is not None else body
-
 
 class Intake(NamedTuple):
     """A submission taken in on a client's channel, until it is answered."""
