@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from distexec_kernel import languages as L, protocol as P
@@ -76,6 +76,11 @@ class JobRecord:
     # Requeued after its slave was lost: that slave and when the job started there.  Should the
     # slave come back still running it before it is sent anywhere else, that run goes on.
     lost_run: tuple[str, str | None] | None = None
+    # Live output chunks not yet joined into ``job[stream]``, and their length: ``+=`` on the
+    # job's string copied all of its output at every chunk (a 7 MiB output then a byte every few
+    # ms took the master's CPU); joined only when the record is read or saved (``_joined``).
+    pending: dict[str, list[str]] = field(default_factory=lambda: {"stdout": [], "stderr": []})
+    pending_len: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
 
     @property
     def running(self) -> bool:
@@ -106,10 +111,13 @@ class Lifecycle:
     # -- queries ------------------------------------------------------------
 
     def job(self, job_id: int) -> dict | None:
+        """The job's record, its output so far whole."""
         rec = self.records.get(job_id)
-        return rec.job if rec is not None else None
+        return _joined(rec) if rec is not None else None
 
     def jobs(self) -> Iterable[dict]:
+        """Every queued and running job's record, for its other fields: a running job's output may
+        lag behind (its latest chunks are joined by ``job``, not for a scan of all jobs)."""
         return (rec.job for rec in self.records.values())
 
     def runs_on(self, job_id: int, uid: str) -> bool:
@@ -184,10 +192,11 @@ class Lifecycle:
         rec = self.records.get(job_id)
         if rec is None or not self.runs_on(job_id, uid) or rec.output_gap:
             return []
-        offset = len(rec.job[stream])
+        offset = len(rec.job[stream]) + rec.pending_len[stream]
         if offset >= self.live_output_cap:
             return []
-        rec.job[stream] += data
+        rec.pending[stream].append(data)
+        rec.pending_len[stream] += len(data)
         return [Announce(P.make("job_output", job_id=job_id, stream=stream, offset=offset, data=data),
                          rec.job.get("user"))]
 
@@ -199,6 +208,7 @@ class Lifecycle:
         if rec is None or not self.runs_on(job_id, uid):
             return []
         out: list[Decision] = []
+        _joined(rec)
         for stream, text in (("stdout", stdout), ("stderr", stderr)):
             text, held = text[:self.live_output_cap], rec.job[stream]
             # Only the new tail when what is held is its start (nothing was lost); else all of it.
@@ -245,7 +255,7 @@ class Lifecycle:
         # Saved too: should the slave not get it (a connection dead unnoticed) and the master
         # restart before the slave is back, the next master sends it again (resume, slave_back).
         rec.cancel = rec.job["cancel_requested"] = True
-        return [Save((rec.job,)), Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id))]
+        return [Save((_joined(rec),)), Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id))]
 
     def dropped(self, job_id: int, error: dict) -> list[Decision]:
         """A queued job taken off the queue by the scheduler (its session was lost): it fails."""
@@ -367,6 +377,7 @@ class Lifecycle:
         out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
         rec.lost_run = None if never_ran else (job["slave_uid"], job.get("started_at"))
         rec.timer, rec.dispatch, rec.sent_to, rec.output_gap, rec.note = 0, 0, NEVER, False, None
+        _joined(rec)  # and dropped: a new attempt starts its output over
         job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
         self.scheduler.requeue_front(job["id"], job["language"], session_of(job), user=job.get("user"))
         log.info("job %d requeued (%s), attempt %d of %d", job["id"], why, job["attempts"] + 1,
@@ -377,7 +388,7 @@ class Lifecycle:
                 stderr: str | None = None, *, outputs: list | None = None,
                 artifacts: list | None = None, ended_ago: float | None = None) -> list[Decision]:
         """The job's one terminal state: it leaves the records (terminal jobs live in the store only)."""
-        job = rec.job
+        job = _joined(rec)
         del self.records[job["id"]]
         job.pop("cancel_requested", None)  # the record's own fields only, once it has ended
         if job["status"] == P.QUEUED:
@@ -391,6 +402,16 @@ class Lifecycle:
             job["stderr"] = stderr
         out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
         return out + [Discard(job["id"]), Save((job,)), _update(job)]
+
+
+def _joined(rec: JobRecord) -> dict:
+    """The record's job with its pending output chunks joined in: one copy per read, not per chunk."""
+    for stream, chunks in rec.pending.items():
+        if chunks:
+            rec.job[stream] = "".join([rec.job[stream], *chunks])
+            chunks.clear()
+            rec.pending_len[stream] = 0
+    return rec.job
 
 
 def _end(job: dict, ended_ago: float | None) -> str:

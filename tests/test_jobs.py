@@ -410,6 +410,25 @@ def test_output_is_relayed_with_offsets_up_to_the_cap():
     assert w.jobs.output("b", 1, "stdout", "other") == []  # not its slave
 
 
+def test_many_small_chunks_after_a_large_output_are_kept_whole_in_order_with_their_offsets():
+    w = one_running()
+    big = "x" * (1 << 20)
+    offsets = [a.msg["offset"] for a in w.jobs.output("a", 1, "stdout", big)]
+    tail = [f"{i}," for i in range(2000)]
+    for i, chunk in enumerate(tail):
+        [a] = w.jobs.output("a", 1, "stdout", chunk)
+        offsets.append(a.msg["offset"])
+        assert a.msg["data"] == chunk
+        if i == 1000:  # a read meanwhile (GET of the running job) sees all of it so far
+            assert w.jobs.job(1)["stdout"] == big + "".join(tail[:1001])
+    w.jobs.output("a", 1, "stderr", "err")
+    expected = big + "".join(tail)
+    assert offsets == [0] + [len(big) + len("".join(tail[:i])) for i in range(len(tail))]
+    assert w.jobs.job(1)["stdout"] == expected and w.jobs.job(1)["stderr"] == "err"
+    [job] = saved(w.jobs.cancel(1))  # a save of the running job has it whole too
+    assert job["stdout"] == expected and job["stderr"] == "err"
+
+
 def test_queued_jobs_of_a_lost_session_fail():
     w = World()
     w.connect()
