@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Awaitable, NamedTuple
 
@@ -143,11 +144,16 @@ class _Socket(tornado.websocket.WebSocketHandler):
         self._flush_outbox()  # what was sent before the close goes first
         super().close(code, reason)
 
-    def reply_error(self, code: str, message: str) -> None:
+    def reply_error(self, code: str, message: str, about: str = "") -> None:
+        """Answer the peer with an error; ``about``: what the log says of the frame, not the peer."""
         if len(message) > MAX_ERROR_CHARS:  # it may quote what the peer sent: a flood of the log
             message = message[:MAX_ERROR_CHARS] + "…"
-        log.warning("%s %s: %s", self.__class__.__name__, self.request.remote_ip, message)
+        log.warning("%s %s: %s%s", self.__class__.__name__, self.request.remote_ip, about, message)
         self.send(P.make("error", error=P.error(code, message)))
+
+    def unread(self, text: str | bytes) -> str:
+        """What the log says of a frame that did not decode (it is dropped), before the reason."""
+        return ""
 
     def on_message(self, text) -> Awaitable[None] | None:
         """Handle one frame.  A handler that completes at once (most do) runs here and returns None, so
@@ -180,7 +186,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
         try:
             msg = P.decode(text)
         except P.ProtocolError as exc:
-            return self.reply_error(exc.code, exc.message)
+            return self.reply_error(exc.code, exc.message, about=self.unread(text))
         name = self.handlers.get(msg["type"])
         if name is None:
             return self.reply_error("unexpected_type", f"{msg['type']!r} is not accepted on this channel")
@@ -215,6 +221,21 @@ class _Socket(tornado.websocket.WebSocketHandler):
         self.closed = True
         if self._watching is not None:
             self._watching.cancel()
+
+
+# A dropped frame's first characters, looked at for its type and job: a message's "type" comes first
+# (protocol.make), its job_id next.  A regular expression on a slice, never a parse of what did not parse.
+PEEK_CHARS = 200
+_TYPE = re.compile(r'"type"\s*:\s*"([A-Za-z_]{1,40})"')
+_JOB_ID = re.compile(r'"job_id"\s*:\s*(\d{1,15})')
+
+
+def peek(text: str | bytes) -> str:
+    """What a frame that did not decode says it is ("a job_finished for job 7"), as far as its start tells."""
+    head = text[:PEEK_CHARS]
+    head = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+    kind, job = _TYPE.search(head), _JOB_ID.search(head)
+    return f"a {kind.group(1) if kind else 'frame of no type we could see'}" + (f" for job {job.group(1)}" if job else "")
 
 
 def _unsent(conn) -> int:
@@ -432,6 +453,10 @@ class SlaveSocket(_Socket):
             self.close(4000, result["code"])
             return
         self.uid = msg["uid"]
+
+    def unread(self, text: str | bytes) -> str:
+        # A job_finished dropped here leaves its job running, its slot taken, until the backstop (jobs.py).
+        return f"slave {self.uid or '(not registered)'}: {peek(text)} was dropped: "
 
     def _registered(self) -> str:
         if self.uid is None:

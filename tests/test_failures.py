@@ -771,3 +771,116 @@ def test_distexec_up_stops_slaves_then_master(tmp_path, home):
                     up.wait()
             up.stdout.close()
         log.close()
+
+
+# -- an end that never reaches the master: the backstop (master/jobs.py, _deadline) ------------
+
+END_GRACE = 1.0  # --end-grace for these tests: the backstop fires 1 s past a job's timeout
+BACKSTOP = ["--end-grace", str(END_GRACE)]
+
+
+@pytest.fixture
+def quiet_slave(make_cluster):
+    """A master with a short end grace and one slave played by the test (python, one slot): a slave
+    that stays connected and answers pings, but never reports the end of what it is sent."""
+    lc = make_cluster(0, master_args=["--lost-grace", "30", *BACKSTOP])
+    rs = RawSlave(lc, "quiet-slave")
+    yield lc, rs
+    rs.close()
+
+
+def ran_for(job) -> float:
+    return (P.parse_time(job.finished_at) - P.parse_time(job.started_at)).total_seconds()
+
+
+def age(c: Cluster, job) -> float:
+    """Seconds since the job started, by the master's record."""
+    started_at = P.parse_time(c.job(job.id).started_at)
+    return (P.parse_time(P.now()) - started_at).total_seconds()
+
+
+def test_a_job_whose_end_never_reaches_the_master_is_ended_and_its_slot_freed(quiet_slave):
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn, timeout=2) as (c, job):
+        conn.send(P.make("job_output", job_id=job.id, stream="stdout", data="so far\n"))
+        j = job.wait(20)  # before the backstop: running for good
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+        assert "did not report its end in time" in j.error["message"] and rs.uid in j.error["message"]
+        assert j.stdout == "so far\n"  # what it printed is kept
+        assert 2 + END_GRACE <= ran_for(j) < 2 + END_GRACE + 3, j.record
+        assert conn.expect("job_cancel")["job_id"] == job.id  # the slave is told to stop it
+        # Its slot is free: the next job is sent to the same one-slot slave.
+        nxt = c.submit("print('next')")
+        assert conn.expect("job_run")["job"]["id"] == nxt.id
+        # A late end of the first is acknowledged and changes nothing.
+        conn.send(P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="late\n", stderr=""))
+        assert conn.expect("result_ack")["job_id"] == job.id
+        assert (c.job(job.id).status, c.job(job.id).stdout) == (P.FAILED, "so far\n")
+
+
+def test_a_cancel_its_slave_never_confirms_ends_the_job_in_a_bounded_time(quiet_slave):
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn) as (c, job):  # the default timeout: 300 s
+        t0 = time.monotonic()
+        c.cancel(job.id)
+        assert conn.expect("job_cancel")["job_id"] == job.id
+        j = job.wait(20)
+        assert j.status == P.CANCELLED and j.error["code"] == P.CANCELLED_CODE, j.record
+        assert "did not confirm the kill" in j.error["message"]
+        assert time.monotonic() - t0 < END_GRACE + 5
+
+
+def test_the_backstop_of_a_slave_back_still_running_the_job_counts_from_its_start(quiet_slave):
+    """A reconnect does not start the job's clock again: its end is due from when it started."""
+    lc, rs = quiet_slave
+    old = rs.connect()
+    with dispatched(lc, old, timeout=4) as (c, job):
+        old.close()
+        # Away for most of the reconnect grace (3 s): a clock started again at the reconnect would end
+        # the job at 2.5 + 4 + 1 s, not at 4 + 1.
+        wait_for(lambda: age(c, job) >= 2.5, 10, "the job to be 2.5 s old")
+        rs.connect(running=[job.id])
+        j = job.wait(20)
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+        assert 4 + END_GRACE <= ran_for(j) < 4 + END_GRACE + 1.5, j.record
+
+
+def test_the_backstop_after_a_master_restart_counts_from_the_jobs_start(quiet_slave, tmp_path):
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn, timeout=5) as (c, job):
+        started_at = c.job(job.id).started_at
+    lc.master.stop(signal.SIGKILL)
+    assert conn.closed.wait(10)
+    lc.start_master()
+    again = rs.connect(running=[job.id], results=[])
+    with connect(lc) as c2:
+        back_at = age(c2, job)
+        j = c2.job(job.id).wait(30)
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, (j.record, logs(tmp_path))
+        # Due at its start + 5 + 1 s, or, if the restart took longer, a grace's second after the slave is back.
+        due = max(5 + END_GRACE, back_at + END_GRACE)
+        assert j.started_at == started_at and 5 + END_GRACE <= ran_for(j) < due + 1.5, (j.record, back_at)
+    assert again.expect("job_cancel")["job_id"] == job.id
+
+
+# A session cell whose rich output nests deeper than the protocol reads (128): its job_finished is a
+# frame the master refuses, so the end of a real slave's job is lost, as an auditor found.
+DEEP_DISPLAY = ("from IPython.display import display\nd = 1\nfor i in range(200):\n    d = [d]\n"
+                "display({'application/json': d}, raw=True)\n")
+
+
+def test_a_session_cell_whose_end_the_master_cannot_read_is_ended_and_its_slot_freed(make_cluster, tmp_path):
+    lc = make_cluster(1, slots=1, languages="python", master_args=BACKSTOP)
+    with connect(lc) as c:
+        job = c.submit(DEEP_DISPLAY, session="s", timeout=3).wait(60)
+        if job.status != P.FAILED or "did not report its end in time" not in (job.error or {}).get("message", ""):
+            pytest.skip(f"the slave no longer sends a result the master cannot read: {job.status} {job.error}")
+        assert job.error["code"] == P.SLAVE_LOST, job.record
+        # The master's log says which slave's frame, and of what, it dropped.
+        uid = lc.slaves[0].uid
+        wait_for(lambda: f"slave {uid}: a job_finished for job {job.id} was dropped" in logs(tmp_path), 15,
+                 "the dropped frame in the master's log")
+        assert c.submit("print('after')", timeout=30).wait(60).stdout == "after\n"  # its slot is free
