@@ -18,9 +18,9 @@ from distexec_kernel import __version__, protocol as P
 
 from .auth import UNAUTHORIZED, Auth, Identity, bearer, redacted
 from .core import Master
+from .ledger import SubmitLedger
 from .limits import Gate, RateLimited
 from .refusals import http_status
-from .ledger import SubmitLedger
 from .sockets import PING_INTERVAL, ClientSocket, SlaveSocket
 
 log = logging.getLogger("distexec.master.app")

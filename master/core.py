@@ -55,12 +55,12 @@ class Master:
                  max_queued_per_user: int | None = DEFAULT_MAX_QUEUED_PER_USER,
                  max_queued_mb_per_user: float | None = DEFAULT_MAX_QUEUED_MB_PER_USER,
                  keep_days: float | None = DEFAULT_KEEP_DAYS, keep_mb: float | None = DEFAULT_KEEP_MB,
-                 prune_interval: float = PRUNE_INTERVAL,
+                 prune_interval: float = PRUNE_INTERVAL, end_grace: float = J.END_GRACE,
                  max_clients_per_user: int | None = DEFAULT_MAX_CLIENTS_PER_USER,
                  max_running_per_user: int | None = None, max_timeout: float | None = None):
         self.store = store
         self.scheduler = Scheduler(max_jobs, max_running_per_user)
-        self.jobs = J.Lifecycle(self.scheduler)
+        self.jobs = J.Lifecycle(self.scheduler, end_grace=end_grace)
         self.sessions = SessionBook(self.scheduler)
         self.clients = ClientBook(max_clients_per_user)
         self.retention = Retention(store, keep_days, keep_mb, prune_interval)

@@ -1,6 +1,7 @@
 """What the job lifecycle (``jobs.py``) decides: small frozen dataclasses that
-``carry.Carrier`` carries out in order, kept apart so the machine reads as
-its events and their state."""
+``carry.Carrier`` carries out in order, and how one turn's decisions become
+one commit (``merged``); kept apart so the machine reads as its events and
+their state."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,3 +66,43 @@ class ClearTimer:
 
 
 Decision = Union[Save, Announce, Send, Load, Ack, Discard, SetTimer, ClearTimer]
+
+
+def merged(decisions: list[Decision]) -> list[Decision]:
+    """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
+
+    For decisions taken in one turn (a submission and the starts it allows,
+    a result and the start its slot allows): a save only moves earlier, so
+    nothing is told before it is durable.  A job saved twice (submitted and
+    started in one turn) is written once, as it was last, with the fields only
+    its first save had (its inputs); and announced once, as it was last: the
+    state it passed through in the turn (queued) was never committed.  After
+    the commit, what goes to slaves (``Load``, ``Send``) comes first: a job
+    waits for its job_run, nobody for an announcement.
+    """
+    saves: dict[int, dict] = {}
+    last_update: dict[int, int] = {}  # job id -> index of its last job_update
+    for i, d in enumerate(decisions):
+        if isinstance(d, Save):
+            for job in d.jobs:
+                saves[job["id"]] = {**saves[job["id"]], **job} if job["id"] in saves else job
+        elif _updated(d) is not None:
+            last_update[_updated(d)] = i
+    if not saves:
+        return list(decisions)
+    first = next(i for i, d in enumerate(decisions) if isinstance(d, Save))
+    to_slaves: list[Decision] = []
+    rest: list[Decision] = []
+    for i, d in enumerate(decisions[first + 1:], first + 1):
+        if isinstance(d, (Load, Send)):
+            to_slaves.append(d)
+        elif not isinstance(d, Save) and (_updated(d) is None or last_update[_updated(d)] == i):
+            rest.append(d)
+    return [*decisions[:first], Save(tuple(saves.values())), *to_slaves, *rest]
+
+
+def _updated(d: Decision) -> int | None:
+    """The job a ``job_update`` announcement is of (None: another decision)."""
+    if isinstance(d, Announce) and d.msg["type"] == "job_update":
+        return d.msg["job"]["id"]
+    return None

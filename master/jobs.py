@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from distexec_kernel import languages as L, protocol as P
 from distexec_kernel.job_record import inputs_chars
 
 # The decisions are read as ``J.Save`` and so on, as before they had a module of their own.
-from .decisions import Ack, Announce, ClearTimer, Decision, Discard, Load, Save, Send, SetTimer  # noqa: F401
+from .decisions import (Ack, Announce, ClearTimer, Decision, Discard, Load, Save, Send, SetTimer,  # noqa: F401
+                        merged)
 from .scheduler import Scheduler
 
 log = logging.getLogger("distexec.master")
@@ -41,6 +43,21 @@ log = logging.getLogger("distexec.master")
 LIVE_OUTPUT_CAP = 16 << 20
 # A result older than this when it reaches the master waited for it: its end is checked against its start.
 LATE_RESULT = 0.5
+# The backstop for an end that never comes (``_deadline``): a job still running on a connected slave its
+# timeout and this much more after it started is ended by the master (``slave_lost``), which tells the
+# slave to stop it.  The slave ends a job at its timeout and reports at once, so only an end lost on its
+# way meets it (a frame the master could not read, a slave bug); without it the job held its slot for
+# good.  The grace covers what the slave does outside the timeout: a compile (up to a language's
+# compile_timeout, 60 s) or a session's interpreter start (up to 60 s, slave/sessions.py), then the kill
+# and its grace (a few seconds) and the result's trip, with up to 64 MiB of collected files.  Generous:
+# a backstop that fires on a job still ending honestly fails it, one that fires late holds a slot longer.
+END_GRACE = 90.0  # seconds; the master's --end-grace
+# Of the timeout, when that is more: the cost of a late backstop is small beside a long job's run, and a
+# long job's slave has more time to be slow in (a loaded machine, its collected files).
+END_GRACE_SHARE = 0.1
+# A cancelled job's kill must be confirmed within this (at most the end's grace): the slave kills at once,
+# a session cell after a few seconds' interrupt, so a cancel that is never confirmed ends the job here.
+CANCEL_CONFIRM = 30.0
 
 
 class _Never:
@@ -71,11 +88,18 @@ class JobRecord:
     # chunks at the wrong offsets); the result brings all of it.
     output_gap: bool = False
     note: str | None = None  # told to the slave with the job_run (its session was lost)
-    timer: int = 0  # the armed grace timer's token; 0: none
+    timer: int = 0  # the armed timer's token; 0: none
     why: str = ""  # what the timer's expiry means
+    # The timer is the backstop for its end (its slave connected), not the wait for a slave that went away.
+    deadline: bool = False
     # Requeued after its slave was lost: that slave and when the job started there.  Should the
     # slave come back still running it before it is sent anywhere else, that run goes on.
     lost_run: tuple[str, str | None] | None = None
+    # Live output chunks not yet joined into ``job[stream]``, and their length: ``+=`` on the
+    # job's string copied all of its output at every chunk (a 7 MiB output then a byte every few
+    # ms took the master's CPU); joined only when the record is read or saved (``_joined``).
+    pending: dict[str, list[str]] = field(default_factory=lambda: {"stdout": [], "stderr": []})
+    pending_len: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
 
     @property
     def running(self) -> bool:
@@ -95,9 +119,10 @@ def cancelled() -> dict:
 class Lifecycle:
     """Every queued and running job's record, and the events that move them."""
 
-    def __init__(self, scheduler: Scheduler, live_output_cap: int = LIVE_OUTPUT_CAP):
+    def __init__(self, scheduler: Scheduler, live_output_cap: int = LIVE_OUTPUT_CAP, end_grace: float = END_GRACE):
         self.scheduler = scheduler
         self.live_output_cap = live_output_cap
+        self.end_grace = end_grace
         self.records: dict[int, JobRecord] = {}
         self.slaves: dict[str, str | None] = {}  # connected slave -> its process instance
         self.stopping = False
@@ -106,10 +131,13 @@ class Lifecycle:
     # -- queries ------------------------------------------------------------
 
     def job(self, job_id: int) -> dict | None:
+        """The job's record, its output so far whole."""
         rec = self.records.get(job_id)
-        return rec.job if rec is not None else None
+        return _joined(rec) if rec is not None else None
 
     def jobs(self) -> Iterable[dict]:
+        """Every queued and running job's record, for its other fields: a running job's output may
+        lag behind (its latest chunks are joined by ``job``, not for a scan of all jobs)."""
         return (rec.job for rec in self.records.values())
 
     def runs_on(self, job_id: int, uid: str) -> bool:
@@ -180,16 +208,17 @@ class Lifecycle:
         uid = rec.job["slave_uid"]
         rec.sent_to = self.slaves[uid]
         note, rec.note = rec.note, None
-        return [Send(uid, _job_run(rec.job, inputs, note))]
+        return [Send(uid, _job_run(rec.job, inputs, note)), *self._deadline(rec)]
 
     def output(self, uid: str, job_id: int, stream: str, data: str) -> list[Decision]:
         rec = self.records.get(job_id)
         if rec is None or not self.runs_on(job_id, uid) or rec.output_gap:
             return []
-        offset = len(rec.job[stream])
+        offset = len(rec.job[stream]) + rec.pending_len[stream]
         if offset >= self.live_output_cap:
             return []
-        rec.job[stream] += data
+        rec.pending[stream].append(data)
+        rec.pending_len[stream] += len(data)
         return [Announce(P.make("job_output", job_id=job_id, stream=stream, offset=offset, data=data),
                          rec.job.get("user"))]
 
@@ -201,6 +230,7 @@ class Lifecycle:
         if rec is None or not self.runs_on(job_id, uid):
             return []
         out: list[Decision] = []
+        _joined(rec)
         for stream, text in (("stdout", stdout), ("stderr", stderr)):
             text, held = text[:self.live_output_cap], rec.job[stream]
             # Only the new tail when what is held is its start (nothing was lost); else all of it.
@@ -247,7 +277,9 @@ class Lifecycle:
         # Saved too: should the slave not get it (a connection dead unnoticed) and the master
         # restart before the slave is back, the next master sends it again (resume, slave_back).
         rec.cancel = rec.job["cancel_requested"] = True
-        return [Save((rec.job,)), Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id))]
+        # Its end is now due within CANCEL_CONFIRM: a slave that never confirms the kill holds no slot for long.
+        return [Save((_joined(rec),)), Send(rec.job["slave_uid"], P.make("job_cancel", job_id=job_id)),
+                *self._deadline(rec)]
 
     def dropped(self, job_id: int, error: dict) -> list[Decision]:
         """A queued job taken off the queue by the scheduler (its session was lost): it fails."""
@@ -284,10 +316,9 @@ class Lifecycle:
         out: list[Decision] = []
         for job_id in sorted(running):
             out += self._taken_back(uid, instance, job_id)
-        for rec in ours:
-            if rec.timer:
-                rec.timer = 0
-                out.append(ClearTimer(rec.job["id"]))
+        for rec in ours:  # the wait for it is over; the backstop for their ends again (the rest are lost below)
+            if rec.job["id"] in running or rec.job["id"] in reported:
+                out += self._deadline(rec, back=True)
         # Jobs it still runs that were settled meanwhile (e.g. failed as lost): stop them.  And the
         # cancels it may not have had: one sent into a connection that had died unnoticed is lost.
         mine = {rec.job["id"] for rec in self._on(uid)}
@@ -313,7 +344,7 @@ class Lifecycle:
         rec.lost_run = None
         self.scheduler.mark_running(job_id, uid, user=job.get("user"))
         log.info("job %d: slave %s came back still running it; that run goes on", job_id, uid)
-        return [Save((job,)), _update(job)]
+        return [Save((job,)), _update(job), *self._deadline(rec, back=True)]
 
     def timer_fired(self, job_id: int, token: int) -> list[Decision]:
         rec = self.records.get(job_id)
@@ -322,6 +353,8 @@ class Lifecycle:
         rec.timer = 0
         if rec.running and rec.job["slave_uid"] not in self.slaves:
             return self._lose(rec, rec.why)
+        if rec.running and rec.deadline:
+            return self._overdue(rec)
         return []
 
     def stop(self) -> list[Decision]:
@@ -340,10 +373,36 @@ class Lifecycle:
         return [rec for _, rec in sorted(self.records.items())
                 if rec.running and rec.job.get("slave_uid") == uid]
 
-    def _arm(self, rec: JobRecord, delay: float, why: str) -> list[Decision]:
+    def _arm(self, rec: JobRecord, delay: float, why: str, deadline: bool = False) -> list[Decision]:
         self._seq += 1
-        rec.timer, rec.why = self._seq, why
+        rec.timer, rec.why, rec.deadline = self._seq, why, deadline
         return [SetTimer(rec.job["id"], rec.timer, delay)]
+
+    def _deadline(self, rec: JobRecord, back: bool = False) -> list[Decision]:
+        """Arm the backstop for the end of a job on a connected slave: its timeout and the grace after its
+        start (``started_at``, so a restart or a reconnect moves it not), or, once cancelled, CANCEL_CONFIRM
+        from now.  ``back``: its slave has just come back, and gets that long at least to report."""
+        timeout = float(rec.job.get("timeout") or P.DEFAULT_TIMEOUT)
+        allowed = timeout + max(self.end_grace, END_GRACE_SHARE * timeout)
+        started = P.parse_time(rec.job.get("started_at"))
+        left = (started.timestamp() if started else time.time()) + allowed - time.time()
+        why = (f"its slave did not report its end in time: {allowed:g} s after it started "
+               f"(its timeout of {timeout:g} s and {allowed - timeout:g} s of grace)")
+        confirm = min(self.end_grace, CANCEL_CONFIRM)
+        if rec.cancel and confirm < left:
+            left, why = confirm, f"its slave did not confirm the kill within {confirm:g} s"
+        return self._arm(rec, max(left, confirm if back else 0.0), why, deadline=True)
+
+    def _overdue(self, rec: JobRecord) -> list[Decision]:
+        """The backstop fired: the master ends the job itself and tells its slave to stop it.  A lost
+        slave's code, not ``timeout``: what is known is that the master lost track of the run, not that the
+        program ran long (a lost end is often that of a program that ended at once).  No retry: its slave
+        is still there and may still run it, and a run it mishandled would likely be mishandled again."""
+        uid = rec.job["slave_uid"]
+        log.warning("job %d: %s (slave %s); ending it here", rec.job["id"], rec.why, uid)
+        err = (P.error(P.CANCELLED_CODE, f"cancelled by a user; {rec.why}") if rec.cancel else
+               P.error(P.SLAVE_LOST, f"{rec.why} (slave {uid}); the master ended it and told the slave to stop it"))
+        return self._settle(rec, None, err) + [Send(uid, P.make("job_cancel", job_id=rec.job["id"]))]
 
     def _lose(self, rec: JobRecord, why: str, instance: str | None = None) -> list[Decision]:
         """Its slave is gone: retry if the job allows it, else fail it.
@@ -369,6 +428,7 @@ class Lifecycle:
         out: list[Decision] = [ClearTimer(job["id"])] if rec.timer else []
         rec.lost_run = None if never_ran else (job["slave_uid"], job.get("started_at"))
         rec.timer, rec.dispatch, rec.sent_to, rec.output_gap, rec.note = 0, 0, NEVER, False, None
+        _joined(rec)  # and dropped: a new attempt starts its output over
         job.update(status=P.QUEUED, slave_uid=None, started_at=None, stdout="", stderr="")
         self.scheduler.requeue_front(job["id"], job["language"], session_of(job), user=job.get("user"))
         log.info("job %d requeued (%s), attempt %d of %d", job["id"], why, job["attempts"] + 1,
@@ -379,7 +439,7 @@ class Lifecycle:
                 stderr: str | None = None, *, outputs: list | None = None,
                 artifacts: list | None = None, ended_ago: float | None = None) -> list[Decision]:
         """The job's one terminal state: it leaves the records (terminal jobs live in the store only)."""
-        job = rec.job
+        job = _joined(rec)
         del self.records[job["id"]]
         job.pop("cancel_requested", None)  # the record's own fields only, once it has ended
         if job["status"] == P.QUEUED:
@@ -395,6 +455,16 @@ class Lifecycle:
         return out + [Discard(job["id"]), Save((job,)), _update(job)]
 
 
+def _joined(rec: JobRecord) -> dict:
+    """The record's job with its pending output chunks joined in: one copy per read, not per chunk."""
+    for stream, chunks in rec.pending.items():
+        if chunks:
+            rec.job[stream] = "".join([rec.job[stream], *chunks])
+            chunks.clear()
+            rec.pending_len[stream] = 0
+    return rec.job
+
+
 def _end(job: dict, ended_ago: float | None) -> str:
     """When the job ended: ``ended_ago`` seconds before now, as its slave says (a result that waited
     for the master, across a restart or a reconnect, keeps its end), never before it started."""
@@ -405,46 +475,6 @@ def _end(job: dict, ended_ago: float | None) -> str:
         ran_for = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds() if started else 0.0
         ago = min(ago, max(0.0, ran_for))
     return P.now(ago)
-
-
-def merged(decisions: list[Decision]) -> list[Decision]:
-    """``decisions`` with their saves made one (where the first was): one commit, before all that follows.
-
-    For decisions taken in one turn (a submission and the starts it allows,
-    a result and the start its slot allows): a save only moves earlier, so
-    nothing is told before it is durable.  A job saved twice (submitted and
-    started in one turn) is written once, as it was last, with the fields only
-    its first save had (its inputs); and announced once, as it was last: the
-    state it passed through in the turn (queued) was never committed.  After
-    the commit, what goes to slaves (``Load``, ``Send``) comes first: a job
-    waits for its job_run, nobody for an announcement.
-    """
-    saves: dict[int, dict] = {}
-    last_update: dict[int, int] = {}  # job id -> index of its last job_update
-    for i, d in enumerate(decisions):
-        if isinstance(d, Save):
-            for job in d.jobs:
-                saves[job["id"]] = {**saves[job["id"]], **job} if job["id"] in saves else job
-        elif _updated(d) is not None:
-            last_update[_updated(d)] = i
-    if not saves:
-        return list(decisions)
-    first = next(i for i, d in enumerate(decisions) if isinstance(d, Save))
-    to_slaves: list[Decision] = []
-    rest: list[Decision] = []
-    for i, d in enumerate(decisions[first + 1:], first + 1):
-        if isinstance(d, (Load, Send)):
-            to_slaves.append(d)
-        elif not isinstance(d, Save) and (_updated(d) is None or last_update[_updated(d)] == i):
-            rest.append(d)
-    return [*decisions[:first], Save(tuple(saves.values())), *to_slaves, *rest]
-
-
-def _updated(d: Decision) -> int | None:
-    """The job a ``job_update`` announcement is of (None: another decision)."""
-    if isinstance(d, Announce) and d.msg["type"] == "job_update":
-        return d.msg["job"]["id"]
-    return None
 
 
 def _update(job: dict) -> Announce:

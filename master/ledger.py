@@ -1,4 +1,4 @@
-"""Answers to WebSocket submissions, kept so that one sent again after a reconnect is not a second job."""
+"""The answers to recent WebSocket submissions, so a submission sent again after a reconnect is one job."""
 from __future__ import annotations
 
 import asyncio

@@ -22,6 +22,7 @@ from .app import MAX_BODY_BYTES, make_app
 from .auth import DEFAULT_TOKEN_TTL, Auth, UsersFileError
 from .admission import DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_MB_PER_USER, DEFAULT_MAX_QUEUED_PER_USER
 from .core import DEFAULT_KEEP_DAYS, DEFAULT_KEEP_MB, DEFAULT_MAX_CLIENTS_PER_USER, PRUNE_INTERVAL, Master
+from .jobs import END_GRACE
 from .limits import DEFAULT_BURST, DEFAULT_RATE, DEFAULT_READ_BURST, DEFAULT_READ_RATE, Gate, parse_rate
 from .sockets import PING_INTERVAL
 from .store import JobStore
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: --certfile if it is self-signed, else none: the system's CAs)")
     p.add_argument("--lost-grace", type=float, default=30.0,
                    help="seconds a restarted master waits for a running job's slave to come back")
+    p.add_argument("--end-grace", type=seconds, default=END_GRACE, metavar="SECONDS",
+                   help=f"seconds past its timeout (or 10%% of it, if more) a running job's end may take to "
+                        f"reach the master before the master ends it as slave_lost (default {END_GRACE:g})")
     p.add_argument("--ping-interval", type=seconds, default=PING_INTERVAL, metavar="SECONDS",
                    help=f"seconds between pings to each slave and client; one silent for twice that is dropped "
                         f"(default {PING_INTERVAL:g})")
@@ -113,7 +117,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
                     max_running_per_user=args.max_running_per_user or None,
                     max_timeout=args.max_timeout or None,
                     keep_days=args.keep_days or None, keep_mb=args.keep_mb or None,
-                    prune_interval=args.prune_interval)
+                    prune_interval=args.prune_interval, end_grace=args.end_grace)
     app = make_app(master, auth, Gate(args.rate, args.burst, args.read_rate, args.read_burst), args.ping_interval)
     ssl_ctx = None
     if args.certfile:

@@ -19,6 +19,7 @@ from distexec_kernel import liveness, protocol as P
 
 from .auth import UNAUTHORIZED, Auth, bearer
 from .core import Master
+from .dropped import peek
 from .ledger import SubmitLedger
 from .limits import Gate
 from .refusals import http_status
@@ -149,11 +150,16 @@ class _Socket(tornado.websocket.WebSocketHandler):
         self._flush_outbox()  # what was sent before the close goes first
         super().close(code, reason)
 
-    def reply_error(self, code: str, message: str) -> None:
+    def reply_error(self, code: str, message: str, about: str = "") -> None:
+        """Answer the peer with an error; ``about``: what the log says of the frame, not the peer."""
         if len(message) > MAX_ERROR_CHARS:  # it may quote what the peer sent: a flood of the log
             message = message[:MAX_ERROR_CHARS] + "…"
-        log.warning("%s %s: %s", self.__class__.__name__, self.request.remote_ip, message)
+        log.warning("%s %s: %s%s", self.__class__.__name__, self.request.remote_ip, about, message)
         self.send(P.make("error", error=P.error(code, message)))
+
+    def unread(self, text: str | bytes) -> str:
+        """What the log says of a frame that did not decode (it is dropped), before the reason."""
+        return ""
 
     def on_message(self, text) -> Awaitable[None] | None:
         """Handle one frame.  A handler that completes at once (most do) runs here and returns None, so
@@ -186,7 +192,7 @@ class _Socket(tornado.websocket.WebSocketHandler):
         try:
             msg = P.decode(text)
         except P.ProtocolError as exc:
-            return self.reply_error(exc.code, exc.message)
+            return self.reply_error(exc.code, exc.message, about=self.unread(text))
         name = self.handlers.get(msg["type"])
         if name is None:
             return self.reply_error("unexpected_type", f"{msg['type']!r} is not accepted on this channel")
@@ -443,6 +449,10 @@ class SlaveSocket(_Socket):
             self.close(4000, result["code"])
             return
         self.uid = msg["uid"]
+
+    def unread(self, text: str | bytes) -> str:
+        # A job_finished dropped here leaves its job running, its slot taken, until the backstop (jobs.py).
+        return f"slave {self.uid or '(not registered)'}: {peek(text)} was dropped: "
 
     def _registered(self) -> str:
         if self.uid is None:

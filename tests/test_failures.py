@@ -771,3 +771,111 @@ def test_distexec_up_stops_slaves_then_master(tmp_path, home):
                     up.wait()
             up.stdout.close()
         log.close()
+
+
+# -- an end that never reaches the master: the backstop (master/jobs.py, _deadline) ------------
+
+END_GRACE = 1.0  # --end-grace for these tests: the backstop fires 1 s past a job's timeout
+BACKSTOP = ["--end-grace", str(END_GRACE)]
+
+
+@pytest.fixture
+def quiet_slave(make_cluster):
+    """A master with a short end grace and one slave played by the test (python, one slot): a slave
+    that stays connected and answers pings, but never reports the end of what it is sent."""
+    lc = make_cluster(0, master_args=["--lost-grace", "30", *BACKSTOP])
+    rs = RawSlave(lc, "quiet-slave")
+    yield lc, rs
+    rs.close()
+
+
+def ran_for(job) -> float:
+    return (P.parse_time(job.finished_at) - P.parse_time(job.started_at)).total_seconds()
+
+
+def age(c: Cluster, job) -> float:
+    """Seconds since the job started, by the master's record."""
+    started_at = P.parse_time(c.job(job.id).started_at)
+    return (P.parse_time(P.now()) - started_at).total_seconds()
+
+
+def test_a_job_whose_end_never_reaches_the_master_is_ended_and_its_slot_freed(quiet_slave):
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn, timeout=2) as (c, job):
+        conn.send(P.make("job_output", job_id=job.id, stream="stdout", data="so far\n"))
+        j = job.wait(20)  # before the backstop: running for good
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+        assert "did not report its end in time" in j.error["message"] and rs.uid in j.error["message"]
+        assert j.stdout == "so far\n"  # what it printed is kept
+        assert 2 + END_GRACE <= ran_for(j) < 2 + END_GRACE + 3, j.record
+        assert conn.expect("job_cancel")["job_id"] == job.id  # the slave is told to stop it
+        # Its slot is free: the next job is sent to the same one-slot slave.
+        nxt = c.submit("print('next')")
+        assert conn.expect("job_run")["job"]["id"] == nxt.id
+        # A late end of the first is acknowledged and changes nothing.
+        conn.send(P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="late\n", stderr=""))
+        assert conn.expect("result_ack")["job_id"] == job.id
+        assert (c.job(job.id).status, c.job(job.id).stdout) == (P.FAILED, "so far\n")
+
+
+def test_a_cancel_its_slave_never_confirms_ends_the_job_in_a_bounded_time(quiet_slave):
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn) as (c, job):  # the default timeout: 300 s
+        t0 = time.monotonic()
+        c.cancel(job.id)
+        assert conn.expect("job_cancel")["job_id"] == job.id
+        j = job.wait(20)
+        assert j.status == P.CANCELLED and j.error["code"] == P.CANCELLED_CODE, j.record
+        assert "did not confirm the kill" in j.error["message"]
+        assert time.monotonic() - t0 < END_GRACE + 5
+
+
+def test_the_backstop_of_a_slave_back_still_running_the_job_counts_from_its_start(quiet_slave):
+    """A reconnect does not start the job's clock again: its end is due from when it started."""
+    lc, rs = quiet_slave
+    old = rs.connect()
+    with dispatched(lc, old, timeout=4) as (c, job):
+        old.close()
+        # Away for most of the reconnect grace (3 s): a clock started again at the reconnect would end
+        # the job at 2.5 + 4 + 1 s, not at 4 + 1.
+        wait_for(lambda: age(c, job) >= 2.5, 10, "the job to be 2.5 s old")
+        rs.connect(running=[job.id])
+        j = job.wait(20)
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, j.record
+        assert 4 + END_GRACE <= ran_for(j) < 4 + END_GRACE + 1.5, j.record
+
+
+def test_the_backstop_after_a_master_restart_counts_from_the_jobs_start(quiet_slave, tmp_path):
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn, timeout=5) as (c, job):
+        started_at = c.job(job.id).started_at
+    lc.master.stop(signal.SIGKILL)
+    assert conn.closed.wait(10)
+    lc.start_master()
+    again = rs.connect(running=[job.id], results=[])
+    with connect(lc) as c2:
+        back_at = age(c2, job)
+        j = c2.job(job.id).wait(30)
+        assert j.status == P.FAILED and j.error["code"] == P.SLAVE_LOST, (j.record, logs(tmp_path))
+        # Due at its start + 5 + 1 s, or, if the restart took longer, a grace's second after the slave is back.
+        due = max(5 + END_GRACE, back_at + END_GRACE)
+        assert j.started_at == started_at and 5 + END_GRACE <= ran_for(j) < due + 1.5, (j.record, back_at)
+    assert again.expect("job_cancel")["job_id"] == job.id
+
+
+def test_a_result_the_master_cannot_read_is_logged_with_its_slave_and_job(quiet_slave, tmp_path):
+    """A slave's frame that does not decode is dropped; a dropped job_finished leaves its job to the
+    backstop, so the log says whose frame it was and what it carried (as an audit's deep session
+    output did, before the slave checked bundles: tests/test_rich.py)."""
+    lc, rs = quiet_slave
+    conn = rs.connect()
+    with dispatched(lc, conn, timeout=2) as (c, job):
+        deep = "[" * 200 + "]" * 200
+        frame = f'{{"type": "job_finished", "job_id": {job.id}, "exit_code": 0, "outputs": {deep}}}'
+        rs.loop.call_soon_threadsafe(conn.conn.write_message, frame)  # as it is: send() would encode it
+        wait_for(lambda: f"slave {rs.uid}: a job_finished for job {job.id} was dropped" in logs(tmp_path), 15,
+                 "the dropped frame in the master's log")
+        assert job.wait(20).error["code"] == P.SLAVE_LOST

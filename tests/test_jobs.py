@@ -112,12 +112,13 @@ def test_merged_sends_to_slaves_first_and_announces_each_job_once_as_committed()
     out = w.finish("a", 1) + w.submit(2)
     out += [d for job_id, uid in w.scheduler.assign() for d in w.jobs.dispatched(job_id, uid)]
     merged = J.merged(out)
-    assert [type(d) for d in merged] == [J.Discard, J.Save, J.Load, J.Announce, J.Ack, J.Announce]
-    assert [job["id"] for job in merged[1].jobs] == [1, 2] and merged[2].job_id == 2
+    # (The ClearTimer: job 1's end has come, its backstop goes.)
+    assert [type(d) for d in merged] == [J.ClearTimer, J.Discard, J.Save, J.Load, J.Announce, J.Ack, J.Announce]
+    assert [job["id"] for job in merged[2].jobs] == [1, 2] and merged[3].job_id == 2
     assert [(d.msg["job"]["id"], d.msg["job"]["status"]) for d in merged if isinstance(d, J.Announce)] == [
         (1, P.SUCCEEDED), (2, P.RUNNING)]
     # Nothing saved: nothing moves.
-    assert J.merged(merged[3:]) == merged[3:]
+    assert J.merged(merged[4:]) == merged[4:]
 
 
 def test_cancel_of_a_queued_job():
@@ -178,7 +179,9 @@ def test_slave_lost_then_back_within_grace_keeps_the_job():
     [timer] = of_type(lost, J.SetTimer)
     assert timer.job_id == 1 and timer.delay == 3.0 and not saved(lost)
     back = w.connect(running=[1])
-    assert back == [J.ClearTimer(1)]
+    # The wait for the slave is over; the backstop for the job's end is armed again (from its start).
+    [deadline] = of_type(back, J.SetTimer)
+    assert len(back) == 1 and deadline.token != timer.token and 380 < deadline.delay <= 390
     assert w.jobs.timer_fired(1, timer.token) == []  # a late timer is stale
     assert w.scheduler.running == {1: "a"}
     assert statuses(w.finish("a", 1)) == [P.SUCCEEDED]
@@ -327,7 +330,8 @@ def test_a_slave_back_with_a_job_that_runs_elsewhere_now_is_told_to_stop_its_cop
 
 def test_restart_resume():
     w = World()
-    running = dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1, stdout="before\n")
+    # Started 10 minutes ago, with the default timeout of 5: past its end's backstop already.
+    running = dict(new(1), status=P.RUNNING, slave_uid="a", attempts=1, stdout="before\n", started_at=P.now(600))
     queued = new(2)
     out = w.jobs.resume([running, queued], grace=30.0)
     [timer] = of_type(out, J.SetTimer)
@@ -335,7 +339,10 @@ def test_restart_resume():
     assert w.scheduler.running == {1: "a"} and list(w.scheduler.queue) == [2]
     # Its slave is back and runs it still: the timer goes; live output is not relayed
     # (what it printed before the restart is not in memory), the result brings all.
-    assert w.connect(running=[1]) == [J.ClearTimer(1)]
+    # The backstop for its end, from when it started (the history's): past already, so its slave, just
+    # back, has CANCEL_CONFIRM to report it.
+    [deadline] = w.connect(running=[1])
+    assert isinstance(deadline, J.SetTimer) and deadline.token != timer.token and deadline.delay == J.CANCEL_CONFIRM
     assert w.jobs.output("a", 1, "stdout", "more\n") == []
     out = w.finish("a", 1, stdout="before\nmore\n")
     assert saved(out)[0]["stdout"] == "before\nmore\n"
@@ -408,6 +415,25 @@ def test_output_is_relayed_with_offsets_up_to_the_cap():
     assert (a.msg["offset"], b.msg["offset"]) == (0, 6)
     assert w.jobs.output("a", 1, "stdout", "more") == []  # past the cap: the result brings it
     assert w.jobs.output("b", 1, "stdout", "other") == []  # not its slave
+
+
+def test_many_small_chunks_after_a_large_output_are_kept_whole_in_order_with_their_offsets():
+    w = one_running()
+    big = "x" * (1 << 20)
+    offsets = [a.msg["offset"] for a in w.jobs.output("a", 1, "stdout", big)]
+    tail = [f"{i}," for i in range(2000)]
+    for i, chunk in enumerate(tail):
+        [a] = w.jobs.output("a", 1, "stdout", chunk)
+        offsets.append(a.msg["offset"])
+        assert a.msg["data"] == chunk
+        if i == 1000:  # a read meanwhile (GET of the running job) sees all of it so far
+            assert w.jobs.job(1)["stdout"] == big + "".join(tail[:1001])
+    w.jobs.output("a", 1, "stderr", "err")
+    expected = big + "".join(tail)
+    assert offsets == [0] + [len(big) + len("".join(tail[:i])) for i in range(len(tail))]
+    assert w.jobs.job(1)["stdout"] == expected and w.jobs.job(1)["stderr"] == "err"
+    [job] = saved(w.jobs.cancel(1))  # a save of the running job has it whole too
+    assert job["stdout"] == expected and job["stderr"] == "err"
 
 
 def test_queued_jobs_of_a_lost_session_fail():
@@ -587,3 +613,70 @@ class Events(RuleBasedStateMachine):
 
 TestLifecycle = Events.TestCase
 TestLifecycle.settings = settings(max_examples=400, stateful_step_count=50, deadline=None)
+
+
+# -- the backstop for an end that never comes ------------------------------------
+
+def test_a_job_sent_to_its_slave_has_its_end_due_by_its_timeout_and_a_grace():
+    w = World()
+    w.jobs.end_grace = 5.0
+    w.connect()
+    for job_id, timeout, grace in ((1, 3.0, 5.0), (2, 600.0, 60.0)):  # the grace, or 10 % of a long timeout
+        w.jobs.submitted([new(job_id, timeout=timeout)])
+        [timer] = of_type(w.run(job_id), J.SetTimer)
+        assert timer.job_id == job_id and timeout + grace - 1 < timer.delay <= timeout + grace
+        w.finish("a", job_id)
+
+
+def test_a_job_whose_end_never_comes_is_ended_by_the_master_and_its_slot_freed():
+    w = World()
+    w.connect()
+    w.jobs.submitted([new(1, timeout=3.0)])
+    [timer] = of_type(w.run(1), J.SetTimer)
+    w.jobs.output("a", 1, "stdout", "printed\n")
+    w.jobs.submitted([new(2)])  # waits for the one slot
+    out = w.jobs.timer_fired(1, timer.token)
+    [job] = saved(out)
+    assert job["status"] == P.FAILED and job["error"]["code"] == P.SLAVE_LOST and job["stdout"] == "printed\n"
+    assert "did not report its end in time" in job["error"]["message"], job["error"]
+    assert sent(out) == [P.make("job_cancel", job_id=1)] and out.index(of_type(out, J.Send)[0]) > out.index(
+        of_type(out, J.Save)[0])  # told to stop it once the end is durable
+    assert w.scheduler.running == {} and w.jobs.job(1) is None
+    assert sent(w.run(2), "job_run")  # the slot is free
+    # Its late result (or the slave's report of the kill) is only acknowledged.
+    assert w.finish("a", 1, stdout="late\n") == [J.Discard(1), J.Ack("a", 1)]
+    assert w.jobs.timer_fired(1, timer.token) == []
+
+
+def test_a_cancel_the_slave_never_confirms_ends_the_job_cancelled_within_a_bounded_time():
+    w = one_running()
+    [timer] = of_type(w.jobs.cancel(1), J.SetTimer)
+    assert timer.delay == J.CANCEL_CONFIRM  # not the default timeout's 390 s
+    out = w.jobs.timer_fired(1, timer.token)
+    [job] = saved(out)
+    assert job["status"] == P.CANCELLED and "did not confirm the kill" in job["error"]["message"]
+    assert sent(out) == [P.make("job_cancel", job_id=1)] and not w.scheduler.running
+
+
+def test_the_backstop_waits_while_its_slave_is_away_and_is_rearmed_from_the_start_when_it_is_back():
+    w = World()
+    w.connect()
+    w.jobs.submitted([new(1, timeout=100.0)])
+    [first] = of_type(w.run(1), J.SetTimer)
+    [grace] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
+    assert grace.delay == 3.0 and w.jobs.timer_fired(1, first.token) == []  # replaced: stale
+    [again] = w.connect(running=[1])
+    assert again.delay <= first.delay and again.token not in (first.token, grace.token)
+    assert statuses(w.jobs.timer_fired(1, again.token)) == [P.FAILED]
+
+
+def test_a_retry_gets_a_backstop_of_its_own():
+    w = World()
+    w.connect()
+    w.submit(1, retries=1)
+    w.run(1)
+    [grace] = of_type(w.jobs.slave_lost("a", leaving=False, grace=3.0), J.SetTimer)
+    assert statuses(w.jobs.timer_fired(1, grace.token)) == [P.QUEUED]
+    w.connect(instance="i2")
+    [timer] = of_type(w.run(1), J.SetTimer)
+    assert timer.delay > 380 and w.jobs.job(1)["attempts"] == 2
