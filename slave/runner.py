@@ -21,7 +21,7 @@ from typing import Callable
 
 import psutil
 
-from distexec_kernel import languages as L, protocol as P
+from distexec_kernel import diagnostics as D, languages as L, protocol as P
 from distexec_kernel.procs import kill_group
 
 from . import safefs, stdbuf, steps, uids
@@ -282,7 +282,7 @@ class ProcessRunner(Runner):
                     "memory_limit": f"the compiler used more than {self.limits.memory_bytes >> 20} MiB",
                     "output_limit": "the compiler wrote more than the output limit",
                     }.get(step.reason, f"the {lang.name} compiler refused the program")
-            return Outcome(None, P.error(P.COMPILE_ERROR, what, **L.locate(lang, diag, source_name, job["source"])),
+            return Outcome(None, P.error(P.COMPILE_ERROR, what, **D.locate(lang, diag, source_name, job["source"])),
                            stdout="", stderr=diag)
         log.info("job %s: compiled %s in %.2f s", job["id"], lang.name, step.elapsed)
         if key is not None:
@@ -364,8 +364,8 @@ def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, l
     if error is not None and error["code"] == P.NONZERO_EXIT:
         # An interpreter's syntax or runtime error names a line: point the notebook at it; and what it
         # raised, said in the message (a RemoteError from results() said only "exited with code 1").
-        error.update(L.locate(lang, err, source_name, job["source"]))
-        why = L.reason(lang, err)
+        error.update(D.locate(lang, err, source_name, job["source"]))
+        why = D.reason(lang, err)
         if why:
             error["message"] += f": {why}"
     return Outcome(steps.job_exit_code(step.returncode), error, out, err)

@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from distexec_kernel import Cluster, languages as L, protocol as P
+from distexec_kernel import Cluster, diagnostics as D, languages as L, protocol as P
 from distexec_kernel.local import LocalCluster
 from slave import stdbuf, toolchains
 from slave.compile_cache import CompileCache
@@ -357,7 +357,7 @@ BASH_ERROR = "main.bash: line 3: syntax error near unexpected token `then'\nmain
     ("bash", "main.bash", BASH_ERROR, {"line": 3}),
 ])
 def test_locate_per_toolchain(lang, source, text, where):
-    assert L.locate(L.LANGUAGES[lang], text, source) == where
+    assert D.locate(L.LANGUAGES[lang], text, source) == where
 
 
 # Uncaught errors, as each runtime printed them on this machine.
@@ -399,28 +399,28 @@ RUBY_UNCAUGHT = "main.rb:1:in `<main>': bad input 13 (ArgumentError)\n\tfrom -e:
     ("c", GCC_WARN_THEN_ERROR, None),  # a compiled program's runtime says nothing of the kind
 ])
 def test_reason_is_what_the_runtime_said_it_raised(lang, text, why):
-    assert L.reason(L.LANGUAGES[lang], text) == why
+    assert D.reason(L.LANGUAGES[lang], text) == why
 
 
 def test_reason_is_one_bounded_line():
     long = "Traceback (most recent call last):\n  File \"main.py\", line 1\nValueError: " + "x" * 5000 + "\n"
-    why = L.reason(L.LANGUAGES["python"], long)
-    assert why.startswith("ValueError: xxx") and len(why) == L.REASON_CHARS + 1 and why.endswith("…")
+    why = D.reason(L.LANGUAGES["python"], long)
+    assert why.startswith("ValueError: xxx") and len(why) == D.REASON_CHARS + 1 and why.endswith("…")
 
 
 def test_locate_adds_the_source_line():
     source = "#include <stdio.h>\nint main(void) {\n  int x = ;\n}\n"
-    assert L.locate(L.LANGUAGES["cpp"], GPP_ERROR, "main.cpp", source) == \
+    assert D.locate(L.LANGUAGES["cpp"], GPP_ERROR, "main.cpp", source) == \
         {"line": 3, "column": 11, "text": "  int x = ;"}
     # A line past the end of the source (a diagnostic about something else) has no text.
-    assert "text" not in L.locate(L.LANGUAGES["c"], GCC_WARN_THEN_ERROR, "main.c", "int main;\n")
+    assert "text" not in D.locate(L.LANGUAGES["c"], GCC_WARN_THEN_ERROR, "main.c", "int main;\n")
 
 
 def test_locate_finds_nothing_in_plain_text():
-    assert L.locate(L.LANGUAGES["c"], "collect2: error: ld returned 1 exit status\n", "main.c") == {}
+    assert D.locate(L.LANGUAGES["c"], "collect2: error: ld returned 1 exit status\n", "main.c") == {}
     # Another file's line is not the program's line.
-    assert L.locate(L.LANGUAGES["java"], "Other.java:7: error: x\n", "Main.java") == {}
-    assert L.locate(L.LANGUAGES["bash"], "main.sh: line 9: x\n", "main.bash") == {}
+    assert D.locate(L.LANGUAGES["java"], "Other.java:7: error: x\n", "Main.java") == {}
+    assert D.locate(L.LANGUAGES["bash"], "main.sh: line 9: x\n", "main.bash") == {}
 
 
 # -- toolchain detection, no cluster ------------------------------------------
