@@ -9,7 +9,9 @@ only, like the protocol.
 Adding a language is one ``Language(...)`` entry in ``LANGUAGES`` plus its
 tests.  Command templates are argv lists with these placeholders (see
 ``fill``): ``{source}`` the source file name, ``{exe}`` the compiled
-artefact name, ``{main}`` the source's stem (Java's public class).
+artefact name, ``{main}`` the source's stem (Java's public class),
+``{sources}`` (an argument of its own, several once filled) the source and
+the job's other files of the language (``compiled_with``).
 """
 from __future__ import annotations
 
@@ -101,6 +103,14 @@ class Language:
                 name = re.sub(r"\s+", "", m.group(1)).replace(".", "/") + "/" + name
         return name
 
+    def compiled_with(self, source_name: str, names) -> list[str]:
+        """``{sources}``: the source, then those of the job's files ``names`` that are of this language
+        (by extension) and at the top of its directory, in name order.  The top only: a Go package is
+        one folder, and a C file in a folder may well be there to be read, not linked."""
+        others = sorted(n for n in names if "/" not in n and n != source_name and n.endswith(self.extensions))
+        # "./": a file called "-o.c" is a file to the compiler, not its -o.
+        return [source_name] + ["./" + n if n.startswith("-") else n for n in others]
+
 
 def _python_syntax(source: str) -> dict | None:
     try:
@@ -147,7 +157,7 @@ LANGUAGES: dict[str, Language] = {
             extensions=(".c",),
             source="main.c",
             version=("gcc", "--version"),
-            compile=("gcc", "-O2", "-std=gnu17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}", "-lm"),
+            compile=("gcc", "-O2", "-std=gnu17", "-fdiagnostics-color=never", "-o", "{exe}", "{sources}", "-lm"),
             run=_LINE_BUFFERED + ("./{exe}",),
             locations=_GCC_LOCATIONS,
             display_name="C", mimetype="text/x-csrc", codemirror_mode="clike", pygments_lexer="c",
@@ -165,7 +175,7 @@ LANGUAGES: dict[str, Language] = {
             extensions=(".cpp", ".cc", ".cxx", ".c++"),
             source="main.cpp",
             version=("g++", "--version"),
-            compile=("g++", "-O2", "-std=gnu++17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}"),
+            compile=("g++", "-O2", "-std=gnu++17", "-fdiagnostics-color=never", "-o", "{exe}", "{sources}"),
             run=_LINE_BUFFERED + ("./{exe}",),
             locations=_GCC_LOCATIONS,
             display_name="C++", mimetype="text/x-c++src", codemirror_mode="clike", pygments_lexer="cpp",
@@ -260,7 +270,8 @@ LANGUAGES: dict[str, Language] = {
             extensions=(".go",),
             source="main.go",
             version=("go", "version"),
-            compile=("go", "build", "-o", "{exe}", "{source}"),
+            # Files named, not the folder: `go build .` wants a go.mod, which a job need not send.
+            compile=("go", "build", "-o", "{exe}", "{sources}"),
             run=("./{exe}",),
             # The job's HOME is its own directory, so the build cache
             # ($HOME/.cache/go-build) is private to the job; Debian's Go ships
@@ -390,13 +401,21 @@ def parse_version(lang: Language, output: str) -> str:
     return match.group(1) if match else output.strip().splitlines()[0][:40] if output.strip() else "unknown"
 
 
-def fill(template: tuple[str, ...] | list[str], fields: dict[str, str]) -> list[str]:
+def fill(template: tuple[str, ...] | list[str], fields: dict[str, str | list[str]]) -> list[str]:
     """An argv template with its ``{name}`` placeholders replaced.
 
     Only the names in ``fields`` are replaced, so braces that belong to a
     program's own text (a ``-e`` snippet) survive, unlike ``str.format``.
+    A field whose value is a list (``{sources}``) is an argument of its own
+    and becomes as many arguments, none when the list is empty.
     """
-    pattern = re.compile("|".join(r"\{%s\}" % re.escape(k) for k in fields)) if fields else None
-    if pattern is None:
-        return list(template)
-    return [pattern.sub(lambda m: fields[m.group(0)[1:-1]], arg) for arg in template]
+    words = {k: v for k, v in fields.items() if isinstance(v, str)}
+    pattern = re.compile("|".join(r"\{%s\}" % re.escape(k) for k in words)) if words else None
+    argv: list[str] = []
+    for arg in template:
+        many = fields.get(arg[1:-1]) if arg.startswith("{") and arg.endswith("}") else None
+        if isinstance(many, list):
+            argv.extend(many)
+        else:
+            argv.append(pattern.sub(lambda m: words[m.group(0)[1:-1]], arg) if pattern else arg)
+    return argv

@@ -206,7 +206,8 @@ class ProcessRunner(Runner):
     async def _run_in(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         workdir = jobdir.path
-        source_name = lang.source_name(job["source"])
+        fields = fields_of(lang, job)
+        source_name = fields["source"]
         files = P.files_of(job)
         files[source_name] = job["source"].encode()
         # The directory is fresh, but one code path for every write where a job can reach.
@@ -216,13 +217,12 @@ class ProcessRunner(Runner):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Outcome(None, disk_error(self.jobdirs, "the job's files do not fit in"))
             raise
-        fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
         env = dict(lang.env)
         # Both steps in one cgroup: what the compiler leaves in the job's tmpfs stays under the job's limit.
         cgroup = await asyncio.to_thread(self.sandbox.job_cgroup, self.limits) if lang.compile else None
         try:
             if lang.compile:
-                refused = await self._compile(box, jobdir, lang, job, source_name,
+                refused = await self._compile(box, jobdir, lang, job, fields,
                                               self._argv(lang, lang.compile, fields), env, cancel, cgroup)
                 if refused is not None:
                     return refused
@@ -250,20 +250,19 @@ class ProcessRunner(Runner):
     def cache_key(self, lang: L.Language, job: dict, source_name: str, argv: list[str] | None = None) -> str:
         """The compile cache's key of this job's compile step (``argv``: its command, if made already)."""
         if argv is None:
-            fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
-            argv = self._argv(lang, lang.compile, fields)
+            argv = self._argv(lang, lang.compile, fields_of(lang, job))
         inputs = P.files_of(job)
         inputs[source_name] = job["source"].encode()
         return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs, job.get("user"))
 
-    async def _compile(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
+    async def _compile(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict, fields: dict,
                        argv: list[str], env: dict, cancel: asyncio.Event, cgroup=None) -> Outcome | None:
         """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
 
         Returns None on success, else how the job ended (compile_error, cancelled).
         """
         cache, key = self.compile_cache, None
-        workdir = jobdir.path
+        workdir, source_name = jobdir.path, fields["source"]
         if cache is not None:
             key = self.cache_key(lang, job, source_name, argv)
             if await asyncio.to_thread(cache.fetch, key, workdir):
@@ -345,6 +344,14 @@ class ProcessRunner(Runner):
                 await proc.wait()
             await asyncio.to_thread(box.cleanup, spawn)
         return StepResult(proc.returncode, reason, time.monotonic() - started)
+
+
+def fields_of(lang: L.Language, job: dict) -> dict:
+    """What the placeholders of ``lang``'s templates stand for in ``job``: the language table says
+    which files a compile takes; the runner fills them in."""
+    source_name = lang.source_name(job["source"])
+    return {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE,
+            "sources": lang.compiled_with(source_name, job.get("files") or {})}
 
 
 def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, lang: L.Language,

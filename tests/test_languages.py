@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -291,6 +292,35 @@ def test_fill_replaces_only_known_placeholders():
     assert L.fill(("javac", "{source}", "-d", "{main}/{exe}", "{other}", "a{b}c"), fields) == \
         ["javac", "Main.java", "-d", "Main/main.bin", "{other}", "a{b}c"]
     assert L.fill(L.LANGUAGES["ruby"].run, fields)[-1] == "Main.java"
+
+
+def test_fill_makes_a_list_field_as_many_arguments():
+    fields = {"exe": "main.bin", "sources": ["main.c", "util.c"]}
+    assert L.fill(("gcc", "-o", "{exe}", "{sources}", "-lm", "x{sources}"), fields) == \
+        ["gcc", "-o", "main.bin", "main.c", "util.c", "-lm", "x{sources}"]
+    assert L.fill(("go", "{sources}"), {"sources": []}) == ["go"]
+
+
+@pytest.mark.parametrize("lang,files,sources", [
+    # The source first, then the others of the language at the top of the job's directory, by name.
+    ("c", ["util.c", "a.h", "data/more.c", "notes.txt", "b.c", "x.cpp"], ["main.c", "b.c", "util.c"]),
+    ("cpp", ["z.cpp", "u.hpp", "a.cc", "m.cxx", "p.c++", "c.c", "lib/q.cpp"],
+     ["main.cpp", "a.cc", "m.cxx", "p.c++", "z.cpp"]),
+    ("go", ["helper.go", "go.mod", "sub/other.go"], ["main.go", "helper.go"]),
+    # A name the compiler would take for an option is a path to it.
+    ("c", ["-o.c"], ["main.c", "./-o.c"]),
+])
+def test_compiled_with_the_jobs_other_files_of_the_language(lang, files, sources):
+    language = L.LANGUAGES[lang]
+    assert language.compiled_with(language.source, files) == sources
+    argv = L.fill(language.compile, {"source": language.source, "exe": L.EXE, "main": "main", "sources": sources})
+    assert argv[argv.index(language.source):][:len(sources)] == sources
+
+
+def test_java_and_rust_compile_their_source_alone_and_find_the_rest_themselves():
+    # javac finds Stats.java beside Main.java; rustc finds util.rs for `mod util;`.
+    assert "{source}" in L.LANGUAGES["java"].compile and "{sources}" not in L.LANGUAGES["java"].compile
+    assert "{source}" in L.LANGUAGES["rust"].compile and "{sources}" not in L.LANGUAGES["rust"].compile
 
 
 # Real diagnostics, as each toolchain printed them on this machine.
@@ -778,6 +808,59 @@ def test_java_cache_keeps_every_class_file(lc, lclient):
     second = lclient.submit(src, language="java").wait(JOB_WAIT)
     assert second.stdout == f"{tag}\n"
     wait_for(lambda: f"job {second.id}: compile cache hit" in slave_logs(lc), what="the java cache hit")
+
+
+# -- a program of several files --------------------------------------------------
+
+# language -> (the program, its other files): the answer, 42, needs them all.  A header is #included, not
+# compiled; a file in a folder is not compiled (a Go package is one folder), so its error never shows.
+MULTI_FILE = {
+    "c": ('#include <stdio.h>\n#include "util.h"\nint main(void) { printf("%d\\n", twice(21)); return 0; }\n',
+          {"util.c": '#include "util.h"\nint twice(int x) { return 2 * x; }\n', "util.h": "int twice(int x);\n",
+           "data/broken.c": "not C at all\n"}),
+    "cpp": ('#include <iostream>\n#include "util.hpp"\nint main() { std::cout << twice(20) + one() << "\\n"; }\n',
+            {"util.cpp": '#include "util.hpp"\nint twice(int x) { return 2 * x; }\n',
+             "one.cc": "int one() { return 2; }\n", "util.hpp": "int twice(int x);\nint one();\n"}),
+    # No go.mod: `go build .` would want one.
+    "go": ('package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println(helper(21))\n}\n',
+           {"helper.go": "package main\n\nfunc helper(x int) int { return 2 * x }\n",
+            "data/other.go": "package other\n"}),
+    # rustc finds util.rs for `mod util;` by itself.
+    "rust": ('mod util;\nfn main() {\n    println!("{}", util::twice(21));\n}\n',
+             {"util.rs": "pub fn twice(x: i32) -> i32 {\n    2 * x\n}\n"}),
+}
+
+
+@pytest.fixture(scope="module")
+def multi_file(lclient):
+    """Every MULTI_FILE program, submitted up front so the compiles overlap."""
+    return {lang: lclient.submit(source, language=lang, files=files) for lang, (source, files) in MULTI_FILE.items()}
+
+
+@pytest.mark.parametrize("lang", sorted(MULTI_FILE))
+def test_a_programs_other_source_files_are_compiled_with_it(multi_file, lang):
+    job = multi_file[lang].wait(JOB_WAIT)
+    assert job.status == P.SUCCEEDED and job.stdout == "42\n", job.record
+
+
+USES_UTIL = '#include <stdio.h>\nint twice(int x);\nint main(void) { printf("%d\\n", twice(21)); return 0; }\n'
+
+
+def test_an_edited_extra_c_file_is_compiled_again_and_an_unchanged_one_runs_warm_from_the_cache(lc, lclient):
+    tag = uuid.uuid4().hex  # a program no earlier run has compiled
+    util = f"/* {tag} */ int twice(int x) {{ return 2 * x; }}\n"
+    first = lclient.submit(USES_UTIL, language="c", files={"util.c": util}).wait(JOB_WAIT)
+    assert first.status == P.SUCCEEDED and first.stdout == "42\n", first.record
+    second = lclient.submit(USES_UTIL, language="c", files={"util.c": util}).wait(JOB_WAIT)
+    assert second.status == P.SUCCEEDED and second.stdout == "42\n", second.record
+    edited = lclient.submit(USES_UTIL, language="c", files={"util.c": util.replace("2 * x", "3 * x")}).wait(JOB_WAIT)
+    assert edited.status == P.SUCCEEDED and edited.stdout == "63\n", edited.record
+    logs = wait_for(lambda: (lambda text: f"job {edited.id}: compiled c" in text and text)(slave_logs(lc)),
+                    what="the edited program's compile in the slave's log")
+    assert f"job {first.id}: compiled c" in logs
+    # The same files: the program the first compile kept, run by the warm pool (slave/warm.py).
+    assert re.search(rf"job {second.id}: compile cache hit \(c, \w+\), run warm", logs), logs[-3000:]
+    assert f"job {second.id}: compiled c" not in logs
 
 
 # -- which slave gets what ------------------------------------------------------
