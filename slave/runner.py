@@ -284,6 +284,12 @@ class ProcessRunner(Runner):
             return Outcome(None, P.error(P.COMPILE_ERROR, what, **D.locate(lang, diag, source_name, job["source"])),
                            stdout="", stderr=diag)
         log.info("job %s: compiled %s in %.2f s", job["id"], lang.name, step.elapsed)
+        entry = L.fill((lang.entry,), fields)[0] if lang.entry else None
+        if entry is not None and not os.path.lexists(os.path.join(workdir, entry)):
+            # Refused before it runs, and never cached: so a cached program always has what it starts.
+            what = f"{lang.no_entry} (the compiler made no {entry} to run)"
+            return Outcome(None, P.error(P.COMPILE_ERROR, what), stdout="",
+                           stderr=capture.text("stderr") + capture.text("stdout") + f"distexec: {what}\n")
         if key is not None:
             # Stored before the program runs, so nothing the program does can reach the cache.
             try:
@@ -348,9 +354,9 @@ class ProcessRunner(Runner):
 
 def fields_of(lang: L.Language, job: dict) -> dict:
     """What the placeholders of ``lang``'s templates stand for in ``job``: the language table says
-    which files a compile takes; the runner fills them in."""
+    which files a compile takes and what the run starts; the runner fills them in."""
     source_name = lang.source_name(job["source"])
-    return {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE,
+    return {"source": source_name, "main": lang.main_name(job["source"]), "exe": L.EXE,
             "sources": lang.compiled_with(source_name, job.get("files") or {})}
 
 

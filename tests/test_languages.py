@@ -275,11 +275,44 @@ def test_from_filename(path, name):
     ("import java.util.*;\n\npublic final class Solver {}\n", "Solver.java"),
     ("class Helper {}\npublic class App {\n  static class Inner {}\n}\n", "App.java"),
     ("// public class Commented {}\nclass Main {}\n", "Main.java"),
-    ("class Quiet { public static void main(String[] a) {} }\n", "Main.java"),
     ("public record Point(int x, int y) {}\n", "Point.java"),
+    ("/* public class InAComment {} */\nclass Main {}\n", "Main.java"),
 ])
 def test_java_file_named_after_public_class(source, file):
     assert L.LANGUAGES["java"].source_name(source) == file
+
+
+@pytest.mark.parametrize("source,file,run", [
+    # No public class: the file and the run are the class that declares main.
+    ("class Quiet { public static void main(String[] a) {} }\n", "Quiet.java", "Quiet"),
+    ("class Helper {}\nfinal class App {\n  static public void main(String... args) {}\n}\n", "App.java", "App"),
+    ("class Old { public static void main(final String args[]) {} }\n", "Old.java", "Old"),
+    # A public class is the file's name; the run is the class with main, the public one first.
+    ("public class Util {}\nclass Runner { public static void main(String[] a) {} }\n", "Util.java", "Runner"),
+    ("class A { public static void main(String[] a) {} }\npublic class B { public static void main(String[] a) {} }\n",
+     "B.java", "B"),
+    ("package a.b;\nclass Tool { public static void main(String[] a) {} }\n", "a/b/Tool.java", "a/b/Tool"),
+    # Braces, `class` and main in comments, strings and text blocks are nothing; a nested class's main is
+    # not the launcher's, nor is a main that is not public static.
+    ('class S {\n  String s = "} class Z { public static void main(String[] a) {";\n'
+     '  // } class Y {\n  String t = """\n    } class X {\n    """;\n'
+     '  public static void main(String[] a) {}\n}\n', "S.java", "S"),
+    ("class Outer { static class Inner { public static void main(String[] a) {} } }\n", "Main.java", "Main"),
+    ("class Quiet { static void main(String[] a) {} }\n", "Main.java", "Main"),
+    ("/* class C { public static void main(String[] a) {} } */ class D {}\n", "Main.java", "Main"),
+])
+def test_java_runs_the_class_declaring_main_public_or_not(source, file, run):
+    assert (L.LANGUAGES["java"].source_name(source), L.LANGUAGES["java"].main_name(source)) == (file, run)
+
+
+@pytest.mark.parametrize("source", ["/*" * 500_000, '"\\"' * 350_000, '"""\\' * 250_000,
+                                    "public static final " * 50_000, "{" * 1_000_000])
+def test_reading_a_java_source_takes_one_pass(source):
+    # The master reads each Java submission on its event loop: a source of 1 MiB (the most there is) whose
+    # comments, quotes or modifiers would each start a scan to its end would hold it for minutes.
+    started = time.monotonic()
+    assert L.LANGUAGES["java"].source_name(source) == "Main.java"
+    assert time.monotonic() - started < 5
 
 
 def test_other_languages_use_their_fixed_source_name():
@@ -810,7 +843,7 @@ def test_java_cache_keeps_every_class_file(lc, lclient):
     wait_for(lambda: f"job {second.id}: compile cache hit" in slave_logs(lc), what="the java cache hit")
 
 
-# -- a program of several files --------------------------------------------------
+# -- a program of several files, and Java's class to run --------------------------
 
 # language -> (the program, its other files): the answer, 42, needs them all.  A header is #included, not
 # compiled; a file in a folder is not compiled (a Go package is one folder), so its error never shows.
@@ -861,6 +894,45 @@ def test_an_edited_extra_c_file_is_compiled_again_and_an_unchanged_one_runs_warm
     # The same files: the program the first compile kept, run by the warm pool (slave/warm.py).
     assert re.search(rf"job {second.id}: compile cache hit \(c, \w+\), run warm", logs), logs[-3000:]
     assert f"job {second.id}: compiled c" not in logs
+
+
+# Java classes without `public`, submitted up front: the file and the run are the class declaring main.
+JAVA_MAINS = {
+    "package-private": ("class Foo {\n  public static void main(String[] a) {\n"
+                        "    System.out.println(\"foo\");\n  }\n}\n"),
+    "static public, varargs": ("class Helper { static String s() { return \"bar\"; } }\n"
+                               "final class Bar {\n  static public void main(String... args) {\n"
+                               "    System.out.println(Helper.s());\n  }\n}\n"),
+    "a public class without main": ("public class Util { static String s() { return \"baz\"; } }\n"
+                                    "class Baz { public static void main(String args[]) {\n"
+                                    "    System.out.println(Util.s());\n  }\n}\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def java_mains(lclient):
+    return {name: lclient.submit(source, language="java") for name, source in JAVA_MAINS.items()}
+
+
+@pytest.mark.parametrize("name,out", [("package-private", "foo"), ("static public, varargs", "bar"),
+                                      ("a public class without main", "baz")])
+def test_a_java_class_without_public_runs(java_mains, name, out):
+    job = java_mains[name].wait(JOB_WAIT)
+    assert job.status == P.SUCCEEDED and job.stdout == f"{out}\n", job.record
+
+
+def test_a_java_program_without_a_main_class_says_what_to_do_before_it_runs(lc, lclient):
+    job = lclient.submit("class Foo {\n  static void helper() {}\n}\n", language="java").wait(JOB_WAIT)
+    assert job.status == P.FAILED and job.error["code"] == P.COMPILE_ERROR, job.record
+    assert "public static void main(String[] args)" in job.error["message"], job.record
+    assert "Main.class" in job.error["message"] and "ClassNotFoundException" not in job.stderr, job.record
+    assert "public static void main(String[] args)" in job.stderr
+    # Not kept: an entry in the compile cache always has the class its run starts.
+    again = lclient.submit("class Foo {\n  static void helper() {}\n}\n", language="java").wait(JOB_WAIT)
+    assert again.error["code"] == P.COMPILE_ERROR, again.record
+    logs = wait_for(lambda: (lambda text: f"job {again.id}: compiled java" in text and text)(slave_logs(lc)),
+                    what="the second compile in the slave's log")
+    assert f"job {again.id}: compile cache hit" not in logs
 
 
 # -- which slave gets what ------------------------------------------------------
