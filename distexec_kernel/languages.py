@@ -9,7 +9,9 @@ only, like the protocol.
 Adding a language is one ``Language(...)`` entry in ``LANGUAGES`` plus its
 tests.  Command templates are argv lists with these placeholders (see
 ``fill``): ``{source}`` the source file name, ``{exe}`` the compiled
-artefact name, ``{main}`` the source's stem (Java's public class).
+artefact name, ``{main}`` what the run step starts (the source's stem; Java's
+class declaring main), ``{sources}`` (an argument of its own, several once
+filled) the source and the job's other files of the language (``compiled_with``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import keyword
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 # What a compiled program is called in the job's directory.
 EXE = "main.bin"
@@ -46,9 +49,10 @@ class Language:
     extensions: tuple[str, ...] = ()
     # File the program is written to in the job's directory.
     source: str = "main"
-    # When set, a regex whose first group names the source file (its stem):
-    # Java's file must be called after its public class.
-    source_from: str | None = None
+    # When set, a function of the source naming (the stem its file must have, the class the run step
+    # starts), either None where it cannot tell: javac wants a public class in a file of its name,
+    # and the launcher wants the class declaring main, public or not.
+    names_from: Callable[[str], tuple[str | None, str | None]] | None = None
     # When set, a regex whose first group is a dotted package (Java's
     # ``package a.b;``): the source then goes to that folder (``a/b/Main.java``).
     package_from: str | None = None
@@ -57,6 +61,10 @@ class Language:
     compile: tuple[str, ...] | None = None
     # Glob patterns of what the compile step makes: what the compile cache keeps.
     artefacts: tuple[str, ...] = (EXE,)
+    # The file the run step starts ({main} filled in), which the compile step must have made: when it
+    # did not, the job ends compile_error saying ``no_entry``, not with the runtime's stack trace.
+    entry: str | None = None
+    no_entry: str = ""
     run: tuple[str, ...] = ()
     # Options that tell the run step's runtime the job's memory limit, put after the program's name
     # where the runtime cannot read the limit from the job's cgroup (the warm pool's children do not
@@ -90,16 +98,25 @@ class Language:
 
     def source_name(self, source: str) -> str:
         """The file name ``source`` must have in the job's directory."""
-        name = self.source
-        if self.source_from:
-            m = re.search(self.source_from, source, re.M)
-            if m:
-                name = m.group(1) + os.path.splitext(self.source)[1]
-        if self.package_from:
-            m = re.search(self.package_from, source, re.M)
-            if m:
-                name = re.sub(r"\s+", "", m.group(1)).replace(".", "/") + "/" + name
-        return name
+        stem = self.names_from(source)[0] if self.names_from else None
+        return self._folder(source) + (stem + os.path.splitext(self.source)[1] if stem else self.source)
+
+    def main_name(self, source: str) -> str:
+        """``{main}``: what the run step starts, beside the source (Java's ``a/b/Main``)."""
+        run = self.names_from(source)[1] if self.names_from else None
+        return self._folder(source) + run if run else os.path.splitext(self.source_name(source))[0]
+
+    def _folder(self, source: str) -> str:
+        m = re.search(self.package_from, source, re.M) if self.package_from else None
+        return re.sub(r"\s+", "", m.group(1)).replace(".", "/") + "/" if m else ""
+
+    def compiled_with(self, source_name: str, names) -> list[str]:
+        """``{sources}``: the source, then those of the job's files ``names`` that are of this language
+        (by extension) and at the top of its directory, in name order.  The top only: a Go package is
+        one folder, and a C file in a folder may well be there to be read, not linked."""
+        others = sorted(n for n in names if "/" not in n and n != source_name and n.endswith(self.extensions))
+        # "./": a file called "-o.c" is a file to the compiler, not its -o.
+        return [source_name] + ["./" + n if n.startswith("-") else n for n in others]
 
 
 def _python_syntax(source: str) -> dict | None:
@@ -119,6 +136,42 @@ def _python_syntax(source: str) -> dict | None:
 
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
+
+
+# Java, blanked before it is read: comments, strings and text blocks, where a brace or a word is nothing.
+# One left open runs to the end (of the source, or of its line): each then costs one pass, never one
+# pass per quote after it (the master reads every Java submission this way).
+_JAVA_NOISE = re.compile(r'//[^\n]*|/\*.*?(?:\*/|\Z)|"""(?:[^"\\]++|\\.|"(?!""))*+(?:"""|\\?\Z)'
+                         r'|"(?:[^"\\\n]++|\\.)*+"?|\'(?:[^\'\\\n]++|\\.)*+\'?', re.S)
+# A type's name, or the launcher's entry point as JLS 12.1.4 has it: String[] args, String... args,
+# String args[].  Each starts with a word of its own, so finding them all is one pass; their modifiers
+# are the words just before, and the depth of braces the count between one find and the next.
+_JAVA_FINDS = re.compile(
+    r"\b(?:class|interface|enum|record)\s+(?P<type>[A-Za-z_$][\w$]*)"
+    r"|(?P<main>\bvoid\s+main\s*\(\s*(?:final\s+)?(?:java\.lang\.)?String\s*"
+    r"(?:\[\s*\]\s*[\w$]+|\.\.\.\s*[\w$]+|[\w$]+\s*\[\s*\])\s*\))")
+_JAVA_MODIFIERS = re.compile(r"(?:\b(?:public|protected|private|static|final|abstract|strictfp|sealed|synchronized|"
+                             r"non-sealed)\s+)*\Z")
+
+
+def _java_names(source: str) -> tuple[str | None, str | None]:
+    """The class a Java source's file is named after (the public one, as javac wants; else the one
+    declaring main) and the class the launcher runs (the one declaring main, the public one first)."""
+    text = _JAVA_NOISE.sub(" ", source)
+    types: list[tuple[str, bool]] = []  # the top-level ones, in order: (name, public)
+    mains: list[str] = []
+    depth = at = 0
+    for m in _JAVA_FINDS.finditer(text):
+        depth += text.count("{", at, m.start()) - text.count("}", at, m.start())
+        at = m.start()
+        words = _JAVA_MODIFIERS.search(text, max(0, at - 120), at).group().split()
+        if m.group("type") and depth == 0:
+            types.append((m.group("type"), "public" in words))
+        elif m.group("main") and depth == 1 and types and {"public", "static"} <= set(words):
+            mains.append(types[-1][0])  # a member of the last type opened: nested ones are deeper
+    public = next((name for name, is_public in types if is_public), None)
+    main = public if public in mains else next(iter(mains), None)
+    return public or main, main
 
 
 # Python's keywords and builtins (what a Python kernel offers for completion).
@@ -147,7 +200,7 @@ LANGUAGES: dict[str, Language] = {
             extensions=(".c",),
             source="main.c",
             version=("gcc", "--version"),
-            compile=("gcc", "-O2", "-std=gnu17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}", "-lm"),
+            compile=("gcc", "-O2", "-std=gnu17", "-fdiagnostics-color=never", "-o", "{exe}", "{sources}", "-lm"),
             run=_LINE_BUFFERED + ("./{exe}",),
             locations=_GCC_LOCATIONS,
             display_name="C", mimetype="text/x-csrc", codemirror_mode="clike", pygments_lexer="c",
@@ -165,7 +218,7 @@ LANGUAGES: dict[str, Language] = {
             extensions=(".cpp", ".cc", ".cxx", ".c++"),
             source="main.cpp",
             version=("g++", "--version"),
-            compile=("g++", "-O2", "-std=gnu++17", "-fdiagnostics-color=never", "-o", "{exe}", "{source}"),
+            compile=("g++", "-O2", "-std=gnu++17", "-fdiagnostics-color=never", "-o", "{exe}", "{sources}"),
             run=_LINE_BUFFERED + ("./{exe}",),
             locations=_GCC_LOCATIONS,
             display_name="C++", mimetype="text/x-c++src", codemirror_mode="clike", pygments_lexer="cpp",
@@ -183,13 +236,15 @@ LANGUAGES: dict[str, Language] = {
             name="java",
             extensions=(".java",),
             source="Main.java",
-            source_from=(r"^\s*public\s+(?:(?:final|abstract|strictfp|sealed)\s+)*"
-                         r"(?:class|interface|enum|record)\s+(\w+)"),
+            names_from=_java_names,
             # `package a.b;` (before any class): a/b/Main.java, run as a/b/Main (the launcher takes slashes).
             package_from=r"\A(?:\s|//[^\n]*\n|/\*(?s:.*?)\*/)*package\s+([A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*)\s*;",
             version=("javac", *(f"-J{o}" for o in _FAST_JVM), "-version"),
             compile=("javac", *(f"-J{o}" for o in _FAST_JVM), "-encoding", "UTF-8", "{source}"),
             artefacts=("*.class",),
+            entry="{main}.class",
+            no_entry="no class with a main method found: declare `public static void main(String[] args)` in "
+                     "the program's class",
             run=("java", "-XX:+UseSerialGC", "-Xshare:auto", "-cp", ".", "{main}"),
             memory_options=("-XX:MaxRAM={memory_bytes}",),  # the heap it gives itself in the limit's cgroup
             # javac: "Main.java:3: error: ..." then the line and a caret under the column.
@@ -260,7 +315,8 @@ LANGUAGES: dict[str, Language] = {
             extensions=(".go",),
             source="main.go",
             version=("go", "version"),
-            compile=("go", "build", "-o", "{exe}", "{source}"),
+            # Files named, not the folder: `go build .` wants a go.mod, which a job need not send.
+            compile=("go", "build", "-o", "{exe}", "{sources}"),
             run=("./{exe}",),
             # The job's HOME is its own directory, so the build cache
             # ($HOME/.cache/go-build) is private to the job; Debian's Go ships
@@ -390,82 +446,21 @@ def parse_version(lang: Language, output: str) -> str:
     return match.group(1) if match else output.strip().splitlines()[0][:40] if output.strip() else "unknown"
 
 
-def fill(template: tuple[str, ...] | list[str], fields: dict[str, str]) -> list[str]:
+def fill(template: tuple[str, ...] | list[str], fields: dict[str, str | list[str]]) -> list[str]:
     """An argv template with its ``{name}`` placeholders replaced.
 
     Only the names in ``fields`` are replaced, so braces that belong to a
     program's own text (a ``-e`` snippet) survive, unlike ``str.format``.
+    A field whose value is a list (``{sources}``) is an argument of its own
+    and becomes as many arguments, none when the list is empty.
     """
-    pattern = re.compile("|".join(r"\{%s\}" % re.escape(k) for k in fields)) if fields else None
-    if pattern is None:
-        return list(template)
-    return [pattern.sub(lambda m: fields[m.group(0)[1:-1]], arg) for arg in template]
-
-
-# "main.ext:LINE[:COL]" at the start of a line: how most compilers we have
-# no pattern for say it.  Only the program's own file: a line of another
-# file (a header, a library) is not a line of the program.
-_GENERIC_LOCATION = r"^(?:\./)?{file}:(?P<line>\d+)(?::(?P<col>\d+))?"
-_CARET = re.compile(r"^(\s*)\^")
-
-
-def locate(lang: Language | None, diagnostics: str, source_name: str | None = None,
-           source: str | None = None) -> dict:
-    """Where ``diagnostics`` (a compiler's or interpreter's stderr) points in the program.
-
-    ``{"line": N, "column": M}`` (no column when none is known), or ``{}`` when it
-    names no line.  The language's patterns are tried in order, the first
-    one that matches wins; with no column in the match, a caret line two
-    lines below (javac, node, ruby) gives it.  Given the ``source``, the
-    line's text is added as ``text``, as for a Python syntax error, so the
-    notebook can draw the caret.
-    """
-    where = _locate(lang, diagnostics, source_name)
-    if where and source is not None:
-        lines = source.splitlines()
-        if 1 <= where["line"] <= len(lines) and lines[where["line"] - 1].strip():
-            where["text"] = lines[where["line"] - 1]
-    return where
-
-
-REASON_TAIL = 1 << 16  # the end of stderr, where a runtime says why it stopped
-REASON_CHARS = 300
-
-
-def reason(lang: Language | None, diagnostics: str) -> str | None:
-    """Why a run failed in one line, as its runtime put it in ``diagnostics`` (its stderr): the
-    uncaught exception (``ValueError: bad input 13``), the last one said.  None if it said none."""
-    if lang is None or lang.reason is None:
-        return None
-    found = None
-    for found in re.finditer(lang.reason, diagnostics[-REASON_TAIL:], re.M):
-        pass
-    if found is None:
-        return None
-    text = found.group("reason").strip()
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "…"
-
-
-def _locate(lang: Language | None, diagnostics: str, source_name: str | None) -> dict:
-    file = re.escape(source_name or (lang.source if lang else "main"))
-    patterns = [p.replace("{file}", file) for p in (*(lang.locations if lang else ()), _GENERIC_LOCATION)]
-    for pattern in patterns:
-        matches = list(re.finditer(pattern, diagnostics, re.M))
-        if not matches:
-            continue
-        m = matches[-1] if lang is not None and lang.location_last else matches[0]
-        line = int(m.group("line"))
-        col = m.groupdict().get("col")
-        column = int(col) if col else _caret_column(diagnostics, m.end())
-        return {"line": line, "column": column} if column else {"line": line}
-    return {}
-
-
-def _caret_column(text: str, pos: int) -> int | None:
-    # The matched line, then the quoted source line, then "   ^".
-    rest = text[pos:].split("\n")[1:3]
-    if len(rest) == 2:
-        m = _CARET.match(rest[1])
-        if m:
-            return len(m.group(1)) + 1
-    return None
+    words = {k: v for k, v in fields.items() if isinstance(v, str)}
+    pattern = re.compile("|".join(r"\{%s\}" % re.escape(k) for k in words)) if words else None
+    argv: list[str] = []
+    for arg in template:
+        many = fields.get(arg[1:-1]) if arg.startswith("{") and arg.endswith("}") else None
+        if isinstance(many, list):
+            argv.extend(many)
+        else:
+            argv.append(pattern.sub(lambda m: words[m.group(0)[1:-1]], arg) if pattern else arg)
+    return argv

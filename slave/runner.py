@@ -21,7 +21,7 @@ from typing import Callable
 
 import psutil
 
-from distexec_kernel import languages as L, protocol as P
+from distexec_kernel import diagnostics as D, languages as L, protocol as P
 from distexec_kernel.procs import kill_group
 
 from . import safefs, stdbuf, steps, uids
@@ -206,7 +206,8 @@ class ProcessRunner(Runner):
     async def _run_in(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict,
                       on_output: OutputCallback, cancel: asyncio.Event) -> Outcome:
         workdir = jobdir.path
-        source_name = lang.source_name(job["source"])
+        fields = fields_of(lang, job)
+        source_name = fields["source"]
         files = P.files_of(job)
         files[source_name] = job["source"].encode()
         # The directory is fresh, but one code path for every write where a job can reach.
@@ -216,13 +217,12 @@ class ProcessRunner(Runner):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return Outcome(None, disk_error(self.jobdirs, "the job's files do not fit in"))
             raise
-        fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
         env = dict(lang.env)
         # Both steps in one cgroup: what the compiler leaves in the job's tmpfs stays under the job's limit.
         cgroup = await asyncio.to_thread(self.sandbox.job_cgroup, self.limits) if lang.compile else None
         try:
             if lang.compile:
-                refused = await self._compile(box, jobdir, lang, job, source_name,
+                refused = await self._compile(box, jobdir, lang, job, fields,
                                               self._argv(lang, lang.compile, fields), env, cancel, cgroup)
                 if refused is not None:
                     return refused
@@ -250,20 +250,19 @@ class ProcessRunner(Runner):
     def cache_key(self, lang: L.Language, job: dict, source_name: str, argv: list[str] | None = None) -> str:
         """The compile cache's key of this job's compile step (``argv``: its command, if made already)."""
         if argv is None:
-            fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
-            argv = self._argv(lang, lang.compile, fields)
+            argv = self._argv(lang, lang.compile, fields_of(lang, job))
         inputs = P.files_of(job)
         inputs[source_name] = job["source"].encode()
         return self.compile_cache.key(lang.name, self.toolchains.get(lang.name, ""), argv, inputs, job.get("user"))
 
-    async def _compile(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict, source_name: str,
+    async def _compile(self, box: Sandbox, jobdir: JobDir, lang: L.Language, job: dict, fields: dict,
                        argv: list[str], env: dict, cancel: asyncio.Event, cgroup=None) -> Outcome | None:
         """Leave the compiled program in ``workdir``: from the cache, or by compiling it.
 
         Returns None on success, else how the job ended (compile_error, cancelled).
         """
         cache, key = self.compile_cache, None
-        workdir = jobdir.path
+        workdir, source_name = jobdir.path, fields["source"]
         if cache is not None:
             key = self.cache_key(lang, job, source_name, argv)
             if await asyncio.to_thread(cache.fetch, key, workdir):
@@ -282,9 +281,15 @@ class ProcessRunner(Runner):
                     "memory_limit": f"the compiler used more than {self.limits.memory_bytes >> 20} MiB",
                     "output_limit": "the compiler wrote more than the output limit",
                     }.get(step.reason, f"the {lang.name} compiler refused the program")
-            return Outcome(None, P.error(P.COMPILE_ERROR, what, **L.locate(lang, diag, source_name, job["source"])),
+            return Outcome(None, P.error(P.COMPILE_ERROR, what, **D.locate(lang, diag, source_name, job["source"])),
                            stdout="", stderr=diag)
         log.info("job %s: compiled %s in %.2f s", job["id"], lang.name, step.elapsed)
+        entry = L.fill((lang.entry,), fields)[0] if lang.entry else None
+        if entry is not None and not os.path.lexists(os.path.join(workdir, entry)):
+            # Refused before it runs, and never cached: so a cached program always has what it starts.
+            what = f"{lang.no_entry} (the compiler made no {entry} to run)"
+            return Outcome(None, P.error(P.COMPILE_ERROR, what), stdout="",
+                           stderr=capture.text("stderr") + capture.text("stdout") + f"distexec: {what}\n")
         if key is not None:
             # Stored before the program runs, so nothing the program does can reach the cache.
             try:
@@ -347,6 +352,14 @@ class ProcessRunner(Runner):
         return StepResult(proc.returncode, reason, time.monotonic() - started)
 
 
+def fields_of(lang: L.Language, job: dict) -> dict:
+    """What the placeholders of ``lang``'s templates stand for in ``job``: the language table says
+    which files a compile takes and what the run starts; the runner fills them in."""
+    source_name = lang.source_name(job["source"])
+    return {"source": source_name, "main": lang.main_name(job["source"]), "exe": L.EXE,
+            "sources": lang.compiled_with(source_name, job.get("files") or {})}
+
+
 def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, lang: L.Language,
                 source_name: str, jobdirs: JobDirs, hit_disk_limit: Callable[[], bool],
                 files_bytes: Callable[[], int | None] = lambda: None) -> Outcome:
@@ -364,8 +377,8 @@ def run_outcome(step: StepResult, capture: Capture, job: dict, limits: Limits, l
     if error is not None and error["code"] == P.NONZERO_EXIT:
         # An interpreter's syntax or runtime error names a line: point the notebook at it; and what it
         # raised, said in the message (a RemoteError from results() said only "exited with code 1").
-        error.update(L.locate(lang, err, source_name, job["source"]))
-        why = L.reason(lang, err)
+        error.update(D.locate(lang, err, source_name, job["source"]))
+        why = D.reason(lang, err)
         if why:
             error["message"] += f": {why}"
     return Outcome(steps.job_exit_code(step.returncode), error, out, err)

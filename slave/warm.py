@@ -29,7 +29,7 @@ from .bwrap import WARM_ROOT, BwrapSandbox
 from .job_pipes import OutputPipe, feed
 from .jobdirs import BYTES_PER_INODE, JobDirs, quota_full
 from .runner import (DRAIN_AFTER_EXIT, KILL_GRACE, Capture, Outcome, OutputCallback, ProcessRunner,
-                     Runner, StepResult, disk_error, hit_disk_limit, run_outcome)
+                     Runner, StepResult, disk_error, fields_of, hit_disk_limit, run_outcome)
 from .sandbox import Limits, job_env, rlimits
 from .seccomp import program_bytes
 from .warm_pool import Zygote, ZygoteDied
@@ -369,8 +369,7 @@ class WarmRunner(Runner):
             files[name], modes[name] = data, perms
         env = dict(lang.env)
         if mode == "exec":
-            fields = {"source": source_name, "main": os.path.splitext(source_name)[0], "exe": L.EXE}
-            argv = fresh.run_argv(lang, fields, env) + list(job.get("args") or [])
+            argv = fresh.run_argv(lang, fields_of(lang, job), env) + list(job.get("args") or [])
             if lang.memory_options:
                 argv[1:1] = L.fill(lang.memory_options, {"memory_bytes": str(limits.memory_bytes),
                                                          "half_memory_mib": str(limits.memory_bytes >> 21)})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import uuid
 
 import pytest
 
-from distexec_kernel import Cluster, languages as L, protocol as P
+from distexec_kernel import Cluster, diagnostics as D, languages as L, protocol as P
 from distexec_kernel.local import LocalCluster
 from slave import stdbuf, toolchains
 from slave.compile_cache import CompileCache
@@ -274,11 +275,44 @@ def test_from_filename(path, name):
     ("import java.util.*;\n\npublic final class Solver {}\n", "Solver.java"),
     ("class Helper {}\npublic class App {\n  static class Inner {}\n}\n", "App.java"),
     ("// public class Commented {}\nclass Main {}\n", "Main.java"),
-    ("class Quiet { public static void main(String[] a) {} }\n", "Main.java"),
     ("public record Point(int x, int y) {}\n", "Point.java"),
+    ("/* public class InAComment {} */\nclass Main {}\n", "Main.java"),
 ])
 def test_java_file_named_after_public_class(source, file):
     assert L.LANGUAGES["java"].source_name(source) == file
+
+
+@pytest.mark.parametrize("source,file,run", [
+    # No public class: the file and the run are the class that declares main.
+    ("class Quiet { public static void main(String[] a) {} }\n", "Quiet.java", "Quiet"),
+    ("class Helper {}\nfinal class App {\n  static public void main(String... args) {}\n}\n", "App.java", "App"),
+    ("class Old { public static void main(final String args[]) {} }\n", "Old.java", "Old"),
+    # A public class is the file's name; the run is the class with main, the public one first.
+    ("public class Util {}\nclass Runner { public static void main(String[] a) {} }\n", "Util.java", "Runner"),
+    ("class A { public static void main(String[] a) {} }\npublic class B { public static void main(String[] a) {} }\n",
+     "B.java", "B"),
+    ("package a.b;\nclass Tool { public static void main(String[] a) {} }\n", "a/b/Tool.java", "a/b/Tool"),
+    # Braces, `class` and main in comments, strings and text blocks are nothing; a nested class's main is
+    # not the launcher's, nor is a main that is not public static.
+    ('class S {\n  String s = "} class Z { public static void main(String[] a) {";\n'
+     '  // } class Y {\n  String t = """\n    } class X {\n    """;\n'
+     '  public static void main(String[] a) {}\n}\n', "S.java", "S"),
+    ("class Outer { static class Inner { public static void main(String[] a) {} } }\n", "Main.java", "Main"),
+    ("class Quiet { static void main(String[] a) {} }\n", "Main.java", "Main"),
+    ("/* class C { public static void main(String[] a) {} } */ class D {}\n", "Main.java", "Main"),
+])
+def test_java_runs_the_class_declaring_main_public_or_not(source, file, run):
+    assert (L.LANGUAGES["java"].source_name(source), L.LANGUAGES["java"].main_name(source)) == (file, run)
+
+
+@pytest.mark.parametrize("source", ["/*" * 500_000, '"\\"' * 350_000, '"""\\' * 250_000,
+                                    "public static final " * 50_000, "{" * 1_000_000])
+def test_reading_a_java_source_takes_one_pass(source):
+    # The master reads each Java submission on its event loop: a source of 1 MiB (the most there is) whose
+    # comments, quotes or modifiers would each start a scan to its end would hold it for minutes.
+    started = time.monotonic()
+    assert L.LANGUAGES["java"].source_name(source) == "Main.java"
+    assert time.monotonic() - started < 5
 
 
 def test_other_languages_use_their_fixed_source_name():
@@ -291,6 +325,35 @@ def test_fill_replaces_only_known_placeholders():
     assert L.fill(("javac", "{source}", "-d", "{main}/{exe}", "{other}", "a{b}c"), fields) == \
         ["javac", "Main.java", "-d", "Main/main.bin", "{other}", "a{b}c"]
     assert L.fill(L.LANGUAGES["ruby"].run, fields)[-1] == "Main.java"
+
+
+def test_fill_makes_a_list_field_as_many_arguments():
+    fields = {"exe": "main.bin", "sources": ["main.c", "util.c"]}
+    assert L.fill(("gcc", "-o", "{exe}", "{sources}", "-lm", "x{sources}"), fields) == \
+        ["gcc", "-o", "main.bin", "main.c", "util.c", "-lm", "x{sources}"]
+    assert L.fill(("go", "{sources}"), {"sources": []}) == ["go"]
+
+
+@pytest.mark.parametrize("lang,files,sources", [
+    # The source first, then the others of the language at the top of the job's directory, by name.
+    ("c", ["util.c", "a.h", "data/more.c", "notes.txt", "b.c", "x.cpp"], ["main.c", "b.c", "util.c"]),
+    ("cpp", ["z.cpp", "u.hpp", "a.cc", "m.cxx", "p.c++", "c.c", "lib/q.cpp"],
+     ["main.cpp", "a.cc", "m.cxx", "p.c++", "z.cpp"]),
+    ("go", ["helper.go", "go.mod", "sub/other.go"], ["main.go", "helper.go"]),
+    # A name the compiler would take for an option is a path to it.
+    ("c", ["-o.c"], ["main.c", "./-o.c"]),
+])
+def test_compiled_with_the_jobs_other_files_of_the_language(lang, files, sources):
+    language = L.LANGUAGES[lang]
+    assert language.compiled_with(language.source, files) == sources
+    argv = L.fill(language.compile, {"source": language.source, "exe": L.EXE, "main": "main", "sources": sources})
+    assert argv[argv.index(language.source):][:len(sources)] == sources
+
+
+def test_java_and_rust_compile_their_source_alone_and_find_the_rest_themselves():
+    # javac finds Stats.java beside Main.java; rustc finds util.rs for `mod util;`.
+    assert "{source}" in L.LANGUAGES["java"].compile and "{sources}" not in L.LANGUAGES["java"].compile
+    assert "{source}" in L.LANGUAGES["rust"].compile and "{sources}" not in L.LANGUAGES["rust"].compile
 
 
 # Real diagnostics, as each toolchain printed them on this machine.
@@ -357,7 +420,7 @@ BASH_ERROR = "main.bash: line 3: syntax error near unexpected token `then'\nmain
     ("bash", "main.bash", BASH_ERROR, {"line": 3}),
 ])
 def test_locate_per_toolchain(lang, source, text, where):
-    assert L.locate(L.LANGUAGES[lang], text, source) == where
+    assert D.locate(L.LANGUAGES[lang], text, source) == where
 
 
 # Uncaught errors, as each runtime printed them on this machine.
@@ -399,28 +462,28 @@ RUBY_UNCAUGHT = "main.rb:1:in `<main>': bad input 13 (ArgumentError)\n\tfrom -e:
     ("c", GCC_WARN_THEN_ERROR, None),  # a compiled program's runtime says nothing of the kind
 ])
 def test_reason_is_what_the_runtime_said_it_raised(lang, text, why):
-    assert L.reason(L.LANGUAGES[lang], text) == why
+    assert D.reason(L.LANGUAGES[lang], text) == why
 
 
 def test_reason_is_one_bounded_line():
     long = "Traceback (most recent call last):\n  File \"main.py\", line 1\nValueError: " + "x" * 5000 + "\n"
-    why = L.reason(L.LANGUAGES["python"], long)
-    assert why.startswith("ValueError: xxx") and len(why) == L.REASON_CHARS + 1 and why.endswith("…")
+    why = D.reason(L.LANGUAGES["python"], long)
+    assert why.startswith("ValueError: xxx") and len(why) == D.REASON_CHARS + 1 and why.endswith("…")
 
 
 def test_locate_adds_the_source_line():
     source = "#include <stdio.h>\nint main(void) {\n  int x = ;\n}\n"
-    assert L.locate(L.LANGUAGES["cpp"], GPP_ERROR, "main.cpp", source) == \
+    assert D.locate(L.LANGUAGES["cpp"], GPP_ERROR, "main.cpp", source) == \
         {"line": 3, "column": 11, "text": "  int x = ;"}
     # A line past the end of the source (a diagnostic about something else) has no text.
-    assert "text" not in L.locate(L.LANGUAGES["c"], GCC_WARN_THEN_ERROR, "main.c", "int main;\n")
+    assert "text" not in D.locate(L.LANGUAGES["c"], GCC_WARN_THEN_ERROR, "main.c", "int main;\n")
 
 
 def test_locate_finds_nothing_in_plain_text():
-    assert L.locate(L.LANGUAGES["c"], "collect2: error: ld returned 1 exit status\n", "main.c") == {}
+    assert D.locate(L.LANGUAGES["c"], "collect2: error: ld returned 1 exit status\n", "main.c") == {}
     # Another file's line is not the program's line.
-    assert L.locate(L.LANGUAGES["java"], "Other.java:7: error: x\n", "Main.java") == {}
-    assert L.locate(L.LANGUAGES["bash"], "main.sh: line 9: x\n", "main.bash") == {}
+    assert D.locate(L.LANGUAGES["java"], "Other.java:7: error: x\n", "Main.java") == {}
+    assert D.locate(L.LANGUAGES["bash"], "main.sh: line 9: x\n", "main.bash") == {}
 
 
 # -- toolchain detection, no cluster ------------------------------------------
@@ -778,6 +841,98 @@ def test_java_cache_keeps_every_class_file(lc, lclient):
     second = lclient.submit(src, language="java").wait(JOB_WAIT)
     assert second.stdout == f"{tag}\n"
     wait_for(lambda: f"job {second.id}: compile cache hit" in slave_logs(lc), what="the java cache hit")
+
+
+# -- a program of several files, and Java's class to run --------------------------
+
+# language -> (the program, its other files): the answer, 42, needs them all.  A header is #included, not
+# compiled; a file in a folder is not compiled (a Go package is one folder), so its error never shows.
+MULTI_FILE = {
+    "c": ('#include <stdio.h>\n#include "util.h"\nint main(void) { printf("%d\\n", twice(21)); return 0; }\n',
+          {"util.c": '#include "util.h"\nint twice(int x) { return 2 * x; }\n', "util.h": "int twice(int x);\n",
+           "data/broken.c": "not C at all\n"}),
+    "cpp": ('#include <iostream>\n#include "util.hpp"\nint main() { std::cout << twice(20) + one() << "\\n"; }\n',
+            {"util.cpp": '#include "util.hpp"\nint twice(int x) { return 2 * x; }\n',
+             "one.cc": "int one() { return 2; }\n", "util.hpp": "int twice(int x);\nint one();\n"}),
+    # No go.mod: `go build .` would want one.
+    "go": ('package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println(helper(21))\n}\n',
+           {"helper.go": "package main\n\nfunc helper(x int) int { return 2 * x }\n",
+            "data/other.go": "package other\n"}),
+    # rustc finds util.rs for `mod util;` by itself.
+    "rust": ('mod util;\nfn main() {\n    println!("{}", util::twice(21));\n}\n',
+             {"util.rs": "pub fn twice(x: i32) -> i32 {\n    2 * x\n}\n"}),
+}
+
+
+@pytest.fixture(scope="module")
+def multi_file(lclient):
+    """Every MULTI_FILE program, submitted up front so the compiles overlap."""
+    return {lang: lclient.submit(source, language=lang, files=files) for lang, (source, files) in MULTI_FILE.items()}
+
+
+@pytest.mark.parametrize("lang", sorted(MULTI_FILE))
+def test_a_programs_other_source_files_are_compiled_with_it(multi_file, lang):
+    job = multi_file[lang].wait(JOB_WAIT)
+    assert job.status == P.SUCCEEDED and job.stdout == "42\n", job.record
+
+
+USES_UTIL = '#include <stdio.h>\nint twice(int x);\nint main(void) { printf("%d\\n", twice(21)); return 0; }\n'
+
+
+def test_an_edited_extra_c_file_is_compiled_again_and_an_unchanged_one_runs_warm_from_the_cache(lc, lclient):
+    tag = uuid.uuid4().hex  # a program no earlier run has compiled
+    util = f"/* {tag} */ int twice(int x) {{ return 2 * x; }}\n"
+    first = lclient.submit(USES_UTIL, language="c", files={"util.c": util}).wait(JOB_WAIT)
+    assert first.status == P.SUCCEEDED and first.stdout == "42\n", first.record
+    second = lclient.submit(USES_UTIL, language="c", files={"util.c": util}).wait(JOB_WAIT)
+    assert second.status == P.SUCCEEDED and second.stdout == "42\n", second.record
+    edited = lclient.submit(USES_UTIL, language="c", files={"util.c": util.replace("2 * x", "3 * x")}).wait(JOB_WAIT)
+    assert edited.status == P.SUCCEEDED and edited.stdout == "63\n", edited.record
+    logs = wait_for(lambda: (lambda text: f"job {edited.id}: compiled c" in text and text)(slave_logs(lc)),
+                    what="the edited program's compile in the slave's log")
+    assert f"job {first.id}: compiled c" in logs
+    # The same files: the program the first compile kept, run by the warm pool (slave/warm.py).
+    assert re.search(rf"job {second.id}: compile cache hit \(c, \w+\), run warm", logs), logs[-3000:]
+    assert f"job {second.id}: compiled c" not in logs
+
+
+# Java classes without `public`, submitted up front: the file and the run are the class declaring main.
+JAVA_MAINS = {
+    "package-private": ("class Foo {\n  public static void main(String[] a) {\n"
+                        "    System.out.println(\"foo\");\n  }\n}\n"),
+    "static public, varargs": ("class Helper { static String s() { return \"bar\"; } }\n"
+                               "final class Bar {\n  static public void main(String... args) {\n"
+                               "    System.out.println(Helper.s());\n  }\n}\n"),
+    "a public class without main": ("public class Util { static String s() { return \"baz\"; } }\n"
+                                    "class Baz { public static void main(String args[]) {\n"
+                                    "    System.out.println(Util.s());\n  }\n}\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def java_mains(lclient):
+    return {name: lclient.submit(source, language="java") for name, source in JAVA_MAINS.items()}
+
+
+@pytest.mark.parametrize("name,out", [("package-private", "foo"), ("static public, varargs", "bar"),
+                                      ("a public class without main", "baz")])
+def test_a_java_class_without_public_runs(java_mains, name, out):
+    job = java_mains[name].wait(JOB_WAIT)
+    assert job.status == P.SUCCEEDED and job.stdout == f"{out}\n", job.record
+
+
+def test_a_java_program_without_a_main_class_says_what_to_do_before_it_runs(lc, lclient):
+    job = lclient.submit("class Foo {\n  static void helper() {}\n}\n", language="java").wait(JOB_WAIT)
+    assert job.status == P.FAILED and job.error["code"] == P.COMPILE_ERROR, job.record
+    assert "public static void main(String[] args)" in job.error["message"], job.record
+    assert "Main.class" in job.error["message"] and "ClassNotFoundException" not in job.stderr, job.record
+    assert "public static void main(String[] args)" in job.stderr
+    # Not kept: an entry in the compile cache always has the class its run starts.
+    again = lclient.submit("class Foo {\n  static void helper() {}\n}\n", language="java").wait(JOB_WAIT)
+    assert again.error["code"] == P.COMPILE_ERROR, again.record
+    logs = wait_for(lambda: (lambda text: f"job {again.id}: compiled java" in text and text)(slave_logs(lc)),
+                    what="the second compile in the slave's log")
+    assert f"job {again.id}: compile cache hit" not in logs
 
 
 # -- which slave gets what ------------------------------------------------------
