@@ -463,7 +463,9 @@ def test_a_panel_whose_login_is_removed_says_it_was_refused(make_cluster, make_p
 
     from conftest import users_json
     users = users_json(tmp_path, "alice")
-    lc = make_cluster(1, slots=1, languages="python", master_args=["--users", users])
+    # A history of its own: the panel's module cluster may have taken this home's first (one master per history).
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--users", users, "--db", str(tmp_path / "own-history.sqlite3")])
     alice = Cluster(lc.url, user="alice", password="alice-pw")
     try:
         p = make_panel(alice)

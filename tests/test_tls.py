@@ -209,7 +209,7 @@ def test_a_login_without_a_ca_file_does_not_borrow_another_masters(make_cluster,
     ca, leaf, key = _ca_and_leaf(tmp_path)
     lab = make_cluster(0, master_args=["--certfile", leaf, "--keyfile", key])
     lab_url = lab.url.replace("http://", "https://")
-    at_home = make_cluster(0, tls=True)
+    at_home = make_cluster(0, tls=True, master_args=["--db", str(tmp_path / "home-master.sqlite3")])  # its own
     assert config.read_connection()["cafile"] == at_home.cafile
     config.write_logins([{"url": lab_url, "user": "admin", "token": lab.token,
                           "expires_epoch": time.time() + 3600}])
@@ -285,7 +285,8 @@ def test_the_connection_file_names_the_master_as_its_certificate_does(make_clust
 
     port = free_port()
     named = f"https://localhost:{port}"
-    make_cluster(0, port=port, master_args=["--certfile", cert, "--keyfile", key, "--url", named])
+    make_cluster(0, port=port, master_args=["--certfile", cert, "--keyfile", key, "--url", named,
+                                            "--db", str(tmp_path / "second.sqlite3")])  # one master per history
     assert config.read_connection()["url"] == named
     with Cluster(events=False) as c:
         assert c.url == named and c.languages() == []
@@ -293,6 +294,7 @@ def test_the_connection_file_names_the_master_as_its_certificate_does(make_clust
 
     # A --url that does not match what the master serves is refused at start.
     wrong = subprocess.run([sys.executable, "-m", "master", "--port", "0", "--certfile", cert, "--keyfile", key,
-                            "--url", "http://localhost:1", "--no-connection-file"],
+                            "--url", "http://localhost:1", "--no-connection-file",
+                            "--db", str(tmp_path / "third.sqlite3")],
                            capture_output=True, text=True, timeout=60, env={**os.environ, "DISTEXEC_HOME": str(home)})
     assert wrong.returncode != 0 and "--url http://localhost:1 must be a https:// address" in wrong.stderr
