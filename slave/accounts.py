@@ -18,10 +18,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import stat
 import tempfile
 
-from . import uids
+from . import safefs, uids
 
 FOLDER = "/run/distexec-accounts"
 HOME = "/tmp"
@@ -67,13 +66,7 @@ def written(folder: str = FOLDER) -> dict[str, str]:
     Each file is replaced whole (a temporary file renamed over it), so a job of
     another slave on this host starting meanwhile binds the old text or the new,
     never half of one."""
-    try:
-        os.mkdir(folder, 0o755)
-    except FileExistsError:
-        pass
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise OSError(f"{folder} is not a folder of uid {os.getuid()} that only it may write")
+    safefs.own_folder(folder, 0o755)
     out = {}
     for name, text in (("passwd", passwd_text()), ("group", group_text())):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=folder)

@@ -39,6 +39,18 @@ def _parts(name: str) -> list[str]:
     return parts
 
 
+def own_folder(path: str, mode: int) -> None:
+    """Make ``path`` (``mode``) unless it is there, then make sure it is a real folder of this uid that
+    no one else may write: where root writes, nobody may plant a name (or the folder itself as a link)."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{path} is not a folder of uid {os.getuid()} that only it may write")
+
+
 def open_dir(path: str) -> int:
     """A descriptor of directory ``path``, which must not itself be a link."""
     return os.open(path, _DIR_FLAGS)

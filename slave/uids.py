@@ -14,7 +14,8 @@ import fcntl
 import logging
 import os
 import pwd
-import stat
+
+from . import safefs
 
 FIRST, COUNT = 60100, 900  # 60100-60999: no account on Debian (its 60000-64999 are made on demand)
 LOCKS = "/run/distexec-uids"
@@ -60,13 +61,7 @@ def take(locks: str = LOCKS, first: int = FIRST, count: int = COUNT) -> Uid:
 
 def _ready(locks: str) -> None:
     # Root's own folder: a job cannot plant a lock file (or a link in its place) to keep a uid from us.
-    try:
-        os.mkdir(locks, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(locks)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise OSError(f"{locks} is not a folder of uid {os.getuid()} that only it may write")
+    safefs.own_folder(locks, 0o700)
 
 
 def _account(uid: int) -> bool:

@@ -666,6 +666,30 @@ def _never_reading_client(url: str, token: str) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def pinging(socks: list[socket.socket]):
+    """Keep never-reading channels alive while the block runs: a silent client is dropped as gone, so
+    each pings (a masked, empty ping frame) every half second; closed at the end."""
+    stop = threading.Event()
+
+    def keep_pinging():
+        while not stop.wait(0.5):
+            for sock in socks:
+                try:
+                    sock.sendall(b"\x89\x80" + os.urandom(4))
+                except OSError:
+                    pass
+    pinger = threading.Thread(target=keep_pinging)
+    pinger.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        pinger.join()
+        for sock in socks:
+            sock.close()
+
+
 def test_one_user_holds_a_bounded_number_of_event_channels(make_cluster, tmp_path):
     # One login held 3,000 channels: the master went from 48 to 410 MiB, each list change sent to all.
     lc = make_cluster(0, master_args=["--max-clients-per-user", "2", "--users", _users(tmp_path)])
@@ -714,33 +738,17 @@ def test_a_client_let_go_without_close_closes_its_channel(make_cluster, tmp_path
 def test_a_client_that_never_reads_is_closed_before_the_master_holds_too_much(make_cluster):
     lc = make_cluster(1, slots=2, languages="python")
     slow = _never_reading_client(lc.url, lc.token)  # the admin token: it is sent every job's output
-    stop = threading.Event()
-
-    def keep_pinging():
-        # What keeps a silent client from being dropped as gone: it pings (a masked, empty ping frame).
-        while not stop.wait(0.5):
-            try:
-                slow.sendall(b"\x89\x80" + os.urandom(4))
-            except OSError:
-                return
-    pinger = threading.Thread(target=keep_pinging)
-    pinger.start()
-    try:
-        with Cluster(lc.url, token=lc.token) as c:
-            assert len(c.clients()) == 2
-            # Twice the bound of output, in lines, streamed to every client allowed to see it.
-            lines = "import sys\nfor i in range(60):\n    sys.stdout.write('x' * (1 << 18) + '\\n')\n"
-            mib = 60 * (1 << 18) >> 20
-            jobs = [c.submit(lines) for _ in range(2 * (MAX_UNSENT_BYTES >> 20) // mib + 1)]
-            assert all(j.wait(120).status == P.SUCCEEDED for j in jobs)
-            wait_for(lambda: len(c.clients()) == 1, 30, "the client that never reads to be closed")
-            with open(os.path.join(lc.log_dir, "master.log")) as f:
-                assert "written and not read; closing" in f.read()
-            assert c.submit("print('still here')").wait(60).stdout == "still here\n"
-    finally:
-        stop.set()
-        slow.close()
-        pinger.join()
+    with pinging([slow]), Cluster(lc.url, token=lc.token) as c:
+        assert len(c.clients()) == 2
+        # Twice the bound of output, in lines, streamed to every client allowed to see it.
+        lines = "import sys\nfor i in range(60):\n    sys.stdout.write('x' * (1 << 18) + '\\n')\n"
+        mib = 60 * (1 << 18) >> 20
+        jobs = [c.submit(lines) for _ in range(2 * (MAX_UNSENT_BYTES >> 20) // mib + 1)]
+        assert all(j.wait(120).status == P.SUCCEEDED for j in jobs)
+        wait_for(lambda: len(c.clients()) == 1, 30, "the client that never reads to be closed")
+        with open(os.path.join(lc.log_dir, "master.log")) as f:
+            assert "written and not read; closing" in f.read()
+        assert c.submit("print('still here')").wait(60).stdout == "still here\n"
 
 
 def test_a_users_channels_that_never_read_share_one_bound(make_cluster, tmp_path):
@@ -748,19 +756,7 @@ def test_a_users_channels_that_never_read_share_one_bound(make_cluster, tmp_path
     ordinary login that never read held 2 GiB of the master's memory (an audit).  They share it now."""
     lc = make_cluster(1, slots=2, languages="python", master_args=["--users", _users(tmp_path)])
     with Cluster(lc.url, user="alice", password="alice-pw") as alice, Cluster(lc.url, token=lc.token) as admin:
-        slow = [_never_reading_client(lc.url, alice.token) for _ in range(16)]
-        stop = threading.Event()
-
-        def keep_pinging():
-            while not stop.wait(0.5):
-                for sock in slow:
-                    try:
-                        sock.sendall(b"\x89\x80" + os.urandom(4))
-                    except OSError:
-                        pass
-        pinger = threading.Thread(target=keep_pinging)
-        pinger.start()
-        try:
+        with pinging([_never_reading_client(lc.url, alice.token) for _ in range(16)]):
             wait_for(lambda: sum(x["user"] == "alice" for x in admin.clients()) == 17, 20, "alice's channels")
             # 15 MiB: under the bound for one channel, over its share for 17.
             lines = "import sys\nfor i in range(60):\n    sys.stdout.write('x' * (1 << 18) + '\\n')\n"
@@ -769,11 +765,6 @@ def test_a_users_channels_that_never_read_share_one_bound(make_cluster, tmp_path
             wait_for(lambda: sum(x["user"] == "alice" for x in admin.clients()) == 1, 30,
                      "alice's channels that never read to be closed")
             assert alice.submit("print('still here')").wait(60).stdout == "still here\n"
-        finally:
-            stop.set()
-            pinger.join()
-            for sock in slow:
-                sock.close()
 
 
 def test_a_page_of_large_jobs_is_cut_to_its_byte_bound_and_the_rest_follows(make_cluster):

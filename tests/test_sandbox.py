@@ -167,6 +167,28 @@ def test_the_accounts_file_keeps_system_accounts_and_drops_peoples(monkeypatch, 
         accounts.written(str(tmp_path / "etc"))
 
 
+def test_the_accounts_files_replace_a_link_a_fifo_or_a_hard_link_in_their_place(tmp_path):
+    """Root writes them: whatever stands at their names is replaced, never written through or waited on."""
+    from slave import accounts
+    folder = tmp_path / "etc"
+    folder.mkdir(mode=0o755)
+    victim = tmp_path / "roots-file"
+    victim.write_text("root's\n")
+    (folder / "passwd").symlink_to(victim)
+    os.mkfifo(folder / "group")  # an open for writing would wait for a reader for ever
+    accounts.written(str(folder))
+    (folder / "passwd").unlink()
+    os.link(victim, folder / "passwd")  # a hard link: writing in place would change the victim
+    files = accounts.written(str(folder))
+    for path in files.values():
+        st = os.lstat(path)
+        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1, path
+    assert victim.read_text() == "root's\n"
+    (tmp_path / "linked").symlink_to(folder)  # the folder itself as a link: refused
+    with pytest.raises(OSError, match="only it may write"):
+        accounts.written(str(tmp_path / "linked"))
+
+
 def test_job_cannot_make_a_user_namespace_or_use_keyrings(box_client):
     # As "root" in a user namespace of its own a job could mount and reach
     # kernel code that container escapes go through; keyrings would be shared
