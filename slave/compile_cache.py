@@ -92,13 +92,28 @@ class CompileCache:
             shutil.copymode(path, os.path.join(dest, name))
         return self._visit(key, copy) is not None
 
-    def read(self, key: str) -> "dict[str, tuple[bytes, int]] | None":
+    def read(self, key: str, max_bytes: int) -> "dict[str, tuple[bytes, int]] | None":
         """The artefacts stored under ``key`` (name -> (bytes, permission bits)), for a job whose
-        directory the slave cannot reach (the warm pool's child writes them); None on a miss."""
+        directory the slave cannot reach (the warm pool's child writes them); None on a miss.
+
+        Raises ``safefs.TooLarge`` past ``max_bytes`` in all, before reading any: they would be
+        held in the slave's memory, once per job running them at the same time.
+        """
+        entry = self._entry(key)
+        try:
+            size = sum(os.stat(os.path.join(entry, name)).st_size for name in os.listdir(entry))
+        except OSError:
+            size = 0  # absent or being evicted: _visit counts the miss
+        if size > max_bytes:
+            raise safefs.TooLarge(f"{size} bytes of compiled program, more than {max_bytes}")
+
         def load(path: str, name: str) -> tuple[bytes, int]:
             with open(path, "rb") as f:
-                return f.read(), os.fstat(f.fileno()).st_mode & 0o777
-        return self._visit(key, load)
+                return f.read(max_bytes + 1), os.fstat(f.fileno()).st_mode & 0o777
+        found = self._visit(key, load)
+        if found is not None and sum(len(data) for data, _ in found.values()) > max_bytes:
+            raise safefs.TooLarge(f"a compiled program grown past {max_bytes} bytes")  # rewritten meanwhile
+        return found
 
     def _visit(self, key: str, use) -> dict | None:
         """``use(path, name)`` for each artefact under ``key``, counted as a hit; None on a miss."""

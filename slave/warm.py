@@ -24,7 +24,7 @@ import time
 
 from distexec_kernel import languages as L, protocol as P
 
-from . import steps, uids
+from . import safefs, steps, uids
 from .bwrap import WARM_ROOT, BwrapSandbox
 from .job_pipes import OutputPipe, feed
 from .jobdirs import BYTES_PER_INODE, JobDirs, quota_full
@@ -56,6 +56,9 @@ PREPARE_AHEAD_LAST = 0.1
 GONE_WAIT = 0.2
 PIPES_CLOSE = 0.01  # seconds for a job's output pipes to close after its end, before what holds them is killed
 PROGRAMS_BYTES = 32 << 20  # compiled programs kept in memory for warm runs
+# A larger one runs fresh, copied from the disk: the warm child gets its program from the slave's
+# memory, and a few jobs at once running big ones would hold a few times the compile cache there.
+PROGRAM_MAX_BYTES = PROGRAMS_BYTES // 2
 
 
 def ahead_wait(now: float, started: float, busy_at: float) -> float:
@@ -235,11 +238,14 @@ class WarmRunner(Runner):
             if artefacts is not None:
                 self._programs.move_to_end(key)
             else:
-                artefacts = await asyncio.to_thread(fresh.compile_cache.read, key)
+                try:
+                    artefacts = await asyncio.to_thread(fresh.compile_cache.read, key, PROGRAM_MAX_BYTES)
+                except safefs.TooLarge:
+                    why = f"a compiled program larger than {PROGRAM_MAX_BYTES >> 20} MiB (run from the disk)"
                 if artefacts is not None:
                     self._keep_program(key, artefacts)
             if artefacts is None:
-                why = "a compiled program not in the compile cache yet"
+                why = why or "a compiled program not in the compile cache yet"
             else:
                 log.info("job %s: compile cache hit (%s, %s), run warm", job["id"], lang.name, key[:12])
         deadline = time.monotonic() + EMPTY_WAIT

@@ -756,6 +756,26 @@ def test_a_cached_compiled_programs_lines_stream_while_it_runs_warm(c, box):
         assert job.status == P.CANCELLED, job.record
 
 
+def test_a_cached_program_too_big_to_hold_in_the_slaves_memory_runs_fresh_and_the_log_says_why(c, box):
+    # 20 MiB of initialised data in the executable: over what the pool holds of one program.
+    big = textwrap.dedent("""
+        #include <stdio.h>
+        #include <unistd.h>
+        char big[20 << 20] = {1};
+        int main(int argc, char **argv) {
+            char b[4096];
+            printf("%s %d\\n", getcwd(b, sizeof b), big[argc - 1] + big[(20 << 20) - argc]);
+            return 0;
+        }
+    """)
+    for _ in range(3):  # the first compiles it; the others find it in the compile cache
+        job = run(c, big, "c", timeout=120)
+        assert job.status == P.SUCCEEDED, job.record
+        cwd, first = job.stdout.split()
+        assert cwd.startswith(os.path.join(box, "jobs")) and first == "1", job.stdout
+    assert "warm pool: a compiled program larger than 16 MiB (run from the disk)" in slave_log(box)
+
+
 # Where each ran, its pid and uid, and what its runtime takes as its heap's limit.
 PROBES = {
     "javascript": ("const v8 = require('v8');\n"
