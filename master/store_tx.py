@@ -6,6 +6,7 @@ import json
 import sqlite3
 
 from distexec_kernel import protocol as P
+from distexec_kernel.fairshare import level as share
 
 # Pruning never touches these (nor anything else not terminal).
 UNFINISHED = (P.QUEUED, P.RUNNING)
@@ -57,21 +58,6 @@ def prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) 
     conn.execute("INSERT INTO meta (key, value) VALUES ('max_pruned_id', ?) ON CONFLICT(key) DO UPDATE "
                  "SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(max(doomed)),))
     return doomed
-
-
-def share(sizes: list[int], keep: int) -> float:
-    """How much finished history each user may keep so that all of it fits in ``keep`` bytes: users
-    under that level keep all of theirs, the rest are cut to it (max-min fair; inf: nothing to cut)."""
-    if sum(sizes) <= keep:
-        return float("inf")
-    below = 0
-    ordered = sorted(sizes)
-    for n, size in enumerate(ordered):
-        level = (keep - below) / (len(ordered) - n)
-        if size > level:
-            return max(level, 0.0)
-        below += size
-    return float("inf")
 
 
 def _delete(conn: sqlite3.Connection, job_ids: list[int]) -> list[int]:

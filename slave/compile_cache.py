@@ -12,7 +12,8 @@ in one step, so a reader sees a whole entry or none; two jobs compiling the
 same source both work, and the second rename simply loses.  Eviction
 renames an entry away before deleting it, so a reader copying from it
 either finishes or fails cleanly and compiles instead.  Bounded in bytes:
-the least recently used entries go first.
+the least recently used entries go first, of the users who keep more than a
+fair share of it.
 
 Every method is blocking file I/O; the runner calls them in a thread.
 """
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 
-from distexec_kernel import config
+from distexec_kernel import config, fairshare
 
 from . import safefs
 
@@ -37,7 +38,8 @@ log = logging.getLogger("distexec.slave.compile_cache")
 DEFAULT_MAX_BYTES = 256 << 20
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_KEY_FORMAT = 2  # bump when what goes into a key changes (2: the owner)
+_KEY_FORMAT = 3  # bump when what goes into a key changes (2: the owner; 3: its tag in the name)
+_OWNER_SEP = "-"
 
 
 class CompileCache:
@@ -77,7 +79,9 @@ class CompileCache:
             # Lengths first, so no two different file sets hash the same bytes.
             h.update(f"\0{len(name)}:{name}\0{len(data)}:".encode())
             h.update(data)
-        return h.hexdigest()
+        # The owner's tag in the name too (a digest: no user name on the disk), for the eviction's
+        # fair shares.
+        return f"{h.hexdigest()}{_OWNER_SEP}{hashlib.sha256(repr(owner).encode()).hexdigest()[:16]}"
 
     def _entry(self, key: str) -> str:
         return os.path.join(self.root, key)
@@ -190,19 +194,25 @@ class CompileCache:
         return out
 
     def evict(self) -> None:
-        """Drop least recently used entries until the cache fits in ``max_bytes``."""
+        """Drop entries until the cache fits in ``max_bytes``: the least recently used of those who
+        keep more than their fair share, so one user compiling program after program evicts their
+        own, never the few another runs again and again."""
         entries = sorted(self.entries(), key=lambda e: e[1])
-        total = sum(e[2] for e in entries)
+        kept: dict[str, int] = {}
         for key, _, size in entries:
-            if total <= self.max_bytes:
-                break
+            kept[_owner(key)] = kept.get(_owner(key), 0) + size
+        cut = fairshare.level(list(kept.values()), self.max_bytes)
+        for key, _, size in entries:
+            owner = _owner(key)
+            if kept[owner] <= cut:
+                continue
+            kept[owner] -= size
             trash = os.path.join(self.root, f"{_TRASH_PREFIX}{key}-{os.getpid()}-{time.monotonic_ns()}")
             try:
                 os.rename(self._entry(key), trash)
             except FileNotFoundError:
                 continue  # another slave evicted it
             shutil.rmtree(trash, ignore_errors=True)
-            total -= size
 
     def _sweep(self) -> None:
         # Temporary and trash directories left by a slave that died mid-write.
@@ -216,3 +226,8 @@ class CompileCache:
                         shutil.rmtree(path, ignore_errors=True)
                 except FileNotFoundError:
                     pass
+
+
+def _owner(key: str) -> str:
+    """The owner's tag of an entry ("" for one older than the tags: they share one share)."""
+    return key.rpartition(_OWNER_SEP)[2] if _OWNER_SEP in key else ""

@@ -120,7 +120,7 @@ def test_the_size_bound_is_shared_out_so_one_users_flood_prunes_their_own_histor
 
 
 def test_the_share_of_the_bound_cuts_the_biggest_users_to_one_level():
-    from master.store_tx import share
+    from distexec_kernel.fairshare import level as share
     assert share([3, 10, 400], 100) == 87  # the two small users keep all; the big one is cut to the rest
     assert share([60, 60], 100) == 50
     assert share([30, 40], 100) == float("inf")  # under the bound: nothing to cut

@@ -12,6 +12,7 @@ are the slow part; the tests about which slave gets what build their own.
 from __future__ import annotations
 
 import json
+import functools
 import os
 import pathlib
 import re
@@ -676,6 +677,24 @@ def test_cache_evicts_least_recently_used_beyond_its_size(tmp_path):
     assert {k for k, _, _ in cache.entries()} == {"a", "c"}
     assert sum(size for _, _, size in cache.entries()) <= 250
     assert not cache.store("huge", make_artefacts(tmp_path / "sh", {"main.bin": bytes(300)}), ("main.bin",))
+
+
+def test_one_user_compiling_program_after_program_evicts_their_own_not_anothers(tmp_path):
+    cache = CompileCache(str(tmp_path / "cache"), max_bytes=1000)
+    key = functools.partial(CompileCache.key, "c", "12.2.0", ["gcc", "main.c"])
+    steady = [key({"main.c": f"int main(){{return {i};}}"}, "bob") for i in range(2)]
+    flood = [key({"main.c": f"int main(){{return {i};}}"}, "mallory") for i in range(20)]
+    assert steady[0] != flood[0]  # the same program, another user: an entry of its own
+    for n, k in enumerate(steady + flood):
+        assert cache.store(k, make_artefacts(tmp_path / f"s{n}", {"main.bin": bytes(100)}), ("main.bin",))
+        past = time.time() - 100 + n  # bob's were stored first: the least recently used
+        os.utime(os.path.join(cache.root, k), (past, past))
+    kept = {k for k, _, _ in cache.entries()}
+    assert set(steady) <= kept, "bob's programs were evicted by mallory's"
+    assert len(kept) == 10 and sum(size for _, _, size in cache.entries()) <= 1000
+    assert set(flood[-8:]) <= kept  # mallory keeps her newest, up to the rest of the cache
+    # No user's name on the disk: the owner's part of an entry's name is a digest.
+    assert not any("bob" in name or "mallory" in name for name in os.listdir(cache.root))
 
 
 def test_cache_concurrent_stores_of_one_key_all_succeed_or_yield(tmp_path):
