@@ -144,9 +144,17 @@ def _submit_each(args, source: str, language: str, stdin: str | None, files: dic
     """``submit FILE --each ARGS_FILE``: one job per line, a progress bar, outputs in order.
 
     Exits 0 if every job succeeded, else with the exit code of the first
-    failure in input order (as ``submit`` would for that job alone).
+    failure in input order (as ``submit`` would for that job alone); 2 (a
+    usage error) if the file holds no line of arguments, submitting nothing.
     """
     each = _each_args(args.each)
+    if not each:
+        # An empty input is almost surely a mistake (a wrong path, a generator that failed): "0 jobs"
+        # and success would hide it. A usage error, as argparse's, before the master is asked anything.
+        where = "stdin (-)" if args.each == "-" else args.each
+        print(f"distexec: --each {where} has no line of arguments (only blank lines and # comments, or none): "
+              "no job submitted", file=sys.stderr)
+        return 2
     name = _job_name(args)
     subs = [dict(source=source, language=language, args=[*program_args(args), *words], stdin=stdin,
                  timeout=args.timeout, name=name, retries=args.retries, files=files, collect=args.collect or None)

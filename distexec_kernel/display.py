@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import signal
 
 from . import protocol as P
 
@@ -266,6 +267,25 @@ def error_text(err: dict) -> str:
     return message + (f" (line {line})" if line and f"line {line}" not in message else "")
 
 
+def exit_code_text(job: dict) -> str | None:
+    """The exit code as a person reads it (None: the process never ended by itself or never ran).
+
+    A death by signal is named (the slave's SIGKILL at a limit reads ``-9 (SIGKILL)``), and a
+    failed job's 0 says whose it is: a job cut at its output limit may have exited 0 by itself,
+    and a bare 0 beside ❌ would read as a success."""
+    code = job.get("exit_code")
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return str(code)
+    if code == 0 and job.get("status") == P.FAILED:
+        return "0 (the process's own; the job failed)"
+    return str(code)
+
+
 def job_detail_text(job: dict) -> str:
     err = job.get("error")
     lines = [
@@ -277,7 +297,7 @@ def job_detail_text(job: dict) -> str:
         f"submitted: {fmt_time(job.get('submitted_at'))}",
         f"started:   {fmt_time(job.get('started_at'))}",
         f"finished:  {fmt_time(job.get('finished_at'))}",
-        f"exit code: {job.get('exit_code') if job.get('exit_code') is not None else '-'}",
+        f"exit code: {exit_code_text(job) or '-'}",
     ]
     if err:
         lines.append(f"error:     {err.get('code')}: {error_text(err)}")

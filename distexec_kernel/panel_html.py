@@ -67,7 +67,7 @@ def detail_html(job: dict) -> str:
         ("status", None),
         ("job", f"{job['id']} · {display_name(job)}"),
         ("language", job.get("language")),
-        ("exit code", job.get("exit_code")),
+        ("exit code", D.exit_code_text(job)),
         ("slave", job.get("slave_uid")),
         ("error code", err.get("code")),
         ("client", D.identity(job.get("client_id"), job.get("user"))),

@@ -30,6 +30,8 @@ from distexec_kernel.procs import kill_group
 
 from . import accounts, uids
 from .cgroups import Cgroups, JobCgroup, _read
+from .jobdirs import FOLDER_PREFIX
+from .mountview import View, under as _under
 from .sandbox import BWRAP_PROCS, CGROUP_ROOT, NOBODY, Limits, Sandbox, Spawn
 from .seccomp import seccomp_available
 
@@ -46,12 +48,20 @@ def _children(pid: int) -> list[int]:
             return []
 
 
-def _under(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
 def _outermost(paths: list[str]) -> list[str]:
     return [p for p in paths if not any(_under(p, q) and p != q for q in paths)]
+
+
+def _view(covered: list[str], options: list[str]) -> View:
+    """What a bwrap started with ``options`` must not find in the mount table it copies: the mounts
+    under what it ``covered`` with a tmpfs, and the other jobs' (mountview.py); kept, whatever
+    holds or is held by a host path it binds."""
+    shown = [options[i + 1] for i, opt in enumerate(options[:-1])
+             if opt in ("--bind", "--ro-bind") and options[i + 1] != "/"]
+    # The cgroup hierarchies stay listed: they name controllers, not jobs, and the JVM sizes its heap
+    # to the cgroup only if it finds every controller's mount in mountinfo (without them, 6 GiB
+    # under a 128 MiB limit).
+    return View(tuple(c for c in covered if c != CGROUP_ROOT), tuple(shown), FOLDER_PREFIX)
 
 
 def _hiding_root(jobroot: str) -> str:
@@ -227,7 +237,7 @@ class BwrapSandbox(Sandbox):
                     os.chown(path, self.uid, self.gid, follow_symlinks=False)
 
     def _wrap(self, argv: list[str], workdir: str, limits: Limits, cgroup: "JobCgroup | None",
-              tmpdirs: dict[str, str]) -> list[str]:
+              tmpdirs: dict[str, str]) -> tuple[list[str], Callable[[], None]]:
         self._prepare(workdir)
         workdir = os.path.realpath(workdir)
         size = str(limits.memory_bytes)
@@ -251,12 +261,15 @@ class BwrapSandbox(Sandbox):
                  "--die-with-parent", "--new-session"]
         if not limits.allow_network:
             args.append("--unshare-net")
+        view = _view(mounted, args)
         args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-        return args + list(argv)
+        return args + list(argv), view.enter
 
-    def zygote_argv(self, command: list[str], jobroot: str, cgroup_dirs: list[str], limits: Limits) -> list[str]:
-        """bwrap around the warm pool's parent (slave/warm_zygote.py), started once.
+    def zygote_command(self, command: list[str], jobroot: str, cgroup_dirs: list[str],
+                       limits: Limits) -> tuple[list[str], Callable[[], None]]:
+        """bwrap around the warm pool's parent (slave/warm_zygote.py), started once, and what its
+        process does before it execs bwrap (``View.enter``).
 
         The same read-only system with the same paths hidden as a step's, but
         the parent stays root with only the capabilities it needs to isolate
@@ -287,7 +300,9 @@ class BwrapSandbox(Sandbox):
             args += ["--cap-add", cap]
         if not limits.allow_network:
             args.append("--unshare-net")
-        return args + ["--"] + list(command)
+        # Private from the start: the jobs mounted on the host later never reach the parent, so
+        # neither the children it forks (each copies its table).
+        return args + ["--"] + list(command), _view(mounted, args).enter
 
     @staticmethod
     def _hiding(tmpfs: dict[str, str], tmpdirs: dict[str, str], size: str) -> tuple[list[str], list[str]]:

@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 
 from . import safefs
+from .mountview import mount_points, under
 
 log = logging.getLogger("distexec.slave.jobdirs")
 
@@ -37,6 +38,9 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _MS_NOSUID, _MS_NODEV = 2, 4
 _MNT_DETACH = 2
 LOCK_NAME = ".lock"
+# Every slave's folder of job directories starts so, wherever it is: a sandbox lists no mount in one
+# but its own job's (mountview.py).
+FOLDER_PREFIX = "distexec-slave-"
 # Free space under which a job's tmpfs counts as full: a write that failed for
 # want of space leaves less than one page free (a partial write fills it).
 FULL_MARGIN = 64 << 10
@@ -92,7 +96,7 @@ class JobDirs:
         self._lock = threading.Lock()
         parent = os.path.realpath(parent or tempfile.gettempdir())
         self._lock_fd: int | None = None
-        self.root = self._claim(os.path.join(parent, f"distexec-slave-{_safe(slave_uid)}"), parent, slave_uid)
+        self.root = self._claim(os.path.join(parent, f"{FOLDER_PREFIX}{_safe(slave_uid)}"), parent, slave_uid)
         self.why_unlimited = self._probe_mount() if disk_limit_mb else "--disk-limit 0"
 
     @property
@@ -136,7 +140,7 @@ class JobDirs:
         return root
 
     def _fallback(self, parent: str, uid: str, why: str) -> str:
-        path = tempfile.mkdtemp(prefix=f"distexec-slave-{_safe(uid)}-", dir=parent)
+        path = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{_safe(uid)}-", dir=parent)
         log.warning("%s: using %s, which no later run will clean up", why, path)
         return path
 
@@ -234,16 +238,10 @@ def _mount_tmpfs(path: str, size: int) -> str | None:
 
 
 def _mounts_under(root: str) -> list[str]:
-    found = []
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                point = line.split()[4].encode().decode("unicode_escape")
-                if point.startswith(root + "/"):
-                    found.append(point)
+        return [point for point in mount_points() if under(point, root) and point != root]
     except OSError:
-        pass
-    return found
+        return []
 
 
 def _remove(path: str) -> None:

@@ -117,6 +117,7 @@ class Capture:
     over: bool = False
     outputs: list = field(default_factory=list)  # a session cell's rich outputs, counted in ``used``
     chars: dict = field(default_factory=lambda: {"stdout": 0, "stderr": 0})  # each stream's length so far
+    crossed: asyncio.Event = field(default_factory=asyncio.Event)  # set with ``over``: the step is stopped at once
 
     def feed(self, stream: str, data: str, size: int) -> None:
         """``size``: the bytes ``data`` took (or, for a rich output, its bundle's); it costs that plus what
@@ -132,6 +133,7 @@ class Capture:
             while data and len(data.encode(errors="surrogatepass")) + _escaped(data) > room:
                 data = data[: len(data) // 2]
             self.over = True
+            self.crossed.set()
         self.used += size
         if data:
             self.parts[stream].append(data)
@@ -325,7 +327,7 @@ class ProcessRunner(Runner):
                        if spawn.watch_memory else None)
             try:
                 reason = await steps.supervise(exited, cancel, started + timeout, watcher=watcher,
-                                               over=lambda: capture.over)
+                                               over=lambda: capture.over, crossed=capture.crossed)
             finally:
                 if watcher is not None:
                     watcher.cancel()
@@ -418,7 +420,8 @@ def files_filled_memory(used: int | None, limits: Limits, jobdirs: JobDirs) -> d
 
 def _classify(step: StepResult, job: dict, limits: Limits) -> dict | None:
     if step.reason is not None:
-        return steps.limit_error(step.reason, job["timeout"], limits.memory_bytes, limits.output_bytes)
+        return steps.limit_error(step.reason, job["timeout"], limits.memory_bytes, limits.output_bytes,
+                                 steps.job_exit_code(step.returncode))
     return steps.exit_error(step.returncode)
 
 

@@ -117,13 +117,16 @@ def rlimits(limits: Limits, timeout: float | None, nproc: bool = False) -> list[
 
 
 def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
-             nproc: bool, seccomp: bool = False) -> Callable[[], None]:
+             nproc: bool, seccomp: bool = False, first: Callable[[], None] | None = None) -> Callable[[], None]:
     limits_set = rlimits(limits, timeout, nproc)
     join = cgroup.join_paths() if cgroup else ()
 
     def apply() -> None:
-        # Runs in the child between fork and exec: plain syscalls only.
+        # Runs in the child between fork and exec: plain syscalls only (and the sandbox's ``first``,
+        # which must read this process's own mount table once it has one of its own).
         die_with_parent()
+        if first is not None:
+            first()
         pid = str(os.getpid()).encode()
         for path in join:
             # Joined before exec, so every process of the step is born inside.
@@ -213,8 +216,10 @@ class Sandbox:
         return False
 
     def _wrap(self, argv: list[str], workdir: str, limits: Limits, cgroup: "JobCgroup | None",
-              tmpdirs: dict[str, str]) -> list[str]:
-        return list(argv)
+              tmpdirs: dict[str, str]) -> tuple[list[str], Callable[[], None] | None]:
+        """The step's command as spawned, and what its process does first, if anything (in the
+        child, as the slave's user, before the limits and the exec)."""
+        return list(argv), None
 
     def close(self) -> None:
         """At slave exit: free what the sandbox holds for all jobs."""
@@ -251,13 +256,13 @@ class Sandbox:
         """
         cgroup = within or (self.cgroups.create(limits, self._extra_procs()) if self.cgroups else None)
         try:
-            wrapped = self._wrap(argv, workdir, limits, cgroup, tmpdirs or {})
+            wrapped, first = self._wrap(argv, workdir, limits, cgroup, tmpdirs or {})
         except BaseException:
             if cgroup and not within:
                 self.cgroups.release(cgroup)
             raise
         return Spawn(wrapped, workdir, job_env(workdir, extra_env),
-                     _preexec(limits, timeout, cgroup, self._nproc_rlimit(), self.seccomp), cgroup=cgroup,
+                     _preexec(limits, timeout, cgroup, self._nproc_rlimit(), self.seccomp, first), cgroup=cgroup,
                      watch_memory=not (cgroup and "memory" in cgroup.paths), shared_cgroup=within is not None,
                      oom_before=within.oom_count() if within else 0)
 

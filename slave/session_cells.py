@@ -155,7 +155,8 @@ class CellRunner:
         timeout = job["timeout"]
         try:
             reason = await steps.supervise(ended, cancel, time.monotonic() + timeout, watcher=watcher,
-                                           over=lambda: capture.over or session.pump.oversized)
+                                           over=lambda: capture.over or session.pump.oversized,
+                                           crossed=capture.crossed)
             if reason is None:
                 if exited.done() or session.ended_reason is not None or not session.alive:
                     # The interpreter died, or the session was ended (its sockets closed under the cell).

@@ -26,18 +26,24 @@ SIGNALS_SEEN_AS_EXIT = frozenset(int(s) for s in (
 
 
 async def supervise(ended: asyncio.Future, cancel: asyncio.Event, deadline: float, *,
-                    watcher: asyncio.Future | None = None, over: Callable[[], bool] = lambda: False) -> str | None:
+                    watcher: asyncio.Future | None = None, over: Callable[[], bool] = lambda: False,
+                    crossed: asyncio.Event | None = None) -> str | None:
     """Wait until ``ended`` is done, or until something ends the step first.
 
     Returns None if the step ended by itself, else why it must be stopped:
     ``"timeout"`` (``deadline``, a ``time.monotonic()`` value), ``"cancelled"``,
     the ``watcher``'s own result (``"memory_limit"``), or ``"output_limit"``
-    when ``over()`` says the output budget is spent.  The step's own end wins
-    over a cancel or a limit seen in the same instant: a job that finished
+    when ``over()`` says the output budget is spent: looked at once ``crossed``
+    is set (the budget's own event), else at the next poll.  The step's own end
+    wins over a cancel or a limit seen in the same instant: a job that finished
     keeps its result.
     """
     cancelled = asyncio.ensure_future(cancel.wait())
-    waits = [ended, cancelled] + ([watcher] if watcher is not None else [])
+    # Woken at once: polled, a flood that ends within the poll's half second ran to its end past the
+    # limit and reported exit code 0 (a clean success, to a reader of exit_code), where a timeout or a
+    # memory limit stops the job where it is.
+    limit = asyncio.ensure_future(crossed.wait()) if crossed is not None else None
+    waits = [ended, cancelled] + [f for f in (watcher, limit) if f is not None]
     try:
         while not ended.done():
             remaining = deadline - time.monotonic()
@@ -55,16 +61,28 @@ async def supervise(ended: asyncio.Future, cancel: asyncio.Event, deadline: floa
         return None
     finally:
         cancelled.cancel()
+        if limit is not None:
+            limit.cancel()
 
 
-def limit_error(reason: str, timeout: float, memory_bytes: int, output_bytes: int) -> dict:
-    """The error of a step that was stopped for ``reason`` (what ``supervise`` returned)."""
+def limit_error(reason: str, timeout: float, memory_bytes: int, output_bytes: int,
+                exit_code: int | None = None) -> dict:
+    """The error of a step that was stopped for ``reason`` (what ``supervise`` returned).
+
+    ``exit_code``: the job's (``job_exit_code``), when it has one.  One that is not a death by
+    signal means the step ended by itself before it could be stopped: said in the message, so
+    that a failed job showing its own exit code (0 too) reads as what it was."""
     if reason == "cancelled":
         return P.error(P.CANCELLED_CODE, "cancelled by a user")
     if reason == "timeout":
         return P.error(P.TIMEOUT, f"ran past its timeout of {timeout:g} s")
     if reason == "output_limit":
-        return P.error(P.OUTPUT_LIMIT, f"wrote more than the output limit of {output_bytes >> 20} MiB")
+        message = f"wrote more than the output limit of {output_bytes >> 20} MiB"
+        if exit_code is not None and exit_code >= 0:
+            # Its last write crossed the limit and it exited before the slave's kill reached it.
+            message += (f"; its output was cut there, and it exited by itself (code {exit_code}) before it "
+                        f"could be stopped")
+        return P.error(P.OUTPUT_LIMIT, message)
     if reason == "memory_limit":
         return P.error(P.MEMORY_LIMIT, f"used more than the memory limit of {memory_bytes >> 20} MiB")
     raise ValueError(f"not a reason to stop a step: {reason!r}")

@@ -146,7 +146,7 @@ class WarmRunner(Runner):
         box, limits = self.fresh.sandbox, self.fresh.limits
         python = self.fresh.programs.get("python", {}).get("python3") or shutil.which("python3") or "python3"
         dirs = [path for cg in self.cgroups for path in cg.dirs()]
-        zygote = Zygote(lambda command: box.zygote_argv(command, self.fresh.jobdirs.root, dirs, limits), python,
+        zygote = Zygote(lambda command: box.zygote_command(command, self.fresh.jobdirs.root, dirs, limits), python,
                         job_env(WARM_ROOT, dict(L.get("python").env)),
                         {"root": WARM_ROOT, "seccomp": program_bytes().hex() if box.seccomp else "",
                          "imports": self.imports, "netns": not limits.allow_network})
@@ -411,7 +411,8 @@ class WarmRunner(Runner):
         feeder = asyncio.ensure_future(asyncio.to_thread(feed, stdin_w, stdin.encode())) if stdin_w else None
         readers = [OutputPipe(out_r, "stdout", capture), OutputPipe(err_r, "stderr", capture)]
         try:
-            reason = await steps.supervise(ended, cancel, started + timeout, over=lambda: capture.over)
+            reason = await steps.supervise(ended, cancel, started + timeout, over=lambda: capture.over,
+                                           crossed=capture.crossed)
             if reason is not None:
                 zygote.kill(ended)
                 cg.kill_all()

@@ -47,9 +47,10 @@ class Ended:
 class Zygote:
     """One running parent: ``start``, then ``run`` jobs; ``died`` says why it is gone."""
 
-    def __init__(self, argv_for, python: str, env: dict[str, str], config: dict):
-        # argv_for(command) -> the bwrap argv around the parent's command line.
-        self.argv_for = argv_for
+    def __init__(self, command_for, python: str, env: dict[str, str], config: dict):
+        # command_for(command) -> the bwrap argv around the parent's command line, and what its
+        # process does first (BwrapSandbox.zygote_command).
+        self.command_for = command_for
         self.python = python
         self.env = env
         self.config = config
@@ -71,11 +72,17 @@ class Zygote:
         # every `ps` of the slave (~40 KiB a parent).
         source = "\n".join(_read(path) for path in SOURCES).encode()
         command = [self.python, *PARENT_FLAGS, str(theirs.fileno())]
+        argv, first = self.command_for(command)
+
+        def before_exec() -> None:
+            die_with_parent()
+            first()
+
         try:
             ours.send(marshal.dumps(self.config))
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv_for(command), pass_fds=[theirs.fileno()], env=self.env, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+                *argv, pass_fds=[theirs.fileno()], env=self.env, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=before_exec)
         except OSError:
             ours.close()
             raise

@@ -58,6 +58,21 @@ def test_bad_input_files_are_refused_in_one_line(lc, tmp_path):
     assert not [j for j in jobs if j["name"] in ("latin.py",) or j["status"] == "rejected"]
 
 
+def test_submit_each_over_no_lines_is_a_usage_error_that_submits_nothing(lc, tmp_path):
+    prog = tmp_path / "double.py"
+    prog.write_text(DOUBLE)
+    before = json.loads(cli(lc, "jobs", "--json", "--limit", "1").stdout)["total"]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n# only a comment\n")
+    for each, extra in (("/dev/null", ()), (str(blank), ()), (str(blank), ("--no-wait",))):
+        r = cli(lc, "submit", str(prog), "--each", each, *extra)
+        assert r.returncode == 2 and r.stdout == "", (each, r.stdout, r.stderr)
+        assert_refused(r, f"--each {each}", "no line of arguments", "no job submitted")
+    r = cli(lc, "submit", str(prog), "--each", "-", input="")
+    assert r.returncode == 2 and "--each stdin (-)" in r.stderr, r.stderr
+    assert json.loads(cli(lc, "jobs", "--json", "--limit", "1").stdout)["total"] == before
+
+
 def test_status_line_starts_its_own_line_on_a_terminal(lc, tmp_path):
     prog = tmp_path / "nonl.py"
     prog.write_text("import sys\nsys.stdout.write('no newline')\n")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from distexec_kernel import display
+from distexec_kernel import display, protocol as P
 
 TITLE = "\x1b]0;pwned\x07"            # OSC 0: retitle the window
 CLIPBOARD = "\x1b]52;c;ZXZpbA==\x07"  # OSC 52: write the clipboard
@@ -75,6 +75,15 @@ def test_clean_keeps_text_and_shows_controls():
     assert display.clean("a\tb\nc ✅ é") == "a\tb\nc ✅ é"
     assert display.clean(TITLE) == "\\x1b]0;pwned\\x07"
     assert display.clean("\x00\x7f\x85\x9f\r") == "\\x00\\x7f\\x85\\x9f\\x0d"
+
+
+def test_an_exit_code_reads_as_what_it_was():
+    # A failed job's 0 (one cut at its output limit that exited by itself) must not read as a success.
+    assert display.exit_code_text({"status": P.FAILED, "exit_code": 0}) == "0 (the process's own; the job failed)"
+    assert display.exit_code_text({"status": P.SUCCEEDED, "exit_code": 0}) == "0"
+    assert display.exit_code_text({"status": P.FAILED, "exit_code": -9}) == "-9 (SIGKILL)"
+    assert display.exit_code_text({"status": P.FAILED, "exit_code": 3}) == "3"
+    assert display.exit_code_text({"status": P.REJECTED, "exit_code": None}) is None
 
 
 def test_cli_neutralises_escapes_from_job_names_and_output(cluster, tmp_path):

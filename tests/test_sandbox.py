@@ -396,6 +396,9 @@ def test_job_cannot_see_another_jobs_directory(box_client, box):
         mine = os.path.dirname(os.getcwd())
         print(os.getcwd() != d, os.path.exists(d),
               os.listdir(os.path.dirname(mine)) == [os.path.basename(mine)])
+        # Nor among its mounts: bwrap covered the other job's tmpfs, and it was listed all the same.
+        table = open("/proc/self/mountinfo").read()
+        print(os.path.basename(os.path.dirname(d)) in table, os.path.basename(mine) in table)
         try:
             print(open(os.path.join(d, "private.txt")).read())
         except OSError as exc:
@@ -407,7 +410,7 @@ def test_job_cannot_see_another_jobs_directory(box_client, box):
         first.cancel()
         first.wait(60)
     assert job.status == P.SUCCEEDED, job.record
-    assert job.stdout.splitlines() == ["True False True", "FileNotFoundError"], job.stdout
+    assert job.stdout.splitlines() == ["True False True", "False True", "FileNotFoundError"], job.stdout
 
 
 def test_symlink_out_of_the_job_directory_leaks_nothing(box_client, lc, box):
@@ -502,6 +505,48 @@ def test_tmp_is_private_and_writable_next_to_the_job_directory(bwrap_sandbox, jo
     assert outside.split("/")[-1] not in listed
     assert "No such file" in lines[-1]
     assert not os.path.exists("/tmp/scratch")
+
+
+# Run as root in a mount namespace whose mounts are shared, as systemd makes the host's: a job's tmpfs
+# mounted before a step starts, and one mounted while it runs, beside the step's own.
+ON_A_SHARED_HOST = textwrap.dedent("""
+    import json, subprocess, sys
+    from slave.bwrap import BwrapSandbox, best_sandbox
+    from slave.jobdirs import JobDirs
+    from slave.sandbox import Limits
+    box = best_sandbox(Limits())
+    assert isinstance(box, BwrapSandbox), box.describe()
+    dirs = JobDirs("shared-host", sys.argv[1], disk_limit_mb=8)
+    before, mine = dirs.make("before"), dirs.make("mine")
+    spawn = box.command(["sh", "-c", "echo up; read go; cat /proc/self/mountinfo"], mine.path, {}, Limits(),
+                        timeout=60, tmpdirs=mine.sandbox_tmp)
+    step = subprocess.Popen(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    assert step.stdout.readline() == "up\\n"
+    later = dirs.make("later")
+    table, _ = step.communicate("go\\n", timeout=60)
+    box.cleanup(spawn)
+    for jd in (before, mine, later):
+        dirs.remove(jd)
+    dirs.close()
+    box.close()
+    print(json.dumps({"table": table, **{k: jd.top for k, jd in (("before", before), ("mine", mine),
+                                                                   ("later", later))}}))
+""")
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="no unshare(1)")
+def test_a_step_lists_no_other_jobs_tmpfs_mounted_before_it_or_while_it_runs(tmp_path):
+    """On a host whose / is shared (systemd's default) every job's tmpfs mounted later arrived in
+    running sandboxes too; covered ones were listed before it anyway.  Neither is now."""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "shared", "--", sys.executable, "-c",
+                           ON_A_SHARED_HOST, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout)
+    points = [line.split()[4] for line in seen["table"].splitlines()]
+    assert seen["mine"] in points, points
+    assert not [p for p in points if os.path.basename(seen["before"]) in p or os.path.basename(seen["later"]) in p]
 
 
 def test_c_compiles_and_runs_inside(bwrap_sandbox, jobdir):

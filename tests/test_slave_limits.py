@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import textwrap
 
 import psutil
@@ -193,6 +195,33 @@ def test_output_is_counted_as_sent_so_a_job_of_control_characters_cannot_cost_it
         after = run(c, "print('after')")
         assert after.status == P.SUCCEEDED and after.stdout == "after\n", after.error
         assert after.slave_uid == flood.slave_uid
+
+
+@pytest.mark.parametrize("warm", ["--warm", "--no-warm"])
+def test_a_job_past_its_output_limit_is_stopped_there_and_does_not_read_as_exit_0(make_cluster, tmp_path, warm):
+    """The limit was polled each half second: a program writing 3 MiB at once past a 1 MiB limit ran
+    on to its end and the job recorded ``exit_code: 0`` beside ``output_limit``, a clean success to
+    whoever reads the exit code. Stopped where its output crosses the limit, it ends as a timeout or
+    a memory limit does: the slave's SIGKILL, -9."""
+    lc = make_cluster(1, slots=1, languages="python", slave_args=["--output-limit", "1", warm])
+    flood = "import sys\nsys.stdout.write('x' * (3 << 20))\nsys.stdout.flush()\nsys.exit(0)\n"
+    with Cluster(lc.url, token=lc.token) as c:
+        job = run(c, flood)
+        assert job.status == P.FAILED and job.error["code"] == P.OUTPUT_LIMIT, job.error
+        assert job.exit_code == -signal.SIGKILL, (job.exit_code, job.error)
+        assert len(job.stdout) == 1 << 20
+        timed_out = run(c, "import time\ntime.sleep(60)\n", timeout=1)
+        assert (timed_out.error["code"], timed_out.exit_code) == (P.TIMEOUT, job.exit_code)
+    prog = tmp_path / "flood.py"
+    prog.write_text(flood)
+    env = dict(os.environ, DISTEXEC_URL=lc.url, DISTEXEC_TOKEN=lc.token)
+    done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "submit", str(prog)], capture_output=True,
+                          env=env, timeout=WAIT)
+    assert done.returncode == 128 + signal.SIGKILL, done.stderr[-500:]  # as a shell reports a SIGKILL
+    assert b"output_limit" in done.stderr
+    shown = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", "show", str(job.id)], capture_output=True,
+                           text=True, env=env, timeout=WAIT)
+    assert "exit code: -9 (SIGKILL)" in shown.stdout, shown.stdout[:500]
 
 
 # -- --disk-limit ----------------------------------------------------------------------

@@ -49,10 +49,28 @@ def test_cancel_timeout_watcher_and_output_budget_each_stop_a_step():
     assert reason == "output_limit" and took < steps.POLL + 5  # looked at on the next poll
 
 
+def test_an_output_budget_that_says_it_is_crossed_stops_the_step_at_once():
+    """Polled, a flood ending within the poll ran to its own end past the limit (exit code 0)."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        ended, cancel, crossed = loop.create_future(), asyncio.Event(), asyncio.Event()
+        loop.call_later(0.05, crossed.set)
+        started = time.monotonic()
+        reason = await steps.supervise(ended, cancel, started + 30, over=crossed.is_set, crossed=crossed)
+        return reason, time.monotonic() - started
+    reason, took = run(go())
+    assert reason == "output_limit" and took < steps.POLL / 2, took
+
+
 def test_one_classifier_for_limits_and_exits():
     assert steps.limit_error("timeout", 2.5, 1 << 30, 16 << 20) == P.error(P.TIMEOUT, "ran past its timeout of 2.5 s")
     assert steps.limit_error("output_limit", 1, 1 << 30, 16 << 20)["message"].endswith("of 16 MiB")
     assert steps.limit_error("memory_limit", 1, 1 << 30, 16 << 20)["code"] == P.MEMORY_LIMIT
+    # Stopped at the limit (the slave's SIGKILL): nothing to add. Ended by itself before the kill
+    # (its last write crossed the limit): its own exit code stands, and the message says why.
+    assert steps.limit_error("output_limit", 1, 1 << 30, 1 << 20, -9) == steps.limit_error("output_limit", 1, 1 << 30,
+                                                                                             1 << 20)
+    assert "exited by itself (code 0)" in steps.limit_error("output_limit", 1, 1 << 30, 1 << 20, 0)["message"]
     assert steps.exit_error(0) is None
     assert steps.exit_error(3) == P.error(P.NONZERO_EXIT, "exited with code 3")
     assert steps.exit_error(-int(signal.SIGSEGV))["signal"] == "SIGSEGV"

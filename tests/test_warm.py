@@ -866,6 +866,43 @@ def test_no_warm_runs_every_job_fresh(make_cluster, tmp_path):
         (tmp_path / "logs" / "slave-1.log").read_text()
 
 
+# A job's mount table, as a list of mount points, after where it ran (WHERE).
+MOUNTS = WHERE + "print('\\n'.join(line.split()[4] for line in open('/proc/self/mountinfo')))\n"
+
+
+def test_a_job_lists_no_other_jobs_directory_among_its_mounts(make_cluster):
+    """bwrap binds the host's tree and covers the job folders with a tmpfs: covered, another job's
+    tmpfs was still listed in /proc/self/mountinfo, by its folder's name and its slave's UID, in a
+    fresh job, a session and every warm job whose pool started while it was mounted.  Now each
+    sandbox's table is made without them (slave/mountview.py)."""
+    from slave.jobdirs import FOLDER_PREFIX
+
+    lc = make_cluster(1, slots=1, languages="python")
+    with Cluster(lc.url, token=lc.token) as client:
+        # Files to collect: a job the pool does not serve, in a directory mounted on the host.
+        first = client.submit("import os, time\nprint(os.getcwd(), flush=True)\ntime.sleep(120)\n",
+                              collect=["none"], timeout=150)
+        try:
+            wait_for(lambda: first.stdout, 30, "the first job's directory")
+            top = os.path.dirname(first.stdout.strip())
+            assert os.path.ismount(top), top
+            # Its pool's parent starts while the first job's directory is mounted; the first holds the
+            # first slave's one slot, so every probe runs on this one.
+            second = lc.start_slave()
+            for how, kwargs in (("warm", {}), ("fresh", {"collect": ["none"]}), ("session", {"session": "s"})):
+                job = client.submit(MOUNTS, timeout=60, **kwargs).wait(90)
+                assert job.status == P.SUCCEEDED and job.slave_uid == second.uid, (how, job.record)
+                where, *points = job.stdout.splitlines()
+                assert where == ("warm" if how == "warm" else "fresh"), (how, where)
+                assert os.path.basename(top) not in job.stdout and first.slave_uid not in job.stdout, (how, points)
+                # No other job's either (another slave's on this host): only its own folder, if any.
+                folders = {(p.split(FOLDER_PREFIX, 1)[1] + "/").split("/")[1] for p in points if FOLDER_PREFIX in p}
+                assert len(folders) <= (0 if how == "warm" else 1), (how, points)
+        finally:
+            first.cancel()
+            first.wait(60)
+
+
 def test_modules_the_pool_imports_once_are_in_each_job_and_what_a_job_changes_in_them_stays_its_own(
         make_cluster, tmp_path):
     # decimal is imported by nothing else at a Python job's start: here only because the pool did.
