@@ -27,7 +27,8 @@ from distexec_kernel import Cluster, protocol as P
 
 from conftest import HOLD, SHOWN_IN_PLACE, UNTIL_RELEASED, module_cluster, release_jobs, visible_outputs, wait_for
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
 # The notebooks of the python3 kernel; those of our own kernels (kernelspec
 # distexec-*) are run by tests/test_kernels.py.
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")
@@ -42,6 +43,8 @@ def kernel_env(home) -> dict:
         env.pop(var, None)
     # The kernel must be this venv's Python, whatever is first on PATH.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # And import the code under test: the venv's editable install may point at another checkout.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
