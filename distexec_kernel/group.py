@@ -238,6 +238,9 @@ class JobGroup(Sequence):
                     # colours a full bar green), as the summary line's ❌ and 🚫 say.
                     bar.display(bar_style="danger", check_delay=False)
                 bar.close()
+                if getattr(bar, "live", None) is not None:
+                    bar.live.sync()  # its text as it ended, for a reader without widgets (live.py)
+                    bar.live.stop()
         self._fetch_outputs()
         return self
 
@@ -305,4 +308,12 @@ def _bar(total: int, asked: bool | None = None):
     in_notebook = notebook is not None and issubclass(tqdm, notebook.tqdm_notebook)
     if asked is None and not in_notebook and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         return None
-    return tqdm(total=total, unit="job", desc="jobs", leave=True, dynamic_ncols=True)
+    if not in_notebook:
+        return tqdm(total=total, unit="job", desc="jobs", leave=True, dynamic_ncols=True)
+    from .live import LiveView
+
+    # Displayed by us, not by tqdm: with a display_id, so that its text (tqdm's own line) can be
+    # brought to where the bar ended; tqdm's display() froze it at 0%.
+    bar = tqdm(total=total, unit="job", desc="jobs", leave=True, dynamic_ncols=True, display=False)
+    bar.live = LiveView(bar.container, lambda: {"text/plain": bar.container.__repr__(True)}).show(follow=False)
+    return bar

@@ -18,6 +18,7 @@ import getpass
 import html
 import os
 import sys
+import threading
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -28,6 +29,7 @@ from . import config, display as D, interrupts, languages, outputs as O, protoco
 from .config import seconds
 from .cluster import Cluster, DistexecError, Job
 from .group import item_args
+from .live import LiveView
 from .magic_args import parse_cell_line, parse_command, parse_line, read_files, read_source, split_run
 from .magic_errors import RemoteGroupFailed, RemoteJobFailed, show_error
 
@@ -348,20 +350,36 @@ class RemoteMagics(Magics):
         Registered as the IPython display function for ``Job``, so both a
         ``--no-wait`` cell and a later cell evaluating the handle show it.
         Runs in the main thread; the event thread only sets the widget's value.
+        The line's text beside the widget, and its state in a saved notebook,
+        are brought to the job's end at the end of a later cell (``live.py``).
         """
         import ipywidgets
 
-        widget = ipywidgets.HTML(value=D.status_html(job.record))
+        record = dict(job.record)
+        widget = ipywidgets.HTML(value=D.status_html(record))
         self.status_widgets[job.id] = widget
         while len(self.status_widgets) > KEEP_WIDGETS:
             self.status_widgets.pop(next(iter(self.status_widgets)))
-        if not job.done:
-            record = dict(job.record)
+        moving = threading.Lock()
 
+        def move(summary: dict) -> None:
+            # From the event thread and, at a cell's end, the main thread: an ended line stays ended.
+            with moving:
+                if record["status"] not in P.TERMINAL or summary.get("status") in P.TERMINAL:
+                    record.update(summary)
+                    widget.value = D.status_html(record)
+
+        def catch_up() -> None:
+            # The handle may know the end before our subscriber does (a wait() that read the master):
+            # the cell that waited then sends it, in its own messages.
+            latest = job.record
+            if _rank(latest["status"]) > _rank(record["status"]):
+                move(P.summary(latest))
+
+        if not job.done:
             def on_event(msg):
                 if msg["type"] == "job_update" and msg["job"].get("id") == record["id"]:
-                    record.update(msg["job"])
-                    widget.value = D.status_html(record)
+                    move(msg["job"])
                     if record["status"] in P.TERMINAL:
                         unsubscribe()
 
@@ -374,9 +392,8 @@ class RemoteMagics(Magics):
                 latest = None
             if latest is not None and _rank(latest["status"]) > _rank(record["status"]):
                 on_event({"type": "job_update", "job": P.summary(latest)})
-        bundle = widget._repr_mimebundle_()
-        bundle["text/plain"] = D.status_line(job.record)
-        display(bundle, raw=True)
+        LiveView(widget, lambda: D.status_bundle(record), catch_up=catch_up,
+                 finished=lambda: record["status"] in P.TERMINAL).show()
         return True
 
 

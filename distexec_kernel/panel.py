@@ -175,6 +175,21 @@ class JobPanel(W.VBox):
         """Apply pending updates to the widgets now, in the calling thread."""
         self._flush()
 
+    def _ipython_display_(self) -> None:
+        """Displayed as a live view (``live.py``): what it lists stays true in a saved notebook, for
+        nbconvert's widget state and, as text, for a reader without widgets."""
+        from .live import LiveView
+
+        LiveView(self, self._snapshot, catch_up=self.flush, finished=lambda: self._closed,
+                 redraw_when_viewed=False).show()
+
+    def _snapshot(self) -> dict:
+        if not self.title.value:  # not rendered yet: its "no jobs" would be a guess
+            return H.snapshot(f"<b>distexec</b> job panel · {H.esc(self.cluster.url)} · live in Jupyter "
+                              f"(<code>%remote jobs</code> lists the history as text)", "", "", [])
+        return H.snapshot(self.title.value, self.message.value, self.jobs_view.page_label.value,
+                          [label for label, _ in self.job_list.options])
+
     def close(self) -> None:
         """Stop listening to the cluster, stop the panel's threads and close its widgets."""
         if self._closed:

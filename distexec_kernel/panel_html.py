@@ -11,6 +11,7 @@ for a front end without them (classic Notebook, VS Code).
 from __future__ import annotations
 
 import html
+import re
 import shlex
 
 from . import display as D, protocol as P
@@ -99,6 +100,19 @@ def title_html(url: str, me: str, connected: bool, total: int, slaves: int, clie
     state = "🟢 connected" if connected else "🔴 refused" if refused else "🔴 disconnected, reconnecting…"
     return (f"<b>distexec</b> · {esc(url)} · client {esc(me)} · {state} · {D.plural(total, 'job')}"
             f" · {D.plural(slaves, 'slave')} · {D.plural(clients, 'client')}")
+
+
+def snapshot(title: str, message: str, page: str, rows: list[str]) -> dict:
+    """The panel as a reader without its widgets sees it (GitHub, an HTML export): its title (our own
+    ``title_html``), its message line, and the page of the history it lists, each row as the list shows it."""
+    plain_title = html.unescape(re.sub(r"<[^>]*>", "", title))
+    lines = [plain_title] + ([message] if message else []) + rows + ([page] if page else [])
+    shown_rows = html.escape("\n".join(rows))
+    return {"text/plain": "\n".join(lines),
+            "text/html": (f"<div class='distexec-panel-snapshot'><div>{title}</div>"
+                          + (f"<div>{esc(message)}</div>" if message else "")
+                          + (f"<pre>{shown_rows}</pre>" if rows else "")
+                          + (f"<div><i>{esc(page)}</i></div>" if page else "") + "</div>")}
 
 
 def cluster_html(slaves: list[dict], clients: list[dict]) -> tuple[str, str]:

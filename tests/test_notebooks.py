@@ -5,8 +5,9 @@ real ``python3`` kernel against a real local cluster, found through the
 connection file (the kernel inherits DISTEXEC_HOME), and its outputs are
 checked.  The kernel tests below drive ipykernel directly to check what
 only a kernel shows: output routed to the cell that ran it, a failed job
-failing the execute reply, a kernel interrupt cancelling the job, and a
---no-wait status widget updated from the event thread.
+failing the execute reply, a kernel interrupt cancelling the job, a
+--no-wait status widget updated from the event thread, and what a notebook
+executed by nbclient saves of widgets the event thread changed between cells.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import pytest
 from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from nbclient.util import run_sync
 
 from distexec_kernel import Cluster, protocol as P
 
 from conftest import HOLD, SHOWN_IN_PLACE, UNTIL_RELEASED, module_cluster, release_jobs, visible_outputs, wait_for
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
 # The notebooks of the python3 kernel; those of our own kernels (kernelspec
 # distexec-*) are run by tests/test_kernels.py.
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")
@@ -42,6 +45,8 @@ def kernel_env(home) -> dict:
         env.pop(var, None)
     # The kernel must be this venv's Python, whatever is first on PATH.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # And import the code under test: the venv's editable install may point at another checkout.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -70,6 +75,7 @@ def cell(nb, startswith: str):
     return matches[0]
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 STATUS_OK = re.compile(r"✅ job \d+ · (\w+) · slave \S+… · \d+\.\d+ s")
 
 
@@ -84,7 +90,8 @@ def check_quickstart(nb, cluster: Cluster) -> None:
     assert STATUS_OK.search(text_of(cell(nb, "%%remote bash"))).group(1) == "bash"
     assert "2 3 5 7 11 13 17 19 23 29\n" in text_of(cell(nb, "%remote run primes.py"))
     assert "2 3 5 7 11\n" in text_of(cell(nb, "%%remote --file primes.py"))
-    assert re.search(r"[🕓⏳] job \d+", text_of(cell(nb, "%%remote --no-wait -o slow")))
+    # Shown as 🕓/⏳ when the cell ran; saved as it ended, as a later cell waited for it (live.py).
+    assert STATUS_OK.match(text_of(cell(nb, "%%remote --no-wait -o slow")))
     assert re.search(r"still (queued|running)", text_of(cell(nb, "print('this cell ran")))
     assert "succeeded 'slow job done\\n'" in text_of(cell(nb, "slow.wait("))
     assert "stored 10 squares\n" in text_of(cell(nb, "%%remote --session demo\ndata ="))
@@ -391,3 +398,115 @@ def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel, kernel_clust
     msgs, reply = run_in(kc, "print(h.wait(timeout=20).stdout)")
     assert reply["content"]["status"] == "ok"
     assert "late\n\n" in [m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream"]
+
+
+def test_a_saved_notebook_shows_the_widgets_as_they_ended(kernel_cluster, tmp_path):
+    """What ``jupyter nbconvert --execute`` saves: nbclient keeps a widget's state from the messages of the
+    cell it runs, and a reader without widgets (GitHub, an HTML export) sees the output's text.  A job's
+    status line and a panel that the event thread brought to ✅ while no cell ran must still be saved as
+    ✅, with the job's slave and output; and a map's bar as full, not at its first 0%."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in (
+        "%load_ext distexec_kernel",
+        "%%remote --no-wait --name saved-view -o h\n" + HOLD + UNTIL_RELEASED + "print('late output')\n",
+        "import time\nfrom distexec_kernel import Cluster, JobPanel\n"
+        "panel = JobPanel(Cluster())\npanel.text_filter.value = 'saved-view'\npanel.select(h.id)\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not ([label[0] for label, _ in panel.job_list.options] == ['⏳'] and '⏳' in panel.detail.header.value):\n"
+        "    assert time.monotonic() < deadline, panel.job_list.options\n"
+        "    time.sleep(0.05)\n"
+        "panel",
+        "print(h.status)",
+        "items = [1, 2, 3]",
+        "%%remote --map items\nimport sys\nprint(sys.argv[1])\n",
+    )])
+    client = NotebookClient(nb, timeout=120, startup_timeout=60, kernel_name="python3", store_widget_state=True,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel(env=kernel_env(kernel_cluster.home)):
+        for index in range(3):
+            client.execute_cell(nb.cells[index], index)
+        [status] = [o for o in nb.cells[1].outputs if o.output_type == "display_data"]
+        status_id = status.data[WIDGET_VIEW]["model_id"]
+        assert re.match(r"⏳ job \d+", status.data["text/plain"])
+        # The job ends between two cells: its updates come while no cell runs.  Read here, they are
+        # the ones nbclient would have dropped (not the running cell's), and prove that they came.
+        release_jobs(*(s.pid for s in kernel_cluster.slaves))
+        seen = {"status": False, "row": False, "stdout": False}
+        deadline = time.monotonic() + 30
+        while not all(seen.values()):
+            assert time.monotonic() < deadline, f"the event thread's updates did not all come: {seen}"
+            try:
+                msg = run_sync(client.kc.iopub_channel.get_msg)(timeout=1)
+            except queue.Empty:
+                continue
+            state = msg["content"].get("data", {}).get("state", {}) if msg["msg_type"] == "comm_msg" else {}
+            seen["status"] |= msg["content"].get("comm_id") == status_id and "✅" in str(state.get("value"))
+            seen["row"] |= any(label.startswith("✅") for label in state.get("_options_labels", ()))
+            seen["stdout"] |= str(state.get("value")).startswith("<pre>late output")
+        for index in range(3, len(nb.cells)):
+            client.execute_cell(nb.cells[index], index)
+        client.set_widgets_metadata()
+    assert text_of(nb.cells[3]) == "succeeded\n"
+    widgets = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+
+    def saved(model_id: str) -> dict:
+        return widgets[model_id]["state"]
+
+    def tree(model_id: str):
+        yield saved(model_id)
+        for child in saved(model_id).get("children", ()):
+            yield from tree(child.removeprefix("IPY_MODEL_"))
+
+    with Cluster(kernel_cluster.url, token=kernel_cluster.token) as c:
+        job = c.jobs(limit=20)
+        job = next(j for j in job if j.name == "saved-view")
+        assert job.status == P.SUCCEEDED
+        slave = job.slave_uid[:8]
+    # The status line: its widget, and the text beside it, as it ended.
+    [status] = [o for o in nb.cells[1].outputs if o.output_type == "display_data"]
+    assert "✅" in saved(status_id)["value"] and slave in saved(status_id)["value"]
+    assert STATUS_OK.match(status.data["text/plain"]) and slave in status.data["text/plain"], status.data
+    assert "✅" in status.data["text/html"] and "⏳" not in status.data["text/html"]
+    # The panel: its row and its detail in the saved state, its row in the text.
+    [shown] = [o for o in nb.cells[2].outputs if WIDGET_VIEW in o.get("data", {})]
+    panel = list(tree(shown.data[WIDGET_VIEW]["model_id"]))
+    rows = [label for w in panel for label in w.get("_options_labels", ()) if "saved-view" in label]
+    assert len(rows) == 1 and rows[0].startswith("✅") and slave in rows[0], rows
+    assert any(w.get("value", "").startswith("<pre>late output") for w in panel if w.get("_model_name") == "HTMLModel")
+    assert re.search(rf"^✅ ok +{job.id} +saved-view .*{slave}", shown.data["text/plain"], re.M), shown.data
+    assert "⏳" not in shown.data["text/plain"]
+    # The map's bar: full in the text too, not at its first 0%.
+    [bar] = [o for o in nb.cells[5].outputs if o.output_type == "display_data" and WIDGET_VIEW in o.data]
+    assert "3/3" in bar.data["text/plain"] and "✅ 3" in bar.data["text/plain"], bar.data
+    assert [w["value"] for w in tree(bar.data[WIDGET_VIEW]["model_id"]) if w.get("_model_name") == "FloatProgressModel"] == [3.0]
+
+
+def test_a_panel_on_screen_is_not_redrawn_but_its_saved_text_follows_once_none_shows_it(kernel, kernel_cluster):
+    """Updating a display's text makes a front end re-render the widget's view (and ipywidgets 8 keeps the old
+    view updating, detached): the panel's text follows at a cell's end only while no front end shows it."""
+    km, kc = kernel
+
+    def front_end_views(model_id: str, count: int) -> None:
+        # What a front end sends as it shows or removes a view of a model whose views it counts.
+        kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": model_id, "data": {
+            "method": "update", "state": {"_view_count": count}, "buffer_paths": []}}))
+
+    def redrawn(msgs, display_id: str) -> list[str]:
+        return [m["content"]["data"]["text/plain"] for _, m in msgs if m["msg_type"] == "update_display_data"
+                and m["content"]["transient"]["display_id"] == display_id]
+
+    msgs, reply = run_in(kc, "from distexec_kernel import Cluster, JobPanel\nshown = JobPanel(Cluster())\n"
+                             "shown.text_filter.value = 'on-screen'\nshown")
+    assert reply["content"]["status"] == "ok"
+    [shown] = [m["content"] for _, m in msgs if m["msg_type"] == "display_data"]
+    model_id, display_id = shown["data"][WIDGET_VIEW]["model_id"], shown["transient"]["display_id"]
+    front_end_views(model_id, 1)
+    msgs, reply = run_in(kc, "done = Cluster().submit('print(1)', name='on-screen').wait(timeout=30)\n"
+                             "import time\ntime.sleep(0.5)")  # the panel's flusher, at most every 0.1 s
+    assert reply["content"]["status"] == "ok" and not redrawn(msgs, display_id)
+    msgs, _ = run_in(kc, "pass")
+    assert not redrawn(msgs, display_id)
+    front_end_views(model_id, 0)
+    msgs, _ = run_in(kc, "pass")
+    [text] = redrawn(msgs, display_id)
+    assert re.search(r"^✅ ok +\d+ +on-screen ", text, re.M), text
+    run_in(kc, "shown.close()")

@@ -304,3 +304,14 @@ def test_collected_files_are_listed_and_only_raster_images_shown():
     assert html.count("<img") == 1 and f"src='{uri}'" in html
     assert "2.0 KiB" in html or "2048" in html
     assert H.artifacts_html([], {}) == ""
+
+
+def test_the_panels_text_for_a_saved_notebook_is_its_title_and_rows_escaped():
+    from distexec_kernel.panel_jobs import row_label
+    title = H.title_html("http://m", "c1", True, 1, 2, 1)
+    row = row_label(job(7, P.SUCCEEDED, name="<img src=x onerror=alert(1)>"))
+    shown = H.snapshot(title, "✅ job 7: succeeded", "1–1 of 1", [row])
+    assert shown["text/plain"].splitlines() == [
+        "distexec · http://m · client c1 · 🟢 connected · 1 job · 2 slaves · 1 client",
+        "✅ job 7: succeeded", row, "1–1 of 1"]
+    assert row.startswith("✅ ok") and "<img" not in shown["text/html"] and "&lt;img src=x" in shown["text/html"]
