@@ -217,7 +217,19 @@ def validate(msg) -> dict:
         raise ProtocolError("bad_message", f"{msg_type}: stream must be stdout or stderr")
     if isinstance(msg.get("ref"), str) and len(msg["ref"]) > MAX_NAME_CHARS:
         raise ProtocolError("bad_message", f"{msg_type}: field 'ref' is over {MAX_NAME_CHARS} characters")
+    if msg_type == "job_finished" and msg["error"] is not None:
+        _check_job_error(msg["error"])
     return msg
+
+
+def _check_job_error(err: dict) -> None:
+    """A job's error is ``{"code", "message", "line"?, "column"?}``: the master files a job by its code
+    (``status_of``), and a code that was an array raised inside it, the job left running, its result
+    sent again at every register."""
+    if (type(err.get("code")) is not str or type(err.get("message")) is not str
+            or not all(_type_ok(err.get(key), _OPT_INT) for key in ("line", "column"))):
+        raise ProtocolError("bad_message", "job_finished: field 'error' must be an object with a string 'code' "
+                                           "and 'message' (and an integer 'line' and 'column', if any)")
 
 
 # One encoder, made once: json.dumps with options builds a new one per call.

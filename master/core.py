@@ -25,7 +25,7 @@ from .clients import DEFAULT_MAX_CLIENTS_PER_USER, ClientBook, ClientInfo, Coale
 from .retention import Retention
 from .scheduler import Scheduler
 from .sessions import SessionBook
-from .slaves import SlaveInfo, language_list, rich_outputs, slave_list
+from .slaves import SlaveInfo, language_list, results_of, rich_outputs, slave_list
 from .store import JobStore
 
 __all__ = ["Master", "Peer", "QueueFull", "SlaveInfo"]
@@ -303,14 +303,7 @@ class Master:
         self.slaves[uid] = info
         peer.send(P.make("register_reply", ok=True, slave_uid=uid))
         self.admission.slave_joined()
-        results = []
-        for result in msg.get("results", []):
-            try:
-                P.validate(result)
-            except P.ProtocolError as exc:
-                log.warning("slave %s sent a malformed stored result: %s", uid, exc.message)
-                continue
-            results.append(result)
+        results = results_of(uid, msg.get("results", []))
         running = {j for j in msg.get("running", []) if isinstance(j, int)}
         self._carry(self.jobs.slave_back(uid, info.instance, [lang["name"] for lang in langs], msg["slots"],
                                          info.draining, running, {r["job_id"] for r in results}))

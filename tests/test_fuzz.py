@@ -79,6 +79,11 @@ def messages(draw, types=tuple(P.MESSAGES) + ("bogus",)) -> dict:
     return msg
 
 
+# A job's error as the table wants it in a job_finished: {"code", "message", "line"?, "column"?}.
+job_errors = st.none() | st.builds(P.error, st.sampled_from(tuple(P.ERROR_STATUS)), st.text(max_size=20),
+                                   line=st.none() | st.integers(1, 10 ** 6), column=st.none() | st.integers(1, 200))
+
+
 @st.composite
 def valid_messages(draw) -> dict:
     """Messages that match the table, with strict-JSON values only (no NaN, no lone surrogate)."""
@@ -87,6 +92,8 @@ def valid_messages(draw) -> dict:
     for field, (expected, required) in P.MESSAGES[msg_type].items():
         if required or draw(st.booleans()):
             msg[field] = draw(st.sampled_from(P.STREAMS) if field == "stream" else _of_type(expected, _IN_RANGE))
+    if msg_type == "job_finished":
+        msg["error"] = draw(job_errors)
     assume(_strict(msg))
     return msg
 
