@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from distexec_kernel import protocol as P
+from distexec_kernel import diagnostics as D, protocol as P
 from distexec_kernel.job_record import OUTPUT_PLACE
 
 from . import safefs, steps
@@ -210,10 +210,13 @@ class CellRunner:
             if code == 0:
                 return self._outcome(0, None, capture)
             return self._outcome(code, P.error(P.NONZERO_EXIT, f"exited with code {code}"), capture)
+        # What the cell raised, cut as a fresh job's is (D.brief): ``ValueError('x' * 8_000_000)`` made 8 MB of
+        # error message, in every event and listing of the job.  Its traceback has it whole, in stderr.
         if state.ename is not None and session.jobdir is not None and session.jobdir.full():
-            return self._outcome(1, disk_error(self.jobdirs, f"{state.ename}: the session wrote more than"), capture)
+            return self._outcome(1, disk_error(self.jobdirs, f"{D.brief(state.ename)}: the session wrote more "
+                                                             f"than"), capture)
         if state.ename is not None:
-            return self._outcome(1, P.error(P.NONZERO_EXIT, f"{state.ename}: {state.evalue}",
+            return self._outcome(1, P.error(P.NONZERO_EXIT, D.brief(f"{state.ename}: {state.evalue}"),
                                             line=state.line), capture)
         return self._outcome(0, None, capture)
 
