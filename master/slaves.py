@@ -1,4 +1,4 @@
-"""The connected slaves as the master sees them: their record, the lists clients read, what a result may carry."""
+"""The connected slaves as the master sees them: their record, the lists clients read, the results a register brings."""
 from __future__ import annotations
 
 import logging
@@ -47,18 +47,6 @@ def language_list(slaves: dict[str, SlaveInfo]) -> list[dict]:
             entry = seen.setdefault(lang["name"], {"name": lang["name"], "version": lang.get("version"), "slaves": 0})
             entry["slaves"] += 1
     return sorted(seen.values(), key=lambda e: e["name"])
-
-
-def rich_outputs(outputs) -> list[dict]:
-    """The well-formed nbformat-style outputs of a result: clients display them, so nothing else passes."""
-    kept = []
-    for out in outputs if isinstance(outputs, list) else ():
-        if (isinstance(out, dict) and out.get("output_type") in ("display_data", "execute_result")
-                and isinstance(out.get("data"), dict) and all(isinstance(k, str) for k in out["data"])):
-            meta = out.get("metadata")
-            kept.append({"output_type": out["output_type"], "data": out["data"],
-                         "metadata": meta if isinstance(meta, dict) else {}})
-    return kept
 
 
 def results_of(uid: str, items: list) -> list[dict]:

@@ -51,8 +51,6 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # ``[{"job": {"outputs": [bundle]}}]``; a register's ``results``), and the master refuses a frame past
 # MAX_JSON_DEPTH.  A few levels to spare, so a new envelope does not lose a user's bundle to its refusal.
 BUNDLE_DEPTH = P.MAX_JSON_DEPTH - 8
-_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object",
-               type(None): "null"}
 
 # An object's default repr (``<Figure size 640x480 with 1 Axes>``, ``<IPython.core.display.HTML object>``).
 _PLACEHOLDER = re.compile(r"<[^\n]*>")
@@ -306,15 +304,14 @@ def _display(kind: str, content: dict, capture: Capture) -> None:
     # A widget's view names a model that lives in the session's kernel only: no notebook
     # could draw it, so its text (a progress bar's line) stands alone.
     data = {k: v for k, v in data.items() if k != WIDGET_VIEW} if WIDGET_VIEW in data else data
+    # A value a renderer cannot take (``display({'text/plain': 5, 'text/html': ['<b>']}, raw=True)``: not
+    # text) is dropped and said; the protocol's rule, which the master applies again.
+    data, dropped = P.clean_mime_data(data)
+    for note in dropped:
+        _feed(capture, "stderr", f"distexec: {note}\n")
+    if dropped and not data:
+        return
     text = data.get("text/plain")
-    if "text/plain" in data and not isinstance(text, str):
-        # Not text (``display({'text/plain': 5}, raw=True)``): a terminal could not print it, nor a
-        # notebook show it.  Dropped rather than made text: what a cell meant by 5 is its own to say.
-        _feed(capture, "stderr", f"distexec: a display output's text/plain was dropped: it is "
-                                 f"{_JSON_TYPES.get(type(text), 'not JSON')}, not text\n")
-        data, text = {k: v for k, v in data.items() if k != "text/plain"}, None
-        if not data:
-            return
     at = capture.chars["stdout"]
     if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
         text += "\n"

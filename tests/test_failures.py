@@ -700,6 +700,35 @@ def test_a_bad_result_in_a_register_is_refused_alone(raw_slave, tmp_path):
     assert len(refused) == 3, refused
 
 
+def test_rich_outputs_a_renderer_cannot_take_are_dropped_by_the_master_and_said(raw_slave, tmp_path):
+    """The master cleans a result's rich outputs by the protocol's rule (``P.clean_outputs``), whatever slave
+    sent them.  Before: a ``text/html`` of 5 or an ``image/png`` that was an array was kept with the job, for
+    every client's renderer."""
+    lc, rs = raw_slave
+    conn = rs.connect()
+    with dispatched(lc, conn) as (c, job):
+        outputs = [{"output_type": "display_data", "data": {"text/html": 5, "text/plain": "five"}, "metadata": {}},
+                   {"output_type": "execute_result", "metadata": {"m": 1},
+                    "data": {"image/png": ["iVBOR"], "application/json": [5], "application/vnd.x+json": {"a": 1}}},
+                   {"output_type": "display_data", "data": {"image/svg+xml": None}, "metadata": {}},
+                   {"output_type": "stream", "data": {"text/plain": "no"}}]
+        conn.send(P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="five\n", stderr="",
+                         outputs=outputs))
+        assert conn.expect("result_ack")["job_id"] == job.id
+        j = c.job(job.id)
+    assert j.status == P.SUCCEEDED and j.stdout == "five\n", j.record
+    assert j.outputs == [
+        {"output_type": "display_data", "data": {"text/plain": "five"}, "metadata": {}},
+        {"output_type": "execute_result", "data": {"application/json": [5], "application/vnd.x+json": {"a": 1}},
+         "metadata": {"m": 1}}], j.outputs
+    assert j.stderr.splitlines() == [
+        "distexec: a display output's text/html was dropped: it is a number, not text",
+        "distexec: a display output's image/png was dropped: it is an array, not text",
+        "distexec: a display output's image/svg+xml was dropped: it is null, not text",
+        "distexec: a rich output was dropped: it is no display_data or execute_result with a data object"], j.stderr
+    assert f"job {job.id}: a display output's text/html was dropped" in logs(tmp_path)
+
+
 def test_cancel_between_dispatch_and_start(raw_slave):
     """A running job cancelled before its slave started it ends cancelled, and the slave is told."""
     lc, rs = raw_slave
