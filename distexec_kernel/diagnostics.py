@@ -40,6 +40,12 @@ REASON_TAIL = 1 << 16  # the end of stderr, where a runtime says why it stopped
 REASON_CHARS = 300
 
 
+def brief(text: str) -> str:
+    """``text`` cut at REASON_CHARS, for an error's message: it is read in a status line, in every event
+    and listing of the job; the whole of what the program said is in its stderr, within the output limit."""
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "…"
+
+
 def reason(lang: Language | None, diagnostics: str) -> str | None:
     """Why a run failed in one line, as its runtime put it in ``diagnostics`` (its stderr): the
     uncaught exception (``ValueError: bad input 13``), the last one said.  None if it said none."""
@@ -50,8 +56,7 @@ def reason(lang: Language | None, diagnostics: str) -> str | None:
         pass
     if found is None:
         return None
-    text = found.group("reason").strip()
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "…"
+    return brief(found.group("reason").strip())
 
 
 def _locate(lang: Language | None, diagnostics: str, source_name: str | None) -> dict:

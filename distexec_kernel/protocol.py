@@ -7,16 +7,15 @@ of such objects, in order (``encode_batch``, ``decode_batch``); ``MESSAGES`` bel
 carries and of which JSON type.  ``decode`` checks a received frame against
 that table, so a handler only ever sees well-formed messages.  The message
 set is described in prose in ``docs/protocol.md``.  The job record, its
-states and error codes live in ``job_record`` and are re-exported here, so
-``P.SUCCEEDED`` and ``P.new_job`` read as before.
+states and error codes live in ``job_record``, and the strict JSON every frame
+is parsed with (``loads``, ``check_value``) in ``strict_json``; both are
+re-exported here, so ``P.SUCCEEDED`` and ``P.loads`` read as before.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-import math
-import re
 
 from .job_record import (  # noqa: F401  (re-exported: the protocol is read as one namespace)
     CANCELLED, CANCELLED_CODE, COMPILE_ERROR, DISK_LIMIT, ERROR_STATUS, FAILED, ICONS, INPUT_FIELDS,
@@ -25,6 +24,7 @@ from .job_record import (  # noqa: F401  (re-exported: the protocol is read as o
     SUCCEEDED, SUMMARY_OMIT, SYNTAX_ERROR, TERMINAL, TIMEOUT, UNSUPPORTED_LANGUAGE, new_job, now,
     answer_of, parse_time, session_key, session_keys_of, session_label, status_of, summary, update_of,
 )
+from .strict_json import MAX_JSON_DEPTH, check_value, loads  # noqa: F401  (re-exported, as above)
 
 PROTOCOL_VERSION = 5  # what each version brought: docs/protocol.md, "Versioning"
 
@@ -58,10 +58,6 @@ ARTIFACT_CHUNK = 4 << 20
 # A frame may carry a finished job's whole output (16 MiB by default) plus
 # its files, so the WebSocket limit sits above the sum of those.
 MAX_MESSAGE_BYTES = 64 << 20
-# How deep arrays and objects may nest in what we parse.  Our messages nest a
-# few levels; without a bound, 100,000 nested "[" made the parser raise
-# RecursionError, which a handler took for a bug of its own (a 500).
-MAX_JSON_DEPTH = 128
 
 
 class ProtocolError(Exception):
@@ -221,7 +217,19 @@ def validate(msg) -> dict:
         raise ProtocolError("bad_message", f"{msg_type}: stream must be stdout or stderr")
     if isinstance(msg.get("ref"), str) and len(msg["ref"]) > MAX_NAME_CHARS:
         raise ProtocolError("bad_message", f"{msg_type}: field 'ref' is over {MAX_NAME_CHARS} characters")
+    if msg_type == "job_finished" and msg["error"] is not None:
+        _check_job_error(msg["error"])
     return msg
+
+
+def _check_job_error(err: dict) -> None:
+    """A job's error is ``{"code", "message", "line"?, "column"?}``: the master files a job by its code
+    (``status_of``), and a code that was an array raised inside it, the job left running, its result
+    sent again at every register."""
+    if (type(err.get("code")) is not str or type(err.get("message")) is not str
+            or not all(_type_ok(err.get(key), _OPT_INT) for key in ("line", "column"))):
+        raise ProtocolError("bad_message", "job_finished: field 'error' must be an object with a string 'code' "
+                                           "and 'message' (and an integer 'line' and 'column', if any)")
 
 
 # One encoder, made once: json.dumps with options builds a new one per call.
@@ -252,57 +260,6 @@ def batch_frames(texts: list[str], limit: int) -> list[str]:
     if start < len(texts):
         frames.append(texts[start] if len(texts) - start == 1 else encode_batch(texts[start:]))
     return frames
-
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-# Made once: json.loads with options builds a decoder per call (every frame comes through here).
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
-
-
-def loads(text: str | bytes):
-    """``json.loads`` for untrusted input: UTF-8 only, no NaN/Infinity, no lone surrogates, nesting
-    at most ``MAX_JSON_DEPTH`` deep (``check_value``).  Python's json accepts all of these, and each
-    breaks something downstream that is strict: a lone surrogate (``"\\ud800"``) in a job's name
-    cannot be encoded for SQLite and used to kill the master's history writer.  Raises ValueError."""
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("utf-8")
-    try:
-        value = _DECODER.decode(text)
-    except RecursionError:  # the parser is recursive: past the interpreter's depth, before our check
-        raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels") from None
-    # Fewer openers cannot nest deeper, only an escape makes a surrogate (strict UTF-8): most frames need no walk.
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(text):
-        check_value(value)
-    return value
-
-
-def check_value(value, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Raise ValueError if ``loads`` would refuse ``value`` encoded (deeper than ``max_depth``, NaN or Infinity,
-    a lone surrogate), so a sender can check what its users made (a session's display bundles, MiB) before
-    it sends it: one walk, no encoding, no recursion.  JSON's own types (what json.loads makes, and tuples)
-    are told by exact type: 3x faster than isinstance."""
-    stack = [((value,), 0)]  # (items, how deep the container holding them is)
-    while stack:
-        items, depth = stack.pop()
-        for item in items:
-            t = type(item)
-            if t is str:
-                if not item.isascii() and _LONE_SURROGATE.search(item):
-                    raise ValueError("a string holds a lone UTF-16 surrogate")
-            elif t is dict or t is list or t is tuple:
-                if depth >= max_depth:
-                    raise ValueError(f"arrays and objects nest deeper than {max_depth} levels")
-                stack.extend(((item.keys(), depth + 1), (item.values(), depth + 1)) if t is dict
-                             else ((item, depth + 1),))
-            elif t is float and not math.isfinite(item):
-                raise ValueError("NaN or Infinity is not JSON")
 
 
 def decode(text: str | bytes) -> dict:
@@ -336,6 +293,49 @@ def _parse(text: str | bytes):
         return loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_json", f"not JSON: {exc}") from None
+
+
+# --- rich outputs: a session cell's display bundles in a job_finished (docs/sessions.md) ---
+
+OUTPUT_TYPES = ("display_data", "execute_result")
+_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object",
+          type(None): "null"}
+
+
+def json_mime(mime: str) -> bool:
+    """Whether a bundle holds ``mime``'s value as JSON, any JSON value (``application/json``, ``*+json``), as
+    nbformat has it; every other type's value is text (``image/png`` as base64), all its renderers take."""
+    return mime == "application/json" or mime.endswith("+json")
+
+
+def clean_mime_data(data: dict) -> tuple[dict, list[str]]:
+    """A bundle's ``{MIME: value}`` with what a renderer can take, and a note for each value left out: a
+    ``text/html`` of 5 reached the notebook's HTML renderer.  Dropped rather than made text: what a cell
+    meant by 5 is its own to say."""
+    kept, notes = {}, []
+    for mime, value in data.items():
+        if isinstance(mime, str) and (type(value) is str or json_mime(mime)):
+            kept[mime] = value
+        else:
+            kind = _KINDS.get(type(value), "not JSON")  # (the name cut: a note of a MiB-long one is a flood)
+            notes.append(f"a display output's {str(mime)[:100]} was dropped: it is {kind}, not text")
+    return kept, notes
+
+
+def clean_outputs(outputs) -> tuple[list[dict], list[str]]:
+    """A result's well-formed rich outputs, each with ``clean_mime_data``, and a note on each thing left out:
+    clients display them.  The slave cleans each bundle as it comes, the master again each result."""
+    kept, notes = [], []
+    for out in outputs if isinstance(outputs, list) else ():
+        if not isinstance(out, dict) or out.get("output_type") not in OUTPUT_TYPES or type(out.get("data")) is not dict:
+            notes.append("a rich output was dropped: it is no display_data or execute_result with a data object")
+            continue
+        data, said = clean_mime_data(out["data"])
+        notes += said
+        if data or not said:  # (one that came empty stays, as it came)
+            meta = out["metadata"] if isinstance(out.get("metadata"), dict) else {}
+            kept.append({"output_type": out["output_type"], "data": data, "metadata": meta})
+    return kept, notes
 
 
 # --- submissions ----------------------------------------------------------

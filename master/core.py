@@ -25,7 +25,7 @@ from .clients import DEFAULT_MAX_CLIENTS_PER_USER, ClientBook, ClientInfo, Coale
 from .retention import Retention
 from .scheduler import Scheduler
 from .sessions import SessionBook
-from .slaves import SlaveInfo, language_list, rich_outputs, slave_list
+from .slaves import SlaveInfo, language_list, results_of, slave_list
 from .store import JobStore
 
 __all__ = ["Master", "Peer", "QueueFull", "SlaveInfo"]
@@ -303,14 +303,7 @@ class Master:
         self.slaves[uid] = info
         peer.send(P.make("register_reply", ok=True, slave_uid=uid))
         self.admission.slave_joined()
-        results = []
-        for result in msg.get("results", []):
-            try:
-                P.validate(result)
-            except P.ProtocolError as exc:
-                log.warning("slave %s sent a malformed stored result: %s", uid, exc.message)
-                continue
-            results.append(result)
+        results = results_of(uid, msg.get("results", []))
         running = {j for j in msg.get("running", []) if isinstance(j, int)}
         self._carry(self.jobs.slave_back(uid, info.instance, [lang["name"] for lang in langs], msg["slots"],
                                          info.draining, running, {r["job_id"] for r in results}))
@@ -448,8 +441,12 @@ class Master:
                 log.warning("job %d: collected file(s) did not arrive whole: %s", job_id, ", ".join(missing))
                 stderr += f"distexec: collected file(s) lost on the way to the master: {', '.join(missing)}\n"
         applied = self.jobs.runs_on(job_id, uid)
+        outputs, dropped = P.clean_outputs(msg.get("outputs"))  # a client renders them: only what it can
+        if dropped and applied:
+            log.warning("job %d: %s", job_id, "; ".join(dropped))
+            stderr += "".join(f"distexec: {note}\n" for note in dropped)
         decisions = self.jobs.finished(uid, job_id, msg["exit_code"], msg["error"], msg["stdout"],
-                                       stderr, rich_outputs(msg.get("outputs")), artifacts, msg.get("ended_ago"))
+                                       stderr, outputs, artifacts, msg.get("ended_ago"))
         if applied:
             slave = self.slaves.get(uid)
             if slave is not None:

@@ -1,12 +1,15 @@
-"""The connected slaves as the master sees them: their record, the lists clients read, what a result may carry."""
+"""The connected slaves as the master sees them: their record, the lists clients read, the results a register brings."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from distexec_kernel import protocol as P
 
 from .clients import Peer
 from .scheduler import Scheduler
+
+log = logging.getLogger("distexec.master")
 
 
 @dataclass
@@ -46,13 +49,30 @@ def language_list(slaves: dict[str, SlaveInfo]) -> list[dict]:
     return sorted(seen.values(), key=lambda e: e["name"])
 
 
-def rich_outputs(outputs) -> list[dict]:
-    """The well-formed nbformat-style outputs of a result: clients display them, so nothing else passes."""
-    kept = []
-    for out in outputs if isinstance(outputs, list) else ():
-        if (isinstance(out, dict) and out.get("output_type") in ("display_data", "execute_result")
-                and isinstance(out.get("data"), dict) and all(isinstance(k, str) for k in out["data"])):
-            meta = out.get("metadata")
-            kept.append({"output_type": out["output_type"], "data": out["data"],
-                         "metadata": meta if isinstance(meta, dict) else {}})
-    return kept
+def results_of(uid: str, items: list) -> list[dict]:
+    """The results a slave's ``register`` brings, each a well-formed ``job_finished``, to be settled.
+
+    One that is not is refused alone, with a log line, and the slave registers all the same: a register
+    refused for one bad result was refused again at every reconnect.  When it names its job, a failed
+    result saying why stands in for it, so the job ends (``internal_error``) and the slave, acknowledged,
+    stops sending it; one that names none is left out.
+    """
+    out = []
+    for item in items:
+        try:
+            P.validate(item)
+            if item["type"] != "job_finished":
+                raise P.ProtocolError("bad_message", f"a {item['type']!r} message where a job_finished belongs")
+            out.append(item)
+            continue
+        except P.ProtocolError as exc:
+            why = exc.message
+        job_id = item.get("job_id") if isinstance(item, dict) else None
+        job_id = job_id if type(job_id) is int else None  # (not a string of MiB into the log)
+        log.warning("slave %s: a result it brought at register (job %s) was refused: %s", uid, job_id, why)
+        try:
+            out.append(P.make("job_finished", job_id=job_id, exit_code=None, stdout="", stderr="", error=P.error(
+                P.INTERNAL_ERROR, f"the master could not take this job's result from slave {uid}: {why}")))
+        except P.ProtocolError:
+            pass  # no job to settle: job_id is not one
+    return out

@@ -30,6 +30,11 @@ BACKOFF_MAX = 5.0
 OUTPUT_FLUSH = 0.01  # seconds output chunks are gathered before one message goes out
 # Seconds between pings to the master (--ping-interval); silent for twice that, it is judged gone.
 PING_INTERVAL = 2.0
+# Bytes of unacknowledged results a register carries, at most; the rest follow it, one frame each.  Each
+# result fits a frame (``_checked``), but four of 16 MiB made a register past P.MAX_MESSAGE_BYTES, which
+# the master refused, and refused again at every reconnect: the slave never registered.  Half the limit
+# leaves the register's own lists (running jobs, sessions, languages) all the room they can need.
+REGISTER_RESULTS_BYTES = P.MAX_MESSAGE_BYTES // 2
 
 
 class FatalSlaveError(Exception):
@@ -61,6 +66,8 @@ class Slave:
         self.unacked_blobs: dict[int, list[bytes]] = {}
         # When each unacknowledged job ended (monotonic): a result sent late says how long ago.
         self._ended: dict[int, float] = {}
+        # The bytes each unacknowledged result takes as sent: what a register may carry (REGISTER_RESULTS_BYTES).
+        self._sizes: dict[int, int] = {}
         self.draining = False
         # Sent at each register: the master knows from it that a job we do not
         # list was never received by this process (so it never ran here).
@@ -117,18 +124,16 @@ class Slave:
 
     async def _serve(self, conn) -> None:
         self.conn = conn
-        # A result with files cannot ride in the register frame: its job is
-        # listed as still running, and the files and result follow at once.
-        with_files = sorted(self.unacked_blobs)
+        riding, after = self._riding()
         self._send(P.make(
             "register", protocol=P.PROTOCOL_VERSION, uid=self.uid, host=self.host,
             languages=self._languages(),
-            slots=self.slots, running=sorted({*self.running, *with_files}),
-            results=[self._result(j) for j in self.unacked if j not in self.unacked_blobs],
+            slots=self.slots, running=sorted({*self.running, *after}),
+            results=[self._result(j) for j in riding],
             draining=self.draining, detecting=self.detecting, sessions=self._session_names(),
             instance=self.instance, batch=True, **self._session_cap()))  # read_frames reads batch frames
         self._send_output_so_far()
-        for job_id in with_files:
+        for job_id in after:
             asyncio.ensure_future(self._send_result(job_id, conn))
         try:
             await wsclient.read_frames(conn, self._dispatch, log=log,
@@ -137,6 +142,21 @@ class Slave:
             self.conn = None
         if not self._stopping.is_set():
             log.warning("lost the master; reconnecting")
+
+    def _riding(self) -> tuple[list[int], list[int]]:
+        """The unacknowledged results that ride in a register, and the jobs whose results follow it: those
+        are listed as still running, and their results (after their files' frames) sent at once, each in a
+        frame of its own.  A result with files never rides (its files must come first); nor do results past
+        REGISTER_RESULTS_BYTES in all."""
+        riding, after, room = [], [], REGISTER_RESULTS_BYTES
+        for job_id in self.unacked:
+            size = self._sizes.get(job_id, 0)
+            if job_id in self.unacked_blobs or size > room:
+                after.append(job_id)
+            else:
+                riding.append(job_id)
+                room -= size
+        return riding, sorted(after)
 
     def _dispatch(self, msg: dict) -> None:
         handler = self.handlers.get(msg["type"])
@@ -194,6 +214,7 @@ class Slave:
     def on_result_ack(self, msg: dict) -> None:
         self.unacked.pop(msg["job_id"], None)
         self._ended.pop(msg["job_id"], None)
+        self._sizes.pop(msg["job_id"], None)
         self.unacked_blobs.pop(msg["job_id"], None)
         self._check_idle()
 
@@ -253,11 +274,11 @@ class Slave:
                                                   "before the job ended")
         self._flush_output()
         self._so_far.pop(job_id, None)
-        result = outcome.message(job_id)
+        result, self._sizes[job_id], blobs = _checked(job_id, outcome)
         self.unacked[job_id] = result
         self._ended[job_id] = time.monotonic()
-        if outcome.blobs:
-            self.unacked_blobs[job_id] = outcome.blobs
+        if blobs:
+            self.unacked_blobs[job_id] = blobs
         self.running.pop(job_id, None)
         await self._send_result(job_id, self.conn)
         self._check_idle()
@@ -361,6 +382,50 @@ class Slave:
         if self.conn is not None:
             # "Going away": the master settles our jobs now instead of waiting for a reconnect.
             wsclient.close(self.conn, 1001, "slave stopping")
+
+
+def _checked(job_id: int, outcome: Outcome) -> tuple[dict, int, list[bytes]]:
+    """The job's ``job_finished``, the bytes it takes as sent, and its files' bytes to send before it.
+
+    Checked as the master will read it, by the protocol's own ``decode``: a result it refuses is never
+    acknowledged, so the slave kept it and sent it again in every register, which was refused with it (past
+    the frame limit, not strict JSON), at every reconnect, for good; one that broke the message table
+    raised here, and its job stayed running for good.  Such a result is replaced by a failed one that says
+    why (``internal_error``), with the job's output if that alone passes, and no files.
+    """
+    try:
+        result = outcome.message(job_id)
+        return result, _frame_size(result), outcome.blobs
+    except (P.ProtocolError, TypeError, ValueError) as exc:  # not a message; not JSON
+        why = str(exc)
+    log.error("job %s: the master would refuse its result (%s); it is reported failed instead", job_id, why)
+    failed = P.make("job_finished", job_id=job_id, exit_code=None, stdout="", stderr="", error=P.error(
+        P.INTERNAL_ERROR, f"the slave could not report this job's result, which the master would refuse: {why}"))
+    with_output = {**failed, "stdout": outcome.stdout, "stderr": outcome.stderr}
+    try:
+        return with_output, _frame_size(with_output), []
+    except (P.ProtocolError, TypeError, ValueError):
+        return failed, _frame_size(failed), []
+
+
+def _frame_size(result: dict) -> int:
+    """The bytes ``result`` takes as sent; ProtocolError if the master's ``P.decode`` would refuse it.
+
+    Measured with an ``ended_ago`` longer than any it will carry (``_result`` adds it at each send).  Not
+    parsed again unless in doubt (16 MiB of output take 50 ms to parse): the table (``validate``) and a
+    walk for what ``loads`` refuses (``check_value``) tell most; ``decode`` has the last word on what they
+    doubt (a lone surrogate, which goes as U+FFFD, passes) and refuses an oversized frame before parsing.
+    """
+    P.validate(result)
+    data = _utf8(P.encode({**result, "ended_ago": 1e15}))
+    try:
+        P.check_value(result)
+        doubt = len(data) > P.MAX_MESSAGE_BYTES
+    except ValueError:
+        doubt = True
+    if doubt:
+        P.decode(data)
+    return len(data)
 
 
 _SURROGATES = re.compile("[\ud800-\udfff]")

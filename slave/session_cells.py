@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from distexec_kernel import protocol as P
+from distexec_kernel import diagnostics as D, protocol as P
 from distexec_kernel.job_record import OUTPUT_PLACE
 
 from . import safefs, steps
@@ -51,8 +51,6 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 # ``[{"job": {"outputs": [bundle]}}]``; a register's ``results``), and the master refuses a frame past
 # MAX_JSON_DEPTH.  A few levels to spare, so a new envelope does not lose a user's bundle to its refusal.
 BUNDLE_DEPTH = P.MAX_JSON_DEPTH - 8
-_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object",
-               type(None): "null"}
 
 # An object's default repr (``<Figure size 640x480 with 1 Axes>``, ``<IPython.core.display.HTML object>``).
 _PLACEHOLDER = re.compile(r"<[^\n]*>")
@@ -211,10 +209,13 @@ class CellRunner:
             if code == 0:
                 return self._outcome(0, None, capture)
             return self._outcome(code, P.error(P.NONZERO_EXIT, f"exited with code {code}"), capture)
+        # What the cell raised, cut as a fresh job's is (D.brief): ``ValueError('x' * 8_000_000)`` made 8 MB of
+        # error message, in every event and listing of the job.  Its traceback has it whole, in stderr.
         if state.ename is not None and session.jobdir is not None and session.jobdir.full():
-            return self._outcome(1, disk_error(self.jobdirs, f"{state.ename}: the session wrote more than"), capture)
+            return self._outcome(1, disk_error(self.jobdirs, f"{D.brief(state.ename)}: the session wrote more "
+                                                             f"than"), capture)
         if state.ename is not None:
-            return self._outcome(1, P.error(P.NONZERO_EXIT, f"{state.ename}: {state.evalue}",
+            return self._outcome(1, P.error(P.NONZERO_EXIT, D.brief(f"{state.ename}: {state.evalue}"),
                                             line=state.line), capture)
         return self._outcome(0, None, capture)
 
@@ -304,15 +305,14 @@ def _display(kind: str, content: dict, capture: Capture) -> None:
     # A widget's view names a model that lives in the session's kernel only: no notebook
     # could draw it, so its text (a progress bar's line) stands alone.
     data = {k: v for k, v in data.items() if k != WIDGET_VIEW} if WIDGET_VIEW in data else data
+    # A value a renderer cannot take (``display({'text/plain': 5, 'text/html': ['<b>']}, raw=True)``: not
+    # text) is dropped and said; the protocol's rule, which the master applies again.
+    data, dropped = P.clean_mime_data(data)
+    for note in dropped:
+        _feed(capture, "stderr", f"distexec: {note}\n")
+    if dropped and not data:
+        return
     text = data.get("text/plain")
-    if "text/plain" in data and not isinstance(text, str):
-        # Not text (``display({'text/plain': 5}, raw=True)``): a terminal could not print it, nor a
-        # notebook show it.  Dropped rather than made text: what a cell meant by 5 is its own to say.
-        _feed(capture, "stderr", f"distexec: a display output's text/plain was dropped: it is "
-                                 f"{_JSON_TYPES.get(type(text), 'not JSON')}, not text\n")
-        data, text = {k: v for k, v in data.items() if k != "text/plain"}, None
-        if not data:
-            return
     at = capture.chars["stdout"]
     if text is not None and not placeholder(data):  # terminals and plain clients read this in stdout
         text += "\n"

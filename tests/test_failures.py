@@ -25,7 +25,8 @@ import tornado.websocket
 from distexec_kernel import Cluster, config, protocol as P
 from distexec_kernel.local import free_port
 
-from conftest import HOLD, UNTIL_RELEASED, assert_gone, close_ws, job_processes_of, logs, release_jobs, wait_for
+from conftest import (HOLD, UNTIL_RELEASED, assert_gone, close_ws, held_jobs, job_processes_of, logs, release_jobs,
+                      wait_for)
 
 GRACE = 3.0  # --lost-grace for these tests: long enough for a slave to come back, short to wait out
 # --ping-interval for the tests that wait for a silent peer to be dropped: 1 s of silence, not 4.
@@ -357,6 +358,51 @@ def test_a_job_that_ended_while_the_master_was_down_keeps_its_end_time(make_clus
         assert P.parse_time(j.started_at).timestamp() <= ended < master_up, (j.record, master_up)
 
 
+# A held job that then writes 23 MB: three of their results are more than one 64 MiB frame holds.
+BIG_RESULT = HOLD + "print('started', flush=True)\n" + UNTIL_RELEASED + "import sys\nsys.stdout.write('x' * 23_000_000)\n"
+
+
+def test_results_too_large_for_one_register_still_reach_a_restarted_master(make_cluster, tmp_path):
+    """Results that together pass the frame limit follow the register, each in a frame of its own.
+
+    Before: the three results, finished while the master was down, all rode in the slave's register, a frame
+    of 69 MB; the master refused it (closing the connection), and the same register at every reconnect:
+    the slave never registered again, its jobs never ended."""
+    lc = make_cluster(1, slots=3, languages="python", slave_args=["--output-limit", "32"],
+                      master_args=["--lost-grace", "120"])
+    slave = lc.slaves[0]
+    with connect(lc) as c:
+        jobs = [c.submit(BIG_RESULT, name=f"big {i}") for i in range(3)]
+        wait_for(lambda: len(held_jobs(slave.pid)) == 3, 60, "the three jobs to wait for their release")
+    lc.master.stop(signal.SIGKILL)
+    release_jobs(slave.pid)
+    wait_for(lambda: not job_processes_of(slave.pid), 60, "the jobs to end with no master")
+    lc.start_master()
+    with connect(lc) as c2:
+        for job in jobs:
+            j = c2.job(job.id).wait(60)
+            assert j.status == P.SUCCEEDED, (j.status, j.error, logs(tmp_path)[-3000:])
+            assert j.stdout == "started\n" + "x" * 23_000_000 and j.slave_uid == slave.uid
+        wait_for(lambda: [s["running"] for s in c2.slaves()] == [0], 15, "the slave registered and idle")
+        assert c2.submit("print('after')").wait(30).stdout == "after\n"
+
+
+def test_a_result_the_master_would_refuse_fails_its_job_and_the_slave_serves_on(make_cluster, tmp_path):
+    """The slave checks a result as the master will read it (``P.decode``) before it keeps it; one the master
+    would refuse is replaced by a failed one that says why.  Before: ``sys.exit(2 ** 64)`` in a session made an
+    exit code past 64 bits, building the result raised inside the slave, and the job stayed running for good."""
+    lc = make_cluster(1, slots=1, languages="python")
+    with connect(lc) as c:
+        job = c.submit("print('before')\nimport sys\nsys.exit(2 ** 64)", session="huge-exit").wait(60)
+        assert job.status == P.FAILED and job.error["code"] == P.INTERNAL_ERROR, job.record
+        assert job.error["message"] == ("the slave could not report this job's result, which the master would "
+                                        "refuse: job_finished: field 'exit_code' must be integer or null"), job.error
+        assert job.stdout == "before\n", job.record  # its output, which alone would pass, is kept
+        assert "the master would refuse its result" in logs(tmp_path)
+        assert c.submit("print(1)", session="huge-exit").wait(60).stdout == "1\n"
+        assert c.submit("print(2)").wait(30).stdout == "2\n"
+
+
 def test_running_job_whose_slave_never_returns_is_lost_after_the_grace(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, master_args=["--lost-grace", str(GRACE)])
     slave = lc.slaves[0]
@@ -624,6 +670,63 @@ def test_result_sent_again_after_settling_is_acknowledged_not_applied(raw_slave)
         assert again.expect("result_ack")["job_id"] == job.id
         j = c.job(job.id)
         assert (j.status, j.stdout, j.exit_code, j.finished_at) == (P.SUCCEEDED, "first\n", 0, settled.finished_at)
+
+
+def test_a_bad_result_in_a_register_is_refused_alone(raw_slave, tmp_path):
+    """A result the master cannot take, brought by a register, fails its job with the reason, and the slave
+    is registered all the same.  Before: a result whose error code was an array raised inside the master,
+    the job stayed running and the result came back at every register; an item that was no job_finished
+    failed the register after its reply had said ok, and every later frame was refused as unregistered."""
+    lc, rs = raw_slave
+    old = rs.connect()
+    with dispatched(lc, old) as (c, job):
+        old.close()
+        bad = P.make("job_finished", job_id=job.id, exit_code=1, error=None, stdout="", stderr="")
+        bad["error"] = {"code": ["nonzero_exit"], "message": "exited with code 1"}
+        not_a_result = P.make("register", protocol=P.PROTOCOL_VERSION, uid="x", host="h", languages=[], slots=1)
+        new = rs.connect(results=[not_a_result, 5, bad])
+        assert new.expect("result_ack")["job_id"] == job.id
+        j = c.job(job.id).wait(15)
+        assert j.status == P.FAILED and j.error["code"] == P.INTERNAL_ERROR, j.record
+        assert j.error["message"].startswith(f"the master could not take this job's result from slave {rs.uid}: "
+                                             "job_finished: field 'error' must be an object"), j.error
+        # Registered for real: the next job is sent to it, and its result is taken.
+        after = c.submit("print('next')")
+        assert new.expect("job_run")["job"]["id"] == after.id
+        new.send(P.make("job_finished", job_id=after.id, exit_code=0, error=None, stdout="next\n", stderr=""))
+        assert new.expect("result_ack")["job_id"] == after.id
+        assert after.wait(15).stdout == "next\n"
+    refused = [line for line in logs(tmp_path).splitlines() if "a result it brought at register" in line]
+    assert len(refused) == 3, refused
+
+
+def test_rich_outputs_a_renderer_cannot_take_are_dropped_by_the_master_and_said(raw_slave, tmp_path):
+    """The master cleans a result's rich outputs by the protocol's rule (``P.clean_outputs``), whatever slave
+    sent them.  Before: a ``text/html`` of 5 or an ``image/png`` that was an array was kept with the job, for
+    every client's renderer."""
+    lc, rs = raw_slave
+    conn = rs.connect()
+    with dispatched(lc, conn) as (c, job):
+        outputs = [{"output_type": "display_data", "data": {"text/html": 5, "text/plain": "five"}, "metadata": {}},
+                   {"output_type": "execute_result", "metadata": {"m": 1},
+                    "data": {"image/png": ["iVBOR"], "application/json": [5], "application/vnd.x+json": {"a": 1}}},
+                   {"output_type": "display_data", "data": {"image/svg+xml": None}, "metadata": {}},
+                   {"output_type": "stream", "data": {"text/plain": "no"}}]
+        conn.send(P.make("job_finished", job_id=job.id, exit_code=0, error=None, stdout="five\n", stderr="",
+                         outputs=outputs))
+        assert conn.expect("result_ack")["job_id"] == job.id
+        j = c.job(job.id)
+    assert j.status == P.SUCCEEDED and j.stdout == "five\n", j.record
+    assert j.outputs == [
+        {"output_type": "display_data", "data": {"text/plain": "five"}, "metadata": {}},
+        {"output_type": "execute_result", "data": {"application/json": [5], "application/vnd.x+json": {"a": 1}},
+         "metadata": {"m": 1}}], j.outputs
+    assert j.stderr.splitlines() == [
+        "distexec: a display output's text/html was dropped: it is a number, not text",
+        "distexec: a display output's image/png was dropped: it is an array, not text",
+        "distexec: a display output's image/svg+xml was dropped: it is null, not text",
+        "distexec: a rich output was dropped: it is no display_data or execute_result with a data object"], j.stderr
+    assert f"job {job.id}: a display output's text/html was dropped" in logs(tmp_path)
 
 
 def test_cancel_between_dispatch_and_start(raw_slave):

@@ -79,6 +79,11 @@ def messages(draw, types=tuple(P.MESSAGES) + ("bogus",)) -> dict:
     return msg
 
 
+# A job's error as the table wants it in a job_finished: {"code", "message", "line"?, "column"?}.
+job_errors = st.none() | st.builds(P.error, st.sampled_from(tuple(P.ERROR_STATUS)), st.text(max_size=20),
+                                   line=st.none() | st.integers(1, 10 ** 6), column=st.none() | st.integers(1, 200))
+
+
 @st.composite
 def valid_messages(draw) -> dict:
     """Messages that match the table, with strict-JSON values only (no NaN, no lone surrogate)."""
@@ -87,6 +92,8 @@ def valid_messages(draw) -> dict:
     for field, (expected, required) in P.MESSAGES[msg_type].items():
         if required or draw(st.booleans()):
             msg[field] = draw(st.sampled_from(P.STREAMS) if field == "stream" else _of_type(expected, _IN_RANGE))
+    if msg_type == "job_finished":
+        msg["error"] = draw(job_errors)
     assume(_strict(msg))
     return msg
 
@@ -168,6 +175,30 @@ def test_check_value_refuses_exactly_what_loads_would(value, levels):
     except ValueError as exc:
         loaded = str(exc)
     assert (checked is None) == (loaded is None), (checked, loaded)
+
+
+mime_types = st.sampled_from(["text/plain", "text/html", "image/png", "image/svg+xml", "application/json",
+                              "application/vnd.custom+json", "text/markdown"]) | st.text(max_size=12)
+bundles = st.fixed_dictionaries({"output_type": st.sampled_from(P.OUTPUT_TYPES) | json_values,
+                                 "data": st.dictionaries(mime_types, st.text(max_size=8) | json_values, max_size=4)
+                                 | json_values}, optional={"metadata": json_values})
+
+
+@FAST
+@given(st.lists(bundles | json_values, max_size=4) | json_values)
+def test_clean_outputs_keeps_what_a_renderer_takes_and_says_what_it_left_out(outputs):
+    """The one rule for a result's rich outputs (slave and master apply it): text for every MIME type but
+    JSON ones, which take any JSON value.  Whatever it is given, what it keeps it would keep again, and
+    nothing goes without a note."""
+    kept, notes = P.clean_outputs(outputs)
+    assert P.clean_outputs(kept) == (kept, [])
+    for out in kept:
+        assert out["output_type"] in P.OUTPUT_TYPES and isinstance(out["metadata"], dict)
+        assert all(isinstance(value, str) or P.json_mime(mime) for mime, value in out["data"].items())
+    given_ = outputs if isinstance(outputs, list) else []
+    assert len(notes) >= len(given_) - len(kept)
+    if not notes:
+        assert [out["data"] for out in kept] == [out["data"] for out in given_]
 
 
 @FAST

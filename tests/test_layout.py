@@ -118,7 +118,8 @@ def test_protocol_needs_only_the_standard_library():
              "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == repr(["distexec_kernel", "distexec_kernel.job_record", "distexec_kernel.protocol"])
+    assert out.stdout.strip() == repr(["distexec_kernel", "distexec_kernel.job_record", "distexec_kernel.protocol",
+                                      "distexec_kernel.strict_json"])
 
 
 def test_every_name_the_docs_import_from_the_package_imports():

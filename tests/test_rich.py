@@ -302,6 +302,25 @@ def test_a_bundle_the_master_could_not_take_is_dropped_and_said_and_the_session_
     assert (job.status, job.stdout) == (P.SUCCEEDED, "401\n"), job.record
 
 
+def test_a_value_a_renderer_cannot_take_is_dropped_and_said(c):
+    """Every MIME type's value is text but JSON ones' (``application/json``, ``*+json``), which take any JSON:
+    the protocol's one rule (``P.clean_mime_data``), applied by the slave, and by the master again.  Before:
+    a ``text/html`` of 5 and an ``image/png`` that was an array went to the notebook's renderers as they were."""
+    name = session()
+    job = c.submit("from IPython.display import display\n"
+                   "display({'text/html': 5, 'image/png': ['iVBOR'], 'application/json': [5],\n"
+                   "         'application/vnd.custom+json': {'a': None}, 'text/plain': 'kept'}, raw=True)\n"
+                   "display({'image/svg+xml': {'svg': 1}}, raw=True)\n"
+                   "print('after')", session=name).wait(T)
+    assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+    assert [o["data"] for o in job.outputs] == [
+        {"application/json": [5], "application/vnd.custom+json": {"a": None}, "text/plain": "kept"}], job.outputs
+    said = "distexec: a display output's {} was dropped: it is {}, not text"
+    assert job.stderr.splitlines() == [said.format("text/html", "a number"), said.format("image/png", "an array"),
+                                       said.format("image/svg+xml", "an object")], job.stderr
+    assert job.stdout == "kept\nafter\n", job.stdout
+
+
 def test_a_message_the_slave_cannot_handle_is_skipped_said_and_logged(c, lc):
     """Before: a text/plain of 5 raised inside the session's iopub reader and killed it silently: the
     cell's own print and every later cell of the session came back with empty stdout."""

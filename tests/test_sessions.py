@@ -12,7 +12,7 @@ import signal
 import psutil
 import pytest
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, diagnostics as D, protocol as P
 from distexec_kernel.cluster import DistexecError
 from master.scheduler import Scheduler
 
@@ -561,6 +561,31 @@ def test_past_the_output_limit_the_job_fails_and_the_session_lives_on(make_clust
         assert flood.status == P.FAILED and flood.error["code"] == P.OUTPUT_LIMIT
         after = run(c, "print(kept)", session="o")
         assert after.status == P.SUCCEEDED and after.stdout == "1\n", after.stderr
+
+
+def test_a_cells_error_message_is_cut_as_a_fresh_jobs_is_and_its_traceback_counts_as_output(make_cluster):
+    """What a cell raised is its error's message cut at ``diagnostics.REASON_CHARS``, as a fresh job's has
+    been; the whole of it is in the traceback, in stderr, under the output limit with the rest of the
+    output.  Before: ``raise ValueError('x' * 1_000_000)`` gave an error message of 1 MB, in every event
+    and listing of the job."""
+    said = "x" * (D.REASON_CHARS - len("ValueError: ")) + "…"
+    with limited_slave(make_cluster, "--output-limit", "4") as c:
+        big = run(c, "kept = 1\nraise ValueError('x' * 1_000_000)", session="big")
+        assert big.status == P.FAILED and big.error["code"] == P.NONZERO_EXIT, big.error
+        assert big.error["message"] == "ValueError: " + said and big.error["line"] == 2, big.error
+        assert "ValueError: " + "x" * 1_000_000 + "\n" in big.stderr
+        fresh = run(c, "raise ValueError('x' * 10_000)")
+        assert fresh.error["message"] == "exited with code 1: ValueError: " + said, fresh.error
+        # A traceback that takes the output past the limit ends the cell as any output past it does.
+        over = run(c, "print('y' * 3_500_000)\nraise ValueError('x' * 1_000_000)", session="big")
+        assert over.status == P.FAILED and over.error["code"] == P.OUTPUT_LIMIT, over.error
+        assert len(over.stdout) + len(over.stderr) <= 4 << 20
+        assert run(c, "print(kept)", session="big").stdout == "1\n"
+        # A message past what one kernel message may be (the slave's relay cuts it) is output past the limit.
+        huge = run(c, "raise ValueError('x' * 50_000_000)", session="big")
+        assert huge.status == P.FAILED and huge.error["code"] == P.OUTPUT_LIMIT, huge.error
+        assert len(huge.error["message"]) <= D.REASON_CHARS and len(huge.stderr) <= 4 << 20
+        assert run(c, "print(2)", session="big").stdout == "2\n"
 
 
 # --- what a cell leaves in its directory, then the slave writes there as root ---
