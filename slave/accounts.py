@@ -11,7 +11,9 @@ their members: a job has no business learning who uses the host.
 
 Written once per slave start by root, in root's own folder, and bound
 read-only over the sandbox's /etc/passwd and /etc/group (bwrap.py), the warm
-pool's parent's too (its children inherit its mounts).
+pool's parent's too (its children inherit its mounts); also over the backups
+beside them (/etc/passwd-, /etc/group-) and, empty, the subordinate id lists
+(/etc/subuid, /etc/subgid), which name the host's people as well.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def written(folder: str = FOLDER) -> dict[str, str]:
     never half of one."""
     safefs.own_folder(folder, 0o755)
     out = {}
-    for name, text in (("passwd", passwd_text()), ("group", group_text())):
+    for name, text in (("passwd", passwd_text()), ("group", group_text()), ("empty", "")):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=folder)
         try:
             with os.fdopen(fd, "w") as f:
@@ -78,5 +80,13 @@ def written(folder: str = FOLDER) -> dict[str, str]:
         except BaseException:
             os.unlink(tmp)
             raise
-        out[f"/etc/{name}"] = os.path.join(folder, name)
+        if name != "empty":
+            out[f"/etc/{name}"] = os.path.join(folder, name)
+    # The host's other lists of its people, readable by all, are covered too where they are (a
+    # bind needs its place to exist): shadow-utils' backups of the two files, and the subordinate
+    # ids, one line per person.
+    for dest, src in (("/etc/passwd-", "passwd"), ("/etc/group-", "group"), *(
+            (f"/etc/{name}", "empty") for name in ("subuid", "subgid", "subuid-", "subgid-"))):
+        if os.path.lexists(dest):
+            out[dest] = os.path.join(folder, src)
     return out
