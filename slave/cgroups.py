@@ -15,6 +15,7 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -120,7 +121,6 @@ class Cgroups:
         self.base: dict[str, str] = {}
         self.missing: dict[str, str] = {}
         self.unified: frozenset[str] = frozenset()
-        self._counter = itertools.count(1)
         self._leftovers: list[JobCgroup] = []
         # Steps are set up and cleaned up on worker threads, several at once.
         self._lock = threading.Lock()
@@ -187,7 +187,9 @@ class Cgroups:
         if not self.base:
             return None
         self._retry_leftovers()
-        name = name or f"job-{next(self._counter)}"
+        # A random name, not a count: a job reads its own in /proc/self/cgroup, and a count told it
+        # how many steps the slave had run, so how busy the other users were.
+        name = name or f"job-{secrets.token_hex(6)}"
         cg = JobCgroup({ctrl: os.path.join(base, name) for ctrl, base in self.base.items()
                         if ctrl != "cpu" or limits.cpus is not None}, unified=self.unified)
         try:

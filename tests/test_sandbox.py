@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import stat
@@ -694,6 +695,19 @@ def test_a_killed_slave_takes_its_jobs_with_it(make_cluster, tmp_path):
     assert len(stale()) == 2
     other.start_slave()
     assert stale() == []
+
+
+def test_a_jobs_cgroup_name_tells_nothing_of_how_many_steps_ran_before(box_client):
+    # Named by a count, the cgroup in /proc/self/cgroup told a job how many steps the slave had run:
+    # two jobs a while apart measured the other users' activity between them.
+    probe = "open('kept', 'w').close()\nprint(open('/proc/self/cgroup').read())"
+    names = []
+    for _ in range(3):
+        job = run(box_client, probe, collect=["kept"])  # collected: a fresh process, a cgroup of its own
+        assert job.status == P.SUCCEEDED, job.record
+        names.append({line.rsplit("/", 1)[1] for line in job.stdout.split() if "/distexec/" in line})
+    assert all(len(n) == 1 for n in names) and len(set.union(*names)) == 3, names
+    assert not any(re.fullmatch(r"job-\d{1,6}", name) for n in names for name in n), names
 
 
 def test_cgroup_tree_shows_only_the_jobs_own(box_client):
