@@ -1,9 +1,12 @@
 """A finished job's rich results in a notebook: its display outputs, then its collected files.
 
 Both go through Jupyter's own output area (``display(..., raw=True)``), as a
-local cell's outputs do, so HTML or SVG a job made is rendered, and
-sanitised when untrusted, by JupyterLab itself; none of it is put into a
-widget.  Text-only bundles are not shown again: their ``text/plain`` is
+local cell's outputs do, so HTML, SVG or JavaScript a job made is rendered
+by JupyterLab itself, and trusted as a local cell's output is while the
+notebook runs: its scripts run (JupyterLab sanitises only a notebook opened
+untrusted).  Only the cell's own job, which the user just ran, is shown this
+way; the panel and every listing escape what jobs print, and none of it is
+put into a widget.  Text-only bundles are not shown again: their ``text/plain`` is
 already in the job's stdout, which the cell streamed.
 
 A session's slave also puts a rich output's ``text/plain`` in stdout (for
