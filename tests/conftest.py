@@ -9,7 +9,11 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -42,6 +46,16 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition", interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(predicate, timeout: float = 15.0, what: str = "condition", interval: float = 0.005):
+    """``wait_for`` inside a coroutine: polls without holding up the event loop it shares."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return value
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -468,3 +482,33 @@ for path in sys.argv[1:]:
     except OSError as exc:
         print(path, type(exc).__name__)
 """
+
+
+def on_terminal(cluster, *argv, streams=("stdout", "stderr")) -> tuple[str, subprocess.CompletedProcess]:
+    """Run the CLI with ``streams`` on a terminal (a pty) and the others on pipes: what the
+    terminal showed (its newlines as the terminal sends them, ``\r\n``) and the process."""
+    leader, follower = pty.openpty()
+    where = {name: follower if name in streams else subprocess.PIPE for name in ("stdout", "stderr")}
+    proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
+                             "--token", cluster.token], stdin=subprocess.DEVNULL, **where)
+    os.close(follower)
+    seen, deadline = b"", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([leader], [], [], deadline - time.monotonic())[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child has closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, (out or b"").decode(), (err or b"").decode())
+    return seen.decode(), done

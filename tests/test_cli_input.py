@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import pty
 import subprocess
 import sys
-import time
 
-from conftest import module_cluster, wait_for
+from conftest import module_cluster, on_terminal, wait_for
 
 lc = module_cluster("cli-input", 1, slots=2)
 
@@ -76,23 +73,8 @@ def test_submit_each_over_no_lines_is_a_usage_error_that_submits_nothing(lc, tmp
 def test_status_line_starts_its_own_line_on_a_terminal(lc, tmp_path):
     prog = tmp_path / "nonl.py"
     prog.write_text("import sys\nsys.stdout.write('no newline')\n")
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", "submit", str(prog), "--url", lc.url,
-                             "--token", lc.token], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
-    os.close(follower)
-    seen = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: the child has closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(leader)
-    assert proc.wait(30) == 0
-    text = seen.decode()
+    text, done = on_terminal(lc, "submit", str(prog))
+    assert done.returncode == 0
     assert "no newline\r\n✅ job" in text, repr(text)
 
     # Not on a terminal the output stays byte for byte what the program wrote.

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import subprocess
 import sys
-import time
 
 import pytest
 
 from distexec_kernel import display, protocol as P
+
+from conftest import on_terminal
 
 TITLE = "\x1b]0;pwned\x07"            # OSC 0: retitle the window
 CLIPBOARD = "\x1b]52;c;ZXZpbA==\x07"  # OSC 52: write the clipboard
@@ -30,36 +29,6 @@ def run(cluster, *argv) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
                            "--token", cluster.token], capture_output=True, timeout=60)
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
-
-
-def on_terminal(cluster, *argv, streams=("stdout", "stderr")) -> tuple[str, subprocess.CompletedProcess]:
-    """Run the CLI with ``streams`` on a terminal (a pty) and the others on pipes: what the
-    terminal showed (its newlines as the terminal sends them, ``\r\n``) and the process."""
-    leader, follower = pty.openpty()
-    where = {name: follower if name in streams else subprocess.PIPE for name in ("stdout", "stderr")}
-    proc = subprocess.Popen([sys.executable, "-m", "distexec_kernel.cli", *argv, "--url", cluster.url,
-                             "--token", cluster.token], stdin=subprocess.DEVNULL, **where)
-    os.close(follower)
-    seen, deadline = b"", time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([leader], [], [], deadline - time.monotonic())[0]:
-                continue
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the child has closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        os.close(leader)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, (out or b"").decode(), (err or b"").decode())
-    return seen.decode(), done
 
 
 def assert_clean(text: str) -> None:

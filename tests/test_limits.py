@@ -146,15 +146,25 @@ def _users(tmp_path) -> str:
     return users_json(tmp_path, "alice", "bob")
 
 
+def _logins(lc) -> tuple[Cluster, Cluster, Cluster]:
+    """alice and bob (ordinary logins of ``_users``) and the admin, each a client of its own."""
+    return (Cluster(lc.url, user="alice", password="alice-pw"), Cluster(lc.url, user="bob", password="bob-pw"),
+            Cluster(lc.url, token=lc.token))
+
+
+def _take_the_slot(admin: Cluster):
+    """A job of the admin's running in the cluster's one slot (for a minute): what follows queues."""
+    busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
+    wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+    return busy
+
+
 def test_a_full_queue_is_per_user_429_and_creates_no_job(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-per-user", "2", "--users", _users(tmp_path)])
-    alice = Cluster(lc.url, user="alice", password="alice-pw")
-    bob = Cluster(lc.url, user="bob", password="bob-pw")
-    admin = Cluster(lc.url, token=lc.token)
+    alice, bob, admin = _logins(lc)
     try:
-        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
-        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        busy = _take_the_slot(admin)
         waiting = [alice.submit("print('queued')") for _ in range(2)]
         assert all(j.status == P.QUEUED for j in waiting)
         total = admin.jobs_page()[1]
@@ -186,12 +196,9 @@ def test_the_inputs_a_users_queued_jobs_hold_are_bounded_also_after_a_restart(ma
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-mb-per-user", "1", "--users", _users(tmp_path)])
     stdin = "x" * (300 << 10)
-    alice = Cluster(lc.url, user="alice", password="alice-pw")
-    bob = Cluster(lc.url, user="bob", password="bob-pw")
-    admin = Cluster(lc.url, token=lc.token)
+    alice, bob, admin = _logins(lc)
     try:
-        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
-        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        busy = _take_the_slot(admin)
         waiting = [alice.submit("import sys; print(len(sys.stdin.read()))", stdin=stdin) for _ in range(3)]
         assert all(j.status == P.QUEUED for j in waiting)
         total = admin.jobs_page()[1]
@@ -224,12 +231,9 @@ def test_the_inputs_a_users_queued_jobs_hold_are_bounded_also_after_a_restart(ma
 def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_in_parts(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-per-user", "3", "--users", _users(tmp_path)])
-    alice = Cluster(lc.url, user="alice", password="alice-pw")
-    bob = Cluster(lc.url, user="bob", password="bob-pw")
-    admin = Cluster(lc.url, token=lc.token)
+    alice, bob, admin = _logins(lc)
     try:
-        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
-        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        busy = _take_the_slot(admin)
         first = alice.submit("print('queued')", name="first")
         assert first.status == P.QUEUED  # one of her 3 is taken: 2 more fit
 
@@ -482,8 +486,7 @@ def test_a_submission_refused_whole_costs_nothing_of_the_rate(make_cluster, tmp_
     admin = Cluster(lc.url, token=lc.token)
     alice = Cluster(lc.url, user="alice", password="alice-pw")
     try:
-        busy = admin.submit("import time\ntime.sleep(60)", timeout=60)
-        wait_for(lambda: admin.job(busy.id).status == P.RUNNING, 20, "the slot to be taken")
+        busy = _take_the_slot(admin)
         body = {"source": "print(1)", "language": "python"}
         too_many = post_job(lc.url, alice.token, json=[body] * 500)
         assert too_many.status_code == 429 and too_many.json()["error"]["code"] == "queue_full"

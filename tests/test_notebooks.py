@@ -500,8 +500,13 @@ def test_a_panel_on_screen_is_not_redrawn_but_its_saved_text_follows_once_none_s
     [shown] = [m["content"] for _, m in msgs if m["msg_type"] == "display_data"]
     model_id, display_id = shown["data"][WIDGET_VIEW]["model_id"], shown["transient"]["display_id"]
     front_end_views(model_id, 1)
+    # Within the cell, the panel's flusher (its own thread) shows the job's end: a change while a front end
+    # shows the panel.
     msgs, reply = run_in(kc, "done = Cluster().submit('print(1)', name='on-screen').wait(timeout=30)\n"
-                             "import time\ntime.sleep(0.5)")  # the panel's flusher, at most every 0.1 s
+                             "import time\ndeadline = time.monotonic() + 30\n"
+                             "while not any(label.startswith('✅') for label, _ in shown.job_list.options):\n"
+                             "    assert time.monotonic() < deadline, shown.job_list.options\n"
+                             "    time.sleep(0.02)")
     assert reply["content"]["status"] == "ok" and not redrawn(msgs, display_id)
     msgs, _ = run_in(kc, "pass")
     assert not redrawn(msgs, display_id)

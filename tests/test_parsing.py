@@ -23,6 +23,25 @@ def _worker_pids(master_pid: int) -> list[int]:
             if "master.parsing" in " ".join(p.cmdline())]
 
 
+def _served_while_parsing(lc, bob, send) -> None:
+    """``send`` (alice's submission, answered once it is parsed) in a thread; while the master's parser
+    works on it, bob's job is taken in, run and finished, and ``send`` is still unanswered."""
+    answered = threading.Event()
+
+    def sending():
+        send()
+        answered.set()
+    sender = threading.Thread(target=sending)
+    sender.start()
+    try:
+        wait_for(lambda: _worker_pids(lc.master.proc.pid), 30, "the master to start parsing alice's submission")
+        job = bob.submit("print('bob')").wait(60)
+        assert job.status == P.SUCCEEDED and not answered.is_set()
+    finally:
+        sender.join(120)
+    assert answered.is_set()
+
+
 def test_a_program_too_deep_to_parse_is_rejected_with_a_clear_error(client):
     job = client.submit(TOO_DEEP).wait(60)
     assert job.status == P.REJECTED and job.error["code"] == P.SYNTAX_ERROR, job.error
@@ -35,24 +54,14 @@ def test_a_program_too_deep_to_parse_is_rejected_with_a_clear_error(client):
 
 def test_a_users_large_programs_do_not_hold_another_users_job(two_users):
     lc, alice, bob = two_users
-    answered = threading.Event()
     batch: list = []
 
     def submit_batch():
         group = alice.submit_many([{"source": BIG}, {"source": BIG + "x = (\n"},
                                    {"source": BIG + "print(len('ok'))\n"}])
         batch.extend(group[i] for i in range(len(group)))
-        answered.set()
-    sender = threading.Thread(target=submit_batch)
-    sender.start()
-    try:
-        wait_for(lambda: _worker_pids(lc.master.proc.pid), 30, "the master to start parsing alice's batch")
-        job = bob.submit("print('bob')").wait(60)
-        # On the master's loop, alice's 3 MiB would have held bob's submission until her batch was answered.
-        assert job.status == P.SUCCEEDED and not answered.is_set()
-    finally:
-        sender.join(120)
-    assert answered.is_set()
+    # On the master's loop, alice's 3 MiB would have held bob's submission until her batch was answered.
+    _served_while_parsing(lc, bob, submit_batch)
     ends = [j.wait(120) for j in batch]
     assert [j.status for j in ends] == [P.SUCCEEDED, P.REJECTED, P.SUCCEEDED]
     assert ends[1].error["code"] == P.SYNTAX_ERROR and ends[1].error["line"] == 170_001, ends[1].error
@@ -68,22 +77,12 @@ def test_a_small_session_cell_that_is_dear_to_transform_is_parsed_off_the_loop(t
     assert parsing._cost((None, False, "python", cell)) < parsing.INLINE_BYTES  # not a cell: plain Python
     assert parsing._cost((None, True, "python", "%matplotlib inline\nimport math\nprint(math.pi)\n")) \
         < parsing.INLINE_BYTES  # an everyday cell stays on the loop, with no trip to the worker
-    answered = threading.Event()
     jobs: list = []
 
     def submit_cell():
         jobs.append(alice.submit(cell, session="help", timeout=120))
         jobs[0].id  # answered
-        answered.set()
-    sender = threading.Thread(target=submit_cell)
-    sender.start()
-    try:
-        wait_for(lambda: _worker_pids(lc.master.proc.pid), 30, "the master to parse alice's cell")
-        job = bob.submit("print('bob')").wait(60)
-        assert job.status == P.SUCCEEDED and not answered.is_set()
-    finally:
-        sender.join(120)
-    assert answered.is_set()
+    _served_while_parsing(lc, bob, submit_cell)
     jobs[0].cancel()
 
 

@@ -179,13 +179,17 @@ def test_the_accounts_files_replace_a_link_a_fifo_or_a_hard_link_in_their_place(
     victim.write_text("root's\n")
     (folder / "passwd").symlink_to(victim)
     os.mkfifo(folder / "group")  # an open for writing would wait for a reader for ever
+    os.mkfifo(folder / "empty")  # (what covers the subordinate id lists)
     accounts.written(str(folder))
     (folder / "passwd").unlink()
     os.link(victim, folder / "passwd")  # a hard link: writing in place would change the victim
+    (folder / "empty").unlink()
+    (folder / "empty").symlink_to(victim)  # a truncation through it would empty the victim
     files = accounts.written(str(folder))
-    for path in files.values():
+    for path in {*files.values(), str(folder / "empty")}:
         st = os.lstat(path)
         assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1, path
+    assert (folder / "empty").read_text() == ""
     assert victim.read_text() == "root's\n"
     (tmp_path / "linked").symlink_to(folder)  # the folder itself as a link: refused
     with pytest.raises(OSError, match="only it may write"):

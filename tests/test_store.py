@@ -10,7 +10,7 @@ import pytest
 from distexec_kernel import Cluster, protocol as P
 from master.store import CHECKPOINT_ROWS, JobStore
 
-from conftest import HOLD, UNTIL_RELEASED, release_jobs, wait_for
+from conftest import HOLD, UNTIL_RELEASED, release_jobs, until, wait_for
 
 
 def job(job_id: int, status: str = P.QUEUED, **fields) -> dict:
@@ -188,9 +188,10 @@ def test_a_commit_that_fails_for_want_of_disk_is_tried_again_in_order_until_it_s
             await store.save(job(1))
             _fill(small_disk)
             ran = store.save(job(1, P.RUNNING, stdout="z" * 300_000))
-            await asyncio.sleep(0)  # one turn: its commit runs, and fails for want of disk
-            ended = store.save(job(1, P.SUCCEEDED, stdout="done"))  # its own commit, behind the failed one
-            await asyncio.sleep(0)
+            # Its commit fails for want of disk, and goes to the writer thread to be tried again.
+            await until(lambda: store._in_thread == 1, 30, "the failed commit handed to the writer thread")
+            ended = store.save(job(1, P.SUCCEEDED, stdout="done"))
+            await until(lambda: store._in_thread == 2, 30, "the next commit queued behind the failed one")
             assert not ran.done() and not ended.done()  # being tried again: nothing settled with an error
             os.unlink(small_disk / "filler")
             await asyncio.wait_for(asyncio.gather(ran, ended), 30)
