@@ -361,6 +361,7 @@ class RemoteMagics(Magics):
         while len(self.status_widgets) > KEEP_WIDGETS:
             self.status_widgets.pop(next(iter(self.status_widgets)))
         moving = threading.Lock()
+        unsubscribe = lambda: None  # the event subscription, once made  # noqa: E731
 
         def move(summary: dict) -> None:
             # From the event thread and, at a cell's end, the main thread: an ended line stays ended.
@@ -368,11 +369,13 @@ class RemoteMagics(Magics):
                 if record["status"] not in P.TERMINAL or summary.get("status") in P.TERMINAL:
                     record.update(summary)
                     widget.value = D.status_html(record)
+            if record["status"] in P.TERMINAL:
+                unsubscribe()  # whoever brought the end: an end missed by the events leaves no listener
 
-        def catch_up() -> None:
+        def catch_up(latest: dict | None = None) -> None:
             # The handle may know the end before our subscriber does (a wait() that read the master):
             # the cell that waited then sends it, in its own messages.
-            latest = job.record
+            latest = latest or job.record
             if _rank(latest["status"]) > _rank(record["status"]):
                 move(P.summary(latest))
 
@@ -380,18 +383,14 @@ class RemoteMagics(Magics):
             def on_event(msg):
                 if msg["type"] == "job_update" and msg["job"].get("id") == record["id"]:
                     move(msg["job"])
-                    if record["status"] in P.TERMINAL:
-                        unsubscribe()
 
             unsubscribe = job._cluster.subscribe(on_event)
             # It may have moved on before we subscribed: read it once now, and
             # apply it only if the event thread has not already gone further.
             try:
-                latest = job._cluster._get(f"/api/jobs/{job.id}")
+                catch_up(job._cluster._get(f"/api/jobs/{job.id}"))
             except DistexecError:
-                latest = None
-            if latest is not None and _rank(latest["status"]) > _rank(record["status"]):
-                on_event({"type": "job_update", "job": P.summary(latest)})
+                pass
         LiveView(widget, lambda: D.status_bundle(record), catch_up=catch_up,
                  finished=lambda: record["status"] in P.TERMINAL).show()
         return True

@@ -100,24 +100,20 @@ class CompileCache:
         """The artefacts stored under ``key`` (name -> (bytes, permission bits)), for a job whose
         directory the slave cannot reach (the warm pool's child writes them); None on a miss.
 
-        Raises ``safefs.TooLarge`` past ``max_bytes`` in all, before reading any: they would be
-        held in the slave's memory, once per job running them at the same time.
+        Raises ``safefs.TooLarge`` past ``max_bytes`` in all, each file's size read before its bytes:
+        they would be held in the slave's memory, once per job running them at the same time.
         """
-        entry = self._entry(key)
-        try:
-            size = sum(os.stat(os.path.join(entry, name)).st_size for name in os.listdir(entry))
-        except OSError:
-            size = 0  # absent or being evicted: _visit counts the miss
-        if size > max_bytes:
-            raise safefs.TooLarge(f"{size} bytes of compiled program, more than {max_bytes}")
+        left = max_bytes
 
         def load(path: str, name: str) -> tuple[bytes, int]:
+            nonlocal left
             with open(path, "rb") as f:
-                return f.read(max_bytes + 1), os.fstat(f.fileno()).st_mode & 0o777
-        found = self._visit(key, load)
-        if found is not None and sum(len(data) for data, _ in found.values()) > max_bytes:
-            raise safefs.TooLarge(f"a compiled program grown past {max_bytes} bytes")  # rewritten meanwhile
-        return found
+                st = os.fstat(f.fileno())
+                left -= st.st_size
+                if left < 0:
+                    raise safefs.TooLarge(f"a compiled program of more than {max_bytes} bytes")
+                return f.read(st.st_size), st.st_mode & 0o777
+        return self._visit(key, load)
 
     def _visit(self, key: str, use) -> dict | None:
         """``use(path, name)`` for each artefact under ``key``, counted as a hit; None on a miss."""
@@ -125,6 +121,8 @@ class CompileCache:
         try:
             found = {name: use(os.path.join(entry, name), name) for name in os.listdir(entry)}
             os.utime(entry)  # most recently used
+        except safefs.TooLarge:
+            raise  # there, but not to be read whole: the caller runs it another way
         except OSError as exc:
             # Absent, or evicted while we read: compile instead.
             if not isinstance(exc, FileNotFoundError):

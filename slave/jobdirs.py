@@ -30,13 +30,11 @@ import threading
 from dataclasses import dataclass
 
 from . import safefs
-from .mountview import mount_points, under
+from .mountview import _LIBC, _MNT_DETACH, mount_points, under
 
 log = logging.getLogger("distexec.slave.jobdirs")
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
 _MS_NOSUID, _MS_NODEV = 2, 4
-_MNT_DETACH = 2
 LOCK_NAME = ".lock"
 # Every slave's folder of job directories starts so, wherever it is: a sandbox lists no mount in one
 # but its own job's (mountview.py).

@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 
+# The C library's mount calls, shared with jobdirs.py, which mounts and unmounts the jobs' tmpfs.
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _CLONE_NEWNS = 0x00020000
 _MS_REC, _MS_PRIVATE = 0x4000, 1 << 18

@@ -287,7 +287,7 @@ class ProcessRunner(Runner):
                            stdout="", stderr=diag)
         log.info("job %s: compiled %s in %.2f s", job["id"], lang.name, step.elapsed)
         entry = L.fill((lang.entry,), fields)[0] if lang.entry else None
-        if entry is not None and not os.path.lexists(os.path.join(workdir, entry)):
+        if entry is not None and not safefs.exists(workdir, entry):
             # Refused before it runs, and never cached: so a cached program always has what it starts.
             what = f"{lang.no_entry} (the compiler made no {entry} to run)"
             return Outcome(None, P.error(P.COMPILE_ERROR, what), stdout="",

@@ -125,6 +125,26 @@ def write_files(root: str, files: dict[str, bytes], owner: tuple[int, int] | Non
         os.close(dir_fd)
 
 
+def exists(root: str, name: str) -> bool:
+    """Whether ``name`` (a relative path) is under the directory ``root``, as ``lexists`` says, but with its
+    folders walked without following a link: a folder the job made a link leads nowhere, not out of it."""
+    dir_fd = open_dir(root)
+    try:
+        *folders, leaf = _parts(name)
+        fd = _descend(dir_fd, folders, False, None)
+    except UnsafePath:
+        return False
+    finally:
+        os.close(dir_fd)
+    try:
+        os.stat(leaf, dir_fd=fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result]:
     """Open ``name`` under ``dir_fd`` for reading if it is a regular file of one link.
 

@@ -679,6 +679,27 @@ def test_cache_evicts_least_recently_used_beyond_its_size(tmp_path):
     assert not cache.store("huge", make_artefacts(tmp_path / "sh", {"main.bin": bytes(300)}), ("main.bin",))
 
 
+def test_the_compiled_entry_is_looked_for_without_following_a_link_the_compile_made(tmp_path):
+    # Root looks in a folder the compile step (the job's uid) wrote: os.path.lexists followed a folder
+    # made a link, and told whether a file of the host existed.
+    from slave import safefs
+    job, outside = tmp_path / "job", tmp_path / "outside"
+    (job / "pkg").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "Main.class").write_bytes(b"\xca\xfe")
+    (job / "pkg" / "Main.class").write_bytes(b"\xca\xfe")
+    assert safefs.exists(str(job), "pkg/Main.class") and not safefs.exists(str(job), "pkg/Other.class")
+    (job / "link").symlink_to(outside)
+    assert os.path.lexists(job / "link" / "Main.class") and not safefs.exists(str(job), "link/Main.class")
+    assert not safefs.exists(str(job), "../outside/Main.class")
+    # The entry itself as lexists sees it: a link, a FIFO or a hard link is there (looked at, never opened;
+    # the cache's copy and the run refuse what is not a regular file of its own).
+    (job / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(job / "fifo")
+    os.link(outside / "Main.class", job / "hard")
+    assert all(safefs.exists(str(job), name) for name in ("dangling", "fifo", "hard"))
+
+
 def test_one_user_compiling_program_after_program_evicts_their_own_not_anothers(tmp_path):
     cache = CompileCache(str(tmp_path / "cache"), max_bytes=1000)
     key = functools.partial(CompileCache.key, "c", "12.2.0", ["gcc", "main.c"])
