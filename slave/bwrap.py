@@ -31,7 +31,8 @@ from distexec_kernel.procs import kill_group
 from . import accounts, uids
 from .cgroups import Cgroups, JobCgroup, _read
 from .jobdirs import FOLDER_PREFIX
-from .mountview import View, under as _under
+from . import mountview
+from .mountview import SPACES, View, under as _under
 from .sandbox import BWRAP_PROCS, CGROUP_ROOT, NOBODY, Limits, Sandbox, Spawn
 from .seccomp import seccomp_available
 
@@ -54,14 +55,27 @@ def _outermost(paths: list[str]) -> list[str]:
 
 def _view(covered: list[str], options: list[str]) -> View:
     """What a bwrap started with ``options`` must not find in the mount table it copies: the mounts
-    under what it ``covered`` with a tmpfs, and the other jobs' (mountview.py); kept, whatever
-    holds or is held by a host path it binds."""
-    shown = [options[i + 1] for i, opt in enumerate(options[:-1])
-             if opt in ("--bind", "--ro-bind") and options[i + 1] != "/"]
+    under what it ``covered`` with a tmpfs, and the jobs' (mountview.py); kept, whatever holds or is
+    held by a host path it binds.  A path bound from a job folder stands as the folder, and one that
+    holds or is held by no covered path is left out: every step of a kind gets the same View, so
+    they share one namespace."""
+    shown = {_folder_of(src) or src for i, opt in enumerate(options[:-1]) if opt in ("--bind", "--ro-bind")
+             for src in (options[i + 1],) if src != "/"}
     # The cgroup hierarchies stay listed: they name controllers, not jobs, and the JVM sizes its heap
     # to the cgroup only if it finds every controller's mount in mountinfo (without them, 6 GiB
     # under a 128 MiB limit).
-    return View(tuple(c for c in covered if c != CGROUP_ROOT), tuple(shown), FOLDER_PREFIX)
+    covered = tuple(c for c in covered if c != CGROUP_ROOT)
+    shown = {s for s in shown if any(_under(s, c) or _under(c, s) for c in covered)}
+    return View(covered, tuple(sorted(shown)), FOLDER_PREFIX)
+
+
+def _folder_of(path: str) -> str | None:
+    """The job folder ``path`` is in, if any."""
+    parts = path.split("/")
+    for i, part in enumerate(parts[1:], 1):
+        if part.startswith(FOLDER_PREFIX):
+            return "/".join(parts[:i + 1])
+    return None
 
 
 def _hiding_root(jobroot: str) -> str:
@@ -262,14 +276,16 @@ class BwrapSandbox(Sandbox):
         if not limits.allow_network:
             args.append("--unshare-net")
         view = _view(mounted, args)
+        # The job's tmpfs (its directory, /tmp and /dev/shm): brought into the step's mount table.
+        own = os.path.commonpath([workdir, *tmpdirs.values()]) if tmpdirs else None
         args += ["--", self.setpriv, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-        return args + list(argv), view.enter
+        return args + list(argv), SPACES.entry(view, own)
 
     def zygote_command(self, command: list[str], jobroot: str, cgroup_dirs: list[str],
                        limits: Limits) -> tuple[list[str], Callable[[], None]]:
         """bwrap around the warm pool's parent (slave/warm_zygote.py), started once, and what its
-        process does before it execs bwrap (``View.enter``).
+        process does before it execs bwrap (``mountview.Spaces.entry``).
 
         The same read-only system with the same paths hidden as a step's, but
         the parent stays root with only the capabilities it needs to isolate
@@ -302,7 +318,7 @@ class BwrapSandbox(Sandbox):
             args.append("--unshare-net")
         # Private from the start: the jobs mounted on the host later never reach the parent, so
         # neither the children it forks (each copies its table).
-        return args + ["--"] + list(command), _view(mounted, args).enter
+        return args + ["--"] + list(command), SPACES.entry(_view(mounted, args), None)
 
     @staticmethod
     def _hiding(tmpfs: dict[str, str], tmpdirs: dict[str, str], size: str) -> tuple[list[str], list[str]]:
@@ -372,6 +388,9 @@ class BwrapSandbox(Sandbox):
 
     def probe(self, limits: Limits) -> str | None:
         """Run ``id -u`` through the sandbox once; None if it works, else why not."""
+        why = mountview.supported()
+        if why is not None:
+            return f"a job's directory cannot be brought into its sandbox: {why}"
         workdir = tempfile.mkdtemp(prefix="distexec-probe-")
         spawn = None
         try:

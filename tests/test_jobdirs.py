@@ -18,19 +18,42 @@ def test_a_second_slave_with_the_same_uid_works_in_a_folder_of_its_own_and_both_
     assert os.listdir(tmp_path) == []
 
 
-def test_a_sandbox_view_drops_other_jobs_and_covered_mounts_and_keeps_what_it_binds():
-    """slave/mountview.py: what bwrap only covers, and any job folder's mount but the step's own, is
-    unmounted before bwrap copies the table; what holds or is held by a bound path stays."""
+def test_a_sandbox_view_drops_every_jobs_mount_and_covered_ones_and_keeps_what_it_binds():
+    """slave/mountview.py: what bwrap only covers, and every mount in a job folder (the step's own
+    comes back later, cloned), is unmounted in the namespace made for a kind of sandbox; what holds
+    or is held by a bound path stays."""
     from slave.jobdirs import FOLDER_PREFIX
     from slave.mountview import View
 
-    mine = "/tmp/distexec-slave-a/qmine"
-    view = View(covered=("/tmp", "/dev/shm", "/sys/fs/cgroup"),
-                shown=(f"{mine}/work", f"{mine}/tmp", "/sys/fs/cgroup/memory/distexec/job-1"),
+    view = View(covered=("/tmp", "/dev/shm"), shown=("/tmp/distexec-slave-a", "/tmp/toolchain"),
                 folder_prefix=FOLDER_PREFIX)
-    points = ["/", "/proc", "/tmp", mine, "/tmp/distexec-slave-a/qother", "/tmp/distexec-slave-b/q1",
-              "/var/tmp/distexec-slave-c/q2", "/var/tmp/distexec-slave-c", "/dev/shm", "/dev/shm",
-              "/sys/fs/cgroup", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/cpuset", "/home/someone"]
+    points = ["/", "/proc", "/tmp", "/tmp/distexec-slave-a/qmine", "/tmp/distexec-slave-a/qother",
+              "/tmp/distexec-slave-b/q1", "/var/tmp/distexec-slave-c/q2", "/var/tmp/distexec-slave-c",
+              "/tmp/toolchain/sub", "/tmp/.X11-unix", "/dev/shm", "/dev/shm", "/sys/fs/cgroup/memory",
+              "/home/someone"]
     # Deepest first; a point listed twice (two mounts stacked there) is unmounted twice.
     assert view.hidden(points) == ["/tmp/distexec-slave-a/qother", "/var/tmp/distexec-slave-c/q2",
-                                   "/tmp/distexec-slave-b/q1", "/sys/fs/cgroup/cpuset", "/dev/shm", "/dev/shm"]
+                                   "/tmp/distexec-slave-a/qmine", "/var/tmp/distexec-slave-c",
+                                   "/tmp/distexec-slave-b/q1", "/tmp/.X11-unix", "/dev/shm", "/dev/shm"]
+    # What a namespace made for this view depends on: the host's mounts but the jobs'.
+    table = list(enumerate(points))
+    assert view.signature(table) == {0, 1, 2, 8, 9, 10, 11, 12, 13}
+
+
+def test_every_step_of_a_kind_gets_the_same_view_whatever_its_job():
+    """One namespace per kind of sandbox, not one per job: the job's own paths, its cgroups and the
+    accounts files are not part of what a step's View is made of."""
+    from slave.bwrap import _view
+
+    def options(job: str, cgroup: str) -> list[str]:
+        return ["--ro-bind", "/", "/", "--ro-bind", "/var/lib/distexec/passwd", "/etc/passwd",
+                "--bind", f"/tmp/distexec-slave-a/{job}/tmp", "/tmp", "--ro-bind", cgroup, cgroup,
+                "--ro-bind", "/root/.cargo", "/root/.cargo", "--bind", f"/tmp/distexec-slave-a/{job}/work",
+                f"/tmp/distexec-slave-a/{job}/work"]
+
+    covered = ["/tmp", "/dev/shm", "/root", "/sys/fs/cgroup"]
+    one = _view(covered, options("q1", "/sys/fs/cgroup/pids/distexec/a"))
+    two = _view(covered, options("q2", "/sys/fs/cgroup/pids/distexec/b"))
+    assert one == two
+    assert one.covered == ("/tmp", "/dev/shm", "/root")
+    assert one.shown == ("/root/.cargo", "/tmp/distexec-slave-a")

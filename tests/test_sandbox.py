@@ -556,6 +556,72 @@ def test_a_step_lists_no_other_jobs_tmpfs_mounted_before_it_or_while_it_runs(tmp
     assert not [p for p in points if os.path.basename(seen["before"]) in p or os.path.basename(seen["later"]) in p]
 
 
+# Run as root in a mount namespace of its own: mounts the "host" adds after the sandboxes' table was made.
+ADDED_LATER = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    from slave.bwrap import BwrapSandbox, best_sandbox
+    from slave.jobdirs import JobDirs
+    from slave.sandbox import Limits
+    box = best_sandbox(Limits())
+    assert isinstance(box, BwrapSandbox), box.describe()
+    dirs = JobDirs("added-later", sys.argv[1], disk_limit_mb=8)
+    mine = dirs.make("mine")
+
+    def step():
+        spawn = box.command(["sh", "-c", "cat /proc/self/mountinfo; cat /srv/marker 2>/dev/null; true"], mine.path,
+                            {}, Limits(), timeout=60, tmpdirs=mine.sandbox_tmp)
+        try:
+            return subprocess.run(spawn.argv, cwd=spawn.cwd, env=spawn.env, preexec_fn=spawn.preexec, text=True,
+                                  capture_output=True, timeout=60, start_new_session=True, check=True).stdout
+        finally:
+            box.cleanup(spawn)
+
+    def until(predicate, what):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out = step()
+            if predicate(out):
+                return out
+        raise SystemExit(f"never, in 30 s: {what}")
+
+    first = step()
+    other = dirs.make("other")
+    covered = os.path.join(sys.argv[1], "covered")
+    os.mkdir(covered)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "covered", covered], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "added", "/srv"], check=True)
+    with open("/srv/marker", "w") as f:
+        f.write("added on the host\\n")
+    seen = until(lambda out: "added on the host" in out, "a mount the host added reaches a step")
+    subprocess.run(["umount", "/srv"], check=True)
+    gone = until(lambda out: " /srv " not in out, "a mount the host removed leaves the steps")
+    subprocess.run(["umount", covered], check=True)
+    for jd in (mine, other):
+        dirs.remove(jd)
+    dirs.close()
+    box.close()
+    print(json.dumps({"first": first, "seen": seen, "gone": gone, "mine": mine.top, "other": other.top,
+                      "covered": covered}))
+""")
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="no unshare(1)")
+def test_steps_share_a_table_made_once_that_follows_the_hosts_own_mounts_and_never_lists_a_jobs(tmp_path):
+    """slave/mountview.py makes the sandboxes' table once: a job's tmpfs mounted after it is still
+    in no step's table but its own, while a mount the host adds (outside what bwrap covers) reaches
+    the steps started after it, and one it removes leaves them."""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c",
+                           ADDED_LATER, str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout)
+    for name in ("first", "seen", "gone"):
+        points = [line.split()[4] for line in seen[name].splitlines() if len(line.split()) > 4]
+        assert seen["mine"] in points, (name, points)
+        assert not [p for p in points if os.path.basename(seen["other"]) in p or p == seen["covered"]], points
+    assert "/srv" in [line.split()[4] for line in seen["seen"].splitlines() if len(line.split()) > 4]
+
+
 def test_c_compiles_and_runs_inside(bwrap_sandbox, jobdir):
     tmp_path = jobdir
     limits = Limits(memory_mb=MEMORY_MB, max_procs=MAX_PROCS)
