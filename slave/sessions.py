@@ -43,7 +43,7 @@ import psutil
 from distexec_kernel import protocol as P
 from distexec_kernel.procs import die_with_parent, kill_group
 
-from . import safefs, uids
+from . import kernel_errors, safefs, uids
 from .jobdirs import JobDirs
 from .kernel_io import MESSAGE_MARGIN, IopubPump, close_client, make_client, until_ready
 from .runner import Outcome, OutputCallback, Capture
@@ -74,16 +74,19 @@ STRAY_CHECK_EVERY = 1.0
 KERNEL_TASKS = 16
 
 
-def kernel_argv(connection_file: str) -> list[str]:
+def kernel_argv(connection_file: str, output_bytes: int) -> list[str]:
     """ipykernel's python3 kernel, run by the slave's own interpreter.
 
     Not whatever kernelspec named python3 the machine has: that one may be
     another Python without ipykernel; ours has it as a dependency.
     """
-    # Plain tracebacks, and no history database written into the job's home.
+    # Plain tracebacks, and no history database written into the job's home.  An exception's text
+    # and traceback a quarter of the output limit each at most: the messages that carry them
+    # (twice each) stay within what the relay passes (kernel_errors.py).
     return [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
             "--InteractiveShell.colors=nocolor", "--HistoryManager.enabled=False",
-                   "--IPKernelApp.log_level=ERROR"]
+            "--IPKernelApp.log_level=ERROR",
+            f"--IPKernelApp.exec_lines={kernel_errors.setup_line(max(1024, output_bytes // 4))}"]
 
 
 class SessionRunner:
@@ -244,7 +247,8 @@ class SessionRunner:
         # queues) were shared with every other job and session, and one session could hold them all.
         box, held = uids.own_box(self.sandbox)
         try:
-            spawn = box.command(kernel_argv(conn_file), workdir, {}, limits, tmpdirs=jobdir.sandbox_tmp)
+            spawn = box.command(kernel_argv(conn_file, limits.output_bytes), workdir, {}, limits,
+                                tmpdirs=jobdir.sandbox_tmp)
         except BaseException:
             if held is not None:
                 held.release()
