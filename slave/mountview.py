@@ -206,6 +206,7 @@ class Spaces:
             made = list(self._made.items())
         for view, space in made:
             if view.signature(table) != space.signature:
+                log.info("the host's mounts changed: the sandboxes' mount table is made again")
                 fresh = _Space(view)
                 with self._lock:
                     if view in self._made:  # not dropped meanwhile
