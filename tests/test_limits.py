@@ -228,6 +228,28 @@ def test_the_inputs_a_users_queued_jobs_hold_are_bounded_also_after_a_restart(ma
             c.close()
 
 
+def test_a_restarted_master_counts_the_queued_inputs_as_the_one_that_took_them(make_cluster, tmp_path):
+    """In characters, not the bytes of the JSON the store keeps: a newline is one of the first and two of
+    the second, so alice's 900 Ki newlines waiting counted 1.8 MiB after a restart, past her 1 MiB."""
+    lc = make_cluster(1, slots=1, languages="python",
+                      master_args=["--max-queued-mb-per-user", "1", "--users", _users(tmp_path)])
+    alice, bob, admin = _logins(lc)
+    try:
+        busy = _take_the_slot(admin)
+        lines = "\n" * (300 << 10)
+        waiting = [alice.submit("import sys; print(len(sys.stdin.read()))", stdin=lines) for _ in range(3)]
+        assert alice.submit("print('fits')").status == P.QUEUED
+        lc.restart_master()
+        alice.close()
+        alice = Cluster(lc.url, user="alice", password="alice-pw")
+        assert alice.submit("print('fits still')").status == P.QUEUED
+        admin.cancel(busy.id)
+        assert [j.wait(60).stdout for j in waiting] == [f"{300 << 10}\n"] * 3
+    finally:
+        for c in (alice, bob, admin):
+            c.close()
+
+
 def test_a_batch_past_the_per_user_cap_is_refused_whole_and_the_client_sends_it_in_parts(make_cluster, tmp_path):
     lc = make_cluster(1, slots=1, languages="python",
                       master_args=["--max-queued-per-user", "3", "--users", _users(tmp_path)])
