@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from . import config, display, protocol as P
+from . import config, dashes, display, protocol as P
 from .cli_base import cluster_of, print_json, read_password, reader_gone, show, write_output
 from .cli_submit import cmd_submit
 
@@ -209,29 +209,12 @@ def cmd_kernel(args) -> int:
     return 0
 
 
-# A program argument that starts with a dash, `--arg -v`, reads to argparse as an option.
-ARG_HINT = ("; an argument that starts with - is given as --arg=-v, or after -- with the program's others: "
-            "distexec submit FILE [options] -- -v")
 AFTER_DASHES = "; the program's arguments go after --: distexec submit FILE [options] -- ARG..."
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        if message.startswith("argument --arg: expected one argument"):
-            message += ARG_HINT
-        super().error(message)
-
-
-def split_program_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``submit``'s words before ``--`` (for its parser) and the program's arguments after it.
-
-    Split by hand: argparse gives a ``nargs="*"`` positional its words only when they
-    come right after FILE, so ``FILE --lang L -- -v`` would be refused.
-    """
-    if argv[:1] == ["submit"] and "--" in argv:
-        cut = argv.index("--")
-        return argv[:cut], argv[cut + 1:]
-    return argv, []
+        super().error(dashes.hint(message, "distexec submit FILE [options]"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             return SERVERS[argv[0]](argv[1:])
         except KeyboardInterrupt:  # a Ctrl-C before the server set its own handlers
             return 130
-    argv, after = split_program_args(argv)
+    argv, after = dashes.split(argv) if argv[:1] == ["submit"] else (argv, [])
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:

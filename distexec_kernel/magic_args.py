@@ -10,7 +10,7 @@ import shlex
 
 from IPython.core.error import UsageError
 
-from . import cells
+from . import cells, dashes
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -26,9 +26,6 @@ class UsageParser(argparse.ArgumentParser):
         pass  # --help: the help comes once, through exit's UsageError, not printed before it too
 
 
-# A program argument that starts with a dash, `--arg -v`, reads to argparse as an option.
-ARG_HINT = ("; an argument that starts with - is given as --arg=-v, or after -- with the program's others: "
-            "%%remote [LANG] [options] -- -v")
 
 
 def parse_line(magic, line: str) -> argparse.Namespace:
@@ -43,11 +40,7 @@ def parse_line(magic, line: str) -> argparse.Namespace:
 def parse_cell_line(magic, line: str) -> argparse.Namespace:
     """``%%remote``'s line: its options, then after ``--`` the program's arguments (appended to
     ``--arg``'s), which may start with a dash.  Cut by hand: argparse would read them as options."""
-    argv = _words(line)
-    after: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, after = argv[:cut], argv[cut + 1:]
+    argv, after = dashes.split(_words(line))
     args = _parse(magic, argv)
     args.arg = [*args.arg, *after]
     return args
@@ -64,9 +57,9 @@ def _parse(magic, argv: list[str]) -> argparse.Namespace:
     try:
         return magic.parser.parse_args(argv)
     except UsageError as exc:
-        if "argument --arg: expected one argument" not in str(exc):
+        if dashes.DASHED_ARG not in str(exc):
             raise
-        raise UsageError(f"{exc}{ARG_HINT}") from None
+        raise UsageError(dashes.hint(str(exc), "%%remote [LANG] [options]")) from None
 
 
 def parse_command(prog: str, rest: list[str], *specs) -> argparse.Namespace:

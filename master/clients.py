@@ -146,6 +146,10 @@ class ClientBook:
         """How many event channels ``account`` has open."""
         return self._held[account]
 
+    def of_account(self, account: str | None) -> list[ClientInfo]:
+        """The clients ``account`` has connected (a pass over all: for what is rare)."""
+        return [c for c in self.by_id.values() if c.account == account]
+
     def client_of(self, cid: str | None, account: str | None) -> str | None:
         """``cid`` if it was issued to ``account`` (a request naming its client), else None."""
         return cid if cid and cid in self._issued and self._issued[cid] == account else None

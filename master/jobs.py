@@ -151,7 +151,7 @@ class Lifecycle:
         """After a restart: take back the unfinished jobs of the history.
 
         A running one may still run on its slave: it waits ``grace`` seconds
-        for it to come back and say so.  ``chars``: the queued ones' inputs, as stored.
+        for it to come back and say so.  ``chars``: the queued ones' inputs, in characters (Store.queued_inputs).
         """
         out: list[Decision] = []
         for job in jobs:

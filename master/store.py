@@ -40,6 +40,7 @@ import time
 import orjson
 
 from distexec_kernel import protocol as P
+from distexec_kernel.job_record import inputs_chars
 
 from .artifacts import ArtifactStore, root_for
 from .store_schema import SCHEMA, connect, hold, private_file
@@ -208,9 +209,12 @@ class JobStore:
         return [_split(json.loads(r[0]))[0] for r in rows]
 
     def queued_inputs(self) -> dict[int, int]:
-        """Queued job id -> the size of its inputs as stored (what a restarted master counts per user)."""
-        return dict(self._read_conn().execute(
-            "SELECT i.id, i.size FROM inputs i JOIN jobs j ON j.id = i.id WHERE j.status = ?", (P.QUEUED,)))
+        """Queued job id -> its inputs' characters (``inputs_chars``, as the master that took them counted,
+        not the stored JSON's bytes, which escaping makes up to 6 times more): what a restarted master
+        counts per user."""
+        rows = self._read_conn().execute(
+            "SELECT i.id, i.data FROM inputs i JOIN jobs j ON j.id = i.id WHERE j.status = ?", (P.QUEUED,))
+        return {job_id: inputs_chars(json.loads(data)) for job_id, data in rows}
 
     def cancelled_groups(self) -> list[tuple[str, str | None]]:
         """The groups remembered as cancelled and their owners, oldest first."""

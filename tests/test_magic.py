@@ -18,7 +18,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from distexec_kernel import Cluster, display as D, protocol as P
+from distexec_kernel import Cluster, Job, display as D, protocol as P
 from distexec_kernel.magic import RemoteJobFailed, magics_of
 
 from conftest import HOLD, UNTIL_RELEASED, magic_shell, module_cluster, release_jobs, wait_for
@@ -215,6 +215,25 @@ def test_no_wait_returns_at_once_with_a_handle_and_live_status(shell, master, lc
     assert h.status == P.SUCCEEDED and h.stdout == "done late\n"
     wait_for(lambda: "✅" in widget.value, what="the status widget to show ✅")
     assert f"job {h.id}" in widget.value
+
+
+def test_a_live_line_of_a_handle_behind_the_master_ends_at_once_and_leaves_no_listener(shell):
+    """show_job reads the job once after it subscribes: when that read, not an event, brings the end (the
+    handle behind the master), the line moves to it and its listener leaves at once."""
+    result, _ = run(shell, "%%remote --no-wait -o ended\nprint('over')\n")
+    assert result.success
+    shell.run_cell("ended.wait(timeout=30)")
+    magics = magics_of(shell)
+    ended = shell.user_ns["ended"]
+    assert ended.status == P.SUCCEEDED
+    # A handle that missed the end: it says queued, the master says succeeded.
+    stale = Job(magics.cluster, {**ended.record, "status": P.QUEUED})
+    assert not stale.done
+    listening = len(magics.cluster._listeners)
+    with capture_output():
+        assert magics.show_job(stale)
+    assert "✅" in magics.status_widgets[stale.id].value
+    assert len(magics.cluster._listeners) == listening
 
 
 def test_run_file_with_args_stdin_and_shipped_file(shell, tmp_path):
