@@ -674,12 +674,16 @@ def test_a_submit_whose_ref_is_over_the_bound_is_refused_and_kept_nowhere(make_c
     assert jobs["total"] == 1  # the short one only
 
 
-def _never_reading_client(url: str, token: str) -> socket.socket:
+def _never_reading_client(url: str, token: str, receive_buffer: int = 4096) -> socket.socket:
     """A /ws/client channel opened by hand that never reads what the master writes (a small receive
     buffer, so the master's side fills soon)."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=20)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    # Before connecting: TCP's window scale is agreed then.  Linux's SO_RCVBUFFORCE (33, which Python does not
+    # name): past rmem_max, for root.
+    sock.setsockopt(socket.SOL_SOCKET, 33 if receive_buffer > 4096 else socket.SO_RCVBUF, receive_buffer)
+    sock.connect((host, int(port)))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /ws/client HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
@@ -798,8 +802,10 @@ def test_a_users_channels_that_never_read_share_one_bound(make_cluster, tmp_path
 
 
 def _draining_client(url: str, token: str) -> socket.socket:
-    """A /ws/client channel opened by hand that reads all the master writes, as fast as it comes."""
-    sock = _never_reading_client(url, token)
+    """A /ws/client channel opened by hand that reads all the master writes: into a receive buffer
+    larger than a test's output, so that what the master wrote is sent at once, even while the
+    thread that empties it waits for a loaded machine's cores."""
+    sock = _never_reading_client(url, token, receive_buffer=64 << 20)
 
     def drain():
         try:
