@@ -172,9 +172,11 @@ class BwrapSandbox(Sandbox):
 
     @staticmethod
     def _secret_dirs() -> list[str]:
-        """Directories a job must not see: the slave's home directory and $DISTEXEC_HOME."""
+        """Directories a job must not see: the slave's home directory, $DISTEXEC_HOME, and /home: the
+        host's people's files that every local account may read are not for jobs sent from elsewhere
+        (a toolchain there on the slave's PATH, or the slave's own Python, is shown again)."""
         dirs = [os.path.realpath(config.home())]
-        for home in (os.environ.get("HOME"), pwd.getpwuid(os.getuid()).pw_dir):
+        for home in (os.environ.get("HOME"), pwd.getpwuid(os.getuid()).pw_dir, "/home"):
             if home and os.path.realpath(home) != "/":
                 dirs.append(os.path.realpath(home))
         return sorted(set(dirs))

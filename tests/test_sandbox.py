@@ -386,6 +386,23 @@ def test_job_cannot_read_the_slaves_files(box_client, lc, box):
     assert "home listing []" in job.stdout or "home listing False" in job.stdout, job.stdout
 
 
+def test_a_job_cannot_read_or_list_the_hosts_home_folders(bwrap_sandbox, jobdir):
+    """A file of one of the host's people, readable by every local account, is not for jobs sent from
+    elsewhere: /home is an empty folder to a job.  Before, a job listed and read it."""
+    person = tempfile.mkdtemp(prefix="distexec-test-person-", dir="/home")
+    try:
+        os.chmod(person, 0o755)
+        notes = os.path.join(person, "notes.txt")
+        with open(notes, "w") as f:
+            f.write("private notes\n")
+        os.chmod(notes, 0o644)
+        ran = _in_sandbox(bwrap_sandbox, Limits(), jobdir, ["sh", "-c", f"ls -a /home; cat {notes}"])
+        assert ran.stdout.split() == [".", ".."], ran.stdout
+        assert "private notes" not in ran.stdout and "No such file" in ran.stderr, ran.stderr
+    finally:
+        shutil.rmtree(person)
+
+
 def test_job_cannot_see_another_jobs_directory(box_client, box):
     first = box_client.submit(textwrap.dedent("""
         import os, time
