@@ -16,6 +16,7 @@ import logging
 from typing import Awaitable
 
 from distexec_kernel import protocol as P
+from distexec_kernel.rich_outputs import clean_outputs
 
 from . import jobs as J, parts
 from .admission import (DEFAULT_MAX_QUEUE, DEFAULT_MAX_QUEUED_MB_PER_USER, DEFAULT_MAX_QUEUED_PER_USER, Admission,
@@ -441,7 +442,7 @@ class Master:
                 log.warning("job %d: collected file(s) did not arrive whole: %s", job_id, ", ".join(missing))
                 stderr += f"distexec: collected file(s) lost on the way to the master: {', '.join(missing)}\n"
         applied = self.jobs.runs_on(job_id, uid)
-        outputs, dropped = P.clean_outputs(msg.get("outputs"))  # a client renders them: only what it can
+        outputs, dropped = clean_outputs(msg.get("outputs"))  # a client renders them: only what it can
         if dropped and applied:
             log.warning("job %d: %s", job_id, "; ".join(dropped))
             stderr += "".join(f"distexec: {note}\n" for note in dropped)

@@ -71,8 +71,7 @@ def results_of(uid: str, items: list) -> list[dict]:
         job_id = job_id if type(job_id) is int else None  # (not a string of MiB into the log)
         log.warning("slave %s: a result it brought at register (job %s) was refused: %s", uid, job_id, why)
         try:
-            out.append(P.make("job_finished", job_id=job_id, exit_code=None, stdout="", stderr="", error=P.error(
-                P.INTERNAL_ERROR, f"the master could not take this job's result from slave {uid}: {why}")))
+            out.append(P.failed_result(job_id, f"the master could not take this job's result from slave {uid}: {why}"))
         except P.ProtocolError:
             pass  # no job to settle: job_id is not one
     return out

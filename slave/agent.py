@@ -399,8 +399,8 @@ def _checked(job_id: int, outcome: Outcome) -> tuple[dict, int, list[bytes]]:
     except (P.ProtocolError, TypeError, ValueError) as exc:  # not a message; not JSON
         why = str(exc)
     log.error("job %s: the master would refuse its result (%s); it is reported failed instead", job_id, why)
-    failed = P.make("job_finished", job_id=job_id, exit_code=None, stdout="", stderr="", error=P.error(
-        P.INTERNAL_ERROR, f"the slave could not report this job's result, which the master would refuse: {why}"))
+    failed = P.failed_result(job_id, "the slave could not report this job's result, which the master would "
+                                      f"refuse: {why}")
     with_output = {**failed, "stdout": outcome.stdout, "stderr": outcome.stderr}
     try:
         return with_output, _frame_size(with_output), []

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from distexec_kernel import diagnostics as D, protocol as P
+from distexec_kernel.rich_outputs import clean_mime_data
 from distexec_kernel.job_record import OUTPUT_PLACE
 
 from . import safefs, steps
@@ -306,7 +307,7 @@ def _display(kind: str, content: dict, capture: Capture) -> None:
     data = {k: v for k, v in data.items() if k != WIDGET_VIEW} if WIDGET_VIEW in data else data
     # A value a renderer cannot take (``display({'text/plain': 5, 'text/html': ['<b>']}, raw=True)``: not
     # text) is dropped and said; the protocol's rule, which the master applies again.
-    data, dropped = P.clean_mime_data(data)
+    data, dropped = clean_mime_data(data)
     for note in dropped:
         _feed(capture, "stderr", f"distexec: {note}\n")
     if dropped and not data:

@@ -701,7 +701,7 @@ def test_a_bad_result_in_a_register_is_refused_alone(raw_slave, tmp_path):
 
 
 def test_rich_outputs_a_renderer_cannot_take_are_dropped_by_the_master_and_said(raw_slave, tmp_path):
-    """The master cleans a result's rich outputs by the protocol's rule (``P.clean_outputs``), whatever slave
+    """The master cleans a result's rich outputs by the protocol's rule (``rich_outputs.clean_outputs``), whatever slave
     sent them.  Before: a ``text/html`` of 5 or an ``image/png`` that was an array was kept with the job, for
     every client's renderer."""
     lc, rs = raw_slave

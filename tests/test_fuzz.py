@@ -15,7 +15,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from distexec_kernel import Cluster, protocol as P
+from distexec_kernel import Cluster, protocol as P, rich_outputs as R
 from master import auth
 
 from conftest import Socket
@@ -179,7 +179,7 @@ def test_check_value_refuses_exactly_what_loads_would(value, levels):
 
 mime_types = st.sampled_from(["text/plain", "text/html", "image/png", "image/svg+xml", "application/json",
                               "application/vnd.custom+json", "text/markdown"]) | st.text(max_size=12)
-bundles = st.fixed_dictionaries({"output_type": st.sampled_from(P.OUTPUT_TYPES) | json_values,
+bundles = st.fixed_dictionaries({"output_type": st.sampled_from(R.OUTPUT_TYPES) | json_values,
                                  "data": st.dictionaries(mime_types, st.text(max_size=8) | json_values, max_size=4)
                                  | json_values}, optional={"metadata": json_values})
 
@@ -190,11 +190,11 @@ def test_clean_outputs_keeps_what_a_renderer_takes_and_says_what_it_left_out(out
     """The one rule for a result's rich outputs (slave and master apply it): text for every MIME type but
     JSON ones, which take any JSON value.  Whatever it is given, what it keeps it would keep again, and
     nothing goes without a note."""
-    kept, notes = P.clean_outputs(outputs)
-    assert P.clean_outputs(kept) == (kept, [])
+    kept, notes = R.clean_outputs(outputs)
+    assert R.clean_outputs(kept) == (kept, [])
     for out in kept:
-        assert out["output_type"] in P.OUTPUT_TYPES and isinstance(out["metadata"], dict)
-        assert all(isinstance(value, str) or P.json_mime(mime) for mime, value in out["data"].items())
+        assert out["output_type"] in R.OUTPUT_TYPES and isinstance(out["metadata"], dict)
+        assert all(isinstance(value, str) or R.json_mime(mime) for mime, value in out["data"].items())
     given_ = outputs if isinstance(outputs, list) else []
     assert len(notes) >= len(given_) - len(kept)
     if not notes:

@@ -13,7 +13,8 @@ MAX_LINES = 500
 # What the master and the slave may import of distexec_kernel: its shared modules, not the client side.
 SHARED = {"distexec_kernel", "distexec_kernel.protocol", "distexec_kernel.job_record", "distexec_kernel.languages",
           "distexec_kernel.diagnostics", "distexec_kernel.config", "distexec_kernel.wsclient", "distexec_kernel.procs",
-          "distexec_kernel.liveness", "distexec_kernel.submission", "distexec_kernel.fairshare"}
+          "distexec_kernel.liveness", "distexec_kernel.submission", "distexec_kernel.fairshare",
+          "distexec_kernel.rich_outputs"}
 
 
 def modules() -> dict[str, pathlib.Path]:

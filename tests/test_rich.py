@@ -304,7 +304,7 @@ def test_a_bundle_the_master_could_not_take_is_dropped_and_said_and_the_session_
 
 def test_a_value_a_renderer_cannot_take_is_dropped_and_said(c):
     """Every MIME type's value is text but JSON ones' (``application/json``, ``*+json``), which take any JSON:
-    the protocol's one rule (``P.clean_mime_data``), applied by the slave, and by the master again.  Before:
+    the protocol's one rule (``rich_outputs.clean_mime_data``), applied by the slave, and by the master again.  Before:
     a ``text/html`` of 5 and an ``image/png`` that was an array went to the notebook's renderers as they were."""
     name = session()
     job = c.submit("from IPython.display import display\n"
