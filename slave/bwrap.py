@@ -32,7 +32,7 @@ from . import accounts, uids
 from .cgroups import Cgroups, JobCgroup, _read
 from .jobdirs import FOLDER_PREFIX
 from . import mountview
-from .mountview import SPACES, View, under as _under
+from .mountview import SPACES, View, folder_of, under as _under
 from .sandbox import BWRAP_PROCS, CGROUP_ROOT, NOBODY, Limits, Sandbox, Spawn
 from .seccomp import seccomp_available
 
@@ -59,7 +59,7 @@ def _view(covered: list[str], options: list[str]) -> View:
     held by a host path it binds.  A path bound from a job folder stands as the folder, and one that
     holds or is held by no covered path is left out: every step of a kind gets the same View, so
     they share one namespace."""
-    shown = {_folder_of(src) or src for i, opt in enumerate(options[:-1]) if opt in ("--bind", "--ro-bind")
+    shown = {folder_of(src, FOLDER_PREFIX) or src for i, opt in enumerate(options[:-1]) if opt in ("--bind", "--ro-bind")
              for src in (options[i + 1],) if src != "/"}
     # The cgroup hierarchies stay listed: they name controllers, not jobs, and the JVM sizes its heap
     # to the cgroup only if it finds every controller's mount in mountinfo (without them, 6 GiB
@@ -67,15 +67,6 @@ def _view(covered: list[str], options: list[str]) -> View:
     covered = tuple(c for c in covered if c != CGROUP_ROOT)
     shown = {s for s in shown if any(_under(s, c) or _under(c, s) for c in covered)}
     return View(covered, tuple(sorted(shown)), FOLDER_PREFIX)
-
-
-def _folder_of(path: str) -> str | None:
-    """The job folder ``path`` is in, if any."""
-    parts = path.split("/")
-    for i, part in enumerate(parts[1:], 1):
-        if part.startswith(FOLDER_PREFIX):
-            return "/".join(parts[:i + 1])
-    return None
 
 
 def _hiding_root(jobroot: str) -> str:

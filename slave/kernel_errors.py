@@ -13,6 +13,7 @@ A cell can undo this: it then only loses its own session, as before.
 Its source is handed to ipykernel (``exec_lines``), which runs it in the
 user's namespace: one function, deleted once called (``setup_line``).
 """
+import functools
 import inspect
 
 
@@ -62,7 +63,12 @@ def _distexec_bound_errors(cap: int) -> None:
     kernel.do_execute = do_execute
 
 
+@functools.cache
+def _source() -> str:
+    return inspect.getsource(_distexec_bound_errors)  # read from this file once, at the first session
+
+
 def setup_line(cap: int) -> str:
     """The code ipykernel runs at its start for this (``--IPKernelApp.exec_lines``)."""
     name = _distexec_bound_errors.__name__
-    return f"{inspect.getsource(_distexec_bound_errors)}\n{name}({cap})\ndel {name}\n"
+    return f"{_source()}\n{name}({cap})\ndel {name}\n"

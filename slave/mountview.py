@@ -73,6 +73,15 @@ def under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
+def folder_of(path: str, prefix: str) -> str | None:
+    """The folder named ``prefix``… that ``path`` is (or is in), if any: a slave's job folder."""
+    parts = path.split("/")
+    for i, part in enumerate(parts[1:], 1):
+        if part.startswith(prefix):
+            return "/".join(parts[:i + 1])
+    return None
+
+
 @dataclass(frozen=True)
 class View:
     """What one kind of sandbox must not list: the mounts under ``covered`` (where it lays a tmpfs),
@@ -85,7 +94,7 @@ class View:
     folder_prefix: str
 
     def in_folder(self, point: str) -> bool:
-        return any(part.startswith(self.folder_prefix) for part in point.split("/")[1:])
+        return folder_of(point, self.folder_prefix) is not None
 
     def hidden(self, points: list[str]) -> list[str]:
         """The mount points of ``points`` to unmount, deepest first, each as often as it is listed."""

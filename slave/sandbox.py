@@ -122,8 +122,8 @@ def _preexec(limits: Limits, timeout: float | None, cgroup: "JobCgroup | None",
     join = cgroup.join_paths() if cgroup else ()
 
     def apply() -> None:
-        # Runs in the child between fork and exec: plain syscalls only (and the sandbox's ``first``,
-        # which must read this process's own mount table once it has one of its own).
+        # Runs in the child between fork and exec: plain syscalls only (the sandbox's ``first`` too: it
+        # joins the sandboxes' mount namespace, mountview.py).
         die_with_parent()
         if first is not None:
             first()

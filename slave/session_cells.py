@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from distexec_kernel import diagnostics as D, protocol as P
-from distexec_kernel.rich_outputs import clean_mime_data
 from distexec_kernel.job_record import OUTPUT_PLACE
+from distexec_kernel.rich_outputs import clean_mime_data
 
 from . import safefs, steps
 from .jobdirs import JobDir, JobDirs
