@@ -172,6 +172,10 @@ class CellState:
     evalue: str | None = None
     line: int | None = None
     exit_requested: bool = False
+    # A request sent on shell after the cell was interrupted: its reply says the cell is over.  A SIGINT
+    # that lands as the cell ends, after its code but before its reply is sent, makes ipykernel drop the
+    # reply ("KeyboardInterrupt caught in kernel"); waiting for it ended a session that was alive and idle.
+    probe: str | None = None
 
 
 def exit_code(evalue: str | None) -> int:

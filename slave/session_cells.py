@@ -163,7 +163,7 @@ class CellRunner:
                 else:
                     reader.result()
             if reason in ("timeout", "cancelled", "output_limit"):
-                await self._interrupt(session, reader, capture)
+                await self._interrupt(session, reader, capture, state)
             elif reason is None and (capture.over or session.pump.oversized):
                 reason = "output_limit"  # the cell ended, but past the limit
         finally:
@@ -224,14 +224,18 @@ class CellRunner:
     def _outcome(exit_code, err, capture: Capture) -> Outcome:
         return Outcome(exit_code, err, capture.text("stdout"), capture.text("stderr"), outputs=capture.outputs)
 
-    async def _interrupt(self, session: Session, reader: asyncio.Future, capture: Capture) -> None:
+    async def _interrupt(self, session: Session, reader: asyncio.Future, capture: Capture,
+                         state: CellState) -> None:
         """Interrupt the cell (KeyboardInterrupt); end the session if it does not stop.
 
         Asked over the control channel, so the kernel signals itself: a
-        signal from out here would reach only the sandbox's wrapper.
+        signal from out here would reach only the sandbox's wrapper.  The
+        probe after it is answered once the cell is over, whether or not
+        the cell's own reply survived the signal (``CellState.probe``).
         """
         kc = session.client
         kc.control_channel.send(kc.session.msg("interrupt_request", {}))
+        state.probe = kc.execute("", silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
         done, _ = await asyncio.wait([reader], timeout=INTERRUPT_GRACE)
         if reader not in done and session.alive:
             await self.end(session, "its interpreter did not stop when interrupted")
@@ -283,7 +287,8 @@ class CellRunner:
         """Wait until the cell is done: the kernel idle again on iopub, and its reply on shell.
 
         Either may come alone: a message cut as too large (zmtp_relay)
-        drops the iopub connection for a moment, and the idle status with it.
+        drops the iopub connection for a moment, and the idle status with it;
+        an interrupt may cost the reply, and then the probe's reply stands in.
         """
         reply = asyncio.ensure_future(_shell_reply(session.client, msg_id, state))
         try:
@@ -359,7 +364,10 @@ def _ignore(stream: str, text: str) -> None:
 async def _shell_reply(kc, msg_id: str, state: CellState) -> None:
     while True:
         reply = await kc.get_shell_msg()
-        if reply.get("parent_header", {}).get("msg_id") == msg_id:
+        parent = reply.get("parent_header", {}).get("msg_id")
+        if state.probe is not None and parent == state.probe:
+            return  # the kernel has handled what was sent after the cell: the cell is over
+        if parent == msg_id:
             for payload in reply["content"].get("payload") or []:
                 if payload.get("source") == "ask_exit" and not payload.get("keepkernel"):
                     state.exit_requested = True

@@ -341,6 +341,29 @@ def test_timeout_interrupts_the_cell_and_the_session_lives_on(py_client):
     assert run(py_client, "print(kept)", session="t").stdout == "yes\n"
 
 
+def test_an_interrupt_that_costs_the_cell_its_reply_leaves_the_session_alive(py_client):
+    """A SIGINT that lands as a cell ends, after its code and before ipykernel sends its reply, makes the
+    kernel drop the reply ("KeyboardInterrupt caught in kernel"); the kernel is idle and well.  Before,
+    the slave waited for that reply, called the cell stuck, and ended the session: its variables gone.
+    The race made certain: the next cell's handler raises KeyboardInterrupt once the cell's code is over."""
+    late = ("kernel = get_ipython().kernel\n"
+            "inner = kernel.do_execute\n"
+            "async def once(*args, **kwargs):\n"
+            "    kernel.do_execute = inner\n"
+            "    reply = inner(*args, **kwargs)\n"
+            "    if hasattr(reply, '__await__'):\n"
+            "        await reply\n"
+            "    raise KeyboardInterrupt\n"
+            "kernel.do_execute = once\n"
+            "kept = 'yes'")
+    assert run(py_client, late, session="race").status == P.SUCCEEDED
+    job = run(py_client, "import time\ntime.sleep(60)", session="race", timeout=1)
+    assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.error
+    assert "did not stop" not in job.stderr, job.stderr
+    after = run(py_client, "print(kept)", session="race")
+    assert after.status == P.SUCCEEDED and after.stdout == "yes\n", after.stderr
+
+
 def test_a_cell_that_ignores_the_interrupt_ends_its_session_with_a_message(py_client):
     assert run(py_client, "kept = 1", session="stubborn").status == P.SUCCEEDED
     job = run(py_client, "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)",
