@@ -13,7 +13,7 @@ the slave (root, in no cgroup).  Three bounds:
   cell started, printing after that cell returned) is dropped unread, so
   nothing piles up in the slave between cells;
 - a message cut as too large during a cell, on any socket, ends that cell
-  with ``output_limit`` (``IopubPump.cut``), as more output than the limit.
+  with ``output_limit`` (``IopubPump.cut_one``), as more output than the limit.
 
 A cell's message that cannot be handled (JSON too deep for Python's parser,
 fields of a type no kernel of ours sends but a cell may) is skipped: logged,
@@ -91,12 +91,13 @@ class IopubPump:
         self.skipped = 0  # messages of the current cell that could not be handled
         self.dropped = 0
         self.heard = 0.0  # when iopub last gave a message, anyone's (monotonic): whether it still flows
-        self.oversized = False  # a message past max_message was cut during the current cell
+        self.cut = asyncio.Event()  # set when a message past max_message was cut during the current cell
         self._read_task = asyncio.ensure_future(self._read())
 
     def start_cell(self, msg_id: str, handler: Callable[[dict], None], job_id: int | None = None,
                    say: Callable[[str], None] | None = None) -> None:
-        self.cell_id, self.handler, self.oversized = msg_id, handler, False
+        self.cell_id, self.handler = msg_id, handler
+        self.cut.clear()
         self.job_id, self.say, self.skipped = job_id, say, 0
 
     def end_cell(self) -> None:
@@ -155,10 +156,10 @@ class IopubPump:
             self.say(f"distexec: a {kind[:64]!r} message of the kernel could not be handled and was skipped "
                      f"({type(exc).__name__}; the slave's log has more)\n")
 
-    def cut(self) -> None:
+    def cut_one(self) -> None:
         """A relay cut a message of the kernel's as too large: the current cell's, for all we know."""
         if self.cell_id is not None:
-            self.oversized = True
+            self.cut.set()
 
     def close(self) -> None:
         self._read_task.cancel()

@@ -327,7 +327,7 @@ class ProcessRunner(Runner):
                        if spawn.watch_memory else None)
             try:
                 reason = await steps.supervise(exited, cancel, started + timeout, watcher=watcher,
-                                               over=lambda: capture.over, crossed=capture.crossed)
+                                               limits=(capture.crossed,))
             finally:
                 if watcher is not None:
                     watcher.cancel()

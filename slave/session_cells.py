@@ -154,8 +154,7 @@ class CellRunner:
         timeout = job["timeout"]
         try:
             reason = await steps.supervise(ended, cancel, time.monotonic() + timeout, watcher=watcher,
-                                           over=lambda: capture.over or session.pump.oversized,
-                                           crossed=capture.crossed)
+                                           limits=(capture.crossed, session.pump.cut))
             if reason is None:
                 if exited.done() or session.ended_reason is not None or not session.alive:
                     # The interpreter died, or the session was ended (its sockets closed under the cell).
@@ -164,7 +163,7 @@ class CellRunner:
                     reader.result()
             if reason in ("timeout", "cancelled", "output_limit"):
                 await self._interrupt(session, reader, capture, state)
-            elif reason is None and (capture.over or session.pump.oversized):
+            elif reason is None and (capture.over or session.pump.cut.is_set()):
                 reason = "output_limit"  # the cell ended, but past the limit
         finally:
             ended.cancel()

@@ -272,7 +272,7 @@ class SessionRunner:
         session = Session(name, workdir, proc, client, spawn=spawn, jobdir=jobdir, box=box, uid=held)
         session.relays = [Relay(f"{relayed}-{connection[ch + '_port']}", f"{ipc}-{connection[ch + '_port']}",
                                 max_message, lambda pid: pid in _pids(spawn, proc.pid), KERNEL_START_TIMEOUT,
-                                on_cut=lambda: session.pump and session.pump.cut(),
+                                on_cut=lambda: session.pump and session.pump.cut_one(),
                                 on_refused=lambda: asyncio.ensure_future(self._end_current(
                                     session, "one of its kernel's sockets was replaced by something else")))
                           for ch in RELAYED]

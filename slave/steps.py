@@ -12,12 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from typing import Callable
-
 from distexec_kernel import protocol as P
-
-# How often the output budget is looked at while nothing else happens.
-POLL = 0.5
 
 # A sandbox wrapper reports its child's death by signal N as exit code 128+N.
 SIGNALS_SEEN_AS_EXIT = frozenset(int(s) for s in (
@@ -26,43 +21,40 @@ SIGNALS_SEEN_AS_EXIT = frozenset(int(s) for s in (
 
 
 async def supervise(ended: asyncio.Future, cancel: asyncio.Event, deadline: float, *,
-                    watcher: asyncio.Future | None = None, over: Callable[[], bool] = lambda: False,
-                    crossed: asyncio.Event | None = None) -> str | None:
+                    watcher: asyncio.Future | None = None, limits: tuple[asyncio.Event, ...] = ()) -> str | None:
     """Wait until ``ended`` is done, or until something ends the step first.
 
     Returns None if the step ended by itself, else why it must be stopped:
     ``"timeout"`` (``deadline``, a ``time.monotonic()`` value), ``"cancelled"``,
     the ``watcher``'s own result (``"memory_limit"``), or ``"output_limit"``
-    when ``over()`` says the output budget is spent: looked at once ``crossed``
-    is set (the budget's own event), else at the next poll.  The step's own end
-    wins over a cancel or a limit seen in the same instant: a job that finished
-    keeps its result.
+    once one of ``limits`` is set (an output budget spent, a message cut as too
+    large).  The step's own end wins over a cancel or a limit seen in the same
+    instant: a job that finished keeps its result.
     """
+    # Events, not a poll: polled every half second, a flood that ended within it ran to its end past
+    # the limit and reported exit code 0 (a clean success, to a reader of exit_code), where a timeout
+    # or a memory limit stops the job where it is.
     cancelled = asyncio.ensure_future(cancel.wait())
-    # Woken at once: polled, a flood that ends within the poll's half second ran to its end past the
-    # limit and reported exit code 0 (a clean success, to a reader of exit_code), where a timeout or a
-    # memory limit stops the job where it is.
-    limit = asyncio.ensure_future(crossed.wait()) if crossed is not None else None
-    waits = [ended, cancelled] + [f for f in (watcher, limit) if f is not None]
+    crossed = [asyncio.ensure_future(event.wait()) for event in limits]
+    waits = [ended, cancelled, *crossed] + ([watcher] if watcher is not None else [])
     try:
         while not ended.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "timeout"
-            done, _ = await asyncio.wait(waits, timeout=min(remaining, POLL), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             if ended in done:
                 break
             if cancelled in done:
                 return "cancelled"
             if watcher is not None and watcher in done:
                 return watcher.result()
-            if over():
+            if done.intersection(crossed):
                 return "output_limit"
         return None
     finally:
-        cancelled.cancel()
-        if limit is not None:
-            limit.cancel()
+        for waiting in (cancelled, *crossed):
+            waiting.cancel()
 
 
 def limit_error(reason: str, timeout: float, memory_bytes: int, output_bytes: int,

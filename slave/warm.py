@@ -411,8 +411,7 @@ class WarmRunner(Runner):
         feeder = asyncio.ensure_future(asyncio.to_thread(feed, stdin_w, stdin.encode())) if stdin_w else None
         readers = [OutputPipe(out_r, "stdout", capture), OutputPipe(err_r, "stderr", capture)]
         try:
-            reason = await steps.supervise(ended, cancel, started + timeout, over=lambda: capture.over,
-                                           crossed=capture.crossed)
+            reason = await steps.supervise(ended, cancel, started + timeout, limits=(capture.crossed,))
             if reason is not None:
                 zygote.kill(ended)
                 cg.kill_all()

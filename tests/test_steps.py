@@ -23,43 +23,27 @@ def test_the_steps_own_end_wins_over_a_cancel_in_the_same_instant():
     assert run(go()) is None
 
 
-def test_cancel_timeout_watcher_and_output_budget_each_stop_a_step():
+def test_cancel_timeout_watcher_and_each_limit_stop_a_step_at_once():
+    """Polled, a flood ending within the poll ran to its own end past the limit (exit code 0)."""
     async def go(kind):
         loop = asyncio.get_running_loop()
         ended, cancel = loop.create_future(), asyncio.Event()
         watcher = loop.create_future()
-        spent = False
+        budget, cut = asyncio.Event(), asyncio.Event()
         if kind == "cancelled":
             loop.call_later(0.05, cancel.set)
         elif kind == "memory_limit":
             loop.call_later(0.05, watcher.set_result, "memory_limit")
-        elif kind == "output_limit":
-            def spend():
-                nonlocal spent
-                spent = True
-            loop.call_later(0.05, spend)
+        elif kind in ("budget", "cut"):
+            loop.call_later(0.05, (budget if kind == "budget" else cut).set)
         started = time.monotonic()
         reason = await steps.supervise(ended, cancel, started + (0.1 if kind == "timeout" else 30),
-                                       watcher=watcher, over=lambda: spent)
+                                       watcher=watcher, limits=(budget, cut))
         return reason, time.monotonic() - started
-    for kind in ("cancelled", "timeout", "memory_limit"):
+    for kind in ("cancelled", "timeout", "memory_limit", "budget", "cut"):
         reason, took = run(go(kind))
-        assert reason == kind and took < 5
-    reason, took = run(go("output_limit"))
-    assert reason == "output_limit" and took < steps.POLL + 5  # looked at on the next poll
-
-
-def test_an_output_budget_that_says_it_is_crossed_stops_the_step_at_once():
-    """Polled, a flood ending within the poll ran to its own end past the limit (exit code 0)."""
-    async def go():
-        loop = asyncio.get_running_loop()
-        ended, cancel, crossed = loop.create_future(), asyncio.Event(), asyncio.Event()
-        loop.call_later(0.05, crossed.set)
-        started = time.monotonic()
-        reason = await steps.supervise(ended, cancel, started + 30, over=crossed.is_set, crossed=crossed)
-        return reason, time.monotonic() - started
-    reason, took = run(go())
-    assert reason == "output_limit" and took < steps.POLL / 2, took
+        assert reason == {"budget": "output_limit", "cut": "output_limit"}.get(kind, kind), kind
+        assert took < 0.4, (kind, took)  # a poll (every 0.5 s, before) would come later
 
 
 def test_one_classifier_for_limits_and_exits():
