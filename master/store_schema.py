@@ -23,7 +23,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, id);
 CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs(submitted_at);
-CREATE TABLE IF NOT EXISTS inputs (id INTEGER PRIMARY KEY, data TEXT NOT NULL, size INTEGER NOT NULL);
+-- chars: the inputs' characters as the master counted them (inputs_chars), for a restart to count a
+-- user's queued inputs without parsing them.  Both before data, as in jobs.
+CREATE TABLE IF NOT EXISTS inputs (id INTEGER PRIMARY KEY, size INTEGER NOT NULL, chars INTEGER,
+    data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Groups cancelled, with their owner, newest last (rowid): a map still being sent in parts is refused
 -- after a restart too.

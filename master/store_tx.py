@@ -26,8 +26,8 @@ def insert(conn: sqlite3.Connection, rows: list[tuple], input_rows: list[tuple])
                      " data = excluded.data, size = excluded.size", rows)
     if input_rows:
         # An upsert too: a replace's delete would not fire the delete trigger (totals).
-        conn.executemany("INSERT INTO inputs (id, data, size) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                         " data = excluded.data, size = excluded.size", input_rows)
+        conn.executemany("INSERT INTO inputs (id, data, size, chars) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
+                         " SET data = excluded.data, size = excluded.size, chars = excluded.chars", input_rows)
 
 
 def prune(conn: sqlite3.Connection, before: str | None, keep_bytes: int | None) -> list[int]:
