@@ -302,6 +302,15 @@ def test_a_bundle_the_master_could_not_take_is_dropped_and_said_and_the_session_
     assert (job.status, job.stdout) == (P.SUCCEEDED, "401\n"), job.record
 
 
+def test_a_lone_surrogate_in_a_cells_output_arrives_as_a_replacement_character(c):
+    """A kernel's JSON may escape a lone surrogate; Python keeps it, UTF-8 cannot.  The slave sends each
+    as U+FFFD, in the frame it checked and sent as it was (encoded once, ``agent._frame``)."""
+    job = c.submit(CRAFT + "send('stream', b'{\"name\": \"stdout\", \"text\": \"a\\\\ud800b\\\\udc00\"}')\n"
+                           "print('é' * 5000)\n", session=session()).wait(T)
+    assert job.status == P.SUCCEEDED, (job.error, job.stderr)
+    assert job.stdout == "a\ufffdb\ufffd" + "é" * 5000 + "\n", job.stdout[:40]
+
+
 def test_a_value_a_renderer_cannot_take_is_dropped_and_said(c):
     """Every MIME type's value is text but JSON ones' (``application/json``, ``*+json``), which take any JSON:
     the protocol's one rule (``rich_outputs.clean_mime_data``), applied by the slave, and by the master again.  Before:
