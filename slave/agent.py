@@ -170,10 +170,13 @@ class Slave:
         handler(msg)
 
     def _send(self, msg: dict) -> None:
+        self._write(_utf8(P.encode(msg)))
+
+    def _write(self, frame: bytes) -> None:
         if self.conn is None:
             return
         try:
-            self.conn.write_message(_utf8(P.encode(msg)))
+            self.conn.write_message(frame)
         except tornado.websocket.WebSocketClosedError:
             self.conn = None
 
@@ -299,11 +302,7 @@ class Slave:
         """
         if job_id not in self.unacked_blobs:
             if conn is not None and conn is self.conn and job_id in self.unacked:
-                # At once, as it always went: no file frames to pace.
-                try:
-                    conn.write_message(self._result_frame(job_id))
-                except tornado.websocket.WebSocketClosedError:
-                    self.conn = None
+                self._write(self._result_frame(job_id))  # at once, as it always went: no file frames to pace
             self._frames.pop(job_id, None)
             return
         try:
