@@ -437,6 +437,24 @@ def test_job_cannot_see_another_jobs_directory(box_client, box):
     assert job.stdout.splitlines() == ["True False True", "False True", "FileNotFoundError"], job.stdout
 
 
+def test_a_job_plants_nothing_in_its_top_which_each_step_clones_by_path(box_client):
+    """Each step's process clones the job's top (its tmpfs root) by path, as root (``mountview.Spaces.entry``,
+    open_tree).  The job never reaches that path: only its directory and its /tmp and /dev/shm are bound
+    in, and the directory above its own is bwrap's, on another file system.  A symlink, a FIFO, a hard
+    link or its own directory moved there are refused, and each step of a compiled job (two clones of
+    the top) still runs."""
+    job = run(box_client, 'echo x > f\n'
+                          '[ "$(stat -c %d .)" = "$(stat -c %d ..)" ] && echo "the top is in reach"\n'
+                          'for op in "ln -s / ../planted" "mkfifo ../planted" "ln f ../planted" "mv $PWD ../moved"; do\n'
+                          '  $op 2>/dev/null && echo "made: $op"\n'
+                          'done\n'
+                          'ls -A ..', "bash")
+    assert job.status == P.SUCCEEDED, job.stderr
+    assert job.stdout == "work\n", job.stdout
+    compiled = run(box_client, '#include <stdio.h>\nint main(void) { puts("ran"); return 0; }\n', "c", timeout=60)
+    assert compiled.status == P.SUCCEEDED and compiled.stdout == "ran\n", compiled.stderr
+
+
 def test_symlink_out_of_the_job_directory_leaks_nothing(box_client, lc, box):
     secret_file = os.path.join(box, "home", "connection.json")
     with open(secret_file, "w") as f:
