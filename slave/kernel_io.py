@@ -28,7 +28,7 @@ import logging
 import queue
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("distexec.slave.sessions")
@@ -173,10 +173,14 @@ class CellState:
     evalue: str | None = None
     line: int | None = None
     exit_requested: bool = False
-    # A request sent on shell after the cell was interrupted: its reply says the cell is over.  A SIGINT
-    # that lands as the cell ends, after its code but before its reply is sent, makes ipykernel drop the
-    # reply ("KeyboardInterrupt caught in kernel"); waiting for it ended a session that was alive and idle.
+    # A request sent on shell after the cell was interrupted, or went idle without its reply: its reply
+    # says the cell is over.  A SIGINT that lands as the cell ends, after its code but before its reply
+    # is sent, makes ipykernel drop the reply ("KeyboardInterrupt caught in kernel"); waiting for it
+    # ended a session that was alive and idle, or held a cell that was over for 5 s.
     probe: str | None = None
+    # Set at the cell's execute_input: its handler has begun, so an interrupt now lands in the cell and not
+    # in the silent request before it that sets argv and stdin.
+    started: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def exit_code(evalue: str | None) -> int:

@@ -30,6 +30,9 @@ from .sandbox import Limits, Sandbox
 
 INTERRUPT_GRACE = 3.0  # seconds a cell has to stop after SIGINT before the kernel is killed
 REPLY_TIMEOUT = 5.0  # seconds to wait for the shell reply once the cell went idle
+# The reply is sent before the idle status; one still missing this long after it (seconds) may have
+# been dropped, so the kernel is asked (a probe).  A probe sent early does no harm: it is silent.
+PROBE_AFTER_IDLE = 0.1
 # Once the reply came, the idle status is waited for while iopub still gives messages (the backlog a
 # thread of an earlier cell flooded it with, this cell's output behind it), until it has been silent
 # this long (seconds), and SETTLE_MOST at most: the status may have been dropped (a cut message).
@@ -233,8 +236,19 @@ class CellRunner:
         the cell's own reply survived the signal (``CellState.probe``).
         """
         kc = session.client
+        if not state.started.is_set():
+            # Still in the set-up before it (a moment, as a rule): a signal there would be lost on the
+            # set-up, and the cell would run on.  Past the grace the cell is interrupted regardless.
+            started = asyncio.ensure_future(state.started.wait())
+            try:
+                await asyncio.wait([reader, started], timeout=INTERRUPT_GRACE,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                started.cancel()
+            if reader.done():
+                return
         kc.control_channel.send(kc.session.msg("interrupt_request", {}))
-        state.probe = kc.execute("", silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
+        _probe(kc, state)
         done, _ = await asyncio.wait([reader], timeout=INTERRUPT_GRACE)
         if reader not in done and session.alive:
             await self.end(session, "its interpreter did not stop when interrupted")
@@ -256,6 +270,7 @@ class CellRunner:
             elif kind in ("execute_result", "display_data", "update_display_data"):
                 _display(kind, content, capture)
             elif kind == "execute_input":
+                state.started.set()
                 state.count = content.get("execution_count")
                 if isinstance(state.count, int) and state.job_id is not None:
                     session.cells[state.count] = state.job_id
@@ -287,13 +302,17 @@ class CellRunner:
 
         Either may come alone: a message cut as too large (zmtp_relay)
         drops the iopub connection for a moment, and the idle status with it;
-        an interrupt may cost the reply, and then the probe's reply stands in.
+        a SIGINT as the cell ends may cost the reply (ours, or one the cell
+        sent itself), and then the probe's reply stands in.
         """
         reply = asyncio.ensure_future(_shell_reply(session.client, msg_id, state))
         try:
             await asyncio.wait([idle, reply], return_when=asyncio.FIRST_COMPLETED)
             if idle.done():
-                await asyncio.wait([reply], timeout=REPLY_TIMEOUT)
+                done, _ = await asyncio.wait([reply], timeout=PROBE_AFTER_IDLE)
+                if not done:
+                    _probe(session.client, state)
+                    await asyncio.wait([reply], timeout=REPLY_TIMEOUT)
             else:  # output is flushed before the reply; the idle status follows it
                 await _settled(session.pump, idle)
         finally:
@@ -358,6 +377,13 @@ async def _settled(pump, idle: asyncio.Future) -> None:
 
 def _ignore(stream: str, text: str) -> None:
     pass
+
+
+def _probe(kc, state: CellState) -> None:
+    """Send the cell's probe (``CellState.probe``), once."""
+    if state.probe is None:
+        state.probe = kc.execute("", silent=True, store_history=False, allow_stdin=False,
+                                 stop_on_error=False)
 
 
 async def _shell_reply(kc, msg_id: str, state: CellState) -> None:

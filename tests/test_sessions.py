@@ -364,6 +364,54 @@ def test_an_interrupt_that_costs_the_cell_its_reply_leaves_the_session_alive(py_
     assert after.status == P.SUCCEEDED and after.stdout == "yes\n", after.stderr
 
 
+def test_a_cell_whose_reply_a_late_sigint_drops_ends_at_once(py_client):
+    """The same lost reply with no interrupt of ours: the cell's own code (here, the kernel's handler)
+    raises KeyboardInterrupt after the cell's code is over.  The kernel goes idle without a reply; the
+    slave used to wait REPLY_TIMEOUT (5 s) for it, so a job with 3 s to run timed out although its code
+    had ended.  Now the slave asks the kernel (a probe) when the idle status comes without the reply."""
+    late = ("kernel = get_ipython().kernel\n"
+            "inner = kernel.do_execute\n"
+            "async def once(*args, **kwargs):\n"
+            "    kernel.do_execute = inner\n"
+            "    reply = inner(*args, **kwargs)\n"
+            "    if hasattr(reply, '__await__'):\n"
+            "        await reply\n"
+            "    raise KeyboardInterrupt\n"
+            "kernel.do_execute = once\n"
+            "kept = 'yes'")
+    assert run(py_client, late, session="lost").status == P.SUCCEEDED
+    job = run(py_client, "print('done')", session="lost", timeout=3)
+    assert job.status == P.SUCCEEDED and job.stdout == "done\n", (job.error, job.stderr)
+    after = run(py_client, "print(kept)", session="lost")
+    assert after.status == P.SUCCEEDED and after.stdout == "yes\n", after.stderr
+
+
+def test_a_cancel_while_the_kernel_sets_up_argv_interrupts_the_cell_not_the_set_up(py_client):
+    """A job's argv and stdin are set by a silent request sent just before its cell.  A cancel that came
+    while the kernel ran that set-up interrupted the set-up: the cell then ran on (sleeping), the slave
+    ended the session as one that "did not stop when interrupted", and had the set-up been kept, the
+    next job would have seen the wrong argv.  The slave now interrupts once the cell has begun.
+    The set-up made slow: the next request's handler sleeps 2 s first."""
+    slow = ("kernel = get_ipython().kernel\n"
+            "inner = kernel.do_execute\n"
+            "async def once(*args, **kwargs):\n"
+            "    kernel.do_execute = inner\n"
+            "    __import__('time').sleep(2)\n"
+            "    reply = inner(*args, **kwargs)\n"
+            "    return (await reply) if hasattr(reply, '__await__') else reply\n"
+            "kernel.do_execute = once\n"
+            "kept = 'yes'")
+    assert run(py_client, slow, session="setup").status == P.SUCCEEDED
+    job = py_client.submit("import time\ntime.sleep(60)", session="setup", args=["a"])
+    wait_for(lambda: py_client.job(job.id).status == P.RUNNING, WAIT, "the job to start")
+    job.cancel()
+    job.wait(WAIT)
+    assert job.status == P.CANCELLED and job.error["code"] == P.CANCELLED_CODE, job.error
+    assert "did not stop" not in job.stderr and "KeyboardInterrupt" in job.stderr, job.stderr
+    after = run(py_client, "import sys\nprint(sys.argv[1:], kept)", session="setup", args=["a"])
+    assert after.status == P.SUCCEEDED and after.stdout == "['a'] yes\n", after.stderr
+
+
 def test_a_cell_that_ignores_the_interrupt_ends_its_session_with_a_message(py_client):
     assert run(py_client, "kept = 1", session="stubborn").status == P.SUCCEEDED
     job = run(py_client, "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)",
