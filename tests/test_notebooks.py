@@ -400,6 +400,35 @@ def test_kernel_no_wait_widget_updates_after_the_cell_ended(kernel, kernel_clust
     assert "late\n\n" in [m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream"]
 
 
+def test_a_live_line_that_missed_its_end_event_ends_with_the_cell_that_waited(kernel, kernel_cluster):
+    """The status line of a ``--no-wait`` job hears its end from the events; when it missed that event
+    (the channel was down as the job ended), a later cell that waits for the handle brings the end:
+    at that cell's end the line is caught up from the handle (``show_job``'s catch_up).  The missed
+    event made certain: the line's listener is taken off before the job is released."""
+    km, kc = kernel
+    msgs, reply = run_in(kc, "%%remote --no-wait -o deaf\n" + HOLD + UNTIL_RELEASED + "print('ended')\n")
+    assert reply["content"]["status"] == "ok"
+    [shown] = [m for _, m in msgs if m["msg_type"] == "display_data"]
+    model_id = shown["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    msgs, reply = run_in(kc, "lines = [f for f in deaf._cluster._listeners\n"
+                             "         if f.__qualname__.endswith('show_job.<locals>.on_event')]\n"
+                             "for f in lines:\n"
+                             "    deaf._cluster._listeners.remove(f)\n"
+                             "print(len(lines))")
+    assert [m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream"] == ["1\n"], msgs
+    release_jobs(*(s.pid for s in kernel_cluster.slaves))
+    msgs, reply = run_in(kc, "print(deaf.wait(timeout=20).status)")
+    assert reply["content"]["status"] == "ok"
+    assert [m["content"]["text"] for _, m in msgs if m["msg_type"] == "stream"] == ["succeeded\n"], msgs
+    # Sent within that cell (its end's sync), so collect() saw it among the cell's messages.
+    values = [m["content"]["data"]["state"]["value"] for _, m in msgs
+              if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == model_id
+              and "value" in m["content"]["data"].get("state", {})]
+    assert values and "✅" in values[-1], values
+    texts = [m["content"]["data"]["text/plain"] for _, m in msgs if m["msg_type"] == "update_display_data"]
+    assert texts and texts[-1].startswith("✅"), texts
+
+
 def test_a_saved_notebook_shows_the_widgets_as_they_ended(kernel_cluster, tmp_path):
     """What ``jupyter nbconvert --execute`` saves: nbclient keeps a widget's state from the messages of the
     cell it runs, and a reader without widgets (GitHub, an HTML export) sees the output's text.  A job's
