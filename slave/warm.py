@@ -444,7 +444,9 @@ class WarmRunner(Runner):
         if result is None:  # killed, its end never told: see above
             step = StepResult(None, reason, time.monotonic() - started)
             return run_outcome(step, capture, job, limits, lang, source_name, jobdirs, lambda: False)
-        if result.error is not None:
+        # Ended by us (its timeout, a cancel, its slave stopping) before its child could start it: it
+        # ends as it was ended.  Taken for a child's own failure, it ran again in a fresh process.
+        if result.error is not None and reason is None:
             if result.disk:
                 return Outcome(None, disk_error(jobdirs, "the job's files do not fit in"))
             raise ChildFailed(f"its child could not start job {job['id']}: {result.error}")

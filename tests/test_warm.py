@@ -585,6 +585,20 @@ def test_cancel_and_timeout_end_only_that_job(c, lc):
     assert other.wait(60).status == P.SUCCEEDED and other.stdout == "warm\ndone\n", other.record
 
 
+def test_a_job_ended_as_it_is_handed_to_its_child_is_not_started_again_fresh(c, box):
+    """A job killed (its timeout, a cancel, its slave stopping) after the slave handed it to the pool and
+    before its child started it: the child "ended before it started".  The slave took that for a child
+    that failed on its own and ran the job again in a fresh process, a job that had been ended.  A
+    timeout of a microsecond makes the kill come at once, before the child can start the job."""
+    before = slave_log(box).count("could not start job")
+    jobs = [c.submit(WHERE + "print('ran')", timeout=1e-6) for _ in range(4)]
+    for job in jobs:
+        assert job.wait(60).status == P.FAILED and job.error["code"] == P.TIMEOUT, job.record
+        assert "ran" not in job.stdout, job.record
+    assert slave_log(box).count("could not start job") == before, slave_log(box)[-3000:]
+    assert c.submit(WHERE + "print('ran')").wait(60).stdout == "warm\nran\n"
+
+
 # A Python job says it ended on a pipe just before its process exits (warm_zygote.run_python); the job
 # holds that pipe's write end, so it can say so itself, early, or write anything there.
 DONE_PIPE = textwrap.dedent("""
