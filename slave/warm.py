@@ -424,7 +424,16 @@ class WarmRunner(Runner):
                                 "starts again", job["id"], KILL_GRACE)
                     self._restart_soon()
                     ended.add_done_callback(lambda f: f.cancelled() or f.exception())  # known, not logged
-            result = ended.result() if ended.done() else None
+            try:
+                result = ended.result() if ended.done() else None
+            except ZygoteDied:
+                if reason is None:
+                    raise  # died under a running job: run again, whole (run())
+                # Ended by us, then the parent died before its word came: ended as it was ended, its
+                # output kept.  Run again, a cancelled job started anew and lost what it had printed.
+                log.warning("warm pool: its parent died before it told job %s's end", job["id"])
+                self._restart_soon()
+                result = None
             # Its output has ended with it, unless something it left (a daemon) holds the pipes: that
             # goes now (all it left goes once the slot is released).
             await asyncio.wait([r.done for r in readers], timeout=PIPES_CLOSE)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 
 import psutil
 import pytest
@@ -848,6 +849,27 @@ def test_a_job_whose_parent_dies_runs_again_fresh_and_the_parent_comes_back(c, l
     assert "ran again in a fresh process" in job.stderr
     assert "its parent died" in slave_log(box)
     # The autouse check waits for a job to run warm again: a new parent.
+    wait_for(lambda: another_parent(lc, parent), 30, "a new parent")
+
+
+def test_a_cancelled_job_whose_parent_dies_before_telling_its_end_is_not_run_again(c, lc, box):
+    """A job the parent dies under runs again, whole, in a fresh process: nothing of it may have been
+    lost.  Not one that was ended already (cancelled, timed out) and whose parent died before it told
+    the end: that one ran again too, in a fresh process, for a job its user had ended."""
+    parent = zygote(lc)
+    job = c.submit(WHERE + "import time; print('up', flush=True); time.sleep(60)", timeout=60)
+    wait_for(lambda: "up" in job.stdout, 20, "the job to start")
+    parent.send_signal(signal.SIGSTOP)  # it cannot tell the end now
+    cancel = threading.Thread(target=job.cancel)  # which returns once the job has ended
+    try:
+        cancel.start()
+        # The slave kills the job's processes itself (its cgroup), then waits for the parent's word.
+        wait_for(lambda: not job_processes(lc), 20, "the cancelled job's process to be killed")
+    finally:
+        parent.send_signal(signal.SIGKILL)  # within that wait: the parent dies without a word
+        cancel.join(60)
+    assert job.wait(60).status == P.CANCELLED, job.record
+    assert job.stdout == "warm\nup\n" and "ran again" not in job.stderr, (job.stdout, job.stderr)
     wait_for(lambda: another_parent(lc, parent), 30, "a new parent")
 
 
