@@ -341,21 +341,29 @@ def test_timeout_interrupts_the_cell_and_the_session_lives_on(py_client):
     assert run(py_client, "print(kept)", session="t").stdout == "yes\n"
 
 
+def next_request_wrapped(before: str = "pass", after: str = "pass") -> str:
+    """A cell that sets ``kept`` and has the kernel run ``before`` as it takes its next request, and
+    ``after`` once that request's code is over (then the kernel is as before): how the tests below make
+    a race certain."""
+    return ("kernel = get_ipython().kernel\n"
+            "inner = kernel.do_execute\n"
+            "async def once(*args, **kwargs):\n"
+            "    kernel.do_execute = inner\n"
+            f"    {before}\n"
+            "    reply = inner(*args, **kwargs)\n"
+            "    reply = (await reply) if hasattr(reply, '__await__') else reply\n"
+            f"    {after}\n"
+            "    return reply\n"
+            "kernel.do_execute = once\n"
+            "kept = 'yes'")
+
+
 def test_an_interrupt_that_costs_the_cell_its_reply_leaves_the_session_alive(py_client):
     """A SIGINT that lands as a cell ends, after its code and before ipykernel sends its reply, makes the
     kernel drop the reply ("KeyboardInterrupt caught in kernel"); the kernel is idle and well.  Before,
     the slave waited for that reply, called the cell stuck, and ended the session: its variables gone.
     The race made certain: the next cell's handler raises KeyboardInterrupt once the cell's code is over."""
-    late = ("kernel = get_ipython().kernel\n"
-            "inner = kernel.do_execute\n"
-            "async def once(*args, **kwargs):\n"
-            "    kernel.do_execute = inner\n"
-            "    reply = inner(*args, **kwargs)\n"
-            "    if hasattr(reply, '__await__'):\n"
-            "        await reply\n"
-            "    raise KeyboardInterrupt\n"
-            "kernel.do_execute = once\n"
-            "kept = 'yes'")
+    late = next_request_wrapped(after="raise KeyboardInterrupt")
     assert run(py_client, late, session="race").status == P.SUCCEEDED
     job = run(py_client, "import time\ntime.sleep(60)", session="race", timeout=1)
     assert job.status == P.FAILED and job.error["code"] == P.TIMEOUT, job.error
@@ -369,16 +377,7 @@ def test_a_cell_whose_reply_a_late_sigint_drops_ends_at_once(py_client):
     raises KeyboardInterrupt after the cell's code is over.  The kernel goes idle without a reply; the
     slave used to wait REPLY_TIMEOUT (5 s) for it, so a job with 3 s to run timed out although its code
     had ended.  Now the slave asks the kernel (a probe) when the idle status comes without the reply."""
-    late = ("kernel = get_ipython().kernel\n"
-            "inner = kernel.do_execute\n"
-            "async def once(*args, **kwargs):\n"
-            "    kernel.do_execute = inner\n"
-            "    reply = inner(*args, **kwargs)\n"
-            "    if hasattr(reply, '__await__'):\n"
-            "        await reply\n"
-            "    raise KeyboardInterrupt\n"
-            "kernel.do_execute = once\n"
-            "kept = 'yes'")
+    late = next_request_wrapped(after="raise KeyboardInterrupt")
     assert run(py_client, late, session="lost").status == P.SUCCEEDED
     job = run(py_client, "print('done')", session="lost", timeout=3)
     assert job.status == P.SUCCEEDED and job.stdout == "done\n", (job.error, job.stderr)
@@ -392,15 +391,7 @@ def test_a_cancel_while_the_kernel_sets_up_argv_interrupts_the_cell_not_the_set_
     ended the session as one that "did not stop when interrupted", and had the set-up been kept, the
     next job would have seen the wrong argv.  The slave now interrupts once the cell has begun.
     The set-up made slow: the next request's handler sleeps 2 s first."""
-    slow = ("kernel = get_ipython().kernel\n"
-            "inner = kernel.do_execute\n"
-            "async def once(*args, **kwargs):\n"
-            "    kernel.do_execute = inner\n"
-            "    __import__('time').sleep(2)\n"
-            "    reply = inner(*args, **kwargs)\n"
-            "    return (await reply) if hasattr(reply, '__await__') else reply\n"
-            "kernel.do_execute = once\n"
-            "kept = 'yes'")
+    slow = next_request_wrapped(before="__import__('time').sleep(2)")
     assert run(py_client, slow, session="setup").status == P.SUCCEEDED
     job = py_client.submit("import time\ntime.sleep(60)", session="setup", args=["a"])
     wait_for(lambda: py_client.job(job.id).status == P.RUNNING, WAIT, "the job to start")
